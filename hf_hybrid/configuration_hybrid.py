@@ -1,0 +1,422 @@
+"""HybridConfig: the one home of every default of the hf_hybrid decoder family.
+
+Each layer is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``mixer_types[i]`` and ``mlp_types[i]`` choose them.
+Per-mixer settings are flat, prefixed fields (``gdn_*``, ``mamba_*``, ``linear_*``, DeepSeek's MLA names, ``index_*``
+for DSA, transformers' MoE names). transformers' own ``layer_types`` is derived from ``mixer_types`` (it only knows
+its own names, and ``save_pretrained`` rejects others) and checked for consistency on reload.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from huggingface_hub.dataclasses import strict
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+# Bump when the meaning of saved weights or fields changes; add a rule to `_migrate` at the same time.
+FORMAT_VERSION = 1
+
+MIXER_TYPES = (
+    "attention",
+    "sliding_attention",
+    "mla",
+    "dsa",
+    "linear_attention",
+    "mamba2",
+    "gated_deltanet",
+)
+RECURRENT_MIXERS = ("linear_attention", "mamba2", "gated_deltanet")
+MLP_TYPES = ("dense", "moe", "none")
+
+# Our mixer names -> transformers' cache/mask layer types (DESIGN.md §3-4).
+_MIXER_TO_LAYER_TYPE = {
+    "attention": "full_attention",
+    "sliding_attention": "sliding_attention",
+    "mla": "full_attention",
+    "dsa": "indexed_attention",
+    "linear_attention": "linear_attention",
+    "mamba2": "linear_attention",
+    "gated_deltanet": "linear_attention",
+}
+
+_CHOICES: dict[str, tuple[Any, ...]] = {
+    "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu"),
+    "linear_feature_map": ("identity", "elu", "relu", "random_features"),
+    "linear_decay": ("none", "scalar", "per_channel"),
+    "linear_backend": ("auto", "torch", "naive", "fla"),
+    "mla_decode": ("absorbed", "naive"),
+    "dsa_base": ("mla", "attention"),
+    "dsa_mode": ("sparse", "dense_warmup", "dense"),
+    "dsa_selector": ("indexer", "structured"),
+    "dsa_backend": ("auto", "torch", "naive", "triton"),
+    "router_scoring_func": ("softmax", "sigmoid"),
+    "moe_routing": ("topk", "hash"),
+}
+
+
+def _expand_pattern(pattern: str, n: int, field: str, allowed: tuple[str, ...]) -> list[str]:
+    """Expand a layer-pattern shorthand to an explicit list of ``n`` names.
+
+    Accepted forms (repeated cyclically over the layers):
+    - ``"attention"``: every layer;
+    - ``"gated_deltanet,gated_deltanet,gated_deltanet,attention"``: an explicit period;
+    - ``"3:1 gated_deltanet:attention"``: counts then names (Qwen3-Next's 3:1, MiniMax's 7:1).
+    """
+    text = pattern.strip()
+    match = re.fullmatch(r"(\d+(?::\d+)*)\s+([a-z0-9_]+(?::[a-z0-9_]+)*)", text)
+    if match:
+        counts = [int(c) for c in match.group(1).split(":")]
+        names = match.group(2).split(":")
+        if len(counts) != len(names) or any(c <= 0 for c in counts):
+            raise ValueError(
+                f"HybridConfig.{field}={pattern!r}: counts and names must pair up with positive counts, "
+                "e.g. '3:1 gated_deltanet:attention'"
+            )
+        period = [name for name, c in zip(names, counts) for _ in range(c)]
+    else:
+        period = [p.strip() for p in text.split(",") if p.strip()]
+    for name in period:
+        if name not in allowed:
+            raise ValueError(
+                f"HybridConfig.{field}={pattern!r} names {name!r}, which is not known; choose from {', '.join(allowed)}"
+            )
+    if not period:
+        raise ValueError(f"HybridConfig.{field}={pattern!r} is empty")
+    return [period[i % len(period)] for i in range(n)]
+
+
+@strict
+class HybridConfig(PreTrainedConfig):
+    r"""Configuration of an hf_hybrid decoder.
+
+    Shorthands (expanded at construction, never saved): ``mixer_pattern="3:1 gated_deltanet:attention"``,
+    ``mlp_pattern="moe"``, ``first_k_dense=1`` (the first k layers get a dense MLP, like DeepSeek).
+
+    Example:
+    ```python
+    >>> from hf_hybrid import HybridConfig
+    >>> cfg = HybridConfig(num_hidden_layers=8, mixer_pattern="3:1 gated_deltanet:attention", mlp_pattern="moe")
+    >>> cfg.mixer_types[:4]
+    ['gated_deltanet', 'gated_deltanet', 'gated_deltanet', 'attention']
+    ```
+    """
+
+    model_type = "hf_hybrid"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    # ---- decoder -------------------------------------------------------------------------------
+    vocab_size: int = 32000
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 16
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 4096
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    # ---- per-layer choice ----------------------------------------------------------------------
+    mixer_types: list[str] | None = None
+    mlp_types: list[str] | None = None
+    layer_types: list[str] | None = None  # derived from mixer_types; transformers' cache/mask names
+    hf_hybrid_format_version: int = FORMAT_VERSION
+
+    # ---- softmax attention (attention, sliding_attention; GQA base of DSA) -----------------------
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    attention_dropout: float | int = 0.0
+    use_qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    attention_output_gate: bool = False  # sigmoid output gate (Qwen3-Next)
+    sliding_window: int | None = None
+    mlp_bias: bool = False
+
+    # ---- Gated DeltaNet --------------------------------------------------------------------------
+    gdn_num_key_heads: int | None = None  # defaults: num_attention_heads // 2
+    gdn_num_value_heads: int | None = None  # defaults: num_attention_heads (GVA 2:1 like Qwen3-Next)
+    gdn_key_head_dim: int | None = None  # defaults: head_dim
+    gdn_value_head_dim: int | None = None  # defaults: head_dim
+    gdn_conv_kernel_size: int = 4
+
+    # ---- Mamba-2 ---------------------------------------------------------------------------------
+    mamba_num_heads: int | None = None  # defaults: expand * hidden_size // mamba_head_dim
+    mamba_head_dim: int = 64
+    mamba_expand: int = 2
+    mamba_state_size: int = 128
+    mamba_n_groups: int = 1
+    mamba_conv_kernel_size: int = 4
+    mamba_dt_min: float = 0.001
+    mamba_dt_max: float = 0.1
+    mamba_dt_init_floor: float = 1e-4
+    mamba_dt_limit: list[float] | None = None  # [min, max] clamp of softplus(dt); None = no clamp
+
+    # ---- plain linear attention ------------------------------------------------------------------
+    linear_num_heads: int | None = None  # defaults: num_attention_heads
+    linear_head_dim: int | None = None  # defaults: head_dim
+    linear_feature_map: str = "identity"
+    linear_decay: str = "none"
+    linear_conv_kernel_size: int = 0  # 0 = no short convolution
+    linear_random_features: int = 64
+
+    # ---- shared by the recurrent mixers ----------------------------------------------------------
+    linear_backend: str = "auto"  # auto = fla-core on CUDA when usable, else our chunked torch path
+    linear_chunk_size: int = 64
+
+    # ---- MLA (DeepSeek-V2/V3 names) --------------------------------------------------------------
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 128
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    mla_decode: str = "absorbed"
+
+    # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
+    index_n_heads: int = 8
+    index_head_dim: int = 64
+    index_topk: int = 256
+    dsa_base: str = "mla"
+    dsa_mode: str = "sparse"
+    dsa_selector: str = "indexer"
+    dsa_backend: str = "auto"
+    dsa_query_chunk: int = 256
+    index_loss_coef: float = 1.0
+    dsa_local_window: int = 64  # structured selector: recent tokens kept
+    dsa_global_tokens: int = 4  # structured selector: first tokens kept as anchors
+
+    # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
+    num_experts: int = 8
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int | None = None  # defaults: intermediate_size // num_experts_per_tok
+    num_shared_experts: int = 0
+    router_scoring_func: str = "softmax"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    router_seq_aux_loss_coef: float = 0.0
+    router_bias_update_rate: float = 0.0  # > 0 turns on aux-loss-free bias balancing
+    router_jitter_noise: float = 0.0
+    moe_routing: str = "topk"
+    moe_capacity_factor: float | None = None  # None = dropless
+    output_router_logits: bool = False
+
+    # ---- provenance, for model cards -------------------------------------------------------------
+    hf_hybrid_lineage: dict | None = None
+
+    def __post_init__(self, **kwargs):
+        kwargs = self._migrate(kwargs)
+        mixer_pattern = kwargs.pop("mixer_pattern", None)
+        mlp_pattern = kwargs.pop("mlp_pattern", None)
+        first_k_dense = kwargs.pop("first_k_dense", 0)
+        n = self.num_hidden_layers
+
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+        if mixer_pattern is not None:
+            if self.mixer_types is not None:
+                raise ValueError("HybridConfig: give either mixer_types or mixer_pattern, not both")
+            self.mixer_types = _expand_pattern(mixer_pattern, n, "mixer_pattern", MIXER_TYPES)
+        if mlp_pattern is not None:
+            if self.mlp_types is not None:
+                raise ValueError("HybridConfig: give either mlp_types or mlp_pattern, not both")
+            self.mlp_types = _expand_pattern(mlp_pattern, n, "mlp_pattern", MLP_TYPES)
+        if self.mixer_types is None:
+            self.mixer_types = ["attention"] * n
+        if self.mlp_types is None:
+            self.mlp_types = ["dense"] * n
+        if not isinstance(first_k_dense, int) or first_k_dense < 0 or first_k_dense > n:
+            raise ValueError(f"HybridConfig.first_k_dense={first_k_dense!r} must be an int in [0, {n}]")
+        self.mlp_types = ["dense" if i < first_k_dense else t for i, t in enumerate(self.mlp_types)]
+
+        derived = self.derived_layer_types()
+        if self.layer_types is not None and list(self.layer_types) != derived:
+            raise ValueError(
+                f"HybridConfig.layer_types={self.layer_types} disagrees with mixer_types={self.mixer_types} "
+                f"(expected {derived}); layer_types is derived from mixer_types — edit mixer_types instead"
+            )
+        self.layer_types = derived
+
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", 10000.0)}
+        if self.gdn_num_key_heads is None:
+            self.gdn_num_key_heads = max(1, self.num_attention_heads // 2)
+        if self.gdn_num_value_heads is None:
+            self.gdn_num_value_heads = self.num_attention_heads
+        if self.gdn_key_head_dim is None:
+            self.gdn_key_head_dim = self.head_dim
+        if self.gdn_value_head_dim is None:
+            self.gdn_value_head_dim = self.head_dim
+        if self.mamba_num_heads is None and self.mamba_head_dim:
+            self.mamba_num_heads = max(1, self.mamba_expand * self.hidden_size // self.mamba_head_dim)
+        if self.linear_num_heads is None:
+            self.linear_num_heads = self.num_attention_heads
+        if self.linear_head_dim is None:
+            self.linear_head_dim = self.head_dim
+        if self.moe_intermediate_size is None:
+            self.moe_intermediate_size = max(1, self.intermediate_size // max(1, self.num_experts_per_tok))
+
+        super().__post_init__(**kwargs)
+
+    # ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _migrate(kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Rules that turn older checkpoint formats into the current one (none yet: version 1 is the first)."""
+        version = kwargs.get("hf_hybrid_format_version", FORMAT_VERSION)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise ValueError(
+                f"HybridConfig.hf_hybrid_format_version={version} is newer than this hf_hybrid understands "
+                f"({FORMAT_VERSION}); upgrade hf-hybrid"
+            )
+        return kwargs
+
+    def derived_layer_types(self) -> list[str]:
+        return [_MIXER_TO_LAYER_TYPE.get(m, "full_attention") for m in self.mixer_types]
+
+    @property
+    def has_recurrent_layers(self) -> bool:
+        return any(m in RECURRENT_MIXERS for m in self.mixer_types)
+
+    @property
+    def has_attention_cache(self) -> bool:
+        return any(m not in RECURRENT_MIXERS for m in self.mixer_types)
+
+    # ---- validation (run by @strict after construction; errors name the field, value and what is allowed) ----
+    def validate_layer_type(self):
+        n = self.num_hidden_layers
+        for field, allowed in (("mixer_types", MIXER_TYPES), ("mlp_types", MLP_TYPES)):
+            values = getattr(self, field)
+            if len(values) != n:
+                raise ValueError(
+                    f"HybridConfig.{field} has {len(values)} entries but num_hidden_layers={n}; give one per layer"
+                )
+            for i, v in enumerate(values):
+                if v not in allowed:
+                    raise ValueError(
+                        f"HybridConfig.{field}[{i}]={v!r} is not a known {field[:-6]} type; choose one of: "
+                        f"{', '.join(allowed)}"
+                    )
+        super().validate_layer_type()
+
+    def validate_hybrid(self):
+        def positive(name: str, allow_none: bool = False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"HybridConfig.{name}={value!r} must be a positive integer")
+
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
+            positive(name)
+        for name, choices in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in choices:
+                raise ValueError(f"HybridConfig.{name}={value!r} is not allowed; choose one of: {', '.join(choices)}")
+        if self.head_dim is None:
+            raise ValueError(
+                f"HybridConfig.head_dim is required: hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        positive("head_dim")
+        mixers = set(self.mixer_types)
+        uses_gqa = bool(mixers & {"attention", "sliding_attention"}) or ("dsa" in mixers and self.dsa_base == "attention")
+        if uses_gqa and self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"HybridConfig.num_key_value_heads={self.num_key_value_heads} must divide "
+                f"num_attention_heads={self.num_attention_heads} (GQA groups)"
+            )
+        rope = self.rope_parameters or {}
+        prf = rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0
+        if not (0.0 < prf <= 1.0) or int(self.head_dim * prf) % 2:
+            raise ValueError(
+                f"HybridConfig.rope_parameters['partial_rotary_factor']={prf} must be in (0, 1] and give an even "
+                f"rotary dimension of head_dim={self.head_dim}"
+            )
+        if "sliding_attention" in mixers:
+            if self.sliding_window is None or self.sliding_window <= 0:
+                raise ValueError(
+                    f"HybridConfig.sliding_window={self.sliding_window!r} must be a positive integer when "
+                    "mixer_types contains 'sliding_attention'"
+                )
+        elif self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"HybridConfig.sliding_window={self.sliding_window!r} must be positive or None")
+        if "dense" in self.mlp_types:
+            positive("intermediate_size")
+        if "gated_deltanet" in mixers:
+            for name in ("gdn_num_key_heads", "gdn_num_value_heads", "gdn_key_head_dim", "gdn_value_head_dim",
+                         "gdn_conv_kernel_size"):
+                positive(name)
+            if self.gdn_num_value_heads % self.gdn_num_key_heads:
+                raise ValueError(
+                    f"HybridConfig.gdn_num_value_heads={self.gdn_num_value_heads} must be a multiple of "
+                    f"gdn_num_key_heads={self.gdn_num_key_heads} (GVA)"
+                )
+        if "mamba2" in mixers:
+            for name in ("mamba_num_heads", "mamba_head_dim", "mamba_state_size", "mamba_n_groups",
+                         "mamba_conv_kernel_size"):
+                positive(name)
+            if self.mamba_num_heads % self.mamba_n_groups:
+                raise ValueError(
+                    f"HybridConfig.mamba_n_groups={self.mamba_n_groups} must divide "
+                    f"mamba_num_heads={self.mamba_num_heads}"
+                )
+            if self.mamba_dt_limit is not None and (
+                len(self.mamba_dt_limit) != 2 or not 0 <= self.mamba_dt_limit[0] < self.mamba_dt_limit[1]
+            ):
+                raise ValueError(f"HybridConfig.mamba_dt_limit={self.mamba_dt_limit!r} must be [min, max] with 0<=min<max")
+        if "linear_attention" in mixers:
+            positive("linear_num_heads")
+            positive("linear_head_dim")
+            if self.linear_conv_kernel_size < 0:
+                raise ValueError(f"HybridConfig.linear_conv_kernel_size={self.linear_conv_kernel_size} must be >= 0")
+        if mixers & set(RECURRENT_MIXERS):
+            positive("linear_chunk_size")
+        if "mla" in mixers or ("dsa" in mixers and self.dsa_base == "mla"):
+            positive("q_lora_rank", allow_none=True)
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+                positive(name)
+            if self.qk_rope_head_dim % 2:
+                raise ValueError(f"HybridConfig.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)")
+        if "dsa" in mixers:
+            for name in ("index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk"):
+                positive(name)
+        if "moe" in self.mlp_types:
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
+                positive(name)
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError(
+                    f"HybridConfig.num_experts_per_tok={self.num_experts_per_tok} must be <= num_experts={self.num_experts}"
+                )
+            if self.num_shared_experts < 0:
+                raise ValueError(f"HybridConfig.num_shared_experts={self.num_shared_experts} must be >= 0")
+            if self.num_experts % self.n_group or self.topk_group > self.n_group:
+                raise ValueError(
+                    f"HybridConfig.n_group={self.n_group} must divide num_experts={self.num_experts} and "
+                    f"topk_group={self.topk_group} must be <= n_group"
+                )
+            if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+                raise ValueError(
+                    f"HybridConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds the experts reachable in "
+                    f"topk_group={self.topk_group} groups of {self.num_experts // self.n_group}"
+                )
+            if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+                raise ValueError(f"HybridConfig.moe_capacity_factor={self.moe_capacity_factor} must be > 0 or None")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_seq_aux_loss_coef",
+                     "router_bias_update_rate", "router_jitter_noise", "index_loss_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"HybridConfig.{name}={getattr(self, name)} must be >= 0")
+
+
+__all__ = ["HybridConfig", "MIXER_TYPES", "MLP_TYPES", "RECURRENT_MIXERS", "FORMAT_VERSION"]

@@ -1,0 +1,50 @@
+"""Dense SwiGLU MLP and the registry that maps ``HybridConfig.mlp_types`` strings to MLP classes.
+
+An MLP is built as ``MLP(config, layer_idx)`` and called as ``mlp(hidden_states [B, T, H], ctx) -> [B, T, H]``
+(``ctx`` is the ``MixerContext``; the MoE uses it for padding-aware balancing losses and load statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+from .configuration_hybrid import HybridConfig
+from .mixers.base import MixerContext
+
+MLP_REGISTRY: dict[str, type[nn.Module]] = {}
+
+
+def register_mlp(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        MLP_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+class SwiGLU(nn.Module):
+    """``down(act(gate(x)) * up(x))``; the unit that dense layers, shared experts and upcycling all reuse."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = ACT2FN[act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+@register_mlp("dense")
+class DenseMLP(SwiGLU):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        self.layer_idx = layer_idx
+
+    def forward(self, x: torch.Tensor, ctx: MixerContext | None = None) -> torch.Tensor:
+        return super().forward(x)
