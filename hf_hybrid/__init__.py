@@ -1,0 +1,36 @@
+"""hf-hybrid: hybrid decoder LLMs (attention, MLA, DSA, linear attention, Mamba-2, Gated DeltaNet; dense or MoE
+MLPs) for the Hugging Face ecosystem. Importing this package registers the model family with the Auto classes."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+)
+
+from .cache import HybridCache
+from .configuration_hybrid import HybridConfig
+from .modeling_hybrid import (
+    HybridCausalLMOutput,
+    HybridForCausalLM,
+    HybridForSequenceClassification,
+    HybridModel,
+    HybridPreTrainedModel,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register("hf_hybrid", HybridConfig, exist_ok=True)
+AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
+AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
+AutoModelForSequenceClassification.register(HybridConfig, HybridForSequenceClassification, exist_ok=True)
+
+__all__ = [
+    "HybridCache",
+    "HybridConfig",
+    "HybridModel",
+    "HybridForCausalLM",
+    "HybridForSequenceClassification",
+    "HybridPreTrainedModel",
+    "HybridCausalLMOutput",
+]

@@ -1,0 +1,106 @@
+"""Softmax attention: MHA / GQA / MQA, optional sliding window, partial RoPE, q/k RMSNorm (Qwen3), q/k/v bias
+(Qwen2) and a sigmoid output gate (Qwen3-Next). The kernel comes from transformers' attention interface
+(``eager``, ``sdpa``, ``flash_attention_2``, ``flex_attention``) chosen by ``config._attn_implementation``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from ..configuration_hybrid import HybridConfig
+from ..layers import RMSNorm, apply_rope, repeat_kv
+from .base import MixerContext, register_mixer
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The obvious path: q,k,v [B, h, T, d]; additive or boolean mask [B, 1, T, S]; returns [B, T, h, dv]."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + attention_mask
+    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = nn.functional.dropout(probs, p=dropout, training=module.training)
+    out = torch.matmul(probs, value).transpose(1, 2).contiguous()
+    return out, probs
+
+
+@register_mixer("sliding_attention")
+@register_mixer("attention")
+class HybridAttention(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        self.is_sliding = config.mixer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if self.is_sliding else None
+        self.output_gate = config.attention_output_gate
+        rope_factor = config.rope_parameters.get("partial_rotary_factor", 1.0)
+        self.rotary_dim = int(self.head_dim * rope_factor)
+
+        q_out = self.num_heads * self.head_dim * (2 if self.output_gate else 1)
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.use_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        q = self.q_proj(hidden_states)
+        gate = None
+        if self.output_gate:
+            q, gate = q.view(b, t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+            gate = gate.reshape(b, t, -1)
+        q = q.reshape(b, t, self.num_heads, self.head_dim)  # (B, T, h, d)
+        k = self.k_proj(hidden_states).view(b, t, self.num_key_value_heads, self.head_dim)
+        v = self.v_proj(hidden_states).view(b, t, self.num_key_value_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = ctx.rope(self.rotary_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, d)
+
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(k, v, self.layer_idx)
+
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        mask = ctx.masks.get("sliding_attention" if self.is_sliding else "full_attention")
+        out, _ = interface(
+            self,
+            q,
+            k,
+            v,
+            mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+            **ctx.attn_kwargs,
+        )
+        out = out.reshape(b, t, -1).contiguous()
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
+        return self.o_proj(out)
