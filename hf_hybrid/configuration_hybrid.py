@@ -214,7 +214,7 @@ class HybridConfig(PreTrainedConfig):
     hf_hybrid_lineage: dict | None = None
 
     def __post_init__(self, **kwargs):
-        kwargs = self._migrate(kwargs)
+        kwargs = self._migrate(self.hf_hybrid_format_version, kwargs)
         mixer_pattern = kwargs.pop("mixer_pattern", None)
         mlp_pattern = kwargs.pop("mlp_pattern", None)
         first_k_dense = kwargs.pop("first_k_dense", 0)
@@ -271,15 +271,17 @@ class HybridConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
 
     # ------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _migrate(kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Rules that turn older checkpoint formats into the current one (none yet: version 1 is the first)."""
-        version = kwargs.get("hf_hybrid_format_version", FORMAT_VERSION)
-        if isinstance(version, int) and version > FORMAT_VERSION:
+    def _migrate(self, version: int, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Rules that turn older checkpoint formats into the current one (none yet: version 1 is the first).
+        A rule rewrites ``kwargs`` / fields saved under version v into version v + 1, then bumps the version."""
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"HybridConfig.hf_hybrid_format_version={version!r} must be a positive integer")
+        if version > FORMAT_VERSION:
             raise ValueError(
                 f"HybridConfig.hf_hybrid_format_version={version} is newer than this hf_hybrid understands "
                 f"({FORMAT_VERSION}); upgrade hf-hybrid"
             )
+        self.hf_hybrid_format_version = FORMAT_VERSION
         return kwargs
 
     def derived_layer_types(self) -> list[str]:
@@ -339,7 +341,8 @@ class HybridConfig(PreTrainedConfig):
             )
         rope = self.rope_parameters or {}
         prf = rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0
-        if not (0.0 < prf <= 1.0) or int(self.head_dim * prf) % 2:
+        rotary = self.head_dim * prf
+        if not (0.0 < prf <= 1.0) or abs(rotary - round(rotary)) > 1e-9 or round(rotary) % 2:
             raise ValueError(
                 f"HybridConfig.rope_parameters['partial_rotary_factor']={prf} must be in (0, 1] and give an even "
                 f"rotary dimension of head_dim={self.head_dim}"

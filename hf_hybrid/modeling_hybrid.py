@@ -48,6 +48,7 @@ class HybridModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     past_key_values: Any = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None  # kept for transformers' generic heads; not recorded
     aux_terms: dict[str, torch.Tensor] | None = None
     layer_stats: dict[str, Any] | None = None
 
@@ -262,6 +263,17 @@ class HybridModel(HybridPreTrainedModel):
         use_cache = config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
+        cu_seqlens, max_seqlen = None, None
+        if past_key_values is None or past_key_values.get_seq_length() == 0:
+            cu_seqlens, max_seqlen = _packed_boundaries(position_ids, attention_mask, kwargs)
+        if cu_seqlens is not None:
+            # Several documents in one row: each starts fresh, and a packed row cannot be continued by decoding.
+            if past_key_values is not None and use_cache:
+                raise ValueError(
+                    "packed sequences (position_ids restarting inside a row, or cu_seq_lens_q) cannot be used with a "
+                    "cache; pass use_cache=False"
+                )
+            use_cache, past_key_values = False, None
         if use_cache and past_key_values is None:
             past_key_values = HybridCache(config=config)
         if not use_cache:
@@ -282,7 +294,6 @@ class HybridModel(HybridPreTrainedModel):
                 position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
                 position_ids = position_ids.unsqueeze(0).expand(batch, -1)
 
-        cu_seqlens, max_seqlen = _packed_boundaries(position_ids, attention_mask, past_length, kwargs)
         attn_kwargs = {k: kwargs[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
                        if k in kwargs}
 
@@ -344,7 +355,7 @@ class HybridModel(HybridPreTrainedModel):
 
 
 def _packed_boundaries(
-    position_ids: torch.Tensor, attention_mask: torch.Tensor | None, past_length: int, kwargs: dict
+    position_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, kwargs: dict
 ) -> tuple[torch.Tensor | None, int | None]:
     """Document boundaries of a packed row ([N + 1] int32) or None.
 
@@ -352,9 +363,9 @@ def _packed_boundaries(
     position ids that restart inside a single row (``DataCollatorWithFlattening`` default, or hand-made)."""
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
-        cu = cu.to(device=position_ids.device, dtype=torch.int32)
+        cu = cu.to(dtype=torch.int32)
         return cu, int((cu[1:] - cu[:-1]).max())
-    if position_ids.shape[0] != 1 or past_length > 0 or attention_mask is not None or position_ids.shape[1] < 2:
+    if position_ids is None or position_ids.shape[0] != 1 or attention_mask is not None or position_ids.shape[1] < 2:
         return None, None
     if torch.compiler.is_compiling():
         return None, None
