@@ -273,7 +273,7 @@ def test_gradient_checkpointing_gives_same_gradients():
         model = build(tiny(**VARIANTS["sliding"]))
         model.train()
         if ckpt:
-            model.activation_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         model(ids, labels=ids).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], atol=ATOL, rtol=0)
