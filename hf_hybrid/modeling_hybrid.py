@@ -280,6 +280,11 @@ class HybridModel(HybridPreTrainedModel):
             past_key_values = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
 
+        if isinstance(attention_mask, dict):
+            raise ValueError(
+                "HybridModel.forward takes a 2D attention_mask [batch, past + new tokens] (or a 4D mask); "
+                "it builds the per-layer masks itself"
+            )
         if attention_mask is not None and attention_mask.ndim == 2:
             if attention_mask.shape != (batch, past_length + seq_len):
                 raise ValueError(
@@ -402,6 +407,11 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         cache = model_kwargs.get("past_key_values")
         if type(cache).__name__ == "DynamicCache" and not getattr(cache, "_is_user_defined", False):
             model_kwargs["past_key_values"] = HybridCache(config=self.config)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
+        """``generate`` pre-builds per-layer-type masks for compileable caches; our model builds its own masks (and
+        the padding mask of the recurrent layers) from the 2D mask, so hand that through unchanged."""
+        return attention_mask
 
     def forward(
         self,

@@ -1,0 +1,95 @@
+"""Gated DeltaNet (Yang et al. 2024; Qwen3-Next's linear layers).
+
+q, k, v from one projection, a short causal conv (SiLU) on each, q and k L2-normalised, per value head
+``g = -exp(A_log) · softplus(a + dt_bias)`` (log decay) and ``β = sigmoid(b)``; the gated delta rule
+(``hf_hybrid.ops.gated_delta``) mixes tokens; output ``RMSNorm(o) · silu(z)`` (norm **then** gate), then out_proj.
+GVA: ``gdn_num_value_heads`` may be a multiple of ``gdn_num_key_heads``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configuration_hybrid import HybridConfig
+from ..layers import GatedRMSNorm
+from ..ops.gated_delta import gated_delta_rule, recurrent_gated_delta_rule_step
+from .base import MixerContext, register_mixer
+from .recurrent import read_state, short_conv, write_state, zero_padding
+
+
+@register_mixer("gated_deltanet")
+class GatedDeltaNet(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_k_heads = config.gdn_num_key_heads
+        self.num_v_heads = config.gdn_num_value_heads
+        self.head_k_dim = config.gdn_key_head_dim
+        self.head_v_dim = config.gdn_value_head_dim
+        self.key_dim = self.num_k_heads * self.head_k_dim
+        self.value_dim = self.num_v_heads * self.head_v_dim
+        conv_dim = 2 * self.key_dim + self.value_dim
+
+        self.in_proj_qkvz = nn.Linear(config.hidden_size, conv_dim + self.value_dim, bias=False)
+        self.in_proj_ba = nn.Linear(config.hidden_size, 2 * self.num_v_heads, bias=False)
+        self.conv1d = nn.Conv1d(
+            conv_dim, conv_dim, config.gdn_conv_kernel_size, groups=conv_dim, padding=0, bias=False
+        )
+        self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
+        self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
+        self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps, norm_before_gate=True)
+        self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
+
+    def init_hybrid_weights(self, init, config: HybridConfig) -> None:
+        # Decay rates spread over [1, 16] (log-uniform A) and dt ~ [1e-3, 1e-1] like Mamba-2 / fla's GDN layer.
+        init.copy_(self.A_log, torch.empty(self.num_v_heads).uniform_(1, 16).log_())
+        dt = torch.exp(torch.rand(self.num_v_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        dt = dt.clamp(min=1e-4)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        state = read_state(ctx, self.layer_idx)
+        x = zero_padding(hidden_states, ctx)
+        mixed, z = self.in_proj_qkvz(x).split([2 * self.key_dim + self.value_dim, self.value_dim], dim=-1)
+        beta_logit, a = self.in_proj_ba(x).float().chunk(2, dim=-1)  # (B, T, Hv)
+        mixed, conv_state = short_conv(mixed, self.conv1d, ctx, state)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(b, t, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(b, t, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(b, t, self.num_v_heads, self.head_v_dim)
+
+        beta = beta_logit.sigmoid()
+        g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())  # log decay, fp32
+        # Padded positions must leave the state untouched: no decay (g = 0) and no write (β = 0).
+        beta, g = zero_padding(beta, ctx), zero_padding(g, ctx)
+
+        scale = self.head_k_dim**-0.5
+        if state.decoding and t == 1:
+            o, recurrent = recurrent_gated_delta_rule_step(
+                q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent, scale=scale, use_qk_l2norm=True
+            )
+            o = o[:, None]
+        else:
+            o, recurrent = gated_delta_rule(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                scale=scale,
+                initial_state=state.recurrent if state.decoding else None,
+                output_final_state=ctx.cache is not None,
+                cu_seqlens=ctx.cu_seqlens,
+                use_qk_l2norm=True,
+                chunk_size=self.config.linear_chunk_size,
+                backend=self.config.linear_backend,
+            )
+        write_state(ctx, self.layer_idx, conv_state, recurrent)
+        o = self.norm(o, z.reshape(b, t, self.num_v_heads, self.head_v_dim))
+        return self.out_proj(o.reshape(b, t, self.value_dim))

@@ -1,0 +1,129 @@
+"""Plain (causal) linear attention, optionally with a decay (the GLA / RetNet family).
+
+``S_t = exp(g_t) S_{t-1} + φ(k_t) v_tᵀ``, ``o_t = φ(q_t)ᵀ S_t``. With a positive feature map (elu+1, relu,
+Performer random features) the output is normalised by ``φ(q_t)ᵀ z_t`` with ``z_t = exp(g_t) z_{t-1} + φ(k_t)``
+(computed in the same scan by appending a column of ones to v). With the identity map the normaliser could be
+zero or negative, so an RMSNorm on the output replaces it, as in MiniMax's lightning attention (DESIGN.md §5).
+
+``linear_decay``: ``none`` (plain), ``scalar`` (a data-dependent log decay per head, like RetNet/Mamba-2's gate),
+``per_channel`` (one per key channel, GLA).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configuration_hybrid import HybridConfig
+from ..layers import RMSNorm
+from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
+from .base import MixerContext, register_mixer
+from .recurrent import read_state, short_conv, write_state, zero_padding
+
+_NORMALISER_EPS = 1e-6
+# A learned decay gate starts close to no decay: sigmoid(bias)^(1/16) ~ 1 - small, as in GLA's gate temperature.
+_GATE_TEMPERATURE = 16.0
+
+
+@register_mixer("linear_attention")
+class LinearAttention(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.linear_num_heads
+        self.head_dim = config.linear_head_dim
+        self.feature_map = config.linear_feature_map
+        self.decay = config.linear_decay
+        inner = self.num_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
+        self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        self.conv1d = None
+        if config.linear_conv_kernel_size > 0:
+            self.conv1d = nn.Conv1d(3 * inner, 3 * inner, config.linear_conv_kernel_size, groups=3 * inner, bias=False)
+        self.feature_dim = self.head_dim
+        if self.feature_map == "random_features":
+            self.feature_dim = config.linear_random_features
+            # Fixed Gaussian projection (Performer's FAVOR+ positive features); saved so the function is reproducible.
+            self.register_buffer("random_matrix", torch.randn(self.num_heads, self.head_dim, self.feature_dim))
+        self.g_proj = None
+        if self.decay == "scalar":
+            self.g_proj = nn.Linear(config.hidden_size, self.num_heads, bias=True)
+        elif self.decay == "per_channel":  # one decay per feature (key) channel
+            self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.feature_dim, bias=True)
+        self.normalised = self.feature_map != "identity"
+        self.out_norm = None if self.normalised else RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def init_hybrid_weights(self, init, config: HybridConfig) -> None:
+        if self.g_proj is not None:
+            init.zeros_(self.g_proj.weight)
+            init.constant_(self.g_proj.bias, 4.0)  # slow initial decay
+        if self.feature_map == "random_features":
+            init.normal_(self.random_matrix)
+
+    def phi(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature map on [B, T, H, D] -> [B, T, H, F] (computed in fp32)."""
+        x = x.float()
+        if self.feature_map == "identity":
+            return x
+        if self.feature_map == "elu":
+            return F.elu(x) + 1.0
+        if self.feature_map == "relu":
+            return F.relu(x)
+        # Performer: exp(w·x - |x|²/2) / sqrt(m); inputs scaled by D^-1/4 so q·k matches softmax's D^-1/2.
+        x = x * self.head_dim**-0.25
+        proj = torch.einsum("bthd,hdf->bthf", x, self.random_matrix.float())
+        return torch.exp(proj - x.pow(2).sum(-1, keepdim=True) / 2) / math.sqrt(self.feature_dim)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        h, d = self.num_heads, self.head_dim
+        state = read_state(ctx, self.layer_idx)
+        x = zero_padding(hidden_states, ctx)
+        qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        conv_state = None
+        if self.conv1d is not None:
+            qkv, conv_state = short_conv(qkv, self.conv1d, ctx, state)
+        q, k, v = (y.reshape(b, t, h, d) for y in qkv.chunk(3, dim=-1))
+        q, k = self.phi(q), zero_padding(self.phi(k), ctx)  # a padded key writes nothing
+        v = v.float()
+        if self.normalised:
+            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column accumulates z_t = Σ φ(k)
+        v = zero_padding(v, ctx)
+        g = None
+        if self.g_proj is not None:
+            g = F.logsigmoid(self.g_proj(x).float()) / _GATE_TEMPERATURE
+            g = g.reshape(b, t, h, self.feature_dim) if self.decay == "per_channel" else g
+            g = zero_padding(g, ctx)
+
+        scale = 1.0 if self.normalised else d**-0.5
+        if state.decoding and t == 1:
+            o, recurrent = recurrent_simple_gla_step(
+                q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0], state.recurrent, scale=scale
+            )
+            o = o[:, None]
+        else:
+            o, recurrent = simple_gla(
+                q,
+                k,
+                v,
+                g,
+                scale=scale,
+                initial_state=state.recurrent if state.decoding else None,
+                output_final_state=ctx.cache is not None,
+                cu_seqlens=ctx.cu_seqlens,
+                chunk_size=self.config.linear_chunk_size,
+                backend=self.config.linear_backend,
+            )
+        write_state(ctx, self.layer_idx, conv_state, recurrent)
+        o = o.float()
+        if self.normalised:
+            o = o[..., :-1] / (o[..., -1:] + _NORMALISER_EPS)
+        else:
+            o = self.out_norm(o)
+        return self.o_proj(o.to(hidden_states.dtype).reshape(b, t, h * d))

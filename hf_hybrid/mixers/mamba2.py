@@ -1,0 +1,96 @@
+"""Mamba-2 (SSD, Dao & Gu 2024).
+
+``in_proj`` gives (z, x, B, C, dt); a short causal conv (SiLU) runs over [x, B, C]; per head
+``A = -exp(A_log)``, ``Δ = softplus(dt + dt_bias)`` (optionally clamped to ``mamba_dt_limit``),
+``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_tᵀ``, ``y_t = C_tᵀ h_t + D ⊙ x_t``; B and C are shared by the heads of a
+group (``mamba_n_groups``). Output gate **then** norm: ``RMSNorm(y · silu(z))`` per group (Mamba-2's
+norm_before_gate=False), then out_proj. The scan is simple GLA with q = C, k = B, v = Δ·x, g = Δ·A, scale = 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configuration_hybrid import HybridConfig
+from ..layers import GatedRMSNorm
+from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
+from .base import MixerContext, register_mixer
+from .recurrent import read_state, short_conv, write_state, zero_padding
+
+
+@register_mixer("mamba2")
+class Mamba2Mixer(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.mamba_num_heads
+        self.head_dim = config.mamba_head_dim
+        self.n_groups = config.mamba_n_groups
+        self.state_size = config.mamba_state_size
+        self.d_inner = self.num_heads * self.head_dim
+        conv_dim = self.d_inner + 2 * self.n_groups * self.state_size
+
+        self.in_proj = nn.Linear(config.hidden_size, self.d_inner + conv_dim + self.num_heads, bias=False)
+        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.mamba_conv_kernel_size, groups=conv_dim, bias=True)
+        self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads))
+        self.norm = GatedRMSNorm(
+            self.d_inner, eps=config.rms_norm_eps, norm_before_gate=False, group_size=self.d_inner // self.n_groups
+        )
+        self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
+
+    def init_hybrid_weights(self, init, config: HybridConfig) -> None:
+        # Mamba-2's init: A ~ U[1, 16], dt log-uniform in [dt_min, dt_max] (floored), dt_bias = softplus⁻¹(dt).
+        init.copy_(self.A_log, torch.empty(self.num_heads).uniform_(1, 16).log_())
+        lo, hi = math.log(config.mamba_dt_min), math.log(config.mamba_dt_max)
+        dt = torch.exp(torch.rand(self.num_heads) * (hi - lo) + lo).clamp(min=config.mamba_dt_init_floor)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+        init.ones_(self.D)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        h, p, g_, n = self.num_heads, self.head_dim, self.n_groups, self.state_size
+        state = read_state(ctx, self.layer_idx)
+        x_in = zero_padding(hidden_states, ctx)
+        z, xbc, dt = self.in_proj(x_in).split([self.d_inner, self.d_inner + 2 * g_ * n, h], dim=-1)
+        xbc, conv_state = short_conv(xbc, self.conv1d, ctx, state)
+        x, B, C = xbc.split([self.d_inner, g_ * n, g_ * n], dim=-1)
+        x = x.reshape(b, t, h, p)
+        # Groups share B and C: head i reads group i // (h / g).
+        B = B.reshape(b, t, g_, n).repeat_interleave(h // g_, dim=2)
+        C = C.reshape(b, t, g_, n).repeat_interleave(h // g_, dim=2)
+
+        dt = F.softplus(dt.float() + self.dt_bias.float())  # (B, T, H) fp32
+        if self.config.mamba_dt_limit is not None:
+            dt = dt.clamp(*self.config.mamba_dt_limit)
+        dt = zero_padding(dt, ctx)  # Δ = 0 at padding: no decay, no write
+        A = -self.A_log.float().exp()
+        g = dt * A
+        v = (x.float() * dt[..., None]).to(x.dtype)
+
+        if state.decoding and t == 1:
+            y, recurrent = recurrent_simple_gla_step(C[:, 0], B[:, 0], v[:, 0], g[:, 0], state.recurrent, scale=1.0)
+            y = y[:, None]
+        else:
+            y, recurrent = simple_gla(
+                C,
+                B,
+                v,
+                g,
+                scale=1.0,
+                initial_state=state.recurrent if state.decoding else None,
+                output_final_state=ctx.cache is not None,
+                cu_seqlens=ctx.cu_seqlens,
+                chunk_size=self.config.linear_chunk_size,
+                backend=self.config.linear_backend,
+            )
+        write_state(ctx, self.layer_idx, conv_state, recurrent)
+        y = y + x * self.D.to(x.dtype)[:, None]
+        y = self.norm(y.reshape(b, t, self.d_inner), z)
+        return self.out_proj(y)
