@@ -1,0 +1,225 @@
+"""Linear-time mixers in the model (issue 4): cache and decoding, padding and packing, hybrids, numerics.
+
+The op-level parity (chunked torch vs the step-by-step recurrence, every gradient) is in tests/ops/.
+Tolerance: fp32, 1e-5 absolute — the chunked and step paths compute the same sums in another order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DataCollatorWithFlattening
+
+from hf_hybrid import HybridCache, HybridConfig, HybridForCausalLM
+
+ATOL = 1e-5
+
+MIXERS = {
+    "gated_deltanet": dict(mixer_types=["gated_deltanet"] * 2),
+    "gdn_gva": dict(mixer_types=["gated_deltanet"] * 2, gdn_num_key_heads=1, gdn_num_value_heads=4),
+    "mamba2": dict(mixer_types=["mamba2"] * 2, mamba_n_groups=2),
+    "linear_identity": dict(mixer_types=["linear_attention"] * 2),
+    "linear_elu_conv_decay": dict(
+        mixer_types=["linear_attention"] * 2, linear_feature_map="elu", linear_decay="scalar", linear_conv_kernel_size=3
+    ),
+    "linear_performer_gla": dict(
+        mixer_types=["linear_attention"] * 2, linear_feature_map="random_features", linear_decay="per_channel",
+        linear_random_features=16,
+    ),
+    "hybrid_3to1_gdn": dict(num_hidden_layers=4, mixer_pattern="3:1 gated_deltanet:attention"),
+    "nemotron_like": dict(
+        num_hidden_layers=4, mixer_types=["mamba2", "attention", "mamba2", "mamba2"], mlp_types=["none", "dense", "none", "dense"]
+    ),
+}
+
+
+def tiny(**overrides) -> HybridConfig:
+    kwargs = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, mamba_head_dim=8, mamba_state_size=8, linear_chunk_size=4,
+    )
+    kwargs.update(overrides)
+    return HybridConfig(**kwargs)
+
+
+def build(name: str, seed: int = 0, **overrides) -> HybridForCausalLM:
+    torch.manual_seed(seed)
+    return HybridForCausalLM(tiny(**MIXERS[name], **overrides)).eval()
+
+
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_full_forward_equals_prefill_then_token_by_token_decode(name):
+    model = build(name)
+    ids = torch.randint(0, 64, (2, 14))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = HybridCache(config=model.config)
+        steps = [model(ids[:, :5], past_key_values=cache, use_cache=True).logits]
+        for t in range(5, 14):
+            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
+    assert cache.get_seq_length() == 14
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn"])
+def test_prefill_in_two_pieces_equals_one_prefill(name):
+    model = build(name)
+    ids = torch.randint(0, 64, (2, 15))
+    with torch.no_grad():
+        one = model(ids).logits
+        cache = HybridCache(config=model.config)
+        a = model(ids[:, :7], past_key_values=cache, use_cache=True).logits
+        b = model(ids[:, 7:], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(torch.cat([a, b], 1), one, atol=ATOL, rtol=0)
+
+
+def _pad(seqs, side):
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, sl], mask[i, sl] = s, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("name", sorted(MIXERS))
+def test_padding_never_leaks(name, side):
+    model = build(name)
+    seqs = [torch.randint(1, 64, (n,)) for n in (11, 6)]
+    ids, mask = _pad(seqs, side)
+    # Garbage in the padded slots must not matter.
+    ids = torch.where(mask.bool(), ids, torch.randint(1, 64, ids.shape))
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask).logits
+        for i, s in enumerate(seqs):
+            alone = model(s[None]).logits[0]
+            torch.testing.assert_close(batch[i][mask[i].bool()], alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay"])
+def test_batch_of_one_with_padding(name):
+    model = build(name)
+    seq = torch.randint(1, 64, (7,))
+    ids = torch.cat([torch.randint(1, 64, (4,)), seq])[None]
+    mask = torch.tensor([[0] * 4 + [1] * 7])
+    with torch.no_grad():
+        padded = model(ids, attention_mask=mask).logits[0, 4:]
+        alone = model(seq[None]).logits[0]
+    torch.testing.assert_close(padded, alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("source", ["collator_position_ids", "collator_flash_kwargs", "position_ids_only"])
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn"])
+def test_packed_equals_each_sequence_alone(name, source):
+    model = build(name)
+    seqs = [torch.randint(1, 64, (n,)).tolist() for n in (9, 3, 6)]
+    if source == "position_ids_only":
+        inputs = {
+            "input_ids": torch.tensor(sum(seqs, []))[None],
+            "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
+        }
+    else:
+        collator = DataCollatorWithFlattening(
+            return_flash_attn_kwargs=source == "collator_flash_kwargs", return_position_ids=True
+        )
+        inputs = {k: v for k, v in collator([{"input_ids": s} for s in seqs]).items() if k != "labels"}
+    with torch.no_grad():
+        packed = model(**inputs).logits[0]
+        alone = torch.cat([model(torch.tensor(s)[None]).logits[0] for s in seqs])
+    torch.testing.assert_close(packed, alone, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_identity", "hybrid_3to1_gdn"])
+def test_generate_works_for_pure_recurrent_stacks_and_hybrids(name):
+    model = build(name)
+    prompts = [torch.randint(1, 64, (n,)) for n in (6, 3)]
+    ids, mask = _pad(prompts, "left")
+    model.generation_config.pad_token_id = 0
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for i, p in enumerate(prompts):
+        alone = model.generate(p[None], max_new_tokens=6, do_sample=False)
+        assert out[i, ids.shape[1] :].tolist() == alone[0, len(p) :].tolist()
+
+
+def test_beam_search_reorders_recurrent_states():
+    model = build("hybrid_3to1_gdn")
+    ids = torch.randint(1, 64, (1, 4))
+    cache = HybridCache(config=model.config)
+    batch = ids.repeat(3, 1)
+    batch[1, -1] = (batch[1, -1] + 1) % 64
+    batch[2, -1] = (batch[2, -1] + 2) % 64
+    nxt = torch.randint(1, 64, (3, 1))
+    with torch.no_grad():
+        model(batch, past_key_values=cache, use_cache=True)
+        perm = torch.tensor([2, 2, 0])
+        cache.reorder_cache(perm)
+        stepped = model(nxt, past_key_values=cache, use_cache=True).logits
+        direct = model(torch.cat([batch[perm], nxt], 1)).logits[:, -1:]
+    torch.testing.assert_close(stepped, direct, atol=ATOL, rtol=0)
+    beams = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False)
+    assert beams.shape == (1, 8)
+
+
+def test_assisted_generation_and_crop_are_refused_clearly():
+    model = build("gated_deltanet")
+    assistant = build("gated_deltanet", seed=1)
+    ids = torch.randint(1, 64, (1, 4))
+    with pytest.raises(ValueError, match="stateful"):
+        model.generate(ids, assistant_model=assistant, max_new_tokens=3)
+    cache = HybridCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match="cannot be rewound"):
+        cache.crop(2)
+
+
+def test_gdn_output_is_norm_then_gate_and_mamba_is_gate_then_norm():
+    gdn = build("gated_deltanet").model.layers[0].mixer
+    mamba = build("mamba2").model.layers[0].mixer
+    assert gdn.norm.norm_before_gate is True
+    assert mamba.norm.norm_before_gate is False
+    # The order matters numerically: the two conventions differ on the same input.
+    x, z = torch.randn(2, 3, gdn.head_v_dim), torch.randn(2, 3, gdn.head_v_dim)
+    a = gdn.norm(x, z)
+    gdn.norm.norm_before_gate = False
+    b = gdn.norm(x, z)
+    assert (a - b).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay"])
+def test_bf16_training_step_long_sequence_is_finite(name):
+    torch.manual_seed(0)
+    model = HybridForCausalLM(tiny(**MIXERS[name], linear_chunk_size=64)).to(torch.bfloat16).train()
+    ids = torch.randint(0, 64, (1, 8192))
+    out = model(ids, labels=ids)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    for p in model.parameters():
+        assert p.grad is None or torch.isfinite(p.grad.float()).all()
+
+
+def test_training_loss_falls_on_repeated_batch():
+    model = build("hybrid_3to1_gdn").train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    ids = torch.randint(0, 64, (4, 32))
+    losses = []
+    for _ in range(15):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_save_load_roundtrip_recurrent(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = build("linear_performer_gla")
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
