@@ -1,0 +1,116 @@
+"""Triton DSA sparse attention against the torch path: forward (o, lse) and backward (dq, dk, dv).
+
+Without a GPU the kernels run in Triton's interpreter, which must be switched on before the kernel module
+is imported (the env var is read when ``@triton.jit`` wraps a function). Shapes are tiny and blocks large;
+bf16 is not tested here because the interpreter's bf16 ``tl.dot`` is wrong.
+
+Tolerances:
+- fp32: 2e-5 absolute/relative. Both sides compute in fp32 (kernel dots use ``input_precision="ieee"``),
+  they differ only in summation order (online softmax, atomics).
+- fp16: the reference is the torch path on the *same fp16 inputs upcast to fp32*. The kernel rounds p (and
+  ds in the backward) to fp16 before each tensor-core product, as FlashAttention does, and rounds outputs to
+  fp16; fp16's unit roundoff is u = 2^-11 ≈ 4.9e-4, so each output element is off by a few u times the
+  magnitude of what it sums. We require max|err| ≤ 4u · max|ref| + u per tensor, i.e. a few ulps at the
+  tensor's scale (measured: 1–3.5× the error of merely rounding the reference to fp16); a wrong index, mask
+  or missing term is O(1). lse stays fp32 with exact fp16 products accumulated in fp32: 1e-5.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+
+pytest.importorskip("triton")
+
+from hf_hybrid.ops.dsa import indexer_topk, sparse_attention, sparse_attention_torch  # noqa: E402
+from hf_hybrid.ops.dsa.triton_kernels import sparse_attention_triton  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+U16 = 2.0**-11
+
+
+def _case(B, T, P, H, Hkv, Dqk, Dv, topk, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    S = P + T
+    q = torch.randn(B, T, H, Dqk, generator=g).to(DEVICE, dtype).requires_grad_()
+    k = torch.randn(B, S, Hkv, Dqk, generator=g).to(DEVICE, dtype).requires_grad_()
+    v = torch.randn(B, S, Hkv, Dv, generator=g).to(DEVICE, dtype).requires_grad_()
+    q_I, k_I = torch.randn(B, T, 2, 8, generator=g), torch.randn(B, S, 8, generator=g)
+    idx = indexer_topk(q_I, k_I, torch.rand(B, T, 2, generator=g), topk=topk).to(DEVICE)
+    return q, k, v, idx
+
+
+def _run(fn, q, k, v, idx, scale, seed=1):
+    """o, lse and the gradients of Σ o·dO + Σ lse·dlse (so the lse path of the backward is checked too)."""
+    o, lse = fn(q, k, v, idx, scale=scale, return_lse=True)
+    g = torch.Generator().manual_seed(seed)
+    do = torch.randn(o.shape, generator=g).to(DEVICE)
+    dlse = torch.randn(lse.shape, generator=g).to(DEVICE)
+    grads = torch.autograd.grad((o.float() * do).sum() + (lse * dlse).sum(), (q, k, v))
+    return (o, lse, *grads)
+
+
+def _reference(q, k, v, idx, scale):
+    """Torch path on fp32 copies of the same inputs; gradients w.r.t. those copies."""
+    q32, k32, v32 = (x.detach().float().requires_grad_() for x in (q, k, v))
+    return _run(sparse_attention_torch, q32, k32, v32, idx, scale)
+
+
+CASES = [
+    # B, T, P, H, Hkv, Dqk, Dv, topk
+    pytest.param(2, 11, 6, 4, 2, 32, 32, 7, id="gqa"),
+    pytest.param(1, 9, 4, 4, 1, 40, 32, 6, id="mqa-latent-40/32"),
+    pytest.param(1, 6, 10, 2, 1, 200, 160, 20, id="mqa-sliced-dims"),  # Dqk, Dv walked in several slices
+    pytest.param(1, 5, 3, 80, 1, 16, 16, 5, id="many-heads"),  # G = 80 > 64: two head blocks per group
+]
+
+
+@pytest.mark.parametrize("B,T,P,H,Hkv,Dqk,Dv,topk", CASES)
+def test_triton_matches_torch_fp32(B, T, P, H, Hkv, Dqk, Dv, topk):
+    q, k, v, idx = _case(B, T, P, H, Hkv, Dqk, Dv, topk, torch.float32)
+    scale = Dqk**-0.5
+    got = _run(sparse_attention_triton, q, k, v, idx, scale)
+    want = _reference(q, k, v, idx, scale)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("B,T,P,H,Hkv,Dqk,Dv,topk", CASES[:2])
+def test_triton_matches_torch_fp16(B, T, P, H, Hkv, Dqk, Dv, topk):
+    q, k, v, idx = _case(B, T, P, H, Hkv, Dqk, Dv, topk, torch.float16)
+    scale = Dqk**-0.5
+    got = _run(sparse_attention_triton, q, k, v, idx, scale)
+    want = _reference(q, k, v, idx, scale)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        if name == "lse":
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            continue
+        assert a.dtype == torch.float16, name
+        err = (a.float() - b).abs().max().item()
+        bound = 4 * U16 * b.abs().max().item() + U16
+        assert err <= bound, f"{name}: max error {err:.2e} > {bound:.2e}"
+
+
+def test_triton_empty_selection_and_unused_slots():
+    q, k, v, idx = _case(1, 4, 2, 4, 1, 16, 16, 4, torch.float32)
+    idx = idx.clone()
+    idx[0, 1] = -1  # nothing selected
+    idx[0, 2, 1:] = -1  # one key only
+    got = _run(sparse_attention_triton, q, k, v, idx, 0.25)
+    want = _reference(q, k, v, idx, 0.25)
+    assert torch.all(got[0][0, 1] == 0) and torch.all(got[1][0, 1] == float("-inf"))
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_dispatcher_runs_triton_backend():
+    q, k, v, idx = _case(1, 5, 3, 4, 2, 16, 16, 4, torch.float32)
+    o = sparse_attention(q, k, v, idx, scale=0.25, backend="triton")
+    torch.testing.assert_close(o, sparse_attention_torch(q, k, v, idx, scale=0.25), atol=2e-5, rtol=2e-5)
