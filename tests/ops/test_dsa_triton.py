@@ -18,18 +18,33 @@ Tolerances:
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import sys
 
 import torch
 
-if not torch.cuda.is_available():
+if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+# Without a GPU the kernels need the interpreter, and triton's own @jit helpers (tl.zeros, tl.max, ...) are
+# built for it only when the variable was set before triton's first import. In a full test session
+# something (transformers → torch._dynamo) usually imports triton first, so then this file re-runs itself
+# in a fresh process and the in-process copies of its tests are skipped.
+RERUN_IN_FRESH_PROCESS = not torch.cuda.is_available() and not isinstance(
+    triton.language.zeros, InterpretedFunction
+)
+in_process = pytest.mark.skipif(RERUN_IN_FRESH_PROCESS, reason="run by test_in_fresh_interpreter_process")
 
 from hf_hybrid.ops.dsa import indexer_topk, sparse_attention, sparse_attention_torch  # noqa: E402
-from hf_hybrid.ops.dsa.triton_kernels import sparse_attention_triton  # noqa: E402
+
+if not RERUN_IN_FRESH_PROCESS:
+    from hf_hybrid.ops.dsa.triton_kernels import sparse_attention_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 U16 = 2.0**-11
@@ -71,6 +86,7 @@ CASES = [
 ]
 
 
+@in_process
 @pytest.mark.parametrize("B,T,P,H,Hkv,Dqk,Dv,topk", CASES)
 def test_triton_matches_torch_fp32(B, T, P, H, Hkv, Dqk, Dv, topk):
     q, k, v, idx = _case(B, T, P, H, Hkv, Dqk, Dv, topk, torch.float32)
@@ -81,6 +97,7 @@ def test_triton_matches_torch_fp32(B, T, P, H, Hkv, Dqk, Dv, topk):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@in_process
 @pytest.mark.parametrize("B,T,P,H,Hkv,Dqk,Dv,topk", CASES[:2])
 def test_triton_matches_torch_fp16(B, T, P, H, Hkv, Dqk, Dv, topk):
     q, k, v, idx = _case(B, T, P, H, Hkv, Dqk, Dv, topk, torch.float16)
@@ -98,6 +115,7 @@ def test_triton_matches_torch_fp16(B, T, P, H, Hkv, Dqk, Dv, topk):
         assert err <= bound, f"{name}: max error {err:.2e} > {bound:.2e}"
 
 
+@in_process
 def test_triton_empty_selection_and_unused_slots():
     q, k, v, idx = _case(1, 4, 2, 4, 1, 16, 16, 4, torch.float32)
     idx = idx.clone()
@@ -110,7 +128,18 @@ def test_triton_empty_selection_and_unused_slots():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+@in_process
 def test_dispatcher_runs_triton_backend():
     q, k, v, idx = _case(1, 5, 3, 4, 2, 16, 16, 4, torch.float32)
     o = sparse_attention(q, k, v, idx, scale=0.25, backend="triton")
     torch.testing.assert_close(o, sparse_attention_torch(q, k, v, idx, scale=0.25), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.skipif(not RERUN_IN_FRESH_PROCESS, reason="this process already runs the kernels")
+def test_in_fresh_interpreter_process():
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-3000:]
+    passed = re.search(r"(\d+) passed", out.stdout)
+    assert passed and int(passed.group(1)) >= 8, out.stdout[-2000:]  # every kernel test ran there
