@@ -68,7 +68,10 @@ class HybridAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+    def project(
+        self, hidden_states: torch.Tensor, ctx: MixerContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """q [B, h, T, d], k and v [B, hkv, S, d] (RoPE applied, cache appended), gate [B, T, h·d] or None."""
         b, t, _ = hidden_states.shape
         q = self.q_proj(hidden_states)
         gate = None
@@ -83,10 +86,12 @@ class HybridAttention(nn.Module):
         cos, sin = ctx.rope(self.rotary_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, d)
-
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx)
+        return q, k, v, gate
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        """Dense attention through transformers' interface; returns [B, T, h, d]."""
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         mask = ctx.masks.get("sliding_attention" if self.is_sliding else "full_attention")
         out, _ = interface(
@@ -100,7 +105,16 @@ class HybridAttention(nn.Module):
             sliding_window=self.sliding_window,
             **ctx.attn_kwargs,
         )
-        out = out.reshape(b, t, -1).contiguous()
+        return out
+
+    def output(self, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+        """[B, T, h, d] -> [B, T, hidden]: output gate (if any), then o_proj."""
+        b, t = out.shape[:2]
+        out = out.reshape(b, t, -1)
         if gate is not None:
             out = out * torch.sigmoid(gate)
         return self.o_proj(out)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        q, k, v, gate = self.project(hidden_states, ctx)
+        return self.output(self.attend(q, k, v, ctx), gate)
