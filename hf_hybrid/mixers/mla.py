@@ -1,0 +1,373 @@
+"""Multi-head Latent Attention (DeepSeek-V2/V3), ``mixer_types`` value ``"mla"``.
+
+Legend: B batch, T new tokens, S keys (cache + new), H heads, dn = ``qk_nope_head_dim``, dr = ``qk_rope_head_dim``,
+dv = ``v_head_dim``, r = ``kv_lora_rank``, rq = ``q_lora_rank``.
+
+1. query:  ``q = q_b_proj(q_a_layernorm(q_a_proj(x)))`` (or ``q_proj(x)``) split per head into ``q_nope`` [dn] and
+   ``q_pe`` [dr]; RoPE on ``q_pe`` only.
+2. key/value latent: ``kv_a_proj_with_mqa(x)`` = ``c_kv`` [r] (then ``kv_a_layernorm``) and one rope key ``k_pe``
+   [dr] shared by all heads (the decoupled RoPE key).
+3. cache: only ``(c_kv, k_pe)`` — (r + dr) numbers per token and layer — stored like transformers 5.23's
+   ``deepseek_v3`` does: single-head ``keys = c_kv [B, 1, S, r]``, ``values = k_pe [B, 1, S, dr]`` (rotated) in the
+   ordinary ``DynamicLayer`` of the layer. No new cache layer type (DESIGN.md §4).
+4. attention, two paths side by side:
+   - **dense / naive** (:meth:`HybridMLA.attend_dense`): ``kv_b_proj(c_kv)`` expands every cached latent into
+     per-head ``k_nope`` [dn] and ``v`` [dv]; ``k = [k_nope, k_pe]``; attention through transformers' interface
+     (eager, sdpa, flash, flex). Used for prefill and training (and for decode with ``mla_decode="naive"``).
+   - **absorbed** (:meth:`HybridMLA.attend_absorbed`): with ``W_uk [H, dn, r]`` and ``W_uv [H, dv, r]`` the two halves
+     of ``kv_b_proj``, ``q_nope·(W_uk c) = (W_ukᵀ q_nope)·c``, so each head's query moves into the latent space and
+     attends MQA-style directly on the cached ``[c_kv, k_pe]``; the latent output ``Σ p c`` leaves through ``W_uv``.
+     Nothing of size S × H × (dn + dv) is built. Used for decode (see :meth:`HybridMLA.uses_absorbed`).
+
+RoPE layout: rotate-half (``layers.apply_rope``, the same as our attention mixer). transformers' ``deepseek_v3``
+defaults to ``rope_interleave=True`` (DeepSeek's checkpoints rotate adjacent pairs) and writes the rotated pairs
+back de-interleaved (evens, then odds). That equals rotate-half applied to the de-interleaved input, so a DeepSeek
+checkpoint maps onto this module exactly by permuting the rope rows of ``q_b_proj`` (per head) and
+``kv_a_proj_with_mqa`` with :func:`rope_deinterleave_index`; even the cached ``k_pe`` is then the same
+(``tests/test_mla.py`` checks this against ``DeepseekV3Attention``).
+
+SDPA with q/k head dim (dn + dr) ≠ v head dim dv cannot use its flash kernels (CUDA falls back to the
+mem-efficient kernel, CPU to the math kernel, which also builds the T × T matrix). We zero-pad v to dn + dr for
+``sdpa`` and flash implementations and slice the output. Measured on CPU (torch 2.13, 1 thread, B=1, H=16,
+dqk=192, dv=128, causal, fp32): forward 88.5 → 53.8 ms at T=512, 270.6 → 136.6 ms at T=1024 (bool mask: 252.5 →
+162.0 ms); forward+backward 155 → 161 ms at T=512, 655 → 475 ms at T=1024. Flash kernels require equal head dims.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from ..configuration_hybrid import HybridConfig
+from ..layers import RMSNorm, apply_rope
+from .attention import eager_attention_forward
+from .base import MixerContext, register_mixer
+
+logger = logging.get_logger(__name__)
+
+
+def mla_softmax_scale(config: HybridConfig) -> float:
+    """``(dn + dr)^-½``, times DeepSeek's YaRN ``mscale²`` when the rope scaling sets ``mscale_all_dim``
+    (``mscale = 0.1 · mscale_all_dim · ln(factor) + 1`` for factor > 1)."""
+    scale = (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5
+    rope = config.rope_parameters or {}
+    mscale_all_dim = rope.get("mscale_all_dim") or 0
+    factor = float(rope.get("factor") or 1.0)
+    if rope.get("rope_type", "default") != "default" and mscale_all_dim and factor > 1.0:
+        mscale = 0.1 * mscale_all_dim * math.log(factor) + 1.0
+        scale = scale * mscale * mscale
+    return scale
+
+
+def rope_deinterleave_index(dim: int) -> torch.Tensor:
+    """Row order ``[0, 2, 4, ..., 1, 3, 5, ...]`` that turns DeepSeek's interleaved rope channels into our
+    rotate-half layout: ``w_ours[rope_rows] = w_deepseek[rope_rows][rope_deinterleave_index(dr)]``."""
+    return torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])
+
+
+def effective_linear_weight(module: nn.Module) -> torch.Tensor | None:
+    """The ``[out, in]`` matrix ``module`` applies *right now*, built at call time (so it is never stale), or None
+    when it is not a bias-free linear map we can read exactly.
+
+    - ``nn.Linear`` (no bias): its weight.
+    - a ``peft`` LoRA ``Linear`` over a bias-free ``nn.Linear``, mirroring peft's own forward: adapters disabled →
+      the base weight; merged → the base weight (it already holds the merge, and peft skips the adapters);
+      otherwise base + Σ ``scaling · B·A`` over the active adapters, differentiable in A and B.
+    - None for what a weight cannot express: LoRA variants (DoRA, ...), ``lora_bias``, LoRA dropout while training,
+      disabled-but-merged adapters (peft unmerges inside its forward), quantised bases, other wrappers.
+    """
+    if type(module) is nn.Linear:
+        return module.weight if module.bias is None else None
+    base = getattr(module, "base_layer", None)
+    if base is None or not hasattr(module, "lora_A") or type(base) is not nn.Linear or base.bias is not None:
+        return None
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:
+        return None
+    if not isinstance(module, LoraLinear):
+        return None
+    if module.disable_adapters:
+        return None if module.merged else base.weight
+    if module.merged:
+        return base.weight
+    weight = base.weight
+    for name in module.active_adapters:
+        if name not in module.lora_A:
+            continue
+        if name in module.lora_variant or module.lora_bias.get(name, False):
+            return None
+        dropout = module.lora_dropout[name]
+        if not isinstance(dropout, nn.Identity) and dropout.training and getattr(dropout, "p", 0.0) > 0:
+            return None
+        weight = weight + module.get_delta_weight(name).to(weight.dtype)
+    return weight
+
+
+def latent_attention_bias(
+    mask: object, ctx: MixerContext, q_len: int, kv_len: int, device: torch.device
+) -> torch.Tensor | None:
+    """Turn the mask transformers built for this layer into an additive fp32 bias [B|1, 1, T, S] (or None = all
+    visible), with the semantics the attention interface gives it:
+
+    - 4D bool (sdpa): True = attend; 4D float (eager): already additive (0 or a large negative);
+    - 2D [B, S] (flash): padding only, causality is the kernel's; None (sdpa/flash with no padding): causal only;
+    - anything else (flex's ``BlockMask``): rebuilt from ``ctx.attention_mask_2d`` + causality.
+    Causality is aligned bottom-right: new query i sits at position S - T + i.
+    """
+    if isinstance(mask, torch.Tensor) and mask.ndim == 4:
+        mask = mask[..., -q_len:, -kv_len:]  # static-length masks may be longer than what is cached
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(
+                ~mask.to(device), torch.finfo(torch.float32).min
+            )
+        return mask.to(device=device, dtype=torch.float32)
+    allowed = None
+    padding = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else ctx.attention_mask_2d
+    if padding is not None:
+        allowed = padding[:, -kv_len:].to(device=device, dtype=torch.bool)[:, None, None, :]  # (B, 1, 1, S)
+    if q_len > 1:
+        rows = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+        causal = torch.arange(kv_len, device=device)[None, :] <= rows  # (T, S)
+        allowed = causal[None, None] if allowed is None else allowed & causal
+    if allowed is None:
+        return None
+    return torch.zeros(allowed.shape, dtype=torch.float32, device=device).masked_fill_(
+        ~allowed, torch.finfo(torch.float32).min
+    )
+
+
+class MLAProjection(NamedTuple):
+    """Everything MLA (and DSA built on it) attends with. Positions are already rotated."""
+
+    q_nope: torch.Tensor  # (B, T, H, dn)
+    q_pe: torch.Tensor  # (B, T, H, dr), rotated
+    q_latent: torch.Tensor | None  # (B, T, rq) after q_a_layernorm; None without q-LoRA (DSA's indexer input)
+    c_kv: torch.Tensor  # (B, S, r) after kv_a_layernorm, cache + new tokens
+    k_pe: torch.Tensor  # (B, S, dr) rotated, cache + new tokens
+
+
+@register_mixer("mla")
+class HybridMLA(nn.Module):
+    """DeepSeek-V2/V3 MLA. Public pieces for mixers built on it (DSA): :meth:`project_q`, :meth:`project_kv`,
+    :meth:`project` (+ RoPE + cache), :meth:`expand_kv`, :meth:`attend_dense`, :meth:`absorbed_weights`,
+    :meth:`absorb_query`, :meth:`latent_to_value`, :meth:`attend_absorbed`, :meth:`uses_absorbed`; ``o_proj``."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.q_lora_rank = config.q_lora_rank
+        self.kv_lora_rank = config.kv_lora_rank
+        self.qk_nope_head_dim = config.qk_nope_head_dim
+        self.qk_rope_head_dim = config.qk_rope_head_dim
+        self.v_head_dim = config.v_head_dim
+        self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.num_key_value_groups = 1  # read by the attention interface: the dense path expands K/V per head
+        self.is_causal = True
+        self.scaling = mla_softmax_scale(config)
+        self.attention_dropout = config.attention_dropout
+        bias = config.attention_bias
+        H, dqk = self.num_heads, self.qk_head_dim
+
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(config.hidden_size, H * dqk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias
+        )
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=bias)
+        self._warned_fallback = False
+
+    # ---- projections --------------------------------------------------------------------------------------------
+    def project_q(
+        self, hidden_states: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """x [B, T, hidden] -> q_nope [B, T, H, dn], q_pe [B, T, H, dr] (not rotated), q_latent [B, T, rq] | None."""
+        b, t, _ = hidden_states.shape
+        if self.q_lora_rank is None:
+            q_latent = None
+            q = self.q_proj(hidden_states)
+        else:
+            q_latent = self.q_a_layernorm(self.q_a_proj(hidden_states))
+            q = self.q_b_proj(q_latent)
+        q = q.view(b, t, self.num_heads, self.qk_head_dim)
+        q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, q_pe, q_latent
+
+    def project_kv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, hidden] -> c_kv [B, T, r] (after kv_a_layernorm), k_pe [B, T, dr] (not rotated)."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split(
+            [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
+        )
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def project(self, hidden_states: torch.Tensor, ctx: MixerContext) -> MLAProjection:
+        """Projections, RoPE on the rope parts, and the cache: append this forward's ``(c_kv, k_pe)`` to the layer's
+        ``DynamicLayer`` and return the whole latent history."""
+        b, t, _ = hidden_states.shape
+        q_nope, q_pe, q_latent = self.project_q(hidden_states)
+        c_kv, k_pe = self.project_kv(hidden_states)
+        cos, sin = ctx.rope(self.qk_rope_head_dim)
+        q_pe = apply_rope(q_pe, cos, sin)
+        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        if ctx.cache is not None:
+            # Single-head 4D tensors, as transformers' deepseek_v3 stores them: keys = c_kv, values = rotated k_pe.
+            c_all, k_pe_all = ctx.cache.update(c_kv.unsqueeze(1), k_pe.unsqueeze(1), self.layer_idx)
+            c_kv, k_pe = c_all.squeeze(1), k_pe_all.squeeze(1)  # (B, S, r), (B, S, dr)
+        return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe)
+
+    # ---- dense (naive) path -------------------------------------------------------------------------------------
+    def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_kv [B, S, r], k_pe [B, S, dr] -> k [B, H, S, dn + dr], v [B, H, S, dv] through ``kv_b_proj`` (whatever
+        adapter wraps it)."""
+        b, s, _ = c_kv.shape
+        kv = self.kv_b_proj(c_kv).view(b, s, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k_pe = k_pe[:, :, None, :].expand(b, s, self.num_heads, self.qk_rope_head_dim)
+        k = torch.cat([k_nope, k_pe], dim=-1)
+        return k.transpose(1, 2), v.transpose(1, 2)
+
+    def attend_dense(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        mask: object,
+        ctx: MixerContext,
+    ) -> torch.Tensor:
+        """Expanded attention through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``; ``mask`` as
+        transformers built it for that implementation. Returns [B, T, H, dv]."""
+        k, v = self.expand_kv(c_kv, k_pe)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, dn + dr)
+        impl = self.config._attn_implementation or "eager"
+        dqk, dv = self.qk_head_dim, self.v_head_dim
+        # Equal head dims let sdpa use its flash kernels and are required by flash ones (module docstring).
+        pad = dqk != dv and (impl == "sdpa" or "flash" in impl)
+        if pad and dv < dqk:
+            v = F.pad(v, (0, dqk - dv))
+        elif pad:  # zero channels in q and k change no score (the scale is passed explicitly)
+            q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
+        out, _ = interface(
+            self,
+            q,
+            k,
+            v,
+            mask,
+            dropout=self.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **ctx.attn_kwargs,
+        )
+        return out[..., :dv]  # (B, T, H, dv)
+
+    # ---- absorbed path ------------------------------------------------------------------------------------------
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(W_uk [H, dn, r], W_uv [H, dv, r])`` from the weight ``kv_b_proj`` applies now (LoRA included, see
+        :func:`effective_linear_weight`), or None when it cannot be expressed as a weight (then use the dense path)."""
+        weight = effective_linear_weight(self.kv_b_proj)
+        if weight is None:
+            return None
+        weight = weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return weight[:, : self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim :]
+
+    @staticmethod
+    def absorb_query(q_nope: torch.Tensor, w_uk: torch.Tensor) -> torch.Tensor:
+        """q_nope [B, T, H, dn] -> latent query [B, T, H, r] (``W_ukᵀ q_nope`` per head)."""
+        return torch.einsum("bthd,hdr->bthr", q_nope, w_uk)
+
+    @staticmethod
+    def latent_to_value(o_latent: torch.Tensor, w_uv: torch.Tensor) -> torch.Tensor:
+        """Latent output [B, T, H, r] (``Σ_s p c_s``) -> per-head value output [B, T, H, dv]."""
+        return torch.einsum("bthr,hvr->bthv", o_latent, w_uv)
+
+    def attend_absorbed(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        mask: object,
+        ctx: MixerContext,
+        weights: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Attention in the latent space, MQA-style on the cached ``[c_kv, k_pe]``; returns [B, T, H, dv].
+
+        Plain matmul + softmax (the layout DeepSeek's inference code uses): no kernel planning per KV length, and
+        the cache is read in place — no concatenation of ``[c_kv, k_pe]``, no expansion. Scores are computed in the
+        input dtype (fp32 accumulation inside the GEMM) and the softmax in fp32.
+        """
+        w_uk, w_uv = weights
+        b, t, h, _ = q_nope.shape
+        s = c_kv.shape[1]
+        # The softmax scale is folded into the (small) queries instead of the (B, T·H, S) scores.
+        q_lat = (self.absorb_query(q_nope, w_uk) * self.scaling).reshape(b, t * h, self.kv_lora_rank)
+        q_pe = (q_pe * self.scaling).reshape(b, t * h, self.qk_rope_head_dim)
+        scores = torch.bmm(q_pe, k_pe.transpose(1, 2))  # (B, T·H, S)
+        scores = torch.baddbmm(scores, q_lat, c_kv.transpose(1, 2)).view(b, t, h, s)
+        bias = latent_attention_bias(mask, ctx, t, s, scores.device)  # (B|1, 1, T, S)
+        if bias is not None:
+            probs = F.softmax(scores.float() + bias.transpose(1, 2), dim=-1, dtype=torch.float32)
+        else:
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+        probs = F.dropout(probs, p=self.attention_dropout if self.training else 0.0, training=self.training)
+        o_lat = torch.bmm(probs.to(c_kv.dtype).view(b, t * h, s), c_kv)  # (B, T·H, r)
+        return self.latent_to_value(o_lat.view(b, t, h, self.kv_lora_rank), w_uv)
+
+    def uses_absorbed(self, q_len: int, kv_len: int, past_len: int) -> bool:
+        """Absorbed attention is chosen by ``config.mla_decode`` for decode steps — there are cached tokens
+        (``past_len > 0``, so never a packed prefill) and it is cheaper than expanding: per head, absorbed costs
+        ``T·(r·dn + S·(2r + dr) + r·dv)`` multiply-adds, naive ``S·r·(dn + dv) + T·S·(dn + dr + dv)``; with
+        DeepSeek's sizes (r=512, dn=dv=128, dr=64) absorbed wins up to T ≈ 170 new tokens."""
+        if self.config.mla_decode != "absorbed" or past_len == 0:
+            return False
+        r, dn, dr, dv = self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        absorbed = q_len * (r * dn + kv_len * (2 * r + dr) + r * dv)
+        naive = kv_len * r * (dn + dv) + q_len * kv_len * (dn + dr + dv)
+        return absorbed <= naive
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        p = self.project(hidden_states, ctx)
+        mask = ctx.masks.get("full_attention")
+        out = None
+        if self.uses_absorbed(t, p.c_kv.shape[1], ctx.past_length):
+            weights = self.absorbed_weights()
+            if weights is not None:
+                out = self.attend_absorbed(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx, weights)
+            elif not self._warned_fallback:
+                self._warned_fallback = True
+                logger.warning(
+                    f"MLA layer {self.layer_idx}: kv_b_proj ({type(self.kv_b_proj).__name__}) cannot be read as one "
+                    "weight (LoRA variant, lora_bias, active LoRA dropout, quantised base, ...); decoding with the "
+                    "naive path (mla_decode='naive') instead of the absorbed one"
+                )
+        if out is None:
+            out = self.attend_dense(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+
+
+__all__ = [
+    "HybridMLA",
+    "MLAProjection",
+    "effective_linear_weight",
+    "latent_attention_bias",
+    "mla_softmax_scale",
+    "rope_deinterleave_index",
+]
