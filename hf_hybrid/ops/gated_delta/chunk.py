@@ -1,0 +1,123 @@
+"""Gated delta rule, chunked (WY / UT form): matmuls inside each chunk, a short loop over chunks.
+
+Within a chunk of C tokens (b_i = Σ_{s<=i} g_s from the chunk start, fp32; S0 the state entering it),
+unrolling the recurrence gives for the written values u (the "new values" of the delta rule):
+
+    u_i + Σ_{j<i} beta_i exp(b_i - b_j) (k_i·k_j) u_j = beta_i v_i - beta_i exp(b_i) S0ᵀ k_i
+
+i.e. (I + A) u = beta·V - diag(beta·exp(b)) K S0 with A strictly lower triangular. With T = (I + A)^-1:
+
+    u  = U - W S0,             U = T (beta·V),   W = T (beta·exp(b)·K)
+    o  = (exp(b)·Q) S0 + tril(Q Kᵀ ⊙ exp(b_i - b_j)) u
+    S_C = exp(b_C) S0 + (exp(b_C - b)·K)ᵀ u
+
+Everything but the dependency on S0 is computed for all chunks at once; the chunk loop is
+:class:`~hf_hybrid.ops.simple_gla.chunk.ChunkStateScan` (shared with simple GLA, here with W).
+T is built by recursive 2x2 block inversion (matmuls only, see :func:`unit_lower_inverse`).
+
+Legend: N = B * Hv rows, NC chunks, C chunk length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from hf_hybrid.ops.gated_delta.naive import check_gated_delta_shapes, l2norm, repeat_heads
+from hf_hybrid.ops.simple_gla.chunk import (
+    _initial_state,
+    causal_decay,
+    chunk_state_scan,
+    from_chunks,
+    sum_to_chunk_end,
+    to_chunks,
+)
+from hf_hybrid.ops.varlen import run_varlen
+
+
+def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """(I + a)^-1 for a strictly lower-triangular ``a`` [..., C, C].
+
+    Recursive 2x2 block inversion from 1x1 blocks up: [[T11, 0], [A21, T22]]^-1 has T21 = -T22 A21 T11.
+    log2(C) levels of batched matmuls (no per-row loop, no LAPACK call), differentiable by autograd and
+    torch.compile-friendly; this is the blocked form of forward substitution.
+    """
+    size = a.shape[-1]
+    n = 1 << max(size - 1, 0).bit_length()  # next power of two; zero padding inverts to identity
+    if n != size:
+        a = F.pad(a, (0, n - size, 0, n - size))
+    lead = a.shape[:-2]
+    inv = a.new_ones(*lead, n, 1, 1)  # the n inverted 1x1 diagonal blocks
+    block = 1
+    while block < n:
+        pairs = n // (2 * block)
+        # the (2*block)-sized diagonal blocks of a: (..., pairs, 2b, 2b)
+        diag = a.reshape(*lead, pairs, 2 * block, pairs, 2 * block).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+        t11, t22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
+        t21 = -(t22 @ diag[..., block:, :block] @ t11)
+        top = torch.cat([t11, torch.zeros_like(t11)], dim=-1)
+        inv = torch.cat([top, torch.cat([t21, t22], dim=-1)], dim=-2)
+        block *= 2
+    return inv[..., 0, :size, :size]
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated delta rule in chunked WY form; same contract as ``naive_recurrent_gated_delta_rule``.
+
+    q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g (log decay, <= 0), beta [B, T, Hv]; initial_state
+    [N, Hv, Dk, Dv]; cu_seqlens [N + 1] (then B == 1). Returns o [B, T, Hv, Dv] in q's dtype and, if
+    ``output_final_state``, the fp32 state [N, Hv, Dk, Dv]. All arithmetic is fp32.
+    """
+    check_gated_delta_shapes(q, k, v, g, beta, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (got {chunk_size})")
+    if cu_seqlens is not None:
+        return run_varlen(
+            chunk_gated_delta_rule,
+            (q, k, v, g, beta),
+            cu_seqlens,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            use_qk_l2norm=use_qk_l2norm,
+            chunk_size=chunk_size,
+        )
+    out_dtype = q.dtype
+    batch, length, _, dk = q.shape
+    heads, dv = v.shape[2:]
+    scale = dk**-0.5 if scale is None else scale
+    if use_qk_l2norm:
+        q, k = l2norm(q.float()), l2norm(k.float())
+    q_c, k_c = (to_chunks(repeat_heads(x, heads), chunk_size) for x in (q, k))  # (N, NC, C, Dk)
+    v_c = to_chunks(v, chunk_size)  # (N, NC, C, Dv)
+    beta_c = to_chunks(beta, chunk_size)[..., None]  # (N, NC, C, 1)
+    g_c = to_chunks(g, chunk_size)  # (N, NC, C) fp32 log decay per token
+    b = g_c.cumsum(2)  # log decay from the chunk start
+    q_c = q_c * scale
+
+    gamma = causal_decay(g_c)  # (N, NC, C, C): exp(b_i - b_j) for j <= i
+    a = ((beta_c * k_c) @ k_c.transpose(-1, -2) * gamma).tril(-1)
+    t = unit_lower_inverse(a)
+    u_c = t @ (beta_c * v_c)
+    w_c = t @ (beta_c * b[..., None].exp() * k_c)
+    kd = k_c * sum_to_chunk_end(g_c)[..., None].exp()  # keys decayed to the chunk end
+    decay = b[..., -1].exp()[..., None, None]  # (N, NC, 1, 1)
+
+    s0 = _initial_state(initial_state, batch * heads, dk, dv, q_c)
+    states, u, final = chunk_state_scan(u_c, kd, decay, s0, w_c)
+    o = (q_c * b[..., None].exp()) @ states + ((q_c @ k_c.transpose(-1, -2)) * gamma) @ u
+    o = from_chunks(o, batch, length).to(out_dtype)
+    return o, (final.view(batch, heads, dk, dv) if output_final_state else None)
