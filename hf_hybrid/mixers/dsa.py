@@ -1,0 +1,250 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2), ``mixer_types`` value ``"dsa"``.
+
+A lightning indexer scores every visible past token, ``I[t,s] = Σ_h w[t,h] · ReLU(q_I[t,h] · k_I[s])`` (one shared
+indexer key per token, LayerNorm + partial RoPE on it, ``w = weights_proj(x) · H_I^-½ · d_I^-½``, the indexer query
+from MLA's q-LoRA latent when there is one), keeps the top ``index_topk`` per query (ties toward the most recent
+position), and attention runs over those tokens only: O(T·k) compute and memory, never a T×T mask.
+
+DSA sits on a dense mixer (``dsa_base``): ``"mla"`` (as in V3.2: MLA in latent MQA mode, so one selection serves
+all heads, attention runs on the cached ``[c_kv, k_pe]`` directly) or ``"attention"`` (GQA). The weights of the
+base keep their names (a DSA layer is its base mixer plus ``indexer.*``), so converting a dense checkpoint is a copy
+plus fresh indexers.
+
+``dsa_mode``:
+- ``"sparse"``: top-k sparse attention. The indexer always sees **detached** inputs and learns only from
+  ``KL(p_t|S ‖ softmax(I_t)|S)`` over the selected set (``indexer_loss``); the LM loss reaches the model, not the
+  indexer (the selection is integer-valued).
+- ``"dense_warmup"``: dense attention; in training ``indexer_loss = KL(p_t ‖ softmax(I_t))`` over all visible keys,
+  p the main attention (head-mean, detached), recomputed per query chunk; the model's ``loss`` is this KL alone.
+- ``"dense"``: the base mixer, indexer unused (e.g. a freshly converted model before warm-up).
+
+``dsa_selector``: ``"indexer"`` (learned, default) or ``"structured"`` (first ``dsa_global_tokens`` tokens as
+anchors, the last ``dsa_local_window`` tokens, and evenly strided representatives of the middle).
+
+Set ``module.collect_metrics = True`` to have each forward record ``dsa_recall`` (recall@k against the top-k of the
+true head-mean attention) and ``dsa_mass`` (attention mass inside the selected set) as layer stats.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..configuration_hybrid import HybridConfig
+from ..layers import apply_rope
+from ..ops.dsa import (
+    attention_mass_in_selection,
+    indexer_kl_dense,
+    indexer_kl_sparse,
+    indexer_recall_at_k,
+    indexer_topk,
+    sparse_attention,
+)
+from .attention import HybridAttention
+from .base import MixerContext, register_mixer
+from .mla import HybridMLA
+
+
+class LightningIndexer(nn.Module):
+    def __init__(self, config: HybridConfig, *, query_dim: int, rope_dim: int):
+        super().__init__()
+        self.n_heads = config.index_n_heads
+        self.head_dim = config.index_head_dim
+        self.rope_dim = min(rope_dim, self.head_dim)
+        self.rope_dim -= self.rope_dim % 2
+        self.wq = nn.Linear(query_dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim)
+        self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
+        self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
+
+    def forward(
+        self, hidden_states: torch.Tensor, query_source: torch.Tensor, ctx: MixerContext
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> q_I [B, T, H_I, d_I], k_I [B, T, d_I] (this forward's keys), w [B, T, H_I] fp32."""
+        b, t, _ = hidden_states.shape
+        q = self.wq(query_source).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_norm(self.wk(hidden_states))
+        if self.rope_dim:
+            cos, sin = ctx.rope(self.rope_dim)
+            q = apply_rope(q, cos, sin)
+            k = apply_rope(k.unsqueeze(2), cos, sin).squeeze(2)
+        w = self.weights_proj(hidden_states).float() * self.weight_scale
+        return q, k, w
+
+
+def key_start_positions(ctx: MixerContext, t: int, device: torch.device) -> torch.Tensor | None:
+    """First key each query may see [B, T] (absolute positions): the start of its document in a packed row, or
+    the first real token of a left-padded row; None when every query may see from position 0."""
+    if ctx.cu_seqlens is not None:
+        cu = ctx.cu_seqlens.to(device=device, dtype=torch.long)
+        pos = torch.arange(t, device=device)
+        doc = torch.searchsorted(cu[1:], pos, right=True)  # (T,)
+        return cu[doc][None]
+    mask = ctx.attention_mask_2d
+    if mask is None or bool(mask[:, 0].all()):
+        return None
+    first = mask.long().argmax(dim=-1)  # left padding: index of the first real token
+    return first[:, None].expand(-1, t).to(device)
+
+
+def structured_indices(
+    b: int, t: int, past: int, key_start: torch.Tensor | None, *, topk: int, window: int, anchors: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Fixed selection [B, T, topk] (-1 = unused): the first ``anchors`` tokens, the last ``window`` tokens, and
+    ``topk - anchors - window`` evenly strided tokens between them; the three sets are disjoint by construction."""
+    pos = (past + torch.arange(t, device=device))[None, :, None]  # (1, T, 1) absolute query positions
+    start = torch.zeros(b, t, 1, dtype=torch.long, device=device) if key_start is None else key_start[..., None]
+    mid_lo = start + anchors
+    first = start + torch.arange(anchors, device=device)  # (B, T, G)
+    first = torch.where(first <= pos, first, -1)
+    recent = pos - torch.arange(window, device=device)  # (1, T, W)
+    recent = torch.where(recent >= mid_lo, recent, -1).expand(b, -1, -1)
+    m = max(0, topk - anchors - window)
+    mid_hi = pos - window + 1  # exclusive end of the middle region
+    span = (mid_hi - mid_lo).clamp(min=0)
+    j = torch.arange(m, device=device)
+    strided = mid_lo + (j * span) // max(m, 1)  # (B, T, M) evenly spread, increasing, distinct when span >= M
+    distinct = torch.cat([torch.ones_like(strided[..., :1], dtype=torch.bool), strided[..., 1:] != strided[..., :-1]], -1)
+    strided = torch.where((strided < mid_hi) & distinct, strided, -1)
+    return torch.cat([first.expand(b, -1, -1), recent, strided], dim=-1)[..., :topk]
+
+
+class _DSAMixin:
+    """The selection and the indexer loss, shared by DSA on MLA and DSA on GQA attention."""
+
+    config: HybridConfig
+    indexer: LightningIndexer
+    layer_idx: int
+    collect_metrics: bool
+
+    def _indexer(self, hidden: torch.Tensor, query_source: torch.Tensor, ctx: MixerContext):
+        # Both of DeepSeek's stages train the indexer on its KL alone: its inputs are detached so that loss never
+        # moves the model (and the LM loss cannot reach the indexer: the selection is integer-valued).
+        hidden, query_source = hidden.detach(), query_source.detach()
+        q_i, k_i, w = self.indexer(hidden, query_source, ctx)
+        if ctx.cache is not None:
+            k_i = ctx.cache.update_indexer(k_i, self.layer_idx)
+        return q_i, k_i, w
+
+    def _select(self, q_i, k_i, w, key_start, ctx: MixerContext) -> torch.Tensor:
+        cfg = self.config
+        b, t = q_i.shape[:2]
+        if cfg.dsa_selector == "structured":
+            return structured_indices(
+                b, t, ctx.past_length, key_start, topk=min(cfg.index_topk, k_i.shape[1]),
+                window=cfg.dsa_local_window, anchors=cfg.dsa_global_tokens, device=q_i.device,
+            )
+        return indexer_topk(
+            q_i, k_i, w, topk=cfg.index_topk, q_offset=ctx.past_length, key_start=key_start,
+            query_chunk=cfg.dsa_query_chunk,
+        )
+
+    def _losses_and_metrics(self, q, k, q_i, k_i, w, idx, key_start, ctx: MixerContext, *, scale: float) -> None:
+        """q [B, T, H, D], k [B, S, Hkv, D]: the main attention's queries/keys (what its softmax sees)."""
+        cfg = self.config
+        if self.training and cfg.dsa_mode == "dense_warmup":
+            ctx.add_aux("indexer_loss", indexer_kl_dense(
+                q, k, q_i, k_i, w, scale=scale, q_offset=ctx.past_length, key_start=key_start,
+                query_chunk=min(cfg.dsa_query_chunk, 64),
+            ))
+        elif self.training and cfg.dsa_mode == "sparse" and idx is not None and cfg.dsa_selector == "indexer":
+            ctx.add_aux("indexer_loss", indexer_kl_sparse(
+                q, k, q_i, k_i, w, idx, scale=scale, query_chunk=cfg.dsa_query_chunk
+            ))
+        if self.collect_metrics:
+            if idx is None:
+                idx = self._select(q_i, k_i, w, key_start, ctx)
+            kw = dict(scale=scale, q_offset=ctx.past_length, key_start=key_start)
+            ctx.add_stat("dsa_recall", self.layer_idx, indexer_recall_at_k(q, k, idx, **kw).mean().item())
+            ctx.add_stat("dsa_mass", self.layer_idx, attention_mass_in_selection(q, k, idx, **kw).mean().item())
+
+
+class DSAOnMLA(_DSAMixin, HybridMLA):
+    """DSA over MLA in latent MQA mode (DeepSeek-V3.2)."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        HybridMLA.__init__(self, config, layer_idx)
+        query_dim = config.q_lora_rank or config.hidden_size
+        self.indexer = LightningIndexer(config, query_dim=query_dim, rope_dim=config.qk_rope_head_dim)
+        self.collect_metrics = False
+
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        cfg = self.config
+        p = self.project(hidden_states, ctx)
+        if cfg.dsa_mode == "dense" and not self.collect_metrics:
+            return self._dense(p, ctx, b, t)
+        q_i, k_i, w = self._indexer(hidden_states, p.q_latent if p.q_latent is not None else hidden_states, ctx)
+        key_start = key_start_positions(ctx, t, hidden_states.device)
+        weights = self.absorbed_weights()
+        if weights is None:
+            raise ValueError(
+                f"DSA layer {self.layer_idx}: kv_b_proj ({type(self.kv_b_proj).__name__}) cannot be read as one weight "
+                "(a LoRA variant, lora_bias or active LoRA dropout); sparse latent attention needs it"
+            )
+        w_uk, w_uv = weights
+        # Latent MQA view of MLA: per-head latent queries against the single cached [c_kv, k_pe] "head".
+        q_lat = torch.cat([self.absorb_query(p.q_nope, w_uk), p.q_pe], dim=-1)  # (B, T, H, r + dr)
+        k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]  # (B, S, 1, r + dr)
+        idx = None
+        if cfg.dsa_mode == "sparse":
+            idx = self._select(q_i, k_i, w, key_start, ctx)
+            o_lat = sparse_attention(
+                q_lat, k_lat, p.c_kv[:, :, None], idx, scale=self.scaling, backend=cfg.dsa_backend
+            )  # (B, T, H, r)
+            out = self.latent_to_value(o_lat, w_uv)
+        else:
+            out = None
+        self._losses_and_metrics(q_lat, k_lat, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
+        if out is None:
+            return self._dense(p, ctx, b, t)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+
+    def _dense(self, p, ctx: MixerContext, b: int, t: int) -> torch.Tensor:
+        mask = ctx.masks.get("full_attention")
+        out = None
+        if self.uses_absorbed(t, p.c_kv.shape[1], ctx.past_length):
+            weights = self.absorbed_weights()
+            if weights is not None:
+                out = self.attend_absorbed(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx, weights)
+        if out is None:
+            out = self.attend_dense(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+
+
+class DSAOnAttention(_DSAMixin, HybridAttention):
+    """DSA over GQA softmax attention: one selection per query shared by all heads."""
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        HybridAttention.__init__(self, config, layer_idx)
+        self.indexer = LightningIndexer(config, query_dim=config.hidden_size, rope_dim=self.rotary_dim)
+        self.collect_metrics = False
+
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        cfg = self.config
+        q, k, v, gate = self.project(hidden_states, ctx)  # (B, h, T, d), (B, hkv, S, d)
+        if cfg.dsa_mode == "dense" and not self.collect_metrics:
+            return self.output(self.attend(q, k, v, ctx), gate)
+        t = hidden_states.shape[1]
+        q_i, k_i, w = self._indexer(hidden_states, hidden_states, ctx)
+        key_start = key_start_positions(ctx, t, hidden_states.device)
+        q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|S, heads, d)
+        idx = None
+        if cfg.dsa_mode == "sparse":
+            idx = self._select(q_i, k_i, w, key_start, ctx)
+            out = sparse_attention(q_t, k_t, v_t, idx, scale=self.scaling, backend=cfg.dsa_backend)
+        else:
+            out = self.attend(q, k, v, ctx)
+        self._losses_and_metrics(q_t, k_t, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
+        return self.output(out, gate)
+
+
+@register_mixer("dsa")
+def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
+    """DSA over the dense mixer named by ``config.dsa_base``."""
+    return DSAOnMLA(config, layer_idx) if config.dsa_base == "mla" else DSAOnAttention(config, layer_idx)
+
+
+__all__ = ["DSAOnAttention", "DSAOnMLA", "LightningIndexer", "build_dsa", "key_start_positions", "structured_indices"]
