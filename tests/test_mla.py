@@ -254,10 +254,14 @@ def test_latent_bias_has_the_same_meaning_for_every_mask_form():
         past_length=9,
     )
     allowed = []
+    # flex's BlockMask is not a tensor; building a real one compiles for ~15 s on CPU, so a stand-in object checks
+    # the "rebuild from ctx.attention_mask_2d" branch.
     for impl in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
         cfg._attn_implementation = impl
         if impl == "flash_attention_2":
             mask = am  # what transformers hands flash kernels: the 2D padding mask
+        elif impl == "flex_attention":
+            mask = object()
         else:
             mask = create_causal_mask(
                 config=cfg,
@@ -390,6 +394,34 @@ def test_absorbed_decode_gradients_equal_naive():
     assert "model.layers.0.mixer.kv_b_proj.weight" in grads[1]
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=ATOL, rtol=0, msg=name)
+
+
+def test_latent_mqa_form_equals_absorbed_attention():
+    """``latent_qkv`` (what a sparse/DSA kernel consumes) + plain softmax attention = ``attend_absorbed``."""
+    mixer = build(tiny()).model.layers[0].mixer
+    b, t, s, h = 2, 3, 7, 4
+    q_nope, q_pe = torch.randn(b, t, h, 16), torch.randn(b, t, h, 8)
+    c_kv, k_pe = torch.randn(b, s, 32), torch.randn(b, s, 8)
+    ctx = MixerContext(
+        padding_mask=None,
+        attention_mask_2d=None,
+        masks={},
+        position_ids=torch.zeros(b, t),
+        cu_seqlens=None,
+        max_seqlen=None,
+        rope=None,
+        cache=None,
+        past_length=s - t,
+    )
+    w_uk, w_uv = mixer.absorbed_weights()
+    q, k, v = mixer.latent_qkv(q_nope, q_pe, c_kv, k_pe, w_uk)
+    assert q.shape == (b, t, h, 40) and k.shape == (b, s, 1, 40) and v.shape == (b, s, 1, 32)
+    scores = torch.einsum("bthd,bsd->bhts", q, k[:, :, 0]) * mixer.scaling
+    causal = torch.arange(s)[None, :] <= torch.arange(s - t, s)[:, None]
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    o_lat = torch.einsum("bhts,bsr->bthr", probs, v[:, :, 0])
+    expected = mixer.attend_absorbed(q_nope, q_pe, c_kv, k_pe, None, ctx, (w_uk, w_uv))
+    torch.testing.assert_close(mixer.latent_to_value(o_lat, w_uv), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("decode", ["absorbed", "naive"])

@@ -157,7 +157,8 @@ class MLAProjection(NamedTuple):
 class HybridMLA(nn.Module):
     """DeepSeek-V2/V3 MLA. Public pieces for mixers built on it (DSA): :meth:`project_q`, :meth:`project_kv`,
     :meth:`project` (+ RoPE + cache), :meth:`expand_kv`, :meth:`attend_dense`, :meth:`absorbed_weights`,
-    :meth:`absorb_query`, :meth:`latent_to_value`, :meth:`attend_absorbed`, :meth:`uses_absorbed`; ``o_proj``."""
+    :meth:`absorb_query`, :meth:`latent_to_value`, :meth:`attend_absorbed`, :meth:`latent_qkv` (MQA form for sparse
+    kernels), :meth:`output`, :meth:`uses_absorbed`."""
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -329,6 +330,27 @@ class HybridMLA(nn.Module):
         o_lat = torch.bmm(probs.to(c_kv.dtype).view(b, t * h, s), c_kv)  # (B, T·H, r)
         return self.latent_to_value(o_lat.view(b, t, h, self.kv_lora_rank), w_uv)
 
+    def latent_qkv(
+        self,
+        q_nope: torch.Tensor,
+        q_pe: torch.Tensor,
+        c_kv: torch.Tensor,
+        k_pe: torch.Tensor,
+        w_uk: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """MLA as MQA over the latent, in the ``[B, T, H, D]`` layout of ``hf_hybrid.ops.dsa`` (one shared KV head):
+        q [B, T, H, r + dr], k [B, S, 1, r + dr], v [B, S, 1, r]; attend with ``self.scaling``, then
+        :meth:`latent_to_value` and :meth:`output`. ``k`` is a copy of the latent history; ``v`` is a view of
+        ``c_kv``."""
+        q = torch.cat([self.absorb_query(q_nope, w_uk), q_pe], dim=-1)
+        k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(2)
+        return q, k, c_kv.unsqueeze(2)
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """Per-head outputs [B, T, H, dv] -> [B, T, hidden] through ``o_proj``."""
+        b, t = out.shape[:2]
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+
     def uses_absorbed(self, q_len: int, kv_len: int, past_len: int) -> bool:
         """Absorbed attention is chosen by ``config.mla_decode`` for decode steps — there are cached tokens
         (``past_len > 0``, so never a packed prefill) and it is cheaper than expanding: per head, absorbed costs
@@ -360,7 +382,7 @@ class HybridMLA(nn.Module):
                 )
         if out is None:
             out = self.attend_dense(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+        return self.output(out)
 
 
 __all__ = [
