@@ -221,7 +221,7 @@ def test_dispatcher_backends_agree_and_announce_once(caplog):
         ]
     for o in outs[1:]:
         torch.testing.assert_close(o, outs[0], **TOL)
-    lines = [r.getMessage() for r in caplog.records if "sparse attention" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "DSA sparse attention" in r.getMessage()]
     assert len(lines) == 2 and "torch backend on cpu" in lines[0] and "naive" in lines[1], lines
     with pytest.raises(ValueError, match="choose one of"):
         sparse_attention(q, k, v, idx, scale=0.3, backend="flash")

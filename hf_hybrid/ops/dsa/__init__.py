@@ -35,7 +35,7 @@ from .torch_ops import sparse_attention_torch
 logger = logging.getLogger("hf_hybrid")
 
 BACKENDS = ("auto", "torch", "naive", "triton")
-_announced: set[tuple[str, str]] = set()
+_announced: set[tuple[str, str, str]] = set()
 
 
 def triton_available() -> bool:
@@ -43,26 +43,22 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(
-            f"sparse attention backend={backend!r} is not known; choose one of: {', '.join(BACKENDS)}"
-        )
+def resolve_backend(op: str, backend: str, device: torch.device, choices: tuple[str, ...] = BACKENDS) -> str:
+    """ "auto" -> "triton" on CUDA when triton is installed, else "torch"; one log line per (op, choice, device)."""
+    if backend not in choices:
+        raise ValueError(f"{op} backend={backend!r} is not known; choose one of: {', '.join(choices)}")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and triton_available() else "torch"
-        why = (
-            "CUDA tensors and triton installed"
-            if backend == "triton"
-            else (f"{device.type} tensors" if device.type != "cuda" else "triton is not installed")
-        )
+        if backend == "triton":
+            why = "CUDA tensors and triton installed"
+        else:
+            why = "triton is not installed" if device.type == "cuda" else f"{device.type} tensors"
     else:
         why = "requested"
-    key = (backend, device.type)
+    key = (op, backend, device.type)
     if key not in _announced:
         _announced.add(key)
-        logger.info(
-            "hf_hybrid DSA sparse attention: using the %s backend on %s (%s)", backend, device.type, why
-        )
+        logger.info("hf_hybrid DSA %s: using the %s backend on %s (%s)", op, backend, device.type, why)
     return backend
 
 
@@ -84,7 +80,7 @@ def sparse_attention(
     ``backend``: "auto" (Triton on CUDA when triton is installed, else the chunked torch path), "torch",
     "naive" (dense masked reference, O(T·S) memory) or "triton". ``query_chunk`` applies to "torch" only.
     """
-    backend = _resolve_backend(backend, q.device)
+    backend = resolve_backend("sparse attention", backend, q.device)
     if backend == "triton":
         from .triton_kernels import sparse_attention_triton
 
@@ -108,6 +104,7 @@ __all__ = [
     "sparse_attention_naive",
     "sparse_attention_torch",
     "topk_indices",
+    "resolve_backend",
     "topk_indices_packed",
     "triton_available",
 ]

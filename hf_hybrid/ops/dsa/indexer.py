@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.checkpoint import checkpoint
 
 from .naive import _kl_rows, resolve_q_offset, selection_mask, visible_mask
-from .torch_ops import _chunk_probs, _gather_rows
+from .torch_ops import _chunk_index, _chunk_probs, _gather_heads, _head_major, _queries
 
 _INVALID = torch.iinfo(torch.int64).min  # packed key of a key the query may not see
 
@@ -128,6 +128,7 @@ def indexer_topk(
     key_start: torch.Tensor | None = None,
     query_chunk: int = 128,
     key_chunk: int = 2048,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Streaming indexer + top-k: ``topk_indices(indexer_scores_naive(...), topk)`` without the [T, S] scores.
 
@@ -136,7 +137,14 @@ def indexer_topk(
     ``q_offset`` = P (default S - T); ``key_start`` [B, T] optional first visible key per query (left
     padding, packed documents). Working memory O(query_chunk · (HI · key_chunk + K)); key chunks that lie
     wholly in a query chunk's future are skipped. No gradient (selection is not differentiable).
+    ``backend``: "torch" (fp32 matmuls, any device), "triton" (fused logits kernel: no [Tc, HI, Sc]
+    intermediate, fp32 accumulation of the inputs' dtype) or "auto" (triton on CUDA when installed).
     """
+    from . import resolve_backend  # the package is initialised by the time this runs
+
+    logits_block = _indexer_logits_block
+    if resolve_backend("indexer top-k", backend, q_I.device, ("auto", "torch", "triton")) == "triton":
+        from .triton_kernels import indexer_logits_block_triton as logits_block
     B, T, HI, DI = q_I.shape
     S = k_I.shape[1]
     P = resolve_q_offset(T, S, q_offset)
@@ -151,7 +159,7 @@ def indexer_topk(
             hi = P + t1  # one past the last key the chunk's last query sees
             for s0 in range(lo - lo % key_chunk, hi, key_chunk):
                 s1 = min(hi, s0 + key_chunk)
-                scores = _indexer_logits_block(q_I[:, t0:t1], k_I[:, s0:s1], w[:, t0:t1])
+                scores = logits_block(q_I[:, t0:t1], k_I[:, s0:s1], w[:, t0:t1])  # (B, Tc, Sc) fp32
                 mask = visible_mask(t1 - t0, s0, s1, q_offset=P + t0, key_start=ks, device=scores.device)
                 packed = _pack(
                     scores.masked_fill(~mask, float("-inf")), torch.arange(s0, s1, device=q_I.device)
@@ -251,19 +259,16 @@ def indexer_kl_sparse(
     attention's own probabilities), detached; the indexer logits are gathered at S_t and renormalised there.
     Only q_I, k_I, w receive gradients. Memory O(query_chunk · K · (Hkv · D + HI + H)) per chunk.
     """
-    B, T, H, D = q.shape
+    B, T = q.shape[:2]
     Hkv = k.shape[2]
-    q, k = q.detach(), k.detach()
+    q, k_hm = q.detach(), _head_major(k.detach())
 
     def chunk_loss(t0: int, t1: int, q_I_c, w_c) -> torch.Tensor:
-        idx_c = idx[:, t0:t1].long()
-        valid = idx_c >= 0
-        idx_c = idx_c.clamp(min=0)
+        idx_c, valid = _chunk_index(idx, t0, t1)
         with torch.no_grad():
-            q_c = q[:, t0:t1].float().reshape(B, t1 - t0, Hkv, H // Hkv, D)
-            p, _ = _chunk_probs(q_c, _gather_rows(k, idx_c), valid, scale, None)  # (B, Tc, Hkv, G, K)
-            p = p.mean(dim=(2, 3))
-        kI_sel = _gather_rows(k_I[:, :, None], idx_c).squeeze(3)  # (B, Tc, K, DI)
+            p, _ = _chunk_probs(_queries(q[:, t0:t1], Hkv), _gather_heads(k_hm, idx_c), valid, scale, None)
+            p = p.mean(dim=(1, 3))  # (B, Hkv, Tc, G, K) -> (B, Tc, K)
+        kI_sel = _gather_heads(k_I[:, None], idx_c)[:, 0]  # (B, Tc, K, DI), differentiable
         z = F.relu(torch.matmul(q_I_c.float(), kI_sel.transpose(-1, -2)))  # (B, Tc, HI, K)
         logits = torch.matmul(w_c.float()[:, :, None, :], z).squeeze(2)  # (B, Tc, K)
         # invalid slots are out; a row with nothing selected gets finite dummy logits (its p is all 0)

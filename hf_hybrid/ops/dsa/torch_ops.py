@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-# elements (fp32) of the gathered keys/values/scores one chunk may hold: 2**25 · 4 B = 128 MiB
-_CHUNK_BUDGET = 2**25
+# elements (fp32) of the gathered keys/values/scores one chunk may hold: 2**24 · 4 B = 64 MiB
+_CHUNK_BUDGET = 2**24
 
 
 def check_sparse_attention_inputs(
@@ -43,22 +43,52 @@ def auto_query_chunk(T: int, K: int, H: int, Hkv: int, Dqk: int, Dv: int) -> int
     return max(1, min(T, _CHUNK_BUDGET // max(per_query, 1)))
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """x [B, S, Hkv, D], idx [B, Tc, K] (no -1) -> [B, Tc, K, Hkv, D] fp32, one index_select."""
-    B, S = x.shape[:2]
-    flat = (idx + S * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)
-    return x.reshape(B * S, *x.shape[2:]).index_select(0, flat).view(*idx.shape, *x.shape[2:]).float()
+# Layout: keys/values are gathered head-major, [B, Hkv, Tc, K, D], and queries viewed as
+# [B, Hkv, Tc, G, D], so every product below is one batched matmul over (B, Hkv, Tc) with the gathered
+# block used as is (a transposed view, no copy).
+
+
+def _head_major(x: torch.Tensor) -> torch.Tensor:
+    """[B, S, Hkv, D] -> [B, Hkv, S, D] contiguous (free when Hkv = 1, the MQA/latent case)."""
+    return x.transpose(1, 2).contiguous()
+
+
+def _gather_heads(x_hm: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x_hm [B, Hkv, S, D], idx [B, Tc, K] (no -1) -> [B, Hkv, Tc, K, D] fp32, one index_select."""
+    B, Hkv, S, D = x_hm.shape
+    return (
+        x_hm.reshape(-1, D).index_select(0, _flat_index(idx, Hkv, S)).view(B, Hkv, *idx.shape[1:], D).float()
+    )
+
+
+def _flat_index(idx: torch.Tensor, Hkv: int, S: int) -> torch.Tensor:
+    """Row numbers of (b, h, idx[b, t, j]) in a [B·Hkv·S, D] view, ordered [B, Hkv, Tc, K]."""
+    B = idx.shape[0]
+    base = (torch.arange(B, device=idx.device)[:, None] * Hkv + torch.arange(Hkv, device=idx.device)) * S
+    return (base[:, :, None, None] + idx[:, None]).reshape(-1)
+
+
+def _queries(x: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """[B, Tc, H, D] -> [B, Hkv, Tc, G, D] fp32 (head h = kv head h // G, as in GQA's repeat_interleave)."""
+    B, Tc, H, D = x.shape
+    return x.float().reshape(B, Tc, Hkv, H // Hkv, D).transpose(1, 2)
+
+
+def _unqueries(x: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv, Tc, G, ...] -> [B, Tc, H, ...]."""
+    B, Hkv, Tc, G = x.shape[:4]
+    return x.transpose(1, 2).reshape(B, Tc, Hkv * G, *x.shape[4:])
 
 
 def _chunk_probs(
     q_c: torch.Tensor, k_sel: torch.Tensor, valid: torch.Tensor, scale: float, lse: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Probabilities over the selection. q_c [B, Tc, Hkv, G, D] fp32, k_sel [B, Tc, K, Hkv, D] fp32.
+    """Probabilities over the selection. q_c [B, Hkv, Tc, G, D], k_sel [B, Hkv, Tc, K, D], valid [B, Tc, K].
 
-    Returns p [B, Tc, Hkv, G, K] and lse [B, Tc, Hkv, G]; when ``lse`` is given (backward) it is reused.
+    Returns p [B, Hkv, Tc, G, K] fp32 and lse [B, Hkv, Tc, G]; when ``lse`` is given (backward) it is reused.
     """
-    s = torch.einsum("btkgd,btjkd->btkgj", q_c, k_sel) * scale
-    s = s.masked_fill(~valid[:, :, None, None, :], float("-inf"))
+    s = torch.matmul(q_c, k_sel.transpose(-1, -2)) * scale
+    s = s.masked_fill(~valid[:, None, :, None, :], float("-inf"))
     if lse is None:
         lse = torch.logsumexp(s, dim=-1)
     # an empty selection has lse = -inf: shift by 0 instead so exp(-inf) = 0 and o = 0
@@ -66,25 +96,29 @@ def _chunk_probs(
     return p, lse
 
 
+def _chunk_index(idx: torch.Tensor, t0: int, t1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selection of queries t0..t1 with -1 slots pointed at key 0 (their p is 0), and the validity mask."""
+    idx_c = idx[:, t0:t1].long()
+    valid = idx_c >= 0
+    return idx_c.clamp(min=0), valid
+
+
 class _SparseAttentionTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, idx, scale: float, query_chunk: int):
         B, T, H, _ = q.shape
         Hkv, Dv = k.shape[2], v.shape[3]
-        G = H // Hkv
+        k_hm, v_hm = _head_major(k), _head_major(v)
         o = q.new_empty(B, T, H, Dv)
         lse = torch.empty(B, T, H, device=q.device, dtype=torch.float32)
         for t0 in range(0, T, query_chunk):
             t1 = min(T, t0 + query_chunk)
-            idx_c = idx[:, t0:t1].long()
-            valid = idx_c >= 0
-            idx_c = idx_c.clamp(min=0)
-            k_sel, v_sel = _gather_rows(k, idx_c), _gather_rows(v, idx_c)  # (B, Tc, K, Hkv, D)
-            q_c = q[:, t0:t1].float().reshape(B, t1 - t0, Hkv, G, -1)
-            p, lse_c = _chunk_probs(q_c, k_sel, valid, scale, None)
-            o_c = torch.einsum("btkgj,btjkd->btkgd", p, v_sel)
-            o[:, t0:t1] = o_c.reshape(B, t1 - t0, H, Dv).to(o.dtype)
-            lse[:, t0:t1] = lse_c.reshape(B, t1 - t0, H)
+            idx_c, valid = _chunk_index(idx, t0, t1)
+            p, lse_c = _chunk_probs(
+                _queries(q[:, t0:t1], Hkv), _gather_heads(k_hm, idx_c), valid, scale, None
+            )
+            o[:, t0:t1] = _unqueries(torch.matmul(p, _gather_heads(v_hm, idx_c))).to(o.dtype)
+            lse[:, t0:t1] = _unqueries(lse_c)
         ctx.save_for_backward(q, k, v, idx, o, lse)
         ctx.scale, ctx.query_chunk = scale, query_chunk
         return o, lse
@@ -96,33 +130,29 @@ class _SparseAttentionTorch(torch.autograd.Function):
         scale, chunk = ctx.scale, ctx.query_chunk
         B, T, H, Dqk = q.shape
         S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
-        G = H // Hkv
+        k_hm, v_hm = _head_major(k), _head_major(v)
         dq = torch.empty_like(q)
-        dk = torch.zeros(B * S, Hkv, Dqk, device=k.device, dtype=torch.float32)
-        dv = torch.zeros(B * S, Hkv, Dv, device=v.device, dtype=torch.float32)
+        dk_hm = torch.zeros(B * Hkv * S, Dqk, device=k.device, dtype=torch.float32)
+        dv_hm = torch.zeros(B * Hkv * S, Dv, device=v.device, dtype=torch.float32)
         for t0 in range(0, T, chunk):
             t1 = min(T, t0 + chunk)
-            Tc = t1 - t0
-            idx_c = idx[:, t0:t1].long()
-            valid = idx_c >= 0
-            idx_c = idx_c.clamp(min=0)
-            k_sel, v_sel = _gather_rows(k, idx_c), _gather_rows(v, idx_c)
-            q_c = q[:, t0:t1].float().reshape(B, Tc, Hkv, G, Dqk)
-            do_c = do[:, t0:t1].float().reshape(B, Tc, Hkv, G, Dv)
-            lse_c = lse[:, t0:t1].reshape(B, Tc, Hkv, G)
-            p, _ = _chunk_probs(q_c, k_sel, valid, scale, lse_c)  # (B, Tc, Hkv, G, K)
+            idx_c, valid = _chunk_index(idx, t0, t1)
+            k_sel, v_sel = _gather_heads(k_hm, idx_c), _gather_heads(v_hm, idx_c)  # (B, Hkv, Tc, K, D)
+            q_c, do_c = _queries(q[:, t0:t1], Hkv), _queries(do[:, t0:t1], Hkv)  # (B, Hkv, Tc, G, D)
+            p, _ = _chunk_probs(q_c, k_sel, valid, scale, _queries(lse[:, t0:t1, :, None], Hkv)[..., 0])
             # dL/ds = p · (dp − Σ_d dO·O + dlse): the lse term carries the gradient of a returned lse
-            delta = (do_c * o[:, t0:t1].float().reshape(B, Tc, Hkv, G, Dv)).sum(-1)
-            delta = delta - dlse[:, t0:t1].reshape(B, Tc, Hkv, G)
-            dp = torch.einsum("btkgd,btjkd->btkgj", do_c, v_sel)
+            delta = (do_c * _queries(o[:, t0:t1], Hkv)).sum(-1) - _queries(dlse[:, t0:t1, :, None], Hkv)[
+                ..., 0
+            ]
+            dp = torch.matmul(do_c, v_sel.transpose(-1, -2))  # (B, Hkv, Tc, G, K)
             ds = p * (dp - delta[..., None]) * scale
-            dq[:, t0:t1] = torch.einsum("btkgj,btjkd->btkgd", ds, k_sel).reshape(B, Tc, H, Dqk).to(dq.dtype)
+            dq[:, t0:t1] = _unqueries(torch.matmul(ds, k_sel)).to(dq.dtype)
             # scatter back to the selected keys; -1 slots point at key 0 with p = 0, adding exact zeros
-            flat = (idx_c + S * torch.arange(B, device=idx.device)[:, None, None]).reshape(-1)
-            dk.index_add_(0, flat, torch.einsum("btkgj,btkgd->btjkd", ds, q_c).reshape(-1, Hkv, Dqk))
-            dv.index_add_(0, flat, torch.einsum("btkgj,btkgd->btjkd", p, do_c).reshape(-1, Hkv, Dv))
-        dk = dk.view(B, S, Hkv, Dqk).to(k.dtype)
-        dv = dv.view(B, S, Hkv, Dv).to(v.dtype)
+            flat = _flat_index(idx_c, Hkv, S)
+            dk_hm.index_add_(0, flat, torch.matmul(ds.transpose(-1, -2), q_c).reshape(-1, Dqk))
+            dv_hm.index_add_(0, flat, torch.matmul(p.transpose(-1, -2), do_c).reshape(-1, Dv))
+        dk = dk_hm.view(B, Hkv, S, Dqk).transpose(1, 2).to(k.dtype)
+        dv = dv_hm.view(B, Hkv, S, Dv).transpose(1, 2).to(v.dtype)
         return dq, dk, dv, None, None, None
 
 
@@ -140,7 +170,7 @@ def sparse_attention_torch(
 
     q [B, T, H, Dqk], k [B, S, Hkv, Dqk], v [B, S, Hkv, Dv], idx [B, T, K] int (-1 = unused slot, positions
     distinct per row) -> o [B, T, H, Dv] in q's dtype (+ lse [B, T, H] fp32 with ``return_lse``; the lse is
-    differentiable too). ``query_chunk=None`` picks the largest chunk within a 128 MiB fp32 working set.
+    differentiable too). ``query_chunk=None`` picks the largest chunk within a 64 MiB fp32 working set.
     Same results as ``sparse_attention_naive``; gradients flow to q, k and v.
     """
     check_sparse_attention_inputs(q, k, v, idx)

@@ -260,6 +260,7 @@ def sparse_attention_bwd_triton(q, k, v, idx, o, lse, do, dlse, scale: float):
     """Backward kernel launch: (dq, dk, dv) in the inputs' dtypes."""
     B, T, H, Dqk = q.shape
     S, Hkv, Dv = k.shape[1], k.shape[2], v.shape[3]
+    do = do.to(q.dtype)
     q, k, v, do = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v, do))
     # δ = Σ_d dO·O − dlse: the second term is the gradient of a returned lse
     delta = (do.float() * o.float()).sum(-1)
@@ -328,5 +329,83 @@ def sparse_attention_triton(
     (+ lse [B, T, H] fp32). GQA (Hkv ≥ 1) and MQA/latent MLA (Hkv = 1, Dqk ≠ Dv, e.g. 576/512).
     """
     check_sparse_attention_inputs(q, k, v, idx)
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(
+            f"Triton sparse attention needs q, k, v of one dtype (fp32, fp16, bf16); got {q.dtype}, {k.dtype}, {v.dtype}"
+        )
     o, lse = SparseAttentionTriton.apply(q, k, v, idx, float(scale))
     return (o, lse) if return_lse else o
+
+
+# ----------------------------------------------------------------------------------------------------------
+# indexer logits: Σ_h w[t,h] · ReLU(q_I[t,h] · k_I[s]) without the [Tc, HI, Sc] intermediate
+
+
+# fmt: off
+@triton.jit
+def _indexer_logits_kernel(
+    QI, KI, W, OUT,
+    s_qb, s_qt, s_qh,
+    s_kb, s_ks,
+    s_wb, s_wt,
+    s_ob, s_ot,
+    TC, SC,
+    HI: tl.constexpr, DI: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_DI: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # fmt: on
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_DI)
+    t_mask = offs_t < TC
+    s_mask = offs_s < SC
+    d_mask = offs_d < DI
+    # the key tile is shared by every indexer head: load it once
+    kb = tl.load(KI + b * s_kb + offs_s[:, None].to(tl.int64) * s_ks + offs_d[None, :],
+                 mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    q_rows = QI + b * s_qb + offs_t[:, None].to(tl.int64) * s_qt + offs_d[None, :]
+    w_rows = W + b * s_wb + offs_t.to(tl.int64) * s_wt
+    acc = tl.zeros([BLOCK_T, BLOCK_S], tl.float32)
+    for h in range(HI):
+        qb = tl.load(q_rows + h * s_qh, mask=t_mask[:, None] & d_mask[None, :], other=0.0)
+        z = tl.dot(qb, tl.trans(kb), input_precision=PRECISION)
+        wh = tl.load(w_rows + h, mask=t_mask, other=0.0).to(tl.float32)
+        acc += wh[:, None] * tl.maximum(z, 0.0)
+    out = OUT + b * s_ob + offs_t[:, None].to(tl.int64) * s_ot + offs_s[None, :]
+    tl.store(out, acc, mask=t_mask[:, None] & s_mask[None, :])
+
+
+def indexer_logits_block_triton(q_I: torch.Tensor, k_I: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Raw indexer logits for a block: q_I [B, Tc, HI, DI], k_I [B, Sc, DI], w [B, Tc, HI] -> [B, Tc, Sc] fp32.
+
+    Same contract as ``indexer._indexer_logits_block`` (the torch twin); no gradient.
+    """
+    B, Tc, HI, DI = q_I.shape
+    Sc = k_I.shape[1]
+    q_I = q_I if q_I.stride(-1) == 1 else q_I.contiguous()
+    k_I = k_I if k_I.stride(-1) == 1 else k_I.contiguous()
+    k_I = k_I.to(q_I.dtype)
+    w = w if w.stride(-1) == 1 else w.contiguous()
+    out = torch.empty(B, Tc, Sc, device=q_I.device, dtype=torch.float32)
+    block_di = max(16, _pow2(DI))
+    if _interpreting():
+        block_t, block_s = 32, 64
+    else:
+        block_t, block_s = (64, 64) if block_di <= 128 else (32, 64)
+    grid = (triton.cdiv(Sc, block_s), triton.cdiv(Tc, block_t), B)
+    _indexer_logits_kernel[grid](
+        q_I, k_I, w, out,
+        q_I.stride(0), q_I.stride(1), q_I.stride(2),
+        k_I.stride(0), k_I.stride(1),
+        w.stride(0), w.stride(1),
+        out.stride(0), out.stride(1),
+        Tc, Sc,
+        HI=HI, DI=DI, BLOCK_T=block_t, BLOCK_S=block_s, BLOCK_DI=block_di,
+        PRECISION=_precision(q_I.dtype),
+        num_warps=4,
+    )  # fmt: skip
+    return out
