@@ -24,6 +24,7 @@ AutoConfig.register("hf_hybrid", HybridConfig, exist_ok=True)
 AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(HybridConfig, HybridForSequenceClassification, exist_ok=True)
+from . import peft_support as _peft_support  # noqa: E402,F401  (default LoRA targets for PEFT)
 
 __all__ = [
     "HybridCache",

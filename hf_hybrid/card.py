@@ -1,0 +1,332 @@
+"""Model cards: architecture, lineage and cost of an hf_hybrid checkpoint, rendered from ``model_cards/``.
+
+``HybridPreTrainedModel.save_pretrained`` writes one (``README.md``) when the target directory has none; a user's
+README is never overwritten (``write_model_card`` refuses unless ``overwrite=True``; ``hf-hybrid card DIR`` needs
+``--force``). The template is ``model_cards/hf_hybrid_card.md`` in a source checkout, with an identical copy shipped
+in the package (``hf_hybrid/templates/model_card.md``) for installed copies; a test keeps the two identical.
+The template uses ``string.Template`` placeholders (``${name}``), so it needs no template engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import string
+import tempfile
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .configuration_hybrid import HybridConfig
+from .cost import compress_pattern, estimate_cost, format_count
+
+TEMPLATE_NAME = "hf_hybrid_card.md"
+_REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
+_PLACEHOLDER_ID = "path/or/repo-id"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def template_text() -> str:
+    """The card template: the checkout's ``model_cards/`` copy when present, else the packaged one."""
+    if _REPO_TEMPLATE.is_file():
+        return _REPO_TEMPLATE.read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("templates/model_card.md").read_text(encoding="utf-8")
+
+
+def _hub_id(value: Any) -> str | None:
+    """``value`` when it looks like a Hub repo id (``owner/name``) and is not a local path, else None: the Hub's
+    ``base_model`` metadata must name a Hub model, while lineage may record a local directory."""
+    if isinstance(value, str) and _HUB_ID.match(value) and not os.path.exists(value):
+        return value
+    return None
+
+
+def card_tags(config: HybridConfig) -> list[str]:
+    tags = ["hf-hybrid", "hybrid"]
+    for mixer in dict.fromkeys(config.mixer_types):
+        tags.append(mixer.replace("_", "-"))
+    if "moe" in config.mlp_types:
+        tags.append("moe")
+    return tags
+
+
+def _front_matter(config: HybridConfig, extra_tags: list[str] | None) -> str:
+    lineage = config.hf_hybrid_lineage or {}
+    tags = card_tags(config)
+    for tag in extra_tags or []:
+        if tag not in tags:
+            tags.append(tag)
+    data: dict[str, Any] = {"library_name": "hf-hybrid", "tags": tags, "pipeline_tag": "text-generation"}
+    base = _hub_id(lineage.get("base_model"))
+    if base:
+        data["base_model"] = base
+    if lineage.get("license"):
+        data["license"] = lineage["license"]
+    return yaml.safe_dump(data, sort_keys=False).strip()
+
+
+def _settings(config: HybridConfig) -> list[tuple[str, str]]:
+    mixers = set(config.mixer_types)
+    rope = config.rope_parameters or {}
+    rows = [
+        ("layers", str(config.num_hidden_layers)),
+        ("hidden size", str(config.hidden_size)),
+        ("vocabulary", str(config.vocab_size)),
+        ("max positions", str(config.max_position_embeddings)),
+        ("tied embeddings", str(bool(config.tie_word_embeddings)).lower()),
+        ("RoPE", ", ".join(f"{k}={v}" for k, v in rope.items())),
+    ]
+    if mixers & {"attention", "sliding_attention"} or ("dsa" in mixers and config.dsa_base == "attention"):
+        extras = [
+            n
+            for n, on in (
+                ("qk-norm", config.use_qk_norm),
+                ("output gate", config.attention_output_gate),
+                ("qkv bias", config.attention_bias),
+            )
+            if on
+        ]
+        rows.append(
+            (
+                "attention",
+                f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
+                f"head dim {config.head_dim}" + (f" ({', '.join(extras)})" if extras else ""),
+            )
+        )
+    if "sliding_attention" in mixers:
+        rows.append(("sliding window", str(config.sliding_window)))
+    if mixers & {"mla", "dsa"} and (config.dsa_base == "mla" or "mla" in mixers):
+        rows.append(
+            (
+                "MLA",
+                f"{config.num_attention_heads} heads, q_lora_rank {config.q_lora_rank}, kv_lora_rank "
+                f"{config.kv_lora_rank}, qk dims {config.qk_nope_head_dim}+{config.qk_rope_head_dim} (rope), "
+                f"v dim {config.v_head_dim}",
+            )
+        )
+    if "dsa" in mixers:
+        rows.append(
+            (
+                "DSA",
+                f"base {config.dsa_base}, selector {config.dsa_selector}, indexer {config.index_n_heads} "
+                f"heads × {config.index_head_dim}, top-k {config.index_topk}, mode {config.dsa_mode}",
+            )
+        )
+    if "gated_deltanet" in mixers:
+        rows.append(
+            (
+                "Gated DeltaNet",
+                f"{config.gdn_num_key_heads} key heads × {config.gdn_key_head_dim}, "
+                f"{config.gdn_num_value_heads} value heads × {config.gdn_value_head_dim}, conv "
+                f"{config.gdn_conv_kernel_size}",
+            )
+        )
+    if "mamba2" in mixers:
+        rows.append(
+            (
+                "Mamba-2",
+                f"{config.mamba_num_heads} heads × {config.mamba_head_dim}, state "
+                f"{config.mamba_state_size}, groups {config.mamba_n_groups}, conv {config.mamba_conv_kernel_size}",
+            )
+        )
+    if "linear_attention" in mixers:
+        rows.append(
+            (
+                "linear attention",
+                f"{config.linear_num_heads} heads × {config.linear_head_dim}, feature map "
+                f"{config.linear_feature_map}, decay {config.linear_decay}, conv {config.linear_conv_kernel_size}",
+            )
+        )
+    if "dense" in config.mlp_types:
+        rows.append(("dense MLP", f"SwiGLU ({config.hidden_act}), intermediate {config.intermediate_size}"))
+    if "moe" in config.mlp_types:
+        rows.append(
+            (
+                "MoE",
+                f"{config.num_experts} experts, top-{config.num_experts_per_tok} "
+                f"({config.router_scoring_func}, {config.moe_routing}), expert intermediate "
+                f"{config.moe_intermediate_size}, {config.num_shared_experts} shared",
+            )
+        )
+    return rows
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    align = ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(align) + " |"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _lineage(config: HybridConfig, metrics: dict[str, Any] | None) -> str:
+    lineage = dict(config.hf_hybrid_lineage or {})
+    merged_metrics = {**(lineage.pop("metrics", None) or {}), **(metrics or {})}
+    lines = []
+    if not lineage:
+        lines.append(
+            "No lineage recorded (a model built from a config and trained from scratch, or not yet trained)."
+        )
+    else:
+        for key in ("base_model", "base_architecture", "recipe"):
+            if key in lineage:
+                lines.append(f"- **{key.replace('_', ' ')}**: `{lineage.pop(key)}`")
+        for key, value in lineage.items():
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            lines.append(f"- **{key.replace('_', ' ')}**: `{text}`")
+    if merged_metrics:
+        lines.append("")
+        lines.append(
+            _markdown_table(["metric", "value"], [[k, _metric_text(v)] for k, v in merged_metrics.items()])
+        )
+    return "\n".join(lines)
+
+
+def _metric_text(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render_model_card(
+    config: HybridConfig,
+    *,
+    metrics: dict[str, Any] | None = None,
+    model_id: str | None = None,
+    extra_tags: list[str] | None = None,
+) -> str:
+    """The model card (Markdown with YAML front matter) of ``config``.
+
+    ``metrics`` (e.g. ``{"eval_perplexity": 12.3}``) are shown with any ``metrics`` in ``config.hf_hybrid_lineage``;
+    ``model_id`` is the name used in the loading example (the Hub repo id when pushing)."""
+    report = estimate_cost(config)
+    cost_header, cost_rows = report.table_rows()
+    layer_rows = [
+        f"| {layer.index} | {layer.mixer} | {layer.mlp} | {format_count(layer.params)} |"
+        for layer in report.layers
+    ]
+    lineage = config.hf_hybrid_lineage or {}
+    title = config.name_or_path.rstrip("/").split("/")[-1] if model_id is None else model_id.split("/")[-1]
+    if not title or title.startswith(".tmp-"):
+        title = "hf_hybrid model"
+    base = lineage.get("base_model")
+    summary = (
+        f"A {format_count(report.total_params)}-parameter hybrid decoder "
+        f"({format_count(report.active_params)} active) built with hf-hybrid: "
+        f"{compress_pattern(config.mixer_types)}."
+    )
+    if base:
+        summary += f" Derived from `{base}` (recipe: {lineage.get('recipe', 'unknown')})."
+    from . import __version__
+
+    values = {
+        "front_matter": _front_matter(config, extra_tags),
+        "title": title,
+        "summary": summary,
+        "settings_rows": "\n".join(f"| {k} | {v} |" for k, v in _settings(config)),
+        "layer_pattern": compress_pattern(config.mixer_types),
+        "mlp_pattern": compress_pattern(config.mlp_types),
+        "layer_rows": "\n".join(layer_rows),
+        "total_params": f"{format_count(report.total_params)} ({report.total_params:,})",
+        "active_params": f"{format_count(report.active_params)} ({report.active_params:,})",
+        "params_note": "exact count" if report.exact else "from formulas",
+        "dtype_bytes": str(report.dtype_bytes),
+        "cost_table": _markdown_table(cost_header, cost_rows),
+        "lineage": _lineage(config, metrics),
+        "model_id": model_id or _PLACEHOLDER_ID,
+        "version": __version__,
+    }
+    return string.Template(template_text()).substitute(values)
+
+
+def write_model_card(
+    config: HybridConfig,
+    directory: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    metrics: dict[str, Any] | None = None,
+    model_id: str | None = None,
+) -> Path:
+    """Write ``README.md`` into ``directory``; refuses (``FileExistsError``) to replace an existing one unless
+    ``overwrite``. Returns the card's path."""
+    path = Path(directory) / "README.md"
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (hf-hybrid card --force) to replace it")
+    text = render_model_card(config, metrics=metrics, model_id=model_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write beside and rename, so an interrupted write never leaves half a card.
+    fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".md", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def parse_front_matter(text: str) -> dict[str, Any]:
+    """The YAML front matter of a card (between the leading ``---`` lines)."""
+    match = re.match(r"^---\n(.*?)\n---\n", text, re.DOTALL)
+    if not match:
+        raise ValueError("model card has no YAML front matter")
+    return yaml.safe_load(match.group(1)) or {}
+
+
+def push_to_hub_with_card(
+    model,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+) -> Any:
+    """transformers' ``push_to_hub`` flow, but the uploaded README.md is our card unless the Hub repo already has
+    one (transformers replaces it by the Hub's card or a generic "🤗 transformers model" card in every case).
+
+    A card already on the Hub is kept (with the tags added), as transformers does: never clobber a user's card."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import EntryNotFoundError
+    from transformers.utils import hub as hf_hub
+
+    tags = list(tags or []) + [t for t in (model.model_tags or []) if t not in (tags or [])]
+    repo_id = hf_hub.hf_api().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    try:
+        remote_card = ModelCard.load(repo_id, token=token)
+    except EntryNotFoundError:
+        remote_card = None
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        model.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
+        readme = os.path.join(tmp_dir, "README.md")
+        if remote_card is not None:
+            if remote_card.data.tags is None:
+                remote_card.data.tags = []
+            remote_card.data.tags.extend(t for t in tags if t not in remote_card.data.tags)
+            remote_card.save(readme)
+        else:
+            text = render_model_card(model.config, model_id=repo_id, extra_tags=tags)
+            with open(readme, "w", encoding="utf-8") as f:
+                f.write(text)
+        return model._upload_modified_files(
+            tmp_dir,
+            repo_id,
+            files_timestamps={},
+            commit_message=commit_message,
+            token=token,
+            create_pr=create_pr,
+            revision=revision,
+            commit_description=commit_description,
+        )
+
+
+__all__ = [
+    "render_model_card",
+    "write_model_card",
+    "parse_front_matter",
+    "push_to_hub_with_card",
+    "template_text",
+]

@@ -1,0 +1,408 @@
+"""Import a dense checkpoint saved by transformers (Llama, Qwen2, Qwen3, Mistral) as an hf_hybrid checkpoint.
+
+The result is function-preserving (same logits; tests check fp32 max abs ≤ 1e-5): every layer becomes an
+``attention`` (or ``sliding_attention``) mixer with a ``dense`` SwiGLU MLP, and weights are renamed
+``model.layers.{i}.self_attn.*`` → ``model.layers.{i}.mixer.*`` (MLP and norm names are the same in both).
+
+Safety: weights are read with safetensors only; pickle-based ``.bin`` / ``.pt`` checkpoints are refused (loading them
+would run arbitrary code). Every check (config, architecture, weight names and shapes) runs before anything is
+written, and the output appears atomically (written beside ``dst`` and renamed), so a refused or failed import
+leaves no ``dst`` behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+
+# model_type -> (class transformers saves it as, q/k/v bias, per-head q/k RMSNorm)
+SUPPORTED = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# Sparse MoE sources: import their dense sibling and upcycle instead.
+_MOE_TYPES = {
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_next",
+    "deepseek_v2",
+    "deepseek_v3",
+    "deepseek_v32",
+    "olmoe",
+    "granitemoe",
+    "dbrx",
+    "jamba",
+    "minimax",
+    "phimoe",
+    "gpt_oss",
+    "llama4",
+    "ernie4_5_moe",
+    "glm4_moe",
+    "dots1",
+}
+# RoPE variants that change their frequencies with the sequence length at run time: hf_hybrid computes RoPE
+# frequencies once per rotary size, so these would silently diverge past the original context.
+_DYNAMIC_ROPE = {"dynamic", "longrope"}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_CARRIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_LAYER_KEY = re.compile(
+    r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)(\..+)$"
+)
+_IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$")
+
+
+class UnsupportedCheckpointError(ValueError):
+    """The source checkpoint cannot be imported (unsupported architecture, unsafe or missing weights, ...)."""
+
+
+@dataclass
+class ImportPlan:
+    """Everything ``import_dense`` will do, computed and checked before anything is written."""
+
+    src: Path
+    model_type: str
+    config_kwargs: dict[str, Any]
+    weight_files: list[Path]
+    key_map: dict[str, str]  # source tensor name -> hf_hybrid name
+    dtype: torch.dtype
+    carried_files: list[Path] = field(default_factory=list)
+
+
+def _fail(message: str) -> None:
+    raise UnsupportedCheckpointError(message)
+
+
+def _weight_files(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({src / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            _fail(f"{index} lists shards that are not in {src}: {', '.join(missing)}")
+        return files
+    single = src / "model.safetensors"
+    if single.is_file():
+        return [single]
+    pickled = sorted(p.name for p in src.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
+    if pickled:
+        _fail(
+            f"{src} has only pickle-based weights ({', '.join(pickled[:3])}); hf_hybrid reads safetensors only, because "
+            "loading a pickle can run arbitrary code. Convert it in an environment you trust (load it with "
+            "transformers and save_pretrained(..., safe_serialization=True)), then import that copy"
+        )
+    _fail(f"{src} has no model.safetensors or model.safetensors.index.json: nothing to import")
+    raise AssertionError  # unreachable
+
+
+def _source_config(src: Path, raw: dict[str, Any]):
+    """The source config parsed by transformers' own class for its model_type (no remote code)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = raw.get("model_type")
+    if model_type in _MOE_TYPES:
+        _fail(
+            f"{src} is a sparse mixture-of-experts model (model_type={model_type!r}); import_dense takes dense "
+            f"models ({', '.join(SUPPORTED)}). Import a dense model and upcycle it to MoE instead"
+        )
+    if model_type not in SUPPORTED:
+        _fail(
+            f"{src}: model_type={model_type!r} is not supported; import_dense takes: {', '.join(SUPPORTED)}"
+        )
+    return CONFIG_MAPPING[model_type].from_pretrained(str(src))
+
+
+def _mixer_types(model_type: str, cfg) -> tuple[list[str], int | None]:
+    """Per-layer attention kind, following each transformers model's own rule for sliding windows."""
+    n = cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    if model_type == "mistral":
+        # MistralAttention applies config.sliding_window to every layer when it is set (layer_types is ignored).
+        kinds = ["sliding_attention" if window else "attention"] * n
+    elif model_type in ("qwen2", "qwen3"):
+        # Qwen2/3 resolve use_sliding_window / max_window_layers into layer_types; a layer slides only when its type
+        # says so *and* a window is set (sliding_window is None when use_sliding_window is false).
+        layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n)
+        kinds = [
+            "sliding_attention" if t == "sliding_attention" and window else "attention" for t in layer_types
+        ]
+    else:
+        kinds = ["attention"] * n
+    return kinds, (window if "sliding_attention" in kinds else None)
+
+
+def _config_kwargs(src: Path, model_type: str, cfg, raw: dict[str, Any]) -> dict[str, Any]:
+    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
+        _fail(
+            f"{src}: pretraining_tp={cfg.pretraining_tp} is not supported (transformers' legacy tensor-parallel path)"
+        )
+    if model_type in ("llama", "qwen3") and getattr(cfg, "attention_bias", False):
+        _fail(
+            f"{src}: attention_bias=True puts a bias on o_proj as well as q/k/v in {SUPPORTED[model_type]}; hf_hybrid's "
+            "attention has biases on q/k/v only (Qwen2 style)"
+        )
+    act = cfg.hidden_act
+    if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
+        _fail(
+            f"{src}: hidden_act={act!r} is not supported; hf_hybrid MLPs take silu, gelu, gelu_pytorch_tanh, relu"
+        )
+    rope = dict(cfg.rope_parameters or {})
+    if rope.get("rope_type", "default") in _DYNAMIC_ROPE:
+        _fail(
+            f"{src}: rope_type={rope['rope_type']!r} changes RoPE frequencies with the sequence length at run time, "
+            "which hf_hybrid does not do (it would silently diverge on long inputs); supported: default, linear, "
+            "yarn, llama3, proportional"
+        )
+    mixer_types, window = _mixer_types(model_type, cfg)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kwargs = dict(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+        head_dim=head_dim,
+        hidden_act=act,
+        max_position_embeddings=cfg.max_position_embeddings,
+        initializer_range=cfg.initializer_range,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=bool(cfg.tie_word_embeddings),
+        rope_parameters=rope or None,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        attention_dropout=getattr(cfg, "attention_dropout", 0.0),
+        attention_bias=model_type == "qwen2",  # Qwen2: q/k/v biases, none on o_proj
+        use_qk_norm=model_type == "qwen3",
+        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+        sliding_window=window,
+        mixer_types=mixer_types,
+        mlp_types=["dense"] * cfg.num_hidden_layers,
+        use_cache=bool(getattr(cfg, "use_cache", True)),
+    )
+    return kwargs
+
+
+def _map_key(name: str) -> str | None:
+    """Source tensor name -> hf_hybrid name (None: a buffer to skip)."""
+    if _IGNORED_KEY.search(name):
+        return None
+    match = _LAYER_KEY.match(name)
+    if match:
+        i, block, rest = match.groups()
+        block = "mixer" if block == "self_attn" else block
+        return f"model.layers.{i}.{block}{rest}"
+    return name  # model.embed_tokens.weight, model.norm.weight, lm_head.weight keep their names
+
+
+def _read_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
+    shapes = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                shapes[name] = (tuple(sl.get_shape()), sl.get_dtype(), path)
+    return shapes
+
+
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+def plan_import(src_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> ImportPlan:
+    """Read and check a source checkpoint; raise ``UnsupportedCheckpointError`` / ``FileNotFoundError`` with a clear
+    message for anything that cannot be imported exactly. Writes nothing."""
+    from ..configuration_hybrid import HybridConfig
+    from ..modeling_hybrid import HybridForCausalLM
+
+    src = Path(src_dir)
+    if not src.is_dir():
+        raise FileNotFoundError(
+            f"{src_dir} is not a directory; import_dense reads a local checkpoint saved by transformers "
+            "(download a Hub model first, e.g. with `hf download`)"
+        )
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{src} has no config.json: not a transformers checkpoint")
+    raw = json.loads(config_path.read_text())
+    model_type = raw.get("model_type")
+    if model_type == "hf_hybrid":
+        _fail(f"{src} is already an hf_hybrid checkpoint")
+    cfg = _source_config(src, raw)
+    weight_files = _weight_files(src)
+    kwargs = _config_kwargs(src, model_type, cfg, raw)
+    try:
+        HybridConfig(**kwargs)
+    except ValueError as err:
+        _fail(f"{src}: its config does not map onto HybridConfig: {err}")
+
+    shapes = _read_shapes(weight_files)
+    key_map: dict[str, str] = {}
+    for name in shapes:
+        mapped = _map_key(name)
+        if mapped is None:
+            continue
+        if mapped == "lm_head.weight" and kwargs["tie_word_embeddings"]:
+            continue  # tied: transformers ignores a saved copy too
+        key_map[name] = mapped
+
+    with torch.device("meta"):
+        expected = HybridForCausalLM(HybridConfig(**kwargs)).state_dict()
+    if kwargs["tie_word_embeddings"]:
+        expected.pop("lm_head.weight", None)
+    got = set(key_map.values())
+    missing, unexpected = sorted(set(expected) - got), sorted(got - set(expected))
+    if missing or unexpected:
+        inverse = {v: k for k, v in key_map.items()}
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+        if unexpected:
+            parts.append(
+                f"{len(unexpected)} tensor(s) hf_hybrid has no place for: "
+                f"{', '.join(inverse[u] for u in unexpected[:5])}"
+            )
+        _fail(
+            f"{src}: the weights do not match a {SUPPORTED[model_type]} of this config — " + "; ".join(parts)
+        )
+    for name, mapped in key_map.items():
+        shape = shapes[name][0]
+        if tuple(expected[mapped].shape) != shape:
+            _fail(
+                f"{src}: {name} has shape {shape}, expected {tuple(expected[mapped].shape)} from config.json"
+            )
+
+    if dtype is None:
+        embed_name = next(k for k, v in key_map.items() if v == "model.embed_tokens.weight")
+        st_dtype = shapes[embed_name][1]
+        if st_dtype not in _SAFETENSORS_DTYPES:
+            _fail(f"{src}: embedding dtype {st_dtype} is not a floating type hf_hybrid can load")
+        dtype = _SAFETENSORS_DTYPES[st_dtype]
+    elif isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
+        dtype = getattr(torch, dtype)
+    carried = [src / name for name in _CARRIED_FILES if (src / name).is_file()]
+    return ImportPlan(src, model_type, kwargs, weight_files, key_map, dtype, carried)
+
+
+def _source_license(src: Path) -> str | None:
+    readme = src / "README.md"
+    if not readme.is_file():
+        return None
+    match = re.match(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.DOTALL)
+    if not match:
+        return None
+    try:
+        data = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError:
+        return None
+    license_ = data.get("license") if isinstance(data, dict) else None
+    return license_ if isinstance(license_, str) else None
+
+
+def import_dense(
+    src_dir: str | os.PathLike,
+    dst_dir: str | os.PathLike,
+    *,
+    dtype: torch.dtype | str | None = None,
+    base_model: str | None = None,
+) -> Path:
+    """Import the transformers checkpoint in ``src_dir`` into a new hf_hybrid checkpoint ``dst_dir``.
+
+    ``dtype``: cast floating weights (default: keep the dtype the embedding was saved in). ``base_model``: the name
+    recorded as lineage and in the card (default: ``src_dir`` as given; pass the Hub id when you know it).
+    ``dst_dir`` must not exist or be empty. Returns ``dst_dir``."""
+    from .. import __version__
+    from ..configuration_hybrid import HybridConfig
+    from ..modeling_hybrid import HybridForCausalLM
+
+    dst = Path(dst_dir)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new output directory")
+    plan = plan_import(src_dir, dtype=dtype)
+    raw = json.loads((plan.src / "config.json").read_text())
+    lineage = {
+        "base_model": base_model or os.fspath(src_dir),
+        "base_architecture": (raw.get("architectures") or [SUPPORTED[plan.model_type]])[0],
+        "base_model_type": plan.model_type,
+        "recipe": "import",
+        "dtype": str(plan.dtype).replace("torch.", ""),
+        "hf_hybrid_version": __version__,
+    }
+    license_ = _source_license(plan.src)
+    if license_:
+        lineage["license"] = license_
+    config = HybridConfig(**plan.config_kwargs, hf_hybrid_lineage=lineage)
+    config.dtype = plan.dtype
+    config.name_or_path = dst.name  # the card's title
+
+    # Build on meta (no memory, no random init) and assign the source tensors.
+    with torch.device("meta"):
+        model = HybridForCausalLM(config)
+    state = {}
+    for path in plan.weight_files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if name in plan.key_map:
+                    tensor = f.get_tensor(name)
+                    state[plan.key_map[name]] = (
+                        tensor.to(plan.dtype) if tensor.is_floating_point() else tensor
+                    )
+    result = model.load_state_dict(state, strict=False, assign=True)
+    allowed_missing = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(result.missing_keys) - allowed_missing or result.unexpected_keys:
+        raise RuntimeError(f"internal error: load_state_dict left {result}")  # plan_import checked this
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise RuntimeError(f"internal error: tensors left on the meta device after import: {leftover[:5]}")
+    model.eval()
+
+    dst_parent = dst.resolve().parent
+    dst_parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.import-", dir=dst_parent))
+    try:
+        model.save_pretrained(tmp)
+        for path in plan.carried_files:
+            shutil.copy2(path, tmp / path.name)
+        if dst.exists():
+            dst.rmdir()  # empty, checked above
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+__all__ = ["import_dense", "plan_import", "ImportPlan", "UnsupportedCheckpointError", "SUPPORTED"]

