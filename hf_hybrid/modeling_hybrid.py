@@ -172,8 +172,14 @@ class HybridPreTrainedModel(PreTrainedModel):
         """Write to a temporary sibling directory first, then move files into place, so an interrupted save never
         leaves a half-written checkpoint. Also writes a model card when the directory has none yet."""
         save_directory = os.fspath(save_directory)
-        if kwargs.get("push_to_hub"):
-            return super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.pop("push_to_hub", False):
+            # transformers' own path would overwrite README.md (ours or the user's) with the Hub's or a generic card:
+            # save here as usual, then push through push_to_hub below.
+            hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
+            repo_id = hub.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            self.save_pretrained(save_directory, *args, **kwargs)
+            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
+            return None
         parent = os.path.dirname(os.path.abspath(save_directory)) or "."
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-hf-hybrid-", dir=parent)
@@ -197,6 +203,13 @@ class HybridPreTrainedModel(PreTrainedModel):
         finally:
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def push_to_hub(self, repo_id: str, **kwargs):
+        """``PreTrainedModel.push_to_hub``, except that the uploaded README.md is our model card when the Hub repo has
+        none yet (transformers would upload a generic one); a card already on the Hub is kept."""
+        from .card import push_to_hub_with_card
+
+        return push_to_hub_with_card(self, repo_id, **kwargs)
 
     def _write_card_if_missing(self, tmp_dir: str, final_dir: str) -> None:
         if os.path.exists(os.path.join(final_dir, "README.md")):
