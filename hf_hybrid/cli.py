@@ -160,6 +160,8 @@ def cmd_card(args: argparse.Namespace) -> int:
     from .card import write_model_card
 
     directory = Path(args.dir)
+    if not directory.is_dir():
+        raise CLIError(f"{directory} is not a directory")
     readme = directory / "README.md"
     if readme.exists() and not args.force:
         raise CLIError(f"{readme} exists; pass --force to replace it")
