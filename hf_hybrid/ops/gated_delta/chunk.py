@@ -35,30 +35,53 @@ from hf_hybrid.ops.simple_gla.chunk import (
 from hf_hybrid.ops.varlen import run_varlen
 
 
-def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
-    """(I + a)^-1 for a strictly lower-triangular ``a`` [..., C, C].
+def _diagonal_blocks(x: torch.Tensor, size: int) -> torch.Tensor:
+    """View of the (size x size) diagonal blocks of x [..., n, n] as [..., pairs, size, size] (writable)."""
+    n = x.shape[-1]
+    blocks = x.reshape(*x.shape[:-2], n // size, size, n // size, size).diagonal(dim1=-4, dim2=-2)
+    return blocks.movedim(-1, -3)
 
-    Recursive 2x2 block inversion from 1x1 blocks up: [[T11, 0], [A21, T22]]^-1 has T21 = -T22 A21 T11.
-    log2(C) levels of batched matmuls (no per-row loop, no LAPACK call), differentiable by autograd and
-    torch.compile-friendly; this is the blocked form of forward substitution.
+
+class UnitLowerInverse(torch.autograd.Function):
+    """T = (I + A)^-1 for strictly lower-triangular A [..., C, C]; backward dA = -tril(Tᵀ dT Tᵀ, -1).
+
+    Only the strictly lower triangle of A is read (the diagonal and above may hold anything; their gradient
+    is zero), so callers need not mask it.
+
+    Forward: recursive 2x2 block inversion from 1x1 blocks up, in place: for each diagonal block
+    [[T11, 0], [A21, T22]] the inverse has T21 = -T22 A21 T11. log2(C) levels of batched matmuls, no
+    per-row loop and no LAPACK call; this is the blocked form of forward substitution. The hand-written
+    backward (two matmuls) keeps the log2(C) levels out of the autograd graph.
     """
-    size = a.shape[-1]
-    n = 1 << max(size - 1, 0).bit_length()  # next power of two; zero padding inverts to identity
-    if n != size:
-        a = F.pad(a, (0, n - size, 0, n - size))
-    lead = a.shape[:-2]
-    inv = a.new_ones(*lead, n, 1, 1)  # the n inverted 1x1 diagonal blocks
-    block = 1
-    while block < n:
-        pairs = n // (2 * block)
-        # the (2*block)-sized diagonal blocks of a: (..., pairs, 2b, 2b)
-        diag = a.reshape(*lead, pairs, 2 * block, pairs, 2 * block).diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
-        t11, t22 = inv[..., 0::2, :, :], inv[..., 1::2, :, :]
-        t21 = -(t22 @ diag[..., block:, :block] @ t11)
-        top = torch.cat([t11, torch.zeros_like(t11)], dim=-1)
-        inv = torch.cat([top, torch.cat([t21, t22], dim=-1)], dim=-2)
-        block *= 2
-    return inv[..., 0, :size, :size]
+
+    @staticmethod
+    def forward(ctx, a):
+        size = a.shape[-1]
+        n = 1 << max(size - 1, 0).bit_length()  # next power of two; zero padding inverts to identity
+        a_pad = F.pad(a, (0, n - size, 0, n - size)) if n != size else a
+        inv = torch.zeros_like(a_pad)
+        inv.diagonal(dim1=-2, dim2=-1).fill_(1)
+        block = 1
+        while block < n:
+            t = _diagonal_blocks(inv, 2 * block)  # (..., pairs, 2b, 2b), a view into inv
+            a21 = _diagonal_blocks(a_pad, 2 * block)[..., block:, :block]
+            t[..., block:, :block] = -(t[..., block:, block:] @ a21 @ t[..., :block, :block])
+            block *= 2
+        inv = inv[..., :size, :size]
+        ctx.save_for_backward(inv)
+        return inv
+
+    @staticmethod
+    def backward(ctx, d_inv):
+        (inv,) = ctx.saved_tensors
+        inv_t = inv.transpose(-1, -2)
+        return -(inv_t @ d_inv @ inv_t).tril(-1)
+
+
+def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """(I + tril(a, -1))^-1 for ``a`` [..., C, C]: only the strictly lower triangle is read
+    (see :class:`UnitLowerInverse`)."""
+    return UnitLowerInverse.apply(a)
 
 
 def chunk_gated_delta_rule(
@@ -109,15 +132,17 @@ def chunk_gated_delta_rule(
     q_c = q_c * scale
 
     gamma = causal_decay(g_c)  # (N, NC, C, C): exp(b_i - b_j) for j <= i
-    a = ((beta_c * k_c) @ k_c.transpose(-1, -2) * gamma).tril(-1)
-    t = unit_lower_inverse(a)
+    k_beta = beta_c * k_c
+    t = unit_lower_inverse(k_beta @ k_c.transpose(-1, -2) * gamma)  # reads the strictly lower triangle only
     u_c = t @ (beta_c * v_c)
-    w_c = t @ (beta_c * b[..., None].exp() * k_c)
+    w_c = t @ (k_beta * b[..., None].exp())
     kd = k_c * sum_to_chunk_end(g_c)[..., None].exp()  # keys decayed to the chunk end
     decay = b[..., -1].exp()[..., None, None]  # (N, NC, 1, 1)
 
     s0 = _initial_state(initial_state, batch * heads, dk, dv, q_c)
     states, u, final = chunk_state_scan(u_c, kd, decay, s0, w_c)
-    o = (q_c * b[..., None].exp()) @ states + ((q_c @ k_c.transpose(-1, -2)) * gamma) @ u
+    o_inter = (q_c * b[..., None].exp()) @ states  # reads the state entering the chunk
+    scores = (q_c @ k_c.transpose(-1, -2)) * gamma
+    o = torch.baddbmm(o_inter.flatten(0, 1), scores.flatten(0, 1), u.flatten(0, 1)).view_as(o_inter)
     o = from_chunks(o, batch, length).to(out_dtype)
     return o, (final.view(batch, heads, dk, dv) if output_final_state else None)

@@ -144,9 +144,10 @@ class ChunkStateScan(torch.autograd.Function):
             else:
                 du_c = torch.baddbmm(d_u[:, c], kd[:, c], d_state)
             d_u_total.append(du_c)
-            d_state = d_state * decay[:, c]
-            if d_states is not None:
-                d_state = d_state + d_states[:, c]
+            if d_states is None:
+                d_state = d_state * decay[:, c]
+            else:
+                d_state = torch.addcmul(d_states[:, c], d_state, decay[:, c])
             if w is not None:
                 d_state = torch.baddbmm(d_state, w[:, c].transpose(1, 2), du_c, alpha=-1)
         d_next = torch.stack(d_next[::-1], 1)  # (N, NC, Dk, Dv)
@@ -218,7 +219,9 @@ def chunk_simple_gla(
         decay = b[:, :, -1].exp().reshape(q_c.shape[0], q_c.shape[1], -1, 1)  # (N, NC, Dk or 1, 1)
     s0 = _initial_state(initial_state, batch * heads, dk, dv, q_c)
     states, _, final = chunk_state_scan(v_c, kd, decay, s0)
-    o = q_g @ states + intra_chunk_scores(q_c, k_c, g_c) @ v_c  # (N, NC, C, Dv)
+    o_inter = q_g @ states  # (N, NC, C, Dv)
+    scores = intra_chunk_scores(q_c, k_c, g_c)
+    o = torch.baddbmm(o_inter.flatten(0, 1), scores.flatten(0, 1), v_c.flatten(0, 1)).view_as(o_inter)
     o = from_chunks(o, batch, length).to(q.dtype)
     return o, (final.view(batch, heads, dk, dv) if output_final_state else None)
 
