@@ -224,7 +224,7 @@ class HybridExperts(nn.Module):
     signature; ``@use_experts_implementation`` swaps it for ``batched_mm`` / ``grouped_mm`` when
     ``config._experts_implementation`` names them. The method below is the ``"eager"`` path: sort the S = N*K
     assignments by expert (stable, so token order is kept inside an expert), run one pair of matmuls per expert on
-    its contiguous slice, scale by the routing weight, unsort, and sum the K contributions of each token with a
+    its contiguous chunk, scale by the routing weight, unsort, and sum the K contributions of each token with a
     reshape-sum (deterministic, no atomics). Assignments with weight 0 (capacity drops) are still computed: the
     kernels have no skip mask, and a zero weight already removes them from the output and every gradient.
     """
@@ -256,13 +256,15 @@ class HybridExperts(nn.Module):
         order_S = torch.argsort(expert_S, stable=True)  # assignments grouped by expert
         x_SH = hidden_states[order_S // K]
         counts = torch.bincount(expert_S, minlength=self.num_experts).tolist()  # the one host sync
-        outs, start = [], 0
-        for e, count in enumerate(counts):
-            if count == 0:
+        # split / unbind (not per-expert slicing or indexing): their backward is one cat / stack, where E separate
+        # slices would each materialise a zero gradient of the full [S, H] input or [E, 2I, H] weight.
+        gate_up_E, down_E = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        outs = []
+        for e, x_cH in enumerate(torch.split(x_SH, counts)):
+            if x_cH.shape[0] == 0:
                 continue
-            gate_cI, up_cI = F.linear(x_SH[start : start + count], self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(F.linear(self.act_fn(gate_cI) * up_cI, self.down_proj[e]))
-            start += count
+            gate_cI, up_cI = F.linear(x_cH, gate_up_E[e]).chunk(2, dim=-1)
+            outs.append(F.linear(self.act_fn(gate_cI) * up_cI, down_E[e]))
         y_SH = torch.cat(outs) * top_k_weights.reshape(-1)[order_S].unsqueeze(-1).to(hidden_states.dtype)
         inverse_S = torch.empty_like(order_S)
         inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)

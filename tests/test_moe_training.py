@@ -13,7 +13,6 @@ import torch
 import hf_hybrid
 import hf_hybrid.moe  # noqa: F401  (registers the "moe" MLP)
 from hf_hybrid import HybridConfig, HybridForCausalLM
-from hf_hybrid.mixers.base import MixerContext
 from hf_hybrid.moe import HybridMoE
 from hf_hybrid.moe_training import (
     AuxFreeBiasCallback,
@@ -387,9 +386,15 @@ def test_package_import_exposes_moe():
     assert isinstance(build(moe_config()).model.layers[1].mlp, HybridMoE)
 
 
-def test_ctx_contract_matches_model():
-    """The model puts input_ids in ctx.stats for hash routing; a hash-routed model runs and generates."""
+def test_hash_routing_in_model_uses_the_models_input_ids():
+    """The model puts input_ids in ctx.stats (only the new tokens when decoding); hash routing runs and generates."""
     model = build(moe_config(moe_routing="hash")).eval()
-    out = model.generate(torch.randint(0, 64, (1, 4)), max_new_tokens=3, do_sample=False)
+    prompt = torch.randint(0, 64, (1, 4))
+    out = model.generate(prompt, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, 7)
-    assert MixerContext.__dataclass_fields__["stats"] is not None
+    # prefill + one cached decode step == full forward: the decode step routed by its own token's id
+    pre = model(input_ids=out[:, :-1], use_cache=True)
+    step = model(input_ids=out[:, -1:], past_key_values=pre.past_key_values, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, model(input_ids=out).logits[:, -1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(inputs_embeds=model.get_input_embeddings()(prompt))
