@@ -20,7 +20,6 @@ forward-only calls always, backward where the check passes.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import logging
@@ -39,15 +38,28 @@ _logged: set[str] = set()
 
 
 def log_once(key: str, message: str, level: int = logging.INFO) -> None:
-    """Log ``message`` on the ``hf_hybrid`` logger the first time ``key`` is seen in this process."""
-    if key not in _logged:
-        _logged.add(key)
-        logger.log(level, message)
+    """Log ``message`` on the ``hf_hybrid`` logger the first time ``key`` is seen in this process.
+
+    Silent while torch.compile traces (a logging call would break the graph); eager calls still log.
+    """
+    if torch.compiler.is_compiling() or key in _logged:
+        return
+    _logged.add(key)
+    logger.log(level, message)
 
 
-@functools.cache
+_import_error: list[str | None] = []  # memo of fla_import_error (functools.cache would break tracing)
+
+
+@torch.compiler.assume_constant_result
 def fla_import_error() -> str | None:
-    """None when fla-core's chunk kernels import, else why not (one short sentence)."""
+    """None when fla-core's chunk kernels import, else why not (one short sentence). Checked once."""
+    if not _import_error:
+        _import_error.append(_try_import_fla())
+    return _import_error[0]
+
+
+def _try_import_fla() -> str | None:
     for package in ("triton", "fla"):
         if importlib.util.find_spec(package) is None:
             return f"{package} is not installed" + (" (fla-core)" if package == "fla" else "")
@@ -112,17 +124,23 @@ def fla_refusal(op: str, tensors: tuple[torch.Tensor | None, ...], *, gated: boo
         return error
     q = tensors[0]
     if gated and q.is_cuda and needs_grad(*tensors):
-        import triton
-
-        refusal = gated_backward_refusal(
-            torch.cuda.get_device_capability(q.device),
-            triton.__version__,
-            tilelang_usable=_tilelang_usable(),
-            states_in_q_dtype=op == "gated_delta_rule" or q.dtype == torch.float32,
+        return _gated_backward_refusal_on(
+            q.device.index or 0, op == "gated_delta_rule" or q.dtype == torch.float32
         )
-        if refusal is not None:
-            return refusal
     return None
+
+
+@torch.compiler.assume_constant_result
+def _gated_backward_refusal_on(device_index: int, states_in_q_dtype: bool) -> str | None:
+    """:func:`gated_backward_refusal` for this CUDA device, this Triton and fla's TileLang backend."""
+    import triton
+
+    return gated_backward_refusal(
+        torch.cuda.get_device_capability(device_index),
+        triton.__version__,
+        tilelang_usable=_tilelang_usable(),
+        states_in_q_dtype=states_in_q_dtype,
+    )
 
 
 def resolve_backend(

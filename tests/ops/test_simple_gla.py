@@ -201,7 +201,7 @@ def test_bf16_forward(g_kind):
 
 def test_torch_compile_traces_without_graph_breaks():
     inputs = make_inputs("scalar", length=37, seed=7)
-    compiled = torch.compile(chunk_simple_gla, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(simple_gla, backend="aot_eager", fullgraph=True)  # dispatcher included
     check_all(run(compiled, inputs, chunk_size=16), run(chunk_simple_gla, inputs, chunk_size=16))
 
 

@@ -23,7 +23,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hf_hybrid.ops.gated_delta.naive import check_gated_delta_shapes, l2norm, repeat_heads
+from hf_hybrid.ops.gated_delta.naive import (
+    check_gated_delta_shapes,
+    l2norm,
+    naive_recurrent_gated_delta_rule,
+    repeat_heads,
+)
 from hf_hybrid.ops.simple_gla.chunk import (
     _initial_state,
     causal_decay,
@@ -117,6 +122,10 @@ def chunk_gated_delta_rule(
             output_final_state=output_final_state,
             use_qk_l2norm=use_qk_l2norm,
             chunk_size=chunk_size,
+        )
+    if q.shape[1] == 0:  # no chunk to form: the spec returns the empty output and the untouched state
+        return naive_recurrent_gated_delta_rule(
+            q, k, v, g, beta, scale=scale, initial_state=initial_state, output_final_state=output_final_state
         )
     out_dtype = q.dtype
     batch, length, _, dk = q.shape

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from hf_hybrid.ops.simple_gla.naive import check_simple_gla_shapes, upcast
+from hf_hybrid.ops.simple_gla.naive import check_simple_gla_shapes, naive_recurrent_simple_gla, upcast
 from hf_hybrid.ops.varlen import run_varlen
 
 
@@ -201,6 +201,10 @@ def chunk_simple_gla(
             initial_state=initial_state,
             output_final_state=output_final_state,
             chunk_size=chunk_size,
+        )
+    if q.shape[1] == 0:  # no chunk to form: the spec returns the empty output and the untouched state
+        return naive_recurrent_simple_gla(
+            q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state
         )
     batch, length, heads, dk = q.shape
     dv = v.shape[-1]
