@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput, logging
 
 from . import mixers as _mixers  # noqa: F401  (registers the mixer types)
 from . import mlp as _mlp
+from . import moe as _moe  # noqa: F401  (registers the "moe" MLP type)
 from .cache import HybridCache
 from .configuration_hybrid import RECURRENT_MIXERS, HybridConfig
 from .layers import RMSNorm, rope_inv_freq
@@ -67,6 +68,7 @@ class HybridCausalLMOutput(ModelOutput):
     z_loss: torch.FloatTensor | None = None
     seq_aux_loss: torch.FloatTensor | None = None
     indexer_loss: torch.FloatTensor | None = None
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
     layer_stats: dict[str, Any] | None = None
 
 
@@ -329,7 +331,7 @@ class HybridModel(HybridPreTrainedModel):
         if "sliding_attention" in mixer_set:
             masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
         padding_mask = None
-        if mixer_set & set(RECURRENT_MIXERS) or "dsa" in mixer_set:
+        if mixer_set & set(RECURRENT_MIXERS) or "dsa" in mixer_set or "moe" in config.mlp_types:
             padding_mask = create_recurrent_attention_mask(**mask_kwargs)
             if padding_mask is not None:
                 padding_mask = padding_mask.bool()
@@ -443,17 +445,30 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         model_kwargs = {k: v for k, v in kwargs.items() if k not in loss_kwargs}
         model_kwargs.pop("output_attentions", None)
-        model_kwargs.pop("output_router_logits", None)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            output_hidden_states=output_hidden_states,
-            **model_kwargs,
-        )
+        output_router_logits = model_kwargs.pop("output_router_logits", None)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
+        router_logits: list[torch.Tensor] = []
+        hooks = []
+        if output_router_logits:
+            # Record each router's fp32 logits [tokens, E] in layer order (the aux losses do not need this).
+            for module in self.modules():
+                if isinstance(module, _moe.HybridTopKRouter):
+                    hooks.append(module.register_forward_hook(lambda _m, _i, out: router_logits.append(out[0])))
+        try:
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                inputs_embeds=inputs_embeds,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                **model_kwargs,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
@@ -480,6 +495,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             past_key_values=out.past_key_values,
             hidden_states=out.hidden_states,
             lm_loss=lm_loss,
+            router_logits=tuple(router_logits) if output_router_logits else None,
             layer_stats=out.layer_stats,
             **fields,
         )

@@ -408,7 +408,9 @@ def test_truncated_weights_file_raises(tmp_path):
     path = tmp_path / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(Exception):
+    from safetensors import SafetensorError
+
+    with pytest.raises(SafetensorError, match="file not fully covered|incomplete"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
@@ -419,3 +421,12 @@ def test_save_into_existing_directory_keeps_user_files(tmp_path):
     assert (tmp_path / "README.md").read_text() == "my card"
     assert (tmp_path / "notes.txt").read_text() == "keep me"
     AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_moe_registered_by_import_alone_and_router_logits_output():
+    # `import hf_hybrid` must be enough to build and load an MoE model.
+    model = build(tiny(mlp_types=["dense", "moe"], num_experts=4, num_experts_per_tok=2))
+    ids = torch.randint(0, 64, (2, 6))
+    out = model(ids, output_router_logits=True)
+    assert len(out.router_logits) == 1 and out.router_logits[0].shape == (12, 4)
+    assert model(ids).router_logits is None

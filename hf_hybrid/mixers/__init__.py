@@ -1,7 +1,6 @@
 """Token mixers, one type per file; importing this package registers them in ``MIXER_REGISTRY``."""
 
 import importlib
-import logging
 
 from .base import MIXER_REGISTRY, MixerContext, register_mixer
 
