@@ -124,9 +124,8 @@ def fla_refusal(op: str, tensors: tuple[torch.Tensor | None, ...], *, gated: boo
         return error
     q = tensors[0]
     if gated and q.is_cuda and needs_grad(*tensors):
-        return _gated_backward_refusal_on(
-            q.device.index or 0, op == "gated_delta_rule" or q.dtype == torch.float32
-        )
+        index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+        return _gated_backward_refusal_on(index, op == "gated_delta_rule" or q.dtype == torch.float32)
     return None
 
 
