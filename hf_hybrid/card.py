@@ -201,11 +201,29 @@ def render_model_card(
 
     ``metrics`` (e.g. ``{"eval_perplexity": 12.3}``) are shown with any ``metrics`` in ``config.hf_hybrid_lineage``;
     ``model_id`` is the name used in the loading example (the Hub repo id when pushing)."""
-    report = estimate_cost(config)
-    cost_header, cost_rows = report.table_rows()
+    try:
+        report = estimate_cost(config)
+    except (
+        ValueError
+    ) as err:  # a mixer type without a cost function yet: never block save_pretrained on the card
+        report, cost_error = None, str(err)
+    if report is not None:
+        cost_header, cost_rows = report.table_rows()
+        layer_params = [format_count(layer.params) for layer in report.layers]
+        total = f"{format_count(report.total_params)} ({report.total_params:,})"
+        active = f"{format_count(report.active_params)} ({report.active_params:,})"
+        params_note = "exact count" if report.exact else "from formulas"
+        cost_table = _markdown_table(cost_header, cost_rows)
+        dtype_bytes = report.dtype_bytes
+    else:
+        layer_params = ["?"] * config.num_hidden_layers
+        total = active = "unknown"
+        params_note = "cost not available"
+        cost_table = f"Cost not available: {cost_error}"
+        dtype_bytes = 2
     layer_rows = [
-        f"| {layer.index} | {layer.mixer} | {layer.mlp} | {format_count(layer.params)} |"
-        for layer in report.layers
+        f"| {i} | {mixer} | {mlp} | {n} |"
+        for i, (mixer, mlp, n) in enumerate(zip(config.mixer_types, config.mlp_types, layer_params))
     ]
     lineage = config.hf_hybrid_lineage or {}
     title = config.name_or_path.rstrip("/").split("/")[-1] if model_id is None else model_id.split("/")[-1]
@@ -213,9 +231,8 @@ def render_model_card(
         title = "hf_hybrid model"
     base = lineage.get("base_model")
     summary = (
-        f"A {format_count(report.total_params)}-parameter hybrid decoder "
-        f"({format_count(report.active_params)} active) built with hf-hybrid: "
-        f"{compress_pattern(config.mixer_types)}."
+        f"A hybrid decoder built with hf-hybrid ({total.split(' (')[0]} parameters, "
+        f"{active.split(' (')[0]} active): {compress_pattern(config.mixer_types)}."
     )
     if base:
         summary += f" Derived from `{base}` (recipe: {lineage.get('recipe', 'unknown')})."
@@ -229,11 +246,11 @@ def render_model_card(
         "layer_pattern": compress_pattern(config.mixer_types),
         "mlp_pattern": compress_pattern(config.mlp_types),
         "layer_rows": "\n".join(layer_rows),
-        "total_params": f"{format_count(report.total_params)} ({report.total_params:,})",
-        "active_params": f"{format_count(report.active_params)} ({report.active_params:,})",
-        "params_note": "exact count" if report.exact else "from formulas",
-        "dtype_bytes": str(report.dtype_bytes),
-        "cost_table": _markdown_table(cost_header, cost_rows),
+        "total_params": total,
+        "active_params": active,
+        "params_note": params_note,
+        "dtype_bytes": str(dtype_bytes),
+        "cost_table": cost_table,
         "lineage": _lineage(config, metrics),
         "model_id": model_id or _PLACEHOLDER_ID,
         "version": __version__,

@@ -33,7 +33,9 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
 
 def training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
     """``TrainingArguments`` with ``TRAINING_DEFAULTS`` under ``overrides`` (any ``TrainingArguments`` field)."""
-    return TrainingArguments(output_dir=output_dir, **{**TRAINING_DEFAULTS, **overrides})
+    # Pinned memory only helps (and only works without a warning) when batches go to a GPU.
+    defaults = {**TRAINING_DEFAULTS, "dataloader_pin_memory": torch.cuda.is_available()}
+    return TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
 
 
 def logged_losses(trainer) -> list[float]:

@@ -73,6 +73,17 @@ def test_card_moe_tag_and_local_base_model(tiny_config, tmp_path):
     assert "No lineage recorded" in plain
 
 
+def test_card_without_a_cost_function_still_renders(tiny_config, monkeypatch):
+    from hf_hybrid.cost import COST_FUNCTIONS
+
+    monkeypatch.delitem(
+        COST_FUNCTIONS, "attention"
+    )  # e.g. a new mixer type whose cost function is not written yet
+    text = render_model_card(tiny_config("tiny-attention"))
+    assert "Cost not available" in text and len(_layer_rows(text)) == 2
+    assert parse_front_matter(text)["library_name"] == "hf-hybrid"
+
+
 def test_save_pretrained_writes_card_once(tiny_config, tmp_path):
     model = HybridForCausalLM(tiny_config("tiny-attention"))
     model.save_pretrained(tmp_path / "m")
