@@ -119,6 +119,7 @@ def test_import_matches_source_logits(arch, tmp_path):
 
 def test_import_keeps_or_casts_dtype(tmp_path):
     src = _save_source(CASES["qwen3"](), tmp_path / "src", dtype=torch.bfloat16)
+    (src / "README.md").write_text("---\nlicense: apache-2.0\n---\n# source card\n")
     dst = import_dense(src, tmp_path / "kept")
     with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
@@ -126,7 +127,8 @@ def test_import_keeps_or_casts_dtype(tmp_path):
     with safe_open(str(dst32 / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("model.layers.0.mixer.q_norm.weight").dtype == torch.float32
     # a Hub-like base model name goes into the card's metadata
-    assert parse_front_matter((dst32 / "README.md").read_text())["base_model"] == "Qwen/Qwen3-0.6B"
+    meta = parse_front_matter((dst32 / "README.md").read_text())
+    assert meta["base_model"] == "Qwen/Qwen3-0.6B" and meta["license"] == "apache-2.0"  # the source's licence
     ids = torch.randint(0, 300, (1, 24))
     assert _max_abs_diff(src, dst32, ids) <= TOL
 
