@@ -1,0 +1,333 @@
+"""Dense attention → DeepSeek Sparse Attention (DSA) by conversion plus continued training (DESIGN.md §5).
+
+    hf-hybrid convert-dsa SRC DST --index-topk 256 [--index-heads 8] [--index-head-dim 64] [--layers 0,2]
+                          [--selector indexer|structured] [--mode dense|dense_warmup|sparse] [--seed 0]
+
+The chosen ``attention`` layers become ``dsa`` layers with ``dsa_base="attention"`` (GQA), or the chosen ``mla``
+layers become ``dsa`` layers with ``dsa_base="mla"`` (DeepSeek-V3.2's layout). A DSA layer is its base mixer plus
+``indexer.*`` (``hf_hybrid/mixers/dsa.py``), so the conversion copies every weight under the same name and adds
+fresh indexers, initialised by the model's own ``_init_weights`` (seeded by ``seed``). One ``dsa_base`` applies
+to every DSA layer of a model (it is one config field), so a selection that mixes attention and MLA layers is
+refused; so are sliding-window layers (DSA attends over the whole causal past, which would change their function).
+
+Saved mode: ``dsa_mode="dense"`` by default. The indexer is untrained, so ``"sparse"`` would cut attention with a
+random selection (a worse model than the source at any context beyond ``index_topk``), and ``"dense_warmup"`` is a
+training mode (its training loss is the indexer KL alone — a surprise for anyone who loads the checkpoint to
+fine-tune it). ``"dense"`` computes exactly the source's function at every length and leaves the choice to the
+training recipe, which sets the mode per stage (``recipes/dsa``: dense warm-up, then sparse training; the recipe
+saves the final model in ``"sparse"`` mode). With ``index_topk`` ≥ the context, ``"sparse"`` also equals the
+source (tests check fp32 logits within 1e-5 for both bases).
+
+:func:`set_dsa_mode` and :func:`set_collect_metrics` switch a loaded model between stages and turn on the recall /
+attention-mass statistics of the DSA mixers; :func:`freeze_all_but_indexers` is the warm-up's freezing rule.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..configuration_hybrid import HybridConfig
+from .upcycle import (
+    _as_dtype,
+    check_dst,
+    cost_line,
+    derived_lineage,
+    load_source,
+    parse_layers,
+    source_config,
+    write_checkpoint,
+)
+
+DSA_BASES = {"attention": "attention", "mla": "mla"}  # mixer type -> dsa_base
+SELECTORS = ("indexer", "structured")
+MODES = ("dense", "dense_warmup", "sparse")
+
+
+def check_convert(
+    config: HybridConfig,
+    *,
+    index_topk: int,
+    index_heads: int | None = None,
+    index_head_dim: int | None = None,
+    layers: list[int] | tuple[int, ...] | None = None,
+    selector: str = "indexer",
+    mode: str = "dense",
+) -> tuple[list[int], str]:
+    """Validate a conversion of ``config``; return ``(layers, dsa_base)``. Raises ``ValueError``; writes nothing."""
+    for name, value, allow_none in (("index_topk", index_topk, False), ("index_heads", index_heads, True),
+                                    ("index_head_dim", index_head_dim, True)):
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"convert-dsa: {name}={value!r} must be a positive integer")
+    if selector not in SELECTORS:
+        raise ValueError(f"convert-dsa: selector={selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
+    if mode not in MODES:
+        raise ValueError(f"convert-dsa: mode={mode!r} is not known; choose one of: {', '.join(MODES)}")
+    types = config.mixer_types
+    n = len(types)
+    if "dsa" in types:
+        have = [i for i, t in enumerate(types) if t == "dsa"]
+        raise ValueError(
+            f"convert-dsa: the source already has DSA layers ({have}); the index_* settings are global in "
+            "HybridConfig, so convert-dsa starts from a model without DSA layers"
+        )
+    convertible = [i for i, t in enumerate(types) if t in DSA_BASES]
+    if layers is None:
+        if not convertible:
+            sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
+            extra = f" (layers {sliding} are sliding-window attention, which DSA cannot replace exactly)" if sliding else ""
+            raise ValueError(
+                f"convert-dsa: the source has no full attention or MLA layers to convert (mixer_types={types}){extra}"
+            )
+        layers = convertible
+    else:
+        layers = sorted(set(layers))
+        if not layers:
+            raise ValueError("convert-dsa: layers is empty; give layer indices or None for every attention/MLA layer")
+        for i in layers:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"convert-dsa: layer index {i!r} must be an integer")
+        bad = [i for i in layers if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"convert-dsa: layers {bad} do not exist; the model has layers 0..{n - 1}")
+        wrong = [(i, types[i]) for i in layers if types[i] not in DSA_BASES]
+        if wrong:
+            raise ValueError(
+                "convert-dsa: only full 'attention' and 'mla' layers can become DSA layers; "
+                + ", ".join(f"layer {i} is {t!r}" for i, t in wrong)
+                + (f"; convertible layers: {convertible}" if convertible else "")
+            )
+    bases = sorted({types[i] for i in layers})
+    if len(bases) > 1:
+        by_base = {b: [i for i in layers if types[i] == b] for b in bases}
+        raise ValueError(
+            f"convert-dsa: the chosen layers mix bases {by_base}; one dsa_base applies to every DSA layer of a model, "
+            "so convert either the attention layers or the MLA layers (pass --layers)"
+        )
+    return layers, DSA_BASES[bases[0]]
+
+
+def converted_config(
+    config: HybridConfig,
+    layers: list[int],
+    base: str,
+    *,
+    index_topk: int,
+    index_heads: int | None = None,
+    index_head_dim: int | None = None,
+    selector: str = "indexer",
+    mode: str = "dense",
+) -> HybridConfig:
+    """``config`` with ``layers`` turned into DSA layers (a new object); unset index sizes keep the config defaults."""
+    d = config.to_dict()
+    d.pop("layer_types", None)  # derived from mixer_types
+    d.update(
+        mixer_types=["dsa" if i in layers else t for i, t in enumerate(config.mixer_types)],
+        dsa_base=base,
+        index_topk=index_topk,
+        dsa_selector=selector,
+        dsa_mode=mode,
+    )
+    if index_heads is not None:
+        d["index_n_heads"] = index_heads
+    if index_head_dim is not None:
+        d["index_head_dim"] = index_head_dim
+    new = HybridConfig.from_dict(d)
+    new._attn_implementation = config._attn_implementation
+    return new
+
+
+def convert_model_to_dsa(
+    model,
+    *,
+    index_topk: int,
+    index_heads: int | None = None,
+    index_head_dim: int | None = None,
+    layers: list[int] | tuple[int, ...] | None = None,
+    selector: str = "indexer",
+    mode: str = "dense",
+    seed: int = 0,
+):
+    """Convert an in-memory ``HybridForCausalLM`` (left untouched): a new model with copies of every weight and fresh
+    indexers from the model's ``_init_weights`` (``torch.manual_seed(seed)`` around the build; the global RNG state
+    is restored afterwards)."""
+    from ..modeling_hybrid import HybridForCausalLM
+
+    options = dict(index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim, layers=layers,
+                   selector=selector, mode=mode)
+    chosen, base = check_convert(model.config, **options)
+    new_config = converted_config(model.config, chosen, base, **{k: v for k, v in options.items() if k != "layers"})
+    param = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = HybridForCausalLM(new_config)  # every weight initialised by _init_weights; indexers keep theirs
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result = new.load_state_dict(state, strict=False)
+    not_indexer = [k for k in result.missing_keys if ".indexer." not in k]
+    if not_indexer or result.unexpected_keys:
+        raise RuntimeError(f"internal error: converted model does not match the source: {result}")
+    indexers = sorted({k.split(".indexer.")[0] for k in result.missing_keys})
+    if len(indexers) != len(chosen):
+        raise RuntimeError(f"internal error: expected fresh indexers in layers {chosen}, got {indexers}")
+    new = new.to(device=param.device, dtype=param.dtype)
+    new.train(model.training)
+    new.config.hf_hybrid_lineage = derived_lineage(
+        dict(model.config.hf_hybrid_lineage or {}), None, "convert-dsa",
+        {**options, "layers": chosen, "dsa_base": base, "seed": seed,
+         "index_n_heads": new_config.index_n_heads, "index_head_dim": new_config.index_head_dim},
+    )
+    return new
+
+
+def convert_to_dsa(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    index_topk: int,
+    index_heads: int | None = None,
+    index_head_dim: int | None = None,
+    layers: list[int] | tuple[int, ...] | None = None,
+    selector: str = "indexer",
+    mode: str = "dense",
+    seed: int = 0,
+    dtype: torch.dtype | str | None = None,
+) -> Path:
+    """Convert the checkpoint ``src`` (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) to DSA and
+    save it to ``dst`` (see the module docstring). Every check runs before anything is written. Returns ``dst``."""
+    check_dst(dst)
+    config, _ = source_config(src)
+    check_convert(config, index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim,
+                  layers=layers, selector=selector, mode=mode)
+    out_dtype = _as_dtype(dtype) if dtype is not None else None
+    model, source_dtype = load_source(src, dtype=torch.float32)
+    new = convert_model_to_dsa(model, index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim,
+                               layers=layers, selector=selector, mode=mode, seed=seed)
+    lineage = new.config.hf_hybrid_lineage
+    lineage.setdefault("base_model", os.fspath(src))
+    lineage["source"] = os.fspath(src)
+    return write_checkpoint(new, dst, src=src, dtype=out_dtype or source_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# stage helpers
+
+
+def dsa_mixers(model: nn.Module) -> list[nn.Module]:
+    """The DSA mixers of ``model`` (anything with an ``indexer`` and ``collect_metrics``), in layer order."""
+    from ..mixers.dsa import DSAOnAttention, DSAOnMLA
+
+    return [m for m in model.modules() if isinstance(m, (DSAOnAttention, DSAOnMLA))]
+
+
+def set_dsa_mode(model: nn.Module, mode: str) -> None:
+    """Switch every DSA layer of ``model`` to ``mode`` (``dense`` | ``dense_warmup`` | ``sparse``). The mixers read
+    the mode from the config object they share with the model, so this sets ``model.config.dsa_mode`` and checks
+    that they really share it."""
+    if mode not in MODES:
+        raise ValueError(f"dsa_mode={mode!r} is not known; choose one of: {', '.join(MODES)}")
+    config = model.config
+    mixers = dsa_mixers(model)
+    if not mixers:
+        raise ValueError("set_dsa_mode: the model has no DSA layers")
+    for m in mixers:
+        if m.config is not config:
+            m.config.dsa_mode = mode  # a copied config (e.g. after deepcopy of a submodule): keep them in step
+    config.dsa_mode = mode
+
+
+def set_collect_metrics(model: nn.Module, on: bool = True) -> None:
+    """Turn on (off) the recall@k / attention-mass statistics of every DSA layer (``layer_stats["dsa_recall"]``,
+    ``layer_stats["dsa_mass"]``, one value per layer and forward)."""
+    for m in dsa_mixers(model):
+        m.collect_metrics = on
+
+
+def freeze_all_but_indexers(model: nn.Module) -> tuple[int, int]:
+    """DeepSeek's dense warm-up: every parameter frozen (``requires_grad=False``) except the indexers'.
+    Returns ``(trainable, frozen)`` parameter counts."""
+    trainable = frozen = 0
+    for name, p in model.named_parameters():
+        on = ".indexer." in name
+        p.requires_grad_(on)
+        trainable += p.numel() if on else 0
+        frozen += 0 if on else p.numel()
+    if trainable == 0:
+        raise ValueError("freeze_all_but_indexers: the model has no indexer parameters")
+    return trainable, frozen
+
+
+def unfreeze_all(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def run_convert_cli(args: argparse.Namespace) -> int:
+    """``hf-hybrid convert-dsa``: see the module docstring."""
+    before, _ = source_config(args.src)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dst = convert_to_dsa(
+            args.src, args.dst, index_topk=args.index_topk, index_heads=args.index_heads,
+            index_head_dim=args.index_head_dim, layers=args.layers, selector=args.selector, mode=args.mode,
+            seed=args.seed, dtype=args.dtype,
+        )
+    after = HybridConfig.from_pretrained(str(dst))
+    options: dict[str, Any] = (after.hf_hybrid_lineage or {}).get("options", {})
+    print(f"converted {args.src} -> {dst}: layers {options.get('layers')} -> dsa (base {after.dsa_base}), "
+          f"top-k {after.index_topk}, indexer {after.index_n_heads}×{after.index_head_dim}, saved in mode "
+          f"{after.dsa_mode!r}")
+    print(f"  before: {cost_line(before)}")
+    print(f"  after:  {cost_line(after)}")
+    if after.dsa_mode == "dense":
+        print("  next: train the indexers (recipes/dsa: dense warm-up, then sparse training)")
+    return 0
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add ``convert-dsa`` to an ``argparse`` subparsers object (handler: ``args.func(args) -> exit code``)."""
+    p = subparsers.add_parser(
+        "convert-dsa",
+        help="turn attention or MLA layers into DeepSeek Sparse Attention layers (fresh indexers)",
+        description="Convert the attention (or MLA) layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported "
+        "on the way) into DSA layers with fresh lightning indexers. Saved in dsa_mode 'dense' (the source's "
+        "function) by default: train the indexers with recipes/dsa before switching to 'sparse'.",
+    )
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
+    p.add_argument("--index-topk", type=int, required=True, help="k: keys each query attends to")
+    p.add_argument("--index-heads", type=int, default=None, help="indexer heads (default: the config's index_n_heads)")
+    p.add_argument("--index-head-dim", type=int, default=None, help="indexer head dim (default: the config's)")
+    p.add_argument("--layers", type=parse_layers, default=None,
+                   help="comma-separated layers (default: every full attention or MLA layer)")
+    p.add_argument("--selector", choices=SELECTORS, default="indexer")
+    p.add_argument("--mode", choices=MODES, default="dense", help="dsa_mode to save (default dense; see --help text)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the indexers' initialisation")
+    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    p.set_defaults(func=run_convert_cli)
+    return p
+
+
+__all__ = [
+    "convert_to_dsa",
+    "convert_model_to_dsa",
+    "check_convert",
+    "converted_config",
+    "set_dsa_mode",
+    "set_collect_metrics",
+    "freeze_all_but_indexers",
+    "unfreeze_all",
+    "dsa_mixers",
+    "register_cli",
+]
