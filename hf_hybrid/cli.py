@@ -94,11 +94,10 @@ def resolve_config(spec: str):
         model_type = data.get("model_type", "hf_hybrid") if isinstance(data, dict) else None
         if model_type == "hf_hybrid":
             return HybridConfig.from_dict(data)
-        from .convert.import_dense import SUPPORTED, _config_kwargs, _source_config
+        from .convert.import_dense import SUPPORTED, dense_to_hybrid_config
 
         if model_type in SUPPORTED and path.name == "config.json":
-            source = _source_config(path.parent, data)
-            return HybridConfig(**_config_kwargs(path.parent, model_type, source, data))
+            return dense_to_hybrid_config(path.parent)
         raise CLIError(
             f"{path}: model_type={model_type!r} is neither hf_hybrid nor importable ({', '.join(SUPPORTED)})"
         )

@@ -330,6 +330,18 @@ def _source_license(src: Path) -> str | None:
     return license_ if isinstance(license_, str) else None
 
 
+def dense_to_hybrid_config(src_dir: str | os.PathLike):
+    """The ``HybridConfig`` an import of ``src_dir`` would produce, from its config.json alone (no weights read)."""
+    from ..configuration_hybrid import HybridConfig
+
+    src = Path(src_dir)
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{src} has no config.json: not a transformers checkpoint")
+    raw = json.loads(config_path.read_text())
+    return HybridConfig(**_config_kwargs(src, raw.get("model_type"), _source_config(src, raw), raw))
+
+
 def import_dense(
     src_dir: str | os.PathLike,
     dst_dir: str | os.PathLike,
@@ -405,4 +417,11 @@ def import_dense(
     return dst
 
 
-__all__ = ["import_dense", "plan_import", "ImportPlan", "UnsupportedCheckpointError", "SUPPORTED"]
+__all__ = [
+    "import_dense",
+    "plan_import",
+    "dense_to_hybrid_config",
+    "ImportPlan",
+    "UnsupportedCheckpointError",
+    "SUPPORTED",
+]
