@@ -1,7 +1,10 @@
 """The main job: train a small hybrid from scratch on local text with ``transformers.Trainer``.
 
     python recipes/main/train.py --config recipes/main/tiny.yaml [--max-steps 5] [--output-dir DIR]
-    accelerate launch --num_processes 2 recipes/main/train.py --config recipes/main/tiny.yaml   # DDP
+    accelerate launch --multi_gpu --num_processes 2 recipes/main/train.py --config recipes/main/tiny.yaml  # DDP
+
+(On CPU, ``--multi_gpu`` still works: torchrun + gloo; ``--cpu`` alone starts one process, accelerate needs mpirun
+for multi-CPU.)
 
 Steps: read the YAML (``model`` = HybridConfig arguments, ``data``, ``training`` = TrainingArguments fields), train a
 byte-level BPE on the training split, print the design's cost, train, report held-out perplexity before and after,
