@@ -9,7 +9,6 @@ for multi-CPU.)
 Steps: read the YAML (``model`` = HybridConfig arguments, ``data``, ``training`` = TrainingArguments fields), train a
 byte-level BPE on the training split, print the design's cost, train, report held-out perplexity before and after,
 generate a sample, and save model + tokenizer + model card (with the metrics as lineage) to ``output_dir``.
-Mixer types this installation does not register are replaced as the YAML's ``fallback_mixers`` says (printed).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.cli import config_kwargs_from_mapping
 from hf_hybrid.cost import estimate_cost
 from hf_hybrid.data import build_lm_datasets, load_text_splits, train_tokenizer
-from hf_hybrid.mixers import MIXER_REGISTRY
 from hf_hybrid.training import evaluate_perplexity, generate_sample, logged_losses, training_arguments
 
 
@@ -45,27 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--source", default=None, choices=["auto", "shakespeare", "pydoc"], help="override data.source"
     )
     return p.parse_args(argv)
-
-
-def substitute_mixers(kwargs: dict[str, Any], fallbacks: dict[str, str], log) -> dict[str, Any]:
-    """Replace mixer types that are not registered here (e.g. a kernel-less install) by the YAML's fallbacks."""
-    config = HybridConfig(**kwargs)
-    missing = sorted({m for m in config.mixer_types if m not in MIXER_REGISTRY})
-    if not missing:
-        return kwargs
-    unknown = [m for m in missing if fallbacks.get(m) not in MIXER_REGISTRY]
-    if unknown:
-        raise SystemExit(
-            f"mixer type(s) {unknown} are not available and have no usable fallback_mixers entry"
-        )
-    for m in missing:
-        log(f"note: mixer {m!r} is not registered in this installation; using {fallbacks[m]!r} instead")
-    kwargs = {k: v for k, v in kwargs.items() if k != "mixer_pattern"}
-    kwargs["mixer_types"] = [fallbacks.get(m, m) for m in config.mixer_types]
-    kwargs["mlp_types"] = list(config.mlp_types)
-    kwargs.pop("mlp_pattern", None)
-    kwargs.pop("first_k_dense", None)
-    return kwargs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -106,7 +83,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- model -------------------------------------------------------------------------------------------------
     model_kwargs = config_kwargs_from_mapping(recipe.get("model") or {}, source=args.config)
-    model_kwargs = substitute_mixers(model_kwargs, recipe.get("fallback_mixers") or {}, log)
     eos = tokenizer.eos_token_id
     config = HybridConfig(
         **{
