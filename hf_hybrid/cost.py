@@ -191,6 +191,10 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         hi = di = 0
         kept = config.dsa_local_window + config.dsa_global_tokens
     dense = config.dsa_mode != "sparse"
+    if config.dsa_mode == "dense" and hi:
+        # mode "dense" runs the base mixer alone (mixers/dsa.py): no indexer scores over the context, no indexer keys
+        # cached (the indexer's weights are still counted, as they are in the model).
+        cache, hi = cache - di, 0
     attend = _attention_flops(heads, qk, v, None)
 
     def flops(context: int) -> float:
