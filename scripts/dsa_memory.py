@@ -1,14 +1,15 @@
 """Peak CPU memory and time of one DSA layer (sparse, top-k) against its dense base and transformers' ``deepseek_v32``.
 
     OMP_NUM_THREADS=1 python scripts/dsa_memory.py [--seq-len 4096] [--hidden 256] [--topk 256] [--modes fwd,train]
-                                                  [--variants all] [--json out.json]
+                                                  [--variants all] [--repeats 3] [--json out.json]
 
 Each (variant, mode) runs in a fresh subprocess that builds a one-layer causal LM (embedding, one decoder layer with
 a dense SwiGLU, norm, a 256-token LM head: everything but the attention is small and the same across variants),
 runs it once at a short length (lazy initialisation, kernels), then once at ``--seq-len`` (batch 1). Reported:
 ``peak`` = the growth of the process's peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) during
 the measured pass over what it was before, i.e. the memory that pass needed beyond the model and the short run, and
-the wall time of that pass. ``fwd``: forward under ``no_grad``; ``train``: forward + backward of the LM loss.
+the wall time of that pass; the table shows the median over ``--repeats`` fresh processes (CPU timings on a shared
+machine are noisy). ``fwd``: forward under ``no_grad``; ``train``: forward + backward of the LM loss.
 
 Variants (hidden 256, 8 heads):
 - ``attention``: hf_hybrid GQA attention (8 query / 2 KV heads, head dim 32), SDPA.
@@ -26,6 +27,7 @@ import gc
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -106,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=256)
     p.add_argument("--modes", default="fwd,train")
     p.add_argument("--variants", default="all", help=f"comma-separated subset of {','.join(VARIANTS)}")
+    p.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement; the median is shown")
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -128,30 +131,40 @@ def main(argv: list[str] | None = None) -> int:
         for variant in variants:
             cmd = [sys.executable, __file__, "--child", variant, mode, "--seq-len", str(args.seq_len),
                    "--hidden", str(args.hidden), "--topk", str(args.topk)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                last = (proc.stderr.strip().splitlines() or ["?"])[-1]
-                print(f"{variant} {mode}: failed ({last})", file=sys.stderr)
-                rows.append({"variant": variant, "mode": mode, "error": last})
+            runs, error = [], None
+            for _ in range(max(1, args.repeats)):
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    error = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    break
+                runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            if error is not None:
+                print(f"{variant} {mode}: failed ({error})", file=sys.stderr)
+                rows.append({"variant": variant, "mode": mode, "error": error})
                 continue
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
+            row = dict(runs[0])
+            row["peak_mib"] = statistics.median(r["peak_mib"] for r in runs)
+            row["seconds"] = statistics.median(r["seconds"] for r in runs)
+            row["runs"] = [{"peak_mib": r["peak_mib"], "seconds": r["seconds"]} for r in runs]
             rows.append(row)
-            print(f"{variant:14s} {mode:5s} peak +{row['peak_mib']:8.1f} MiB  {row['seconds']:7.3f} s", flush=True)
+            print(f"{variant:14s} {mode:5s} peak +{row['peak_mib']:8.1f} MiB  {row['seconds']:7.3f} s  (median of "
+                  f"{len(runs)})", flush=True)
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
     print(f"\nT={args.seq_len}, batch 1, hidden {args.hidden}, top-k {args.topk}, fp32, CPU, OMP_NUM_THREADS={threads}; "
           "peak = growth of ru_maxrss during the pass")
-    print("| variant | mode | peak memory (MiB) | time (s) | vs dense base (memory) |")
-    print("|---|---|---:|---:|---:|")
+    print("| variant | mode | peak memory (MiB) | time (s) | memory vs hf_hybrid dense base | time vs base |")
+    print("|---|---|---:|---:|---:|---:|")
     by_key = {(r["variant"], r["mode"]): r for r in rows if "error" not in r}
     for r in rows:
         if "error" in r:
-            print(f"| {r['variant']} | {r['mode']} | failed | | |")
+            print(f"| {r['variant']} | {r['mode']} | failed | | | |")
             continue
         base = {"dsa-attention": "attention", "dsa-mla": "mla", "deepseek_v32": "mla"}.get(r["variant"])
         ref = by_key.get((base, r["mode"])) if base else None
-        ratio = f"{r['peak_mib'] / ref['peak_mib']:.2f}×" if ref and ref["peak_mib"] > 0 else ""
-        print(f"| {r['variant']} | {r['mode']} | {r['peak_mib']:.1f} | {r['seconds']:.3f} | {ratio} |")
+        mem = f"{r['peak_mib'] / ref['peak_mib']:.2f}×" if ref and ref["peak_mib"] > 0 else ""
+        tim = f"{r['seconds'] / ref['seconds']:.2f}×" if ref and ref["seconds"] > 0 else ""
+        print(f"| {r['variant']} | {r['mode']} | {r['peak_mib']:.1f} | {r['seconds']:.3f} | {mem} | {tim} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

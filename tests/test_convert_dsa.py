@@ -182,6 +182,24 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
     assert not (tmp_path / "bad").exists()
 
 
+def test_cost_of_the_converted_model():
+    """Saved in mode "dense" the DSA layer costs its base (plus the indexer's own projections); in sparse mode the
+    attention covers at most k keys and the indexer scans every key."""
+    from hf_hybrid.cost import estimate_cost
+
+    src = source("attention").config
+    dsa = convert_model_to_dsa(source("attention"), index_topk=16).config
+    sparse = HybridConfig.from_dict({**dsa.to_dict(), "dsa_mode": "sparse"})
+    c = 8192
+    base, dense_mode, sparse_mode = (estimate_cost(x, contexts=(c,)) for x in (src, dsa, sparse))
+    projections = 2 * 3 * (32 * 2 * 8 + 32 * 8 + 32 * 2)  # 3 layers: wq, wk, weights_proj per token
+    assert dense_mode.flops_per_token(c) == base.flops_per_token(c) + projections
+    assert dense_mode.cache_bytes(c) == base.cache_bytes(c)
+    assert sparse_mode.flops_per_token(c) < base.flops_per_token(c)
+    assert sparse_mode.cache_bytes(c) > base.cache_bytes(c)  # indexer keys
+    assert dense_mode.total_params == sparse_mode.total_params > base.total_params
+
+
 # ---- training stages and metrics --------------------------------------------------------------------------------------
 
 
@@ -244,6 +262,7 @@ def test_metrics_are_recorded_and_perfect_when_k_covers_the_context():
     assert full["recall_at_k"] == pytest.approx(1.0) and full["attention_mass"] == pytest.approx(1.0, abs=1e-5)
     dense = recipe.measure(source("attention"), data, topk=None)
     assert full["eval_loss"] == pytest.approx(dense["eval_loss"], abs=1e-5)
+    assert full["dense_attention_eval_loss"] == pytest.approx(dense["eval_loss"], abs=1e-6)
     sparse = recipe.measure(model, data, topk=4)
     assert 0 < sparse["recall_at_k"] < 1 and 0 < sparse["attention_mass"] < 1
     assert sparse["recall_at_k_past_k"] < sparse["recall_at_k"]
@@ -298,9 +317,16 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tmp_path):
 
 @pytest.mark.slow
 def test_real_checkpoint_converts_exactly_at_full_context(shakespeare_checkpoint):
+    """At T = 1024 the real model's logits reach ~20, where fp32 rounding alone is ~1e-5 after six layers: the source's
+    own eager and SDPA attention already differ by that much. The bound is therefore that floor (2×), measured here,
+    not a tolerance widened until green; the tiny-model tests above hold 1e-5 absolute."""
     from hf_hybrid.convert.upcycle import load_source
 
     dense, _ = load_source(shakespeare_checkpoint, dtype=torch.float32)
     dsa = convert_model_to_dsa(dense, index_topk=1024, mode="sparse").eval()
     ids = torch.randint(0, 4096, (1, 1024))
-    torch.testing.assert_close(logits(dsa, ids), logits(dense, ids), atol=ATOL, rtol=0)
+    ref = logits(dense, ids)
+    dense.config._attn_implementation = "eager"
+    floor = (logits(dense, ids) - ref).abs().max().item()
+    assert floor < 2e-5
+    assert (logits(dsa, ids) - ref).abs().max().item() <= 2 * max(floor, ATOL)

@@ -410,13 +410,22 @@ def test_upcycle_keeps_the_source_dtype_and_tokenizer(tmp_path):
 
 
 def test_real_checkpoint_upcycles_exactly(shakespeare_checkpoint, tmp_path):
+    """The real model's logits reach ~20, where fp32 rounding of the same maths in another order is already ~1e-5 (its
+    own eager vs SDPA attention differ by that much): the bound is 1e-5 or twice that measured floor."""
     from hf_hybrid.convert.upcycle import load_source
 
     dense, source_dtype = load_source(shakespeare_checkpoint, dtype=torch.float32)
     assert source_dtype == torch.bfloat16
     moe = quiet_upcycle(dense, num_experts=4, top_k=2, granularity=2, shared_expert=True)
+    torch.manual_seed(0)
     ids = torch.randint(0, 4096, (1, 64))
-    assert max_diff(moe, dense, ids) < ATOL
+    with torch.no_grad():
+        ref = dense(ids).logits
+        dense.config._attn_implementation = "eager"
+        floor = (dense(ids).logits - ref).abs().max().item()
+        dense.config._attn_implementation = "sdpa"
+    assert floor < 2e-5
+    assert max_diff(moe, dense, ids) <= max(ATOL, 2 * floor)
 
 
 def load_recipe():

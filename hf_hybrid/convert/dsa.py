@@ -181,8 +181,8 @@ def convert_model_to_dsa(
     new.train(model.training)
     new.config.hf_hybrid_lineage = derived_lineage(
         dict(model.config.hf_hybrid_lineage or {}), None, "convert-dsa",
-        {**options, "layers": chosen, "dsa_base": base, "seed": seed,
-         "index_n_heads": new_config.index_n_heads, "index_head_dim": new_config.index_head_dim},
+        {"layers": chosen, "dsa_base": base, "index_topk": index_topk, "index_n_heads": new_config.index_n_heads,
+         "index_head_dim": new_config.index_head_dim, "selector": selector, "mode": mode, "seed": seed},
     )
     return new
 
@@ -289,8 +289,10 @@ def run_convert_cli(args: argparse.Namespace) -> int:
           f"top-k {after.index_topk}, indexer {after.index_n_heads}×{after.index_head_dim}, saved in mode "
           f"{after.dsa_mode!r}")
     print(f"  before: {cost_line(before)}")
-    print(f"  after:  {cost_line(after)}")
-    if after.dsa_mode == "dense":
+    print(f"  after:  {cost_line(after)} (dsa_mode {after.dsa_mode!r})")
+    if after.dsa_mode != "sparse":
+        sparse = HybridConfig.from_dict({**after.to_dict(), "dsa_mode": "sparse"})
+        print(f"  sparse: {cost_line(sparse)} (once the indexers are trained)")
         print("  next: train the indexers (recipes/dsa: dense warm-up, then sparse training)")
     return 0
 

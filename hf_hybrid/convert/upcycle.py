@@ -581,12 +581,13 @@ def parse_layers(text: str | None) -> tuple[int, ...] | None:
         ) from None
 
 
-def cost_line(config: HybridConfig) -> str:
-    from ..cost import estimate_cost, format_count
+def cost_line(config: HybridConfig, contexts: tuple[int, ...] = (4096, 131072)) -> str:
+    from ..cost import estimate_cost, format_count, format_tokens
 
-    report = estimate_cost(config, contexts=(4096,))
-    return (f"total {format_count(report.total_params)}, active {format_count(report.active_params)}, "
-            f"{format_count(report.flops_per_token(4096))} FLOPs/token @4K")
+    report = estimate_cost(config, contexts=contexts)
+    flops = ", ".join(f"{format_count(report.flops_per_token(c))} @{format_tokens(c)}" for c in contexts)
+    return (f"total {format_count(report.total_params)}, active {format_count(report.active_params)} params; "
+            f"FLOPs/token {flops}")
 
 
 def run_upcycle_cli(args: argparse.Namespace) -> int:
@@ -598,7 +599,7 @@ def run_upcycle_cli(args: argparse.Namespace) -> int:
         router_init_std=args.router_init_std, group_limited=args.group_limited, seed=args.seed,
     )
     before, _ = source_config(args.src)
-    for note in UpcycleOptions(**{**opts, "layers": opts["layers"]}).notes(before):
+    for note in UpcycleOptions(**opts).notes(before):
         print(f"note: {note}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # printed above

@@ -20,7 +20,9 @@ Measured before warm-up, after warm-up and after the sparse stage, for each k, o
 (sparse): indexer recall@k against the top-k of the true head-summed attention and the attention mass inside the
 selected set (the DSA mixers' ``collect_metrics``; averaged over layers and queries, and also over the queries that
 see more than k keys — the first k queries of a block keep every key, so they score 1 by construction), and the
-held-out perplexity of the sparse model against the dense source at the same context. Printed as a table, logged
+held-out perplexity of the sparse model against the dense source at the same context, and of the same weights with
+dense attention (the sparse stage is also continued LM training — here at a longer context than the toy source was
+trained on — so this column separates the cost of the selection from the gain of the training). Printed as a table, logged
 through the Trainer (``log_history``) and written to ``metrics.json``; each final model is saved in ``"sparse"`` mode
 with its lineage and metrics in the model card.
 """
@@ -122,40 +124,56 @@ def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, 
 
 
 @torch.no_grad()
-def measure(model, eval_ds: PackedBlocks, *, topk: int | None, batch_size: int = 1,
-            dsa_metrics: bool = True) -> dict[str, float]:
-    """Held-out LM loss / perplexity (eval mode), and for DSA models in sparse mode at ``topk``: recall@k and attention
-    mass in the selection, averaged over layers and queries (``*_past_k``: over queries that see more than k keys)."""
-    was_training = model.training
-    model.eval()
-    has_dsa = "dsa" in model.config.mixer_types
-    if has_dsa:
-        saved = (model.config.dsa_mode, model.config.index_topk)
-        set_dsa_mode(model, "sparse")
-        model.config.index_topk = topk
-        set_collect_metrics(model, dsa_metrics)
+def held_out_pass(model, eval_ds: PackedBlocks, batch_size: int) -> tuple[float, dict[str, list[float]]]:
+    """Token-weighted mean LM loss over the held-out blocks (eval mode) and the per-forward layer means of the DSA
+    statistics the model recorded (empty unless ``collect_metrics`` is on)."""
     total, count = 0.0, 0
     stats: dict[str, list[float]] = {"dsa_recall": [], "dsa_mass": []}
     device = next(model.parameters()).device
+    for start in range(0, len(eval_ds), batch_size):
+        ids = eval_ds.blocks[start : start + batch_size].to(device)
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        n = ids[:, 1:].numel()
+        total += float(out.lm_loss) * n
+        count += n
+        for name in stats:
+            per_layer = (out.layer_stats or {}).get(name)
+            if per_layer:
+                stats[name].append(sum(per_layer.values()) / len(per_layer))
+    return total / count, stats
+
+
+def measure(model, eval_ds: PackedBlocks, *, topk: int | None, batch_size: int = 1,
+            dsa_metrics: bool = True) -> dict[str, float]:
+    """Held-out LM loss / perplexity (eval mode). For DSA models: in sparse mode at ``topk``, with recall@k and
+    attention mass in the selection averaged over layers and queries (``*_past_k``: over the queries that see more
+    than k keys), and again with dense attention (``dense_attention_*``): the same weights without the sparsity, so
+    the cost of the selection is separated from the effect of the training itself."""
+    was_training = model.training
+    model.eval()
+    has_dsa = "dsa" in model.config.mixer_types
+    result: dict[str, float] = {}
     try:
-        for start in range(0, len(eval_ds), batch_size):
-            ids = eval_ds.blocks[start : start + batch_size].to(device)
-            out = model(input_ids=ids, labels=ids, use_cache=False)
-            n = ids[:, 1:].numel()
-            total += float(out.lm_loss) * n
-            count += n
-            for name in stats:
-                per_layer = (out.layer_stats or {}).get(name)
-                if per_layer:
-                    stats[name].append(sum(per_layer.values()) / len(per_layer))
+        if not has_dsa:
+            loss, stats = held_out_pass(model, eval_ds, batch_size)
+        else:
+            saved = (model.config.dsa_mode, model.config.index_topk)
+            try:
+                set_dsa_mode(model, "dense")
+                dense_loss, _ = held_out_pass(model, eval_ds, batch_size)
+                result["dense_attention_eval_loss"] = dense_loss
+                result["dense_attention_eval_perplexity"] = math.exp(min(dense_loss, 80.0))
+                set_dsa_mode(model, "sparse")
+                model.config.index_topk = topk
+                set_collect_metrics(model, dsa_metrics)
+                loss, stats = held_out_pass(model, eval_ds, batch_size)
+            finally:
+                set_collect_metrics(model, False)
+                set_dsa_mode(model, saved[0])
+                model.config.index_topk = saved[1]
     finally:
-        if has_dsa:
-            set_collect_metrics(model, False)
-            set_dsa_mode(model, saved[0])
-            model.config.index_topk = saved[1]
         model.train(was_training)
-    loss = total / count
-    result = {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 80.0))}
+    result.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 80.0)))
     T = eval_ds.blocks.shape[1]
     if stats["dsa_recall"]:
         trivially_kept = min(topk, T) / T  # queries t < k see at most k keys: all kept, recall = mass = 1
@@ -259,7 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows.append(r)
         log(f"  k={k:4d} {stage:16s} recall@k {r['recall_at_k']:.3f} (past k {r.get('recall_at_k_past_k', 1):.3f})  "
             f"mass {r['attention_mass']:.3f} (past k {r.get('attention_mass_past_k', 1):.3f})  "
-            f"ppl {r['eval_perplexity']:.2f} (dense {dense_eval['eval_perplexity']:.2f})")
+            f"ppl {r['eval_perplexity']:.2f} (same weights dense {r['dense_attention_eval_perplexity']:.2f}, "
+            f"source {dense_eval['eval_perplexity']:.2f})")
         return r
 
     log("before warm-up:")
@@ -292,13 +311,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log("")
     log(f"DSA conversion of {source.name}, context {context}, {len(eval_ds)} held-out blocks; dense source ppl "
         f"{dense_eval['eval_perplexity']:.2f}")
-    header = "| k | stage | recall@k | recall@k (t≥k) | attn mass | attn mass (t≥k) | sparse ppl | dense ppl |"
-    log(header)
-    log("|---:|---|---:|---:|---:|---:|---:|---:|")
+    log("| k | stage | recall@k | recall@k (t≥k) | attn mass | attn mass (t≥k) | sparse ppl | same weights, dense "
+        "attention ppl | dense source ppl |")
+    log("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         log(f"| {r['topk']} | {r['stage']} | {r['recall_at_k']:.3f} | {r.get('recall_at_k_past_k', 1):.3f} | "
             f"{r['attention_mass']:.3f} | {r.get('attention_mass_past_k', 1):.3f} | {r['eval_perplexity']:.2f} | "
-            f"{dense_eval['eval_perplexity']:.2f} |")
+            f"{r['dense_attention_eval_perplexity']:.2f} | {dense_eval['eval_perplexity']:.2f} |")
 
     for k, (model_k, r, steps) in finals.items():
         set_dsa_mode(model_k, "sparse")
@@ -306,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lineage = model_k.config.hf_hybrid_lineage
         lineage.setdefault("base_model", str(source))
         lineage["source"] = str(source)
-        lineage["options"] = {**lineage.get("options", {}), "index_topk": k}
+        lineage["options"] = {**lineage.get("options", {}), "index_topk": k, "mode": "sparse"}
         lineage["training"] = {
             "recipe": "recipes/dsa", "config": Path(args.config).name, "data": data_name, "context": context,
             "warmup": {"steps": warm_steps, "learning_rate": warm_cfg.get("learning_rate")},
@@ -318,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "context": context,
             "dense_source_perplexity": round(dense_eval["eval_perplexity"], 3),
             "sparse_perplexity": round(r["eval_perplexity"], 3),
+            "dense_attention_perplexity": round(r["dense_attention_eval_perplexity"], 3),
             "recall_at_k": round(r["recall_at_k"], 4),
             "attention_mass": round(r["attention_mass"], 4),
             "recall_at_k_after_warmup": round(warm["recall_at_k"], 4),
