@@ -7,6 +7,7 @@ Mixers live in ``hf_hybrid/mixers`` (one file per type, ``MIXER_REGISTRY``), MLP
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -135,9 +136,12 @@ class HybridPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.Conv1d):
-            init.normal_(module.weight, mean=0.0, std=std)
+            # The short causal convs of the recurrent mixers keep PyTorch's (and Mamba's) default, Kaiming-uniform
+            # with fan-in = kernel size: a 4-tap filter at std 0.02 would start as nearly zero.
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
-                init.zeros_(module.bias)
+                bound = 1.0 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
+                init.uniform_(module.bias, -bound, bound)
         elif "Norm" in type(module).__name__ and isinstance(getattr(module, "weight", None), torch.Tensor):
             init.ones_(module.weight)
             if isinstance(getattr(module, "bias", None), torch.Tensor):

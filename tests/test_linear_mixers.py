@@ -223,3 +223,30 @@ def test_save_load_roundtrip_recurrent(tmp_path):
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_mamba2_layer_equals_transformers_mamba2_mixer():
+    """An independent reference: transformers' own Mamba-2 layer with the same weights (fp32, 1e-5)."""
+    from transformers import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Mixer as ReferenceMixer
+
+    from hf_hybrid.mixers.base import MixerContext
+    from hf_hybrid.mixers.mamba2 import Mamba2Mixer
+
+    torch.manual_seed(0)
+    ref = ReferenceMixer(
+        Mamba2Config(hidden_size=32, num_heads=4, head_dim=8, expand=1, state_size=8, n_groups=2, chunk_size=4,
+                     layer_norm_epsilon=1e-6, num_hidden_layers=1), 0
+    )
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+        ref.A_log.uniform_(0, 1)
+        ref.dt_bias.uniform_(-2, 0)
+    ours = Mamba2Mixer(tiny(**MIXERS["mamba2"], mamba_expand=1), 0)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 13, 32)
+    ctx = MixerContext(padding_mask=None, attention_mask_2d=None, masks={}, position_ids=None, cu_seqlens=None,
+                       max_seqlen=None, rope=None, cache=None, past_length=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, ctx), ref(x), atol=ATOL, rtol=0)
