@@ -12,7 +12,6 @@ recurrent state). Two things are missing there and live here:
 
 from __future__ import annotations
 
-import torch
 from transformers.cache_utils import CacheLayerMixin, DynamicCache, LinearAttentionCacheLayerMixin
 
 
@@ -50,6 +49,3 @@ class HybridCache(DynamicCache):
     def reset(self) -> None:
         super().reset()
         self._seen_tokens = 0
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)

@@ -33,6 +33,7 @@ from .cache import HybridCache
 from .configuration_hybrid import RECURRENT_MIXERS, HybridConfig
 from .layers import RMSNorm, rope_inv_freq
 from .mixers.base import MIXER_REGISTRY, MixerContext
+from .ops.varlen import cu_seqlens_from_position_ids
 
 logger = logging.get_logger(__name__)
 
@@ -393,13 +394,9 @@ def _packed_boundaries(
         return None, None
     if torch.compiler.is_compiling():
         return None, None
-    pos = position_ids[0]
-    starts = torch.nonzero(pos[1:] != pos[:-1] + 1).flatten() + 1
-    if starts.numel() == 0:
+    cu = cu_seqlens_from_position_ids(position_ids)
+    if cu.numel() == 2:  # one document: not packed
         return None, None
-    zero = torch.zeros(1, dtype=torch.int32, device=pos.device)
-    end = torch.full((1,), pos.numel(), dtype=torch.int32, device=pos.device)
-    cu = torch.cat([zero, starts.to(torch.int32), end])
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
