@@ -52,7 +52,7 @@ from hf_hybrid.convert.dsa import (
 )
 from hf_hybrid.convert.upcycle import load_source
 from hf_hybrid.cost import estimate_cost, format_count
-from hf_hybrid.data import PackedBlocks, load_text_splits, tokenize_documents
+from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits
 from hf_hybrid.training import training_arguments
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,16 +108,10 @@ class ComponentLossTrainer(Trainer):
 def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, PackedBlocks, str]:
     splits = load_text_splits(data_cfg.get("source", "auto"))
     context = int(data_cfg.get("context", 1024))
-    max_chars = data_cfg.get("max_train_chars")
-    train_docs, used = [], 0
-    for doc in splits.train:
-        if max_chars is not None and used >= max_chars:
-            break
-        piece = doc if max_chars is None else doc[: max_chars - used]
-        train_docs.append(piece)
-        used += len(piece)
-    train = PackedBlocks(tokenize_documents(tokenizer, train_docs), context)
-    held = PackedBlocks(tokenize_documents(tokenizer, splits.eval), context, max_blocks=data_cfg.get("eval_blocks"))
+    train, held = build_lm_datasets(
+        tokenizer, context, source=splits, max_train_chars=data_cfg.get("max_train_chars"),
+        max_eval_blocks=data_cfg.get("eval_blocks"),
+    )
     log(f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {context}), "
         f"{held.num_tokens:,} held-out tokens ({len(held)} blocks)")
     return train, held, splits.name

@@ -34,7 +34,7 @@ from transformers import AutoTokenizer, Trainer, default_data_collator
 import hf_hybrid
 from hf_hybrid.convert.upcycle import UpcycleOptions, load_source, upcycle_model
 from hf_hybrid.cost import estimate_cost, format_count
-from hf_hybrid.data import PackedBlocks, load_text_splits, tokenize_documents
+from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits
 from hf_hybrid.moe_training import collect_expert_load, install_moe_callbacks, load_metrics
 from hf_hybrid.training import evaluate_perplexity, logged_losses, training_arguments
 
@@ -74,16 +74,10 @@ def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, 
     """Training and held-out blocks of the local text, tokenised with the checkpoint's own tokenizer."""
     splits = load_text_splits(data_cfg.get("source", "auto"))
     block = int(data_cfg.get("block_size", 256))
-    max_chars = data_cfg.get("max_train_chars")
-    train_docs, used = [], 0
-    for doc in splits.train:
-        if max_chars is not None and used >= max_chars:
-            break
-        piece = doc if max_chars is None else doc[: max_chars - used]
-        train_docs.append(piece)
-        used += len(piece)
-    train = PackedBlocks(tokenize_documents(tokenizer, train_docs), block)
-    held = PackedBlocks(tokenize_documents(tokenizer, splits.eval), block, max_blocks=data_cfg.get("eval_blocks"))
+    train, held = build_lm_datasets(
+        tokenizer, block, source=splits, max_train_chars=data_cfg.get("max_train_chars"),
+        max_eval_blocks=data_cfg.get("eval_blocks"),
+    )
     log(f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {block}), "
         f"{held.num_tokens:,} held-out tokens")
     return train, held, splits.name
