@@ -11,7 +11,7 @@ optionally naming a ``preset:``), or a preset name from ``hf_hybrid.presets`` (`
 Plugins: a module that defines ``register_cli(subparsers)`` adds its subcommands; the parser it adds must set
 ``func`` (``parser.set_defaults(func=handler)``, ``handler(args) -> int | None``). Looked up, in order:
 ``hf_hybrid.moe_training`` (``expert-load``), ``hf_hybrid.convert.upcycle`` (``upcycle``), ``hf_hybrid.convert.dsa``
-(``convert-dsa``); a module that does not exist yet is skipped.
+(``convert-dsa``), ``hf_hybrid.convert.hybridize`` (``hybridize``); a module that does not exist yet is skipped.
 
 User errors (a bad path, an unsupported checkpoint, an invalid config) print one line and exit with status 2.
 """
@@ -26,7 +26,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-PLUGIN_MODULES = ("hf_hybrid.moe_training", "hf_hybrid.convert.upcycle", "hf_hybrid.convert.dsa")
+PLUGIN_MODULES = (
+    "hf_hybrid.moe_training", "hf_hybrid.convert.upcycle", "hf_hybrid.convert.dsa", "hf_hybrid.convert.hybridize",
+)
 
 
 class CLIError(Exception):

@@ -1,0 +1,774 @@
+"""Hybridize a dense checkpoint: replace chosen attention layers by linear-time mixers initialised from the
+attention weights (Mamba-in-Llama, LoLCATs, RADLADS), then recover quality by distillation (``hf_hybrid.distill``).
+
+    hf-hybrid hybridize SRC DST --pattern "3:1 gated_deltanet:attention"
+    hf-hybrid hybridize SRC DST --attention-layers 2,5 --mixer mamba2
+    hf-hybrid hybridize SRC DST --select kl --num-attention 2 --mixer gated_deltanet
+
+``SRC`` is an hf_hybrid checkpoint or a dense Llama / Qwen2 / Qwen3 / Mistral one (imported on the way).
+
+Which layers: ``pattern`` uses the config's own shorthand (``"3:1 gated_deltanet:attention"`` expands cyclically
+over the layers, so on 6 layers ``"2:1 ..."`` keeps layers 2 and 5 and ``"5:1 ..."`` keeps layer 5); every name
+other than ``attention`` says which mixer replaces that layer. ``attention_layers=[2, 5]`` (with ``mixer=``) keeps
+those and replaces every other attention layer. :func:`rank_layers` measures, for each attention layer, the KL to
+the source (or the LM-loss increase) when that layer alone is replaced by its initialised mixer; the layers that
+hurt most stay attention (``--select kl --num-attention K``).
+
+Initialisation (one entry per mixer in ``INIT_TABLE``, each stating what it inherits; the statement is printed and
+recorded in ``config.hf_hybrid_lineage["init"]``): the attention's query / key / value / output projections become
+the mixer's (Mamba-in-Llama's Q→C, K→B, V→x for Mamba-2), the mixer gets one head per query head of the same head
+dim, and GQA key / value heads are repeated for the query heads that share them (``kv_repeat``). Qwen3's per-head
+q/k RMSNorm weights are folded into the projection rows (exact under Gated DeltaNet's L2 norm, up to the SiLU of the
+short conv); the short convs start as the identity (last tap 1). Gates and decays start at a stated value (the
+mixer's own init: log-uniform decay rates, Mamba-2's dt range). What cannot be inherited is listed as dropped:
+RoPE (the linear mixers have no positions), the softmax, q/k/v biases where the mixer has none. Nothing here is
+function-preserving: the student starts near the teacher and stage 1 (attention transfer) closes the gap.
+
+Every layer that is not replaced keeps its weights bit for bit (tests check it); MLPs, norms and embeddings too.
+A mixer added later (``kda``) becomes convertible with one ``register_init`` entry: the CLI offers a mixer only
+when it is both registered (``MIXER_REGISTRY``) and has an entry here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..configuration_hybrid import HybridConfig, _expand_pattern
+from .upcycle import (
+    _as_dtype,
+    check_dst,
+    cost_line,
+    derived_lineage,
+    load_source,
+    parse_layers,
+    source_config,
+    write_checkpoint,
+)
+
+REPLACEABLE = ("attention", "sliding_attention")  # HybridAttention layers: q/k/v/o projections to inherit
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the attention weights of one layer
+
+
+@dataclass
+class AttentionWeights:
+    """One ``HybridAttention`` layer's weights, per head (fp32). ``h`` query heads, ``hkv`` key/value heads, head dim
+    ``d``, hidden size ``H``. ``q_norm`` / ``k_norm`` [d] are Qwen3's per-head RMSNorm weights (None without)."""
+
+    q: torch.Tensor  # [h, d, H]
+    k: torch.Tensor  # [hkv, d, H]
+    v: torch.Tensor  # [hkv, d, H]
+    o: torch.Tensor  # [H, h·d]
+    q_bias: torch.Tensor | None  # [h, d]
+    k_bias: torch.Tensor | None  # [hkv, d]
+    v_bias: torch.Tensor | None  # [hkv, d]
+    gate: torch.Tensor | None  # [h, d, H]: the sigmoid output gate (attention_output_gate)
+    q_norm: torch.Tensor | None  # [d]
+    k_norm: torch.Tensor | None  # [d]
+
+    @classmethod
+    def from_module(cls, attn: nn.Module) -> AttentionWeights:
+        h, hkv, d = attn.num_heads, attn.num_key_value_heads, attn.head_dim
+        hidden = attn.q_proj.weight.shape[1]
+
+        def per_head(t: torch.Tensor | None, heads: int, width: int) -> torch.Tensor | None:
+            return None if t is None else t.detach().float().reshape(heads, width, *t.shape[1:])
+
+        q, gate = per_head(attn.q_proj.weight, h, (2 if attn.output_gate else 1) * d), None
+        qb = per_head(attn.q_proj.bias, h, (2 if attn.output_gate else 1) * d)
+        if attn.output_gate:  # per head: d query rows, then d gate rows (HybridAttention.project)
+            q, gate = q[:, :d], q[:, d:]
+            qb = None if qb is None else qb[:, :d]
+        return cls(
+            q=q.reshape(h, d, hidden),
+            k=per_head(attn.k_proj.weight, hkv, d),
+            v=per_head(attn.v_proj.weight, hkv, d),
+            o=attn.o_proj.weight.detach().float(),
+            q_bias=qb,
+            k_bias=per_head(attn.k_proj.bias, hkv, d),
+            v_bias=per_head(attn.v_proj.bias, hkv, d),
+            gate=gate,
+            q_norm=None if attn.q_norm is None else attn.q_norm.weight.detach().float(),
+            k_norm=None if attn.k_norm is None else attn.k_norm.weight.detach().float(),
+        )
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def kv_repeat(self) -> int:
+        return self.q.shape[0] // self.k.shape[0]
+
+    def query(self, *, scale: float = 1.0) -> torch.Tensor:
+        """[h·d, H]: query rows with the q_norm weight folded in, times ``scale``."""
+        q = self.q if self.q_norm is None else self.q * self.q_norm[None, :, None]
+        return (q * scale).reshape(-1, self.q.shape[-1])
+
+    def key(self) -> torch.Tensor:
+        """[h·d, H]: key rows (k_norm folded in), KV heads repeated for the query heads that share them."""
+        k = self.k if self.k_norm is None else self.k * self.k_norm[None, :, None]
+        return k.repeat_interleave(self.kv_repeat, dim=0).reshape(-1, k.shape[-1])
+
+    def value(self) -> torch.Tensor:
+        """[h·d, H]: value rows, KV heads repeated."""
+        return self.v.repeat_interleave(self.kv_repeat, dim=0).reshape(-1, self.v.shape[-1])
+
+    def biases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(q, k, v) biases [h·d] each, expanded like the weights (k_norm / q_norm folded); None without biases."""
+        if self.q_bias is None:
+            return None
+        qb = self.q_bias if self.q_norm is None else self.q_bias * self.q_norm
+        kb = self.k_bias if self.k_norm is None else self.k_bias * self.k_norm
+        rep = self.kv_repeat
+        return qb.reshape(-1), kb.repeat_interleave(rep, 0).reshape(-1), self.v_bias.repeat_interleave(rep, 0).reshape(-1)
+
+
+def identity_conv_(conv: nn.Conv1d, bias: torch.Tensor | None = None) -> None:
+    """A depthwise causal conv [C, 1, K] that passes the current token through (last tap 1, the others 0; ours and
+    fla's convs read the current token with the last tap), with ``bias`` (or zero) where the conv has a bias."""
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[:, 0, -1] = 1.0
+        if conv.bias is not None:
+            conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the per-mixer table
+
+
+@dataclass(frozen=True)
+class MixerInit:
+    """How attention becomes one mixer type.
+
+    - ``geometry(config)``: the config fields that give the mixer one head per query head of the attention's head
+      dim (set on the student config; an existing layer of that type must already have them);
+    - ``apply(mixer, weights, config)``: writes the inherited tensors into a freshly built mixer (the rest keeps the
+      mixer's own init); returns notes about this layer (e.g. biases dropped);
+    - ``statement(config)``: what is inherited, what is new (and its init), what is dropped — printed and saved.
+    """
+
+    geometry: Callable[[HybridConfig], dict[str, Any]]
+    apply: Callable[[nn.Module, AttentionWeights, HybridConfig], list[str]]
+    statement: Callable[[HybridConfig], dict[str, list[str]]]
+
+
+INIT_TABLE: dict[str, MixerInit] = {}
+
+
+def register_init(name: str, entry: MixerInit) -> None:
+    """Make mixer ``name`` a hybridize target (``name`` must also be a registered mixer to be used)."""
+    INIT_TABLE[name] = entry
+
+
+def available_mixers() -> list[str]:
+    """Mixers hybridize can convert attention into in this process: registered and with an init entry."""
+    from ..mixers import MIXER_REGISTRY
+
+    return [m for m in INIT_TABLE if m in MIXER_REGISTRY]
+
+
+def _gqa_note(config: HybridConfig) -> str:
+    rep = config.num_attention_heads // config.num_key_value_heads
+    return f"KV heads repeated ×{rep} (GQA {config.num_attention_heads}/{config.num_key_value_heads})" if rep > 1 else ""
+
+
+def _common_dropped(config: HybridConfig, *, bias_kept: bool = False) -> list[str]:
+    out = ["RoPE (the mixer has no positions)", "softmax (replaced by the mixer's recurrence)"]
+    if config.attention_bias and not bias_kept:
+        out.append("q/k/v biases (the mixer's projections have none)")
+    if config.use_qk_norm:
+        out.append("the per-token 1/rms of the q/k RMSNorm (its weight is folded into the projection rows)")
+    return out
+
+
+# ---- Gated DeltaNet ---------------------------------------------------------------------------------------------------
+
+
+def _gdn_geometry(config: HybridConfig) -> dict[str, Any]:
+    h, d = config.num_attention_heads, config.head_dim
+    return {"gdn_num_key_heads": h, "gdn_num_value_heads": h, "gdn_key_head_dim": d, "gdn_value_head_dim": d}
+
+
+def _gdn_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
+    notes = []
+    with torch.no_grad():
+        qkvz = mixer.in_proj_qkvz.weight  # rows: q (h·d), k (h·d), v (h·d), z (h·d)
+        n = w.heads * w.q.shape[1]
+        qkvz[:n] = w.query()
+        qkvz[n : 2 * n] = w.key()
+        qkvz[2 * n : 3 * n] = w.value()
+        if w.gate is not None:
+            qkvz[3 * n :] = w.gate.reshape(n, -1)
+        mixer.in_proj_ba.weight.zero_()  # β = sigmoid(0) = ½, a = 0: decay = -exp(A_log)·softplus(dt_bias)
+        identity_conv_(mixer.conv1d)
+        mixer.out_proj.weight.copy_(w.o)
+    if w.q_bias is not None:
+        notes.append("q/k/v biases dropped")
+    return notes
+
+
+def _gdn_statement(config: HybridConfig) -> dict[str, list[str]]:
+    gqa = _gqa_note(config)
+    z = ("z (output gate) ← the attention's sigmoid output-gate rows (used as silu(z))" if config.attention_output_gate
+         else f"z (output gate): N(0, {config.initializer_range}²) (the model's init)")
+    return {
+        "inherited": [
+            "q ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
+            "k ← W_k" + (" (k_norm weight folded in)" if config.use_qk_norm else "") + (f", {gqa}" if gqa else ""),
+            "v ← W_v" + (f", {gqa}" if gqa else ""),
+            "out_proj ← W_o",
+        ] + ([z] if config.attention_output_gate else []),
+        "new": ([] if config.attention_output_gate else [z]) + [
+            "in_proj_ba = 0: β = ½ and a = 0 for every token at the start",
+            "A_log = log U[1, 16], dt_bias = softplus⁻¹(dt), dt log-uniform in [1e-3, 1e-1]: per-head log decay "
+            "g = −exp(A_log)·softplus(dt_bias) (GatedDeltaNet.init_hybrid_weights)",
+            "conv1d: identity (last tap 1, others 0)",
+            "norm weight = 1",
+        ],
+        "dropped": _common_dropped(config) + ["the output is RMSNorm(o)·silu(z): q, k L2-normalised and SiLU after "
+                                              "the conv, so the start is not the attention's function"],
+    }
+
+
+# ---- Mamba-2 ------------------------------------------------------------------------------------------------------------
+
+
+def _mamba_geometry(config: HybridConfig) -> dict[str, Any]:
+    h, d = config.num_attention_heads, config.head_dim
+    return {"mamba_num_heads": h, "mamba_head_dim": d, "mamba_state_size": d, "mamba_n_groups": h}
+
+
+def _mamba_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
+    d = w.q.shape[1]
+    n = w.heads * d  # d_inner = G·N = h·d
+    with torch.no_grad():
+        proj = mixer.in_proj.weight  # rows: z (d_inner), x (d_inner), B (G·N), C (G·N), dt (H)
+        proj[n : 2 * n] = w.value()  # x ← V
+        proj[2 * n : 3 * n] = w.key()  # B ← K
+        proj[3 * n : 4 * n] = w.query(scale=d**-0.5)  # C ← Q · d^-½ (the softmax scale; Mamba's scan uses 1)
+        if w.gate is not None:
+            proj[:n] = w.gate.reshape(n, -1)
+        proj[4 * n :] = 0.0  # dt: Δ = softplus(dt_bias) per head at the start
+        b = w.biases()
+        conv_bias = None if b is None else torch.cat([b[2], b[1], b[0] * d**-0.5])  # conv runs over [x, B, C]
+        identity_conv_(mixer.conv1d, conv_bias)
+        mixer.D.zero_()
+        mixer.out_proj.weight.copy_(w.o)
+    return []
+
+
+def _mamba_statement(config: HybridConfig) -> dict[str, list[str]]:
+    gqa = _gqa_note(config)
+    h, d = config.num_attention_heads, config.head_dim
+    inherited = [
+        f"x ← W_v{f', {gqa}' if gqa else ''} (one Mamba head per query head: {h} heads of {d})",
+        f"B ← W_k{' (k_norm folded in)' if config.use_qk_norm else ''}{f', {gqa}' if gqa else ''} "
+        f"(n_groups = {h}, state size {d})",
+        f"C ← W_q · {d}^-½{' (q_norm folded in)' if config.use_qk_norm else ''}",
+        "out_proj ← W_o",
+    ]
+    if config.attention_bias:
+        inherited.append("q/k/v biases → the conv bias (exact before the SiLU)")
+    z = ("z (gate) ← the attention's output-gate rows" if config.attention_output_gate
+         else f"z (gate): N(0, {config.initializer_range}²) (the model's init)")
+    if config.attention_output_gate:
+        inherited.append(z)
+    return {
+        "inherited": inherited,
+        "new": ([] if config.attention_output_gate else [z]) + [
+            "dt rows = 0: Δ = softplus(dt_bias) per head, dt log-uniform in "
+            f"[{config.mamba_dt_min}, {config.mamba_dt_max}] (Mamba-2's init)",
+            "A_log = log U[1, 16] (Mamba-2's init)",
+            "D = 0 (no skip at the start: the output is the decayed linearised attention alone)",
+            "conv1d: identity (last tap 1), bias " + ("= the attention biases" if config.attention_bias else "0"),
+            "norm weight = 1",
+        ],
+        "dropped": _common_dropped(config, bias_kept=True) + [
+            "the output is RMSNorm(y·silu(z)) per head and the conv applies SiLU: not the attention's function"
+        ],
+    }
+
+
+# ---- plain linear attention -------------------------------------------------------------------------------------------
+
+
+def _linear_geometry(config: HybridConfig) -> dict[str, Any]:
+    return {"linear_num_heads": config.num_attention_heads, "linear_head_dim": config.head_dim}
+
+
+def _linear_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
+    with torch.no_grad():
+        mixer.q_proj.weight.copy_(w.query())
+        mixer.k_proj.weight.copy_(w.key())
+        mixer.v_proj.weight.copy_(w.value())
+        mixer.o_proj.weight.copy_(w.o)
+        if mixer.conv1d is not None:
+            identity_conv_(mixer.conv1d)
+    return ["q/k/v biases dropped"] if w.q_bias is not None else []
+
+
+def _linear_statement(config: HybridConfig) -> dict[str, list[str]]:
+    gqa = _gqa_note(config)
+    new = [f"feature map {config.linear_feature_map!r} ("
+           + ("output RMSNorm, weight 1, in place of the normaliser" if config.linear_feature_map == "identity"
+              else "normalised by φ(q)·Σφ(k)") + ")"]
+    if config.linear_decay != "none":
+        new.append(f"decay {config.linear_decay!r}: g_proj weight 0, bias 4 (slow decay, LinearAttention's init)")
+    if config.linear_conv_kernel_size:
+        new.append("conv1d: identity (last tap 1, others 0)")
+    if config.linear_feature_map == "random_features":
+        new.append(f"random features: {config.linear_random_features} Gaussian (Performer)")
+    return {
+        "inherited": [
+            "q_proj ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
+            "k_proj ← W_k" + (f", {gqa}" if gqa else ""),
+            "v_proj ← W_v" + (f", {gqa}" if gqa else ""),
+            "o_proj ← W_o",
+        ],
+        "new": new,
+        "dropped": _common_dropped(config) + (["the output gate (linear attention has none)"]
+                                              if config.attention_output_gate else []),
+    }
+
+
+register_init("gated_deltanet", MixerInit(_gdn_geometry, _gdn_apply, _gdn_statement))
+register_init("mamba2", MixerInit(_mamba_geometry, _mamba_apply, _mamba_statement))
+register_init("linear_attention", MixerInit(_linear_geometry, _linear_apply, _linear_statement))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the plan: which layers become which mixer
+
+
+@dataclass
+class HybridizePlan:
+    """``targets[i]``: the mixer replacing layer ``i`` (only replaced layers are keys); ``mixer_types``: the
+    student's list; ``overrides``: config fields set on the student (geometry + the caller's ``mixer_config``)."""
+
+    targets: dict[int, str]
+    mixer_types: list[str]
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        return [i for i, m in enumerate(self.mixer_types) if m in REPLACEABLE]
+
+
+def plan_hybridize(
+    config: HybridConfig,
+    *,
+    pattern: str | None = None,
+    attention_layers: list[int] | tuple[int, ...] | None = None,
+    mixer: str | None = None,
+    mixer_config: dict[str, Any] | None = None,
+) -> HybridizePlan:
+    """Validate a request against ``config`` (errors name the argument, the value and what is allowed); writes
+    nothing. Give ``pattern`` (the config's shorthand), or ``attention_layers`` with ``mixer``."""
+    allowed = available_mixers()
+    types = list(config.mixer_types)
+    n = len(types)
+    replaceable = [i for i, t in enumerate(types) if t in REPLACEABLE]
+    if not replaceable:
+        raise ValueError(f"hybridize: the source has no attention layers to replace (mixer_types={types})")
+    if (pattern is None) == (attention_layers is None):
+        raise ValueError("hybridize: give exactly one of pattern (e.g. '3:1 gated_deltanet:attention') or "
+                         "attention_layers (e.g. [2, 5]) with mixer")
+
+    def check_mixer(name: str, where: str) -> None:
+        if name not in allowed:
+            raise ValueError(f"hybridize: {where}={name!r} is not a mixer hybridize can initialise from attention; "
+                             f"choose one of: {', '.join(allowed)}")
+
+    if pattern is not None:
+        wanted = _expand_pattern(pattern, n, "pattern", tuple(dict.fromkeys([*REPLACEABLE, *allowed, *types])))
+        if mixer is not None:
+            others = sorted({m for m in wanted if m not in REPLACEABLE and m != mixer})
+            if others:
+                raise ValueError(f"hybridize: pattern {pattern!r} names {others} but mixer={mixer!r}; leave mixer "
+                                 "out when the pattern names the mixers")
+        names_attention = any(m in REPLACEABLE for m in re.split(r"[\s:,]+", pattern.strip()))
+        if names_attention and not any(m in REPLACEABLE for m in wanted):
+            raise ValueError(
+                f"hybridize: pattern {pattern!r} asks to keep attention layers, but over the source's {n} layers it "
+                f"expands to {wanted}, which keeps none (the period is longer than the model); use a shorter period "
+                "or attention_layers=[...]"
+            )
+        targets = {}
+        for i, (old, new) in enumerate(zip(types, wanted)):
+            if new == old or (old in REPLACEABLE and new in REPLACEABLE):
+                continue  # kept as it is
+            if old not in REPLACEABLE:
+                raise ValueError(
+                    f"hybridize: pattern {pattern!r} puts {new!r} at layer {i}, which is {old!r} in the source; only "
+                    f"attention layers ({replaceable}) can be replaced — name {old!r} at that position"
+                )
+            check_mixer(new, f"pattern layer {i}")
+            targets[i] = new
+    else:
+        if mixer is None:
+            raise ValueError(f"hybridize: attention_layers needs mixer=; choose one of: {', '.join(allowed)}")
+        check_mixer(mixer, "mixer")
+        keep = sorted(set(attention_layers))
+        for i in keep:
+            if not isinstance(i, int) or isinstance(i, bool):
+                raise ValueError(f"hybridize: attention_layers entry {i!r} must be an integer layer index")
+        bad = [i for i in keep if not 0 <= i < n]
+        if bad:
+            raise ValueError(f"hybridize: attention_layers {bad} out of range; the model has layers 0..{n - 1}")
+        not_attention = [(i, types[i]) for i in keep if types[i] not in REPLACEABLE]
+        if not_attention:
+            raise ValueError(
+                "hybridize: attention_layers must name attention layers of the source; "
+                + ", ".join(f"layer {i} is {t!r}" for i, t in not_attention) + f"; attention layers: {replaceable}"
+            )
+        targets = {i: mixer for i in replaceable if i not in keep}
+    if not targets:
+        raise ValueError(f"hybridize: nothing to replace — the request keeps every attention layer ({replaceable})")
+
+    overrides: dict[str, Any] = {}
+    for name in sorted(set(targets.values())):
+        geometry = INIT_TABLE[name].geometry(config)
+        already = [i for i, t in enumerate(types) if t == name]
+        for key, value in geometry.items():
+            have = getattr(config, key)
+            if already and have != value:
+                raise ValueError(
+                    f"hybridize: head dims cannot map — layers {already} are already {name!r} with {key}={have}, "
+                    f"but inheriting the attention's heads needs {key}={value} (num_attention_heads="
+                    f"{config.num_attention_heads}, head_dim={config.head_dim}); one {key} applies to every "
+                    f"{name!r} layer"
+                )
+        overrides.update(geometry)
+    for key, value in (mixer_config or {}).items():
+        if key in overrides and overrides[key] != value:
+            raise ValueError(
+                f"hybridize: head dims cannot map — mixer_config sets {key}={value!r}, but inheriting the attention's "
+                f"heads needs {key}={overrides[key]} (one head per query head, head_dim={config.head_dim})"
+            )
+        if not hasattr(config, key):
+            raise ValueError(f"hybridize: mixer_config names {key!r}, which is not a HybridConfig field")
+        overrides[key] = value
+    mixer_types = [targets.get(i, t) for i, t in enumerate(types)]
+    return HybridizePlan(targets=targets, mixer_types=mixer_types, overrides=overrides)
+
+
+def student_config(config: HybridConfig, plan: HybridizePlan) -> HybridConfig:
+    d = config.to_dict()
+    d.pop("layer_types", None)
+    d.update(plan.overrides, mixer_types=plan.mixer_types)
+    new = HybridConfig.from_dict(d)
+    new._attn_implementation = config._attn_implementation
+    return new
+
+
+def init_statements(config: HybridConfig, mixers: list[str] | set[str]) -> dict[str, dict[str, list[str]]]:
+    """Per mixer: what is inherited from the attention, what is new (with its init), what is dropped."""
+    return {m: INIT_TABLE[m].statement(config) for m in sorted(set(mixers))}
+
+
+def format_statements(statements: dict[str, dict[str, list[str]]]) -> str:
+    lines = []
+    for mixer, parts in statements.items():
+        lines.append(f"{mixer}:")
+        for key in ("inherited", "new", "dropped"):
+            for item in parts.get(key, []):
+                lines.append(f"  {key:9s} {item}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the model
+
+
+def hybridize_model(
+    model,
+    *,
+    pattern: str | None = None,
+    attention_layers: list[int] | tuple[int, ...] | None = None,
+    mixer: str | None = None,
+    mixer_config: dict[str, Any] | None = None,
+    seed: int = 0,
+    lineage_options: dict[str, Any] | None = None,
+):
+    """Hybridize an in-memory ``HybridForCausalLM`` (left untouched): a new model in the source's dtype and device
+    whose chosen attention layers are replaced (see the module docstring). New tensors come from the model's
+    ``_init_weights`` under ``torch.manual_seed(seed)`` (the global RNG state is restored), then the inherited ones
+    are written over them; every other tensor is copied from the source."""
+    from ..modeling_hybrid import HybridForCausalLM
+
+    config = model.config
+    plan = plan_hybridize(config, pattern=pattern, attention_layers=attention_layers, mixer=mixer,
+                          mixer_config=mixer_config)
+    new_config = student_config(config, plan)
+    param = next(model.parameters())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = HybridForCausalLM(new_config)
+    replaced = {f"model.layers.{i}.mixer." for i in plan.targets}
+    state = {k: v.detach().clone().float() for k, v in model.state_dict().items()
+             if not any(k.startswith(p) for p in replaced)}
+    result = new.load_state_dict(state, strict=False)
+    stray = [k for k in result.missing_keys if not any(k.startswith(p) for p in replaced)]
+    if config.tie_word_embeddings:
+        stray = [k for k in stray if k != "lm_head.weight"]
+    if stray or result.unexpected_keys:
+        raise RuntimeError(f"internal error: hybridized model does not match the source: {result}")
+    notes: dict[int, list[str]] = {}
+    for i, name in plan.targets.items():
+        weights = AttentionWeights.from_module(model.model.layers[i].mixer)
+        layer_notes = INIT_TABLE[name].apply(new.model.layers[i].mixer, weights, new_config)
+        if layer_notes:
+            notes[i] = layer_notes
+    new = new.to(device=param.device, dtype=param.dtype)
+    new.train(model.training)
+    statements = init_statements(new_config, plan.targets.values())
+    options = {
+        "pattern": pattern,
+        "attention_layers": plan.attention_layers,
+        "replaced": {str(i): m for i, m in sorted(plan.targets.items())},
+        "mixer_config": dict(mixer_config or {}),
+        "seed": seed,
+        **(lineage_options or {}),
+    }
+    lineage = derived_lineage(dict(config.hf_hybrid_lineage or {}), None, "hybridize", options)
+    lineage["init"] = statements
+    if notes:
+        lineage["init_notes"] = {str(i): v for i, v in notes.items()}
+    new.config.hf_hybrid_lineage = lineage
+    return new
+
+
+def hybridize(
+    model_or_dir,
+    dst: str | os.PathLike | None = None,
+    *,
+    pattern: str | None = None,
+    attention_layers: list[int] | tuple[int, ...] | None = None,
+    mixer: str | None = None,
+    mixer_config: dict[str, Any] | None = None,
+    seed: int = 0,
+    dtype: torch.dtype | str | None = None,
+):
+    """Hybridize a model or checkpoint directory (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the
+    way). With ``dst``: save there (model card with the lineage and init statements) and return the path; without:
+    return the model. Every check runs before anything is written."""
+    if isinstance(model_or_dir, nn.Module):
+        new = hybridize_model(model_or_dir, pattern=pattern, attention_layers=attention_layers, mixer=mixer,
+                              mixer_config=mixer_config, seed=seed)
+        return new if dst is None else write_checkpoint(new, dst, dtype=_as_dtype(dtype) if dtype else None)
+    src = model_or_dir
+    if dst is not None:
+        check_dst(dst)
+    config, _ = source_config(src)
+    plan_hybridize(config, pattern=pattern, attention_layers=attention_layers, mixer=mixer, mixer_config=mixer_config)
+    model, source_dtype = load_source(src, dtype=torch.float32)
+    new = hybridize_model(model, pattern=pattern, attention_layers=attention_layers, mixer=mixer,
+                          mixer_config=mixer_config, seed=seed)
+    lineage = new.config.hf_hybrid_lineage
+    lineage.setdefault("base_model", os.fspath(src))
+    lineage["source"] = os.fspath(src)
+    if dst is None:
+        return new
+    return write_checkpoint(new, dst, src=src, dtype=_as_dtype(dtype) if dtype is not None else source_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# measured layer selection
+
+
+@torch.no_grad()
+def distillation_gap(student, teacher, blocks: torch.Tensor, *, batch_size: int = 4) -> dict[str, float]:
+    """Token-mean KL(teacher ‖ student) of the next-token distributions and both LM losses on ``blocks`` [N, T]
+    (eval mode, fp32 softmax)."""
+    import torch.nn.functional as F
+
+    kl = s_loss = t_loss = 0.0
+    count = 0
+    for start in range(0, blocks.shape[0], batch_size):
+        ids = blocks[start : start + batch_size].to(next(student.parameters()).device)
+        s = student(input_ids=ids, labels=ids, use_cache=False)
+        t = teacher(input_ids=ids, labels=ids, use_cache=False)
+        n = ids[:, 1:].numel()
+        t_logp = F.log_softmax(t.logits[:, :-1].float(), -1)
+        s_logp = F.log_softmax(s.logits[:, :-1].float(), -1)
+        kl += float((t_logp.exp() * (t_logp - s_logp)).sum())
+        s_loss += float(s.lm_loss) * n
+        t_loss += float(t.lm_loss) * n
+        count += n
+    return {"kl": kl / count, "loss": s_loss / count, "teacher_loss": t_loss / count,
+            "loss_increase": (s_loss - t_loss) / count}
+
+
+def rank_layers(
+    teacher,
+    blocks: torch.Tensor,
+    *,
+    mixer: str,
+    criterion: str = "kl",
+    mixer_config: dict[str, Any] | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+) -> list[dict[str, Any]]:
+    """For each attention layer ``i`` of ``teacher``: replace it alone by its initialised ``mixer`` and measure the
+    KL to the teacher and the LM-loss increase on ``blocks``. Sorted by ``criterion`` (``kl`` | ``loss``), the
+    layer that hurts most first: those are the ones to keep as attention."""
+    if criterion not in ("kl", "loss"):
+        raise ValueError(f"rank_layers: criterion={criterion!r} is not known; choose kl or loss")
+    was = teacher.training
+    teacher.eval()
+    attention = [i for i, t in enumerate(teacher.config.mixer_types) if t in REPLACEABLE]
+    rows = []
+    try:
+        for i in attention:
+            keep = [j for j in attention if j != i]
+            student = hybridize_model(teacher, attention_layers=keep, mixer=mixer, mixer_config=mixer_config,
+                                      seed=seed).eval()
+            gap = distillation_gap(student, teacher, blocks, batch_size=batch_size)
+            rows.append({"layer": i, "kl": gap["kl"], "loss_increase": gap["loss_increase"]})
+            del student
+    finally:
+        teacher.train(was)
+    key = "kl" if criterion == "kl" else "loss_increase"
+    return sorted(rows, key=lambda r: -r[key])
+
+
+def format_ranking(rows: list[dict[str, Any]], keep: int) -> str:
+    lines = ["rank  layer  KL(teacher‖student)  LM-loss increase   (layer alone replaced)"]
+    for rank, r in enumerate(rows):
+        mark = "  <- keeps attention" if rank < keep else ""
+        lines.append(f"{rank + 1:4d}  {r['layer']:5d}  {r['kl']:19.4f}  {r['loss_increase']:16.4f}{mark}")
+    return "\n".join(lines)
+
+
+def selection_blocks(src: str | os.PathLike, *, context: int = 256, blocks: int = 8) -> torch.Tensor:
+    """Held-out text (``hf_hybrid.data``'s local source) tokenised with ``src``'s tokenizer: [blocks, context]."""
+    from transformers import AutoTokenizer
+
+    from ..data import build_lm_datasets
+
+    tokenizer = AutoTokenizer.from_pretrained(os.fspath(src))
+    _, held = build_lm_datasets(tokenizer, context, max_train_chars=20_000, max_eval_blocks=blocks,
+                                max_eval_chars=blocks * context * 8)
+    return held.blocks
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def run_hybridize_cli(args: argparse.Namespace) -> int:
+    """``hf-hybrid hybridize``: see the module docstring."""
+    given = [x is not None for x in (args.pattern, args.attention_layers, args.select)]
+    if sum(given) != 1:
+        raise ValueError("hybridize: give exactly one of --pattern, --attention-layers or --select")
+    if args.select is not None and args.num_attention is None:
+        raise ValueError("hybridize: --select needs --num-attention K (how many attention layers to keep)")
+    before, _ = source_config(args.src)
+    check_dst(args.dst)
+    attention_layers = args.attention_layers
+    mixer = args.mixer
+    if args.select is not None:
+        mixer = mixer or "gated_deltanet"
+        n_att = sum(t in REPLACEABLE for t in before.mixer_types)
+        if not 0 <= args.num_attention < n_att:
+            raise ValueError(f"hybridize: --num-attention {args.num_attention} must be in [0, {n_att - 1}] "
+                             f"(the source has {n_att} attention layers)")
+        plan_hybridize(before, attention_layers=[], mixer=mixer)  # mixer and geometry checks before the work
+        teacher, _ = load_source(args.src, dtype=torch.float32)
+        blocks = selection_blocks(args.src, context=args.select_context, blocks=args.select_blocks)
+        rows = rank_layers(teacher, blocks, mixer=mixer, criterion=args.select, seed=args.seed)
+        print(f"layer ranking by {args.select} on {blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens:")
+        print(format_ranking(rows, args.num_attention))
+        attention_layers = sorted(r["layer"] for r in rows[: args.num_attention])
+    elif attention_layers is not None and mixer is None:
+        raise ValueError(f"hybridize: --attention-layers needs --mixer ({'|'.join(available_mixers())})")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dst = hybridize(args.src, args.dst, pattern=args.pattern, attention_layers=attention_layers, mixer=mixer,
+                        seed=args.seed, dtype=args.dtype)
+    after = HybridConfig.from_pretrained(str(dst))
+    lineage = after.hf_hybrid_lineage or {}
+    opts = lineage.get("options", {})
+    print(f"hybridized {args.src} -> {dst}: replaced {opts.get('replaced')}, attention kept at "
+          f"{opts.get('attention_layers')}")
+    print(format_statements(lineage.get("init", {})))
+    for i, notes in (lineage.get("init_notes") or {}).items():
+        print(f"  layer {i}: {'; '.join(notes)}")
+    print(f"  before: {cost_line(before, (32768,))}; {_cache_line(before)}")
+    print(f"  after:  {cost_line(after, (32768,))}; {_cache_line(after)}")
+    print("  next: recipes/hybridize/train.py (attention transfer, then distillation)")
+    return 0
+
+
+def _cache_line(config: HybridConfig, context: int = 32768) -> str:
+    from ..cost import estimate_cost, format_bytes
+
+    report = estimate_cost(config, contexts=(context,))
+    return f"cache {format_bytes(report.cache_bytes(context) / context)}/token at {context // 1024}K (bf16)"
+
+
+def _parse_attention_layers(text: str) -> tuple[int, ...]:
+    if text.strip() == "":
+        return ()
+    return parse_layers(text)
+
+
+def register_cli(subparsers) -> argparse.ArgumentParser:
+    """Add ``hybridize`` to an ``argparse`` subparsers object (handler: ``args.func(args) -> exit code``)."""
+    mixers = available_mixers()
+    p = subparsers.add_parser(
+        "hybridize",
+        help="replace attention layers by linear-time mixers initialised from the attention weights",
+        description="Replace attention layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported on the way) "
+        "by linear-time mixers whose projections start from the attention's q/k/v/o (what is inherited is printed "
+        "and recorded in the card). Recover quality with recipes/hybridize/train.py.",
+    )
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
+    p.add_argument("--pattern", default=None,
+                   help="the config's pattern shorthand, e.g. '3:1 gated_deltanet:attention' (cyclic over layers)")
+    p.add_argument("--attention-layers", type=_parse_attention_layers, default=None, metavar="I,J",
+                   help="attention layers to keep (comma-separated; '' keeps none); the others get --mixer")
+    p.add_argument("--mixer", choices=mixers, default=None, help="mixer for --attention-layers / --select")
+    p.add_argument("--select", choices=("kl", "loss"), default=None,
+                   help="choose the attention layers to keep by measuring each layer replaced alone")
+    p.add_argument("--num-attention", type=int, default=None, metavar="K", help="with --select: layers to keep")
+    p.add_argument("--select-blocks", type=int, default=8, help="held-out blocks for --select (default 8)")
+    p.add_argument("--select-context", type=int, default=256, help="tokens per block for --select (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new tensors' initialisation")
+    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    p.set_defaults(func=run_hybridize_cli)
+    return p
+
+
+__all__ = [
+    "AttentionWeights",
+    "HybridizePlan",
+    "INIT_TABLE",
+    "MixerInit",
+    "available_mixers",
+    "distillation_gap",
+    "format_ranking",
+    "format_statements",
+    "hybridize",
+    "hybridize_model",
+    "init_statements",
+    "plan_hybridize",
+    "rank_layers",
+    "register_cli",
+    "register_init",
+    "student_config",
+]
