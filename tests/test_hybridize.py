@@ -1,0 +1,356 @@
+"""Hybridize (issue 18): attention layers -> linear-time mixers initialised from the attention weights, measured layer
+selection, attention transfer and distillation with the Trainer, the recipe end to end, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from hf_hybrid import HybridConfig, HybridForCausalLM
+from hf_hybrid.cli import build_parser
+from hf_hybrid.cli import main as cli_main
+from hf_hybrid.convert.hybridize import (
+    INIT_TABLE,
+    available_mixers,
+    hybridize,
+    hybridize_model,
+    plan_hybridize,
+    rank_layers,
+)
+from hf_hybrid.data import PackedBlocks, byte_tokenizer
+from hf_hybrid.distill import (
+    AttentionTransfer,
+    DistillationTrainer,
+    TransferTrainer,
+    add_lora,
+    freeze_all_but,
+    transfer_error,
+)
+from hf_hybrid.mixers import MIXER_REGISTRY
+from hf_hybrid.ops.conv import causal_conv1d
+from hf_hybrid.training import training_arguments
+
+REPO = Path(__file__).resolve().parents[1]
+H, HEADS, KV, D = 32, 4, 2, 8
+MIXERS = ["gated_deltanet", "mamba2", "linear_attention"]
+
+
+def source_model(n_layers: int = 4, seed: int = 0, **overrides) -> HybridForCausalLM:
+    kwargs = dict(vocab_size=64, hidden_size=H, intermediate_size=48, num_hidden_layers=n_layers,
+                  num_attention_heads=HEADS, num_key_value_heads=KV, initializer_range=0.1)
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    return HybridForCausalLM(HybridConfig(**kwargs)).eval()
+
+
+@pytest.fixture(scope="module")
+def src():
+    return source_model()
+
+
+def ids(n: int = 4, t: int = 24, seed: int = 1, vocab: int = 64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t), generator=g)
+
+
+def expanded(w: torch.Tensor, heads: int, rep: int) -> torch.Tensor:
+    """[heads·d, H] rows with every head repeated rep times (the GQA expansion, written the obvious way)."""
+    blocks = w.reshape(heads, -1, w.shape[-1])
+    return torch.cat([blocks[j // rep] for j in range(heads * rep)])
+
+
+# ---- initialisation ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixer", MIXERS)
+def test_inherited_projections_equal_the_source_weights(src, mixer):
+    student = hybridize_model(src, attention_layers=[1], mixer=mixer)
+    rep = HEADS // KV
+    for i in (0, 2, 3):
+        attn, new = src.model.layers[i].mixer, student.model.layers[i].mixer
+        q, k, v, o = (getattr(attn, f"{n}_proj").weight for n in "qkvo")
+        k_exp, v_exp = expanded(k, KV, rep), expanded(v, KV, rep)
+        n = HEADS * D
+        if mixer == "gated_deltanet":
+            w = new.in_proj_qkvz.weight
+            assert torch.equal(w[:n], q) and torch.equal(w[n : 2 * n], k_exp) and torch.equal(w[2 * n : 3 * n], v_exp)
+            assert torch.equal(new.out_proj.weight, o)
+            assert torch.count_nonzero(new.in_proj_ba.weight) == 0  # β = ½, a = 0 as stated
+            cfg = student.config
+            assert (cfg.gdn_num_key_heads, cfg.gdn_num_value_heads, cfg.gdn_key_head_dim) == (HEADS, HEADS, D)
+        elif mixer == "mamba2":
+            w = new.in_proj.weight  # z, x, B, C, dt
+            assert torch.equal(w[n : 2 * n], v_exp)  # x ← V
+            assert torch.equal(w[2 * n : 3 * n], k_exp)  # B ← K
+            assert torch.allclose(w[3 * n : 4 * n], q * D**-0.5, rtol=0, atol=0)  # C ← Q·d^-½
+            assert torch.count_nonzero(w[4 * n :]) == 0 and torch.count_nonzero(new.D) == 0
+            assert torch.equal(new.out_proj.weight, o)
+            assert (student.config.mamba_num_heads, student.config.mamba_n_groups) == (HEADS, HEADS)
+        else:
+            assert torch.equal(new.q_proj.weight, q) and torch.equal(new.k_proj.weight, k_exp)
+            assert torch.equal(new.v_proj.weight, v_exp) and torch.equal(new.o_proj.weight, o)
+        if getattr(new, "conv1d", None) is not None:  # identity: last tap 1, the others 0
+            w = new.conv1d.weight
+            assert torch.equal(w[:, 0, -1], torch.ones(w.shape[0])) and torch.count_nonzero(w[:, 0, :-1]) == 0
+    statement = student.config.hf_hybrid_lineage["init"][mixer]
+    assert statement["inherited"] and statement["new"] and statement["dropped"]
+    assert any("W_o" in s for s in statement["inherited"])
+    assert student.config.hf_hybrid_lineage["recipe"] == "hybridize"
+
+
+def test_identity_conv_passes_the_current_token_through():
+    x = torch.randn(2, 9, 6)
+    weight = torch.zeros(6, 4)
+    weight[:, -1] = 1.0
+    y, _ = causal_conv1d(x, weight, None, activation=None)
+    assert torch.equal(y, x)
+
+
+def test_qwen3_qk_norm_weight_is_folded_and_biases_reach_the_mamba_conv():
+    src = source_model(use_qk_norm=True, attention_bias=True)
+    with torch.no_grad():
+        for layer in src.model.layers:
+            layer.mixer.q_norm.weight.uniform_(0.5, 2.0)
+            layer.mixer.k_norm.weight.uniform_(0.5, 2.0)
+    attn = src.model.layers[0].mixer
+    gdn = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet").model.layers[0].mixer
+    q_rows = gdn.in_proj_qkvz.weight[: HEADS * D].reshape(HEADS, D, H)
+    assert torch.allclose(q_rows, attn.q_proj.weight.reshape(HEADS, D, H) * attn.q_norm.weight[None, :, None])
+    mamba = hybridize_model(src, attention_layers=[3], mixer="mamba2").model.layers[0].mixer
+    n = HEADS * D
+    bias = mamba.conv1d.bias  # conv over [x, B, C]
+    assert torch.equal(bias[:n], expanded(attn.v_proj.bias[:, None], KV, HEADS // KV)[:, 0])
+    assert torch.allclose(bias[2 * n :], attn.q_proj.bias * attn.q_norm.weight.repeat(HEADS) * D**-0.5)
+
+
+def test_unchanged_layers_and_shared_tensors_are_bit_identical(src):
+    before = {k: v.clone() for k, v in src.state_dict().items()}
+    student = hybridize_model(src, pattern="1:1 gated_deltanet:attention")
+    assert student.config.mixer_types == ["gated_deltanet", "attention", "gated_deltanet", "attention"]
+    s_state = student.state_dict()
+    for key, value in src.state_dict().items():
+        if key.startswith(("model.layers.0.mixer.", "model.layers.2.mixer.")):
+            continue
+        assert torch.equal(s_state[key], value), key
+        assert torch.equal(value, before[key]), f"source changed: {key}"
+    assert src.config.mixer_types == ["attention"] * 4
+
+
+def test_pattern_expands_like_the_config():
+    config = source_model(6).config
+    assert plan_hybridize(config, pattern="2:1 gated_deltanet:attention").attention_layers == [2, 5]
+    assert plan_hybridize(config, pattern="5:1 mamba2:attention").attention_layers == [5]
+    plan = plan_hybridize(config, pattern="1:1:1 gated_deltanet:mamba2:attention")
+    assert plan.targets == {0: "gated_deltanet", 1: "mamba2", 3: "gated_deltanet", 4: "mamba2"}
+    assert plan_hybridize(config, attention_layers=[], mixer="mamba2").attention_layers == []
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(pattern="5:1 gated_deltanet:attention"), r"keeps none"),
+    (dict(attention_layers=[1], mixer="gdn"), r"mixer='gdn' is not a mixer.*gated_deltanet"),
+    (dict(pattern="3:1 kda_x:attention"), r"not known"),
+    (dict(attention_layers=[0, 7], mixer="mamba2"), r"\[7\] out of range.*0\.\.3"),
+    (dict(attention_layers=[1]), r"needs mixer="),
+    (dict(attention_layers=[0, 1, 2, 3], mixer="mamba2"), r"nothing to replace"),
+    (dict(pattern="attention"), r"nothing to replace"),
+    (dict(pattern="1:1 gated_deltanet:attention", attention_layers=[1]), r"exactly one"),
+    (dict(pattern="1:1 gated_deltanet:attention", mixer="mamba2"), r"leave mixer out"),
+    (dict(attention_layers=[1], mixer="linear_attention", mixer_config={"linear_head_dim": 4}),
+     r"head dims cannot map.*linear_head_dim=4"),
+    (dict(attention_layers=[1], mixer="linear_attention", mixer_config={"linear_hed_dim": 4}), r"not a HybridConfig"),
+])
+def test_bad_requests_say_what_is_wrong(src, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plan_hybridize(src.config, **kwargs)
+
+
+def test_existing_linear_layers_convert_further_or_explain_why_not():
+    # A hybrid source (like an imported qwen3_next): its GDN layers match the attention's heads, so the remaining
+    # attention layers can become GDN too; the existing GDN layer is kept bit for bit.
+    geometry = INIT_TABLE["gated_deltanet"].geometry(source_model().config)
+    src = source_model(mixer_types=["gated_deltanet", "attention", "attention", "attention"], **geometry)
+    student = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet")
+    assert student.config.mixer_types == ["gated_deltanet"] * 3 + ["attention"]
+    for key, value in src.model.layers[0].state_dict().items():
+        assert torch.equal(student.model.layers[0].state_dict()[key], value)
+    other = source_model(mixer_types=["gated_deltanet", "attention", "attention", "attention"], gdn_num_key_heads=2)
+    with pytest.raises(ValueError, match=r"head dims cannot map.*layers \[0\].*gdn_num_key_heads=2.*needs.*=4"):
+        hybridize_model(other, attention_layers=[3], mixer="gated_deltanet")
+    with pytest.raises(ValueError, match=r"layer 0, which is 'gated_deltanet'"):
+        plan_hybridize(other.config, pattern="1:1 mamba2:attention")
+
+
+def test_kda_is_offered_only_when_registered_and_initialisable():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    choices = next(a for a in sub.choices["hybridize"]._actions if a.dest == "mixer").choices
+    assert set(choices) == set(available_mixers())
+    assert ("kda" in choices) == ("kda" in MIXER_REGISTRY and "kda" in INIT_TABLE)
+    assert set(MIXERS) <= set(choices)
+
+
+# ---- layer selection ----------------------------------------------------------------------------------------------------
+
+
+def test_rank_layers_puts_the_layer_that_matters_first(src):
+    teacher = source_model(seed=3)
+    with torch.no_grad():
+        teacher.model.layers[1].mixer.o_proj.weight.zero_()  # layer 1's attention contributes nothing
+        teacher.model.layers[2].mixer.o_proj.weight.mul_(10.0)  # layer 2's dominates
+        for i in (0, 3):
+            teacher.model.layers[i].mixer.o_proj.weight.mul_(0.1)
+    rows = rank_layers(teacher, ids(2, 16), mixer="linear_attention")
+    assert sorted(r["layer"] for r in rows) == [0, 1, 2, 3]
+    assert rows[0]["layer"] == 2 and rows[-1]["layer"] == 1
+    assert rows[-1]["kl"] < 1e-3  # replacing a layer whose output is zero changes nothing (o_proj inherited: 0)
+    assert all(a["kl"] >= b["kl"] for a, b in zip(rows, rows[1:]))
+
+
+# ---- stage 1 and stage 2 ------------------------------------------------------------------------------------------------
+
+
+def blocks_dataset(n: int = 16, t: int = 24, vocab: int = 64) -> PackedBlocks:
+    return PackedBlocks(ids(n, t, seed=5, vocab=vocab).flatten(), t)
+
+
+def args(tmp_path, name, **kw):
+    base = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=0,
+                lr_scheduler_type="constant", logging_steps=2, disable_tqdm=True, weight_decay=0.0)
+    return training_arguments(str(tmp_path / name), **{**base, **kw})
+
+
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba2"])
+def test_stage1_moves_only_new_parameters_and_lowers_the_mse(src, tmp_path, mixer):
+    student = hybridize_model(src, attention_layers=[1, 3], mixer=mixer)
+    teacher_before = {k: v.clone() for k, v in src.state_dict().items()}
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    held = ids(4, 24, seed=9)
+    err0 = transfer_error(src, student, [0, 2], held)
+    freeze_all_but(student, [0, 2])
+    trainer = TransferTrainer(model=AttentionTransfer(src, student, [0, 2]), args=args(tmp_path, "s1", max_steps=12),
+                              train_dataset=blocks_dataset())
+    trainer.train()
+    err1 = transfer_error(src, student, [0, 2], held)
+    assert all(err1[i] < 0.8 * err0[i] for i in (0, 2)), (err0, err1)
+    moved = {k for k, v in student.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(k.startswith(("model.layers.0.mixer.", "model.layers.2.mixer.")) for k in moved)
+    assert all(torch.equal(v, teacher_before[k]) for k, v in src.state_dict().items())
+    assert any("nmse/layer0" in e for e in trainer.state.log_history)
+
+
+def _kl(student, teacher, x) -> float:
+    from hf_hybrid.convert.hybridize import distillation_gap
+
+    return distillation_gap(student.eval(), teacher, x)["kl"]
+
+
+def test_stage2_lowers_the_kl_full_and_lora(src, tmp_path):
+    held = ids(4, 24, seed=9)
+    student = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet")
+    kl0 = _kl(student, src, held)
+    trainer = DistillationTrainer(model=student.train(), teacher=src, args=args(tmp_path, "s2", learning_rate=3e-3),
+                                  train_dataset=blocks_dataset(), lm_weight=0.1)
+    trainer.train()
+    kl1 = _kl(student, src, held)
+    assert kl1 < 0.8 * kl0, (kl0, kl1)
+    assert {"kl", "lm"} <= set(next(e for e in trainer.state.log_history if "kl" in e))
+
+    student = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet")
+    base = {k: v.clone() for k, v in student.state_dict().items()}
+    peft_model = add_lora(student, r=4, alpha=8)
+    DistillationTrainer(model=peft_model, teacher=src, args=args(tmp_path, "s2-lora", learning_rate=1e-2),
+                        train_dataset=blocks_dataset()).train()
+    assert all(torch.equal(p, base[k.replace("base_model.model.", "").replace(".base_layer", "")])
+               for k, p in peft_model.named_parameters() if "lora_" not in k)
+    merged = peft_model.merge_and_unload()
+    assert _kl(merged, src, held) < kl0
+
+
+def test_stage2_gradient_accumulation_matches_one_batch(src, tmp_path):
+    data = blocks_dataset(8)
+    results = []
+    for bs, ga in ((4, 1), (2, 2)):
+        student = hybridize_model(src, attention_layers=[3], mixer="linear_attention").train()
+        DistillationTrainer(model=student, teacher=src, train_dataset=data, lm_weight=0.5,
+                            args=args(tmp_path, f"ga{ga}", max_steps=1, per_device_train_batch_size=bs,
+                                      gradient_accumulation_steps=ga, learning_rate=1e-2, max_grad_norm=1e9,
+                                      optim="sgd")).train()
+        results.append(student.model.layers[0].mixer.q_proj.weight.detach().clone())
+    assert torch.allclose(results[0], results[1], atol=1e-6), (results[0] - results[1]).abs().max()
+
+
+# ---- recipe and CLI, end to end on a tiny Qwen3 -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory) -> Path:
+    tokenizer = byte_tokenizer()
+    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(cfg)
+    path = tmp_path_factory.mktemp("qwen3") / "src"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_recipe_runs_end_to_end_on_a_tiny_qwen3(qwen3_dir, tmp_path):
+    from importlib import util
+
+    spec = util.spec_from_file_location("hybridize_recipe", REPO / "recipes/hybridize/train.py")
+    recipe = util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    config = yaml.safe_load((REPO / "recipes/hybridize/config.yaml").read_text())
+    config["data"] = {"source": "pydoc", "context": 32, "max_train_chars": 20000, "eval_blocks": 4}
+    config["select"] = {"num_attention": 1, "criterion": "kl", "blocks": 2}
+    config["hybridize"]["mixer"] = "gated_deltanet"
+    for stage in ("stage1", "stage2", "scratch"):
+        config[stage].update(per_device_train_batch_size=2, logging_steps=2, disable_tqdm=True)
+    config["stage1"]["max_steps"] = 3
+    config["stage2"]["max_steps"] = 2
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "student"
+    summary = recipe.main(["--config", str(path), "--source", str(qwen3_dir), "--output", str(out),
+                           "--output-dir", str(tmp_path / "run")])
+    assert set(summary["rows"]) == {"source", "init", "stage1", "stage2", "scratch"}
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.config.mixer_types.count("attention") == 1
+    lineage = loaded.config.hf_hybrid_lineage
+    assert lineage["recipe"] == "hybridize" and lineage["base_model_type"] == "qwen3"
+    assert {"stage1", "stage2"} <= set(lineage["training"])
+    assert lineage["metrics"]["stage2_perplexity"] == round(summary["rows"]["stage2"]["eval_perplexity"], 3)
+    assert len(lineage["options"]["selection"]["ranking"]) == 3
+    assert "q ← W_q (q_norm weight folded in)" in lineage["init"]["gated_deltanet"]["inherited"]
+    assert "hybridize" in (out / "README.md").read_text()
+    x = ids(1, 16, vocab=loaded.config.vocab_size)
+    with torch.no_grad():
+        assert torch.isfinite(loaded(x).logits).all()
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["layout"]
+
+
+def test_cli_hybridize_and_errors(qwen3_dir, tmp_path, capsys):
+    dst = tmp_path / "out"
+    assert cli_main(["hybridize", str(qwen3_dir), str(dst), "--pattern", "2:1 mamba2:attention"]) == 0
+    text = capsys.readouterr().out
+    assert "x ← W_v" in text and "C ← W_q" in text and "cache" in text
+    reloaded = HybridForCausalLM.from_pretrained(dst)
+    assert reloaded.config.mixer_types == ["mamba2", "mamba2", "attention"]
+    assert cli_main(["inspect", str(dst), "--context", "32K"]) == 0
+    assert cli_main(["hybridize", str(qwen3_dir), str(tmp_path / "b"), "--attention-layers", "0,9",
+                     "--mixer", "gated_deltanet"]) == 2
+    assert "out of range" in capsys.readouterr().err
+    assert cli_main(["hybridize", str(qwen3_dir), str(tmp_path / "c"), "--pattern", "5:1 mamba2:attention"]) == 2
+    assert "keeps none" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    with pytest.raises(SystemExit):
+        cli_main(["hybridize", str(qwen3_dir), str(tmp_path / "d"), "--attention-layers", "1", "--mixer", "gdn"])
+    hybrid = hybridize(qwen3_dir, attention_layers=[2], mixer="linear_attention")
+    assert hybrid.config.hf_hybrid_lineage["source"] == str(qwen3_dir)
