@@ -354,3 +354,28 @@ def test_cli_hybridize_and_errors(qwen3_dir, tmp_path, capsys):
         cli_main(["hybridize", str(qwen3_dir), str(tmp_path / "d"), "--attention-layers", "1", "--mixer", "gdn"])
     hybrid = hybridize(qwen3_dir, attention_layers=[2], mixer="linear_attention")
     assert hybrid.config.hf_hybrid_lineage["source"] == str(qwen3_dir)
+
+
+def test_cli_select_prints_the_ranking_and_keeps_the_top_layers(qwen3_dir, tmp_path, capsys):
+    dst = tmp_path / "sel"
+    assert cli_main(["hybridize", str(qwen3_dir), str(dst), "--select", "kl", "--num-attention", "1",
+                     "--mixer", "linear_attention", "--select-blocks", "2", "--select-context", "32"]) == 0
+    text = capsys.readouterr().out
+    ranking = [line.split() for line in text.splitlines() if line.strip().endswith("<- keeps attention")]
+    assert len(ranking) == 1
+    kept = int(ranking[0][1])
+    assert HybridConfig.from_pretrained(dst).mixer_types[kept] == "attention"
+    assert cli_main(["hybridize", str(qwen3_dir), str(tmp_path / "x"), "--select", "kl"]) == 2
+    assert "--num-attention" in capsys.readouterr().err
+
+
+def test_student_context_gives_recurrent_mixers_the_padding_mask():
+    from hf_hybrid.distill import student_context
+    from hf_hybrid.mixers.base import MixerContext
+
+    ctx = MixerContext(padding_mask=None, attention_mask_2d=None, masks={}, position_ids=torch.zeros(2, 4),
+                       cu_seqlens=None, max_seqlen=None, rope=None, cache=object(), past_length=3)
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    new = student_context(ctx, mask, 4)
+    assert torch.equal(new.padding_mask, mask.bool()) and new.cache is None and new.past_length == 0
+    assert student_context(ctx, torch.ones(2, 4, dtype=torch.long), 4).padding_mask is None
