@@ -174,7 +174,7 @@ def _lineage(config: HybridConfig, metrics: dict[str, Any] | None) -> str:
             if key in lineage:
                 lines.append(f"- **{key.replace('_', ' ')}**: `{lineage.pop(key)}`")
         for key, value in lineage.items():
-            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
             lines.append(f"- **{key.replace('_', ' ')}**: `{text}`")
     if merged_metrics:
         lines.append("")

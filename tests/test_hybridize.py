@@ -329,7 +329,8 @@ def test_recipe_runs_end_to_end_on_a_tiny_qwen3(qwen3_dir, tmp_path):
     assert lineage["metrics"]["stage2_perplexity"] == round(summary["rows"]["stage2"]["eval_perplexity"], 3)
     assert len(lineage["options"]["selection"]["ranking"]) == 3
     assert "q ← W_q (q_norm weight folded in)" in lineage["init"]["gated_deltanet"]["inherited"]
-    assert "hybridize" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "hybridize" in card and "q ← W_q" in card and "stage2_perplexity" in card
     x = ids(1, 16, vocab=loaded.config.vocab_size)
     with torch.no_grad():
         assert torch.isfinite(loaded(x).logits).all()
