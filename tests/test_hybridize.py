@@ -380,3 +380,16 @@ def test_student_context_gives_recurrent_mixers_the_padding_mask():
     new = student_context(ctx, mask, 4)
     assert torch.equal(new.padding_mask, mask.bool()) and new.cache is None and new.past_length == 0
     assert student_context(ctx, torch.ones(2, 4, dtype=torch.long), 4).padding_mask is None
+
+
+def test_attention_output_gate_becomes_the_gdn_gate():
+    src = source_model(attention_output_gate=True)  # Qwen3-Next's gated attention
+    attn = src.model.layers[0].mixer
+    student = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet")
+    w = student.model.layers[0].mixer.in_proj_qkvz.weight
+    n = HEADS * D
+    q_and_gate = attn.q_proj.weight.reshape(HEADS, 2 * D, H)
+    assert torch.equal(w[:n], q_and_gate[:, :D].reshape(n, H))
+    assert torch.equal(w[3 * n :], q_and_gate[:, D:].reshape(n, H))
+    assert any(s.startswith("z (output gate) ←") for s in student.config.hf_hybrid_lineage["init"]["gated_deltanet"]
+               ["inherited"])
