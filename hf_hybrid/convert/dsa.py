@@ -37,6 +37,7 @@ from ..configuration_hybrid import HybridConfig
 from .upcycle import (
     _as_dtype,
     check_dst,
+    check_layer_indices,
     cost_line,
     derived_lineage,
     load_source,
@@ -89,15 +90,9 @@ def check_convert(
             )
         layers = convertible
     else:
-        layers = sorted(set(layers))
         if not layers:
             raise ValueError("convert-dsa: layers is empty; give layer indices or None for every attention/MLA layer")
-        for i in layers:
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise ValueError(f"convert-dsa: layer index {i!r} must be an integer")
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"convert-dsa: layers {bad} do not exist; the model has layers 0..{n - 1}")
+        layers = check_layer_indices(layers, n, what="convert-dsa: layers")
         wrong = [(i, types[i]) for i in layers if types[i] not in DSA_BASES]
         if wrong:
             raise ValueError(

@@ -46,6 +46,7 @@ from ..configuration_hybrid import HybridConfig, _expand_pattern
 from .upcycle import (
     _as_dtype,
     check_dst,
+    check_layer_indices,
     cost_line,
     derived_lineage,
     load_source,
@@ -421,13 +422,7 @@ def plan_hybridize(
         if mixer is None:
             raise ValueError(f"hybridize: attention_layers needs mixer=; choose one of: {', '.join(allowed)}")
         check_mixer(mixer, "mixer")
-        keep = sorted(set(attention_layers))
-        for i in keep:
-            if not isinstance(i, int) or isinstance(i, bool):
-                raise ValueError(f"hybridize: attention_layers entry {i!r} must be an integer layer index")
-        bad = [i for i in keep if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"hybridize: attention_layers {bad} out of range; the model has layers 0..{n - 1}")
+        keep = check_layer_indices(attention_layers, n, what="hybridize: attention_layers")
         not_attention = [(i, types[i]) for i in keep if types[i] not in REPLACEABLE]
         if not_attention:
             raise ValueError(

@@ -273,6 +273,19 @@ def upcycle_mlp(
 # config and model
 
 
+def check_layer_indices(layers, n: int, *, what: str) -> list[int]:
+    """``layers`` sorted and deduplicated; ``ValueError`` naming ``what`` (e.g. ``"upcycle: layers"``) for an entry that
+    is not an integer or not a layer of an ``n``-layer model. Shared with ``convert.dsa`` and ``convert.hybridize``."""
+    for i in layers:
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise ValueError(f"{what} entry {i!r} must be an integer layer index")
+    layers = sorted(set(layers))
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"{what} {bad} do not exist; the model has layers 0..{n - 1}")
+    return layers
+
+
 def check_upcycle(config: HybridConfig, opts: UpcycleOptions) -> list[int]:
     """Validate ``opts`` against ``config``; return the layers to upcycle. Raises ``ValueError``; writes nothing."""
     opts.validate()
@@ -289,10 +302,7 @@ def check_upcycle(config: HybridConfig, opts: UpcycleOptions) -> list[int]:
     if opts.layers is None:
         layers = dense
     else:
-        layers = sorted(set(opts.layers))
-        bad = [i for i in layers if not 0 <= i < n]
-        if bad:
-            raise ValueError(f"upcycle: layers {bad} do not exist; the model has layers 0..{n - 1}")
+        layers = check_layer_indices(opts.layers, n, what="upcycle: layers")
         not_dense = [i for i in layers if config.mlp_types[i] != "dense"]
         if not_dense:
             raise ValueError(
