@@ -118,7 +118,11 @@ def test_qwen3_qk_norm_weight_is_folded_and_biases_reach_the_mamba_conv():
             layer.mixer.q_norm.weight.uniform_(0.5, 2.0)
             layer.mixer.k_norm.weight.uniform_(0.5, 2.0)
     attn = src.model.layers[0].mixer
-    gdn = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet").model.layers[0].mixer
+    gdn_model = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet")
+    gdn = gdn_model.model.layers[0].mixer
+    lineage = gdn_model.config.hf_hybrid_lineage  # GDN has no projection biases: said per layer and per mixer
+    assert lineage["init_notes"] == {str(i): ["q/k/v biases dropped"] for i in range(3)}
+    assert any("biases" in s for s in lineage["init"]["gated_deltanet"]["dropped"])
     q_rows = gdn.in_proj_qkvz.weight[: HEADS * D].reshape(HEADS, D, H)
     assert torch.allclose(q_rows, attn.q_proj.weight.reshape(HEADS, D, H) * attn.q_norm.weight[None, :, None])
     mamba = hybridize_model(src, attention_layers=[3], mixer="mamba2").model.layers[0].mixer
