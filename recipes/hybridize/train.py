@@ -78,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=None)
     p.add_argument("--max-train-chars", type=int, default=None)
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
+    p.add_argument("--no-inherit", action="store_true",
+                   help="ablation: the new mixers start from random init (the model's own) instead of the attention")
     p.add_argument("--output-dir", default=None, help="override output_dir (trainer files, metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
@@ -123,6 +125,8 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
         r["stage2"]["train"] = args.stage2_train
     if args.no_scratch:
         r["scratch"]["enabled"] = False
+    if args.no_inherit:
+        r["hybridize"]["inherit"] = False
     return r
 
 
@@ -187,6 +191,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               mixer_config=h_cfg.get("mixer_config") or None, seed=int(h_cfg.get("seed", 0)))
     lineage = student.config.hf_hybrid_lineage
     replaced = sorted(int(i) for i in lineage["options"]["replaced"])
+    if not h_cfg.get("inherit", True):
+        # Ablation: every new mixer from the model's own random init (a fresh model of the same config, seed + 1).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(h_cfg.get("seed", 0)) + 1)
+            fresh = HybridForCausalLM(student.config)
+        for i in replaced:
+            student.model.layers[i].mixer.load_state_dict(fresh.model.layers[i].mixer.state_dict())
+        del fresh
+        lineage["init"] = {m: {"new": ["every tensor: the model's random init (ablation, --no-inherit)"]}
+                           for m in lineage["init"]}
+        lineage["options"]["inherit"] = False
     log(f"hybridized: layers {replaced} -> {lineage['options']['replaced']}, attention kept at "
         f"{lineage['options']['attention_layers']}")
     log(format_statements(lineage["init"]))
@@ -260,6 +275,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- 5. table, card, files ------------------------------------------------------------------------------------
     before, after = cache_per_token(teacher.config), cache_per_token(student.config)
     label = pattern or f"attention at {lineage['options']['attention_layers']}, {mixer}"
+    if not h_cfg.get("inherit", True):
+        label += " (random init, no inheritance)"
     log("")
     log("| layout | source | init | stage 1 | stage 2 | scratch (same tokens) | cache/token @32K before → after |")
     log("|---|---:|---:|---:|---:|---:|---|")
