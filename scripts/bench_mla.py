@@ -100,9 +100,10 @@ class Timer:
         return statistics.median(device_ms), statistics.median(wall_ms)
 
 
-def bench_ours(
-    config, mode: str, batch: int, context: int, device, dtype, timer: Timer, args
-) -> tuple[float, float]:
+def make_decode_step(config, mode: str, batch: int, context: int, device, dtype):
+    """(layer, step): ``step()`` runs one ``HybridMLA`` decode step with ``config.mla_decode = mode`` on a cache
+    holding ``context`` random latents (appending to it, as generate() does) and returns the output [B, 1, hidden].
+    Same seeds every call: two modes built at the same sizes see the same weights, cache and input."""
     config.mla_decode = mode
     torch.manual_seed(0)
     layer = HybridMLA(config, 0).to(device=device, dtype=dtype).eval()
@@ -124,8 +125,15 @@ def bench_ours(
             past_length=past,
         )
         with torch.no_grad():
-            layer(x, ctx)
+            return layer(x, ctx)
 
+    return layer, step
+
+
+def bench_ours(
+    config, mode: str, batch: int, context: int, device, dtype, timer: Timer, args
+) -> tuple[float, float]:
+    _, step = make_decode_step(config, mode, batch, context, device, dtype)
     result = timer.run(step, args.warmup, args.steps)
     if mode == "absorbed" and device.type == "cuda" and args.profile:
         profile_kernels(step)
