@@ -51,14 +51,15 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 
-# (distribution, oldest version we accept): what the checks import beyond the image's torch and triton.
+# (distribution, oldest version we accept, needed only when the carried transformers is installed): what the checks
+# import beyond the image's torch and triton; the last four are transformers 5.24's own requirements.
 REQUIREMENTS = (
-    ("transformers", "5.23.0"),
-    ("fla-core", "0.6.0"),
-    ("tokenizers", "0.23.1"),  # transformers 5.24's own requirements, which an older image may lack
-    ("huggingface-hub", "1.31.0"),
-    ("safetensors", "0.8.0"),
-    ("regex", "2025.10.22"),
+    ("transformers", "5.23.0", False),
+    ("fla-core", "0.6.0", False),
+    ("tokenizers", "0.23.1", True),
+    ("huggingface-hub", "1.31.0", True),
+    ("safetensors", "0.8.0", True),
+    ("regex", "2025.10.22", True),
 )
 
 # unit roundoff: a low-precision result is bounded by 4u relative (one rounding of the output is ≈ u/√3 in norm;
@@ -90,13 +91,16 @@ def installed_version(dist: str) -> str | None:
 
 def install_plan(wheel_dir: Path, installed: Callable[[str], str | None] = installed_version) -> list[dict]:
     """One row per requirement: installed version, needed minimum, the carried wheel, and the action
-    ("ok", "install" or "missing wheel")."""
+    ("ok", "install" or "missing wheel"). transformers' own requirements count only when it is installed from the
+    carried wheel (an installed transformers that is new enough brings what it needs)."""
     wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
     rows = []
-    for dist, minimum in REQUIREMENTS:
+    for dist, minimum, only_with_transformers in REQUIREMENTS:
         have = installed(dist)
         wheel = next((w for w in wheels if w.name.lower().startswith(_normalise(dist) + "-")), None)
         ok = have is not None and _version_key(have) >= _version_key(minimum)
+        if only_with_transformers and rows[0]["action"] == "ok":
+            ok = True
         action = "ok" if ok else ("install" if wheel is not None else "missing wheel")
         rows.append(
             {"package": dist, "installed": have, "needs": f">={minimum}", "wheel": wheel and wheel.name, "action": action}
@@ -776,10 +780,11 @@ def mla_decode(run: Run) -> dict:
 
 @section("correctness", cap_s=180, need_s=10)
 def pytest_gpu(run: Run) -> dict:
-    """The suite's ``-m gpu`` tests (on CPU only collected: they need a GPU to run)."""
+    """The suite's ``-m gpu`` tests. The CPU dry run only collects, and from one file (collecting the whole suite
+    imports every test module, which takes longer than the rest of the dry run)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"]
     if not run.cuda:
-        cmd.append("--collect-only")
+        cmd[-1:] = ["tests/test_gpu_check.py", "--collect-only", "--noconftest"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     timeout = max(10.0, run.left())
     try:
@@ -833,7 +838,7 @@ DSA_SHAPES = {  # H, Hkv, Dqk, Dv, scale
     "gqa H16/Hkv4 D128": (16, 4, 128, 128, 128**-0.5),
     "mla-latent H16 Dqk576/Dv512": (16, 1, 576, 512, 192**-0.5),
 }
-DSA_SHAPES_DRY = {"gqa": (4, 2, 16, 16, 0.25), "mla-latent": (4, 1, 40, 32, 0.2)}
+DSA_SHAPES_DRY = {"gqa": (2, 1, 16, 16, 0.25), "mla-latent": (2, 1, 24, 16, 0.2)}
 
 
 @section("benchmark", cap_s=150, need_s=15)
@@ -844,10 +849,11 @@ def bench_dsa(run: Run) -> dict:
     import dsa_memory
     import torch
 
-    Ts = run.pick([16384, 65536, 131072], [32, 48])
-    K = run.pick(2048, 8)
+    Ts = run.pick([16384, 65536, 131072], [16])
+    K = run.pick(2048, 4)
     reps = run.pick(3, 1)
-    time_ms = bd.gpu_time_ms if run.cuda else bd.cpu_time_ms
+    # the dry run times one call, no warm-up: Triton's interpreter takes about a second per call
+    time_ms = bd.gpu_time_ms if run.cuda else (lambda fn, reps: run.measure(warmup=0, iters=reps)(fn))
     peak_mib = bd.gpu_peak_mib if run.cuda else bd.cpu_peak_mib
     rows = []
     for shape_name, shape in run.pick(DSA_SHAPES, DSA_SHAPES_DRY).items():
@@ -1085,6 +1091,12 @@ def bench_train(run: Run) -> dict:
     for r in rows:
         if "tokens/s" in r and r["model"] != "hf_hybrid" and r["shape"] in ours:
             r["hf_hybrid/this"] = ours[r["shape"]] / r["tokens/s"]
+    # an OOM is a result, and so is fla-core refusing qwen3_next's backward; any other failure is ours to fix
+    broken = [r for r in rows if "(fla-core)" not in r["model"] and r.get("result", "OOM") not in ("OOM",)
+              and not r["result"].startswith("skipped")]
+    if broken:
+        return {"status": "fail", "reason": f"{broken[0]['model']} {broken[0]['shape']}: {broken[0]['result']}",
+                "rows": rows, "notes": notes}
     return {"rows": rows, "notes": notes}
 
 
