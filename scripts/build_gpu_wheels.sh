@@ -5,7 +5,7 @@
 #
 #   scripts/build_gpu_wheels.sh            # run from anywhere; needs pip and PyPI; PYTHON=... picks the python
 #
-# Holds: transformers 5.24.0 (the newest we support; the floor is 5.23), fla-core 0.6.0, hf-hybrid built from
+# Holds: transformers 5.24.0 (the newest we support; the floor is 5.23), fla-core 0.6.0, peft 0.21.2, hf-hybrid built from
 # this tree, and the x86-64 / CPython 3.12 wheels of transformers 5.24's requirements that an image may lack.
 # The folder travels with the working tree in the device call (carry [".whl"]), 64 MiB in all: checked below.
 set -euo pipefail
@@ -16,7 +16,7 @@ DEST=.whl
 LIMIT_MIB=64
 
 # one version of each: two of one package stop the whole install
-PURE=(transformers==5.24.0 fla-core==0.6.0)
+PURE=(transformers==5.24.0 fla-core==0.6.0 peft==0.21.2)
 BINARY=(tokenizers==0.23.3 huggingface-hub==1.33.0 safetensors==0.8.0 regex==2026.11.19)
 PLATFORMS=(--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64)
 

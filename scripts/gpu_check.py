@@ -56,6 +56,7 @@ SCRIPTS = REPO / "scripts"
 REQUIREMENTS = (
     ("transformers", "5.23.0", False),
     ("fla-core", "0.6.0", False),
+    ("peft", "0.17.0", False),  # hf_hybrid's own floor (pyproject)
     ("tokenizers", "0.23.1", True),
     ("huggingface-hub", "1.31.0", True),
     ("safetensors", "0.8.0", True),
@@ -257,6 +258,10 @@ class Run:
         self.section_end = args.deadline
         self.ceilings: dict[str, float] = {}
         self.skipped_rows = 0
+        self.rows: list[dict] = []  # the running section's rows: kept when it raises half-way
+        if self.cuda:  # fp32 references in full fp32 (cuDNN convolutions default to TF32)
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
         # low-precision dtypes checked: bf16 tl.dot is wrong in Triton's CPU interpreter
         self.low_dtypes = (torch.bfloat16, torch.float16) if self.cuda else (torch.float32, torch.float16)
         self.bench_dtype = torch.bfloat16 if self.cuda else torch.float32
@@ -344,6 +349,7 @@ def run_sections(run: Run, report: Report, names: list[str], start: int) -> int:
             continue
         run.section_end = min(run.deadline, t0 + sec.cap_s)
         run.skipped_rows = 0
+        run.rows = []
         print(f"[{sec.name}] start ({left:.0f} s of the budget left, this section ≤ {sec.cap_s:.0f} s)", flush=True)
         try:
             with warnings.catch_warnings():
@@ -357,7 +363,8 @@ def run_sections(run: Run, report: Report, names: list[str], start: int) -> int:
                     f"{run.skipped_rows} measurement(s) skipped: the section's share of the budget was spent"
                 )
         except Exception as error:
-            result.update(status="error", reason=short_error(error), traceback=traceback.format_exc())
+            result.update(status="error", reason=short_error(error), traceback=traceback.format_exc(),
+                          rows=run.rows)
         result["seconds"] = time.time() - t0
         result = _clean(result)
         report.add(result)
@@ -561,7 +568,7 @@ def dsa_triton(run: Run) -> dict:
          "mla-latent H16 Dqk576/Dv512": (1, 700, 100, 16, 1, 576, 512, 512)},
         {"gqa": (2, 11, 6, 4, 2, 32, 32, 7), "mqa-latent": (1, 9, 4, 4, 1, 40, 32, 6)},
     )
-    rows, seed = [], 0
+    rows, seed = run.rows, 0
     triton_attn = lambda *a, **kw: sparse_attention(*a, backend="triton", **kw)
     for dtype in run.low_dtypes:
         for name, (B, T, P, H, Hkv, Dqk, Dv, K) in cases.items():
@@ -646,7 +653,7 @@ def fla_dispatch(run: Run) -> dict:
             lambda q, k, v, backend: simple_gla(q, k, v, None, backend=backend)[0],
             lambda: [rn(B, T, H, D), rn(B, T, H, D) / 8, rn(B, T, H, D)], False),
     }
-    rows, notes = [], []
+    rows, notes = run.rows, []
     for name, (op_name, op, inputs_fn, gated) in ops.items():
         if not run.keep_going(5):
             rows.append(skipped_row(check=name))
@@ -703,7 +710,8 @@ def moe_grouped(run: Run) -> dict:
 
     from hf_hybrid.moe import experts_forward_loop
 
-    N, E, K, H, inter = run.pick((4096, 64, 8, 1024, 512), (64, 8, 2, 32, 16))
+    # batched_mm gathers one weight matrix per assignment ([N·k, 2I, H]): keep N·k·I·H small
+    N, E, K, H, inter = run.pick((1024, 64, 8, 512, 256), (64, 8, 2, 32, 16))
     moe, cfg = bench_moe.moe_block(H, E, K, inter, "eager")
     with torch.no_grad():
         moe.experts.gate_up_proj.normal_(std=H**-0.5)
@@ -724,7 +732,7 @@ def moe_grouped(run: Run) -> dict:
         return {"y": y, "dx": grads[0], "dgate_up": grads[1], "ddown": grads[2]}
 
     want = outputs(ref_experts, lambda m, t: experts_forward_loop(m, t, index, weights), x_low.float())
-    rows = []
+    rows = run.rows
     for impl in ("eager", "batched_mm", "grouped_mm"):
         if not run.keep_going(1):
             rows.append(skipped_row(check=impl))
@@ -763,7 +771,7 @@ def mla_decode(run: Run) -> dict:
     sizes = run.pick(MLA_GPU, MLA_DRY)
     batch, context = run.pick((4, 4096), (2, 32))
     config = _mla_config(run, **sizes)
-    rows = []
+    rows = run.rows
     for dtype in run.low_dtypes:
         if not run.keep_going(2):
             rows.append(skipped_row(check="mla decode", dtype=str(dtype)))
@@ -812,7 +820,7 @@ def bench_linear(run: Run) -> dict:
     lengths = run.pick([8192, 32768], [64, 128])
     heads, dim = run.pick((16, 128), (2, 16))
     measure = run.measure(warmup=run.pick(2, 1), iters=run.pick(5, 1))
-    rows, notes = [], []
+    rows, notes = run.rows, []
     for op in bl.OPS:
         fns = bl.candidates(op, "cuda", compile_ours=False)  # every GPU candidate, also in the CPU dry run
         if not run.cuda:
@@ -834,17 +842,31 @@ def bench_linear(run: Run) -> dict:
     return {"rows": rows, "notes": notes}
 
 
-DSA_SHAPES = {  # H, Hkv, Dqk, Dv, scale
-    "gqa H16/Hkv4 D128": (16, 4, 128, 128, 128**-0.5),
-    "mla-latent H16 Dqk576/Dv512": (16, 1, 576, 512, 192**-0.5),
+DSA_SHAPES = {  # H, Hkv, Dqk, Dv, scale; lengths (dense SDPA with Dqk != Dv runs the slow mem-efficient kernel)
+    "gqa H16/Hkv4 D128": ((16, 4, 128, 128, 128**-0.5), (16384, 65536, 131072)),
+    "mla-latent H16 Dqk576/Dv512": ((16, 1, 576, 512, 192**-0.5), (16384, 65536)),
 }
-DSA_SHAPES_DRY = {"gqa": (2, 1, 16, 16, 0.25), "mla-latent": (2, 1, 24, 16, 0.2)}
+DSA_SHAPES_DRY = {"gqa": ((2, 1, 16, 16, 0.25), (16,)), "mla-latent": ((2, 1, 24, 16, 0.2), (16,))}
+DSA_MODEL_GPU = dict(hidden=2048, heads=16, index=dict(index_n_heads=64, index_head_dim=128),
+                     mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                              v_head_dim=128))
+DSA_MODEL_DRY = dict(hidden=64, heads=4, mla=None, index=dict(index_n_heads=2, index_head_dim=16))
+
+
+def attempt(row: dict, fn: Callable[[], dict]) -> bool:
+    """row.update(fn()); an out-of-memory becomes the row's result ("OOM"), any other error too (returns False)."""
+    try:
+        row.update(fn())
+        return True
+    except Exception as error:
+        row["result"] = "OOM" if is_oom(error) else short_error(error)
+        return is_oom(error)
 
 
 @section("benchmark", cap_s=150, need_s=15)
 def bench_dsa(run: Run) -> dict:
-    """DSA prefill fwd and fwd+bwd (Triton, torch) vs dense SDPA; the indexer top-k; and the peak memory of a one-layer
-    DSA model vs transformers' deepseek_v32 (which builds a dense T×T mask: its OOM is the result)."""
+    """Peak memory of a one-layer DSA model vs transformers' deepseek_v32 (a dense T×T mask: its OOM is the result);
+    DSA prefill fwd and fwd+bwd (Triton, torch) vs dense SDPA; the indexer top-k."""
     import bench_dsa_ops as bd
     import dsa_memory
     import torch
@@ -855,48 +877,9 @@ def bench_dsa(run: Run) -> dict:
     # the dry run times one call, no warm-up: Triton's interpreter takes about a second per call
     time_ms = bd.gpu_time_ms if run.cuda else (lambda fn, reps: run.measure(warmup=0, iters=reps)(fn))
     peak_mib = bd.gpu_peak_mib if run.cuda else bd.cpu_peak_mib
-    rows = []
-    for shape_name, shape in run.pick(DSA_SHAPES, DSA_SHAPES_DRY).items():
-        for T in Ts:
-            if not run.keep_going(10):
-                rows.append(skipped_row(table="attention", shape=shape_name, T=T))
-                continue
-            try:
-                got = bd._gpu_attention_rows(T, K, reps, run.pick(16384, 32), *shape, dev=run.device,
-                                             dt=run.bench_dtype, time_ms=time_ms, peak_mib=peak_mib)
-            except Exception as error:
-                if not is_oom(error):
-                    raise
-                rows.append({"table": "attention", "shape": shape_name, "T": T, "result": "inputs OOM"})
-                run.empty_cache()
-                continue
-            base = got.get("sdpa", (None, None, None))
-            for op, (tf, tb, mb) in got.items():
-                rows.append({"table": "attention", "shape": shape_name, "T": T, "K": K, "op": op,
-                             "fwd ms": tf if tf is not None else "OOM", "f+b ms": tb if tb is not None else "OOM",
-                             "f+b peak GiB": mb if mb is not None else "OOM",
-                             "sdpa/this fwd": base[0] / tf if tf and base[0] else None,
-                             "sdpa/this f+b": base[1] / tb if tb and base[1] else None})
-            run.empty_cache()
-    for T in Ts:
-        if not run.keep_going(5):
-            rows.append(skipped_row(table="indexer", T=T))
-            continue
-        chunks = run.pick((("torch", (64, 8192)), ("triton", (256, 16384))), (("torch", (16, 32)), ("triton", (16, 32))))
-        got = bd._gpu_indexer_rows(T, K, reps, run.pick(16384, 64), *run.pick((64, 128), (2, 8)), dev=run.device,
-                                   dt=run.bench_dtype, time_ms=time_ms, peak_mib=peak_mib, chunks=chunks)
-        for backend, (t, m) in got.items():
-            torch_ms = got.get("torch", (None,))[0]
-            rows.append({"table": "indexer top-k", "T": T, "K": K, "op": backend, "fwd ms": t if t else "OOM",
-                         "peak GiB": m if m else "OOM", "torch/this": torch_ms / t if torch_ms and t else None})
-        run.empty_cache()
-    # one-layer models: ours (MLA + DSA) vs transformers' deepseek_v32, prefill and training peak memory
-    sizes = run.pick(
-        dict(hidden=2048, heads=16, mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128,
-                                             qk_rope_head_dim=64, v_head_dim=128),
-             index=dict(index_n_heads=64, index_head_dim=128)),
-        dict(hidden=64, heads=4, mla=None, index=dict(index_n_heads=2, index_head_dim=16)),
-    )
+    rows, ok = run.rows, True
+    # 1. one-layer models: ours (MLA + DSA) vs transformers' deepseek_v32, prefill and training
+    sizes = run.pick(DSA_MODEL_GPU, DSA_MODEL_DRY)
     for variant in ("dsa-mla", "deepseek_v32"):
         model = dsa_memory.build(variant, sizes["hidden"], K, max(Ts), sizes["heads"], sizes["mla"], sizes["index"])
         model.to(run.device, run.bench_dtype)
@@ -910,22 +893,59 @@ def bench_dsa(run: Run) -> dict:
                     continue
                 ids = torch.randint(0, dsa_memory.VOCAB, (1, T), device=run.device)
                 row = {"table": "model memory", "model": variant, "mode": mode, "T": T, "K": K}
-                try:
+
+                def one_pass(m=model, ids=ids, mode=mode):
                     t0 = time.perf_counter()
-                    row["peak GiB"] = run.peak_gib(
-                        lambda m=model, ids=ids, mode=mode: (dsa_memory.run_pass(m, ids, mode), run.sync())
-                    )
-                    row["s"] = time.perf_counter() - t0
-                except Exception as error:
-                    if not is_oom(error):
-                        raise
-                    row["peak GiB"] = "OOM"
-                    row["result"] = short_error(error)[:120]
+                    peak = run.peak_gib(lambda: (dsa_memory.run_pass(m, ids, mode), run.sync()))
+                    return {"peak GiB": peak, "s": time.perf_counter() - t0}
+
+                ok &= attempt(row, one_pass)
                 model.zero_grad(set_to_none=True)
                 rows.append(row)
                 run.empty_cache()
         model = None
         run.empty_cache()
+    # 2. sparse attention vs dense SDPA
+    for shape_name, (shape, lengths) in run.pick(DSA_SHAPES, DSA_SHAPES_DRY).items():
+        for T in lengths:
+            if not run.keep_going(10):
+                rows.append(skipped_row(table="attention", shape=shape_name, T=T))
+                continue
+            row = {"table": "attention", "shape": shape_name, "T": T, "K": K}
+            got = {}
+            ok &= attempt(row, lambda T=T, shape=shape, got=got: got.update(bd._gpu_attention_rows(
+                T, K, reps, run.pick(16384, 32), *shape, dev=run.device, dt=run.bench_dtype, time_ms=time_ms,
+                peak_mib=peak_mib)) or {})
+            if not got:
+                rows.append(row)
+            base = got.get("sdpa", (None, None, None))
+            for op, (tf, tb, mb) in got.items():
+                rows.append({**row, "op": op, "fwd ms": tf if tf is not None else "OOM",
+                             "f+b ms": tb if tb is not None else "OOM", "f+b peak GiB": mb if mb is not None else "OOM",
+                             "sdpa/this fwd": base[0] / tf if tf and base[0] else None,
+                             "sdpa/this f+b": base[1] / tb if tb and base[1] else None})
+            run.empty_cache()
+    # 3. indexer top-k: torch vs fused Triton logits
+    chunks = run.pick((("torch", (64, 8192)), ("triton", (256, 16384))), (("torch", (16, 32)), ("triton", (16, 32))))
+    for T in Ts:
+        if not run.keep_going(5):
+            rows.append(skipped_row(table="indexer top-k", T=T))
+            continue
+        row = {"table": "indexer top-k", "T": T, "K": K}
+        got = {}
+        ok &= attempt(row, lambda T=T, got=got: got.update(bd._gpu_indexer_rows(
+            T, K, reps, run.pick(16384, 64), *run.pick((64, 128), (2, 8)), dev=run.device, dt=run.bench_dtype,
+            time_ms=time_ms, peak_mib=peak_mib, chunks=chunks)) or {})
+        if not got:
+            rows.append(row)
+        torch_ms = got.get("torch", (None,))[0]
+        for backend, (t, m) in got.items():
+            rows.append({**row, "op": backend, "fwd ms": t if t else "OOM", "peak GiB": m if m else "OOM",
+                         "torch/this": torch_ms / t if torch_ms and t else None})
+        run.empty_cache()
+    if not ok:
+        return {"status": "fail", "reason": "a measurement failed with an error other than out-of-memory (see rows)",
+                "rows": rows}
     return {"rows": rows}
 
 
@@ -939,7 +959,7 @@ def bench_mla(run: Run) -> dict:
     config = _mla_config(run, **sizes)
     args = SimpleNamespace(warmup=run.pick(3, 1), steps=run.pick(10, 2), profile=False)
     timer = bm.Timer(run.device)
-    rows = []
+    rows = run.rows
     results = {}
     for label, fn in (
         ("ours absorbed", lambda: bm.bench_ours(config, "absorbed", batch, context, run.device, run.bench_dtype, timer, args)),
@@ -973,7 +993,7 @@ def bench_moe(run: Run) -> dict:
     iters = run.pick(10, 1)
     time_fn = bm.time_cuda if run.cuda else (lambda fn, n: bm.time_cpu(fn, n))
     ceiling = run.ceilings.get("matmul_tflops")
-    rows = []
+    rows = run.rows
     for impl in ("grouped_mm", "eager"):
         if not run.keep_going(5):
             rows.append(skipped_row(impl=impl))
@@ -1048,7 +1068,7 @@ def bench_train(run: Run) -> dict:
                 ("qwen3_next (torch fallback)", "qwen3_next", qwen3_next_torch_fallback),
                 ("qwen3_next (fla-core)", "qwen3_next", contextlib.nullcontext)]
     measure = run.measure(warmup=run.pick(2, 1), iters=run.pick(3, 1))
-    rows, notes = [], []
+    rows, notes = run.rows, []
     for label, key, patch in variants:
         if label.endswith("(fla-core)") and not run.cuda:
             rows.append({"model": label, "result": "skipped: fla-core needs CUDA"})
@@ -1111,12 +1131,14 @@ MQAR_INIT = {"mamba2": 0.1}  # scripts/mqar.py: Mamba-2 trains with transformers
 def mqar(run: Run) -> dict:
     """MQAR at a Zoology-like size the CPU table cannot reach (scripts/mqar.py), one model at a time."""
     import mqar as mq
+    import torch
 
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 training as users run it (TF32 matmuls); the last section
     cfg = dict(run.pick(MQAR_GPU, MQAR_DRY))
     models = cfg.pop("models")
     pairs = cfg.pop("pairs")
     args = SimpleNamespace(**cfg, seed=0, device=str(run.device))
-    rows = []
+    rows = run.rows
     per_model = None
     for name in models:
         need = per_model * 1.2 if per_model else 5

@@ -193,14 +193,14 @@ def test_report_json_stays_valid_with_non_finite_numbers(gpu_check, tmp_path):
 
 
 def test_install_plan_installs_only_what_is_missing_or_old(gpu_check, tmp_path):
-    for name in ("transformers-5.24.0-py3-none-any.whl", "fla_core-0.6.0-py3-none-any.whl",
+    for name in ("transformers-5.24.0-py3-none-any.whl", "fla_core-0.6.0-py3-none-any.whl", "peft-0.21.2-py3-none-any.whl",
                  "regex-2026.11.19-cp312-cp312-manylinux2014_x86_64.whl",
                  "tokenizers-0.23.3-cp310-abi3-manylinux_2_17_x86_64.whl",
                  "huggingface_hub-1.33.0-py3-none-any.whl", "safetensors-0.8.0-cp310-abi3-manylinux_2_17_x86_64.whl"):
         (tmp_path / name).touch()
-    # the GPU image as recorded: transformers 5.17, no fla-core; say its regex is too old
+    # the GPU image as recorded: transformers 5.17, no fla-core; say its regex is too old and its peft new enough
     image = {"transformers": "5.17.0", "tokenizers": "0.23.2", "huggingface-hub": "1.33.0", "safetensors": "0.8.0",
-             "regex": "2024.11.6"}
+             "regex": "2024.11.6", "peft": "0.17.1"}
     plan = {r["package"]: r for r in gpu_check.install_plan(tmp_path, image.get)}
     assert {p for p, r in plan.items() if r["action"] == "install"} == {"transformers", "fla-core", "regex"}
     assert plan["transformers"]["wheel"] == "transformers-5.24.0-py3-none-any.whl"
@@ -208,6 +208,8 @@ def test_install_plan_installs_only_what_is_missing_or_old(gpu_check, tmp_path):
     # transformers new enough: its own requirements are its business, fla-core still comes from the wheel
     plan = {r["package"]: r for r in gpu_check.install_plan(tmp_path, {**image, "transformers": "5.23.0"}.get)}
     assert {p for p, r in plan.items() if r["action"] == "install"} == {"fla-core"}
+    plan = {r["package"]: r for r in gpu_check.install_plan(tmp_path, {**image, "peft": "0.16.0"}.get)}
+    assert plan["peft"]["action"] == "install" and plan["peft"]["wheel"] == "peft-0.21.2-py3-none-any.whl"
     # nothing carried: a missing package is named, not silently skipped
     plan = {r["package"]: r for r in gpu_check.install_plan(tmp_path / "none", image.get)}
     assert plan["fla-core"]["action"] == "missing wheel" and plan["transformers"]["action"] == "missing wheel"
