@@ -569,6 +569,11 @@ def dsa_triton(run: Run) -> dict:
         {"gqa": (2, 11, 6, 4, 2, 32, 32, 7), "mqa-latent": (1, 9, 4, 4, 1, 40, 32, 6)},
     )
     rows, seed = run.rows, 0
+    with poisoned():  # the poisoning itself works on this device and torch (else unwritten outputs would pass)
+        canary = torch.empty(1024, device=run.device, dtype=run.low_dtypes[0])
+    active = bool(canary.isnan().all())
+    rows.append({"check": "poison", "tensor": "torch.empty", "dtype": str(canary.dtype).removeprefix("torch."),
+                 "error": 0.0 if active else 1.0, "bound": 0.0, "pass": active})
     triton_attn = lambda *a, **kw: sparse_attention(*a, backend="triton", **kw)
     for dtype in run.low_dtypes:
         for name, (B, T, P, H, Hkv, Dqk, Dv, K) in cases.items():

@@ -92,6 +92,7 @@ def test_dry_run_correctness_rows_are_real_comparisons(dry_run):
         assert any(r["error"] > 0 for r in compared), f"{name}: every error is exactly 0 — nothing was compared"
     checked = {(r["check"], r["tensor"]) for r in results["dsa_triton"]["rows"]}
     assert {("sparse_attention", t) for t in ("o", "lse", "dq", "dk", "dv")} <= checked
+    assert ("poison", "torch.empty") in checked
     assert ("indexer_logits", "logits") in checked and ("indexer_topk (exact inputs)", "idx") in checked
     assert {r["dtype"] for r in results["dsa_triton"]["rows"]} == {"float32", "float16"}  # no bf16 in the interpreter
     assert {r["check"] for r in results["moe_grouped"]["rows"]} == {
