@@ -37,6 +37,19 @@ def moe_block(hidden: int, experts: int, k: int, inter: int, impl: str, **overri
     return HybridMoE(cfg, 0), cfg
 
 
+def routed_block(N: int, E: int, K: int, H: int, inter: int, impl: str = "eager"):
+    """(moe, cfg, x [N, H], weights [N, K], index [N, K]): a block with unit-scale expert weights and its router's
+    choice for random tokens (the experts paths are then compared on the same routing)."""
+    moe, cfg = moe_block(H, E, K, inter, impl)
+    with torch.no_grad():
+        moe.experts.gate_up_proj.normal_(std=H ** -0.5)
+        moe.experts.down_proj.normal_(std=inter ** -0.5)
+    x = torch.randn(N, H)
+    with torch.no_grad():
+        _, weights, index = moe.router(x)
+    return moe, cfg, x, weights, index
+
+
 def time_cpu(fn, iters: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -104,13 +117,7 @@ def bench_cpu(quick: bool, iters: int) -> None:
     print(f"{'N':>6} {'E':>4} {'k':>3} {'H':>5} {'I':>5} | {'path':<11} {'fwd':>8} {'ratio':>6} | {'fwd+bwd':>8} {'ratio':>6}")
     for N, E, K, H, inter in shapes:
         torch.manual_seed(0)
-        moe, cfg = moe_block(H, E, K, inter, "eager")
-        with torch.no_grad():
-            moe.experts.gate_up_proj.normal_(std=H ** -0.5)
-            moe.experts.down_proj.normal_(std=inter ** -0.5)
-        x = torch.randn(N, H)
-        with torch.no_grad():
-            _, weights, index = moe.router(x)
+        moe, cfg, x, weights, index = routed_block(N, E, K, H, inter)
         times = {name: _cpu_times(fn, x, index, weights, iters) for name, fn in _cpu_paths(moe, cfg).items()}
         base_f, base_b = times["loop"]
         for name, (f, b) in times.items():

@@ -718,13 +718,7 @@ def moe_grouped(run: Run) -> dict:
 
     # batched_mm gathers one weight matrix per assignment ([N·k, 2I, H]): keep N·k·I·H small
     N, E, K, H, inter = run.pick((1024, 64, 8, 512, 256), (64, 8, 2, 32, 16))
-    moe, cfg = bench_moe.moe_block(H, E, K, inter, "eager")
-    with torch.no_grad():
-        moe.experts.gate_up_proj.normal_(std=H**-0.5)
-        moe.experts.down_proj.normal_(std=inter**-0.5)
-    x = torch.randn(N, H)
-    with torch.no_grad():
-        _, weights, index = moe.router(x)
+    moe, cfg, x, weights, index = bench_moe.routed_block(N, E, K, H, inter)
     dtype = run.low_dtypes[0]
     experts = moe.experts.to(run.device, dtype)
     ref_experts = copy.deepcopy(experts).float()
