@@ -26,8 +26,9 @@ MIXER_TYPES = (
     "linear_attention",
     "mamba2",
     "gated_deltanet",
+    "kda",
 )
-RECURRENT_MIXERS = ("linear_attention", "mamba2", "gated_deltanet")
+RECURRENT_MIXERS = ("linear_attention", "mamba2", "gated_deltanet", "kda")
 MLP_TYPES = ("dense", "moe", "none")
 
 # Our mixer names -> transformers' cache/mask layer types (DESIGN.md §3-4).
@@ -39,6 +40,7 @@ _MIXER_TO_LAYER_TYPE = {
     "linear_attention": "linear_attention",
     "mamba2": "linear_attention",
     "gated_deltanet": "linear_attention",
+    "kda": "linear_attention",
 }
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
@@ -146,6 +148,12 @@ class HybridConfig(PreTrainedConfig):
     gdn_value_head_dim: int | None = None  # defaults: head_dim
     gdn_conv_kernel_size: int = 4
 
+    # ---- Kimi Delta Attention (Kimi Linear's linear layers) --------------------------------------
+    kda_num_heads: int | None = None  # defaults: num_attention_heads
+    kda_head_dim: int | None = None  # defaults: head_dim (q, k and v heads alike, as in Kimi Linear)
+    kda_gate_rank: int | None = None  # width of the low-rank forget / output gates; defaults: kda_head_dim
+    kda_conv_kernel_size: int = 4
+
     # ---- Mamba-2 ---------------------------------------------------------------------------------
     mamba_num_heads: int | None = None  # defaults: expand * hidden_size // mamba_head_dim
     mamba_head_dim: int = 64
@@ -177,6 +185,7 @@ class HybridConfig(PreTrainedConfig):
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     mla_decode: str = "absorbed"
+    mla_use_rope: bool = True  # False = NoPE (Kimi Linear): the qk_rope_head_dim parts stay unrotated
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
     index_n_heads: int = 8
@@ -259,6 +268,12 @@ class HybridConfig(PreTrainedConfig):
             self.gdn_key_head_dim = self.head_dim
         if self.gdn_value_head_dim is None:
             self.gdn_value_head_dim = self.head_dim
+        if self.kda_num_heads is None:
+            self.kda_num_heads = self.num_attention_heads
+        if self.kda_head_dim is None:
+            self.kda_head_dim = self.head_dim
+        if self.kda_gate_rank is None:
+            self.kda_gate_rank = self.kda_head_dim
         if self.mamba_num_heads is None and self.mamba_head_dim:
             self.mamba_num_heads = max(1, self.mamba_expand * self.hidden_size // self.mamba_head_dim)
         if self.linear_num_heads is None:
@@ -366,6 +381,9 @@ class HybridConfig(PreTrainedConfig):
                     f"HybridConfig.gdn_num_value_heads={self.gdn_num_value_heads} must be a multiple of "
                     f"gdn_num_key_heads={self.gdn_num_key_heads} (GVA)"
                 )
+        if "kda" in mixers:
+            for name in ("kda_num_heads", "kda_head_dim", "kda_gate_rank", "kda_conv_kernel_size"):
+                positive(name)
         if "mamba2" in mixers:
             for name in ("mamba_num_heads", "mamba_head_dim", "mamba_state_size", "mamba_n_groups",
                          "mamba_conv_kernel_size"):
