@@ -131,8 +131,11 @@ def test_channel_decay_is_per_channel():
     g_head = inputs["g"][..., 0]  # (B, T, H)
     args = [inputs[n] for n in ("q", "k", "v")]
     ours, ours_state = naive_recurrent_kda(
-        *args, g_head[..., None].expand_as(inputs["g"]), inputs["beta"],
-        initial_state=inputs["initial_state"], output_final_state=True,
+        *args,
+        g_head[..., None].expand_as(inputs["g"]),
+        inputs["beta"],
+        initial_state=inputs["initial_state"],
+        output_final_state=True,
     )
     gdn, gdn_state = naive_recurrent_gated_delta_rule(
         *args, g_head, inputs["beta"], initial_state=inputs["initial_state"], output_final_state=True
@@ -175,7 +178,9 @@ def test_strong_per_channel_decay_does_not_overflow(chunk_size):
     inputs = make_inputs(length=100, seed=3, strong=True)
     with torch.no_grad():
         chunk_sum = inputs["g"][:, :chunk_size].sum(1)  # cumulative log decay over the first chunk
-        assert chunk_sum.min() < -2 * 88 and chunk_sum.max() > -1, "the test must mix extreme and mild channels"
+        assert chunk_sum.min() < -2 * 88 and chunk_sum.max() > -1, (
+            "the test must mix extreme and mild channels"
+        )
     expected = run(naive_recurrent_kda, inputs)
     check_all(run(chunk_kda, inputs, chunk_size=chunk_size), expected)
 
@@ -228,8 +233,9 @@ def test_step_decode_matches_naive():
 
 def test_empty_sequence_returns_the_initial_state():
     inputs = {n: x.detach() for n, x in make_inputs(length=0, seed=11).items()}
-    o, state = chunk_kda(*(inputs[n] for n in INPUT_NAMES[:5]), initial_state=inputs["initial_state"],
-                         output_final_state=True)
+    o, state = chunk_kda(
+        *(inputs[n] for n in INPUT_NAMES[:5]), initial_state=inputs["initial_state"], output_final_state=True
+    )
     assert o.shape == (2, 0, 2, 24)
     check("final_state", state, inputs["initial_state"], 0.0)
 
@@ -296,7 +302,9 @@ def test_dispatch_on_cpu(caplog):
 def test_forced_fla_names_a_broken_kda_module(monkeypatch):
     """fla-core importing but its KDA module broken: forcing fla says so; GDN is not affected."""
     monkeypatch.setattr(fla_support, "fla_import_error", lambda: None)
-    monkeypatch.setitem(fla_support._op_import_errors, "kda", "fla-core's fla.ops.kda failed to import (boom)")
+    monkeypatch.setitem(
+        fla_support._op_import_errors, "kda", "fla-core's fla.ops.kda failed to import (boom)"
+    )
     x = make_inputs(length=4)
     with pytest.raises(RuntimeError, match="backend='fla' was requested but fla-core's fla.ops.kda failed"):
         kda(*(x[n] for n in INPUT_NAMES[:5]), backend="fla")

@@ -35,14 +35,18 @@ def check_kda_shapes(
     ``*`` is [B, T] for sequence ops (``token_dims=2``) and [B] for one-step decode (``token_dims=1``).
     """
     if q.dim() != token_dims + 2:
-        raise ValueError(f"q must have {token_dims + 2} dims ({'[B, T, H, Dk]' if token_dims == 2 else '[B, H, Dk]'}); "
-                         f"got {tuple(q.shape)}")
+        raise ValueError(
+            f"q must have {token_dims + 2} dims ({'[B, T, H, Dk]' if token_dims == 2 else '[B, H, Dk]'}); "
+            f"got {tuple(q.shape)}"
+        )
     lead = q.shape[:token_dims]
     hk, dk = q.shape[token_dims:]
     if k.shape != q.shape:
         raise ValueError(f"q and k must have the same shape (got {tuple(q.shape)} and {tuple(k.shape)})")
     if v.dim() != token_dims + 2 or v.shape[:token_dims] != lead:
-        raise ValueError(f"v must be {(*lead, 'Hv', 'Dv')} to match q {tuple(q.shape)} (got {tuple(v.shape)})")
+        raise ValueError(
+            f"v must be {(*lead, 'Hv', 'Dv')} to match q {tuple(q.shape)} (got {tuple(v.shape)})"
+        )
     hv, dv = v.shape[token_dims:]
     if hv % hk != 0:
         raise ValueError(f"value heads ({hv}) must be a multiple of q/k heads ({hk}) for GVA")
