@@ -105,8 +105,8 @@ def test_chunk_matches_naive(length, chunk_size, init):
 
 
 @pytest.mark.parametrize("chunk_size", [5, 24])
-def test_chunk_sizes_that_are_not_a_multiple_of_the_sub_chunk(chunk_size):
-    """The per-channel scores split a chunk into 16-token sub-chunks only when 16 divides it."""
+def test_chunk_sizes_that_are_not_powers_of_two(chunk_size):
+    """The per-channel scores halve the chunk down to single tokens: other sizes are zero-padded first."""
     inputs = make_inputs(length=37, seed=9)
     check_all(run(chunk_kda, inputs, chunk_size=chunk_size), run(naive_recurrent_kda, inputs))
 

@@ -19,13 +19,14 @@ A and P need a sum over channels of a pair-dependent decay, so they cannot be on
 Where exp could overflow, and the choice made: the obvious factorisation exp(b_i - b_j) = exp(b_i) · exp(-b_j)
 relative to the *chunk start* needs exp(-b_j), which overflows fp32 (e^88) as soon as one channel decays by more
 than 88 nats inside a chunk — Kimi Linear's gate ``-exp(A_log) · softplus(·)`` with A up to 16 gets there in a
-handful of tokens, and bf16-trained gates even faster. So the pair scores are built relative to each
-**sub-chunk** start r (16 tokens, the per-channel path of
-:func:`~hf_hybrid.ops.simple_gla.chunk.intra_chunk_scores`): a query in the
-sub-chunk starting at r and a key j < r use exp(b_i - b_r) · exp(b_r - b_j), both factors <= 1; keys inside the
-query's own sub-chunk use the elementwise form on a [16, 16, Dk] tile with the exponent masked to -inf before
-exp. Every other exponent above (exp(b), exp(b_C), exp(b_C - b)) is <= 0 by construction. Nothing is ever the
-exp of a positive number, at any decay strength, in any dtype; the price is a [16 × C × Dk] tile per chunk.
+handful of tokens, and bf16-trained gates even faster. So P and A are built relative to **sub-chunk**
+boundaries, by halving (:func:`per_channel_scores`): for two sibling blocks L, R of s tokens (s = C/2, ..., 1)
+and the last token m of L, every pair (i in R, j in L) factors as exp(b_i - b_m) · exp(b_m - b_j) with both
+exponents <= 0, so each level is one matmul of decayed queries and keys; the diagonal (i = j) has exp(0) = 1.
+Each exponent is a sum of at most s log decays of its own block (never a difference of chunk-wide prefix sums),
+so strong decays cost no accuracy either. Every other exponent above (exp(b), exp(b_C), exp(b_C - b)) is <= 0 by
+construction: nothing is ever the exp of a positive number, at any decay strength, in any dtype. The cost is
+log2(C) matmuls that together do the work of one C x C x Dk matmul, and no [C, C, Dk] tensor.
 
 Backward: autograd through this form, except the two pieces with hand-written backwards shared with the gated
 delta rule (:class:`~hf_hybrid.ops.gated_delta.chunk.UnitLowerInverse` and the chunk loop
@@ -38,19 +39,46 @@ Legend: N = B * Hv rows, NC chunks, C chunk length.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from hf_hybrid.ops.gated_delta.chunk import unit_lower_inverse
 from hf_hybrid.ops.gated_delta.naive import l2norm, repeat_heads
 from hf_hybrid.ops.kda.naive import check_kda_shapes, naive_recurrent_kda
 from hf_hybrid.ops.simple_gla.chunk import (
     _initial_state,
-    _per_channel_scores,
     chunk_state_scan,
     from_chunks,
     sum_to_chunk_end,
     to_chunks,
 )
 from hf_hybrid.ops.varlen import run_varlen
+
+
+def per_channel_scores(q: torch.Tensor, k: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Σ_d q_id k_jd exp(Σ_{j<s<=i} g_sd) for j <= i, 0 above, without any exp of a positive number.
+
+    q [..., C, Dk] (its leading dims may broadcast against k's, e.g. two query sets at once); k, g [*, C, Dk]
+    (g per token, not cumulated). Returns [..., C, C]. Built bottom-up by doubling the block size (see the
+    module docstring): a block of 2s tokens is [[block(L), 0], [R-against-L pairs, block(R)]].
+    """
+    size = q.shape[-2]
+    n = 1 << max(size - 1, 0).bit_length()  # next power of two; zero padding (g = 0, q = k = 0) adds nothing
+    if n != size:
+        q, k, g = (F.pad(x, (0, 0, 0, n - size)) for x in (q, k, g))
+    blocks = (q * k).sum(-1)[..., :, None, None]  # (..., n, 1, 1): i = j, decay exp(0) = 1
+    s = 1
+    while s < n:
+        qp, kp, gp = (x.unflatten(-2, (n // (2 * s), 2, s)) for x in (q, k, g))  # (..., pairs, 2, s, Dk)
+        g_left, g_right = gp[..., 0, :, :], gp[..., 1, :, :]
+        to_right = g_right.cumsum(-2)  # Σ_{m<t<=i} g_t for i in R (m: the last token of L), <= 0
+        from_left = g_left.sum(-2, keepdim=True) - g_left.cumsum(-2)  # Σ_{j<t<=m} g_t for j in L, <= 0
+        pairs = (qp[..., 1, :, :] * to_right.exp()) @ (kp[..., 0, :, :] * from_left.exp()).transpose(-1, -2)
+        left, right = blocks[..., 0::2, :, :], blocks[..., 1::2, :, :]  # (..., pairs, s, s)
+        blocks = torch.cat(
+            [torch.cat([left, torch.zeros_like(left)], -1), torch.cat([pairs, right], -1)], dim=-2
+        )
+        s *= 2
+    return blocks[..., 0, :size, :size]
 
 
 def chunk_kda(
@@ -107,7 +135,7 @@ def chunk_kda(
 
     # P (q against k) and A (beta·k against k) in one call: the key-side decayed tiles are built once and the
     # two query sets broadcast over them (leading dim 2).
-    scores, a = _per_channel_scores(torch.stack([q_c, k_beta]), k_c, g_c).unbind(0)  # (N, NC, C, C) each
+    scores, a = per_channel_scores(torch.stack([q_c, k_beta]), k_c, g_c).unbind(0)  # (N, NC, C, C) each
     t = unit_lower_inverse(a)  # reads the strictly lower triangle only
     u_c = t @ (beta_c * v_c)
     w_c = t @ (k_beta * b.exp())
