@@ -363,12 +363,13 @@ def test_layer_equals_transformers_kimi_delta_attention(kimi_reference):
     ours.load_state_dict(state, strict=True)
 
     x = torch.randn(2, 11, 32)
+    # the cache goes positionally: the layer's keyword is cache_params on transformers 5.23 and cache on 5.24
     ref_cache, our_cache = DynamicCache(config=ref_config), HybridCache(config=config)
     with torch.no_grad():
         torch.testing.assert_close(
-            ours(x[:, :8], _ctx(our_cache)), ref(x[:, :8], cache=ref_cache), atol=ATOL, rtol=0
+            ours(x[:, :8], _ctx(our_cache)), ref(x[:, :8], ref_cache), atol=ATOL, rtol=0
         )
         for t in range(8, 11):
             step = ours(x[:, t : t + 1], _ctx(our_cache, past_length=t))
-            torch.testing.assert_close(step, ref(x[:, t : t + 1], cache=ref_cache), atol=ATOL, rtol=0)
+            torch.testing.assert_close(step, ref(x[:, t : t + 1], ref_cache), atol=ATOL, rtol=0)
         torch.testing.assert_close(ours(x, _ctx()), ref(x), atol=ATOL, rtol=0)
