@@ -311,6 +311,17 @@ def test_forced_fla_names_a_broken_kda_module(monkeypatch):
     assert fla_support.fla_refusal("gated_delta_rule", (x["q"],), gated=True) is None
 
 
+def test_fla_is_not_used_for_key_dims_it_cannot_take(monkeypatch):
+    """fla-core's chunk_kda asserts Dk <= 256: forcing fla says so up front; ``auto`` would use the torch path."""
+    monkeypatch.setattr(fla_support, "fla_import_error", lambda: None)
+    monkeypatch.setitem(fla_support._op_import_errors, "kda", None)
+    x = make_inputs(batch=1, length=3, hk=1, hv=1, dk=272, dv=4, init=False)
+    with pytest.raises(
+        RuntimeError, match="backend='fla' was requested but fla-core's chunk_kda takes key head"
+    ):
+        kda(*(x[n] for n in INPUT_NAMES[:5]), backend="fla")
+
+
 def test_shape_errors_speak_clearly():
     x = make_inputs(length=5, hk=2, hv=3)
     with pytest.raises(ValueError, match="multiple of q/k heads"):

@@ -7,11 +7,13 @@ picks. ``recurrent_kda_step`` is the one-token decode step.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from hf_hybrid.ops.fla_support import resolve_backend
+from hf_hybrid.ops.fla_support import log_once, resolve_backend
 from hf_hybrid.ops.kda.chunk import chunk_kda
-from hf_hybrid.ops.kda.fla import fla_chunk_kda
+from hf_hybrid.ops.kda.fla import FLA_MAX_KEY_DIM, fla_chunk_kda
 from hf_hybrid.ops.kda.naive import check_kda_shapes, naive_recurrent_kda, recurrent_kda_step
 
 _PATHS = {
@@ -45,6 +47,14 @@ def kda(
     """
     # not "gated" for fla_support: KDA's backward is not the chunk_bwd_dqkwg kernel fla refuses on some Hopper set-ups
     path = resolve_backend("kda", backend, (q, k, v, g, beta, initial_state), gated=False)
+    if path == "fla" and q.shape[-1] > FLA_MAX_KEY_DIM:
+        why = f"fla-core's chunk_kda takes key head dims <= {FLA_MAX_KEY_DIM} (got {q.shape[-1]})"
+        if backend == "fla":
+            raise RuntimeError(f"kda: backend='fla' was requested but {why}")
+        log_once(
+            f"kda:{why}", f"kda: not using fla-core ({why}); using the chunked torch path", logging.WARNING
+        )
+        path = "torch"
     return _PATHS[path](
         q,
         k,

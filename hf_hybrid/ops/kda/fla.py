@@ -17,6 +17,8 @@ import torch
 # chunk sizes fla-core's KDA accepts; the chunk size changes speed, not results, so another value (tuned for our
 # torch path) falls back to fla's default
 FLA_CHUNK_SIZES = (32, 64)
+# fla-core 0.6 asserts K <= 256 in chunk_kda; the dispatcher (``hf_hybrid.ops.kda.kda``) checks it first
+FLA_MAX_KEY_DIM = 256
 
 
 def fla_chunk_kda(
