@@ -23,8 +23,8 @@ handful of tokens, and bf16-trained gates even faster. So P and A are built rela
 boundaries, by halving (:func:`per_channel_scores`): for two sibling blocks L, R of s tokens (s = C/2, ..., 1)
 and the last token m of L, every pair (i in R, j in L) factors as exp(b_i - b_m) · exp(b_m - b_j) with both
 exponents <= 0, so each level is one matmul of decayed queries and keys; the diagonal (i = j) has exp(0) = 1.
-Each exponent is a sum of at most s log decays of its own block (never a difference of chunk-wide prefix sums),
-so strong decays cost no accuracy either. Every other exponent above (exp(b), exp(b_C), exp(b_C - b)) is <= 0 by
+Each exponent is built from the log decays of its own 2s-token block only (block-local sums, never a difference
+of chunk-wide prefix sums), so strong decays elsewhere in the chunk cost no accuracy either. Every other exponent above (exp(b), exp(b_C), exp(b_C - b)) is <= 0 by
 construction: nothing is ever the exp of a positive number, at any decay strength, in any dtype. The cost is
 log2(C) matmuls that together do the work of one C x C x Dk matmul, and no [C, C, Dk] tensor.
 
