@@ -1,9 +1,9 @@
 """HybridConfig: the one home of every default of the hf_hybrid decoder family.
 
 Each layer is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``mixer_types[i]`` and ``mlp_types[i]`` choose them.
-Per-mixer settings are flat, prefixed fields (``gdn_*``, ``mamba_*``, ``linear_*``, DeepSeek's MLA names, ``index_*``
-for DSA, transformers' MoE names). transformers' own ``layer_types`` is derived from ``mixer_types`` (it only knows
-its own names, and ``save_pretrained`` rejects others) and checked for consistency on reload.
+Per-mixer settings are flat, prefixed fields (``gdn_*``, ``kda_*``, ``mamba_*``, ``linear_*``, DeepSeek's MLA names,
+``index_*`` for DSA, transformers' MoE names). transformers' own ``layer_types`` is derived from ``mixer_types``
+(it only knows its own names, and ``save_pretrained`` rejects others) and checked for consistency on reload.
 """
 
 from __future__ import annotations
