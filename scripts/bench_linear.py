@@ -3,8 +3,8 @@
 CPU (default when no GPU): our chunked torch path vs the per-token recurrence (the spec), B=1, H=4, D=64,
 forward, min ms over runs.
 GPU: our chunked torch path vs fla-core's Triton kernel vs transformers' torch fallback
-(``torch_chunk_gated_delta_rule`` of Qwen3-Next, ``chunk_kimi_delta_attention`` of Kimi Linear) vs SDPA causal attention, B=1, H=16, D=128, bf16, forward and
-forward+backward, median CUDA-event milliseconds. A baseline that is missing, refuses the call, or runs out of
+(``torch_chunk_gated_delta_rule`` of Qwen3-Next, ``chunk_kimi_delta_attention`` of Kimi Linear) vs SDPA causal
+attention, B=1, H=16, D=128, bf16, forward and forward+backward, median CUDA-event milliseconds. A baseline that is missing, refuses the call, or runs out of
 memory prints "n/a".
 
     python scripts/bench_linear.py                          # CPU, T = 512 ... 4096
