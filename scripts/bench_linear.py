@@ -5,13 +5,15 @@ Ops: ``gdn`` (Gated DeltaNet), ``simple_gla`` (scalar decay per head: the Mamba-
 CPU (default when no GPU): our chunked torch path vs the per-token recurrence (the spec), B=1, H=4, D=64,
 forward, min ms over runs.
 GPU: our chunked torch path vs fla-core's Triton kernel vs transformers' torch fallback
-(``torch_chunk_gated_delta_rule`` of Qwen3-Next for GDN, ``mamba2_chunk_scan`` of Mamba-2 for simple GLA; none
-for linear attention) vs SDPA causal attention, B=1, H=16, D=128, bf16, forward and forward+backward, median
-CUDA-event milliseconds. A baseline that is missing, refuses the call, or runs out of memory prints "n/a".
+(``torch_chunk_gated_delta_rule`` of Qwen3-Next for GDN, ``chunk_kimi_delta_attention`` of Kimi Linear for KDA,
+``mamba2_chunk_scan`` of Mamba-2 for simple GLA; none for linear attention) vs SDPA causal attention, B=1, H=16,
+D=128, bf16, forward and forward+backward, median CUDA-event milliseconds. A baseline that is missing, refuses the
+call, or runs out of memory prints "n/a".
 
     python scripts/bench_linear.py                          # CPU, T = 512 ... 4096
     python scripts/bench_linear.py --device cuda             # GPU, T = 1K ... 32K
     python scripts/bench_linear.py --op simple_gla --lengths 1024 4096
+    python scripts/bench_linear.py --op kda                  # Kimi Delta Attention (per-channel decay)
 
 ``bench_rows`` is the importable form (scripts/gpu_check.py uses it).
 """
@@ -29,22 +31,25 @@ import torch.nn.functional as F
 
 from hf_hybrid.ops.gated_delta import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 from hf_hybrid.ops.gated_delta.fla import fla_chunk_gated_delta_rule
+from hf_hybrid.ops.kda import chunk_kda, naive_recurrent_kda
+from hf_hybrid.ops.kda.fla import fla_chunk_kda
 from hf_hybrid.ops.simple_gla import chunk_simple_gla, naive_recurrent_simple_gla
 from hf_hybrid.ops.simple_gla.fla import fla_chunk_simple_gla
 
 NA = "n/a"
-OPS = ("gdn", "simple_gla", "linear_attention")
+OPS = ("gdn", "kda", "simple_gla", "linear_attention")
 
 
 def make_inputs(op: str, batch: int, length: int, heads: int, dim: int, dtype, device, grad: bool):
-    """Inputs of a GDN (q, k, v, g, beta), simple GLA (q, k, v, g) or linear attention (q, k, v) call, [B, T, H, D]
-    layout."""
+    """Inputs of a GDN / KDA (q, k, v, g, beta), simple GLA (q, k, v, g) or linear attention (q, k, v) call,
+    [B, T, H, D] layout."""
     shape = (batch, length, heads, dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     tensors = [q, k, v]
     if op != "linear_attention":
-        tensors.append(F.logsigmoid(torch.randn(batch, length, heads, device=device) + 3.0))  # fp32 log decay
-    if op == "gdn":
+        g_shape = shape if op == "kda" else shape[:3]  # KDA: one log decay per key channel
+        tensors.append(F.logsigmoid(torch.randn(g_shape, device=device) + 3.0))  # fp32 log decay
+    if op in ("gdn", "kda"):
         tensors.append(torch.rand(batch, length, heads, device=device, dtype=dtype))  # beta
     return [t.requires_grad_(grad) for t in tensors]
 
@@ -117,9 +122,28 @@ def transformers_mamba2() -> Callable | None:
     return run
 
 
+def transformers_kda() -> Callable | None:
+    """transformers' torch fallback for KDA (Kimi Linear; unwrapped like ``transformers_gdn``)."""
+    try:
+        from transformers.models.kimi_linear import modeling_kimi_linear
+    except Exception:
+        return None
+    return inspect.unwrap(modeling_kimi_linear.chunk_kimi_delta_attention)
+
+
 def candidates(op: str, device: str, compile_ours: bool) -> dict[str, Callable | None]:
     """name -> fn(*inputs) returning the output, or None when the baseline is unavailable."""
-    if op == "gdn":
+    if op == "kda":
+        ours = lambda q, k, v, g, b: chunk_kda(q, k, v, g, b, use_qk_l2norm=True)[0]
+        naive = lambda q, k, v, g, b: naive_recurrent_kda(q, k, v, g, b, use_qk_l2norm=True)[0]
+        fla = lambda q, k, v, g, b: fla_chunk_kda(q, k, v, g, b, use_qk_l2norm=True)[0]
+        hf_fn = transformers_kda()
+        hf = (
+            None
+            if hf_fn is None
+            else lambda q, k, v, g, b: hf_fn(q, k, v, g, b, use_qk_l2norm_in_kernel=True)[0]
+        )
+    elif op == "gdn":
         ours = lambda q, k, v, g, b: chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)[0]
         naive = lambda q, k, v, g, b: naive_recurrent_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)[0]
         fla = lambda q, k, v, g, b: fla_chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)[0]
