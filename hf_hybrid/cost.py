@@ -1,17 +1,19 @@
 """Cost of a design before training it: parameters (total / active), cache bytes, FLOPs per token.
 
-``estimate_cost(config)`` walks the layers; each layer's token mixer is costed by ``COST_FUNCTIONS[mixer_type]`` and
-each MLP by ``MLP_COST_FUNCTIONS[mlp_type]``. Adding a mixer type = one function here::
+``estimate_cost(config)`` walks the layers; each layer's token mixer and MLP are costed by the ``cost`` function of
+their spec in ``hf_hybrid.registry`` (declared next to the class; the built-in kinds' functions are defined here)::
 
-    @register_mixer_cost("my_mixer")
-    def _my_mixer(config, layer_idx) -> MixerCost:
+    def my_mixer_cost(config, layer_idx) -> MixerCost:
         return MixerCost(params=..., matmul_params=..., cache_per_token=..., state_elements=..., flops=lambda c: ...)
+
+    @register_mixer("my_mixer", layer_type=..., cost=my_mixer_cost)
 
 Conventions (all per layer, in elements, times ``dtype_bytes`` for bytes):
 
 - ``cache_per_token``: elements appended to the cache per token (K and V, MLA's latent, DSA's indexer key);
   ``cache_window`` caps the number of cached tokens (sliding window).
-- ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers).
+- ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers), in the
+  cache dtype; ``fp32_state_elements``: constant state kept in fp32 whatever the model dtype (4 bytes each).
 - FLOPs are forward FLOPs for one token at context ``c``: ``2 · (active matmul weights + lm_head)`` plus each
   mixer's ``flops(c)`` (attention scores and values, recurrent state updates). Training is about 3× that.
 
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 
 from .configuration_hybrid import HybridConfig
+from .registry import mixer_spec, mlp_spec
 
 DEFAULT_CONTEXTS = (4096, 32768, 131072)
 
@@ -49,6 +52,7 @@ class MixerCost:
     cache_window: int | None = None
     state_elements: int = 0
     flops: Callable[[int], float] = _zero_flops  # extra forward FLOPs per token at context c
+    fp32_state_elements: int = 0  # state the mixer keeps in fp32 in any model dtype
 
 
 @dataclass(frozen=True)
@@ -56,29 +60,6 @@ class MLPCost:
     params: int
     matmul_params: int
     inactive_params: int = 0  # routed experts that one token does not use (MoE)
-
-
-COST_FUNCTIONS: dict[str, Callable[[HybridConfig, int], MixerCost]] = {}
-MLP_COST_FUNCTIONS: dict[str, Callable[[HybridConfig, int], MLPCost]] = {}
-
-
-def register_mixer_cost(name: str) -> Callable:
-    """Decorator: ``@register_mixer_cost("gated_deltanet")`` makes ``fn(config, layer_idx) -> MixerCost`` the cost
-    function of that mixer type (replacing any earlier one)."""
-
-    def wrap(fn: Callable[[HybridConfig, int], MixerCost]) -> Callable[[HybridConfig, int], MixerCost]:
-        COST_FUNCTIONS[name] = fn
-        return fn
-
-    return wrap
-
-
-def register_mlp_cost(name: str) -> Callable:
-    def wrap(fn: Callable[[HybridConfig, int], MLPCost]) -> Callable[[HybridConfig, int], MLPCost]:
-        MLP_COST_FUNCTIONS[name] = fn
-        return fn
-
-    return wrap
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,14 +90,12 @@ def _attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) ->
     return flops
 
 
-@register_mixer_cost("attention")
 def attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     params, matmul = _attention_parts(config)
     nq, nkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     return MixerCost(params, matmul, cache_per_token=2 * nkv * d, flops=_attention_flops(nq, d, d, None))
 
 
-@register_mixer_cost("sliding_attention")
 def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     params, matmul = _attention_parts(config)
     nq, nkv, d, w = (
@@ -151,7 +130,6 @@ def _mla_parts(config: HybridConfig) -> tuple[int, int]:
     return matmul + q_norm + r_kv + bias, matmul
 
 
-@register_mixer_cost("mla")
 def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     params, matmul = _mla_parts(config)
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
@@ -164,7 +142,6 @@ def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     )
 
 
-@register_mixer_cost("dsa")
 def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """MLA (or GQA attention) over the top-k selected tokens, plus the lightning indexer over all of them."""
     if config.dsa_base == "mla":
@@ -205,7 +182,6 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(params, matmul, cache_per_token=cache, flops=flops)
 
 
-@register_mixer_cost("gated_deltanet")
 def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """Qwen3-Next's layout: in_proj_qkvz, in_proj_ba, depthwise conv on q,k,v, A_log, dt_bias, gated norm, out_proj."""
     h, hk, hv = config.hidden_size, config.gdn_num_key_heads, config.gdn_num_value_heads
@@ -219,7 +195,6 @@ def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
 
 
-@register_mixer_cost("mamba2")
 def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """Mamba-2 (transformers' layout): in_proj -> [z, x, B, C, dt], conv (with bias) on [x, B, C], A_log, D, dt_bias,
     gated RMSNorm, out_proj."""
@@ -235,7 +210,6 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
 
 
-@register_mixer_cost("linear_attention")
 def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """q/k/v/o projections, optional short conv on q,k,v, feature map φ, optional data-dependent decay gate
     (``g_proj``: one per head or per feature channel), and an output RMSNorm when φ is the identity."""
@@ -253,6 +227,27 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
 
 
+def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """Kimi Linear's layout: q/k/v projections, depthwise conv on [q, k, v], low-rank forget gate (f_a, f_b, A_log per
+    head, dt_bias per channel), b_proj (β per head), low-rank output gate (g_a, g_b), sigmoid-gated norm, o_proj."""
+    h, nh, d, r, k = (
+        config.hidden_size,
+        config.kda_num_heads,
+        config.kda_head_dim,
+        config.kda_gate_rank,
+        config.kda_conv_kernel_size,
+    )
+    w = nh * d
+    matmul = 4 * h * w + 3 * w * k + 2 * (h * r + r * w) + h * nh
+    params = matmul + nh + w + d  # A_log, dt_bias, o_norm
+    # The conv tail is cached in the model dtype; the recurrent state S [nh, d, d] is kept in fp32 (ops.kda).
+    # Per token and head: decay S (d·d), Sᵀk (2·d·d), S += k uᵀ (2·d·d), Sᵀq (2·d·d).
+    step = 7.0 * nh * d * d
+    return MixerCost(
+        params, matmul, state_elements=3 * w * (k - 1), fp32_state_elements=nh * d * d, flops=lambda c: step
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MLPs
 
@@ -261,14 +256,12 @@ def _swiglu(config: HybridConfig, intermediate: int) -> int:
     return 3 * config.hidden_size * intermediate
 
 
-@register_mlp_cost("dense")
 def dense_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     matmul = _swiglu(config, config.intermediate_size)
     bias = 2 * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
     return MLPCost(matmul + bias, matmul)
 
 
-@register_mlp_cost("moe")
 def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (a SwiGLU of n_shared · I)."""
     e, k = config.num_experts, config.num_experts_per_tok
@@ -279,7 +272,6 @@ def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     return MLPCost(total, total, inactive_params=(e - k) * expert)
 
 
-@register_mlp_cost("none")
 def no_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     return MLPCost(0, 0)
 
@@ -288,26 +280,9 @@ def no_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
 # measured parameter counts
 
 
-def _registries() -> tuple[dict, dict]:
-    import importlib
-
-    from . import modeling_hybrid  # noqa: F401  (imports the mixers and MLPs, which register themselves)
-    from .mixers.base import MIXER_REGISTRY
-
-    try:
-        importlib.import_module(f"{__package__}.moe")  # registers "moe"
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.moe":
-            raise
-    from .mlp import MLP_REGISTRY
-
-    return MIXER_REGISTRY, MLP_REGISTRY
-
-
-def measure_module(registry: dict, name: str, config: HybridConfig, layer_idx: int) -> tuple[int, int] | None:
-    """(params, matmul params) of ``registry[name](config, layer_idx)`` built on the meta device (no memory), or None
-    when that type is not registered or cannot be built there. Matmul params = parameters with ≥ 2 dims."""
-    cls = registry.get(name)
+def measure_module(cls: Callable | None, config: HybridConfig, layer_idx: int) -> tuple[int, int] | None:
+    """(params, matmul params) of ``cls(config, layer_idx)`` built on the meta device (no memory), or None when
+    there is no class or it cannot be built there. Matmul params = parameters with ≥ 2 dims."""
     if cls is None:
         return None
     try:
@@ -336,6 +311,7 @@ class LayerCost:
     state_elements: int
     exact: bool  # counted on the built modules
     flops: Callable[[int], float] = field(repr=False, default=_zero_flops)
+    fp32_state_elements: int = 0
 
 
 @dataclass
@@ -364,6 +340,7 @@ class CostReport:
                 continue
             tokens = context if layer.cache_window is None else min(context, layer.cache_window)
             total += tokens * layer.cache_per_token * self.dtype_bytes + layer.state_elements * state_bytes
+            total += layer.fp32_state_elements * 4
         return total
 
     def flops_per_token(self, context: int) -> float:
@@ -381,7 +358,8 @@ class CostReport:
                 "params": sum(layer.params for layer in layers),
                 "cache_bytes_per_token_per_layer": layers[0].cache_per_token * self.dtype_bytes,
                 "cache_window": next(iter(windows)) if len(windows) == 1 else sorted(w or 0 for w in windows),
-                "state_bytes_per_sequence_per_layer": layers[0].state_elements * state_bytes,
+                "state_bytes_per_sequence_per_layer": layers[0].state_elements * state_bytes
+                + layers[0].fp32_state_elements * 4,
                 "bytes_per_sequence": {c: self.cache_bytes(c, mixer) for c in self.contexts},
             }
         return rows
@@ -412,6 +390,7 @@ class CostReport:
                     "cache_elements_per_token": layer.cache_per_token,
                     "cache_window": layer.cache_window,
                     "state_elements": layer.state_elements,
+                    "fp32_state_elements": layer.fp32_state_elements,
                 }
                 for layer in self.layers
             ],
@@ -521,28 +500,29 @@ def estimate_cost(
     contexts = tuple(int(c) for c in contexts)
     if not contexts or any(c <= 0 for c in contexts):
         raise ValueError(f"contexts={contexts!r} must be positive token counts")
-    mixer_registry, mlp_registry = _registries() if measure else ({}, {})
     h = config.hidden_size
     layers: list[LayerCost] = []
     all_exact = True
     for i, (mixer, mlp) in enumerate(zip(config.mixer_types, config.mlp_types)):
-        if mixer not in COST_FUNCTIONS:
-            raise ValueError(
-                f"no cost function for mixer type {mixer!r}; register one with "
-                f"@hf_hybrid.cost.register_mixer_cost({mixer!r})"
-            )
-        mc = COST_FUNCTIONS[mixer](config, i)
-        pc = MLP_COST_FUNCTIONS[mlp](config, i)
+        mixer_kind, mlp_kind = mixer_spec(mixer), mlp_spec(mlp)
+        for kind, spec in (("mixer", mixer_kind), ("MLP", mlp_kind)):
+            if spec.cost is None:
+                raise ValueError(
+                    f"{kind} type {spec.name!r} declares no cost function; pass cost=fn(config, layer_idx) to its "
+                    f"hf_hybrid.registry.register_{kind.lower()}(...)"
+                )
+        mc = mixer_kind.cost(config, i)
+        pc = mlp_kind.cost(config, i)
         mixer_params, mixer_matmul = mc.params, mc.matmul_params
         mlp_params, mlp_matmul = pc.params, pc.matmul_params
         exact = True
-        measured = measure_module(mixer_registry, mixer, config, i) if measure else None
+        measured = measure_module(mixer_kind.cls, config, i) if measure else None
         if measured is not None:
             mixer_params, mixer_matmul = measured
         else:
             exact = False
         if mlp != "none":
-            measured = measure_module(mlp_registry, mlp, config, i) if measure else None
+            measured = measure_module(mlp_kind.cls, config, i) if measure else None
             if measured is not None:
                 mlp_params, mlp_matmul = measured
             else:
@@ -562,6 +542,7 @@ def estimate_cost(
                 state_elements=mc.state_elements,
                 exact=exact,
                 flops=mc.flops,
+                fp32_state_elements=mc.fp32_state_elements,
             )
         )
         all_exact &= exact
@@ -623,14 +604,10 @@ def format_tokens(n: int) -> str:
 
 
 __all__ = [
-    "COST_FUNCTIONS",
-    "MLP_COST_FUNCTIONS",
     "CostReport",
     "LayerCost",
     "MixerCost",
     "MLPCost",
     "compress_pattern",
     "estimate_cost",
-    "register_mixer_cost",
-    "register_mlp_cost",
 ]

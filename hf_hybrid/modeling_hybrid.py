@@ -1,7 +1,7 @@
 """The hf_hybrid decoder: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` per layer, each chosen in the config.
 
-Mixers live in ``hf_hybrid/mixers`` (one file per type, ``MIXER_REGISTRY``), MLPs in ``mlp.py`` / ``moe.py``
-(``MLP_REGISTRY``). This file only wires them: masks, packing, positions, RoPE, cache and the loss rule
+Mixers live in ``hf_hybrid/mixers`` (one file per type), MLPs in ``mlp.py`` / ``moe.py``; each kind's spec (class,
+transformers layer type, mask, cost) is in ``hf_hybrid.registry``. This file only wires them: masks, packing, positions, RoPE, cache and the loss rule
 (DESIGN.md §6b: ``loss`` = LM loss + Σ coef × auxiliary term in training mode only; each term has its own field).
 """
 
@@ -26,14 +26,13 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.utils import ModelOutput, logging
 
 from . import compat
-from . import mixers as _mixers  # noqa: F401  (registers the mixer types)
-from . import mlp as _mlp
-from . import moe as _moe  # noqa: F401  (registers the "moe" MLP type)
+from . import moe as _moe
 from .cache import HybridCache
-from .configuration_hybrid import RECURRENT_MIXERS, HybridConfig
+from .configuration_hybrid import HybridConfig
 from .layers import RMSNorm, rope_inv_freq
-from .mixers.base import MIXER_REGISTRY, MixerContext
+from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
+from .registry import mixer_spec, mlp_spec
 
 logger = logging.get_logger(__name__)
 
@@ -89,13 +88,14 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.mixer_type = config.mixer_types[layer_idx]
         self.mlp_type = config.mlp_types[layer_idx]
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mixer = MIXER_REGISTRY[self.mixer_type](config, layer_idx)
-        if self.mlp_type == "none":
+        self.mixer = mixer_spec(self.mixer_type).cls(config, layer_idx)
+        mlp_cls = mlp_spec(self.mlp_type).cls
+        if mlp_cls is None:  # a mixer-only layer
             self.post_attention_layernorm = None
             self.mlp = None
         else:
             self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.mlp = _mlp.MLP_REGISTRY[self.mlp_type](config, layer_idx)
+            self.mlp = mlp_cls(config, layer_idx)
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         hidden_states = hidden_states + self.mixer(self.input_layernorm(hidden_states), ctx)
@@ -325,19 +325,18 @@ class HybridModel(HybridPreTrainedModel):
         attn_kwargs = {k: kwargs[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
                        if k in kwargs}
 
-        mixer_set = set(config.mixer_types)
+        # Only the masks some layer declares it reads (registry specs) are built.
+        specs = config.layer_specs()
+        wanted = {getattr(spec, "mask", None) for spec in specs} - {None}
         masks: dict[str, Any] = {}
         mask_kwargs = dict(
             config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=past_key_values
         )
-        if mixer_set & {"attention", "mla", "dsa"}:
-            masks["full_attention"] = compat.build_mask(create_causal_mask, position_ids=position_ids, **mask_kwargs)
-        if "sliding_attention" in mixer_set:
-            masks["sliding_attention"] = compat.build_mask(
-                create_sliding_window_causal_mask, position_ids=position_ids, **mask_kwargs
-            )
+        for name, builder in _MASK_BUILDERS.items():
+            if name in wanted:
+                masks[name] = compat.build_mask(builder, position_ids=position_ids, **mask_kwargs)
         padding_mask = None
-        if mixer_set & set(RECURRENT_MIXERS) or "dsa" in mixer_set or "moe" in config.mlp_types:
+        if any(spec.needs_padding_mask for spec in specs):
             padding_mask = compat.build_mask(create_recurrent_attention_mask, **mask_kwargs)
             if padding_mask is not None:
                 padding_mask = padding_mask.bool()
@@ -378,6 +377,13 @@ class HybridModel(HybridPreTrainedModel):
             aux_terms=aux_terms,
             layer_stats=stats,
         )
+
+
+# transformers' mask builder for each mask name a spec may declare (hf_hybrid.registry.MASKS).
+_MASK_BUILDERS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
 
 
 def _packed_boundaries(
