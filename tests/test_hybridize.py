@@ -37,7 +37,7 @@ from hf_hybrid.training import training_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 H, HEADS, KV, D = 32, 4, 2, 8
-MIXERS = ["gated_deltanet", "mamba2", "linear_attention"]
+MIXERS = ["gated_deltanet", "mamba2", "linear_attention"] + (["kda"] if "kda" in MIXER_REGISTRY else [])
 
 
 def source_model(n_layers: int = 4, seed: int = 0, **overrides) -> HybridForCausalLM:
@@ -91,9 +91,12 @@ def test_inherited_projections_equal_the_source_weights(src, mixer):
             assert torch.count_nonzero(w[4 * n :]) == 0 and torch.count_nonzero(new.D) == 0
             assert torch.equal(new.out_proj.weight, o)
             assert (student.config.mamba_num_heads, student.config.mamba_n_groups) == (HEADS, HEADS)
-        else:
+        else:  # linear_attention, kda
             assert torch.equal(new.q_proj.weight, q) and torch.equal(new.k_proj.weight, k_exp)
             assert torch.equal(new.v_proj.weight, v_exp) and torch.equal(new.o_proj.weight, o)
+        if mixer == "kda":
+            assert torch.count_nonzero(new.b_proj.weight) == 0 and torch.count_nonzero(new.forget_gate.f_b_proj.weight) == 0
+            assert (student.config.kda_num_heads, student.config.kda_head_dim) == (HEADS, D)
         if getattr(new, "conv1d", None) is not None:  # identity: last tap 1, the others 0
             w = new.conv1d.weight
             assert torch.equal(w[:, 0, -1], torch.ones(w.shape[0])) and torch.count_nonzero(w[:, 0, :-1]) == 0
@@ -228,7 +231,7 @@ def args(tmp_path, name, **kw):
     return training_arguments(str(tmp_path / name), **{**base, **kw})
 
 
-@pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba2"])
+@pytest.mark.parametrize("mixer", [m for m in MIXERS if m != "linear_attention"])
 def test_stage1_moves_only_new_parameters_and_lowers_the_mse(src, tmp_path, mixer):
     student = hybridize_model(src, attention_layers=[1, 3], mixer=mixer)
     teacher_before = {k: v.clone() for k, v in src.state_dict().items()}

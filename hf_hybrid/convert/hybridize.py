@@ -25,8 +25,9 @@ RoPE (the linear mixers have no positions), the softmax, q/k/v biases where the 
 function-preserving: the student starts near the teacher and stage 1 (attention transfer) closes the gap.
 
 Every layer that is not replaced keeps its weights bit for bit (tests check it); MLPs, norms and embeddings too.
-A mixer added later (``kda``) becomes convertible with one ``register_init`` entry: the CLI offers a mixer only
-when it is both registered (``MIXER_REGISTRY``) and has an entry here.
+A mixer added later becomes convertible with one ``register_init`` entry (``kda`` has one: q/k/v/o inherited as for
+linear attention, its per-channel decay and low-rank gates at a stated init); the CLI offers a mixer only when it is
+both registered (``MIXER_REGISTRY``) and has an entry here.
 """
 
 from __future__ import annotations
@@ -345,7 +346,52 @@ def _linear_statement(config: HybridConfig) -> dict[str, list[str]]:
     }
 
 
+# ---- Kimi Delta Attention -----------------------------------------------------------------------------------------------
+
+
+def _kda_geometry(config: HybridConfig) -> dict[str, Any]:
+    return {"kda_num_heads": config.num_attention_heads, "kda_head_dim": config.head_dim}
+
+
+def _kda_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
+    with torch.no_grad():
+        mixer.q_proj.weight.copy_(w.query())
+        mixer.k_proj.weight.copy_(w.key())
+        mixer.v_proj.weight.copy_(w.value())
+        mixer.o_proj.weight.copy_(w.o)
+        identity_conv_(mixer.conv1d)
+        mixer.b_proj.weight.zero_()  # β = ½
+        mixer.forget_gate.f_b_proj.weight.zero_()  # g = -exp(A_log)·softplus(dt_bias), per channel
+    notes = ["q/k/v biases dropped"] if w.q_bias is not None else []
+    if w.gate is not None:
+        notes.append("attention output gate not inherited (KDA's gate is low rank)")
+    return notes
+
+
+def _kda_statement(config: HybridConfig) -> dict[str, list[str]]:
+    gqa = _gqa_note(config)
+    return {
+        "inherited": [
+            "q_proj ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
+            "k_proj ← W_k" + (" (k_norm weight folded in)" if config.use_qk_norm else "") + (f", {gqa}" if gqa else ""),
+            "v_proj ← W_v" + (f", {gqa}" if gqa else ""),
+            "o_proj ← W_o",
+        ],
+        "new": [
+            "b_proj = 0: β = ½ for every token at the start",
+            "forget gate: f_b_proj = 0, so g = −exp(A_log)·softplus(dt_bias) per channel (A_log = log U[1, 16], dt "
+            "log-uniform in [1e-3, 1e-1], KDAForgetGate's init); f_a_proj: the model's init",
+            f"output gate g_a_proj, g_b_proj (rank {config.kda_gate_rank}): the model's init, sigmoid(≈0) ≈ ½",
+            "conv1d: identity (last tap 1, others 0)",
+            "o_norm weight = 1",
+        ],
+        "dropped": _common_dropped(config) + (["the attention's output gate (KDA's is low rank)"]
+                                              if config.attention_output_gate else []),
+    }
+
+
 register_init("gated_deltanet", MixerInit(_gdn_geometry, _gdn_apply, _gdn_statement))
+register_init("kda", MixerInit(_kda_geometry, _kda_apply, _kda_statement))
 register_init("mamba2", MixerInit(_mamba_geometry, _mamba_apply, _mamba_statement))
 register_init("linear_attention", MixerInit(_linear_geometry, _linear_apply, _linear_statement))
 
