@@ -167,6 +167,37 @@ def test_decode_attends_to_k_tokens_not_the_whole_context(monkeypatch):
     assert widths and all(w == (4, 4) for w in widths)
 
 
+def test_mla_decode_reads_k_latent_rows_not_a_copy_of_the_cache():
+    """A DSA-on-MLA decode step gathers the k selected latent rows; it used to concatenate the whole [c_kv, k_pe]
+    history (S·(r + dr) per layer per token) every step. Every tensor an op creates during the step is recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.widest = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.dim() >= 2:
+                    self.widest.append((o.numel(), o.shape[-1], str(func)))
+            return out
+
+    model = build("mla", index_topk=4)
+    s, r, dr = 200, COMMON["kv_lora_rank"], COMMON["qk_rope_head_dim"]
+    ids = torch.randint(0, 64, (1, s + 1))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        cache = HybridCache(config=model.config)
+        model(ids[:, :s], past_key_values=cache, use_cache=True)
+        with Sizes() as sizes:
+            step = model(ids[:, s:], past_key_values=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=ATOL, rtol=0)
+    copies = [x for x in sizes.widest if x[1] == r + dr and x[0] >= s * (r + dr)]
+    assert not copies, f"decode built latent tensors of the whole history: {copies[:3]}"
+
+
 def test_structured_selector_keeps_anchors_window_and_strides():
     idx = structured_indices(1, 1, 99, None, topk=10, window=4, anchors=2, device=torch.device("cpu"))[0, 0]
     kept = sorted(i for i in idx.tolist() if i >= 0)
