@@ -160,9 +160,10 @@ class HybridPreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if strict:
+            allowed = _head_swap_allowance(cls, model)
             problems = []
             for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-                values = sorted(str(v) for v in (info.get(key) or []))
+                values = sorted(str(v) for v in (info.get(key) or []) if str(v) not in allowed.get(key, ()))
                 if values:
                     shown = ", ".join(values[:8]) + (" ..." if len(values) > 8 else "")
                     problems.append(f"{key} ({len(values)}): {shown}")
@@ -174,6 +175,10 @@ class HybridPreTrainedModel(PreTrainedModel):
                     + ". Refusing to initialise weights randomly (pass strict=False to load anyway)."
                 )
         return (model, info) if want_info else model
+
+    # Weights of a task head that a causal-LM checkpoint cannot have (e.g. ``score.weight``): the one mismatch that
+    # strict loading accepts when such a head is put on a causal checkpoint (standard fine-tuning start).
+    _task_head_keys: tuple[str, ...] = ()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Write to a temporary sibling directory first, then move files into place, so an interrupted save never
@@ -226,6 +231,17 @@ class HybridPreTrainedModel(PreTrainedModel):
         except ImportError:
             return
         write_model_card(self.config, tmp_dir)
+
+
+def _head_swap_allowance(cls: type, model: nn.Module) -> dict[str, set[str]]:
+    """What strict loading tolerates when ``cls`` is not the class the checkpoint was saved from but a causal LM's
+    checkpoint is loaded into a task head (``AutoModelForSequenceClassification``) or the bare backbone (``AutoModel``):
+    exactly the head swap — the new head's weights missing (initialised fresh by transformers, to be fine-tuned) and
+    the LM head unexpected. Everything else (a missing backbone weight, a wrong shape) stays an error."""
+    saved_as = set(getattr(model.config, "architectures", None) or [])
+    if cls.__name__ in saved_as or "HybridForCausalLM" not in saved_as:
+        return {}
+    return {"missing_keys": set(cls._task_head_keys), "unexpected_keys": {"lm_head.weight"}}
 
 
 class HybridModel(HybridPreTrainedModel):
@@ -503,7 +519,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
 
 class HybridForSequenceClassification(GenericForSequenceClassification, HybridPreTrainedModel):
-    pass
+    _task_head_keys = ("score.weight",)
 
 
 __all__ = [
