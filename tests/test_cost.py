@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hf_hybrid import HybridConfig, HybridForCausalLM
+from hf_hybrid.compat import output_cache
 from hf_hybrid.cost import (
     COST_FUNCTIONS,
     MLP_COST_FUNCTIONS,
@@ -265,7 +266,7 @@ def test_recurrent_state_bytes_match_a_real_cache():
     for name in ("tiny-gdn", "tiny-mamba2"):
         config = preset_config(name, vocab_size=64)
         model = HybridForCausalLM(config).to(torch.bfloat16).eval()
-        cache = model(torch.randint(0, 64, (1, 5)), use_cache=True).past_key_values
+        cache = output_cache(model(torch.randint(0, 64, (1, 5)), use_cache=True))
         layer = cache.layers[0]
         real = sum(t.numel() * t.element_size() for t in (layer.conv_states[0], layer.recurrent_states[0]))
         report = estimate_cost(config, contexts=(5,), dtype_bytes=2)
