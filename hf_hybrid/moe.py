@@ -39,7 +39,7 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
 from .configuration_hybrid import HybridConfig
-from .mixers.base import MixerContext
+from .mixers.base import MixerContext, in_backward_recompute
 from .mlp import SwiGLU, register_mlp
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -481,9 +481,12 @@ class HybridMoE(nn.Module):
             out_NH = out_NH + self.shared_experts(x_NH)
 
         if self.training:
-            router.accumulate_counts(counts_E)
+            if not in_backward_recompute():  # gradient checkpointing replays this forward: count each token once
+                router.accumulate_counts(counts_E)
             if ctx is not None:
                 self._add_losses(ctx, router, logits_NE, index_NK, mask_N, B, T)
+        if ctx is not None and ctx.output_router_logits:
+            ctx.router_logits.append(logits_NE)
         self.last_counts, self.last_load, self.last_drops = counts_E, load_E, drops_E
         if ctx is not None:
             ctx.add_stat("expert_load", self.layer_idx, load_E)

@@ -132,7 +132,8 @@ def test_dense_warmup_loss_is_indexer_kl_and_only_the_indexer_learns(base):
 
 @pytest.mark.parametrize("base", BASES)
 def test_sparse_training_lm_loss_sends_no_gradient_into_the_indexer(base):
-    model = build(base, dsa_mode="sparse").train()
+    # index_loss_coef=0: the KL is still reported but not attached to the layers, so out.lm_loss is the LM term alone
+    model = build(base, dsa_mode="sparse", index_loss_coef=0.0).train()
     ids = torch.randint(0, 64, (2, 12))
     out = model(ids, labels=ids)
     indexer = [p for n, p in model.named_parameters() if ".indexer." in n]
@@ -143,7 +144,15 @@ def test_sparse_training_lm_loss_sends_no_gradient_into_the_indexer(base):
     kl_grads = torch.autograd.grad(out.indexer_loss, indexer + rest, allow_unused=True, retain_graph=True)
     assert any(g is not None and g.abs().sum() > 0 for g in kl_grads[: len(indexer)])
     assert all(g is None or g.abs().sum() == 0 for g in kl_grads[len(indexer) :])
-    torch.testing.assert_close(out.loss, out.lm_loss + model.config.index_loss_coef * out.indexer_loss)
+    # with a coefficient, the KL's gradient rides on any backward through the layers (hf_hybrid/aux_loss.py)
+    model.config.index_loss_coef = 0.5
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.indexer_loss)
+    via_lm = torch.autograd.grad(out.lm_loss, indexer, allow_unused=True, retain_graph=True)
+    kl = torch.autograd.grad(out.indexer_loss, indexer, allow_unused=True)
+    for g, k in zip(via_lm, kl):
+        if k is not None:
+            torch.testing.assert_close(g, 0.5 * k)
 
 
 def test_decode_attends_to_k_tokens_not_the_whole_context(monkeypatch):
