@@ -378,7 +378,7 @@ class HybridModel(HybridPreTrainedModel):
         if output_attentions:
             self._check_output_attentions()
         if output_router_logits is None:
-            output_router_logits = config.output_router_logits
+            output_router_logits = getattr(config, "output_router_logits", False)  # hidden without MoE layers
         if self.training and self.gradient_checkpointing and torch.is_grad_enabled():
             self._check_checkpointing()
 
