@@ -7,6 +7,7 @@ Mixers live in ``hf_hybrid/mixers`` (one file per type, ``MIXER_REGISTRY``), MLP
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -37,6 +38,9 @@ from .mixers.base import MIXER_REGISTRY, MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
 
 logger = logging.get_logger(__name__)
+
+# Config fields that are run-time switches rather than architecture: saved as set at construction / loading.
+_RUNTIME_CONFIG_FIELDS = ("output_router_logits",)
 
 # Auxiliary terms a layer may record (ctx.add_aux) -> the config field holding its coefficient.
 AUX_LOSS_COEFFICIENTS = {
@@ -194,6 +198,28 @@ class HybridPreTrainedModel(PreTrainedModel):
                 )
         return (model, info) if want_info else model
 
+    def post_init(self) -> None:
+        super().post_init()
+        # Runtime switches that clients flip on the shared config (TRL's SFT / DPO trainers set
+        # output_router_logits=True on every MoE model they train): saved as the model was built or loaded.
+        self._runtime_config_fields = {
+            k: self.config.__dict__[k] for k in _RUNTIME_CONFIG_FIELDS if k in self.config.__dict__
+        }
+
+    @contextlib.contextmanager
+    def _config_as_set(self):
+        saved = getattr(self, "_runtime_config_fields", {})
+        current = {k: self.config.__dict__[k] for k in _RUNTIME_CONFIG_FIELDS if k in self.config.__dict__}
+        try:
+            for k in current:
+                if k in saved:
+                    self.config.__dict__[k] = saved[k]
+                else:
+                    del self.config.__dict__[k]  # set by a client on a config that had none (no MoE layer)
+            yield
+        finally:
+            self.config.__dict__.update(current)
+
     # Weights of a task head that a causal-LM checkpoint cannot have (e.g. ``score.weight``): the one mismatch that
     # strict loading accepts when such a head is put on a causal checkpoint (standard fine-tuning start).
     _task_head_keys: tuple[str, ...] = ()
@@ -214,7 +240,8 @@ class HybridPreTrainedModel(PreTrainedModel):
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-hf-hybrid-", dir=parent)
         try:
-            super().save_pretrained(tmp, *args, **kwargs)
+            with self._config_as_set():
+                super().save_pretrained(tmp, *args, **kwargs)
             self._write_card_if_missing(tmp, save_directory)
             if not os.path.exists(save_directory):
                 os.replace(tmp, save_directory)
