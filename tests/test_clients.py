@@ -25,7 +25,6 @@ KINDS = {
     "hybrid": ("tiny-hybrid", {}),  # 3 Gated DeltaNet : 1 attention
     "mla": ("tiny-mla", {}),
 }
-SLOW_KIND = {k: pytest.param(k, marks=pytest.mark.slow) for k in KINDS}
 TEXTS = [("To be, or not to be, that is the question. " * (1 + i % 3)).strip() for i in range(24)]
 
 
@@ -71,11 +70,12 @@ def _sft(kind, packing, tok, tmp_path):
     return model, trainer, as_built
 
 
+DEFAULT_SFT = {(k, True) for k in KINDS} | {("moe", False), ("hybrid", False)}
+
+
 @pytest.mark.parametrize(
     "kind, packing",
-    [("moe", True), ("hybrid", False), ("dsa", True)]
-    + [pytest.param(k, p, marks=pytest.mark.slow) for k in KINDS for p in (True, False)
-       if (k, p) not in {("moe", True), ("hybrid", False), ("dsa", True)}],
+    [(k, p) if (k, p) in DEFAULT_SFT else pytest.param(k, p, marks=pytest.mark.slow) for k in KINDS for p in (True, False)],
 )
 def test_trl_sft_trains_and_saves_the_config_as_set(kind, packing, tok, tmp_path):
     model, trainer, before = _sft(kind, packing, tok, tmp_path)
@@ -126,7 +126,7 @@ def test_trl_sft_counts_each_aux_term_once_same_gradients_as_our_forward(tok, tm
     assert router and all(g.abs().sum() > 0 for name, g in zip(params, trl) if name in router)
 
 
-@pytest.mark.parametrize("kind", ["moe", SLOW_KIND["dense"], SLOW_KIND["dsa"], SLOW_KIND["hybrid"], SLOW_KIND["mla"]])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_trl_dpo_trains(kind, tok, tmp_path):
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
@@ -173,7 +173,8 @@ def _rolling(lm_model, tok, tmp_path) -> dict:
     (task_dir / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in DOCS))
     (task_dir / "task.yaml").write_text(ROLLING_TASK.format(data=task_dir / "data.jsonl"))
     lm = HFLM(pretrained=lm_model.eval(), tokenizer=tok, batch_size=2, max_length=64)
-    out = simple_evaluate(model=lm, tasks=["hf_hybrid_rolling"], task_manager=TaskManager(include_path=str(task_dir)))
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)  # indexing lm-eval's own tasks: ~15 s
+    out = simple_evaluate(model=lm, tasks=["hf_hybrid_rolling"], task_manager=manager)
     return out["results"]["hf_hybrid_rolling"]
 
 
@@ -189,14 +190,16 @@ def _own_byte_perplexity(model, tok) -> float:
     return math.exp(-total / nbytes)
 
 
-def test_lm_eval_rolling_and_an_imported_checkpoint_gives_the_source_numbers(tok, tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from hf_hybrid.convert import import_dense
-
+def test_lm_eval_rolling_gives_our_own_loglikelihood(tok, tmp_path):
     model = tiny("hybrid", len(tok))
     res = _rolling(model, tok, tmp_path)
     assert res["byte_perplexity,none"] == pytest.approx(_own_byte_perplexity(model, tok), rel=1e-4)
+
+
+def test_lm_eval_an_imported_checkpoint_gives_the_source_numbers(tok, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_hybrid.convert import import_dense
 
     torch.manual_seed(0)
     source = AutoModelForCausalLM.from_config(
@@ -211,7 +214,6 @@ def test_lm_eval_rolling_and_an_imported_checkpoint_gives_the_source_numbers(tok
         assert ours[metric] == pytest.approx(ref[metric], rel=1e-5), metric
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_lm_eval_rolling_on_every_kind(kind, tok, tmp_path):
     model = tiny(kind, len(tok))
