@@ -59,8 +59,8 @@ def update_expert_bias(
     forwards since the last update), summed across ranks with one all-reduce for all layers, then reset. ``rate``
     defaults to each router's ``config.router_bias_update_rate``; routers with rate 0 and hash routers are left alone
     (their counts are still reset), and nothing moves while a DSA layer is in dense warm-up (only the indexers train
-    then). Gradient checkpointing re-runs forwards and counts them twice, which scales every
-    expert's count alike and so leaves the sign, hence the update, unchanged.
+    then). Gradient checkpointing's replay of a forward during the backward is not counted (``HybridMoE`` skips it), so
+    each token counts once with or without checkpointing.
 
     Why the all-reduce matters under DDP: with ``broadcast_buffers=True`` (the default) DDP copies rank 0's buffers,
     ``e_score_correction_bias`` included, over every other rank before each forward. If each rank updated its bias
