@@ -208,7 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
     p.add_argument(
-        "--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: as saved"
+        "--dtype",
+        default=None,
+        help="cast weights (float32, bfloat16, float16); default: the source config's dtype, else as stored",
     )
     p.add_argument("--base-model", default=None, help="name recorded as base model (e.g. the Hub id of SRC)")
     p.set_defaults(func=cmd_import)

@@ -202,6 +202,13 @@ class HybridConfig(PreTrainedConfig):
     # ---- provenance, for model cards -------------------------------------------------------------
     hf_hybrid_lineage: dict | None = None
 
+    def __eq__(self, other: object) -> bool:
+        # by value of what is set (the generated field-by-field __eq__ would trip over the absent
+        # output_router_logits of a config without MoE layers, see __post_init__)
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    __hash__ = None
+
     def __post_init__(self, **kwargs):
         kwargs = self._migrate(self.hf_hybrid_format_version, kwargs)
         mixer_pattern = kwargs.pop("mixer_pattern", None)
@@ -268,6 +275,11 @@ class HybridConfig(PreTrainedConfig):
             self.linear_head_dim = self.head_dim
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = max(1, self.intermediate_size // max(1, self.num_experts_per_tok))
+        if "moe" not in self.mlp_types:
+            # No MoE layer, no router logits. Clients decide "is this an MoE?" by hasattr(config,
+            # "output_router_logits") (TRL's SFT / DPO trainers then ask the backbone for router logits and add
+            # Mixtral's balance loss), so a model without one does not carry the switch (the class has no default).
+            self.__dict__.pop("output_router_logits", None)
 
         super().__post_init__(**kwargs)
 
@@ -356,5 +368,9 @@ class HybridConfig(PreTrainedConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"HybridConfig.{name}={getattr(self, name)} must be >= 0")
 
+
+# The field's default lives in the generated __init__ only, so that hasattr(config, "output_router_logits") is False
+# for a config without MoE layers (see __post_init__).
+del HybridConfig.output_router_logits
 
 __all__ = ["HybridConfig", "FORMAT_VERSION"]

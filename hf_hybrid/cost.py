@@ -12,8 +12,9 @@ Conventions (all per layer, in elements, times ``dtype_bytes`` for bytes):
 
 - ``cache_per_token``: elements appended to the cache per token (K and V, MLA's latent, DSA's indexer key);
   ``cache_window`` caps the number of cached tokens (sliding window).
-- ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers), in the
-  cache dtype; ``fp32_state_elements``: constant state kept in fp32 whatever the model dtype (4 bytes each).
+- ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers);
+  ``state_fp32_elements`` of them (the recurrent state) are stored in fp32 whatever the model dtype, as the mixers keep
+  them, the rest (the conv tail) in the model dtype.
 - FLOPs are forward FLOPs for one token at context ``c``: ``2 · (active matmul weights + lm_head)`` plus each
   mixer's ``flops(c)`` (attention scores and values, recurrent state updates). Training is about 3× that.
 
@@ -52,7 +53,7 @@ class MixerCost:
     cache_window: int | None = None
     state_elements: int = 0
     flops: Callable[[int], float] = _zero_flops  # extra forward FLOPs per token at context c
-    fp32_state_elements: int = 0  # state the mixer keeps in fp32 in any model dtype
+    state_fp32_elements: int = 0  # the part of state_elements kept in fp32 (recurrent state)
 
 
 @dataclass(frozen=True)
@@ -173,6 +174,11 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         # cached (the indexer's weights are still counted, as they are in the model).
         cache, hi = cache - di, 0
     attend = _attention_flops(heads, qk, v, None)
+    if config.dsa_base == "mla" and not dense:
+        # Sparse DSA on MLA runs latent MQA (mixers/dsa.py, as V3.2 does): each head scores the selected cached
+        # [c_kv, k_pe] (r + dr wide) and sums c_kv (r wide); the query absorption and W_uv cost what kv_b_proj costs,
+        # already in matmul_params.
+        attend = _attention_flops(heads, config.kv_lora_rank + config.qk_rope_head_dim, config.kv_lora_rank, None)
 
     def flops(context: int) -> float:
         selected = context if dense else min(context, kept)
@@ -192,7 +198,7 @@ def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     state = conv_channels * (k - 1) + hv * dk * dv
     # Per token and value head: decay S (dk·dv), Sᵀk (2·dk·dv), S += k uᵀ (2·dk·dv), Sᵀq (2·dk·dv).
     step = 7.0 * hv * dk * dv
-    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
+    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=hv * dk * dv)
 
 
 def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
@@ -207,7 +213,7 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     state = conv_channels * (k - 1) + nh * p * n
     # Per token and head: decay h (p·n), h += Δ·B xᵀ (2·p·n), y = Cᵀh (2·p·n).
     step = 5.0 * nh * p * n
-    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
+    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=nh * p * n)
 
 
 def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
@@ -221,10 +227,11 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     positive = config.linear_feature_map != "identity"  # normalised by φ(q)ᵀz instead of an output norm
     params = matmul + gates + (0 if positive else d)
     # State: S [nh, f, d] plus the normaliser z [nh, f] (kept as an extra value column), and the conv tail.
-    state = nh * feat * (d + (1 if positive else 0)) + (3 * nh * d * (k - 1) if k > 0 else 0)
+    recurrent = nh * feat * (d + (1 if positive else 0))
+    state = recurrent + (3 * nh * d * (k - 1) if k > 0 else 0)
     # Per token and head: S += φ(k) vᵀ (2·f·d), o = φ(q)ᵀ S (2·f·d), decay (f·d), normaliser (4·f).
     step = nh * (4.0 * feat * d + (feat * d if gates else 0) + (4.0 * feat if positive else 0))
-    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
+    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=recurrent)
 
 
 def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
@@ -243,8 +250,10 @@ def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     # The conv tail is cached in the model dtype; the recurrent state S [nh, d, d] is kept in fp32 (ops.kda).
     # Per token and head: decay S (d·d), Sᵀk (2·d·d), S += k uᵀ (2·d·d), Sᵀq (2·d·d).
     step = 7.0 * nh * d * d
+    recurrent = nh * d * d
     return MixerCost(
-        params, matmul, state_elements=3 * w * (k - 1), fp32_state_elements=nh * d * d, flops=lambda c: step
+        params, matmul, state_elements=3 * w * (k - 1) + recurrent, state_fp32_elements=recurrent,
+        flops=lambda c: step,
     )
 
 
@@ -311,7 +320,7 @@ class LayerCost:
     state_elements: int
     exact: bool  # counted on the built modules
     flops: Callable[[int], float] = field(repr=False, default=_zero_flops)
-    fp32_state_elements: int = 0
+    state_fp32_elements: int = 0
 
 
 @dataclass
@@ -331,16 +340,22 @@ class CostReport:
     def mixer_types(self) -> list[str]:
         return list(dict.fromkeys(layer.mixer for layer in self.layers))
 
+    def state_bytes(self, layer: LayerCost) -> int:
+        """Per-sequence state bytes of one layer: the recurrent state in fp32 and the conv tail in the cache dtype, as
+        the mixers store them; ``state_dtype_bytes`` (when given) overrides both."""
+        if self.state_dtype_bytes is not None:
+            return layer.state_elements * self.state_dtype_bytes
+        fp32 = layer.state_fp32_elements
+        return (layer.state_elements - fp32) * self.dtype_bytes + fp32 * 4
+
     def cache_bytes(self, context: int, mixer: str | None = None) -> int:
         """Cache + state bytes of one sequence at ``context`` tokens, for one mixer type or the whole model."""
-        state_bytes = self.state_dtype_bytes or self.dtype_bytes
         total = 0
         for layer in self.layers:
             if mixer is not None and layer.mixer != mixer:
                 continue
             tokens = context if layer.cache_window is None else min(context, layer.cache_window)
-            total += tokens * layer.cache_per_token * self.dtype_bytes + layer.state_elements * state_bytes
-            total += layer.fp32_state_elements * 4
+            total += tokens * layer.cache_per_token * self.dtype_bytes + self.state_bytes(layer)
         return total
 
     def flops_per_token(self, context: int) -> float:
@@ -348,7 +363,6 @@ class CostReport:
         return 2.0 * matmul + sum(layer.flops(context) for layer in self.layers)
 
     def by_mixer(self) -> dict[str, dict[str, Any]]:
-        state_bytes = self.state_dtype_bytes or self.dtype_bytes
         rows: dict[str, dict[str, Any]] = {}
         for mixer in self.mixer_types:
             layers = [layer for layer in self.layers if layer.mixer == mixer]
@@ -358,8 +372,7 @@ class CostReport:
                 "params": sum(layer.params for layer in layers),
                 "cache_bytes_per_token_per_layer": layers[0].cache_per_token * self.dtype_bytes,
                 "cache_window": next(iter(windows)) if len(windows) == 1 else sorted(w or 0 for w in windows),
-                "state_bytes_per_sequence_per_layer": layers[0].state_elements * state_bytes
-                + layers[0].fp32_state_elements * 4,
+                "state_bytes_per_sequence_per_layer": self.state_bytes(layers[0]),
                 "bytes_per_sequence": {c: self.cache_bytes(c, mixer) for c in self.contexts},
             }
         return rows
@@ -390,7 +403,7 @@ class CostReport:
                     "cache_elements_per_token": layer.cache_per_token,
                     "cache_window": layer.cache_window,
                     "state_elements": layer.state_elements,
-                    "fp32_state_elements": layer.fp32_state_elements,
+                    "state_fp32_elements": layer.state_fp32_elements,
                 }
                 for layer in self.layers
             ],
@@ -540,9 +553,9 @@ def estimate_cost(
                 cache_per_token=mc.cache_per_token,
                 cache_window=mc.cache_window,
                 state_elements=mc.state_elements,
+                state_fp32_elements=mc.state_fp32_elements,
                 exact=exact,
                 flops=mc.flops,
-                fp32_state_elements=mc.fp32_state_elements,
             )
         )
         all_exact &= exact

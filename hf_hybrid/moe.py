@@ -40,7 +40,7 @@ from transformers.integrations.moe import use_experts_implementation
 
 from .configuration_hybrid import HybridConfig
 from .cost import moe_mlp_cost
-from .mixers.base import MixerContext
+from .mixers.base import MixerContext, in_backward_recompute
 from .mlp import SwiGLU
 from .registry import register_mlp, require_positive
 
@@ -507,9 +507,12 @@ class HybridMoE(nn.Module):
             out_NH = out_NH + self.shared_experts(x_NH)
 
         if self.training:
-            router.accumulate_counts(counts_E)
+            if not in_backward_recompute():  # gradient checkpointing replays this forward: count each token once
+                router.accumulate_counts(counts_E)
             if ctx is not None:
                 self._add_losses(ctx, router, logits_NE, index_NK, mask_N, B, T)
+        if ctx is not None and ctx.output_router_logits:
+            ctx.router_logits.append(logits_NE)
         self.last_counts, self.last_load, self.last_drops = counts_E, load_E, drops_E
         if ctx is not None:
             ctx.add_stat("expert_load", self.layer_idx, load_E)

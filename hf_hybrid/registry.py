@@ -39,7 +39,8 @@ class MixerSpec:
 
     - ``layer_type``: transformers' ``layer_types`` entry, which picks the cache layer transformers builds for it.
     - ``mask``: which of transformers' attention masks the layer reads from ``ctx.masks`` (None: it needs none; a
-      layer that needs one but declares None would see the future under eager attention).
+      layer that needs one but declares None would see the future under eager attention), or ``fn(config)``
+      returning one of those when it depends on the layer's settings (a sparse DSA layer needs no dense mask).
     - ``recurrent``: keeps a constant-size recurrent state (the model is stateful, the cache cannot be cropped).
     - ``needs_padding_mask``: reads ``ctx.padding_mask`` (recurrent mixers, DSA's indexer).
     - ``cost``: ``fn(config, layer_idx) -> hf_hybrid.cost.MixerCost`` for the inspector and the card.
@@ -52,12 +53,20 @@ class MixerSpec:
     name: str
     cls: type
     layer_type: str
-    mask: str | None = None
+    mask: str | Callable[[Any], str | None] | None = None
     recurrent: bool = False
     needs_padding_mask: bool = False
     cost: Callable[..., Any] | None = None
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     validate: Callable[[Any], None] | None = None
+
+
+def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
+    """The transformers mask a layer of this kind reads under ``config`` (None: none)."""
+    mask = spec.mask(config) if callable(spec.mask) else spec.mask
+    if mask is not None and mask not in MASKS:
+        raise ValueError(f"mixer {spec.name!r} asks for mask {mask!r}; choose None or one of {', '.join(MASKS)}")
+    return mask
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,7 @@ def register_mixer(
     name: str,
     *,
     layer_type: str,
-    mask: str | None = None,
+    mask: str | Callable[[Any], str | None] | None = None,
     recurrent: bool = False,
     needs_padding_mask: bool | None = None,
     cost: Callable[..., Any] | None = None,
@@ -114,7 +123,7 @@ def register_mixer(
     _check_name("mixer", name)
     if layer_type not in LAYER_TYPES:
         raise ValueError(f"register_mixer({name!r}): layer_type={layer_type!r}; choose one of {', '.join(LAYER_TYPES)}")
-    if mask is not None and mask not in MASKS:
+    if mask is not None and not callable(mask) and mask not in MASKS:
         raise ValueError(f"register_mixer({name!r}): mask={mask!r}; choose None or one of {', '.join(MASKS)}")
     defaults = dict(config_defaults or {})
 
@@ -212,6 +221,7 @@ __all__ = [
     "MLP_REGISTRY",
     "MLPSpec",
     "MixerSpec",
+    "mixer_mask",
     "mixer_spec",
     "mixer_specs",
     "mlp_spec",

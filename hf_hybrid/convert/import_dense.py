@@ -302,11 +302,20 @@ def plan_import(src_dir: str | os.PathLike, *, dtype: torch.dtype | str | None =
             )
 
     if dtype is None:
-        embed_name = next(k for k, v in key_map.items() if v == "model.embed_tokens.weight")
-        st_dtype = shapes[embed_name][1]
-        if st_dtype not in _SAFETENSORS_DTYPES:
-            _fail(f"{src}: embedding dtype {st_dtype} is not a floating type hf_hybrid can load")
-        dtype = _SAFETENSORS_DTYPES[st_dtype]
+        # transformers' rule for from_pretrained(dtype="auto"), its default: the config's dtype when it names one,
+        # else the dtype the weights are stored in. (A checkpoint may say float32 and store bf16: loading it by default
+        # gives float32 weights, so the import must too, or its default load would differ from the source's.)
+        declared = raw.get("dtype") or raw.get("torch_dtype")
+        if isinstance(declared, str) and isinstance(getattr(torch, declared, None), torch.dtype):
+            dtype = getattr(torch, declared)
+            if not dtype.is_floating_point:
+                _fail(f"{src}: config.json dtype={declared!r} is not a floating type hf_hybrid can load")
+        else:
+            embed_name = next(k for k, v in key_map.items() if v == "model.embed_tokens.weight")
+            st_dtype = shapes[embed_name][1]
+            if st_dtype not in _SAFETENSORS_DTYPES:
+                _fail(f"{src}: embedding dtype {st_dtype} is not a floating type hf_hybrid can load")
+            dtype = _SAFETENSORS_DTYPES[st_dtype]
     elif isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
@@ -351,7 +360,8 @@ def import_dense(
 ) -> Path:
     """Import the transformers checkpoint in ``src_dir`` into a new hf_hybrid checkpoint ``dst_dir``.
 
-    ``dtype``: cast floating weights (default: keep the dtype the embedding was saved in). ``base_model``: the name
+    ``dtype``: cast floating weights (default: transformers' ``dtype="auto"`` rule — the dtype config.json names, else
+    the one the weights are stored in). ``base_model``: the name
     recorded as lineage and in the card (default: ``src_dir`` as given; pass the Hub id when you know it).
     ``dst_dir`` must not exist or be empty. Returns ``dst_dir``."""
     from .. import __version__

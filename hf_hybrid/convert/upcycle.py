@@ -441,7 +441,8 @@ def source_config(src: str | os.PathLike) -> tuple[HybridConfig, bool]:
 def load_source(src: str | os.PathLike, *, dtype: torch.dtype | str | None = None):
     """``(model, source_dtype)``: an hf_hybrid ``HybridForCausalLM`` of ``src`` (imported through a temporary directory
     when it is a Llama / Qwen2 / Qwen3 / Mistral checkpoint), in eval mode, cast to ``dtype`` when given;
-    ``source_dtype`` is the dtype the weights were stored in."""
+    ``source_dtype`` is the dtype transformers' default loading gives it (``dtype="auto"``: the config's dtype, else the
+    stored one)."""
     from ..modeling_hybrid import HybridForCausalLM
     from .import_dense import import_dense
 

@@ -115,7 +115,7 @@ class HybridAttention(nn.Module):
         """Dense attention through transformers' interface; returns [B, T, h, d]."""
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         mask = ctx.masks.get("sliding_attention" if self.is_sliding else "full_attention")
-        out, _ = interface(
+        out, probs = interface(
             self,
             q,
             k,
@@ -126,6 +126,8 @@ class HybridAttention(nn.Module):
             sliding_window=self.sliding_window,
             **ctx.attn_kwargs,
         )
+        if ctx.output_attentions and probs is not None:
+            ctx.attentions.append((self.layer_idx, probs))  # (B, h, T, S)
         return out
 
     def output(self, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:

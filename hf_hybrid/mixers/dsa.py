@@ -113,6 +113,23 @@ def structured_indices(
     return torch.cat([first.expand(b, -1, -1), recent, strided], dim=-1)[..., :topk]
 
 
+def gather_selected_latent(
+    c_kv: torch.Tensor, k_pe: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selected latent rows only, for sparse attention when T·k < S (decode).
+
+    c_kv [B, S, r], k_pe [B, S, dr], idx [B, T, K] (-1 = unused) -> k [B, T·K, 1, r + dr], v [B, T·K, 1, r] and
+    idx' [B, T, K] into them (slot j of query t is row t·K + j; -1 kept), so ``sparse_attention(q, k, v, idx')``
+    equals ``sparse_attention(q, cat(c_kv, k_pe), c_kv, idx)`` while reading T·K rows instead of copying S."""
+    b, t, kk = idx.shape
+    rows = idx.clamp(min=0).reshape(b, t * kk, 1)
+    c_sel = c_kv.gather(1, rows.expand(-1, -1, c_kv.shape[-1]))  # (B, T·K, r)
+    pe_sel = k_pe.gather(1, rows.expand(-1, -1, k_pe.shape[-1]))  # (B, T·K, dr)
+    local = torch.arange(t * kk, device=idx.device, dtype=idx.dtype).view(1, t, kk)
+    idx_sel = torch.where(idx >= 0, local, torch.full_like(idx, -1))
+    return torch.cat([c_sel, pe_sel], dim=-1)[:, :, None], c_sel[:, :, None], idx_sel
+
+
 class _DSAMixin:
     """The selection and the indexer loss, shared by DSA on MLA and DSA on GQA attention."""
 
@@ -189,17 +206,27 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
         w_uk, w_uv = weights
         # Latent MQA view of MLA: per-head latent queries against the single cached [c_kv, k_pe] "head".
         q_lat = torch.cat([self.absorb_query(p.q_nope, w_uk), p.q_pe], dim=-1)  # (B, T, H, r + dr)
-        k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]  # (B, S, 1, r + dr)
         idx = None
+        k_lat = None
         if cfg.dsa_mode == "sparse":
             idx = self._select(q_i, k_i, w, key_start, ctx)
-            o_lat = sparse_attention(
-                q_lat, k_lat, p.c_kv[:, :, None], idx, scale=self.scaling, backend=cfg.dsa_backend
-            )  # (B, T, H, r)
+            if self.training or t * idx.shape[-1] >= p.c_kv.shape[1]:
+                k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]  # (B, S, 1, r + dr)
+                o_lat = sparse_attention(
+                    q_lat, k_lat, p.c_kv[:, :, None], idx, scale=self.scaling, backend=cfg.dsa_backend
+                )  # (B, T, H, r)
+            else:
+                # Decode: T·k selected rows are far fewer than the S cached ones, so gather only those instead of
+                # concatenating the whole latent history into [c_kv, k_pe] every step.
+                k_sel, v_sel, idx_sel = gather_selected_latent(p.c_kv, p.k_pe, idx)
+                o_lat = sparse_attention(q_lat, k_sel, v_sel, idx_sel, scale=self.scaling, backend=cfg.dsa_backend)
             out = self.latent_to_value(o_lat, w_uv)
         else:
             out = None
-        self._losses_and_metrics(q_lat, k_lat, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
+        if (self.training and cfg.dsa_mode != "dense") or self.collect_metrics:
+            if k_lat is None:
+                k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]
+            self._losses_and_metrics(q_lat, k_lat, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
         if out is None:
             return self._dense(p, ctx, b, t)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
@@ -248,13 +275,27 @@ def _validate_dsa(config: HybridConfig) -> None:
     require_positive(config, "index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk")
 
 
+def _dsa_mask(config: HybridConfig) -> str | None:
+    # Sparse mode attends over each query's selection only (key starts come from the 2D mask): no dense mask. The
+    # dense warm-up and dense modes run the base mixer over every token and read the causal mask.
+    return None if config.dsa_mode == "sparse" else "full_attention"
+
+
 # The indexer reads the padding mask (padded keys are never selected); its keys live in transformers'
 # DynamicIndexedLayer ("indexed_attention").
-@register_mixer("dsa", layer_type="indexed_attention", mask="full_attention", needs_padding_mask=True,
+@register_mixer("dsa", layer_type="indexed_attention", mask=_dsa_mask, needs_padding_mask=True,
                 cost=dsa_cost, validate=_validate_dsa)
 def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
     """DSA over the dense mixer named by ``config.dsa_base``."""
     return DSAOnMLA(config, layer_idx) if config.dsa_base == "mla" else DSAOnAttention(config, layer_idx)
 
 
-__all__ = ["DSAOnAttention", "DSAOnMLA", "LightningIndexer", "build_dsa", "key_start_positions", "structured_indices"]
+__all__ = [
+    "DSAOnAttention",
+    "DSAOnMLA",
+    "LightningIndexer",
+    "build_dsa",
+    "gather_selected_latent",
+    "key_start_positions",
+    "structured_indices",
+]

@@ -278,7 +278,7 @@ class HybridMLA(nn.Module):
         elif pad:  # zero channels in q and k change no score (the scale is passed explicitly)
             q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-        out, _ = interface(
+        out, probs = interface(
             self,
             q,
             k,
@@ -288,6 +288,8 @@ class HybridMLA(nn.Module):
             scaling=self.scaling,
             **ctx.attn_kwargs,
         )
+        if ctx.output_attentions and probs is not None:
+            ctx.attentions.append((self.layer_idx, probs))  # (B, H, T, S)
         return out[..., :dv]  # (B, T, H, dv)
 
     # ---- absorbed path ------------------------------------------------------------------------------------------
@@ -340,6 +342,8 @@ class HybridMLA(nn.Module):
         else:
             probs = F.softmax(scores, dim=-1, dtype=torch.float32)
         probs = F.dropout(probs, p=self.attention_dropout if self.training else 0.0, training=self.training)
+        if ctx.output_attentions:
+            ctx.attentions.append((self.layer_idx, probs.transpose(1, 2)))  # (B, H, T, S)
         o_lat = torch.bmm(probs.to(c_kv.dtype).view(b, t * h, s), c_kv)  # (B, T·H, r)
         return self.latent_to_value(o_lat.view(b, t, h, self.kv_lora_rank), w_uv)
 
