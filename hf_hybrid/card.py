@@ -359,10 +359,12 @@ __all__ = [
 
 
 def _unwrapped_hybrid(trainer) -> Any:
-    from .modeling_hybrid import HybridPreTrainedModel
-
+    """The trainer's model when it is an hf_hybrid one (told by its config: no import of the model module here)."""
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
-    return model if isinstance(model, HybridPreTrainedModel) else None
+    if hasattr(model, "peft_config"):
+        return None  # an adapter: its card is PEFT's (Trainer asks the PeftModel to write it)
+    config = getattr(model, "config", None)
+    return model if isinstance(config, HybridConfig) else None
 
 
 def merge_training_summary(card: str, summary: str) -> str:

@@ -15,31 +15,13 @@ from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from .registry import mixer_spec, mixer_specs, mlp_spec, mlp_specs, require_positive
+
 # Bump when the meaning of saved weights or fields changes; add a rule to `_migrate` at the same time.
 FORMAT_VERSION = 1
 
-MIXER_TYPES = (
-    "attention",
-    "sliding_attention",
-    "mla",
-    "dsa",
-    "linear_attention",
-    "mamba2",
-    "gated_deltanet",
-)
-RECURRENT_MIXERS = ("linear_attention", "mamba2", "gated_deltanet")
-MLP_TYPES = ("dense", "moe", "none")
-
-# Our mixer names -> transformers' cache/mask layer types (DESIGN.md §3-4).
-_MIXER_TO_LAYER_TYPE = {
-    "attention": "full_attention",
-    "sliding_attention": "sliding_attention",
-    "mla": "full_attention",
-    "dsa": "indexed_attention",
-    "linear_attention": "linear_attention",
-    "mamba2": "linear_attention",
-    "gated_deltanet": "linear_attention",
-}
+# The mixer and MLP kinds, their transformers layer type, masks, cost and per-kind validation are declared next to
+# each class (hf_hybrid/registry.py); this file reads them and holds every default of the built-in kinds.
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu"),
@@ -235,11 +217,11 @@ class HybridConfig(PreTrainedConfig):
         if mixer_pattern is not None:
             if self.mixer_types is not None:
                 raise ValueError("HybridConfig: give either mixer_types or mixer_pattern, not both")
-            self.mixer_types = _expand_pattern(mixer_pattern, n, "mixer_pattern", MIXER_TYPES)
+            self.mixer_types = _expand_pattern(mixer_pattern, n, "mixer_pattern", tuple(mixer_specs()))
         if mlp_pattern is not None:
             if self.mlp_types is not None:
                 raise ValueError("HybridConfig: give either mlp_types or mlp_pattern, not both")
-            self.mlp_types = _expand_pattern(mlp_pattern, n, "mlp_pattern", MLP_TYPES)
+            self.mlp_types = _expand_pattern(mlp_pattern, n, "mlp_pattern", tuple(mlp_specs()))
         if self.mixer_types is None:
             self.mixer_types = ["attention"] * n
         if self.mlp_types is None:
@@ -247,6 +229,12 @@ class HybridConfig(PreTrainedConfig):
         if not isinstance(first_k_dense, int) or first_k_dense < 0 or first_k_dense > n:
             raise ValueError(f"HybridConfig.first_k_dense={first_k_dense!r} must be an int in [0, {n}]")
         self.mlp_types = ["dense" if i < first_k_dense else t for i, t in enumerate(self.mlp_types)]
+        self._check_kinds()
+        # Fields declared by kinds defined outside the package (their defaults live in their spec).
+        for spec in self.layer_specs():
+            for key, default in spec.config_defaults.items():
+                if key not in kwargs and not hasattr(self, key):
+                    kwargs[key] = default
 
         derived = self.derived_layer_types()
         if self.layer_types is not None and list(self.layer_types) != derived:
@@ -296,44 +284,48 @@ class HybridConfig(PreTrainedConfig):
         self.hf_hybrid_format_version = FORMAT_VERSION
         return kwargs
 
+    def _check_kinds(self) -> None:
+        """Every entry of mixer_types / mlp_types is a registered kind, one per layer."""
+        n = self.num_hidden_layers
+        for field, specs in (("mixer_types", mixer_specs()), ("mlp_types", mlp_specs())):
+            values = getattr(self, field)
+            if not isinstance(values, (list, tuple)) or len(values) != n:
+                count = len(values) if isinstance(values, (list, tuple)) else values
+                raise ValueError(
+                    f"HybridConfig.{field} has {count} entries but num_hidden_layers={n}; give one per layer"
+                )
+            for i, v in enumerate(values):
+                if v not in specs:
+                    raise ValueError(
+                        f"HybridConfig.{field}[{i}]={v!r} is not a known {field[:-6]} type; choose one of: "
+                        f"{', '.join(specs)}"
+                    )
+
+    def layer_specs(self) -> list:
+        """The registry specs of the mixer and MLP kinds this config uses (each once, mixers first)."""
+        return [mixer_spec(m) for m in dict.fromkeys(self.mixer_types)] + [
+            mlp_spec(m) for m in dict.fromkeys(self.mlp_types)
+        ]
+
     def derived_layer_types(self) -> list[str]:
-        return [_MIXER_TO_LAYER_TYPE.get(m, "full_attention") for m in self.mixer_types]
+        return [mixer_spec(m).layer_type for m in self.mixer_types]
 
     @property
     def has_recurrent_layers(self) -> bool:
-        return any(m in RECURRENT_MIXERS for m in self.mixer_types)
+        return any(mixer_spec(m).recurrent for m in self.mixer_types)
 
     @property
     def has_attention_cache(self) -> bool:
-        return any(m not in RECURRENT_MIXERS for m in self.mixer_types)
+        return any(not mixer_spec(m).recurrent for m in self.mixer_types)
 
     # ---- validation (run by @strict after construction; errors name the field, value and what is allowed) ----
     def validate_layer_type(self):
-        n = self.num_hidden_layers
-        for field, allowed in (("mixer_types", MIXER_TYPES), ("mlp_types", MLP_TYPES)):
-            values = getattr(self, field)
-            if len(values) != n:
-                raise ValueError(
-                    f"HybridConfig.{field} has {len(values)} entries but num_hidden_layers={n}; give one per layer"
-                )
-            for i, v in enumerate(values):
-                if v not in allowed:
-                    raise ValueError(
-                        f"HybridConfig.{field}[{i}]={v!r} is not a known {field[:-6]} type; choose one of: "
-                        f"{', '.join(allowed)}"
-                    )
+        self._check_kinds()
         super().validate_layer_type()
 
     def validate_hybrid(self):
-        def positive(name: str, allow_none: bool = False):
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"HybridConfig.{name}={value!r} must be a positive integer")
-
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads"):
-            positive(name)
+        require_positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                         "num_key_value_heads")
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
@@ -343,14 +335,7 @@ class HybridConfig(PreTrainedConfig):
                 f"HybridConfig.head_dim is required: hidden_size={self.hidden_size} is not divisible by "
                 f"num_attention_heads={self.num_attention_heads}"
             )
-        positive("head_dim")
-        mixers = set(self.mixer_types)
-        uses_gqa = bool(mixers & {"attention", "sliding_attention"}) or ("dsa" in mixers and self.dsa_base == "attention")
-        if uses_gqa and self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
-                f"HybridConfig.num_key_value_heads={self.num_key_value_heads} must divide "
-                f"num_attention_heads={self.num_attention_heads} (GQA groups)"
-            )
+        require_positive(self, "head_dim")
         rope = self.rope_parameters or {}
         prf = rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0
         rotary = self.head_dim * prf
@@ -359,75 +344,12 @@ class HybridConfig(PreTrainedConfig):
                 f"HybridConfig.rope_parameters['partial_rotary_factor']={prf} must be in (0, 1] and give an even "
                 f"rotary dimension of head_dim={self.head_dim}"
             )
-        if "sliding_attention" in mixers:
-            if self.sliding_window is None or self.sliding_window <= 0:
-                raise ValueError(
-                    f"HybridConfig.sliding_window={self.sliding_window!r} must be a positive integer when "
-                    "mixer_types contains 'sliding_attention'"
-                )
-        elif self.sliding_window is not None and self.sliding_window <= 0:
+        # Each kind the layers use checks its own settings (its spec's validator, next to its class).
+        for spec in self.layer_specs():
+            if spec.validate is not None:
+                spec.validate(self)
+        if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"HybridConfig.sliding_window={self.sliding_window!r} must be positive or None")
-        if "dense" in self.mlp_types:
-            positive("intermediate_size")
-        if "gated_deltanet" in mixers:
-            for name in ("gdn_num_key_heads", "gdn_num_value_heads", "gdn_key_head_dim", "gdn_value_head_dim",
-                         "gdn_conv_kernel_size"):
-                positive(name)
-            if self.gdn_num_value_heads % self.gdn_num_key_heads:
-                raise ValueError(
-                    f"HybridConfig.gdn_num_value_heads={self.gdn_num_value_heads} must be a multiple of "
-                    f"gdn_num_key_heads={self.gdn_num_key_heads} (GVA)"
-                )
-        if "mamba2" in mixers:
-            for name in ("mamba_num_heads", "mamba_head_dim", "mamba_state_size", "mamba_n_groups",
-                         "mamba_conv_kernel_size"):
-                positive(name)
-            if self.mamba_num_heads % self.mamba_n_groups:
-                raise ValueError(
-                    f"HybridConfig.mamba_n_groups={self.mamba_n_groups} must divide "
-                    f"mamba_num_heads={self.mamba_num_heads}"
-                )
-            if self.mamba_dt_limit is not None and (
-                len(self.mamba_dt_limit) != 2 or not 0 <= self.mamba_dt_limit[0] < self.mamba_dt_limit[1]
-            ):
-                raise ValueError(f"HybridConfig.mamba_dt_limit={self.mamba_dt_limit!r} must be [min, max] with 0<=min<max")
-        if "linear_attention" in mixers:
-            positive("linear_num_heads")
-            positive("linear_head_dim")
-            if self.linear_conv_kernel_size < 0:
-                raise ValueError(f"HybridConfig.linear_conv_kernel_size={self.linear_conv_kernel_size} must be >= 0")
-        if mixers & set(RECURRENT_MIXERS):
-            positive("linear_chunk_size")
-        if "mla" in mixers or ("dsa" in mixers and self.dsa_base == "mla"):
-            positive("q_lora_rank", allow_none=True)
-            for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-                positive(name)
-            if self.qk_rope_head_dim % 2:
-                raise ValueError(f"HybridConfig.qk_rope_head_dim={self.qk_rope_head_dim} must be even (RoPE pairs)")
-        if "dsa" in mixers:
-            for name in ("index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk"):
-                positive(name)
-        if "moe" in self.mlp_types:
-            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
-                positive(name)
-            if self.num_experts_per_tok > self.num_experts:
-                raise ValueError(
-                    f"HybridConfig.num_experts_per_tok={self.num_experts_per_tok} must be <= num_experts={self.num_experts}"
-                )
-            if self.num_shared_experts < 0:
-                raise ValueError(f"HybridConfig.num_shared_experts={self.num_shared_experts} must be >= 0")
-            if self.num_experts % self.n_group or self.topk_group > self.n_group:
-                raise ValueError(
-                    f"HybridConfig.n_group={self.n_group} must divide num_experts={self.num_experts} and "
-                    f"topk_group={self.topk_group} must be <= n_group"
-                )
-            if self.n_group > 1 and self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
-                raise ValueError(
-                    f"HybridConfig.num_experts_per_tok={self.num_experts_per_tok} exceeds the experts reachable in "
-                    f"topk_group={self.topk_group} groups of {self.num_experts // self.n_group}"
-                )
-            if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
-                raise ValueError(f"HybridConfig.moe_capacity_factor={self.moe_capacity_factor} must be > 0 or None")
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_seq_aux_loss_coef",
                      "router_bias_update_rate", "router_jitter_noise", "index_loss_coef"):
             if getattr(self, name) < 0:
@@ -438,4 +360,4 @@ class HybridConfig(PreTrainedConfig):
 # for a config without MoE layers (see __post_init__).
 del HybridConfig.output_router_logits
 
-__all__ = ["HybridConfig", "MIXER_TYPES", "MLP_TYPES", "RECURRENT_MIXERS", "FORMAT_VERSION"]
+__all__ = ["HybridConfig", "FORMAT_VERSION"]

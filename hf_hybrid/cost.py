@@ -1,11 +1,12 @@
 """Cost of a design before training it: parameters (total / active), cache bytes, FLOPs per token.
 
-``estimate_cost(config)`` walks the layers; each layer's token mixer is costed by ``COST_FUNCTIONS[mixer_type]`` and
-each MLP by ``MLP_COST_FUNCTIONS[mlp_type]``. Adding a mixer type = one function here::
+``estimate_cost(config)`` walks the layers; each layer's token mixer and MLP are costed by the ``cost`` function of
+their spec in ``hf_hybrid.registry`` (declared next to the class; the built-in kinds' functions are defined here)::
 
-    @register_mixer_cost("my_mixer")
-    def _my_mixer(config, layer_idx) -> MixerCost:
+    def my_mixer_cost(config, layer_idx) -> MixerCost:
         return MixerCost(params=..., matmul_params=..., cache_per_token=..., state_elements=..., flops=lambda c: ...)
+
+    @register_mixer("my_mixer", layer_type=..., cost=my_mixer_cost)
 
 Conventions (all per layer, in elements, times ``dtype_bytes`` for bytes):
 
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 
 from .configuration_hybrid import HybridConfig
+from .registry import mixer_spec, mlp_spec
 
 DEFAULT_CONTEXTS = (4096, 32768, 131072)
 
@@ -59,29 +61,6 @@ class MLPCost:
     params: int
     matmul_params: int
     inactive_params: int = 0  # routed experts that one token does not use (MoE)
-
-
-COST_FUNCTIONS: dict[str, Callable[[HybridConfig, int], MixerCost]] = {}
-MLP_COST_FUNCTIONS: dict[str, Callable[[HybridConfig, int], MLPCost]] = {}
-
-
-def register_mixer_cost(name: str) -> Callable:
-    """Decorator: ``@register_mixer_cost("gated_deltanet")`` makes ``fn(config, layer_idx) -> MixerCost`` the cost
-    function of that mixer type (replacing any earlier one)."""
-
-    def wrap(fn: Callable[[HybridConfig, int], MixerCost]) -> Callable[[HybridConfig, int], MixerCost]:
-        COST_FUNCTIONS[name] = fn
-        return fn
-
-    return wrap
-
-
-def register_mlp_cost(name: str) -> Callable:
-    def wrap(fn: Callable[[HybridConfig, int], MLPCost]) -> Callable[[HybridConfig, int], MLPCost]:
-        MLP_COST_FUNCTIONS[name] = fn
-        return fn
-
-    return wrap
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,14 +91,12 @@ def _attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) ->
     return flops
 
 
-@register_mixer_cost("attention")
 def attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     params, matmul = _attention_parts(config)
     nq, nkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     return MixerCost(params, matmul, cache_per_token=2 * nkv * d, flops=_attention_flops(nq, d, d, None))
 
 
-@register_mixer_cost("sliding_attention")
 def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     params, matmul = _attention_parts(config)
     nq, nkv, d, w = (
@@ -154,7 +131,6 @@ def _mla_parts(config: HybridConfig) -> tuple[int, int]:
     return matmul + q_norm + r_kv + bias, matmul
 
 
-@register_mixer_cost("mla")
 def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     params, matmul = _mla_parts(config)
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
@@ -167,7 +143,6 @@ def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     )
 
 
-@register_mixer_cost("dsa")
 def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """MLA (or GQA attention) over the top-k selected tokens, plus the lightning indexer over all of them."""
     if config.dsa_base == "mla":
@@ -213,7 +188,6 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(params, matmul, cache_per_token=cache, flops=flops)
 
 
-@register_mixer_cost("gated_deltanet")
 def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """Qwen3-Next's layout: in_proj_qkvz, in_proj_ba, depthwise conv on q,k,v, A_log, dt_bias, gated norm, out_proj."""
     h, hk, hv = config.hidden_size, config.gdn_num_key_heads, config.gdn_num_value_heads
@@ -227,7 +201,6 @@ def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=hv * dk * dv)
 
 
-@register_mixer_cost("mamba2")
 def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """Mamba-2 (transformers' layout): in_proj -> [z, x, B, C, dt], conv (with bias) on [x, B, C], A_log, D, dt_bias,
     gated RMSNorm, out_proj."""
@@ -243,7 +216,6 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=nh * p * n)
 
 
-@register_mixer_cost("linear_attention")
 def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """q/k/v/o projections, optional short conv on q,k,v, feature map φ, optional data-dependent decay gate
     (``g_proj``: one per head or per feature channel), and an output RMSNorm when φ is the identity."""
@@ -270,14 +242,12 @@ def _swiglu(config: HybridConfig, intermediate: int) -> int:
     return 3 * config.hidden_size * intermediate
 
 
-@register_mlp_cost("dense")
 def dense_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     matmul = _swiglu(config, config.intermediate_size)
     bias = 2 * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
     return MLPCost(matmul + bias, matmul)
 
 
-@register_mlp_cost("moe")
 def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (a SwiGLU of n_shared · I)."""
     e, k = config.num_experts, config.num_experts_per_tok
@@ -288,7 +258,6 @@ def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     return MLPCost(total, total, inactive_params=(e - k) * expert)
 
 
-@register_mlp_cost("none")
 def no_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     return MLPCost(0, 0)
 
@@ -297,26 +266,9 @@ def no_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
 # measured parameter counts
 
 
-def _registries() -> tuple[dict, dict]:
-    import importlib
-
-    from . import modeling_hybrid  # noqa: F401  (imports the mixers and MLPs, which register themselves)
-    from .mixers.base import MIXER_REGISTRY
-
-    try:
-        importlib.import_module(f"{__package__}.moe")  # registers "moe"
-    except ModuleNotFoundError as err:
-        if err.name != f"{__package__}.moe":
-            raise
-    from .mlp import MLP_REGISTRY
-
-    return MIXER_REGISTRY, MLP_REGISTRY
-
-
-def measure_module(registry: dict, name: str, config: HybridConfig, layer_idx: int) -> tuple[int, int] | None:
-    """(params, matmul params) of ``registry[name](config, layer_idx)`` built on the meta device (no memory), or None
-    when that type is not registered or cannot be built there. Matmul params = parameters with ≥ 2 dims."""
-    cls = registry.get(name)
+def measure_module(cls: Callable | None, config: HybridConfig, layer_idx: int) -> tuple[int, int] | None:
+    """(params, matmul params) of ``cls(config, layer_idx)`` built on the meta device (no memory), or None when
+    there is no class or it cannot be built there. Matmul params = parameters with ≥ 2 dims."""
     if cls is None:
         return None
     try:
@@ -538,28 +490,29 @@ def estimate_cost(
     contexts = tuple(int(c) for c in contexts)
     if not contexts or any(c <= 0 for c in contexts):
         raise ValueError(f"contexts={contexts!r} must be positive token counts")
-    mixer_registry, mlp_registry = _registries() if measure else ({}, {})
     h = config.hidden_size
     layers: list[LayerCost] = []
     all_exact = True
     for i, (mixer, mlp) in enumerate(zip(config.mixer_types, config.mlp_types)):
-        if mixer not in COST_FUNCTIONS:
-            raise ValueError(
-                f"no cost function for mixer type {mixer!r}; register one with "
-                f"@hf_hybrid.cost.register_mixer_cost({mixer!r})"
-            )
-        mc = COST_FUNCTIONS[mixer](config, i)
-        pc = MLP_COST_FUNCTIONS[mlp](config, i)
+        mixer_kind, mlp_kind = mixer_spec(mixer), mlp_spec(mlp)
+        for kind, spec in (("mixer", mixer_kind), ("MLP", mlp_kind)):
+            if spec.cost is None:
+                raise ValueError(
+                    f"{kind} type {spec.name!r} declares no cost function; pass cost=fn(config, layer_idx) to its "
+                    f"hf_hybrid.registry.register_{kind.lower()}(...)"
+                )
+        mc = mixer_kind.cost(config, i)
+        pc = mlp_kind.cost(config, i)
         mixer_params, mixer_matmul = mc.params, mc.matmul_params
         mlp_params, mlp_matmul = pc.params, pc.matmul_params
         exact = True
-        measured = measure_module(mixer_registry, mixer, config, i) if measure else None
+        measured = measure_module(mixer_kind.cls, config, i) if measure else None
         if measured is not None:
             mixer_params, mixer_matmul = measured
         else:
             exact = False
         if mlp != "none":
-            measured = measure_module(mlp_registry, mlp, config, i) if measure else None
+            measured = measure_module(mlp_kind.cls, config, i) if measure else None
             if measured is not None:
                 mlp_params, mlp_matmul = measured
             else:
@@ -641,14 +594,10 @@ def format_tokens(n: int) -> str:
 
 
 __all__ = [
-    "COST_FUNCTIONS",
-    "MLP_COST_FUNCTIONS",
     "CostReport",
     "LayerCost",
     "MixerCost",
     "MLPCost",
     "compress_pattern",
     "estimate_cost",
-    "register_mixer_cost",
-    "register_mlp_cost",
 ]

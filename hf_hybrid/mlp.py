@@ -1,4 +1,5 @@
-"""Dense SwiGLU MLP and the registry that maps ``HybridConfig.mlp_types`` strings to MLP classes.
+"""Dense SwiGLU MLP, and the "none" kind (a layer with a token mixer only). Kinds are declared in
+``hf_hybrid.registry`` next to their class.
 
 An MLP is built as ``MLP(config, layer_idx)`` and called as ``mlp(hidden_states [B, T, H], ctx) -> [B, T, H]``
 (``ctx`` is the ``MixerContext``; the MoE uses it for padding-aware balancing losses and load statistics).
@@ -6,24 +7,16 @@ An MLP is built as ``MLP(config, layer_idx)`` and called as ``mlp(hidden_states 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
 from .configuration_hybrid import HybridConfig
+from .cost import dense_mlp_cost, no_mlp_cost
 from .mixers.base import MixerContext
+from .registry import MLP_REGISTRY, register_mlp, require_positive  # noqa: F401  (MLP_REGISTRY re-exported)
 
-MLP_REGISTRY: dict[str, type[nn.Module]] = {}
-
-
-def register_mlp(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
-        MLP_REGISTRY[name] = cls
-        return cls
-
-    return wrap
+register_mlp("none", cost=no_mlp_cost)(None)  # no MLP: the layer is x + mixer(norm(x)) only
 
 
 class SwiGLU(nn.Module):
@@ -40,7 +33,11 @@ class SwiGLU(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-@register_mlp("dense")
+def _validate_dense(config: HybridConfig) -> None:
+    require_positive(config, "intermediate_size")
+
+
+@register_mlp("dense", cost=dense_mlp_cost, validate=_validate_dense)
 class DenseMLP(SwiGLU):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)

@@ -1,7 +1,7 @@
 """The hf_hybrid decoder: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` per layer, each chosen in the config.
 
-Mixers live in ``hf_hybrid/mixers`` (one file per type, ``MIXER_REGISTRY``), MLPs in ``mlp.py`` / ``moe.py``
-(``MLP_REGISTRY``). This file only wires them: masks, packing, positions, RoPE, cache and the loss rule
+Mixers live in ``hf_hybrid/mixers`` (one file per type), MLPs in ``mlp.py`` / ``moe.py``; each kind's spec (class,
+transformers layer type, mask, cost) is in ``hf_hybrid.registry``. This file only wires them: masks, packing, positions, RoPE, cache and the loss rule
 (DESIGN.md §6b: ``loss`` = LM loss + Σ coef × auxiliary term in training mode only; each term has its own field).
 """
 
@@ -27,15 +27,13 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.utils import ModelOutput, logging
 
 from . import compat
-from . import mixers as _mixers  # noqa: F401  (registers the mixer types)
-from . import mlp as _mlp
-from . import moe as _moe  # noqa: F401  (registers the "moe" MLP type)
 from .aux_loss import AuxLossScale, attach_aux_loss, probe_loss_scale
 from .cache import HybridCache
-from .configuration_hybrid import RECURRENT_MIXERS, HybridConfig
+from .configuration_hybrid import HybridConfig
 from .layers import RMSNorm, rope_inv_freq
-from .mixers.base import MIXER_REGISTRY, MixerContext
+from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
+from .registry import mixer_spec, mlp_spec
 
 logger = logging.get_logger(__name__)
 
@@ -101,13 +99,14 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.mixer_type = config.mixer_types[layer_idx]
         self.mlp_type = config.mlp_types[layer_idx]
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mixer = MIXER_REGISTRY[self.mixer_type](config, layer_idx)
-        if self.mlp_type == "none":
+        self.mixer = mixer_spec(self.mixer_type).cls(config, layer_idx)
+        mlp_cls = mlp_spec(self.mlp_type).cls
+        if mlp_cls is None:  # a mixer-only layer
             self.post_attention_layernorm = None
             self.mlp = None
         else:
             self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-            self.mlp = _mlp.MLP_REGISTRY[self.mlp_type](config, layer_idx)
+            self.mlp = mlp_cls(config, layer_idx)
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         before = ctx.aux_count()
@@ -409,22 +408,23 @@ class HybridModel(HybridPreTrainedModel):
         if self.training and self.gradient_checkpointing and torch.is_grad_enabled():
             self._check_checkpointing()
 
-        mixer_set = set(config.mixer_types)
+
+        # Only the masks some layer declares it reads (registry specs) are built; a spec may need its mask only in some
+        # configurations (sparse DSA attends over its selection alone: no dense [B, 1, T, S] mask, 4 GiB a row at 32K).
+        specs = config.layer_specs()
+        wanted = {
+            spec.mask for spec in specs
+            if getattr(spec, "mask", None) and (getattr(spec, "mask_needed", None) is None or spec.mask_needed(config))
+        }
         masks: dict[str, Any] = {}
         mask_kwargs = dict(
             config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=past_key_values
         )
-        # Sparse DSA layers attend over their selection only (key starts come from the 2D mask): no dense
-        # [B, 1, T, S] mask for them (4 GiB a row at 32K in fp32).
-        dense_dsa = "dsa" in mixer_set and (config.dsa_mode != "sparse" or output_attentions)
-        if mixer_set & {"attention", "mla"} or dense_dsa:
-            masks["full_attention"] = compat.build_mask(create_causal_mask, position_ids=position_ids, **mask_kwargs)
-        if "sliding_attention" in mixer_set:
-            masks["sliding_attention"] = compat.build_mask(
-                create_sliding_window_causal_mask, position_ids=position_ids, **mask_kwargs
-            )
+        for name, builder in _MASK_BUILDERS.items():
+            if name in wanted:
+                masks[name] = compat.build_mask(builder, position_ids=position_ids, **mask_kwargs)
         padding_mask = None
-        if mixer_set & set(RECURRENT_MIXERS) or "dsa" in mixer_set or "moe" in config.mlp_types:
+        if any(spec.needs_padding_mask for spec in specs):
             padding_mask = compat.build_mask(create_recurrent_attention_mask, **mask_kwargs)
             if padding_mask is not None:
                 padding_mask = padding_mask.bool()
@@ -529,6 +529,13 @@ def _positions_from_cu_seqlens(cu: torch.Tensor, length: int, device: torch.devi
     pos = torch.arange(length, device=device)
     doc = torch.searchsorted(cu[1:], pos, right=True).clamp_max(cu.numel() - 2)
     return (pos - cu[doc])[None]
+
+
+# transformers' mask builder for each mask name a spec may declare (hf_hybrid.registry.MASKS).
+_MASK_BUILDERS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
 
 
 def _packed_boundaries(

@@ -1,7 +1,7 @@
 """Mixture-of-Experts MLP: fp32 top-k router, fused experts, shared experts, balancing losses.
 
 Built as ``HybridMoE(config, layer_idx)`` and called as ``moe(hidden_states [B, T, H], ctx) -> [B, T, H]``, like every
-MLP in ``hf_hybrid.mlp.MLP_REGISTRY`` (registered here as ``"moe"``).
+MLP kind in ``hf_hybrid.registry`` (declared here as ``"moe"``).
 
 Shape legend (torchtitan style suffixes): ``B`` batch, ``T`` tokens per row, ``N = B*T`` flattened tokens, ``H`` hidden,
 ``E`` routed experts, ``K`` experts per token, ``I`` expert intermediate size, ``S = N*K`` routed assignments,
@@ -39,8 +39,10 @@ from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
 from .configuration_hybrid import HybridConfig
+from .cost import moe_mlp_cost
 from .mixers.base import MixerContext, in_backward_recompute
-from .mlp import SwiGLU, register_mlp
+from .mlp import SwiGLU
+from .registry import register_mlp, require_positive
 
 # ----------------------------------------------------------------------------------------------------------------------
 # routing helpers
@@ -410,7 +412,31 @@ def capacity_mask(
 # the MLP
 
 
-@register_mlp("moe")
+def _validate(config: HybridConfig) -> None:
+    require_positive(config, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group")
+    if config.num_experts_per_tok > config.num_experts:
+        raise ValueError(
+            f"HybridConfig.num_experts_per_tok={config.num_experts_per_tok} must be <= num_experts={config.num_experts}"
+        )
+    if config.num_shared_experts < 0:
+        raise ValueError(f"HybridConfig.num_shared_experts={config.num_shared_experts} must be >= 0")
+    if config.num_experts % config.n_group or config.topk_group > config.n_group:
+        raise ValueError(
+            f"HybridConfig.n_group={config.n_group} must divide num_experts={config.num_experts} and "
+            f"topk_group={config.topk_group} must be <= n_group"
+        )
+    per_group = config.num_experts // config.n_group
+    if config.n_group > 1 and config.num_experts_per_tok > config.topk_group * per_group:
+        raise ValueError(
+            f"HybridConfig.num_experts_per_tok={config.num_experts_per_tok} exceeds the experts reachable in "
+            f"topk_group={config.topk_group} groups of {per_group}"
+        )
+    if config.moe_capacity_factor is not None and config.moe_capacity_factor <= 0:
+        raise ValueError(f"HybridConfig.moe_capacity_factor={config.moe_capacity_factor} must be > 0 or None")
+
+
+# The balancing losses and load statistics exclude padded tokens: MoE reads the padding mask.
+@register_mlp("moe", needs_padding_mask=True, cost=moe_mlp_cost, validate=_validate)
 class HybridMoE(nn.Module):
     """Routed experts (+ always-on shared experts, DeepSeek style): ``[B, T, H] -> [B, T, H]``.
 

@@ -122,16 +122,18 @@ def causal_selection(B: int, T: int, K: int, device, seed: int = 0) -> torch.Ten
         scores = scores + (t[None, :] > t[:, None] - 64).float()  # recent keys first
         scores = scores.masked_fill(t[None, :] > t[:, None], float("-inf"))
         return topk_indices(scores, K).to(device)
-    # long sequences: per query, random distinct earlier keys (sorted positions do not matter)
-    idx = torch.empty(B, T, K, dtype=torch.int64)
+    # long sequences: per query, random distinct earlier keys (sorted positions do not matter), drawn on the
+    # target device (a CPU top-k over [1024, T] rows takes minutes at T = 128K)
+    g = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.empty(B, T, K, dtype=torch.int64, device=device)
     for t0 in range(0, T, 1024):
         t1 = min(T, t0 + 1024)
-        r = torch.rand(B, t1 - t0, T, generator=g)
-        t = torch.arange(t0, t1)
-        r = r.masked_fill(torch.arange(T)[None, None, :] > t[None, :, None], -1.0)
+        r = torch.rand(B, t1 - t0, T, generator=g, device=device)
+        t = torch.arange(t0, t1, device=device)
+        r = r.masked_fill(torch.arange(T, device=device)[None, None, :] > t[None, :, None], -1.0)
         vals, ids = r.topk(K, dim=-1)
         idx[:, t0:t1] = torch.where(vals >= 0, ids, -1)
-    return idx.to(device)
+    return idx
 
 
 def sdpa_causal(q, k, v, scale):
@@ -223,8 +225,25 @@ def bench_cpu(Ts: list[int], K: int, reps: int) -> None:
 # ----------------------------------------------------------------------------------------------- GPU
 
 
-def _gpu_attention_rows(T, K, reps, torch_max_T, H, Hkv, Dqk, Dv, scale) -> dict[str, tuple]:
-    dev, dt = "cuda", torch.bfloat16
+def _gpu_attention_rows(
+    T,
+    K,
+    reps,
+    torch_max_T,
+    H,
+    Hkv,
+    Dqk,
+    Dv,
+    scale,
+    *,
+    dev="cuda",
+    dt=torch.bfloat16,
+    time_ms=gpu_time_ms,
+    peak_mib=gpu_peak_mib,
+) -> dict[str, tuple]:
+    """{op: (fwd ms, fwd+bwd ms, fwd+bwd peak GiB)}, None for out-of-memory. ``time_ms(fn, reps)`` and
+    ``peak_mib(fn)`` measure (CUDA events and allocator peaks by default; scripts/gpu_check.py's CPU dry run
+    passes CPU ones)."""
     q = torch.randn(1, T, H, Dqk, device=dev, dtype=dt, requires_grad=True)
     k = torch.randn(1, T, Hkv, Dqk, device=dev, dtype=dt, requires_grad=True)
     v = torch.randn(1, T, Hkv, Dv, device=dev, dtype=dt, requires_grad=True)
@@ -242,20 +261,33 @@ def _gpu_attention_rows(T, K, reps, torch_max_T, H, Hkv, Dqk, Dv, scale) -> dict
         fwd, fwd_bwd = _fwd_and_fwd_bwd(op, (q, k, v))
         n = reps if name != "torch" else max(1, reps // 5)
         rows[name] = (
-            guarded(lambda fwd=fwd, n=n: gpu_time_ms(fwd, n)),
-            guarded(lambda fwd_bwd=fwd_bwd, n=n: gpu_time_ms(fwd_bwd, n)),
-            guarded(lambda fwd_bwd=fwd_bwd: gpu_peak_mib(fwd_bwd) / 1024),
+            guarded(lambda fwd=fwd, n=n: time_ms(fwd, n)),
+            guarded(lambda fwd_bwd=fwd_bwd, n=n: time_ms(fwd_bwd, n)),
+            guarded(lambda fwd_bwd=fwd_bwd: peak_mib(fwd_bwd) / 1024),
         )
     return rows
 
 
-def _gpu_indexer_rows(T, K, reps, torch_max_T, HI=64, DI=128) -> dict[str, tuple]:
-    dev, dt = "cuda", torch.bfloat16
+def _gpu_indexer_rows(
+    T,
+    K,
+    reps,
+    torch_max_T,
+    HI=64,
+    DI=128,
+    *,
+    dev="cuda",
+    dt=torch.bfloat16,
+    time_ms=gpu_time_ms,
+    peak_mib=gpu_peak_mib,
+    chunks=(("torch", (64, 8192)), ("triton", (256, 16384))),
+) -> dict[str, tuple]:
+    """{backend: (ms, peak GiB)} of the streaming indexer top-k; ``chunks``: (backend, (query, key chunk))."""
     q_I = torch.randn(1, T, HI, DI, device=dev, dtype=dt)
     k_I = torch.randn(1, T, DI, device=dev, dtype=dt)
     w = torch.rand(1, T, HI, device=dev) * HI**-0.5 * DI**-0.5
     rows = {}
-    for backend, (qc, kc) in (("torch", (64, 8192)), ("triton", (256, 16384))):
+    for backend, (qc, kc) in chunks:
         if backend == "torch" and T > torch_max_T:
             continue
 
@@ -263,8 +295,8 @@ def _gpu_indexer_rows(T, K, reps, torch_max_T, HI=64, DI=128) -> dict[str, tuple
             return indexer_topk(q_I, k_I, w, topk=K, query_chunk=qc, key_chunk=kc, backend=backend)
 
         rows[backend] = (
-            guarded(lambda op=op: gpu_time_ms(op, reps)),
-            guarded(lambda op=op: gpu_peak_mib(op) / 1024),
+            guarded(lambda op=op: time_ms(op, reps)),
+            guarded(lambda op=op: peak_mib(op) / 1024),
         )
     return rows
 

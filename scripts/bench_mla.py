@@ -60,13 +60,15 @@ def rope_fn(config, positions: torch.Tensor, dtype: torch.dtype):
     return rope
 
 
-def filled_cache(config, batch: int, context: int, device, dtype) -> HybridCache:
-    """A cache holding ``context`` random latents (what a prefill would have left)."""
+def filled_cache(config, batch: int, context: int, device, dtype, init_dtype=None) -> HybridCache:
+    """A cache holding ``context`` random latents (what a prefill would have left), drawn in ``init_dtype``
+    (default ``dtype``) and stored in ``dtype``."""
     cache = HybridCache(config=config)
     g = torch.Generator(device=device).manual_seed(0)
-    c_kv = torch.randn(batch, 1, context, config.kv_lora_rank, generator=g, device=device, dtype=dtype)
-    k_pe = torch.randn(batch, 1, context, config.qk_rope_head_dim, generator=g, device=device, dtype=dtype)
-    cache.update(c_kv, k_pe, 0)
+    init_dtype = init_dtype or dtype
+    c_kv = torch.randn(batch, 1, context, config.kv_lora_rank, generator=g, device=device, dtype=init_dtype)
+    k_pe = torch.randn(batch, 1, context, config.qk_rope_head_dim, generator=g, device=device, dtype=init_dtype)
+    cache.update(c_kv.to(dtype), k_pe.to(dtype), 0)
     return cache
 
 
@@ -100,14 +102,18 @@ class Timer:
         return statistics.median(device_ms), statistics.median(wall_ms)
 
 
-def bench_ours(
-    config, mode: str, batch: int, context: int, device, dtype, timer: Timer, args
-) -> tuple[float, float]:
+def make_decode_step(config, mode: str, batch: int, context: int, device, dtype, init_dtype=None):
+    """(layer, step): ``step()`` runs one ``HybridMLA`` decode step with ``config.mla_decode = mode`` on a cache
+    holding ``context`` random latents (appending to it, as generate() does) and returns the output [B, 1, hidden].
+    Same seeds every call: two modes built at the same sizes see the same weights, cache and input. Weights, cache
+    and input are rounded to ``init_dtype`` (default ``dtype``) first, so an fp32 build with a bf16 ``init_dtype``
+    is the exact-arithmetic reference of the bf16 build."""
     config.mla_decode = mode
+    init_dtype = init_dtype or dtype
     torch.manual_seed(0)
-    layer = HybridMLA(config, 0).to(device=device, dtype=dtype).eval()
-    cache = filled_cache(config, batch, context, device, dtype)
-    x = torch.randn(batch, 1, config.hidden_size, device=device, dtype=dtype)
+    layer = HybridMLA(config, 0).to(device=device, dtype=init_dtype).to(dtype).eval()
+    cache = filled_cache(config, batch, context, device, dtype, init_dtype)
+    x = torch.randn(batch, 1, config.hidden_size, device=device, dtype=init_dtype).to(dtype)
 
     def step():
         past = cache.get_seq_length()
@@ -124,8 +130,15 @@ def bench_ours(
             past_length=past,
         )
         with torch.no_grad():
-            layer(x, ctx)
+            return layer(x, ctx)
 
+    return layer, step
+
+
+def bench_ours(
+    config, mode: str, batch: int, context: int, device, dtype, timer: Timer, args
+) -> tuple[float, float]:
+    _, step = make_decode_step(config, mode, batch, context, device, dtype)
     result = timer.run(step, args.warmup, args.steps)
     if mode == "absorbed" and device.type == "cuda" and args.profile:
         profile_kernels(step)

@@ -37,6 +37,19 @@ def moe_block(hidden: int, experts: int, k: int, inter: int, impl: str, **overri
     return HybridMoE(cfg, 0), cfg
 
 
+def routed_block(N: int, E: int, K: int, H: int, inter: int, impl: str = "eager"):
+    """(moe, cfg, x [N, H], weights [N, K], index [N, K]): a block with unit-scale expert weights and its router's
+    choice for random tokens (the experts paths are then compared on the same routing)."""
+    moe, cfg = moe_block(H, E, K, inter, impl)
+    with torch.no_grad():
+        moe.experts.gate_up_proj.normal_(std=H ** -0.5)
+        moe.experts.down_proj.normal_(std=inter ** -0.5)
+    x = torch.randn(N, H)
+    with torch.no_grad():
+        _, weights, index = moe.router(x)
+    return moe, cfg, x, weights, index
+
+
 def time_cpu(fn, iters: int, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
@@ -104,13 +117,7 @@ def bench_cpu(quick: bool, iters: int) -> None:
     print(f"{'N':>6} {'E':>4} {'k':>3} {'H':>5} {'I':>5} | {'path':<11} {'fwd':>8} {'ratio':>6} | {'fwd+bwd':>8} {'ratio':>6}")
     for N, E, K, H, inter in shapes:
         torch.manual_seed(0)
-        moe, cfg = moe_block(H, E, K, inter, "eager")
-        with torch.no_grad():
-            moe.experts.gate_up_proj.normal_(std=H ** -0.5)
-            moe.experts.down_proj.normal_(std=inter ** -0.5)
-        x = torch.randn(N, H)
-        with torch.no_grad():
-            _, weights, index = moe.router(x)
+        moe, cfg, x, weights, index = routed_block(N, E, K, H, inter)
         times = {name: _cpu_times(fn, x, index, weights, iters) for name, fn in _cpu_paths(moe, cfg).items()}
         base_f, base_b = times["loop"]
         for name, (f, b) in times.items():
@@ -131,7 +138,12 @@ def qwen3_block(hidden: int, experts: int, k: int, inter: int, impl: str):
     return Qwen3MoeSparseMoeBlock(cfg), cfg
 
 
-def _gpu_times(call, x: torch.Tensor, grad: torch.Tensor, iters: int) -> tuple[float, float, float]:
+def _gpu_times(call, x: torch.Tensor, grad: torch.Tensor, iters: int, time_fn=None) -> tuple[float, float, float]:
+    """(fwd ms, fwd+bwd ms, peak GiB) of ``call(x)``; ``time_fn(fn, iters)`` defaults to CUDA events (on CPU the
+    peak is not measured: 0)."""
+    time_fn = time_fn or time_cuda
+    cuda = x.is_cuda
+
     def fwd():
         with torch.no_grad():
             call(x)
@@ -139,10 +151,42 @@ def _gpu_times(call, x: torch.Tensor, grad: torch.Tensor, iters: int) -> tuple[f
     def fwd_bwd():
         call(x.detach().requires_grad_(True)).backward(grad)
 
-    torch.cuda.reset_peak_memory_stats()
-    f = time_cuda(fwd, iters)
-    b = time_cuda(fwd_bwd, iters)
-    return f, b, torch.cuda.max_memory_allocated() / 2**30
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    f = time_fn(fwd, iters)
+    b = time_fn(fwd_bwd, iters)
+    return f, b, torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+
+
+def compare_with_qwen3(
+    E: int, K: int, inter: int, impl: str, *, H: int, tokens: int, device, dtype, iters: int, time_fn=None
+) -> dict:
+    """Our HybridMoE block vs transformers' Qwen3MoeSparseMoeBlock with the same weights, one experts implementation:
+    {"qwen3_moe": (fwd ms, f+b ms, peak GiB), "hf_hybrid": (...), "agree": fraction of tokens within 2%,
+    "flops_fwd": routed expert GEMM FLOPs of one forward}."""
+    torch.manual_seed(0)
+    x = torch.randn(1, tokens, H, device=device, dtype=dtype)
+    grad = torch.randn_like(x)
+    ours, _ = moe_block(H, E, K, inter, impl)
+    theirs, _ = qwen3_block(H, E, K, inter, impl)
+    ours.to(device=device, dtype=dtype).train()
+    theirs.to(device=device, dtype=dtype).train()
+    with torch.no_grad():
+        theirs.experts.gate_up_proj.normal_(std=0.02)
+        theirs.experts.down_proj.normal_(std=0.02)
+        theirs.gate.weight.normal_(std=0.02)
+        ours.experts.gate_up_proj.copy_(theirs.experts.gate_up_proj)
+        ours.experts.down_proj.copy_(theirs.experts.down_proj)
+        ours.router.weight.copy_(theirs.gate.weight)
+        diff = (ours(x, None) - theirs(x)).float()
+        ref = theirs(x).float()
+    agree = (diff.abs().amax(-1) <= 0.02 * ref.abs().amax(-1).clamp_min(1e-3)).float().mean().item()
+    return {
+        "qwen3_moe": _gpu_times(lambda t, b=theirs: b(t), x, grad, iters, time_fn),
+        "hf_hybrid": _gpu_times(lambda t, b=ours: b(t, None), x, grad, iters, time_fn),
+        "agree": agree,
+        "flops_fwd": 6 * tokens * K * H * inter,
+    }
 
 
 def bench_gpu(iters: int, impls: list[str], tokens: int) -> None:
@@ -154,37 +198,18 @@ def bench_gpu(iters: int, impls: list[str], tokens: int) -> None:
           f"{'peak GiB':>8} | {'ratio fwd':>9} {'ratio f+b':>9}")
     H = 2048
     for E, K, inter in ((64, 8, 1024), (8, 2, 4096)):
-        flops_fwd = 6 * tokens * K * H * inter
-        torch.manual_seed(0)
-        x = torch.randn(1, tokens, H, device=device, dtype=dtype)
-        grad = torch.randn_like(x)
         for impl in impls:
-            ours, _ = moe_block(H, E, K, inter, impl)
-            theirs, _ = qwen3_block(H, E, K, inter, impl)
-            ours.to(device=device, dtype=dtype).train()
-            theirs.to(device=device, dtype=dtype).train()
-            with torch.no_grad():
-                theirs.experts.gate_up_proj.normal_(std=0.02)
-                theirs.experts.down_proj.normal_(std=0.02)
-                theirs.gate.weight.normal_(std=0.02)
-                ours.experts.gate_up_proj.copy_(theirs.experts.gate_up_proj)
-                ours.experts.down_proj.copy_(theirs.experts.down_proj)
-                ours.router.weight.copy_(theirs.gate.weight)
-                diff = (ours(x, None) - theirs(x)).float()
-                ref = theirs(x).float()
-            agree = (diff.abs().amax(-1) <= 0.02 * ref.abs().amax(-1).clamp_min(1e-3)).float().mean().item()
-            rows = {
-                "qwen3_moe": _gpu_times(lambda t, b=theirs: b(t), x, grad, iters),
-                "hf_hybrid": _gpu_times(lambda t, b=ours: b(t, None), x, grad, iters),
-            }
+            result = compare_with_qwen3(E, K, inter, impl, H=H, tokens=tokens, device=device, dtype=dtype, iters=iters)
+            flops_fwd = result["flops_fwd"]
+            rows = {name: result[name] for name in ("qwen3_moe", "hf_hybrid")}
             for name, (f, b, peak) in rows.items():
                 ratio = ""
                 if name == "hf_hybrid":
                     ratio = f"{rows['qwen3_moe'][0] / f:>9.2f} {rows['qwen3_moe'][1] / b:>9.2f}"
                 print(f"{E:>4} {K:>3} {inter:>5} {impl:<11} {name:<14} | {f:>8.2f} {flops_fwd / f / 1e9:>6.0f} | "
                       f"{b:>8.2f} {3 * flops_fwd / b / 1e9:>6.0f} | {peak:>8.2f} | {ratio}")
-            print(f"{'':>24} tokens whose outputs agree within 2% (routing ties differ: our router is fp32): {agree:.3f}")
-            ours, theirs = None, None
+            print(f"{'':>24} tokens whose outputs agree within 2% (routing ties differ: our router is fp32): "
+                  f"{result['agree']:.3f}")
             torch.cuda.empty_cache()
 
 

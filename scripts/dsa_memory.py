@@ -37,18 +37,21 @@ MODES = ("fwd", "train")
 VOCAB = 256
 
 
-def build(variant: str, hidden: int, topk: int, seq_len: int):
+def build(variant: str, hidden: int, topk: int, seq_len: int, heads: int = 8, mla: dict | None = None,
+          index: dict | None = None):
+    """One-layer causal LM of ``variant``; ``mla`` / ``index`` override the MLA and indexer sizes below (the GPU
+    check uses DeepSeek-like ones)."""
     import torch
 
     torch.manual_seed(0)
-    mla = dict(q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
-    index = dict(index_n_heads=8, index_head_dim=64, index_topk=topk)
+    mla = mla or dict(q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+    index = dict(index or dict(index_n_heads=8, index_head_dim=64), index_topk=topk)
     if variant == "deepseek_v32":
         from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
         config = DeepseekV32Config(
             vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=1,
-            num_attention_heads=8, num_key_value_heads=8, first_k_dense_replace=1, n_routed_experts=4,
+            num_attention_heads=heads, num_key_value_heads=heads, first_k_dense_replace=1, n_routed_experts=4,
             num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=hidden,
             max_position_embeddings=max(seq_len, 4096), **mla, **index,
         )
@@ -61,7 +64,7 @@ def build(variant: str, hidden: int, topk: int, seq_len: int):
     base = variant.removeprefix("dsa-")
     config = HybridConfig(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=1,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=hidden // 8, max_position_embeddings=max(seq_len, 4096),
+        num_attention_heads=heads, num_key_value_heads=2, head_dim=hidden // heads, max_position_embeddings=max(seq_len, 4096),
         mixer_types=["dsa" if variant.startswith("dsa-") else base], dsa_base=base if base == "mla" else "attention",
         dsa_mode="sparse", **mla, **index,
     )

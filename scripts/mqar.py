@@ -56,14 +56,15 @@ def run(name: str, args, pairs: int, init_std: float) -> dict:
         mamba_head_dim=args.d_model // args.heads, mamba_expand=1, mamba_state_size=64, linear_chunk_size=32,
         max_position_embeddings=args.seq_len, initializer_range=init_std,
     )
-    model = HybridForCausalLM(config)
+    device = torch.device(getattr(args, "device", "cpu"))
+    model = HybridForCausalLM(config).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(args.seed)
     start = time.time()
     model.train()
     for _ in range(args.steps):
-        ids, labels = make_batch(args.batch, args.seq_len, pairs, args.vocab, gen)
+        ids, labels = (t.to(device) for t in make_batch(args.batch, args.seq_len, pairs, args.vocab, gen))
         loss = model(ids, labels=labels, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -75,7 +76,7 @@ def run(name: str, args, pairs: int, init_std: float) -> dict:
     correct = total = 0
     with torch.no_grad():
         for _ in range(4):
-            ids, labels = make_batch(256, args.seq_len, pairs, args.vocab, test_gen)
+            ids, labels = (t.to(device) for t in make_batch(256, args.seq_len, pairs, args.vocab, test_gen))
             pred = model(ids, use_cache=False).logits[:, :-1].argmax(-1)
             target = labels[:, 1:]
             keep = target != -100
@@ -98,6 +99,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
     # MQAR training is sensitive to the init scale, differently per mixer (at this budget attention needs 0.02 and
     # Mamba-2 0.1, transformers' Mamba-2 default): like Zoology's per-model sweeps, each model keeps its best.
     p.add_argument("--init-std", default="0.02,0.1", help="comma-separated initializer_range values to sweep")

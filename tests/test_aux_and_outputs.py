@@ -207,6 +207,8 @@ def test_sparse_dsa_builds_no_dense_mask(monkeypatch):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(modeling, "create_causal_mask", spy)
+    if hasattr(modeling, "_MASK_BUILDERS"):  # the builders the model calls, by mask name
+        monkeypatch.setitem(modeling._MASK_BUILDERS, "full_attention", spy)
     model = build("tiny-dsa", index_topk=4).eval()
     ids = batch(n=2, t=10)
     mask = torch.ones_like(ids)

@@ -74,11 +74,13 @@ def test_card_moe_tag_and_local_base_model(tiny_config, tmp_path):
 
 
 def test_card_without_a_cost_function_still_renders(tiny_config, monkeypatch):
-    from hf_hybrid.cost import COST_FUNCTIONS
+    import dataclasses
 
-    monkeypatch.delitem(
-        COST_FUNCTIONS, "attention"
-    )  # e.g. a new mixer type whose cost function is not written yet
+    from hf_hybrid import registry
+
+    # e.g. a new mixer type whose cost function is not written yet
+    spec = dataclasses.replace(registry.mixer_spec("attention"), cost=None)
+    monkeypatch.setitem(registry._MIXERS, "attention", spec)
     text = render_model_card(tiny_config("tiny-attention"))
     assert "Cost not available" in text and len(_layer_rows(text)) == 2
     assert parse_front_matter(text)["library_name"] == "hf-hybrid"

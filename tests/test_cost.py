@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from hf_hybrid import HybridConfig, HybridForCausalLM
+from hf_hybrid import HybridConfig, HybridForCausalLM, registry
 from hf_hybrid.compat import output_cache
-from hf_hybrid.cost import (
-    COST_FUNCTIONS,
-    MLP_COST_FUNCTIONS,
-    MixerCost,
-    compress_pattern,
-    estimate_cost,
-    measure_module,
-    register_mixer_cost,
-)
-from hf_hybrid.mixers import MIXER_REGISTRY
-from hf_hybrid.mlp import MLP_REGISTRY
+from hf_hybrid.cost import MixerCost, compress_pattern, estimate_cost, measure_module
 from hf_hybrid.presets import PRESETS, preset_config
+from hf_hybrid.registry import mixer_spec, mixer_specs, mlp_spec, mlp_specs
 
 
 def _built_params(config) -> int:
@@ -57,12 +49,6 @@ def _built_params(config) -> int:
 )
 def test_total_equals_built_model(name, overrides, tiny_config):
     config = tiny_config(name, **overrides)
-    if "moe" in config.mlp_types and "moe" not in MLP_REGISTRY:
-        import hf_hybrid.cost as cost
-
-        cost._registries()  # imports hf_hybrid.moe when it exists
-        if "moe" not in MLP_REGISTRY:
-            pytest.skip("moe MLP not implemented yet")
     report = estimate_cost(config)
     assert report.exact
     assert report.total_params == _built_params(config)
@@ -107,12 +93,10 @@ FORMULA_CASES = [
 
 @pytest.mark.parametrize("mixer,preset,overrides", FORMULA_CASES)
 def test_mixer_formula_matches_module(mixer, preset, overrides):
-    if mixer not in MIXER_REGISTRY:
-        pytest.skip(f"{mixer} not implemented yet")
     config = preset_config(preset, **overrides)
     i = config.mixer_types.index(mixer)
-    formula = COST_FUNCTIONS[mixer](config, i)
-    assert measure_module(MIXER_REGISTRY, mixer, config, i) == (formula.params, formula.matmul_params)
+    formula = mixer_spec(mixer).cost(config, i)
+    assert measure_module(mixer_spec(mixer).cls, config, i) == (formula.params, formula.matmul_params)
 
 
 @pytest.mark.parametrize(
@@ -125,15 +109,10 @@ def test_mixer_formula_matches_module(mixer, preset, overrides):
     ],
 )
 def test_mlp_formula_matches_module(mlp, overrides):
-    import hf_hybrid.cost as cost
-
-    cost._registries()
-    if mlp not in MLP_REGISTRY:
-        pytest.skip(f"{mlp} not implemented yet")
     config = preset_config("tiny-moe", **overrides)
     i = config.mlp_types.index(mlp)
-    formula = MLP_COST_FUNCTIONS[mlp](config, i)
-    assert measure_module(MLP_REGISTRY, mlp, config, i) == (formula.params, formula.matmul_params)
+    formula = mlp_spec(mlp).cost(config, i)
+    assert measure_module(mlp_spec(mlp).cls, config, i) == (formula.params, formula.matmul_params)
 
 
 def test_llama_7b_like():
@@ -198,7 +177,7 @@ def test_mla_by_hand():
     config = preset_config("tiny-mla")  # H=64, 4 heads, q_lora 32, kv_lora 32, nope 16, rope 8, v 16
     report = estimate_cost(config, contexts=(1000,), measure=False)
     mla = 64 * 32 + 32 + 32 * 4 * 24 + 64 * (32 + 8) + 32 + 32 * 4 * (16 + 16) + 4 * 16 * 64
-    assert COST_FUNCTIONS["mla"](config, 0).params == mla == 15_936
+    assert mixer_spec("mla").cost(config, 0).params == mla == 15_936
     # cached per token: the latent (32) and the shared rope key (8)
     assert report.by_mixer()["mla"]["cache_bytes_per_token_per_layer"] == (32 + 8) * 2
     assert report.cache_bytes(1000) == 2 * 1000 * 40 * 2
@@ -206,8 +185,8 @@ def test_mla_by_hand():
 
 def test_dsa_adds_indexer_keys_and_caps_attention():
     config = preset_config("tiny-dsa")  # MLA base, indexer 2 heads × 16, top-8
-    cost = COST_FUNCTIONS["dsa"](config, 0)
-    mla = COST_FUNCTIONS["mla"](config, 0)
+    cost = mixer_spec("dsa").cost(config, 0)
+    mla = mixer_spec("mla").cost(config, 0)
     assert cost.cache_per_token == mla.cache_per_token + 16
     assert cost.params == mla.params + 32 * 2 * 16 + 64 * 16 + 2 * 16 + 64 * 2
     # sparse mode runs latent MQA: each of the 4 heads scores min(context, top-k) cached [c_kv, k_pe] (32 + 8 wide)
@@ -216,7 +195,7 @@ def test_dsa_adds_indexer_keys_and_caps_attention():
     assert cost.flops(1000) == 2 * 8 * 4 * (qk + v) + 2 * 1000 * 2 * (16 + 1)
     assert cost.flops(4) == 2 * 4 * 4 * (qk + v) + 2 * 4 * 2 * (16 + 1)
     # dense warm-up runs the expanded (naive MLA) attention over every token
-    warm = COST_FUNCTIONS["dsa"](preset_config("tiny-dsa", dsa_mode="dense_warmup"), 0)
+    warm = mixer_spec("dsa").cost(preset_config("tiny-dsa", dsa_mode="dense_warmup"), 0)
     assert warm.flops(1000) == 2 * 1000 * 4 * (16 + 8 + 16) + 2 * 1000 * 2 * (16 + 1)
 
 
@@ -237,16 +216,16 @@ def test_dsa_on_mla_flops_follow_latent_mqa_at_deepseek_v32_scale():
 
 
 def test_recurrent_state_formulas():
-    gdn = COST_FUNCTIONS["gated_deltanet"](preset_config("tiny-gdn"), 0)  # Hk=2, Hv=4, Dk=Dv=16, K=4
+    gdn = mixer_spec("gated_deltanet").cost(preset_config("tiny-gdn"), 0)  # Hk=2, Hv=4, Dk=Dv=16, K=4
     assert gdn.cache_per_token == 0
     assert gdn.state_elements == (2 * 2 * 16 + 4 * 16) * 3 + 4 * 16 * 16
-    mamba = COST_FUNCTIONS["mamba2"](preset_config("tiny-mamba2"), 0)  # 8 heads × P=16, G=1, N=16, K=4
+    mamba = mixer_spec("mamba2").cost(preset_config("tiny-mamba2"), 0)  # 8 heads × P=16, G=1, N=16, K=4
     assert mamba.state_elements == (8 * 16 + 2 * 1 * 16) * 3 + 8 * 16 * 16
-    lin = COST_FUNCTIONS["linear_attention"](
+    lin = mixer_spec("linear_attention").cost(
         preset_config("tiny-linear"), 0
     )  # 4 heads × 16, identity, no conv
     assert lin.state_elements == 4 * 16 * 16
-    pos = COST_FUNCTIONS["linear_attention"](
+    pos = mixer_spec("linear_attention").cost(
         preset_config("tiny-linear", linear_feature_map="elu", linear_conv_kernel_size=4), 0
     )
     assert pos.state_elements == 4 * 16 * 16 + 4 * 16 + 3 * 4 * 16 * 3  # + normaliser + conv tail
@@ -282,9 +261,7 @@ def test_published_shapes_are_in_range():
 
 
 def test_every_preset_is_costed_and_every_mixer_type_has_a_function():
-    from hf_hybrid.configuration_hybrid import MIXER_TYPES, MLP_TYPES
-
-    assert set(MIXER_TYPES) <= set(COST_FUNCTIONS) and set(MLP_TYPES) <= set(MLP_COST_FUNCTIONS)
+    assert all(spec.cost is not None for spec in (*mixer_specs().values(), *mlp_specs().values()))
     for name in PRESETS:
         report = estimate_cost(preset_config(name), measure=False)
         assert report.total_params >= report.active_params > 0
@@ -297,8 +274,7 @@ def test_registry_extension(monkeypatch):
         calls.append(layer_idx)
         return MixerCost(params=7, matmul_params=5, cache_per_token=3, flops=lambda c: 11.0 * c)
 
-    monkeypatch.setitem(COST_FUNCTIONS, "attention", COST_FUNCTIONS["attention"])
-    register_mixer_cost("attention")(fake)
+    monkeypatch.setitem(registry._MIXERS, "attention", dataclasses.replace(mixer_spec("attention"), cost=fake))
     config = preset_config("tiny-attention")
     report = estimate_cost(config, contexts=(2,), measure=False)
     assert calls == [0, 1]

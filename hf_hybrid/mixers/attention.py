@@ -9,8 +9,10 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..configuration_hybrid import HybridConfig
+from ..cost import attention_cost, sliding_attention_cost
 from ..layers import RMSNorm, apply_rope, repeat_kv
-from .base import MixerContext, register_mixer
+from ..registry import register_mixer
+from .base import MixerContext
 
 
 def eager_attention_forward(
@@ -38,8 +40,27 @@ def eager_attention_forward(
     return out, probs
 
 
-@register_mixer("sliding_attention")
-@register_mixer("attention")
+def validate_gqa(config: HybridConfig) -> None:
+    if config.num_attention_heads % config.num_key_value_heads != 0:
+        raise ValueError(
+            f"HybridConfig.num_key_value_heads={config.num_key_value_heads} must divide "
+            f"num_attention_heads={config.num_attention_heads} (GQA groups)"
+        )
+
+
+def _validate_sliding(config: HybridConfig) -> None:
+    validate_gqa(config)
+    if config.sliding_window is None or config.sliding_window <= 0:
+        raise ValueError(
+            f"HybridConfig.sliding_window={config.sliding_window!r} must be a positive integer when "
+            "mixer_types contains 'sliding_attention'"
+        )
+
+
+@register_mixer("sliding_attention", layer_type="sliding_attention", mask="sliding_attention",
+                cost=sliding_attention_cost, validate=_validate_sliding)
+@register_mixer("attention", layer_type="full_attention", mask="full_attention", cost=attention_cost,
+                validate=validate_gqa)
 class HybridAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

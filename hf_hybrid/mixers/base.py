@@ -1,4 +1,4 @@
-"""What every token mixer receives, and the registry that maps config strings to mixer classes.
+"""What every token mixer receives (``MixerContext``); the registry of mixer kinds is ``hf_hybrid.registry``.
 
 A mixer is an ``nn.Module`` built as ``Mixer(config, layer_idx)`` whose forward is
 ``forward(hidden_states [B, T, H], ctx: MixerContext) -> [B, T, H]``. Everything a mixer needs about the
@@ -12,27 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+
+# The registry lives in hf_hybrid/registry.py (one spec per kind: class, layer type, mask, cost, validation).
+from ..registry import MIXER_REGISTRY, register_mixer  # noqa: F401  (re-exported: the mixers' import path)
 
 
 def in_backward_recompute() -> bool:
     """True while autograd's engine is running a backward pass, i.e. when gradient checkpointing replays a layer's
     forward: statistics (router token counts) must not be counted a second time then."""
     return torch._C._current_graph_task_id() != -1
-
-MIXER_REGISTRY: dict[str, type[nn.Module]] = {}
-
-
-def register_mixer(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
-    """Class decorator: ``@register_mixer("gated_deltanet")`` makes the class buildable from the config."""
-
-    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
-        if name in MIXER_REGISTRY and MIXER_REGISTRY[name] is not cls:
-            raise ValueError(f"mixer {name!r} is registered twice ({MIXER_REGISTRY[name]} and {cls})")
-        MIXER_REGISTRY[name] = cls
-        return cls
-
-    return wrap
 
 
 @dataclass

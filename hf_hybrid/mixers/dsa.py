@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from ..configuration_hybrid import HybridConfig
+from ..cost import dsa_cost
 from ..layers import apply_rope
 from ..ops.dsa import (
     attention_mass_in_selection,
@@ -40,9 +41,10 @@ from ..ops.dsa import (
     indexer_topk,
     sparse_attention,
 )
-from .attention import HybridAttention
-from .base import MixerContext, register_mixer
-from .mla import HybridMLA
+from ..registry import register_mixer, require_positive
+from .attention import HybridAttention, validate_gqa
+from .base import MixerContext
+from .mla import HybridMLA, validate_mla
 
 
 class LightningIndexer(nn.Module):
@@ -268,7 +270,16 @@ class DSAOnAttention(_DSAMixin, HybridAttention):
         return self.output(out, gate)
 
 
-@register_mixer("dsa")
+def _validate_dsa(config: HybridConfig) -> None:
+    (validate_mla if config.dsa_base == "mla" else validate_gqa)(config)
+    require_positive(config, "index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk")
+
+
+# The indexer reads the padding mask (padded keys are never selected); its keys live in transformers'
+# DynamicIndexedLayer ("indexed_attention"). The dense causal mask is read by the dense modes only: sparse attention
+# takes each query's first visible key from the 2D mask (key_start_positions).
+@register_mixer("dsa", layer_type="indexed_attention", mask="full_attention", needs_padding_mask=True,
+                cost=dsa_cost, validate=_validate_dsa, mask_needed=lambda config: config.dsa_mode != "sparse")
 def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
     """DSA over the dense mixer named by ``config.dsa_base``."""
     return DSAOnMLA(config, layer_idx) if config.dsa_base == "mla" else DSAOnAttention(config, layer_idx)

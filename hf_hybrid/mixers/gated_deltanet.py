@@ -15,13 +15,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration_hybrid import HybridConfig
+from ..cost import gated_deltanet_cost
 from ..layers import GatedRMSNorm
 from ..ops.gated_delta import gated_delta_rule, recurrent_gated_delta_rule_step
-from .base import MixerContext, register_mixer
+from ..registry import register_mixer, require_positive
+from .base import MixerContext
 from .recurrent import read_state, short_conv, write_state, zero_padding
 
 
-@register_mixer("gated_deltanet")
+def _validate(config: HybridConfig) -> None:
+    require_positive(config, "gdn_num_key_heads", "gdn_num_value_heads", "gdn_key_head_dim", "gdn_value_head_dim",
+                     "gdn_conv_kernel_size", "linear_chunk_size")
+    if config.gdn_num_value_heads % config.gdn_num_key_heads:
+        raise ValueError(
+            f"HybridConfig.gdn_num_value_heads={config.gdn_num_value_heads} must be a multiple of "
+            f"gdn_num_key_heads={config.gdn_num_key_heads} (GVA)"
+        )
+
+
+@register_mixer("gated_deltanet", layer_type="linear_attention", recurrent=True, cost=gated_deltanet_cost,
+                validate=_validate)
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

@@ -18,9 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration_hybrid import HybridConfig
+from ..cost import linear_attention_cost
 from ..layers import RMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
-from .base import MixerContext, register_mixer
+from ..registry import register_mixer, require_positive
+from .base import MixerContext
 from .recurrent import read_state, short_conv, write_state, zero_padding
 
 _NORMALISER_EPS = 1e-6
@@ -28,7 +30,14 @@ _NORMALISER_EPS = 1e-6
 _GATE_TEMPERATURE = 16.0
 
 
-@register_mixer("linear_attention")
+def _validate(config: HybridConfig) -> None:
+    require_positive(config, "linear_num_heads", "linear_head_dim", "linear_chunk_size")
+    if config.linear_conv_kernel_size < 0:
+        raise ValueError(f"HybridConfig.linear_conv_kernel_size={config.linear_conv_kernel_size} must be >= 0")
+
+
+@register_mixer("linear_attention", layer_type="linear_attention", recurrent=True, cost=linear_attention_cost,
+                validate=_validate)
 class LinearAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

@@ -16,13 +16,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration_hybrid import HybridConfig
+from ..cost import mamba2_cost
 from ..layers import GatedRMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
-from .base import MixerContext, register_mixer
+from ..registry import register_mixer, require_positive
+from .base import MixerContext
 from .recurrent import read_state, short_conv, write_state, zero_padding
 
 
-@register_mixer("mamba2")
+def _validate(config: HybridConfig) -> None:
+    require_positive(config, "mamba_num_heads", "mamba_head_dim", "mamba_state_size", "mamba_n_groups",
+                     "mamba_conv_kernel_size", "linear_chunk_size")
+    if config.mamba_num_heads % config.mamba_n_groups:
+        raise ValueError(
+            f"HybridConfig.mamba_n_groups={config.mamba_n_groups} must divide mamba_num_heads={config.mamba_num_heads}"
+        )
+    limit = config.mamba_dt_limit
+    if limit is not None and (len(limit) != 2 or not 0 <= limit[0] < limit[1]):
+        raise ValueError(f"HybridConfig.mamba_dt_limit={limit!r} must be [min, max] with 0<=min<max")
+
+
+@register_mixer("mamba2", layer_type="linear_attention", recurrent=True, cost=mamba2_cost, validate=_validate)
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

@@ -45,9 +45,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from ..configuration_hybrid import HybridConfig
+from ..cost import mla_cost
 from ..layers import RMSNorm, apply_rope
+from ..registry import register_mixer, require_positive
 from .attention import eager_attention_forward
-from .base import MixerContext, register_mixer
+from .base import MixerContext
 
 logger = logging.get_logger(__name__)
 
@@ -153,7 +155,14 @@ class MLAProjection(NamedTuple):
     k_pe: torch.Tensor  # (B, S, dr) rotated, cache + new tokens
 
 
-@register_mixer("mla")
+def validate_mla(config: HybridConfig) -> None:
+    require_positive(config, "q_lora_rank", allow_none=True)
+    require_positive(config, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    if config.qk_rope_head_dim % 2:
+        raise ValueError(f"HybridConfig.qk_rope_head_dim={config.qk_rope_head_dim} must be even (RoPE pairs)")
+
+
+@register_mixer("mla", layer_type="full_attention", mask="full_attention", cost=mla_cost, validate=validate_mla)
 class HybridMLA(nn.Module):
     """DeepSeek-V2/V3 MLA. Public pieces for mixers built on it (DSA): :meth:`project_q`, :meth:`project_kv`,
     :meth:`project` (+ RoPE + cache), :meth:`expand_kv`, :meth:`attend_dense`, :meth:`absorbed_weights`,

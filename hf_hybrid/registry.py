@@ -1,0 +1,226 @@
+"""The one registry of layer kinds: every token mixer and every MLP declares everything about itself here, in a spec
+next to its class (STYLE.md §13). The config's validation, the model (which class to build, which masks to make),
+the cache (through transformers' ``layer_types``), the cost inspector and the model card read these specs; nothing
+else in the package keeps a list of mixer names.
+
+Adding a mixer is one new file plus one import line::
+
+    from hf_hybrid.registry import register_mixer
+
+    @register_mixer("my_mixer", layer_type="linear_attention", recurrent=True, cost=my_cost,
+                    config_defaults={"my_mixer_width": 64}, validate=my_validate)
+    class MyMixer(nn.Module):
+        def __init__(self, config, layer_idx): ...
+        def forward(self, hidden_states, ctx): ...   # ctx: hf_hybrid.mixers.MixerContext
+
+(inside the package the import line goes into ``hf_hybrid/mixers/__init__.py``; outside it, importing the file
+registers the mixer, see ``tests/test_registry.py``). The built-in specs load on first use, so importing the config
+never imports the mixers (no import circle).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+# transformers' layer_types that decide each layer's cache layer: DynamicLayer, DynamicSlidingWindowLayer,
+# LinearAttentionLayer (conv + recurrent state), DynamicIndexedLayer (DSA indexer keys), and "moe" (transformers'
+# name for a layer without token mixing, e.g. nemotron_h's MLP-only blocks: its cache layer holds nothing).
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "indexed_attention", "moe")
+MASKS = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    """Everything the package needs to know about one token-mixer kind.
+
+    - ``layer_type``: transformers' ``layer_types`` entry, which picks the cache layer transformers builds for it.
+    - ``mask``: which of transformers' attention masks the layer reads from ``ctx.masks`` (None: it needs none; a
+      layer that needs one but declares None would see the future under eager attention).
+    - ``mask_needed``: ``fn(config) -> bool`` when the layer reads its mask only in some configurations (DSA in
+      sparse mode attends over its selection alone and needs none); None: always, when ``mask`` is set.
+    - ``recurrent``: keeps a constant-size recurrent state (the model is stateful, the cache cannot be cropped).
+    - ``needs_padding_mask``: reads ``ctx.padding_mask`` (recurrent mixers, DSA's indexer).
+    - ``cost``: ``fn(config, layer_idx) -> hf_hybrid.cost.MixerCost`` for the inspector and the card.
+    - ``config_defaults``: config fields this kind adds and their defaults (for kinds defined outside the package;
+      the built-in kinds' fields are typed fields of ``HybridConfig``, the one home of their defaults).
+    - ``validate``: ``fn(config)`` raising ``ValueError`` (field, value, what is allowed) for a bad setting; run
+      whenever a config uses this kind.
+    """
+
+    name: str
+    cls: type
+    layer_type: str
+    mask: str | None = None
+    recurrent: bool = False
+    needs_padding_mask: bool = False
+    cost: Callable[..., Any] | None = None
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    validate: Callable[[Any], None] | None = None
+    mask_needed: Callable[[Any], bool] | None = None
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """One MLP kind: ``cls`` (None for no MLP at all), whether it reads the padding mask (MoE balancing), its cost
+    function (``fn(config, layer_idx) -> hf_hybrid.cost.MLPCost``), extra config fields and a validator."""
+
+    name: str
+    cls: type | None
+    needs_padding_mask: bool = False
+    cost: Callable[..., Any] | None = None
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    validate: Callable[[Any], None] | None = None
+
+
+_MIXERS: dict[str, MixerSpec] = {}
+_MLPS: dict[str, MLPSpec] = {}
+#: name -> class views of the registries (what builds a layer), kept in step with the specs.
+MIXER_REGISTRY: dict[str, type] = {}
+MLP_REGISTRY: dict[str, type | None] = {}
+
+_BUILTIN_MODULES = ("hf_hybrid.mixers", "hf_hybrid.mlp", "hf_hybrid.moe")
+_builtins_loaded = False
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"{kind} name {name!r} must be a lower-case identifier such as 'my_mixer'")
+
+
+def _check_defaults(name: str, defaults: Mapping[str, Any]) -> None:
+    taken = {}
+    for spec in (*_MIXERS.values(), *_MLPS.values()):
+        if spec.name != name:
+            taken.update(dict.fromkeys(spec.config_defaults, spec.name))
+    for key in defaults:
+        if key in taken:
+            raise ValueError(f"config field {key!r} of {name!r} is already declared by {taken[key]!r}")
+
+
+def register_mixer(
+    name: str,
+    *,
+    layer_type: str,
+    mask: str | None = None,
+    recurrent: bool = False,
+    needs_padding_mask: bool | None = None,
+    cost: Callable[..., Any] | None = None,
+    config_defaults: Mapping[str, Any] | None = None,
+    validate: Callable[[Any], None] | None = None,
+    mask_needed: Callable[[Any], bool] | None = None,
+) -> Callable[[type], type]:
+    """Class decorator declaring a token mixer (see :class:`MixerSpec`). ``needs_padding_mask`` defaults to
+    ``recurrent``. Registering a different class under a taken name is an error."""
+    _check_name("mixer", name)
+    if layer_type not in LAYER_TYPES:
+        raise ValueError(f"register_mixer({name!r}): layer_type={layer_type!r}; choose one of {', '.join(LAYER_TYPES)}")
+    if mask is not None and mask not in MASKS:
+        raise ValueError(f"register_mixer({name!r}): mask={mask!r}; choose None or one of {', '.join(MASKS)}")
+    defaults = dict(config_defaults or {})
+
+    def wrap(cls: type) -> type:
+        old = _MIXERS.get(name)
+        if old is not None and old.cls is not cls and old.cls.__qualname__ != cls.__qualname__:
+            raise ValueError(f"mixer {name!r} is registered twice ({old.cls} and {cls})")
+        _check_defaults(name, defaults)
+        _MIXERS[name] = MixerSpec(
+            name=name, cls=cls, layer_type=layer_type, mask=mask, recurrent=recurrent,
+            needs_padding_mask=recurrent if needs_padding_mask is None else needs_padding_mask,
+            cost=cost, config_defaults=MappingProxyType(defaults), validate=validate, mask_needed=mask_needed,
+        )
+        MIXER_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_mlp(
+    name: str,
+    *,
+    needs_padding_mask: bool = False,
+    cost: Callable[..., Any] | None = None,
+    config_defaults: Mapping[str, Any] | None = None,
+    validate: Callable[[Any], None] | None = None,
+) -> Callable[[type | None], type | None]:
+    """Class decorator declaring an MLP kind (see :class:`MLPSpec`); ``register_mlp("none")(None)`` declares a
+    layer without MLP."""
+    _check_name("MLP", name)
+    defaults = dict(config_defaults or {})
+
+    def wrap(cls: type | None) -> type | None:
+        old = _MLPS.get(name)
+        if old is not None and old.cls is not cls and getattr(old.cls, "__qualname__", None) != getattr(
+            cls, "__qualname__", None
+        ):
+            raise ValueError(f"MLP {name!r} is registered twice ({old.cls} and {cls})")
+        _check_defaults(name, defaults)
+        _MLPS[name] = MLPSpec(name=name, cls=cls, needs_padding_mask=needs_padding_mask, cost=cost,
+                              config_defaults=MappingProxyType(defaults), validate=validate)
+        MLP_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def mixer_specs() -> Mapping[str, MixerSpec]:
+    """Every registered token mixer, built-ins first, in registration order (read-only)."""
+    _load_builtins()
+    return MappingProxyType(_MIXERS)
+
+
+def mlp_specs() -> Mapping[str, MLPSpec]:
+    _load_builtins()
+    return MappingProxyType(_MLPS)
+
+
+def mixer_spec(name: str) -> MixerSpec:
+    specs = mixer_specs()
+    if name not in specs:
+        raise ValueError(f"{name!r} is not a known mixer type; choose one of: {', '.join(specs)}")
+    return specs[name]
+
+
+def mlp_spec(name: str) -> MLPSpec:
+    specs = mlp_specs()
+    if name not in specs:
+        raise ValueError(f"{name!r} is not a known MLP type; choose one of: {', '.join(specs)}")
+    return specs[name]
+
+
+def require_positive(config: Any, *names: str, allow_none: bool = False) -> None:
+    """Shared check for validators: each ``config.<name>`` is a positive int (or None when ``allow_none``)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"HybridConfig.{name}={value!r} must be a positive integer")
+
+
+__all__ = [
+    "LAYER_TYPES",
+    "MASKS",
+    "MIXER_REGISTRY",
+    "MLP_REGISTRY",
+    "MLPSpec",
+    "MixerSpec",
+    "mixer_spec",
+    "mixer_specs",
+    "mlp_spec",
+    "mlp_specs",
+    "register_mixer",
+    "register_mlp",
+    "require_positive",
+]

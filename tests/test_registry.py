@@ -1,0 +1,249 @@
+"""The layer registry: a mixer defined outside the package is one file plus its import, and the whole library (config
+validation, model, masks, cache, cost inspector, card, save / load) picks it up; the package has no import circle."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from hf_hybrid import HybridConfig, HybridForCausalLM, registry
+from hf_hybrid.card import render_model_card
+from hf_hybrid.cost import MixerCost, estimate_cost
+from hf_hybrid.mixers import MixerContext
+from hf_hybrid.mixers.recurrent import read_state, write_state, zero_padding
+
+# ---- the one file a user writes (here inside the test module) -------------------------------------------------
+
+
+def toy_ema_cost(config, layer_idx: int) -> MixerCost:
+    h = config.hidden_size
+    return MixerCost(params=2 * h * h, matmul_params=2 * h * h, state_elements=h)
+
+
+def toy_ema_validate(config) -> None:
+    if not 0.0 < config.toy_ema_decay < 1.0:
+        raise ValueError(f"HybridConfig.toy_ema_decay={config.toy_ema_decay!r} must be in (0, 1)")
+
+
+class ToyEMA(nn.Module):
+    """``h_t = a·h_{t-1} + (1 - a)·W_in x_t``, ``o_t = W_out h_t``: a recurrent mixer with a [B, H] state."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.decay = config.toy_ema_decay
+        self.w_in = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.w_out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        state = read_state(ctx, self.layer_idx)
+        x = self.w_in(zero_padding(hidden_states, ctx)).float()
+        real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if ctx.padding_mask is None else ctx.padding_mask
+        h = state.recurrent if state.decoding else x.new_zeros(x.shape[0], x.shape[2])
+        outs = []
+        for t in range(x.shape[1]):
+            step = self.decay * h + (1 - self.decay) * x[:, t]
+            h = torch.where(real[:, t, None], step, h)  # padding leaves the state alone
+            outs.append(h)
+        write_state(ctx, self.layer_idx, None, h)
+        return self.w_out(torch.stack(outs, dim=1).to(hidden_states.dtype))
+
+
+@pytest.fixture(scope="module")
+def toy_registered():
+    registry.register_mixer(
+        "toy_ema", layer_type="linear_attention", recurrent=True, cost=toy_ema_cost,
+        config_defaults={"toy_ema_decay": 0.9}, validate=toy_ema_validate,
+    )(ToyEMA)
+    yield
+    registry._MIXERS.pop("toy_ema", None)
+    registry.MIXER_REGISTRY.pop("toy_ema", None)
+
+
+def _config(**kw) -> HybridConfig:
+    return HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=4, mixer_pattern="toy_ema,attention", **kw)
+
+
+def test_external_mixer_builds_trains_decodes_saves_and_inspects(toy_registered, tmp_path):
+    config = _config()
+    assert config.toy_ema_decay == 0.9  # its default came from its spec
+    assert config.layer_types == ["linear_attention", "full_attention"]
+    assert config.has_recurrent_layers
+    torch.manual_seed(0)
+    model = HybridForCausalLM(config)
+
+    ids = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    losses = []
+    for _ in range(12):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert model.model.layers[0].mixer.w_in.weight.grad is None  # zeroed: it was in the graph and trained
+
+    model.eval()
+    prompt = ids[:2, :5]
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        seq = prompt
+        for _ in range(5):
+            seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)  # the toy's state really travels through the cache
+
+    model.save_pretrained(tmp_path / "toy")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "toy")
+    assert again.config.toy_ema_decay == 0.9
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+    report = estimate_cost(config, contexts=(1024,))
+    assert report.exact and report.total_params == sum(p.numel() for p in model.parameters())
+    assert report.layers[0].state_elements == 32
+    assert "toy_ema" in render_model_card(config)
+
+
+def test_external_mixer_field_is_validated_and_saved(toy_registered):
+    with pytest.raises(Exception, match=r"toy_ema_decay=1.5 must be in \(0, 1\)"):
+        _config(toy_ema_decay=1.5)
+    assert _config(toy_ema_decay=0.5).to_dict()["toy_ema_decay"] == 0.5
+    assert "toy_ema_decay" not in HybridConfig(num_hidden_layers=1).to_dict()  # only configs that use the mixer
+
+
+def test_unknown_mixer_names_the_choices():
+    with pytest.raises(Exception, match=r"mixer_types\[1\]='gdn' is not a known mixer type; choose one of: attention"):
+        HybridConfig(num_hidden_layers=2, mixer_types=["attention", "gdn"])
+
+
+def test_registration_errors_are_clear():
+    with pytest.raises(ValueError, match=r"layer_type='attn'; choose one of full_attention"):
+        registry.register_mixer("bad_kind", layer_type="attn")
+    with pytest.raises(ValueError, match=r"mask='causal'"):
+        registry.register_mixer("bad_kind", layer_type="full_attention", mask="causal")
+    with pytest.raises(ValueError, match=r"lower-case identifier"):
+        registry.register_mixer("Bad-Kind", layer_type="full_attention")
+
+    class Other(nn.Module):
+        pass
+
+    with pytest.raises(ValueError, match=r"mixer 'attention' is registered twice"):
+        registry.register_mixer("attention", layer_type="full_attention")(Other)
+    with pytest.raises(ValueError, match=r"config field 'gdn_num_heads_x' of 'clash_b' is already declared by 'clash_a'"):
+        try:
+            registry.register_mixer("clash_a", layer_type="full_attention",
+                                    config_defaults={"gdn_num_heads_x": 1})(Other)
+            registry.register_mixer("clash_b", layer_type="full_attention",
+                                    config_defaults={"gdn_num_heads_x": 2})(Other)
+        finally:
+            for name in ("clash_a", "clash_b"):
+                registry._MIXERS.pop(name, None)
+                registry.MIXER_REGISTRY.pop(name, None)
+
+
+def test_every_builtin_kind_declares_its_layer_type_cost_and_mask():
+    for spec in registry.mixer_specs().values():
+        if spec.name == "toy_ema":
+            continue
+        assert spec.layer_type in registry.LAYER_TYPES and spec.cost is not None
+        # a mixer that is not recurrent attends over past tokens and must declare the causal mask it reads
+        assert spec.recurrent or spec.mask in registry.MASKS, spec
+    for spec in registry.mlp_specs().values():
+        assert spec.cost is not None
+
+
+# ---- no import circles --------------------------------------------------------------------------------------------
+
+PACKAGE = Path(__file__).resolve().parents[1] / "hf_hybrid"
+
+
+def _module_name(path: Path, package: Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(tree: ast.Module):
+    """Every import statement, also those inside functions: a lazy import that closes a circle is still a circle
+    (it only moves the failure to run time)."""
+    return (node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
+
+
+def _import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    modules = {_module_name(p, package): p for p in package.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for name, path in modules.items():
+        is_pkg = path.name == "__init__.py"
+        for node in _imports(ast.parse(path.read_text(encoding="utf-8"))):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                base = name if is_pkg else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    base = base.rpartition(".")[0]
+                mod = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+                targets = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            for target in targets:
+                # an ancestor package of the importer is already being initialised: no new edge
+                if target in modules and not (name == target or name.startswith(target + ".")):
+                    graph[name].add(target)
+                    # importing a.b.c from outside package a.b first runs a.b's __init__
+                    parent = target.rpartition(".")[0]
+                    while parent and parent != "hf_hybrid" and not name.startswith(parent + "."):
+                        if parent in modules and parent != name:
+                            graph[name].add(parent)
+                        parent = parent.rpartition(".")[0]
+    return graph
+
+
+def test_the_package_has_no_import_circle():
+    graph = _import_graph()
+    assert "hf_hybrid.cost" in graph and "hf_hybrid.configuration_hybrid" in graph
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, path):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert cycles == [], "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+    # the inspector reads the registry, not the model
+    reach, todo = set(), ["hf_hybrid.cost"]
+    while todo:
+        for nxt in graph[todo.pop()] - reach:
+            reach.add(nxt)
+            todo.append(nxt)
+    assert "hf_hybrid.modeling_hybrid" not in reach
+
+
+def test_the_graph_walker_sees_relative_and_parent_package_imports(tmp_path):
+    """The circle test can fail: the walker follows relative imports (inside functions too) and implicit
+    parent-package imports."""
+    pkg = tmp_path / "hf_hybrid"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import x\n")
+    (pkg / "b.py").write_text("def f():\n    from .sub.leaf import c\n")
+    (pkg / "sub" / "__init__.py").write_text("from . import leaf\n")
+    (pkg / "sub" / "leaf.py").write_text("from ..a import z\n")
+    graph = _import_graph(pkg)
+    assert graph["hf_hybrid.a"] == {"hf_hybrid.b"}
+    assert graph["hf_hybrid.b"] == {"hf_hybrid.sub", "hf_hybrid.sub.leaf"}
+    assert graph["hf_hybrid.sub"] == {"hf_hybrid.sub.leaf"}
+    assert graph["hf_hybrid.sub.leaf"] == {"hf_hybrid.a"}
