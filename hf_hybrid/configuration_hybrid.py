@@ -47,6 +47,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "linear_decay": ("none", "scalar", "per_channel"),
     "linear_backend": ("auto", "torch", "naive", "fla"),
     "mla_decode": ("absorbed", "naive"),
+    "qk_norm_scope": ("head", "full"),
     "dsa_base": ("mla", "attention"),
     "dsa_mode": ("sparse", "dense_warmup", "dense"),
     "dsa_selector": ("indexer", "structured"),
@@ -135,6 +136,8 @@ class HybridConfig(PreTrainedConfig):
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     attention_dropout: float | int = 0.0
     use_qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    qk_norm_scope: str = "head"  # "head": over head_dim (Qwen3); "full": over the whole q / k projection (OLMoE)
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip_qkv, clip_qkv] after projection (and q/k norm) (OLMoE)
     attention_output_gate: bool = False  # sigmoid output gate (Qwen3-Next)
     sliding_window: int | None = None
     mlp_bias: bool = False
@@ -157,6 +160,7 @@ class HybridConfig(PreTrainedConfig):
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4
     mamba_dt_limit: list[float] | None = None  # [min, max] clamp of softplus(dt); None = no clamp
+    mamba_conv_bias: bool = True  # bias on the short conv over [x, B, C] (Mamba-2, Bamba; some checkpoints drop it)
 
     # ---- plain linear attention ------------------------------------------------------------------
     linear_num_heads: int | None = None  # defaults: num_attention_heads
@@ -177,6 +181,7 @@ class HybridConfig(PreTrainedConfig):
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     mla_decode: str = "absorbed"
+    mla_norm_eps: float | None = None  # eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
     index_n_heads: int = 8
@@ -190,12 +195,18 @@ class HybridConfig(PreTrainedConfig):
     index_loss_coef: float = 1.0
     dsa_local_window: int = 64  # structured selector: recent tokens kept
     dsa_global_tokens: int = 4  # structured selector: first tokens kept as anchors
+    index_norm_eps: float = 1e-5  # eps of the indexer's key LayerNorm (DeepSeek-V3.2 / GLM: 1e-6)
+    # Per layer "full" (own indexer) or "shared" (no indexer: reuse the top-k of the previous "full" DSA layer, as
+    # GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full". Entries of non-DSA layers are ignored.
+    dsa_indexer_types: list[str] | None = None
 
     # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
     num_experts: int = 8
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None  # defaults: intermediate_size // num_experts_per_tok
     num_shared_experts: int = 0
+    shared_expert_intermediate_size: int | None = None  # None: num_shared_experts * moe_intermediate_size
+    shared_expert_gate: bool = False  # shared output scaled by sigmoid(x·w_gate), w_gate [1, H] (Qwen2-MoE/Qwen3-Next)
     router_scoring_func: str = "softmax"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
@@ -292,6 +303,15 @@ class HybridConfig(PreTrainedConfig):
         return any(m in RECURRENT_MIXERS for m in self.mixer_types)
 
     @property
+    def shared_expert_size(self) -> int:
+        """Intermediate size of the one SwiGLU that holds all shared experts (0 when there are none)."""
+        if self.num_shared_experts <= 0:
+            return 0
+        if self.shared_expert_intermediate_size is not None:
+            return self.shared_expert_intermediate_size
+        return self.num_shared_experts * self.moe_intermediate_size
+
+    @property
     def has_attention_cache(self) -> bool:
         return any(m not in RECURRENT_MIXERS for m in self.mixer_types)
 
@@ -311,6 +331,45 @@ class HybridConfig(PreTrainedConfig):
                         f"{', '.join(allowed)}"
                     )
         super().validate_layer_type()
+
+    def _validate_native_options(self) -> None:
+        """Options added for transformers' native families (olmoe, deepseek_v3, glm_moe_dsa)."""
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise ValueError(f"HybridConfig.clip_qkv={self.clip_qkv!r} must be > 0 or None")
+        for name in ("mla_norm_eps", "index_norm_eps"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"HybridConfig.{name}={value!r} must be > 0")
+        if self.dsa_indexer_types is not None:
+            kinds = list(self.dsa_indexer_types)
+            if len(kinds) != self.num_hidden_layers:
+                raise ValueError(
+                    f"HybridConfig.dsa_indexer_types has {len(kinds)} entries but num_hidden_layers="
+                    f"{self.num_hidden_layers}; give one per layer"
+                )
+            seen_full = False
+            for i, (kind, mixer) in enumerate(zip(kinds, self.mixer_types)):
+                if kind not in ("full", "shared"):
+                    raise ValueError(
+                        f"HybridConfig.dsa_indexer_types[{i}]={kind!r} is not allowed; choose one of: full, shared"
+                    )
+                if mixer != "dsa":
+                    continue
+                if kind == "shared" and not seen_full:
+                    raise ValueError(
+                        f"HybridConfig.dsa_indexer_types[{i}]='shared' reuses the top-k of an earlier 'full' DSA "
+                        "layer, and there is none before it"
+                    )
+                if kind == "shared" and self.dsa_selector != "indexer":
+                    raise ValueError(
+                        f"HybridConfig.dsa_indexer_types[{i}]='shared' needs dsa_selector='indexer' "
+                        f"(got {self.dsa_selector!r})"
+                    )
+                seen_full = seen_full or kind == "full"
+
+    def dsa_layer_has_indexer(self, layer_idx: int) -> bool:
+        """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's top-k)."""
+        return self.dsa_indexer_types is None or self.dsa_indexer_types[layer_idx] == "full"
 
     def validate_hybrid(self):
         def positive(name: str, allow_none: bool = False):
@@ -395,6 +454,7 @@ class HybridConfig(PreTrainedConfig):
         if "dsa" in mixers:
             for name in ("index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk"):
                 positive(name)
+        self._validate_native_options()
         if "moe" in self.mlp_types:
             for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"):
                 positive(name)
@@ -404,6 +464,15 @@ class HybridConfig(PreTrainedConfig):
                 )
             if self.num_shared_experts < 0:
                 raise ValueError(f"HybridConfig.num_shared_experts={self.num_shared_experts} must be >= 0")
+            positive("shared_expert_intermediate_size", allow_none=True)
+            if self.num_shared_experts == 0 and (
+                self.shared_expert_gate or self.shared_expert_intermediate_size is not None
+            ):
+                name = "shared_expert_gate" if self.shared_expert_gate else "shared_expert_intermediate_size"
+                raise ValueError(
+                    f"HybridConfig.{name}={getattr(self, name)!r} needs a shared expert; set num_shared_experts >= 1 "
+                    "(it is 0)"
+                )
             if self.num_experts % self.n_group or self.topk_group > self.n_group:
                 raise ValueError(
                     f"HybridConfig.n_group={self.n_group} must divide num_experts={self.num_experts} and "

@@ -228,7 +228,7 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     inner = nh * p
     conv_channels = inner + 2 * g * n
     matmul = h * (2 * inner + 2 * g * n + nh) + conv_channels * k + inner * h
-    params = matmul + conv_channels + 3 * nh + inner
+    params = matmul + (conv_channels if config.mamba_conv_bias else 0) + 3 * nh + inner
     state = conv_channels * (k - 1) + nh * p * n
     # Per token and head: decay h (p·n), h += Δ·B xᵀ (2·p·n), y = Cᵀh (2·p·n).
     step = 5.0 * nh * p * n
@@ -270,11 +270,14 @@ def dense_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
 
 @register_mlp_cost("moe")
 def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
-    """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (a SwiGLU of n_shared · I)."""
+    """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (one SwiGLU of
+    ``shared_expert_size``), and their sigmoid gate [1, H] when ``shared_expert_gate``."""
     e, k = config.num_experts, config.num_experts_per_tok
     expert = _swiglu(config, config.moe_intermediate_size)
     router = e * config.hidden_size
-    shared = config.num_shared_experts * expert
+    shared = _swiglu(config, config.shared_expert_size)
+    if config.num_shared_experts > 0 and config.shared_expert_gate:
+        shared += config.hidden_size  # the shared experts' sigmoid gate [1, H]
     total = router + e * expert + shared
     return MLPCost(total, total, inactive_params=(e - k) * expert)
 

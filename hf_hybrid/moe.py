@@ -432,8 +432,13 @@ class HybridMoE(nn.Module):
         self.router = HybridTopKRouter(config, layer_idx)
         self.experts = HybridExperts(config)
         self.shared_experts = (
-            SwiGLU(config.hidden_size, config.num_shared_experts * config.moe_intermediate_size, config.hidden_act)
+            SwiGLU(config.hidden_size, config.shared_expert_size, config.hidden_act)
             if config.num_shared_experts > 0 else None
+        )
+        # Qwen2-MoE / Qwen3-Next: a per-token sigmoid gate in [0, 1] on the shared experts' output.
+        self.shared_experts_gate = (
+            nn.Linear(config.hidden_size, 1, bias=False)
+            if config.num_shared_experts > 0 and config.shared_expert_gate else None
         )
         self.last_counts: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
@@ -478,7 +483,10 @@ class HybridMoE(nn.Module):
 
         out_NH = self.experts(x_NH, index_NK, weights_NK.to(x_NH.dtype))
         if self.shared_experts is not None:
-            out_NH = out_NH + self.shared_experts(x_NH)
+            shared_NH = self.shared_experts(x_NH)
+            if self.shared_experts_gate is not None:
+                shared_NH = torch.sigmoid(self.shared_experts_gate(x_NH)) * shared_NH
+            out_NH = out_NH + shared_NH
 
         if self.training:
             router.accumulate_counts(counts_E)
