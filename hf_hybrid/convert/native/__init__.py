@@ -48,6 +48,9 @@ FAMILY_MODULES: dict[str, str] = {
     "deepseek_v3": "deepseek",
     "deepseek_v32": "deepseek",
     "glm_moe_dsa": "deepseek",
+    "qwen3_next": "qwen3_next",
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe_text": "qwen3_5",
 }
 
 
