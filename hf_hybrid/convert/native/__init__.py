@@ -54,6 +54,12 @@ FAMILY_MODULES: dict[str, str] = {
 }
 
 
+# Vision-language wrappers whose text decoder is a family here: wrapper model_type -> the decoder's model_type. The
+# import reads the wrapper's text_config and its decoder weights (transformers' key mapping strips
+# ``model.language_model.``); the vision tower (``model.visual.*``) and the MTP head (``mtp.*``) are dropped.
+TEXT_DECODER_OF: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+
+
 def families() -> dict[str, NativeFamily]:
     """Every registered family, keyed by model_type (modules imported on first use)."""
     return {mt: get_family(mt) for mt in FAMILY_MODULES}
@@ -86,8 +92,8 @@ def _read_native_config(src: str | os.PathLike | Any):
         if not config_path.is_file():
             raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint")
         raw = json.loads(config_path.read_text())
-        family = get_family(raw.get("model_type"))
-        return family.config_class.from_pretrained(str(path))
+        family = get_family(TEXT_DECODER_OF.get(raw.get("model_type"), raw.get("model_type")))
+        return family.config_class.from_pretrained(str(path))  # a wrapper's text_config (base_config_key)
     if path.is_file():  # some other JSON file holding a config dict
         raw = json.loads(path.read_text())
         family = get_family(raw.get("model_type"))
@@ -166,6 +172,13 @@ def import_native(
 
     native_cfg = _read_native_config(src)
     family = get_family(native_cfg.model_type)
+    if src_dir is not None:
+        wrapper = json.loads((src_dir / "config.json").read_text()).get("model_type")
+        if wrapper in TEXT_DECODER_OF:
+            print(
+                f"note: {src} is a {wrapper} vision-language checkpoint; importing its {family.model_type} text "
+                "decoder (model.language_model.*) and dropping model.visual.* and mtp.*"
+            )
     hybrid_cfg = family.hybrid_config(native_cfg)  # refuses unsupported options before any weight is read
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
