@@ -51,6 +51,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3_next": "qwen3_next",
     "qwen3_5_text": "qwen3_5",
     "qwen3_5_moe_text": "qwen3_5",
+    "bamba": "bamba",
 }
 
 
