@@ -62,11 +62,16 @@ class HybridAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        # q/k RMSNorm per head (Qwen3) or over the whole projection (OLMoE: qk_norm_scope="full").
+        self.qk_norm_full = config.qk_norm_scope == "full"
+        q_dim = self.num_heads * self.head_dim if self.qk_norm_full else self.head_dim
+        k_dim = self.num_key_value_heads * self.head_dim if self.qk_norm_full else self.head_dim
         if config.use_qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.q_norm = RMSNorm(q_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(k_dim, eps=config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.clip_qkv = config.clip_qkv
 
     def project(
         self, hidden_states: torch.Tensor, ctx: MixerContext
@@ -81,8 +86,13 @@ class HybridAttention(nn.Module):
         q = q.reshape(b, t, self.num_heads, self.head_dim)  # (B, T, h, d)
         k = self.k_proj(hidden_states).view(b, t, self.num_key_value_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(b, t, self.num_key_value_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_full:
+            q = self.q_norm(q.reshape(b, t, -1)).view_as(q)
+            k = self.k_norm(k.reshape(b, t, -1)).view_as(k)
+        elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv is not None:
+            q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
         cos, sin = ctx.rope(self.rotary_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, d)

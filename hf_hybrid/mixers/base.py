@@ -61,6 +61,8 @@ class MixerContext:
     attn_kwargs: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    # The last DSA top-k selection [B, T, k] of this forward, reused by "shared" DSA layers (dsa_indexer_types).
+    dsa_topk: torch.Tensor | None = None
 
     def add_aux(self, name: str, value: torch.Tensor) -> None:
         """Record an auxiliary loss term (already averaged for this layer); the model sums them per name."""

@@ -224,7 +224,22 @@ def functional_fields(cfg) -> dict[str, Any]:
     if "moe" not in cfg.mlp_types:
         drop |= set(_MOE_FIELDS)
     names = (names - drop) | (keep & names)
-    return {n: getattr(cfg, n) for n in sorted(names)}
+    return {n: _EFFECTIVE[n](cfg) if n in _EFFECTIVE else getattr(cfg, n) for n in sorted(names)}
+
+
+def _effective_indexer_types(cfg):
+    kinds = cfg.dsa_indexer_types
+    if kinds is None:
+        return None
+    kinds = [k if m == "dsa" else None for k, m in zip(kinds, cfg.mixer_types)]
+    return None if all(k in ("full", None) for k in kinds) else kinds
+
+
+# Fields whose different spellings mean the same function (None = "the default of another field").
+_EFFECTIVE: dict[str, Callable[[Any], Any]] = {
+    "mla_norm_eps": lambda c: c.mla_norm_eps if c.mla_norm_eps is not None else c.rms_norm_eps,
+    "dsa_indexer_types": _effective_indexer_types,
+}
 
 
 # ---- weight rules -----------------------------------------------------------------------------------------------

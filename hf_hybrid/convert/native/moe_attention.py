@@ -64,7 +64,9 @@ def _qwen3_moe_layers_to_native(o) -> dict:
     return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, t in enumerate(o.mlp_types) if t == "dense"]}
 
 
-_MOE_SIZES = same("moe_intermediate_size", "num_experts_per_tok", "num_experts", "norm_topk_prob", "intermediate_size")
+_MOE_SIZES = same(
+    "moe_intermediate_size", "num_experts_per_tok", "num_experts", "norm_topk_prob", "intermediate_size"
+)
 
 QWEN3_MOE = NativeFamily(
     model_type="qwen3_moe",
@@ -130,4 +132,33 @@ MIXTRAL = NativeFamily(
     ),
 )
 
-FAMILIES = {f.model_type: f for f in (QWEN3_MOE, MIXTRAL)}
+# ---- olmoe ----------------------------------------------------------------------------------------------------
+
+OLMOE = NativeFamily(
+    model_type="olmoe",
+    config_rules=[
+        *_DECODER, *same("num_experts_per_tok", "num_experts", "norm_topk_prob"),
+        *same("clip_qkv"), _NO_ATTN_BIAS,
+        # OLMoE's experts are `intermediate_size` wide and it has no dense layer.
+        Custom(
+            ("intermediate_size",),
+            lambda n: {"moe_intermediate_size": n.intermediate_size, "intermediate_size": n.intermediate_size,
+                       "head_dim": n.hidden_size // n.num_attention_heads,
+                       "mixer_types": ["attention"] * n.num_hidden_layers,
+                       "mlp_types": ["moe"] * n.num_hidden_layers},
+            lambda o: {"intermediate_size": o.moe_intermediate_size},
+        ),
+        *ours_fixed(use_qk_norm=True, qk_norm_scope="full"), *_PLAIN_ATTENTION, *_SOFTMAX_ROUTER,
+    ],
+    model_rules=MODEL_RULES,
+    layer_rules=NORM_RULES,
+    mixer_rules={"attention": ATTENTION_RULES},
+    mlp_rules={"moe": MOE_RULES},
+    tiny_config=dict(
+        vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=0.3,
+        max_position_embeddings=128, pad_token_id=1, eos_token_id=2,
+    ),
+)
+
+FAMILIES = {f.model_type: f for f in (QWEN3_MOE, MIXTRAL, OLMOE)}
