@@ -1,0 +1,217 @@
+"""Native recurrent hybrid families ↔ hf_hybrid (qwen3_next, qwen3_5_text, qwen3_5_moe_text, bamba): tiny random
+native models built with transformers' own classes (fp32) → import → the same logits (left padding), cached decode
+equal to the full forward, export → reload with the native class → the same logits, weights round-trip, refusals
+before anything is written, the Qwen3.5 vision-language wrapper, and DSA conversion of a qwen3_next import.
+
+transformers' qwen3_next / qwen3_5 modeling pick fla-core's Triton kernels at import time whenever fla-core is
+installed, and those crash on CPU tensors: the module fixture below points them back at transformers' own torch
+functions (the decorator keeps them as ``__wrapped__``) for the duration of this file."""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import pytest
+import torch
+
+from hf_hybrid.convert.native import NativeConversionError, export_native, get_family, import_native
+
+FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba"]
+ATOL = 1e-5
+_KERNEL_MODULES = (
+    "transformers.models.qwen3_next.modeling_qwen3_next",
+    "transformers.models.qwen3_5.modeling_qwen3_5",
+    "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+)
+_KERNEL_FUNCTIONS = (
+    "torch_chunk_gated_delta_rule",
+    "torch_recurrent_gated_delta_rule",
+    "causal_conv1d_fn",
+    "causal_conv1d_update",
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def native_torch_kernels():
+    with pytest.MonkeyPatch.context() as mp:
+        for name in _KERNEL_MODULES:
+            module = importlib.import_module(name)
+            for fn in _KERNEL_FUNCTIONS:
+                wrapped = getattr(getattr(module, fn, None), "__wrapped__", None)
+                if wrapped is not None:
+                    mp.setattr(module, fn, wrapped)
+        yield
+
+
+def tiny_native(model_type: str, seed: int = 0, **overrides):
+    """A tiny native model in eval mode, with its norms, decays and dt biases moved off their init values (zero-centred
+    norms start at 0, and a mapping that forgot the ``1 +`` would still pass at init)."""
+    family = get_family(model_type)
+    config = family.config_class(**{**family.tiny_config, **overrides})
+    torch.manual_seed(seed)
+    model = family.model_class(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(("A_log", "dt_bias", ".D", "conv1d.bias")):
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def left_padded_batch(vocab: int, seed: int = 1, length: int = 13):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (3, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    mask[2, :1] = 0
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """What generate() gives a left-padded prompt: positions count real tokens only."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def native_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+
+
+def ours_logits(model, ids, mask):
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+def max_diff_real(a, b, mask) -> float:
+    return (a - b)[mask.bool()].abs().max().item()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_import_logits_equal_with_left_padding(model_type):
+    native = tiny_native(model_type)
+    ours = import_native(native)
+    ids, mask = left_padded_batch(native.config.vocab_size)
+    diff = max_diff_real(native_logits(native, ids, mask), ours_logits(ours, ids, mask), mask)
+    assert diff <= ATOL, f"{model_type}: import differs by {diff:.3g}"
+    assert ours.config.hf_hybrid_lineage["base_model_type"] == model_type
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_cached_decode_equals_full_forward_and_native(model_type):
+    native = tiny_native(model_type)
+    ours = import_native(native)
+    ids, mask = left_padded_batch(native.config.vocab_size, length=9)
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, return_dict_in_generate=True,
+              output_logits=True, pad_token_id=0)
+    with torch.no_grad():
+        out_ours = ours.generate(ids, **kw)
+        out_native = native.generate(ids, **kw)
+    assert torch.equal(out_ours.sequences, out_native.sequences)
+    step_ours, step_native = torch.stack(out_ours.logits, 1), torch.stack(out_native.logits, 1)
+    assert (step_ours - step_native).abs().max().item() <= ATOL
+    # Cached decode = the full forward over prompt + generated tokens, at each generated position.
+    full_mask = torch.cat([mask, torch.ones(mask.shape[0], 5, dtype=mask.dtype)], dim=1)
+    full = ours_logits(ours, out_ours.sequences, full_mask)[:, ids.shape[1] - 1 : -1]
+    assert (full - step_ours).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_export_reload_with_native_class(model_type, tmp_path):
+    native = tiny_native(model_type)
+    ours = import_native(native)
+    dst = tmp_path / "exported"
+    export_native(ours, dst)
+    raw = json.loads((dst / "config.json").read_text())
+    assert raw["model_type"] == model_type
+    family = get_family(model_type)
+    reloaded = family.model_class.from_pretrained(dst).eval()
+    ids, mask = left_padded_batch(native.config.vocab_size)
+    diff = max_diff_real(native_logits(native, ids, mask), native_logits(reloaded, ids, mask), mask)
+    assert diff <= ATOL
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_weights_round_trip(model_type):
+    native = tiny_native(model_type)
+    ours = import_native(native)
+    # ours -> native -> ours: the identity, bit for bit.
+    again = import_native(export_native(ours))
+    a, b = ours.state_dict(), again.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # native -> ours -> native: the identity, except that a zero-centred norm weight w comes back as fl(1 + w) - 1
+    # (|change| <= half an ulp of 1); the 1 + w the native forward computes is unchanged.
+    zero_centred = model_type != "bamba"
+    back = export_native(ours).state_dict()
+    for name, w in native.state_dict().items():
+        if "rotary_emb" in name:
+            continue
+        if zero_centred and name.endswith("norm.weight") and ".linear_attn." not in name:
+            assert (back[name] - w).abs().max().item() <= 2.0**-24, name
+            assert torch.equal(1.0 + back[name], 1.0 + w), name
+        else:
+            assert torch.equal(back[name], w), name
+
+
+def _assert_refused(fn, match, dst):
+    with pytest.raises(NativeConversionError, match=match):
+        fn()
+    assert not dst.exists(), "a refused conversion must write nothing"
+
+
+def test_refusals_name_the_option_and_write_nothing(tmp_path):
+    from hf_hybrid import HybridConfig, HybridForCausalLM
+
+    dst = tmp_path / "out"
+    # native options without a counterpart
+    family = get_family("qwen3_next")
+    gelu = family.config_class(**{**family.tiny_config, "hidden_act": "gelu"})
+    _assert_refused(lambda: import_native(family.model_class(gelu), dst), "hidden_act='gelu'", dst)
+    bamba = get_family("bamba")
+    biased = bamba.config_class(**{**bamba.tiny_config, "mamba_proj_bias": True})
+    _assert_refused(lambda: import_native(bamba.model_class(biased), dst), "mamba_proj_bias=True", dst)
+    # layer mixes a family cannot express
+    ours = import_native(tiny_native("qwen3_next"))
+    cfg = ours.config.to_dict()
+    cfg.pop("layer_types")
+    mixed = HybridForCausalLM(HybridConfig.from_dict({**cfg, "mixer_types": ["gated_deltanet", "mamba2"] * 2}))
+    _assert_refused(lambda: export_native(mixed, dst, to="qwen3_next"), r"mixer_types\[1\]='mamba2'", dst)
+    _assert_refused(lambda: export_native(ours, dst, to="qwen3_5_text"), r"mlp_types\[0\]='moe'", dst)
+    _assert_refused(lambda: export_native(ours, dst, to="bamba"), r"mixer_types\[0\]='gated_deltanet'", dst)
+    ungated = HybridForCausalLM(HybridConfig.from_dict({**cfg, "shared_expert_gate": False}))
+    _assert_refused(lambda: export_native(ungated, dst, to="qwen3_next"), "shared_expert_gate=False", dst)
+
+
+def test_qwen3_5_vision_language_wrapper_imports_its_text_decoder(tmp_path, capsys):
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    text = get_family("qwen3_5_text")
+    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=4,
+                  spatial_merge_size=1, temporal_patch_size=1)
+    torch.manual_seed(0)
+    vlm = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text.tiny_config, vision_config=vision)).eval()
+    src = tmp_path / "vlm"
+    vlm.save_pretrained(src)
+    ours = import_native(src, tmp_path / "imported")
+    assert "model.visual.* and mtp.*" in capsys.readouterr().out
+    assert ours.config.hf_hybrid_lineage["base_model_type"] == "qwen3_5_text"
+    ids, mask = left_padded_batch(text.tiny_config["vocab_size"])
+    with torch.no_grad():
+        ref = vlm(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=False).logits
+    assert max_diff_real(ref, ours_logits(ours, ids, mask), mask) <= ATOL
+
+
+def test_qwen3_next_import_converts_to_dsa():
+    from hf_hybrid.convert.dsa import convert_model_to_dsa
+
+    native = tiny_native("qwen3_next")
+    ours = import_native(native)
+    ids, mask = left_padded_batch(native.config.vocab_size)
+    # Top-k covering the whole context: DSA over the gated attention layer equals the dense model exactly.
+    dsa = convert_model_to_dsa(ours, index_topk=ids.shape[1], index_heads=2, index_head_dim=8, mode="sparse").eval()
+    assert [i for i, m in enumerate(dsa.config.mixer_types) if m == "dsa"] == [3]
+    assert max_diff_real(native_logits(native, ids, mask), ours_logits(dsa, ids, mask), mask) <= ATOL
+    # A real selection (k < T) runs and changes the function.
+    small = convert_model_to_dsa(ours, index_topk=2, index_heads=2, index_head_dim=8, mode="sparse").eval()
+    assert max_diff_real(native_logits(native, ids, mask), ours_logits(small, ids, mask), mask) > ATOL
