@@ -105,7 +105,7 @@ class HybridConfig(PreTrainedConfig):
     """
 
     model_type = "hf_hybrid"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     # ---- decoder -------------------------------------------------------------------------------
     vocab_size: int = 32000

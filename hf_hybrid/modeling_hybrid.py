@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from transformers.masking_utils import (
 from transformers.modeling_layers import GenericForSequenceClassification, GradientCheckpointingLayer
 from transformers.utils import ModelOutput, logging
 
+from . import compat
 from . import mixers as _mixers  # noqa: F401  (registers the mixer types)
 from . import mlp as _mlp
 from . import moe as _moe  # noqa: F401  (registers the "moe" MLP type)
@@ -46,24 +46,24 @@ AUX_LOSS_COEFFICIENTS = {
 }
 
 
-@dataclass
+@compat.output_dataclass
 class HybridModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Any = None
+    cache: Any = None  # named as the installed transformers names it (compat.CACHE_NAME); the other name reads too
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None  # kept for transformers' generic heads; not recorded
     aux_terms: dict[str, torch.Tensor] | None = None
     layer_stats: dict[str, Any] | None = None
 
 
-@dataclass
+@compat.output_dataclass
 class HybridCausalLMOutput(ModelOutput):
     """``loss`` follows the loss rule; ``lm_loss`` is always the LM loss alone; each auxiliary term (mean over the
     layers that produced it, before its coefficient) has its own field."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Any = None
+    cache: Any = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     lm_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
@@ -110,7 +110,7 @@ class HybridPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["HybridDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -272,9 +272,12 @@ class HybridModel(HybridPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: Any = None,
         **kwargs,
     ) -> HybridModelOutput:
+        """``cache=`` and ``past_key_values=`` are the same argument (transformers 5.24 renamed it); give either."""
         config = self.config
+        past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridModel.forward")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HybridModel.forward: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -325,19 +328,17 @@ class HybridModel(HybridPreTrainedModel):
         mixer_set = set(config.mixer_types)
         masks: dict[str, Any] = {}
         mask_kwargs = dict(
-            config=config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            past_key_values=past_key_values,
-            position_ids=position_ids,
+            config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=past_key_values
         )
         if mixer_set & {"attention", "mla", "dsa"}:
-            masks["full_attention"] = create_causal_mask(**mask_kwargs)
+            masks["full_attention"] = compat.build_mask(create_causal_mask, position_ids=position_ids, **mask_kwargs)
         if "sliding_attention" in mixer_set:
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+            masks["sliding_attention"] = compat.build_mask(
+                create_sliding_window_causal_mask, position_ids=position_ids, **mask_kwargs
+            )
         padding_mask = None
         if mixer_set & set(RECURRENT_MIXERS) or "dsa" in mixer_set or "moe" in config.mlp_types:
-            padding_mask = create_recurrent_attention_mask(**mask_kwargs)
+            padding_mask = compat.build_mask(create_recurrent_attention_mask, **mask_kwargs)
             if padding_mask is not None:
                 padding_mask = padding_mask.bool()
 
@@ -372,7 +373,7 @@ class HybridModel(HybridPreTrainedModel):
         stats = {k: v for k, v in ctx.stats.items() if k != "input_ids"}
         return HybridModelOutput(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            cache=past_key_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             aux_terms=aux_terms,
             layer_stats=stats,
@@ -420,9 +421,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(compat.CACHE_NAME)
         if type(cache).__name__ == "DynamicCache" and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = HybridCache(config=self.config)
+            model_kwargs[compat.CACHE_NAME] = HybridCache(config=self.config)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         """``generate`` pre-builds per-layer-type masks for compileable caches; our model builds its own masks (and
@@ -441,8 +442,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
+        cache: Any = None,
         **kwargs,
     ) -> HybridCausalLMOutput:
+        past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridForCausalLM.forward")
         loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         model_kwargs = {k: v for k, v in kwargs.items() if k not in loss_kwargs}
         model_kwargs.pop("output_attentions", None)
@@ -493,7 +496,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         return HybridCausalLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=out.past_key_values,
+            cache=out.cache,
             hidden_states=out.hidden_states,
             lm_loss=lm_loss,
             router_logits=tuple(router_logits) if output_router_logits else None,
@@ -503,7 +506,12 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
 
 class HybridForSequenceClassification(GenericForSequenceClassification, HybridPreTrainedModel):
-    pass
+    def forward(self, *args, cache: Any = None, past_key_values: Any = None, **kwargs):
+        """transformers' generic head, taking the cache under either name on every supported version."""
+        cache = compat.resolve_cache(cache, past_key_values, where="HybridForSequenceClassification.forward")
+        if cache is not None:
+            kwargs[compat.CACHE_NAME] = cache
+        return super().forward(*args, **kwargs)
 
 
 __all__ = [

@@ -165,7 +165,7 @@ def bench_transformers(
     def step():
         pos = torch.full((batch, 1), cache.get_seq_length(), device=device)
         with torch.no_grad():
-            layer(x, rotary(x, pos), None, past_key_values=cache)
+            layer(x, rotary(x, pos), None, cache)  # positional: the keyword differs by version
 
     return timer.run(step, args.warmup, args.steps)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 
-from hf_hybrid import HybridCache, HybridConfig, HybridForCausalLM
+from hf_hybrid import HybridCache, HybridConfig, HybridForCausalLM, compat
 from hf_hybrid.mixers import mla as mla_module
 from hf_hybrid.mixers.base import MixerContext
 from hf_hybrid.mixers.mla import (
@@ -88,7 +88,7 @@ def decode_logits(model, ids, mask, steps: int = 4, chunk: int = 1, new: torch.T
         new = torch.randint(1, 96, (ids.shape[0], steps), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         out = model(ids, attention_mask=mask, use_cache=True)
-        cache, logits = out.past_key_values, [out.logits[:, -1:]]
+        cache, logits = out.cache, [out.logits[:, -1:]]
         for i in range(0, steps, chunk):
             tok = new[:, i : i + chunk]
             mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
@@ -140,7 +140,7 @@ def test_layout_names_and_q_without_lora():
 def test_cache_holds_only_the_latent_and_rope_key():
     model = build(tiny())
     ids = torch.randint(1, 96, (2, 7))
-    cache = model(ids, use_cache=True).past_key_values
+    cache = model(ids, use_cache=True).cache
     assert isinstance(cache, HybridCache)
     for layer in cache.layers:
         assert type(layer) is DynamicLayer  # the ordinary layer, no new cache type
@@ -194,7 +194,7 @@ def test_matches_transformers_deepseek_v3_with_deinterleaved_rope():
     ref_cache, our_cache = HybridCache(config=cfg), HybridCache(config=cfg)
     mask = torch.full((6, 6), torch.finfo(torch.float32).min).triu(1)[None, None]
     with torch.no_grad():
-        expected, _ = ref(x, (cos, sin), mask, past_key_values=ref_cache)
+        expected, _ = ref(x, (cos, sin), mask, ref_cache)  # positional: the cache's keyword differs by version
         ctx = MixerContext(
             padding_mask=None,
             attention_mask_2d=None,
@@ -263,11 +263,12 @@ def test_latent_bias_has_the_same_meaning_for_every_mask_form():
         elif impl == "flex_attention":
             mask = object()
         else:
-            mask = create_causal_mask(
+            mask = compat.build_mask(
+                create_causal_mask,
                 config=cfg,
                 inputs_embeds=emb,
                 attention_mask=am,
-                past_key_values=cache,
+                cache=cache,
                 position_ids=torch.tensor([[9, 10]] * 3),
             )
         allowed.append(latent_attention_bias(mask, ctx, 2, 11, emb.device).expand(3, 1, 2, 11) == 0)
@@ -330,7 +331,7 @@ def test_full_forward_equals_prefill_plus_cached_decode(attn, decode, monkeypatc
         for size in (5, 3, 1, 1, 2):  # prefill, then a 3-token chunk (causal inside it), then single tokens
             out = model(ids[:, start : start + size], past_key_values=cache, use_cache=True)
             pieces.append(out.logits)
-            cache, start = out.past_key_values, start + size
+            cache, start = out.cache, start + size
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=ATOL, rtol=0)
     assert counter.calls == (8 if decode == "absorbed" else 0)  # 4 cached steps × 2 layers
 
@@ -387,7 +388,7 @@ def test_absorbed_decode_gradients_equal_naive():
     for decode in ("naive", "absorbed"):
         model = build(tiny(), decode=decode)
         with torch.no_grad():
-            cache = model(ids[:, :5], use_cache=True).past_key_values
+            cache = model(ids[:, :5], use_cache=True).cache
         model.train()
         model(ids[:, 5:], past_key_values=cache, use_cache=True).logits.square().sum().backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})

@@ -394,7 +394,7 @@ def test_hash_routing_in_model_uses_the_models_input_ids():
     assert out.shape == (1, 7)
     # prefill + one cached decode step == full forward: the decode step routed by its own token's id
     pre = model(input_ids=out[:, :-1], use_cache=True)
-    step = model(input_ids=out[:, -1:], past_key_values=pre.past_key_values, use_cache=True).logits[:, -1]
+    step = model(input_ids=out[:, -1:], cache=pre.cache, use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, model(input_ids=out).logits[:, -1], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=model.get_input_embeddings()(prompt))
