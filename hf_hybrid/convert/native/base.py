@@ -209,11 +209,14 @@ _MOE_FIELDS = (
 
 def functional_fields(cfg) -> dict[str, Any]:
     """The HybridConfig fields that decide the function of ``cfg``'s layers, with their values: fields of layer
-    kinds ``cfg`` does not use and :data:`NON_FUNCTIONAL_FIELDS` are left out. Fields a native-B option adds are
+    kinds ``cfg`` does not use and :data:`NON_FUNCTIONAL_FIELDS` are left out. Fields that new options add are
     included by default (a new option is functional unless listed here)."""
+    from transformers import PreTrainedConfig
+
     from ...configuration_hybrid import HybridConfig
 
-    names = {f.name for f in dataclasses.fields(HybridConfig)} - NON_FUNCTIONAL_FIELDS
+    base = {f.name for f in dataclasses.fields(PreTrainedConfig)}
+    names = {f.name for f in dataclasses.fields(HybridConfig)} - NON_FUNCTIONAL_FIELDS - base
     drop: set[str] = set()
     keep: set[str] = set()
     for group, (used, fields_) in _FIELD_GROUPS.items():
@@ -356,6 +359,12 @@ class NativeFamily:
     exactness: str = "exact (fp32 ≤ 1e-5)"
     check_ours: Callable[[Any], str | None] | None = None
     prepare_native: Callable[[Any], Any] | None = None  # fix up a freshly built native model (e.g. fp32 buffers)
+    # Regexes of native tensors whose native -> ours -> native trip rounds in fp32 (zero-centred norm weights: w ->
+    # fl(1 + w) -> fl(1 + w) - 1 moves w by up to half an ulp of 1 + w, while 1 + w itself, the function, is kept).
+    rounding_native_weights: tuple[str, ...] = ()
+    # A context manager factory under which the native model runs on CPU (transformers' own torch kernels instead of
+    # an optional kernel package it would pick up, e.g. fla-core for qwen3_next); None: nothing needed.
+    native_context: Callable[[], Any] | None = None
 
     # ---- classes ----
     @property
@@ -429,7 +438,7 @@ class NativeFamily:
             fail(f"cannot export to {self.model_type}: {self.config_name} rejects the mapped options: {err}")
         back = self.hybrid_config(native)
         want, got = functional_fields(ours), functional_fields(back)
-        diffs = [n for n in want if want[n] != got.get(n)]
+        diffs = sorted((n for n in want if want[n] != got.get(n)), key=lambda n: n not in _STRUCTURAL)
         if diffs:
             parts = []
             for name in diffs[:4]:
@@ -501,6 +510,9 @@ class NativeFamily:
                 + ", ".join(names[:6])
             )
         return out
+
+
+_STRUCTURAL = ("mixer_types", "mlp_types")
 
 
 def _describe_difference(name: str, want: Any, got: Any) -> str:
