@@ -149,6 +149,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_group=8,
         topk_group=4,
         routed_scaling_factor=2.5,
+        # as in DeepSeek-V3's config.json: YaRN to 160K, latent norms at eps 1e-6, bos/eos 0/1
+        rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+        },
+        mla_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=1,
     ),
 }
 # DeepSeek-V3.2: the same model with DSA (64 indexer heads of dim 128, top-2048) in every layer.
@@ -158,6 +166,7 @@ PRESETS["deepseek-v3.2-like"] = {
     "index_n_heads": 64,
     "index_head_dim": 128,
     "index_topk": 2048,
+    "index_norm_eps": 1e-6,
 }
 
 

@@ -344,3 +344,25 @@ def test_export_refuses_existing_destination(tmp_path):
     with pytest.raises(FileExistsError):
         export_native(import_native(build_native("mixtral")), tmp_path / "out")
     assert (tmp_path / "out" / "x").read_text() == "keep"
+
+
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [
+        ("deepseek_v3", {"q_lora_rank": None}),
+        ("deepseek_v3", {"rope_interleave": False, "attention_bias": True}),
+        ("deepseek_v3", {"rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}}),
+        ("mixtral", {"sliding_window": 5}),
+        ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []}),
+    ],
+)
+def test_variants_exact(model_type, overrides):
+    """Options of a family beyond its tiny default: each imports exactly and round-trips."""
+    native = build_native(model_type, **overrides)
+    hybrid = import_native(native)
+    ids, mask = batch(native.config.vocab_size)
+    assert_close_on_real(logits(native, ids, mask, model_type), logits(hybrid, ids, mask), mask, str(overrides))
+    back = export_native(hybrid, to=model_type)
+    assert_close_on_real(logits(native, ids, mask), logits(back, ids, mask), mask, f"export {overrides}")
