@@ -124,6 +124,13 @@ def _source_config(src: Path, raw: dict[str, Any]):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = raw.get("model_type")
+    from .native import FAMILY_MODULES
+
+    if model_type in FAMILY_MODULES:
+        _fail(
+            f"{src}: model_type={model_type!r} is a native family: import it with "
+            "hf_hybrid.convert.native.import_native (or `hf-hybrid import`, which picks the right importer)"
+        )
     if model_type in _MOE_TYPES:
         _fail(
             f"{src} is a sparse mixture-of-experts model (model_type={model_type!r}); import_dense takes dense "
