@@ -366,3 +366,63 @@ def test_variants_exact(model_type, overrides):
     assert_close_on_real(logits(native, ids, mask, model_type), logits(hybrid, ids, mask), mask, str(overrides))
     back = export_native(hybrid, to=model_type)
     assert_close_on_real(logits(native, ids, mask), logits(back, ids, mask), mask, f"export {overrides}")
+
+
+# ---- recipes on imports (upcycle, DSA conversion) then export ------------------------------------------------------
+
+
+def test_recipe_upcycle_qwen3_import_exports_as_qwen3_moe(tmp_path):
+    """Dense Qwen3 → import → upcycle (exact start: renormalised top-k) → export as qwen3_moe: same logits as the
+    dense Qwen3 it started from, in transformers' own Qwen3MoeForCausalLM."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from hf_hybrid.convert.import_dense import import_dense
+    from hf_hybrid.convert.upcycle import upcycle_model
+    from hf_hybrid.modeling_hybrid import HybridForCausalLM
+
+    dense = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
+    ))
+    randomise(dense)
+    dense.eval().save_pretrained(tmp_path / "qwen3")
+    import_dense(tmp_path / "qwen3", tmp_path / "hyb")
+    upcycled = upcycle_model(HybridForCausalLM.from_pretrained(tmp_path / "hyb"), num_experts=4, top_k=2).eval()
+    with torch.no_grad():  # a trained router would not be zero: make the routing non-trivial
+        for layer in upcycled.model.layers:
+            layer.mlp.router.weight.normal_(std=0.5)
+    moe = export_native(upcycled, tmp_path / "qwen3_moe", to="qwen3_moe")
+    assert type(moe).__name__ == "Qwen3MoeForCausalLM"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "qwen3_moe").eval()
+    ids, mask = batch(96)
+    ref = logits(dense, ids, mask)
+    assert_close_on_real(ref, logits(upcycled, ids, mask), mask, "upcycled vs dense")
+    assert_close_on_real(ref, logits(reloaded, ids, mask), mask, "exported qwen3_moe vs dense")
+
+
+def test_recipe_deepseek_v3_import_to_dsa_exports_as_deepseek_v32():
+    """DeepSeek-V3 → import → convert to DSA (fresh indexers, sparse) → export as deepseek_v32 (the V3 → V3.2 path):
+    with k ≥ T it equals V3; with k < T it equals the converted model (checked tie-free)."""
+    from hf_hybrid.convert.dsa import convert_model_to_dsa
+
+    v3 = build_native("deepseek_v3")
+    hybrid = import_native(v3)
+    ids, mask = batch(v3.config.vocab_size)
+    options = dict(index_heads=8, index_head_dim=16, mode="sparse", seed=3)
+    refused = convert_model_to_dsa(hybrid, index_topk=64, **options)
+    with pytest.raises(NativeConversionError, match=r"index_norm_eps=1e-05 has no counterpart"):
+        export_native(refused, to="deepseek_v32")
+    for topk in (64, 5):
+        dsa = convert_model_to_dsa(hybrid, index_topk=topk, index_norm_eps=1e-6, **options).eval()
+        randomise(dsa.model.layers[0].mixer.indexer, seed=topk)  # a trained indexer is not at its init
+        for layer in dsa.model.layers[1:]:
+            layer.mixer.indexer.load_state_dict(dsa.model.layers[0].mixer.indexer.state_dict())
+        v32 = export_native(dsa, to="deepseek_v32")
+        assert type(v32).__name__ == "DeepseekV32ForCausalLM"
+        if topk < T:
+            assert_no_index_ties(dsa, ids, mask)
+            gap = (logits(v32, ids, mask) - logits(v3, ids, mask))[mask.bool()].abs().max().item()
+            assert gap > 1e-3, "k < T should change the function (the selection must really prune)"
+        else:
+            assert_close_on_real(logits(v3, ids, mask), logits(v32, ids, mask), mask, "V3.2 at k>=T vs V3")
+        assert_close_on_real(logits(dsa, ids, mask), logits(v32, ids, mask), mask, f"k={topk}")
