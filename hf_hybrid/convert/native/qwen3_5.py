@@ -23,6 +23,7 @@ from .qwen3_next import (
     COMMON_FIXED,
     COMMON_SAME,
     DENSE_RULES,
+    EXACTNESS,
     GDN_RENAMES,
     GDN_SHARED_RULES,
     LAYER_RULES,
@@ -32,7 +33,9 @@ from .qwen3_next import (
     MOE_RULES,
     SHARED_SIZE,
     TINY,
+    ZERO_CENTRED_NATIVE,
     check_mixers,
+    native_torch_kernels,
 )
 
 
@@ -101,8 +104,10 @@ FAMILIES = {
         mlp_rules={"dense": DENSE_RULES},
         ignored_native_keys=_WRAPPER_KEYS,
         tiny_config=dict(TINY),
-        exactness="exact (fp32 ≤ 1e-5); native → ours → native moves (1 + w) norm weights by ≤ 6e-8, not their 1 + w",
+        exactness=EXACTNESS,
         check_ours=_only("dense"),
+        rounding_native_weights=ZERO_CENTRED_NATIVE,
+        native_context=native_torch_kernels,
     ),
     "qwen3_5_moe_text": NativeFamily(
         model_type="qwen3_5_moe_text",
@@ -128,7 +133,9 @@ FAMILIES = {
             "moe_intermediate_size": 16,
             "shared_expert_intermediate_size": 24,
         },
-        exactness="exact (fp32 ≤ 1e-5); native → ours → native moves (1 + w) norm weights by ≤ 6e-8, not their 1 + w",
+        exactness=EXACTNESS,
         check_ours=_only("moe"),
+        rounding_native_weights=ZERO_CENTRED_NATIVE,
+        native_context=native_torch_kernels,
     ),
 }
