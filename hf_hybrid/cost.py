@@ -96,7 +96,7 @@ def _attention_parts(config: HybridConfig) -> tuple[int, int]:
     q_out = nq * d * (2 if config.attention_output_gate else 1)
     matmul = h * q_out + 2 * h * nkv * d + nq * d * h
     bias = (q_out + 2 * nkv * d) if config.attention_bias else 0
-    norms = 2 * d if config.use_qk_norm else 0
+    norms = (2 * d if config.qk_norm_scope == "head" else (nq + nkv) * d) if config.use_qk_norm else 0
     return matmul + bias + norms, matmul
 
 
@@ -182,7 +182,11 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         heads, qk, v = config.num_attention_heads, config.head_dim, config.head_dim
         q_in = config.hidden_size
     h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
-    if config.dsa_selector == "indexer":
+    if config.dsa_selector == "indexer" and not config.dsa_layer_has_indexer(layer_idx):
+        # a "shared" layer (dsa_indexer_types): no indexer of its own, the previous full layer's top-k
+        hi = di = 0
+        kept = config.index_topk
+    elif config.dsa_selector == "indexer":
         # wq_b (from the q latent), wk (one shared key per token), LayerNorm on k (weight + bias), weights_proj.
         idx_matmul = q_in * hi * di + h * di + h * hi
         params, matmul, cache = params + idx_matmul + 2 * di, matmul + idx_matmul, cache + di
@@ -238,18 +242,22 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
 @register_mixer_cost("linear_attention")
 def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """q/k/v/o projections, optional short conv on q,k,v, feature map φ, optional data-dependent decay gate
-    (``g_proj``: one per head or per feature channel), and an output RMSNorm when φ is the identity."""
+    (``g_proj``: one per head or per feature channel; a fixed slope has no parameters), an output RMSNorm (per head or
+    over all heads) when φ is the identity, and the optional sigmoid output gate [H, nh·d]."""
     h, nh, d = config.hidden_size, config.linear_num_heads, config.linear_head_dim
     k = config.linear_conv_kernel_size
     feat = config.linear_random_features if config.linear_feature_map == "random_features" else d
-    gates = {"none": 0, "scalar": nh, "per_channel": nh * feat}[config.linear_decay]
-    matmul = 4 * h * nh * d + (3 * nh * d * k if k > 0 else 0) + h * gates
+    gates = {"none": 0, "scalar": nh, "per_channel": nh * feat, "fixed_slope": 0}[config.linear_decay]
+    out_gate = h * nh * d if config.linear_output_gate else 0  # sigmoid output gate (MiniMax)
+    matmul = 4 * h * nh * d + (3 * nh * d * k if k > 0 else 0) + h * gates + out_gate
     positive = config.linear_feature_map != "identity"  # normalised by φ(q)ᵀz instead of an output norm
-    params = matmul + gates + (0 if positive else d)
+    norm = 0 if positive else (nh * d if config.linear_norm_scope == "full" else d)
+    params = matmul + gates + norm
     # State: S [nh, f, d] plus the normaliser z [nh, f] (kept as an extra value column), and the conv tail.
     state = nh * feat * (d + (1 if positive else 0)) + (3 * nh * d * (k - 1) if k > 0 else 0)
     # Per token and head: S += φ(k) vᵀ (2·f·d), o = φ(q)ᵀ S (2·f·d), decay (f·d), normaliser (4·f).
-    step = nh * (4.0 * feat * d + (feat * d if gates else 0) + (4.0 * feat if positive else 0))
+    decays = gates or config.linear_decay == "fixed_slope"
+    step = nh * (4.0 * feat * d + (feat * d if decays else 0) + (4.0 * feat if positive else 0))
     return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
 
 

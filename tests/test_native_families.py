@@ -426,3 +426,19 @@ def test_recipe_deepseek_v3_import_to_dsa_exports_as_deepseek_v32():
         else:
             assert_close_on_real(logits(v3, ids, mask), logits(v32, ids, mask), mask, "V3.2 at k>=T vs V3")
         assert_close_on_real(logits(dsa, ids, mask), logits(v32, ids, mask), mask, f"k={topk}")
+
+
+@pytest.mark.parametrize("model_type", ["olmoe", "glm_moe_dsa"])
+def test_cost_formulas_match_modules_for_new_options(model_type):
+    """The cost formulas know the new options: full-width q/k norm (olmoe), DSA layers without an indexer (glm)."""
+    from hf_hybrid.cost import COST_FUNCTIONS, measure_module
+    from hf_hybrid.mixers import MIXER_REGISTRY
+
+    family = get_family(model_type)
+    config = family.hybrid_config(family.config_class(**family.tiny_config))
+    for i, mixer in enumerate(config.mixer_types):
+        formula = COST_FUNCTIONS[mixer](config, i)
+        assert measure_module(MIXER_REGISTRY, mixer, config, i) == (formula.params, formula.matmul_params), i
+    if model_type == "glm_moe_dsa":
+        full, shared = COST_FUNCTIONS["dsa"](config, 0), COST_FUNCTIONS["dsa"](config, 1)
+        assert full.cache_per_token - shared.cache_per_token == config.index_head_dim
