@@ -350,6 +350,8 @@ def test_export_refuses_existing_destination(tmp_path):
     "model_type, overrides",
     [
         ("deepseek_v3", {"q_lora_rank": None}),
+        ("deepseek_v3", {"n_shared_experts": 0, "norm_topk_prob": False}),
+        ("deepseek_v32", {"first_k_dense_replace": 0, "n_shared_experts": 2}),
         ("deepseek_v3", {"rope_interleave": False, "attention_bias": True}),
         ("deepseek_v3", {"rope_parameters": {
             "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
@@ -442,3 +444,17 @@ def test_cost_formulas_match_modules_for_new_options(model_type):
     if model_type == "glm_moe_dsa":
         full, shared = COST_FUNCTIONS["dsa"](config, 0), COST_FUNCTIONS["dsa"](config, 1)
         assert full.cache_per_token - shared.cache_per_token == config.index_head_dim
+
+
+def test_bf16_directory_round_trip_keeps_fp32_routers(tmp_path):
+    """A bf16 checkpoint whose router and correction bias transformers keeps in fp32: import → export → the same
+    tensors and dtypes as the source, on disk."""
+    native = build_native("deepseek_v3").to(torch.bfloat16)
+    native.save_pretrained(tmp_path / "src")
+    source = AutoModelForCausalLM.from_pretrained(tmp_path / "src").state_dict()
+    assert source["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+    import_native(tmp_path / "src", tmp_path / "hyb")
+    export_native(tmp_path / "hyb", tmp_path / "back")
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").state_dict()
+    for name, t in source.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name

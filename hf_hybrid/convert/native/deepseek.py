@@ -105,11 +105,24 @@ INDEXER_RULES = (
 )
 DSA_RULES = (*INDEXER_RULES, *MLA_RULES)
 
+def _no_shared(ctx: RuleContext) -> bool:
+    return ctx.ours.num_shared_experts == 0
+
+
+_EMPTY_SHARED = (
+    lambda ts, ctx: [],
+    lambda ts, ctx: [torch.zeros(0, ctx.ours.hidden_size), torch.zeros(0, ctx.ours.hidden_size),
+                     torch.zeros(ctx.ours.hidden_size, 0)],
+)
+
 MOE_RULES = (
     W("mlp.gate.weight", "mlp.router.weight"),
     W("mlp.gate.e_score_correction_bias", "mlp.router.e_score_correction_bias"),
     W("mlp.experts.", "mlp.experts."),
-    W("mlp.shared_experts.", "mlp.shared_experts."),
+    W("mlp.shared_experts.", "mlp.shared_experts.", when=lambda ctx: not _no_shared(ctx)),
+    # n_shared_experts=0: transformers still builds the shared MLP, 0 wide (it adds exactly 0); we build none
+    W(("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
+       "mlp.shared_experts.down_proj.weight"), (), *_EMPTY_SHARED, when=_no_shared),
 )
 DENSE_RULES = (W("mlp.", "mlp."),)
 
@@ -176,8 +189,6 @@ def _check_mla_export(o) -> str | None:
     for i, t in enumerate(o.mlp_types):
         if t not in ("dense", "moe"):
             return f"HybridConfig.mlp_types[{i}]={t!r} (layer {i}): every layer of this family has an MLP"
-    if "moe" in o.mlp_types and o.num_shared_experts < 1:
-        return f"HybridConfig.num_shared_experts={o.num_shared_experts}: this family always has a shared expert"
     return None
 
 
