@@ -44,7 +44,9 @@ _MIXER_TO_LAYER_TYPE = {
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu"),
     "linear_feature_map": ("identity", "elu", "relu", "random_features"),
-    "linear_decay": ("none", "scalar", "per_channel"),
+    "linear_decay": ("none", "scalar", "per_channel", "fixed_slope"),
+    "linear_qkv_activation": ("none", "silu"),
+    "linear_norm_scope": ("head", "full"),
     "linear_backend": ("auto", "torch", "naive", "fla"),
     "mla_decode": ("absorbed", "naive"),
     "qk_norm_scope": ("head", "full"),
@@ -169,6 +171,12 @@ class HybridConfig(PreTrainedConfig):
     linear_decay: str = "none"
     linear_conv_kernel_size: int = 0  # 0 = no short convolution
     linear_random_features: int = 64
+    # MiniMax-01's lightning attention: SiLU on q, k, v; a fixed per-head decay (linear_decay="fixed_slope": ALiBi
+    # slopes 2^(-8(h+1)/H) scaled by 1 - layer/(L-1) + 1e-5); no q·k scale; RMSNorm over all heads; a sigmoid output gate.
+    linear_qkv_activation: str = "none"
+    linear_scale: float | None = None  # None: head_dim^-0.5 with the identity map (output norm), 1 with positive maps
+    linear_norm_scope: str = "head"  # output RMSNorm (identity map) over each head, or "full": over all heads at once
+    linear_output_gate: bool = False  # o = norm(o) · sigmoid(x W_gate) before o_proj
 
     # ---- shared by the recurrent mixers ----------------------------------------------------------
     linear_backend: str = "auto"  # auto = fla-core on CUDA when usable, else our chunked torch path
@@ -205,7 +213,7 @@ class HybridConfig(PreTrainedConfig):
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None  # defaults: intermediate_size // num_experts_per_tok
     num_shared_experts: int = 0
-    shared_expert_intermediate_size: int | None = None  # None: num_shared_experts * moe_intermediate_size
+    shared_expert_intermediate_size: int | None = None  # defaults: num_shared_experts * moe_intermediate_size
     shared_expert_gate: bool = False  # shared output scaled by sigmoid(x·w_gate), w_gate [1, H] (Qwen2-MoE/Qwen3-Next)
     router_scoring_func: str = "softmax"
     norm_topk_prob: bool = True
@@ -278,6 +286,8 @@ class HybridConfig(PreTrainedConfig):
             self.linear_head_dim = self.head_dim
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = max(1, self.intermediate_size // max(1, self.num_experts_per_tok))
+        if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
+            self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
 
         super().__post_init__(**kwargs)
 
@@ -307,9 +317,7 @@ class HybridConfig(PreTrainedConfig):
         """Intermediate size of the one SwiGLU that holds all shared experts (0 when there are none)."""
         if self.num_shared_experts <= 0:
             return 0
-        if self.shared_expert_intermediate_size is not None:
-            return self.shared_expert_intermediate_size
-        return self.num_shared_experts * self.moe_intermediate_size
+        return self.shared_expert_intermediate_size or self.num_shared_experts * self.moe_intermediate_size
 
     @property
     def has_attention_cache(self) -> bool:
@@ -443,6 +451,14 @@ class HybridConfig(PreTrainedConfig):
             positive("linear_head_dim")
             if self.linear_conv_kernel_size < 0:
                 raise ValueError(f"HybridConfig.linear_conv_kernel_size={self.linear_conv_kernel_size} must be >= 0")
+            if self.linear_scale is not None and not self.linear_scale > 0:
+                raise ValueError(f"HybridConfig.linear_scale={self.linear_scale!r} must be > 0 or None")
+            if self.linear_feature_map != "identity" and (self.linear_norm_scope != "head" or self.linear_output_gate):
+                name = "linear_output_gate" if self.linear_output_gate else "linear_norm_scope"
+                raise ValueError(
+                    f"HybridConfig.{name}={getattr(self, name)!r} applies to the output norm, which only the identity "
+                    f"feature map has (linear_feature_map={self.linear_feature_map!r} normalises by φ(q)ᵀz instead)"
+                )
         if mixers & set(RECURRENT_MIXERS):
             positive("linear_chunk_size")
         if "mla" in mixers or ("dsa" in mixers and self.dsa_base == "mla"):
@@ -465,13 +481,9 @@ class HybridConfig(PreTrainedConfig):
             if self.num_shared_experts < 0:
                 raise ValueError(f"HybridConfig.num_shared_experts={self.num_shared_experts} must be >= 0")
             positive("shared_expert_intermediate_size", allow_none=True)
-            if self.num_shared_experts == 0 and (
-                self.shared_expert_gate or self.shared_expert_intermediate_size is not None
-            ):
-                name = "shared_expert_gate" if self.shared_expert_gate else "shared_expert_intermediate_size"
+            if self.num_shared_experts == 0 and self.shared_expert_gate:
                 raise ValueError(
-                    f"HybridConfig.{name}={getattr(self, name)!r} needs a shared expert; set num_shared_experts >= 1 "
-                    "(it is 0)"
+                    "HybridConfig.shared_expert_gate=True needs a shared expert; set num_shared_experts >= 1 (it is 0)"
                 )
             if self.num_experts % self.n_group or self.topk_group > self.n_group:
                 raise ValueError(

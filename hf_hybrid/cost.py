@@ -360,6 +360,13 @@ class CostReport:
     layers: list[LayerCost]
     exact: bool
     state_dtype_bytes: int | None = None
+    lm_head_params: int = 0  # 0 when tied to the embedding
+
+    @property
+    def active_non_embedding_params(self) -> int:
+        """Active parameters without the embedding and the (untied) LM head: the figure model cards publish
+        (MiniMax-01's "45.9 B activated", Qwen3-Next's "A3B")."""
+        return self.active_params - self.embedding_params - self.lm_head_params
 
     # ---- derived numbers ---------------------------------------------------------------------------------------
     @property
@@ -401,6 +408,7 @@ class CostReport:
         return {
             "total_params": self.total_params,
             "active_params": self.active_params,
+            "active_non_embedding_params": self.active_non_embedding_params,
             "embedding_params": self.embedding_params,
             "params_exact": self.exact,
             "dtype_bytes": self.dtype_bytes,
@@ -468,7 +476,8 @@ class CostReport:
             f"layers      {len(self.layers)}: {compress_pattern([layer.mixer for layer in self.layers])}",
             f"MLPs        {compress_pattern([layer.mlp for layer in self.layers])}",
             f"parameters  total {format_count(self.total_params)} ({self.total_params:,}), "
-            f"active {format_count(self.active_params)} ({self.active_params:,}); "
+            f"active {format_count(self.active_params)} ({self.active_params:,}; "
+            f"{format_count(self.active_non_embedding_params)} without embeddings); "
             f"embeddings {format_count(self.embedding_params)}  [{exact}]",
             f"cache dtype {self.dtype_bytes} bytes/element; bytes are per sequence unless marked per token",
             "",
@@ -590,6 +599,7 @@ def estimate_cost(
         layers=layers,
         exact=all_exact,
         state_dtype_bytes=state_dtype_bytes,
+        lm_head_params=lm_head,
     )
 
 

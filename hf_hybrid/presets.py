@@ -81,7 +81,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
     ),
-    # Qwen3-Next-80B-A3B: 3:1 Gated DeltaNet : gated attention, 512 experts top-10 + 1 shared expert.
+    # Qwen3-Next-80B-A3B (its config.json, without the MTP head): 3:1 Gated DeltaNet : gated attention (q/k norm,
+    # sigmoid output gate, partial RoPE ¼), 512 experts top-10 + 1 shared expert behind a sigmoid gate. 79.67 B
+    # parameters, 3.25 B active without embeddings (published: 80 B, A3B). Exports to qwen3_next.
     "qwen3-next-like": dict(
         vocab_size=151936,
         hidden_size=2048,
@@ -104,8 +106,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts_per_tok=10,
         moe_intermediate_size=512,
         num_shared_experts=1,
+        shared_expert_intermediate_size=512,
+        shared_expert_gate=True,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
     ),
-    # MiniMax-01 (Text-01): 7:1 lightning (linear) attention : softmax attention, 32 experts top-2.
+    # MiniMax-Text-01: 7:1 lightning attention (SiLU q/k/v, fixed per-head decay, full-width output norm, sigmoid
+    # output gate) : softmax attention, 32 experts top-2. 456.09 B parameters, 45.94 B active without embeddings
+    # (published: 456 B / 45.9 B).
     "minimax-like": dict(
         vocab_size=200064,
         hidden_size=6144,
@@ -119,6 +128,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         mixer_pattern="7:1 linear_attention:attention",
         linear_num_heads=64,
         linear_head_dim=128,
+        linear_decay="fixed_slope",
+        linear_qkv_activation="silu",
+        linear_scale=1.0,
+        linear_norm_scope="full",
+        linear_output_gate=True,
         mlp_pattern="moe",
         num_experts=32,
         num_experts_per_tok=2,

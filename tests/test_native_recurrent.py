@@ -237,3 +237,35 @@ def test_large_weights_within_transformers_own_fp32_spread(model_type, monkeypat
     spread = max_diff_real(ref, native_logits(native, ids, mask), mask)
     err = max_diff_real(ref, ours_logits(ours, ids, mask), mask)
     assert err <= max(ATOL, 2.0 * spread), f"{model_type}: ours {err:.3g}, transformers' own spread {spread:.3g}"
+
+
+def test_presets_are_the_published_models():
+    """qwen3-next-like is Qwen3-Next-80B-A3B (its config.json maps onto it exactly) and both presets count the
+    published sizes: 80 B / A3B (79.67 B, 3.25 B active without embeddings), 456 B / 45.9 B."""
+    from hf_hybrid.cost import estimate_cost, format_count
+    from hf_hybrid.presets import preset_config
+
+    qwen = preset_config("qwen3-next-like")
+    native = get_family("qwen3_next").native_config(qwen)  # refuses anything qwen3_next cannot express
+    published = dict(  # Qwen/Qwen3-Next-80B-A3B-Instruct config.json
+        vocab_size=151936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48, num_attention_heads=16,
+        num_key_value_heads=2, head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128,
+        linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32, num_experts=512,
+        num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=262144, rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    )
+    for name, value in published.items():
+        assert getattr(native, name) == value, name
+    assert native.layer_types == ["linear_attention"] * 3 + ["full_attention"] + native.layer_types[4:]
+    assert native.layer_types.count("full_attention") == 12
+    assert native.rope_parameters["rope_theta"] == 1e7 and native.rope_parameters["partial_rotary_factor"] == 0.25
+
+    cost = estimate_cost(qwen)
+    assert cost.exact
+    assert format_count(cost.total_params) == "79.67 B"
+    assert format_count(cost.active_non_embedding_params) == "3.25 B"
+    minimax = estimate_cost(preset_config("minimax-like"))
+    assert minimax.exact
+    assert format_count(minimax.total_params) == "456.09 B"
+    assert format_count(minimax.active_non_embedding_params) == "45.94 B"

@@ -6,7 +6,10 @@ Performer random features) the output is normalised by ``φ(q_t)ᵀ z_t`` with `
 zero or negative, so an RMSNorm on the output replaces it, as in MiniMax's lightning attention (DESIGN.md §5).
 
 ``linear_decay``: ``none`` (plain), ``scalar`` (a data-dependent log decay per head, like RetNet/Mamba-2's gate),
-``per_channel`` (one per key channel, GLA).
+``per_channel`` (one per key channel, GLA), ``fixed_slope`` (MiniMax-01's lightning attention: a constant log decay
+``-slope_h`` per head, see :func:`fixed_slopes`). MiniMax also applies SiLU to q, k, v (``linear_qkv_activation``),
+no q·k scale (``linear_scale=1``), one RMSNorm over all heads (``linear_norm_scope="full"``) and a sigmoid output gate
+from the layer input (``linear_output_gate``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ from .recurrent import read_state, short_conv, write_state, zero_padding
 _NORMALISER_EPS = 1e-6
 # A learned decay gate starts close to no decay: sigmoid(bias)^(1/16) ~ 1 - small, as in GLA's gate temperature.
 _GATE_TEMPERATURE = 16.0
+
+
+def fixed_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """MiniMax-01's per-head decay rates [H] (fp32): ALiBi slopes ``(2^(-8/H))^(h+1)``, scaled down with depth by
+    ``1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5``; the state decays by ``exp(-slope)`` per token."""
+    base = 1 / (2 ** (8 / num_heads))
+    rate = base ** (torch.arange(num_heads, dtype=torch.float32) + 1)
+    return rate * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
 
 
 @register_mixer("linear_attention")
@@ -57,7 +68,12 @@ class LinearAttention(nn.Module):
         elif self.decay == "per_channel":  # one decay per feature (key) channel
             self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.feature_dim, bias=True)
         self.normalised = self.feature_map != "identity"
-        self.out_norm = None if self.normalised else RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        norm_dim = inner if config.linear_norm_scope == "full" else self.head_dim
+        self.out_norm = None if self.normalised else RMSNorm(norm_dim, eps=config.rms_norm_eps)
+        self.output_gate = nn.Linear(config.hidden_size, inner, bias=False) if config.linear_output_gate else None
+        self.scale = config.linear_scale
+        if self.scale is None:
+            self.scale = 1.0 if self.normalised else self.head_dim**-0.5
 
     def init_hybrid_weights(self, init, config: HybridConfig) -> None:
         if self.g_proj is not None:
@@ -89,6 +105,8 @@ class LinearAttention(nn.Module):
         conv_state = None
         if self.conv1d is not None:
             qkv, conv_state = short_conv(qkv, self.conv1d, ctx, state)
+        if self.config.linear_qkv_activation == "silu":
+            qkv = F.silu(qkv)
         q, k, v = (y.reshape(b, t, h, d) for y in qkv.chunk(3, dim=-1))
         q, k = self.phi(q), zero_padding(self.phi(k), ctx)  # a padded key writes nothing
         v = v.float()
@@ -100,8 +118,11 @@ class LinearAttention(nn.Module):
             g = F.logsigmoid(self.g_proj(x).float()) / _GATE_TEMPERATURE
             g = g.reshape(b, t, h, self.feature_dim) if self.decay == "per_channel" else g
             g = zero_padding(g, ctx)
+        elif self.decay == "fixed_slope":
+            slopes = fixed_slopes(h, self.layer_idx, self.config.num_hidden_layers).to(x.device)
+            g = zero_padding((-slopes).expand(b, t, h), ctx)
 
-        scale = 1.0 if self.normalised else d**-0.5
+        scale = self.scale
         if state.decoding and t == 1:
             o, recurrent = recurrent_simple_gla_step(
                 q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0], state.recurrent, scale=scale
@@ -124,6 +145,11 @@ class LinearAttention(nn.Module):
         o = o.float()
         if self.normalised:
             o = o[..., :-1] / (o[..., -1:] + _NORMALISER_EPS)
+        elif self.config.linear_norm_scope == "full":
+            o = self.out_norm(o.reshape(b, t, h * d))
         else:
             o = self.out_norm(o)
-        return self.o_proj(o.to(hidden_states.dtype).reshape(b, t, h * d))
+        o = o.reshape(b, t, h * d)
+        if self.output_gate is not None:
+            o = o * torch.sigmoid(self.output_gate(hidden_states).float())
+        return self.o_proj(o.to(hidden_states.dtype))

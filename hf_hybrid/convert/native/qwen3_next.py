@@ -112,17 +112,7 @@ def _moe_layers_to_native(ours) -> dict:
     return {"mlp_only_layers": dense, "decoder_sparse_step": 1}
 
 
-def _shared_size_to_ours(native) -> dict:
-    # Unset on our side when it is what num_shared_experts · moe_intermediate_size gives anyway.
-    size = native.shared_expert_intermediate_size
-    return {"shared_expert_intermediate_size": None if size == native.moe_intermediate_size else size}
-
-
-def _shared_size_to_native(ours) -> dict:
-    return {"shared_expert_intermediate_size": ours.shared_expert_size or ours.moe_intermediate_size}
-
-
-SHARED_SIZE = Custom(("shared_expert_intermediate_size",), _shared_size_to_ours, _shared_size_to_native)
+SHARED_SIZE = rename("shared_expert_intermediate_size", "shared_expert_intermediate_size")
 
 
 def _check_mlps(ours) -> str | None:
