@@ -458,3 +458,32 @@ def test_bf16_directory_round_trip_keeps_fp32_routers(tmp_path):
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").state_dict()
     for name, t in source.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+def test_new_config_options_validate_with_clear_errors():
+    from hf_hybrid import HybridConfig
+
+    base = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, mixer_types=["dsa"] * 3,
+                q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    cases = [
+        (dict(dsa_indexer_types=["shared", "full", "full"]), r"dsa_indexer_types\[0\]='shared' reuses"),
+        (dict(dsa_indexer_types=["full", "reuse", "full"]), r"dsa_indexer_types\[1\]='reuse' is not allowed"),
+        (dict(dsa_indexer_types=["full", "shared"]), r"dsa_indexer_types has 2 entries"),
+        (dict(qk_norm_scope="layer"), r"qk_norm_scope='layer' is not allowed"),
+        (dict(clip_qkv=0.0), r"clip_qkv=0.0 must be > 0"),
+        (dict(mla_norm_eps=-1.0), r"mla_norm_eps=-1.0 must be > 0"),
+    ]
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    for overrides, message in cases:
+        with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
+            HybridConfig(**{**base, **overrides})
+    ok = HybridConfig(**base, dsa_indexer_types=["full", "shared", "shared"])
+    assert [ok.dsa_layer_has_indexer(i) for i in range(3)] == [True, False, False]
+    assert HybridConfig(**base).dsa_layer_has_indexer(2)  # default: every DSA layer has its indexer
+
+
+def test_mixtral_import_keeps_training_settings():
+    native = build_native("mixtral", router_aux_loss_coef=0.02, router_jitter_noise=0.1)
+    cfg = import_native(native).config
+    assert (cfg.router_aux_loss_coef, cfg.router_jitter_noise) == (0.02, 0.1)

@@ -399,9 +399,11 @@ class NativeFamily:
 
         kwargs = self.hybrid_kwargs(native)
         kwargs.update(extra)
+        from huggingface_hub.errors import StrictDataclassError
+
         try:
             return HybridConfig(**kwargs)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, StrictDataclassError) as err:
             fail(f"{self.model_type}: the config does not map onto HybridConfig: {err}")
 
     def _check_unmapped(self, native) -> None:
@@ -432,9 +434,11 @@ class NativeFamily:
         kwargs: dict[str, Any] = {}
         for rule in self.config_rules:
             kwargs.update(rule.to_native(ours, self))
+        from huggingface_hub.errors import StrictDataclassError
+
         try:
             native = self.config_class(**kwargs)
-        except (ValueError, TypeError) as err:
+        except (ValueError, TypeError, StrictDataclassError) as err:
             fail(f"cannot export to {self.model_type}: {self.config_name} rejects the mapped options: {err}")
         back = self.hybrid_config(native)
         want, got = functional_fields(ours), functional_fields(back)

@@ -37,6 +37,8 @@ _DECODER = same(
     "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act",
     "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_parameters", "pad_token_id",
     "bos_token_id", "eos_token_id",
+    # training settings carried both ways, so fine-tuning an import balances like the original
+    "router_aux_loss_coef", "output_router_logits",
 )
 
 
