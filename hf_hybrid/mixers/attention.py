@@ -1,5 +1,6 @@
-"""Softmax attention: MHA / GQA / MQA, optional sliding window, partial RoPE, q/k RMSNorm (Qwen3), q/k/v bias
-(Qwen2) and a sigmoid output gate (Qwen3-Next). The kernel comes from transformers' attention interface
+"""Softmax attention: MHA / GQA / MQA, optional sliding window, partial RoPE, q/k RMSNorm per head (Qwen3) or over
+the whole projection (OLMoE, ``qk_norm_scope="full"``), q/k/v clipping (OLMoE's ``clip_qkv``), q/k/v bias (Qwen2) and
+a sigmoid output gate (Qwen3-Next). The kernel comes from transformers' attention interface
 (``eager``, ``sdpa``, ``flash_attention_2``, ``flex_attention``) chosen by ``config._attn_implementation``."""
 
 from __future__ import annotations

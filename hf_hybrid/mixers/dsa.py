@@ -21,6 +21,10 @@ plus fresh indexers.
 ``dsa_selector``: ``"indexer"`` (learned, default) or ``"structured"`` (first ``dsa_global_tokens`` tokens as
 anchors, the last ``dsa_local_window`` tokens, and evenly strided representatives of the middle).
 
+``dsa_indexer_types`` (GLM-MoE-DSA's index-reuse layers): a DSA layer marked ``"shared"`` has no indexer and attends
+over the top-k the previous ``"full"`` DSA layer selected in the same forward (``MixerContext.dsa_topk``); it adds no
+indexer loss and caches no indexer keys.
+
 Set ``module.collect_metrics = True`` to have each forward record ``dsa_recall`` (recall@k against the top-k of the
 true head-mean attention) and ``dsa_mass`` (attention mass inside the selected set) as layer stats.
 """
