@@ -134,6 +134,14 @@ class HybridConfig(PreTrainedConfig):
     layer_types: list[str] | None = None  # derived from mixer_types; transformers' cache/mask names
     hf_hybrid_format_version: int = FORMAT_VERSION
 
+    # ---- residual branches (defaults: x + mixer(norm(x)), then x + mlp(norm(x))) -------------------------------
+    # MiniMax-01: h = α·norm(x) + β·mixer(norm(x)) (the residual is the normed input, α/β per layer kind).
+    residual_from_norm: bool = False
+    mixer_residual_scales: list[float] | None = None  # per layer α multiplying the residual; None: all 1
+    mixer_output_scales: list[float] | None = None  # per layer β multiplying the mixer output; None: all 1
+    mlp_residual_scale: float = 1.0
+    mlp_output_scale: float = 1.0
+
     # ---- softmax attention (attention, sliding_attention; GQA base of DSA) -----------------------
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     attention_dropout: float | int = 0.0
@@ -177,6 +185,7 @@ class HybridConfig(PreTrainedConfig):
     linear_scale: float | None = None  # None: head_dim^-0.5 with the identity map (output norm), 1 with positive maps
     linear_norm_scope: str = "head"  # output RMSNorm (identity map) over each head, or "full": over all heads at once
     linear_output_gate: bool = False  # o = norm(o) · sigmoid(x W_gate) before o_proj
+    linear_norm_eps: float | None = None  # eps of that output norm; None: rms_norm_eps (MiniMax's is fixed at 1e-6)
 
     # ---- shared by the recurrent mixers ----------------------------------------------------------
     linear_backend: str = "auto"  # auto = fla-core on CUDA when usable, else our chunked torch path
@@ -378,6 +387,15 @@ class HybridConfig(PreTrainedConfig):
     def dsa_layer_has_indexer(self, layer_idx: int) -> bool:
         """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's top-k)."""
         return self.dsa_indexer_types is None or self.dsa_indexer_types[layer_idx] == "full"
+
+    def validate_residual(self):
+        n = self.num_hidden_layers
+        for name in ("mixer_residual_scales", "mixer_output_scales"):
+            values = getattr(self, name)
+            if values is not None and (
+                len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            ):
+                raise ValueError(f"HybridConfig.{name}={values!r} must be None or {n} numbers, one per layer")
 
     def validate_hybrid(self):
         def positive(name: str, allow_none: bool = False):

@@ -90,6 +90,12 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.mlp_type = config.mlp_types[layer_idx]
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mixer = MIXER_REGISTRY[self.mixer_type](config, layer_idx)
+        self.residual_from_norm = config.residual_from_norm
+        self.mixer_scales = (
+            float((config.mixer_residual_scales or [1.0] * config.num_hidden_layers)[layer_idx]),
+            float((config.mixer_output_scales or [1.0] * config.num_hidden_layers)[layer_idx]),
+        )
+        self.mlp_scales = (float(config.mlp_residual_scale), float(config.mlp_output_scale))
         if self.mlp_type == "none":
             self.post_attention_layernorm = None
             self.mlp = None
@@ -98,10 +104,25 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             self.mlp = _mlp.MLP_REGISTRY[self.mlp_type](config, layer_idx)
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.mixer(self.input_layernorm(hidden_states), ctx)
+        normed = self.input_layernorm(hidden_states)
+        hidden_states = self._residual(
+            normed if self.residual_from_norm else hidden_states, self.mixer(normed, ctx), *self.mixer_scales
+        )
         if self.mlp is not None:
-            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), ctx)
+            normed = self.post_attention_layernorm(hidden_states)
+            hidden_states = self._residual(
+                normed if self.residual_from_norm else hidden_states, self.mlp(normed, ctx), *self.mlp_scales
+            )
         return hidden_states
+
+    @staticmethod
+    def _residual(residual: torch.Tensor, out: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+        """``α·residual + β·out`` (scales of 1 skipped: the default block is exactly ``residual + out``)."""
+        if alpha != 1.0:
+            residual = residual * alpha
+        if beta != 1.0:
+            out = out * beta
+        return residual + out
 
 
 class HybridPreTrainedModel(PreTrainedModel):

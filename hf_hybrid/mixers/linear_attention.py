@@ -69,7 +69,8 @@ class LinearAttention(nn.Module):
             self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.feature_dim, bias=True)
         self.normalised = self.feature_map != "identity"
         norm_dim = inner if config.linear_norm_scope == "full" else self.head_dim
-        self.out_norm = None if self.normalised else RMSNorm(norm_dim, eps=config.rms_norm_eps)
+        eps = config.rms_norm_eps if config.linear_norm_eps is None else config.linear_norm_eps
+        self.out_norm = None if self.normalised else RMSNorm(norm_dim, eps=eps)
         self.output_gate = nn.Linear(config.hidden_size, inner, bias=False) if config.linear_output_gate else None
         self.scale = config.linear_scale
         if self.scale is None:

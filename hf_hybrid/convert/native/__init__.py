@@ -52,6 +52,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3_5_text": "qwen3_5",
     "qwen3_5_moe_text": "qwen3_5",
     "bamba": "bamba",
+    "minimax": "minimax",
 }
 
 
