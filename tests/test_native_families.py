@@ -45,8 +45,11 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
     """Weights large enough that every path matters (norm weights around 1, router biases non-zero)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in [*model.named_parameters(), *model.named_buffers()]:
-            if not p.is_floating_point() or "rotary" in name or "inv_freq" in name:
+        # parameters, and the one buffer that is a learned quantity (fixed buffers such as RoPE tables or MiniMax's
+        # decay slopes keep their values)
+        buffers = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+        for name, p in [*model.named_parameters(), *buffers]:
+            if not p.is_floating_point():
                 continue
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
             if "norm" in name and name.endswith("weight"):
@@ -447,12 +450,11 @@ def test_cost_formulas_match_modules_for_new_options(model_type):
 
 
 def test_bf16_directory_round_trip_keeps_fp32_routers(tmp_path):
-    """A bf16 checkpoint whose router and correction bias transformers keeps in fp32: import → export → the same
-    tensors and dtypes as the source, on disk."""
+    """A bf16 checkpoint whose router and correction bias transformers keeps in fp32 (5.24; 5.23 loads the router
+    in the checkpoint's dtype): import → export → the same tensors and dtypes as transformers loads the source."""
     native = build_native("deepseek_v3").to(torch.bfloat16)
     native.save_pretrained(tmp_path / "src")
     source = AutoModelForCausalLM.from_pretrained(tmp_path / "src").state_dict()
-    assert source["model.layers.1.mlp.gate.weight"].dtype == torch.float32
     import_native(tmp_path / "src", tmp_path / "hyb")
     export_native(tmp_path / "hyb", tmp_path / "back")
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "back").state_dict()

@@ -126,7 +126,7 @@ def _source_config(src: Path, raw: dict[str, Any]):
     model_type = raw.get("model_type")
     from .native import FAMILY_MODULES
 
-    if model_type in FAMILY_MODULES:
+    if model_type in FAMILY_MODULES and model_type not in SUPPORTED:
         _fail(
             f"{src}: model_type={model_type!r} is a native family: import it with "
             "hf_hybrid.convert.native.import_native (or `hf-hybrid import`, which picks the right importer)"

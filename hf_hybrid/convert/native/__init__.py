@@ -48,6 +48,11 @@ FAMILY_MODULES: dict[str, str] = {
     "deepseek_v3": "deepseek",
     "deepseek_v32": "deepseek",
     "glm_moe_dsa": "deepseek",
+    # dense attention families (import_dense is `hf-hybrid import`'s route for them; these specs add export)
+    "llama": "dense",
+    "mistral": "dense",
+    "qwen2": "dense",
+    "qwen3": "dense",
     "qwen3_next": "qwen3_next",
     "qwen3_5_text": "qwen3_5",
     "qwen3_5_moe_text": "qwen3_5",
@@ -71,8 +76,7 @@ def get_family(model_type: str | None) -> NativeFamily:
     if model_type not in FAMILY_MODULES:
         fail(
             f"model_type={model_type!r} is not a native family hf_hybrid can convert; supported: "
-            f"{', '.join(sorted(FAMILY_MODULES))} (dense llama / mistral / qwen2 / qwen3: `hf-hybrid import` "
-            "handles them through hf_hybrid.convert.import_dense)"
+            f"{', '.join(sorted(FAMILY_MODULES))}"
         )
     module = importlib.import_module(f"{__name__}.{FAMILY_MODULES[model_type]}")
     return module.FAMILIES[model_type]
