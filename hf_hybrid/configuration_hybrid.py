@@ -149,6 +149,11 @@ class HybridConfig(PreTrainedConfig):
     qk_norm_scope: str = "head"  # "head": over head_dim (Qwen3); "full": over the whole q / k projection (OLMoE)
     clip_qkv: float | None = None  # clamp q, k, v to [-clip_qkv, clip_qkv] after projection (and q/k norm) (OLMoE)
     attention_output_gate: bool = False  # sigmoid output gate (Qwen3-Next)
+    attention_rope: bool = True  # False: no positional encoding in the softmax attention layers (NoPE; Granite 4)
+    attention_scaling: float | None = None  # softmax scale of q·k; None: head_dim^-0.5 (Granite: attention_multiplier)
+    # Granite's multipliers: inputs_embeds scaled by embedding_multiplier, logits divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     sliding_window: int | None = None
     mlp_bias: bool = False
 
@@ -390,6 +395,10 @@ class HybridConfig(PreTrainedConfig):
 
     def validate_residual(self):
         n = self.num_hidden_layers
+        for name in ("attention_scaling", "logits_scaling"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"HybridConfig.{name}={value!r} must be a positive number")
         for name in ("mixer_residual_scales", "mixer_output_scales"):
             values = getattr(self, name)
             if values is not None and (

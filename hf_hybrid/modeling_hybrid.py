@@ -303,6 +303,8 @@ class HybridModel(HybridPreTrainedModel):
             raise ValueError("HybridModel.forward: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if config.embedding_multiplier != 1.0:
+            inputs_embeds = inputs_embeds * config.embedding_multiplier
         batch, seq_len = inputs_embeds.shape[:2]
         use_cache = config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
@@ -497,6 +499,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
 
         lm_loss = None
         if labels is not None:

@@ -18,7 +18,7 @@ import torch
 
 from hf_hybrid.convert.native import NativeConversionError, export_native, get_family, import_native
 
-FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "minimax"]
+FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "minimax", "granitemoehybrid"]
 ATOL = 1e-5
 
 
@@ -283,7 +283,7 @@ def test_presets_are_the_published_models():
     assert format_count(minimax.active_non_embedding_params) == "45.94 B"
 
 
-@pytest.mark.parametrize("model_type", ["bamba", "minimax"])
+@pytest.mark.parametrize("model_type", ["bamba", "minimax", "granitemoehybrid"])
 def test_large_weights_still_within_1e5(model_type):
     """Mamba-2 and lightning attention stay at the 1e-5 bound with large weights (measured ~1e-7 and ~3e-7)."""
     native = tiny_native(model_type)
@@ -309,3 +309,28 @@ def test_minimax_refusals(tmp_path):
     _assert_refused(lambda: export_native(odd, dst, to="minimax"), r"mixer_output_scales\[3\]=2\.0", dst)
     ungated = HybridForCausalLM(HybridConfig.from_dict({**cfg, "linear_output_gate": False}))
     _assert_refused(lambda: export_native(ungated, dst, to="minimax"), "linear_output_gate=False", dst)
+
+
+def test_granitemoehybrid_variants_and_refusals(tmp_path):
+    """Without experts (the shared MLP alone) and with RoPE; refusals name the option."""
+    from hf_hybrid import HybridConfig, HybridForCausalLM
+
+    for overrides in ({"num_local_experts": 0}, {"position_embedding_type": "rope"}):
+        native = tiny_native("granitemoehybrid", **overrides)
+        ours = import_native(native)
+        assert ours.config.mlp_types[0] == ("dense" if "num_local_experts" in overrides else "moe")
+        assert ours.config.attention_rope == ("position_embedding_type" in overrides)
+        ids, mask = left_padded_batch(native.config.vocab_size)
+        ref = native_logits(native, ids, mask)
+        assert max_diff_real(ref, ours_logits(ours, ids, mask), mask) <= ATOL
+        assert max_diff_real(ref, native_logits(export_native(ours), ids, mask), mask) <= ATOL
+    dst = tmp_path / "out"
+    family = get_family("granitemoehybrid")
+    other = family.config_class(**{**family.tiny_config, "position_embedding_type": "alibi"})
+    _assert_refused(lambda: import_native(family.model_class(other), dst), "position_embedding_type='alibi'", dst)
+    ours = import_native(tiny_native("granitemoehybrid"))
+    cfg = ours.config.to_dict()
+    cfg.pop("layer_types")
+    scales = [0.5, 0.7, 0.5]  # one residual_multiplier for every branch natively
+    odd = HybridForCausalLM(HybridConfig.from_dict({**cfg, "mixer_output_scales": scales}))
+    _assert_refused(lambda: export_native(odd, dst, to="granitemoehybrid"), r"mixer_output_scales\[1\]=0\.7", dst)

@@ -50,7 +50,8 @@ class HybridAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
+        self.scaling = self.head_dim**-0.5 if config.attention_scaling is None else config.attention_scaling
+        self.use_rope = config.attention_rope
         self.is_causal = True
         self.is_sliding = config.mixer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if self.is_sliding else None
@@ -94,8 +95,9 @@ class HybridAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip_qkv is not None:
             q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
-        cos, sin = ctx.rope(self.rotary_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.use_rope:
+            cos, sin = ctx.rope(self.rotary_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, d)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx)

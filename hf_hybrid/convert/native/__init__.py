@@ -58,6 +58,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3_5_moe_text": "qwen3_5",
     "bamba": "bamba",
     "minimax": "minimax",
+    "granitemoehybrid": "granitemoehybrid",
 }
 
 
