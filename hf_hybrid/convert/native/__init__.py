@@ -149,6 +149,14 @@ def _carry_files(src: Path | None, dst: Path) -> None:
             shutil.copy2(src / name, dst / name)
 
 
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
+        return getattr(torch, dtype)
+    return dtype
+
+
 def _state_without_tied(model, tied: bool) -> dict[str, torch.Tensor]:
     state = dict(model.state_dict())
     if tied:
@@ -187,10 +195,7 @@ def import_native(
                 "decoder (model.language_model.*) and dropping model.visual.* and mtp.*"
             )
     hybrid_cfg = family.hybrid_config(native_cfg)  # refuses unsupported options before any weight is read
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
-        dtype = getattr(torch, dtype)
+    dtype = _as_dtype(dtype)
 
     if src_dir is not None:
         _weight_files(src_dir)  # refuses pickle-only checkpoints with a clear message
@@ -273,6 +278,7 @@ def export_native(
     dst_path = Path(dst) if dst is not None else None
     if dst_path is not None:
         _check_destination(dst_path)
+    dtype = _as_dtype(dtype)
     if src_dir is not None:
         if not (src_dir / "config.json").is_file():
             raise FileNotFoundError(f"{src} is not a checkpoint directory (no config.json)")
@@ -288,8 +294,6 @@ def export_native(
         model = src
         hybrid_cfg = model.config
         family, native_cfg = choose_family(hybrid_cfg, to)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
     model_dtype = dtype or model.get_input_embeddings().weight.dtype
     state = _state_without_tied(model, hybrid_cfg.tie_word_embeddings)
     native_state = family.convert_state(state, hybrid_cfg, native_cfg, to="native")
