@@ -408,15 +408,24 @@ def import_dense(
         raise RuntimeError(f"internal error: tensors left on the meta device after import: {leftover[:5]}")
     model.eval()
 
-    dst_parent = dst.resolve().parent
-    dst_parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.import-", dir=dst_parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         for path in plan.carried_files:
             shutil.copy2(path, tmp / path.name)
+
+    return write_atomically(dst, write)
+
+
+def write_atomically(dst: Path, write) -> Path:
+    """``write(tmp_dir)`` into a sibling temporary directory, then rename it to ``dst`` (an empty or missing
+    directory, checked by the caller), so a refused or failed write leaves no ``dst`` behind. Returns ``dst``."""
+    parent = dst.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
+    try:
+        write(tmp)
         if dst.exists():
-            dst.rmdir()  # empty, checked above
+            dst.rmdir()  # empty, checked by the caller
         os.replace(tmp, dst)
     finally:
         if tmp.exists():

@@ -32,12 +32,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..import_dense import write_atomically
 from .base import NativeConversionError, NativeFamily, build_empty, fail, load_into
 
 # model_type -> module (in this package) whose FAMILIES dict defines it.
@@ -121,22 +121,6 @@ def native_to_hybrid_config(src: str | os.PathLike | Any):
 def _check_destination(dst: Path) -> None:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} exists and is not empty; choose a new output directory")
-
-
-def _write_atomically(dst: Path, write) -> Path:
-    """``write(tmp_dir)`` into a sibling temporary directory, then rename it to ``dst`` (so a failure leaves none)."""
-    parent = dst.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.native-", dir=parent))
-    try:
-        write(tmp)
-        if dst.exists():
-            dst.rmdir()  # empty, checked before
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dst
 
 
 def _carry_files(src: Path | None, dst: Path) -> None:
@@ -232,7 +216,7 @@ def import_native(
             model.save_pretrained(tmp)
             _carry_files(src_dir, tmp)
 
-        _write_atomically(dst_path, write)
+        write_atomically(dst_path, write)
     return model
 
 
@@ -314,7 +298,7 @@ def export_native(
             _carry_files(src_dir, tmp)
             (tmp / "README.md").write_text(_export_card(hybrid_cfg, family, src), encoding="utf-8")
 
-        _write_atomically(dst_path, write)
+        write_atomically(dst_path, write)
     return native_model
 
 
