@@ -489,3 +489,21 @@ def test_mixtral_import_keeps_training_settings():
     native = build_native("mixtral", router_aux_loss_coef=0.02, router_jitter_noise=0.1)
     cfg = import_native(native).config
     assert (cfg.router_aux_loss_coef, cfg.router_jitter_noise) == (0.02, 0.1)
+
+
+def test_dsa_index_reuse_survives_gradient_checkpointing():
+    """A 'shared' DSA layer reads the top-k of *its* source layer, also when layers are recomputed in backward."""
+    native = build_native("glm_moe_dsa")
+    hybrid = import_native(native).train()  # no dropout in these configs: train mode changes no value
+    ids, mask = batch(native.config.vocab_size)
+    grads = []
+    for checkpointing in (False, True):
+        if checkpointing:
+            hybrid.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        hybrid.zero_grad()
+        out = hybrid(input_ids=ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in hybrid.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)

@@ -61,8 +61,9 @@ class MixerContext:
     attn_kwargs: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
-    # The last DSA top-k selection [B, T, k] of this forward, reused by "shared" DSA layers (dsa_indexer_types).
-    dsa_topk: torch.Tensor | None = None
+    # DSA top-k selections [B, T, k] of this forward by layer index, reused by "shared" DSA layers
+    # (dsa_indexer_types). Keyed by layer so a recomputation (gradient checkpointing) reads the right one.
+    dsa_topk: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def add_aux(self, name: str, value: torch.Tensor) -> None:
         """Record an auxiliary loss term (already averaged for this layer); the model sums them per name."""

@@ -134,11 +134,15 @@ class _DSAMixin:
 
     def _shared_selection(self, ctx: MixerContext) -> torch.Tensor:
         """The top-k [B, T, k] of the previous "full" DSA layer (``dsa_indexer_types``), for a layer without one."""
-        idx = ctx.dsa_topk
+        cfg = self.config
+        source = max(
+            j for j in range(self.layer_idx) if cfg.mixer_types[j] == "dsa" and cfg.dsa_layer_has_indexer(j)
+        )  # exists: the config validates that a "shared" layer follows a "full" one
+        idx = ctx.dsa_topk.get(source)
         if idx is None:
             raise RuntimeError(
-                f"DSA layer {self.layer_idx} is 'shared' in dsa_indexer_types but no earlier layer selected tokens "
-                "in this forward"
+                f"DSA layer {self.layer_idx} is 'shared' in dsa_indexer_types but layer {source}, whose top-k it "
+                "reuses, selected nothing in this forward"
             )
         return idx
 
@@ -154,7 +158,7 @@ class _DSAMixin:
             q_i, k_i, w, topk=cfg.index_topk, q_offset=ctx.past_length, key_start=key_start,
             query_chunk=cfg.dsa_query_chunk,
         )
-        ctx.dsa_topk = idx  # read by later "shared" layers (dsa_indexer_types)
+        ctx.dsa_topk[self.layer_idx] = idx  # read by later "shared" layers (dsa_indexer_types)
         return idx
 
     def _losses_and_metrics(self, q, k, q_i, k_i, w, idx, key_start, ctx: MixerContext, *, scale: float) -> None:
