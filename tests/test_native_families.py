@@ -507,3 +507,23 @@ def test_dsa_index_reuse_survives_gradient_checkpointing():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cli_export_refusal_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from hf_hybrid import HybridConfig
+    from hf_hybrid.cli import main
+    from hf_hybrid.modeling_hybrid import HybridForCausalLM
+
+    model = HybridForCausalLM(HybridConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        mixer_types=["attention", "gated_deltanet"],
+    ))
+    model.save_pretrained(tmp_path / "mix")
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "mix"), str(tmp_path / "out"), "--to", "llama"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mixer_types[1]='gated_deltanet' (layer 1)" in err
+    assert main(["export", str(tmp_path / "mix"), str(tmp_path / "out")]) == 2  # no family fits: each one says why
+    err = capsys.readouterr().err
+    assert "no native family expresses this model" in err and "qwen3_moe:" in err
+    assert not (tmp_path / "out").exists()
