@@ -13,7 +13,7 @@ A :class:`NativeFamily` holds
   relative to ``native_layer_prefix`` / ``model.layers.{i}.``. A rule renames one tensor, renames every tensor under
   a prefix (names ending in ``"."``), or splits / fuses / transforms tensors with a pair of functions
   ``to_ours(tensors, ctx) -> tensors`` and ``to_native(tensors, ctx) -> tensors`` that must be inverse to each other
-  (``tests/test_native_families.py`` checks import∘export = identity for every family).
+  (``tests/test_native_families.py`` / ``test_native_recurrent.py`` check import∘export = identity per family).
 
 Both directions go through the in-memory state dict of the native class (``from_pretrained`` on import,
 ``save_pretrained`` on export), so transformers' own on-disk conventions (per-expert names, fused at load time by
