@@ -26,6 +26,7 @@ MIXER_TYPES = (
     "linear_attention",
     "mamba2",
     "gated_deltanet",
+    "none",  # no token mixer: an MLP-only layer (Nemotron-H)
 )
 RECURRENT_MIXERS = ("linear_attention", "mamba2", "gated_deltanet")
 MLP_TYPES = ("dense", "moe", "none")
@@ -39,10 +40,11 @@ _MIXER_TO_LAYER_TYPE = {
     "linear_attention": "linear_attention",
     "mamba2": "linear_attention",
     "gated_deltanet": "linear_attention",
+    "none": "moe",  # transformers' name for a layer without token mixing (its cache holds nothing there)
 }
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu"),
+    "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2"),
     "linear_feature_map": ("identity", "elu", "relu", "random_features"),
     "linear_decay": ("none", "scalar", "per_channel", "fixed_slope"),
     "linear_qkv_activation": ("none", "silu"),
@@ -156,6 +158,8 @@ class HybridConfig(PreTrainedConfig):
     logits_scaling: float = 1.0
     sliding_window: int | None = None
     mlp_bias: bool = False
+    # False: every MLP (dense, shared and routed experts) is down(act(up(x))) without a gate (Nemotron-H's relu²)
+    mlp_gated: bool = True
 
     # ---- Gated DeltaNet --------------------------------------------------------------------------
     gdn_num_key_heads: int | None = None  # defaults: num_attention_heads // 2
@@ -335,7 +339,7 @@ class HybridConfig(PreTrainedConfig):
 
     @property
     def has_attention_cache(self) -> bool:
-        return any(m not in RECURRENT_MIXERS for m in self.mixer_types)
+        return any(m not in RECURRENT_MIXERS and m != "none" for m in self.mixer_types)
 
     # ---- validation (run by @strict after construction; errors name the field, value and what is allowed) ----
     def validate_layer_type(self):
@@ -395,6 +399,11 @@ class HybridConfig(PreTrainedConfig):
 
     def validate_residual(self):
         n = self.num_hidden_layers
+        for i, (mixer, mlp) in enumerate(zip(self.mixer_types, self.mlp_types)):
+            if mixer == "none" and mlp == "none":
+                raise ValueError(
+                    f"HybridConfig: layer {i} has mixer_types[{i}]='none' and mlp_types[{i}]='none'; a layer needs one"
+                )
         for name in ("attention_scaling", "logits_scaling"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value > 0):

@@ -266,13 +266,13 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
 
 
 def _swiglu(config: HybridConfig, intermediate: int) -> int:
-    return 3 * config.hidden_size * intermediate
+    return (3 if config.mlp_gated else 2) * config.hidden_size * intermediate  # ungated: no gate_proj
 
 
 @register_mlp_cost("dense")
 def dense_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     matmul = _swiglu(config, config.intermediate_size)
-    bias = 2 * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
+    bias = (2 if config.mlp_gated else 1) * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
     return MLPCost(matmul + bias, matmul)
 
 
@@ -288,6 +288,12 @@ def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
         shared += config.hidden_size  # the shared experts' sigmoid gate [1, H]
     total = router + e * expert + shared
     return MLPCost(total, total, inactive_params=(e - k) * expert)
+
+
+@register_mixer_cost("none")
+def no_mixer_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """An MLP-only layer: no token mixer and no input norm."""
+    return MixerCost(0, 0)
 
 
 @register_mlp_cost("none")
@@ -556,10 +562,10 @@ def estimate_cost(
         mixer_params, mixer_matmul = mc.params, mc.matmul_params
         mlp_params, mlp_matmul = pc.params, pc.matmul_params
         exact = True
-        measured = measure_module(mixer_registry, mixer, config, i) if measure else None
+        measured = measure_module(mixer_registry, mixer, config, i) if measure and mixer != "none" else None
         if measured is not None:
             mixer_params, mixer_matmul = measured
-        else:
+        elif mixer != "none":  # "none" has nothing to build: its zero is exact
             exact = False
         if mlp != "none":
             measured = measure_module(mlp_registry, mlp, config, i) if measure else None
@@ -567,7 +573,7 @@ def estimate_cost(
                 mlp_params, mlp_matmul = measured
             else:
                 exact = False
-        norms = h + (h if mlp != "none" else 0)
+        norms = (h if mixer != "none" else 0) + (h if mlp != "none" else 0)
         params = norms + mixer_params + mlp_params
         layers.append(
             LayerCost(

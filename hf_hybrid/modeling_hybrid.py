@@ -88,8 +88,11 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.mixer_type = config.mixer_types[layer_idx]
         self.mlp_type = config.mlp_types[layer_idx]
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mixer = MIXER_REGISTRY[self.mixer_type](config, layer_idx)
+        if self.mixer_type == "none":  # an MLP-only layer
+            self.input_layernorm = self.mixer = None
+        else:
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mixer = MIXER_REGISTRY[self.mixer_type](config, layer_idx)
         self.residual_from_norm = config.residual_from_norm
         self.mixer_scales = (
             float((config.mixer_residual_scales or [1.0] * config.num_hidden_layers)[layer_idx]),
@@ -104,10 +107,11 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             self.mlp = _mlp.MLP_REGISTRY[self.mlp_type](config, layer_idx)
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
-        normed = self.input_layernorm(hidden_states)
-        hidden_states = self._residual(
-            normed if self.residual_from_norm else hidden_states, self.mixer(normed, ctx), *self.mixer_scales
-        )
+        if self.mixer is not None:
+            normed = self.input_layernorm(hidden_states)
+            hidden_states = self._residual(
+                normed if self.residual_from_norm else hidden_states, self.mixer(normed, ctx), *self.mixer_scales
+            )
         if self.mlp is not None:
             normed = self.post_attention_layernorm(hidden_states)
             hidden_states = self._residual(

@@ -18,7 +18,7 @@ import torch
 
 from hf_hybrid.convert.native import NativeConversionError, export_native, get_family, import_native
 
-FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "minimax", "granitemoehybrid"]
+FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "minimax", "granitemoehybrid", "nemotron_h"]
 ATOL = 1e-5
 
 
@@ -283,7 +283,7 @@ def test_presets_are_the_published_models():
     assert format_count(minimax.active_non_embedding_params) == "45.94 B"
 
 
-@pytest.mark.parametrize("model_type", ["bamba", "minimax", "granitemoehybrid"])
+@pytest.mark.parametrize("model_type", ["bamba", "minimax", "granitemoehybrid", "nemotron_h"])
 def test_large_weights_still_within_1e5(model_type):
     """Mamba-2 and lightning attention stay at the 1e-5 bound with large weights (measured ~1e-7 and ~3e-7)."""
     native = tiny_native(model_type)
@@ -334,3 +334,24 @@ def test_granitemoehybrid_variants_and_refusals(tmp_path):
     scales = [0.5, 0.7, 0.5]  # one residual_multiplier for every branch natively
     odd = HybridForCausalLM(HybridConfig.from_dict({**cfg, "mixer_output_scales": scales}))
     _assert_refused(lambda: export_native(odd, dst, to="granitemoehybrid"), r"mixer_output_scales\[1\]=0\.7", dst)
+
+
+def test_nemotron_h_one_block_layers_and_refusals(tmp_path):
+    """Each native layer is one block: ours has no MLP after Mamba-2 / attention and no mixer before an MLP / MoE;
+    the MLPs are ungated relu², the attention has no RoPE; a layer with both has no counterpart."""
+    from hf_hybrid import HybridConfig, HybridForCausalLM
+
+    ours = import_native(tiny_native("nemotron_h"))
+    c = ours.config
+    assert list(zip(c.mixer_types, c.mlp_types)) == [("mamba2", "none"), ("none", "moe"), ("attention", "none"),
+                                                     ("none", "dense")]
+    assert not c.mlp_gated and c.hidden_act == "relu2" and not c.attention_rope
+    assert ours.model.layers[1].mixer is None and ours.model.layers[3].mlp.gate_proj is None
+    dst = tmp_path / "out"
+    family = get_family("nemotron_h")
+    latent = family.config_class(**{**family.tiny_config, "moe_latent_size": 16})
+    _assert_refused(lambda: import_native(family.model_class(latent), dst), "moe_latent_size=16", dst)
+    cfg = c.to_dict()
+    cfg.pop("layer_types")
+    both = HybridForCausalLM(HybridConfig.from_dict({**cfg, "mlp_types": ["dense", "moe", "none", "dense"]}))
+    _assert_refused(lambda: export_native(both, dst, to="nemotron_h"), r"mixer_types\[0\]='mamba2' with mlp_types", dst)

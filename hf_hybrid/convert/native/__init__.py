@@ -59,6 +59,7 @@ FAMILY_MODULES: dict[str, str] = {
     "bamba": "bamba",
     "minimax": "minimax",
     "granitemoehybrid": "granitemoehybrid",
+    "nemotron_h": "nemotron_h",
 }
 
 
