@@ -355,3 +355,38 @@ def test_nemotron_h_one_block_layers_and_refusals(tmp_path):
     cfg.pop("layer_types")
     both = HybridForCausalLM(HybridConfig.from_dict({**cfg, "mlp_types": ["dense", "moe", "none", "dense"]}))
     _assert_refused(lambda: export_native(both, dst, to="nemotron_h"), r"mixer_types\[0\]='mamba2' with mlp_types", dst)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_cost_formulas_match_the_built_modules(model_type):
+    """The cost formulas know every option these families use (shared-expert size and gate, lightning gate and
+    full-width norm, conv bias, ungated MLPs, MLP-only layers): formula = parameters counted on the built module."""
+    from hf_hybrid.cost import COST_FUNCTIONS, MLP_COST_FUNCTIONS, estimate_cost, measure_module
+    from hf_hybrid.mixers import MIXER_REGISTRY
+    from hf_hybrid.mlp import MLP_REGISTRY
+
+    ours = import_native(tiny_native(model_type))
+    config = ours.config
+    for i, (mixer, mlp) in enumerate(zip(config.mixer_types, config.mlp_types)):
+        if mixer != "none":
+            formula = COST_FUNCTIONS[mixer](config, i)
+            assert measure_module(MIXER_REGISTRY, mixer, config, i) == (formula.params, formula.matmul_params), i
+        if mlp != "none":
+            formula = MLP_COST_FUNCTIONS[mlp](config, i)
+            assert measure_module(MLP_REGISTRY, mlp, config, i) == (formula.params, formula.matmul_params), i
+    cost = estimate_cost(config)
+    assert cost.exact
+    assert cost.total_params == sum(p.numel() for p in ours.parameters())
+
+
+def test_inspect_native_directory_equals_the_import(tmp_path, capsys):
+    from hf_hybrid.cli import main
+    from hf_hybrid.cost import estimate_cost
+
+    src = tmp_path / "qwen3_next"
+    tiny_native("qwen3_next").save_pretrained(src)
+    capsys.readouterr()
+    assert main(["inspect", str(src), "--json"]) == 0
+    native_cost = json.loads(capsys.readouterr().out)
+    assert native_cost == json.loads(estimate_cost(import_native(src).config).to_json())
+    assert native_cost["total_params"] == sum(p.numel() for p in tiny_native("qwen3_next").parameters())
