@@ -40,7 +40,7 @@ class HybridCache(DynamicCache):
     def crop(self, tokens_to_remove: int) -> None:
         if self.has_recurrent_layers:
             raise ValueError(
-                "HybridCache.crop: this model has recurrent layers (linear_attention / mamba2 / gated_deltanet) whose "
+                "HybridCache.crop: this model has recurrent layers (linear_attention / mamba2 / gated_deltanet / kda) whose "
                 "state cannot be rewound, so assisted / speculative generation and cache cropping are not supported"
             )
         super().crop(tokens_to_remove)

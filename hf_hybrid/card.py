@@ -103,7 +103,8 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
             (
                 "MLA",
                 f"{config.num_attention_heads} heads, q_lora_rank {config.q_lora_rank}, kv_lora_rank "
-                f"{config.kv_lora_rank}, qk dims {config.qk_nope_head_dim}+{config.qk_rope_head_dim} (rope), "
+                f"{config.kv_lora_rank}, qk dims {config.qk_nope_head_dim}+{config.qk_rope_head_dim} "
+                f"({'rope' if config.mla_use_rope else 'shared, no RoPE'}), "
                 f"v dim {config.v_head_dim}",
             )
         )
@@ -122,6 +123,14 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
                 f"{config.gdn_num_key_heads} key heads × {config.gdn_key_head_dim}, "
                 f"{config.gdn_num_value_heads} value heads × {config.gdn_value_head_dim}, conv "
                 f"{config.gdn_conv_kernel_size}",
+            )
+        )
+    if "kda" in mixers:
+        rows.append(
+            (
+                "Kimi Delta Attention",
+                f"{config.kda_num_heads} heads × {config.kda_head_dim}, per-channel decay, gate rank "
+                f"{config.kda_gate_rank}, conv {config.kda_conv_kernel_size}",
             )
         )
     if "mamba2" in mixers:

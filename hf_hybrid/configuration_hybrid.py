@@ -1,9 +1,9 @@
 """HybridConfig: the one home of every default of the hf_hybrid decoder family.
 
 Each layer is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``mixer_types[i]`` and ``mlp_types[i]`` choose them.
-Per-mixer settings are flat, prefixed fields (``gdn_*``, ``mamba_*``, ``linear_*``, DeepSeek's MLA names, ``index_*``
-for DSA, transformers' MoE names). transformers' own ``layer_types`` is derived from ``mixer_types`` (it only knows
-its own names, and ``save_pretrained`` rejects others) and checked for consistency on reload.
+Per-mixer settings are flat, prefixed fields (``gdn_*``, ``kda_*``, ``mamba_*``, ``linear_*``, DeepSeek's MLA names,
+``index_*`` for DSA, transformers' MoE names). transformers' own ``layer_types`` is derived from ``mixer_types``
+(it only knows its own names, and ``save_pretrained`` rejects others) and checked for consistency on reload.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ MIXER_TYPES = (
     "mamba2",
     "gated_deltanet",
     "none",  # no token mixer: an MLP-only layer (Nemotron-H)
+    "kda",
 )
-RECURRENT_MIXERS = ("linear_attention", "mamba2", "gated_deltanet")
+RECURRENT_MIXERS = ("linear_attention", "mamba2", "gated_deltanet", "kda")
 MLP_TYPES = ("dense", "moe", "none")
 
 # Our mixer names -> transformers' cache/mask layer types (DESIGN.md §3-4).
@@ -41,6 +42,7 @@ _MIXER_TO_LAYER_TYPE = {
     "mamba2": "linear_attention",
     "gated_deltanet": "linear_attention",
     "none": "moe",  # transformers' name for a layer without token mixing (its cache holds nothing there)
+    "kda": "linear_attention",
 }
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
@@ -168,6 +170,12 @@ class HybridConfig(PreTrainedConfig):
     gdn_value_head_dim: int | None = None  # defaults: head_dim
     gdn_conv_kernel_size: int = 4
 
+    # ---- Kimi Delta Attention (Kimi Linear's linear layers) --------------------------------------
+    kda_num_heads: int | None = None  # defaults: num_attention_heads
+    kda_head_dim: int | None = None  # defaults: head_dim (q, k and v heads alike, as in Kimi Linear)
+    kda_gate_rank: int | None = None  # width of the low-rank forget / output gates; defaults: kda_head_dim
+    kda_conv_kernel_size: int = 4
+
     # ---- Mamba-2 ---------------------------------------------------------------------------------
     mamba_num_heads: int | None = None  # defaults: expand * hidden_size // mamba_head_dim
     mamba_head_dim: int = 64
@@ -208,6 +216,7 @@ class HybridConfig(PreTrainedConfig):
     v_head_dim: int = 32
     mla_decode: str = "absorbed"
     mla_norm_eps: float | None = None  # eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)
+    mla_use_rope: bool = True  # False = NoPE (Kimi Linear): the qk_rope_head_dim parts stay unrotated
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
     index_n_heads: int = 8
@@ -296,6 +305,12 @@ class HybridConfig(PreTrainedConfig):
             self.gdn_key_head_dim = self.head_dim
         if self.gdn_value_head_dim is None:
             self.gdn_value_head_dim = self.head_dim
+        if self.kda_num_heads is None:
+            self.kda_num_heads = self.num_attention_heads
+        if self.kda_head_dim is None:
+            self.kda_head_dim = self.head_dim
+        if self.kda_gate_rank is None:
+            self.kda_gate_rank = self.kda_head_dim
         if self.mamba_num_heads is None and self.mamba_head_dim:
             self.mamba_num_heads = max(1, self.mamba_expand * self.hidden_size // self.mamba_head_dim)
         if self.linear_num_heads is None:
@@ -469,6 +484,9 @@ class HybridConfig(PreTrainedConfig):
                     f"HybridConfig.gdn_num_value_heads={self.gdn_num_value_heads} must be a multiple of "
                     f"gdn_num_key_heads={self.gdn_num_key_heads} (GVA)"
                 )
+        if "kda" in mixers:
+            for name in ("kda_num_heads", "kda_head_dim", "kda_gate_rank", "kda_conv_kernel_size"):
+                positive(name)
         if "mamba2" in mixers:
             for name in ("mamba_num_heads", "mamba_head_dim", "mamba_state_size", "mamba_n_groups",
                          "mamba_conv_kernel_size"):

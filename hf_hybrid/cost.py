@@ -11,7 +11,8 @@ Conventions (all per layer, in elements, times ``dtype_bytes`` for bytes):
 
 - ``cache_per_token``: elements appended to the cache per token (K and V, MLA's latent, DSA's indexer key);
   ``cache_window`` caps the number of cached tokens (sliding window).
-- ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers).
+- ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers), in the
+  cache dtype; ``fp32_state_elements``: constant state kept in fp32 whatever the model dtype (4 bytes each).
 - FLOPs are forward FLOPs for one token at context ``c``: ``2 · (active matmul weights + lm_head)`` plus each
   mixer's ``flops(c)`` (attention scores and values, recurrent state updates). Training is about 3× that.
 
@@ -49,6 +50,7 @@ class MixerCost:
     cache_window: int | None = None
     state_elements: int = 0
     flops: Callable[[int], float] = _zero_flops  # extra forward FLOPs per token at context c
+    fp32_state_elements: int = 0  # state the mixer keeps in fp32 in any model dtype
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,28 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
 
 
+@register_mixer_cost("kda")
+def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """Kimi Linear's layout: q/k/v projections, depthwise conv on [q, k, v], low-rank forget gate (f_a, f_b, A_log per
+    head, dt_bias per channel), b_proj (β per head), low-rank output gate (g_a, g_b), sigmoid-gated norm, o_proj."""
+    h, nh, d, r, k = (
+        config.hidden_size,
+        config.kda_num_heads,
+        config.kda_head_dim,
+        config.kda_gate_rank,
+        config.kda_conv_kernel_size,
+    )
+    w = nh * d
+    matmul = 4 * h * w + 3 * w * k + 2 * (h * r + r * w) + h * nh
+    params = matmul + nh + w + d  # A_log, dt_bias, o_norm
+    # The conv tail is cached in the model dtype; the recurrent state S [nh, d, d] is kept in fp32 (ops.kda).
+    # Per token and head: decay S (d·d), Sᵀk (2·d·d), S += k uᵀ (2·d·d), Sᵀq (2·d·d).
+    step = 7.0 * nh * d * d
+    return MixerCost(
+        params, matmul, state_elements=3 * w * (k - 1), fp32_state_elements=nh * d * d, flops=lambda c: step
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # MLPs
 
@@ -353,6 +377,7 @@ class LayerCost:
     state_elements: int
     exact: bool  # counted on the built modules
     flops: Callable[[int], float] = field(repr=False, default=_zero_flops)
+    fp32_state_elements: int = 0
 
 
 @dataclass
@@ -388,6 +413,7 @@ class CostReport:
                 continue
             tokens = context if layer.cache_window is None else min(context, layer.cache_window)
             total += tokens * layer.cache_per_token * self.dtype_bytes + layer.state_elements * state_bytes
+            total += layer.fp32_state_elements * 4
         return total
 
     def flops_per_token(self, context: int) -> float:
@@ -405,7 +431,8 @@ class CostReport:
                 "params": sum(layer.params for layer in layers),
                 "cache_bytes_per_token_per_layer": layers[0].cache_per_token * self.dtype_bytes,
                 "cache_window": next(iter(windows)) if len(windows) == 1 else sorted(w or 0 for w in windows),
-                "state_bytes_per_sequence_per_layer": layers[0].state_elements * state_bytes,
+                "state_bytes_per_sequence_per_layer": layers[0].state_elements * state_bytes
+                + layers[0].fp32_state_elements * 4,
                 "bytes_per_sequence": {c: self.cache_bytes(c, mixer) for c in self.contexts},
             }
         return rows
@@ -437,6 +464,7 @@ class CostReport:
                     "cache_elements_per_token": layer.cache_per_token,
                     "cache_window": layer.cache_window,
                     "state_elements": layer.state_elements,
+                    "fp32_state_elements": layer.fp32_state_elements,
                 }
                 for layer in self.layers
             ],
@@ -588,6 +616,7 @@ def estimate_cost(
                 state_elements=mc.state_elements,
                 exact=exact,
                 flops=mc.flops,
+                fp32_state_elements=mc.fp32_state_elements,
             )
         )
         all_exact &= exact

@@ -22,31 +22,48 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-class GatedRMSNorm(nn.Module):
-    """RMSNorm combined with a SiLU gate ``z``.
+_GATE_ACTIVATIONS = {"silu": nn.functional.silu, "sigmoid": torch.sigmoid}
 
-    ``norm_before_gate=True`` (Gated DeltaNet): ``norm(x) * silu(z)``;
-    ``norm_before_gate=False`` (Mamba-2): ``norm(x * silu(z))``. ``group_size`` normalises per head.
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm combined with a gate ``act(z)``, SiLU unless ``gate_activation="sigmoid"`` (Kimi Delta Attention).
+
+    ``norm_before_gate=True`` (Gated DeltaNet, KDA): ``norm(x) * act(z)``;
+    ``norm_before_gate=False`` (Mamba-2): ``norm(x * act(z))``. ``group_size`` normalises per head.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, *, norm_before_gate: bool, group_size: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        eps: float = 1e-6,
+        *,
+        norm_before_gate: bool,
+        group_size: int | None = None,
+        gate_activation: str = "silu",
+    ):
         super().__init__()
+        if gate_activation not in _GATE_ACTIVATIONS:
+            raise ValueError(
+                f"GatedRMSNorm gate_activation={gate_activation!r}; choose one of: {', '.join(_GATE_ACTIVATIONS)}"
+            )
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.norm_before_gate = norm_before_gate
         self.group_size = group_size or dim
+        self.gate_activation = gate_activation
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        act = _GATE_ACTIVATIONS[self.gate_activation]
         x, z = x.float(), z.float()
         if not self.norm_before_gate:
-            x = x * nn.functional.silu(z)
+            x = x * act(z)
         shape = x.shape
         xg = x.reshape(*shape[:-1], -1, self.group_size)
         xg = xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)
         x = xg.reshape(shape)
         if self.norm_before_gate:
-            x = x * nn.functional.silu(z)
+            x = x * act(z)
         return (self.weight * x).to(dtype)
 
 

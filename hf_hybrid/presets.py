@@ -28,6 +28,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny-sliding": {**_TINY, "mixer_pattern": "3:1 sliding_attention:attention", "sliding_window": 16},
     "tiny-hybrid": {**_TINY, "mixer_pattern": "3:1 gated_deltanet:attention"},
     "tiny-gdn": {**_TINY, "num_hidden_layers": 2, "mixer_pattern": "gated_deltanet"},
+    "tiny-kda": {**_TINY, "num_hidden_layers": 2, "mixer_pattern": "kda"},
     "tiny-mamba2": {
         **_TINY,
         "num_hidden_layers": 2,
@@ -173,6 +174,38 @@ PRESETS: dict[str, dict[str, Any]] = {
         eos_token_id=1,
     ),
 }
+# Kimi-Linear-48B-A3B (moonshotai/Kimi-Linear-48B-A3B-Instruct's config.json): 27 layers, KDA everywhere but MLA
+# (NoPE, no q-LoRA) at layers 4, 8, ..., 24 and 27 (1-indexed), 32 KDA heads × 128; the first layer dense, then
+# 256 sigmoid-routed experts top-8 + 1 shared. Published: 48 B total, 3 B activated.
+PRESETS["kimi-linear-like"] = dict(
+    vocab_size=163840,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_hidden_layers=27,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=1048576,
+    rms_norm_eps=1e-5,
+    mixer_types=["mla" if i + 1 in (4, 8, 12, 16, 20, 24, 27) else "kda" for i in range(27)],
+    q_lora_rank=None,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    mla_use_rope=False,
+    kda_num_heads=32,
+    kda_head_dim=128,
+    kda_conv_kernel_size=4,
+    mlp_pattern="moe",
+    first_k_dense=1,
+    num_experts=256,
+    num_experts_per_tok=8,
+    moe_intermediate_size=1024,
+    num_shared_experts=1,
+    router_scoring_func="sigmoid",
+    norm_topk_prob=True,
+    routed_scaling_factor=2.446,
+)
 # DeepSeek-V3.2: the same model with DSA (64 indexer heads of dim 128, top-2048) in every layer.
 PRESETS["deepseek-v3.2-like"] = {
     **PRESETS["deepseek-v3-like"],

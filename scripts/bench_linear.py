@@ -3,13 +3,14 @@
 CPU (default when no GPU): our chunked torch path vs the per-token recurrence (the spec), B=1, H=4, D=64,
 forward, min ms over runs.
 GPU: our chunked torch path vs fla-core's Triton kernel vs transformers' torch fallback
-(``torch_chunk_gated_delta_rule`` of Qwen3-Next) vs SDPA causal attention, B=1, H=16, D=128, bf16, forward and
-forward+backward, median CUDA-event milliseconds. A baseline that is missing, refuses the call, or runs out of
+(``torch_chunk_gated_delta_rule`` of Qwen3-Next, ``chunk_kimi_delta_attention`` of Kimi Linear) vs SDPA causal
+attention, B=1, H=16, D=128, bf16, forward and forward+backward, median CUDA-event milliseconds. A baseline that is missing, refuses the call, or runs out of
 memory prints "n/a".
 
     python scripts/bench_linear.py                          # CPU, T = 512 ... 4096
     python scripts/bench_linear.py --device cuda             # GPU, T = 1K ... 32K
     python scripts/bench_linear.py --op simple_gla --lengths 1024 4096
+    python scripts/bench_linear.py --op kda                  # Kimi Delta Attention (per-channel decay)
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import torch.nn.functional as F
 
 from hf_hybrid.ops.gated_delta import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 from hf_hybrid.ops.gated_delta.fla import fla_chunk_gated_delta_rule
+from hf_hybrid.ops.kda import chunk_kda, naive_recurrent_kda
+from hf_hybrid.ops.kda.fla import fla_chunk_kda
 from hf_hybrid.ops.simple_gla import chunk_simple_gla, naive_recurrent_simple_gla
 from hf_hybrid.ops.simple_gla.fla import fla_chunk_simple_gla
 
@@ -32,12 +35,13 @@ NA = "n/a"
 
 
 def make_inputs(op: str, batch: int, length: int, heads: int, dim: int, dtype, device, grad: bool):
-    """Inputs of a GDN (q, k, v, g, beta) or simple GLA (q, k, v, g) call, [B, T, H, D] layout."""
+    """Inputs of a GDN / KDA (q, k, v, g, beta) or simple GLA (q, k, v, g) call, [B, T, H, D] layout."""
     shape = (batch, length, heads, dim)
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
-    g = F.logsigmoid(torch.randn(batch, length, heads, device=device) + 3.0)  # fp32 log decay
+    g_shape = shape if op == "kda" else shape[:3]  # KDA: one log decay per key channel
+    g = F.logsigmoid(torch.randn(g_shape, device=device) + 3.0)  # fp32 log decay
     tensors = [q, k, v, g]
-    if op == "gdn":
+    if op in ("gdn", "kda"):
         tensors.append(torch.rand(batch, length, heads, device=device, dtype=dtype))  # beta
     return [t.requires_grad_(grad) for t in tensors]
 
@@ -89,9 +93,28 @@ def transformers_gdn() -> Callable | None:
     return inspect.unwrap(modeling_qwen3_next.torch_chunk_gated_delta_rule)
 
 
+def transformers_kda() -> Callable | None:
+    """transformers' torch fallback for KDA (Kimi Linear; unwrapped like ``transformers_gdn``)."""
+    try:
+        from transformers.models.kimi_linear import modeling_kimi_linear
+    except Exception:
+        return None
+    return inspect.unwrap(modeling_kimi_linear.chunk_kimi_delta_attention)
+
+
 def candidates(op: str, device: str, compile_ours: bool) -> dict[str, Callable | None]:
     """name -> fn(*inputs) returning the output, or None when the baseline is unavailable."""
-    if op == "gdn":
+    if op == "kda":
+        ours = lambda q, k, v, g, b: chunk_kda(q, k, v, g, b, use_qk_l2norm=True)[0]
+        naive = lambda q, k, v, g, b: naive_recurrent_kda(q, k, v, g, b, use_qk_l2norm=True)[0]
+        fla = lambda q, k, v, g, b: fla_chunk_kda(q, k, v, g, b, use_qk_l2norm=True)[0]
+        hf_fn = transformers_kda()
+        hf = (
+            None
+            if hf_fn is None
+            else lambda q, k, v, g, b: hf_fn(q, k, v, g, b, use_qk_l2norm_in_kernel=True)[0]
+        )
+    elif op == "gdn":
         ours = lambda q, k, v, g, b: chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)[0]
         naive = lambda q, k, v, g, b: naive_recurrent_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)[0]
         fla = lambda q, k, v, g, b: fla_chunk_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=True)[0]
@@ -133,7 +156,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--op", choices=["gdn", "simple_gla"], default="gdn")
+    parser.add_argument("--op", choices=["gdn", "simple_gla", "kda"], default="gdn")
     parser.add_argument("--lengths", type=int, nargs="+", help="sequence lengths T (default per device)")
     parser.add_argument(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="default: fp32 CPU, bf16 GPU"

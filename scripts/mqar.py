@@ -6,6 +6,7 @@ fixed-state linear mixers fall off as the number of pairs and the length grow; h
 
     python scripts/mqar.py                                   # CPU scale: vocab 256, seq 64, 4 pairs, 2 layers, d 128
     python scripts/mqar.py --seq-len 256 --pairs 4,16,32 --models attention,gated_deltanet,hybrid_gdn
+    python scripts/mqar.py --models kda,hybrid_kda              # Kimi Delta Attention, pure and 1:1 with attention
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ MODELS = {
     "linear_attention": ["linear_attention", "linear_attention"],
     "mamba2": ["mamba2", "mamba2"],
     "gated_deltanet": ["gated_deltanet", "gated_deltanet"],
+    "kda": ["kda", "kda"],
     "hybrid_gdn": ["gated_deltanet", "attention"],
     "hybrid_mamba2": ["mamba2", "attention"],
+    "hybrid_kda": ["kda", "attention"],
 }
 
 

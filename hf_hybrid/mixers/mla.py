@@ -19,6 +19,9 @@ dv = ``v_head_dim``, r = ``kv_lora_rank``, rq = ``q_lora_rank``.
      attends MQA-style directly on the cached ``[c_kv, k_pe]``; the latent output ``Σ p c`` leaves through ``W_uv``.
      Nothing of size S × H × (dn + dv) is built. Used for decode (see :meth:`HybridMLA.uses_absorbed`).
 
+``mla_use_rope=False`` (Kimi Linear's MLA, NoPE): the ``q_pe`` / ``k_pe`` channels are used as they are, unrotated
+(still one ``k_pe`` shared by all heads and cached), so attention sees no positions at all.
+
 RoPE layout: rotate-half (``layers.apply_rope``, the same as our attention mixer). transformers' ``deepseek_v3``
 defaults to ``rope_interleave=True`` (DeepSeek's checkpoints rotate adjacent pairs) and writes the rotated pairs
 back de-interleaved (evens, then odds). That equals rotate-half applied to the de-interleaved input, so a DeepSeek
@@ -224,9 +227,10 @@ class HybridMLA(nn.Module):
         b, t, _ = hidden_states.shape
         q_nope, q_pe, q_latent = self.project_q(hidden_states)
         c_kv, k_pe = self.project_kv(hidden_states)
-        cos, sin = ctx.rope(self.qk_rope_head_dim)
-        q_pe = apply_rope(q_pe, cos, sin)
-        k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+        if self.config.mla_use_rope:  # False = NoPE (Kimi Linear): the "rope" channels are ordinary shared channels
+            cos, sin = ctx.rope(self.qk_rope_head_dim)
+            q_pe = apply_rope(q_pe, cos, sin)
+            k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
         if ctx.cache is not None:
             # Single-head 4D tensors, as transformers' deepseek_v3 stores them: keys = c_kv, values = rotated k_pe.
             c_all, k_pe_all = ctx.cache.update(c_kv.unsqueeze(1), k_pe.unsqueeze(1), self.layer_idx)

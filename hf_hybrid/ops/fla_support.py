@@ -1,6 +1,6 @@
 """When to hand a linear-mixer op to fla-core's Triton kernels, and when to keep our torch path.
 
-Backends of every op in ``hf_hybrid.ops.{gated_delta,simple_gla}``:
+Backends of every op in ``hf_hybrid.ops.{gated_delta,simple_gla,kda}``:
 
 - ``"torch"``: our chunked torch form (any device, autograd, torch.compile).
 - ``"naive"``: the per-token recurrence (the spec; slow).
@@ -71,6 +71,25 @@ def _try_import_fla() -> str | None:
     return None
 
 
+# ops whose fla-core module is imported on first use, so that one broken kernel module only disables its own op
+_OP_MODULES = {"kda": "fla.ops.kda"}
+_op_import_errors: dict[str, str | None] = {}
+
+
+@torch.compiler.assume_constant_result
+def _op_import_error(op: str) -> str | None:
+    """None when ``op``'s own fla-core module imports (or it has none beyond the common ones), else why not."""
+    if op not in _op_import_errors:
+        error = None
+        if op in _OP_MODULES:
+            try:
+                importlib.import_module(_OP_MODULES[op])
+            except Exception as exc:  # a broken install must not break the other ops
+                error = f"fla-core's {_OP_MODULES[op]} failed to import ({type(exc).__name__}: {exc})"
+        _op_import_errors[op] = error
+    return _op_import_errors[op]
+
+
 def _version_tuple(version: str) -> tuple[int, ...]:
     parts = []
     for piece in version.split("+")[0].split(".")[:3]:
@@ -119,7 +138,7 @@ def needs_grad(*tensors: torch.Tensor | None) -> bool:
 
 def fla_refusal(op: str, tensors: tuple[torch.Tensor | None, ...], *, gated: bool) -> str | None:
     """Why fla-core cannot serve this call of ``op`` (None when it can)."""
-    error = fla_import_error()
+    error = fla_import_error() or _op_import_error(op)
     if error is not None:
         return error
     q = tensors[0]

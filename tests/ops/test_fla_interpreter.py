@@ -35,6 +35,7 @@ CASES = (
     "linear_attention",
     "simple_gla_varlen",
     "gla_per_channel",
+    "kda_gva_varlen_l2norm",
 )
 REPO_ROOT = Path(__file__).resolve().parents[2]
 HAVE_FLA = importlib.util.find_spec("fla") is not None and importlib.util.find_spec("triton") is not None
@@ -72,11 +73,13 @@ def _run_cases() -> dict[str, dict[str, float]]:
     and ``fla_calls``: how many times fla-core's entry point ran (so a silent fallback cannot pass)."""
     import fla.ops.gated_delta_rule
     import fla.ops.gla
+    import fla.ops.kda
     import fla.ops.simple_gla
     import torch
     import torch.nn.functional as F
 
     from hf_hybrid.ops.gated_delta import gated_delta_rule
+    from hf_hybrid.ops.kda import kda
     from hf_hybrid.ops.simple_gla import simple_gla
 
     calls = []
@@ -84,6 +87,7 @@ def _run_cases() -> dict[str, dict[str, float]]:
         (fla.ops.gated_delta_rule, "chunk_gated_delta_rule"),
         (fla.ops.simple_gla, "chunk_simple_gla"),
         (fla.ops.gla, "chunk_gla"),
+        (fla.ops.kda, "chunk_kda"),
     ):
         entry = getattr(module, name)
         setattr(module, name, lambda *a, _entry=entry, **kw: calls.append(1) or _entry(*a, **kw))
@@ -132,6 +136,11 @@ def _run_cases() -> dict[str, dict[str, float]]:
             "initial_state": randn(states, 2, 16, 32),
         }
 
+    def kda_inputs(batch, length, hk, hv, states):
+        inputs = gdn_inputs(batch, length, hk, hv, states)
+        inputs["g"] = F.logsigmoid(randn(batch, length, hv, 16) + 2)  # one log decay per key channel
+        return inputs
+
     cu_seqlens = torch.tensor([0, 13, 14, 45], dtype=torch.int32)
     return {
         "gdn_gva_l2norm": compare(gated_delta_rule, gdn_inputs(1, 50, 1, 2, 1), use_qk_l2norm=True),
@@ -147,6 +156,9 @@ def _run_cases() -> dict[str, dict[str, float]]:
         "linear_attention": compare(simple_gla, gla_inputs(1, 100, 1, None)),
         "simple_gla_varlen": compare(simple_gla, gla_inputs(1, 45, 3, (1, 45, 2)), cu_seqlens=cu_seqlens),
         "gla_per_channel": compare(simple_gla, gla_inputs(1, 50, 1, (1, 50, 2, 16))),
+        "kda_gva_varlen_l2norm": compare(
+            kda, kda_inputs(1, 45, 1, 2, 3), use_qk_l2norm=True, cu_seqlens=cu_seqlens, chunk_size=32
+        ),
     }
 
 

@@ -1,0 +1,122 @@
+"""Kimi Delta Attention (Kimi Linear's linear layers, Moonshot AI 2025), ``mixer_types`` value ``"kda"``.
+
+Per layer, with H = ``kda_num_heads`` heads of D = ``kda_head_dim`` (q, k and v alike) and r = ``kda_gate_rank``:
+
+1. ``q, k, v = q_proj(x), k_proj(x), v_proj(x)``, one depthwise causal conv (SiLU) over the concatenation
+   [q, k, v] (``conv1d``, no bias), then q and k L2-normalised per head (``x / sqrt(Σx² + 1e-6)``).
+2. forget gate, low rank and **per channel**: ``g = -exp(A_log[h]) · softplus(f_b_proj(f_a_proj(x)) + dt_bias)``
+   [B, T, H, D] (log decay; ``dt_bias`` one per channel, ``A_log`` one per head), kept in fp32.
+3. ``beta = sigmoid(b_proj(x))`` one per head; Kimi Delta Attention (``hf_hybrid.ops.kda``) mixes tokens.
+4. output: ``o_norm(o, g_b_proj(g_a_proj(x)))`` = RMSNorm per head **then** a **sigmoid** gate (Gated DeltaNet's
+   gate is SiLU), then ``o_proj``.
+
+Parameter names and shapes are transformers 5.24's ``KimiLinearDeltaAttention`` ones (``self_attn.*`` there,
+``mixer.*`` here), so importing or exporting a ``kimi_linear`` layer is a rename: ``q_proj``, ``k_proj``, ``v_proj``,
+``conv1d`` (channels [q, k, v], the three convs of Moonshot's checkpoint concatenated, as transformers does),
+``forget_gate.f_a_proj``, ``forget_gate.f_b_proj``, ``forget_gate.dt_bias`` [H·D], ``b_proj``, ``g_a_proj``,
+``g_b_proj``, ``o_norm.weight`` [D], ``o_proj``; and ``forget_gate.A_log``, which is [H] here (a vector, like Gated
+DeltaNet's, so the cost inspector counts it as one) and [1, 1, H, 1] there: a reshape.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configuration_hybrid import HybridConfig
+from ..layers import GatedRMSNorm
+from ..ops.kda import kda, recurrent_kda_step
+from .base import MixerContext, register_mixer
+from .recurrent import read_state, short_conv, write_state, zero_padding
+
+
+class KDAForgetGate(nn.Module):
+    """``g = -exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias)``: x [B, T, hidden] -> fp32 [B, T, H, D]."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = config.kda_num_heads, config.kda_head_dim
+        width = self.num_heads * self.head_dim
+        self.f_a_proj = nn.Linear(config.hidden_size, config.kda_gate_rank, bias=False)
+        self.f_b_proj = nn.Linear(config.kda_gate_rank, width, bias=False)
+        self.A_log = nn.Parameter(torch.zeros(self.num_heads))  # transformers keeps it [1, 1, H, 1]
+        self.dt_bias = nn.Parameter(torch.zeros(width))
+
+    def init_hybrid_weights(self, init, config: HybridConfig) -> None:
+        # Decay rates spread over [1, 16] (log-uniform A) and dt ~ [1e-3, 1e-1] per channel, as fla's KDA layer.
+        init.copy_(self.A_log, torch.empty(self.A_log.shape).uniform_(1, 16).log_())
+        width = self.dt_bias.shape[0]
+        dt = torch.exp(torch.rand(width) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        a = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
+        return -self.A_log.float().exp()[:, None] * F.softplus(a.view(b, t, self.num_heads, self.head_dim))
+
+
+@register_mixer("kda")
+class KimiDeltaAttention(nn.Module):
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.kda_num_heads
+        self.head_dim = config.kda_head_dim
+        width = self.num_heads * self.head_dim
+        self.width = width
+
+        self.q_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, width, bias=False)
+        self.conv1d = nn.Conv1d(
+            3 * width, 3 * width, config.kda_conv_kernel_size, groups=3 * width, padding=0, bias=False
+        )
+        self.forget_gate = KDAForgetGate(config)
+        self.b_proj = nn.Linear(config.hidden_size, self.num_heads, bias=False)
+        self.g_a_proj = nn.Linear(config.hidden_size, config.kda_gate_rank, bias=False)
+        self.g_b_proj = nn.Linear(config.kda_gate_rank, width, bias=False)
+        self.o_norm = GatedRMSNorm(
+            self.head_dim, eps=config.rms_norm_eps, norm_before_gate=True, gate_activation="sigmoid"
+        )
+        self.o_proj = nn.Linear(width, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        b, t, _ = hidden_states.shape
+        heads = (b, t, self.num_heads, self.head_dim)
+        state = read_state(ctx, self.layer_idx)
+        x = zero_padding(hidden_states, ctx)
+        mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        mixed, conv_state = short_conv(mixed, self.conv1d, ctx, state)
+        q, k, v = (y.reshape(heads) for y in mixed.split(self.width, dim=-1))
+
+        g = self.forget_gate(x)  # (B, T, H, D) fp32 log decay
+        beta = self.b_proj(x).float().sigmoid()  # (B, T, H)
+        # Padded positions must leave the state untouched: no decay (g = 0) and no write (β = 0).
+        g, beta = zero_padding(g, ctx), zero_padding(beta, ctx)
+
+        if state.decoding and t == 1:
+            o, recurrent = recurrent_kda_step(
+                q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent, use_qk_l2norm=True
+            )
+            o = o[:, None]
+        else:
+            o, recurrent = kda(
+                q,
+                k,
+                v,
+                g,
+                beta,
+                initial_state=state.recurrent if state.decoding else None,
+                output_final_state=ctx.cache is not None,
+                cu_seqlens=ctx.cu_seqlens,
+                use_qk_l2norm=True,
+                chunk_size=self.config.linear_chunk_size,
+                backend=self.config.linear_backend,
+            )
+        write_state(ctx, self.layer_idx, conv_state, recurrent)
+        o = self.o_norm(o, self.g_b_proj(self.g_a_proj(x)).reshape(heads))
+        return self.o_proj(o.reshape(b, t, self.width))
