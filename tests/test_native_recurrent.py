@@ -403,3 +403,16 @@ def test_minimax_like_preset_exports_to_minimax():
     assert native.num_local_experts == 32 and native.num_experts_per_tok == 2 and native.intermediate_size == 9216
     assert abs(native.linear_attn_alpha_factor - 160**0.25) < 1e-12 and native.linear_attn_beta_factor == 1.0
     assert native.mlp_alpha_factor == native.full_attn_alpha_factor == native.linear_attn_alpha_factor
+
+
+def test_mamba_init_only_fields_do_not_block_export():
+    """mamba_dt_min / mamba_dt_max / mamba_dt_init_floor only seed the dt initialisation: a model built with other
+    values still exports to bamba (the clamp that does change the function is mamba_dt_limit)."""
+    from hf_hybrid import HybridConfig
+
+    cfg = import_native(tiny_native("bamba")).config.to_dict()
+    cfg.pop("layer_types")
+    other = HybridConfig.from_dict({**cfg, "mamba_dt_min": 0.01, "mamba_dt_max": 0.2, "mamba_dt_init_floor": 1e-3})
+    assert get_family("bamba").native_config(other).time_step_limit == (0.0, float("inf"))
+    clamped = HybridConfig.from_dict({**cfg, "mamba_dt_limit": [0.01, 10.0]})
+    assert get_family("bamba").native_config(clamped).time_step_limit == (0.01, 10.0)
