@@ -319,6 +319,10 @@ class HybridConfig(PreTrainedConfig):
             self.linear_head_dim = self.head_dim
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = max(1, self.intermediate_size // max(1, self.num_experts_per_tok))
+        for name in ("mixer_residual_scales", "mixer_output_scales"):  # all ones is the default: one spelling
+            values = getattr(self, name)
+            if isinstance(values, (list, tuple)) and all(v == 1 for v in values):
+                setattr(self, name, None)
         if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
             self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
 

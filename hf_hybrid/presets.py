@@ -134,6 +134,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         linear_scale=1.0,
         linear_norm_scope="full",
         linear_output_gate=True,
+        linear_norm_eps=1e-6,
+        # DeepNorm-style residuals: h = α·norm(x) + f(norm(x)) with α = (2 · 80 layers)^¼ for every branch.
+        residual_from_norm=True,
+        mixer_residual_scales=[(2 * 80) ** 0.25] * 80,
+        mlp_residual_scale=(2 * 80) ** 0.25,
+        rms_norm_eps=1e-5,
         mlp_pattern="moe",
         num_experts=32,
         num_experts_per_tok=2,

@@ -390,3 +390,29 @@ def test_inspect_native_directory_equals_the_import(tmp_path, capsys):
     native_cost = json.loads(capsys.readouterr().out)
     assert native_cost == json.loads(estimate_cost(import_native(src).config).to_json())
     assert native_cost["total_params"] == sum(p.numel() for p in tiny_native("qwen3_next").parameters())
+
+
+def test_minimax_like_preset_exports_to_minimax():
+    """minimax-like is MiniMax-Text-01's shape and function (7:1 lightning : softmax, α = 160^¼ residuals); with full
+    RoPE (transformers' MiniMax rotates the whole head) it maps onto transformers' MiniMaxConfig."""
+    from hf_hybrid.presets import preset_config
+
+    cfg = preset_config("minimax-like", rope_parameters={"rope_type": "default", "rope_theta": 1e7})
+    native = get_family("minimax").native_config(cfg)
+    assert native.layer_types.count("full_attention") == 10 and native.layer_types[7] == "full_attention"
+    assert native.num_local_experts == 32 and native.num_experts_per_tok == 2 and native.intermediate_size == 9216
+    assert abs(native.linear_attn_alpha_factor - 160**0.25) < 1e-12 and native.linear_attn_beta_factor == 1.0
+    assert native.mlp_alpha_factor == native.full_attn_alpha_factor == native.linear_attn_alpha_factor
+
+
+def test_mamba_init_only_fields_do_not_block_export():
+    """mamba_dt_min / mamba_dt_max / mamba_dt_init_floor only seed the dt initialisation: a model built with other
+    values still exports to bamba (the clamp that does change the function is mamba_dt_limit)."""
+    from hf_hybrid import HybridConfig
+
+    cfg = import_native(tiny_native("bamba")).config.to_dict()
+    cfg.pop("layer_types")
+    other = HybridConfig.from_dict({**cfg, "mamba_dt_min": 0.01, "mamba_dt_max": 0.2, "mamba_dt_init_floor": 1e-3})
+    assert get_family("bamba").native_config(other).time_step_limit == (0.0, float("inf"))
+    clamped = HybridConfig.from_dict({**cfg, "mamba_dt_limit": [0.01, 10.0]})
+    assert get_family("bamba").native_config(clamped).time_step_limit == (0.01, 10.0)

@@ -174,6 +174,9 @@ NON_FUNCTIONAL_FIELDS = frozenset(
         "linear_backend",
         "linear_chunk_size",
         "mla_decode",
+        "mamba_dt_min",  # Mamba-2 dt initialisation only (the clamp is mamba_dt_limit)
+        "mamba_dt_max",
+        "mamba_dt_init_floor",
         "attention_dropout",
         "hf_hybrid_lineage",
         "hf_hybrid_format_version",
