@@ -199,6 +199,7 @@ PRESETS["kimi-linear-like"] = dict(
     qk_rope_head_dim=64,
     v_head_dim=128,
     mla_use_rope=False,
+    mla_norm_eps=1e-6,  # the latent norms' eps in transformers' kimi_linear, whatever rms_norm_eps is
     kda_num_heads=32,
     kda_head_dim=128,
     kda_conv_kernel_size=4,

@@ -60,6 +60,7 @@ FAMILY_MODULES: dict[str, str] = {
     "minimax": "minimax",
     "granitemoehybrid": "granitemoehybrid",
     "nemotron_h": "nemotron_h",
+    "kimi_linear": "kimi_linear",
 }
 
 

@@ -201,9 +201,12 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
     "gdn": (lambda c: "gated_deltanet" in c.mixer_types, None),
     "mamba": (lambda c: "mamba2" in c.mixer_types, None),
     "linear": (lambda c: "linear_attention" in c.mixer_types, None),
+    "kda": (lambda c: "kda" in c.mixer_types, None),
     "dense": (lambda c: "dense" in c.mlp_types, ("intermediate_size", "mlp_bias")),
 }
-_PREFIX_GROUPS = {"dsa": ("index_", "dsa_"), "gdn": ("gdn_",), "mamba": ("mamba_",), "linear": ("linear_",)}
+_PREFIX_GROUPS = {
+    "dsa": ("index_", "dsa_"), "gdn": ("gdn_",), "mamba": ("mamba_",), "linear": ("linear_",), "kda": ("kda_",),
+}
 _MOE_FIELDS = (
     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_shared_experts", "router_scoring_func",
     "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "moe_routing", "moe_capacity_factor",
