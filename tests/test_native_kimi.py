@@ -283,26 +283,22 @@ def test_export_refuses_a_non_zero_expert_bias_it_can_carry_but_not_a_mismatch(t
 # ---- cost, inspect, preset ------------------------------------------------------------------------------------
 
 
-def test_cost_formulas_match_the_built_modules():
-    from hf_hybrid.cost import COST_FUNCTIONS, MLP_COST_FUNCTIONS, estimate_cost, measure_module
-    from hf_hybrid.mixers import MIXER_REGISTRY
-    from hf_hybrid.mlp import MLP_REGISTRY
+def test_cost_equals_the_built_models():
+    """The inspector's count (KDA, NoPE MLA with q-LoRA, MoE with shared expert) = the parameters of our import
+    = those of transformers' model; KDA layers cache a constant state, MLA ones (r + dr) numbers per token."""
+    from hf_hybrid.cost import estimate_cost
 
     native = tiny_native(q_lora_rank=12)
     ours = import_native(native)
-    config = ours.config
-    for i, (mixer, mlp) in enumerate(zip(config.mixer_types, config.mlp_types)):
-        formula = COST_FUNCTIONS[mixer](config, i)
-        assert measure_module(MIXER_REGISTRY, mixer, config, i) == (formula.params, formula.matmul_params), i
-        formula = MLP_COST_FUNCTIONS[mlp](config, i)
-        assert measure_module(MLP_REGISTRY, mlp, config, i) == (formula.params, formula.matmul_params), i
-    cost = estimate_cost(config)
+    cost = estimate_cost(ours.config, dtype_bytes=4)
     assert cost.exact
     assert cost.total_params == sum(p.numel() for p in ours.parameters())
     assert cost.total_params == sum(p.numel() for p in native.parameters())
+    mla = cost.by_mixer()["mla"]["cache_bytes_per_token_per_layer"]
+    assert mla == (16 + 4) * 4  # kv_lora_rank + qk_rope_head_dim, fp32
 
 
-def test_inspect_native_directory_equals_the_import(tmp_path, capsys):
+def test_cli_inspect_native_directory_equals_the_import(tmp_path, capsys):
     from hf_hybrid.cli import main
     from hf_hybrid.cost import estimate_cost
 
@@ -311,9 +307,12 @@ def test_inspect_native_directory_equals_the_import(tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "src"), "--json"]) == 0
     native_cost = json.loads(capsys.readouterr().out)
-    import_native(tmp_path / "src", tmp_path / "hyb")
+    assert main(["import", str(tmp_path / "src"), str(tmp_path / "hyb")]) == 0
+    capsys.readouterr()
     assert main(["inspect", str(tmp_path / "hyb"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == native_cost
+    assert main(["export", str(tmp_path / "hyb"), str(tmp_path / "nat")]) == 0  # the family from the lineage
+    assert json.loads((tmp_path / "nat" / "config.json").read_text())["model_type"] == "kimi_linear"
     assert native_cost == json.loads(estimate_cost(native_to_hybrid_config(tmp_path / "src")).to_json())
     assert native_cost["total_params"] == sum(p.numel() for p in native.parameters())
 
