@@ -416,3 +416,26 @@ def test_mamba_init_only_fields_do_not_block_export():
     assert get_family("bamba").native_config(other).time_step_limit == (0.0, float("inf"))
     clamped = HybridConfig.from_dict({**cfg, "mamba_dt_limit": [0.01, 10.0]})
     assert get_family("bamba").native_config(clamped).time_step_limit == (0.01, 10.0)
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+def test_ungated_experts_match_the_loop_and_transformers_kernels(implementation):
+    """HybridUngatedExperts (mlp_gated=False): the eager path = the naive per-expert loop = transformers' has_gate=False
+    kernels selected by experts_implementation."""
+    from hf_hybrid.moe import HybridUngatedExperts, experts_forward_loop
+
+    ours = import_native(tiny_native("nemotron_h"))
+    experts = ours.model.layers[1].mlp.experts
+    assert isinstance(experts, HybridUngatedExperts)
+    torch.manual_seed(0)
+    x = torch.randn(13, ours.config.hidden_size)
+    index = torch.stack([torch.randperm(ours.config.num_experts)[:2] for _ in range(13)])
+    weights = torch.rand(13, 2)
+    with torch.no_grad():
+        eager = experts(x, index, weights)
+        loop = experts_forward_loop(experts, x, index, weights)
+        ours.set_experts_implementation(implementation)
+        assert experts.config._experts_implementation == implementation  # the dispatcher reads this
+        kernel = experts(x, index, weights)
+    torch.testing.assert_close(eager, loop, atol=1e-6, rtol=0)
+    torch.testing.assert_close(kernel, loop, atol=1e-6, rtol=0)
