@@ -439,3 +439,11 @@ def test_ungated_experts_match_the_loop_and_transformers_kernels(implementation)
         kernel = experts(x, index, weights)
     torch.testing.assert_close(eager, loop, atol=1e-6, rtol=0)
     torch.testing.assert_close(kernel, loop, atol=1e-6, rtol=0)
+
+
+def test_upcycle_refuses_ungated_mlps():
+    from hf_hybrid.convert.upcycle import UpcycleOptions, check_upcycle
+
+    config = import_native(tiny_native("nemotron_h", layers_block_type=["linear_attention", "mlp"])).config
+    with pytest.raises(ValueError, match="mlp_gated=False"):
+        check_upcycle(config, UpcycleOptions(num_experts=4, top_k=2))
