@@ -447,3 +447,17 @@ def test_upcycle_refuses_ungated_mlps():
     config = import_native(tiny_native("nemotron_h", layers_block_type=["linear_attention", "mlp"])).config
     with pytest.raises(ValueError, match="mlp_gated=False"):
         check_upcycle(config, UpcycleOptions(num_experts=4, top_k=2))
+
+
+def test_options_of_absent_layer_kinds_do_not_block_export():
+    """attention_rope / attention_scaling matter only with softmax-attention layers, shared-expert options only with
+    MoE layers: a pure Mamba-2 model exports to bamba whatever they say; with an attention layer NoPE is refused."""
+    from hf_hybrid import HybridConfig
+
+    cfg = import_native(tiny_native("bamba", attn_layer_indices=[])).config.to_dict()
+    cfg.pop("layer_types")
+    odd = {"attention_rope": False, "attention_scaling": 0.5, "num_shared_experts": 1, "shared_expert_gate": True}
+    get_family("bamba").native_config(HybridConfig.from_dict({**cfg, **odd}))
+    with_attention = {**cfg, "mixer_types": ["mamba2", "attention", "mamba2"], "attention_rope": False}
+    with pytest.raises(NativeConversionError, match="attention_rope=False"):
+        get_family("bamba").native_config(HybridConfig.from_dict(with_attention))
