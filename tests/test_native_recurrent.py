@@ -461,3 +461,33 @@ def test_options_of_absent_layer_kinds_do_not_block_export():
     with_attention = {**cfg, "mixer_types": ["mamba2", "attention", "mamba2"], "attention_rope": False}
     with pytest.raises(NativeConversionError, match="attention_rope=False"):
         get_family("bamba").native_config(HybridConfig.from_dict(with_attention))
+
+
+@pytest.mark.slow  # a fresh interpreter importing transformers: ~10 s on a shared CPU
+def test_exported_qwen3_next_loads_without_hf_hybrid(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    native = tiny_native("qwen3_next")
+    export_native(import_native(native), tmp_path / "out")
+    ids, mask = left_padded_batch(native.config.vocab_size)
+    torch.save({"ids": ids, "mask": mask, "pos": positions(mask)}, tmp_path / "batch.pt")
+    script = (
+        "import sys, torch\n"
+        "import transformers.models.qwen3_next.modeling_qwen3_next as m\n"
+        "for n in ('torch_chunk_gated_delta_rule', 'torch_recurrent_gated_delta_rule', 'causal_conv1d_fn',\n"
+        "          'causal_conv1d_update'):\n"
+        "    setattr(m, n, getattr(getattr(m, n), '__wrapped__', getattr(m, n)))  # fla-core's kernels need a GPU\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()\n"
+        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    out = model(input_ids=b['ids'], attention_mask=b['mask'], position_ids=b['pos'], use_cache=False).logits\n"
+        f"torch.save(out, {str(tmp_path / 'logits.pt')!r})\n"
+        "assert 'hf_hybrid' not in sys.modules, 'hf_hybrid was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+    assert max_diff_real(native_logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask) <= ATOL
