@@ -416,3 +416,78 @@ def test_mamba_init_only_fields_do_not_block_export():
     assert get_family("bamba").native_config(other).time_step_limit == (0.0, float("inf"))
     clamped = HybridConfig.from_dict({**cfg, "mamba_dt_limit": [0.01, 10.0]})
     assert get_family("bamba").native_config(clamped).time_step_limit == (0.01, 10.0)
+
+
+@pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
+def test_ungated_experts_match_the_loop_and_transformers_kernels(implementation):
+    """HybridUngatedExperts (mlp_gated=False): the eager path = the naive per-expert loop = transformers' has_gate=False
+    kernels selected by experts_implementation."""
+    from hf_hybrid.moe import HybridUngatedExperts, experts_forward_loop
+
+    ours = import_native(tiny_native("nemotron_h"))
+    experts = ours.model.layers[1].mlp.experts
+    assert isinstance(experts, HybridUngatedExperts)
+    torch.manual_seed(0)
+    x = torch.randn(13, ours.config.hidden_size)
+    index = torch.stack([torch.randperm(ours.config.num_experts)[:2] for _ in range(13)])
+    weights = torch.rand(13, 2)
+    with torch.no_grad():
+        eager = experts(x, index, weights)
+        loop = experts_forward_loop(experts, x, index, weights)
+        ours.set_experts_implementation(implementation)
+        assert experts.config._experts_implementation == implementation  # the dispatcher reads this
+        kernel = experts(x, index, weights)
+    torch.testing.assert_close(eager, loop, atol=1e-6, rtol=0)
+    torch.testing.assert_close(kernel, loop, atol=1e-6, rtol=0)
+
+
+def test_upcycle_refuses_ungated_mlps():
+    from hf_hybrid.convert.upcycle import UpcycleOptions, check_upcycle
+
+    config = import_native(tiny_native("nemotron_h", layers_block_type=["linear_attention", "mlp"])).config
+    with pytest.raises(ValueError, match="mlp_gated=False"):
+        check_upcycle(config, UpcycleOptions(num_experts=4, top_k=2))
+
+
+def test_options_of_absent_layer_kinds_do_not_block_export():
+    """attention_rope / attention_scaling matter only with softmax-attention layers, shared-expert options only with
+    MoE layers: a pure Mamba-2 model exports to bamba whatever they say; with an attention layer NoPE is refused."""
+    from hf_hybrid import HybridConfig
+
+    cfg = import_native(tiny_native("bamba", attn_layer_indices=[])).config.to_dict()
+    cfg.pop("layer_types")
+    odd = {"attention_rope": False, "attention_scaling": 0.5, "num_shared_experts": 1, "shared_expert_gate": True}
+    get_family("bamba").native_config(HybridConfig.from_dict({**cfg, **odd}))
+    with_attention = {**cfg, "mixer_types": ["mamba2", "attention", "mamba2"], "attention_rope": False}
+    with pytest.raises(NativeConversionError, match="attention_rope=False"):
+        get_family("bamba").native_config(HybridConfig.from_dict(with_attention))
+
+
+@pytest.mark.slow  # a fresh interpreter importing transformers: ~10 s on a shared CPU
+def test_exported_qwen3_next_loads_without_hf_hybrid(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    native = tiny_native("qwen3_next")
+    export_native(import_native(native), tmp_path / "out")
+    ids, mask = left_padded_batch(native.config.vocab_size)
+    torch.save({"ids": ids, "mask": mask, "pos": positions(mask)}, tmp_path / "batch.pt")
+    script = (
+        "import sys, torch\n"
+        "import transformers.models.qwen3_next.modeling_qwen3_next as m\n"
+        "for n in ('torch_chunk_gated_delta_rule', 'torch_recurrent_gated_delta_rule', 'causal_conv1d_fn',\n"
+        "          'causal_conv1d_update'):\n"
+        "    setattr(m, n, getattr(getattr(m, n), '__wrapped__', getattr(m, n)))  # fla-core's kernels need a GPU\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()\n"
+        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    out = model(input_ids=b['ids'], attention_mask=b['mask'], position_ids=b['pos'], use_cache=False).logits\n"
+        f"torch.save(out, {str(tmp_path / 'logits.pt')!r})\n"
+        "assert 'hf_hybrid' not in sys.modules, 'hf_hybrid was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["OMP_NUM_THREADS"] = "1"
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+    assert max_diff_real(native_logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask) <= ATOL

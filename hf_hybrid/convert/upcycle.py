@@ -283,6 +283,11 @@ def check_upcycle(config: HybridConfig, opts: UpcycleOptions) -> list[int]:
             f"upcycle: the source already has MoE layers ({have}); MoE settings are global in HybridConfig, so "
             "upcycle starts from a model whose MLPs are dense"
         )
+    if not config.mlp_gated:
+        raise ValueError(
+            "upcycle: HybridConfig.mlp_gated=False (ungated MLPs, e.g. a Nemotron-H import) is not supported; "
+            "upcycling copies gated SwiGLU MLPs into gated experts"
+        )
     dense = [i for i, t in enumerate(config.mlp_types) if t == "dense"]
     if not dense:
         raise ValueError(f"upcycle: the source has no dense MLP layers (mlp_types={config.mlp_types}); nothing to upcycle")

@@ -190,7 +190,8 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
     "gqa": (
         lambda c: bool({"attention", "sliding_attention"} & set(c.mixer_types))
         or ("dsa" in c.mixer_types and c.dsa_base == "attention"),
-        ("num_key_value_heads", "head_dim", "use_qk_norm", "attention_output_gate", "attention_bias"),
+        ("num_key_value_heads", "head_dim", "use_qk_norm", "attention_output_gate", "attention_bias",
+         "attention_rope", "attention_scaling"),
     ),
     "sliding": (lambda c: "sliding_attention" in c.mixer_types, ("sliding_window",)),
     "mla": (
@@ -210,6 +211,7 @@ _PREFIX_GROUPS = {
 _MOE_FIELDS = (
     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_shared_experts", "router_scoring_func",
     "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "moe_routing", "moe_capacity_factor",
+    "shared_expert_intermediate_size", "shared_expert_gate",
 )
 
 

@@ -135,6 +135,10 @@ FAMILIES = {
             moe_shared_expert_intermediate_size=24, n_group=2, topk_group=1, routed_scaling_factor=1.5,
             max_position_embeddings=256, pad_token_id=0,
         ),
+        exactness=(
+            "exact: fp32 logits ≤ 1e-7; transformers' decode step does not clamp the Mamba-2 step at time_step_min "
+            "(its prefill and ours do): equal while Δ ≥ time_step_min"
+        ),
         check_ours=_check_ours,
     ),
 }
