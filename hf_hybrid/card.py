@@ -88,6 +88,8 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
                 ("qk-norm", config.use_qk_norm),
                 ("output gate", config.attention_output_gate),
                 ("qkv bias", config.attention_bias),
+                ("no RoPE", not config.attention_rope),
+                (f"scale {config.attention_scaling}", config.attention_scaling is not None),
             )
             if on
         ]
@@ -148,18 +150,34 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
             (
                 "linear attention",
                 f"{config.linear_num_heads} heads × {config.linear_head_dim}, feature map "
-                f"{config.linear_feature_map}, decay {config.linear_decay}, conv {config.linear_conv_kernel_size}",
+                f"{config.linear_feature_map}, decay {config.linear_decay}, conv {config.linear_conv_kernel_size}"
+                + (", SiLU q/k/v" if config.linear_qkv_activation == "silu" else "")
+                + (", full-width norm" if config.linear_norm_scope == "full" else "")
+                + (", output gate" if config.linear_output_gate else ""),
             )
         )
+    if "none" in mixers:
+        rows.append(("MLP-only layers", str([i for i, m in enumerate(config.mixer_types) if m == "none"])))
+    scaled = (config.residual_from_norm or config.mixer_residual_scales or config.mixer_output_scales
+              or config.mlp_residual_scale != 1 or config.mlp_output_scale != 1)
+    if scaled:
+        where = "the input norm's output" if config.residual_from_norm else "the layer input"
+        rows.append(("residuals", f"α·residual + β·branch, residual = {where}"))
+    multipliers = [(n, getattr(config, n)) for n in ("embedding_multiplier", "logits_scaling")
+                   if getattr(config, n) != 1]
+    if multipliers:
+        rows.append(("multipliers", ", ".join(f"{n} {v}" for n, v in multipliers)))
     if "dense" in config.mlp_types:
-        rows.append(("dense MLP", f"SwiGLU ({config.hidden_act}), intermediate {config.intermediate_size}"))
+        kind = "SwiGLU" if config.mlp_gated else "ungated MLP"
+        rows.append(("dense MLP", f"{kind} ({config.hidden_act}), intermediate {config.intermediate_size}"))
     if "moe" in config.mlp_types:
         rows.append(
             (
                 "MoE",
                 f"{config.num_experts} experts, top-{config.num_experts_per_tok} "
                 f"({config.router_scoring_func}, {config.moe_routing}), expert intermediate "
-                f"{config.moe_intermediate_size}, {config.num_shared_experts} shared",
+                f"{config.moe_intermediate_size}, {config.num_shared_experts} shared"
+                + (f" ({config.shared_expert_size} wide, sigmoid-gated)" if config.shared_expert_gate else ""),
             )
         )
     return rows

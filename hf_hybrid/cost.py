@@ -78,7 +78,7 @@ def _attention_parts(config: HybridConfig) -> tuple[int, int]:
     q_out = nq * d * (2 if config.attention_output_gate else 1)
     matmul = h * q_out + 2 * h * nkv * d + nq * d * h
     bias = (q_out + 2 * nkv * d) if config.attention_bias else 0
-    norms = 2 * d if config.use_qk_norm else 0
+    norms = (2 * d if config.qk_norm_scope == "head" else (nq + nkv) * d) if config.use_qk_norm else 0
     return matmul + bias + norms, matmul
 
 
@@ -160,7 +160,11 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         heads, qk, v = config.num_attention_heads, config.head_dim, config.head_dim
         q_in = config.hidden_size
     h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
-    if config.dsa_selector == "indexer":
+    if config.dsa_selector == "indexer" and not config.dsa_layer_has_indexer(layer_idx):
+        # a "shared" layer (dsa_indexer_types): no indexer of its own, the previous full layer's top-k
+        hi = di = 0
+        kept = config.index_topk
+    elif config.dsa_selector == "indexer":
         # wq_b (from the q latent), wk (one shared key per token), LayerNorm on k (weight + bias), weights_proj.
         idx_matmul = q_in * hi * di + h * di + h * hi
         params, matmul, cache = params + idx_matmul + 2 * di, matmul + idx_matmul, cache + di
@@ -209,7 +213,7 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     inner = nh * p
     conv_channels = inner + 2 * g * n
     matmul = h * (2 * inner + 2 * g * n + nh) + conv_channels * k + inner * h
-    params = matmul + conv_channels + 3 * nh + inner
+    params = matmul + (conv_channels if config.mamba_conv_bias else 0) + 3 * nh + inner
     state = conv_channels * (k - 1) + nh * p * n
     # Per token and head: decay h (p·n), h += Δ·B xᵀ (2·p·n), y = Cᵀh (2·p·n).
     step = 5.0 * nh * p * n
@@ -218,19 +222,23 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
 
 def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """q/k/v/o projections, optional short conv on q,k,v, feature map φ, optional data-dependent decay gate
-    (``g_proj``: one per head or per feature channel), and an output RMSNorm when φ is the identity."""
+    (``g_proj``: one per head or per feature channel; a fixed slope has no parameters), an output RMSNorm (per head or
+    over all heads) when φ is the identity, and the optional sigmoid output gate [H, nh·d]."""
     h, nh, d = config.hidden_size, config.linear_num_heads, config.linear_head_dim
     k = config.linear_conv_kernel_size
     feat = config.linear_random_features if config.linear_feature_map == "random_features" else d
-    gates = {"none": 0, "scalar": nh, "per_channel": nh * feat}[config.linear_decay]
-    matmul = 4 * h * nh * d + (3 * nh * d * k if k > 0 else 0) + h * gates
+    gates = {"none": 0, "scalar": nh, "per_channel": nh * feat, "fixed_slope": 0}[config.linear_decay]
+    out_gate = h * nh * d if config.linear_output_gate else 0  # sigmoid output gate (MiniMax)
+    matmul = 4 * h * nh * d + (3 * nh * d * k if k > 0 else 0) + h * gates + out_gate
     positive = config.linear_feature_map != "identity"  # normalised by φ(q)ᵀz instead of an output norm
-    params = matmul + gates + (0 if positive else d)
+    norm = 0 if positive else (nh * d if config.linear_norm_scope == "full" else d)
+    params = matmul + gates + norm
     # State: S [nh, f, d] plus the normaliser z [nh, f] (kept as an extra value column), and the conv tail.
     recurrent = nh * feat * (d + (1 if positive else 0))
     state = recurrent + (3 * nh * d * (k - 1) if k > 0 else 0)
     # Per token and head: S += φ(k) vᵀ (2·f·d), o = φ(q)ᵀ S (2·f·d), decay (f·d), normaliser (4·f).
-    step = nh * (4.0 * feat * d + (feat * d if gates else 0) + (4.0 * feat if positive else 0))
+    decays = gates or config.linear_decay == "fixed_slope"
+    step = nh * (4.0 * feat * d + (feat * d if decays else 0) + (4.0 * feat if positive else 0))
     return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=recurrent)
 
 
@@ -262,23 +270,31 @@ def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
 
 
 def _swiglu(config: HybridConfig, intermediate: int) -> int:
-    return 3 * config.hidden_size * intermediate
+    return (3 if config.mlp_gated else 2) * config.hidden_size * intermediate  # ungated: no gate_proj
 
 
 def dense_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     matmul = _swiglu(config, config.intermediate_size)
-    bias = 2 * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
+    bias = (2 if config.mlp_gated else 1) * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
     return MLPCost(matmul + bias, matmul)
 
 
 def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
-    """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (a SwiGLU of n_shared · I)."""
+    """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (one SwiGLU of
+    ``shared_expert_size``), and their sigmoid gate [1, H] when ``shared_expert_gate``."""
     e, k = config.num_experts, config.num_experts_per_tok
     expert = _swiglu(config, config.moe_intermediate_size)
     router = e * config.hidden_size
-    shared = config.num_shared_experts * expert
+    shared = _swiglu(config, config.shared_expert_size)
+    if config.num_shared_experts > 0 and config.shared_expert_gate:
+        shared += config.hidden_size  # the shared experts' sigmoid gate [1, H]
     total = router + e * expert + shared
     return MLPCost(total, total, inactive_params=(e - k) * expert)
+
+
+def no_mixer_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """An MLP-only layer: no token mixer and no input norm."""
+    return MixerCost(0, 0)
 
 
 def no_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
@@ -334,6 +350,13 @@ class CostReport:
     layers: list[LayerCost]
     exact: bool
     state_dtype_bytes: int | None = None
+    lm_head_params: int = 0  # 0 when tied to the embedding
+
+    @property
+    def active_non_embedding_params(self) -> int:
+        """Active parameters without the embedding and the (untied) LM head: the figure model cards publish
+        (MiniMax-01's "45.9 B activated", Qwen3-Next's "A3B")."""
+        return self.active_params - self.embedding_params - self.lm_head_params
 
     # ---- derived numbers ---------------------------------------------------------------------------------------
     @property
@@ -381,6 +404,7 @@ class CostReport:
         return {
             "total_params": self.total_params,
             "active_params": self.active_params,
+            "active_non_embedding_params": self.active_non_embedding_params,
             "embedding_params": self.embedding_params,
             "params_exact": self.exact,
             "dtype_bytes": self.dtype_bytes,
@@ -449,7 +473,8 @@ class CostReport:
             f"layers      {len(self.layers)}: {compress_pattern([layer.mixer for layer in self.layers])}",
             f"MLPs        {compress_pattern([layer.mlp for layer in self.layers])}",
             f"parameters  total {format_count(self.total_params)} ({self.total_params:,}), "
-            f"active {format_count(self.active_params)} ({self.active_params:,}); "
+            f"active {format_count(self.active_params)} ({self.active_params:,}; "
+            f"{format_count(self.active_non_embedding_params)} without embeddings); "
             f"embeddings {format_count(self.embedding_params)}  [{exact}]",
             f"cache dtype {self.dtype_bytes} bytes/element; bytes are per sequence unless marked per token",
             "",
@@ -532,7 +557,7 @@ def estimate_cost(
         measured = measure_module(mixer_kind.cls, config, i) if measure else None
         if measured is not None:
             mixer_params, mixer_matmul = measured
-        else:
+        elif mixer_kind.cls is not None:  # a kind without a module (an MLP-only layer): its zero is exact
             exact = False
         if mlp != "none":
             measured = measure_module(mlp_kind.cls, config, i) if measure else None
@@ -540,7 +565,7 @@ def estimate_cost(
                 mlp_params, mlp_matmul = measured
             else:
                 exact = False
-        norms = h + (h if mlp != "none" else 0)
+        norms = (h if mixer != "none" else 0) + (h if mlp != "none" else 0)
         params = norms + mixer_params + mlp_params
         layers.append(
             LayerCost(
@@ -573,6 +598,7 @@ def estimate_cost(
         layers=layers,
         exact=all_exact,
         state_dtype_bytes=state_dtype_bytes,
+        lm_head_params=lm_head,
     )
 
 

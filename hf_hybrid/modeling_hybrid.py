@@ -99,8 +99,18 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.mixer_type = config.mixer_types[layer_idx]
         self.mlp_type = config.mlp_types[layer_idx]
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mixer = mixer_spec(self.mixer_type).cls(config, layer_idx)
+        mixer_cls = mixer_spec(self.mixer_type).cls
+        if mixer_cls is None:  # an MLP-only layer (no token mixer, no input norm)
+            self.input_layernorm = self.mixer = None
+        else:
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mixer = mixer_cls(config, layer_idx)
+        self.residual_from_norm = config.residual_from_norm
+        self.mixer_scales = (
+            float((config.mixer_residual_scales or [1.0] * config.num_hidden_layers)[layer_idx]),
+            float((config.mixer_output_scales or [1.0] * config.num_hidden_layers)[layer_idx]),
+        )
+        self.mlp_scales = (float(config.mlp_residual_scale), float(config.mlp_output_scale))
         mlp_cls = mlp_spec(self.mlp_type).cls
         if mlp_cls is None:  # a mixer-only layer
             self.post_attention_layernorm = None
@@ -111,9 +121,16 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         before = ctx.aux_count()
-        hidden_states = hidden_states + self.mixer(self.input_layernorm(hidden_states), ctx)
+        if self.mixer is not None:
+            normed = self.input_layernorm(hidden_states)
+            hidden_states = self._residual(
+                normed if self.residual_from_norm else hidden_states, self.mixer(normed, ctx), *self.mixer_scales
+            )
         if self.mlp is not None:
-            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), ctx)
+            normed = self.post_attention_layernorm(hidden_states)
+            hidden_states = self._residual(
+                normed if self.residual_from_norm else hidden_states, self.mlp(normed, ctx), *self.mlp_scales
+            )
         # This layer's auxiliary terms reach their parameters through its output, whatever loss is built on top
         # (hf_hybrid/aux_loss.py); under reentrant checkpointing this happens when the backward replays the layer.
         attached = None
@@ -124,6 +141,15 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         if attached is not None:
             hidden_states = attach_aux_loss(hidden_states, attached, ctx.aux_scale)
         return hidden_states
+
+    @staticmethod
+    def _residual(residual: torch.Tensor, out: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+        """``α·residual + β·out`` (scales of 1 skipped: the default block is exactly ``residual + out``)."""
+        if alpha != 1.0:
+            residual = residual * alpha
+        if beta != 1.0:
+            out = out * beta
+        return residual + out
 
 
 class HybridPreTrainedModel(PreTrainedModel):
@@ -353,6 +379,8 @@ class HybridModel(HybridPreTrainedModel):
             raise ValueError("HybridModel.forward: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if config.embedding_multiplier != 1.0:
+            inputs_embeds = inputs_embeds * config.embedding_multiplier
         batch, seq_len = inputs_embeds.shape[:2]
         use_cache = config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
@@ -618,6 +646,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
 
         lm_loss = None
         if labels is not None:

@@ -51,7 +51,7 @@ class MixerSpec:
     """
 
     name: str
-    cls: type
+    cls: type | None  # None: no token mixer at all (an MLP-only layer)
     layer_type: str
     mask: str | Callable[[Any], str | None] | None = None
     recurrent: bool = False
@@ -119,7 +119,8 @@ def register_mixer(
     validate: Callable[[Any], None] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator declaring a token mixer (see :class:`MixerSpec`). ``needs_padding_mask`` defaults to
-    ``recurrent``. Registering a different class under a taken name is an error."""
+    ``recurrent``. Registering a different class under a taken name is an error. ``register_mixer("none", ...)(None)``
+    declares a layer without token mixer (no module, no input norm)."""
     _check_name("mixer", name)
     if layer_type not in LAYER_TYPES:
         raise ValueError(f"register_mixer({name!r}): layer_type={layer_type!r}; choose one of {', '.join(LAYER_TYPES)}")
@@ -127,9 +128,11 @@ def register_mixer(
         raise ValueError(f"register_mixer({name!r}): mask={mask!r}; choose None or one of {', '.join(MASKS)}")
     defaults = dict(config_defaults or {})
 
-    def wrap(cls: type) -> type:
+    def wrap(cls: type | None) -> type | None:
         old = _MIXERS.get(name)
-        if old is not None and old.cls is not cls and old.cls.__qualname__ != cls.__qualname__:
+        if old is not None and old.cls is not cls and getattr(old.cls, "__qualname__", None) != getattr(
+            cls, "__qualname__", None
+        ):
             raise ValueError(f"mixer {name!r} is registered twice ({old.cls} and {cls})")
         _check_defaults(name, defaults)
         _MIXERS[name] = MixerSpec(

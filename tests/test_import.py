@@ -202,8 +202,9 @@ def _refused(src: Path, tmp_path: Path, match: str, exc=UnsupportedCheckpointErr
 
 
 def test_refuses_moe_and_unknown_types(tmp_path):
-    _refused(_write_config(tmp_path / "moe", model_type="qwen3_moe"), tmp_path, "mixture-of-experts")
-    _refused(_write_config(tmp_path / "mixtral", model_type="mixtral"), tmp_path, "upcycle")
+    # native families point to import_native; other sparse MoE types to importing a dense sibling and upcycling
+    _refused(_write_config(tmp_path / "moe", model_type="qwen3_moe"), tmp_path, "import_native")
+    _refused(_write_config(tmp_path / "dbrx", model_type="dbrx"), tmp_path, "upcycle")
     _refused(_write_config(tmp_path / "gpt2", model_type="gpt2"), tmp_path, "not supported")
 
 

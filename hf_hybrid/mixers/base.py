@@ -67,6 +67,9 @@ class MixerContext:
     aux_scale: Any = None
     output_attentions: bool = False
     attentions: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # DSA top-k selections [B, T, k] of this forward by layer index, reused by "shared" DSA layers
+    # (dsa_indexer_types). Keyed by layer so a recomputation (gradient checkpointing) reads the right one.
+    dsa_topk: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def add_aux(self, name: str, value: torch.Tensor) -> None:
         """Record an auxiliary loss term (already averaged for this layer); the model sums them per name."""

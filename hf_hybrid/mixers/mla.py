@@ -189,17 +189,18 @@ class HybridMLA(nn.Module):
         self.attention_dropout = config.attention_dropout
         bias = config.attention_bias
         H, dqk = self.num_heads, self.qk_head_dim
+        latent_eps = config.mla_norm_eps if config.mla_norm_eps is not None else config.rms_norm_eps
 
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, H * dqk, bias=False)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=latent_eps)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
             config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias
         )
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=latent_eps)
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
