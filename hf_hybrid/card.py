@@ -9,10 +9,12 @@ The template uses ``string.Template`` placeholders (``${name}``), so it needs no
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
 import string
+import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -86,6 +88,8 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
                 ("qk-norm", config.use_qk_norm),
                 ("output gate", config.attention_output_gate),
                 ("qkv bias", config.attention_bias),
+                ("no RoPE", not config.attention_rope),
+                (f"scale {config.attention_scaling}", config.attention_scaling is not None),
             )
             if on
         ]
@@ -146,18 +150,34 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
             (
                 "linear attention",
                 f"{config.linear_num_heads} heads × {config.linear_head_dim}, feature map "
-                f"{config.linear_feature_map}, decay {config.linear_decay}, conv {config.linear_conv_kernel_size}",
+                f"{config.linear_feature_map}, decay {config.linear_decay}, conv {config.linear_conv_kernel_size}"
+                + (", SiLU q/k/v" if config.linear_qkv_activation == "silu" else "")
+                + (", full-width norm" if config.linear_norm_scope == "full" else "")
+                + (", output gate" if config.linear_output_gate else ""),
             )
         )
+    if "none" in mixers:
+        rows.append(("MLP-only layers", str([i for i, m in enumerate(config.mixer_types) if m == "none"])))
+    scaled = (config.residual_from_norm or config.mixer_residual_scales or config.mixer_output_scales
+              or config.mlp_residual_scale != 1 or config.mlp_output_scale != 1)
+    if scaled:
+        where = "the input norm's output" if config.residual_from_norm else "the layer input"
+        rows.append(("residuals", f"α·residual + β·branch, residual = {where}"))
+    multipliers = [(n, getattr(config, n)) for n in ("embedding_multiplier", "logits_scaling")
+                   if getattr(config, n) != 1]
+    if multipliers:
+        rows.append(("multipliers", ", ".join(f"{n} {v}" for n, v in multipliers)))
     if "dense" in config.mlp_types:
-        rows.append(("dense MLP", f"SwiGLU ({config.hidden_act}), intermediate {config.intermediate_size}"))
+        kind = "SwiGLU" if config.mlp_gated else "ungated MLP"
+        rows.append(("dense MLP", f"{kind} ({config.hidden_act}), intermediate {config.intermediate_size}"))
     if "moe" in config.mlp_types:
         rows.append(
             (
                 "MoE",
                 f"{config.num_experts} experts, top-{config.num_experts_per_tok} "
                 f"({config.router_scoring_func}, {config.moe_routing}), expert intermediate "
-                f"{config.moe_intermediate_size}, {config.num_shared_experts} shared",
+                f"{config.moe_intermediate_size}, {config.num_shared_experts} shared"
+                + (f" ({config.shared_expert_size} wide, sigmoid-gated)" if config.shared_expert_gate else ""),
             )
         )
     return rows
@@ -356,3 +376,80 @@ __all__ = [
     "push_to_hub_with_card",
     "template_text",
 ]
+
+
+# ---- Trainer.create_model_card / Trainer.push_to_hub ---------------------------------------------------------------
+# Trainer.push_to_hub saves the model (which writes our card) and then calls Trainer.create_model_card, which
+# overwrites README.md with transformers' generic training summary. For an hf_hybrid model we keep our card and append
+# that summary (hyperparameters, results) below it. transformers.trainer is heavy to import (~1.5 s), so the patch is
+# applied when something else imports it, not by `import hf_hybrid`.
+
+
+def _unwrapped_hybrid(trainer) -> Any:
+    """The trained model when it is an hf_hybrid model itself (a PEFT wrapper keeps its own card), else None. Told
+    by its config: the card does not import the model (which imports the card)."""
+    from transformers import PreTrainedModel
+
+    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    is_hybrid = isinstance(model, PreTrainedModel) and isinstance(getattr(model, "config", None), HybridConfig)
+    return model if is_hybrid else None
+
+
+def merge_training_summary(card: str, summary: str) -> str:
+    """Our card with the body of transformers' training summary (its front matter dropped) appended."""
+    body = re.sub(r"^---\n.*?\n---\n", "", summary, count=1, flags=re.DOTALL).strip()
+    return card.rstrip() + "\n\n## Training (transformers Trainer)\n\n" + body + "\n" if body else card
+
+
+def _patch_trainer(trainer_module) -> None:
+    cls = trainer_module.Trainer
+    if getattr(cls.create_model_card, "_hf_hybrid", False):
+        return
+    original = cls.create_model_card
+
+    def create_model_card(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        model = _unwrapped_hybrid(self)
+        path = os.path.join(self.args.output_dir, "README.md")
+        if model is None or not self.is_world_process_zero() or not os.path.isfile(path):
+            return
+        with open(path, encoding="utf-8") as f:
+            summary = f.read()
+        tags = kwargs.get("tags")
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        card = render_model_card(model.config, model_id=self.hub_model_id if self.args.push_to_hub else None,
+                                 extra_tags=tags)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(merge_training_summary(card, summary))
+
+    create_model_card._hf_hybrid = True
+    create_model_card.__doc__ = original.__doc__
+    cls.create_model_card = create_model_card
+
+
+class _TrainerImportHook:
+    """Patches ``transformers.trainer`` right after it is first imported."""
+
+    def find_spec(self, name, path, target=None):
+        if name != "transformers.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None:
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_and_patch(module):
+            exec_module(module)
+            _patch_trainer(module)
+
+        spec.loader.exec_module = exec_and_patch
+        return spec
+
+
+def install_trainer_card_hook() -> None:
+    """Keep our card under ``Trainer.create_model_card`` / ``Trainer.push_to_hub`` (called by ``import hf_hybrid``)."""
+    if "transformers.trainer" in sys.modules:
+        _patch_trainer(sys.modules["transformers.trainer"])
+    elif not any(isinstance(f, _TrainerImportHook) for f in sys.meta_path):
+        sys.meta_path.insert(0, _TrainerImportHook())

@@ -2,6 +2,7 @@
 
     hf-hybrid inspect CONFIG_OR_DIR [--context 4096,32768,131072] [--dtype-bytes 2] [--plot out.png] [--json]
     hf-hybrid import SRC DST [--dtype bfloat16] [--base-model ORG/NAME]
+    hf-hybrid export SRC DST [--to FAMILY] [--dtype bfloat16]
     hf-hybrid card DIR [--force]
 
 ``CONFIG_OR_DIR`` is a checkpoint directory (hf_hybrid, or a Llama / Qwen2 / Qwen3 / Mistral one: its cost once
@@ -97,11 +98,15 @@ def resolve_config(spec: str):
         if model_type == "hf_hybrid":
             return HybridConfig.from_dict(data)
         from .convert.import_dense import SUPPORTED, dense_to_hybrid_config
+        from .convert.native import FAMILY_MODULES, TEXT_DECODER_OF, native_to_hybrid_config
 
         if model_type in SUPPORTED and path.name == "config.json":
             return dense_to_hybrid_config(path.parent)
+        if model_type in FAMILY_MODULES or model_type in TEXT_DECODER_OF:
+            return native_to_hybrid_config(path.parent if path.name == "config.json" else path)
         raise CLIError(
-            f"{path}: model_type={model_type!r} is neither hf_hybrid nor importable ({', '.join(SUPPORTED)})"
+            f"{path}: model_type={model_type!r} is neither hf_hybrid nor importable "
+            f"({', '.join([*SUPPORTED, *FAMILY_MODULES])})"
         )
     if spec in PRESETS:
         from .presets import preset_config
@@ -150,10 +155,26 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from .convert.import_dense import import_dense
+    from .convert.import_dense import SUPPORTED, import_dense
 
-    dst = import_dense(args.src, args.dst, dtype=args.dtype, base_model=args.base_model)
+    config_path = Path(args.src) / "config.json"
+    model_type = json.loads(config_path.read_text()).get("model_type") if config_path.is_file() else None
+    if model_type in SUPPORTED or model_type is None:
+        dst = import_dense(args.src, args.dst, dtype=args.dtype, base_model=args.base_model)
+    else:
+        from .convert.native import import_native
+
+        import_native(args.src, args.dst, dtype=args.dtype, base_model=args.base_model)
+        dst = args.dst
     print(f"imported {args.src} -> {dst}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .convert.native import export_native
+
+    native = export_native(args.src, args.dst, to=args.to, dtype=args.dtype)
+    print(f"exported {args.src} -> {args.dst} ({native.config.model_type})")
     return 0
 
 
@@ -203,17 +224,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "import",
-        help="import a dense Llama/Qwen2/Qwen3/Mistral checkpoint",
-        description="Import a dense checkpoint saved by transformers (safetensors only) as an "
+        help="import a Llama/Qwen2/Qwen3/Mistral or native-family (qwen3_moe, deepseek_v3, ...) checkpoint",
+        description="Import a checkpoint saved by transformers (safetensors only) as an "
         "hf_hybrid checkpoint with identical logits.",
     )
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
     p.add_argument(
-        "--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: as saved"
+        "--dtype",
+        default=None,
+        help="cast weights (float32, bfloat16, float16); default: the source config's dtype, else as stored",
     )
     p.add_argument("--base-model", default=None, help="name recorded as base model (e.g. the Hub id of SRC)")
     p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser(
+        "export",
+        help="export an hf_hybrid checkpoint to a native transformers family",
+        description="Write an hf_hybrid checkpoint as a native transformers family (qwen3_moe, deepseek_v3, ...) "
+        "with identical logits, loadable and servable without hf_hybrid. Refuses, writing nothing, when a layer "
+        "or option has no counterpart in the family.",
+    )
+    p.add_argument("src", metavar="SRC", help="hf_hybrid checkpoint directory")
+    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
+    p.add_argument("--to", default=None, metavar="FAMILY", help="target model_type (default: the family that fits)")
+    p.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: as saved")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("card", help="write README.md (model card) for a checkpoint directory")
     p.add_argument("dir", metavar="DIR")

@@ -24,11 +24,14 @@ FORMAT_VERSION = 1
 # each class (hf_hybrid/registry.py); this file reads them and holds every default of the built-in kinds.
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
-    "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu"),
+    "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2"),
     "linear_feature_map": ("identity", "elu", "relu", "random_features"),
-    "linear_decay": ("none", "scalar", "per_channel"),
+    "linear_decay": ("none", "scalar", "per_channel", "fixed_slope"),
+    "linear_qkv_activation": ("none", "silu"),
+    "linear_norm_scope": ("head", "full"),
     "linear_backend": ("auto", "torch", "naive", "fla"),
     "mla_decode": ("absorbed", "naive"),
+    "qk_norm_scope": ("head", "full"),
     "dsa_base": ("mla", "attention"),
     "dsa_mode": ("sparse", "dense_warmup", "dense"),
     "dsa_selector": ("indexer", "structured"),
@@ -113,13 +116,30 @@ class HybridConfig(PreTrainedConfig):
     layer_types: list[str] | None = None  # derived from mixer_types; transformers' cache/mask names
     hf_hybrid_format_version: int = FORMAT_VERSION
 
+    # ---- residual branches (defaults: x + mixer(norm(x)), then x + mlp(norm(x))) -------------------------------
+    # MiniMax-01: h = α·norm(x) + β·mixer(norm(x)) (the residual is the normed input, α/β per layer kind).
+    residual_from_norm: bool = False
+    mixer_residual_scales: list[float] | None = None  # per layer α multiplying the residual; None: all 1
+    mixer_output_scales: list[float] | None = None  # per layer β multiplying the mixer output; None: all 1
+    mlp_residual_scale: float = 1.0
+    mlp_output_scale: float = 1.0
+
     # ---- softmax attention (attention, sliding_attention; GQA base of DSA) -----------------------
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     attention_dropout: float | int = 0.0
     use_qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    qk_norm_scope: str = "head"  # "head": over head_dim (Qwen3); "full": over the whole q / k projection (OLMoE)
+    clip_qkv: float | None = None  # clamp q, k, v to [-clip_qkv, clip_qkv] after projection (and q/k norm) (OLMoE)
     attention_output_gate: bool = False  # sigmoid output gate (Qwen3-Next)
+    attention_rope: bool = True  # False: no positional encoding in the softmax attention layers (NoPE; Granite 4)
+    attention_scaling: float | None = None  # softmax scale of q·k; None: head_dim^-0.5 (Granite: attention_multiplier)
+    # Granite's multipliers: inputs_embeds scaled by embedding_multiplier, logits divided by logits_scaling.
+    embedding_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     sliding_window: int | None = None
     mlp_bias: bool = False
+    # False: every MLP (dense, shared and routed experts) is down(act(up(x))) without a gate (Nemotron-H's relu²)
+    mlp_gated: bool = True
 
     # ---- Gated DeltaNet --------------------------------------------------------------------------
     gdn_num_key_heads: int | None = None  # defaults: num_attention_heads // 2
@@ -145,6 +165,7 @@ class HybridConfig(PreTrainedConfig):
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4
     mamba_dt_limit: list[float] | None = None  # [min, max] clamp of softplus(dt); None = no clamp
+    mamba_conv_bias: bool = True  # bias on the short conv over [x, B, C] (Mamba-2, Bamba; some checkpoints drop it)
 
     # ---- plain linear attention ------------------------------------------------------------------
     linear_num_heads: int | None = None  # defaults: num_attention_heads
@@ -153,6 +174,13 @@ class HybridConfig(PreTrainedConfig):
     linear_decay: str = "none"
     linear_conv_kernel_size: int = 0  # 0 = no short convolution
     linear_random_features: int = 64
+    # MiniMax-01's lightning attention: SiLU on q, k, v; a fixed per-head decay (linear_decay="fixed_slope": ALiBi
+    # slopes 2^(-8(h+1)/H) scaled by 1 - layer/(L-1) + 1e-5); no q·k scale; RMSNorm over all heads; a sigmoid output gate.
+    linear_qkv_activation: str = "none"
+    linear_scale: float | None = None  # None: head_dim^-0.5 with the identity map (output norm), 1 with positive maps
+    linear_norm_scope: str = "head"  # output RMSNorm (identity map) over each head, or "full": over all heads at once
+    linear_output_gate: bool = False  # o = norm(o) · sigmoid(x W_gate) before o_proj
+    linear_norm_eps: float | None = None  # eps of that output norm; None: rms_norm_eps (MiniMax's is fixed at 1e-6)
 
     # ---- shared by the recurrent mixers ----------------------------------------------------------
     linear_backend: str = "auto"  # auto = fla-core on CUDA when usable, else our chunked torch path
@@ -165,6 +193,7 @@ class HybridConfig(PreTrainedConfig):
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     mla_decode: str = "absorbed"
+    mla_norm_eps: float | None = None  # eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)
     mla_use_rope: bool = True  # False = NoPE (Kimi Linear): the qk_rope_head_dim parts stay unrotated
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
@@ -179,12 +208,18 @@ class HybridConfig(PreTrainedConfig):
     index_loss_coef: float = 1.0
     dsa_local_window: int = 64  # structured selector: recent tokens kept
     dsa_global_tokens: int = 4  # structured selector: first tokens kept as anchors
+    index_norm_eps: float = 1e-5  # eps of the indexer's key LayerNorm (DeepSeek-V3.2 / GLM: 1e-6)
+    # Per layer "full" (own indexer) or "shared" (no indexer: reuse the top-k of the previous "full" DSA layer, as
+    # GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full". Entries of non-DSA layers are ignored.
+    dsa_indexer_types: list[str] | None = None
 
     # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
     num_experts: int = 8
     num_experts_per_tok: int = 2
     moe_intermediate_size: int | None = None  # defaults: intermediate_size // num_experts_per_tok
     num_shared_experts: int = 0
+    shared_expert_intermediate_size: int | None = None  # defaults: num_shared_experts * moe_intermediate_size
+    shared_expert_gate: bool = False  # shared output scaled by sigmoid(x·w_gate), w_gate [1, H] (Qwen2-MoE/Qwen3-Next)
     router_scoring_func: str = "softmax"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
@@ -201,6 +236,13 @@ class HybridConfig(PreTrainedConfig):
 
     # ---- provenance, for model cards -------------------------------------------------------------
     hf_hybrid_lineage: dict | None = None
+
+    def __eq__(self, other: object) -> bool:
+        # by value of what is set (the generated field-by-field __eq__ would trip over the absent
+        # output_router_logits of a config without MoE layers, see __post_init__)
+        return type(other) is type(self) and self.__dict__ == other.__dict__
+
+    __hash__ = None
 
     def __post_init__(self, **kwargs):
         kwargs = self._migrate(self.hf_hybrid_format_version, kwargs)
@@ -268,6 +310,17 @@ class HybridConfig(PreTrainedConfig):
             self.linear_head_dim = self.head_dim
         if self.moe_intermediate_size is None:
             self.moe_intermediate_size = max(1, self.intermediate_size // max(1, self.num_experts_per_tok))
+        for name in ("mixer_residual_scales", "mixer_output_scales"):  # all ones is the default: one spelling
+            values = getattr(self, name)
+            if isinstance(values, (list, tuple)) and all(v == 1 for v in values):
+                setattr(self, name, None)
+        if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
+            self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
+        if "moe" not in self.mlp_types:
+            # No MoE layer, no router logits. Clients decide "is this an MoE?" by hasattr(config,
+            # "output_router_logits") (TRL's SFT / DPO trainers then ask the backbone for router logits and add
+            # Mixtral's balance loss), so a model without one does not carry the switch (the class has no default).
+            self.__dict__.pop("output_router_logits", None)
 
         super().__post_init__(**kwargs)
 
@@ -316,13 +369,77 @@ class HybridConfig(PreTrainedConfig):
         return any(mixer_spec(m).recurrent for m in self.mixer_types)
 
     @property
+    def shared_expert_size(self) -> int:
+        """Intermediate size of the one SwiGLU that holds all shared experts (0 when there are none)."""
+        if self.num_shared_experts <= 0:
+            return 0
+        return self.shared_expert_intermediate_size or self.num_shared_experts * self.moe_intermediate_size
+
+    @property
     def has_attention_cache(self) -> bool:
-        return any(not mixer_spec(m).recurrent for m in self.mixer_types)
+        return any(not mixer_spec(m).recurrent and mixer_spec(m).cls is not None for m in self.mixer_types)
 
     # ---- validation (run by @strict after construction; errors name the field, value and what is allowed) ----
     def validate_layer_type(self):
         self._check_kinds()
         super().validate_layer_type()
+
+    def _validate_native_options(self) -> None:
+        """Options added for transformers' native families (olmoe, deepseek_v3, glm_moe_dsa)."""
+        if self.clip_qkv is not None and not self.clip_qkv > 0:
+            raise ValueError(f"HybridConfig.clip_qkv={self.clip_qkv!r} must be > 0 or None")
+        for name in ("mla_norm_eps", "index_norm_eps"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"HybridConfig.{name}={value!r} must be > 0")
+        if self.dsa_indexer_types is not None:
+            kinds = list(self.dsa_indexer_types)
+            if len(kinds) != self.num_hidden_layers:
+                raise ValueError(
+                    f"HybridConfig.dsa_indexer_types has {len(kinds)} entries but num_hidden_layers="
+                    f"{self.num_hidden_layers}; give one per layer"
+                )
+            seen_full = False
+            for i, (kind, mixer) in enumerate(zip(kinds, self.mixer_types)):
+                if kind not in ("full", "shared"):
+                    raise ValueError(
+                        f"HybridConfig.dsa_indexer_types[{i}]={kind!r} is not allowed; choose one of: full, shared"
+                    )
+                if mixer != "dsa":
+                    continue
+                if kind == "shared" and not seen_full:
+                    raise ValueError(
+                        f"HybridConfig.dsa_indexer_types[{i}]='shared' reuses the top-k of an earlier 'full' DSA "
+                        "layer, and there is none before it"
+                    )
+                if kind == "shared" and self.dsa_selector != "indexer":
+                    raise ValueError(
+                        f"HybridConfig.dsa_indexer_types[{i}]='shared' needs dsa_selector='indexer' "
+                        f"(got {self.dsa_selector!r})"
+                    )
+                seen_full = seen_full or kind == "full"
+
+    def dsa_layer_has_indexer(self, layer_idx: int) -> bool:
+        """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's top-k)."""
+        return self.dsa_indexer_types is None or self.dsa_indexer_types[layer_idx] == "full"
+
+    def validate_residual(self):
+        n = self.num_hidden_layers
+        for i, (mixer, mlp) in enumerate(zip(self.mixer_types, self.mlp_types)):
+            if mixer == "none" and mlp == "none":
+                raise ValueError(
+                    f"HybridConfig: layer {i} has mixer_types[{i}]='none' and mlp_types[{i}]='none'; a layer needs one"
+                )
+        for name in ("attention_scaling", "logits_scaling"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value > 0):
+                raise ValueError(f"HybridConfig.{name}={value!r} must be a positive number")
+        for name in ("mixer_residual_scales", "mixer_output_scales"):
+            values = getattr(self, name)
+            if values is not None and (
+                len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            ):
+                raise ValueError(f"HybridConfig.{name}={values!r} must be None or {n} numbers, one per layer")
 
     def validate_hybrid(self):
         require_positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -351,10 +468,15 @@ class HybridConfig(PreTrainedConfig):
                 spec.validate(self)
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"HybridConfig.sliding_window={self.sliding_window!r} must be positive or None")
+        self._validate_native_options()
         for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_seq_aux_loss_coef",
                      "router_bias_update_rate", "router_jitter_noise", "index_loss_coef"):
             if getattr(self, name) < 0:
                 raise ValueError(f"HybridConfig.{name}={getattr(self, name)} must be >= 0")
 
+
+# The field's default lives in the generated __init__ only, so that hasattr(config, "output_router_logits") is False
+# for a config without MoE layers (see __post_init__).
+del HybridConfig.output_router_logits
 
 __all__ = ["HybridConfig", "FORMAT_VERSION"]

@@ -12,8 +12,9 @@ Conventions (all per layer, in elements, times ``dtype_bytes`` for bytes):
 
 - ``cache_per_token``: elements appended to the cache per token (K and V, MLA's latent, DSA's indexer key);
   ``cache_window`` caps the number of cached tokens (sliding window).
-- ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers), in the
-  cache dtype; ``fp32_state_elements``: constant state kept in fp32 whatever the model dtype (4 bytes each).
+- ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers);
+  ``state_fp32_elements`` of them (the recurrent state) are stored in fp32 whatever the model dtype, as the mixers keep
+  them, the rest (the conv tail) in the model dtype.
 - FLOPs are forward FLOPs for one token at context ``c``: ``2 · (active matmul weights + lm_head)`` plus each
   mixer's ``flops(c)`` (attention scores and values, recurrent state updates). Training is about 3× that.
 
@@ -52,7 +53,7 @@ class MixerCost:
     cache_window: int | None = None
     state_elements: int = 0
     flops: Callable[[int], float] = _zero_flops  # extra forward FLOPs per token at context c
-    fp32_state_elements: int = 0  # state the mixer keeps in fp32 in any model dtype
+    state_fp32_elements: int = 0  # the part of state_elements kept in fp32 (recurrent state)
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _attention_parts(config: HybridConfig) -> tuple[int, int]:
     q_out = nq * d * (2 if config.attention_output_gate else 1)
     matmul = h * q_out + 2 * h * nkv * d + nq * d * h
     bias = (q_out + 2 * nkv * d) if config.attention_bias else 0
-    norms = 2 * d if config.use_qk_norm else 0
+    norms = (2 * d if config.qk_norm_scope == "head" else (nq + nkv) * d) if config.use_qk_norm else 0
     return matmul + bias + norms, matmul
 
 
@@ -159,7 +160,11 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         heads, qk, v = config.num_attention_heads, config.head_dim, config.head_dim
         q_in = config.hidden_size
     h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
-    if config.dsa_selector == "indexer":
+    if config.dsa_selector == "indexer" and not config.dsa_layer_has_indexer(layer_idx):
+        # a "shared" layer (dsa_indexer_types): no indexer of its own, the previous full layer's top-k
+        hi = di = 0
+        kept = config.index_topk
+    elif config.dsa_selector == "indexer":
         # wq_b (from the q latent), wk (one shared key per token), LayerNorm on k (weight + bias), weights_proj.
         idx_matmul = q_in * hi * di + h * di + h * hi
         params, matmul, cache = params + idx_matmul + 2 * di, matmul + idx_matmul, cache + di
@@ -173,6 +178,11 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         # cached (the indexer's weights are still counted, as they are in the model).
         cache, hi = cache - di, 0
     attend = _attention_flops(heads, qk, v, None)
+    if config.dsa_base == "mla" and not dense:
+        # Sparse DSA on MLA runs latent MQA (mixers/dsa.py, as V3.2 does): each head scores the selected cached
+        # [c_kv, k_pe] (r + dr wide) and sums c_kv (r wide); the query absorption and W_uv cost what kv_b_proj costs,
+        # already in matmul_params.
+        attend = _attention_flops(heads, config.kv_lora_rank + config.qk_rope_head_dim, config.kv_lora_rank, None)
 
     def flops(context: int) -> float:
         selected = context if dense else min(context, kept)
@@ -192,7 +202,7 @@ def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     state = conv_channels * (k - 1) + hv * dk * dv
     # Per token and value head: decay S (dk·dv), Sᵀk (2·dk·dv), S += k uᵀ (2·dk·dv), Sᵀq (2·dk·dv).
     step = 7.0 * hv * dk * dv
-    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
+    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=hv * dk * dv)
 
 
 def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
@@ -203,28 +213,33 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     inner = nh * p
     conv_channels = inner + 2 * g * n
     matmul = h * (2 * inner + 2 * g * n + nh) + conv_channels * k + inner * h
-    params = matmul + conv_channels + 3 * nh + inner
+    params = matmul + (conv_channels if config.mamba_conv_bias else 0) + 3 * nh + inner
     state = conv_channels * (k - 1) + nh * p * n
     # Per token and head: decay h (p·n), h += Δ·B xᵀ (2·p·n), y = Cᵀh (2·p·n).
     step = 5.0 * nh * p * n
-    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
+    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=nh * p * n)
 
 
 def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """q/k/v/o projections, optional short conv on q,k,v, feature map φ, optional data-dependent decay gate
-    (``g_proj``: one per head or per feature channel), and an output RMSNorm when φ is the identity."""
+    (``g_proj``: one per head or per feature channel; a fixed slope has no parameters), an output RMSNorm (per head or
+    over all heads) when φ is the identity, and the optional sigmoid output gate [H, nh·d]."""
     h, nh, d = config.hidden_size, config.linear_num_heads, config.linear_head_dim
     k = config.linear_conv_kernel_size
     feat = config.linear_random_features if config.linear_feature_map == "random_features" else d
-    gates = {"none": 0, "scalar": nh, "per_channel": nh * feat}[config.linear_decay]
-    matmul = 4 * h * nh * d + (3 * nh * d * k if k > 0 else 0) + h * gates
+    gates = {"none": 0, "scalar": nh, "per_channel": nh * feat, "fixed_slope": 0}[config.linear_decay]
+    out_gate = h * nh * d if config.linear_output_gate else 0  # sigmoid output gate (MiniMax)
+    matmul = 4 * h * nh * d + (3 * nh * d * k if k > 0 else 0) + h * gates + out_gate
     positive = config.linear_feature_map != "identity"  # normalised by φ(q)ᵀz instead of an output norm
-    params = matmul + gates + (0 if positive else d)
+    norm = 0 if positive else (nh * d if config.linear_norm_scope == "full" else d)
+    params = matmul + gates + norm
     # State: S [nh, f, d] plus the normaliser z [nh, f] (kept as an extra value column), and the conv tail.
-    state = nh * feat * (d + (1 if positive else 0)) + (3 * nh * d * (k - 1) if k > 0 else 0)
+    recurrent = nh * feat * (d + (1 if positive else 0))
+    state = recurrent + (3 * nh * d * (k - 1) if k > 0 else 0)
     # Per token and head: S += φ(k) vᵀ (2·f·d), o = φ(q)ᵀ S (2·f·d), decay (f·d), normaliser (4·f).
-    step = nh * (4.0 * feat * d + (feat * d if gates else 0) + (4.0 * feat if positive else 0))
-    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step)
+    decays = gates or config.linear_decay == "fixed_slope"
+    step = nh * (4.0 * feat * d + (feat * d if decays else 0) + (4.0 * feat if positive else 0))
+    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=recurrent)
 
 
 def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
@@ -243,8 +258,10 @@ def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     # The conv tail is cached in the model dtype; the recurrent state S [nh, d, d] is kept in fp32 (ops.kda).
     # Per token and head: decay S (d·d), Sᵀk (2·d·d), S += k uᵀ (2·d·d), Sᵀq (2·d·d).
     step = 7.0 * nh * d * d
+    recurrent = nh * d * d
     return MixerCost(
-        params, matmul, state_elements=3 * w * (k - 1), fp32_state_elements=nh * d * d, flops=lambda c: step
+        params, matmul, state_elements=3 * w * (k - 1) + recurrent, state_fp32_elements=recurrent,
+        flops=lambda c: step,
     )
 
 
@@ -253,23 +270,31 @@ def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
 
 
 def _swiglu(config: HybridConfig, intermediate: int) -> int:
-    return 3 * config.hidden_size * intermediate
+    return (3 if config.mlp_gated else 2) * config.hidden_size * intermediate  # ungated: no gate_proj
 
 
 def dense_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     matmul = _swiglu(config, config.intermediate_size)
-    bias = 2 * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
+    bias = (2 if config.mlp_gated else 1) * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
     return MLPCost(matmul + bias, matmul)
 
 
 def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
-    """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (a SwiGLU of n_shared · I)."""
+    """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (one SwiGLU of
+    ``shared_expert_size``), and their sigmoid gate [1, H] when ``shared_expert_gate``."""
     e, k = config.num_experts, config.num_experts_per_tok
     expert = _swiglu(config, config.moe_intermediate_size)
     router = e * config.hidden_size
-    shared = config.num_shared_experts * expert
+    shared = _swiglu(config, config.shared_expert_size)
+    if config.num_shared_experts > 0 and config.shared_expert_gate:
+        shared += config.hidden_size  # the shared experts' sigmoid gate [1, H]
     total = router + e * expert + shared
     return MLPCost(total, total, inactive_params=(e - k) * expert)
+
+
+def no_mixer_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """An MLP-only layer: no token mixer and no input norm."""
+    return MixerCost(0, 0)
 
 
 def no_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
@@ -311,7 +336,7 @@ class LayerCost:
     state_elements: int
     exact: bool  # counted on the built modules
     flops: Callable[[int], float] = field(repr=False, default=_zero_flops)
-    fp32_state_elements: int = 0
+    state_fp32_elements: int = 0
 
 
 @dataclass
@@ -325,22 +350,35 @@ class CostReport:
     layers: list[LayerCost]
     exact: bool
     state_dtype_bytes: int | None = None
+    lm_head_params: int = 0  # 0 when tied to the embedding
+
+    @property
+    def active_non_embedding_params(self) -> int:
+        """Active parameters without the embedding and the (untied) LM head: the figure model cards publish
+        (MiniMax-01's "45.9 B activated", Qwen3-Next's "A3B")."""
+        return self.active_params - self.embedding_params - self.lm_head_params
 
     # ---- derived numbers ---------------------------------------------------------------------------------------
     @property
     def mixer_types(self) -> list[str]:
         return list(dict.fromkeys(layer.mixer for layer in self.layers))
 
+    def state_bytes(self, layer: LayerCost) -> int:
+        """Per-sequence state bytes of one layer: the recurrent state in fp32 and the conv tail in the cache dtype, as
+        the mixers store them; ``state_dtype_bytes`` (when given) overrides both."""
+        if self.state_dtype_bytes is not None:
+            return layer.state_elements * self.state_dtype_bytes
+        fp32 = layer.state_fp32_elements
+        return (layer.state_elements - fp32) * self.dtype_bytes + fp32 * 4
+
     def cache_bytes(self, context: int, mixer: str | None = None) -> int:
         """Cache + state bytes of one sequence at ``context`` tokens, for one mixer type or the whole model."""
-        state_bytes = self.state_dtype_bytes or self.dtype_bytes
         total = 0
         for layer in self.layers:
             if mixer is not None and layer.mixer != mixer:
                 continue
             tokens = context if layer.cache_window is None else min(context, layer.cache_window)
-            total += tokens * layer.cache_per_token * self.dtype_bytes + layer.state_elements * state_bytes
-            total += layer.fp32_state_elements * 4
+            total += tokens * layer.cache_per_token * self.dtype_bytes + self.state_bytes(layer)
         return total
 
     def flops_per_token(self, context: int) -> float:
@@ -348,7 +386,6 @@ class CostReport:
         return 2.0 * matmul + sum(layer.flops(context) for layer in self.layers)
 
     def by_mixer(self) -> dict[str, dict[str, Any]]:
-        state_bytes = self.state_dtype_bytes or self.dtype_bytes
         rows: dict[str, dict[str, Any]] = {}
         for mixer in self.mixer_types:
             layers = [layer for layer in self.layers if layer.mixer == mixer]
@@ -358,8 +395,7 @@ class CostReport:
                 "params": sum(layer.params for layer in layers),
                 "cache_bytes_per_token_per_layer": layers[0].cache_per_token * self.dtype_bytes,
                 "cache_window": next(iter(windows)) if len(windows) == 1 else sorted(w or 0 for w in windows),
-                "state_bytes_per_sequence_per_layer": layers[0].state_elements * state_bytes
-                + layers[0].fp32_state_elements * 4,
+                "state_bytes_per_sequence_per_layer": self.state_bytes(layers[0]),
                 "bytes_per_sequence": {c: self.cache_bytes(c, mixer) for c in self.contexts},
             }
         return rows
@@ -368,6 +404,7 @@ class CostReport:
         return {
             "total_params": self.total_params,
             "active_params": self.active_params,
+            "active_non_embedding_params": self.active_non_embedding_params,
             "embedding_params": self.embedding_params,
             "params_exact": self.exact,
             "dtype_bytes": self.dtype_bytes,
@@ -390,7 +427,7 @@ class CostReport:
                     "cache_elements_per_token": layer.cache_per_token,
                     "cache_window": layer.cache_window,
                     "state_elements": layer.state_elements,
-                    "fp32_state_elements": layer.fp32_state_elements,
+                    "state_fp32_elements": layer.state_fp32_elements,
                 }
                 for layer in self.layers
             ],
@@ -436,7 +473,8 @@ class CostReport:
             f"layers      {len(self.layers)}: {compress_pattern([layer.mixer for layer in self.layers])}",
             f"MLPs        {compress_pattern([layer.mlp for layer in self.layers])}",
             f"parameters  total {format_count(self.total_params)} ({self.total_params:,}), "
-            f"active {format_count(self.active_params)} ({self.active_params:,}); "
+            f"active {format_count(self.active_params)} ({self.active_params:,}; "
+            f"{format_count(self.active_non_embedding_params)} without embeddings); "
             f"embeddings {format_count(self.embedding_params)}  [{exact}]",
             f"cache dtype {self.dtype_bytes} bytes/element; bytes are per sequence unless marked per token",
             "",
@@ -519,7 +557,7 @@ def estimate_cost(
         measured = measure_module(mixer_kind.cls, config, i) if measure else None
         if measured is not None:
             mixer_params, mixer_matmul = measured
-        else:
+        elif mixer_kind.cls is not None:  # a kind without a module (an MLP-only layer): its zero is exact
             exact = False
         if mlp != "none":
             measured = measure_module(mlp_kind.cls, config, i) if measure else None
@@ -527,7 +565,7 @@ def estimate_cost(
                 mlp_params, mlp_matmul = measured
             else:
                 exact = False
-        norms = h + (h if mlp != "none" else 0)
+        norms = (h if mixer != "none" else 0) + (h if mlp != "none" else 0)
         params = norms + mixer_params + mlp_params
         layers.append(
             LayerCost(
@@ -540,9 +578,9 @@ def estimate_cost(
                 cache_per_token=mc.cache_per_token,
                 cache_window=mc.cache_window,
                 state_elements=mc.state_elements,
+                state_fp32_elements=mc.state_fp32_elements,
                 exact=exact,
                 flops=mc.flops,
-                fp32_state_elements=mc.fp32_state_elements,
             )
         )
         all_exact &= exact
@@ -560,6 +598,7 @@ def estimate_cost(
         layers=layers,
         exact=all_exact,
         state_dtype_bytes=state_dtype_bytes,
+        lm_head_params=lm_head,
     )
 
 

@@ -20,16 +20,21 @@ register_mlp("none", cost=no_mlp_cost)(None)  # no MLP: the layer is x + mixer(n
 
 
 class SwiGLU(nn.Module):
-    """``down(act(gate(x)) * up(x))``; the unit that dense layers, shared experts and upcycling all reuse."""
+    """``down(act(gate(x)) * up(x))``; the unit that dense layers, shared experts and upcycling all reuse.
+    ``gated=False``: ``down(act(up(x)))`` with no ``gate_proj`` (Nemotron-H's relu² MLPs)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False, gated: bool = True
+    ):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias) if gated else None
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act_fn = ACT2FN[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_proj is None:
+            return self.down_proj(self.act_fn(self.up_proj(x)))
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -40,7 +45,9 @@ def _validate_dense(config: HybridConfig) -> None:
 @register_mlp("dense", cost=dense_mlp_cost, validate=_validate_dense)
 class DenseMLP(SwiGLU):
     def __init__(self, config: HybridConfig, layer_idx: int):
-        super().__init__(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+        super().__init__(
+            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, gated=config.mlp_gated
+        )
         self.layer_idx = layer_idx
 
     def forward(self, x: torch.Tensor, ctx: MixerContext | None = None) -> torch.Tensor:

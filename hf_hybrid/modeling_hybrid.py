@@ -7,6 +7,7 @@ transformers layer type, mask, cost) is in ``hf_hybrid.registry``. This file onl
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -26,15 +27,19 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.utils import ModelOutput, logging
 
 from . import compat
-from . import moe as _moe
+from . import moe as _moe  # noqa: F401  (the MoE kind)
+from .aux_loss import AuxLossScale, attach_aux_loss, probe_loss_scale
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
 from .layers import RMSNorm, rope_inv_freq
 from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
-from .registry import mixer_spec, mlp_spec
+from .registry import mixer_mask, mixer_spec, mlp_spec
 
 logger = logging.get_logger(__name__)
+
+# Config fields that are run-time switches rather than architecture: saved as set at construction / loading.
+_RUNTIME_CONFIG_FIELDS = ("output_router_logits",)
 
 # Auxiliary terms a layer may record (ctx.add_aux) -> the config field holding its coefficient.
 AUX_LOSS_COEFFICIENTS = {
@@ -50,9 +55,15 @@ class HybridModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     cache: Any = None  # named as the installed transformers names it (compat.CACHE_NAME); the other name reads too
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None  # kept for transformers' generic heads; not recorded
+    # output_attentions=True: per layer, the attention probabilities [B, h, T, S] (eager), None for a layer without
+    # any (recurrent mixers, sparse DSA)
+    attentions: tuple[torch.FloatTensor | None, ...] | None = None
+    # Per-layer terms averaged over the layers that produced them, before their coefficients. In training their
+    # gradients are already attached to the layers' outputs (hf_hybrid/aux_loss.py): add only their values to a loss.
     aux_terms: dict[str, torch.Tensor] | None = None
     layer_stats: dict[str, Any] | None = None
+    # output_router_logits=True: each MoE layer's fp32 router logits [B·T, E], in layer order; None without MoE layers
+    router_logits: tuple[torch.FloatTensor, ...] | None = None
 
 
 @compat.output_dataclass
@@ -71,6 +82,7 @@ class HybridCausalLMOutput(ModelOutput):
     indexer_loss: torch.FloatTensor | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     layer_stats: dict[str, Any] | None = None
+    attentions: tuple[torch.FloatTensor | None, ...] | None = None
 
 
 _AUX_OUTPUT_FIELDS = {
@@ -87,8 +99,18 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.mixer_type = config.mixer_types[layer_idx]
         self.mlp_type = config.mlp_types[layer_idx]
-        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
-        self.mixer = mixer_spec(self.mixer_type).cls(config, layer_idx)
+        mixer_cls = mixer_spec(self.mixer_type).cls
+        if mixer_cls is None:  # an MLP-only layer (no token mixer, no input norm)
+            self.input_layernorm = self.mixer = None
+        else:
+            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mixer = mixer_cls(config, layer_idx)
+        self.residual_from_norm = config.residual_from_norm
+        self.mixer_scales = (
+            float((config.mixer_residual_scales or [1.0] * config.num_hidden_layers)[layer_idx]),
+            float((config.mixer_output_scales or [1.0] * config.num_hidden_layers)[layer_idx]),
+        )
+        self.mlp_scales = (float(config.mlp_residual_scale), float(config.mlp_output_scale))
         mlp_cls = mlp_spec(self.mlp_type).cls
         if mlp_cls is None:  # a mixer-only layer
             self.post_attention_layernorm = None
@@ -98,10 +120,36 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             self.mlp = mlp_cls(config, layer_idx)
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
-        hidden_states = hidden_states + self.mixer(self.input_layernorm(hidden_states), ctx)
+        before = ctx.aux_count()
+        if self.mixer is not None:
+            normed = self.input_layernorm(hidden_states)
+            hidden_states = self._residual(
+                normed if self.residual_from_norm else hidden_states, self.mixer(normed, ctx), *self.mixer_scales
+            )
         if self.mlp is not None:
-            hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states), ctx)
+            normed = self.post_attention_layernorm(hidden_states)
+            hidden_states = self._residual(
+                normed if self.residual_from_norm else hidden_states, self.mlp(normed, ctx), *self.mlp_scales
+            )
+        # This layer's auxiliary terms reach their parameters through its output, whatever loss is built on top
+        # (hf_hybrid/aux_loss.py); under reentrant checkpointing this happens when the backward replays the layer.
+        attached = None
+        for name, values in ctx.aux.items():
+            weight = ctx.aux_weights.get(name, 0.0)
+            for value in values[before.get(name, 0):] if weight else ():
+                attached = weight * value if attached is None else attached + weight * value
+        if attached is not None:
+            hidden_states = attach_aux_loss(hidden_states, attached, ctx.aux_scale)
         return hidden_states
+
+    @staticmethod
+    def _residual(residual: torch.Tensor, out: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+        """``α·residual + β·out`` (scales of 1 skipped: the default block is exactly ``residual + out``)."""
+        if alpha != 1.0:
+            residual = residual * alpha
+        if beta != 1.0:
+            out = out * beta
+        return residual + out
 
 
 class HybridPreTrainedModel(PreTrainedModel):
@@ -160,9 +208,10 @@ class HybridPreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if strict:
+            allowed = _head_swap_allowance(cls, model)
             problems = []
             for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-                values = sorted(str(v) for v in (info.get(key) or []))
+                values = sorted(str(v) for v in (info.get(key) or []) if str(v) not in allowed.get(key, ()))
                 if values:
                     shown = ", ".join(values[:8]) + (" ..." if len(values) > 8 else "")
                     problems.append(f"{key} ({len(values)}): {shown}")
@@ -174,6 +223,32 @@ class HybridPreTrainedModel(PreTrainedModel):
                     + ". Refusing to initialise weights randomly (pass strict=False to load anyway)."
                 )
         return (model, info) if want_info else model
+
+    def post_init(self) -> None:
+        super().post_init()
+        # Runtime switches that clients flip on the shared config (TRL's SFT / DPO trainers set
+        # output_router_logits=True on every MoE model they train): saved as the model was built or loaded.
+        self._runtime_config_fields = {
+            k: self.config.__dict__[k] for k in _RUNTIME_CONFIG_FIELDS if k in self.config.__dict__
+        }
+
+    @contextlib.contextmanager
+    def _config_as_set(self):
+        saved = getattr(self, "_runtime_config_fields", {})
+        current = {k: self.config.__dict__[k] for k in _RUNTIME_CONFIG_FIELDS if k in self.config.__dict__}
+        try:
+            for k in current:
+                if k in saved:
+                    self.config.__dict__[k] = saved[k]
+                else:
+                    del self.config.__dict__[k]  # set by a client on a config that had none (no MoE layer)
+            yield
+        finally:
+            self.config.__dict__.update(current)
+
+    # Weights of a task head that a causal-LM checkpoint cannot have (e.g. ``score.weight``): the one mismatch that
+    # strict loading accepts when such a head is put on a causal checkpoint (standard fine-tuning start).
+    _task_head_keys: tuple[str, ...] = ()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         """Write to a temporary sibling directory first, then move files into place, so an interrupted save never
@@ -191,7 +266,8 @@ class HybridPreTrainedModel(PreTrainedModel):
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-hf-hybrid-", dir=parent)
         try:
-            super().save_pretrained(tmp, *args, **kwargs)
+            with self._config_as_set():
+                super().save_pretrained(tmp, *args, **kwargs)
             self._write_card_if_missing(tmp, save_directory)
             if not os.path.exists(save_directory):
                 os.replace(tmp, save_directory)
@@ -226,6 +302,17 @@ class HybridPreTrainedModel(PreTrainedModel):
         except ImportError:
             return
         write_model_card(self.config, tmp_dir)
+
+
+def _head_swap_allowance(cls: type, model: nn.Module) -> dict[str, set[str]]:
+    """What strict loading tolerates when ``cls`` is not the class the checkpoint was saved from but a causal LM's
+    checkpoint is loaded into a task head (``AutoModelForSequenceClassification``) or the bare backbone (``AutoModel``):
+    exactly the head swap — the new head's weights missing (initialised fresh by transformers, to be fine-tuned) and
+    the LM head unexpected. Everything else (a missing backbone weight, a wrong shape) stays an error."""
+    saved_as = set(getattr(model.config, "architectures", None) or [])
+    if cls.__name__ in saved_as or "HybridForCausalLM" not in saved_as:
+        return {}
+    return {"missing_keys": set(cls._task_head_keys), "unexpected_keys": {"lm_head.weight"}}
 
 
 class HybridModel(HybridPreTrainedModel):
@@ -273,15 +360,27 @@ class HybridModel(HybridPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         cache: Any = None,
+        output_attentions: bool | None = None,
+        output_router_logits: bool | None = None,
+        *,
+        attach_router_aux_loss: bool | None = None,
+        aux_loss_scale: AuxLossScale | None = None,
         **kwargs,
     ) -> HybridModelOutput:
-        """``cache=`` and ``past_key_values=`` are the same argument (transformers 5.24 renamed it); give either."""
+        """``cache=`` and ``past_key_values=`` are the same argument (transformers 5.24 renamed it); give either.
+
+        Auxiliary terms (training mode) are attached to the layers' outputs (``hf_hybrid/aux_loss.py``), so any loss
+        built on ``last_hidden_state`` trains the routers and indexers. One exception, transformers' MoE convention: a
+        caller that asks for ``output_router_logits`` computes the Switch balance loss from them itself (TRL does), so
+        it is not attached then, unless ``attach_router_aux_loss=True`` (what our causal-LM head passes)."""
         config = self.config
         past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridModel.forward")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HybridModel.forward: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if config.embedding_multiplier != 1.0:
+            inputs_embeds = inputs_embeds * config.embedding_multiplier
         batch, seq_len = inputs_embeds.shape[:2]
         use_cache = config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
@@ -289,6 +388,10 @@ class HybridModel(HybridPreTrainedModel):
         cu_seqlens, max_seqlen = None, None
         if past_key_values is None or past_key_values.get_seq_length() == 0:
             cu_seqlens, max_seqlen = _packed_boundaries(position_ids, attention_mask, kwargs)
+        if cu_seqlens is not None and position_ids is None:
+            # Boundaries given only as cu_seq_lens_q (flash-style): positions restart in each document, which also
+            # gives transformers' mask helpers the packed (block-diagonal) causal mask.
+            position_ids = _positions_from_cu_seqlens(cu_seqlens, seq_len, inputs_embeds.device)
         if cu_seqlens is not None:
             # Several documents in one row: each starts fresh, and a packed row cannot be continued by decoding.
             if past_key_values is not None and use_cache:
@@ -325,14 +428,24 @@ class HybridModel(HybridPreTrainedModel):
         attn_kwargs = {k: kwargs[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
                        if k in kwargs}
 
-        # Only the masks some layer declares it reads (registry specs) are built.
+        if output_attentions is None:
+            output_attentions = config.output_attentions
+        if output_attentions:
+            self._check_output_attentions()
+        if output_router_logits is None:
+            output_router_logits = getattr(config, "output_router_logits", False)  # hidden without MoE layers
+        if self.training and self.gradient_checkpointing and torch.is_grad_enabled():
+            self._check_checkpointing()
+
+        # Only the masks some layer declares it reads (registry specs) are built: e.g. sparse DSA layers attend over
+        # their selection only and need no dense [B, 1, T, S] mask (4 GiB a row at 32K in fp32).
         specs = config.layer_specs()
-        wanted = {getattr(spec, "mask", None) for spec in specs} - {None}
+        wanted = {mixer_mask(mixer_spec(m), config) for m in dict.fromkeys(config.mixer_types)} - {None}
         masks: dict[str, Any] = {}
         mask_kwargs = dict(
             config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=past_key_values
         )
-        for name, builder in _MASK_BUILDERS.items():
+        for name, builder in _mask_builders().items():
             if name in wanted:
                 masks[name] = compat.build_mask(builder, position_ids=position_ids, **mask_kwargs)
         padding_mask = None
@@ -352,6 +465,10 @@ class HybridModel(HybridPreTrainedModel):
             cache=past_key_values,
             past_length=past_length,
             attn_kwargs=attn_kwargs,
+            output_router_logits=bool(output_router_logits),
+            aux_weights=self._aux_weights(attach_router_aux_loss, bool(output_router_logits)) if self.training else {},
+            aux_scale=aux_loss_scale if aux_loss_scale is not None else AuxLossScale(),
+            output_attentions=bool(output_attentions),
         )
         if input_ids is not None:
             ctx.stats["input_ids"] = input_ids
@@ -370,20 +487,79 @@ class HybridModel(HybridPreTrainedModel):
 
         aux_terms = {name: torch.stack(values).mean() for name, values in ctx.aux.items() if values}
         stats = {k: v for k, v in ctx.stats.items() if k != "input_ids"}
+        attentions = None
+        if output_attentions:
+            by_layer = dict(ctx.attentions)
+            attentions = tuple(by_layer.get(i) for i in range(len(self.layers)))
+        has_moe = "moe" in config.mlp_types
         return HybridModelOutput(
             last_hidden_state=hidden_states,
             cache=past_key_values,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=attentions,
             aux_terms=aux_terms,
             layer_stats=stats,
+            router_logits=tuple(ctx.router_logits) if output_router_logits and has_moe else None,
         )
 
+    def _aux_weights(self, attach_router_aux_loss: bool | None, output_router_logits: bool) -> dict[str, float]:
+        """Weight of each auxiliary term's attached gradient: its coefficient over the number of layers producing it
+        (the loss rule averages a term over layers). Not attached: the indexer KL in dense warm-up (it is the whole
+        loss there, with its own gradient) and the Switch loss when the caller computes it from the router logits."""
+        config = self.config
+        n_moe = sum(m == "moe" for m in config.mlp_types)
+        dsa_kl = config.dsa_mode == "sparse" and config.dsa_selector == "indexer"
+        n_dsa = sum(m == "dsa" for m in config.mixer_types) if dsa_kl else 0
+        if attach_router_aux_loss is None:
+            attach_router_aux_loss = not output_router_logits
+        weights = {}
+        for name, field_name in AUX_LOSS_COEFFICIENTS.items():
+            count = n_dsa if name == "indexer_loss" else n_moe
+            coef = getattr(config, field_name, 0.0) or 0.0
+            if count and coef > 0 and (name != "router_aux_loss" or attach_router_aux_loss):
+                weights[name] = coef / count
+        return weights
 
-# transformers' mask builder for each mask name a spec may declare (hf_hybrid.registry.MASKS).
-_MASK_BUILDERS = {
-    "full_attention": create_causal_mask,
-    "sliding_attention": create_sliding_window_causal_mask,
-}
+    def _check_output_attentions(self) -> None:
+        """Attention probabilities exist only where eager attention runs: other attention backends cannot return them
+        (say which layers); recurrent and sparse DSA layers have none (their entry is None)."""
+        impl = self.config._attn_implementation or "eager"
+        if impl == "eager":
+            return
+        dense = {"attention", "sliding_attention", "mla"}
+        layers = [f"{i} ({m})" for i, m in enumerate(self.config.mixer_types) if m in dense]
+        if layers:
+            raise ValueError(
+                f"output_attentions=True: attn_implementation={impl!r} does not return attention weights for layers "
+                f"{', '.join(layers)}; load the model with attn_implementation='eager' to get them"
+            )
+
+    def _check_checkpointing(self) -> None:
+        """Reentrant checkpointing runs each layer's first forward without autograd; the attached auxiliary terms
+        then reach their parameters in the replay, but DSA's dense warm-up loss (the indexer KL, returned as the loss
+        itself) would have no gradient at all."""
+        fn = getattr(self.layers[0], "_gradient_checkpointing_func", None)
+        reentrant = getattr(fn, "keywords", {}).get("use_reentrant", True) if fn is not None else False
+        if reentrant and self.config.dsa_mode == "dense_warmup" and "dsa" in self.config.mixer_types:
+            raise ValueError(
+                "gradient checkpointing with use_reentrant=True cannot train DSA's dense warm-up: its loss (the indexer "
+                "KL) is computed in the layers' first forward, which reentrant checkpointing runs without autograd. "
+                "Enable it with gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
+
+
+def _positions_from_cu_seqlens(cu: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+    """[1, T] positions restarting at 0 at each boundary of ``cu`` ([N + 1], last = T)."""
+    cu = cu.to(device=device, dtype=torch.long)
+    pos = torch.arange(length, device=device)
+    doc = torch.searchsorted(cu[1:], pos, right=True).clamp_max(cu.numel() - 2)
+    return (pos - cu[doc])[None]
+
+
+def _mask_builders() -> dict[str, Any]:
+    """transformers' mask builder for each mask name a spec may declare (hf_hybrid.registry.MASKS), looked up at call
+    time (so a test spy on the module attribute sees every call)."""
+    return {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 def _packed_boundaries(
@@ -454,34 +630,24 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridForCausalLM.forward")
         loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         model_kwargs = {k: v for k, v in kwargs.items() if k not in loss_kwargs}
-        model_kwargs.pop("output_attentions", None)
-        output_router_logits = model_kwargs.pop("output_router_logits", None)
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
-        router_logits: list[torch.Tensor] = []
-        hooks = []
-        if output_router_logits:
-            # Record each router's fp32 logits [tokens, E] in layer order (the aux losses do not need this).
-            for module in self.modules():
-                if isinstance(module, _moe.HybridTopKRouter):
-                    hooks.append(module.register_forward_hook(lambda _m, _i, out: router_logits.append(out[0])))
-        try:
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                inputs_embeds=inputs_embeds,
-                use_cache=use_cache,
-                output_hidden_states=output_hidden_states,
-                **model_kwargs,
-            )
-        finally:
-            for hook in hooks:
-                hook.remove()
+        aux_scale = AuxLossScale()
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            attach_router_aux_loss=True,  # this head's loss rule owns the Switch loss, router logits asked or not
+            aux_loss_scale=aux_scale,
+            **model_kwargs,
+        )
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
+        if self.config.logits_scaling != 1.0:
+            logits = logits / self.config.logits_scaling
 
         lm_loss = None
         if labels is not None:
@@ -493,10 +659,16 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
                 # DeepSeek's dense warm-up trains the indexer alone on its KL (DESIGN.md §5).
                 loss = aux["indexer_loss"]
             elif lm_loss is not None:
+                # The terms' gradients are attached in the layers (hf_hybrid/aux_loss.py): add their values only.
+                # With num_items_in_batch (Trainer's gradient accumulation) the LM loss of this micro-batch is its
+                # token sum over the step's token count; every auxiliary term is weighted by the same share of the
+                # step's tokens, so no term grows with the number of micro-batches.
+                share = _token_share(labels, loss_kwargs)
                 for name, value in aux.items():
                     coef = getattr(self.config, AUX_LOSS_COEFFICIENTS.get(name, ""), 0.0) or 0.0
                     if coef > 0:
-                        loss = loss + coef * value.to(loss.device)
+                        loss = loss + share * coef * value.detach().to(loss.device)
+                loss = probe_loss_scale(loss, aux_scale, float(share))
 
         fields = {_AUX_OUTPUT_FIELDS[k]: v for k, v in aux.items() if k in _AUX_OUTPUT_FIELDS}
         return HybridCausalLMOutput(
@@ -505,13 +677,28 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             cache=out.cache,
             hidden_states=out.hidden_states,
             lm_loss=lm_loss,
-            router_logits=tuple(router_logits) if output_router_logits else None,
+            router_logits=out.router_logits,
             layer_stats=out.layer_stats,
+            attentions=out.attentions,
             **fields,
         )
 
 
+def _token_share(labels: torch.Tensor, loss_kwargs: dict) -> float | torch.Tensor:
+    """This micro-batch's share of the optimizer step's predicted tokens: (its labels != ignore_index, after the
+    one-token shift) / ``num_items_in_batch``; 1 without ``num_items_in_batch`` (the loss is then a mean already)."""
+    total = loss_kwargs.get("num_items_in_batch")
+    if total is None:
+        return 1.0
+    ignore = loss_kwargs.get("ignore_index", -100)
+    mine = (labels[..., 1:] != ignore).sum()
+    total = torch.as_tensor(total, device=mine.device)
+    return (mine / total.clamp_min(1)).item()
+
+
 class HybridForSequenceClassification(GenericForSequenceClassification, HybridPreTrainedModel):
+    _task_head_keys = ("score.weight",)
+
     def forward(self, *args, cache: Any = None, past_key_values: Any = None, **kwargs):
         """transformers' generic head, taking the cache under either name on every supported version."""
         cache = compat.resolve_cache(cache, past_key_values, where="HybridForSequenceClassification.forward")

@@ -40,7 +40,7 @@ from transformers.integrations.moe import use_experts_implementation
 
 from .configuration_hybrid import HybridConfig
 from .cost import moe_mlp_cost
-from .mixers.base import MixerContext
+from .mixers.base import MixerContext, in_backward_recompute
 from .mlp import SwiGLU
 from .registry import register_mlp, require_positive
 
@@ -250,27 +250,60 @@ class HybridExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        N, H = hidden_states.shape
-        K = top_k_index.shape[-1]
-        if N == 0:
-            return hidden_states.clone()
-        expert_S = top_k_index.reshape(-1)
-        order_S = torch.argsort(expert_S, stable=True)  # assignments grouped by expert
-        x_SH = hidden_states[order_S // K]
-        counts = torch.bincount(expert_S, minlength=self.num_experts).tolist()  # the one host sync
-        # split / unbind (not per-expert slicing or indexing): their backward is one cat / stack, where E separate
-        # slices would each materialise a zero gradient of the full [S, H] input or [E, 2I, H] weight.
-        gate_up_E, down_E = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        outs = []
-        for e, x_cH in enumerate(torch.split(x_SH, counts)):
-            if x_cH.shape[0] == 0:
-                continue
-            gate_cI, up_cI = F.linear(x_cH, gate_up_E[e]).chunk(2, dim=-1)
-            outs.append(F.linear(self.act_fn(gate_cI) * up_cI, down_E[e]))
-        y_SH = torch.cat(outs) * top_k_weights.reshape(-1)[order_S].unsqueeze(-1).to(hidden_states.dtype)
-        inverse_S = torch.empty_like(order_S)
-        inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-        return y_SH[inverse_S].view(N, K, H).sum(dim=1).to(hidden_states.dtype)
+        def expert(in_E, down_E, e, x_cH):
+            gate_cI, up_cI = F.linear(x_cH, in_E[e]).chunk(2, dim=-1)
+            return F.linear(self.act_fn(gate_cI) * up_cI, down_E[e])
+
+        return _grouped_forward(self.gate_up_proj, self.down_proj, expert, hidden_states, top_k_index, top_k_weights)
+
+
+def _grouped_forward(in_proj, down_proj, expert, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+    """The eager experts path shared by the gated and ungated experts: ``expert(in_E, down_E, e, x_cH) -> y_cH``."""
+    N, H = hidden_states.shape
+    K = top_k_index.shape[-1]
+    if N == 0:
+        return hidden_states.clone()
+    expert_S = top_k_index.reshape(-1)
+    order_S = torch.argsort(expert_S, stable=True)  # assignments grouped by expert
+    x_SH = hidden_states[order_S // K]
+    counts = torch.bincount(expert_S, minlength=in_proj.shape[0]).tolist()  # the one host sync
+    # split / unbind (not per-expert slicing or indexing): their backward is one cat / stack, where E separate
+    # slices would each materialise a zero gradient of the full [S, H] input or [E, 2I, H] weight.
+    in_E, down_E = in_proj.unbind(0), down_proj.unbind(0)
+    outs = [expert(in_E, down_E, e, x_cH) for e, x_cH in enumerate(torch.split(x_SH, counts)) if x_cH.shape[0]]
+    y_SH = torch.cat(outs) * top_k_weights.reshape(-1)[order_S].unsqueeze(-1).to(hidden_states.dtype)
+    inverse_S = torch.empty_like(order_S)
+    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    return y_SH[inverse_S].view(N, K, H).sum(dim=1).to(hidden_states.dtype)
+
+
+@use_experts_implementation(has_gate=False)
+class HybridUngatedExperts(nn.Module):
+    """``E`` experts without a gate (``mlp_gated=False``, Nemotron-H): ``down(act(up(x)))`` with ``up_proj [E, I, H]``,
+    ``down_proj [E, H, I]``; transformers' ``has_gate=False`` experts layout, so its kernels apply here too."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(self.num_experts, self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+        nn.init.normal_(self.up_proj, std=config.initializer_range)
+        nn.init.normal_(self.down_proj, std=config.initializer_range)
+
+    def init_hybrid_weights(self, init_module, config: HybridConfig) -> None:
+        init_module.normal_(self.up_proj, mean=0.0, std=config.initializer_range)
+        init_module.normal_(self.down_proj, mean=0.0, std=config.initializer_range)
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        def expert(in_E, down_E, e, x_cH):
+            return F.linear(self.act_fn(F.linear(x_cH, in_E[e])), down_E[e])
+
+        return _grouped_forward(self.up_proj, self.down_proj, expert, hidden_states, top_k_index, top_k_weights)
 
 
 def experts_forward_loop(
@@ -286,8 +319,11 @@ def experts_forward_loop(
         token_idx, slot = torch.where(top_k_index == e)
         if token_idx.numel() == 0:
             continue
-        gate, up = F.linear(hidden_states[token_idx], experts.gate_up_proj[e]).chunk(2, dim=-1)
-        y = F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+        if hasattr(experts, "gate_up_proj"):
+            gate, up = F.linear(hidden_states[token_idx], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            y = F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
+        else:  # ungated experts
+            y = F.linear(experts.act_fn(F.linear(hidden_states[token_idx], experts.up_proj[e])), experts.down_proj[e])
         out_NH = out_NH.index_add(0, token_idx, y * top_k_weights[token_idx, slot, None].to(y.dtype))
     return out_NH
 
@@ -420,6 +456,11 @@ def _validate(config: HybridConfig) -> None:
         )
     if config.num_shared_experts < 0:
         raise ValueError(f"HybridConfig.num_shared_experts={config.num_shared_experts} must be >= 0")
+    require_positive(config, "shared_expert_intermediate_size", allow_none=True)
+    if config.num_shared_experts == 0 and config.shared_expert_gate:
+        raise ValueError(
+            "HybridConfig.shared_expert_gate=True needs a shared expert; set num_shared_experts >= 1 (it is 0)"
+        )
     if config.num_experts % config.n_group or config.topk_group > config.n_group:
         raise ValueError(
             f"HybridConfig.n_group={config.n_group} must divide num_experts={config.num_experts} and "
@@ -456,10 +497,15 @@ class HybridMoE(nn.Module):
         self.z_loss_coef = config.router_z_loss_coef
         self.seq_aux_loss_coef = config.router_seq_aux_loss_coef
         self.router = HybridTopKRouter(config, layer_idx)
-        self.experts = HybridExperts(config)
+        self.experts = HybridExperts(config) if config.mlp_gated else HybridUngatedExperts(config)
         self.shared_experts = (
-            SwiGLU(config.hidden_size, config.num_shared_experts * config.moe_intermediate_size, config.hidden_act)
+            SwiGLU(config.hidden_size, config.shared_expert_size, config.hidden_act, gated=config.mlp_gated)
             if config.num_shared_experts > 0 else None
+        )
+        # Qwen2-MoE / Qwen3-Next: a per-token sigmoid gate in [0, 1] on the shared experts' output.
+        self.shared_experts_gate = (
+            nn.Linear(config.hidden_size, 1, bias=False)
+            if config.num_shared_experts > 0 and config.shared_expert_gate else None
         )
         self.last_counts: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
@@ -504,12 +550,18 @@ class HybridMoE(nn.Module):
 
         out_NH = self.experts(x_NH, index_NK, weights_NK.to(x_NH.dtype))
         if self.shared_experts is not None:
-            out_NH = out_NH + self.shared_experts(x_NH)
+            shared_NH = self.shared_experts(x_NH)
+            if self.shared_experts_gate is not None:
+                shared_NH = torch.sigmoid(self.shared_experts_gate(x_NH)) * shared_NH
+            out_NH = out_NH + shared_NH
 
         if self.training:
-            router.accumulate_counts(counts_E)
+            if not in_backward_recompute():  # gradient checkpointing replays this forward: count each token once
+                router.accumulate_counts(counts_E)
             if ctx is not None:
                 self._add_losses(ctx, router, logits_NE, index_NK, mask_N, B, T)
+        if ctx is not None and ctx.output_router_logits:
+            ctx.router_logits.append(logits_NE)
         self.last_counts, self.last_load, self.last_drops = counts_E, load_E, drops_E
         if ctx is not None:
             ctx.add_stat("expert_load", self.layer_idx, load_E)
@@ -540,6 +592,7 @@ __all__ = [
     "HybridMoE",
     "HybridTopKRouter",
     "HybridExperts",
+    "HybridUngatedExperts",
     "experts_forward_loop",
     "stable_topk",
     "group_limited_mask",

@@ -38,6 +38,16 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _in_dsa_dense_warmup(model: nn.Module) -> bool:
+    """True when a DSA layer of ``model`` is in ``dsa_mode="dense_warmup"`` (the mixers read the mode from their
+    config, which ``hf_hybrid.convert.dsa.set_dsa_mode`` keeps in step with the model's)."""
+    from .mixers.dsa import DSAOnAttention, DSAOnMLA
+
+    return any(
+        isinstance(m, (DSAOnAttention, DSAOnMLA)) and m.config.dsa_mode == "dense_warmup" for m in model.modules()
+    )
+
+
 @torch.no_grad()
 def update_expert_bias(
     model: nn.Module, rate: float | None = None, *, all_reduce: bool = True
@@ -48,8 +58,9 @@ def update_expert_bias(
     more. ``load`` is the routers' ``pending_counts`` (routed assignments of real tokens summed over the training
     forwards since the last update), summed across ranks with one all-reduce for all layers, then reset. ``rate``
     defaults to each router's ``config.router_bias_update_rate``; routers with rate 0 and hash routers are left alone
-    (their counts are still reset). Gradient checkpointing re-runs forwards and counts them twice, which scales every
-    expert's count alike and so leaves the sign, hence the update, unchanged.
+    (their counts are still reset), and nothing moves while a DSA layer is in dense warm-up (only the indexers train
+    then). Gradient checkpointing's replay of a forward during the backward is not counted (``HybridMoE`` skips it), so
+    each token counts once with or without checkpointing.
 
     Why the all-reduce matters under DDP: with ``broadcast_buffers=True`` (the default) DDP copies rank 0's buffers,
     ``e_score_correction_bias`` included, over every other rank before each forward. If each rank updated its bias
@@ -63,6 +74,12 @@ def update_expert_bias(
     """
     layers = [m for m in _moe_layers(model) if m.router_module.routing == "topk"]
     if not layers:
+        return {}
+    if _in_dsa_dense_warmup(model):
+        # DeepSeek's dense warm-up trains the indexers alone on their KL: the routing is frozen like every other
+        # weight, so the bias must not move either (the counts of the warm-up forwards are discarded).
+        for m in layers:
+            m.router_module.pending_counts = None
         return {}
     routers = [m.router_module for m in layers]
     device = routers[0].e_score_correction_bias.device

@@ -26,6 +26,7 @@ LORA_TARGET_MODULES: tuple[str, ...] = (
     "in_proj_qkvz",
     "in_proj_ba",
     "out_proj",
+    "output_gate",  # lightning attention's sigmoid output gate (MiniMax)
     # dense MLPs and shared experts
     "gate_proj",
     "up_proj",

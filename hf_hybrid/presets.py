@@ -82,7 +82,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
     ),
-    # Qwen3-Next-80B-A3B: 3:1 Gated DeltaNet : gated attention, 512 experts top-10 + 1 shared expert.
+    # Qwen3-Next-80B-A3B (its config.json, without the MTP head): 3:1 Gated DeltaNet : gated attention (q/k norm,
+    # sigmoid output gate, partial RoPE ¼), 512 experts top-10 + 1 shared expert behind a sigmoid gate. 79.67 B
+    # parameters, 3.25 B active without embeddings (published: 80 B, A3B). Exports to qwen3_next.
     "qwen3-next-like": dict(
         vocab_size=151936,
         hidden_size=2048,
@@ -105,8 +107,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_experts_per_tok=10,
         moe_intermediate_size=512,
         num_shared_experts=1,
+        shared_expert_intermediate_size=512,
+        shared_expert_gate=True,
+        rms_norm_eps=1e-6,
+        bos_token_id=151643,
+        eos_token_id=151645,
     ),
-    # MiniMax-01 (Text-01): 7:1 lightning (linear) attention : softmax attention, 32 experts top-2.
+    # MiniMax-Text-01: 7:1 lightning attention (SiLU q/k/v, fixed per-head decay, full-width output norm, sigmoid
+    # output gate) : softmax attention, 32 experts top-2. 456.09 B parameters, 45.94 B active without embeddings
+    # (published: 456 B / 45.9 B).
     "minimax-like": dict(
         vocab_size=200064,
         hidden_size=6144,
@@ -120,6 +129,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         mixer_pattern="7:1 linear_attention:attention",
         linear_num_heads=64,
         linear_head_dim=128,
+        linear_decay="fixed_slope",
+        linear_qkv_activation="silu",
+        linear_scale=1.0,
+        linear_norm_scope="full",
+        linear_output_gate=True,
+        linear_norm_eps=1e-6,
+        # DeepNorm-style residuals: h = α·norm(x) + f(norm(x)) with α = (2 · 80 layers)^¼ for every branch.
+        residual_from_norm=True,
+        mixer_residual_scales=[(2 * 80) ** 0.25] * 80,
+        mlp_residual_scale=(2 * 80) ** 0.25,
+        rms_norm_eps=1e-5,
         mlp_pattern="moe",
         num_experts=32,
         num_experts_per_tok=2,
@@ -150,6 +170,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         n_group=8,
         topk_group=4,
         routed_scaling_factor=2.5,
+        # as in DeepSeek-V3's config.json: YaRN to 160K, latent norms at eps 1e-6, bos/eos 0/1
+        rope_parameters={
+            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+        },
+        mla_norm_eps=1e-6,
+        bos_token_id=0,
+        eos_token_id=1,
     ),
 }
 # Kimi-Linear-48B-A3B (moonshotai/Kimi-Linear-48B-A3B-Instruct's config.json): 27 layers, KDA everywhere but MLA
@@ -171,6 +199,7 @@ PRESETS["kimi-linear-like"] = dict(
     qk_rope_head_dim=64,
     v_head_dim=128,
     mla_use_rope=False,
+    mla_norm_eps=1e-6,  # the latent norms' eps in transformers' kimi_linear, whatever rms_norm_eps is
     kda_num_heads=32,
     kda_head_dim=128,
     kda_conv_kernel_size=4,
@@ -191,6 +220,7 @@ PRESETS["deepseek-v3.2-like"] = {
     "index_n_heads": 64,
     "index_head_dim": 128,
     "index_topk": 2048,
+    "index_norm_eps": 1e-6,
 }
 
 

@@ -39,7 +39,8 @@ class MixerSpec:
 
     - ``layer_type``: transformers' ``layer_types`` entry, which picks the cache layer transformers builds for it.
     - ``mask``: which of transformers' attention masks the layer reads from ``ctx.masks`` (None: it needs none; a
-      layer that needs one but declares None would see the future under eager attention).
+      layer that needs one but declares None would see the future under eager attention), or ``fn(config)``
+      returning one of those when it depends on the layer's settings (a sparse DSA layer needs no dense mask).
     - ``recurrent``: keeps a constant-size recurrent state (the model is stateful, the cache cannot be cropped).
     - ``needs_padding_mask``: reads ``ctx.padding_mask`` (recurrent mixers, DSA's indexer).
     - ``cost``: ``fn(config, layer_idx) -> hf_hybrid.cost.MixerCost`` for the inspector and the card.
@@ -50,14 +51,22 @@ class MixerSpec:
     """
 
     name: str
-    cls: type
+    cls: type | None  # None: no token mixer at all (an MLP-only layer)
     layer_type: str
-    mask: str | None = None
+    mask: str | Callable[[Any], str | None] | None = None
     recurrent: bool = False
     needs_padding_mask: bool = False
     cost: Callable[..., Any] | None = None
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     validate: Callable[[Any], None] | None = None
+
+
+def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
+    """The transformers mask a layer of this kind reads under ``config`` (None: none)."""
+    mask = spec.mask(config) if callable(spec.mask) else spec.mask
+    if mask is not None and mask not in MASKS:
+        raise ValueError(f"mixer {spec.name!r} asks for mask {mask!r}; choose None or one of {', '.join(MASKS)}")
+    return mask
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,7 @@ def register_mixer(
     name: str,
     *,
     layer_type: str,
-    mask: str | None = None,
+    mask: str | Callable[[Any], str | None] | None = None,
     recurrent: bool = False,
     needs_padding_mask: bool | None = None,
     cost: Callable[..., Any] | None = None,
@@ -110,17 +119,20 @@ def register_mixer(
     validate: Callable[[Any], None] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator declaring a token mixer (see :class:`MixerSpec`). ``needs_padding_mask`` defaults to
-    ``recurrent``. Registering a different class under a taken name is an error."""
+    ``recurrent``. Registering a different class under a taken name is an error. ``register_mixer("none", ...)(None)``
+    declares a layer without token mixer (no module, no input norm)."""
     _check_name("mixer", name)
     if layer_type not in LAYER_TYPES:
         raise ValueError(f"register_mixer({name!r}): layer_type={layer_type!r}; choose one of {', '.join(LAYER_TYPES)}")
-    if mask is not None and mask not in MASKS:
+    if mask is not None and not callable(mask) and mask not in MASKS:
         raise ValueError(f"register_mixer({name!r}): mask={mask!r}; choose None or one of {', '.join(MASKS)}")
     defaults = dict(config_defaults or {})
 
-    def wrap(cls: type) -> type:
+    def wrap(cls: type | None) -> type | None:
         old = _MIXERS.get(name)
-        if old is not None and old.cls is not cls and old.cls.__qualname__ != cls.__qualname__:
+        if old is not None and old.cls is not cls and getattr(old.cls, "__qualname__", None) != getattr(
+            cls, "__qualname__", None
+        ):
             raise ValueError(f"mixer {name!r} is registered twice ({old.cls} and {cls})")
         _check_defaults(name, defaults)
         _MIXERS[name] = MixerSpec(
@@ -212,6 +224,7 @@ __all__ = [
     "MLP_REGISTRY",
     "MLPSpec",
     "MixerSpec",
+    "mixer_mask",
     "mixer_spec",
     "mixer_specs",
     "mlp_spec",

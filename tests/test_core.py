@@ -403,6 +403,29 @@ def test_loading_is_strict(tmp_path, tamper, message):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_task_head_on_a_causal_checkpoint_is_the_one_allowed_mismatch(tmp_path, tied):
+    """AutoModelForSequenceClassification / AutoModel from a causal checkpoint: the head swap (score.weight new,
+    lm_head.weight dropped) loads; the backbone keeps the causal model's weights; any other mismatch still raises."""
+    causal = build(tiny(tie_word_embeddings=tied, pad_token_id=0))
+    causal.save_pretrained(tmp_path / "lm")
+    clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3)
+    backbone = AutoModel.from_pretrained(tmp_path / "lm")
+    for name, tensor in causal.model.state_dict().items():
+        torch.testing.assert_close(clf.model.state_dict()[name], tensor, rtol=0, atol=0)
+        torch.testing.assert_close(backbone.state_dict()[name], tensor, rtol=0, atol=0)
+    ids = torch.randint(1, 64, (2, 7))
+    assert clf(ids).logits.shape == (2, 3)
+    clf.save_pretrained(tmp_path / "clf")  # a classification checkpoint: its own head is required again
+    AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf")
+    _tamper(tmp_path / "clf", lambda t: t.pop("score.weight"))
+    with pytest.raises(ValueError, match="missing_keys.*score.weight"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf")
+    _tamper(tmp_path / "lm", lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match="missing_keys.*up_proj"):
+        AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3)
+
+
 def test_truncated_weights_file_raises(tmp_path):
     build(tiny()).save_pretrained(tmp_path)
     path = tmp_path / "model.safetensors"

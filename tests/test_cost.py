@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_hybrid import HybridConfig, HybridForCausalLM, registry
+from hf_hybrid.compat import output_cache
 from hf_hybrid.cost import MixerCost, compress_pattern, estimate_cost, measure_module
 from hf_hybrid.presets import PRESETS, preset_config
 from hf_hybrid.registry import mixer_spec, mixer_specs, mlp_spec, mlp_specs
@@ -188,10 +189,30 @@ def test_dsa_adds_indexer_keys_and_caps_attention():
     mla = mixer_spec("mla").cost(config, 0)
     assert cost.cache_per_token == mla.cache_per_token + 16
     assert cost.params == mla.params + 32 * 2 * 16 + 64 * 16 + 2 * 16 + 64 * 2
-    # attention over min(context, top-k) tokens + the indexer over every token
-    qk, v = 16 + 8, 16
+    # sparse mode runs latent MQA: each of the 4 heads scores min(context, top-k) cached [c_kv, k_pe] (32 + 8 wide)
+    # and sums c_kv (32 wide); + the indexer over every token
+    qk, v = 32 + 8, 32
     assert cost.flops(1000) == 2 * 8 * 4 * (qk + v) + 2 * 1000 * 2 * (16 + 1)
     assert cost.flops(4) == 2 * 4 * 4 * (qk + v) + 2 * 4 * 2 * (16 + 1)
+    # dense warm-up runs the expanded (naive MLA) attention over every token
+    warm = mixer_spec("dsa").cost(preset_config("tiny-dsa", dsa_mode="dense_warmup"), 0)
+    assert warm.flops(1000) == 2 * 1000 * 4 * (16 + 8 + 16) + 2 * 1000 * 2 * (16 + 1)
+
+
+def test_dsa_on_mla_flops_follow_latent_mqa_at_deepseek_v32_scale():
+    """The review's figure: counting expanded heads (dn + dr + dv = 320 wide) instead of the latent MQA the code runs
+    (r + dr + r = 1088 wide) under-counted 24.6 GFLOP/token for deepseek-v3.2-like (61 layers, 128 heads, k=2048)."""
+    v32 = estimate_cost(preset_config("deepseek-v3.2-like"), contexts=(4096,), measure=False)
+    per_layer = 2.0 * 2048 * 128 * ((512 + 64 + 512) - (128 + 64 + 128))
+    assert per_layer * 61 / 1e9 == pytest.approx(24.6, abs=0.05)
+    indexer = 2.0 * 4096 * 64 * (128 + 1) * 61
+    attention = 2.0 * 2048 * 128 * (512 + 64 + 512) * 61
+    mla = estimate_cost(preset_config("deepseek-v3-like"), contexts=(4096,), measure=False)
+    idx_matmul = 2.0 * 61 * (1536 * 64 * 128 + 7168 * 128 + 7168 * 64)
+    dense_attention = 2.0 * 4096 * 128 * (128 + 64 + 128) * 61
+    assert v32.flops_per_token(4096) == pytest.approx(
+        mla.flops_per_token(4096) - dense_attention + attention + indexer + idx_matmul, rel=1e-12
+    )
 
 
 def test_recurrent_state_formulas():
@@ -210,7 +231,25 @@ def test_recurrent_state_formulas():
     assert pos.state_elements == 4 * 16 * 16 + 4 * 16 + 3 * 4 * 16 * 3  # + normaliser + conv tail
     report = estimate_cost(preset_config("tiny-hybrid"), contexts=(10, 10_000))
     gdn_bytes = report.by_mixer()["gated_deltanet"]["bytes_per_sequence"]
-    assert gdn_bytes[10] == gdn_bytes[10_000] == 3 * gdn.state_elements * 2  # constant in the context
+    # constant in the context; the recurrent state is stored in fp32 (4 B), the conv tail in the cache dtype (2 B)
+    assert gdn.state_fp32_elements == 4 * 16 * 16 and mamba.state_fp32_elements == 8 * 16 * 16
+    assert lin.state_fp32_elements == 4 * 16 * 16 and pos.state_fp32_elements == 4 * 16 * 16 + 4 * 16
+    conv = gdn.state_elements - gdn.state_fp32_elements
+    assert gdn_bytes[10] == gdn_bytes[10_000] == 3 * (conv * 2 + gdn.state_fp32_elements * 4)
+    forced = estimate_cost(preset_config("tiny-hybrid"), contexts=(10,), state_dtype_bytes=2)
+    assert forced.by_mixer()["gated_deltanet"]["bytes_per_sequence"][10] == 3 * gdn.state_elements * 2
+
+
+def test_recurrent_state_bytes_match_a_real_cache():
+    """The inspector's per-layer state bytes equal the bytes of the cache a bf16 model really fills."""
+    for name in ("tiny-gdn", "tiny-mamba2"):
+        config = preset_config(name, vocab_size=64)
+        model = HybridForCausalLM(config).to(torch.bfloat16).eval()
+        cache = output_cache(model(torch.randint(0, 64, (1, 5)), use_cache=True))
+        layer = cache.layers[0]
+        real = sum(t.numel() * t.element_size() for t in (layer.conv_states[0], layer.recurrent_states[0]))
+        report = estimate_cost(config, contexts=(5,), dtype_bytes=2)
+        assert report.by_mixer()[config.mixer_types[0]]["state_bytes_per_sequence_per_layer"] == real
 
 
 def test_published_shapes_are_in_range():

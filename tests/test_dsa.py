@@ -132,7 +132,8 @@ def test_dense_warmup_loss_is_indexer_kl_and_only_the_indexer_learns(base):
 
 @pytest.mark.parametrize("base", BASES)
 def test_sparse_training_lm_loss_sends_no_gradient_into_the_indexer(base):
-    model = build(base, dsa_mode="sparse").train()
+    # index_loss_coef=0: the KL is still reported but not attached to the layers, so out.lm_loss is the LM term alone
+    model = build(base, dsa_mode="sparse", index_loss_coef=0.0).train()
     ids = torch.randint(0, 64, (2, 12))
     out = model(ids, labels=ids)
     indexer = [p for n, p in model.named_parameters() if ".indexer." in n]
@@ -143,7 +144,15 @@ def test_sparse_training_lm_loss_sends_no_gradient_into_the_indexer(base):
     kl_grads = torch.autograd.grad(out.indexer_loss, indexer + rest, allow_unused=True, retain_graph=True)
     assert any(g is not None and g.abs().sum() > 0 for g in kl_grads[: len(indexer)])
     assert all(g is None or g.abs().sum() == 0 for g in kl_grads[len(indexer) :])
-    torch.testing.assert_close(out.loss, out.lm_loss + model.config.index_loss_coef * out.indexer_loss)
+    # with a coefficient, the KL's gradient rides on any backward through the layers (hf_hybrid/aux_loss.py)
+    model.config.index_loss_coef = 0.5
+    out = model(ids, labels=ids)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.indexer_loss)
+    via_lm = torch.autograd.grad(out.lm_loss, indexer, allow_unused=True, retain_graph=True)
+    kl = torch.autograd.grad(out.indexer_loss, indexer, allow_unused=True)
+    for g, k in zip(via_lm, kl):
+        if k is not None:
+            torch.testing.assert_close(g, 0.5 * k)
 
 
 def test_decode_attends_to_k_tokens_not_the_whole_context(monkeypatch):
@@ -165,6 +174,37 @@ def test_decode_attends_to_k_tokens_not_the_whole_context(monkeypatch):
         widths.clear()
         model(ids[:, 39:], past_key_values=cache, use_cache=True)
     assert widths and all(w == (4, 4) for w in widths)
+
+
+def test_mla_decode_reads_k_latent_rows_not_a_copy_of_the_cache():
+    """A DSA-on-MLA decode step gathers the k selected latent rows; it used to concatenate the whole [c_kv, k_pe]
+    history (S·(r + dr) per layer per token) every step. Every tensor an op creates during the step is recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.widest = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(o, torch.Tensor) and o.dim() >= 2:
+                    self.widest.append((o.numel(), o.shape[-1], str(func)))
+            return out
+
+    model = build("mla", index_topk=4)
+    s, r, dr = 200, COMMON["kv_lora_rank"], COMMON["qk_rope_head_dim"]
+    ids = torch.randint(0, 64, (1, s + 1))
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        cache = HybridCache(config=model.config)
+        model(ids[:, :s], past_key_values=cache, use_cache=True)
+        with Sizes() as sizes:
+            step = model(ids[:, s:], past_key_values=cache, use_cache=True).logits[:, -1]
+    torch.testing.assert_close(step, full, atol=ATOL, rtol=0)
+    copies = [x for x in sizes.widest if x[1] == r + dr and x[0] >= s * (r + dr)]
+    assert not copies, f"decode built latent tensors of the whole history: {copies[:3]}"
 
 
 def test_structured_selector_keeps_anchors_window_and_strides():

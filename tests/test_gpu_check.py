@@ -108,7 +108,7 @@ def test_dry_run_benchmarks_measure_every_anchor(dry_run):
         assert measured, f"{name}: no row has {column!r}"
         assert all(isinstance(r[column], (int, float)) and r[column] > 0 for r in measured), name
     linear = results["bench_linear"]["rows"]
-    assert {r["op"] for r in linear} == {"gdn", "simple_gla", "linear_attention"}
+    assert {r["op"] for r in linear} == {"gdn", "kda", "simple_gla", "linear_attention"}
     assert all(isinstance(r["sdpa ms"], float) for r in linear)
     assert all(isinstance(r["transformers ms"], float) for r in linear if r["op"] != "linear_attention")
     dsa = results["bench_dsa"]["rows"]

@@ -153,8 +153,35 @@ def test_shakespeare_checkpoint_parity(shakespeare_checkpoint, tmp_path):
     err = _max_abs_diff(shakespeare_checkpoint, dst, ids)
     print(f"llama-shakespeare-6m: max abs logits diff {err:.3g}")
     assert err <= TOL
-    with safe_open(str(dst / "model.safetensors"), framework="pt") as f:  # bf16 kept by default
-        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
+    # config.json says float32 and the tensors are stored in bf16: transformers loads float32 by default, so must we
+    with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
+        assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+    ref = AutoModelForCausalLM.from_pretrained(shakespeare_checkpoint).eval()
+    ours = HybridForCausalLM.from_pretrained(dst).eval()
+    assert ref.dtype == ours.dtype == ours.config.dtype == torch.float32
+    default_err = (_logits(ref, ids) - _logits(ours, ids)).abs().max().item()
+    print(f"llama-shakespeare-6m, default dtype: max abs logits diff {default_err:.3g}")
+    assert default_err <= TOL
+
+
+def test_import_dtype_follows_transformers_auto_rule(tmp_path):
+    """The config's dtype wins over the stored one (like from_pretrained(dtype="auto")); without one, the stored dtype."""
+    src = _save_source(CASES["llama"](), tmp_path / "src", dtype=torch.bfloat16)
+    raw = json.loads((src / "config.json").read_text())
+    assert raw["dtype"] == "bfloat16"
+    raw["dtype"] = "float32"
+    (src / "config.json").write_text(json.dumps(raw))
+    dst = import_dense(src, tmp_path / "declared")
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "float32"
+    ids = torch.randint(0, 300, (1, 16))
+    ref = AutoModelForCausalLM.from_pretrained(src).eval()
+    ours = HybridForCausalLM.from_pretrained(dst).eval()
+    assert ref.dtype == ours.dtype == torch.float32
+    assert (_logits(ref, ids) - _logits(ours, ids)).abs().max().item() <= TOL
+    del raw["dtype"]
+    (src / "config.json").write_text(json.dumps(raw))
+    dst = import_dense(src, tmp_path / "stored")
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 # ---- refusals: a clear error and nothing written ------------------------------------------------------------------
@@ -175,8 +202,9 @@ def _refused(src: Path, tmp_path: Path, match: str, exc=UnsupportedCheckpointErr
 
 
 def test_refuses_moe_and_unknown_types(tmp_path):
-    _refused(_write_config(tmp_path / "moe", model_type="qwen3_moe"), tmp_path, "mixture-of-experts")
-    _refused(_write_config(tmp_path / "mixtral", model_type="mixtral"), tmp_path, "upcycle")
+    # native families point to import_native; other sparse MoE types to importing a dense sibling and upcycling
+    _refused(_write_config(tmp_path / "moe", model_type="qwen3_moe"), tmp_path, "import_native")
+    _refused(_write_config(tmp_path / "dbrx", model_type="dbrx"), tmp_path, "upcycle")
     _refused(_write_config(tmp_path / "gpt2", model_type="gpt2"), tmp_path, "not supported")
 
 

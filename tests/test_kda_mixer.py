@@ -243,7 +243,7 @@ def test_cost_formula_matches_module_and_counts_the_state_in_fp32():
     formula = mixer_spec("kda").cost(config, 0)
     assert measure_module(mixer_spec("kda").cls, config, 0) == (formula.params, formula.matmul_params)
     h, d, k = 4, 16, 3  # tiny-kda: 4 heads of 16
-    assert formula.state_elements == 3 * h * d * (k - 1) and formula.fp32_state_elements == h * d * d
+    assert formula.state_elements == 3 * h * d * (k - 1) + h * d * d and formula.state_fp32_elements == h * d * d
     report = estimate_cost(config, contexts=(10, 10_000), dtype_bytes=2)
     per_layer = report.by_mixer()["kda"]["state_bytes_per_sequence_per_layer"]
     assert per_layer == 3 * h * d * (k - 1) * 2 + h * d * d * 4  # conv tail in bf16, recurrent state in fp32

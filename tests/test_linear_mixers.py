@@ -30,6 +30,18 @@ MIXERS = {
     "nemotron_like": dict(
         num_hidden_layers=4, mixer_types=["mamba2", "attention", "mamba2", "mamba2"], mlp_types=["none", "dense", "none", "dense"]
     ),
+    # MiniMax's lightning attention with its scaled residuals from the input norm
+    "lightning": dict(
+        num_hidden_layers=3, mixer_types=["linear_attention", "attention", "linear_attention"],
+        linear_decay="fixed_slope", linear_qkv_activation="silu", linear_scale=1.0, linear_norm_scope="full",
+        linear_output_gate=True, residual_from_norm=True, mixer_residual_scales=[1.5, 0.8, 1.5],
+        mixer_output_scales=[0.7, 1.2, 0.7], mlp_residual_scale=1.3, mlp_output_scale=0.9,
+    ),
+    # Nemotron-H's one-block layers: MLP-only layers, ungated relu² MLPs, attention without RoPE
+    "nemotron_blocks": dict(
+        num_hidden_layers=4, mixer_types=["mamba2", "none", "attention", "none"],
+        mlp_types=["none", "dense", "none", "dense"], mlp_gated=False, hidden_act="relu2", attention_rope=False,
+    ),
 }
 
 
@@ -111,7 +123,9 @@ def test_batch_of_one_with_padding(name):
 
 
 @pytest.mark.parametrize("source", ["collator_position_ids", "collator_flash_kwargs", "position_ids_only"])
-@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn"])
+@pytest.mark.parametrize(
+    "name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn", "lightning", "nemotron_blocks"]
+)
 def test_packed_equals_each_sequence_alone(name, source):
     model = build(name)
     seqs = [torch.randint(1, 64, (n,)).tolist() for n in (9, 3, 6)]
@@ -250,3 +264,24 @@ def test_mamba2_layer_equals_transformers_mamba2_mixer():
                        max_seqlen=None, rope=None, cache=None, past_length=0)
     with torch.no_grad():
         torch.testing.assert_close(ours(x, ctx), ref(x), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny-gdn", "tiny-mamba2", "tiny-linear"])
+def test_training_step_under_cpu_bf16_autocast(preset):
+    """Trainer / TRL with bf16=True on CPU run the forward under autocast: the chunked forms' hand-written backwards
+    once met bf16 and fp32 operands ("Input dtypes must be the same") and crashed."""
+    from hf_hybrid.presets import preset_config
+
+    torch.manual_seed(0)
+    model = HybridForCausalLM(preset_config(preset, vocab_size=64, hidden_size=32, intermediate_size=64)).train()
+    ids = torch.randint(0, 64, (2, 20))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    reference = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(ids, labels=ids, use_cache=False).loss.backward()
+    for name, p in model.named_parameters():
+        assert torch.isfinite(reference[name]).all(), name
+        scale = p.grad.abs().max().clamp_min(1e-6)
+        assert (reference[name] - p.grad).abs().max() / scale < 0.1, name  # bf16 matmuls elsewhere, fp32 here

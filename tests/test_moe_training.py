@@ -398,3 +398,31 @@ def test_hash_routing_in_model_uses_the_models_input_ids():
     torch.testing.assert_close(step, model(input_ids=out).logits[:, -1], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="input_ids"):
         model(inputs_embeds=model.get_input_embeddings()(prompt))
+
+
+def test_bias_frozen_during_dsa_dense_warmup():
+    """DeepSeek's dense warm-up trains the indexers alone: the aux-loss-free bias must not move either (it did: the
+    MoE layers still counted tokens and the callback still applied the update)."""
+    from hf_hybrid.convert.dsa import freeze_all_but_indexers, set_dsa_mode
+    from hf_hybrid.presets import preset_config
+
+    cfg = preset_config(
+        "tiny-dsa", vocab_size=64, mlp_pattern="moe", num_experts=4, num_experts_per_tok=1,
+        moe_intermediate_size=16, router_bias_update_rate=0.05,
+    )
+    model = build(cfg).train()
+    set_dsa_mode(model, "dense_warmup")
+    freeze_all_but_indexers(model)
+    callback = AuxFreeBiasCallback()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert any(m.router.pending_counts is not None for m in model.modules() if isinstance(m, HybridMoE))
+    callback.on_step_end(None, None, None, model=model)
+    for m in model.modules():
+        if isinstance(m, HybridMoE):
+            assert torch.count_nonzero(m.router.e_score_correction_bias) == 0
+            assert m.router.pending_counts is None
+    set_dsa_mode(model, "sparse")  # after the warm-up the same callback balances again
+    model(input_ids=ids, labels=ids, use_cache=False)
+    callback.on_step_end(None, None, None, model=model)
+    assert callback.last_update and all(torch.count_nonzero(d) > 0 for d in callback.last_update.values())

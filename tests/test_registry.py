@@ -155,7 +155,7 @@ def test_every_builtin_kind_declares_its_layer_type_cost_and_mask():
             continue
         assert spec.layer_type in registry.LAYER_TYPES and spec.cost is not None
         # a mixer that is not recurrent attends over past tokens and must declare the causal mask it reads
-        assert spec.recurrent or spec.mask in registry.MASKS, spec
+        assert spec.cls is None or spec.recurrent or spec.mask in registry.MASKS or callable(spec.mask), spec
     for spec in registry.mlp_specs().values():
         assert spec.cost is not None
 

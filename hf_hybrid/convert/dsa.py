@@ -34,16 +34,15 @@ import torch
 from torch import nn
 
 from ..configuration_hybrid import HybridConfig
+from .checkpoint import check_dst, write_checkpoint
 from .upcycle import (
     _as_dtype,
-    check_dst,
     check_layer_indices,
     cost_line,
     derived_lineage,
     load_source,
     parse_layers,
     source_config,
-    write_checkpoint,
 )
 
 DSA_BASES = {"attention": "attention", "mla": "mla"}  # mixer type -> dsa_base
@@ -120,8 +119,10 @@ def converted_config(
     index_head_dim: int | None = None,
     selector: str = "indexer",
     mode: str = "dense",
+    index_norm_eps: float | None = None,
 ) -> HybridConfig:
-    """``config`` with ``layers`` turned into DSA layers (a new object); unset index sizes keep the config defaults."""
+    """``config`` with ``layers`` turned into DSA layers (a new object); unset index sizes keep the config defaults.
+    ``index_norm_eps``: the indexer key LayerNorm's eps (DeepSeek-V3.2 uses 1e-6; set it to export there)."""
     d = config.to_dict()
     d.pop("layer_types", None)  # derived from mixer_types
     d.update(
@@ -135,6 +136,8 @@ def converted_config(
         d["index_n_heads"] = index_heads
     if index_head_dim is not None:
         d["index_head_dim"] = index_head_dim
+    if index_norm_eps is not None:
+        d["index_norm_eps"] = index_norm_eps
     new = HybridConfig.from_dict(d)
     new._attn_implementation = config._attn_implementation
     return new
@@ -150,16 +153,18 @@ def convert_model_to_dsa(
     selector: str = "indexer",
     mode: str = "dense",
     seed: int = 0,
+    index_norm_eps: float | None = None,
 ):
     """Convert an in-memory ``HybridForCausalLM`` (left untouched): a new model with copies of every weight and fresh
     indexers from the model's ``_init_weights`` (``torch.manual_seed(seed)`` around the build; the global RNG state
-    is restored afterwards)."""
+    is restored afterwards). ``index_norm_eps``: see :func:`converted_config`."""
     from ..modeling_hybrid import HybridForCausalLM
 
     options = dict(index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim, layers=layers,
                    selector=selector, mode=mode)
     chosen, base = check_convert(model.config, **options)
-    new_config = converted_config(model.config, chosen, base, **{k: v for k, v in options.items() if k != "layers"})
+    new_config = converted_config(model.config, chosen, base, index_norm_eps=index_norm_eps,
+                                  **{k: v for k, v in options.items() if k != "layers"})
     param = next(model.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

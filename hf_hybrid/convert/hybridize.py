@@ -44,16 +44,15 @@ import torch
 from torch import nn
 
 from ..configuration_hybrid import HybridConfig, _expand_pattern
+from .checkpoint import check_dst, write_checkpoint
 from .upcycle import (
     _as_dtype,
-    check_dst,
     check_layer_indices,
     cost_line,
     derived_lineage,
     load_source,
     parse_layers,
     source_config,
-    write_checkpoint,
 )
 
 REPLACEABLE = ("attention", "sliding_attention")  # HybridAttention layers: q/k/v/o projections to inherit

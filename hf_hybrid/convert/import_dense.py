@@ -16,14 +16,17 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors import safe_open
+
+from .checkpoint import UnsupportedCheckpointError, carried_files, write_atomically
+from .checkpoint import fail as _fail
+from .checkpoint import source_license as _source_license
+from .checkpoint import weight_files as _weight_files
 
 # model_type -> (class transformers saves it as, q/k/v bias, per-head q/k RMSNorm)
 SUPPORTED = {
@@ -56,27 +59,10 @@ _MOE_TYPES = {
 # RoPE variants that change their frequencies with the sequence length at run time: hf_hybrid computes RoPE
 # frequencies once per rotary size, so these would silently diverge past the original context.
 _DYNAMIC_ROPE = {"dynamic", "longrope"}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-_CARRIED_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 _LAYER_KEY = re.compile(
     r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)(\..+)$"
 )
 _IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$")
-
-
-class UnsupportedCheckpointError(ValueError):
-    """The source checkpoint cannot be imported (unsupported architecture, unsafe or missing weights, ...)."""
 
 
 @dataclass
@@ -92,38 +78,18 @@ class ImportPlan:
     carried_files: list[Path] = field(default_factory=list)
 
 
-def _fail(message: str) -> None:
-    raise UnsupportedCheckpointError(message)
-
-
-def _weight_files(src: Path) -> list[Path]:
-    index = src / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = sorted({src / name for name in weight_map.values()})
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            _fail(f"{index} lists shards that are not in {src}: {', '.join(missing)}")
-        return files
-    single = src / "model.safetensors"
-    if single.is_file():
-        return [single]
-    pickled = sorted(p.name for p in src.iterdir() if p.name.endswith(_PICKLE_SUFFIXES))
-    if pickled:
-        _fail(
-            f"{src} has only pickle-based weights ({', '.join(pickled[:3])}); hf_hybrid reads safetensors only, because "
-            "loading a pickle can run arbitrary code. Convert it in an environment you trust (load it with "
-            "transformers and save_pretrained(..., safe_serialization=True)), then import that copy"
-        )
-    _fail(f"{src} has no model.safetensors or model.safetensors.index.json: nothing to import")
-    raise AssertionError  # unreachable
-
-
 def _source_config(src: Path, raw: dict[str, Any]):
     """The source config parsed by transformers' own class for its model_type (no remote code)."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = raw.get("model_type")
+    from .native import FAMILY_MODULES
+
+    if model_type in FAMILY_MODULES and model_type not in SUPPORTED:
+        _fail(
+            f"{src}: model_type={model_type!r} is a native family: import it with "
+            "hf_hybrid.convert.native.import_native (or `hf-hybrid import`, which picks the right importer)"
+        )
     if model_type in _MOE_TYPES:
         _fail(
             f"{src} is a sparse mixture-of-experts model (model_type={model_type!r}); import_dense takes dense "
@@ -302,32 +268,26 @@ def plan_import(src_dir: str | os.PathLike, *, dtype: torch.dtype | str | None =
             )
 
     if dtype is None:
-        embed_name = next(k for k, v in key_map.items() if v == "model.embed_tokens.weight")
-        st_dtype = shapes[embed_name][1]
-        if st_dtype not in _SAFETENSORS_DTYPES:
-            _fail(f"{src}: embedding dtype {st_dtype} is not a floating type hf_hybrid can load")
-        dtype = _SAFETENSORS_DTYPES[st_dtype]
+        # transformers' rule for from_pretrained(dtype="auto"), its default: the config's dtype when it names one,
+        # else the dtype the weights are stored in. (A checkpoint may say float32 and store bf16: loading it by default
+        # gives float32 weights, so the import must too, or its default load would differ from the source's.)
+        declared = raw.get("dtype") or raw.get("torch_dtype")
+        if isinstance(declared, str) and isinstance(getattr(torch, declared, None), torch.dtype):
+            dtype = getattr(torch, declared)
+            if not dtype.is_floating_point:
+                _fail(f"{src}: config.json dtype={declared!r} is not a floating type hf_hybrid can load")
+        else:
+            embed_name = next(k for k, v in key_map.items() if v == "model.embed_tokens.weight")
+            st_dtype = shapes[embed_name][1]
+            if st_dtype not in _SAFETENSORS_DTYPES:
+                _fail(f"{src}: embedding dtype {st_dtype} is not a floating type hf_hybrid can load")
+            dtype = _SAFETENSORS_DTYPES[st_dtype]
     elif isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"dtype={dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
         dtype = getattr(torch, dtype)
-    carried = [src / name for name in _CARRIED_FILES if (src / name).is_file()]
+    carried = carried_files(src)
     return ImportPlan(src, model_type, kwargs, weight_files, key_map, dtype, carried)
-
-
-def _source_license(src: Path) -> str | None:
-    readme = src / "README.md"
-    if not readme.is_file():
-        return None
-    match = re.match(r"^---\n(.*?)\n---", readme.read_text(encoding="utf-8", errors="replace"), re.DOTALL)
-    if not match:
-        return None
-    try:
-        data = yaml.safe_load(match.group(1)) or {}
-    except yaml.YAMLError:
-        return None
-    license_ = data.get("license") if isinstance(data, dict) else None
-    return license_ if isinstance(license_, str) else None
 
 
 def dense_to_hybrid_config(src_dir: str | os.PathLike):
@@ -351,7 +311,8 @@ def import_dense(
 ) -> Path:
     """Import the transformers checkpoint in ``src_dir`` into a new hf_hybrid checkpoint ``dst_dir``.
 
-    ``dtype``: cast floating weights (default: keep the dtype the embedding was saved in). ``base_model``: the name
+    ``dtype``: cast floating weights (default: transformers' ``dtype="auto"`` rule — the dtype config.json names, else
+    the one the weights are stored in). ``base_model``: the name
     recorded as lineage and in the card (default: ``src_dir`` as given; pass the Hub id when you know it).
     ``dst_dir`` must not exist or be empty. Returns ``dst_dir``."""
     from .. import __version__
@@ -401,20 +362,12 @@ def import_dense(
         raise RuntimeError(f"internal error: tensors left on the meta device after import: {leftover[:5]}")
     model.eval()
 
-    dst_parent = dst.resolve().parent
-    dst_parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.import-", dir=dst_parent))
-    try:
+    def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         for path in plan.carried_files:
             shutil.copy2(path, tmp / path.name)
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+
+    return write_atomically(dst, write)
 
 
 __all__ = [

@@ -67,7 +67,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, dataclass
@@ -78,6 +77,7 @@ import torch
 
 from .. import moe as _moe  # noqa: F401  (registers the "moe" MLP type)
 from ..configuration_hybrid import HybridConfig
+from .checkpoint import check_dst, write_checkpoint
 
 ROUTERS = ("softmax", "sigmoid")
 
@@ -296,6 +296,11 @@ def check_upcycle(config: HybridConfig, opts: UpcycleOptions) -> list[int]:
             f"upcycle: the source already has MoE layers ({have}); MoE settings are global in HybridConfig, so "
             "upcycle starts from a model whose MLPs are dense"
         )
+    if not config.mlp_gated:
+        raise ValueError(
+            "upcycle: HybridConfig.mlp_gated=False (ungated MLPs, e.g. a Nemotron-H import) is not supported; "
+            "upcycling copies gated SwiGLU MLPs into gated experts"
+        )
     dense = [i for i, t in enumerate(config.mlp_types) if t == "dense"]
     if not dense:
         raise ValueError(f"upcycle: the source has no dense MLP layers (mlp_types={config.mlp_types}); nothing to upcycle")
@@ -415,21 +420,6 @@ def upcycle_model(model, opts: UpcycleOptions | None = None, **kwargs: Any):
 # ----------------------------------------------------------------------------------------------------------------------
 # files (shared with convert.dsa)
 
-# Files beside the weights that a derived checkpoint keeps (tokenizer, generation settings).
-CARRIED_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
-    "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json", "generation_config.json",
-)
-
-
-def check_dst(dst: str | os.PathLike) -> Path:
-    """``dst`` must not exist (or be an empty directory)."""
-    path = Path(dst)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"{path} exists and is not empty; choose a new output directory")
-    return path
-
-
 def source_config(src: str | os.PathLike) -> tuple[HybridConfig, bool]:
     """The ``HybridConfig`` of ``src`` (an hf_hybrid checkpoint, or one import_dense can import) and whether it is
     already hf_hybrid. Reads config and weight names only; raises ``ValueError`` / ``FileNotFoundError``."""
@@ -451,7 +441,8 @@ def source_config(src: str | os.PathLike) -> tuple[HybridConfig, bool]:
 def load_source(src: str | os.PathLike, *, dtype: torch.dtype | str | None = None):
     """``(model, source_dtype)``: an hf_hybrid ``HybridForCausalLM`` of ``src`` (imported through a temporary directory
     when it is a Llama / Qwen2 / Qwen3 / Mistral checkpoint), in eval mode, cast to ``dtype`` when given;
-    ``source_dtype`` is the dtype the weights were stored in."""
+    ``source_dtype`` is the dtype transformers' default loading gives it (``dtype="auto"``: the config's dtype, else the
+    stored one)."""
     from ..modeling_hybrid import HybridForCausalLM
     from .import_dense import import_dense
 
@@ -499,31 +490,6 @@ def derived_lineage(parent: dict[str, Any], src: str | None, recipe: str, option
     lineage["options"] = options
     lineage["hf_hybrid_version"] = __version__
     return lineage
-
-
-def write_checkpoint(model, dst: str | os.PathLike, *, src: str | os.PathLike | None = None,
-                     dtype: torch.dtype | None = None) -> Path:
-    """Save ``model`` (cast to ``dtype``), its model card, and the tokenizer / generation files of ``src`` to ``dst``
-    atomically (written beside ``dst``, then renamed). ``dst`` must not exist or be empty."""
-    dst = check_dst(dst)
-    if dtype is not None:
-        model = model.to(dtype)
-    parent = dst.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
-    try:
-        model.save_pretrained(tmp)
-        if src is not None:
-            for name in CARRIED_FILES:
-                if (Path(src) / name).is_file() and not (tmp / name).exists():
-                    shutil.copy2(Path(src) / name, tmp / name)
-        if dst.exists():
-            dst.rmdir()  # empty, checked above
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return dst
 
 
 # ----------------------------------------------------------------------------------------------------------------------

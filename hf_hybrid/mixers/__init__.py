@@ -5,7 +5,7 @@ import importlib
 from .base import MIXER_REGISTRY, MixerContext, register_mixer
 
 # Each entry is one file; a mixer under construction that fails to import must not break the others.
-_MIXER_MODULES = ("attention", "mla", "dsa", "linear_attention", "mamba2", "gated_deltanet", "kda")
+_MIXER_MODULES = ("attention", "mla", "dsa", "linear_attention", "mamba2", "gated_deltanet", "none", "kda")
 for _name in _MIXER_MODULES:
     try:
         importlib.import_module(f"{__name__}.{_name}")

@@ -1,5 +1,6 @@
-"""Softmax attention: MHA / GQA / MQA, optional sliding window, partial RoPE, q/k RMSNorm (Qwen3), q/k/v bias
-(Qwen2) and a sigmoid output gate (Qwen3-Next). The kernel comes from transformers' attention interface
+"""Softmax attention: MHA / GQA / MQA, optional sliding window, partial RoPE, q/k RMSNorm per head (Qwen3) or over
+the whole projection (OLMoE, ``qk_norm_scope="full"``), q/k/v clipping (OLMoE's ``clip_qkv``), q/k/v bias (Qwen2) and
+a sigmoid output gate (Qwen3-Next). The kernel comes from transformers' attention interface
 (``eager``, ``sdpa``, ``flash_attention_2``, ``flex_attention``) chosen by ``config._attn_implementation``."""
 
 from __future__ import annotations
@@ -70,7 +71,8 @@ class HybridAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5
+        self.scaling = self.head_dim**-0.5 if config.attention_scaling is None else config.attention_scaling
+        self.use_rope = config.attention_rope
         self.is_causal = True
         self.is_sliding = config.mixer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if self.is_sliding else None
@@ -83,11 +85,16 @@ class HybridAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        # q/k RMSNorm per head (Qwen3) or over the whole projection (OLMoE: qk_norm_scope="full").
+        self.qk_norm_full = config.qk_norm_scope == "full"
+        q_dim = self.num_heads * self.head_dim if self.qk_norm_full else self.head_dim
+        k_dim = self.num_key_value_heads * self.head_dim if self.qk_norm_full else self.head_dim
         if config.use_qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.q_norm = RMSNorm(q_dim, eps=config.rms_norm_eps)
+            self.k_norm = RMSNorm(k_dim, eps=config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        self.clip_qkv = config.clip_qkv
 
     def project(
         self, hidden_states: torch.Tensor, ctx: MixerContext
@@ -102,10 +109,16 @@ class HybridAttention(nn.Module):
         q = q.reshape(b, t, self.num_heads, self.head_dim)  # (B, T, h, d)
         k = self.k_proj(hidden_states).view(b, t, self.num_key_value_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(b, t, self.num_key_value_heads, self.head_dim)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.qk_norm_full:
+            q = self.q_norm(q.reshape(b, t, -1)).view_as(q)
+            k = self.k_norm(k.reshape(b, t, -1)).view_as(k)
+        elif self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = ctx.rope(self.rotary_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.clip_qkv is not None:
+            q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
+        if self.use_rope:
+            cos, sin = ctx.rope(self.rotary_dim)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, d)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx)
@@ -115,7 +128,7 @@ class HybridAttention(nn.Module):
         """Dense attention through transformers' interface; returns [B, T, h, d]."""
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         mask = ctx.masks.get("sliding_attention" if self.is_sliding else "full_attention")
-        out, _ = interface(
+        out, probs = interface(
             self,
             q,
             k,
@@ -126,6 +139,8 @@ class HybridAttention(nn.Module):
             sliding_window=self.sliding_window,
             **ctx.attn_kwargs,
         )
+        if ctx.output_attentions and probs is not None:
+            ctx.attentions.append((self.layer_idx, probs))  # (B, h, T, S)
         return out
 
     def output(self, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:

@@ -17,6 +17,12 @@ import torch
 from ..registry import MIXER_REGISTRY, register_mixer  # noqa: F401  (re-exported: the mixers' import path)
 
 
+def in_backward_recompute() -> bool:
+    """True while autograd's engine is running a backward pass, i.e. when gradient checkpointing replays a layer's
+    forward: statistics (router token counts) must not be counted a second time then."""
+    return torch._C._current_graph_task_id() != -1
+
+
 @dataclass
 class MixerContext:
     """Per-forward information shared by all layers.
@@ -35,6 +41,12 @@ class MixerContext:
       (cached per forward, so MLA/DSA can ask for their own rope sizes).
     - ``cache``: the ``HybridCache`` or None. ``past_length`` is P.
     - ``attn_kwargs``: extra keyword arguments for transformers' attention interface (flash varlen info).
+    - ``output_router_logits``: MoE layers append their fp32 router logits [B·T, E] to ``router_logits``.
+    - ``aux_weights``: auxiliary term name -> the weight its gradient is attached with (coefficient / number of layers
+      producing it); names not in it are recorded but not attached (``hf_hybrid.aux_loss``). ``aux_scale`` is the
+      forward's :class:`~hf_hybrid.aux_loss.AuxLossScale`.
+    - ``output_attentions``: attention mixers that can (eager) append their probabilities to ``attentions`` as
+      ``(layer_idx, [B, h, T, S])``.
     """
 
     padding_mask: torch.Tensor | None
@@ -49,10 +61,23 @@ class MixerContext:
     attn_kwargs: dict[str, Any] = field(default_factory=dict)
     aux: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
+    output_router_logits: bool = False
+    router_logits: list[torch.Tensor] = field(default_factory=list)
+    aux_weights: dict[str, float] = field(default_factory=dict)
+    aux_scale: Any = None
+    output_attentions: bool = False
+    attentions: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    # DSA top-k selections [B, T, k] of this forward by layer index, reused by "shared" DSA layers
+    # (dsa_indexer_types). Keyed by layer so a recomputation (gradient checkpointing) reads the right one.
+    dsa_topk: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def add_aux(self, name: str, value: torch.Tensor) -> None:
         """Record an auxiliary loss term (already averaged for this layer); the model sums them per name."""
         self.aux.setdefault(name, []).append(value)
+
+    def aux_count(self) -> dict[str, int]:
+        """How many terms of each name are recorded so far (a layer attaches the ones it adds)."""
+        return {name: len(values) for name, values in self.aux.items()}
 
     def add_stat(self, name: str, layer_idx: int, value: Any) -> None:
         """Record a detached per-layer statistic (e.g. expert load) for logging; never part of the loss."""

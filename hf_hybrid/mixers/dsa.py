@@ -21,6 +21,10 @@ plus fresh indexers.
 ``dsa_selector``: ``"indexer"`` (learned, default) or ``"structured"`` (first ``dsa_global_tokens`` tokens as
 anchors, the last ``dsa_local_window`` tokens, and evenly strided representatives of the middle).
 
+``dsa_indexer_types`` (GLM-MoE-DSA's index-reuse layers): a DSA layer marked ``"shared"`` has no indexer and attends
+over the top-k the previous ``"full"`` DSA layer selected in the same forward (``MixerContext.dsa_topk``); it adds no
+indexer loss and caches no indexer keys.
+
 Set ``module.collect_metrics = True`` to have each forward record ``dsa_recall`` (recall@k against the top-k of the
 true head-mean attention) and ``dsa_mass`` (attention mass inside the selected set) as layer stats.
 """
@@ -56,7 +60,7 @@ class LightningIndexer(nn.Module):
         self.rope_dim -= self.rope_dim % 2
         self.wq = nn.Linear(query_dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
-        self.k_norm = nn.LayerNorm(self.head_dim)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.index_norm_eps)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
 
@@ -113,6 +117,23 @@ def structured_indices(
     return torch.cat([first.expand(b, -1, -1), recent, strided], dim=-1)[..., :topk]
 
 
+def gather_selected_latent(
+    c_kv: torch.Tensor, k_pe: torch.Tensor, idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The selected latent rows only, for sparse attention when T·k < S (decode).
+
+    c_kv [B, S, r], k_pe [B, S, dr], idx [B, T, K] (-1 = unused) -> k [B, T·K, 1, r + dr], v [B, T·K, 1, r] and
+    idx' [B, T, K] into them (slot j of query t is row t·K + j; -1 kept), so ``sparse_attention(q, k, v, idx')``
+    equals ``sparse_attention(q, cat(c_kv, k_pe), c_kv, idx)`` while reading T·K rows instead of copying S."""
+    b, t, kk = idx.shape
+    rows = idx.clamp(min=0).reshape(b, t * kk, 1)
+    c_sel = c_kv.gather(1, rows.expand(-1, -1, c_kv.shape[-1]))  # (B, T·K, r)
+    pe_sel = k_pe.gather(1, rows.expand(-1, -1, k_pe.shape[-1]))  # (B, T·K, dr)
+    local = torch.arange(t * kk, device=idx.device, dtype=idx.dtype).view(1, t, kk)
+    idx_sel = torch.where(idx >= 0, local, torch.full_like(idx, -1))
+    return torch.cat([c_sel, pe_sel], dim=-1)[:, :, None], c_sel[:, :, None], idx_sel
+
+
 class _DSAMixin:
     """The selection and the indexer loss, shared by DSA on MLA and DSA on GQA attention."""
 
@@ -130,6 +151,20 @@ class _DSAMixin:
             k_i = ctx.cache.update_indexer(k_i, self.layer_idx)
         return q_i, k_i, w
 
+    def _shared_selection(self, ctx: MixerContext) -> torch.Tensor:
+        """The top-k [B, T, k] of the previous "full" DSA layer (``dsa_indexer_types``), for a layer without one."""
+        cfg = self.config
+        source = max(
+            j for j in range(self.layer_idx) if cfg.mixer_types[j] == "dsa" and cfg.dsa_layer_has_indexer(j)
+        )  # exists: the config validates that a "shared" layer follows a "full" one
+        idx = ctx.dsa_topk.get(source)
+        if idx is None:
+            raise RuntimeError(
+                f"DSA layer {self.layer_idx} is 'shared' in dsa_indexer_types but layer {source}, whose top-k it "
+                "reuses, selected nothing in this forward"
+            )
+        return idx
+
     def _select(self, q_i, k_i, w, key_start, ctx: MixerContext) -> torch.Tensor:
         cfg = self.config
         b, t = q_i.shape[:2]
@@ -138,10 +173,12 @@ class _DSAMixin:
                 b, t, ctx.past_length, key_start, topk=min(cfg.index_topk, k_i.shape[1]),
                 window=cfg.dsa_local_window, anchors=cfg.dsa_global_tokens, device=q_i.device,
             )
-        return indexer_topk(
+        idx = indexer_topk(
             q_i, k_i, w, topk=cfg.index_topk, q_offset=ctx.past_length, key_start=key_start,
             query_chunk=cfg.dsa_query_chunk,
         )
+        ctx.dsa_topk[self.layer_idx] = idx  # read by later "shared" layers (dsa_indexer_types)
+        return idx
 
     def _losses_and_metrics(self, q, k, q_i, k_i, w, idx, key_start, ctx: MixerContext, *, scale: float) -> None:
         """q [B, T, H, D], k [B, S, Hkv, D]: the main attention's queries/keys (what its softmax sees)."""
@@ -169,16 +206,22 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
     def __init__(self, config: HybridConfig, layer_idx: int):
         HybridMLA.__init__(self, config, layer_idx)
         query_dim = config.q_lora_rank or config.hidden_size
-        self.indexer = LightningIndexer(config, query_dim=query_dim, rope_dim=config.qk_rope_head_dim)
+        self.indexer = (
+            LightningIndexer(config, query_dim=query_dim, rope_dim=config.qk_rope_head_dim)
+            if config.dsa_layer_has_indexer(layer_idx) else None
+        )
         self.collect_metrics = False
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         b, t, _ = hidden_states.shape
         cfg = self.config
         p = self.project(hidden_states, ctx)
-        if cfg.dsa_mode == "dense" and not self.collect_metrics:
+        if (cfg.dsa_mode == "dense" and not self.collect_metrics) or (
+            self.indexer is None and cfg.dsa_mode != "sparse"
+        ):
             return self._dense(p, ctx, b, t)
-        q_i, k_i, w = self._indexer(hidden_states, p.q_latent if p.q_latent is not None else hidden_states, ctx)
+        if self.indexer is not None:
+            q_i, k_i, w = self._indexer(hidden_states, p.q_latent if p.q_latent is not None else hidden_states, ctx)
         key_start = key_start_positions(ctx, t, hidden_states.device)
         weights = self.absorbed_weights()
         if weights is None:
@@ -189,17 +232,34 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
         w_uk, w_uv = weights
         # Latent MQA view of MLA: per-head latent queries against the single cached [c_kv, k_pe] "head".
         q_lat = torch.cat([self.absorb_query(p.q_nope, w_uk), p.q_pe], dim=-1)  # (B, T, H, r + dr)
-        k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]  # (B, S, 1, r + dr)
         idx = None
+        k_lat = None
+        if self.indexer is None:  # a "shared" layer: the previous full layer's selection, no indexer loss
+            k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]  # (B, S, 1, r + dr)
+            o_lat = sparse_attention(
+                q_lat, k_lat, p.c_kv[:, :, None], self._shared_selection(ctx), scale=self.scaling,
+                backend=cfg.dsa_backend,
+            )
+            return self.o_proj(self.latent_to_value(o_lat, w_uv).reshape(b, t, self.num_heads * self.v_head_dim))
         if cfg.dsa_mode == "sparse":
             idx = self._select(q_i, k_i, w, key_start, ctx)
-            o_lat = sparse_attention(
-                q_lat, k_lat, p.c_kv[:, :, None], idx, scale=self.scaling, backend=cfg.dsa_backend
-            )  # (B, T, H, r)
+            if self.training or t * idx.shape[-1] >= p.c_kv.shape[1]:
+                k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]  # (B, S, 1, r + dr)
+                o_lat = sparse_attention(
+                    q_lat, k_lat, p.c_kv[:, :, None], idx, scale=self.scaling, backend=cfg.dsa_backend
+                )  # (B, T, H, r)
+            else:
+                # Decode: T·k selected rows are far fewer than the S cached ones, so gather only those instead of
+                # concatenating the whole latent history into [c_kv, k_pe] every step.
+                k_sel, v_sel, idx_sel = gather_selected_latent(p.c_kv, p.k_pe, idx)
+                o_lat = sparse_attention(q_lat, k_sel, v_sel, idx_sel, scale=self.scaling, backend=cfg.dsa_backend)
             out = self.latent_to_value(o_lat, w_uv)
         else:
             out = None
-        self._losses_and_metrics(q_lat, k_lat, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
+        if (self.training and cfg.dsa_mode != "dense") or self.collect_metrics:
+            if k_lat is None:
+                k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]
+            self._losses_and_metrics(q_lat, k_lat, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
         if out is None:
             return self._dense(p, ctx, b, t)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
@@ -221,14 +281,24 @@ class DSAOnAttention(_DSAMixin, HybridAttention):
 
     def __init__(self, config: HybridConfig, layer_idx: int):
         HybridAttention.__init__(self, config, layer_idx)
-        self.indexer = LightningIndexer(config, query_dim=config.hidden_size, rope_dim=self.rotary_dim)
+        self.indexer = (
+            LightningIndexer(config, query_dim=config.hidden_size, rope_dim=self.rotary_dim)
+            if config.dsa_layer_has_indexer(layer_idx) else None
+        )
         self.collect_metrics = False
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         cfg = self.config
         q, k, v, gate = self.project(hidden_states, ctx)  # (B, h, T, d), (B, hkv, S, d)
-        if cfg.dsa_mode == "dense" and not self.collect_metrics:
+        if (cfg.dsa_mode == "dense" and not self.collect_metrics) or (
+            self.indexer is None and cfg.dsa_mode != "sparse"
+        ):
             return self.output(self.attend(q, k, v, ctx), gate)
+        if self.indexer is None:  # a "shared" layer: the previous full layer's selection
+            q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            out = sparse_attention(q_t, k_t, v_t, self._shared_selection(ctx), scale=self.scaling,
+                                   backend=cfg.dsa_backend)
+            return self.output(out, gate)
         t = hidden_states.shape[1]
         q_i, k_i, w = self._indexer(hidden_states, hidden_states, ctx)
         key_start = key_start_positions(ctx, t, hidden_states.device)
@@ -248,13 +318,27 @@ def _validate_dsa(config: HybridConfig) -> None:
     require_positive(config, "index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk")
 
 
+def _dsa_mask(config: HybridConfig) -> str | None:
+    # Sparse mode attends over each query's selection only (key starts come from the 2D mask): no dense mask. The
+    # dense warm-up and dense modes run the base mixer over every token and read the causal mask.
+    return None if config.dsa_mode == "sparse" else "full_attention"
+
+
 # The indexer reads the padding mask (padded keys are never selected); its keys live in transformers'
 # DynamicIndexedLayer ("indexed_attention").
-@register_mixer("dsa", layer_type="indexed_attention", mask="full_attention", needs_padding_mask=True,
+@register_mixer("dsa", layer_type="indexed_attention", mask=_dsa_mask, needs_padding_mask=True,
                 cost=dsa_cost, validate=_validate_dsa)
 def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
     """DSA over the dense mixer named by ``config.dsa_base``."""
     return DSAOnMLA(config, layer_idx) if config.dsa_base == "mla" else DSAOnAttention(config, layer_idx)
 
 
-__all__ = ["DSAOnAttention", "DSAOnMLA", "LightningIndexer", "build_dsa", "key_start_positions", "structured_indices"]
+__all__ = [
+    "DSAOnAttention",
+    "DSAOnMLA",
+    "LightningIndexer",
+    "build_dsa",
+    "gather_selected_latent",
+    "key_start_positions",
+    "structured_indices",
+]

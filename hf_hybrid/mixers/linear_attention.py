@@ -6,7 +6,10 @@ Performer random features) the output is normalised by ``φ(q_t)ᵀ z_t`` with `
 zero or negative, so an RMSNorm on the output replaces it, as in MiniMax's lightning attention (DESIGN.md §5).
 
 ``linear_decay``: ``none`` (plain), ``scalar`` (a data-dependent log decay per head, like RetNet/Mamba-2's gate),
-``per_channel`` (one per key channel, GLA).
+``per_channel`` (one per key channel, GLA), ``fixed_slope`` (MiniMax-01's lightning attention: a constant log decay
+``-slope_h`` per head, see :func:`fixed_slopes`). MiniMax also applies SiLU to q, k, v (``linear_qkv_activation``),
+no q·k scale (``linear_scale=1``), one RMSNorm over all heads (``linear_norm_scope="full"``) and a sigmoid output gate
+from the layer input (``linear_output_gate``).
 """
 
 from __future__ import annotations
@@ -30,10 +33,26 @@ _NORMALISER_EPS = 1e-6
 _GATE_TEMPERATURE = 16.0
 
 
+def fixed_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
+    """MiniMax-01's per-head decay rates [H] (fp32): ALiBi slopes ``(2^(-8/H))^(h+1)``, scaled down with depth by
+    ``1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5``; the state decays by ``exp(-slope)`` per token."""
+    base = 1 / (2 ** (8 / num_heads))
+    rate = base ** (torch.arange(num_heads, dtype=torch.float32) + 1)
+    return rate * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
+
+
 def _validate(config: HybridConfig) -> None:
     require_positive(config, "linear_num_heads", "linear_head_dim", "linear_chunk_size")
     if config.linear_conv_kernel_size < 0:
         raise ValueError(f"HybridConfig.linear_conv_kernel_size={config.linear_conv_kernel_size} must be >= 0")
+    if config.linear_scale is not None and not config.linear_scale > 0:
+        raise ValueError(f"HybridConfig.linear_scale={config.linear_scale!r} must be > 0 or None")
+    if config.linear_feature_map != "identity" and (config.linear_norm_scope != "head" or config.linear_output_gate):
+        name = "linear_output_gate" if config.linear_output_gate else "linear_norm_scope"
+        raise ValueError(
+            f"HybridConfig.{name}={getattr(config, name)!r} applies to the output norm, which only the identity "
+            f"feature map has (linear_feature_map={config.linear_feature_map!r} normalises by φ(q)ᵀz instead)"
+        )
 
 
 @register_mixer("linear_attention", layer_type="linear_attention", recurrent=True, cost=linear_attention_cost,
@@ -66,7 +85,13 @@ class LinearAttention(nn.Module):
         elif self.decay == "per_channel":  # one decay per feature (key) channel
             self.g_proj = nn.Linear(config.hidden_size, self.num_heads * self.feature_dim, bias=True)
         self.normalised = self.feature_map != "identity"
-        self.out_norm = None if self.normalised else RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        norm_dim = inner if config.linear_norm_scope == "full" else self.head_dim
+        eps = config.rms_norm_eps if config.linear_norm_eps is None else config.linear_norm_eps
+        self.out_norm = None if self.normalised else RMSNorm(norm_dim, eps=eps)
+        self.output_gate = nn.Linear(config.hidden_size, inner, bias=False) if config.linear_output_gate else None
+        self.scale = config.linear_scale
+        if self.scale is None:
+            self.scale = 1.0 if self.normalised else self.head_dim**-0.5
 
     def init_hybrid_weights(self, init, config: HybridConfig) -> None:
         if self.g_proj is not None:
@@ -98,6 +123,8 @@ class LinearAttention(nn.Module):
         conv_state = None
         if self.conv1d is not None:
             qkv, conv_state = short_conv(qkv, self.conv1d, ctx, state)
+        if self.config.linear_qkv_activation == "silu":
+            qkv = F.silu(qkv)
         q, k, v = (y.reshape(b, t, h, d) for y in qkv.chunk(3, dim=-1))
         q, k = self.phi(q), zero_padding(self.phi(k), ctx)  # a padded key writes nothing
         v = v.float()
@@ -109,8 +136,11 @@ class LinearAttention(nn.Module):
             g = F.logsigmoid(self.g_proj(x).float()) / _GATE_TEMPERATURE
             g = g.reshape(b, t, h, self.feature_dim) if self.decay == "per_channel" else g
             g = zero_padding(g, ctx)
+        elif self.decay == "fixed_slope":
+            slopes = fixed_slopes(h, self.layer_idx, self.config.num_hidden_layers).to(x.device)
+            g = zero_padding((-slopes).expand(b, t, h), ctx)
 
-        scale = 1.0 if self.normalised else d**-0.5
+        scale = self.scale
         if state.decoding and t == 1:
             o, recurrent = recurrent_simple_gla_step(
                 q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0], state.recurrent, scale=scale
@@ -133,6 +163,11 @@ class LinearAttention(nn.Module):
         o = o.float()
         if self.normalised:
             o = o[..., :-1] / (o[..., -1:] + _NORMALISER_EPS)
+        elif self.config.linear_norm_scope == "full":
+            o = self.out_norm(o.reshape(b, t, h * d))
         else:
             o = self.out_norm(o)
-        return self.o_proj(o.to(hidden_states.dtype).reshape(b, t, h * d))
+        o = o.reshape(b, t, h * d)
+        if self.output_gate is not None:
+            o = o * torch.sigmoid(self.output_gate(hidden_states).float())
+        return self.o_proj(o.to(hidden_states.dtype))

@@ -50,7 +50,9 @@ class Mamba2Mixer(nn.Module):
         conv_dim = self.d_inner + 2 * self.n_groups * self.state_size
 
         self.in_proj = nn.Linear(config.hidden_size, self.d_inner + conv_dim + self.num_heads, bias=False)
-        self.conv1d = nn.Conv1d(conv_dim, conv_dim, config.mamba_conv_kernel_size, groups=conv_dim, bias=True)
+        self.conv1d = nn.Conv1d(
+            conv_dim, conv_dim, config.mamba_conv_kernel_size, groups=conv_dim, bias=config.mamba_conv_bias
+        )
         self.dt_bias = nn.Parameter(torch.ones(self.num_heads))
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))

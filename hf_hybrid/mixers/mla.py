@@ -189,17 +189,18 @@ class HybridMLA(nn.Module):
         self.attention_dropout = config.attention_dropout
         bias = config.attention_bias
         H, dqk = self.num_heads, self.qk_head_dim
+        latent_eps = config.mla_norm_eps if config.mla_norm_eps is not None else config.rms_norm_eps
 
         if self.q_lora_rank is None:
             self.q_proj = nn.Linear(config.hidden_size, H * dqk, bias=False)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=config.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=latent_eps)
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
             config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias
         )
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=config.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=latent_eps)
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
@@ -278,7 +279,7 @@ class HybridMLA(nn.Module):
         elif pad:  # zero channels in q and k change no score (the scale is passed explicitly)
             q, k = F.pad(q, (0, dv - dqk)), F.pad(k, (0, dv - dqk))
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager_attention_forward)
-        out, _ = interface(
+        out, probs = interface(
             self,
             q,
             k,
@@ -288,6 +289,8 @@ class HybridMLA(nn.Module):
             scaling=self.scaling,
             **ctx.attn_kwargs,
         )
+        if ctx.output_attentions and probs is not None:
+            ctx.attentions.append((self.layer_idx, probs))  # (B, H, T, S)
         return out[..., :dv]  # (B, T, H, dv)
 
     # ---- absorbed path ------------------------------------------------------------------------------------------
@@ -340,6 +343,8 @@ class HybridMLA(nn.Module):
         else:
             probs = F.softmax(scores, dim=-1, dtype=torch.float32)
         probs = F.dropout(probs, p=self.attention_dropout if self.training else 0.0, training=self.training)
+        if ctx.output_attentions:
+            ctx.attentions.append((self.layer_idx, probs.transpose(1, 2)))  # (B, H, T, S)
         o_lat = torch.bmm(probs.to(c_kv.dtype).view(b, t * h, s), c_kv)  # (B, T·H, r)
         return self.latent_to_value(o_lat.view(b, t, h, self.kv_lora_rank), w_uv)
 

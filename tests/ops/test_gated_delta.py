@@ -97,6 +97,17 @@ def test_gva_matches_naive(use_qk_l2norm):
     check_all(run(chunk_gated_delta_rule, inputs, use_qk_l2norm=use_qk_l2norm, chunk_size=16), expected)
 
 
+@pytest.mark.parametrize("use_qk_l2norm", [False, True])
+def test_float64_matches_naive(use_qk_l2norm):
+    """float64 inputs stay float64 through the chunked form, with or without the in-op L2 norm (the norm once cast
+    q/k to fp32 and the chunk matmuls then failed on mixed dtypes)."""
+    inputs = make_inputs(length=37, dtype=torch.float64, seed=2)
+    expected = run(naive_recurrent_gated_delta_rule, inputs, use_qk_l2norm=use_qk_l2norm)
+    actual = run(chunk_gated_delta_rule, inputs, use_qk_l2norm=use_qk_l2norm, chunk_size=16)
+    assert actual[0].dtype == torch.float64
+    check_all(actual, expected, tol=1e-10)
+
+
 def test_naive_matches_transformers_reference():
     """Our spec agrees with transformers' Qwen3-Next recurrence (independent code; GVA convention included)."""
     qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")

@@ -46,19 +46,23 @@ def gated_delta_rule(
     Returns o [B, T, Hv, Dv] in q's dtype and, if ``output_final_state``, the fp32 state [N, Hv, Dk, Dv].
     """
     path = resolve_backend("gated_delta_rule", backend, (q, k, v, g, beta, initial_state), gated=True)
-    return _PATHS[path](
-        q,
-        k,
-        v,
-        g,
-        beta,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        use_qk_l2norm=use_qk_l2norm,
-        chunk_size=chunk_size,
-    )
+    # The chunked forms choose their own precisions (fp32 decays and states); an enclosing autocast (Trainer's
+    # bf16 on CPU, TRL's default) would recast their inner matmuls and leave the hand-written backwards with mixed
+    # dtypes.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _PATHS[path](
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm=use_qk_l2norm,
+            chunk_size=chunk_size,
+        )
 
 
 __all__ = [

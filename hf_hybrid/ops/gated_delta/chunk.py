@@ -107,7 +107,7 @@ def chunk_gated_delta_rule(
 
     q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g (log decay, <= 0), beta [B, T, Hv]; initial_state
     [N, Hv, Dk, Dv]; cu_seqlens [N + 1] (then B == 1). Returns o [B, T, Hv, Dv] in q's dtype and, if
-    ``output_final_state``, the fp32 state [N, Hv, Dk, Dv]. All arithmetic is fp32.
+    ``output_final_state``, the fp32 state [N, Hv, Dk, Dv]. All arithmetic is fp32 (float64 inputs: float64).
     """
     check_gated_delta_shapes(q, k, v, g, beta, initial_state)
     if chunk_size < 1:
@@ -132,7 +132,9 @@ def chunk_gated_delta_rule(
     heads, dv = v.shape[2:]
     scale = dk**-0.5 if scale is None else scale
     if use_qk_l2norm:
-        q, k = l2norm(q.float()), l2norm(k.float())
+        # at least fp32, and float64 stays float64 (v, g, beta keep their dtype below)
+        work = torch.promote_types(q.dtype, torch.float32)
+        q, k = l2norm(q.to(work)), l2norm(k.to(work))
     q_c, k_c = (to_chunks(repeat_heads(x, heads), chunk_size) for x in (q, k))  # (N, NC, C, Dk)
     v_c = to_chunks(v, chunk_size)  # (N, NC, C, Dv)
     beta_c = to_chunks(beta, chunk_size)[..., None]  # (N, NC, C, 1)

@@ -43,17 +43,21 @@ def simple_gla(
     # fla's refused backward (chunk_bwd_dqkwg with g) is the scalar-decay kernel; chunk_gla has its own
     gated = g is not None and g.dim() == 3
     path = resolve_backend("simple_gla", backend, (q, k, v, g, initial_state), gated=gated)
-    return _PATHS[path](
-        q,
-        k,
-        v,
-        g,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        chunk_size=chunk_size,
-    )
+    # The chunked forms choose their own precisions (fp32 decays and states); an enclosing autocast (Trainer's
+    # bf16 on CPU, TRL's default) would recast their inner matmuls and leave the hand-written backwards with mixed
+    # dtypes.
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        return _PATHS[path](
+            q,
+            k,
+            v,
+            g,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            chunk_size=chunk_size,
+        )
 
 
 __all__ = [

@@ -1,0 +1,354 @@
+"""transformers' native families ↔ hf_hybrid, exactly: import a native checkpoint as an hf_hybrid model with the same
+function, and export an hf_hybrid model back to the native family whose layout it fits (loadable by plain
+transformers without hf_hybrid, so servable by any engine that serves that family).
+
+Python API::
+
+    from hf_hybrid.convert.native import import_native, export_native, native_to_hybrid_config
+
+    model = import_native("path/to/qwen3_moe_dir", "out/hybrid")      # or import_native(native_model) -> in memory
+    native = export_native("out/hybrid", "out/qwen3_moe", to="qwen3_moe")  # to=None: the family that fits
+    cfg = native_to_hybrid_config("path/to/config_dir_or_native_config")  # what ``hf-hybrid inspect`` uses
+
+Both refuse before writing anything: an unknown ``model_type``, a native option with no counterpart here (named
+with its value), an hf_hybrid field or layer the target family cannot express (named with its value and layer).
+Weights are read with safetensors only.
+
+Adding a family (one file + one registry line):
+
+1. ``hf_hybrid/convert/native/<file>.py`` defines ``FAMILIES = {model_type: NativeFamily(...)}`` (see ``base.py``):
+   the config rules (``same``, ``rename``, ``native_fixed``, ``ours_fixed``, ``Custom``), the weight rules ``W`` —
+   ``model_rules`` (absolute names), ``layer_rules`` (every layer), ``mixer_rules`` / ``mlp_rules`` keyed by
+   ``HybridConfig.mixer_types[i]`` / ``mlp_types[i]``, with transforms as inverse pairs (``permute_rows``,
+   ``add_constant``, ``split_rows``, ``zero_filled``) — and ``tiny_config`` (kwargs of a tiny native config; the
+   shared test ``tests/test_native_families.py`` runs every registered family from it).
+2. Add ``"model_type": "<file>"`` to :data:`FAMILY_MODULES` below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import CARRIED_FILES, source_license, weight_files, write_atomically
+from .base import NativeConversionError, NativeFamily, build_empty, fail, load_into
+
+# model_type -> module (in this package) whose FAMILIES dict defines it.
+FAMILY_MODULES: dict[str, str] = {
+    "qwen3_moe": "moe_attention",
+    "mixtral": "moe_attention",
+    "olmoe": "moe_attention",
+    "deepseek_v3": "deepseek",
+    "deepseek_v32": "deepseek",
+    "glm_moe_dsa": "deepseek",
+    # dense attention families (import_dense is `hf-hybrid import`'s route for them; these specs add export)
+    "llama": "dense",
+    "mistral": "dense",
+    "qwen2": "dense",
+    "qwen3": "dense",
+    "qwen3_next": "qwen3_next",
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe_text": "qwen3_5",
+    "bamba": "bamba",
+    "minimax": "minimax",
+    "granitemoehybrid": "granitemoehybrid",
+    "nemotron_h": "nemotron_h",
+    "kimi_linear": "kimi_linear",
+}
+
+
+# Vision-language wrappers whose text decoder is a family here: wrapper model_type -> the decoder's model_type. The
+# import reads the wrapper's text_config and its decoder weights (transformers' key mapping strips
+# ``model.language_model.``); the vision tower (``model.visual.*``) and the MTP head (``mtp.*``) are dropped.
+TEXT_DECODER_OF: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+
+
+def families() -> dict[str, NativeFamily]:
+    """Every registered family, keyed by model_type (modules imported on first use)."""
+    return {mt: get_family(mt) for mt in FAMILY_MODULES}
+
+
+def get_family(model_type: str | None) -> NativeFamily:
+    if model_type not in FAMILY_MODULES:
+        fail(
+            f"model_type={model_type!r} is not a native family hf_hybrid can convert; supported: "
+            f"{', '.join(sorted(FAMILY_MODULES))}"
+        )
+    module = importlib.import_module(f"{__name__}.{FAMILY_MODULES[model_type]}")
+    return module.FAMILIES[model_type]
+
+
+def _read_native_config(src: str | os.PathLike | Any):
+    """A native config object from a directory, a config.json path, or a config / model object."""
+    from transformers import PretrainedConfig
+
+    if isinstance(src, PretrainedConfig):
+        return src
+    if hasattr(src, "config") and isinstance(src.config, PretrainedConfig):
+        return src.config
+    path = Path(src)
+    if path.is_file() and path.name.endswith(".json"):
+        path = path.parent if path.name == "config.json" else path
+    if path.is_dir():
+        config_path = path / "config.json"
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint")
+        raw = json.loads(config_path.read_text())
+        family = get_family(TEXT_DECODER_OF.get(raw.get("model_type"), raw.get("model_type")))
+        return family.config_class.from_pretrained(str(path))  # a wrapper's text_config (base_config_key)
+    if path.is_file():  # some other JSON file holding a config dict
+        raw = json.loads(path.read_text())
+        family = get_family(raw.get("model_type"))
+        return family.config_class.from_dict(raw)
+    raise FileNotFoundError(f"{src} is neither a checkpoint directory nor a config file")
+
+
+def native_to_hybrid_config(src: str | os.PathLike | Any):
+    """The ``HybridConfig`` an import of ``src`` (directory, config.json, native config or model) would produce,
+    from the config alone (no weights read)."""
+    native = _read_native_config(src)
+    return get_family(native.model_type).hybrid_config(native)
+
+
+# ---- import ------------------------------------------------------------------------------------------------------
+
+
+def _check_destination(dst: Path) -> None:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} exists and is not empty; choose a new output directory")
+
+
+def _carry_files(src: Path | None, dst: Path) -> None:
+    if src is None:
+        return
+    for name in CARRIED_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"dtype={dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
+        return getattr(torch, dtype)
+    return dtype
+
+
+def _state_without_tied(model, tied: bool) -> dict[str, torch.Tensor]:
+    state = dict(model.state_dict())
+    if tied:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def import_native(
+    src: str | os.PathLike | Any,
+    dst: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    base_model: str | None = None,
+):
+    """Import a native transformers checkpoint (directory) or model object as an ``HybridForCausalLM`` with the
+    same function. With ``dst``, also write it there (sharded safetensors, tokenizer and generation config carried
+    over, the card's lineage naming the source family). Returns the hf_hybrid model (eval mode)."""
+    from ... import __version__
+    from ...modeling_hybrid import HybridForCausalLM
+    src_dir = None if hasattr(src, "state_dict") else Path(src)
+    if src_dir is not None and not src_dir.is_dir():
+        raise FileNotFoundError(f"{src} is not a directory; import_native reads a local checkpoint saved by transformers")
+    dst_path = Path(dst) if dst is not None else None
+    if dst_path is not None:
+        _check_destination(dst_path)
+
+    native_cfg = _read_native_config(src)
+    family = get_family(native_cfg.model_type)
+    if src_dir is not None:
+        wrapper = json.loads((src_dir / "config.json").read_text()).get("model_type")
+        if wrapper in TEXT_DECODER_OF:
+            print(
+                f"note: {src} is a {wrapper} vision-language checkpoint; importing its {family.model_type} text "
+                "decoder (model.language_model.*) and dropping model.visual.* and mtp.*"
+            )
+    hybrid_cfg = family.hybrid_config(native_cfg)  # refuses unsupported options before any weight is read
+    dtype = _as_dtype(dtype)
+
+    if src_dir is not None:
+        weight_files(src_dir)  # refuses pickle-only checkpoints with a clear message
+        native_model = family.model_class.from_pretrained(str(src_dir), dtype="auto", use_safetensors=True)
+        source_name = base_model or os.fspath(src)
+    else:
+        native_model = src
+        source_name = base_model or getattr(native_cfg, "name_or_path", None) or family.model_type
+    state = _state_without_tied(native_model, hybrid_cfg.tie_word_embeddings)
+    ours_state = family.convert_state(state, hybrid_cfg, native_cfg, to="ours")
+    if dtype is not None:
+        ours_state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in ours_state.items()}
+    model_dtype = dtype or native_model.get_input_embeddings().weight.dtype
+
+    lineage = {
+        "base_model": source_name,
+        "base_architecture": (getattr(native_cfg, "architectures", None) or [family.model_class.__name__])[0],
+        "base_model_type": family.model_type,
+        "recipe": "import",
+        "dtype": str(model_dtype).replace("torch.", ""),
+        "hf_hybrid_version": __version__,
+    }
+    if src_dir is not None and source_license(src_dir):
+        lineage["license"] = source_license(src_dir)
+    hybrid_cfg.hf_hybrid_lineage = lineage
+    hybrid_cfg.dtype = model_dtype
+    model = build_empty(HybridForCausalLM, hybrid_cfg)
+    load_into(model, ours_state, what=f"import of {family.model_type}")
+    model.eval()
+    if dst_path is not None:
+        model.config.name_or_path = dst_path.name
+
+        def write(tmp: Path) -> None:
+            model.save_pretrained(tmp)
+            _carry_files(src_dir, tmp)
+
+        write_atomically(dst_path, write)
+    return model
+
+
+# ---- export ------------------------------------------------------------------------------------------------------
+
+
+def choose_family(hybrid_cfg, to: str | None = None) -> tuple[NativeFamily, Any]:
+    """The target family and its native config: ``to`` if given, else the family the model was imported from, else
+    the first registered family that expresses the config. Raises naming what has no counterpart."""
+    if to is not None:
+        family = get_family(to)
+        return family, family.native_config(hybrid_cfg)
+    lineage = hybrid_cfg.hf_hybrid_lineage or {}
+    order = list(FAMILY_MODULES)
+    if lineage.get("base_model_type") in FAMILY_MODULES:
+        order.remove(lineage["base_model_type"])
+        order.insert(0, lineage["base_model_type"])
+    reasons = []
+    for model_type in order:
+        family = get_family(model_type)
+        try:
+            return family, family.native_config(hybrid_cfg)
+        except NativeConversionError as err:
+            reasons.append(f"{model_type}: {str(err).split(': ', 1)[-1]}")
+    fail("no native family expresses this model (pass --to FAMILY to see one family's reasons): " + " | ".join(reasons))
+    raise AssertionError  # unreachable
+
+
+def export_native(
+    src: str | os.PathLike | Any,
+    dst: str | os.PathLike | None = None,
+    *,
+    to: str | None = None,
+    dtype: torch.dtype | str | None = None,
+):
+    """Export an hf_hybrid model (directory or ``HybridForCausalLM``) to a native transformers family (``to``, or
+    the one that fits). With ``dst``, write it through the native class's own ``save_pretrained`` (transformers'
+    on-disk names and dtypes), plus tokenizer / generation config and a card naming the lineage. Returns the native
+    model (eval mode)."""
+    from ...modeling_hybrid import HybridForCausalLM
+
+    src_dir = None if hasattr(src, "state_dict") else Path(src)
+    dst_path = Path(dst) if dst is not None else None
+    if dst_path is not None:
+        _check_destination(dst_path)
+    dtype = _as_dtype(dtype)
+    if src_dir is not None:
+        if not (src_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{src} is not a checkpoint directory (no config.json)")
+        raw = json.loads((src_dir / "config.json").read_text())
+        if raw.get("model_type") != "hf_hybrid":
+            fail(f"{src}: model_type={raw.get('model_type')!r}; export_native takes an hf_hybrid checkpoint")
+        from ...configuration_hybrid import HybridConfig
+
+        hybrid_cfg = HybridConfig.from_pretrained(str(src_dir))
+        family, native_cfg = choose_family(hybrid_cfg, to)  # refuse before loading the weights
+        model = HybridForCausalLM.from_pretrained(str(src_dir))
+    else:
+        model = src
+        hybrid_cfg = model.config
+        family, native_cfg = choose_family(hybrid_cfg, to)
+    model_dtype = dtype or model.get_input_embeddings().weight.dtype
+    state = _state_without_tied(model, hybrid_cfg.tie_word_embeddings)
+    native_state = family.convert_state(state, hybrid_cfg, native_cfg, to="native")
+    native_cfg.dtype = model_dtype
+    native_cfg.architectures = [family.model_class.__name__]
+    native_model = build_empty(family.model_class, native_cfg)
+    if dtype is not None:
+        native_state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in native_state.items()}
+    native_state = _keep_fp32(native_model, native_state)
+    load_into(native_model, native_state, what=f"export to {family.model_type}")
+    if family.prepare_native is not None:
+        family.prepare_native(native_model)
+    native_model.eval()
+    if dst_path is not None:
+
+        def write(tmp: Path) -> None:
+            native_model.save_pretrained(tmp)
+            _carry_files(src_dir, tmp)
+            (tmp / "README.md").write_text(_export_card(hybrid_cfg, family, src), encoding="utf-8")
+
+        write_atomically(dst_path, write)
+    return native_model
+
+
+def _keep_fp32(native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cast the tensors transformers keeps in fp32 for this class (routers, correction biases) to fp32."""
+    patterns = [*(getattr(native_model, "_keep_in_fp32_modules_strict", None) or ()),
+                *(getattr(native_model, "_keep_in_fp32_modules", None) or ())]
+    if not patterns:
+        return state
+    out = {}
+    for name, t in state.items():
+        if t.is_floating_point() and any(re.search(rf"(^|\.){re.escape(p)}(\.|$)", name) for p in patterns):
+            t = t.float()
+        out[name] = t
+    return out
+
+
+def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
+    lineage = dict(hybrid_cfg.hf_hybrid_lineage or {})
+    base = lineage.get("base_model")
+    lines = ["---", "library_name: transformers"]
+    if base:
+        lines.append(f"base_model: {json.dumps(str(base))}")
+    if lineage.get("license"):
+        lines.append(f"license: {lineage['license']}")
+    lines += ["tags:", f"- {family.model_type}", "- hf-hybrid-export", "---", ""]
+    lines.append(f"# {Path(str(src)).name if not hasattr(src, 'state_dict') else family.model_type}")
+    lines.append("")
+    lines.append(
+        f"A `{family.model_type}` checkpoint (`{family.model_class.__name__}`), loadable with plain transformers "
+        "(`AutoModelForCausalLM.from_pretrained`) and servable by any engine that serves this family. Exported by "
+        "hf-hybrid from an hf_hybrid model with the same function."
+    )
+    lines.append("")
+    lines.append("## Lineage")
+    lines.append("")
+    if lineage:
+        for key, value in lineage.items():
+            lines.append(f"- {key}: {value}")
+    lines.append(f"- exported_to: {family.model_type}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "FAMILY_MODULES",
+    "NativeConversionError",
+    "NativeFamily",
+    "choose_family",
+    "export_native",
+    "families",
+    "get_family",
+    "import_native",
+    "native_to_hybrid_config",
+]
