@@ -400,3 +400,39 @@ def test_attention_output_gate_becomes_the_gdn_gate():
     assert torch.equal(w[3 * n :], q_and_gate[:, D:].reshape(n, H))
     assert any(s.startswith("z (output gate) ←") for s in student.config.hf_hybrid_lineage["init"]["gated_deltanet"]
                ["inherited"])
+
+
+def test_an_imported_qwen3_next_converts_its_attention_layers_further(tmp_path):
+    """Issue #18 item 6: any import is a source. A tiny native qwen3_next (GDN : gated attention 3:1) → import →
+    its first attention layer becomes KDA (or Mamba-2); its GDN layers, the kept attention layer, norms and MoE are
+    copied bit for bit; a GDN target whose heads cannot match the existing GDN layers is refused by name."""
+    from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
+
+    from hf_hybrid.convert.native import import_native
+    from hf_hybrid.convert.native.qwen3_next import native_torch_kernels
+
+    cfg = Qwen3NextConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=8,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
+                          linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
+                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                          shared_expert_intermediate_size=32)
+    torch.manual_seed(0)
+    with native_torch_kernels():
+        src = import_native(Qwen3NextForCausalLM(cfg).eval()).eval()
+    attention = [i for i, m in enumerate(src.config.mixer_types) if m == "attention"]
+    assert len(attention) == 2 and "gated_deltanet" in src.config.mixer_types
+    for mixer in ("kda", "mamba2"):
+        new = hybridize_model(src, attention_layers=attention[1:], mixer=mixer)
+        assert new.config.mixer_types[attention[0]] == mixer and new.config.mixer_types[attention[1]] == "attention"
+        for i, (a, b) in enumerate(zip(src.model.layers, new.model.layers)):
+            if i != attention[0]:
+                sa, sb = a.state_dict(), b.state_dict()
+                assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), (mixer, i)
+        assert new.config.hf_hybrid_lineage["init"]
+        ids = torch.randint(1, 96, (2, 12))
+        new.train()
+        new(ids, labels=ids).loss.backward()
+        grads = [p.grad for p in new.model.layers[attention[0]].mixer.parameters() if p.grad is not None]
+        assert grads and all(torch.isfinite(g).all() for g in grads)
+    with pytest.raises(ValueError, match=r"already 'gated_deltanet' with gdn_num_key_heads=2"):
+        hybridize_model(src, attention_layers=attention[1:], mixer="gated_deltanet")
