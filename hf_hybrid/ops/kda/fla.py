@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ..gated_delta.fla import call_fla_delta_rule
+
 # chunk sizes fla-core's KDA accepts; the chunk size changes speed, not results, so another value (tuned for our
 # torch path) falls back to fla's default
 FLA_CHUNK_SIZES = (32, 64)
@@ -38,18 +40,8 @@ def fla_chunk_kda(
     """Same contract as ``chunk_kda`` (shapes and dtypes), computed by fla-core."""
     from fla.ops.kda import chunk_kda as fla_chunk
 
-    dtype = q.dtype
-    o, final_state = fla_chunk(
-        q,
-        k.to(dtype),
-        v.to(dtype),
-        g.float(),  # fla cumulates g in fp32 anyway
-        beta.to(dtype),  # fla's kernels multiply beta into k/v tiles of q's dtype
-        scale=q.shape[-1] ** -0.5 if scale is None else scale,
-        initial_state=None if initial_state is None else initial_state.float(),
-        output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=use_qk_l2norm,
-        cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(torch.long),
-        chunk_size=chunk_size if chunk_size in FLA_CHUNK_SIZES else 64,
+    return call_fla_delta_rule(
+        fla_chunk, FLA_CHUNK_SIZES, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+        chunk_size=chunk_size,
     )
-    return o.to(dtype), (final_state.float() if output_final_state else None)
