@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_hybrid.ops.gated_delta.naive import l2norm, repeat_heads
+from hf_hybrid.ops.gated_delta.naive import l2norm, repeat_heads, step_by_step
 from hf_hybrid.ops.simple_gla.naive import upcast
 from hf_hybrid.ops.varlen import run_varlen
 
@@ -124,14 +124,7 @@ def naive_recurrent_kda(
             output_final_state=output_final_state,
             use_qk_l2norm=use_qk_l2norm,
         )
-    state = initial_state
-    outputs = []
-    for t in range(q.shape[1]):
-        o_t, state = recurrent_kda_step(
-            q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t], state, scale=scale, use_qk_l2norm=use_qk_l2norm
-        )
-        outputs.append(o_t)
-    if state is None:  # T == 0
-        state = q.new_zeros(v.shape[0], v.shape[2], q.shape[3], v.shape[3], dtype=torch.float32)
-    o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(v.shape).to(q.dtype)
-    return o, (state if output_final_state else None)
+    return step_by_step(
+        recurrent_kda_step, q, k, v, g, beta, initial_state,
+        scale=scale, use_qk_l2norm=use_qk_l2norm, output_final_state=output_final_state,
+    )
