@@ -9,6 +9,8 @@ Per-mixer settings are flat, prefixed fields (``gdn_*``, ``kda_*``, ``mamba_*``,
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -40,6 +42,8 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "moe_routing": ("topk", "hash"),
 }
 
+# The allowed values of each enumerated field, for tools and converters that offer the same choices (read-only).
+FIELD_CHOICES: Mapping[str, tuple[Any, ...]] = MappingProxyType(_CHOICES)
 
 def _expand_pattern(pattern: str, n: int, field: str, allowed: tuple[str, ...]) -> list[str]:
     """Expand a layer-pattern shorthand to an explicit list of ``n`` names.

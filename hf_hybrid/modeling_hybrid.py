@@ -119,6 +119,26 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = mlp_cls(config, layer_idx)
 
+    def mask_name(self, config: HybridConfig) -> str | None:
+        """The transformers mask this layer's mixer reads now: the module's own answer when it depends on run-time
+        state (``runtime_mask()``, e.g. DSA's mode), else its kind's spec."""
+        if self.mixer is None:
+            return None
+        runtime = getattr(self.mixer, "runtime_mask", None)
+        return runtime() if callable(runtime) else mixer_mask(mixer_spec(self.mixer_type), config)
+
+    def attached_aux_terms(self) -> list[str]:
+        """Auxiliary terms this layer's mixer and MLP attach in training now (their ``attached_aux_terms()``)."""
+        return [
+            name for module in (self.mixer, self.mlp) if hasattr(module, "attached_aux_terms")
+            for name in module.attached_aux_terms()
+        ]
+
+    def returns_attention_weights(self) -> bool:
+        """Whether the mixer returns attention probabilities under eager attention now (attention, MLA, dense DSA)."""
+        fn = getattr(self.mixer, "returns_attention_weights", None)
+        return bool(fn()) if callable(fn) else False
+
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         before = ctx.aux_count()
         if self.mixer is not None:
@@ -198,6 +218,21 @@ class HybridPreTrainedModel(PreTrainedModel):
         # Mixers / MLPs with special parameters (decays, dt biases, fused experts, router biases) own their init.
         if hasattr(module, "init_hybrid_weights"):
             module.init_hybrid_weights(init, self.config)
+
+    # ---- run-time modes (never written to the config: what is saved is what the user chose) -----------------
+    def dsa_mode(self, mode: str | None, *, index_topk: int | None = None):
+        """Run every DSA layer in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``; None: the config's) with
+        ``index_topk`` (None: the config's) from now on, for training stages and evaluation sweeps. The config, and so
+        ``save_pretrained``, keeps the values the model was built or loaded with; set ``model.config.dsa_mode`` /
+        ``index_topk`` to change what is saved. As a context manager the previous state returns on exit::
+
+            model.dsa_mode("dense_warmup")
+            with model.dsa_mode("sparse", index_topk=64):
+                evaluate(model)
+        """
+        from .mixers.dsa import DSARuntimeMode
+
+        return DSARuntimeMode(self, mode, index_topk=index_topk)
 
     # ---- strict loading and atomic saving ------------------------------------------------------------
     @classmethod
@@ -440,7 +475,7 @@ class HybridModel(HybridPreTrainedModel):
         # Only the masks some layer declares it reads (registry specs) are built: e.g. sparse DSA layers attend over
         # their selection only and need no dense [B, 1, T, S] mask (4 GiB a row at 32K in fp32).
         specs = config.layer_specs()
-        wanted = {mixer_mask(mixer_spec(m), config) for m in dict.fromkeys(config.mixer_types)} - {None}
+        wanted = {layer.mask_name(config) for layer in self.layers} - {None}
         masks: dict[str, Any] = {}
         mask_kwargs = dict(
             config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask, cache=past_key_values
@@ -469,9 +504,8 @@ class HybridModel(HybridPreTrainedModel):
             aux_weights=self._aux_weights(attach_router_aux_loss, bool(output_router_logits)) if self.training else {},
             aux_scale=aux_loss_scale if aux_loss_scale is not None else AuxLossScale(),
             output_attentions=bool(output_attentions),
+            input_ids=input_ids,
         )
-        if input_ids is not None:
-            ctx.stats["input_ids"] = input_ids
 
         hidden_states = inputs_embeds
         all_hidden = [] if output_hidden_states else None
@@ -486,12 +520,11 @@ class HybridModel(HybridPreTrainedModel):
             past_key_values.advance(seq_len)
 
         aux_terms = {name: torch.stack(values).mean() for name, values in ctx.aux.items() if values}
-        stats = {k: v for k, v in ctx.stats.items() if k != "input_ids"}
+        stats = dict(ctx.stats)
         attentions = None
         if output_attentions:
             by_layer = dict(ctx.attentions)
             attentions = tuple(by_layer.get(i) for i in range(len(self.layers)))
-        has_moe = "moe" in config.mlp_types
         return HybridModelOutput(
             last_hidden_state=hidden_states,
             cache=past_key_values,
@@ -499,24 +532,25 @@ class HybridModel(HybridPreTrainedModel):
             attentions=attentions,
             aux_terms=aux_terms,
             layer_stats=stats,
-            router_logits=tuple(ctx.router_logits) if output_router_logits and has_moe else None,
+            router_logits=tuple(ctx.router_logits) if output_router_logits and ctx.router_logits else None,
         )
 
     def _aux_weights(self, attach_router_aux_loss: bool | None, output_router_logits: bool) -> dict[str, float]:
-        """Weight of each auxiliary term's attached gradient: its coefficient over the number of layers producing it
-        (the loss rule averages a term over layers). Not attached: the indexer KL in dense warm-up (it is the whole
-        loss there, with its own gradient) and the Switch loss when the caller computes it from the router logits."""
+        """Weight of each auxiliary term's attached gradient: its coefficient over the number of layers attaching it
+        (the loss rule averages a term over layers; each layer says which terms it attaches now). Not attached: the
+        indexer KL in dense warm-up (the layers do not list it: it is the whole loss there, with its own gradient) and
+        the Switch loss when the caller computes it from the router logits."""
         config = self.config
-        n_moe = sum(m == "moe" for m in config.mlp_types)
-        dsa_kl = config.dsa_mode == "sparse" and config.dsa_selector == "indexer"
-        n_dsa = sum(m == "dsa" for m in config.mixer_types) if dsa_kl else 0
+        counts: dict[str, int] = {}
+        for layer in self.layers:
+            for name in layer.attached_aux_terms():
+                counts[name] = counts.get(name, 0) + 1
         if attach_router_aux_loss is None:
             attach_router_aux_loss = not output_router_logits
         weights = {}
-        for name, field_name in AUX_LOSS_COEFFICIENTS.items():
-            count = n_dsa if name == "indexer_loss" else n_moe
-            coef = getattr(config, field_name, 0.0) or 0.0
-            if count and coef > 0 and (name != "router_aux_loss" or attach_router_aux_loss):
+        for name, count in counts.items():
+            coef = getattr(config, AUX_LOSS_COEFFICIENTS.get(name, ""), 0.0) or 0.0
+            if coef > 0 and (name != "router_aux_loss" or attach_router_aux_loss):
                 weights[name] = coef / count
         return weights
 
@@ -526,13 +560,17 @@ class HybridModel(HybridPreTrainedModel):
         impl = self.config._attn_implementation or "eager"
         if impl == "eager":
             return
-        dense = {"attention", "sliding_attention", "mla"}
-        layers = [f"{i} ({m})" for i, m in enumerate(self.config.mixer_types) if m in dense]
+        layers = [f"{layer.layer_idx} ({layer.mixer_type})" for layer in self.layers if layer.returns_attention_weights()]
         if layers:
             raise ValueError(
                 f"output_attentions=True: attn_implementation={impl!r} does not return attention weights for layers "
                 f"{', '.join(layers)}; load the model with attn_implementation='eager' to get them"
             )
+
+    def in_dsa_dense_warmup(self) -> bool:
+        """True when a DSA layer runs in DeepSeek's dense warm-up now (``model.dsa_mode("dense_warmup")`` or the
+        config's ``dsa_mode``): the indexer KL is then the whole training loss."""
+        return any(getattr(layer.mixer, "in_dense_warmup", False) for layer in self.layers)
 
     def _check_checkpointing(self) -> None:
         """Reentrant checkpointing runs each layer's first forward without autograd; the attached auxiliary terms
@@ -540,7 +578,7 @@ class HybridModel(HybridPreTrainedModel):
         itself) would have no gradient at all."""
         fn = getattr(self.layers[0], "_gradient_checkpointing_func", None)
         reentrant = getattr(fn, "keywords", {}).get("use_reentrant", True) if fn is not None else False
-        if reentrant and self.config.dsa_mode == "dense_warmup" and "dsa" in self.config.mixer_types:
+        if reentrant and self.in_dsa_dense_warmup():
             raise ValueError(
                 "gradient checkpointing with use_reentrant=True cannot train DSA's dense warm-up: its loss (the indexer "
                 "KL) is computed in the layers' first forward, which reentrant checkpointing runs without autograd. "
@@ -655,7 +693,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         aux = out.aux_terms or {}
         loss = lm_loss
         if self.training and (lm_loss is not None or aux):
-            if self.config.dsa_mode == "dense_warmup" and "indexer_loss" in aux:
+            if "indexer_loss" in aux and self.model.in_dsa_dense_warmup():
                 # DeepSeek's dense warm-up trains the indexer alone on its KL (DESIGN.md §5).
                 loss = aux["indexer_loss"]
             elif lm_loss is not None:

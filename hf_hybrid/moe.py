@@ -24,8 +24,8 @@ Contract with the decoder (``modeling_hybrid.py``):
   matching ``router_*_coef``.
 - ``ctx.add_stat("expert_load", layer_idx, fraction [E])`` on every forward (detached; sums to 1 over experts);
   ``ctx.add_stat("expert_drops", layer_idx, dropped [E])`` when ``moe_capacity_factor`` is set.
-- ``moe_routing="hash"`` reads the token ids of *this* forward from ``ctx.stats["input_ids"]`` ([B, T]); the model
-  must put them there (the new tokens only when decoding with a cache).
+- ``moe_routing="hash"`` reads the token ids of *this* forward from ``ctx.input_ids`` ([B, T]: the new tokens only
+  when decoding with a cache), which the model passes whenever it is called with ``input_ids``.
 """
 
 from __future__ import annotations
@@ -523,11 +523,11 @@ class HybridMoE(nn.Module):
         mask_N = _real_token_mask(ctx, B, T)
         token_ids = None
         if self.routing == "hash":
-            token_ids = None if ctx is None else ctx.stats.get("input_ids")
+            token_ids = None if ctx is None else ctx.input_ids
             if token_ids is None or token_ids.numel() != B * T:
                 raise ValueError(
                     f"HybridMoE layer {self.layer_idx}: moe_routing='hash' picks experts from token ids, which the model "
-                    "must put in ctx.stats['input_ids'] as [B, T] for the tokens of this forward (got "
+                    "passes as MixerContext.input_ids [B, T] for the tokens of this forward (got "
                     f"{None if token_ids is None else tuple(token_ids.shape)} for hidden states {(B, T, H)}); hash "
                     "routing cannot run from inputs_embeds alone"
                 )
@@ -568,6 +568,10 @@ class HybridMoE(nn.Module):
             if drops_E is not None:
                 ctx.add_stat("expert_drops", self.layer_idx, drops_E)
         return out_NH.view(B, T, H)
+
+    def attached_aux_terms(self) -> tuple[str, ...]:
+        """The balancing terms this layer records in training (the model attaches those with a coefficient > 0)."""
+        return ("router_aux_loss", "router_z_loss", "router_seq_aux_loss")
 
     def _add_losses(self, ctx, router, logits_NE, index_NK, mask_N, B, T) -> None:
         if self.aux_loss_coef > 0 or self.seq_aux_loss_coef > 0:

@@ -39,13 +39,11 @@ def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 def _in_dsa_dense_warmup(model: nn.Module) -> bool:
-    """True when a DSA layer of ``model`` is in ``dsa_mode="dense_warmup"`` (the mixers read the mode from their
-    config, which ``hf_hybrid.convert.dsa.set_dsa_mode`` keeps in step with the model's)."""
-    from .mixers.dsa import DSAOnAttention, DSAOnMLA
+    """True when a DSA layer of ``model`` runs in the dense warm-up now (``model.dsa_mode("dense_warmup")`` or its
+    config's ``dsa_mode``)."""
+    from .mixers.dsa import dsa_layers
 
-    return any(
-        isinstance(m, (DSAOnAttention, DSAOnMLA)) and m.config.dsa_mode == "dense_warmup" for m in model.modules()
-    )
+    return any(m.in_dense_warmup for m in dsa_layers(model))
 
 
 @torch.no_grad()

@@ -40,7 +40,9 @@ class MixerSpec:
     - ``layer_type``: transformers' ``layer_types`` entry, which picks the cache layer transformers builds for it.
     - ``mask``: which of transformers' attention masks the layer reads from ``ctx.masks`` (None: it needs none; a
       layer that needs one but declares None would see the future under eager attention), or ``fn(config)``
-      returning one of those when it depends on the layer's settings (a sparse DSA layer needs no dense mask).
+      returning one of those when it depends on the layer's settings (a sparse DSA layer needs no dense mask). A
+      mixer whose mask also depends on run-time state (DSA's ``model.dsa_mode(...)``) defines ``runtime_mask()`` on
+      its module as well; the model asks the module then, the inspector and the card read the spec.
     - ``recurrent``: keeps a constant-size recurrent state (the model is stateful, the cache cannot be cropped).
     - ``needs_padding_mask``: reads ``ctx.padding_mask`` (recurrent mixers, DSA's indexer).
     - ``cost``: ``fn(config, layer_idx) -> hf_hybrid.cost.MixerCost`` for the inspector and the card.

@@ -230,3 +230,103 @@ def test_save_load_and_config_errors(tmp_path):
         dsa_config("mla", index_topk=0)
     with pytest.raises(Exception, match=r"dsa_mode='warm' is not allowed; choose one of: sparse, dense_warmup, dense"):
         dsa_config("mla", dsa_mode="warm")
+
+
+# ---- run-time modes: model.dsa_mode(...) switches the layers, never the config -----------------------------------
+
+
+def same_weights(model: HybridForCausalLM, **config_overrides) -> HybridForCausalLM:
+    """A model built with ``config_overrides`` holding ``model``'s weights (the config-time twin of a run-time mode)."""
+    twin = HybridForCausalLM(HybridConfig.from_dict({**model.config.to_dict(), **config_overrides})).eval()
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_runtime_mode_equals_the_config_twin_and_leaves_the_config_alone(base, tmp_path):
+    model = build(base, dsa_mode="dense", index_topk=6)
+    ids = torch.randint(1, 64, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        dense = model(ids, attention_mask=mask).logits
+        with model.dsa_mode("sparse", index_topk=3) as switch:
+            assert {m.mode for m in switch.layers} == {"sparse"} and {m.topk for m in switch.layers} == {3}
+            sparse = model(ids, attention_mask=mask).logits
+            model.save_pretrained(tmp_path / "saved")
+        back = model(ids, attention_mask=mask).logits
+        twin = same_weights(model, dsa_mode="sparse", index_topk=3)(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(sparse[real], twin[real], atol=ATOL, rtol=0)
+    assert (sparse[real] - dense[real]).abs().max() > 1e-3  # k=3 of 16 really cuts attention
+    torch.testing.assert_close(back, dense, atol=0, rtol=0)  # the context manager restored dense mode
+    assert (model.config.dsa_mode, model.config.index_topk) == ("dense", 6)
+    saved = HybridConfig.from_pretrained(tmp_path / "saved")
+    assert (saved.dsa_mode, saved.index_topk) == ("dense", 6)  # what the user chose, not the run-time mode
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_runtime_dense_mode_on_a_sparse_config_gets_its_causal_mask(base, monkeypatch):
+    """A sparse config builds no dense mask; switched to dense at run time the layers read one again (without it
+    eager attention would see the future), so padded rows still equal their prompts alone."""
+    from hf_hybrid import modeling_hybrid as modeling
+
+    calls = []
+    original = modeling.create_causal_mask
+    monkeypatch.setattr(modeling, "create_causal_mask", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = build(base, dsa_mode="sparse", index_topk=3)
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(1, 64, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        assert not calls
+        model.dsa_mode("dense")
+        out = model(ids, attention_mask=mask).logits
+        assert calls
+        twin = same_weights(model, dsa_mode="dense")
+        twin.config._attn_implementation = "eager"
+        torch.testing.assert_close(out, twin(ids, attention_mask=mask).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(out[1, 4:], model(ids[1:, 4:]).logits[0], atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_runtime_dense_warmup_follows_the_loss_rule(base):
+    model = build(base, dsa_mode="dense").train()
+    ids = torch.randint(0, 64, (2, 12))
+    assert model(ids, labels=ids).indexer_loss is None
+    with model.dsa_mode("dense_warmup"):
+        out = model(ids, labels=ids)
+        assert out.indexer_loss is not None and torch.equal(out.loss, out.indexer_loss)
+    out = model(ids, labels=ids)
+    assert out.indexer_loss is None and torch.equal(out.loss, out.lm_loss)
+
+
+def test_runtime_mode_errors_name_the_value():
+    model = build("mla")
+    with pytest.raises(ValueError, match=r"dsa_mode='warm' is not allowed; choose one of: sparse, dense_warmup, dense"):
+        model.dsa_mode("warm")
+    with pytest.raises(ValueError, match=r"index_topk=0 must be a positive integer"):
+        model.dsa_mode("sparse", index_topk=0)
+    dense = HybridForCausalLM(HybridConfig(**COMMON, mixer_types=["mla", "mla"]))
+    with pytest.raises(ValueError, match=r"HybridForCausalLM has no DSA layers"):
+        dense.dsa_mode("sparse")
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_indexer_kl_gradient_with_shared_layers_matches_its_definition(base):
+    """Layers marked "shared" have no indexer and record no KL: the attached gradient averages over the layers that
+    do, like the reported ``indexer_loss`` (gradient of ``loss`` = gradient of LM + coef · indexer_loss by hand)."""
+    model = build(base, num_hidden_layers=3, mixer_types=["dsa"] * 3, dsa_indexer_types=["full", "shared", "full"],
+                  index_loss_coef=0.5).train()
+    ids = torch.randint(0, 64, (2, 12))
+    params = [p for p in model.parameters()]
+    ours = torch.autograd.grad(model(ids, labels=ids).loss, params, allow_unused=True)
+    model.config.index_loss_coef = 0.0  # nothing attached now: the KL's graph is a plain tensor
+    ref = model(ids, labels=ids)
+    manual = torch.autograd.grad(ref.lm_loss + 0.5 * ref.indexer_loss, params, allow_unused=True)
+    for a, b in zip(ours, manual):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

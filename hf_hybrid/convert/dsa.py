@@ -18,8 +18,9 @@ training recipe, which sets the mode per stage (``recipes/dsa``: dense warm-up, 
 saves the final model in ``"sparse"`` mode). With ``index_topk`` ≥ the context, ``"sparse"`` also equals the
 source (tests check fp32 logits within 1e-5 for both bases).
 
-:func:`set_dsa_mode` and :func:`set_collect_metrics` switch a loaded model between stages and turn on the recall /
-attention-mass statistics of the DSA mixers; :func:`freeze_all_but_indexers` is the warm-up's freezing rule.
+:func:`set_dsa_mode` (the same as ``model.dsa_mode(mode, index_topk=...)``) and :func:`set_collect_metrics` switch a
+loaded model between stages and turn on the recall / attention-mass statistics of the DSA mixers: run-time state of
+the layers, so the config, and what is saved, keeps the mode and top-k chosen here until the user sets other ones; :func:`freeze_all_but_indexers` is the warm-up's freezing rule.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..configuration_hybrid import HybridConfig
+from ..configuration_hybrid import FIELD_CHOICES, HybridConfig
+from ..mixers.dsa import DSARuntimeMode, dsa_layers
 from .checkpoint import check_dst, write_checkpoint
 from .upcycle import (
     _as_dtype,
@@ -46,8 +48,8 @@ from .upcycle import (
 )
 
 DSA_BASES = {"attention": "attention", "mla": "mla"}  # mixer type -> dsa_base
-SELECTORS = ("indexer", "structured")
-MODES = ("dense", "dense_warmup", "sparse")
+SELECTORS = FIELD_CHOICES["dsa_selector"]
+MODES = FIELD_CHOICES["dsa_mode"]
 
 
 def check_convert(
@@ -221,32 +223,21 @@ def convert_to_dsa(
 
 
 def dsa_mixers(model: nn.Module) -> list[nn.Module]:
-    """The DSA mixers of ``model`` (anything with an ``indexer`` and ``collect_metrics``), in layer order."""
-    from ..mixers.dsa import DSAOnAttention, DSAOnMLA
-
-    return [m for m in model.modules() if isinstance(m, (DSAOnAttention, DSAOnMLA))]
+    """Every DSA mixer in ``model``."""
+    return dsa_layers(model)
 
 
-def set_dsa_mode(model: nn.Module, mode: str) -> None:
-    """Switch every DSA layer of ``model`` to ``mode`` (``dense`` | ``dense_warmup`` | ``sparse``). The mixers read
-    the mode from the config object they share with the model, so this sets ``model.config.dsa_mode`` and checks
-    that they really share it."""
-    if mode not in MODES:
-        raise ValueError(f"dsa_mode={mode!r} is not known; choose one of: {', '.join(MODES)}")
-    config = model.config
-    mixers = dsa_mixers(model)
-    if not mixers:
-        raise ValueError("set_dsa_mode: the model has no DSA layers")
-    for m in mixers:
-        if m.config is not config:
-            m.config.dsa_mode = mode  # a copied config (e.g. after deepcopy of a submodule): keep them in step
-    config.dsa_mode = mode
+def set_dsa_mode(model: nn.Module, mode: str, *, index_topk: int | None = None) -> DSARuntimeMode:
+    """Run every DSA layer of ``model`` in ``mode`` (``dense`` | ``dense_warmup`` | ``sparse``), optionally at another
+    ``index_topk``, from now on: run-time state, the config (what ``save_pretrained`` writes) is untouched. The same
+    as ``model.dsa_mode(mode, index_topk=...)``, for any module holding DSA layers; usable as a context manager."""
+    return DSARuntimeMode(model, mode, index_topk=index_topk)
 
 
 def set_collect_metrics(model: nn.Module, on: bool = True) -> None:
     """Turn on (off) the recall@k / attention-mass statistics of every DSA layer (``layer_stats["dsa_recall"]``,
     ``layer_stats["dsa_mass"]``, one value per layer and forward)."""
-    for m in dsa_mixers(model):
+    for m in dsa_layers(model):
         m.collect_metrics = on
 
 

@@ -63,6 +63,10 @@ def _validate_sliding(config: HybridConfig) -> None:
 @register_mixer("attention", layer_type="full_attention", mask="full_attention", cost=attention_cost,
                 validate=validate_gqa)
 class HybridAttention(nn.Module):
+    def returns_attention_weights(self) -> bool:
+        """Eager attention hands its probabilities to ``ctx.attentions`` (``output_attentions=True``)."""
+        return True
+
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.config = config

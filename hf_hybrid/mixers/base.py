@@ -3,6 +3,13 @@
 A mixer is an ``nn.Module`` built as ``Mixer(config, layer_idx)`` whose forward is
 ``forward(hidden_states [B, T, H], ctx: MixerContext) -> [B, T, H]``. Everything a mixer needs about the
 batch (padding, packing, positions, cache) is in ``ctx``; auxiliary losses go through ``ctx.add_aux``.
+
+Optional methods the model looks for on a mixer (or MLP) module, all defaulting to "no":
+- ``init_hybrid_weights(init, config)``: initialise special parameters (decays, dt biases, fused experts);
+- ``attached_aux_terms() -> tuple[str, ...]``: the ``ctx.add_aux`` names whose gradient the model attaches to this
+  layer's output in training now (each weighted by its coefficient over the number of layers attaching it);
+- ``returns_attention_weights() -> bool``: hands eager attention probabilities to ``ctx.attentions``;
+- ``runtime_mask() -> str | None``: the mask it reads, when that depends on run-time state (see the registry).
 """
 
 from __future__ import annotations
@@ -47,6 +54,8 @@ class MixerContext:
       forward's :class:`~hf_hybrid.aux_loss.AuxLossScale`.
     - ``output_attentions``: attention mixers that can (eager) append their probabilities to ``attentions`` as
       ``(layer_idx, [B, h, T, S])``.
+    - ``input_ids``: [B, T] token ids of this forward's new tokens, or None when the model was called with
+      ``inputs_embeds`` (read by layers that route by token: ``moe_routing="hash"``).
     """
 
     padding_mask: torch.Tensor | None
@@ -67,6 +76,7 @@ class MixerContext:
     aux_scale: Any = None
     output_attentions: bool = False
     attentions: list[tuple[int, torch.Tensor]] = field(default_factory=list)
+    input_ids: torch.Tensor | None = None
     # DSA top-k selections [B, T, k] of this forward by layer index, reused by "shared" DSA layers
     # (dsa_indexer_types). Keyed by layer so a recomputation (gradient checkpointing) reads the right one.
     dsa_topk: dict[int, torch.Tensor] = field(default_factory=dict)

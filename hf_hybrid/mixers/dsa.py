@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..configuration_hybrid import HybridConfig
+from ..configuration_hybrid import FIELD_CHOICES, HybridConfig
 from ..cost import dsa_cost
 from ..layers import apply_rope
 from ..ops.dsa import (
@@ -135,12 +135,49 @@ def gather_selected_latent(
 
 
 class _DSAMixin:
-    """The selection and the indexer loss, shared by DSA on MLA and DSA on GQA attention."""
+    """The selection and the indexer loss, shared by DSA on MLA and DSA on GQA attention.
+
+    Run-time state (never written to the config, so what is saved stays what the user chose): ``mode_override`` /
+    ``topk_override`` (set through ``model.dsa_mode(...)``; None: the config's ``dsa_mode`` / ``index_topk``) and
+    ``collect_metrics``."""
 
     config: HybridConfig
     indexer: LightningIndexer
     layer_idx: int
-    collect_metrics: bool
+
+    def _init_runtime_state(self) -> None:
+        self.collect_metrics = False
+        self.mode_override: str | None = None
+        self.topk_override: int | None = None
+
+    @property
+    def mode(self) -> str:
+        """The ``dsa_mode`` this layer runs in now."""
+        return self.mode_override or self.config.dsa_mode
+
+    @property
+    def topk(self) -> int:
+        """The ``index_topk`` this layer selects now."""
+        return self.topk_override or self.config.index_topk
+
+    @property
+    def in_dense_warmup(self) -> bool:
+        """DeepSeek's dense warm-up: the indexer KL is the whole training loss (the causal-LM head's rule)."""
+        return self.mode == "dense_warmup"
+
+    def returns_attention_weights(self) -> bool:
+        """The dense modes run the base mixer (its eager probabilities); sparse attention returns none."""
+        return self.mode != "sparse"
+
+    def runtime_mask(self) -> str | None:
+        """The transformers mask this layer reads in its current mode (the model builds only those asked for)."""
+        return _mask_for_mode(self.mode)
+
+    def attached_aux_terms(self) -> tuple[str, ...]:
+        """Auxiliary terms whose gradient this layer attaches to its output in training now: the sparse-mode
+        indexer KL. (The dense warm-up's KL is the whole loss instead; a "shared" layer has no indexer.)"""
+        sparse_kl = self.mode == "sparse" and self.config.dsa_selector == "indexer" and self.indexer is not None
+        return ("indexer_loss",) if sparse_kl else ()
 
     def _indexer(self, hidden: torch.Tensor, query_source: torch.Tensor, ctx: MixerContext):
         # Both of DeepSeek's stages train the indexer on its KL alone: its inputs are detached so that loss never
@@ -170,11 +207,11 @@ class _DSAMixin:
         b, t = q_i.shape[:2]
         if cfg.dsa_selector == "structured":
             return structured_indices(
-                b, t, ctx.past_length, key_start, topk=min(cfg.index_topk, k_i.shape[1]),
+                b, t, ctx.past_length, key_start, topk=min(self.topk, k_i.shape[1]),
                 window=cfg.dsa_local_window, anchors=cfg.dsa_global_tokens, device=q_i.device,
             )
         idx = indexer_topk(
-            q_i, k_i, w, topk=cfg.index_topk, q_offset=ctx.past_length, key_start=key_start,
+            q_i, k_i, w, topk=self.topk, q_offset=ctx.past_length, key_start=key_start,
             query_chunk=cfg.dsa_query_chunk,
         )
         ctx.dsa_topk[self.layer_idx] = idx  # read by later "shared" layers (dsa_indexer_types)
@@ -183,12 +220,12 @@ class _DSAMixin:
     def _losses_and_metrics(self, q, k, q_i, k_i, w, idx, key_start, ctx: MixerContext, *, scale: float) -> None:
         """q [B, T, H, D], k [B, S, Hkv, D]: the main attention's queries/keys (what its softmax sees)."""
         cfg = self.config
-        if self.training and cfg.dsa_mode == "dense_warmup":
+        if self.training and self.mode == "dense_warmup":
             ctx.add_aux("indexer_loss", indexer_kl_dense(
                 q, k, q_i, k_i, w, scale=scale, q_offset=ctx.past_length, key_start=key_start,
                 query_chunk=min(cfg.dsa_query_chunk, 64),
             ))
-        elif self.training and cfg.dsa_mode == "sparse" and idx is not None and cfg.dsa_selector == "indexer":
+        elif self.training and self.mode == "sparse" and idx is not None and cfg.dsa_selector == "indexer":
             ctx.add_aux("indexer_loss", indexer_kl_sparse(
                 q, k, q_i, k_i, w, idx, scale=scale, query_chunk=cfg.dsa_query_chunk
             ))
@@ -210,14 +247,14 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             LightningIndexer(config, query_dim=query_dim, rope_dim=config.qk_rope_head_dim)
             if config.dsa_layer_has_indexer(layer_idx) else None
         )
-        self.collect_metrics = False
+        self._init_runtime_state()
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         b, t, _ = hidden_states.shape
         cfg = self.config
         p = self.project(hidden_states, ctx)
-        if (cfg.dsa_mode == "dense" and not self.collect_metrics) or (
-            self.indexer is None and cfg.dsa_mode != "sparse"
+        if (self.mode == "dense" and not self.collect_metrics) or (
+            self.indexer is None and self.mode != "sparse"
         ):
             return self._dense(p, ctx, b, t)
         if self.indexer is not None:
@@ -241,7 +278,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
                 backend=cfg.dsa_backend,
             )
             return self.o_proj(self.latent_to_value(o_lat, w_uv).reshape(b, t, self.num_heads * self.v_head_dim))
-        if cfg.dsa_mode == "sparse":
+        if self.mode == "sparse":
             idx = self._select(q_i, k_i, w, key_start, ctx)
             if self.training or t * idx.shape[-1] >= p.c_kv.shape[1]:
                 k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]  # (B, S, 1, r + dr)
@@ -256,7 +293,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             out = self.latent_to_value(o_lat, w_uv)
         else:
             out = None
-        if (self.training and cfg.dsa_mode != "dense") or self.collect_metrics:
+        if (self.training and self.mode != "dense") or self.collect_metrics:
             if k_lat is None:
                 k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]
             self._losses_and_metrics(q_lat, k_lat, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
@@ -285,13 +322,13 @@ class DSAOnAttention(_DSAMixin, HybridAttention):
             LightningIndexer(config, query_dim=config.hidden_size, rope_dim=self.rotary_dim)
             if config.dsa_layer_has_indexer(layer_idx) else None
         )
-        self.collect_metrics = False
+        self._init_runtime_state()
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         cfg = self.config
         q, k, v, gate = self.project(hidden_states, ctx)  # (B, h, T, d), (B, hkv, S, d)
-        if (cfg.dsa_mode == "dense" and not self.collect_metrics) or (
-            self.indexer is None and cfg.dsa_mode != "sparse"
+        if (self.mode == "dense" and not self.collect_metrics) or (
+            self.indexer is None and self.mode != "sparse"
         ):
             return self.output(self.attend(q, k, v, ctx), gate)
         if self.indexer is None:  # a "shared" layer: the previous full layer's selection
@@ -304,7 +341,7 @@ class DSAOnAttention(_DSAMixin, HybridAttention):
         key_start = key_start_positions(ctx, t, hidden_states.device)
         q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, T|S, heads, d)
         idx = None
-        if cfg.dsa_mode == "sparse":
+        if self.mode == "sparse":
             idx = self._select(q_i, k_i, w, key_start, ctx)
             out = sparse_attention(q_t, k_t, v_t, idx, scale=self.scaling, backend=cfg.dsa_backend)
         else:
@@ -318,10 +355,51 @@ def _validate_dsa(config: HybridConfig) -> None:
     require_positive(config, "index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk")
 
 
-def _dsa_mask(config: HybridConfig) -> str | None:
+def _mask_for_mode(mode: str) -> str | None:
     # Sparse mode attends over each query's selection only (key starts come from the 2D mask): no dense mask. The
     # dense warm-up and dense modes run the base mixer over every token and read the causal mask.
-    return None if config.dsa_mode == "sparse" else "full_attention"
+    return None if mode == "sparse" else "full_attention"
+
+
+def _dsa_mask(config: HybridConfig) -> str | None:
+    return _mask_for_mode(config.dsa_mode)
+
+
+def dsa_layers(model: nn.Module) -> list[_DSAMixin]:
+    """Every DSA mixer in ``model`` (a PEFT- or DDP-wrapped model too)."""
+    return [m for m in model.modules() if isinstance(m, _DSAMixin)]
+
+
+class DSARuntimeMode:
+    """Runs every DSA layer of a model in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``) with ``index_topk``
+    (None: the layer's config value) from the moment it is made, without touching the config: a saved checkpoint keeps
+    the mode and top-k the user chose. As a context manager it restores each layer's previous state on exit::
+
+        model.dsa_mode("dense_warmup")            # from now on
+        with model.dsa_mode("sparse", index_topk=64):
+            evaluate(model)                        # back to dense_warmup afterwards
+    """
+
+    def __init__(self, model: nn.Module, mode: str | None = None, *, index_topk: int | None = None):
+        allowed = FIELD_CHOICES["dsa_mode"]
+        if mode is not None and mode not in allowed:
+            raise ValueError(f"dsa_mode={mode!r} is not allowed; choose one of: {', '.join(allowed)}")
+        if index_topk is not None and (isinstance(index_topk, bool) or not isinstance(index_topk, int)
+                                       or index_topk <= 0):
+            raise ValueError(f"index_topk={index_topk!r} must be a positive integer")
+        self.layers = dsa_layers(model)
+        if not self.layers:
+            raise ValueError(f"dsa_mode: {type(model).__name__} has no DSA layers")
+        self.previous = [(m.mode_override, m.topk_override) for m in self.layers]
+        for m in self.layers:
+            m.mode_override, m.topk_override = mode, index_topk
+
+    def __enter__(self) -> DSARuntimeMode:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m, (mode, topk) in zip(self.layers, self.previous):
+            m.mode_override, m.topk_override = mode, topk
 
 
 # The indexer reads the padding mask (padded keys are never selected); its keys live in transformers'
@@ -336,6 +414,8 @@ def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
 __all__ = [
     "DSAOnAttention",
     "DSAOnMLA",
+    "DSARuntimeMode",
+    "dsa_layers",
     "LightningIndexer",
     "build_dsa",
     "gather_selected_latent",

@@ -172,6 +172,10 @@ class HybridMLA(nn.Module):
     :meth:`absorb_query`, :meth:`latent_to_value`, :meth:`attend_absorbed`, :meth:`latent_qkv` (MQA form for sparse
     kernels), :meth:`output`, :meth:`uses_absorbed`."""
 
+    def returns_attention_weights(self) -> bool:
+        """Eager attention hands its probabilities to ``ctx.attentions`` (``output_attentions=True``)."""
+        return True
+
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.config = config

@@ -8,10 +8,10 @@ Steps (DESIGN.md §5):
 0. load the source (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) in fp32 with its tokenizer;
    cut the local text into blocks of ``data.context`` tokens; measure the dense source's held-out perplexity;
    convert every attention / MLA layer to DSA (``hf_hybrid.convert.dsa``: weights copied, fresh indexers).
-1. **dense warm-up**: every weight but the indexers frozen (``requires_grad=False``), ``dsa_mode="dense_warmup"``:
+1. **dense warm-up**: every weight but the indexers frozen (``requires_grad=False``), ``model.dsa_mode("dense_warmup")``:
    attention stays dense and the loss is the indexer's KL to the head-summed main attention alone (lr 1e-3,
    DeepSeek's). The warm-up does not depend on ``index_topk``, so it runs once for every k.
-2. **sparse training**, once per k: ``dsa_mode="sparse"``, everything trainable, loss = LM + KL over the selected
+2. **sparse training**, once per k: ``model.dsa_mode("sparse", index_topk=k)``, everything trainable, loss = LM + KL over the selected
    set; the indexer's input is detached (the model does that), so the LM loss trains the model and the KL the
    indexer. DeepSeek's lr 7.3e-6 was ~1/30 of V3's pre-training peak (2.2e-4); the config scales it the same way
    for a toy model pre-trained near 3e-3 (1e-4).
@@ -47,7 +47,6 @@ from hf_hybrid.convert.dsa import (
     convert_model_to_dsa,
     freeze_all_but_indexers,
     set_collect_metrics,
-    set_dsa_mode,
     unfreeze_all,
 )
 from hf_hybrid.convert.upcycle import load_source
@@ -151,20 +150,17 @@ def measure(model, eval_ds: PackedBlocks, *, topk: int | None, batch_size: int =
         if not has_dsa:
             loss, stats = held_out_pass(model, eval_ds, batch_size)
         else:
-            saved = (model.config.dsa_mode, model.config.index_topk)
-            try:
-                set_dsa_mode(model, "dense")
+            # Run-time modes: the config (what a checkpoint saves) is never touched here.
+            with model.dsa_mode("dense"):
                 dense_loss, _ = held_out_pass(model, eval_ds, batch_size)
-                result["dense_attention_eval_loss"] = dense_loss
-                result["dense_attention_eval_perplexity"] = math.exp(min(dense_loss, 80.0))
-                set_dsa_mode(model, "sparse")
-                model.config.index_topk = topk
+            result["dense_attention_eval_loss"] = dense_loss
+            result["dense_attention_eval_perplexity"] = math.exp(min(dense_loss, 80.0))
+            with model.dsa_mode("sparse", index_topk=topk):
                 set_collect_metrics(model, dsa_metrics)
-                loss, stats = held_out_pass(model, eval_ds, batch_size)
-            finally:
-                set_collect_metrics(model, False)
-                set_dsa_mode(model, saved[0])
-                model.config.index_topk = saved[1]
+                try:
+                    loss, stats = held_out_pass(model, eval_ds, batch_size)
+                finally:
+                    set_collect_metrics(model, False)
     finally:
         model.train(was_training)
     result.update(eval_loss=loss, eval_perplexity=math.exp(min(loss, 80.0)))
@@ -190,19 +186,17 @@ def run_stage(model, stage_cfg: dict[str, Any], train_ds, output_dir: Path, name
 def warmup_stage(model, stage_cfg: dict[str, Any], train_ds, output_dir: Path):
     """Stage 1: only the indexers train, on the dense-attention KL; the rest stays bit-identical."""
     trainable, frozen = freeze_all_but_indexers(model)
-    set_dsa_mode(model, "dense_warmup")
     try:
-        trainer, seconds = run_stage(model, stage_cfg, train_ds, output_dir, "warmup")
+        with model.dsa_mode("dense_warmup"):  # back to the saved mode (dense) afterwards
+            trainer, seconds = run_stage(model, stage_cfg, train_ds, output_dir, "warmup")
     finally:
         unfreeze_all(model)
-        set_dsa_mode(model, "dense")
     return trainer, seconds, (trainable, frozen)
 
 
 def sparse_stage(model, stage_cfg: dict[str, Any], train_ds, output_dir: Path, topk: int):
     """Stage 2: sparse attention at ``topk``; LM loss for the model, KL over the selection for the indexer."""
-    model.config.index_topk = topk
-    set_dsa_mode(model, "sparse")
+    model.dsa_mode("sparse", index_topk=topk)  # run-time state of this copy from now on
     unfreeze_all(model)
     return run_stage(model, stage_cfg, train_ds, output_dir, f"sparse-k{topk}")
 
@@ -314,8 +308,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['dense_attention_eval_perplexity']:.2f} | {dense_eval['eval_perplexity']:.2f} |")
 
     for k, (model_k, r, steps) in finals.items():
-        set_dsa_mode(model_k, "sparse")
-        model_k.config.index_topk = k
+        # What the checkpoint is: sparse at k (the config says what is saved; the run-time mode already is that).
+        model_k.config.dsa_mode, model_k.config.index_topk = "sparse", k
+        model_k.dsa_mode(None)
         lineage = model_k.config.hf_hybrid_lineage
         lineage.setdefault("base_model", str(source))
         lineage["source"] = str(source)
