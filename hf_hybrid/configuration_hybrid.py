@@ -165,6 +165,7 @@ class HybridConfig(PreTrainedConfig):
     mamba_state_size: int = 128
     mamba_n_groups: int = 1
     mamba_conv_kernel_size: int = 4
+    # dt initialisation of every selective-state mixer (Mamba-2, Gated DeltaNet, KDA): log-uniform in [min, max]
     mamba_dt_min: float = 0.001
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4

@@ -453,3 +453,23 @@ def test_moe_registered_by_import_alone_and_router_logits_output():
     out = model(ids, output_router_logits=True)
     assert len(out.router_logits) == 1 and out.router_logits[0].shape == (12, 4)
     assert model(ids).router_logits is None
+
+
+@pytest.mark.parametrize("kind", ["mamba2", "gated_deltanet", "kda"])
+def test_selective_state_mixers_read_the_dt_init_range_from_the_config(kind):
+    """One dt initialisation for Mamba-2, GDN and KDA, from ``mamba_dt_min/max/init_floor`` (not hard-coded)."""
+    from hf_hybrid.presets import preset_config
+
+    config = preset_config("tiny-hybrid", mixer_pattern=kind, mamba_dt_min=0.02, mamba_dt_max=0.03)
+    torch.manual_seed(0)
+    model = HybridForCausalLM(config)
+    dt_bias = [p for n, p in model.named_parameters() if n.endswith("dt_bias")]
+    assert dt_bias
+    for p in dt_bias:
+        dt = torch.nn.functional.softplus(p.detach().float())
+        assert dt.min() >= 0.02 - 1e-6 and dt.max() <= 0.03 + 1e-6, (dt.min(), dt.max())
+    floored = HybridForCausalLM(preset_config("tiny-hybrid", mixer_pattern=kind, mamba_dt_min=1e-6,
+                                              mamba_dt_max=2e-6, mamba_dt_init_floor=0.5))
+    for n, p in floored.named_parameters():
+        if n.endswith("dt_bias"):
+            torch.testing.assert_close(torch.nn.functional.softplus(p.detach().float()), torch.full_like(p, 0.5))

@@ -8,8 +8,6 @@ GVA: ``gdn_num_value_heads`` may be a multiple of ``gdn_num_key_heads``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,7 +18,7 @@ from ..layers import GatedRMSNorm
 from ..ops.gated_delta import gated_delta_rule, recurrent_gated_delta_rule_step
 from ..registry import register_mixer, require_positive
 from .base import MixerContext
-from .recurrent import read_state, short_conv, write_state, zero_padding
+from .recurrent import init_decay_and_dt, read_state, short_conv, write_state, zero_padding
 
 
 def _validate(config: HybridConfig) -> None:
@@ -59,11 +57,7 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
 
     def init_hybrid_weights(self, init, config: HybridConfig) -> None:
-        # Decay rates spread over [1, 16] (log-uniform A) and dt ~ [1e-3, 1e-1] like Mamba-2 / fla's GDN layer.
-        init.copy_(self.A_log, torch.empty(self.num_v_heads).uniform_(1, 16).log_())
-        dt = torch.exp(torch.rand(self.num_v_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-        dt = dt.clamp(min=1e-4)
-        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init_decay_and_dt(init, self.A_log, self.dt_bias, config)  # per value head
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         b, t, _ = hidden_states.shape

@@ -20,8 +20,6 @@ DeltaNet's, so the cost inspector counts it as one) and [1, 1, H, 1] there: a re
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,7 +30,7 @@ from ..layers import GatedRMSNorm
 from ..ops.kda import kda, recurrent_kda_step
 from ..registry import register_mixer, require_positive
 from .base import MixerContext
-from .recurrent import read_state, short_conv, write_state, zero_padding
+from .recurrent import init_decay_and_dt, read_state, short_conv, write_state, zero_padding
 
 
 class KDAForgetGate(nn.Module):
@@ -48,11 +46,7 @@ class KDAForgetGate(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(width))
 
     def init_hybrid_weights(self, init, config: HybridConfig) -> None:
-        # Decay rates spread over [1, 16] (log-uniform A) and dt ~ [1e-3, 1e-1] per channel, as fla's KDA layer.
-        init.copy_(self.A_log, torch.empty(self.A_log.shape).uniform_(1, 16).log_())
-        width = self.dt_bias.shape[0]
-        dt = torch.exp(torch.rand(width) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
-        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        init_decay_and_dt(init, self.A_log, self.dt_bias, config)  # A per head, dt per channel (fla's KDA)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape

@@ -9,8 +9,6 @@ norm_before_gate=False), then out_proj. The scan is simple GLA with q = C, k = B
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,7 +19,7 @@ from ..layers import GatedRMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
 from ..registry import register_mixer, require_positive
 from .base import MixerContext
-from .recurrent import read_state, short_conv, write_state, zero_padding
+from .recurrent import init_decay_and_dt, read_state, short_conv, write_state, zero_padding
 
 
 def _validate(config: HybridConfig) -> None:
@@ -62,11 +60,7 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
 
     def init_hybrid_weights(self, init, config: HybridConfig) -> None:
-        # Mamba-2's init: A ~ U[1, 16], dt log-uniform in [dt_min, dt_max] (floored), dt_bias = softplus⁻¹(dt).
-        init.copy_(self.A_log, torch.empty(self.num_heads).uniform_(1, 16).log_())
-        lo, hi = math.log(config.mamba_dt_min), math.log(config.mamba_dt_max)
-        dt = torch.exp(torch.rand(self.num_heads) * (hi - lo) + lo).clamp(min=config.mamba_dt_init_floor)
-        init.copy_(self.dt_bias, dt + torch.log(-torch.expm1(-dt)))
+        init_decay_and_dt(init, self.A_log, self.dt_bias, config)
         init.ones_(self.D)
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:

@@ -4,6 +4,7 @@ and neutralising padded positions (so padding never leaks through the convolutio
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,17 @@ class RecurrentState:
     conv: torch.Tensor | None  # [B, C, K - 1]
     recurrent: torch.Tensor | None  # [B, H, Dk, Dv] fp32
     decoding: bool  # the cache already holds a state for this layer (continue from it)
+
+
+def init_decay_and_dt(init, A_log: torch.Tensor, dt_bias: torch.Tensor, config) -> None:
+    """The selective-state initialisation Mamba-2, Gated DeltaNet and KDA share (as Mamba-2 and fla's layers do):
+    decay rates ``A ~ U[1, 16]`` (stored as ``A_log``) and ``dt`` log-uniform in ``[mamba_dt_min, mamba_dt_max]``
+    floored at ``mamba_dt_init_floor``, stored as ``dt_bias = softplus⁻¹(dt)``. ``init`` is transformers'
+    ``initialization`` module (it skips tensors loaded from a checkpoint)."""
+    init.copy_(A_log, torch.empty(A_log.shape).uniform_(1, 16).log_())
+    lo, hi = math.log(config.mamba_dt_min), math.log(config.mamba_dt_max)
+    dt = torch.exp(torch.rand(dt_bias.shape) * (hi - lo) + lo).clamp(min=config.mamba_dt_init_floor)
+    init.copy_(dt_bias, dt + torch.log(-torch.expm1(-dt)))
 
 
 def read_state(ctx: MixerContext, layer_idx: int) -> RecurrentState:

@@ -185,7 +185,7 @@ NON_FUNCTIONAL_FIELDS = frozenset(
         "linear_backend",
         "linear_chunk_size",
         "mla_decode",
-        "mamba_dt_min",  # Mamba-2 dt initialisation only (the clamp is mamba_dt_limit)
+        "mamba_dt_min",  # dt initialisation only (Mamba-2, GDN, KDA) (the clamp is mamba_dt_limit)
         "mamba_dt_max",
         "mamba_dt_init_floor",
         "attention_dropout",
