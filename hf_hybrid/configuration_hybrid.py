@@ -431,9 +431,10 @@ class HybridConfig(PreTrainedConfig):
     def validate_residual(self):
         n = self.num_hidden_layers
         for i, (mixer, mlp) in enumerate(zip(self.mixer_types, self.mlp_types)):
-            if mixer == "none" and mlp == "none":
+            if mixer_spec(mixer).cls is None and mlp_spec(mlp).cls is None:
                 raise ValueError(
-                    f"HybridConfig: layer {i} has mixer_types[{i}]='none' and mlp_types[{i}]='none'; a layer needs one"
+                    f"HybridConfig: layer {i} has mixer_types[{i}]={mixer!r} and mlp_types[{i}]={mlp!r}, neither a "
+                    "module; a layer needs a token mixer, an MLP or both"
                 )
         for name in ("attention_scaling", "logits_scaling"):
             value = getattr(self, name)

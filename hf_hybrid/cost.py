@@ -559,13 +559,13 @@ def estimate_cost(
             mixer_params, mixer_matmul = measured
         elif mixer_kind.cls is not None:  # a kind without a module (an MLP-only layer): its zero is exact
             exact = False
-        if mlp != "none":
+        if mlp_kind.cls is not None:  # a kind without a module (a mixer-only layer) costs nothing
             measured = measure_module(mlp_kind.cls, config, i) if measure else None
             if measured is not None:
                 mlp_params, mlp_matmul = measured
             else:
                 exact = False
-        norms = (h if mixer != "none" else 0) + (h if mlp != "none" else 0)
+        norms = (h if mixer_kind.cls is not None else 0) + (h if mlp_kind.cls is not None else 0)
         params = norms + mixer_params + mlp_params
         layers.append(
             LayerCost(

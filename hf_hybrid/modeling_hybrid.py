@@ -27,7 +27,6 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.utils import ModelOutput, logging
 
 from . import compat
-from . import moe as _moe  # noqa: F401  (the MoE kind)
 from .aux_loss import AuxLossScale, attach_aux_loss, probe_loss_scale
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
