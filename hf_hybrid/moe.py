@@ -489,8 +489,6 @@ class HybridMoE(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_experts = config.num_experts
-        self.top_k = config.num_experts_per_tok
         self.capacity_factor = config.moe_capacity_factor
         self.routing = config.moe_routing
         self.aux_loss_coef = config.router_aux_loss_coef
@@ -510,6 +508,15 @@ class HybridMoE(nn.Module):
         self.last_counts: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
         self.last_drops: torch.Tensor | None = None
+
+    @property
+    def num_experts(self) -> int:
+        """E, as the router routes (one home: the router; the experts' weights have it as their first dim)."""
+        return self.router_module.num_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.router_module.top_k
 
     @property
     def router_module(self) -> HybridTopKRouter:
