@@ -89,19 +89,10 @@ class AttentionTransfer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, num_items_in_batch=None, **kwargs) -> dict[str, Any]:
-        captured: dict[int, tuple[torch.Tensor, MixerContext, torch.Tensor]] = {}
-        hooks = []
-        for i in self.layers:
-            def hook(_module, args, output, i=i):
-                captured[i] = (args[0], args[1], output)
-
-            hooks.append(self.teacher.model.layers[i].mixer.register_forward_hook(hook))
-        try:
-            with torch.no_grad():
-                self.teacher.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        finally:
-            for h in hooks:
-                h.remove()
+        with torch.no_grad():
+            captured = self.teacher.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_mixer_io=self.layers
+            ).mixer_io
         weights = _label_weights(labels, attention_mask, input_ids.shape).to(input_ids.device)
         denom = _normaliser(weights, num_items_in_batch)
         loss = 0.0
@@ -127,7 +118,8 @@ def student_context(ctx: MixerContext, attention_mask: torch.Tensor | None, leng
     if padding is None and attention_mask is not None and attention_mask.ndim == 2:
         mask = attention_mask[:, -length:].bool()
         padding = None if bool(mask.all()) else mask
-    return dataclasses.replace(ctx, padding_mask=padding, cache=None, past_length=0, aux={}, stats={})
+    return dataclasses.replace(ctx, padding_mask=padding, cache=None, past_length=0, aux={}, stats={},
+                               mixer_io_layers=frozenset(), mixer_io={})
 
 
 class TransferTrainer(Trainer):

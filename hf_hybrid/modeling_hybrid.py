@@ -63,6 +63,10 @@ class HybridModelOutput(ModelOutput):
     layer_stats: dict[str, Any] | None = None
     # output_router_logits=True: each MoE layer's fp32 router logits [B·T, E], in layer order; None without MoE layers
     router_logits: tuple[torch.FloatTensor, ...] | None = None
+    # output_mixer_io=[i, ...]: layer -> (mixer input [B, T, H] (after the input norm), the forward's MixerContext,
+    # mixer output [B, T, H]), so a student mixer can run on exactly what the layer's mixer saw (hf_hybrid.distill);
+    # with use_cache the context's cache has moved on since (run with use_cache=False to replay a mixer)
+    mixer_io: dict[int, tuple[torch.Tensor, Any, torch.Tensor]] | None = None
 
 
 @compat.output_dataclass
@@ -142,8 +146,11 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         before = ctx.aux_count()
         if self.mixer is not None:
             normed = self.input_layernorm(hidden_states)
+            mixed = self.mixer(normed, ctx)
+            if self.layer_idx in ctx.mixer_io_layers:
+                ctx.mixer_io[self.layer_idx] = (normed, mixed)
             hidden_states = self._residual(
-                normed if self.residual_from_norm else hidden_states, self.mixer(normed, ctx), *self.mixer_scales
+                normed if self.residual_from_norm else hidden_states, mixed, *self.mixer_scales
             )
         if self.mlp is not None:
             normed = self.post_attention_layernorm(hidden_states)
@@ -399,6 +406,7 @@ class HybridModel(HybridPreTrainedModel):
         *,
         attach_router_aux_loss: bool | None = None,
         aux_loss_scale: AuxLossScale | None = None,
+        output_mixer_io: list[int] | tuple[int, ...] | None = None,
         **kwargs,
     ) -> HybridModelOutput:
         """``cache=`` and ``past_key_values=`` are the same argument (transformers 5.24 renamed it); give either.
@@ -406,7 +414,10 @@ class HybridModel(HybridPreTrainedModel):
         Auxiliary terms (training mode) are attached to the layers' outputs (``hf_hybrid/aux_loss.py``), so any loss
         built on ``last_hidden_state`` trains the routers and indexers. One exception, transformers' MoE convention: a
         caller that asks for ``output_router_logits`` computes the Switch balance loss from them itself (TRL does), so
-        it is not attached then, unless ``attach_router_aux_loss=True`` (what our causal-LM head passes)."""
+        it is not attached then, unless ``attach_router_aux_loss=True`` (what our causal-LM head passes).
+
+        ``output_mixer_io=[i, ...]``: also return, for those layers, what their token mixer saw and produced
+        (``HybridModelOutput.mixer_io``)."""
         config = self.config
         past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridModel.forward")
         if (input_ids is None) == (inputs_embeds is None):
@@ -470,6 +481,7 @@ class HybridModel(HybridPreTrainedModel):
             output_router_logits = getattr(config, "output_router_logits", False)  # hidden without MoE layers
         if self.training and self.gradient_checkpointing and torch.is_grad_enabled():
             self._check_checkpointing()
+        io_layers = self._check_mixer_io(output_mixer_io)
 
         # Only the masks some layer declares it reads (registry specs) are built: e.g. sparse DSA layers attend over
         # their selection only and need no dense [B, 1, T, S] mask (4 GiB a row at 32K in fp32).
@@ -504,6 +516,7 @@ class HybridModel(HybridPreTrainedModel):
             aux_scale=aux_loss_scale if aux_loss_scale is not None else AuxLossScale(),
             output_attentions=bool(output_attentions),
             input_ids=input_ids,
+            mixer_io_layers=io_layers,
         )
 
         hidden_states = inputs_embeds
@@ -532,7 +545,20 @@ class HybridModel(HybridPreTrainedModel):
             aux_terms=aux_terms,
             layer_stats=stats,
             router_logits=tuple(ctx.router_logits) if output_router_logits and ctx.router_logits else None,
+            mixer_io={i: (x, ctx, y) for i, (x, y) in sorted(ctx.mixer_io.items())} if io_layers else None,
         )
+
+    def _check_mixer_io(self, layers: list[int] | tuple[int, ...] | None) -> frozenset[int]:
+        if not layers:
+            return frozenset()
+        bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < len(self.layers)]
+        if bad:
+            raise ValueError(f"output_mixer_io={list(layers)!r}: {bad} are not layer indices (0..{len(self.layers) - 1})")
+        no_mixer = [i for i in layers if self.layers[i].mixer is None]
+        if no_mixer:
+            kinds = [self.layers[i].mixer_type for i in no_mixer]
+            raise ValueError(f"output_mixer_io: layers {no_mixer} ({', '.join(kinds)}) have no token mixer")
+        return frozenset(layers)
 
     def _aux_weights(self, attach_router_aux_loss: bool | None, output_router_logits: bool) -> dict[str, float]:
         """Weight of each auxiliary term's attached gradient: its coefficient over the number of layers attaching it

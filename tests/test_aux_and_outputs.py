@@ -259,3 +259,25 @@ def test_reentrant_checkpointing_refuses_dsa_dense_warmup_clearly():
     torch.testing.assert_close(out.loss, out.indexer_loss)
     out.loss.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if ".indexer." in n)
+
+
+# ---- output_mixer_io: what a layer's mixer saw and produced, as an output (no forward hooks) -----------------------
+
+
+def test_output_mixer_io_returns_each_layers_mixer_input_context_and_output():
+    model = build("tiny-hybrid").eval()
+    ids = batch(n=2, t=9)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        out = model.model(ids, attention_mask=mask, use_cache=False, output_hidden_states=True, output_mixer_io=[1, 3])
+        assert sorted(out.mixer_io) == [1, 3]
+        for i, (x, ctx, y) in out.mixer_io.items():
+            layer = model.model.layers[i]
+            torch.testing.assert_close(x, layer.input_layernorm(out.hidden_states[i]), atol=0, rtol=0)
+            torch.testing.assert_close(layer.mixer(x, ctx), y, atol=1e-6, rtol=0)
+        plain = model.model(ids, attention_mask=mask)
+    assert plain.mixer_io is None
+    torch.testing.assert_close(plain.last_hidden_state, out.last_hidden_state, atol=0, rtol=0)
+    with pytest.raises(ValueError, match=r"output_mixer_io=\[1, 9\]: \[9\] are not layer indices \(0\.\.3\)"):
+        model.model(ids, output_mixer_io=[1, 9])

@@ -56,6 +56,8 @@ class MixerContext:
       ``(layer_idx, [B, h, T, S])``.
     - ``input_ids``: [B, T] token ids of this forward's new tokens, or None when the model was called with
       ``inputs_embeds`` (read by layers that route by token: ``moe_routing="hash"``).
+    - ``mixer_io_layers``: layers whose mixer input (the normed hidden states) and output the decoder layers record
+      in ``mixer_io`` (the model's ``output_mixer_io=``, for distillation and probing).
     """
 
     padding_mask: torch.Tensor | None
@@ -77,6 +79,8 @@ class MixerContext:
     output_attentions: bool = False
     attentions: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     input_ids: torch.Tensor | None = None
+    mixer_io_layers: frozenset[int] = frozenset()
+    mixer_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # DSA top-k selections [B, T, k] of this forward by layer index, reused by "shared" DSA layers
     # (dsa_indexer_types). Keyed by layer so a recomputation (gradient checkpointing) reads the right one.
     dsa_topk: dict[int, torch.Tensor] = field(default_factory=dict)
