@@ -1,12 +1,13 @@
-"""The ``hf-hybrid`` command: inspect / import / card, plugins, and one-line errors with exit status 2."""
+"""The ``hf-hybrid`` command: inspect / import / card, every subcommand listed, argparse only in
+``hf_hybrid/cli/``, and one-line errors with exit status 2."""
 
 from __future__ import annotations
 
+import ast
 import json
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -123,48 +124,50 @@ def test_import_refusal_writes_nothing(capsys, tmp_path):
     assert code == 2 and "model_type='dbrx'" in err and "supported" in err and not (tmp_path / "out").exists()
 
 
-def test_plugins(monkeypatch, capsys):
-    plugin = types.ModuleType("fake_hf_hybrid_plugin")
-
-    def register_cli(subparsers):
-        p = subparsers.add_parser("hello")
-        p.add_argument("--name", default="world")
-        p.set_defaults(func=lambda args: print(f"hello {args.name}") or 0)
-
-    plugin.register_cli = register_cli
-    monkeypatch.setitem(sys.modules, "fake_hf_hybrid_plugin", plugin)
-    monkeypatch.setattr(cli, "PLUGIN_MODULES", ("hf_hybrid.convert.not_written_yet", "fake_hf_hybrid_plugin"))
-    code, out, _ = run(capsys, "hello", "--name", "hybrid")
-    assert code == 0 and out.strip() == "hello hybrid"
+COMMANDS = ("inspect", "import", "export", "card", "upcycle", "convert-dsa", "hybridize", "expert-load")
 
 
-def test_plugin_with_a_broken_import_is_not_hidden(monkeypatch):
-    monkeypatch.setattr(cli, "PLUGIN_MODULES", ("hf_hybrid.convert.not_written_yet",))
-    cli.build_parser()  # the plugin module itself does not exist: skipped silently
-
-    def failing_import(name, *args, **kwargs):  # the plugin exists but one of *its* imports is missing
-        raise ModuleNotFoundError("No module named 'some_dependency'", name="some_dependency")
-
-    monkeypatch.setattr(cli.importlib, "import_module", failing_import)
-    with pytest.raises(ModuleNotFoundError, match="some_dependency"):
-        cli.build_parser()
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    listed = {line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.strip()}
+    assert set(COMMANDS) <= listed, out
+    assert set(cli.build_parser()._subparsers._group_actions[0].choices) == set(COMMANDS)
 
 
-def test_known_plugins_register_when_present():
-    parser = cli.build_parser()
-    commands = set(parser._subparsers._group_actions[0].choices)
-    assert {"inspect", "import", "card"} <= commands
-    for module, command in (
-        ("hf_hybrid.moe_training", "expert-load"),
-        ("hf_hybrid.convert.upcycle", "upcycle"),
-        ("hf_hybrid.convert.dsa", "convert-dsa"),
-    ):
-        try:
-            mod = __import__(module, fromlist=["register_cli"])
-        except ModuleNotFoundError:
+def test_only_the_cli_package_parses_arguments():
+    """The library takes keyword arguments; argparse lives in ``hf_hybrid/cli/`` alone."""
+    package = REPO / "hf_hybrid"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        if path.is_relative_to(package / "cli"):
             continue
-        if hasattr(mod, "register_cli"):
-            assert command in commands, command
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            if any(n == "argparse" or n.startswith("argparse.") for n in names):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == [], offenders
+    assert (package / "cli" / "__init__.py").is_file()
+
+
+def test_library_parse_errors_become_usage_errors(capsys):
+    from hf_hybrid.convert.upcycle import parse_layers
+
+    assert parse_layers("1, 3,5") == (1, 3, 5) and parse_layers(None) is None
+    with pytest.raises(ValueError, match="expected comma-separated layer indices"):
+        parse_layers("1,x")
+    for argv in (["upcycle", "a", "b", "--num-experts", "2", "--top-k", "1", "--layers", "1,x"],
+                 ["convert-dsa", "a", "b", "--index-topk", "2", "--layers", "1,x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and "argument --layers: --layers '1,x': expected comma-separated" in err
 
 
 def test_console_command_in_a_subprocess():
@@ -175,3 +178,7 @@ def test_console_command_in_a_subprocess():
     bad = subprocess.run([*base, "inspect", "nope"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    # ``python -m hf_hybrid.cli`` (this checkout: -m puts the working directory first on the path)
+    help_ = subprocess.run([sys.executable, "-m", "hf_hybrid.cli", "--help"], capture_output=True, text=True,
+                           cwd=REPO, timeout=120)
+    assert help_.returncode == 0 and all(command in help_.stdout for command in COMMANDS), help_.stderr

@@ -13,6 +13,7 @@ import torch
 import hf_hybrid
 import hf_hybrid.moe  # noqa: F401  (registers the "moe" MLP)
 from hf_hybrid import HybridConfig, HybridForCausalLM
+from hf_hybrid.cli.moe import add_parsers as add_expert_load_parser
 from hf_hybrid.moe import HybridMoE
 from hf_hybrid.moe_training import (
     AuxFreeBiasCallback,
@@ -22,7 +23,6 @@ from hf_hybrid.moe_training import (
     load_metrics,
     plot_expert_load_heatmap,
     read_load_log,
-    register_cli,
     update_expert_bias,
 )
 
@@ -222,7 +222,7 @@ def test_heatmap_png_and_cli_from_log(tmp_path):
     assert read_load_log(tmp_path / "dict.json") == ([1, 3], [[3.0, 4.0], [1.0, 2.0]])
 
     parser = argparse.ArgumentParser(prog="hf-hybrid")
-    register_cli(parser.add_subparsers(dest="command"))
+    add_expert_load_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["expert-load", "--log", str(log), "-o", str(tmp_path / "cli.png")])
     assert args.func(args) == 0
     assert (tmp_path / "cli.png").read_bytes()[:8] == PNG_MAGIC
@@ -243,7 +243,7 @@ def test_cli_runs_a_saved_model_on_text(tmp_path):
     _save_tiny_model_with_tokenizer(str(tmp_path / "model"), moe_config())
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog " * 10)
     parser = argparse.ArgumentParser()
-    register_cli(parser.add_subparsers())
+    add_expert_load_parser(parser.add_subparsers())
     args = parser.parse_args(["expert-load", "--model", str(tmp_path / "model"), "--text", str(tmp_path / "t.txt"),
                               "--seq-len", "64", "--save-json", str(tmp_path / "m.json"), "-o", str(tmp_path / "m.png")])
     assert args.func(args) == 0

@@ -25,11 +25,8 @@ the layers, so the config, and what is saved, keeps the mode and top-k chosen he
 
 from __future__ import annotations
 
-import argparse
 import os
-import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -40,10 +37,8 @@ from .checkpoint import check_dst, write_checkpoint
 from .upcycle import (
     _as_dtype,
     check_layer_indices,
-    cost_line,
     derived_lineage,
     load_source,
-    parse_layers,
     source_config,
 )
 
@@ -260,58 +255,6 @@ def unfreeze_all(model: nn.Module) -> None:
         p.requires_grad_(True)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def run_convert_cli(args: argparse.Namespace) -> int:
-    """``hf-hybrid convert-dsa``: see the module docstring."""
-    before, _ = source_config(args.src)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dst = convert_to_dsa(
-            args.src, args.dst, index_topk=args.index_topk, index_heads=args.index_heads,
-            index_head_dim=args.index_head_dim, layers=args.layers, selector=args.selector, mode=args.mode,
-            seed=args.seed, dtype=args.dtype,
-        )
-    after = HybridConfig.from_pretrained(str(dst))
-    options: dict[str, Any] = (after.hf_hybrid_lineage or {}).get("options", {})
-    print(f"converted {args.src} -> {dst}: layers {options.get('layers')} -> dsa (base {after.dsa_base}), "
-          f"top-k {after.index_topk}, indexer {after.index_n_heads}×{after.index_head_dim}, saved in mode "
-          f"{after.dsa_mode!r}")
-    print(f"  before: {cost_line(before)}")
-    print(f"  after:  {cost_line(after)} (dsa_mode {after.dsa_mode!r})")
-    if after.dsa_mode != "sparse":
-        sparse = HybridConfig.from_dict({**after.to_dict(), "dsa_mode": "sparse"})
-        print(f"  sparse: {cost_line(sparse)} (once the indexers are trained)")
-        print("  next: train the indexers (recipes/dsa: dense warm-up, then sparse training)")
-    return 0
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add ``convert-dsa`` to an ``argparse`` subparsers object (handler: ``args.func(args) -> exit code``)."""
-    p = subparsers.add_parser(
-        "convert-dsa",
-        help="turn attention or MLA layers into DeepSeek Sparse Attention layers (fresh indexers)",
-        description="Convert the attention (or MLA) layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported "
-        "on the way) into DSA layers with fresh lightning indexers. Saved in dsa_mode 'dense' (the source's "
-        "function) by default: train the indexers with recipes/dsa before switching to 'sparse'.",
-    )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
-    p.add_argument("--index-topk", type=int, required=True, help="k: keys each query attends to")
-    p.add_argument("--index-heads", type=int, default=None, help="indexer heads (default: the config's index_n_heads)")
-    p.add_argument("--index-head-dim", type=int, default=None, help="indexer head dim (default: the config's)")
-    p.add_argument("--layers", type=parse_layers, default=None,
-                   help="comma-separated layers (default: every full attention or MLA layer)")
-    p.add_argument("--selector", choices=SELECTORS, default="indexer")
-    p.add_argument("--mode", choices=MODES, default="dense", help="dsa_mode to save (default dense; see --help text)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the indexers' initialisation")
-    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
-    p.set_defaults(func=run_convert_cli)
-    return p
-
-
 __all__ = [
     "convert_to_dsa",
     "convert_model_to_dsa",
@@ -322,5 +265,4 @@ __all__ = [
     "freeze_all_but_indexers",
     "unfreeze_all",
     "dsa_mixers",
-    "register_cli",
 ]

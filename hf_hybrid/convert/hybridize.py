@@ -32,10 +32,8 @@ both registered (``MIXER_REGISTRY``) and has an entry here.
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,10 +46,8 @@ from .checkpoint import check_dst, write_checkpoint
 from .upcycle import (
     _as_dtype,
     check_layer_indices,
-    cost_line,
     derived_lineage,
     load_source,
-    parse_layers,
     source_config,
 )
 
@@ -705,95 +701,6 @@ def selection_blocks(src: str | os.PathLike, *, context: int = 256, blocks: int 
     return held.blocks
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# CLI
-
-
-def run_hybridize_cli(args: argparse.Namespace) -> int:
-    """``hf-hybrid hybridize``: see the module docstring."""
-    given = [x is not None for x in (args.pattern, args.attention_layers, args.select)]
-    if sum(given) != 1:
-        raise ValueError("hybridize: give exactly one of --pattern, --attention-layers or --select")
-    if args.select is not None and args.num_attention is None:
-        raise ValueError("hybridize: --select needs --num-attention K (how many attention layers to keep)")
-    before, _ = source_config(args.src)
-    check_dst(args.dst)
-    attention_layers = args.attention_layers
-    mixer = args.mixer
-    if args.select is not None:
-        mixer = mixer or "gated_deltanet"
-        n_att = sum(t in REPLACEABLE for t in before.mixer_types)
-        if not 0 <= args.num_attention < n_att:
-            raise ValueError(f"hybridize: --num-attention {args.num_attention} must be in [0, {n_att - 1}] "
-                             f"(the source has {n_att} attention layers)")
-        plan_hybridize(before, attention_layers=[], mixer=mixer)  # mixer and geometry checks before the work
-        teacher, _ = load_source(args.src, dtype=torch.float32)
-        blocks = selection_blocks(args.src, context=args.select_context, blocks=args.select_blocks)
-        rows = rank_layers(teacher, blocks, mixer=mixer, criterion=args.select, seed=args.seed)
-        print(f"layer ranking by {args.select} on {blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens:")
-        print(format_ranking(rows, args.num_attention))
-        attention_layers = sorted(r["layer"] for r in rows[: args.num_attention])
-    elif attention_layers is not None and mixer is None:
-        raise ValueError(f"hybridize: --attention-layers needs --mixer ({'|'.join(available_mixers())})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        dst = hybridize(args.src, args.dst, pattern=args.pattern, attention_layers=attention_layers, mixer=mixer,
-                        seed=args.seed, dtype=args.dtype)
-    after = HybridConfig.from_pretrained(str(dst))
-    lineage = after.hf_hybrid_lineage or {}
-    opts = lineage.get("options", {})
-    print(f"hybridized {args.src} -> {dst}: replaced {opts.get('replaced')}, attention kept at "
-          f"{opts.get('attention_layers')}")
-    print(format_statements(lineage.get("init", {})))
-    for i, notes in (lineage.get("init_notes") or {}).items():
-        print(f"  layer {i}: {'; '.join(notes)}")
-    print(f"  before: {cost_line(before, (32768,))}; {_cache_line(before)}")
-    print(f"  after:  {cost_line(after, (32768,))}; {_cache_line(after)}")
-    print("  next: recipes/hybridize/train.py (attention transfer, then distillation)")
-    return 0
-
-
-def _cache_line(config: HybridConfig, context: int = 32768) -> str:
-    from ..cost import estimate_cost, format_bytes
-
-    report = estimate_cost(config, contexts=(context,))
-    return f"cache {format_bytes(report.cache_bytes(context) / context)}/token at {context // 1024}K (bf16)"
-
-
-def _parse_attention_layers(text: str) -> tuple[int, ...]:
-    if text.strip() == "":
-        return ()
-    return parse_layers(text)
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add ``hybridize`` to an ``argparse`` subparsers object (handler: ``args.func(args) -> exit code``)."""
-    mixers = available_mixers()
-    p = subparsers.add_parser(
-        "hybridize",
-        help="replace attention layers by linear-time mixers initialised from the attention weights",
-        description="Replace attention layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported on the way) "
-        "by linear-time mixers whose projections start from the attention's q/k/v/o (what is inherited is printed "
-        "and recorded in the card). Recover quality with recipes/hybridize/train.py.",
-    )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
-    p.add_argument("--pattern", default=None,
-                   help="the config's pattern shorthand, e.g. '3:1 gated_deltanet:attention' (cyclic over layers)")
-    p.add_argument("--attention-layers", type=_parse_attention_layers, default=None, metavar="I,J",
-                   help="attention layers to keep (comma-separated; '' keeps none); the others get --mixer")
-    p.add_argument("--mixer", choices=mixers, default=None, help="mixer for --attention-layers / --select")
-    p.add_argument("--select", choices=("kl", "loss"), default=None,
-                   help="choose the attention layers to keep by measuring each layer replaced alone")
-    p.add_argument("--num-attention", type=int, default=None, metavar="K", help="with --select: layers to keep")
-    p.add_argument("--select-blocks", type=int, default=8, help="held-out blocks for --select (default 8)")
-    p.add_argument("--select-context", type=int, default=256, help="tokens per block for --select (default 256)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the new tensors' initialisation")
-    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
-    p.set_defaults(func=run_hybridize_cli)
-    return p
-
-
 __all__ = [
     "AttentionWeights",
     "HybridizePlan",
@@ -808,7 +715,6 @@ __all__ = [
     "init_statements",
     "plan_hybridize",
     "rank_layers",
-    "register_cli",
     "register_init",
     "student_config",
 ]

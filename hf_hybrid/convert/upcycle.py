@@ -64,7 +64,6 @@ model card; ``hf-hybrid inspect DST`` shows total vs active parameters. The help
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -543,85 +542,17 @@ def upcycle(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# CLI
+# parsing (``--layers`` of the CLI and the recipes)
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
+    """``"1,3,5"`` -> ``(1, 3, 5)``; ``None`` stays ``None``. Raises ``ValueError`` (the CLI makes it a usage error)."""
     if text is None:
         return None
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--layers {text!r}: expected comma-separated layer indices, e.g. 1,3,5"
-        ) from None
-
-
-def cost_line(config: HybridConfig, contexts: tuple[int, ...] = (4096, 131072)) -> str:
-    from ..cost import estimate_cost, format_count, format_tokens
-
-    report = estimate_cost(config, contexts=contexts)
-    flops = ", ".join(f"{format_count(report.flops_per_token(c))} @{format_tokens(c)}" for c in contexts)
-    return (f"total {format_count(report.total_params)}, active {format_count(report.active_params)} params; "
-            f"FLOPs/token {flops}")
-
-
-def run_upcycle_cli(args: argparse.Namespace) -> int:
-    """``hf-hybrid upcycle``: see the module docstring."""
-    opts = dict(
-        num_experts=args.num_experts, top_k=args.top_k, shared_expert=args.shared_expert,
-        granularity=args.granularity, drop_upcycling=args.drop_upcycling, noise=args.noise, layers=args.layers,
-        router=args.router, renormalize=not args.no_renormalize, routed_scaling=args.routed_scaling,
-        router_init_std=args.router_init_std, group_limited=args.group_limited, seed=args.seed,
-    )
-    before, _ = source_config(args.src)
-    for note in UpcycleOptions(**opts).notes(before):
-        print(f"note: {note}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # printed above
-        dst = upcycle(args.src, args.dst, dtype=args.dtype, **opts)
-    after = HybridConfig.from_pretrained(str(dst))
-    lineage = after.hf_hybrid_lineage or {}
-    print(f"upcycled {args.src} -> {dst}: layers {lineage.get('options', {}).get('layers')}, "
-          f"{after.num_experts} experts top-{after.num_experts_per_tok}, exact start: "
-          f"{lineage.get('options', {}).get('exact_start')}")
-    print(f"  before: {cost_line(before)}")
-    print(f"  after:  {cost_line(after)}")
-    return 0
-
-
-def register_cli(subparsers) -> argparse.ArgumentParser:
-    """Add ``upcycle`` to an ``argparse`` subparsers object (handler: ``args.func(args) -> exit code``)."""
-    p = subparsers.add_parser(
-        "upcycle",
-        help="turn a dense checkpoint into an MoE one (experts start as copies of the dense MLP)",
-        description="Upcycle the dense MLPs of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported on the way) into "
-        "MoE layers. Without --noise/--drop-upcycling (and with a zero router when --no-renormalize) the result "
-        "computes the same function as SRC.",
-    )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
-    p.add_argument("--num-experts", type=int, required=True, help="E: copies of the dense MLP")
-    p.add_argument("--top-k", type=int, required=True, help="k: copies each token is routed to")
-    p.add_argument("--shared-expert", action="store_true", help="add an always-on shared expert (dense and routed halved)")
-    p.add_argument("--granularity", type=int, default=1, help="G: split each copy into G experts (E·G experts, top-k·G)")
-    p.add_argument("--group-limited", action="store_true",
-                   help="with G > 1: group-limited routing, one group per copy (whole copies selected structurally)")
-    p.add_argument("--drop-upcycling", type=float, default=0.0, metavar="R",
-                   help="re-draw a fraction R of each expert's neurons (Drop-Upcycling; not function-preserving)")
-    p.add_argument("--noise", type=float, default=0.0, metavar="S",
-                   help="Gaussian noise of S·std(W) on expert weights (not function-preserving)")
-    p.add_argument("--layers", type=parse_layers, default=None, help="comma-separated layers (default: every dense MLP)")
-    p.add_argument("--router", choices=ROUTERS, default="softmax", help="router scores (default softmax)")
-    p.add_argument("--no-renormalize", action="store_true",
-                   help="do not renormalise the top-k weights (router starts at zero; down_proj rescaled)")
-    p.add_argument("--routed-scaling", type=float, default=1.0, metavar="F", help="routed scaling factor (default 1)")
-    p.add_argument("--router-init-std", type=float, default=None, metavar="S",
-                   help="router init std (default: initializer_range when renormalising, else 0 for an exact start)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
-    p.set_defaults(func=run_upcycle_cli)
-    return p
+        raise ValueError(f"--layers {text!r}: expected comma-separated layer indices, e.g. 1,3,5") from None
 
 
 __all__ = [
@@ -636,5 +567,5 @@ __all__ = [
     "source_config",
     "write_checkpoint",
     "derived_lineage",
-    "register_cli",
+    "parse_layers",
 ]

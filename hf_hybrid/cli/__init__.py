@@ -1,0 +1,62 @@
+"""The ``hf-hybrid`` command.
+
+    hf-hybrid inspect CONFIG_OR_DIR [--context 4096,32768,131072] [--dtype-bytes 2] [--plot out.png] [--json]
+    hf-hybrid card DIR [--force]
+    hf-hybrid import SRC DST [--dtype bfloat16] [--base-model ORG/NAME]
+    hf-hybrid export SRC DST [--to FAMILY] [--dtype bfloat16]
+    hf-hybrid upcycle SRC DST --num-experts E --top-k K [...]        (hf_hybrid.convert.upcycle)
+    hf-hybrid convert-dsa SRC DST --index-topk K [...]               (hf_hybrid.convert.dsa)
+    hf-hybrid hybridize SRC DST --pattern "3:1 gated_deltanet:attention" [...]  (hf_hybrid.convert.hybridize)
+    hf-hybrid expert-load (--log LOADS.jsonl | --model DIR --text FILE) [-o out.png]  (hf_hybrid.moe_training)
+
+``CONFIG_OR_DIR`` is a checkpoint directory (hf_hybrid, or a Llama / Qwen2 / Qwen3 / Mistral one: its cost once
+imported), a ``config.json``, a YAML file of ``HybridConfig`` arguments (or a recipe YAML with a ``model:`` section,
+optionally naming a ``preset:``), or a preset name from ``hf_hybrid.presets`` (``tiny-hybrid``, ``qwen3-next-like``...).
+
+This package is the only place that parses arguments: the library takes keyword arguments and raises
+``ValueError`` & co. for bad inputs. One module per group of subcommands, each with ``add_parsers(sub)``
+and its handlers (``handler(args) -> int``, set as ``func``): ``describe`` (inspect, card), ``convert``
+(import, export, upcycle, convert-dsa, hybridize), ``moe`` (expert-load); ``_common`` holds the user errors,
+config resolution and the shared argument types. A new subcommand is a handler plus its parser in one of them
+(or a new module that :func:`build_parser` calls).
+
+User errors (a bad path, an unsupported checkpoint, an invalid config) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import convert, describe, moe
+from ._common import USER_ERRORS, CLIError, config_kwargs_from_mapping, resolve_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-hybrid", description="Tools for hf_hybrid hybrid decoder models."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    describe.add_parsers(sub)
+    convert.add_parsers(sub)
+    moe.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"hf-hybrid {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return int(code or 0)
+
+
+__all__ = ["CLIError", "USER_ERRORS", "build_parser", "config_kwargs_from_mapping", "main", "resolve_config"]

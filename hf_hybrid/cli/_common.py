@@ -1,0 +1,126 @@
+"""What every ``hf-hybrid`` subcommand shares: user errors, config resolution, argument types.
+
+A handler raises one of ``USER_ERRORS`` for a bad input; ``hf_hybrid.cli.main`` prints it as one line and
+exits with status 2. Library parsing helpers raise ``ValueError``; the argument types here turn that into
+argparse's own error (usage line, status 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+# Raised by the library for bad inputs (paths, configs, unsupported checkpoints): reported without a traceback.
+USER_ERRORS = (
+    CLIError,
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+)
+
+
+def _read_yaml(path: Path) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise CLIError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def config_kwargs_from_mapping(data: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """``HybridConfig`` kwargs from a YAML/JSON mapping: plain kwargs, or a recipe's ``model:`` section; a ``preset``
+    key starts from that preset and the other keys override it."""
+    from ..presets import preset_kwargs
+
+    if not isinstance(data, dict):
+        raise CLIError(f"{source}: expected a mapping of HybridConfig arguments")
+    if "model" in data and isinstance(data["model"], dict):
+        data = data["model"]
+    data = dict(data)
+    preset = data.pop("preset", None)
+    kwargs = preset_kwargs(preset) if preset else {}
+    if "mixer_types" in data:
+        kwargs.pop("mixer_pattern", None)
+    if "mlp_types" in data:
+        kwargs.pop("mlp_pattern", None)
+        kwargs.pop("first_k_dense", None)
+    kwargs.update(data)
+    return kwargs
+
+
+def resolve_config(spec: str):
+    """A ``HybridConfig`` from a directory, config.json, YAML file or preset name (see ``hf_hybrid.cli``)."""
+    from ..configuration_hybrid import HybridConfig
+    from ..presets import PRESETS
+
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise CLIError(f"{spec} has no config.json")
+    if path.is_file():
+        if path.suffix in (".yaml", ".yml"):
+            return HybridConfig(**config_kwargs_from_mapping(_read_yaml(path), source=str(path)))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise CLIError(f"{path}: not valid JSON ({err})") from None
+        model_type = data.get("model_type", "hf_hybrid") if isinstance(data, dict) else None
+        if model_type == "hf_hybrid":
+            return HybridConfig.from_dict(data)
+        from ..convert.import_dense import SUPPORTED, dense_to_hybrid_config
+        from ..convert.native import FAMILY_MODULES, TEXT_DECODER_OF, native_to_hybrid_config
+
+        if model_type in SUPPORTED and path.name == "config.json":
+            return dense_to_hybrid_config(path.parent)
+        if model_type in FAMILY_MODULES or model_type in TEXT_DECODER_OF:
+            return native_to_hybrid_config(path.parent if path.name == "config.json" else path)
+        raise CLIError(
+            f"{path}: model_type={model_type!r} is neither hf_hybrid nor importable "
+            f"({', '.join([*SUPPORTED, *FAMILY_MODULES])})"
+        )
+    if spec in PRESETS:
+        from ..presets import preset_config
+
+        return preset_config(spec)
+    raise CLIError(f"{spec!r} is not a directory, config file or preset; presets: {', '.join(PRESETS)}")
+
+
+def parse_contexts(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(_expand_k(v)) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--context {text!r}: expected comma-separated token counts, e.g. 4096,32K"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"--context {text!r}: token counts must be positive")
+    return values
+
+
+def _expand_k(value: str) -> int:
+    value = value.strip().upper()
+    for suffix, scale in (("K", 1024), ("M", 1024 * 1024)):
+        if value.endswith(suffix):
+            return int(value[:-1]) * scale
+    return int(value)
+
+
+def layers_arg(text: str) -> tuple[int, ...] | None:
+    """``--layers 1,3,5`` (``hf_hybrid.convert.upcycle.parse_layers`` as an argparse type)."""
+    from ..convert.upcycle import parse_layers
+
+    try:
+        return parse_layers(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
