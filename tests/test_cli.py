@@ -182,3 +182,16 @@ def test_console_command_in_a_subprocess():
     help_ = subprocess.run([sys.executable, "-m", "hf_hybrid.cli", "--help"], capture_output=True, text=True,
                            cwd=REPO, timeout=120)
     assert help_.returncode == 0 and all(command in help_.stdout for command in COMMANDS), help_.stderr
+
+
+def test_expert_load_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    from hf_hybrid.presets import preset_config
+
+    model_dir = tmp_path / "dense"
+    HybridForCausalLM(preset_config("tiny-attention")).save_pretrained(model_dir)
+    capsys.readouterr()
+    code, _, err = run(capsys, "expert-load", "--model", str(model_dir))
+    assert code == 2
+    assert err.strip() == (
+        "hf-hybrid expert-load: error: --model needs --text FILE to run through the model"
+    )

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..moe_training import load_metrics, measure_expert_load, plot_expert_load_heatmap, read_load_log
+from ._common import CLIError
 
 
 def cmd_expert_load(args: argparse.Namespace) -> int:
@@ -18,7 +19,7 @@ def cmd_expert_load(args: argparse.Namespace) -> int:
         source = Path(args.log).name
     else:
         if not args.text:
-            raise SystemExit("hf-hybrid expert-load: --model needs --text FILE to run through the model")
+            raise CLIError("--model needs --text FILE to run through the model")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import hf_hybrid  # noqa: F401  (registers the Auto classes)
@@ -29,7 +30,7 @@ def cmd_expert_load(args: argparse.Namespace) -> int:
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][: args.max_tokens]
         totals = measure_expert_load(model, ids, seq_len=args.seq_len)
         if not totals:
-            raise SystemExit(f"hf-hybrid expert-load: {args.model} has no MoE layers")
+            raise CLIError(f"{args.model} has no MoE layers")
         layers = sorted(totals)
         load = [(totals[i] / totals[i].sum().clamp_min(1)).tolist() for i in layers]
         source = f"{Path(args.model).name} on {Path(args.text).name} ({ids.numel()} tokens)"

@@ -74,11 +74,10 @@ from typing import Any
 
 import torch
 
-from .. import moe as _moe  # noqa: F401  (registers the "moe" MLP type)
-from ..configuration_hybrid import HybridConfig
+from ..configuration_hybrid import FIELD_CHOICES, HybridConfig
 from .checkpoint import check_dst, write_checkpoint
 
-ROUTERS = ("softmax", "sigmoid")
+ROUTERS = FIELD_CHOICES["router_scoring_func"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
