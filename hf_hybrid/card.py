@@ -24,6 +24,7 @@ import yaml
 
 from .configuration_hybrid import HybridConfig
 from .cost import compress_pattern, estimate_cost, format_count
+from .registry import mixer_spec, mlp_spec
 
 TEMPLATE_NAME = "hf_hybrid_card.md"
 _REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
@@ -50,8 +51,10 @@ def card_tags(config: HybridConfig) -> list[str]:
     tags = ["hf-hybrid", "hybrid"]
     for mixer in dict.fromkeys(config.mixer_types):
         tags.append(mixer.replace("_", "-"))
-    if "moe" in config.mlp_types:
-        tags.append("moe")
+    for mlp in dict.fromkeys(config.mlp_types):
+        tag = mlp_spec(mlp).tag
+        if tag and tag not in tags:
+            tags.append(tag)
     return tags
 
 
@@ -70,8 +73,16 @@ def _front_matter(config: HybridConfig, extra_tags: list[str] | None) -> str:
     return yaml.safe_dump(data, sort_keys=False).strip()
 
 
+def _add_kind_rows(rows: list[tuple[str, str]], specs: list[Any], config: HybridConfig) -> None:
+    """Each kind describes itself (its registry spec's ``describe``); rows several kinds share (the attention heads
+    of attention, sliding-window and DSA layers) appear once."""
+    for spec in specs:
+        for row in spec.describe(config) if spec.describe else ():
+            if row not in rows:
+                rows.append(row)
+
+
 def _settings(config: HybridConfig) -> list[tuple[str, str]]:
-    mixers = set(config.mixer_types)
     rope = config.rope_parameters or {}
     rows = [
         ("layers", str(config.num_hidden_layers)),
@@ -81,83 +92,7 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
         ("tied embeddings", str(bool(config.tie_word_embeddings)).lower()),
         ("RoPE", ", ".join(f"{k}={v}" for k, v in rope.items())),
     ]
-    if mixers & {"attention", "sliding_attention"} or ("dsa" in mixers and config.dsa_base == "attention"):
-        extras = [
-            n
-            for n, on in (
-                ("qk-norm", config.use_qk_norm),
-                ("output gate", config.attention_output_gate),
-                ("qkv bias", config.attention_bias),
-                ("no RoPE", not config.attention_rope),
-                (f"scale {config.attention_scaling}", config.attention_scaling is not None),
-            )
-            if on
-        ]
-        rows.append(
-            (
-                "attention",
-                f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, "
-                f"head dim {config.head_dim}" + (f" ({', '.join(extras)})" if extras else ""),
-            )
-        )
-    if "sliding_attention" in mixers:
-        rows.append(("sliding window", str(config.sliding_window)))
-    if mixers & {"mla", "dsa"} and (config.dsa_base == "mla" or "mla" in mixers):
-        rows.append(
-            (
-                "MLA",
-                f"{config.num_attention_heads} heads, q_lora_rank {config.q_lora_rank}, kv_lora_rank "
-                f"{config.kv_lora_rank}, qk dims {config.qk_nope_head_dim}+{config.qk_rope_head_dim} "
-                f"({'rope' if config.mla_use_rope else 'shared, no RoPE'}), "
-                f"v dim {config.v_head_dim}",
-            )
-        )
-    if "dsa" in mixers:
-        rows.append(
-            (
-                "DSA",
-                f"base {config.dsa_base}, selector {config.dsa_selector}, indexer {config.index_n_heads} "
-                f"heads × {config.index_head_dim}, top-k {config.index_topk}, mode {config.dsa_mode}",
-            )
-        )
-    if "gated_deltanet" in mixers:
-        rows.append(
-            (
-                "Gated DeltaNet",
-                f"{config.gdn_num_key_heads} key heads × {config.gdn_key_head_dim}, "
-                f"{config.gdn_num_value_heads} value heads × {config.gdn_value_head_dim}, conv "
-                f"{config.gdn_conv_kernel_size}",
-            )
-        )
-    if "kda" in mixers:
-        rows.append(
-            (
-                "Kimi Delta Attention",
-                f"{config.kda_num_heads} heads × {config.kda_head_dim}, per-channel decay, gate rank "
-                f"{config.kda_gate_rank}, conv {config.kda_conv_kernel_size}",
-            )
-        )
-    if "mamba2" in mixers:
-        rows.append(
-            (
-                "Mamba-2",
-                f"{config.mamba_num_heads} heads × {config.mamba_head_dim}, state "
-                f"{config.mamba_state_size}, groups {config.mamba_n_groups}, conv {config.mamba_conv_kernel_size}",
-            )
-        )
-    if "linear_attention" in mixers:
-        rows.append(
-            (
-                "linear attention",
-                f"{config.linear_num_heads} heads × {config.linear_head_dim}, feature map "
-                f"{config.linear_feature_map}, decay {config.linear_decay}, conv {config.linear_conv_kernel_size}"
-                + (", SiLU q/k/v" if config.linear_qkv_activation == "silu" else "")
-                + (", full-width norm" if config.linear_norm_scope == "full" else "")
-                + (", output gate" if config.linear_output_gate else ""),
-            )
-        )
-    if "none" in mixers:
-        rows.append(("MLP-only layers", str([i for i, m in enumerate(config.mixer_types) if m == "none"])))
+    _add_kind_rows(rows, [mixer_spec(m) for m in dict.fromkeys(config.mixer_types)], config)
     scaled = (config.residual_from_norm or config.mixer_residual_scales or config.mixer_output_scales
               or config.mlp_residual_scale != 1 or config.mlp_output_scale != 1)
     if scaled:
@@ -167,19 +102,7 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
                    if getattr(config, n) != 1]
     if multipliers:
         rows.append(("multipliers", ", ".join(f"{n} {v}" for n, v in multipliers)))
-    if "dense" in config.mlp_types:
-        kind = "SwiGLU" if config.mlp_gated else "ungated MLP"
-        rows.append(("dense MLP", f"{kind} ({config.hidden_act}), intermediate {config.intermediate_size}"))
-    if "moe" in config.mlp_types:
-        rows.append(
-            (
-                "MoE",
-                f"{config.num_experts} experts, top-{config.num_experts_per_tok} "
-                f"({config.router_scoring_func}, {config.moe_routing}), expert intermediate "
-                f"{config.moe_intermediate_size}, {config.num_shared_experts} shared"
-                + (f" ({config.shared_expert_size} wide, sigmoid-gated)" if config.shared_expert_gate else ""),
-            )
-        )
+    _add_kind_rows(rows, [mlp_spec(m) for m in dict.fromkeys(config.mlp_types)], config)
     return rows
 
 

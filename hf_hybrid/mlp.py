@@ -42,7 +42,12 @@ def _validate_dense(config: HybridConfig) -> None:
     require_positive(config, "intermediate_size")
 
 
-@register_mlp("dense", cost=dense_mlp_cost, validate=_validate_dense)
+def _describe_dense(config: HybridConfig) -> list[tuple[str, str]]:
+    kind = "SwiGLU" if config.mlp_gated else "ungated MLP"
+    return [("dense MLP", f"{kind} ({config.hidden_act}), intermediate {config.intermediate_size}")]
+
+
+@register_mlp("dense", cost=dense_mlp_cost, validate=_validate_dense, describe=_describe_dense)
 class DenseMLP(SwiGLU):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__(

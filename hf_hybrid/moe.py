@@ -477,7 +477,15 @@ def _validate(config: HybridConfig) -> None:
 
 
 # The balancing losses and load statistics exclude padded tokens: MoE reads the padding mask.
-@register_mlp("moe", needs_padding_mask=True, cost=moe_mlp_cost, validate=_validate)
+def _describe(config: HybridConfig) -> list[tuple[str, str]]:
+    text = (f"{config.num_experts} experts, top-{config.num_experts_per_tok} ({config.router_scoring_func}, "
+            f"{config.moe_routing}), expert intermediate {config.moe_intermediate_size}, "
+            f"{config.num_shared_experts} shared"
+            + (f" ({config.shared_expert_size} wide, sigmoid-gated)" if config.shared_expert_gate else ""))
+    return [("MoE", text)]
+
+
+@register_mlp("moe", needs_padding_mask=True, cost=moe_mlp_cost, validate=_validate, describe=_describe, tag="moe")
 class HybridMoE(nn.Module):
     """Routed experts (+ always-on shared experts, DeepSeek style): ``[B, T, H] -> [B, T, H]``.
 

@@ -50,6 +50,8 @@ class MixerSpec:
       the built-in kinds' fields are typed fields of ``HybridConfig``, the one home of their defaults).
     - ``validate``: ``fn(config)`` raising ``ValueError`` (field, value, what is allowed) for a bad setting; run
       whenever a config uses this kind.
+    - ``describe``: ``fn(config) -> [(label, text), ...]``, the model card's settings rows for this kind (rows that
+      several kinds share, e.g. the attention heads, appear once).
     """
 
     name: str
@@ -61,6 +63,7 @@ class MixerSpec:
     cost: Callable[..., Any] | None = None
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     validate: Callable[[Any], None] | None = None
+    describe: Callable[[Any], list[tuple[str, str]]] | None = None
 
 
 def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
@@ -74,7 +77,8 @@ def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
 @dataclass(frozen=True)
 class MLPSpec:
     """One MLP kind: ``cls`` (None for no MLP at all), whether it reads the padding mask (MoE balancing), its cost
-    function (``fn(config, layer_idx) -> hf_hybrid.cost.MLPCost``), extra config fields and a validator."""
+    function (``fn(config, layer_idx) -> hf_hybrid.cost.MLPCost``), extra config fields, a validator, its model-card
+    rows (``describe``, as for mixers) and the Hub tag a model using it gets (``tag``)."""
 
     name: str
     cls: type | None
@@ -82,6 +86,8 @@ class MLPSpec:
     cost: Callable[..., Any] | None = None
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     validate: Callable[[Any], None] | None = None
+    describe: Callable[[Any], list[tuple[str, str]]] | None = None
+    tag: str | None = None
 
 
 _MIXERS: dict[str, MixerSpec] = {}
@@ -119,6 +125,7 @@ def register_mixer(
     cost: Callable[..., Any] | None = None,
     config_defaults: Mapping[str, Any] | None = None,
     validate: Callable[[Any], None] | None = None,
+    describe: Callable[[Any], list[tuple[str, str]]] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator declaring a token mixer (see :class:`MixerSpec`). ``needs_padding_mask`` defaults to
     ``recurrent``. Registering a different class under a taken name is an error. ``register_mixer("none", ...)(None)``
@@ -140,7 +147,7 @@ def register_mixer(
         _MIXERS[name] = MixerSpec(
             name=name, cls=cls, layer_type=layer_type, mask=mask, recurrent=recurrent,
             needs_padding_mask=recurrent if needs_padding_mask is None else needs_padding_mask,
-            cost=cost, config_defaults=MappingProxyType(defaults), validate=validate,
+            cost=cost, config_defaults=MappingProxyType(defaults), validate=validate, describe=describe,
         )
         MIXER_REGISTRY[name] = cls
         return cls
@@ -155,6 +162,8 @@ def register_mlp(
     cost: Callable[..., Any] | None = None,
     config_defaults: Mapping[str, Any] | None = None,
     validate: Callable[[Any], None] | None = None,
+    describe: Callable[[Any], list[tuple[str, str]]] | None = None,
+    tag: str | None = None,
 ) -> Callable[[type | None], type | None]:
     """Class decorator declaring an MLP kind (see :class:`MLPSpec`); ``register_mlp("none")(None)`` declares a
     layer without MLP."""
@@ -169,7 +178,8 @@ def register_mlp(
             raise ValueError(f"MLP {name!r} is registered twice ({old.cls} and {cls})")
         _check_defaults(name, defaults)
         _MLPS[name] = MLPSpec(name=name, cls=cls, needs_padding_mask=needs_padding_mask, cost=cost,
-                              config_defaults=MappingProxyType(defaults), validate=validate)
+                              config_defaults=MappingProxyType(defaults), validate=validate, describe=describe,
+                              tag=tag)
         MLP_REGISTRY[name] = cls
         return cls
 

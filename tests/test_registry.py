@@ -59,6 +59,7 @@ def toy_registered():
     registry.register_mixer(
         "toy_ema", layer_type="linear_attention", recurrent=True, cost=toy_ema_cost,
         config_defaults={"toy_ema_decay": 0.9}, validate=toy_ema_validate,
+        describe=lambda config: [("toy EMA", f"decay {config.toy_ema_decay}")],
     )(ToyEMA)
     yield
     registry._MIXERS.pop("toy_ema", None)
@@ -109,7 +110,8 @@ def test_external_mixer_builds_trains_decodes_saves_and_inspects(toy_registered,
     report = estimate_cost(config, contexts=(1024,))
     assert report.exact and report.total_params == sum(p.numel() for p in model.parameters())
     assert report.layers[0].state_elements == 32
-    assert "toy_ema" in render_model_card(config)
+    card = render_model_card(config)
+    assert "toy_ema" in card and "| toy EMA | decay 0.9 |" in card  # its own settings row, from its spec
 
 
 def test_external_mixer_field_is_validated_and_saved(toy_registered):
@@ -156,8 +158,10 @@ def test_every_builtin_kind_declares_its_layer_type_cost_and_mask():
         assert spec.layer_type in registry.LAYER_TYPES and spec.cost is not None
         # a mixer that is not recurrent attends over past tokens and must declare the causal mask it reads
         assert spec.cls is None or spec.recurrent or spec.mask in registry.MASKS or callable(spec.mask), spec
+        assert spec.describe is not None, spec.name  # its model-card rows
     for spec in registry.mlp_specs().values():
         assert spec.cost is not None
+        assert spec.describe is not None or spec.cls is None, spec.name
 
 
 # ---- no import circles --------------------------------------------------------------------------------------------

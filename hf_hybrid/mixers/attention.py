@@ -58,10 +58,31 @@ def _validate_sliding(config: HybridConfig) -> None:
         )
 
 
+def describe_attention(config: HybridConfig) -> list[tuple[str, str]]:
+    extras = [
+        n
+        for n, on in (
+            ("qk-norm", config.use_qk_norm),
+            ("output gate", config.attention_output_gate),
+            ("qkv bias", config.attention_bias),
+            ("no RoPE", not config.attention_rope),
+            (f"scale {config.attention_scaling}", config.attention_scaling is not None),
+        )
+        if on
+    ]
+    heads = (f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, head dim {config.head_dim}"
+             + (f" ({', '.join(extras)})" if extras else ""))
+    return [("attention", heads)]
+
+
+def _describe_sliding(config: HybridConfig) -> list[tuple[str, str]]:
+    return [*describe_attention(config), ("sliding window", str(config.sliding_window))]
+
+
 @register_mixer("sliding_attention", layer_type="sliding_attention", mask="sliding_attention",
-                cost=sliding_attention_cost, validate=_validate_sliding)
+                cost=sliding_attention_cost, validate=_validate_sliding, describe=_describe_sliding)
 @register_mixer("attention", layer_type="full_attention", mask="full_attention", cost=attention_cost,
-                validate=validate_gqa)
+                validate=validate_gqa, describe=describe_attention)
 class HybridAttention(nn.Module):
     def returns_attention_weights(self) -> bool:
         """Eager attention hands its probabilities to ``ctx.attentions`` (``output_attentions=True``)."""

@@ -46,9 +46,9 @@ from ..ops.dsa import (
     sparse_attention,
 )
 from ..registry import register_mixer, require_positive
-from .attention import HybridAttention, validate_gqa
+from .attention import HybridAttention, describe_attention, validate_gqa
 from .base import MixerContext
-from .mla import HybridMLA, validate_mla
+from .mla import HybridMLA, describe_mla, validate_mla
 
 
 class LightningIndexer(nn.Module):
@@ -404,8 +404,14 @@ class DSARuntimeMode:
 
 # The indexer reads the padding mask (padded keys are never selected); its keys live in transformers'
 # DynamicIndexedLayer ("indexed_attention").
+def _describe_dsa(config: HybridConfig) -> list[tuple[str, str]]:
+    base = describe_mla(config) if config.dsa_base == "mla" else describe_attention(config)
+    return [*base, ("DSA", f"base {config.dsa_base}, selector {config.dsa_selector}, indexer {config.index_n_heads} "
+                           f"heads × {config.index_head_dim}, top-k {config.index_topk}, mode {config.dsa_mode}")]
+
+
 @register_mixer("dsa", layer_type="indexed_attention", mask=_dsa_mask, needs_padding_mask=True,
-                cost=dsa_cost, validate=_validate_dsa)
+                cost=dsa_cost, validate=_validate_dsa, describe=_describe_dsa)
 def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
     """DSA over the dense mixer named by ``config.dsa_base``."""
     return DSAOnMLA(config, layer_idx) if config.dsa_base == "mla" else DSAOnAttention(config, layer_idx)

@@ -31,8 +31,14 @@ def _validate(config: HybridConfig) -> None:
         )
 
 
+def _describe(config: HybridConfig) -> list[tuple[str, str]]:
+    return [("Gated DeltaNet", f"{config.gdn_num_key_heads} key heads × {config.gdn_key_head_dim}, "
+                               f"{config.gdn_num_value_heads} value heads × {config.gdn_value_head_dim}, conv "
+                               f"{config.gdn_conv_kernel_size}")]
+
+
 @register_mixer("gated_deltanet", layer_type="linear_attention", recurrent=True, cost=gated_deltanet_cost,
-                validate=_validate)
+                validate=_validate, describe=_describe)
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

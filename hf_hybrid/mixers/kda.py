@@ -59,7 +59,13 @@ def _validate(config: HybridConfig) -> None:
                      "linear_chunk_size")
 
 
-@register_mixer("kda", layer_type="linear_attention", recurrent=True, cost=kda_cost, validate=_validate)
+def _describe(config: HybridConfig) -> list[tuple[str, str]]:
+    return [("Kimi Delta Attention", f"{config.kda_num_heads} heads × {config.kda_head_dim}, per-channel decay, gate "
+                                     f"rank {config.kda_gate_rank}, conv {config.kda_conv_kernel_size}")]
+
+
+@register_mixer("kda", layer_type="linear_attention", recurrent=True, cost=kda_cost, validate=_validate,
+                describe=_describe)
 class KimiDeltaAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

@@ -55,8 +55,17 @@ def _validate(config: HybridConfig) -> None:
         )
 
 
+def _describe(config: HybridConfig) -> list[tuple[str, str]]:
+    text = (f"{config.linear_num_heads} heads × {config.linear_head_dim}, feature map {config.linear_feature_map}, "
+            f"decay {config.linear_decay}, conv {config.linear_conv_kernel_size}"
+            + (", SiLU q/k/v" if config.linear_qkv_activation == "silu" else "")
+            + (", full-width norm" if config.linear_norm_scope == "full" else "")
+            + (", output gate" if config.linear_output_gate else ""))
+    return [("linear attention", text)]
+
+
 @register_mixer("linear_attention", layer_type="linear_attention", recurrent=True, cost=linear_attention_cost,
-                validate=_validate)
+                validate=_validate, describe=_describe)
 class LinearAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

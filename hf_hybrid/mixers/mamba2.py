@@ -34,7 +34,13 @@ def _validate(config: HybridConfig) -> None:
         raise ValueError(f"HybridConfig.mamba_dt_limit={limit!r} must be [min, max] with 0<=min<max")
 
 
-@register_mixer("mamba2", layer_type="linear_attention", recurrent=True, cost=mamba2_cost, validate=_validate)
+def _describe(config: HybridConfig) -> list[tuple[str, str]]:
+    return [("Mamba-2", f"{config.mamba_num_heads} heads × {config.mamba_head_dim}, state {config.mamba_state_size}, "
+                        f"groups {config.mamba_n_groups}, conv {config.mamba_conv_kernel_size}")]
+
+
+@register_mixer("mamba2", layer_type="linear_attention", recurrent=True, cost=mamba2_cost, validate=_validate,
+                describe=_describe)
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

@@ -165,7 +165,14 @@ def validate_mla(config: HybridConfig) -> None:
         raise ValueError(f"HybridConfig.qk_rope_head_dim={config.qk_rope_head_dim} must be even (RoPE pairs)")
 
 
-@register_mixer("mla", layer_type="full_attention", mask="full_attention", cost=mla_cost, validate=validate_mla)
+def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
+    return [("MLA", f"{config.num_attention_heads} heads, q_lora_rank {config.q_lora_rank}, kv_lora_rank "
+                    f"{config.kv_lora_rank}, qk dims {config.qk_nope_head_dim}+{config.qk_rope_head_dim} "
+                    f"({'rope' if config.mla_use_rope else 'shared, no RoPE'}), v dim {config.v_head_dim}")]
+
+
+@register_mixer("mla", layer_type="full_attention", mask="full_attention", cost=mla_cost, validate=validate_mla,
+                describe=describe_mla)
 class HybridMLA(nn.Module):
     """DeepSeek-V2/V3 MLA. Public pieces for mixers built on it (DSA): :meth:`project_q`, :meth:`project_kv`,
     :meth:`project` (+ RoPE + cache), :meth:`expand_kv`, :meth:`attend_dense`, :meth:`absorbed_weights`,

@@ -5,4 +5,6 @@ holds nothing)."""
 from ..cost import no_mixer_cost
 from ..registry import register_mixer
 
-register_mixer("none", layer_type="moe", cost=no_mixer_cost)(None)
+register_mixer("none", layer_type="moe", cost=no_mixer_cost, describe=lambda config: [
+    ("MLP-only layers", str([i for i, m in enumerate(config.mixer_types) if m == "none"]))
+])(None)
