@@ -157,7 +157,7 @@ def test_only_the_cli_package_parses_arguments():
 
 
 def test_library_parse_errors_become_usage_errors(capsys):
-    from hf_hybrid.convert.upcycle import parse_layers
+    from hf_hybrid.convert.checkpoint import parse_layers
 
     assert parse_layers("1, 3,5") == (1, 3, 5) and parse_layers(None) is None
     with pytest.raises(ValueError, match="expected comma-separated layer indices"):

@@ -321,7 +321,7 @@ def test_real_checkpoint_converts_exactly_at_full_context(shakespeare_checkpoint
     """At T = 1024 the real model's logits reach ~20, where fp32 rounding alone is ~1e-5 after six layers: the source's
     own eager and SDPA attention already differ by that much. The bound is therefore that floor (2×), measured here,
     not a tolerance widened until green; the tiny-model tests above hold 1e-5 absolute."""
-    from hf_hybrid.convert.upcycle import load_source
+    from hf_hybrid.convert.source import load_source
 
     dense, _ = load_source(shakespeare_checkpoint, dtype=torch.float32)
     dsa = convert_model_to_dsa(dense, index_topk=1024, mode="sparse").eval()

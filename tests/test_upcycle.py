@@ -412,7 +412,7 @@ def test_upcycle_keeps_the_source_dtype_and_tokenizer(tmp_path):
 def test_real_checkpoint_upcycles_exactly(shakespeare_checkpoint, tmp_path):
     """The real model's logits reach ~20, where fp32 rounding of the same maths in another order is already ~1e-5 (its
     own eager vs SDPA attention differ by that much): the bound is 1e-5 or twice that measured floor."""
-    from hf_hybrid.convert.upcycle import load_source
+    from hf_hybrid.convert.source import load_source
 
     dense, source_dtype = load_source(shakespeare_checkpoint, dtype=torch.float32)
     assert source_dtype == torch.float32  # its config says float32 (stored bf16): transformers' default dtype rule

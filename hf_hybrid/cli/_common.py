@@ -117,8 +117,8 @@ def _expand_k(value: str) -> int:
 
 
 def layers_arg(text: str) -> tuple[int, ...] | None:
-    """``--layers 1,3,5`` (``hf_hybrid.convert.upcycle.parse_layers`` as an argparse type)."""
-    from ..convert.upcycle import parse_layers
+    """``--layers 1,3,5`` (``hf_hybrid.convert.checkpoint.parse_layers`` as an argparse type)."""
+    from ..convert.checkpoint import parse_layers
 
     try:
         return parse_layers(text)

@@ -25,7 +25,8 @@ from ..convert.hybridize import (
     rank_layers,
     selection_blocks,
 )
-from ..convert.upcycle import ROUTERS, UpcycleOptions, load_source, source_config, upcycle
+from ..convert.source import load_source, source_config
+from ..convert.upcycle import ROUTERS, UpcycleOptions, upcycle
 from ._common import layers_arg
 
 

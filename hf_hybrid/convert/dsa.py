@@ -33,14 +33,8 @@ from torch import nn
 
 from ..configuration_hybrid import FIELD_CHOICES, HybridConfig
 from ..mixers.dsa import DSARuntimeMode, dsa_layers
-from .checkpoint import check_dst, write_checkpoint
-from .upcycle import (
-    _as_dtype,
-    check_layer_indices,
-    derived_lineage,
-    load_source,
-    source_config,
-)
+from .checkpoint import as_dtype, check_dst, check_layer_indices, write_checkpoint
+from .source import derived_lineage, load_source, source_config
 
 DSA_BASES = {"attention": "attention", "mla": "mla"}  # mixer type -> dsa_base
 SELECTORS = FIELD_CHOICES["dsa_selector"]
@@ -203,7 +197,7 @@ def convert_to_dsa(
     config, _ = source_config(src)
     check_convert(config, index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim,
                   layers=layers, selector=selector, mode=mode)
-    out_dtype = _as_dtype(dtype) if dtype is not None else None
+    out_dtype = as_dtype(dtype) if dtype is not None else None
     model, source_dtype = load_source(src, dtype=torch.float32)
     new = convert_model_to_dsa(model, index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim,
                                layers=layers, selector=selector, mode=mode, seed=seed)

@@ -42,14 +42,8 @@ import torch
 from torch import nn
 
 from ..configuration_hybrid import HybridConfig, _expand_pattern
-from .checkpoint import check_dst, write_checkpoint
-from .upcycle import (
-    _as_dtype,
-    check_layer_indices,
-    derived_lineage,
-    load_source,
-    source_config,
-)
+from .checkpoint import as_dtype, check_dst, check_layer_indices, write_checkpoint
+from .source import derived_lineage, load_source, source_config
 
 REPLACEABLE = ("attention", "sliding_attention")  # HybridAttention layers: q/k/v/o projections to inherit
 
@@ -604,7 +598,7 @@ def hybridize(
     if isinstance(model_or_dir, nn.Module):
         new = hybridize_model(model_or_dir, pattern=pattern, attention_layers=attention_layers, mixer=mixer,
                               mixer_config=mixer_config, seed=seed)
-        return new if dst is None else write_checkpoint(new, dst, dtype=_as_dtype(dtype) if dtype else None)
+        return new if dst is None else write_checkpoint(new, dst, dtype=as_dtype(dtype) if dtype else None)
     src = model_or_dir
     if dst is not None:
         check_dst(dst)
@@ -618,7 +612,7 @@ def hybridize(
     lineage["source"] = os.fspath(src)
     if dst is None:
         return new
-    return write_checkpoint(new, dst, src=src, dtype=_as_dtype(dtype) if dtype is not None else source_dtype)
+    return write_checkpoint(new, dst, src=src, dtype=as_dtype(dtype) if dtype is not None else source_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

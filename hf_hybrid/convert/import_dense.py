@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .checkpoint import UnsupportedCheckpointError, carried_files, write_atomically
+from .checkpoint import UnsupportedCheckpointError, as_dtype, carried_files, write_atomically
 from .checkpoint import fail as _fail
 from .checkpoint import source_license as _source_license
 from .checkpoint import weight_files as _weight_files
@@ -282,10 +282,8 @@ def plan_import(src_dir: str | os.PathLike, *, dtype: torch.dtype | str | None =
             if st_dtype not in _SAFETENSORS_DTYPES:
                 _fail(f"{src}: embedding dtype {st_dtype} is not a floating type hf_hybrid can load")
             dtype = _SAFETENSORS_DTYPES[st_dtype]
-    elif isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
-        dtype = getattr(torch, dtype)
+    else:
+        dtype = as_dtype(dtype)
     carried = carried_files(src)
     return ImportPlan(src, model_type, kwargs, weight_files, key_map, dtype, carried)
 

@@ -58,15 +58,14 @@ Symmetry caveats (DESIGN.md §7), and what we do about them:
   the balancing loss after the first step.
 
 Lineage goes to ``config.hf_hybrid_lineage`` (``recipe: "upcycle"``, ``options``, ``exact_start``) and so to the
-model card; ``hf-hybrid inspect DST`` shows total vs active parameters. The helpers :func:`load_source` and
-:func:`write_checkpoint` are shared with ``hf_hybrid.convert.dsa``.
+model card; ``hf-hybrid inspect DST`` shows total vs active parameters. Reading the source and writing
+the result go through ``hf_hybrid.convert.source`` and ``hf_hybrid.convert.checkpoint`` (shared by every
+converter).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,7 +74,14 @@ from typing import Any
 import torch
 
 from ..configuration_hybrid import FIELD_CHOICES, HybridConfig
-from .checkpoint import check_dst, write_checkpoint
+from .checkpoint import (
+    as_dtype,
+    check_dst,
+    check_layer_indices,
+    rebuild_model,
+    write_checkpoint,
+)
+from .source import derived_lineage, load_source, source_config
 
 ROUTERS = FIELD_CHOICES["router_scoring_func"]
 
@@ -271,19 +277,6 @@ def upcycle_mlp(
 # config and model
 
 
-def check_layer_indices(layers, n: int, *, what: str) -> list[int]:
-    """``layers`` sorted and deduplicated; ``ValueError`` naming ``what`` (e.g. ``"upcycle: layers"``) for an entry that
-    is not an integer or not a layer of an ``n``-layer model. Shared with ``convert.dsa`` and ``convert.hybridize``."""
-    for i in layers:
-        if not isinstance(i, int) or isinstance(i, bool):
-            raise ValueError(f"{what} entry {i!r} must be an integer layer index")
-    layers = sorted(set(layers))
-    bad = [i for i in layers if not 0 <= i < n]
-    if bad:
-        raise ValueError(f"{what} {bad} do not exist; the model has layers 0..{n - 1}")
-    return layers
-
-
 def check_upcycle(config: HybridConfig, opts: UpcycleOptions) -> list[int]:
     """Validate ``opts`` against ``config``; return the layers to upcycle. Raises ``ValueError``; writes nothing."""
     opts.validate()
@@ -350,29 +343,6 @@ def upcycled_config(config: HybridConfig, opts: UpcycleOptions, layers: list[int
     return new
 
 
-def rebuild_model(model, config: HybridConfig, state: dict[str, torch.Tensor]):
-    """A new ``HybridForCausalLM(config)`` holding exactly ``state`` (built on meta: no init, no extra memory), on the
-    source model's device. Shared with ``convert.dsa``."""
-    from ..modeling_hybrid import HybridForCausalLM
-
-    device = next(model.parameters()).device
-    with torch.device("meta"):
-        new = HybridForCausalLM(config)
-    if config.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    result = new.load_state_dict({k: v.to(device) for k, v in state.items()}, strict=False, assign=True)
-    allowed = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(result.missing_keys) - allowed or result.unexpected_keys:
-        raise RuntimeError(f"internal error: rebuilt model does not match its state: {result}")
-    if config.tie_word_embeddings:
-        new.lm_head.weight = new.model.embed_tokens.weight
-    leftover = [n for n, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
-    if leftover:
-        raise RuntimeError(f"internal error: tensors left on the meta device: {leftover[:5]}")
-    new.train(model.training)
-    return new
-
-
 def upcycle_model(model, opts: UpcycleOptions | None = None, **kwargs: Any):
     """Upcycle an in-memory ``HybridForCausalLM`` (left untouched); returns a new model with fresh tensors, in the
     source's dtype and device. Options: an ``UpcycleOptions`` or its fields as keyword arguments."""
@@ -416,81 +386,6 @@ def upcycle_model(model, opts: UpcycleOptions | None = None, **kwargs: Any):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# files (shared with convert.dsa)
-
-def source_config(src: str | os.PathLike) -> tuple[HybridConfig, bool]:
-    """The ``HybridConfig`` of ``src`` (an hf_hybrid checkpoint, or one import_dense can import) and whether it is
-    already hf_hybrid. Reads config and weight names only; raises ``ValueError`` / ``FileNotFoundError``."""
-    from .import_dense import plan_import
-
-    path = Path(src)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{src} is not a directory (a checkpoint saved by transformers or hf_hybrid)")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{src} has no config.json: not a transformers checkpoint")
-    raw = json.loads(config_path.read_text())
-    if raw.get("model_type") == "hf_hybrid":
-        return HybridConfig.from_pretrained(str(path)), True
-    plan = plan_import(path)  # UnsupportedCheckpointError (a ValueError) for anything it cannot import
-    return HybridConfig(**plan.config_kwargs), False
-
-
-def load_source(src: str | os.PathLike, *, dtype: torch.dtype | str | None = None):
-    """``(model, source_dtype)``: an hf_hybrid ``HybridForCausalLM`` of ``src`` (imported through a temporary directory
-    when it is a Llama / Qwen2 / Qwen3 / Mistral checkpoint), in eval mode, cast to ``dtype`` when given;
-    ``source_dtype`` is the dtype transformers' default loading gives it (``dtype="auto"``: the config's dtype, else the
-    stored one)."""
-    from ..modeling_hybrid import HybridForCausalLM
-    from .import_dense import import_dense
-
-    _, is_hybrid = source_config(src)
-    if is_hybrid:
-        model = HybridForCausalLM.from_pretrained(str(src), dtype="auto")
-    else:
-        with tempfile.TemporaryDirectory(prefix="hf-hybrid-import-") as tmp:
-            imported = import_dense(src, Path(tmp) / "imported")
-            model = HybridForCausalLM.from_pretrained(str(imported), dtype="auto")
-    source_dtype = next(model.parameters()).dtype
-    if dtype is not None:
-        model = model.to(_as_dtype(dtype))
-    return model.eval(), source_dtype
-
-
-def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    value = getattr(torch, str(dtype), None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype={dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
-    return value
-
-
-def derived_lineage(parent: dict[str, Any], src: str | None, recipe: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Lineage of a derived checkpoint: the root ``base_model`` (and architecture) of ``parent``, this ``recipe`` and
-    its ``options``, and the recipes applied before it (``previous_recipes``)."""
-    from .. import __version__
-
-    lineage: dict[str, Any] = {}
-    for key in ("base_model", "base_architecture", "base_model_type", "license"):
-        if key in parent:
-            lineage[key] = parent[key]
-    if "base_model" not in lineage and src is not None:
-        lineage["base_model"] = os.fspath(src)
-    lineage["recipe"] = recipe
-    previous = list(parent.get("previous_recipes") or [])
-    if parent.get("recipe"):
-        previous.append(parent["recipe"])
-    if previous:
-        lineage["previous_recipes"] = previous
-    if src is not None:
-        lineage["source"] = os.fspath(src)
-    lineage["options"] = options
-    lineage["hf_hybrid_version"] = __version__
-    return lineage
-
-
-# ----------------------------------------------------------------------------------------------------------------------
 # the whole job
 
 
@@ -529,7 +424,7 @@ def upcycle(
     check_dst(dst)
     config, _ = source_config(src)
     check_upcycle(config, opts)
-    out_dtype = _as_dtype(dtype) if dtype is not None else None
+    out_dtype = as_dtype(dtype)
 
     model, source_dtype = load_source(src, dtype=torch.float32)
     new = upcycle_model(model, opts)
@@ -540,20 +435,6 @@ def upcycle(
     return write_checkpoint(new, dst, src=src, dtype=out_dtype or source_dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# parsing (``--layers`` of the CLI and the recipes)
-
-
-def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """``"1,3,5"`` -> ``(1, 3, 5)``; ``None`` stays ``None``. Raises ``ValueError`` (the CLI makes it a usage error)."""
-    if text is None:
-        return None
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise ValueError(f"--layers {text!r}: expected comma-separated layer indices, e.g. 1,3,5") from None
-
-
 __all__ = [
     "UpcycleOptions",
     "UpcycledMLP",
@@ -562,9 +443,4 @@ __all__ = [
     "upcycle_mlp",
     "upcycled_config",
     "check_upcycle",
-    "load_source",
-    "source_config",
-    "write_checkpoint",
-    "derived_lineage",
-    "parse_layers",
 ]

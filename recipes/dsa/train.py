@@ -49,7 +49,7 @@ from hf_hybrid.convert.dsa import (
     set_collect_metrics,
     unfreeze_all,
 )
-from hf_hybrid.convert.upcycle import load_source
+from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import estimate_cost, format_count
 from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits
 from hf_hybrid.training import training_arguments

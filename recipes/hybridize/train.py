@@ -37,6 +37,7 @@ import torch
 import yaml
 from transformers import AutoTokenizer, Trainer, default_data_collator
 
+from hf_hybrid.convert.checkpoint import parse_layers
 from hf_hybrid.convert.hybridize import (
     distillation_gap,
     format_ranking,
@@ -44,7 +45,7 @@ from hf_hybrid.convert.hybridize import (
     hybridize_model,
     rank_layers,
 )
-from hf_hybrid.convert.upcycle import load_source, parse_layers
+from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import estimate_cost, format_bytes
 from hf_hybrid.data import build_lm_datasets, find_shared_dir, load_text_splits
 from hf_hybrid.distill import (

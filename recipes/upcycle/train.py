@@ -32,7 +32,8 @@ import yaml
 from transformers import AutoTokenizer, Trainer, default_data_collator
 
 import hf_hybrid
-from hf_hybrid.convert.upcycle import UpcycleOptions, load_source, upcycle_model
+from hf_hybrid.convert.source import load_source
+from hf_hybrid.convert.upcycle import UpcycleOptions, upcycle_model
 from hf_hybrid.cost import estimate_cost, format_count
 from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits
 from hf_hybrid.moe_training import collect_expert_load, install_moe_callbacks, load_metrics

@@ -31,13 +31,19 @@ import importlib
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import CARRIED_FILES, source_license, weight_files, write_atomically
+from ..checkpoint import (
+    as_dtype,
+    check_dst,
+    copy_carried_files,
+    source_license,
+    weight_files,
+    write_atomically,
+)
 from .base import NativeConversionError, NativeFamily, build_empty, fail, load_into
 
 # model_type -> module (in this package) whose FAMILIES dict defines it.
@@ -120,27 +126,6 @@ def native_to_hybrid_config(src: str | os.PathLike | Any):
 # ---- import ------------------------------------------------------------------------------------------------------
 
 
-def _check_destination(dst: Path) -> None:
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
-        raise FileExistsError(f"{dst} exists and is not empty; choose a new output directory")
-
-
-def _carry_files(src: Path | None, dst: Path) -> None:
-    if src is None:
-        return
-    for name in CARRIED_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-
-
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ValueError(f"dtype={dtype!r} is not a torch dtype (try float32, bfloat16, float16)")
-        return getattr(torch, dtype)
-    return dtype
-
-
 def _state_without_tied(model, tied: bool) -> dict[str, torch.Tensor]:
     state = dict(model.state_dict())
     if tied:
@@ -165,7 +150,7 @@ def import_native(
         raise FileNotFoundError(f"{src} is not a directory; import_native reads a local checkpoint saved by transformers")
     dst_path = Path(dst) if dst is not None else None
     if dst_path is not None:
-        _check_destination(dst_path)
+        check_dst(dst_path)
 
     native_cfg = _read_native_config(src)
     family = get_family(native_cfg.model_type)
@@ -177,7 +162,7 @@ def import_native(
                 "decoder (model.language_model.*) and dropping model.visual.* and mtp.*"
             )
     hybrid_cfg = family.hybrid_config(native_cfg)  # refuses unsupported options before any weight is read
-    dtype = _as_dtype(dtype)
+    dtype = as_dtype(dtype)
 
     if src_dir is not None:
         weight_files(src_dir)  # refuses pickle-only checkpoints with a clear message
@@ -212,7 +197,7 @@ def import_native(
 
         def write(tmp: Path) -> None:
             model.save_pretrained(tmp)
-            _carry_files(src_dir, tmp)
+            copy_carried_files(src_dir, tmp, overwrite=True)
 
         write_atomically(dst_path, write)
     return model
@@ -259,8 +244,8 @@ def export_native(
     src_dir = None if hasattr(src, "state_dict") else Path(src)
     dst_path = Path(dst) if dst is not None else None
     if dst_path is not None:
-        _check_destination(dst_path)
-    dtype = _as_dtype(dtype)
+        check_dst(dst_path)
+    dtype = as_dtype(dtype)
     if src_dir is not None:
         if not (src_dir / "config.json").is_file():
             raise FileNotFoundError(f"{src} is not a checkpoint directory (no config.json)")
@@ -293,7 +278,7 @@ def export_native(
 
         def write(tmp: Path) -> None:
             native_model.save_pretrained(tmp)
-            _carry_files(src_dir, tmp)
+            copy_carried_files(src_dir, tmp, overwrite=True)
             (tmp / "README.md").write_text(_export_card(hybrid_cfg, family, src), encoding="utf-8")
 
         write_atomically(dst_path, write)
