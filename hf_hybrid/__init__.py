@@ -1,5 +1,6 @@
-"""hf-hybrid: hybrid decoder LLMs (attention, MLA, DSA, linear attention, Mamba-2, Gated DeltaNet; dense or MoE
-MLPs) for the Hugging Face ecosystem. Importing this package registers the model family with the Auto classes."""
+"""hf-hybrid: hybrid decoder LLMs (attention, MLA, DSA, linear attention, Mamba-2, Gated DeltaNet; dense or
+MoE MLPs) for the Hugging Face ecosystem. Importing this package registers the model family with the Auto
+classes."""
 
 from transformers import (
     AutoConfig,

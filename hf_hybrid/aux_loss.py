@@ -1,18 +1,20 @@
-"""Auxiliary losses that reach their parameters whatever loss the client builds (Megatron's MoEAuxLossAutoScaler).
+"""Auxiliary losses that reach their parameters whatever loss the client builds (Megatron's
+MoEAuxLossAutoScaler).
 
-A layer's auxiliary terms (MoE balance, z-loss, sequence balance; DSA indexer KL) are attached to the layer's output
-activation: :func:`attach_aux_loss` is the identity in forward, and in backward it adds the gradient of
-``weight · term`` to the gradient flowing into the activation. So any loss built on the backbone's hidden states — our
-head's, TRL's fused LM head, a custom loop's — trains the routers and indexers, and each term is counted exactly once:
-our head adds only the *values* of the terms to its ``loss`` (for logging), never their gradients.
+A layer's auxiliary terms (MoE balance, z-loss, sequence balance; DSA indexer KL) are attached to the layer's
+output activation: :func:`attach_aux_loss` is the identity in forward, and in backward it adds the gradient of
+``weight · term`` to the gradient flowing into the activation. So any loss built on the backbone's hidden
+states — our head's, TRL's fused LM head, a custom loop's — trains the routers and indexers, and each term is
+counted exactly once: our head adds only the *values* of the terms to its ``loss`` (for logging), never their
+gradients.
 
-The gradient of a loss is scaled by whatever the client does to it (``Trainer`` divides it by the accumulation steps
-or multiplies it by the world size; AMP multiplies it by its loss scale). The attached terms follow the same scale:
-our head passes its ``loss`` through :func:`probe_loss_scale`, whose backward — which runs before any layer's, since
-the loss is the root of the graph — records ``d(final loss)/d(loss) · weight`` in the forward's
-:class:`AuxLossScale`; every attachment multiplies its term's gradient by that. A client that builds its own loss from
-the backbone has no probe; the terms then enter with scale 1 (a plain per-micro-batch mean, as TRL weights its own
-router loss at one accumulation step).
+The gradient of a loss is scaled by whatever the client does to it (``Trainer`` divides it by the accumulation
+steps or multiplies it by the world size; AMP multiplies it by its loss scale). The attached terms follow the
+same scale: our head passes its ``loss`` through :func:`probe_loss_scale`, whose backward — which runs before
+any layer's, since the loss is the root of the graph — records ``d(final loss)/d(loss) · weight`` in the
+forward's :class:`AuxLossScale`; every attachment multiplies its term's gradient by that. A client that builds
+its own loss from the backbone has no probe; the terms then enter with scale 1 (a plain per-micro-batch mean,
+as TRL weights its own router loss at one accumulation step).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 
 
 class AuxLossScale:
-    """The factor the attached auxiliary gradients of one forward are multiplied by (1 until a probe sets it)."""
+    """The factor the attached auxiliary gradients of one forward are multiplied by (1 until a probe sets
+    it)."""
 
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
@@ -46,8 +49,8 @@ class _AttachAuxLoss(torch.autograd.Function):
 
 
 def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, scale: AuxLossScale) -> torch.Tensor:
-    """``hidden`` unchanged; in backward, ``d aux`` (times ``scale``) flows into ``aux``'s graph as if ``aux`` had been
-    added to the loss. ``aux`` is a scalar (already weighted by its coefficient)."""
+    """``hidden`` unchanged; in backward, ``d aux`` (times ``scale``) flows into ``aux``'s graph as if ``aux``
+    had been added to the loss. ``aux`` is a scalar (already weighted by its coefficient)."""
     if not aux.requires_grad:
         return hidden
     return _AttachAuxLoss.apply(hidden, aux, scale)
@@ -66,7 +69,8 @@ class _ProbeLossScale(torch.autograd.Function):
 
 
 def probe_loss_scale(loss: torch.Tensor, scale: AuxLossScale, weight: float = 1.0) -> torch.Tensor:
-    """``loss`` unchanged; its backward sets ``scale.value = d(final)/d(loss) · weight`` before the layers' backward."""
+    """``loss`` unchanged; its backward sets ``scale.value = d(final)/d(loss) · weight`` before the layers'
+    backward."""
     if not loss.requires_grad:
         return loss
     return _ProbeLossScale.apply(loss, scale, float(weight))

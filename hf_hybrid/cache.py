@@ -1,13 +1,13 @@
 """HybridCache: transformers' DynamicCache plus what a hybrid needs (DESIGN.md §4).
 
 transformers builds one cache layer per ``config.layer_types`` entry (``DynamicLayer`` for attention and MLA,
-``DynamicSlidingWindowLayer``, ``DynamicIndexedLayer`` for DSA's indexer keys, ``LinearAttentionLayer`` for conv +
-recurrent state). Two things are missing there and live here:
+``DynamicSlidingWindowLayer``, ``DynamicIndexedLayer`` for DSA's indexer keys, ``LinearAttentionLayer`` for
+conv + recurrent state). Two things are missing there and live here:
 
-- ``get_seq_length`` raises when no layer is attention, so a pure Mamba-2 / GDN stack could not ``generate()``:
-  we count the tokens we have seen ourselves.
-- ``crop`` cannot rewind a recurrent state; assisted / speculative decoding needs it, so we refuse with a clear error
-  instead of silently decoding from a wrong state.
+- ``get_seq_length`` raises when no layer is attention, so a pure Mamba-2 / GDN stack could not
+  ``generate()``: we count the tokens we have seen ourselves.
+- ``crop`` cannot rewind a recurrent state; assisted / speculative decoding needs it, so we refuse with a
+  clear error instead of silently decoding from a wrong state.
 """
 
 from __future__ import annotations
@@ -40,8 +40,9 @@ class HybridCache(DynamicCache):
     def crop(self, tokens_to_remove: int) -> None:
         if self.has_recurrent_layers:
             raise ValueError(
-                "HybridCache.crop: this model has recurrent layers (linear_attention / mamba2 / gated_deltanet / kda) whose "
-                "state cannot be rewound, so assisted / speculative generation and cache cropping are not supported"
+                "HybridCache.crop: this model has recurrent layers (linear_attention / "
+                "mamba2 / gated_deltanet / kda) whose state cannot be rewound, so "
+                "assisted / speculative generation and cache cropping are not supported"
             )
         super().crop(tokens_to_remove)
         self._seen_tokens = super().get_seq_length()

@@ -1,10 +1,11 @@
 """Model cards: architecture, lineage and cost of an hf_hybrid checkpoint, rendered from ``model_cards/``.
 
-``HybridPreTrainedModel.save_pretrained`` writes one (``README.md``) when the target directory has none; a user's
-README is never overwritten (``write_model_card`` refuses unless ``overwrite=True``; ``hf-hybrid card DIR`` needs
-``--force``). The template is ``model_cards/hf_hybrid_card.md`` in a source checkout, with an identical copy shipped
-in the package (``hf_hybrid/templates/model_card.md``) for installed copies; a test keeps the two identical.
-The template uses ``string.Template`` placeholders (``${name}``), so it needs no template engine.
+``HybridPreTrainedModel.save_pretrained`` writes one (``README.md``) when the target directory has none; a
+user's README is never overwritten (``write_model_card`` refuses unless ``overwrite=True``; ``hf-hybrid card
+DIR`` needs ``--force``). The template is ``model_cards/hf_hybrid_card.md`` in a source checkout, with an
+identical copy shipped in the package (``hf_hybrid/templates/model_card.md``) for installed copies; a test
+keeps the two identical. The template uses ``string.Template`` placeholders (``${name}``), so it needs no
+template engine.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def template_text() -> str:
 
 
 def _hub_id(value: Any) -> str | None:
-    """``value`` when it looks like a Hub repo id (``owner/name``) and is not a local path, else None: the Hub's
-    ``base_model`` metadata must name a Hub model, while lineage may record a local directory."""
+    """``value`` when it looks like a Hub repo id (``owner/name``) and is not a local path, else None: the
+    Hub's ``base_model`` metadata must name a Hub model, while lineage may record a local directory."""
     if isinstance(value, str) and _HUB_ID.match(value) and not os.path.exists(value):
         return value
     return None
@@ -74,8 +75,8 @@ def _front_matter(config: HybridConfig, extra_tags: list[str] | None) -> str:
 
 
 def _add_kind_rows(rows: list[tuple[str, str]], specs: list[Any], config: HybridConfig) -> None:
-    """Each kind describes itself (its registry spec's ``describe``); rows several kinds share (the attention heads
-    of attention, sliding-window and DSA layers) appear once."""
+    """Each kind describes itself (its registry spec's ``describe``); rows several kinds share (the attention
+    heads of attention, sliding-window and DSA layers) appear once."""
     for spec in specs:
         for row in spec.describe(config) if spec.describe else ():
             if row not in rows:
@@ -93,13 +94,19 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
         ("RoPE", ", ".join(f"{k}={v}" for k, v in rope.items())),
     ]
     _add_kind_rows(rows, [mixer_spec(m) for m in dict.fromkeys(config.mixer_types)], config)
-    scaled = (config.residual_from_norm or config.mixer_residual_scales or config.mixer_output_scales
-              or config.mlp_residual_scale != 1 or config.mlp_output_scale != 1)
+    scaled = (
+        config.residual_from_norm
+        or config.mixer_residual_scales
+        or config.mixer_output_scales
+        or config.mlp_residual_scale != 1
+        or config.mlp_output_scale != 1
+    )
     if scaled:
         where = "the input norm's output" if config.residual_from_norm else "the layer input"
         rows.append(("residuals", f"α·residual + β·branch, residual = {where}"))
-    multipliers = [(n, getattr(config, n)) for n in ("embedding_multiplier", "logits_scaling")
-                   if getattr(config, n) != 1]
+    multipliers = [
+        (n, getattr(config, n)) for n in ("embedding_multiplier", "logits_scaling") if getattr(config, n) != 1
+    ]
     if multipliers:
         rows.append(("multipliers", ", ".join(f"{n} {v}" for n, v in multipliers)))
     _add_kind_rows(rows, [mlp_spec(m) for m in dict.fromkeys(config.mlp_types)], config)
@@ -151,8 +158,9 @@ def render_model_card(
 ) -> str:
     """The model card (Markdown with YAML front matter) of ``config``.
 
-    ``metrics`` (e.g. ``{"eval_perplexity": 12.3}``) are shown with any ``metrics`` in ``config.hf_hybrid_lineage``;
-    ``model_id`` is the name used in the loading example (the Hub repo id when pushing)."""
+    ``metrics`` (e.g. ``{"eval_perplexity": 12.3}``) are shown with any ``metrics`` in
+    ``config.hf_hybrid_lineage``; ``model_id`` is the name used in the loading example (the Hub repo id when
+    pushing)."""
     try:
         report = estimate_cost(config)
     except (
@@ -254,10 +262,12 @@ def push_to_hub_with_card(
     max_shard_size: int | str | None = "50GB",
     tags: list[str] | None = None,
 ) -> Any:
-    """transformers' ``push_to_hub`` flow, but the uploaded README.md is our card unless the Hub repo already has
-    one (transformers replaces it by the Hub's card or a generic "🤗 transformers model" card in every case).
+    """transformers' ``push_to_hub`` flow, but the uploaded README.md is our card unless the Hub repo already
+    has one (transformers replaces it by the Hub's card or a generic "🤗 transformers model" card in every
+    case).
 
-    A card already on the Hub is kept (with the tags added), as transformers does: never clobber a user's card."""
+    A card already on the Hub is kept (with the tags added), as transformers does: never clobber a user's
+    card."""
     from huggingface_hub import ModelCard
     from huggingface_hub.utils import EntryNotFoundError
     from transformers.utils import hub as hf_hub
@@ -301,20 +311,24 @@ __all__ = [
 ]
 
 
-# ---- Trainer.create_model_card / Trainer.push_to_hub ---------------------------------------------------------------
+# ---- Trainer.create_model_card / Trainer.push_to_hub -------------------------------------------------------
 # Trainer.push_to_hub saves the model (which writes our card) and then calls Trainer.create_model_card, which
-# overwrites README.md with transformers' generic training summary. For an hf_hybrid model we keep our card and append
-# that summary (hyperparameters, results) below it. transformers.trainer is heavy to import (~1.5 s), so the patch is
-# applied when something else imports it, not by `import hf_hybrid`.
+# overwrites README.md with transformers' generic training summary. For an hf_hybrid model we keep our card
+# and append that summary (hyperparameters, results) below it. transformers.trainer is heavy to import (~1.5
+# s), so the patch is applied when something else imports it, not by `import hf_hybrid`.
 
 
 def _unwrapped_hybrid(trainer) -> Any:
-    """The trained model when it is an hf_hybrid model itself (a PEFT wrapper keeps its own card), else None. Told
-    by its config: the card does not import the model (which imports the card)."""
+    """The trained model when it is an hf_hybrid model itself (a PEFT wrapper keeps its own card), else None.
+    Told by its config: the card does not import the model (which imports the card)."""
     from transformers import PreTrainedModel
 
-    model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
-    is_hybrid = isinstance(model, PreTrainedModel) and isinstance(getattr(model, "config", None), HybridConfig)
+    model = (
+        trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
+    )
+    is_hybrid = isinstance(model, PreTrainedModel) and isinstance(
+        getattr(model, "config", None), HybridConfig
+    )
     return model if is_hybrid else None
 
 
@@ -340,8 +354,9 @@ def _patch_trainer(trainer_module) -> None:
             summary = f.read()
         tags = kwargs.get("tags")
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        card = render_model_card(model.config, model_id=self.hub_model_id if self.args.push_to_hub else None,
-                                 extra_tags=tags)
+        card = render_model_card(
+            model.config, model_id=self.hub_model_id if self.args.push_to_hub else None, extra_tags=tags
+        )
         with open(path, "w", encoding="utf-8") as f:
             f.write(merge_training_summary(card, summary))
 
@@ -371,7 +386,8 @@ class _TrainerImportHook:
 
 
 def install_trainer_card_hook() -> None:
-    """Keep our card under ``Trainer.create_model_card`` / ``Trainer.push_to_hub`` (called by ``import hf_hybrid``)."""
+    """Keep our card under ``Trainer.create_model_card`` / ``Trainer.push_to_hub`` (called by ``import
+    hf_hybrid``)."""
     if "transformers.trainer" in sys.modules:
         _patch_trainer(sys.modules["transformers.trainer"])
     elif not any(isinstance(f, _TrainerImportHook) for f in sys.meta_path):

@@ -1,19 +1,20 @@
 """Every difference between the transformers versions hf_hybrid supports (5.23 to 5.24) lives here.
 
-The rest of the package calls these helpers and never tests a version itself (STYLE.md §14). Each difference is
-detected from the installed transformers' own objects, not from its version string, so a backport or a later
-release that keeps one of these shapes is handled the same way.
+The rest of the package calls these helpers and never tests a version itself (STYLE.md §14). Each difference
+is detected from the installed transformers' own objects, not from its version string, so a backport or a
+later release that keeps one of these shapes is handled the same way.
 
 Differences handled (DESIGN.md §11):
 
-- **The cache's name.** 5.24 renamed ``past_key_values`` / ``cache_params`` to ``cache``: built-in outputs have a
-  ``cache`` field, ``generate()`` calls ``forward(cache=...)`` and reads ``outputs["cache"]`` only, and a metaclass
-  on ``ModelOutput`` renames the old constructor keyword. 5.23's ``generate()`` passes and reads
+- **The cache's name.** 5.24 renamed ``past_key_values`` / ``cache_params`` to ``cache``: built-in outputs
+  have a ``cache`` field, ``generate()`` calls ``forward(cache=...)`` and reads ``outputs["cache"]`` only, and
+  a metaclass on ``ModelOutput`` renames the old constructor keyword. 5.23's ``generate()`` passes and reads
   ``past_key_values`` only. Our output classes therefore name the field as the installed transformers does
   (:func:`output_dataclass`), keep the other name readable, and every public forward takes both keywords
   (:func:`resolve_cache`).
-- **Mask helpers** (``create_causal_mask`` and friends) renamed their ``past_key_values`` argument to ``cache``:
-  the old keyword warns on 5.24, the new one fails on 5.23; positional works on both (:func:`build_mask`).
+- **Mask helpers** (``create_causal_mask`` and friends) renamed their ``past_key_values`` argument to
+  ``cache``: the old keyword warns on 5.24, the new one fails on 5.23; positional works on both
+  (:func:`build_mask`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-#: The name the installed transformers gives the cache in forward keywords, outputs and ``generate()``'s kwargs.
+#: The name the installed transformers gives the cache in forward keywords, outputs and ``generate()``'s
+#: kwargs.
 CACHE_NAME: str = (
     "cache" if "cache" in {f.name for f in dataclasses.fields(BaseModelOutputWithPast)} else "past_key_values"
 )
@@ -35,7 +37,8 @@ OTHER_CACHE_NAME: str = "past_key_values" if CACHE_NAME == "cache" else "cache"
 
 
 def resolve_cache(cache: Any, past_key_values: Any, *, where: str) -> Any:
-    """The cache given to a forward under either keyword (``cache=`` or ``past_key_values=``); both is an error.
+    """The cache given to a forward under either keyword (``cache=`` or ``past_key_values=``); both is an
+    error.
 
     Both names are accepted on every supported transformers, so that a caller written for either version (and
     ``generate()`` of either) reaches the same cache; a keyword that fell into ``**kwargs`` would be silently
@@ -94,8 +97,15 @@ def output_cache(outputs: Any) -> Any:
     return getattr(outputs, CACHE_NAME, None)
 
 
-def build_mask(fn: Callable[..., Any], *, config, inputs_embeds: torch.Tensor, attention_mask, cache,
-               position_ids: torch.Tensor | None = None) -> Any:
+def build_mask(
+    fn: Callable[..., Any],
+    *,
+    config,
+    inputs_embeds: torch.Tensor,
+    attention_mask,
+    cache,
+    position_ids: torch.Tensor | None = None,
+) -> Any:
     """Call one of transformers' mask helpers (``create_causal_mask``, ``create_sliding_window_causal_mask``,
     ``create_recurrent_attention_mask``, ...): the cache goes positionally, the one form both versions accept
     without a warning."""

@@ -1,9 +1,10 @@
 """HybridConfig: the one home of every default of the hf_hybrid decoder family.
 
-Each layer is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``mixer_types[i]`` and ``mlp_types[i]`` choose them.
-Per-mixer settings are flat, prefixed fields (``gdn_*``, ``kda_*``, ``mamba_*``, ``linear_*``, DeepSeek's MLA names,
-``index_*`` for DSA, transformers' MoE names). transformers' own ``layer_types`` is derived from ``mixer_types``
-(it only knows its own names, and ``save_pretrained`` rejects others) and checked for consistency on reload.
+Each layer is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``mixer_types[i]`` and ``mlp_types[i]`` choose
+them. Per-mixer settings are flat, prefixed fields (``gdn_*``, ``kda_*``, ``mamba_*``, ``linear_*``,
+DeepSeek's MLA names, ``index_*`` for DSA, transformers' MoE names). transformers' own ``layer_types`` is
+derived from ``mixer_types`` (it only knows its own names, and ``save_pretrained`` rejects others) and checked
+for consistency on reload.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from .registry import mixer_spec, mixer_specs, mlp_spec, mlp_specs, require_posi
 # Bump when the meaning of saved weights or fields changes; add a rule to `_migrate` at the same time.
 FORMAT_VERSION = 1
 
-# The mixer and MLP kinds, their transformers layer type, masks, cost and per-kind validation are declared next to
-# each class (hf_hybrid/registry.py); this file reads them and holds every default of the built-in kinds.
+# The mixer and MLP kinds, their transformers layer type, masks, cost and per-kind validation are declared
+# next to each class (hf_hybrid/registry.py); this file reads them and holds every default of the built-in
+# kinds.
 
 _CHOICES: dict[str, tuple[Any, ...]] = {
     "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2"),
@@ -42,8 +44,10 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "moe_routing": ("topk", "hash"),
 }
 
-# The allowed values of each enumerated field, for tools and converters that offer the same choices (read-only).
+# The allowed values of each enumerated field, for tools and converters that offer the same choices
+# (read-only).
 FIELD_CHOICES: Mapping[str, tuple[Any, ...]] = MappingProxyType(_CHOICES)
+
 
 def _expand_pattern(pattern: str, n: int, field: str, allowed: tuple[str, ...]) -> list[str]:
     """Expand a layer-pattern shorthand to an explicit list of ``n`` names.
@@ -69,7 +73,8 @@ def _expand_pattern(pattern: str, n: int, field: str, allowed: tuple[str, ...]) 
     for name in period:
         if name not in allowed:
             raise ValueError(
-                f"HybridConfig.{field}={pattern!r} names {name!r}, which is not known; choose from {', '.join(allowed)}"
+                f"HybridConfig.{field}={pattern!r} names {name!r}, "
+                f"which is not known; choose from {', '.join(allowed)}"
             )
     if not period:
         raise ValueError(f"HybridConfig.{field}={pattern!r} is empty")
@@ -86,7 +91,8 @@ class HybridConfig(PreTrainedConfig):
     Example:
     ```python
     >>> from hf_hybrid import HybridConfig
-    >>> cfg = HybridConfig(num_hidden_layers=8, mixer_pattern="3:1 gated_deltanet:attention", mlp_pattern="moe")
+    >>> cfg = HybridConfig(num_hidden_layers=8, mixer_pattern="3:1 gated_deltanet:attention",
+    ...                    mlp_pattern="moe")
     >>> cfg.mixer_types[:4]
     ['gated_deltanet', 'gated_deltanet', 'gated_deltanet', 'attention']
     ```
@@ -120,7 +126,7 @@ class HybridConfig(PreTrainedConfig):
     layer_types: list[str] | None = None  # derived from mixer_types; transformers' cache/mask names
     hf_hybrid_format_version: int = FORMAT_VERSION
 
-    # ---- residual branches (defaults: x + mixer(norm(x)), then x + mlp(norm(x))) -------------------------------
+    # ---- residual branches (defaults: x + mixer(norm(x)), then x + mlp(norm(x))) ---------------------------
     # MiniMax-01: h = α·norm(x) + β·mixer(norm(x)) (the residual is the normed input, α/β per layer kind).
     residual_from_norm: bool = False
     mixer_residual_scales: list[float] | None = None  # per layer α multiplying the residual; None: all 1
@@ -132,17 +138,22 @@ class HybridConfig(PreTrainedConfig):
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     attention_dropout: float | int = 0.0
     use_qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
-    qk_norm_scope: str = "head"  # "head": over head_dim (Qwen3); "full": over the whole q / k projection (OLMoE)
-    clip_qkv: float | None = None  # clamp q, k, v to [-clip_qkv, clip_qkv] after projection (and q/k norm) (OLMoE)
+    # "head": over head_dim (Qwen3); "full": over the whole q / k projection (OLMoE)
+    qk_norm_scope: str = "head"
+    # clamp q, k, v to [-clip_qkv, clip_qkv] after projection (and q/k norm) (OLMoE)
+    clip_qkv: float | None = None
     attention_output_gate: bool = False  # sigmoid output gate (Qwen3-Next)
-    attention_rope: bool = True  # False: no positional encoding in the softmax attention layers (NoPE; Granite 4)
-    attention_scaling: float | None = None  # softmax scale of q·k; None: head_dim^-0.5 (Granite: attention_multiplier)
+    # False: no positional encoding in the softmax attention layers (NoPE; Granite 4)
+    attention_rope: bool = True
+    # softmax scale of q·k; None: head_dim^-0.5 (Granite: attention_multiplier)
+    attention_scaling: float | None = None
     # Granite's multipliers: inputs_embeds scaled by embedding_multiplier, logits divided by logits_scaling.
     embedding_multiplier: float = 1.0
     logits_scaling: float = 1.0
     sliding_window: int | None = None
     mlp_bias: bool = False
-    # False: every MLP (dense, shared and routed experts) is down(act(up(x))) without a gate (Nemotron-H's relu²)
+    # False: every MLP (dense, shared and routed experts) is down(act(up(x))) without a gate (Nemotron-H's
+    # relu²)
     mlp_gated: bool = True
 
     # ---- Gated DeltaNet --------------------------------------------------------------------------
@@ -165,12 +176,14 @@ class HybridConfig(PreTrainedConfig):
     mamba_state_size: int = 128
     mamba_n_groups: int = 1
     mamba_conv_kernel_size: int = 4
-    # dt initialisation of every selective-state mixer (Mamba-2, Gated DeltaNet, KDA): log-uniform in [min, max]
+    # dt initialisation of every selective-state mixer (Mamba-2, Gated DeltaNet, KDA): log-uniform in [min,
+    # max]
     mamba_dt_min: float = 0.001
     mamba_dt_max: float = 0.1
     mamba_dt_init_floor: float = 1e-4
     mamba_dt_limit: list[float] | None = None  # [min, max] clamp of softplus(dt); None = no clamp
-    mamba_conv_bias: bool = True  # bias on the short conv over [x, B, C] (Mamba-2, Bamba; some checkpoints drop it)
+    # bias on the short conv over [x, B, C] (Mamba-2, Bamba; some checkpoints drop it)
+    mamba_conv_bias: bool = True
 
     # ---- plain linear attention ------------------------------------------------------------------
     linear_num_heads: int | None = None  # defaults: num_attention_heads
@@ -179,13 +192,17 @@ class HybridConfig(PreTrainedConfig):
     linear_decay: str = "none"
     linear_conv_kernel_size: int = 0  # 0 = no short convolution
     linear_random_features: int = 64
-    # MiniMax-01's lightning attention: SiLU on q, k, v; a fixed per-head decay (linear_decay="fixed_slope": ALiBi
-    # slopes 2^(-8(h+1)/H) scaled by 1 - layer/(L-1) + 1e-5); no q·k scale; RMSNorm over all heads; a sigmoid output gate.
+    # MiniMax-01's lightning attention: SiLU on q, k, v; a fixed per-head decay (linear_decay="fixed_slope":
+    # ALiBi slopes 2^(-8(h+1)/H) scaled by 1 - layer/(L-1) + 1e-5); no q·k scale; RMSNorm over all heads; a
+    # sigmoid output gate.
     linear_qkv_activation: str = "none"
-    linear_scale: float | None = None  # None: head_dim^-0.5 with the identity map (output norm), 1 with positive maps
-    linear_norm_scope: str = "head"  # output RMSNorm (identity map) over each head, or "full": over all heads at once
+    # None: head_dim^-0.5 with the identity map (output norm), 1 with positive maps
+    linear_scale: float | None = None
+    # output RMSNorm (identity map) over each head, or "full": over all heads at once
+    linear_norm_scope: str = "head"
     linear_output_gate: bool = False  # o = norm(o) · sigmoid(x W_gate) before o_proj
-    linear_norm_eps: float | None = None  # eps of that output norm; None: rms_norm_eps (MiniMax's is fixed at 1e-6)
+    # eps of that output norm; None: rms_norm_eps (MiniMax's is fixed at 1e-6)
+    linear_norm_eps: float | None = None
 
     # ---- shared by the recurrent mixers ----------------------------------------------------------
     linear_backend: str = "auto"  # auto = fla-core on CUDA when usable, else our chunked torch path
@@ -198,7 +215,8 @@ class HybridConfig(PreTrainedConfig):
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     mla_decode: str = "absorbed"
-    mla_norm_eps: float | None = None  # eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)
+    # eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)
+    mla_norm_eps: float | None = None
     mla_use_rope: bool = True  # False = NoPE (Kimi Linear): the qk_rope_head_dim parts stay unrotated
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
@@ -214,8 +232,9 @@ class HybridConfig(PreTrainedConfig):
     dsa_local_window: int = 64  # structured selector: recent tokens kept
     dsa_global_tokens: int = 4  # structured selector: first tokens kept as anchors
     index_norm_eps: float = 1e-5  # eps of the indexer's key LayerNorm (DeepSeek-V3.2 / GLM: 1e-6)
-    # Per layer "full" (own indexer) or "shared" (no indexer: reuse the top-k of the previous "full" DSA layer, as
-    # GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full". Entries of non-DSA layers are ignored.
+    # Per layer "full" (own indexer) or "shared" (no indexer: reuse the top-k of the previous "full" DSA
+    # layer, as GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full". Entries of non-DSA layers
+    # are ignored.
     dsa_indexer_types: list[str] | None = None
 
     # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
@@ -224,7 +243,8 @@ class HybridConfig(PreTrainedConfig):
     moe_intermediate_size: int | None = None  # defaults: intermediate_size // num_experts_per_tok
     num_shared_experts: int = 0
     shared_expert_intermediate_size: int | None = None  # defaults: num_shared_experts * moe_intermediate_size
-    shared_expert_gate: bool = False  # shared output scaled by sigmoid(x·w_gate), w_gate [1, H] (Qwen2-MoE/Qwen3-Next)
+    # shared output scaled by sigmoid(x·w_gate), w_gate [1, H] (Qwen2-MoE/Qwen3-Next)
+    shared_expert_gate: bool = False
     router_scoring_func: str = "softmax"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
@@ -258,7 +278,11 @@ class HybridConfig(PreTrainedConfig):
 
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None and self.num_attention_heads and self.hidden_size % self.num_attention_heads == 0:
+        if (
+            self.head_dim is None
+            and self.num_attention_heads
+            and self.hidden_size % self.num_attention_heads == 0
+        ):
             self.head_dim = self.hidden_size // self.num_attention_heads
 
         if mixer_pattern is not None:
@@ -323,8 +347,9 @@ class HybridConfig(PreTrainedConfig):
             self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
         if "moe" not in self.mlp_types:
             # No MoE layer, no router logits. Clients decide "is this an MoE?" by hasattr(config,
-            # "output_router_logits") (TRL's SFT / DPO trainers then ask the backbone for router logits and add
-            # Mixtral's balance loss), so a model without one does not carry the switch (the class has no default).
+            # "output_router_logits") (TRL's SFT / DPO trainers then ask the backbone for router logits and
+            # add Mixtral's balance loss), so a model without one does not carry the switch (the class has no
+            # default).
             self.__dict__.pop("output_router_logits", None)
 
         super().__post_init__(**kwargs)
@@ -332,7 +357,8 @@ class HybridConfig(PreTrainedConfig):
     # ------------------------------------------------------------------------------------------------
     def _migrate(self, version: int, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Rules that turn older checkpoint formats into the current one (none yet: version 1 is the first).
-        A rule rewrites ``kwargs`` / fields saved under version v into version v + 1, then bumps the version."""
+        A rule rewrites ``kwargs`` / fields saved under version v into version v + 1, then bumps the
+        version."""
         if not isinstance(version, int) or version < 1:
             raise ValueError(f"HybridConfig.hf_hybrid_format_version={version!r} must be a positive integer")
         if version > FORMAT_VERSION:
@@ -356,8 +382,8 @@ class HybridConfig(PreTrainedConfig):
             for i, v in enumerate(values):
                 if v not in specs:
                     raise ValueError(
-                        f"HybridConfig.{field}[{i}]={v!r} is not a known {field[:-6]} type; choose one of: "
-                        f"{', '.join(specs)}"
+                        f"HybridConfig.{field}[{i}]={v!r} is not a known "
+                        f"{field[:-6]} type; choose one of: {', '.join(specs)}"
                     )
 
     def layer_specs(self) -> list:
@@ -384,7 +410,7 @@ class HybridConfig(PreTrainedConfig):
     def has_attention_cache(self) -> bool:
         return any(not mixer_spec(m).recurrent and mixer_spec(m).cls is not None for m in self.mixer_types)
 
-    # ---- validation (run by @strict after construction; errors name the field, value and what is allowed) ----
+    # ---- validation (run by @strict after construction; errors name the field, value and what is allowed) --
     def validate_layer_type(self):
         self._check_kinds()
         super().validate_layer_type()
@@ -408,14 +434,15 @@ class HybridConfig(PreTrainedConfig):
             for i, (kind, mixer) in enumerate(zip(kinds, self.mixer_types)):
                 if kind not in ("full", "shared"):
                     raise ValueError(
-                        f"HybridConfig.dsa_indexer_types[{i}]={kind!r} is not allowed; choose one of: full, shared"
+                        f"HybridConfig.dsa_indexer_types[{i}]={kind!r} "
+                        "is not allowed; choose one of: full, shared"
                     )
                 if mixer != "dsa":
                     continue
                 if kind == "shared" and not seen_full:
                     raise ValueError(
-                        f"HybridConfig.dsa_indexer_types[{i}]='shared' reuses the top-k of an earlier 'full' DSA "
-                        "layer, and there is none before it"
+                        f"HybridConfig.dsa_indexer_types[{i}]='shared' reuses the top-k "
+                        "of an earlier 'full' DSA layer, and there is none before it"
                     )
                 if kind == "shared" and self.dsa_selector != "indexer":
                     raise ValueError(
@@ -425,7 +452,8 @@ class HybridConfig(PreTrainedConfig):
                 seen_full = seen_full or kind == "full"
 
     def dsa_layer_has_indexer(self, layer_idx: int) -> bool:
-        """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's top-k)."""
+        """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's
+        top-k)."""
         return self.dsa_indexer_types is None or self.dsa_indexer_types[layer_idx] == "full"
 
     def validate_residual(self):
@@ -433,8 +461,8 @@ class HybridConfig(PreTrainedConfig):
         for i, (mixer, mlp) in enumerate(zip(self.mixer_types, self.mlp_types)):
             if mixer_spec(mixer).cls is None and mlp_spec(mlp).cls is None:
                 raise ValueError(
-                    f"HybridConfig: layer {i} has mixer_types[{i}]={mixer!r} and mlp_types[{i}]={mlp!r}, neither a "
-                    "module; a layer needs a token mixer, an MLP or both"
+                    f"HybridConfig: layer {i} has mixer_types[{i}]={mixer!r} and mlp_types[{i}]={mlp!r}, "
+                    "neither a module; a layer needs a token mixer, an MLP or both"
                 )
         for name in ("attention_scaling", "logits_scaling"):
             value = getattr(self, name)
@@ -443,17 +471,26 @@ class HybridConfig(PreTrainedConfig):
         for name in ("mixer_residual_scales", "mixer_output_scales"):
             values = getattr(self, name)
             if values is not None and (
-                len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                len(values) != n
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
             ):
                 raise ValueError(f"HybridConfig.{name}={values!r} must be None or {n} numbers, one per layer")
 
     def validate_hybrid(self):
-        require_positive(self, "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                         "num_key_value_heads")
+        require_positive(
+            self,
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
         for name, choices in _CHOICES.items():
             value = getattr(self, name)
             if value not in choices:
-                raise ValueError(f"HybridConfig.{name}={value!r} is not allowed; choose one of: {', '.join(choices)}")
+                raise ValueError(
+                    f"HybridConfig.{name}={value!r} is not allowed; choose one of: {', '.join(choices)}"
+                )
         if self.head_dim is None:
             raise ValueError(
                 f"HybridConfig.head_dim is required: hidden_size={self.hidden_size} is not divisible by "
@@ -465,8 +502,8 @@ class HybridConfig(PreTrainedConfig):
         rotary = self.head_dim * prf
         if not (0.0 < prf <= 1.0) or abs(rotary - round(rotary)) > 1e-9 or round(rotary) % 2:
             raise ValueError(
-                f"HybridConfig.rope_parameters['partial_rotary_factor']={prf} must be in (0, 1] and give an even "
-                f"rotary dimension of head_dim={self.head_dim}"
+                f"HybridConfig.rope_parameters['partial_rotary_factor']={prf} must be in "
+                f"(0, 1] and give an even rotary dimension of head_dim={self.head_dim}"
             )
         # Each kind the layers use checks its own settings (its spec's validator, next to its class).
         for spec in self.layer_specs():
@@ -475,14 +512,20 @@ class HybridConfig(PreTrainedConfig):
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"HybridConfig.sliding_window={self.sliding_window!r} must be positive or None")
         self._validate_native_options()
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_seq_aux_loss_coef",
-                     "router_bias_update_rate", "router_jitter_noise", "index_loss_coef"):
+        for name in (
+            "router_aux_loss_coef",
+            "router_z_loss_coef",
+            "router_seq_aux_loss_coef",
+            "router_bias_update_rate",
+            "router_jitter_noise",
+            "index_loss_coef",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"HybridConfig.{name}={getattr(self, name)} must be >= 0")
 
 
-# The field's default lives in the generated __init__ only, so that hasattr(config, "output_router_logits") is False
-# for a config without MoE layers (see __post_init__).
+# The field's default lives in the generated __init__ only, so that hasattr(config, "output_router_logits") is
+# False for a config without MoE layers (see __post_init__).
 del HybridConfig.output_router_logits
 
 __all__ = ["HybridConfig", "FORMAT_VERSION"]

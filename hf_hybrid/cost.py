@@ -1,10 +1,12 @@
 """Cost of a design before training it: parameters (total / active), cache bytes, FLOPs per token.
 
-``estimate_cost(config)`` walks the layers; each layer's token mixer and MLP are costed by the ``cost`` function of
-their spec in ``hf_hybrid.registry`` (declared next to the class; the built-in kinds' functions are defined here)::
+``estimate_cost(config)`` walks the layers; each layer's token mixer and MLP are costed by the ``cost``
+function of their spec in ``hf_hybrid.registry`` (declared next to the class; the built-in kinds' functions
+are defined here)::
 
     def my_mixer_cost(config, layer_idx) -> MixerCost:
-        return MixerCost(params=..., matmul_params=..., cache_per_token=..., state_elements=..., flops=lambda c: ...)
+        return MixerCost(params=..., matmul_params=..., cache_per_token=..., state_elements=...,
+                         flops=lambda c: ...)
 
     @register_mixer("my_mixer", layer_type=..., cost=my_mixer_cost)
 
@@ -13,13 +15,13 @@ Conventions (all per layer, in elements, times ``dtype_bytes`` for bytes):
 - ``cache_per_token``: elements appended to the cache per token (K and V, MLA's latent, DSA's indexer key);
   ``cache_window`` caps the number of cached tokens (sliding window).
 - ``state_elements``: constant per-sequence state (short-conv tail + recurrent state of linear mixers);
-  ``state_fp32_elements`` of them (the recurrent state) are stored in fp32 whatever the model dtype, as the mixers keep
-  them, the rest (the conv tail) in the model dtype.
+  ``state_fp32_elements`` of them (the recurrent state) are stored in fp32 whatever the model dtype, as the
+  mixers keep them, the rest (the conv tail) in the model dtype.
 - FLOPs are forward FLOPs for one token at context ``c``: ``2 · (active matmul weights + lm_head)`` plus each
   mixer's ``flops(c)`` (attention scores and values, recurrent state updates). Training is about 3× that.
 
-Parameter counts are exact: when a layer's mixer / MLP class is registered, it is built on the meta device and its
-parameters are counted (no memory); the formulas here are the fallback for types not implemented yet, and
+Parameter counts are exact: when a layer's mixer / MLP class is registered, it is built on the meta device and
+its parameters are counted (no memory); the formulas here are the fallback for types not implemented yet, and
 ``tests/test_cost.py`` checks every formula against the built module of each registered type.
 """
 
@@ -63,12 +65,13 @@ class MLPCost:
     inactive_params: int = 0  # routed experts that one token does not use (MoE)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # token mixers
 
 
 def _attention_parts(config: HybridConfig) -> tuple[int, int]:
-    """(params, matmul params) of the softmax-attention projections, as ``mixers/attention.py`` builds them."""
+    """(params, matmul params) of the softmax-attention projections, as ``mixers/attention.py`` builds
+    them."""
     h, nq, nkv, d = (
         config.hidden_size,
         config.num_attention_heads,
@@ -83,7 +86,8 @@ def _attention_parts(config: HybridConfig) -> tuple[int, int]:
 
 
 def _attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) -> Callable[[int], float]:
-    # Scores q·k over the visible tokens (2·qk_dim each) and the weighted sum of values (2·v_dim each), per head.
+    # Scores q·k over the visible tokens (2·qk_dim each) and the weighted sum of values (2·v_dim each), per
+    # head.
     def flops(context: int) -> float:
         visible = context if window is None else min(context, window)
         return 2.0 * visible * heads * (qk_dim + v_dim)
@@ -134,7 +138,8 @@ def _mla_parts(config: HybridConfig) -> tuple[int, int]:
 def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     params, matmul = _mla_parts(config)
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    # Cache: the latent c_kv and the shared rope key. FLOPs: the plain (non-absorbed) form, the one training uses.
+    # Cache: the latent c_kv and the shared rope key. FLOPs: the plain (non-absorbed) form, the one training
+    # uses.
     return MixerCost(
         params,
         matmul,
@@ -165,7 +170,8 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         hi = di = 0
         kept = config.index_topk
     elif config.dsa_selector == "indexer":
-        # wq_b (from the q latent), wk (one shared key per token), LayerNorm on k (weight + bias), weights_proj.
+        # wq_b (from the q latent), wk (one shared key per token), LayerNorm on k (weight + bias),
+        # weights_proj.
         idx_matmul = q_in * hi * di + h * di + h * hi
         params, matmul, cache = params + idx_matmul + 2 * di, matmul + idx_matmul, cache + di
         kept = config.index_topk
@@ -174,15 +180,17 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         kept = config.dsa_local_window + config.dsa_global_tokens
     dense = config.dsa_mode != "sparse"
     if config.dsa_mode == "dense" and hi:
-        # mode "dense" runs the base mixer alone (mixers/dsa.py): no indexer scores over the context, no indexer keys
-        # cached (the indexer's weights are still counted, as they are in the model).
+        # mode "dense" runs the base mixer alone (mixers/dsa.py): no indexer scores over the context, no
+        # indexer keys cached (the indexer's weights are still counted, as they are in the model).
         cache, hi = cache - di, 0
     attend = _attention_flops(heads, qk, v, None)
     if config.dsa_base == "mla" and not dense:
-        # Sparse DSA on MLA runs latent MQA (mixers/dsa.py, as V3.2 does): each head scores the selected cached
-        # [c_kv, k_pe] (r + dr wide) and sums c_kv (r wide); the query absorption and W_uv cost what kv_b_proj costs,
-        # already in matmul_params.
-        attend = _attention_flops(heads, config.kv_lora_rank + config.qk_rope_head_dim, config.kv_lora_rank, None)
+        # Sparse DSA on MLA runs latent MQA (mixers/dsa.py, as V3.2 does): each head scores the selected
+        # cached [c_kv, k_pe] (r + dr wide) and sums c_kv (r wide); the query absorption and W_uv cost what
+        # kv_b_proj costs, already in matmul_params.
+        attend = _attention_flops(
+            heads, config.kv_lora_rank + config.qk_rope_head_dim, config.kv_lora_rank, None
+        )
 
     def flops(context: int) -> float:
         selected = context if dense else min(context, kept)
@@ -193,7 +201,8 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
 
 
 def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
-    """Qwen3-Next's layout: in_proj_qkvz, in_proj_ba, depthwise conv on q,k,v, A_log, dt_bias, gated norm, out_proj."""
+    """Qwen3-Next's layout: in_proj_qkvz, in_proj_ba, depthwise conv on q,k,v, A_log, dt_bias, gated norm,
+    out_proj."""
     h, hk, hv = config.hidden_size, config.gdn_num_key_heads, config.gdn_num_value_heads
     dk, dv, k = config.gdn_key_head_dim, config.gdn_value_head_dim, config.gdn_conv_kernel_size
     conv_channels = 2 * hk * dk + hv * dv
@@ -202,12 +211,14 @@ def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     state = conv_channels * (k - 1) + hv * dk * dv
     # Per token and value head: decay S (dk·dv), Sᵀk (2·dk·dv), S += k uᵀ (2·dk·dv), Sᵀq (2·dk·dv).
     step = 7.0 * hv * dk * dv
-    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=hv * dk * dv)
+    return MixerCost(
+        params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=hv * dk * dv
+    )
 
 
 def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
-    """Mamba-2 (transformers' layout): in_proj -> [z, x, B, C, dt], conv (with bias) on [x, B, C], A_log, D, dt_bias,
-    gated RMSNorm, out_proj."""
+    """Mamba-2 (transformers' layout): in_proj -> [z, x, B, C, dt], conv (with bias) on [x, B, C], A_log, D,
+    dt_bias, gated RMSNorm, out_proj."""
     h, nh, p = config.hidden_size, config.mamba_num_heads, config.mamba_head_dim
     g, n, k = config.mamba_n_groups, config.mamba_state_size, config.mamba_conv_kernel_size
     inner = nh * p
@@ -217,13 +228,15 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     state = conv_channels * (k - 1) + nh * p * n
     # Per token and head: decay h (p·n), h += Δ·B xᵀ (2·p·n), y = Cᵀh (2·p·n).
     step = 5.0 * nh * p * n
-    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=nh * p * n)
+    return MixerCost(
+        params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=nh * p * n
+    )
 
 
 def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """q/k/v/o projections, optional short conv on q,k,v, feature map φ, optional data-dependent decay gate
-    (``g_proj``: one per head or per feature channel; a fixed slope has no parameters), an output RMSNorm (per head or
-    over all heads) when φ is the identity, and the optional sigmoid output gate [H, nh·d]."""
+    (``g_proj``: one per head or per feature channel; a fixed slope has no parameters), an output RMSNorm (per
+    head or over all heads) when φ is the identity, and the optional sigmoid output gate [H, nh·d]."""
     h, nh, d = config.hidden_size, config.linear_num_heads, config.linear_head_dim
     k = config.linear_conv_kernel_size
     feat = config.linear_random_features if config.linear_feature_map == "random_features" else d
@@ -239,12 +252,15 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     # Per token and head: S += φ(k) vᵀ (2·f·d), o = φ(q)ᵀ S (2·f·d), decay (f·d), normaliser (4·f).
     decays = gates or config.linear_decay == "fixed_slope"
     step = nh * (4.0 * feat * d + (feat * d if decays else 0) + (4.0 * feat if positive else 0))
-    return MixerCost(params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=recurrent)
+    return MixerCost(
+        params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=recurrent
+    )
 
 
 def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
-    """Kimi Linear's layout: q/k/v projections, depthwise conv on [q, k, v], low-rank forget gate (f_a, f_b, A_log per
-    head, dt_bias per channel), b_proj (β per head), low-rank output gate (g_a, g_b), sigmoid-gated norm, o_proj."""
+    """Kimi Linear's layout: q/k/v projections, depthwise conv on [q, k, v], low-rank forget gate (f_a, f_b,
+    A_log per head, dt_bias per channel), b_proj (β per head), low-rank output gate (g_a, g_b), sigmoid-gated
+    norm, o_proj."""
     h, nh, d, r, k = (
         config.hidden_size,
         config.kda_num_heads,
@@ -260,12 +276,15 @@ def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     step = 7.0 * nh * d * d
     recurrent = nh * d * d
     return MixerCost(
-        params, matmul, state_elements=3 * w * (k - 1) + recurrent, state_fp32_elements=recurrent,
+        params,
+        matmul,
+        state_elements=3 * w * (k - 1) + recurrent,
+        state_fp32_elements=recurrent,
         flops=lambda c: step,
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # MLPs
 
 
@@ -275,7 +294,11 @@ def _swiglu(config: HybridConfig, intermediate: int) -> int:
 
 def dense_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     matmul = _swiglu(config, config.intermediate_size)
-    bias = (2 if config.mlp_gated else 1) * config.intermediate_size + config.hidden_size if config.mlp_bias else 0
+    bias = (
+        (2 if config.mlp_gated else 1) * config.intermediate_size + config.hidden_size
+        if config.mlp_bias
+        else 0
+    )
     return MLPCost(matmul + bias, matmul)
 
 
@@ -301,13 +324,13 @@ def no_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     return MLPCost(0, 0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # measured parameter counts
 
 
 def measure_module(cls: Callable | None, config: HybridConfig, layer_idx: int) -> tuple[int, int] | None:
-    """(params, matmul params) of ``cls(config, layer_idx)`` built on the meta device (no memory), or None when
-    there is no class or it cannot be built there. Matmul params = parameters with ≥ 2 dims."""
+    """(params, matmul params) of ``cls(config, layer_idx)`` built on the meta device (no memory), or None
+    when there is no class or it cannot be built there. Matmul params = parameters with ≥ 2 dims."""
     if cls is None:
         return None
     try:
@@ -319,7 +342,7 @@ def measure_module(cls: Callable | None, config: HybridConfig, layer_idx: int) -
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.ndim >= 2)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the report
 
 
@@ -358,21 +381,22 @@ class CostReport:
         (MiniMax-01's "45.9 B activated", Qwen3-Next's "A3B")."""
         return self.active_params - self.embedding_params - self.lm_head_params
 
-    # ---- derived numbers ---------------------------------------------------------------------------------------
+    # ---- derived numbers -----------------------------------------------------------------------------------
     @property
     def mixer_types(self) -> list[str]:
         return list(dict.fromkeys(layer.mixer for layer in self.layers))
 
     def state_bytes(self, layer: LayerCost) -> int:
-        """Per-sequence state bytes of one layer: the recurrent state in fp32 and the conv tail in the cache dtype, as
-        the mixers store them; ``state_dtype_bytes`` (when given) overrides both."""
+        """Per-sequence state bytes of one layer: the recurrent state in fp32 and the conv tail in the cache
+        dtype, as the mixers store them; ``state_dtype_bytes`` (when given) overrides both."""
         if self.state_dtype_bytes is not None:
             return layer.state_elements * self.state_dtype_bytes
         fp32 = layer.state_fp32_elements
         return (layer.state_elements - fp32) * self.dtype_bytes + fp32 * 4
 
     def cache_bytes(self, context: int, mixer: str | None = None) -> int:
-        """Cache + state bytes of one sequence at ``context`` tokens, for one mixer type or the whole model."""
+        """Cache + state bytes of one sequence at ``context`` tokens, for one mixer type or the whole
+        model."""
         total = 0
         for layer in self.layers:
             if mixer is not None and layer.mixer != mixer:
@@ -493,7 +517,8 @@ class CostReport:
         return self.to_text()
 
     def plot(self, path: str, *, max_context: int | None = None) -> str:
-        """Cache + state memory of one sequence vs context, one line per mixer type and the total (log-log)."""
+        """Cache + state memory of one sequence vs context, one line per mixer type and the total
+        (log-log)."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -546,8 +571,8 @@ def estimate_cost(
         for kind, spec in (("mixer", mixer_kind), ("MLP", mlp_kind)):
             if spec.cost is None:
                 raise ValueError(
-                    f"{kind} type {spec.name!r} declares no cost function; pass cost=fn(config, layer_idx) to its "
-                    f"hf_hybrid.registry.register_{kind.lower()}(...)"
+                    f"{kind} type {spec.name!r} declares no cost function; pass cost=fn(config, "
+                    f"layer_idx) to its hf_hybrid.registry.register_{kind.lower()}(...)"
                 )
         mc = mixer_kind.cost(config, i)
         pc = mlp_kind.cost(config, i)
@@ -602,7 +627,7 @@ def estimate_cost(
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # formatting helpers (shared with the model card)
 
 

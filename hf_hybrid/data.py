@@ -1,15 +1,17 @@
-"""Local text for training and evaluation, with no download: a tokenizer trained here and fixed-length packed blocks.
+"""Local text for training and evaluation, with no download: a tokenizer trained here and fixed-length packed
+blocks.
 
 Sources (``load_text_splits``):
-- ``"shakespeare"``: the 42 plays in ``../shared/data/shakespeare/`` when that directory exists; ``hamlet`` and
-  ``tempest`` are held out (the split the shared checkpoints use).
-- ``"pydoc"``: the Python documentation topics shipped with CPython (``pydoc_data.topics``, ~0.5 MB); every tenth
-  topic (sorted by name) is held out. Always available.
+- ``"shakespeare"``: the 42 plays in ``../shared/data/shakespeare/`` when that directory exists; ``hamlet``
+  and ``tempest`` are held out (the split the shared checkpoints use).
+- ``"pydoc"``: the Python documentation topics shipped with CPython (``pydoc_data.topics``, ~0.5 MB); every
+  tenth topic (sorted by name) is held out. Always available.
 - ``"auto"``: Shakespeare when present, else pydoc.
 
 Tokenizer: a byte-level BPE trained with the ``tokenizers`` library on the training split (a few seconds);
 ``vocab_size <= 257`` gives a plain byte tokenizer (256 bytes + ``<|endoftext|>``). Documents are joined with
-``<|endoftext|>`` and cut into blocks of ``block_size`` tokens (``labels = input_ids``; the model shifts them).
+``<|endoftext|>`` and cut into blocks of ``block_size`` tokens (``labels = input_ids``; the model shifts
+them).
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ class TextSplits:
 
 
 def find_shared_dir() -> Path | None:
-    """The project's ``shared/`` directory (beside the checkout) when it exists: ``$HF_HYBRID_SHARED_DIR``, then
-    ``<repo>/../shared``, then ``./shared`` and ``../shared`` from the working directory."""
+    """The project's ``shared/`` directory (beside the checkout) when it exists: ``$HF_HYBRID_SHARED_DIR``,
+    then ``<repo>/../shared``, then ``./shared`` and ``../shared`` from the working directory."""
     candidates = []
     if os.environ.get("HF_HYBRID_SHARED_DIR"):
         candidates.append(Path(os.environ["HF_HYBRID_SHARED_DIR"]))
@@ -87,8 +89,8 @@ def train_tokenizer(
     *,
     max_chars: int | None = 2_000_000,
 ):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (the first ``max_chars`` characters), with
-    ``<|endoftext|>`` as bos / eos / pad. ``vocab_size <= 257``: bytes only (no merges learned)."""
+    """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (the first ``max_chars`` characters),
+    with ``<|endoftext|>`` as bos / eos / pad. ``vocab_size <= 257``: bytes only (no merges learned)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -134,8 +136,8 @@ def tokenize_documents(tokenizer, documents: Sequence[str]) -> list[int]:
 
 
 class PackedBlocks(Dataset):
-    """Fixed-length blocks ``[N, block_size]`` cut from one token stream (the remainder is dropped); each item is
-    ``{"input_ids", "labels"}`` with ``labels = input_ids`` (the model shifts them)."""
+    """Fixed-length blocks ``[N, block_size]`` cut from one token stream (the remainder is dropped); each item
+    is ``{"input_ids", "labels"}`` with ``labels = input_ids`` (the model shifts them)."""
 
     def __init__(
         self, token_ids: Sequence[int] | torch.Tensor, block_size: int, *, max_blocks: int | None = None

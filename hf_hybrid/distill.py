@@ -1,16 +1,17 @@
 """Recovering a hybridized student from its dense teacher, with ``transformers.Trainer`` (DESIGN.md §1 job 3).
 
-Stage 1, **attention transfer** (LoLCATs / Mamba-in-Llama's first stage): the teacher is frozen; for every replaced
-layer ``i`` the student's new mixer gets the teacher's own input to layer ``i``'s attention (the normed hidden
-state, so every layer trains in parallel and independently of the others) and learns to reproduce that attention's
-output. Loss: the sum over layers of the squared error, normalised per layer by the teacher output's mean square
-(so layers of different output scale weigh alike), averaged over the tokens that carry a label. Only the new mixers'
-parameters train (everything else has ``requires_grad=False``). :class:`AttentionTransfer` is an ``nn.Module``
-whose forward returns that loss, so a plain ``Trainer`` (and DDP) trains it.
+Stage 1, **attention transfer** (LoLCATs / Mamba-in-Llama's first stage): the teacher is frozen; for every
+replaced layer ``i`` the student's new mixer gets the teacher's own input to layer ``i``'s attention (the
+normed hidden state, so every layer trains in parallel and independently of the others) and learns to
+reproduce that attention's output. Loss: the sum over layers of the squared error, normalised per layer by the
+teacher output's mean square (so layers of different output scale weigh alike), averaged over the tokens that
+carry a label. Only the new mixers' parameters train (everything else has ``requires_grad=False``).
+:class:`AttentionTransfer` is an ``nn.Module`` whose forward returns that loss, so a plain ``Trainer`` (and
+DDP) trains it.
 
-Stage 2, **distillation**: end to end, ``KL(teacher ‖ student)`` of the next-token distributions at temperature
-``τ`` (times τ², Hinton's scaling), plus ``lm_weight`` × the LM loss; the whole student or a LoRA adapter
-(``peft``) trains. :class:`DistillationTrainer` is a ``Trainer`` whose ``compute_loss`` does that.
+Stage 2, **distillation**: end to end, ``KL(teacher ‖ student)`` of the next-token distributions at
+temperature ``τ`` (times τ², Hinton's scaling), plus ``lm_weight`` × the LM loss; the whole student or a LoRA
+adapter (``peft``) trains. :class:`DistillationTrainer` is a ``Trainer`` whose ``compute_loss`` does that.
 
 Both losses are token sums normalised by the Trainer's ``num_items_in_batch`` when it passes one (the count of
 labels, DESIGN.md §12), so gradient accumulation gives the same update as one large batch; without it they are
@@ -61,14 +62,14 @@ class _Components:
         return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # stage 1
 
 
 class AttentionTransfer(nn.Module):
-    """Teacher (frozen) + the student's new mixers. ``forward(input_ids, attention_mask=None, labels=None)`` returns
-    ``{"loss": Σ_i nMSE_i, "mse": {i: ...}}`` (see the module docstring). ``layers`` are the replaced layer indices;
-    the mixers are the student's own modules, so training this trains the student in place."""
+    """Teacher (frozen) + the student's new mixers. ``forward(input_ids, attention_mask=None, labels=None)``
+    returns ``{"loss": Σ_i nMSE_i, "mse": {i: ...}}`` (see the module docstring). ``layers`` are the replaced
+    layer indices; the mixers are the student's own modules, so training this trains the student in place."""
 
     def __init__(self, teacher: nn.Module, student: nn.Module, layers: list[int]):
         super().__init__()
@@ -87,11 +88,20 @@ class AttentionTransfer(nn.Module):
         self.teacher.eval()  # the teacher stays in eval mode (no dropout) while the mixers train
         return self
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, num_items_in_batch=None, **kwargs) -> dict[str, Any]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        num_items_in_batch=None,
+        **kwargs,
+    ) -> dict[str, Any]:
         with torch.no_grad():
             captured = self.teacher.model(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_mixer_io=self.layers
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                output_mixer_io=self.layers,
             ).mixer_io
         weights = _label_weights(labels, attention_mask, input_ids.shape).to(input_ids.device)
         denom = _normaliser(weights, num_items_in_batch)
@@ -105,7 +115,9 @@ class AttentionTransfer(nn.Module):
             scale = (target.float().pow(2).mean(-1)[:, :-1] * weights).sum() / weights.sum().clamp(min=1)
             layer_loss = (err * weights).sum() / denom / scale.clamp(min=1e-12)
             loss = loss + layer_loss
-            per_layer[i] = (err * weights).sum().detach() / weights.sum().clamp(min=1) / scale.clamp(min=1e-12)
+            per_layer[i] = (
+                (err * weights).sum().detach() / weights.sum().clamp(min=1) / scale.clamp(min=1e-12)
+            )
             if self.training:
                 self.components.add(f"nmse/layer{i}", per_layer[i])
         return {"loss": loss, "nmse": per_layer}
@@ -118,8 +130,16 @@ def student_context(ctx: MixerContext, attention_mask: torch.Tensor | None, leng
     if padding is None and attention_mask is not None and attention_mask.ndim == 2:
         mask = attention_mask[:, -length:].bool()
         padding = None if bool(mask.all()) else mask
-    return dataclasses.replace(ctx, padding_mask=padding, cache=None, past_length=0, aux={}, stats={},
-                               mixer_io_layers=frozenset(), mixer_io={})
+    return dataclasses.replace(
+        ctx,
+        padding_mask=padding,
+        cache=None,
+        past_length=0,
+        aux={},
+        stats={},
+        mixer_io_layers=frozenset(),
+        mixer_io={},
+    )
 
 
 class TransferTrainer(Trainer):
@@ -133,7 +153,8 @@ class TransferTrainer(Trainer):
 
 
 def freeze_all_but(model: nn.Module, layers: list[int]) -> tuple[int, int]:
-    """Stage 1's rule: only the mixers of ``layers`` train. Returns ``(trainable, frozen)`` parameter counts."""
+    """Stage 1's rule: only the mixers of ``layers`` train. Returns ``(trainable, frozen)`` parameter
+    counts."""
     prefixes = tuple(f"model.layers.{i}.mixer." for i in layers)
     trainable = frozen = 0
     for name, p in model.named_parameters():
@@ -147,8 +168,9 @@ def freeze_all_but(model: nn.Module, layers: list[int]) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def transfer_error(teacher: nn.Module, student: nn.Module, layers: list[int], blocks: torch.Tensor,
-                   *, batch_size: int = 4) -> dict[int, float]:
+def transfer_error(
+    teacher: nn.Module, student: nn.Module, layers: list[int], blocks: torch.Tensor, *, batch_size: int = 4
+) -> dict[int, float]:
     """Held-out normalised MSE of each new mixer against its attention layer (teacher inputs), eval mode."""
     module = AttentionTransfer(teacher, student, layers)
     was = student.training
@@ -167,12 +189,18 @@ def transfer_error(teacher: nn.Module, student: nn.Module, layers: list[int], bl
     return {i: v / count for i, v in sums.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # stage 2
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weights: torch.Tensor,
-                      denom: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
+def distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    weights: torch.Tensor,
+    denom: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+) -> torch.Tensor:
     """Σ_t w_t · τ² · KL(softmax(teacher/τ) ‖ softmax(student/τ)) / denom over the next-token positions
     ([B, T, V] logits; weights [B, T-1])."""
     t = F.log_softmax(teacher_logits[:, :-1].float() / temperature, dim=-1)
@@ -182,8 +210,9 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 class DistillationTrainer(Trainer):
-    """``Trainer`` whose loss is ``KL(teacher ‖ student)`` (+ ``lm_weight`` × LM loss); see the module docstring.
-    ``model`` is the student (or a PEFT model around it); ``teacher`` is frozen and kept in eval mode."""
+    """``Trainer`` whose loss is ``KL(teacher ‖ student)`` (+ ``lm_weight`` × LM loss); see the module
+    docstring. ``model`` is the student (or a PEFT model around it); ``teacher`` is frozen and kept in eval
+    mode."""
 
     def __init__(self, *args, teacher: nn.Module, temperature: float = 1.0, lm_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -204,8 +233,14 @@ class DistillationTrainer(Trainer):
         attention_mask = inputs.get("attention_mask")
         labels = inputs.get("labels")
         with torch.no_grad():
-            teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
+            teacher_logits = self.teacher(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+            ).logits
+        kwargs: dict[str, Any] = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "use_cache": False,
+        }
         if labels is not None and self.lm_weight > 0:
             kwargs["labels"] = labels
             if num_items_in_batch is not None:
@@ -231,14 +266,21 @@ class DistillationTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def add_lora(model: nn.Module, *, r: int = 16, alpha: int = 32, dropout: float = 0.0,
-             target_modules: list[str] | None = None):
+def add_lora(
+    model: nn.Module,
+    *,
+    r: int = 16,
+    alpha: int = 32,
+    dropout: float = 0.0,
+    target_modules: list[str] | None = None,
+):
     """A PEFT LoRA adapter on ``model`` (hf_hybrid's default targets: every attention / linear-mixer / MLP
     projection) — stage 2 with ``train: lora``."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout,
-                        target_modules=target_modules)
+    config = LoraConfig(
+        task_type="CAUSAL_LM", r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules
+    )
     return get_peft_model(model, config)
 
 

@@ -26,7 +26,8 @@ _GATE_ACTIVATIONS = {"silu": nn.functional.silu, "sigmoid": torch.sigmoid}
 
 
 class GatedRMSNorm(nn.Module):
-    """RMSNorm combined with a gate ``act(z)``, SiLU unless ``gate_activation="sigmoid"`` (Kimi Delta Attention).
+    """RMSNorm combined with a gate ``act(z)``, SiLU unless ``gate_activation="sigmoid"`` (Kimi Delta
+    Attention).
 
     ``norm_before_gate=True`` (Gated DeltaNet, KDA): ``norm(x) * act(z)``;
     ``norm_before_gate=False`` (Mamba-2): ``norm(x * act(z))``. ``group_size`` normalises per head.
@@ -44,7 +45,8 @@ class GatedRMSNorm(nn.Module):
         super().__init__()
         if gate_activation not in _GATE_ACTIVATIONS:
             raise ValueError(
-                f"GatedRMSNorm gate_activation={gate_activation!r}; choose one of: {', '.join(_GATE_ACTIVATIONS)}"
+                f"GatedRMSNorm gate_activation={gate_activation!r}; choose one of: "
+                f"{', '.join(_GATE_ACTIVATIONS)}"
             )
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
@@ -90,7 +92,8 @@ class _RopeView:
 
 
 def rope_inv_freq(config, dim: int, device=None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [dim/2] and the cos/sin scaling for ``config.rope_parameters`` at rotary size ``dim``."""
+    """Inverse frequencies [dim/2] and the cos/sin scaling for ``config.rope_parameters`` at rotary size
+    ``dim``."""
     view = _RopeView(config, dim)
     rope_type = view.rope_parameters["rope_type"]
     if rope_type == "default":
@@ -111,7 +114,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``cos.shape[-1]`` channels of ``x`` [B, T, h, d] (partial RoPE); cos/sin are [B, T, r]."""
+    """Rotate the first ``cos.shape[-1]`` channels of ``x`` [B, T, h, d] (partial RoPE); cos/sin are [B, T,
+    r]."""
     r = cos.shape[-1]
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     if r == x.shape[-1]:

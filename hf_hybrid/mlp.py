@@ -24,7 +24,12 @@ class SwiGLU(nn.Module):
     ``gated=False``: ``down(act(up(x)))`` with no ``gate_proj`` (Nemotron-H's relu² MLPs)."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, act: str = "silu", bias: bool = False, gated: bool = True
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        act: str = "silu",
+        bias: bool = False,
+        gated: bool = True,
     ):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias) if gated else None
@@ -51,7 +56,11 @@ def _describe_dense(config: HybridConfig) -> list[tuple[str, str]]:
 class DenseMLP(SwiGLU):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__(
-            config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias, gated=config.mlp_gated
+            config.hidden_size,
+            config.intermediate_size,
+            config.hidden_act,
+            config.mlp_bias,
+            gated=config.mlp_gated,
         )
         self.layer_idx = layer_idx
 

@@ -1,8 +1,10 @@
-"""The hf_hybrid decoder: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` per layer, each chosen in the config.
+"""The hf_hybrid decoder: ``x + mixer(norm(x))`` then ``x + mlp(norm(x))`` per layer, each chosen in the
+config.
 
-Mixers live in ``hf_hybrid/mixers`` (one file per type), MLPs in ``mlp.py`` / ``moe.py``; each kind's spec (class,
-transformers layer type, mask, cost) is in ``hf_hybrid.registry``. This file only wires them: masks, packing, positions, RoPE, cache and the loss rule
-(DESIGN.md §6b: ``loss`` = LM loss + Σ coef × auxiliary term in training mode only; each term has its own field).
+Mixers live in ``hf_hybrid/mixers`` (one file per type), MLPs in ``mlp.py`` / ``moe.py``; each kind's spec
+(class, transformers layer type, mask, cost) is in ``hf_hybrid.registry``. This file only wires them: masks,
+packing, positions, RoPE, cache and the loss rule (DESIGN.md §6b: ``loss`` = LM loss + Σ coef × auxiliary term
+in training mode only; each term has its own field).
 """
 
 from __future__ import annotations
@@ -52,27 +54,31 @@ AUX_LOSS_COEFFICIENTS = {
 @compat.output_dataclass
 class HybridModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
-    cache: Any = None  # named as the installed transformers names it (compat.CACHE_NAME); the other name reads too
+    # named as the installed transformers names it (compat.CACHE_NAME); the other name reads too
+    cache: Any = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    # output_attentions=True: per layer, the attention probabilities [B, h, T, S] (eager), None for a layer without
-    # any (recurrent mixers, sparse DSA)
+    # output_attentions=True: per layer, the attention probabilities [B, h, T, S] (eager), None for a layer
+    # without any (recurrent mixers, sparse DSA)
     attentions: tuple[torch.FloatTensor | None, ...] | None = None
-    # Per-layer terms averaged over the layers that produced them, before their coefficients. In training their
-    # gradients are already attached to the layers' outputs (hf_hybrid/aux_loss.py): add only their values to a loss.
+    # Per-layer terms averaged over the layers that produced them, before their coefficients. In training
+    # their gradients are already attached to the layers' outputs (hf_hybrid/aux_loss.py): add only their
+    # values to a loss.
     aux_terms: dict[str, torch.Tensor] | None = None
     layer_stats: dict[str, Any] | None = None
-    # output_router_logits=True: each MoE layer's fp32 router logits [B·T, E], in layer order; None without MoE layers
+    # output_router_logits=True: each MoE layer's fp32 router logits [B·T, E], in layer order; None without
+    # MoE layers
     router_logits: tuple[torch.FloatTensor, ...] | None = None
-    # output_mixer_io=[i, ...]: layer -> (mixer input [B, T, H] (after the input norm), the forward's MixerContext,
-    # mixer output [B, T, H]), so a student mixer can run on exactly what the layer's mixer saw (hf_hybrid.distill);
-    # with use_cache the context's cache has moved on since (run with use_cache=False to replay a mixer)
+    # output_mixer_io=[i, ...]: layer -> (mixer input [B, T, H] (after the input norm), the forward's
+    # MixerContext, mixer output [B, T, H]), so a student mixer can run on exactly what the layer's mixer saw
+    # (hf_hybrid.distill); with use_cache the context's cache has moved on since (run with use_cache=False to
+    # replay a mixer)
     mixer_io: dict[int, tuple[torch.Tensor, Any, torch.Tensor]] | None = None
 
 
 @compat.output_dataclass
 class HybridCausalLMOutput(ModelOutput):
-    """``loss`` follows the loss rule; ``lm_loss`` is always the LM loss alone; each auxiliary term (mean over the
-    layers that produced it, before its coefficient) has its own field."""
+    """``loss`` follows the loss rule; ``lm_loss`` is always the LM loss alone; each auxiliary term (mean over
+    the layers that produced it, before its coefficient) has its own field."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -123,22 +129,26 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             self.mlp = mlp_cls(config, layer_idx)
 
     def mask_name(self, config: HybridConfig) -> str | None:
-        """The transformers mask this layer's mixer reads now: the module's own answer when it depends on run-time
-        state (``runtime_mask()``, e.g. DSA's mode), else its kind's spec."""
+        """The transformers mask this layer's mixer reads now: the module's own answer when it depends on
+        run-time state (``runtime_mask()``, e.g. DSA's mode), else its kind's spec."""
         if self.mixer is None:
             return None
         runtime = getattr(self.mixer, "runtime_mask", None)
         return runtime() if callable(runtime) else mixer_mask(mixer_spec(self.mixer_type), config)
 
     def attached_aux_terms(self) -> list[str]:
-        """Auxiliary terms this layer's mixer and MLP attach in training now (their ``attached_aux_terms()``)."""
+        """Auxiliary terms this layer's mixer and MLP attach in training now (their
+        ``attached_aux_terms()``)."""
         return [
-            name for module in (self.mixer, self.mlp) if hasattr(module, "attached_aux_terms")
+            name
+            for module in (self.mixer, self.mlp)
+            if hasattr(module, "attached_aux_terms")
             for name in module.attached_aux_terms()
         ]
 
     def returns_attention_weights(self) -> bool:
-        """Whether the mixer returns attention probabilities under eager attention now (attention, MLA, dense DSA)."""
+        """Whether the mixer returns attention probabilities under eager attention now (attention, MLA, dense
+        DSA)."""
         fn = getattr(self.mixer, "returns_attention_weights", None)
         return bool(fn()) if callable(fn) else False
 
@@ -157,12 +167,13 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             hidden_states = self._residual(
                 normed if self.residual_from_norm else hidden_states, self.mlp(normed, ctx), *self.mlp_scales
             )
-        # This layer's auxiliary terms reach their parameters through its output, whatever loss is built on top
-        # (hf_hybrid/aux_loss.py); under reentrant checkpointing this happens when the backward replays the layer.
+        # This layer's auxiliary terms reach their parameters through its output, whatever loss is built on
+        # top (hf_hybrid/aux_loss.py); under reentrant checkpointing this happens when the backward replays
+        # the layer.
         attached = None
         for name, values in ctx.aux.items():
             weight = ctx.aux_weights.get(name, 0.0)
-            for value in values[before.get(name, 0):] if weight else ():
+            for value in values[before.get(name, 0) :] if weight else ():
                 attached = weight * value if attached is None else attached + weight * value
         if attached is not None:
             hidden_states = attach_aux_loss(hidden_states, attached, ctx.aux_scale)
@@ -192,7 +203,8 @@ class HybridPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False
 
     # Attention and experts live in other files than this one, so transformers' source-text heuristic
-    # (DESIGN.md §2) cannot see that we use its interfaces: state it. tests/test_core.py checks that switching works.
+    # (DESIGN.md §2) cannot see that we use its interfaces: state it. tests/test_core.py checks that switching
+    # works.
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         return True
@@ -211,8 +223,9 @@ class HybridPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, nn.Conv1d):
-            # The short causal convs of the recurrent mixers keep PyTorch's (and Mamba's) default, Kaiming-uniform
-            # with fan-in = kernel size: a 4-tap filter at std 0.02 would start as nearly zero.
+            # The short causal convs of the recurrent mixers keep PyTorch's (and Mamba's) default,
+            # Kaiming-uniform with fan-in = kernel size: a 4-tap filter at std 0.02 would start as nearly
+            # zero.
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
                 bound = 1.0 / math.sqrt(module.weight.shape[1] * module.weight.shape[2])
@@ -221,16 +234,18 @@ class HybridPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if isinstance(getattr(module, "bias", None), torch.Tensor):
                 init.zeros_(module.bias)
-        # Mixers / MLPs with special parameters (decays, dt biases, fused experts, router biases) own their init.
+        # Mixers / MLPs with special parameters (decays, dt biases, fused experts, router biases) own their
+        # init.
         if hasattr(module, "init_hybrid_weights"):
             module.init_hybrid_weights(init, self.config)
 
-    # ---- run-time modes (never written to the config: what is saved is what the user chose) -----------------
+    # ---- run-time modes (never written to the config: what is saved is what the user chose) ----------------
     def dsa_mode(self, mode: str | None, *, index_topk: int | None = None):
-        """Run every DSA layer in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``; None: the config's) with
-        ``index_topk`` (None: the config's) from now on, for training stages and evaluation sweeps. The config, and so
-        ``save_pretrained``, keeps the values the model was built or loaded with; set ``model.config.dsa_mode`` /
-        ``index_topk`` to change what is saved. As a context manager the previous state returns on exit::
+        """Run every DSA layer in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``; None: the
+        config's) with ``index_topk`` (None: the config's) from now on, for training stages and evaluation
+        sweeps. The config, and so ``save_pretrained``, keeps the values the model was built or loaded with;
+        set ``model.config.dsa_mode`` / ``index_topk`` to change what is saved. As a context manager the
+        previous state returns on exit::
 
             model.dsa_mode("dense_warmup")
             with model.dsa_mode("sparse", index_topk=64):
@@ -243,8 +258,9 @@ class HybridPreTrainedModel(PreTrainedModel):
     # ---- strict loading and atomic saving ------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``, but missing, unexpected or mismatched weights raise (transformers
-        would warn and initialise them randomly: a silently wrong model). Pass ``strict=False`` to opt out."""
+        """``PreTrainedModel.from_pretrained``, but missing, unexpected or mismatched weights raise
+        (transformers would warn and initialise them randomly: a silently wrong model). Pass ``strict=False``
+        to opt out."""
         strict = kwargs.pop("strict", True)
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
@@ -287,18 +303,20 @@ class HybridPreTrainedModel(PreTrainedModel):
         finally:
             self.config.__dict__.update(current)
 
-    # Weights of a task head that a causal-LM checkpoint cannot have (e.g. ``score.weight``): the one mismatch that
-    # strict loading accepts when such a head is put on a causal checkpoint (standard fine-tuning start).
+    # Weights of a task head that a causal-LM checkpoint cannot have (e.g. ``score.weight``): the one mismatch
+    # that strict loading accepts when such a head is put on a causal checkpoint (standard fine-tuning start).
     _task_head_keys: tuple[str, ...] = ()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Write to a temporary sibling directory first, then move files into place, so an interrupted save never
-        leaves a half-written checkpoint. Also writes a model card when the directory has none yet."""
+        """Write to a temporary sibling directory first, then move files into place, so an interrupted save
+        never leaves a half-written checkpoint. Also writes a model card when the directory has none yet."""
         save_directory = os.fspath(save_directory)
         if kwargs.pop("push_to_hub", False):
-            # transformers' own path would overwrite README.md (ours or the user's) with the Hub's or a generic card:
-            # save here as usual, then push through push_to_hub below.
-            hub = {k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs}
+            # transformers' own path would overwrite README.md (ours or the user's) with the Hub's or a
+            # generic card: save here as usual, then push through push_to_hub below.
+            hub = {
+                k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs
+            }
             repo_id = hub.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
             self.save_pretrained(save_directory, *args, **kwargs)
             self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
@@ -329,8 +347,8 @@ class HybridPreTrainedModel(PreTrainedModel):
                 shutil.rmtree(tmp, ignore_errors=True)
 
     def push_to_hub(self, repo_id: str, **kwargs):
-        """``PreTrainedModel.push_to_hub``, except that the uploaded README.md is our model card when the Hub repo has
-        none yet (transformers would upload a generic one); a card already on the Hub is kept."""
+        """``PreTrainedModel.push_to_hub``, except that the uploaded README.md is our model card when the Hub
+        repo has none yet (transformers would upload a generic one); a card already on the Hub is kept."""
         from .card import push_to_hub_with_card
 
         return push_to_hub_with_card(self, repo_id, **kwargs)
@@ -346,10 +364,11 @@ class HybridPreTrainedModel(PreTrainedModel):
 
 
 def _head_swap_allowance(cls: type, model: nn.Module) -> dict[str, set[str]]:
-    """What strict loading tolerates when ``cls`` is not the class the checkpoint was saved from but a causal LM's
-    checkpoint is loaded into a task head (``AutoModelForSequenceClassification``) or the bare backbone (``AutoModel``):
-    exactly the head swap — the new head's weights missing (initialised fresh by transformers, to be fine-tuned) and
-    the LM head unexpected. Everything else (a missing backbone weight, a wrong shape) stays an error."""
+    """What strict loading tolerates when ``cls`` is not the class the checkpoint was saved from but a causal
+    LM's checkpoint is loaded into a task head (``AutoModelForSequenceClassification``) or the bare backbone
+    (``AutoModel``): exactly the head swap — the new head's weights missing (initialised fresh by
+    transformers, to be fine-tuned) and the LM head unexpected. Everything else (a missing backbone weight, a
+    wrong shape) stays an error."""
     saved_as = set(getattr(model.config, "architectures", None) or [])
     if cls.__name__ in saved_as or "HybridForCausalLM" not in saved_as:
         return {}
@@ -409,12 +428,14 @@ class HybridModel(HybridPreTrainedModel):
         output_mixer_io: list[int] | tuple[int, ...] | None = None,
         **kwargs,
     ) -> HybridModelOutput:
-        """``cache=`` and ``past_key_values=`` are the same argument (transformers 5.24 renamed it); give either.
+        """``cache=`` and ``past_key_values=`` are the same argument (transformers 5.24 renamed it); give
+        either.
 
-        Auxiliary terms (training mode) are attached to the layers' outputs (``hf_hybrid/aux_loss.py``), so any loss
-        built on ``last_hidden_state`` trains the routers and indexers. One exception, transformers' MoE convention: a
-        caller that asks for ``output_router_logits`` computes the Switch balance loss from them itself (TRL does), so
-        it is not attached then, unless ``attach_router_aux_loss=True`` (what our causal-LM head passes).
+        Auxiliary terms (training mode) are attached to the layers' outputs (``hf_hybrid/aux_loss.py``), so
+        any loss built on ``last_hidden_state`` trains the routers and indexers. One exception, transformers'
+        MoE convention: a caller that asks for ``output_router_logits`` computes the Switch balance loss from
+        them itself (TRL does), so it is not attached then, unless ``attach_router_aux_loss=True`` (what our
+        causal-LM head passes).
 
         ``output_mixer_io=[i, ...]``: also return, for those layers, what their token mixer saw and produced
         (``HybridModelOutput.mixer_io``)."""
@@ -434,15 +455,16 @@ class HybridModel(HybridPreTrainedModel):
         if past_key_values is None or past_key_values.get_seq_length() == 0:
             cu_seqlens, max_seqlen = _packed_boundaries(position_ids, attention_mask, kwargs)
         if cu_seqlens is not None and position_ids is None:
-            # Boundaries given only as cu_seq_lens_q (flash-style): positions restart in each document, which also
-            # gives transformers' mask helpers the packed (block-diagonal) causal mask.
+            # Boundaries given only as cu_seq_lens_q (flash-style): positions restart in each document, which
+            # also gives transformers' mask helpers the packed (block-diagonal) causal mask.
             position_ids = _positions_from_cu_seqlens(cu_seqlens, seq_len, inputs_embeds.device)
         if cu_seqlens is not None:
-            # Several documents in one row: each starts fresh, and a packed row cannot be continued by decoding.
+            # Several documents in one row: each starts fresh, and a packed row cannot be continued by
+            # decoding.
             if past_key_values is not None and use_cache:
                 raise ValueError(
-                    "packed sequences (position_ids restarting inside a row, or cu_seq_lens_q) cannot be used with a "
-                    "cache; pass use_cache=False"
+                    "packed sequences (position_ids restarting inside a row, or "
+                    "cu_seq_lens_q) cannot be used with a cache; pass use_cache=False"
                 )
             use_cache, past_key_values = False, None
         if use_cache and past_key_values is None:
@@ -459,8 +481,8 @@ class HybridModel(HybridPreTrainedModel):
         if attention_mask is not None and attention_mask.ndim == 2:
             if attention_mask.shape != (batch, past_length + seq_len):
                 raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected (batch, past + new tokens) = "
-                    f"({batch}, {past_length + seq_len})"
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                    f"(batch, past + new tokens) = ({batch}, {past_length + seq_len})"
                 )
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
@@ -470,8 +492,11 @@ class HybridModel(HybridPreTrainedModel):
                 position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
                 position_ids = position_ids.unsqueeze(0).expand(batch, -1)
 
-        attn_kwargs = {k: kwargs[k] for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-                       if k in kwargs}
+        attn_kwargs = {
+            k: kwargs[k]
+            for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+            if k in kwargs
+        }
 
         if output_attentions is None:
             output_attentions = config.output_attentions
@@ -483,8 +508,8 @@ class HybridModel(HybridPreTrainedModel):
             self._check_checkpointing()
         io_layers = self._check_mixer_io(output_mixer_io)
 
-        # Only the masks some layer declares it reads (registry specs) are built: e.g. sparse DSA layers attend over
-        # their selection only and need no dense [B, 1, T, S] mask (4 GiB a row at 32K in fp32).
+        # Only the masks some layer declares it reads (registry specs) are built: e.g. sparse DSA layers
+        # attend over their selection only and need no dense [B, 1, T, S] mask (4 GiB a row at 32K in fp32).
         specs = config.layer_specs()
         wanted = {layer.mask_name(config) for layer in self.layers} - {None}
         masks: dict[str, Any] = {}
@@ -502,7 +527,9 @@ class HybridModel(HybridPreTrainedModel):
 
         ctx = MixerContext(
             padding_mask=padding_mask,
-            attention_mask_2d=attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None,
+            attention_mask_2d=attention_mask
+            if attention_mask is not None and attention_mask.ndim == 2
+            else None,
             masks=masks,
             position_ids=position_ids,
             cu_seqlens=cu_seqlens,
@@ -512,7 +539,9 @@ class HybridModel(HybridPreTrainedModel):
             past_length=past_length,
             attn_kwargs=attn_kwargs,
             output_router_logits=bool(output_router_logits),
-            aux_weights=self._aux_weights(attach_router_aux_loss, bool(output_router_logits)) if self.training else {},
+            aux_weights=self._aux_weights(attach_router_aux_loss, bool(output_router_logits))
+            if self.training
+            else {},
             aux_scale=aux_loss_scale if aux_loss_scale is not None else AuxLossScale(),
             output_attentions=bool(output_attentions),
             input_ids=input_ids,
@@ -553,18 +582,22 @@ class HybridModel(HybridPreTrainedModel):
             return frozenset()
         bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < len(self.layers)]
         if bad:
-            raise ValueError(f"output_mixer_io={list(layers)!r}: {bad} are not layer indices (0..{len(self.layers) - 1})")
+            raise ValueError(
+                f"output_mixer_io={list(layers)!r}: {bad} are not layer indices (0..{len(self.layers) - 1})"
+            )
         no_mixer = [i for i in layers if self.layers[i].mixer is None]
         if no_mixer:
             kinds = [self.layers[i].mixer_type for i in no_mixer]
             raise ValueError(f"output_mixer_io: layers {no_mixer} ({', '.join(kinds)}) have no token mixer")
         return frozenset(layers)
 
-    def _aux_weights(self, attach_router_aux_loss: bool | None, output_router_logits: bool) -> dict[str, float]:
-        """Weight of each auxiliary term's attached gradient: its coefficient over the number of layers attaching it
-        (the loss rule averages a term over layers; each layer says which terms it attaches now). Not attached: the
-        indexer KL in dense warm-up (the layers do not list it: it is the whole loss there, with its own gradient) and
-        the Switch loss when the caller computes it from the router logits."""
+    def _aux_weights(
+        self, attach_router_aux_loss: bool | None, output_router_logits: bool
+    ) -> dict[str, float]:
+        """Weight of each auxiliary term's attached gradient: its coefficient over the number of layers
+        attaching it (the loss rule averages a term over layers; each layer says which terms it attaches now).
+        Not attached: the indexer KL in dense warm-up (the layers do not list it: it is the whole loss there,
+        with its own gradient) and the Switch loss when the caller computes it from the router logits."""
         config = self.config
         counts: dict[str, int] = {}
         for layer in self.layers:
@@ -580,33 +613,38 @@ class HybridModel(HybridPreTrainedModel):
         return weights
 
     def _check_output_attentions(self) -> None:
-        """Attention probabilities exist only where eager attention runs: other attention backends cannot return them
-        (say which layers); recurrent and sparse DSA layers have none (their entry is None)."""
+        """Attention probabilities exist only where eager attention runs: other attention backends cannot
+        return them (say which layers); recurrent and sparse DSA layers have none (their entry is None)."""
         impl = self.config._attn_implementation or "eager"
         if impl == "eager":
             return
-        layers = [f"{layer.layer_idx} ({layer.mixer_type})" for layer in self.layers if layer.returns_attention_weights()]
+        layers = [
+            f"{layer.layer_idx} ({layer.mixer_type})"
+            for layer in self.layers
+            if layer.returns_attention_weights()
+        ]
         if layers:
             raise ValueError(
-                f"output_attentions=True: attn_implementation={impl!r} does not return attention weights for layers "
-                f"{', '.join(layers)}; load the model with attn_implementation='eager' to get them"
+                f"output_attentions=True: attn_implementation={impl!r} does not return attention weights for "
+                f"layers {', '.join(layers)}; load the model with attn_implementation='eager' to get them"
             )
 
     def in_dsa_dense_warmup(self) -> bool:
-        """True when a DSA layer runs in DeepSeek's dense warm-up now (``model.dsa_mode("dense_warmup")`` or the
-        config's ``dsa_mode``): the indexer KL is then the whole training loss."""
+        """True when a DSA layer runs in DeepSeek's dense warm-up now (``model.dsa_mode("dense_warmup")`` or
+        the config's ``dsa_mode``): the indexer KL is then the whole training loss."""
         return any(getattr(layer.mixer, "in_dense_warmup", False) for layer in self.layers)
 
     def _check_checkpointing(self) -> None:
-        """Reentrant checkpointing runs each layer's first forward without autograd; the attached auxiliary terms
-        then reach their parameters in the replay, but DSA's dense warm-up loss (the indexer KL, returned as the loss
-        itself) would have no gradient at all."""
+        """Reentrant checkpointing runs each layer's first forward without autograd; the attached auxiliary
+        terms then reach their parameters in the replay, but DSA's dense warm-up loss (the indexer KL,
+        returned as the loss itself) would have no gradient at all."""
         fn = getattr(self.layers[0], "_gradient_checkpointing_func", None)
         reentrant = getattr(fn, "keywords", {}).get("use_reentrant", True) if fn is not None else False
         if reentrant and self.in_dsa_dense_warmup():
             raise ValueError(
-                "gradient checkpointing with use_reentrant=True cannot train DSA's dense warm-up: its loss (the indexer "
-                "KL) is computed in the layers' first forward, which reentrant checkpointing runs without autograd. "
+                "gradient checkpointing with use_reentrant=True cannot train DSA's "
+                "dense warm-up: its loss (the indexer KL) is computed in the layers' "
+                "first forward, which reentrant checkpointing runs without autograd. "
                 "Enable it with gradient_checkpointing_kwargs={'use_reentrant': False}"
             )
 
@@ -620,8 +658,8 @@ def _positions_from_cu_seqlens(cu: torch.Tensor, length: int, device: torch.devi
 
 
 def _mask_builders() -> dict[str, Any]:
-    """transformers' mask builder for each mask name a spec may declare (hf_hybrid.registry.MASKS), looked up at call
-    time (so a test spy on the module attribute sees every call)."""
+    """transformers' mask builder for each mask name a spec may declare (hf_hybrid.registry.MASKS), looked up
+    at call time (so a test spy on the module attribute sees every call)."""
     return {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
@@ -636,7 +674,12 @@ def _packed_boundaries(
     if cu is not None:
         cu = cu.to(dtype=torch.int32)
         return cu, int((cu[1:] - cu[:-1]).max())
-    if position_ids is None or position_ids.shape[0] != 1 or attention_mask is not None or position_ids.shape[1] < 2:
+    if (
+        position_ids is None
+        or position_ids.shape[0] != 1
+        or attention_mask is not None
+        or position_ids.shape[1] < 2
+    ):
         return None, None
     if torch.compiler.is_compiling():
         return None, None
@@ -671,8 +714,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             model_kwargs[compat.CACHE_NAME] = HybridCache(config=self.config)
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
-        """``generate`` pre-builds per-layer-type masks for compileable caches; our model builds its own masks (and
-        the padding mask of the recurrent layers) from the 2D mask, so hand that through unchanged."""
+        """``generate`` pre-builds per-layer-type masks for compileable caches; our model builds its own masks
+        (and the padding mask of the recurrent layers) from the 2D mask, so hand that through unchanged."""
         return attention_mask
 
     def forward(
@@ -702,7 +745,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            attach_router_aux_loss=True,  # this head's loss rule owns the Switch loss, router logits asked or not
+            # this head's loss rule owns the Switch loss, router logits asked or not
+            attach_router_aux_loss=True,
             aux_loss_scale=aux_scale,
             **model_kwargs,
         )
@@ -722,10 +766,10 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
                 # DeepSeek's dense warm-up trains the indexer alone on its KL (DESIGN.md §5).
                 loss = aux["indexer_loss"]
             elif lm_loss is not None:
-                # The terms' gradients are attached in the layers (hf_hybrid/aux_loss.py): add their values only.
-                # With num_items_in_batch (Trainer's gradient accumulation) the LM loss of this micro-batch is its
-                # token sum over the step's token count; every auxiliary term is weighted by the same share of the
-                # step's tokens, so no term grows with the number of micro-batches.
+                # The terms' gradients are attached in the layers (hf_hybrid/aux_loss.py): add their values
+                # only. With num_items_in_batch (Trainer's gradient accumulation) the LM loss of this
+                # micro-batch is its token sum over the step's token count; every auxiliary term is weighted
+                # by the same share of the step's tokens, so no term grows with the number of micro-batches.
                 share = _token_share(labels, loss_kwargs)
                 for name, value in aux.items():
                     coef = getattr(self.config, AUX_LOSS_COEFFICIENTS.get(name, ""), 0.0) or 0.0
@@ -748,8 +792,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
 
 
 def _token_share(labels: torch.Tensor, loss_kwargs: dict) -> float | torch.Tensor:
-    """This micro-batch's share of the optimizer step's predicted tokens: (its labels != ignore_index, after the
-    one-token shift) / ``num_items_in_batch``; 1 without ``num_items_in_batch`` (the loss is then a mean already)."""
+    """This micro-batch's share of the optimizer step's predicted tokens: (its labels != ignore_index, after
+    the one-token shift) / ``num_items_in_batch``; 1 without ``num_items_in_batch`` (the loss is then a mean
+    already)."""
     total = loss_kwargs.get("num_items_in_batch")
     if total is None:
         return 1.0

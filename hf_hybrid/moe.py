@@ -1,31 +1,32 @@
 """Mixture-of-Experts MLP: fp32 top-k router, fused experts, shared experts, balancing losses.
 
-Built as ``HybridMoE(config, layer_idx)`` and called as ``moe(hidden_states [B, T, H], ctx) -> [B, T, H]``, like every
-MLP kind in ``hf_hybrid.registry`` (declared here as ``"moe"``).
+Built as ``HybridMoE(config, layer_idx)`` and called as ``moe(hidden_states [B, T, H], ctx) -> [B, T, H]``,
+like every MLP kind in ``hf_hybrid.registry`` (declared here as ``"moe"``).
 
-Shape legend (torchtitan style suffixes): ``B`` batch, ``T`` tokens per row, ``N = B*T`` flattened tokens, ``H`` hidden,
-``E`` routed experts, ``K`` experts per token, ``I`` expert intermediate size, ``S = N*K`` routed assignments,
-``G`` expert groups, ``D`` documents (or rows) for the sequence-level loss.
+Shape legend (torchtitan style suffixes): ``B`` batch, ``T`` tokens per row, ``N = B*T`` flattened tokens,
+``H`` hidden, ``E`` routed experts, ``K`` experts per token, ``I`` expert intermediate size, ``S = N*K``
+routed assignments, ``G`` expert groups, ``D`` documents (or rows) for the sequence-level loss.
 
 Pieces, each with one home:
-- ``HybridTopKRouter``: scores (softmax | sigmoid), aux-loss-free correction bias, group-limited top-k with explicit
-  tie-breaking, renormalisation, scaling, jitter; or hash routing from token ids. Returns ``(logits, weights, index)``
-  so transformers' ``OutputRecorder(HybridTopKRouter, index=0)`` records router logits.
-- ``HybridExperts``: fused weights in transformers v5 layout (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``),
-  decorated with ``@use_experts_implementation`` so ``experts_implementation="eager" | "batched_mm" | "grouped_mm"``
-  dispatches to transformers' kernels. ``experts_forward_loop`` is the obvious per-expert loop, the naive twin.
-- ``HybridMoE``: router -> optional capacity drops -> experts (+ shared experts); balancing losses and load statistics
-  go through ``MixerContext``.
+- ``HybridTopKRouter``: scores (softmax | sigmoid), aux-loss-free correction bias, group-limited top-k with
+  explicit tie-breaking, renormalisation, scaling, jitter; or hash routing from token ids. Returns ``(logits,
+  weights, index)`` so transformers' ``OutputRecorder(HybridTopKRouter, index=0)`` records router logits.
+- ``HybridExperts``: fused weights in transformers v5 layout (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H,
+  I]``), decorated with ``@use_experts_implementation`` so ``experts_implementation="eager" | "batched_mm" |
+  "grouped_mm"`` dispatches to transformers' kernels. ``experts_forward_loop`` is the obvious per-expert loop,
+  the naive twin.
+- ``HybridMoE``: router -> optional capacity drops -> experts (+ shared experts); balancing losses and load
+  statistics go through ``MixerContext``.
 
 Contract with the decoder (``modeling_hybrid.py``):
-- auxiliary terms are reported with ``ctx.add_aux`` in training mode only and only when their coefficient is > 0:
-  ``router_aux_loss`` (Switch), ``router_z_loss``, ``router_seq_aux_loss`` (DeepSeek-V3 sequence-wise); each is the
-  *unscaled* term (a perfectly uniform router gives a balance loss of exactly 1.0); the model multiplies by the
-  matching ``router_*_coef``.
-- ``ctx.add_stat("expert_load", layer_idx, fraction [E])`` on every forward (detached; sums to 1 over experts);
-  ``ctx.add_stat("expert_drops", layer_idx, dropped [E])`` when ``moe_capacity_factor`` is set.
-- ``moe_routing="hash"`` reads the token ids of *this* forward from ``ctx.input_ids`` ([B, T]: the new tokens only
-  when decoding with a cache), which the model passes whenever it is called with ``input_ids``.
+- auxiliary terms are reported with ``ctx.add_aux`` in training mode only and only when their coefficient is >
+  0: ``router_aux_loss`` (Switch), ``router_z_loss``, ``router_seq_aux_loss`` (DeepSeek-V3 sequence-wise);
+  each is the *unscaled* term (a perfectly uniform router gives a balance loss of exactly 1.0); the model
+  multiplies by the matching ``router_*_coef``.
+- ``ctx.add_stat("expert_load", layer_idx, fraction [E])`` on every forward (detached; sums to 1 over
+  experts); ``ctx.add_stat("expert_drops", layer_idx, dropped [E])`` when ``moe_capacity_factor`` is set.
+- ``moe_routing="hash"`` reads the token ids of *this* forward from ``ctx.input_ids`` ([B, T]: the new tokens
+  only when decoding with a cache), which the model passes whenever it is called with ``input_ids``.
 """
 
 from __future__ import annotations
@@ -44,15 +45,17 @@ from .mixers.base import MixerContext, in_backward_recompute
 from .mlp import SwiGLU
 from .registry import register_mlp, require_positive
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # routing helpers
 
 
 def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` along the last dim with **ties broken toward the lower index** (torch.topk leaves the order unspecified).
+    """Top-``k`` along the last dim with **ties broken toward the lower index** (torch.topk leaves the order
+    unspecified).
 
-    A stable descending sort keeps equal values in their original (index) order, so the first ``k`` columns are the
-    top-k with lower indices first among equals. Returns ``(values, indices)``, both ``[..., k]``, sorted descending.
+    A stable descending sort keeps equal values in their original (index) order, so the first ``k`` columns
+    are the top-k with lower indices first among equals. Returns ``(values, indices)``, both ``[..., k]``,
+    sorted descending.
     """
     indices = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :k]
     return x.gather(-1, indices), indices
@@ -61,8 +64,9 @@ def stable_topk(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
 def group_limited_mask(scores_NE: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
     """DeepSeek-V3 node-limited routing: keep only experts in the ``topk_group`` best of ``n_group`` groups.
 
-    A group's score is the sum of its top-2 scores (top-1 when a group has a single expert). Experts outside the kept
-    groups get ``-inf``, so a later top-k never picks them. Ties between groups go to the lower group index.
+    A group's score is the sum of its top-2 scores (top-1 when a group has a single expert). Experts outside
+    the kept groups get ``-inf``, so a later top-k never picks them. Ties between groups go to the lower group
+    index.
     """
     N, E = scores_NE.shape
     grouped_NGe = scores_NE.view(N, n_group, E // n_group)
@@ -77,12 +81,13 @@ _HASH_PRIME = 2_147_483_647  # 2**31 - 1: products of two residues fit in int64,
 
 
 def hash_experts(token_ids_N: torch.Tensor, num_experts: int, top_k: int, salt: int) -> torch.Tensor:
-    """Hash routing (Roller et al., 2021): a fixed pseudo-random choice of ``top_k`` distinct experts per token id.
+    """Hash routing (Roller et al., 2021): a fixed pseudo-random choice of ``top_k`` distinct experts per
+    token id.
 
-    Each (token id, expert, salt) gets an integer hash (two rounds of ``x -> x*x + c mod p``, pure integer arithmetic,
-    so identical on every device and torch version); a token's experts are the ``top_k`` largest hashes, i.e. the first
-    ``top_k`` entries of a fixed random permutation of the experts per token id. Different ``salt`` (the layer index)
-    gives each layer its own table. Returns ``[N, top_k]`` int64.
+    Each (token id, expert, salt) gets an integer hash (two rounds of ``x -> x*x + c mod p``, pure integer
+    arithmetic, so identical on every device and torch version); a token's experts are the ``top_k`` largest
+    hashes, i.e. the first ``top_k`` entries of a fixed random permutation of the experts per token id.
+    Different ``salt`` (the layer index) gives each layer its own table. Returns ``[N, top_k]`` int64.
     """
     p = _HASH_PRIME
     experts_E = torch.arange(num_experts, device=token_ids_N.device, dtype=torch.int64)
@@ -92,27 +97,30 @@ def hash_experts(token_ids_N: torch.Tensor, num_experts: int, top_k: int, salt: 
     return stable_topk(x_NE, top_k)[1]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # router
 
 
 class HybridTopKRouter(nn.Module):
     """Token -> ``K`` experts and their weights; all math in fp32 whatever the model dtype.
 
-    ``forward(hidden [N, H], *, token_ids [N] | None) -> (logits [N, E] fp32, weights [N, K] fp32, index [N, K] int64)``.
+    ``forward(hidden [N, H], *, token_ids [N] | None) -> (logits [N, E] fp32, weights [N, K] fp32, index [N,
+    K] int64)``.
 
     - ``scores = softmax(logits)`` or ``sigmoid(logits)``;
-    - selection on ``scores + e_score_correction_bias`` (aux-loss-free balancing, DeepSeek-V3), group-limited when
-      ``n_group > 1``, top-k ties to the lower expert index; the bias never enters the weights;
+    - selection on ``scores + e_score_correction_bias`` (aux-loss-free balancing, DeepSeek-V3), group-limited
+      when ``n_group > 1``, top-k ties to the lower expert index; the bias never enters the weights;
     - ``weights = scores[index]``, divided by their sum when ``norm_topk_prob`` (for sigmoid too), times
       ``routed_scaling_factor``;
     - ``router_jitter_noise`` multiplies the router input by U(1-eps, 1+eps) in training (Switch Transformer);
-    - ``moe_routing="hash"``: the experts come from ``hash_experts(token_ids)``; the weights are still the router's
-      scores at those experts, so the router keeps learning how much to trust each expert (and DDP sees a gradient).
+    - ``moe_routing="hash"``: the experts come from ``hash_experts(token_ids)``; the weights are still the
+      router's scores at those experts, so the router keeps learning how much to trust each expert (and DDP
+      sees a gradient).
 
     ``e_score_correction_bias`` is a persistent fp32 buffer, saved with the model and kept fp32 through
-    ``model.to(torch.bfloat16)`` / ``.half()`` (see ``_apply``). It is updated outside forward, once per optimizer step,
-    by ``hf_hybrid.moe_training.AuxFreeBiasCallback`` from the token counts this module accumulates in training mode.
+    ``model.to(torch.bfloat16)`` / ``.half()`` (see ``_apply``). It is updated outside forward, once per
+    optimizer step, by ``hf_hybrid.moe_training.AuxFreeBiasCallback`` from the token counts this module
+    accumulates in training mode.
     """
 
     _fp32_buffers = ("e_score_correction_bias",)
@@ -135,25 +143,29 @@ class HybridTopKRouter(nn.Module):
         self.register_buffer(
             "e_score_correction_bias", torch.zeros(self.num_experts, dtype=torch.float32), persistent=True
         )
-        # Token counts per expert, summed over training-mode forwards. Plain attributes on purpose, not buffers:
-        # DDP (broadcast_buffers=True) copies rank 0's buffers over every rank's at each forward, which would erase
-        # each rank's own counts before they are all-reduced. `pending_counts` is consumed by the bias update,
-        # `log_counts` by the load-logging callback. Both fp32 [E], allocated lazily on the logits' device.
+        # Token counts per expert, summed over training-mode forwards. Plain attributes on purpose, not
+        # buffers: DDP (broadcast_buffers=True) copies rank 0's buffers over every rank's at each forward,
+        # which would erase each rank's own counts before they are all-reduced. `pending_counts` is consumed
+        # by the bias update, `log_counts` by the load-logging callback. Both fp32 [E], allocated lazily on
+        # the logits' device.
         self.pending_counts: torch.Tensor | None = None
         self.log_counts: torch.Tensor | None = None
         nn.init.normal_(self.weight, std=config.initializer_range)
 
     def init_hybrid_weights(self, init_module, config: HybridConfig) -> None:
-        """Called by ``HybridPreTrainedModel._init_weights`` (``init_module`` is ``transformers.initialization``,
-        whose functions skip weights already loaded from a checkpoint)."""
+        """Called by ``HybridPreTrainedModel._init_weights`` (``init_module`` is
+        ``transformers.initialization``, whose functions skip weights already loaded from a checkpoint)."""
         init_module.normal_(self.weight, mean=0.0, std=config.initializer_range)
         init_module.zeros_(self.e_score_correction_bias)
 
     def _apply(self, fn, recurse: bool = True):
-        # Keep the correction bias fp32 through dtype casts (model.to(bf16), .half()): it accumulates updates of
-        # size `router_bias_update_rate` (~1e-3), which bf16 (8 bits of mantissa) would round away. The value is
-        # stashed *before* the cast and restored on the new device, so no precision is lost on the way.
-        saved = {name: self._buffers[name] for name in self._fp32_buffers if self._buffers.get(name) is not None}
+        # Keep the correction bias fp32 through dtype casts (model.to(bf16), .half()): it accumulates updates
+        # of size `router_bias_update_rate` (~1e-3), which bf16 (8 bits of mantissa) would round away. The
+        # value is stashed *before* the cast and restored on the new device, so no precision is lost on the
+        # way.
+        saved = {
+            name: self._buffers[name] for name in self._fp32_buffers if self._buffers.get(name) is not None
+        }
         super()._apply(fn, recurse)
         for name, old in saved.items():
             new = self._buffers[name]
@@ -173,14 +185,17 @@ class HybridTopKRouter(nn.Module):
         with torch.autocast(device_type=x_NH.device.type, enabled=False):
             x_NH = x_NH.float()
             if self.training and self.jitter_noise > 0:
-                x_NH = x_NH * torch.empty_like(x_NH).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+                x_NH = x_NH * torch.empty_like(x_NH).uniform_(
+                    1.0 - self.jitter_noise, 1.0 + self.jitter_noise
+                )
             logits_NE = F.linear(x_NH, self.weight.float())
         scores_NE = self.scores(logits_NE)
 
         if self.routing == "hash":
             if token_ids is None:
                 raise ValueError(
-                    f"HybridTopKRouter (layer {self.layer_idx}): moe_routing='hash' needs the token ids of this forward"
+                    f"HybridTopKRouter (layer {self.layer_idx}): "
+                    "moe_routing='hash' needs the token ids of this forward"
                 )
             index_NK = hash_experts(token_ids.reshape(-1), self.num_experts, self.top_k, salt=self.layer_idx)
         else:
@@ -209,26 +224,28 @@ class HybridTopKRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"experts={self.num_experts}, top_k={self.top_k}, scoring={self.scoring_func}, routing={self.routing}, "
-            f"groups={self.topk_group}/{self.n_group}"
+            f"experts={self.num_experts}, top_k={self.top_k}, scoring={self.scoring_func}, "
+            f"routing={self.routing}, groups={self.topk_group}/{self.n_group}"
         )
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # experts
 
 
 @use_experts_implementation
 class HybridExperts(nn.Module):
-    """``E`` SwiGLU experts stored fused: ``gate_up_proj [E, 2I, H]`` (gate rows first), ``down_proj [E, H, I]``.
+    """``E`` SwiGLU experts stored fused: ``gate_up_proj [E, 2I, H]`` (gate rows first), ``down_proj [E, H,
+    I]``.
 
     ``forward(hidden [N, H], top_k_index [N, K], top_k_weights [N, K]) -> [N, H]`` is transformers' experts
     signature; ``@use_experts_implementation`` swaps it for ``batched_mm`` / ``grouped_mm`` when
     ``config._experts_implementation`` names them. The method below is the ``"eager"`` path: sort the S = N*K
-    assignments by expert (stable, so token order is kept inside an expert), run one pair of matmuls per expert on
-    its contiguous chunk, scale by the routing weight, unsort, and sum the K contributions of each token with a
-    reshape-sum (deterministic, no atomics). Assignments with weight 0 (capacity drops) are still computed: the
-    kernels have no skip mask, and a zero weight already removes them from the output and every gradient.
+    assignments by expert (stable, so token order is kept inside an expert), run one pair of matmuls per
+    expert on its contiguous chunk, scale by the routing weight, unsort, and sum the K contributions of each
+    token with a reshape-sum (deterministic, no atomics). Assignments with weight 0 (capacity drops) are still
+    computed: the kernels have no skip mask, and a zero weight already removes them from the output and every
+    gradient.
     """
 
     def __init__(self, config: HybridConfig):
@@ -236,7 +253,9 @@ class HybridExperts(nn.Module):
         self.num_experts = config.num_experts
         self.hidden_dim = config.hidden_size
         self.intermediate_dim = config.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim)
+        )
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
         nn.init.normal_(self.gate_up_proj, std=config.initializer_range)
@@ -254,11 +273,14 @@ class HybridExperts(nn.Module):
             gate_cI, up_cI = F.linear(x_cH, in_E[e]).chunk(2, dim=-1)
             return F.linear(self.act_fn(gate_cI) * up_cI, down_E[e])
 
-        return _grouped_forward(self.gate_up_proj, self.down_proj, expert, hidden_states, top_k_index, top_k_weights)
+        return _grouped_forward(
+            self.gate_up_proj, self.down_proj, expert, hidden_states, top_k_index, top_k_weights
+        )
 
 
 def _grouped_forward(in_proj, down_proj, expert, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-    """The eager experts path shared by the gated and ungated experts: ``expert(in_E, down_E, e, x_cH) -> y_cH``."""
+    """The eager experts path shared by the gated and ungated experts: ``expert(in_E, down_E, e, x_cH) ->
+    y_cH``."""
     N, H = hidden_states.shape
     K = top_k_index.shape[-1]
     if N == 0:
@@ -270,7 +292,9 @@ def _grouped_forward(in_proj, down_proj, expert, hidden_states, top_k_index, top
     # split / unbind (not per-expert slicing or indexing): their backward is one cat / stack, where E separate
     # slices would each materialise a zero gradient of the full [S, H] input or [E, 2I, H] weight.
     in_E, down_E = in_proj.unbind(0), down_proj.unbind(0)
-    outs = [expert(in_E, down_E, e, x_cH) for e, x_cH in enumerate(torch.split(x_SH, counts)) if x_cH.shape[0]]
+    outs = [
+        expert(in_E, down_E, e, x_cH) for e, x_cH in enumerate(torch.split(x_SH, counts)) if x_cH.shape[0]
+    ]
     y_SH = torch.cat(outs) * top_k_weights.reshape(-1)[order_S].unsqueeze(-1).to(hidden_states.dtype)
     inverse_S = torch.empty_like(order_S)
     inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
@@ -279,8 +303,9 @@ def _grouped_forward(in_proj, down_proj, expert, hidden_states, top_k_index, top
 
 @use_experts_implementation(has_gate=False)
 class HybridUngatedExperts(nn.Module):
-    """``E`` experts without a gate (``mlp_gated=False``, Nemotron-H): ``down(act(up(x)))`` with ``up_proj [E, I, H]``,
-    ``down_proj [E, H, I]``; transformers' ``has_gate=False`` experts layout, so its kernels apply here too."""
+    """``E`` experts without a gate (``mlp_gated=False``, Nemotron-H): ``down(act(up(x)))`` with ``up_proj [E,
+    I, H]``, ``down_proj [E, H, I]``; transformers' ``has_gate=False`` experts layout, so its kernels apply
+    here too."""
 
     def __init__(self, config: HybridConfig):
         super().__init__()
@@ -303,16 +328,20 @@ class HybridUngatedExperts(nn.Module):
         def expert(in_E, down_E, e, x_cH):
             return F.linear(self.act_fn(F.linear(x_cH, in_E[e])), down_E[e])
 
-        return _grouped_forward(self.up_proj, self.down_proj, expert, hidden_states, top_k_index, top_k_weights)
+        return _grouped_forward(
+            self.up_proj, self.down_proj, expert, hidden_states, top_k_index, top_k_weights
+        )
 
 
 def experts_forward_loop(
     experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
-    """The naive twin of ``HybridExperts.forward``: for each expert, find its tokens, run its MLP, add the result.
+    """The naive twin of ``HybridExperts.forward``: for each expert, find its tokens, run its MLP, add the
+    result.
 
     Same signature and shapes (``[N, H], [N, K], [N, K] -> [N, H]``); reads ``experts.gate_up_proj`` and
-    ``experts.down_proj`` directly. Slow (E small matmuls, E host syncs); the spec the fast paths are tested against.
+    ``experts.down_proj`` directly. Slow (E small matmuls, E host syncs); the spec the fast paths are tested
+    against.
     """
     out_NH = torch.zeros_like(hidden_states)
     for e in range(experts.num_experts):
@@ -323,12 +352,14 @@ def experts_forward_loop(
             gate, up = F.linear(hidden_states[token_idx], experts.gate_up_proj[e]).chunk(2, dim=-1)
             y = F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
         else:  # ungated experts
-            y = F.linear(experts.act_fn(F.linear(hidden_states[token_idx], experts.up_proj[e])), experts.down_proj[e])
+            y = F.linear(
+                experts.act_fn(F.linear(hidden_states[token_idx], experts.up_proj[e])), experts.down_proj[e]
+            )
         out_NH = out_NH.index_add(0, token_idx, y * top_k_weights[token_idx, slot, None].to(y.dtype))
     return out_NH
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # balancing losses (pure functions: easy to test by hand)
 
 
@@ -343,10 +374,11 @@ def _normalised_probs(router: HybridTopKRouter, logits_NE: torch.Tensor) -> torc
 def load_balancing_loss(
     probs_NE: torch.Tensor, index_NK: torch.Tensor, mask_N: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Switch loss ``E * sum_i f_i * P_i`` over real tokens (``mask_N`` True); exactly 1.0 for a uniform router.
+    """Switch loss ``E * sum_i f_i * P_i`` over real tokens (``mask_N`` True); exactly 1.0 for a uniform
+    router.
 
-    ``f_i``: fraction of routed assignments that went to expert i (count / (tokens * K)); ``P_i``: mean probability of
-    expert i. Gradient flows through ``P`` only (``f`` is a count).
+    ``f_i``: fraction of routed assignments that went to expert i (count / (tokens * K)); ``P_i``: mean
+    probability of expert i. Gradient flows through ``P`` only (``f`` is a count).
     """
     N, E = probs_NE.shape
     K = index_NK.shape[-1]
@@ -368,12 +400,17 @@ def router_z_loss(logits_NE: torch.Tensor, mask_N: torch.Tensor | None = None) -
 
 
 def sequence_balance_loss(
-    probs_NE: torch.Tensor, index_NK: torch.Tensor, segment_N: torch.Tensor, num_segments: int,
+    probs_NE: torch.Tensor,
+    index_NK: torch.Tensor,
+    segment_N: torch.Tensor,
+    num_segments: int,
     mask_N: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DeepSeek-V3 complementary sequence-wise balance loss: the Switch loss per sequence, averaged over sequences.
+    """DeepSeek-V3 complementary sequence-wise balance loss: the Switch loss per sequence, averaged over
+    sequences.
 
-    ``segment_N`` gives each token's sequence (row, or packed document); sequences without real tokens are skipped.
+    ``segment_N`` gives each token's sequence (row, or packed document); sequences without real tokens are
+    skipped.
     """
     N, E = probs_NE.shape
     K = index_NK.shape[-1]
@@ -390,8 +427,9 @@ def sequence_balance_loss(
 
 
 def _real_token_mask(ctx: MixerContext | None, B: int, T: int) -> torch.Tensor | None:
-    """[B*T] bool, True for real tokens: ``ctx.padding_mask``, else the new-token part of the user's 2-D attention
-    mask (the model only builds ``padding_mask`` for mixers that need it), else None (no padding)."""
+    """[B*T] bool, True for real tokens: ``ctx.padding_mask``, else the new-token part of the user's 2-D
+    attention mask (the model only builds ``padding_mask`` for mixers that need it), else None (no
+    padding)."""
     if ctx is None:
         return None
     if ctx.padding_mask is not None:
@@ -412,21 +450,25 @@ def _segments(B: int, T: int, ctx: MixerContext | None, device: torch.device) ->
 
 
 def capacity_mask(
-    index_NK: torch.Tensor, priority_NK: torch.Tensor, num_experts: int, capacity_factor: float,
+    index_NK: torch.Tensor,
+    priority_NK: torch.Tensor,
+    num_experts: int,
+    capacity_factor: float,
     mask_N: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which assignments fit in ``capacity = ceil(capacity_factor * real_tokens * K / E)`` slots per expert.
 
-    Priority inside an expert: higher ``priority_NK`` first, then earlier token. ``HybridMoE`` passes the router score
-    of each assignment (before renormalisation, which would make every weight 1 when K = 1), so overflow drops the
-    *lowest-score* assignments: V-MoE's batch-prioritised routing rather than Switch's first-come order, which
-    penalises tokens late in the batch. Padding never takes a slot and is not counted as a drop.
-    Returns ``keep [N, K]`` bool and ``dropped [E]`` fp32 counts of real assignments dropped.
+    Priority inside an expert: higher ``priority_NK`` first, then earlier token. ``HybridMoE`` passes the
+    router score of each assignment (before renormalisation, which would make every weight 1 when K = 1), so
+    overflow drops the *lowest-score* assignments: V-MoE's batch-prioritised routing rather than Switch's
+    first-come order, which penalises tokens late in the batch. Padding never takes a slot and is not counted
+    as a drop. Returns ``keep [N, K]`` bool and ``dropped [E]`` fp32 counts of real assignments dropped.
     """
     N, K = index_NK.shape
     valid_S = (
         torch.ones(N * K, dtype=torch.bool, device=index_NK.device)
-        if mask_N is None else mask_N.reshape(-1).repeat_interleave(K)
+        if mask_N is None
+        else mask_N.reshape(-1).repeat_interleave(K)
     )
     # float64 so the ceil agrees with `expected_capacity` (Python floats) for factors like 1.1
     capacity = torch.ceil(capacity_factor * valid_S.sum().double() / num_experts)
@@ -440,26 +482,32 @@ def capacity_mask(
     rank_S = torch.empty_like(rank_sorted)
     rank_S[order_S] = rank_sorted
     keep_S = (rank_S < capacity) & valid_S
-    dropped_E = torch.zeros(num_experts, device=index_NK.device).index_add_(0, expert_S, (~keep_S & valid_S).float())
+    dropped_E = torch.zeros(num_experts, device=index_NK.device).index_add_(
+        0, expert_S, (~keep_S & valid_S).float()
+    )
     return keep_S.view(N, K), dropped_E
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the MLP
 
 
 def _validate(config: HybridConfig) -> None:
-    require_positive(config, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group")
+    require_positive(
+        config, "num_experts", "num_experts_per_tok", "moe_intermediate_size", "n_group", "topk_group"
+    )
     if config.num_experts_per_tok > config.num_experts:
         raise ValueError(
-            f"HybridConfig.num_experts_per_tok={config.num_experts_per_tok} must be <= num_experts={config.num_experts}"
+            f"HybridConfig.num_experts_per_tok={config.num_experts_per_tok} must be <= "
+            f"num_experts={config.num_experts}"
         )
     if config.num_shared_experts < 0:
         raise ValueError(f"HybridConfig.num_shared_experts={config.num_shared_experts} must be >= 0")
     require_positive(config, "shared_expert_intermediate_size", allow_none=True)
     if config.num_shared_experts == 0 and config.shared_expert_gate:
         raise ValueError(
-            "HybridConfig.shared_expert_gate=True needs a shared expert; set num_shared_experts >= 1 (it is 0)"
+            "HybridConfig.shared_expert_gate=True needs a shared "
+            "expert; set num_shared_experts >= 1 (it is 0)"
         )
     if config.num_experts % config.n_group or config.topk_group > config.n_group:
         raise ValueError(
@@ -478,20 +526,24 @@ def _validate(config: HybridConfig) -> None:
 
 # The balancing losses and load statistics exclude padded tokens: MoE reads the padding mask.
 def _describe(config: HybridConfig) -> list[tuple[str, str]]:
-    text = (f"{config.num_experts} experts, top-{config.num_experts_per_tok} ({config.router_scoring_func}, "
-            f"{config.moe_routing}), expert intermediate {config.moe_intermediate_size}, "
-            f"{config.num_shared_experts} shared"
-            + (f" ({config.shared_expert_size} wide, sigmoid-gated)" if config.shared_expert_gate else ""))
+    text = (
+        f"{config.num_experts} experts, top-{config.num_experts_per_tok} ({config.router_scoring_func}, "
+        f"{config.moe_routing}), expert intermediate {config.moe_intermediate_size}, "
+        f"{config.num_shared_experts} shared"
+        + (f" ({config.shared_expert_size} wide, sigmoid-gated)" if config.shared_expert_gate else "")
+    )
     return [("MoE", text)]
 
 
-@register_mlp("moe", needs_padding_mask=True, cost=moe_mlp_cost, validate=_validate, describe=_describe, tag="moe")
+@register_mlp(
+    "moe", needs_padding_mask=True, cost=moe_mlp_cost, validate=_validate, describe=_describe, tag="moe"
+)
 class HybridMoE(nn.Module):
     """Routed experts (+ always-on shared experts, DeepSeek style): ``[B, T, H] -> [B, T, H]``.
 
     After each forward the module keeps detached statistics for callbacks that do not see the model outputs:
-    ``last_counts [E]`` (routed assignments of real tokens, before capacity drops), ``last_load [E]`` (the same as a
-    fraction, sums to 1) and ``last_drops [E]`` (None when dropless).
+    ``last_counts [E]`` (routed assignments of real tokens, before capacity drops), ``last_load [E]`` (the
+    same as a fraction, sums to 1) and ``last_drops [E]`` (None when dropless).
     """
 
     def __init__(self, config: HybridConfig, layer_idx: int):
@@ -506,12 +558,14 @@ class HybridMoE(nn.Module):
         self.experts = HybridExperts(config) if config.mlp_gated else HybridUngatedExperts(config)
         self.shared_experts = (
             SwiGLU(config.hidden_size, config.shared_expert_size, config.hidden_act, gated=config.mlp_gated)
-            if config.num_shared_experts > 0 else None
+            if config.num_shared_experts > 0
+            else None
         )
         # Qwen2-MoE / Qwen3-Next: a per-token sigmoid gate in [0, 1] on the shared experts' output.
         self.shared_experts_gate = (
             nn.Linear(config.hidden_size, 1, bias=False)
-            if config.num_shared_experts > 0 and config.shared_expert_gate else None
+            if config.num_shared_experts > 0 and config.shared_expert_gate
+            else None
         )
         self.last_counts: torch.Tensor | None = None
         self.last_load: torch.Tensor | None = None
@@ -541,10 +595,10 @@ class HybridMoE(nn.Module):
             token_ids = None if ctx is None else ctx.input_ids
             if token_ids is None or token_ids.numel() != B * T:
                 raise ValueError(
-                    f"HybridMoE layer {self.layer_idx}: moe_routing='hash' picks experts from token ids, which the model "
-                    "passes as MixerContext.input_ids [B, T] for the tokens of this forward (got "
-                    f"{None if token_ids is None else tuple(token_ids.shape)} for hidden states {(B, T, H)}); hash "
-                    "routing cannot run from inputs_embeds alone"
+                    f"HybridMoE layer {self.layer_idx}: moe_routing='hash' picks experts from token "
+                    "ids, which the model passes as MixerContext.input_ids [B, T] for the tokens of "
+                    f"this forward (got {None if token_ids is None else tuple(token_ids.shape)} for "
+                    f"hidden states {(B, T, H)}); hash routing cannot run from inputs_embeds alone"
                 )
 
         router = self.router_module
@@ -553,14 +607,19 @@ class HybridMoE(nn.Module):
         with torch.no_grad():
             m_S = (
                 x_NH.new_ones(B * T * self.top_k, dtype=torch.float32)
-                if mask_N is None else mask_N.float().repeat_interleave(self.top_k)
+                if mask_N is None
+                else mask_N.float().repeat_interleave(self.top_k)
             )
-            counts_E = torch.zeros(self.num_experts, device=x_NH.device).index_add_(0, index_NK.reshape(-1), m_S)
+            counts_E = torch.zeros(self.num_experts, device=x_NH.device).index_add_(
+                0, index_NK.reshape(-1), m_S
+            )
             load_E = counts_E / counts_E.sum().clamp_min(1.0)
         drops_E = None
         if self.capacity_factor is not None:
             priority_NK = router.scores(logits_NE.detach()).gather(1, index_NK)
-            keep_NK, drops_E = capacity_mask(index_NK, priority_NK, self.num_experts, self.capacity_factor, mask_N)
+            keep_NK, drops_E = capacity_mask(
+                index_NK, priority_NK, self.num_experts, self.capacity_factor, mask_N
+            )
             weights_NK = weights_NK * keep_NK
 
         out_NH = self.experts(x_NH, index_NK, weights_NK.to(x_NH.dtype))
@@ -571,7 +630,8 @@ class HybridMoE(nn.Module):
             out_NH = out_NH + shared_NH
 
         if self.training:
-            if not in_backward_recompute():  # gradient checkpointing replays this forward: count each token once
+            # gradient checkpointing replays this forward: count each token once
+            if not in_backward_recompute():
                 router.accumulate_counts(counts_E)
             if ctx is not None:
                 self._add_losses(ctx, router, logits_NE, index_NK, mask_N, B, T)
@@ -585,7 +645,8 @@ class HybridMoE(nn.Module):
         return out_NH.view(B, T, H)
 
     def attached_aux_terms(self) -> tuple[str, ...]:
-        """The balancing terms this layer records in training (the model attaches those with a coefficient > 0)."""
+        """The balancing terms this layer records in training (the model attaches those with a coefficient >
+        0)."""
         return ("router_aux_loss", "router_z_loss", "router_seq_aux_loss")
 
     def _add_losses(self, ctx, router, logits_NE, index_NK, mask_N, B, T) -> None:
@@ -598,7 +659,8 @@ class HybridMoE(nn.Module):
         if self.seq_aux_loss_coef > 0:
             segment_N, num_segments = _segments(B, T, ctx, logits_NE.device)
             ctx.add_aux(
-                "router_seq_aux_loss", sequence_balance_loss(probs_NE, index_NK, segment_N, num_segments, mask_N)
+                "router_seq_aux_loss",
+                sequence_balance_loss(probs_NE, index_NK, segment_N, num_segments, mask_N),
             )
 
 

@@ -2,10 +2,11 @@
 
 PEFT picks ``target_modules`` from a per-model-type table (``peft.utils.constants.
 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, read by ``LoraModel._prepare_adapter_config``) when a
-``LoraConfig`` names none; with our entry there, ``LoraConfig(task_type="CAUSAL_LM")`` adapts every projection of
-attention, MLA, the linear mixers and the dense / shared-expert MLPs. PEFT matches names by suffix and only the names
-present in a given model (a pure-attention model has no ``in_proj``). Fused MoE experts are parameters, not modules:
-adapt them with ``LoraConfig(target_parameters=["experts.gate_up_proj", "experts.down_proj"])``.
+``LoraConfig`` names none; with our entry there, ``LoraConfig(task_type="CAUSAL_LM")`` adapts every projection
+of attention, MLA, the linear mixers and the dense / shared-expert MLPs. PEFT matches names by suffix and only
+the names present in a given model (a pure-attention model has no ``in_proj``). Fused MoE experts are
+parameters, not modules: adapt them with ``LoraConfig(target_parameters=["experts.gate_up_proj",
+"experts.down_proj"])``.
 """
 
 from __future__ import annotations

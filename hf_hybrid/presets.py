@@ -1,8 +1,9 @@
 """Named configurations shared by tests, recipes, the CLI and the docs ("a tiny debug config per family").
 
-Each preset is a plain dict of ``HybridConfig`` keyword arguments, so it can be printed, edited and saved as YAML.
-``tiny-*`` presets are debug sizes (a forward pass in milliseconds on CPU); ``*-like`` presets reproduce the shape of a
-published model for cost estimates (``hf-hybrid inspect qwen3-next-like``) and are not meant to be built on a laptop.
+Each preset is a plain dict of ``HybridConfig`` keyword arguments, so it can be printed, edited and saved as
+YAML. ``tiny-*`` presets are debug sizes (a forward pass in milliseconds on CPU); ``*-like`` presets reproduce
+the shape of a published model for cost estimates (``hf-hybrid inspect qwen3-next-like``) and are not meant to
+be built on a laptop.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ _TINY = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # ---- tiny debug configs, one per family -------------------------------------------------------------------
+    # ---- tiny debug configs, one per family ----------------------------------------------------------------
     "tiny-attention": {**_TINY, "num_hidden_layers": 2},
     "tiny-sliding": {**_TINY, "mixer_pattern": "3:1 sliding_attention:attention", "sliding_window": 16},
     "tiny-hybrid": {**_TINY, "mixer_pattern": "3:1 gated_deltanet:attention"},
@@ -70,7 +71,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "moe_intermediate_size": 32,
         "num_shared_experts": 1,
     },
-    # ---- published shapes, for cost estimates ---------------------------------------------------------------
+    # ---- published shapes, for cost estimates --------------------------------------------------------------
     # Llama-2-7B: 32 × (MHA 32 heads + SwiGLU 11008), untied embeddings; 6.74 B parameters.
     "llama-7b-like": dict(
         vocab_size=32000,
@@ -82,9 +83,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         max_position_embeddings=4096,
         rms_norm_eps=1e-5,
     ),
-    # Qwen3-Next-80B-A3B (its config.json, without the MTP head): 3:1 Gated DeltaNet : gated attention (q/k norm,
-    # sigmoid output gate, partial RoPE ¼), 512 experts top-10 + 1 shared expert behind a sigmoid gate. 79.67 B
-    # parameters, 3.25 B active without embeddings (published: 80 B, A3B). Exports to qwen3_next.
+    # Qwen3-Next-80B-A3B (its config.json, without the MTP head): 3:1 Gated DeltaNet : gated attention (q/k
+    # norm, sigmoid output gate, partial RoPE ¼), 512 experts top-10 + 1 shared expert behind a sigmoid gate.
+    # 79.67 B parameters, 3.25 B active without embeddings (published: 80 B, A3B). Exports to qwen3_next.
     "qwen3-next-like": dict(
         vocab_size=151936,
         hidden_size=2048,
@@ -113,9 +114,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         bos_token_id=151643,
         eos_token_id=151645,
     ),
-    # MiniMax-Text-01: 7:1 lightning attention (SiLU q/k/v, fixed per-head decay, full-width output norm, sigmoid
-    # output gate) : softmax attention, 32 experts top-2. 456.09 B parameters, 45.94 B active without embeddings
-    # (published: 456 B / 45.9 B).
+    # MiniMax-Text-01: 7:1 lightning attention (SiLU q/k/v, fixed per-head decay, full-width output norm,
+    # sigmoid output gate) : softmax attention, 32 experts top-2. 456.09 B parameters, 45.94 B active without
+    # embeddings (published: 456 B / 45.9 B).
     "minimax-like": dict(
         vocab_size=200064,
         hidden_size=6144,
@@ -172,17 +173,23 @@ PRESETS: dict[str, dict[str, Any]] = {
         routed_scaling_factor=2.5,
         # as in DeepSeek-V3's config.json: YaRN to 160K, latent norms at eps 1e-6, bos/eos 0/1
         rope_parameters={
-            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 4096,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 40.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 1.0,
+            "mscale_all_dim": 1.0,
         },
         mla_norm_eps=1e-6,
         bos_token_id=0,
         eos_token_id=1,
     ),
 }
-# Kimi-Linear-48B-A3B (moonshotai/Kimi-Linear-48B-A3B-Instruct's config.json): 27 layers, KDA everywhere but MLA
-# (NoPE, no q-LoRA) at layers 4, 8, ..., 24 and 27 (1-indexed), 32 KDA heads × 128; the first layer dense, then
-# 256 sigmoid-routed experts top-8 + 1 shared. Published: 48 B total, 3 B activated.
+# Kimi-Linear-48B-A3B (moonshotai/Kimi-Linear-48B-A3B-Instruct's config.json): 27 layers, KDA everywhere but
+# MLA (NoPE, no q-LoRA) at layers 4, 8, ..., 24 and 27 (1-indexed), 32 KDA heads × 128; the first layer dense,
+# then 256 sigmoid-routed experts top-8 + 1 shared. Published: 48 B total, 3 B activated.
 PRESETS["kimi-linear-like"] = dict(
     vocab_size=163840,
     hidden_size=2304,
@@ -232,7 +239,8 @@ def preset_kwargs(name: str) -> dict[str, Any]:
 
 
 def preset_config(name: str, **overrides: Any) -> HybridConfig:
-    """``HybridConfig`` of a preset, with keyword overrides (``preset_config("tiny-attention", vocab_size=1000)``)."""
+    """``HybridConfig`` of a preset, with keyword overrides (``preset_config("tiny-attention",
+    vocab_size=1000)``)."""
     kwargs = preset_kwargs(name)
     if "mixer_types" in overrides:
         kwargs.pop("mixer_pattern", None)

@@ -1,7 +1,7 @@
-"""The one registry of layer kinds: every token mixer and every MLP declares everything about itself here, in a spec
-next to its class (STYLE.md §13). The config's validation, the model (which class to build, which masks to make),
-the cache (through transformers' ``layer_types``), the cost inspector and the model card read these specs; nothing
-else in the package keeps a list of mixer names.
+"""The one registry of layer kinds: every token mixer and every MLP declares everything about itself here, in
+a spec next to its class (STYLE.md §13). The config's validation, the model (which class to build, which masks
+to make), the cache (through transformers' ``layer_types``), the cost inspector and the model card read these
+specs; nothing else in the package keeps a list of mixer names.
 
 Adding a mixer is one new file plus one import line::
 
@@ -14,8 +14,8 @@ Adding a mixer is one new file plus one import line::
         def forward(self, hidden_states, ctx): ...   # ctx: hf_hybrid.mixers.MixerContext
 
 (inside the package the import line goes into ``hf_hybrid/mixers/__init__.py``; outside it, importing the file
-registers the mixer, see ``tests/test_registry.py``). The built-in specs load on first use, so importing the config
-never imports the mixers (no import circle).
+registers the mixer, see ``tests/test_registry.py``). The built-in specs load on first use, so importing the
+config never imports the mixers (no import circle).
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ from types import MappingProxyType
 from typing import Any
 
 # transformers' layer_types that decide each layer's cache layer: DynamicLayer, DynamicSlidingWindowLayer,
-# LinearAttentionLayer (conv + recurrent state), DynamicIndexedLayer (DSA indexer keys), and "moe" (transformers'
-# name for a layer without token mixing, e.g. nemotron_h's MLP-only blocks: its cache layer holds nothing).
+# LinearAttentionLayer (conv + recurrent state), DynamicIndexedLayer (DSA indexer keys), and "moe"
+# (transformers' name for a layer without token mixing, e.g. nemotron_h's MLP-only blocks: its cache layer
+# holds nothing).
 LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "indexed_attention", "moe")
 MASKS = ("full_attention", "sliding_attention")
 
@@ -37,21 +38,25 @@ MASKS = ("full_attention", "sliding_attention")
 class MixerSpec:
     """Everything the package needs to know about one token-mixer kind.
 
-    - ``layer_type``: transformers' ``layer_types`` entry, which picks the cache layer transformers builds for it.
-    - ``mask``: which of transformers' attention masks the layer reads from ``ctx.masks`` (None: it needs none; a
-      layer that needs one but declares None would see the future under eager attention), or ``fn(config)``
-      returning one of those when it depends on the layer's settings (a sparse DSA layer needs no dense mask). A
-      mixer whose mask also depends on run-time state (DSA's ``model.dsa_mode(...)``) defines ``runtime_mask()`` on
-      its module as well; the model asks the module then, the inspector and the card read the spec.
-    - ``recurrent``: keeps a constant-size recurrent state (the model is stateful, the cache cannot be cropped).
+    - ``layer_type``: transformers' ``layer_types`` entry, which picks the cache layer transformers builds for
+      it.
+    - ``mask``: which of transformers' attention masks the layer reads from ``ctx.masks`` (None: it needs
+      none; a layer that needs one but declares None would see the future under eager attention), or
+      ``fn(config)`` returning one of those when it depends on the layer's settings (a sparse DSA layer needs
+      no dense mask). A mixer whose mask also depends on run-time state (DSA's ``model.dsa_mode(...)``)
+      defines ``runtime_mask()`` on its module as well; the model asks the module then, the inspector and the
+      card read the spec.
+    - ``recurrent``: keeps a constant-size recurrent state (the model is stateful, the cache cannot be
+      cropped).
     - ``needs_padding_mask``: reads ``ctx.padding_mask`` (recurrent mixers, DSA's indexer).
     - ``cost``: ``fn(config, layer_idx) -> hf_hybrid.cost.MixerCost`` for the inspector and the card.
-    - ``config_defaults``: config fields this kind adds and their defaults (for kinds defined outside the package;
-      the built-in kinds' fields are typed fields of ``HybridConfig``, the one home of their defaults).
-    - ``validate``: ``fn(config)`` raising ``ValueError`` (field, value, what is allowed) for a bad setting; run
-      whenever a config uses this kind.
-    - ``describe``: ``fn(config) -> [(label, text), ...]``, the model card's settings rows for this kind (rows that
-      several kinds share, e.g. the attention heads, appear once).
+    - ``config_defaults``: config fields this kind adds and their defaults (for kinds defined outside the
+      package; the built-in kinds' fields are typed fields of ``HybridConfig``, the one home of their
+      defaults).
+    - ``validate``: ``fn(config)`` raising ``ValueError`` (field, value, what is allowed) for a bad setting;
+      run whenever a config uses this kind.
+    - ``describe``: ``fn(config) -> [(label, text), ...]``, the model card's settings rows for this kind (rows
+      that several kinds share, e.g. the attention heads, appear once).
     """
 
     name: str
@@ -70,15 +75,17 @@ def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
     """The transformers mask a layer of this kind reads under ``config`` (None: none)."""
     mask = spec.mask(config) if callable(spec.mask) else spec.mask
     if mask is not None and mask not in MASKS:
-        raise ValueError(f"mixer {spec.name!r} asks for mask {mask!r}; choose None or one of {', '.join(MASKS)}")
+        raise ValueError(
+            f"mixer {spec.name!r} asks for mask {mask!r}; choose None or one of {', '.join(MASKS)}"
+        )
     return mask
 
 
 @dataclass(frozen=True)
 class MLPSpec:
-    """One MLP kind: ``cls`` (None for no MLP at all), whether it reads the padding mask (MoE balancing), its cost
-    function (``fn(config, layer_idx) -> hf_hybrid.cost.MLPCost``), extra config fields, a validator, its model-card
-    rows (``describe``, as for mixers) and the Hub tag a model using it gets (``tag``)."""
+    """One MLP kind: ``cls`` (None for no MLP at all), whether it reads the padding mask (MoE balancing), its
+    cost function (``fn(config, layer_idx) -> hf_hybrid.cost.MLPCost``), extra config fields, a validator, its
+    model-card rows (``describe``, as for mixers) and the Hub tag a model using it gets (``tag``)."""
 
     name: str
     cls: type | None
@@ -128,26 +135,37 @@ def register_mixer(
     describe: Callable[[Any], list[tuple[str, str]]] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator declaring a token mixer (see :class:`MixerSpec`). ``needs_padding_mask`` defaults to
-    ``recurrent``. Registering a different class under a taken name is an error. ``register_mixer("none", ...)(None)``
-    declares a layer without token mixer (no module, no input norm)."""
+    ``recurrent``. Registering a different class under a taken name is an error. ``register_mixer("none",
+    ...)(None)`` declares a layer without token mixer (no module, no input norm)."""
     _check_name("mixer", name)
     if layer_type not in LAYER_TYPES:
-        raise ValueError(f"register_mixer({name!r}): layer_type={layer_type!r}; choose one of {', '.join(LAYER_TYPES)}")
+        raise ValueError(
+            f"register_mixer({name!r}): layer_type={layer_type!r}; choose one of {', '.join(LAYER_TYPES)}"
+        )
     if mask is not None and not callable(mask) and mask not in MASKS:
         raise ValueError(f"register_mixer({name!r}): mask={mask!r}; choose None or one of {', '.join(MASKS)}")
     defaults = dict(config_defaults or {})
 
     def wrap(cls: type | None) -> type | None:
         old = _MIXERS.get(name)
-        if old is not None and old.cls is not cls and getattr(old.cls, "__qualname__", None) != getattr(
-            cls, "__qualname__", None
+        if (
+            old is not None
+            and old.cls is not cls
+            and getattr(old.cls, "__qualname__", None) != getattr(cls, "__qualname__", None)
         ):
             raise ValueError(f"mixer {name!r} is registered twice ({old.cls} and {cls})")
         _check_defaults(name, defaults)
         _MIXERS[name] = MixerSpec(
-            name=name, cls=cls, layer_type=layer_type, mask=mask, recurrent=recurrent,
+            name=name,
+            cls=cls,
+            layer_type=layer_type,
+            mask=mask,
+            recurrent=recurrent,
             needs_padding_mask=recurrent if needs_padding_mask is None else needs_padding_mask,
-            cost=cost, config_defaults=MappingProxyType(defaults), validate=validate, describe=describe,
+            cost=cost,
+            config_defaults=MappingProxyType(defaults),
+            validate=validate,
+            describe=describe,
         )
         MIXER_REGISTRY[name] = cls
         return cls
@@ -172,14 +190,23 @@ def register_mlp(
 
     def wrap(cls: type | None) -> type | None:
         old = _MLPS.get(name)
-        if old is not None and old.cls is not cls and getattr(old.cls, "__qualname__", None) != getattr(
-            cls, "__qualname__", None
+        if (
+            old is not None
+            and old.cls is not cls
+            and getattr(old.cls, "__qualname__", None) != getattr(cls, "__qualname__", None)
         ):
             raise ValueError(f"MLP {name!r} is registered twice ({old.cls} and {cls})")
         _check_defaults(name, defaults)
-        _MLPS[name] = MLPSpec(name=name, cls=cls, needs_padding_mask=needs_padding_mask, cost=cost,
-                              config_defaults=MappingProxyType(defaults), validate=validate, describe=describe,
-                              tag=tag)
+        _MLPS[name] = MLPSpec(
+            name=name,
+            cls=cls,
+            needs_padding_mask=needs_padding_mask,
+            cost=cost,
+            config_defaults=MappingProxyType(defaults),
+            validate=validate,
+            describe=describe,
+            tag=tag,
+        )
         MLP_REGISTRY[name] = cls
         return cls
 

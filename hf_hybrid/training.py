@@ -32,13 +32,15 @@ TRAINING_DEFAULTS: dict[str, Any] = dict(
 
 
 def training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
-    """``TrainingArguments`` with ``TRAINING_DEFAULTS`` under ``overrides`` (any ``TrainingArguments`` field)."""
+    """``TrainingArguments`` with ``TRAINING_DEFAULTS`` under ``overrides`` (any ``TrainingArguments``
+    field)."""
     accelerator = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
     accelerator = accelerator or torch.backends.mps.is_available()
     defaults = {
         **TRAINING_DEFAULTS,
-        # Without use_cpu=True, TrainingArguments on a machine without an accelerator ignores the process group that
-        # torchrun / accelerate launch set up: every rank then trains alone as "rank 0" (and all of them save).
+        # Without use_cpu=True, TrainingArguments on a machine without an accelerator ignores the process
+        # group that torchrun / accelerate launch set up: every rank then trains alone as "rank 0" (and all of
+        # them save).
         "use_cpu": not accelerator,
         # Pinned memory only helps (and only works without a warning) when batches go to a GPU.
         "dataloader_pin_memory": torch.cuda.is_available(),

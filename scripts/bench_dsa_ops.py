@@ -201,7 +201,8 @@ def _cpu_indexer_rows(T: int, K: int, reps: int, B=1, HI=8, DI=64) -> dict[str, 
 def bench_cpu(Ts: list[int], K: int, reps: int) -> None:
     print(f"\n== CPU sparse attention: B=1 H=8 Hkv=2 D=64 K={K} fp32, {torch.get_num_threads()} threads ==")
     print(
-        f"{'T':>6} {'op':>22} | {'fwd ms':>9} {'fwd MiB':>9} | {'f+b ms':>9} {'f+b MiB':>9} | f+b vs SDPA: ms, MiB"
+        f"{'T':>6} {'op':>22} | {'fwd ms':>9} {'fwd MiB':>9} | "
+        f"{'f+b ms':>9} {'f+b MiB':>9} | f+b vs SDPA: ms, MiB"
     )
     for T in Ts:
         rows = _cpu_attention_rows(T, K, reps)

@@ -1,14 +1,14 @@
 """Benchmark the linear-time token mixers' ops against their baselines, in one run.
 
-Ops: ``gdn`` (Gated DeltaNet), ``simple_gla`` (scalar decay per head: the Mamba-2 / SSD form), ``linear_attention``
-(simple GLA without decay).
+Ops: ``gdn`` (Gated DeltaNet), ``simple_gla`` (scalar decay per head: the Mamba-2 / SSD form),
+``linear_attention`` (simple GLA without decay).
 CPU (default when no GPU): our chunked torch path vs the per-token recurrence (the spec), B=1, H=4, D=64,
 forward, min ms over runs.
 GPU: our chunked torch path vs fla-core's Triton kernel vs transformers' torch fallback
-(``torch_chunk_gated_delta_rule`` of Qwen3-Next for GDN, ``chunk_kimi_delta_attention`` of Kimi Linear for KDA,
-``mamba2_chunk_scan`` of Mamba-2 for simple GLA; none for linear attention) vs SDPA causal attention, B=1, H=16,
-D=128, bf16, forward and forward+backward, median CUDA-event milliseconds. A baseline that is missing, refuses the
-call, or runs out of memory prints "n/a".
+(``torch_chunk_gated_delta_rule`` of Qwen3-Next for GDN, ``chunk_kimi_delta_attention`` of Kimi Linear for
+KDA, ``mamba2_chunk_scan`` of Mamba-2 for simple GLA; none for linear attention) vs SDPA causal attention,
+B=1, H=16, D=128, bf16, forward and forward+backward, median CUDA-event milliseconds. A baseline that is
+missing, refuses the call, or runs out of memory prints "n/a".
 
     python scripts/bench_linear.py                          # CPU, T = 512 ... 4096
     python scripts/bench_linear.py --device cuda             # GPU, T = 1K ... 32K
@@ -104,8 +104,9 @@ def transformers_gdn() -> Callable | None:
 def transformers_mamba2() -> Callable | None:
     """transformers' torch SSD fallback ``mamba2_chunk_scan`` as a simple-GLA call ``(q, k, v, g) -> o``.
 
-    Mamba-2 is simple GLA with q = C, k = B, v = Δ·x, g = Δ·A and scale 1 (DESIGN.md §5): with A = -1 per head,
-    Δ = -g and x = v / Δ, the scan computes the simple GLA of (q, k, v, g) at scale 1 (one group per head)."""
+    Mamba-2 is simple GLA with q = C, k = B, v = Δ·x, g = Δ·A and scale 1 (DESIGN.md §5): with A = -1 per
+    head, Δ = -g and x = v / Δ, the scan computes the simple GLA of (q, k, v, g) at scale 1 (one group per
+    head)."""
     try:
         from transformers.models.mamba2 import modeling_mamba2
     except Exception:
@@ -274,8 +275,8 @@ def bench_rows(
     keep_going: Callable[[], bool] = lambda: True,
     on_error: Callable[[str], None] = print,
 ):
-    """Yield (mode, T, {candidate: ms or "n/a"}) for every mode and length, one row at a time; stops early when
-    ``keep_going()`` turns False (a time budget). ``on_error`` gets the reason of each "n/a"."""
+    """Yield (mode, T, {candidate: ms or "n/a"}) for every mode and length, one row at a time; stops early
+    when ``keep_going()`` turns False (a time budget). ``on_error`` gets the reason of each "n/a"."""
     for mode in modes:
         backward = mode == "fwd+bwd"
         for length in lengths:

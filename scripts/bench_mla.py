@@ -1,17 +1,18 @@
-"""MLA decode, one layer-step: our weight-absorbed path vs our naive (expand the latent cache) path, and on CUDA also
-transformers' ``DeepseekV3Attention`` (which re-expands the whole cache every step), all in the same run.
+"""MLA decode, one layer-step: our weight-absorbed path vs our naive (expand the latent cache) path, and on
+CUDA also transformers' ``DeepseekV3Attention`` (which re-expands the whole cache every step), all in the same
+run.
 
-A layer-step = one ``HybridMLA.forward`` on one new token per row with ``context`` tokens already cached, including
-the cache append (``DynamicLayer`` concatenation), as during ``generate()``. The cache grows by one token per timed
-step, like real decoding (so kernels that plan per KV length show it).
+A layer-step = one ``HybridMLA.forward`` on one new token per row with ``context`` tokens already cached,
+including the cache append (``DynamicLayer`` concatenation), as during ``generate()``. The cache grows by one
+token per timed step, like real decoding (so kernels that plan per KV length show it).
 
     python scripts/bench_mla.py                      # CPU: batch 4, context 2048, DeepSeek-like sizes, fp32
     python scripts/bench_mla.py --contexts 4096 8192 16384 32768 --batch 16   # CUDA: bf16, CUDA-event medians
 
-DESIGN.md §10 anchors (H100, batch 16, hidden 2048, 16 heads, kv_lora 512): transformers ≈ 5.7 ms GPU per layer-step
-at 16K (+ up to ~56 ms CPU when cuDNN re-plans for a new KV length); reading the latent cache once ≈ 0.1 ms (HBM);
-goal ≤ 0.5 ms. On CUDA the script also profiles a few absorbed steps and lists the kernels: the absorbed path is plain
-GEMMs + softmax (no SDPA/cuDNN attention), so nothing is planned per KV length.
+DESIGN.md §10 anchors (H100, batch 16, hidden 2048, 16 heads, kv_lora 512): transformers ≈ 5.7 ms GPU per
+layer-step at 16K (+ up to ~56 ms CPU when cuDNN re-plans for a new KV length); reading the latent cache once
+≈ 0.1 ms (HBM); goal ≤ 0.5 ms. On CUDA the script also profiles a few absorbed steps and lists the kernels:
+the absorbed path is plain GEMMs + softmax (no SDPA/cuDNN attention), so nothing is planned per KV length.
 """
 
 from __future__ import annotations
@@ -67,13 +68,16 @@ def filled_cache(config, batch: int, context: int, device, dtype, init_dtype=Non
     g = torch.Generator(device=device).manual_seed(0)
     init_dtype = init_dtype or dtype
     c_kv = torch.randn(batch, 1, context, config.kv_lora_rank, generator=g, device=device, dtype=init_dtype)
-    k_pe = torch.randn(batch, 1, context, config.qk_rope_head_dim, generator=g, device=device, dtype=init_dtype)
+    k_pe = torch.randn(
+        batch, 1, context, config.qk_rope_head_dim, generator=g, device=device, dtype=init_dtype
+    )
     cache.update(c_kv.to(dtype), k_pe.to(dtype), 0)
     return cache
 
 
 class Timer:
-    """Median per-step time: CUDA events on GPU (device time), perf_counter on CPU; also wall time per step."""
+    """Median per-step time: CUDA events on GPU (device time), perf_counter on CPU; also wall time per
+    step."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
@@ -103,11 +107,11 @@ class Timer:
 
 
 def make_decode_step(config, mode: str, batch: int, context: int, device, dtype, init_dtype=None):
-    """(layer, step): ``step()`` runs one ``HybridMLA`` decode step with ``config.mla_decode = mode`` on a cache
-    holding ``context`` random latents (appending to it, as generate() does) and returns the output [B, 1, hidden].
-    Same seeds every call: two modes built at the same sizes see the same weights, cache and input. Weights, cache
-    and input are rounded to ``init_dtype`` (default ``dtype``) first, so an fp32 build with a bf16 ``init_dtype``
-    is the exact-arithmetic reference of the bf16 build."""
+    """(layer, step): ``step()`` runs one ``HybridMLA`` decode step with ``config.mla_decode = mode`` on a
+    cache holding ``context`` random latents (appending to it, as generate() does) and returns the output [B,
+    1, hidden]. Same seeds every call: two modes built at the same sizes see the same weights, cache and
+    input. Weights, cache and input are rounded to ``init_dtype`` (default ``dtype``) first, so an fp32 build
+    with a bf16 ``init_dtype`` is the exact-arithmetic reference of the bf16 build."""
     config.mla_decode = mode
     init_dtype = init_dtype or dtype
     torch.manual_seed(0)
@@ -235,9 +239,9 @@ def main() -> None:
     timer = Timer(device)
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"MLA decode layer-step on {name}, {dtype}, batch {args.batch}, hidden {args.hidden}, heads {args.heads}, "
-        f"kv_lora {args.kv_lora}, rope {args.rope}, nope {args.nope}, v {args.v}; "
-        f"{'CUDA-event' if cuda else 'wall-clock'} median of {args.steps} steps"
+        f"MLA decode layer-step on {name}, {dtype}, batch {args.batch}, hidden "
+        f"{args.hidden}, heads {args.heads}, kv_lora {args.kv_lora}, rope {args.rope}, nope "
+        f"{args.nope}, v {args.v}; {'CUDA-event' if cuda else 'wall-clock'} median of {args.steps} steps"
     )
     bytes_per_token = (args.kv_lora + args.rope) * torch.finfo(dtype).bits // 8
     for context in args.contexts:

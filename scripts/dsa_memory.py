@@ -1,15 +1,18 @@
-"""Peak CPU memory and time of one DSA layer (sparse, top-k) against its dense base and transformers' ``deepseek_v32``.
+"""Peak CPU memory and time of one DSA layer (sparse, top-k) against its dense base and transformers'
+``deepseek_v32``.
 
-    OMP_NUM_THREADS=1 python scripts/dsa_memory.py [--seq-len 4096] [--hidden 256] [--topk 256] [--modes fwd,train]
+    OMP_NUM_THREADS=1 python scripts/dsa_memory.py [--seq-len 4096] [--hidden 256] [--topk 256] [--modes
+    fwd,train]
                                                   [--variants all] [--repeats 3] [--json out.json]
 
-Each (variant, mode) runs in a fresh subprocess that builds a one-layer causal LM (embedding, one decoder layer with
-a dense SwiGLU, norm, a 256-token LM head: everything but the attention is small and the same across variants),
-runs it once at a short length (lazy initialisation, kernels), then once at ``--seq-len`` (batch 1). Reported:
-``peak`` = the growth of the process's peak resident set (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) during
-the measured pass over what it was before, i.e. the memory that pass needed beyond the model and the short run, and
-the wall time of that pass; the table shows the median over ``--repeats`` fresh processes (CPU timings on a shared
-machine are noisy). ``fwd``: forward under ``no_grad``; ``train``: forward + backward of the LM loss.
+Each (variant, mode) runs in a fresh subprocess that builds a one-layer causal LM (embedding, one decoder
+layer with a dense SwiGLU, norm, a 256-token LM head: everything but the attention is small and the same
+across variants), runs it once at a short length (lazy initialisation, kernels), then once at ``--seq-len``
+(batch 1). Reported: ``peak`` = the growth of the process's peak resident set
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) during the measured pass over what it was before, i.e. the
+memory that pass needed beyond the model and the short run, and the wall time of that pass; the table shows
+the median over ``--repeats`` fresh processes (CPU timings on a shared machine are noisy). ``fwd``: forward
+under ``no_grad``; ``train``: forward + backward of the LM loss.
 
 Variants (hidden 256, 8 heads):
 - ``attention``: hf_hybrid GQA attention (8 query / 2 KV heads, head dim 32), SDPA.
@@ -37,23 +40,43 @@ MODES = ("fwd", "train")
 VOCAB = 256
 
 
-def build(variant: str, hidden: int, topk: int, seq_len: int, heads: int = 8, mla: dict | None = None,
-          index: dict | None = None):
-    """One-layer causal LM of ``variant``; ``mla`` / ``index`` override the MLA and indexer sizes below (the GPU
-    check uses DeepSeek-like ones)."""
+def build(
+    variant: str,
+    hidden: int,
+    topk: int,
+    seq_len: int,
+    heads: int = 8,
+    mla: dict | None = None,
+    index: dict | None = None,
+):
+    """One-layer causal LM of ``variant``; ``mla`` / ``index`` override the MLA and indexer sizes below (the
+    GPU check uses DeepSeek-like ones)."""
     import torch
 
     torch.manual_seed(0)
-    mla = mla or dict(q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32)
+    mla = mla or dict(
+        q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32
+    )
     index = dict(index or dict(index_n_heads=8, index_head_dim=64), index_topk=topk)
     if variant == "deepseek_v32":
         from transformers import DeepseekV32Config, DeepseekV32ForCausalLM
 
         config = DeepseekV32Config(
-            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=1,
-            num_attention_heads=heads, num_key_value_heads=heads, first_k_dense_replace=1, n_routed_experts=4,
-            num_experts_per_tok=2, n_group=1, topk_group=1, moe_intermediate_size=hidden,
-            max_position_embeddings=max(seq_len, 4096), **mla, **index,
+            vocab_size=VOCAB,
+            hidden_size=hidden,
+            intermediate_size=3 * hidden,
+            num_hidden_layers=1,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            first_k_dense_replace=1,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            n_group=1,
+            topk_group=1,
+            moe_intermediate_size=hidden,
+            max_position_embeddings=max(seq_len, 4096),
+            **mla,
+            **index,
         )
         config._attn_implementation = "sdpa"
         return DeepseekV32ForCausalLM(config)
@@ -63,10 +86,19 @@ def build(variant: str, hidden: int, topk: int, seq_len: int, heads: int = 8, ml
 
     base = variant.removeprefix("dsa-")
     config = HybridConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=1,
-        num_attention_heads=heads, num_key_value_heads=2, head_dim=hidden // heads, max_position_embeddings=max(seq_len, 4096),
-        mixer_types=["dsa" if variant.startswith("dsa-") else base], dsa_base=base if base == "mla" else "attention",
-        dsa_mode="sparse", **mla, **index,
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        intermediate_size=3 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        head_dim=hidden // heads,
+        max_position_embeddings=max(seq_len, 4096),
+        mixer_types=["dsa" if variant.startswith("dsa-") else base],
+        dsa_base=base if base == "mla" else "attention",
+        dsa_mode="sparse",
+        **mla,
+        **index,
     )
     config._attn_implementation = "sdpa"
     return HybridForCausalLM(config)
@@ -100,8 +132,15 @@ def child(variant: str, mode: str, seq_len: int, hidden: int, topk: int) -> dict
     before_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     seconds = run_pass(model, ids, mode)
     after_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"variant": variant, "mode": mode, "seq_len": seq_len, "params": params,
-            "peak_mib": (after_kib - before_kib) / 1024, "seconds": seconds, "rss_before_mib": before_kib / 1024}
+    return {
+        "variant": variant,
+        "mode": mode,
+        "seq_len": seq_len,
+        "params": params,
+        "peak_mib": (after_kib - before_kib) / 1024,
+        "seconds": seconds,
+        "rss_before_mib": before_kib / 1024,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--topk", type=int, default=256)
     p.add_argument("--modes", default="fwd,train")
     p.add_argument("--variants", default="all", help=f"comma-separated subset of {','.join(VARIANTS)}")
-    p.add_argument("--repeats", type=int, default=3, help="fresh processes per measurement; the median is shown")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="fresh processes per measurement; the median is shown"
+    )
     p.add_argument("--json", default=None, help="also write the rows here")
     p.add_argument("--child", nargs=2, metavar=("VARIANT", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -132,8 +173,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for mode in modes:
         for variant in variants:
-            cmd = [sys.executable, __file__, "--child", variant, mode, "--seq-len", str(args.seq_len),
-                   "--hidden", str(args.hidden), "--topk", str(args.topk)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                mode,
+                "--seq-len",
+                str(args.seq_len),
+                "--hidden",
+                str(args.hidden),
+                "--topk",
+                str(args.topk),
+            ]
             runs, error = [], None
             for _ in range(max(1, args.repeats)):
                 proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -150,12 +202,17 @@ def main(argv: list[str] | None = None) -> int:
             row["seconds"] = statistics.median(r["seconds"] for r in runs)
             row["runs"] = [{"peak_mib": r["peak_mib"], "seconds": r["seconds"]} for r in runs]
             rows.append(row)
-            print(f"{variant:14s} {mode:5s} peak +{row['peak_mib']:8.1f} MiB  {row['seconds']:7.3f} s  (median of "
-                  f"{len(runs)})", flush=True)
+            print(
+                f"{variant:14s} {mode:5s} peak "
+                f"+{row['peak_mib']:8.1f} MiB  {row['seconds']:7.3f} s  (median of {len(runs)})",
+                flush=True,
+            )
 
     threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    print(f"\nT={args.seq_len}, batch 1, hidden {args.hidden}, top-k {args.topk}, fp32, CPU, OMP_NUM_THREADS={threads}; "
-          "peak = growth of ru_maxrss during the pass")
+    print(
+        f"\nT={args.seq_len}, batch 1, hidden {args.hidden}, top-k {args.topk}, fp32, "
+        f"CPU, OMP_NUM_THREADS={threads}; peak = growth of ru_maxrss during the pass"
+    )
     print("| variant | mode | peak memory (MiB) | time (s) | memory vs hf_hybrid dense base | time vs base |")
     print("|---|---|---:|---:|---:|---:|")
     by_key = {(r["variant"], r["mode"]): r for r in rows if "error" not in r}

@@ -1,29 +1,33 @@
-"""GPU truth in one call: install what the image lacks, check every kernel, take every benchmark, in a time budget.
+"""GPU truth in one call: install what the image lacks, check every kernel, take every benchmark, in a time
+budget.
 
     python3 scripts/gpu_check.py                      # on the GPU machine (from the repo root; .whl/ carried)
-    python3 scripts/gpu_check.py --dry-run            # CPU rehearsal: every section at toy sizes (tests/test_gpu_check.py)
-    python3 scripts/gpu_check.py --budget-s 300 --sections ceilings,dsa_triton,bench_dsa
+    python3 scripts/gpu_check.py --dry-run            # CPU rehearsal: every section at toy sizes
+    (tests/test_gpu_check.py) python3 scripts/gpu_check.py --budget-s 300 --sections
+    ceilings,dsa_triton,bench_dsa
 
 1. environment: installs the wheels of ``.whl/`` (scripts/build_gpu_wheels.sh) that the image lacks, with no
-   network (``pip install --no-index --find-links .whl --target <out>/site``, only where the installed version is
-   missing or older than we need); prints versions, the GPU, and whether fla-core refuses gated backwards there.
+   network (``pip install --no-index --find-links .whl --target <out>/site``, only where the installed version
+   is missing or older than we need); prints versions, the GPU, and whether fla-core refuses gated backwards
+   there.
 2. ceilings: a large device-to-device copy (GB/s, bytes read + written) and an 8192³ bf16 matmul (TFLOP/s).
-3. correctness (fresh random inputs, outputs poisoned: every ``torch.empty`` is NaN-filled while a check runs, so
-   an element a kernel never writes fails; ‖out − ref‖ / ‖ref‖ against an fp32 reference on the same rounded
-   inputs, bound 4u for a low-precision dtype of unit roundoff u, 1e-5 for fp32; "floor" is the error of merely
-   rounding the reference): DSA Triton sparse attention fwd/bwd and indexer kernels (bf16 and fp16; fp32 and fp16
-   in the CPU interpreter, whose bf16 ``tl.dot`` is wrong), fla-core vs our chunked path, grouped experts vs the
-   loop spec, absorbed vs naive MLA decode, and ``pytest -m gpu``.
-4. benchmarks, each a ratio against an anchor timed in the same run (median of CUDA-event timings after warm-up):
-   linear mixers (scripts/bench_linear.py), DSA prefill and its memory against transformers' deepseek_v32
-   (scripts/bench_dsa_ops.py, scripts/dsa_memory.py), MLA decode (scripts/bench_mla.py), the MoE block
-   (scripts/bench_moe.py), end-to-end training against transformers' qwen3_next, MQAR (scripts/mqar.py).
+3. correctness (fresh random inputs, outputs poisoned: every ``torch.empty`` is NaN-filled while a check runs,
+   so an element a kernel never writes fails; ‖out − ref‖ / ‖ref‖ against an fp32 reference on the same
+   rounded inputs, bound 4u for a low-precision dtype of unit roundoff u, 1e-5 for fp32; "floor" is the error
+   of merely rounding the reference): DSA Triton sparse attention fwd/bwd and indexer kernels (bf16 and fp16;
+   fp32 and fp16 in the CPU interpreter, whose bf16 ``tl.dot`` is wrong), fla-core vs our chunked path,
+   grouped experts vs the loop spec, absorbed vs naive MLA decode, and ``pytest -m gpu``.
+4. benchmarks, each a ratio against an anchor timed in the same run (median of CUDA-event timings after
+   warm-up): linear mixers (scripts/bench_linear.py), DSA prefill and its memory against transformers'
+   deepseek_v32 (scripts/bench_dsa_ops.py, scripts/dsa_memory.py), MLA decode (scripts/bench_mla.py), the MoE
+   block (scripts/bench_moe.py), end-to-end training against transformers' qwen3_next, MQAR (scripts/mqar.py).
 
-Every result is appended to ``<out>/gpu_report.json`` (rewritten whole, always valid) and ``<out>/gpu_report.md``
-as soon as it exists, so a timeout loses nothing. ``--out`` defaults to ``$OUT`` (the device call's folder) or
-./gpu_out. Each section checks the clock (``--budget-s``, default 480) and skips itself, or its remaining rows,
-with a line saying so; a section that raises records its traceback and the run goes on; a dead CUDA context
-(an illegal access poisons the process) re-runs the script in a fresh process from the next section.
+Every result is appended to ``<out>/gpu_report.json`` (rewritten whole, always valid) and
+``<out>/gpu_report.md`` as soon as it exists, so a timeout loses nothing. ``--out`` defaults to ``$OUT`` (the
+device call's folder) or ./gpu_out. Each section checks the clock (``--budget-s``, default 480) and skips
+itself, or its remaining rows, with a line saying so; a section that raises records its traceback and the run
+goes on; a dead CUDA context (an illegal access poisons the process) re-runs the script in a fresh process
+from the next section.
 """
 
 from __future__ import annotations
@@ -51,8 +55,8 @@ from types import SimpleNamespace
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = REPO / "scripts"
 
-# (distribution, oldest version we accept, needed only when the carried transformers is installed): what the checks
-# import beyond the image's torch and triton; the last four are transformers 5.24's own requirements.
+# (distribution, oldest version we accept, needed only when the carried transformers is installed): what the
+# checks import beyond the image's torch and triton; the last four are transformers 5.24's own requirements.
 REQUIREMENTS = (
     ("transformers", "5.23.0", False),
     ("fla-core", "0.6.0", False),
@@ -63,9 +67,9 @@ REQUIREMENTS = (
     ("regex", "2025.10.22", True),
 )
 
-# unit roundoff: a low-precision result is bounded by 4u relative (one rounding of the output is ≈ u/√3 in norm;
-# the kernels round a few intermediates — p, ds, chunk states — to the input dtype, as FlashAttention does); a wrong
-# index, mask or missing term is O(1). fp32 paths differ only in summation order.
+# unit roundoff: a low-precision result is bounded by 4u relative (one rounding of the output is ≈ u/√3 in
+# norm; the kernels round a few intermediates — p, ds, chunk states — to the input dtype, as FlashAttention
+# does); a wrong index, mask or missing term is O(1). fp32 paths differ only in summation order.
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 FP32_BOUND = 1e-5
 
@@ -92,8 +96,8 @@ def installed_version(dist: str) -> str | None:
 
 def install_plan(wheel_dir: Path, installed: Callable[[str], str | None] = installed_version) -> list[dict]:
     """One row per requirement: installed version, needed minimum, the carried wheel, and the action
-    ("ok", "install" or "missing wheel"). transformers' own requirements count only when it is installed from the
-    carried wheel (an installed transformers that is new enough brings what it needs)."""
+    ("ok", "install" or "missing wheel"). transformers' own requirements count only when it is installed from
+    the carried wheel (an installed transformers that is new enough brings what it needs)."""
     wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
     rows = []
     for dist, minimum, only_with_transformers in REQUIREMENTS:
@@ -104,25 +108,55 @@ def install_plan(wheel_dir: Path, installed: Callable[[str], str | None] = insta
             ok = True
         action = "ok" if ok else ("install" if wheel is not None else "missing wheel")
         rows.append(
-            {"package": dist, "installed": have, "needs": f">={minimum}", "wheel": wheel and wheel.name, "action": action}
+            {
+                "package": dist,
+                "installed": have,
+                "needs": f">={minimum}",
+                "wheel": wheel and wheel.name,
+                "action": action,
+            }
         )
-    # hf-hybrid: the checked-out tree beside this script comes first on the path; its wheel serves a copy of the
-    # script run outside the tree
+    # hf-hybrid: the checked-out tree beside this script comes first on the path; its wheel serves a copy of
+    # the script run outside the tree
     wheel = next((w for w in wheels if w.name.startswith("hf_hybrid-")), None)
     in_tree = (REPO / "hf_hybrid" / "__init__.py").is_file()
-    rows.append({"package": "hf-hybrid", "installed": "tree" if in_tree else installed("hf-hybrid"), "needs": "any",
-                 "wheel": wheel and wheel.name,
-                 "action": "ok" if in_tree or installed("hf-hybrid") else ("install" if wheel else "missing wheel")})
+    rows.append(
+        {
+            "package": "hf-hybrid",
+            "installed": "tree" if in_tree else installed("hf-hybrid"),
+            "needs": "any",
+            "wheel": wheel and wheel.name,
+            "action": "ok"
+            if in_tree or installed("hf-hybrid")
+            else ("install" if wheel else "missing wheel"),
+        }
+    )
     return rows
 
 
 def install(plan: list[dict], wheel_dir: Path, site: Path) -> str:
-    """pip-install the planned wheels into ``site`` (no network, no dependencies) and put it first on the path."""
+    """pip-install the planned wheels into ``site`` (no network, no dependencies) and put it first on the
+    path."""
     wheels = [str(wheel_dir / row["wheel"]) for row in plan if row["action"] == "install"]
     if not wheels:
         return "nothing to install"
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-           "--upgrade", "--find-links", str(wheel_dir), "--target", str(site), *wheels]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--no-compile",
+        "--no-cache-dir",
+        "--upgrade",
+        "--find-links",
+        str(wheel_dir),
+        "--target",
+        str(site),
+        *wheels,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"pip install failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -142,7 +176,8 @@ def activate_site(site: Path) -> None:
 
 
 class Report:
-    """Results as they come: the JSON file is rewritten whole (always valid), the Markdown file appended to."""
+    """Results as they come: the JSON file is rewritten whole (always valid), the Markdown file appended
+    to."""
 
     def __init__(self, out: Path, meta: dict, resume: bool):
         self.json_path, self.md_path = out / "gpu_report.json", out / "gpu_report.md"
@@ -178,7 +213,8 @@ def _json_default(x):
 
 
 def _clean(x):
-    """JSON-safe copy: non-finite floats become strings ("nan", "inf"), tuples lists, other objects strings."""
+    """JSON-safe copy: non-finite floats become strings ("nan", "inf"), tuples lists, other objects
+    strings."""
     if isinstance(x, float):
         return x if math.isfinite(x) else str(x)
     if isinstance(x, dict):
@@ -220,7 +256,8 @@ def _md_section(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ------------------------------------------------------------------------------------------------------ runner
+# ------------------------------------------------------------------------------------------------------
+# runner
 
 
 @dataclass
@@ -333,8 +370,8 @@ def cuda_context_alive() -> bool:
 
 
 def run_sections(run: Run, report: Report, names: list[str], start: int) -> int:
-    """Run SECTIONS[start:] that are in ``names``; returns the index to resume from after a dead CUDA context, or
-    -1 when all ran."""
+    """Run SECTIONS[start:] that are in ``names``; returns the index to resume from after a dead CUDA context,
+    or -1 when all ran."""
     for i, sec in enumerate(SECTIONS):
         if i < start or sec.name not in names:
             continue
@@ -342,15 +379,21 @@ def run_sections(run: Run, report: Report, names: list[str], start: int) -> int:
         left = run.deadline - t0
         result = {"section": sec.name, "kind": sec.kind}
         if left < sec.need_s:
-            result.update(status="skip", reason=f"skipped: {left:.0f} s of the budget left, this section needs "
-                                                 f"≥ {sec.need_s:.0f} s", seconds=0.0)
+            result.update(
+                status="skip",
+                reason=f"skipped: {left:.0f} s of the budget left, this section needs ≥ {sec.need_s:.0f} s",
+                seconds=0.0,
+            )
             print(f"[{sec.name}] {result['reason']}", flush=True)
             report.add(result)
             continue
         run.section_end = min(run.deadline, t0 + sec.cap_s)
         run.skipped_rows = 0
         run.rows = []
-        print(f"[{sec.name}] start ({left:.0f} s of the budget left, this section ≤ {sec.cap_s:.0f} s)", flush=True)
+        print(
+            f"[{sec.name}] start ({left:.0f} s of the budget left, this section ≤ {sec.cap_s:.0f} s)",
+            flush=True,
+        )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -363,13 +406,17 @@ def run_sections(run: Run, report: Report, names: list[str], start: int) -> int:
                     f"{run.skipped_rows} measurement(s) skipped: the section's share of the budget was spent"
                 )
         except Exception as error:
-            result.update(status="error", reason=short_error(error), traceback=traceback.format_exc(),
-                          rows=run.rows)
+            result.update(
+                status="error", reason=short_error(error), traceback=traceback.format_exc(), rows=run.rows
+            )
         result["seconds"] = time.time() - t0
         result = _clean(result)
         report.add(result)
-        print(f"[{sec.name}] {result['status']} in {result['seconds']:.1f} s"
-              + (f": {result['reason']}" if result.get("reason") else ""), flush=True)
+        print(
+            f"[{sec.name}] {result['status']} in {result['seconds']:.1f} s"
+            + (f": {result['reason']}" if result.get("reason") else ""),
+            flush=True,
+        )
         for row in result.get("rows", [])[:40]:
             print("    " + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()), flush=True)
         run.empty_cache()
@@ -383,11 +430,15 @@ def run_sections(run: Run, report: Report, names: list[str], start: int) -> int:
 
 @contextlib.contextmanager
 def poisoned():
-    """While active, every ``torch.empty*`` result is filled with NaN (integers: their maximum), so an output element
-    that a kernel never writes shows up as non-finite (torch's deterministic mode, warn-only: nothing else changes)."""
+    """While active, every ``torch.empty*`` result is filled with NaN (integers: their maximum), so an output
+    element that a kernel never writes shows up as non-finite (torch's deterministic mode, warn-only: nothing
+    else changes)."""
     import torch
 
-    was_on, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    was_on, was_warn = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
@@ -419,8 +470,18 @@ def compare(check: str, outs: dict, refs: dict, dtype, bound: float | None = Non
         b = bound_for(dtype) if bound is None else bound
         err = rel_error(out, ref)
         floor = rel_error(ref.to(out.dtype), ref) if out.dtype != ref.dtype else 0.0
-        rows.append({"check": check, **keys, "tensor": name, "dtype": str(dtype).removeprefix("torch."),
-                     "error": err, "floor": floor, "bound": b, "pass": bool(err <= b)})
+        rows.append(
+            {
+                "check": check,
+                **keys,
+                "tensor": name,
+                "dtype": str(dtype).removeprefix("torch."),
+                "error": err,
+                "floor": floor,
+                "bound": b,
+                "pass": bool(err <= b),
+            }
+        )
     return rows
 
 
@@ -438,12 +499,20 @@ def _accepting(fn: Callable) -> Callable:
 
 @contextlib.contextmanager
 def qwen3_next_torch_fallback():
-    """transformers' qwen3_next on its torch fallback even where fla-core is importable (it then binds fla's kernels
-    behind the torch names at import)."""
+    """transformers' qwen3_next on its torch fallback even where fla-core is importable (it then binds fla's
+    kernels behind the torch names at import)."""
     from transformers.models.qwen3_next import modeling_qwen3_next as m
 
-    names = [n for n in ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule", "causal_conv1d_fn",
-                         "causal_conv1d_update") if hasattr(m, n)]
+    names = [
+        n
+        for n in (
+            "torch_chunk_gated_delta_rule",
+            "torch_recurrent_gated_delta_rule",
+            "causal_conv1d_fn",
+            "causal_conv1d_update",
+        )
+        if hasattr(m, n)
+    ]
     saved = {n: getattr(m, n) for n in names}
     for n in names:
         setattr(m, n, _accepting(inspect.unwrap(saved[n])))
@@ -461,8 +530,12 @@ def qwen3_next_torch_fallback():
 def environment(run: Run) -> dict:
     import torch
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "device": str(run.device),
-            "dry_run": run.dry}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(run.device),
+        "dry_run": run.dry,
+    }
     for mod in ("triton", "transformers", "fla", "hf_hybrid"):
         try:
             m = importlib.import_module(mod)
@@ -472,8 +545,12 @@ def environment(run: Run) -> dict:
     notes = [f"install: {run.args.install_note}"]
     if run.cuda:
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=props.name, capability=f"{props.major}.{props.minor}", sms=props.multi_processor_count,
-                    memory_gib=round(props.total_memory / 2**30, 1))
+        info.update(
+            gpu=props.name,
+            capability=f"{props.major}.{props.minor}",
+            sms=props.multi_processor_count,
+            memory_gib=round(props.total_memory / 2**30, 1),
+        )
         from hf_hybrid.ops import fla_support
 
         error = fla_support.fla_import_error()
@@ -492,13 +569,17 @@ def environment(run: Run) -> dict:
     missing = [r["package"] for r in run.args.plan if r["action"] == "missing wheel"]
     out = {"rows": rows, "notes": notes}
     if missing:
-        out.update(status="fail", reason=f"no carried wheel for {', '.join(missing)} (run scripts/build_gpu_wheels.sh)")
+        out.update(
+            status="fail",
+            reason=f"no carried wheel for {', '.join(missing)} (run scripts/build_gpu_wheels.sh)",
+        )
     return out
 
 
 @section("setup", cap_s=30)
 def ceilings(run: Run) -> dict:
-    """The two numbers every benchmark is read against: copy bandwidth and dense matmul rate, on random data."""
+    """The two numbers every benchmark is read against: copy bandwidth and dense matmul rate, on random
+    data."""
     import torch
 
     n_bytes = run.pick(4 * 2**30, 32 * 2**20)
@@ -514,10 +595,18 @@ def ceilings(run: Run) -> dict:
     mm_ms = measure(lambda: a @ b)
     run.ceilings = {"copy_gbs": 2 * n_bytes / copy_ms / 1e6, "matmul_tflops": 2 * n**3 / mm_ms / 1e9}
     rows = [
-        {"ceiling": "device-to-device copy", "size": f"{n_bytes / 2**30:.3g} GiB", "ms": copy_ms,
-         "rate": f"{run.ceilings['copy_gbs']:.0f} GB/s (read + write)"},
-        {"ceiling": "matmul", "size": f"{n}^3 {str(dtype).removeprefix('torch.')}", "ms": mm_ms,
-         "rate": f"{run.ceilings['matmul_tflops']:.1f} TFLOP/s"},
+        {
+            "ceiling": "device-to-device copy",
+            "size": f"{n_bytes / 2**30:.3g} GiB",
+            "ms": copy_ms,
+            "rate": f"{run.ceilings['copy_gbs']:.0f} GB/s (read + write)",
+        },
+        {
+            "ceiling": "matmul",
+            "size": f"{n}^3 {str(dtype).removeprefix('torch.')}",
+            "ms": mm_ms,
+            "rate": f"{run.ceilings['matmul_tflops']:.1f} TFLOP/s",
+        },
     ]
     return {"rows": rows, "data": run.ceilings}
 
@@ -555,7 +644,8 @@ def _dsa_outputs(fn, q, k, v, idx, scale, seed):
 
 @section("correctness", cap_s=90, need_s=10)
 def dsa_triton(run: Run) -> dict:
-    """Triton sparse attention (fwd, bwd) and indexer kernels against the torch path on fp32 copies of the inputs."""
+    """Triton sparse attention (fwd, bwd) and indexer kernels against the torch path on fp32 copies of the
+    inputs."""
     import torch
 
     from hf_hybrid.ops.dsa import indexer_topk, sparse_attention, sparse_attention_torch
@@ -564,16 +654,27 @@ def dsa_triton(run: Run) -> dict:
     from hf_hybrid.ops.dsa.triton_kernels import indexer_logits_block_triton
 
     cases = run.pick(
-        {"gqa H16/Hkv4 D128": (2, 1000, 48, 16, 4, 128, 128, 256),
-         "mla-latent H16 Dqk576/Dv512": (1, 700, 100, 16, 1, 576, 512, 512)},
+        {
+            "gqa H16/Hkv4 D128": (2, 1000, 48, 16, 4, 128, 128, 256),
+            "mla-latent H16 Dqk576/Dv512": (1, 700, 100, 16, 1, 576, 512, 512),
+        },
         {"gqa": (2, 11, 6, 4, 2, 32, 32, 7), "mqa-latent": (1, 9, 4, 4, 1, 40, 32, 6)},
     )
     rows, seed = run.rows, 0
-    with poisoned():  # the poisoning itself works on this device and torch (else unwritten outputs would pass)
+    # the poisoning itself works on this device and torch (else unwritten outputs would pass)
+    with poisoned():
         canary = torch.empty(1024, device=run.device, dtype=run.low_dtypes[0])
     active = bool(canary.isnan().all())
-    rows.append({"check": "poison", "tensor": "torch.empty", "dtype": str(canary.dtype).removeprefix("torch."),
-                 "error": 0.0 if active else 1.0, "bound": 0.0, "pass": active})
+    rows.append(
+        {
+            "check": "poison",
+            "tensor": "torch.empty",
+            "dtype": str(canary.dtype).removeprefix("torch."),
+            "error": 0.0 if active else 1.0,
+            "bound": 0.0,
+            "pass": active,
+        }
+    )
     triton_attn = lambda *a, **kw: sparse_attention(*a, backend="triton", **kw)
     for dtype in run.low_dtypes:
         for name, (B, T, P, H, Hkv, Dqk, Dv, K) in cases.items():
@@ -589,8 +690,14 @@ def dsa_triton(run: Run) -> dict:
             want = _dsa_outputs(sparse_attention_torch, q32, k32, v32, idx, scale, seed)
             lse = {"lse": got.pop("lse")}  # fp32 from exact low-precision products: fp32 bound
             rows += compare("sparse_attention", got, want, dtype, case=name)
-            rows += compare("sparse_attention", lse, want, dtype, bound=1e-4 if dtype != torch.float32 else None,
-                            case=name)
+            rows += compare(
+                "sparse_attention",
+                lse,
+                want,
+                dtype,
+                bound=1e-4 if dtype != torch.float32 else None,
+                case=name,
+            )
     # indexer logits (one block) and the streaming top-k built on them
     B, T, S, HI, DI = run.pick((1, 512, 1536, 64, 128), (2, 37, 70, 3, 24))
     for dtype in run.low_dtypes:
@@ -618,17 +725,29 @@ def dsa_triton(run: Run) -> dict:
         with poisoned():
             got = indexer_topk(*args, topk=K, query_chunk=qc, key_chunk=kc, backend="triton")
         same = bool(torch.equal(got.cpu(), want))
-        rows.append({"check": "indexer_topk (exact inputs)", "dtype": str(dtype).removeprefix("torch."),
-                     "tensor": "idx", "error": 0.0 if same else 1.0, "bound": 0.0, "pass": same})
+        rows.append(
+            {
+                "check": "indexer_topk (exact inputs)",
+                "dtype": str(dtype).removeprefix("torch."),
+                "tensor": "idx",
+                "error": 0.0 if same else 1.0,
+                "bound": 0.0,
+                "pass": same,
+            }
+        )
     return {"status": status_of(rows), "rows": rows}
 
 
 @section("correctness", cap_s=90, need_s=10)
 def fla_dispatch(run: Run) -> dict:
-    """fla-core's kernels against our chunked torch path, and whether ``auto`` picks fla only where fla serves."""
+    """fla-core's kernels against our chunked torch path, and whether ``auto`` picks fla only where fla
+    serves."""
     if not run.cuda:
-        return {"status": "skip", "reason": "fla-core needs CUDA here (its CPU-interpreter parity run is "
-                                            "tests/ops/test_fla_interpreter.py)"}
+        return {
+            "status": "skip",
+            "reason": "fla-core needs CUDA here (its CPU-interpreter parity run is "
+            "tests/ops/test_fla_interpreter.py)",
+        }
     import torch
     import torch.nn.functional as F
 
@@ -640,24 +759,38 @@ def fla_dispatch(run: Run) -> dict:
     if error is not None:
         return {"status": "skip", "reason": f"fla-core is not usable: {error}"}
     dtype = torch.bfloat16
-    # T not a multiple of the chunk size; bench_linear's H and D, so fla's autotuning (keyed on them) runs once
+    # T not a multiple of the chunk size; bench_linear's H and D, so fla's autotuning (keyed on them) runs
+    # once
     B, T, H, D = 1, 2000, 16, 128
     g = torch.Generator(device="cuda").manual_seed(0)
     rn = lambda *s: torch.randn(*s, device="cuda", generator=g)
     ops = {  # label: (op name for fla_support, fn(*inputs, backend), inputs, gated); g (index 3) stays fp32
         "gated_delta_rule": (
             "gated_delta_rule",
-            lambda q, k, v, gl, beta, backend: gated_delta_rule(q, k, v, gl, beta, use_qk_l2norm=True, backend=backend)[0],
-            lambda: [rn(B, T, H, D), rn(B, T, H, D), rn(B, T, H, D), F.logsigmoid(rn(B, T, H) + 3),
-                     torch.rand(B, T, H, device="cuda", generator=g)], True),
+            lambda q, k, v, gl, beta, backend: gated_delta_rule(
+                q, k, v, gl, beta, use_qk_l2norm=True, backend=backend
+            )[0],
+            lambda: [
+                rn(B, T, H, D),
+                rn(B, T, H, D),
+                rn(B, T, H, D),
+                F.logsigmoid(rn(B, T, H) + 3),
+                torch.rand(B, T, H, device="cuda", generator=g),
+            ],
+            True,
+        ),
         "simple_gla (Mamba-2 form)": (
             "simple_gla",
             lambda q, k, v, gl, backend: simple_gla(q, k, v, gl, scale=1.0 / D, backend=backend)[0],
-            lambda: [rn(B, T, H, D), rn(B, T, H, D), rn(B, T, H, D), F.logsigmoid(rn(B, T, H) + 3)], True),
+            lambda: [rn(B, T, H, D), rn(B, T, H, D), rn(B, T, H, D), F.logsigmoid(rn(B, T, H) + 3)],
+            True,
+        ),
         "linear attention": (
             "simple_gla",
             lambda q, k, v, backend: simple_gla(q, k, v, None, backend=backend)[0],
-            lambda: [rn(B, T, H, D), rn(B, T, H, D) / 8, rn(B, T, H, D)], False),
+            lambda: [rn(B, T, H, D), rn(B, T, H, D) / 8, rn(B, T, H, D)],
+            False,
+        ),
     }
     rows, notes = run.rows, []
     for name, (op_name, op, inputs_fn, gated) in ops.items():
@@ -682,14 +815,28 @@ def fla_dispatch(run: Run) -> dict:
                 o = op(*leaves, backend="fla") if refusal is None else _fla_direct(op_name, leaves, D)
                 grads = torch.autograd.grad((o.float() * d_o).sum(), leaves)
             if refusal is not None:
-                rows.append({"check": name + " bwd", "tensor": "refusal", "pass": False,
-                             "error": "fla ran a backward we predicted it refuses: the refusal rule is too strict"})
+                rows.append(
+                    {
+                        "check": name + " bwd",
+                        "tensor": "refusal",
+                        "pass": False,
+                        "error": "fla ran a backward we predicted it refuses: the refusal rule is too strict",
+                    }
+                )
             else:
-                rows += compare(name + " bwd (fla)", {f"d{i}": gr for i, gr in enumerate(grads)}, ref_grads, dtype)
+                rows += compare(
+                    name + " bwd (fla)", {f"d{i}": gr for i, gr in enumerate(grads)}, ref_grads, dtype
+                )
         except Exception as error:
             predicted = refusal is not None
-            rows.append({"check": name + " bwd", "tensor": "refusal", "pass": predicted,
-                         "error": short_error(error) + ("" if predicted else " (not predicted)")})
+            rows.append(
+                {
+                    "check": name + " bwd",
+                    "tensor": "refusal",
+                    "pass": predicted,
+                    "error": short_error(error) + ("" if predicted else " (not predicted)"),
+                }
+            )
         with poisoned():
             o = op(*leaves, backend="torch")
             grads = torch.autograd.grad((o.float() * d_o).sum(), leaves)
@@ -708,7 +855,8 @@ def _fla_direct(op_name: str, leaves, D):
 
 @section("correctness", cap_s=30, need_s=5)
 def moe_grouped(run: Run) -> dict:
-    """Each experts implementation (eager, batched_mm, grouped_mm) against the per-expert loop spec, fwd and bwd."""
+    """Each experts implementation (eager, batched_mm, grouped_mm) against the per-expert loop spec, fwd and
+    bwd."""
     import copy
 
     import bench_moe
@@ -746,7 +894,9 @@ def moe_grouped(run: Run) -> dict:
             with poisoned():
                 got = outputs(experts, call, x_low)
         except Exception as error:
-            rows.append({"check": f"experts {impl}", "tensor": "-", "pass": False, "error": short_error(error)})
+            rows.append(
+                {"check": f"experts {impl}", "tensor": "-", "pass": False, "error": short_error(error)}
+            )
             continue
         rows += compare(f"experts {impl}", got, want, dtype, N=N, E=E, k=K)
     return {"status": status_of(rows), "rows": rows}
@@ -765,7 +915,8 @@ MLA_DRY = dict(hidden=64, heads=4, q_lora=None, kv_lora=32, rope=8, nope=16, v=1
 
 @section("correctness", cap_s=30, need_s=5)
 def mla_decode(run: Run) -> dict:
-    """One decode step, absorbed and naive, against the naive step in fp32 on the same rounded weights and cache."""
+    """One decode step, absorbed and naive, against the naive step in fp32 on the same rounded weights and
+    cache."""
     import bench_mla
 
     sizes = run.pick(MLA_GPU, MLA_DRY)
@@ -776,7 +927,9 @@ def mla_decode(run: Run) -> dict:
         if not run.keep_going(2):
             rows.append(skipped_row(check="mla decode", dtype=str(dtype)))
             continue
-        ref = bench_mla.make_decode_step(config, "naive", batch, context, run.device, run.torch.float32, dtype)[1]()
+        ref = bench_mla.make_decode_step(
+            config, "naive", batch, context, run.device, run.torch.float32, dtype
+        )[1]()
         outs = {}
         for mode in ("absorbed", "naive"):
             _, step = bench_mla.make_decode_step(config, mode, batch, context, run.device, dtype)
@@ -788,8 +941,8 @@ def mla_decode(run: Run) -> dict:
 
 @section("correctness", cap_s=60, need_s=10)
 def pytest_gpu(run: Run) -> dict:
-    """The suite's ``-m gpu`` tests. The CPU dry run only collects, and from one file (collecting the whole suite
-    imports every test module, which takes longer than the rest of the dry run)."""
+    """The suite's ``-m gpu`` tests. The CPU dry run only collects, and from one file (collecting the whole
+    suite imports every test module, which takes longer than the rest of the dry run)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", "tests"]
     if not run.cuda:
         cmd[-1:] = ["tests/test_gpu_check.py", "--collect-only", "--noconftest"]
@@ -808,13 +961,14 @@ def pytest_gpu(run: Run) -> dict:
     return out
 
 
-# ------------------------------------------------------------------------------------------ benchmark sections
+# ------------------------------------------------------------------------------------------ benchmark
+# sections
 
 
 @section("benchmark", cap_s=90, need_s=10)
 def bench_linear(run: Run) -> dict:
-    """GDN, Mamba-2 (simple GLA) and linear attention: our chunked path vs fla-core, transformers' torch fallback and
-    SDPA, fwd and fwd+bwd."""
+    """GDN, Mamba-2 (simple GLA) and linear attention: our chunked path vs fla-core, transformers' torch
+    fallback and SDPA, fwd and fwd+bwd."""
     import bench_linear as bl
 
     lengths = run.pick([8192, 32768], [64, 128])
@@ -827,8 +981,19 @@ def bench_linear(run: Run) -> dict:
             fns["fla"] = None
             notes.append(f"{op}: fla n/a (needs CUDA)")
         for mode, length, row in bl.bench_rows(
-            op, "cuda" if run.cuda else "cpu", lengths, run.bench_dtype, 1, heads, dim, ["fwd", "fwd+bwd"], fns,
-            measure, naive_max_len=0, hf_max_len=max(lengths), keep_going=lambda: run.keep_going(3),
+            op,
+            "cuda" if run.cuda else "cpu",
+            lengths,
+            run.bench_dtype,
+            1,
+            heads,
+            dim,
+            ["fwd", "fwd+bwd"],
+            fns,
+            measure,
+            naive_max_len=0,
+            hf_max_len=max(lengths),
+            keep_going=lambda: run.keep_going(3),
             on_error=lambda msg, op=op: notes.append(f"{op}: {msg.strip()}"),
         ):
             out = {"op": op, "mode": mode, "T": length}
@@ -842,19 +1007,24 @@ def bench_linear(run: Run) -> dict:
     return {"rows": rows, "notes": notes}
 
 
-DSA_SHAPES = {  # H, Hkv, Dqk, Dv, scale; lengths (dense SDPA with Dqk != Dv runs the slow mem-efficient kernel)
+# H, Hkv, Dqk, Dv, scale; lengths (dense SDPA with Dqk != Dv runs the slow mem-efficient kernel)
+DSA_SHAPES = {
     "gqa H16/Hkv4 D128": ((16, 4, 128, 128, 128**-0.5), (16384, 65536, 131072)),
     "mla-latent H16 Dqk576/Dv512": ((16, 1, 576, 512, 192**-0.5), (16384, 65536)),
 }
 DSA_SHAPES_DRY = {"gqa": ((2, 1, 16, 16, 0.25), (16,)), "mla-latent": ((2, 1, 24, 16, 0.2), (16,))}
-DSA_MODEL_GPU = dict(hidden=2048, heads=16, index=dict(index_n_heads=64, index_head_dim=128),
-                     mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-                              v_head_dim=128))
+DSA_MODEL_GPU = dict(
+    hidden=2048,
+    heads=16,
+    index=dict(index_n_heads=64, index_head_dim=128),
+    mla=dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128),
+)
 DSA_MODEL_DRY = dict(hidden=64, heads=4, mla=None, index=dict(index_n_heads=2, index_head_dim=16))
 
 
 def attempt(row: dict, fn: Callable[[], dict]) -> bool:
-    """row.update(fn()); an out-of-memory becomes the row's result ("OOM"), any other error too (returns False)."""
+    """row.update(fn()); an out-of-memory becomes the row's result ("OOM"), any other error too (returns
+    False)."""
     try:
         row.update(fn())
         return True
@@ -865,8 +1035,8 @@ def attempt(row: dict, fn: Callable[[], dict]) -> bool:
 
 @section("benchmark", cap_s=120, need_s=15)
 def bench_dsa(run: Run) -> dict:
-    """Peak memory of a one-layer DSA model vs transformers' deepseek_v32 (a dense T×T mask: its OOM is the result);
-    DSA prefill fwd and fwd+bwd (Triton, torch) vs dense SDPA; the indexer top-k."""
+    """Peak memory of a one-layer DSA model vs transformers' deepseek_v32 (a dense T×T mask: its OOM is the
+    result); DSA prefill fwd and fwd+bwd (Triton, torch) vs dense SDPA; the indexer top-k."""
     import bench_dsa_ops as bd
     import dsa_memory
     import torch
@@ -881,7 +1051,9 @@ def bench_dsa(run: Run) -> dict:
     # 1. one-layer models: ours (MLA + DSA) vs transformers' deepseek_v32, prefill and training
     sizes = run.pick(DSA_MODEL_GPU, DSA_MODEL_DRY)
     for variant in ("dsa-mla", "deepseek_v32"):
-        model = dsa_memory.build(variant, sizes["hidden"], K, max(Ts), sizes["heads"], sizes["mla"], sizes["index"])
+        model = dsa_memory.build(
+            variant, sizes["hidden"], K, max(Ts), sizes["heads"], sizes["mla"], sizes["index"]
+        )
         model.to(run.device, run.bench_dtype)
         dsa_memory.run_pass(model, torch.randint(0, dsa_memory.VOCAB, (1, 256), device=run.device), "train")
         model.zero_grad(set_to_none=True)
@@ -913,39 +1085,91 @@ def bench_dsa(run: Run) -> dict:
                 continue
             row = {"table": "attention", "shape": shape_name, "T": T, "K": K}
             got = {}
-            ok &= attempt(row, lambda T=T, shape=shape, got=got: got.update(bd._gpu_attention_rows(
-                T, K, reps, run.pick(16384, 32), *shape, dev=run.device, dt=run.bench_dtype, time_ms=time_ms,
-                peak_mib=peak_mib)) or {})
+            ok &= attempt(
+                row,
+                lambda T=T, shape=shape, got=got: (
+                    got.update(
+                        bd._gpu_attention_rows(
+                            T,
+                            K,
+                            reps,
+                            run.pick(16384, 32),
+                            *shape,
+                            dev=run.device,
+                            dt=run.bench_dtype,
+                            time_ms=time_ms,
+                            peak_mib=peak_mib,
+                        )
+                    )
+                    or {}
+                ),
+            )
             if not got:
                 rows.append(row)
             base = got.get("sdpa", (None, None, None))
             for op, (tf, tb, mb) in got.items():
-                rows.append({**row, "op": op, "fwd ms": tf if tf is not None else "OOM",
-                             "f+b ms": tb if tb is not None else "OOM", "f+b peak GiB": mb if mb is not None else "OOM",
-                             "sdpa/this fwd": base[0] / tf if tf and base[0] else None,
-                             "sdpa/this f+b": base[1] / tb if tb and base[1] else None})
+                rows.append(
+                    {
+                        **row,
+                        "op": op,
+                        "fwd ms": tf if tf is not None else "OOM",
+                        "f+b ms": tb if tb is not None else "OOM",
+                        "f+b peak GiB": mb if mb is not None else "OOM",
+                        "sdpa/this fwd": base[0] / tf if tf and base[0] else None,
+                        "sdpa/this f+b": base[1] / tb if tb and base[1] else None,
+                    }
+                )
             run.empty_cache()
     # 3. indexer top-k: torch vs fused Triton logits
-    chunks = run.pick((("torch", (64, 8192)), ("triton", (256, 16384))), (("torch", (16, 32)), ("triton", (16, 32))))
+    chunks = run.pick(
+        (("torch", (64, 8192)), ("triton", (256, 16384))), (("torch", (16, 32)), ("triton", (16, 32)))
+    )
     for T in Ts:
         if not run.keep_going(5):
             rows.append(skipped_row(table="indexer top-k", T=T))
             continue
         row = {"table": "indexer top-k", "T": T, "K": K}
         got = {}
-        ok &= attempt(row, lambda T=T, got=got: got.update(bd._gpu_indexer_rows(
-            T, K, reps, run.pick(16384, 64), *run.pick((64, 128), (2, 8)), dev=run.device, dt=run.bench_dtype,
-            time_ms=time_ms, peak_mib=peak_mib, chunks=chunks)) or {})
+        ok &= attempt(
+            row,
+            lambda T=T, got=got: (
+                got.update(
+                    bd._gpu_indexer_rows(
+                        T,
+                        K,
+                        reps,
+                        run.pick(16384, 64),
+                        *run.pick((64, 128), (2, 8)),
+                        dev=run.device,
+                        dt=run.bench_dtype,
+                        time_ms=time_ms,
+                        peak_mib=peak_mib,
+                        chunks=chunks,
+                    )
+                )
+                or {}
+            ),
+        )
         if not got:
             rows.append(row)
         torch_ms = got.get("torch", (None,))[0]
         for backend, (t, m) in got.items():
-            rows.append({**row, "op": backend, "fwd ms": "OOM" if t is None else t, "peak GiB": "OOM" if m is None else m,
-                         "torch/this": torch_ms / t if torch_ms and t else None})
+            rows.append(
+                {
+                    **row,
+                    "op": backend,
+                    "fwd ms": "OOM" if t is None else t,
+                    "peak GiB": "OOM" if m is None else m,
+                    "torch/this": torch_ms / t if torch_ms and t else None,
+                }
+            )
         run.empty_cache()
     if not ok:
-        return {"status": "fail", "reason": "a measurement failed with an error other than out-of-memory (see rows)",
-                "rows": rows}
+        return {
+            "status": "fail",
+            "reason": "a measurement failed with an error other than out-of-memory (see rows)",
+            "rows": rows,
+        }
     return {"rows": rows}
 
 
@@ -962,10 +1186,20 @@ def bench_mla(run: Run) -> dict:
     rows = run.rows
     results = {}
     for label, fn in (
-        ("ours absorbed", lambda: bm.bench_ours(config, "absorbed", batch, context, run.device, run.bench_dtype, timer, args)),
-        ("ours naive", lambda: bm.bench_ours(config, "naive", batch, context, run.device, run.bench_dtype, timer, args)),
-        ("transformers deepseek_v3", lambda: bm.bench_transformers(config, batch, context, run.device, run.bench_dtype,
-                                                                    timer, args)),
+        (
+            "ours absorbed",
+            lambda: bm.bench_ours(
+                config, "absorbed", batch, context, run.device, run.bench_dtype, timer, args
+            ),
+        ),
+        (
+            "ours naive",
+            lambda: bm.bench_ours(config, "naive", batch, context, run.device, run.bench_dtype, timer, args),
+        ),
+        (
+            "transformers deepseek_v3",
+            lambda: bm.bench_transformers(config, batch, context, run.device, run.bench_dtype, timer, args),
+        ),
     ):
         if not run.keep_going(3):
             rows.append(skipped_row(path=label))
@@ -976,17 +1210,28 @@ def bench_mla(run: Run) -> dict:
     cache_gb = batch * context * (sizes["kv_lora"] + sizes["rope"]) * (2 if run.cuda else 4) / 1e9
     floor = cache_gb / (run.ceilings.get("copy_gbs", float("nan")) / 2) * 1e3 if run.ceilings else None
     for label, (dev_ms, wall_ms) in results.items():
-        rows.append({"path": label, "batch": batch, "context": context, "device ms": dev_ms, "wall ms": wall_ms,
-                     "this/absorbed": dev_ms / base if base else None})
-    notes = [f"latent cache {cache_gb:.3f} GB; reading it once at the measured copy bandwidth ≈ {floor:.3g} ms"
-             if floor else "no copy ceiling measured"]
+        rows.append(
+            {
+                "path": label,
+                "batch": batch,
+                "context": context,
+                "device ms": dev_ms,
+                "wall ms": wall_ms,
+                "this/absorbed": dev_ms / base if base else None,
+            }
+        )
+    notes = [
+        f"latent cache {cache_gb:.3f} GB; reading it once at the measured copy bandwidth ≈ {floor:.3g} ms"
+        if floor
+        else "no copy ceiling measured"
+    ]
     return {"rows": rows, "notes": notes}
 
 
 @section("benchmark", cap_s=40, need_s=5)
 def bench_moe(run: Run) -> dict:
-    """MoE block fwd and fwd+bwd: HybridMoE vs transformers' Qwen3MoeSparseMoeBlock, same weights, TFLOP/s of the
-    routed expert GEMMs and their share of the measured matmul ceiling."""
+    """MoE block fwd and fwd+bwd: HybridMoE vs transformers' Qwen3MoeSparseMoeBlock, same weights, TFLOP/s of
+    the routed expert GEMMs and their share of the measured matmul ceiling."""
     import bench_moe as bm
 
     tokens, E, K, H, inter = run.pick((16384, 64, 8, 2048, 1024), (64, 8, 2, 32, 16))
@@ -998,30 +1243,81 @@ def bench_moe(run: Run) -> dict:
         if not run.keep_going(5):
             rows.append(skipped_row(impl=impl))
             continue
-        res = bm.compare_with_qwen3(E, K, inter, impl, H=H, tokens=tokens, device=run.device, dtype=run.bench_dtype,
-                                    iters=iters, time_fn=time_fn)
+        res = bm.compare_with_qwen3(
+            E,
+            K,
+            inter,
+            impl,
+            H=H,
+            tokens=tokens,
+            device=run.device,
+            dtype=run.bench_dtype,
+            iters=iters,
+            time_fn=time_fn,
+        )
         flops = res["flops_fwd"]
         for block in ("qwen3_moe", "hf_hybrid"):
             f, b, peak = res[block]
             tf_f, tf_b = flops / f / 1e9, 3 * flops / b / 1e9
-            rows.append({"impl": impl, "block": block, "tokens": tokens, "E": E, "k": K, "H": H, "I": inter,
-                         "fwd ms": f, "fwd TFLOP/s": tf_f, "f+b ms": b, "f+b TFLOP/s": tf_b,
-                         "f+b % of matmul ceiling": 100 * tf_b / ceiling if ceiling else None, "peak GiB": peak,
-                         "qwen3/this fwd": res["qwen3_moe"][0] / f, "qwen3/this f+b": res["qwen3_moe"][1] / b,
-                         "tokens agreeing within 2%": res["agree"]})
+            rows.append(
+                {
+                    "impl": impl,
+                    "block": block,
+                    "tokens": tokens,
+                    "E": E,
+                    "k": K,
+                    "H": H,
+                    "I": inter,
+                    "fwd ms": f,
+                    "fwd TFLOP/s": tf_f,
+                    "f+b ms": b,
+                    "f+b TFLOP/s": tf_b,
+                    "f+b % of matmul ceiling": 100 * tf_b / ceiling if ceiling else None,
+                    "peak GiB": peak,
+                    "qwen3/this fwd": res["qwen3_moe"][0] / f,
+                    "qwen3/this f+b": res["qwen3_moe"][1] / b,
+                    "tokens agreeing within 2%": res["agree"],
+                }
+            )
         run.empty_cache()
     return {"rows": rows}
 
 
-TRAIN_GPU = dict(vocab=32000, hidden=1024, layers=12, heads=8, kv_heads=2, head_dim=128, lin_k_heads=8,
-                 lin_v_heads=16, lin_dim=128, experts=32, topk=4, moe_inter=512, shapes=((4, 2048), (1, 8192)))
-TRAIN_DRY = dict(vocab=128, hidden=64, layers=4, heads=4, kv_heads=2, head_dim=16, lin_k_heads=2, lin_v_heads=4,
-                 lin_dim=16, experts=4, topk=2, moe_inter=32, shapes=((2, 32), (1, 64)))
+TRAIN_GPU = dict(
+    vocab=32000,
+    hidden=1024,
+    layers=12,
+    heads=8,
+    kv_heads=2,
+    head_dim=128,
+    lin_k_heads=8,
+    lin_v_heads=16,
+    lin_dim=128,
+    experts=32,
+    topk=4,
+    moe_inter=512,
+    shapes=((4, 2048), (1, 8192)),
+)
+TRAIN_DRY = dict(
+    vocab=128,
+    hidden=64,
+    layers=4,
+    heads=4,
+    kv_heads=2,
+    head_dim=16,
+    lin_k_heads=2,
+    lin_v_heads=4,
+    lin_dim=16,
+    experts=4,
+    topk=2,
+    moe_inter=32,
+    shapes=((2, 32), (1, 64)),
+)
 
 
 def train_models(w: dict) -> dict[str, Callable]:
-    """Builders of the two models with the same widths: ours (3:1 GDN:attention, MoE everywhere, one shared expert,
-    gated attention with q/k norm) and transformers' qwen3_next."""
+    """Builders of the two models with the same widths: ours (3:1 GDN:attention, MoE everywhere, one shared
+    expert, gated attention with q/k norm) and transformers' qwen3_next."""
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
     from hf_hybrid import HybridConfig, HybridForCausalLM
@@ -1030,25 +1326,48 @@ def train_models(w: dict) -> dict[str, Callable]:
 
     def ours():
         cfg = HybridConfig(
-            vocab_size=w["vocab"], hidden_size=w["hidden"], intermediate_size=4 * w["hidden"],
-            num_hidden_layers=w["layers"], num_attention_heads=w["heads"], num_key_value_heads=w["kv_heads"],
-            head_dim=w["head_dim"], mixer_pattern="3:1 gated_deltanet:attention", mlp_pattern="moe",
-            gdn_num_key_heads=w["lin_k_heads"], gdn_num_value_heads=w["lin_v_heads"], gdn_key_head_dim=w["lin_dim"],
-            gdn_value_head_dim=w["lin_dim"], num_experts=w["experts"], num_experts_per_tok=w["topk"],
-            moe_intermediate_size=w["moe_inter"], num_shared_experts=1, attention_output_gate=True,
-            use_qk_norm=True, max_position_embeddings=ctx,
+            vocab_size=w["vocab"],
+            hidden_size=w["hidden"],
+            intermediate_size=4 * w["hidden"],
+            num_hidden_layers=w["layers"],
+            num_attention_heads=w["heads"],
+            num_key_value_heads=w["kv_heads"],
+            head_dim=w["head_dim"],
+            mixer_pattern="3:1 gated_deltanet:attention",
+            mlp_pattern="moe",
+            gdn_num_key_heads=w["lin_k_heads"],
+            gdn_num_value_heads=w["lin_v_heads"],
+            gdn_key_head_dim=w["lin_dim"],
+            gdn_value_head_dim=w["lin_dim"],
+            num_experts=w["experts"],
+            num_experts_per_tok=w["topk"],
+            moe_intermediate_size=w["moe_inter"],
+            num_shared_experts=1,
+            attention_output_gate=True,
+            use_qk_norm=True,
+            max_position_embeddings=ctx,
         )
         cfg._attn_implementation = "sdpa"
         return HybridForCausalLM(cfg)
 
     def qwen3_next():
         cfg = Qwen3NextConfig(
-            vocab_size=w["vocab"], hidden_size=w["hidden"], intermediate_size=4 * w["hidden"],
-            num_hidden_layers=w["layers"], num_attention_heads=w["heads"], num_key_value_heads=w["kv_heads"],
-            head_dim=w["head_dim"], linear_num_key_heads=w["lin_k_heads"], linear_num_value_heads=w["lin_v_heads"],
-            linear_key_head_dim=w["lin_dim"], linear_value_head_dim=w["lin_dim"], num_experts=w["experts"],
-            num_experts_per_tok=w["topk"], moe_intermediate_size=w["moe_inter"],
-            shared_expert_intermediate_size=w["moe_inter"], max_position_embeddings=ctx,
+            vocab_size=w["vocab"],
+            hidden_size=w["hidden"],
+            intermediate_size=4 * w["hidden"],
+            num_hidden_layers=w["layers"],
+            num_attention_heads=w["heads"],
+            num_key_value_heads=w["kv_heads"],
+            head_dim=w["head_dim"],
+            linear_num_key_heads=w["lin_k_heads"],
+            linear_num_value_heads=w["lin_v_heads"],
+            linear_key_head_dim=w["lin_dim"],
+            linear_value_head_dim=w["lin_dim"],
+            num_experts=w["experts"],
+            num_experts_per_tok=w["topk"],
+            moe_intermediate_size=w["moe_inter"],
+            shared_expert_intermediate_size=w["moe_inter"],
+            max_position_embeddings=ctx,
         )
         cfg._attn_implementation = "sdpa"
         return Qwen3NextForCausalLM(cfg)
@@ -1058,15 +1377,17 @@ def train_models(w: dict) -> dict[str, Callable]:
 
 @section("benchmark", cap_s=120, need_s=20)
 def bench_train(run: Run) -> dict:
-    """End-to-end training tokens/s and peak memory: our hybrid vs transformers' qwen3_next (its torch fallback forced,
-    and with fla-core where fla serves), bf16 weights, AdamW."""
+    """End-to-end training tokens/s and peak memory: our hybrid vs transformers' qwen3_next (its torch
+    fallback forced, and with fla-core where fla serves), bf16 weights, AdamW."""
     import torch
 
     w = run.pick(TRAIN_GPU, TRAIN_DRY)
     builders = train_models(w)
-    variants = [("hf_hybrid", "hf_hybrid", contextlib.nullcontext),
-                ("qwen3_next (torch fallback)", "qwen3_next", qwen3_next_torch_fallback),
-                ("qwen3_next (fla-core)", "qwen3_next", contextlib.nullcontext)]
+    variants = [
+        ("hf_hybrid", "hf_hybrid", contextlib.nullcontext),
+        ("qwen3_next (torch fallback)", "qwen3_next", qwen3_next_torch_fallback),
+        ("qwen3_next (fla-core)", "qwen3_next", contextlib.nullcontext),
+    ]
     measure = run.measure(warmup=run.pick(2, 1), iters=run.pick(3, 1))
     rows, notes = run.rows, []
     for label, key, patch in variants:
@@ -1112,18 +1433,47 @@ def bench_train(run: Run) -> dict:
         if "tokens/s" in r and r["model"] != "hf_hybrid" and r["shape"] in ours:
             r["hf_hybrid/this"] = ours[r["shape"]] / r["tokens/s"]
     # an OOM is a result, and so is fla-core refusing qwen3_next's backward; any other failure is ours to fix
-    broken = [r for r in rows if "(fla-core)" not in r["model"] and r.get("result", "OOM") not in ("OOM",)
-              and not r["result"].startswith("skipped")]
+    broken = [
+        r
+        for r in rows
+        if "(fla-core)" not in r["model"]
+        and r.get("result", "OOM") not in ("OOM",)
+        and not r["result"].startswith("skipped")
+    ]
     if broken:
-        return {"status": "fail", "reason": f"{broken[0]['model']} {broken[0]['shape']}: {broken[0]['result']}",
-                "rows": rows, "notes": notes}
+        return {
+            "status": "fail",
+            "reason": f"{broken[0]['model']} {broken[0]['shape']}: {broken[0]['result']}",
+            "rows": rows,
+            "notes": notes,
+        }
     return {"rows": rows, "notes": notes}
 
 
-MQAR_GPU = dict(vocab=8192, seq_len=512, pairs=64, d_model=128, heads=2, layers=2, steps=800, batch=64, lr=1e-3,
-                models=("attention", "gated_deltanet", "hybrid_gdn", "mamba2", "hybrid_mamba2", "linear_attention"))
-MQAR_DRY = dict(vocab=64, seq_len=32, pairs=2, d_model=32, heads=2, layers=2, steps=2, batch=4, lr=1e-3,
-                models=("attention", "gated_deltanet"))
+MQAR_GPU = dict(
+    vocab=8192,
+    seq_len=512,
+    pairs=64,
+    d_model=128,
+    heads=2,
+    layers=2,
+    steps=800,
+    batch=64,
+    lr=1e-3,
+    models=("attention", "gated_deltanet", "hybrid_gdn", "mamba2", "hybrid_mamba2", "linear_attention"),
+)
+MQAR_DRY = dict(
+    vocab=64,
+    seq_len=32,
+    pairs=2,
+    d_model=32,
+    heads=2,
+    layers=2,
+    steps=2,
+    batch=4,
+    lr=1e-3,
+    models=("attention", "gated_deltanet"),
+)
 MQAR_INIT = {"mamba2": 0.1}  # scripts/mqar.py: Mamba-2 trains with transformers' 0.1, the others with 0.02
 
 
@@ -1133,7 +1483,8 @@ def mqar(run: Run) -> dict:
     import mqar as mq
     import torch
 
-    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 training as users run it (TF32 matmuls); the last section
+    # fp32 training as users run it (TF32 matmuls); the last section
+    torch.backends.cuda.matmul.allow_tf32 = True
     cfg = dict(run.pick(MQAR_GPU, MQAR_DRY))
     models = cfg.pop("models")
     pairs = cfg.pop("pairs")
@@ -1148,20 +1499,44 @@ def mqar(run: Run) -> dict:
         t0 = time.time()
         row = mq.run(name, args, pairs, MQAR_INIT.get(name, 0.02))
         per_model = time.time() - t0
-        rows.append({"model": name, "pairs": pairs, "seq": cfg["seq_len"], "vocab": cfg["vocab"], "steps": cfg["steps"],
-                     "init": row["init_std"], "accuracy": row["accuracy"], "train s": row["train_s"]})
+        rows.append(
+            {
+                "model": name,
+                "pairs": pairs,
+                "seq": cfg["seq_len"],
+                "vocab": cfg["vocab"],
+                "steps": cfg["steps"],
+                "init": row["init_std"],
+                "accuracy": row["accuracy"],
+                "train s": row["train_s"],
+            }
+        )
         run.empty_cache()
     return {"rows": rows}
 
 
-# most valuable first: the kernels' correctness, then the benchmarks that are quick, then the long ones (a budget
-# that runs out drops the tail; --sections runs the rest in a second call)
-ORDER = ["environment", "ceilings", "dsa_triton", "moe_grouped", "mla_decode", "pytest_gpu", "fla_dispatch", "bench_mla",
-         "bench_moe", "bench_dsa", "bench_linear", "bench_train", "mqar"]
+# most valuable first: the kernels' correctness, then the benchmarks that are quick, then the long ones (a
+# budget that runs out drops the tail; --sections runs the rest in a second call)
+ORDER = [
+    "environment",
+    "ceilings",
+    "dsa_triton",
+    "moe_grouped",
+    "mla_decode",
+    "pytest_gpu",
+    "fla_dispatch",
+    "bench_mla",
+    "bench_moe",
+    "bench_dsa",
+    "bench_linear",
+    "bench_train",
+    "mqar",
+]
 SECTIONS.sort(key=lambda sec: ORDER.index(sec.name))
 
 
-# --------------------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------------------------
+# main
 
 
 def summary(report: Report) -> str:
@@ -1170,21 +1545,34 @@ def summary(report: Report) -> str:
         note = r.get("reason") or ""
         if r["kind"] == "correctness" and r.get("rows"):
             checked = [x for x in r["rows"] if "pass" in x]
-            worst = max((x["error"] / x["bound"] for x in checked
-                         if isinstance(x.get("error"), float) and x.get("bound")), default=None)
+            worst = max(
+                (
+                    x["error"] / x["bound"]
+                    for x in checked
+                    if isinstance(x.get("error"), float) and x.get("bound")
+                ),
+                default=None,
+            )
             note = note or f"{sum(x['pass'] for x in checked)}/{len(checked)} pass" + (
-                f", worst error/bound {worst:.2f}" if worst is not None else "")
+                f", worst error/bound {worst:.2f}" if worst is not None else ""
+            )
         lines.append(f"{r['section']:<14} {r['status']:<8} {r['seconds']:>6.1f}  {note[:90]}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dry-run", action="store_true", help="toy sizes (on CPU: Triton's interpreter, CPU timers)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="toy sizes (on CPU: Triton's interpreter, CPU timers)"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--budget-s", type=float, default=480.0, help="global time budget in seconds (default 8 min)")
+    p.add_argument(
+        "--budget-s", type=float, default=480.0, help="global time budget in seconds (default 8 min)"
+    )
     p.add_argument("--out", default=None, help="report folder (default: $OUT, else ./gpu_out)")
-    p.add_argument("--wheels", default=str(REPO / ".whl"), help="carried wheels (scripts/build_gpu_wheels.sh)")
+    p.add_argument(
+        "--wheels", default=str(REPO / ".whl"), help="carried wheels (scripts/build_gpu_wheels.sh)"
+    )
     p.add_argument("--sections", default="all", help="comma-separated subset of the sections, in their order")
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)  # a resumed run's clock
     p.add_argument("--start-at", type=int, default=0, help=argparse.SUPPRESS)
@@ -1195,7 +1583,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [s.name for s in SECTIONS] if args.sections == "all" else args.sections.split(",")
     unknown = sorted(set(names) - {s.name for s in SECTIONS})
     if unknown:
-        p.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(s.name for s in SECTIONS)}")
+        p.error(
+            f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(s.name for s in SECTIONS)}"
+        )
 
     # 1. packages: before torch, transformers or hf_hybrid are imported
     for path in (str(REPO), str(SCRIPTS)):
@@ -1207,7 +1597,9 @@ def main(argv: list[str] | None = None) -> int:
     args.plan = install_plan(wheel_dir)
     if args.dry_run:
         todo = [r["package"] for r in args.plan if r["action"] == "install"]
-        args.install_note = f"dry run: would install {', '.join(todo)}" if todo else "dry run: nothing to install"
+        args.install_note = (
+            f"dry run: would install {', '.join(todo)}" if todo else "dry run: nothing to install"
+        )
     else:
         site.mkdir(parents=True, exist_ok=True)
         args.install_note = install(args.plan, wheel_dir, site)
@@ -1223,8 +1615,13 @@ def main(argv: list[str] | None = None) -> int:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             p.error("triton was imported before TRITON_INTERPRET=1 could be set")
         os.environ["TRITON_INTERPRET"] = "1"
-    meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)), "argv": " ".join(sys.argv),
-            "device": args.device, "dry_run": args.dry_run, "budget_s": args.budget_s}
+    meta = {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+        "argv": " ".join(sys.argv),
+        "device": args.device,
+        "dry_run": args.dry_run,
+        "budget_s": args.budget_s,
+    }
     report = Report(out, meta, resume=args.start_at > 0)
     run = Run(args)
     for r in report.data["results"]:  # a resumed run reads the ceilings the first process measured
@@ -1232,13 +1629,27 @@ def main(argv: list[str] | None = None) -> int:
             run.ceilings = r["data"]
     resume_at = run_sections(run, report, names, args.start_at)
     if resume_at >= 0 and resume_at < len(SECTIONS):
-        print(f"CUDA context is dead after {SECTIONS[resume_at - 1].name}: continuing in a fresh process", flush=True)
-        cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--deadline",
-               str(args.deadline), "--start-at", str(resume_at), "--out", str(out)]
+        print(
+            f"CUDA context is dead after {SECTIONS[resume_at - 1].name}: continuing in a fresh process",
+            flush=True,
+        )
+        cmd = [
+            sys.executable,
+            __file__,
+            *(argv if argv is not None else sys.argv[1:]),
+            "--deadline",
+            str(args.deadline),
+            "--start-at",
+            str(resume_at),
+            "--out",
+            str(out),
+        ]
         sys.stdout.flush()
         return subprocess.run(cmd).returncode
-    report.update_meta(finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-                       seconds=round(time.time() - started, 1))
+    report.update_meta(
+        finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        seconds=round(time.time() - started, 1),
+    )
     print(f"\n{summary(report)}\nreport: {report.json_path} and {report.md_path}", flush=True)
     return 0
 

@@ -1,14 +1,17 @@
-"""Train a tiny byte-level MoE on local text with and without load balancing; print per-layer load CV, write heatmaps.
+"""Train a tiny byte-level MoE on local text with and without load balancing; print per-layer load CV, write
+heatmaps.
 
 Settings (same seed, data and steps):
 - ``none``:     no balancing at all (aux 0, z 0, no bias updates): routers are free to collapse;
-- ``switch``:   Switch load-balancing loss, coefficient 1e-2 (+ z-loss 1e-3), DESIGN.md §7's recommended start;
-- ``aux_free``: DeepSeek-V3's auxiliary-loss-free bias (``update_expert_bias`` once per optimizer step), no aux loss;
+- ``switch``:   Switch load-balancing loss, coefficient 1e-2 (+ z-loss 1e-3), DESIGN.md §7's recommended
+  start;
+- ``aux_free``: DeepSeek-V3's auxiliary-loss-free bias (``update_expert_bias`` once per optimizer step), no
+  aux loss;
 - ``both``:     the bias and the Switch loss together.
 
-The text is Python's own documentation (``pydoc_data.topics``, always installed), split 90/10 into train/held-out.
-Load is measured on the held-out text in eval mode (``measure_expert_load``); the LM loss there is the eval loss
-alone (DESIGN.md §6b), so settings compare fairly.
+The text is Python's own documentation (``pydoc_data.topics``, always installed), split 90/10 into
+train/held-out. Load is measured on the held-out text in eval mode (``measure_expert_load``); the LM loss
+there is the eval loss alone (DESIGN.md §6b), so settings compare fairly.
 
     python scripts/moe_balance_demo.py --steps 200 --out /tmp/moe_demo
 """
@@ -42,17 +45,28 @@ SETTINGS = {
 def load_text() -> tuple[torch.Tensor, torch.Tensor]:
     from pydoc_data.topics import topics
 
-    data = torch.tensor(list("\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")), dtype=torch.long)
+    data = torch.tensor(
+        list("\n\n".join(topics[k] for k in sorted(topics)).encode("utf-8")), dtype=torch.long
+    )
     split = int(0.9 * data.numel())
     return data[:split], data[split:]
 
 
 def make_model(setting: str, args: argparse.Namespace) -> HybridForCausalLM:
     cfg = HybridConfig(
-        vocab_size=256, hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=4, mlp_pattern="moe", first_k_dense=1, num_experts=args.experts,
-        num_experts_per_tok=args.top_k, moe_intermediate_size=args.hidden, router_scoring_func=args.scoring,
-        max_position_embeddings=args.seq_len, **SETTINGS[setting],
+        vocab_size=256,
+        hidden_size=args.hidden,
+        intermediate_size=4 * args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        mlp_pattern="moe",
+        first_k_dense=1,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        moe_intermediate_size=args.hidden,
+        router_scoring_func=args.scoring,
+        max_position_embeddings=args.seq_len,
+        **SETTINGS[setting],
     )
     torch.manual_seed(args.seed)
     return HybridForCausalLM(cfg)
@@ -86,7 +100,9 @@ def held_out_loss(model: HybridForCausalLM, ids: torch.Tensor, seq_len: int) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--settings", default=",".join(SETTINGS))
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
@@ -113,14 +129,21 @@ def main() -> None:
         counts = measure_expert_load(model, held_ids[:8192], seq_len=args.seq_len)
         layers = sorted(counts)
         load = torch.stack([counts[i] / counts[i].sum() for i in layers])
-        png = plot_expert_load_heatmap(load, out_dir / f"expert_load_{setting}.png", layer_ids=layers,
-                                       title=f"{setting}: expert load / mean (held-out)")
+        png = plot_expert_load_heatmap(
+            load,
+            out_dir / f"expert_load_{setting}.png",
+            layer_ids=layers,
+            title=f"{setting}: expert load / mean (held-out)",
+        )
         cvs = {i: load_metrics(counts[i])["load_cv"] for i in layers}
         mins = {i: load_metrics(counts[i])["load_min"] for i in layers}
         summary.append((setting, loss, cvs, mins, time.perf_counter() - t0))
         print(f"  [{setting}] held-out loss {loss:.3f}; wrote {png}")
 
-    print(f"\n{'setting':<10} {'held-out loss':>13} | " + " | ".join(f"layer {i} CV  min/mean" for i in summary[0][2]))
+    print(
+        f"\n{'setting':<10} {'held-out loss':>13} | "
+        + " | ".join(f"layer {i} CV  min/mean" for i in summary[0][2])
+    )
     for setting, loss, cvs, mins, secs in summary:
         cells = " | ".join(f"{cvs[i]:>10.3f} {mins[i]:>9.2f}" for i in cvs)
         print(f"{setting:<10} {loss:>13.3f} | {cells}   ({secs:.0f} s)")

@@ -1,12 +1,14 @@
 """Multi-query associative recall (MQAR; Zoology, Arora et al. 2023) for each mixer, pure and in hybrids.
 
-A sequence starts with N key-value pairs ``k1 v1 … kN vN``; the rest holds queries (a key seen before) each followed
-by its value, among random filler tokens. The model is scored on predicting every queried value. Attention solves it;
-fixed-state linear mixers fall off as the number of pairs and the length grow; hybrids recover.
+A sequence starts with N key-value pairs ``k1 v1 … kN vN``; the rest holds queries (a key seen before) each
+followed by its value, among random filler tokens. The model is scored on predicting every queried value.
+Attention solves it; fixed-state linear mixers fall off as the number of pairs and the length grow; hybrids
+recover.
 
-    python scripts/mqar.py                                   # CPU scale: vocab 256, seq 64, 4 pairs, 2 layers, d 128
-    python scripts/mqar.py --seq-len 256 --pairs 4,16,32 --models attention,gated_deltanet,hybrid_gdn
-    python scripts/mqar.py --models kda,hybrid_kda              # Kimi Delta Attention, pure and 1:1 with attention
+    python scripts/mqar.py                                   # CPU scale: vocab 256, seq 64, 4 pairs, 2
+    layers, d 128 python scripts/mqar.py --seq-len 256 --pairs 4,16,32 --models
+    attention,gated_deltanet,hybrid_gdn python scripts/mqar.py --models kda,hybrid_kda              # Kimi
+    Delta Attention, pure and 1:1 with attention
 """
 
 from __future__ import annotations
@@ -54,10 +56,18 @@ def run(name: str, args, pairs: int, init_std: float) -> dict:
     torch.manual_seed(args.seed)
     mixers = MODELS[name] * (args.layers // 2)
     config = HybridConfig(
-        vocab_size=args.vocab, hidden_size=args.d_model, intermediate_size=2 * args.d_model,
-        num_hidden_layers=len(mixers), num_attention_heads=args.heads, mixer_types=mixers,
-        mamba_head_dim=args.d_model // args.heads, mamba_expand=1, mamba_state_size=64, linear_chunk_size=32,
-        max_position_embeddings=args.seq_len, initializer_range=init_std,
+        vocab_size=args.vocab,
+        hidden_size=args.d_model,
+        intermediate_size=2 * args.d_model,
+        num_hidden_layers=len(mixers),
+        num_attention_heads=args.heads,
+        mixer_types=mixers,
+        mamba_head_dim=args.d_model // args.heads,
+        mamba_expand=1,
+        mamba_state_size=64,
+        linear_chunk_size=32,
+        max_position_embeddings=args.seq_len,
+        initializer_range=init_std,
     )
     device = torch.device(getattr(args, "device", "cpu"))
     model = HybridForCausalLM(config).to(device)
@@ -85,8 +95,14 @@ def run(name: str, args, pairs: int, init_std: float) -> dict:
             keep = target != -100
             correct += (pred[keep] == target[keep]).sum().item()
             total += keep.sum().item()
-    return {"model": name, "pairs": pairs, "seq_len": args.seq_len, "init_std": init_std,
-            "accuracy": correct / total, "train_s": round(time.time() - start, 1)}
+    return {
+        "model": name,
+        "pairs": pairs,
+        "seq_len": args.seq_len,
+        "init_std": init_std,
+        "accuracy": correct / total,
+        "train_s": round(time.time() - start, 1),
+    }
 
 
 def main() -> None:
@@ -103,8 +119,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda (batches are drawn on the CPU either way)")
-    # MQAR training is sensitive to the init scale, differently per mixer (at this budget attention needs 0.02 and
-    # Mamba-2 0.1, transformers' Mamba-2 default): like Zoology's per-model sweeps, each model keeps its best.
+    # MQAR training is sensitive to the init scale, differently per mixer (at this budget attention needs 0.02
+    # and Mamba-2 0.1, transformers' Mamba-2 default): like Zoology's per-model sweeps, each model keeps its
+    # best.
     p.add_argument("--init-std", default="0.02,0.1", help="comma-separated initializer_range values to sweep")
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
@@ -117,8 +134,11 @@ def main() -> None:
             row = max(trials, key=lambda r: r["accuracy"])
             row["all_accuracies"] = {r["init_std"]: r["accuracy"] for r in trials}
             rows.append(row)
-            print(f"{name:<18}{pairs:>6}{args.seq_len:>6}{row['init_std']:>6}{row['accuracy']:>10.3f}"
-                  f"{sum(r['train_s'] for r in trials):>9.0f}", flush=True)
+            print(
+                f"{name:<18}{pairs:>6}{args.seq_len:>6}{row['init_std']:>6}{row['accuracy']:>10.3f}"
+                f"{sum(r['train_s'] for r in trials):>9.0f}",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -1,5 +1,6 @@
-"""Shared fixtures: tiny configs (from ``hf_hybrid.presets``), the project's ``shared/`` directory (skips cleanly when
-it is absent), and the small real checkpoint in it. Add fixtures for everyone here; keep them cheap."""
+"""Shared fixtures: tiny configs (from ``hf_hybrid.presets``), the project's ``shared/`` directory (skips
+cleanly when it is absent), and the small real checkpoint in it. Add fixtures for everyone here; keep them
+cheap."""
 
 from __future__ import annotations
 
@@ -24,8 +25,8 @@ def require_mixers(config) -> None:
 
 @pytest.fixture
 def tiny_config():
-    """Factory: ``tiny_config("tiny-hybrid", vocab_size=300)`` -> HybridConfig of a preset (skips when one of its
-    mixers is not registered)."""
+    """Factory: ``tiny_config("tiny-hybrid", vocab_size=300)`` -> HybridConfig of a preset (skips when one of
+    its mixers is not registered)."""
 
     def make(name: str = "tiny-attention", **overrides):
         config = preset_config(name, **overrides)
@@ -37,7 +38,8 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:
-    """``../shared`` beside the checkout (or ``$HF_HYBRID_SHARED_DIR``); the test is skipped when it is absent."""
+    """``../shared`` beside the checkout (or ``$HF_HYBRID_SHARED_DIR``); the test is skipped when it is
+    absent."""
     path = find_shared_dir()
     if path is None:
         pytest.skip("../shared is not present beside this checkout")

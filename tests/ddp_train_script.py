@@ -37,7 +37,8 @@ def main(out_dir: str, max_steps: int) -> None:
         max_steps=max_steps,
         per_device_train_batch_size=4,
         logging_steps=1,
-        disable_tqdm=True,  # no use_cpu / ddp_backend: the defaults must join the process group on CPU by themselves
+        # no use_cpu / ddp_backend: the defaults must join the process group on CPU by themselves
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, data_collator=default_data_collator)
     trainer.train()

@@ -1,11 +1,12 @@
 """Trained by tests/test_training.py under ``accelerate launch --multi_gpu --num_processes 2`` on CPU (gloo).
 
-accelerate 1.15 enables FSDP only for accelerator device types (``AcceleratorState`` sets ``DistributedType.FSDP`` for
-MULTI_GPU / NPU / XPU / ..., not MULTI_CPU): on CPU, ``Trainer(fsdp=True)`` silently trains with DDP instead. So the
-sharding is done here with torch's FSDP2 ``fully_shard`` directly (one per decoder layer, then the root): a hybrid MoE
-(Gated DeltaNet + attention, MoE MLPs) trains a few AdamW steps; the sharded checkpoint (torch.distributed.checkpoint,
-each rank writes its own shards) is loaded into a freshly built and sharded model, whose full parameters and next loss
-must equal the trained ones exactly. Each rank writes ``rank{i}.json``.
+accelerate 1.15 enables FSDP only for accelerator device types (``AcceleratorState`` sets
+``DistributedType.FSDP`` for MULTI_GPU / NPU / XPU / ..., not MULTI_CPU): on CPU, ``Trainer(fsdp=True)``
+silently trains with DDP instead. So the sharding is done here with torch's FSDP2 ``fully_shard`` directly
+(one per decoder layer, then the root): a hybrid MoE (Gated DeltaNet + attention, MoE MLPs) trains a few AdamW
+steps; the sharded checkpoint (torch.distributed.checkpoint, each rank writes its own shards) is loaded into a
+freshly built and sharded model, whose full parameters and next loss must equal the trained ones exactly. Each
+rank writes ``rank{i}.json``.
 """
 
 from __future__ import annotations
@@ -27,9 +28,18 @@ from hf_hybrid.presets import preset_config
 def build() -> HybridForCausalLM:
     torch.manual_seed(0)
     config = preset_config(
-        "tiny-moe", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        mixer_pattern="gated_deltanet,attention", first_k_dense=0, num_experts=4, num_experts_per_tok=2,
-        moe_intermediate_size=16, num_shared_experts=0, tie_word_embeddings=False,
+        "tiny-moe",
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        mixer_pattern="gated_deltanet,attention",
+        first_k_dense=0,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        num_shared_experts=0,
+        tie_word_embeddings=False,
     )
     model = HybridForCausalLM(config).train()
     for layer in model.model.layers:

@@ -1,6 +1,6 @@
-"""Issue #13: auxiliary terms that reach their parameters whatever loss the client builds, gradient accumulation,
-router logits / attentions in the backbone's output, packed input given as cu_seq_lens only, no dense mask for sparse
-DSA, gradient checkpointing (reentrant or not) with auxiliary terms."""
+"""Issue #13: auxiliary terms that reach their parameters whatever loss the client builds, gradient
+accumulation, router logits / attentions in the backbone's output, packed input given as cu_seq_lens only, no
+dense mask for sparse DSA, gradient checkpointing (reentrant or not) with auxiliary terms."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from hf_hybrid.moe import HybridMoE
 from hf_hybrid.presets import preset_config
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)
-MOE = dict(mlp_pattern="moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_shared_experts=0)
+MOE = dict(
+    mlp_pattern="moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, num_shared_experts=0
+)
 
 
 def build(name: str, seed: int = 0, attn: str = "sdpa", **overrides) -> HybridForCausalLM:
@@ -50,13 +52,13 @@ def batch(n=4, t=12, seed=1):
     return torch.randint(0, 64, (n, t), generator=torch.Generator().manual_seed(seed))
 
 
-# ---- the aux terms reach their parameters through any loss -----------------------------------------------------
+# ---- the aux terms reach their parameters through any loss -------------------------------------------------
 
 
 @pytest.mark.parametrize("kind", ["moe", "dsa"])
 def test_a_client_loss_built_on_the_backbone_trains_routers_and_indexers(kind):
-    """A custom loop (or TRL) computes its own LM loss from ``model.model``'s hidden states: the balance / z / sequence
-    / indexer terms still train their parameters, with exactly the gradients of our head's loss."""
+    """A custom loop (or TRL) computes its own LM loss from ``model.model``'s hidden states: the balance / z /
+    sequence / indexer terms still train their parameters, with exactly the gradients of our head's loss."""
     model = moe_model() if kind == "moe" else dsa_model()
     ids = batch()
     ours = grads(model, model(ids, labels=ids).loss)
@@ -78,7 +80,8 @@ def test_loss_values_keep_the_loss_rule_and_eval_is_lm_only():
     model.eval()
     out = model(ids, labels=ids)
     assert out.aux_loss is None and torch.equal(out.loss, out.lm_loss)
-    assert grads(model.train(), model.eval()(ids, labels=ids).loss)  # eval: the LM gradient only, nothing attached
+    # eval: the LM gradient only, nothing attached
+    assert grads(model.train(), model.eval()(ids, labels=ids).loss)
 
 
 def test_each_aux_term_gradient_matches_its_definition():
@@ -94,11 +97,12 @@ def test_each_aux_term_gradient_matches_its_definition():
     assert_same_grads(ours, grads(model, manual))
 
 
-# ---- gradient accumulation ----------------------------------------------------------------------------------------
+# ---- gradient accumulation ---------------------------------------------------------------------------------
 
 
 def _accumulated(model, ids, steps: int) -> dict[str, torch.Tensor]:
-    """What Trainer does with num_items_in_batch: one backward per micro-batch of the model's own loss, no division."""
+    """What Trainer does with num_items_in_batch: one backward per micro-batch of the model's own loss, no
+    division."""
     total = int((ids[:, 1:] != -100).sum())
     acc: dict[str, torch.Tensor] = {}
     for micro in ids.chunk(steps):
@@ -110,8 +114,8 @@ def _accumulated(model, ids, steps: int) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("term", ["z", "indexer"])
 def test_token_additive_terms_give_the_same_gradient_for_any_accumulation(term):
-    """LM, z-loss and indexer KL add over tokens: GA 1, 2, 4 on the same 8 sequences give the same gradients (the review
-    measured z-loss gradients 0.55 / 1.10 / 2.21)."""
+    """LM, z-loss and indexer KL add over tokens: GA 1, 2, 4 on the same 8 sequences give the same gradients
+    (the review measured z-loss gradients 0.55 / 1.10 / 2.21)."""
     if term == "z":
         model = moe_model(router_aux_loss_coef=0.0, router_seq_aux_loss_coef=0.0, router_z_loss_coef=0.5)
     else:
@@ -123,7 +127,8 @@ def test_token_additive_terms_give_the_same_gradient_for_any_accumulation(term):
 
 
 def test_switch_balance_loss_does_not_grow_with_micro_batches():
-    """The Switch loss is per micro-batch (a product of means): identical micro-batches give the GA-1 gradient."""
+    """The Switch loss is per micro-batch (a product of means): identical micro-batches give the GA-1
+    gradient."""
     model = moe_model(router_z_loss_coef=0.0, router_seq_aux_loss_coef=0.0, router_aux_loss_coef=1.0)
     ids = batch(n=2).repeat(4, 1)
     router = [n for n, _ in model.named_parameters() if "router" in n]
@@ -133,7 +138,7 @@ def test_switch_balance_loss_does_not_grow_with_micro_batches():
         torch.testing.assert_close(four[name], one[name], atol=1e-6, rtol=1e-4)
 
 
-# ---- router logits / attentions in the backbone's output -----------------------------------------------------------
+# ---- router logits / attentions in the backbone's output ---------------------------------------------------
 
 
 def test_router_logits_come_from_the_backbone_output():
@@ -152,8 +157,8 @@ def test_router_logits_come_from_the_backbone_output():
 
 
 def test_a_caller_asking_for_router_logits_owns_the_switch_loss():
-    """transformers' MoE convention (TRL follows it): who asks the backbone for router logits computes the balance
-    loss from them, so the backbone does not attach its own; z / sequence terms stay attached."""
+    """transformers' MoE convention (TRL follows it): who asks the backbone for router logits computes the
+    balance loss from them, so the backbone does not attach its own; z / sequence terms stay attached."""
     model = moe_model()
     ids = batch()
     hidden = model.model(ids, output_router_logits=True).last_hidden_state
@@ -182,7 +187,7 @@ def test_output_attentions_eager_returns_weights_and_other_backends_refuse():
     assert sdpa(ids, output_hidden_states=True).hidden_states is not None
 
 
-# ---- packed input given as cu_seq_lens only; no dense mask for sparse DSA ------------------------------------------
+# ---- packed input given as cu_seq_lens only; no dense mask for sparse DSA ----------------------------------
 
 
 @pytest.mark.parametrize("name", ["tiny-attention", "tiny-mla", "tiny-dsa", "tiny-hybrid"])
@@ -191,14 +196,17 @@ def test_packed_with_cu_seq_lens_only_equals_each_document_alone(name):
     docs = [torch.randint(1, 64, (n,), generator=torch.Generator().manual_seed(n)) for n in (9, 5, 7)]
     cu = torch.tensor([0, 9, 14, 21], dtype=torch.int32)
     with torch.no_grad():
-        packed = model(torch.cat(docs)[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9)
+        packed = model(
+            torch.cat(docs)[None], cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9
+        )
         alone = torch.cat([model(d[None]).logits[0] for d in docs])
     torch.testing.assert_close(packed.logits[0], alone, atol=1e-5, rtol=0)
 
 
 def test_sparse_dsa_builds_no_dense_mask(monkeypatch):
     """Sparse DSA attends over its selection only: with left padding (the case where sdpa would materialise a
-    [B, 1, T, S] mask) the causal-mask builder is never called, and the padded rows still equal their prompts alone."""
+    [B, 1, T, S] mask) the causal-mask builder is never called, and the padded rows still equal their prompts
+    alone."""
     calls = []
     original = modeling.create_causal_mask
 
@@ -220,7 +228,7 @@ def test_sparse_dsa_builds_no_dense_mask(monkeypatch):
     assert calls  # dense mode attends densely and needs it
 
 
-# ---- gradient checkpointing ----------------------------------------------------------------------------------------
+# ---- gradient checkpointing --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
@@ -252,7 +260,9 @@ def test_reentrant_checkpointing_refuses_dsa_dense_warmup_clearly():
     freeze_all_but_indexers(model)
     ids = batch()
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
-    with pytest.raises(ValueError, match="use_reentrant=True cannot train DSA's dense warm-up.*use_reentrant': False"):
+    with pytest.raises(
+        ValueError, match="use_reentrant=True cannot train DSA's dense warm-up.*use_reentrant': False"
+    ):
         model(ids, labels=ids)
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     out = model(ids, labels=ids)
@@ -261,7 +271,7 @@ def test_reentrant_checkpointing_refuses_dsa_dense_warmup_clearly():
     assert all(p.grad is not None for n, p in model.named_parameters() if ".indexer." in n)
 
 
-# ---- output_mixer_io: what a layer's mixer saw and produced, as an output (no forward hooks) -----------------------
+# ---- output_mixer_io: what a layer's mixer saw and produced, as an output (no forward hooks) ---------------
 
 
 def test_output_mixer_io_returns_each_layers_mixer_input_context_and_output():
@@ -270,7 +280,9 @@ def test_output_mixer_io_returns_each_layers_mixer_input_context_and_output():
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     with torch.no_grad():
-        out = model.model(ids, attention_mask=mask, use_cache=False, output_hidden_states=True, output_mixer_io=[1, 3])
+        out = model.model(
+            ids, attention_mask=mask, use_cache=False, output_hidden_states=True, output_mixer_io=[1, 3]
+        )
         assert sorted(out.mixer_io) == [1, 3]
         for i, (x, ctx, y) in out.mixer_io.items():
             layer = model.model.layers[i]

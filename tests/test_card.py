@@ -1,4 +1,5 @@
-"""Model cards: template copies, front matter, architecture table, never clobbering, and the push_to_hub path."""
+"""Model cards: template copies, front matter, architecture table, never clobbering, and the push_to_hub
+path."""
 
 from __future__ import annotations
 

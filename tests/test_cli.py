@@ -162,25 +162,34 @@ def test_library_parse_errors_become_usage_errors(capsys):
     assert parse_layers("1, 3,5") == (1, 3, 5) and parse_layers(None) is None
     with pytest.raises(ValueError, match="expected comma-separated layer indices"):
         parse_layers("1,x")
-    for argv in (["upcycle", "a", "b", "--num-experts", "2", "--top-k", "1", "--layers", "1,x"],
-                 ["convert-dsa", "a", "b", "--index-topk", "2", "--layers", "1,x"]):
+    for argv in (
+        ["upcycle", "a", "b", "--num-experts", "2", "--top-k", "1", "--layers", "1,x"],
+        ["convert-dsa", "a", "b", "--index-topk", "2", "--layers", "1,x"],
+    ):
         with pytest.raises(SystemExit) as exit_info:
             cli.main(argv)
         err = capsys.readouterr().err
-        assert exit_info.value.code == 2 and "argument --layers: --layers '1,x': expected comma-separated" in err
+        assert (
+            exit_info.value.code == 2 and "argument --layers: --layers '1,x': expected comma-separated" in err
+        )
 
 
 def test_console_command_in_a_subprocess():
-    """The installed ``hf-hybrid`` script (or ``python -m hf_hybrid.cli`` in a bare checkout): a user error exits 2
-    with one line on stderr and no traceback."""
+    """The installed ``hf-hybrid`` script (or ``python -m hf_hybrid.cli`` in a bare checkout): a user error
+    exits 2 with one line on stderr and no traceback."""
     exe = shutil.which("hf-hybrid")
     base = [exe] if exe else [sys.executable, "-m", "hf_hybrid.cli"]
     bad = subprocess.run([*base, "inspect", "nope"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
     assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     # ``python -m hf_hybrid.cli`` (this checkout: -m puts the working directory first on the path)
-    help_ = subprocess.run([sys.executable, "-m", "hf_hybrid.cli", "--help"], capture_output=True, text=True,
-                           cwd=REPO, timeout=120)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "hf_hybrid.cli", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert help_.returncode == 0 and all(command in help_.stdout for command in COMMANDS), help_.stderr
 
 
@@ -192,6 +201,4 @@ def test_expert_load_user_errors_exit_2_with_one_line(tmp_path, capsys):
     capsys.readouterr()
     code, _, err = run(capsys, "expert-load", "--model", str(model_dir))
     assert code == 2
-    assert err.strip() == (
-        "hf-hybrid expert-load: error: --model needs --text FILE to run through the model"
-    )
+    assert err.strip() == ("hf-hybrid expert-load: error: --model needs --text FILE to run through the model")

@@ -1,6 +1,6 @@
-"""Real clients on tiny models of every kind (issue #13): TRL's SFTTrainer (packed padding-free and padded) and
-DPOTrainer, lm-eval-harness' HFLM with a local loglikelihood_rolling task, pipeline("text-generation"), and
-Trainer.create_model_card / push_to_hub (upload mocked, offline)."""
+"""Real clients on tiny models of every kind (issue #13): TRL's SFTTrainer (packed padding-free and padded)
+and DPOTrainer, lm-eval-harness' HFLM with a local loglikelihood_rolling task, pipeline("text-generation"),
+and Trainer.create_model_card / push_to_hub (upload mocked, offline)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,12 @@ def tok():
 def tiny(kind: str, vocab: int, seed: int = 0, **overrides) -> HybridForCausalLM:
     name, extra = KINDS[kind]
     config = preset_config(
-        name, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        name,
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
         **{**extra, **overrides},
     )
     torch.manual_seed(seed)
@@ -45,9 +50,18 @@ def tiny(kind: str, vocab: int, seed: int = 0, **overrides) -> HybridForCausalLM
 
 def _trl_args(cls, tmp_path, **kw):
     return cls(
-        output_dir=str(tmp_path / "out"), max_steps=6, per_device_train_batch_size=4, learning_rate=3e-3,
-        logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, dataloader_pin_memory=False,
-        bf16=False, seed=0, **kw,
+        output_dir=str(tmp_path / "out"),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        logging_steps=1,
+        report_to="none",
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_pin_memory=False,
+        bf16=False,
+        seed=0,
+        **kw,
     )
 
 
@@ -55,7 +69,7 @@ def _losses(trainer) -> list[float]:
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-# ---- TRL -----------------------------------------------------------------------------------------------------------
+# ---- TRL ---------------------------------------------------------------------------------------------------
 
 
 def _sft(kind, packing, tok, tmp_path):
@@ -65,7 +79,9 @@ def _sft(kind, packing, tok, tmp_path):
     model = tiny(kind, len(tok))
     args = _trl_args(SFTConfig, tmp_path, packing=packing, max_length=64)
     as_built = dict(model.config.__dict__)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tok)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tok
+    )
     trainer.current_gradient_accumulation_steps = 1  # set by train(); compute_loss reads it
     return model, trainer, as_built
 
@@ -75,7 +91,11 @@ DEFAULT_SFT = {(k, True) for k in KINDS} | {("moe", False), ("hybrid", False)}
 
 @pytest.mark.parametrize(
     "kind, packing",
-    [(k, p) if (k, p) in DEFAULT_SFT else pytest.param(k, p, marks=pytest.mark.slow) for k in KINDS for p in (True, False)],
+    [
+        (k, p) if (k, p) in DEFAULT_SFT else pytest.param(k, p, marks=pytest.mark.slow)
+        for k in KINDS
+        for p in (True, False)
+    ],
 )
 def test_trl_sft_trains_and_saves_the_config_as_set(kind, packing, tok, tmp_path):
     model, trainer, before = _sft(kind, packing, tok, tmp_path)
@@ -86,7 +106,8 @@ def test_trl_sft_trains_and_saves_the_config_as_set(kind, packing, tok, tmp_path
     assert any("aux_loss" in h for h in trainer.state.log_history) == (kind == "moe")
     trainer.save_model(str(tmp_path / "saved"))
     saved = json.loads((tmp_path / "saved" / "config.json").read_text())
-    # TRL sets output_router_logits=True on the live config of an MoE; the checkpoint keeps what the user built
+    # TRL sets output_router_logits=True on the live config of an MoE; the checkpoint keeps what the user
+    # built
     assert saved.get("output_router_logits", "absent") == before.get("output_router_logits", "absent")
     assert saved["router_aux_loss_coef"] == before["router_aux_loss_coef"]
     reloaded = HybridForCausalLM.from_pretrained(tmp_path / "saved")
@@ -95,9 +116,10 @@ def test_trl_sft_trains_and_saves_the_config_as_set(kind, packing, tok, tmp_path
 
 
 def test_trl_sft_counts_each_aux_term_once_same_gradients_as_our_forward(tok, tmp_path):
-    """Under TRL's fused LM head: TRL computes the Switch loss from the backbone's router logits (Mixtral's form,
-    softmax top-k recomputed and pooled over layers), the backbone attaches our z-loss and sequence terms. The
-    gradient equals our own forward with the same terms: LM + z + sequence (ours) + coef · Mixtral's balance."""
+    """Under TRL's fused LM head: TRL computes the Switch loss from the backbone's router logits (Mixtral's
+    form, softmax top-k recomputed and pooled over layers), the backbone attaches our z-loss and sequence
+    terms. The gradient equals our own forward with the same terms: LM + z + sequence (ours) + coef ·
+    Mixtral's balance."""
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     model, trainer, _ = _sft("moe", True, tok, tmp_path)
@@ -114,7 +136,9 @@ def test_trl_sft_counts_each_aux_term_once_same_gradients_as_our_forward(tok, tm
     coef = cfg.router_aux_loss_coef
     cfg.router_aux_loss_coef = 0.0  # our Switch term off: the reference adds TRL's instead
     model_in = {k: v for k, v in batch.items() if k != "labels"}
-    out = model(**model_in, labels=batch["labels"], num_items_in_batch=n, output_router_logits=True, use_cache=False)
+    out = model(
+        **model_in, labels=batch["labels"], num_items_in_batch=n, output_router_logits=True, use_cache=False
+    )
     balance = load_balancing_loss_func(out.router_logits, cfg.num_experts, cfg.num_experts_per_tok, None)
     ref = torch.autograd.grad(out.loss + coef * balance, list(params.values()), allow_unused=True)
     cfg.router_aux_loss_coef = coef
@@ -132,10 +156,15 @@ def test_trl_dpo_trains(kind, tok, tmp_path):
     from trl import DPOConfig, DPOTrainer
 
     model = tiny(kind, len(tok))
-    data = Dataset.from_dict({"prompt": ["Q: to be? A:"] * 16, "chosen": [" yes, to be."] * 16, "rejected": [" no"] * 16})
+    data = Dataset.from_dict(
+        {"prompt": ["Q: to be? A:"] * 16, "chosen": [" yes, to be."] * 16, "rejected": [" no"] * 16}
+    )
     trainer = DPOTrainer(
-        model=model, ref_model=copy.deepcopy(model).eval(), args=_trl_args(DPOConfig, tmp_path),
-        train_dataset=data, processing_class=tok,
+        model=model,
+        ref_model=copy.deepcopy(model).eval(),
+        args=_trl_args(DPOConfig, tmp_path),
+        train_dataset=data,
+        processing_class=tok,
     )
     trainer.train()
     losses = _losses(trainer)
@@ -145,7 +174,7 @@ def test_trl_dpo_trains(kind, tok, tmp_path):
     assert losses[0] == pytest.approx(math.log(2) + aux, abs=1e-3)
 
 
-# ---- lm-eval-harness, pipeline -------------------------------------------------------------------------------------
+# ---- lm-eval-harness, pipeline -----------------------------------------------------------------------------
 
 ROLLING_TASK = """task: hf_hybrid_rolling
 dataset_path: json
@@ -173,13 +202,15 @@ def _rolling(lm_model, tok, tmp_path) -> dict:
     (task_dir / "data.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in DOCS))
     (task_dir / "task.yaml").write_text(ROLLING_TASK.format(data=task_dir / "data.jsonl"))
     lm = HFLM(pretrained=lm_model.eval(), tokenizer=tok, batch_size=2, max_length=64)
-    manager = TaskManager(include_path=str(task_dir), include_defaults=False)  # indexing lm-eval's own tasks: ~15 s
+    # indexing lm-eval's own tasks: ~15 s
+    manager = TaskManager(include_path=str(task_dir), include_defaults=False)
     out = simple_evaluate(model=lm, tasks=["hf_hybrid_rolling"], task_manager=manager)
     return out["results"]["hf_hybrid_rolling"]
 
 
 def _own_byte_perplexity(model, tok) -> float:
-    """exp(-Σ log p / bytes) with each document scored after the end-of-text token, as lm-eval's rolling task does."""
+    """exp(-Σ log p / bytes) with each document scored after the end-of-text token, as lm-eval's rolling task
+    does."""
     total, nbytes = 0.0, 0
     with torch.no_grad():
         for text in DOCS:
@@ -203,8 +234,16 @@ def test_lm_eval_an_imported_checkpoint_gives_the_source_numbers(tok, tmp_path):
 
     torch.manual_seed(0)
     source = AutoModelForCausalLM.from_config(
-        LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, bos_token_id=256, eos_token_id=256)
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            bos_token_id=256,
+            eos_token_id=256,
+        )
     )
     source.save_pretrained(tmp_path / "llama")
     import_dense(tmp_path / "llama", tmp_path / "imported")
@@ -230,11 +269,11 @@ def test_text_generation_pipeline_matches_generate(kind, tok):
     pipe = pipeline("text-generation", model=model, tokenizer=tok, device="cpu")
     text = pipe("To be", max_new_tokens=8, do_sample=False, return_full_text=False)[0]["generated_text"]
     ids = torch.tensor([tok.encode("To be")])
-    expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:]
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :]
     assert text == tok.decode(expected)
 
 
-# ---- Trainer's card ------------------------------------------------------------------------------------------------
+# ---- Trainer's card ----------------------------------------------------------------------------------------
 
 
 def test_trainer_create_model_card_and_push_to_hub_keep_our_card(tok, tmp_path, monkeypatch):
@@ -257,8 +296,14 @@ def test_trainer_create_model_card_and_push_to_hub_keep_our_card(tok, tmp_path, 
     model = tiny("moe", len(tok))
     ids = torch.randint(0, 256, (8, 16))
     data = [{"input_ids": row, "labels": row} for row in ids]
-    args = training_arguments(str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, push_to_hub=True,
-                              hub_model_id="tiny-moe", logging_steps=1)
+    args = training_arguments(
+        str(tmp_path / "run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        push_to_hub=True,
+        hub_model_id="tiny-moe",
+        logging_steps=1,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     trainer.push_to_hub(commit_message="test")

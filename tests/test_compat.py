@@ -1,7 +1,8 @@
-"""Living with the supported transformers range (5.23 to 5.24): the cache's two names, and no deprecation noise.
+"""Living with the supported transformers range (5.23 to 5.24): the cache's two names, and no deprecation
+noise.
 
-These tests run unchanged on both ends of the range (`.ci/run` runs the suite under each); whatever differs between
-the versions is in `hf_hybrid.compat`, and the tests below check its promises from the outside.
+These tests run unchanged on both ends of the range (`.ci/run` runs the suite under each); whatever differs
+between the versions is in `hf_hybrid.compat`, and the tests below check its promises from the outside.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from hf_hybrid import HybridForCausalLM, HybridForSequenceClassification, HybridModel, compat
 from hf_hybrid.cache import HybridCache
 
-# Every model kind whose cache layers differ: attention KV, GDN conv + recurrent state, MLA latent, DSA indexer keys.
+# Every model kind whose cache layers differ: attention KV, GDN conv + recurrent state, MLA latent, DSA
+# indexer keys.
 KINDS = {
-    "gdn-attention-moe": ("tiny-hybrid", dict(mlp_pattern="moe", num_experts=4, num_experts_per_tok=2,
-                                              moe_intermediate_size=32)),
+    "gdn-attention-moe": (
+        "tiny-hybrid",
+        dict(mlp_pattern="moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32),
+    ),
     "mla": ("tiny-mla", {}),
     "dsa": ("tiny-dsa", {}),
     "mamba2": ("tiny-mamba2", {}),
@@ -46,7 +50,8 @@ def test_cache_and_past_key_values_are_the_same_argument(kind, tiny_config):
         twin = copy.deepcopy(cache)
         by_new_name = model(ids[:, -1:], cache=cache, use_cache=True).logits[:, -1]
         by_old_name = model(ids[:, -1:], past_key_values=twin, use_cache=True).logits[:, -1]
-    # fp32 on the same inputs: the two calls run the same code; decode vs full forward differs only by summation order
+    # fp32 on the same inputs: the two calls run the same code; decode vs full forward differs only by
+    # summation order
     assert torch.equal(by_new_name, by_old_name)
     assert (by_new_name - full).abs().max().item() <= 1e-5
     assert cache.get_seq_length() == twin.get_seq_length() == 9  # both names really advanced the cache
@@ -96,8 +101,9 @@ def test_outputs_name_the_cache_as_the_installed_transformers_does(tiny_config):
 
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_generate_really_uses_the_cache(kind, tiny_config):
-    """Greedy ``generate()`` (which passes the cache under this version's name and reads it back) equals a loop of
-    full forwards without any cache; a dropped or ignored cache decodes from an empty state and differs."""
+    """Greedy ``generate()`` (which passes the cache under this version's name and reads it back) equals a
+    loop of full forwards without any cache; a dropped or ignored cache decodes from an empty state and
+    differs."""
     model = _model(tiny_config, kind)
     prompt = torch.randint(1, 96, (2, 5), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -129,10 +135,11 @@ def _deprecations(caught, captured: _Capture) -> list[str]:
 
 
 def test_no_deprecation_from_transformers(tiny_config, tmp_path):
-    """forward / generate / save / load / Trainer on the installed transformers emit no deprecation, neither as a
-    Python warning nor on the ``transformers`` logger (5.24's rename shims use ``logger.warning_once``), so the next
-    rename fails this test while it is still a warning."""
-    transformers.utils.logging.warning_once.cache_clear()  # a shim that already spoke in this process speaks again
+    """forward / generate / save / load / Trainer on the installed transformers emit no deprecation, neither
+    as a Python warning nor on the ``transformers`` logger (5.24's rename shims use ``logger.warning_once``),
+    so the next rename fails this test while it is still a warning."""
+    # a shim that already spoke in this process speaks again
+    transformers.utils.logging.warning_once.cache_clear()
     capture = _Capture()
     tf_logger = std_logging.getLogger("transformers")
     tf_logger.addHandler(capture)
@@ -146,9 +153,15 @@ def test_no_deprecation_from_transformers(tiny_config, tmp_path):
                 mask[0, :2] = 0
                 with torch.no_grad():
                     out = model(ids, attention_mask=mask, use_cache=True)
-                    model(ids[:, -1:], attention_mask=torch.ones(2, 9, dtype=torch.long),
-                          cache=compat.output_cache(out), use_cache=True)
-                    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+                    model(
+                        ids[:, -1:],
+                        attention_mask=torch.ones(2, 9, dtype=torch.long),
+                        cache=compat.output_cache(out),
+                        use_cache=True,
+                    )
+                    model.generate(
+                        ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0
+                    )
                 model.train()
                 model(ids, labels=ids).loss.backward()
                 model.save_pretrained(tmp_path / kind)
@@ -156,8 +169,15 @@ def test_no_deprecation_from_transformers(tiny_config, tmp_path):
 
             model = _model(tiny_config, "gdn-attention-moe").train()
             rows = [{"input_ids": list(range(1, 17)), "labels": list(range(1, 17))}] * 8
-            args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
-                                     report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+            args = TrainingArguments(
+                output_dir=str(tmp_path / "run"),
+                max_steps=2,
+                per_device_train_batch_size=4,
+                report_to=[],
+                save_strategy="no",
+                use_cpu=True,
+                disable_tqdm=True,
+            )
             Trainer(model=model, args=args, train_dataset=rows).train()
     finally:
         tf_logger.removeHandler(capture)

@@ -1,9 +1,9 @@
-"""Dense attention / MLA → DSA conversion (issue 9): exactness at k ≥ context, copied weights and fresh indexers,
-errors, files, CLI, the two training stages (frozen warm-up, detached indexer in the sparse stage) and the recipe
-end to end.
+"""Dense attention / MLA → DSA conversion (issue 9): exactness at k ≥ context, copied weights and fresh
+indexers, errors, files, CLI, the two training stages (frozen warm-up, detached indexer in the sparse stage)
+and the recipe end to end.
 
-Tolerance: fp32 logits within 1e-5 of the source (sparse attention over every key sums the same terms in another
-order; DSA on MLA runs the latent MQA form).
+Tolerance: fp32 logits within 1e-5 of the source (sparse attention over every key sums the same terms in
+another order; DSA on MLA runs the latent MQA form).
 """
 
 from __future__ import annotations
@@ -31,9 +31,20 @@ from hf_hybrid.convert.dsa import (
 ATOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
 COMMON = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-    index_n_heads=2, index_head_dim=8, initializer_range=0.1,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    index_n_heads=2,
+    index_head_dim=8,
+    initializer_range=0.1,
 )
 
 
@@ -49,7 +60,7 @@ def logits(model, ids, mask=None):
         return model(ids, attention_mask=mask).logits
 
 
-# ---- exactness and weights --------------------------------------------------------------------------------------------
+# ---- exactness and weights ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("base", ["attention", "mla"])
@@ -62,7 +73,8 @@ def test_topk_at_least_context_equals_the_source_in_sparse_mode(base, selector):
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     ref = logits(src, ids, mask)
-    torch.testing.assert_close(logits(dsa, ids, mask), ref, atol=0, rtol=0)  # saved mode: the base mixer itself
+    # saved mode: the base mixer itself
+    torch.testing.assert_close(logits(dsa, ids, mask), ref, atol=0, rtol=0)
     set_dsa_mode(dsa, "sparse")
     got = logits(dsa, ids, mask)
     torch.testing.assert_close(got[mask.bool()], ref[mask.bool()], atol=ATOL, rtol=0)
@@ -115,13 +127,18 @@ def test_bad_sources():
     with pytest.raises(ValueError, match="mix bases"):
         convert_model_to_dsa(mixed, index_topk=8)
     only_mla = convert_model_to_dsa(mixed, index_topk=8, layers=[1])  # one base chosen explicitly: fine
-    assert only_mla.config.mixer_types == ["attention", "dsa", "attention"] and only_mla.config.dsa_base == "mla"
+    assert (
+        only_mla.config.mixer_types == ["attention", "dsa", "attention"] and only_mla.config.dsa_base == "mla"
+    )
     sliding = source(mixer_types=["sliding_attention"] * 3, sliding_window=4)
     with pytest.raises(ValueError, match="no full attention or MLA layers.*sliding"):
         convert_model_to_dsa(sliding, index_topk=8)
     with pytest.raises(ValueError, match="layer 0 is 'sliding_attention'"):
-        convert_model_to_dsa(source(mixer_types=["sliding_attention", "attention", "attention"], sliding_window=4),
-                             index_topk=8, layers=[0, 1])
+        convert_model_to_dsa(
+            source(mixer_types=["sliding_attention", "attention", "attention"], sliding_window=4),
+            index_topk=8,
+            layers=[0, 1],
+        )
     with pytest.raises(ValueError, match="already has DSA layers"):
         convert_model_to_dsa(only_mla, index_topk=8, layers=[0])
 
@@ -144,16 +161,26 @@ def test_bad_paths_write_nothing(tmp_path):
     assert [p.name for p in dst.iterdir()] == ["x"]
 
 
-# ---- files, lineage, CLI ---------------------------------------------------------------------------------------------
+# ---- files, lineage, CLI -----------------------------------------------------------------------------------
 
 
 def test_convert_a_llama_checkpoint_file_to_file(tmp_path):
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.1,
+    )
     llama = LlamaForCausalLM(cfg).eval()
     llama.save_pretrained(tmp_path / "llama")
-    dst = convert_to_dsa(tmp_path / "llama", tmp_path / "dsa", index_topk=32, index_heads=2, index_head_dim=16)
+    dst = convert_to_dsa(
+        tmp_path / "llama", tmp_path / "dsa", index_topk=32, index_heads=2, index_head_dim=16
+    )
     model = AutoModelForCausalLM.from_pretrained(dst).eval()
     assert model.config.mixer_types == ["dsa", "dsa"] and model.config.dsa_mode == "dense"
     assert model.config.index_n_heads == 2 and model.config.index_head_dim == 16
@@ -170,7 +197,10 @@ def test_convert_a_llama_checkpoint_file_to_file(tmp_path):
 def test_cli_convert_and_inspect(tmp_path, capsys):
     source("mla").save_pretrained(tmp_path / "mla")
     dst = tmp_path / "out"
-    assert cli_main(["convert-dsa", str(tmp_path / "mla"), str(dst), "--index-topk", "16", "--layers", "0,1"]) == 0
+    assert (
+        cli_main(["convert-dsa", str(tmp_path / "mla"), str(dst), "--index-topk", "16", "--layers", "0,1"])
+        == 0
+    )
     out = capsys.readouterr().out
     assert "base mla" in out and "before:" in out and "after:" in out
     config = HybridConfig.from_pretrained(dst)
@@ -183,8 +213,8 @@ def test_cli_convert_and_inspect(tmp_path, capsys):
 
 
 def test_cost_of_the_converted_model():
-    """Saved in mode "dense" the DSA layer costs its base (plus the indexer's own projections); in sparse mode the
-    attention covers at most k keys and the indexer scans every key."""
+    """Saved in mode "dense" the DSA layer costs its base (plus the indexer's own projections); in sparse mode
+    the attention covers at most k keys and the indexer scans every key."""
     from hf_hybrid.cost import estimate_cost
 
     src = source("attention").config
@@ -200,7 +230,7 @@ def test_cost_of_the_converted_model():
     assert dense_mode.total_params == sparse_mode.total_params > base.total_params
 
 
-# ---- training stages and metrics --------------------------------------------------------------------------------------
+# ---- training stages and metrics ---------------------------------------------------------------------------
 
 
 def load_recipe():
@@ -228,8 +258,14 @@ def test_warmup_trains_only_the_indexers(tmp_path, base):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     torch.manual_seed(0)
     data = Blocks(torch.randint(0, 64, (8, 24)))
-    stage = dict(max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, weight_decay=0.1,
-                 disable_tqdm=True)
+    stage = dict(
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        weight_decay=0.1,
+        disable_tqdm=True,
+    )
     trainer, _, (trainable, frozen) = recipe.warmup_stage(model, stage, data, tmp_path)
     assert trainable > 0 and frozen > 0
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
@@ -241,7 +277,8 @@ def test_warmup_trains_only_the_indexers(tmp_path, base):
 
 def test_sparse_stage_lm_loss_trains_the_model_and_kl_trains_the_indexer():
     model = convert_model_to_dsa(source("attention"), index_topk=4, mode="sparse").train()
-    model.config.index_loss_coef = 0.0  # report the KL without attaching it: out.lm_loss is then the LM term alone
+    # report the KL without attaching it: out.lm_loss is then the LM term alone
+    model.config.index_loss_coef = 0.0
     ids = torch.randint(0, 64, (2, 16))
     out = model(ids, labels=ids)
     params = dict(model.named_parameters())
@@ -252,7 +289,9 @@ def test_sparse_stage_lm_loss_trains_the_model_and_kl_trains_the_indexer():
             assert g_lm is None or g_lm.abs().max() == 0, name
         else:
             assert g_kl is None or g_kl.abs().max() == 0, name
-    assert any(g is not None and g.abs().max() > 0 for (n, _), g in zip(params.items(), kl_grads) if ".indexer." in n)
+    assert any(
+        g is not None and g.abs().max() > 0 for (n, _), g in zip(params.items(), kl_grads) if ".indexer." in n
+    )
 
 
 def test_metrics_are_recorded_and_perfect_when_k_covers_the_context():
@@ -260,7 +299,9 @@ def test_metrics_are_recorded_and_perfect_when_k_covers_the_context():
     model = convert_model_to_dsa(source("attention"), index_topk=4)
     data = Blocks(torch.randint(0, 64, (2, 20)))
     full = recipe.measure(model, data, topk=20)
-    assert full["recall_at_k"] == pytest.approx(1.0) and full["attention_mass"] == pytest.approx(1.0, abs=1e-5)
+    assert full["recall_at_k"] == pytest.approx(1.0) and full["attention_mass"] == pytest.approx(
+        1.0, abs=1e-5
+    )
     dense = recipe.measure(source("attention"), data, topk=None)
     assert full["eval_loss"] == pytest.approx(dense["eval_loss"], abs=1e-5)
     assert full["dense_attention_eval_loss"] == pytest.approx(dense["eval_loss"], abs=1e-6)
@@ -300,8 +341,14 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tmp_path):
     out = tmp_path / "out"
     summary = load_recipe().main(["--config", str(config), "--output-dir", str(out)])
     stages = [(r["topk"], r["stage"]) for r in summary["rows"]]
-    assert stages == [(8, "before warm-up"), (16, "before warm-up"), (8, "after warm-up"), (16, "after warm-up"),
-                      (8, "after sparse"), (16, "after sparse")]
+    assert stages == [
+        (8, "before warm-up"),
+        (16, "before warm-up"),
+        (8, "after warm-up"),
+        (16, "after warm-up"),
+        (8, "after sparse"),
+        (16, "after sparse"),
+    ]
     for r in summary["rows"]:
         assert 0 < r["recall_at_k"] <= 1 and 0 < r["attention_mass"] <= 1 and r["eval_perplexity"] > 1
     assert json.loads((out / "metrics.json").read_text())["context"] == 48
@@ -318,9 +365,9 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tmp_path):
 
 @pytest.mark.slow
 def test_real_checkpoint_converts_exactly_at_full_context(shakespeare_checkpoint):
-    """At T = 1024 the real model's logits reach ~20, where fp32 rounding alone is ~1e-5 after six layers: the source's
-    own eager and SDPA attention already differ by that much. The bound is therefore that floor (2×), measured here,
-    not a tolerance widened until green; the tiny-model tests above hold 1e-5 absolute."""
+    """At T = 1024 the real model's logits reach ~20, where fp32 rounding alone is ~1e-5 after six layers: the
+    source's own eager and SDPA attention already differ by that much. The bound is therefore that floor (2×),
+    measured here, not a tolerance widened until green; the tiny-model tests above hold 1e-5 absolute."""
     from hf_hybrid.convert.source import load_source
 
     dense, _ = load_source(shakespeare_checkpoint, dtype=torch.float32)

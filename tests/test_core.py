@@ -1,7 +1,8 @@
 """Core model (issue 2): config, attention variants, inputs, generation, save/load, errors, loss rule.
 
-Tolerances: fp32 everywhere; 1e-5 absolute for paths that compute the same maths in another order (cached decode vs
-full forward, eager vs sdpa, padded vs alone); exact equality where the arithmetic is identical (save/load).
+Tolerances: fp32 everywhere; 1e-5 absolute for paths that compute the same maths in another order (cached
+decode vs full forward, eager vs sdpa, padded vs alone); exact equality where the arithmetic is identical
+(save/load).
 """
 
 from __future__ import annotations
@@ -52,14 +53,15 @@ VARIANTS = {
     "qwen2_bias": dict(attention_bias=True),
     "qwen3_qknorm": dict(use_qk_norm=True),
     "qwen3next_gate_partial_rope": dict(
-        attention_output_gate=True, rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+        attention_output_gate=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
     ),
     "sliding": dict(mixer_types=["sliding_attention", "attention"], sliding_window=5),
     "untied_no_mlp": dict(tie_word_embeddings=False, mlp_types=["none", "dense"]),
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # registration and config
 
 
@@ -74,9 +76,16 @@ def test_auto_classes_resolve_our_classes(tmp_path):
 
 
 def test_pattern_shorthand_expands_and_only_lists_are_saved(tmp_path):
-    config = tiny(num_hidden_layers=8, mixer_pattern="3:1 sliding_attention:attention", sliding_window=4,
-                  mlp_pattern="none,dense", first_k_dense=1)
-    assert config.mixer_types == ["sliding_attention"] * 3 + ["attention"] + ["sliding_attention"] * 3 + ["attention"]
+    config = tiny(
+        num_hidden_layers=8,
+        mixer_pattern="3:1 sliding_attention:attention",
+        sliding_window=4,
+        mlp_pattern="none,dense",
+        first_k_dense=1,
+    )
+    assert config.mixer_types == ["sliding_attention"] * 3 + ["attention"] + ["sliding_attention"] * 3 + [
+        "attention"
+    ]
     assert config.mlp_types == ["dense", "dense"] + ["none", "dense"] * 3
     assert config.layer_types[3] == "full_attention" and config.layer_types[0] == "sliding_attention"
     config.save_pretrained(tmp_path)
@@ -111,19 +120,32 @@ def test_newer_format_version_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(mixer_types=["attention", "gdn"]), r"mixer_types\[1\]='gdn' is not a known mixer type; choose one of: attention"),
+        (
+            dict(mixer_types=["attention", "gdn"]),
+            r"mixer_types\[1\]='gdn' is not a known mixer type; choose "
+            r"one of: attention",
+        ),
         (dict(mixer_types=["attention"] * 3), r"mixer_types has 3 entries but num_hidden_layers=2"),
         (dict(mlp_types=["dense", "ffn"]), r"mlp_types\[1\]='ffn' is not a known mlp type"),
         (dict(num_key_value_heads=3), r"num_key_value_heads=3 must divide num_attention_heads=4"),
-        (dict(mixer_types=["sliding_attention"] * 2, sliding_window=0), r"sliding_window=0 must be a positive"),
+        (
+            dict(mixer_types=["sliding_attention"] * 2, sliding_window=0),
+            r"sliding_window=0 must be a positive",
+        ),
         (dict(mixer_types=["sliding_attention"] * 2), r"sliding_window=None must be a positive"),
-        (dict(hidden_size=30), r"head_dim is required: hidden_size=30 is not divisible by num_attention_heads=4"),
+        (
+            dict(hidden_size=30),
+            r"head_dim is required: hidden_size=30 is not divisible by "
+            r"num_attention_heads=4",
+        ),
         (dict(hidden_act="swish2"), r"hidden_act='swish2' is not allowed; choose one of"),
         (dict(mixer_pattern="2:1 attention"), r"counts and names must pair up"),
         (dict(mixer_pattern="attention,mamba"), r"names 'mamba', which is not known"),
         (dict(first_k_dense=5), r"first_k_dense=5 must be an int in \[0, 2\]"),
-        (dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.3}),
-         r"partial_rotary_factor'\]=0.3"),
+        (
+            dict(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.3}),
+            r"partial_rotary_factor'\]=0.3",
+        ),
         (dict(vocab_size=0), r"vocab_size=0 must be a positive integer"),
     ],
 )
@@ -132,7 +154,7 @@ def test_invalid_config_fails_at_construction_naming_field_value_and_choices(ove
         tiny(**overrides)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # attention variants: cached decode == full forward, eager == sdpa
 
 
@@ -186,7 +208,9 @@ def test_switching_attn_implementation_really_changes_the_path(monkeypatch):
 
 
 def test_sliding_window_layer_does_not_see_past_the_window():
-    model = build(tiny(num_hidden_layers=1, mixer_types=["sliding_attention"], sliding_window=4, mlp_types=["none"]))
+    model = build(
+        tiny(num_hidden_layers=1, mixer_types=["sliding_attention"], sliding_window=4, mlp_types=["none"])
+    )
     ids = torch.randint(1, 64, (1, 12))
     other = ids.clone()
     other[0, 0] = 0
@@ -197,7 +221,7 @@ def test_sliding_window_layer_does_not_see_past_the_window():
     torch.testing.assert_close(a[0, 4:], b[0, 4:], atol=ATOL, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # inputs: padding, packing, labels, logits_to_keep
 
 
@@ -246,9 +270,7 @@ def test_labels_minus_100_are_ignored_and_logits_to_keep():
     with torch.no_grad():
         out = model(ids, labels=labels)
         logits = out.logits
-        manual = torch.nn.functional.cross_entropy(
-            logits[:, 4:-1].reshape(-1, 64), ids[:, 5:].reshape(-1)
-        )
+        manual = torch.nn.functional.cross_entropy(logits[:, 4:-1].reshape(-1, 64), ids[:, 5:].reshape(-1))
         torch.testing.assert_close(out.loss, manual, atol=1e-6, rtol=0)
         last = model(ids, logits_to_keep=1).logits
     assert last.shape == (2, 1, 64)
@@ -286,7 +308,7 @@ def test_tied_and_untied_heads():
     assert untied.lm_head.weight.data_ptr() != untied.model.embed_tokens.weight.data_ptr()
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # generation
 
 
@@ -347,7 +369,7 @@ def test_torch_compile_forward_matches_eager():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits, atol=ATOL, rtol=0)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # save / load
 
 
@@ -405,8 +427,9 @@ def test_loading_is_strict(tmp_path, tamper, message):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_task_head_on_a_causal_checkpoint_is_the_one_allowed_mismatch(tmp_path, tied):
-    """AutoModelForSequenceClassification / AutoModel from a causal checkpoint: the head swap (score.weight new,
-    lm_head.weight dropped) loads; the backbone keeps the causal model's weights; any other mismatch still raises."""
+    """AutoModelForSequenceClassification / AutoModel from a causal checkpoint: the head swap (score.weight
+    new, lm_head.weight dropped) loads; the backbone keeps the causal model's weights; any other mismatch
+    still raises."""
     causal = build(tiny(tie_word_embeddings=tied, pad_token_id=0))
     causal.save_pretrained(tmp_path / "lm")
     clf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "lm", num_labels=3)
@@ -457,7 +480,8 @@ def test_moe_registered_by_import_alone_and_router_logits_output():
 
 @pytest.mark.parametrize("kind", ["mamba2", "gated_deltanet", "kda"])
 def test_selective_state_mixers_read_the_dt_init_range_from_the_config(kind):
-    """One dt initialisation for Mamba-2, GDN and KDA, from ``mamba_dt_min/max/init_floor`` (not hard-coded)."""
+    """One dt initialisation for Mamba-2, GDN and KDA, from ``mamba_dt_min/max/init_floor`` (not
+    hard-coded)."""
     from hf_hybrid.presets import preset_config
 
     config = preset_config("tiny-hybrid", mixer_pattern=kind, mamba_dt_min=0.02, mamba_dt_max=0.03)
@@ -468,8 +492,13 @@ def test_selective_state_mixers_read_the_dt_init_range_from_the_config(kind):
     for p in dt_bias:
         dt = torch.nn.functional.softplus(p.detach().float())
         assert dt.min() >= 0.02 - 1e-6 and dt.max() <= 0.03 + 1e-6, (dt.min(), dt.max())
-    floored = HybridForCausalLM(preset_config("tiny-hybrid", mixer_pattern=kind, mamba_dt_min=1e-6,
-                                              mamba_dt_max=2e-6, mamba_dt_init_floor=0.5))
+    floored = HybridForCausalLM(
+        preset_config(
+            "tiny-hybrid", mixer_pattern=kind, mamba_dt_min=1e-6, mamba_dt_max=2e-6, mamba_dt_init_floor=0.5
+        )
+    )
     for n, p in floored.named_parameters():
         if n.endswith("dt_bias"):
-            torch.testing.assert_close(torch.nn.functional.softplus(p.detach().float()), torch.full_like(p, 0.5))
+            torch.testing.assert_close(
+                torch.nn.functional.softplus(p.detach().float()), torch.full_like(p, 0.5)
+            )

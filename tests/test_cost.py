@@ -1,4 +1,5 @@
-"""Cost inspector: exact parameter counts, hand-computed cache and FLOPs for known configs, formulas vs built modules."""
+"""Cost inspector: exact parameter counts, hand-computed cache and FLOPs for known configs, formulas vs built
+modules."""
 
 from __future__ import annotations
 
@@ -189,8 +190,8 @@ def test_dsa_adds_indexer_keys_and_caps_attention():
     mla = mixer_spec("mla").cost(config, 0)
     assert cost.cache_per_token == mla.cache_per_token + 16
     assert cost.params == mla.params + 32 * 2 * 16 + 64 * 16 + 2 * 16 + 64 * 2
-    # sparse mode runs latent MQA: each of the 4 heads scores min(context, top-k) cached [c_kv, k_pe] (32 + 8 wide)
-    # and sums c_kv (32 wide); + the indexer over every token
+    # sparse mode runs latent MQA: each of the 4 heads scores min(context, top-k) cached [c_kv, k_pe] (32 + 8
+    # wide) and sums c_kv (32 wide); + the indexer over every token
     qk, v = 32 + 8, 32
     assert cost.flops(1000) == 2 * 8 * 4 * (qk + v) + 2 * 1000 * 2 * (16 + 1)
     assert cost.flops(4) == 2 * 4 * 4 * (qk + v) + 2 * 4 * 2 * (16 + 1)
@@ -200,8 +201,9 @@ def test_dsa_adds_indexer_keys_and_caps_attention():
 
 
 def test_dsa_on_mla_flops_follow_latent_mqa_at_deepseek_v32_scale():
-    """The review's figure: counting expanded heads (dn + dr + dv = 320 wide) instead of the latent MQA the code runs
-    (r + dr + r = 1088 wide) under-counted 24.6 GFLOP/token for deepseek-v3.2-like (61 layers, 128 heads, k=2048)."""
+    """The review's figure: counting expanded heads (dn + dr + dv = 320 wide) instead of the latent MQA the
+    code runs (r + dr + r = 1088 wide) under-counted 24.6 GFLOP/token for deepseek-v3.2-like (61 layers, 128
+    heads, k=2048)."""
     v32 = estimate_cost(preset_config("deepseek-v3.2-like"), contexts=(4096,), measure=False)
     per_layer = 2.0 * 2048 * 128 * ((512 + 64 + 512) - (128 + 64 + 128))
     assert per_layer * 61 / 1e9 == pytest.approx(24.6, abs=0.05)
@@ -231,7 +233,8 @@ def test_recurrent_state_formulas():
     assert pos.state_elements == 4 * 16 * 16 + 4 * 16 + 3 * 4 * 16 * 3  # + normaliser + conv tail
     report = estimate_cost(preset_config("tiny-hybrid"), contexts=(10, 10_000))
     gdn_bytes = report.by_mixer()["gated_deltanet"]["bytes_per_sequence"]
-    # constant in the context; the recurrent state is stored in fp32 (4 B), the conv tail in the cache dtype (2 B)
+    # constant in the context; the recurrent state is stored in fp32 (4 B), the conv tail in the cache dtype
+    # (2 B)
     assert gdn.state_fp32_elements == 4 * 16 * 16 and mamba.state_fp32_elements == 8 * 16 * 16
     assert lin.state_fp32_elements == 4 * 16 * 16 and pos.state_fp32_elements == 4 * 16 * 16 + 4 * 16
     conv = gdn.state_elements - gdn.state_fp32_elements
@@ -274,7 +277,9 @@ def test_registry_extension(monkeypatch):
         calls.append(layer_idx)
         return MixerCost(params=7, matmul_params=5, cache_per_token=3, flops=lambda c: 11.0 * c)
 
-    monkeypatch.setitem(registry._MIXERS, "attention", dataclasses.replace(mixer_spec("attention"), cost=fake))
+    monkeypatch.setitem(
+        registry._MIXERS, "attention", dataclasses.replace(mixer_spec("attention"), cost=fake)
+    )
     config = preset_config("tiny-attention")
     report = estimate_cost(config, contexts=(2,), measure=False)
     assert calls == [0, 1]

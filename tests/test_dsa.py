@@ -1,7 +1,8 @@
 """DeepSeek Sparse Attention in the model (issue 6): exactness, decoding, padding/packing, training modes.
 
 Op-level parity (naive dense-masked vs gathered torch path vs Triton, exact streaming top-k, KL losses) is in
-tests/ops/. Tolerance: fp32 1e-5 absolute (same maths, different summation order: latent MQA vs expanded heads).
+tests/ops/. Tolerance: fp32 1e-5 absolute (same maths, different summation order: latent MQA vs expanded
+heads).
 """
 
 from __future__ import annotations
@@ -16,9 +17,21 @@ from hf_hybrid.mixers.dsa import structured_indices
 ATOL = 1e-5
 
 COMMON = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-    index_n_heads=2, index_head_dim=8, dsa_local_window=2, dsa_global_tokens=1,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    index_n_heads=2,
+    index_head_dim=8,
+    dsa_local_window=2,
+    dsa_global_tokens=1,
 )
 BASES = ["mla", "attention"]
 
@@ -132,7 +145,8 @@ def test_dense_warmup_loss_is_indexer_kl_and_only_the_indexer_learns(base):
 
 @pytest.mark.parametrize("base", BASES)
 def test_sparse_training_lm_loss_sends_no_gradient_into_the_indexer(base):
-    # index_loss_coef=0: the KL is still reported but not attached to the layers, so out.lm_loss is the LM term alone
+    # index_loss_coef=0: the KL is still reported but not attached to the layers, so out.lm_loss is the LM
+    # term alone
     model = build(base, dsa_mode="sparse", index_loss_coef=0.0).train()
     ids = torch.randint(0, 64, (2, 12))
     out = model(ids, labels=ids)
@@ -177,8 +191,9 @@ def test_decode_attends_to_k_tokens_not_the_whole_context(monkeypatch):
 
 
 def test_mla_decode_reads_k_latent_rows_not_a_copy_of_the_cache():
-    """A DSA-on-MLA decode step gathers the k selected latent rows; it used to concatenate the whole [c_kv, k_pe]
-    history (S·(r + dr) per layer per token) every step. Every tensor an op creates during the step is recorded."""
+    """A DSA-on-MLA decode step gathers the k selected latent rows; it used to concatenate the whole [c_kv,
+    k_pe] history (S·(r + dr) per layer per token) every step. Every tensor an op creates during the step is
+    recorded."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Sizes(TorchDispatchMode):
@@ -228,15 +243,20 @@ def test_save_load_and_config_errors(tmp_path):
         assert torch.equal(loaded(ids).logits, model(ids).logits)
     with pytest.raises(Exception, match=r"index_topk=0 must be a positive integer"):
         dsa_config("mla", index_topk=0)
-    with pytest.raises(Exception, match=r"dsa_mode='warm' is not allowed; choose one of: sparse, dense_warmup, dense"):
+    with pytest.raises(
+        Exception,
+        match=r"dsa_mode='warm' is not allowed; choose one of: sparse, "
+        r"dense_warmup, dense",
+    ):
         dsa_config("mla", dsa_mode="warm")
 
 
-# ---- run-time modes: model.dsa_mode(...) switches the layers, never the config -----------------------------------
+# ---- run-time modes: model.dsa_mode(...) switches the layers, never the config -----------------------------
 
 
 def same_weights(model: HybridForCausalLM, **config_overrides) -> HybridForCausalLM:
-    """A model built with ``config_overrides`` holding ``model``'s weights (the config-time twin of a run-time mode)."""
+    """A model built with ``config_overrides`` holding ``model``'s weights (the config-time twin of a run-time
+    mode)."""
     twin = HybridForCausalLM(HybridConfig.from_dict({**model.config.to_dict(), **config_overrides})).eval()
     twin.load_state_dict(model.state_dict(), strict=True)
     return twin
@@ -267,8 +287,8 @@ def test_runtime_mode_equals_the_config_twin_and_leaves_the_config_alone(base, t
 
 @pytest.mark.parametrize("base", BASES)
 def test_runtime_dense_mode_on_a_sparse_config_gets_its_causal_mask(base, monkeypatch):
-    """A sparse config builds no dense mask; switched to dense at run time the layers read one again (without it
-    eager attention would see the future), so padded rows still equal their prompts alone."""
+    """A sparse config builds no dense mask; switched to dense at run time the layers read one again (without
+    it eager attention would see the future), so padded rows still equal their prompts alone."""
     from hf_hybrid import modeling_hybrid as modeling
 
     calls = []
@@ -305,7 +325,11 @@ def test_runtime_dense_warmup_follows_the_loss_rule(base):
 
 def test_runtime_mode_errors_name_the_value():
     model = build("mla")
-    with pytest.raises(ValueError, match=r"dsa_mode='warm' is not allowed; choose one of: sparse, dense_warmup, dense"):
+    with pytest.raises(
+        ValueError,
+        match=r"dsa_mode='warm' is not allowed; choose one of: sparse, "
+        r"dense_warmup, dense",
+    ):
         model.dsa_mode("warm")
     with pytest.raises(ValueError, match=r"index_topk=0 must be a positive integer"):
         model.dsa_mode("sparse", index_topk=0)
@@ -316,10 +340,16 @@ def test_runtime_mode_errors_name_the_value():
 
 @pytest.mark.parametrize("base", BASES)
 def test_indexer_kl_gradient_with_shared_layers_matches_its_definition(base):
-    """Layers marked "shared" have no indexer and record no KL: the attached gradient averages over the layers that
-    do, like the reported ``indexer_loss`` (gradient of ``loss`` = gradient of LM + coef · indexer_loss by hand)."""
-    model = build(base, num_hidden_layers=3, mixer_types=["dsa"] * 3, dsa_indexer_types=["full", "shared", "full"],
-                  index_loss_coef=0.5).train()
+    """Layers marked "shared" have no indexer and record no KL: the attached gradient averages over the layers
+    that do, like the reported ``indexer_loss`` (gradient of ``loss`` = gradient of LM + coef · indexer_loss
+    by hand)."""
+    model = build(
+        base,
+        num_hidden_layers=3,
+        mixer_types=["dsa"] * 3,
+        dsa_indexer_types=["full", "shared", "full"],
+        index_loss_coef=0.5,
+    ).train()
     ids = torch.randint(0, 64, (2, 12))
     params = [p for p in model.parameters()]
     ours = torch.autograd.grad(model(ids, labels=ids).loss, params, allow_unused=True)

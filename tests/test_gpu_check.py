@@ -1,8 +1,9 @@
 """scripts/gpu_check.py, the one-call GPU verification, rehearsed on CPU so it cannot rot between GPU runs.
 
-The dry run (toy sizes, Triton's interpreter, CPU timers) runs in a subprocess: TRITON_INTERPRET=1 must be set before
-triton is first imported, which this test session has usually done already. The runner itself (isolation of a
-failing section, the time budget, the install plan) is tested in-process with stand-in sections.
+The dry run (toy sizes, Triton's interpreter, CPU timers) runs in a subprocess: TRITON_INTERPRET=1 must be set
+before triton is first imported, which this test session has usually done already. The runner itself
+(isolation of a failing section, the time budget, the install plan) is tested in-process with stand-in
+sections.
 """
 
 from __future__ import annotations
@@ -53,7 +54,17 @@ def dry_run(tmp_path_factory):
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
     }
     env.pop("OUT", None)
-    cmd = [sys.executable, str(SCRIPT), "--dry-run", "--device", "cpu", "--out", str(out), "--budget-s", "600"]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--dry-run",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        "--budget-s",
+        "600",
+    ]
     start = time.time()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-4000:]
@@ -87,16 +98,23 @@ def test_dry_run_correctness_rows_are_real_comparisons(dry_run):
         rows = results[name]["rows"]
         assert rows and all(r["pass"] is True for r in rows), name
         compared = [r for r in rows if r["tensor"] != "idx"]
-        assert all(isinstance(r["error"], float) and math.isfinite(r["error"]) and r["error"] <= r["bound"]
-                   for r in compared), name
-        assert any(r["error"] > 0 for r in compared), f"{name}: every error is exactly 0 — nothing was compared"
+        assert all(
+            isinstance(r["error"], float) and math.isfinite(r["error"]) and r["error"] <= r["bound"]
+            for r in compared
+        ), name
+        assert any(r["error"] > 0 for r in compared), (
+            f"{name}: every error is exactly 0 — nothing was compared"
+        )
     checked = {(r["check"], r["tensor"]) for r in results["dsa_triton"]["rows"]}
     assert {("sparse_attention", t) for t in ("o", "lse", "dq", "dk", "dv")} <= checked
     assert ("poison", "torch.empty") in checked
     assert ("indexer_logits", "logits") in checked and ("indexer_topk (exact inputs)", "idx") in checked
-    assert {r["dtype"] for r in results["dsa_triton"]["rows"]} == {"float32", "float16"}  # no bf16 in the interpreter
+    # no bf16 in the interpreter
+    assert {r["dtype"] for r in results["dsa_triton"]["rows"]} == {"float32", "float16"}
     assert {r["check"] for r in results["moe_grouped"]["rows"]} == {
-        "experts eager", "experts batched_mm", "experts grouped_mm"
+        "experts eager",
+        "experts batched_mm",
+        "experts grouped_mm",
     }
 
 
@@ -170,9 +188,12 @@ def test_failing_section_is_recorded_and_the_run_goes_on(gpu_check, tmp_path, mo
     def greedy(run):
         return {"rows": [{"never": True}]}
 
-    sections = [gpu_check.Section("boom", "benchmark", 10, 0, boom), gpu_check.Section("fine", "benchmark", 10, 0, fine),
-                gpu_check.Section("slow", "benchmark", 10, 0, slow),
-                gpu_check.Section("greedy", "benchmark", 10, 1e6, greedy)]
+    sections = [
+        gpu_check.Section("boom", "benchmark", 10, 0, boom),
+        gpu_check.Section("fine", "benchmark", 10, 0, fine),
+        gpu_check.Section("slow", "benchmark", 10, 0, slow),
+        gpu_check.Section("greedy", "benchmark", 10, 1e6, greedy),
+    ]
     monkeypatch.setattr(gpu_check, "SECTIONS", sections)
     report = gpu_check.Report(tmp_path, {"test": True}, resume=False)
     assert gpu_check.run_sections(_run(gpu_check, 60), report, [s.name for s in sections], 0) == -1
@@ -188,27 +209,50 @@ def test_failing_section_is_recorded_and_the_run_goes_on(gpu_check, tmp_path, mo
 
 def test_report_json_stays_valid_with_non_finite_numbers(gpu_check, tmp_path):
     report = gpu_check.Report(tmp_path, {}, resume=False)
-    report.add(gpu_check._clean({"section": "s", "kind": "benchmark", "status": "ok", "seconds": 1.0,
-                                 "rows": [{"error": float("nan"), "ms": float("inf"), "t": (1, 2)}]}))
+    report.add(
+        gpu_check._clean(
+            {
+                "section": "s",
+                "kind": "benchmark",
+                "status": "ok",
+                "seconds": 1.0,
+                "rows": [{"error": float("nan"), "ms": float("inf"), "t": (1, 2)}],
+            }
+        )
+    )
     row = json.loads((tmp_path / "gpu_report.json").read_text())["results"][0]["rows"][0]
     assert row == {"error": "nan", "ms": "inf", "t": [1, 2]}
 
 
 def test_install_plan_installs_only_what_is_missing_or_old(gpu_check, tmp_path):
-    for name in ("transformers-5.24.0-py3-none-any.whl", "fla_core-0.6.0-py3-none-any.whl", "peft-0.21.2-py3-none-any.whl",
-                 "regex-2026.11.19-cp312-cp312-manylinux2014_x86_64.whl",
-                 "tokenizers-0.23.3-cp310-abi3-manylinux_2_17_x86_64.whl",
-                 "huggingface_hub-1.33.0-py3-none-any.whl", "safetensors-0.8.0-cp310-abi3-manylinux_2_17_x86_64.whl"):
+    for name in (
+        "transformers-5.24.0-py3-none-any.whl",
+        "fla_core-0.6.0-py3-none-any.whl",
+        "peft-0.21.2-py3-none-any.whl",
+        "regex-2026.11.19-cp312-cp312-manylinux2014_x86_64.whl",
+        "tokenizers-0.23.3-cp310-abi3-manylinux_2_17_x86_64.whl",
+        "huggingface_hub-1.33.0-py3-none-any.whl",
+        "safetensors-0.8.0-cp310-abi3-manylinux_2_17_x86_64.whl",
+    ):
         (tmp_path / name).touch()
-    # the GPU image as recorded: transformers 5.17, no fla-core; say its regex is too old and its peft new enough
-    image = {"transformers": "5.17.0", "tokenizers": "0.23.2", "huggingface-hub": "1.33.0", "safetensors": "0.8.0",
-             "regex": "2024.11.6", "peft": "0.17.1"}
+    # the GPU image as recorded: transformers 5.17, no fla-core; say its regex is too old and its peft new
+    # enough
+    image = {
+        "transformers": "5.17.0",
+        "tokenizers": "0.23.2",
+        "huggingface-hub": "1.33.0",
+        "safetensors": "0.8.0",
+        "regex": "2024.11.6",
+        "peft": "0.17.1",
+    }
     plan = {r["package"]: r for r in gpu_check.install_plan(tmp_path, image.get)}
     assert {p for p, r in plan.items() if r["action"] == "install"} == {"transformers", "fla-core", "regex"}
     assert plan["transformers"]["wheel"] == "transformers-5.24.0-py3-none-any.whl"
     assert plan["hf-hybrid"]["action"] == "ok" and plan["hf-hybrid"]["installed"] == "tree"
     # transformers new enough: its own requirements are its business, fla-core still comes from the wheel
-    plan = {r["package"]: r for r in gpu_check.install_plan(tmp_path, {**image, "transformers": "5.23.0"}.get)}
+    plan = {
+        r["package"]: r for r in gpu_check.install_plan(tmp_path, {**image, "transformers": "5.23.0"}.get)
+    }
     assert {p for p, r in plan.items() if r["action"] == "install"} == {"fla-core"}
     plan = {r["package"]: r for r in gpu_check.install_plan(tmp_path, {**image, "peft": "0.16.0"}.get)}
     assert plan["peft"]["action"] == "install" and plan["peft"]["wheel"] == "peft-0.21.2-py3-none-any.whl"

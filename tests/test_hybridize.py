@@ -1,5 +1,6 @@
-"""Hybridize (issue 18): attention layers -> linear-time mixers initialised from the attention weights, measured layer
-selection, attention transfer and distillation with the Trainer, the recipe end to end, the CLI."""
+"""Hybridize (issue 18): attention layers -> linear-time mixers initialised from the attention weights,
+measured layer selection, attention transfer and distillation with the Trainer, the recipe end to end, the
+CLI."""
 
 from __future__ import annotations
 
@@ -41,8 +42,15 @@ MIXERS = ["gated_deltanet", "mamba2", "linear_attention"] + (["kda"] if "kda" in
 
 
 def source_model(n_layers: int = 4, seed: int = 0, **overrides) -> HybridForCausalLM:
-    kwargs = dict(vocab_size=64, hidden_size=H, intermediate_size=48, num_hidden_layers=n_layers,
-                  num_attention_heads=HEADS, num_key_value_heads=KV, initializer_range=0.1)
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=H,
+        intermediate_size=48,
+        num_hidden_layers=n_layers,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV,
+        initializer_range=0.1,
+    )
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return HybridForCausalLM(HybridConfig(**kwargs)).eval()
@@ -64,7 +72,7 @@ def expanded(w: torch.Tensor, heads: int, rep: int) -> torch.Tensor:
     return torch.cat([blocks[j // rep] for j in range(heads * rep)])
 
 
-# ---- initialisation ---------------------------------------------------------------------------------------------------
+# ---- initialisation ----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mixer", MIXERS)
@@ -78,7 +86,11 @@ def test_inherited_projections_equal_the_source_weights(src, mixer):
         n = HEADS * D
         if mixer == "gated_deltanet":
             w = new.in_proj_qkvz.weight
-            assert torch.equal(w[:n], q) and torch.equal(w[n : 2 * n], k_exp) and torch.equal(w[2 * n : 3 * n], v_exp)
+            assert (
+                torch.equal(w[:n], q)
+                and torch.equal(w[n : 2 * n], k_exp)
+                and torch.equal(w[2 * n : 3 * n], v_exp)
+            )
             assert torch.equal(new.out_proj.weight, o)
             assert torch.count_nonzero(new.in_proj_ba.weight) == 0  # β = ½, a = 0 as stated
             cfg = student.config
@@ -95,7 +107,10 @@ def test_inherited_projections_equal_the_source_weights(src, mixer):
             assert torch.equal(new.q_proj.weight, q) and torch.equal(new.k_proj.weight, k_exp)
             assert torch.equal(new.v_proj.weight, v_exp) and torch.equal(new.o_proj.weight, o)
         if mixer == "kda":
-            assert torch.count_nonzero(new.b_proj.weight) == 0 and torch.count_nonzero(new.forget_gate.f_b_proj.weight) == 0
+            assert (
+                torch.count_nonzero(new.b_proj.weight) == 0
+                and torch.count_nonzero(new.forget_gate.f_b_proj.weight) == 0
+            )
             assert (student.config.kda_num_heads, student.config.kda_head_dim) == (HEADS, D)
         if getattr(new, "conv1d", None) is not None:  # identity: last tap 1, the others 0
             w = new.conv1d.weight
@@ -157,36 +172,49 @@ def test_pattern_expands_like_the_config():
     assert plan_hybridize(config, attention_layers=[], mixer="mamba2").attention_layers == []
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(pattern="5:1 gated_deltanet:attention"), r"keeps none"),
-    (dict(attention_layers=[1], mixer="gdn"), r"mixer='gdn' is not a mixer.*gated_deltanet"),
-    (dict(pattern="3:1 kda_x:attention"), r"not known"),
-    (dict(attention_layers=[0, 7], mixer="mamba2"), r"\[7\] do not exist.*0\.\.3"),
-    (dict(attention_layers=[1]), r"needs mixer="),
-    (dict(attention_layers=[0, 1, 2, 3], mixer="mamba2"), r"nothing to replace"),
-    (dict(pattern="attention"), r"nothing to replace"),
-    (dict(pattern="1:1 gated_deltanet:attention", attention_layers=[1]), r"exactly one"),
-    (dict(pattern="1:1 gated_deltanet:attention", mixer="mamba2"), r"leave mixer out"),
-    (dict(attention_layers=[1], mixer="linear_attention", mixer_config={"linear_head_dim": 4}),
-     r"head dims cannot map.*linear_head_dim=4"),
-    (dict(attention_layers=[1], mixer="linear_attention", mixer_config={"linear_hed_dim": 4}), r"not a HybridConfig"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(pattern="5:1 gated_deltanet:attention"), r"keeps none"),
+        (dict(attention_layers=[1], mixer="gdn"), r"mixer='gdn' is not a mixer.*gated_deltanet"),
+        (dict(pattern="3:1 kda_x:attention"), r"not known"),
+        (dict(attention_layers=[0, 7], mixer="mamba2"), r"\[7\] do not exist.*0\.\.3"),
+        (dict(attention_layers=[1]), r"needs mixer="),
+        (dict(attention_layers=[0, 1, 2, 3], mixer="mamba2"), r"nothing to replace"),
+        (dict(pattern="attention"), r"nothing to replace"),
+        (dict(pattern="1:1 gated_deltanet:attention", attention_layers=[1]), r"exactly one"),
+        (dict(pattern="1:1 gated_deltanet:attention", mixer="mamba2"), r"leave mixer out"),
+        (
+            dict(attention_layers=[1], mixer="linear_attention", mixer_config={"linear_head_dim": 4}),
+            r"head dims cannot map.*linear_head_dim=4",
+        ),
+        (
+            dict(attention_layers=[1], mixer="linear_attention", mixer_config={"linear_hed_dim": 4}),
+            r"not a "
+            r"HybridConfig",
+        ),
+    ],
+)
 def test_bad_requests_say_what_is_wrong(src, kwargs, match):
     with pytest.raises(ValueError, match=match):
         plan_hybridize(src.config, **kwargs)
 
 
 def test_existing_linear_layers_convert_further_or_explain_why_not():
-    # A hybrid source (like an imported qwen3_next): its GDN layers match the attention's heads, so the remaining
-    # attention layers can become GDN too; the existing GDN layer is kept bit for bit.
+    # A hybrid source (like an imported qwen3_next): its GDN layers match the attention's heads, so the
+    # remaining attention layers can become GDN too; the existing GDN layer is kept bit for bit.
     geometry = INIT_TABLE["gated_deltanet"].geometry(source_model().config)
     src = source_model(mixer_types=["gated_deltanet", "attention", "attention", "attention"], **geometry)
     student = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet")
     assert student.config.mixer_types == ["gated_deltanet"] * 3 + ["attention"]
     for key, value in src.model.layers[0].state_dict().items():
         assert torch.equal(student.model.layers[0].state_dict()[key], value)
-    other = source_model(mixer_types=["gated_deltanet", "attention", "attention", "attention"], gdn_num_key_heads=2)
-    with pytest.raises(ValueError, match=r"head dims cannot map.*layers \[0\].*gdn_num_key_heads=2.*needs.*=4"):
+    other = source_model(
+        mixer_types=["gated_deltanet", "attention", "attention", "attention"], gdn_num_key_heads=2
+    )
+    with pytest.raises(
+        ValueError, match=r"head dims cannot map.*layers \[0\].*gdn_num_key_heads=2.*needs.*=4"
+    ):
         hybridize_model(other, attention_layers=[3], mixer="gated_deltanet")
     with pytest.raises(ValueError, match=r"layer 0, which is 'gated_deltanet'"):
         plan_hybridize(other.config, pattern="1:1 mamba2:attention")
@@ -201,7 +229,7 @@ def test_kda_is_offered_only_when_registered_and_initialisable():
     assert set(MIXERS) <= set(choices)
 
 
-# ---- layer selection ----------------------------------------------------------------------------------------------------
+# ---- layer selection ---------------------------------------------------------------------------------------
 
 
 def test_rank_layers_puts_the_layer_that_matters_first(src):
@@ -214,11 +242,12 @@ def test_rank_layers_puts_the_layer_that_matters_first(src):
     rows = rank_layers(teacher, ids(2, 16), mixer="linear_attention")
     assert sorted(r["layer"] for r in rows) == [0, 1, 2, 3]
     assert rows[0]["layer"] == 2 and rows[-1]["layer"] == 1
-    assert rows[-1]["kl"] < 1e-3  # replacing a layer whose output is zero changes nothing (o_proj inherited: 0)
+    # replacing a layer whose output is zero changes nothing (o_proj inherited: 0)
+    assert rows[-1]["kl"] < 1e-3
     assert all(a["kl"] >= b["kl"] for a, b in zip(rows, rows[1:]))
 
 
-# ---- stage 1 and stage 2 ------------------------------------------------------------------------------------------------
+# ---- stage 1 and stage 2 -----------------------------------------------------------------------------------
 
 
 def blocks_dataset(n: int = 16, t: int = 24, vocab: int = 64) -> PackedBlocks:
@@ -226,8 +255,16 @@ def blocks_dataset(n: int = 16, t: int = 24, vocab: int = 64) -> PackedBlocks:
 
 
 def args(tmp_path, name, **kw):
-    base = dict(max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2, warmup_steps=0,
-                lr_scheduler_type="constant", logging_steps=2, disable_tqdm=True, weight_decay=0.0)
+    base = dict(
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        warmup_steps=0,
+        lr_scheduler_type="constant",
+        logging_steps=2,
+        disable_tqdm=True,
+        weight_decay=0.0,
+    )
     return training_arguments(str(tmp_path / name), **{**base, **kw})
 
 
@@ -239,8 +276,11 @@ def test_stage1_moves_only_new_parameters_and_lowers_the_mse(src, tmp_path, mixe
     held = ids(4, 24, seed=9)
     err0 = transfer_error(src, student, [0, 2], held)
     freeze_all_but(student, [0, 2])
-    trainer = TransferTrainer(model=AttentionTransfer(src, student, [0, 2]), args=args(tmp_path, "s1", max_steps=12),
-                              train_dataset=blocks_dataset())
+    trainer = TransferTrainer(
+        model=AttentionTransfer(src, student, [0, 2]),
+        args=args(tmp_path, "s1", max_steps=12),
+        train_dataset=blocks_dataset(),
+    )
     trainer.train()
     err1 = transfer_error(src, student, [0, 2], held)
     assert all(err1[i] < 0.8 * err0[i] for i in (0, 2)), (err0, err1)
@@ -260,8 +300,13 @@ def test_stage2_lowers_the_kl_full_and_lora(src, tmp_path):
     held = ids(4, 24, seed=9)
     student = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet")
     kl0 = _kl(student, src, held)
-    trainer = DistillationTrainer(model=student.train(), teacher=src, args=args(tmp_path, "s2", learning_rate=3e-3),
-                                  train_dataset=blocks_dataset(), lm_weight=0.1)
+    trainer = DistillationTrainer(
+        model=student.train(),
+        teacher=src,
+        args=args(tmp_path, "s2", learning_rate=3e-3),
+        train_dataset=blocks_dataset(),
+        lm_weight=0.1,
+    )
     trainer.train()
     kl1 = _kl(student, src, held)
     assert kl1 < 0.8 * kl0, (kl0, kl1)
@@ -270,10 +315,17 @@ def test_stage2_lowers_the_kl_full_and_lora(src, tmp_path):
     student = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet")
     base = {k: v.clone() for k, v in student.state_dict().items()}
     peft_model = add_lora(student, r=4, alpha=8)
-    DistillationTrainer(model=peft_model, teacher=src, args=args(tmp_path, "s2-lora", learning_rate=1e-2),
-                        train_dataset=blocks_dataset()).train()
-    assert all(torch.equal(p, base[k.replace("base_model.model.", "").replace(".base_layer", "")])
-               for k, p in peft_model.named_parameters() if "lora_" not in k)
+    DistillationTrainer(
+        model=peft_model,
+        teacher=src,
+        args=args(tmp_path, "s2-lora", learning_rate=1e-2),
+        train_dataset=blocks_dataset(),
+    ).train()
+    assert all(
+        torch.equal(p, base[k.replace("base_model.model.", "").replace(".base_layer", "")])
+        for k, p in peft_model.named_parameters()
+        if "lora_" not in k
+    )
     merged = peft_model.merge_and_unload()
     assert _kl(merged, src, held) < kl0
 
@@ -283,23 +335,43 @@ def test_stage2_gradient_accumulation_matches_one_batch(src, tmp_path):
     results = []
     for bs, ga in ((4, 1), (2, 2)):
         student = hybridize_model(src, attention_layers=[3], mixer="linear_attention").train()
-        DistillationTrainer(model=student, teacher=src, train_dataset=data, lm_weight=0.5,
-                            args=args(tmp_path, f"ga{ga}", max_steps=1, per_device_train_batch_size=bs,
-                                      gradient_accumulation_steps=ga, learning_rate=1e-2, max_grad_norm=1e9,
-                                      optim="sgd")).train()
+        DistillationTrainer(
+            model=student,
+            teacher=src,
+            train_dataset=data,
+            lm_weight=0.5,
+            args=args(
+                tmp_path,
+                f"ga{ga}",
+                max_steps=1,
+                per_device_train_batch_size=bs,
+                gradient_accumulation_steps=ga,
+                learning_rate=1e-2,
+                max_grad_norm=1e9,
+                optim="sgd",
+            ),
+        ).train()
         results.append(student.model.layers[0].mixer.q_proj.weight.detach().clone())
     assert torch.allclose(results[0], results[1], atol=1e-6), (results[0] - results[1]).abs().max()
 
 
-# ---- recipe and CLI, end to end on a tiny Qwen3 -------------------------------------------------------------------------
+# ---- recipe and CLI, end to end on a tiny Qwen3 ------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def qwen3_dir(tmp_path_factory) -> Path:
     tokenizer = byte_tokenizer()
-    cfg = Qwen3Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                      tie_word_embeddings=True)
+    cfg = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(cfg)
     path = tmp_path_factory.mktemp("qwen3") / "src"
@@ -325,8 +397,18 @@ def test_recipe_runs_end_to_end_on_a_tiny_qwen3(qwen3_dir, tmp_path):
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "student"
-    summary = recipe.main(["--config", str(path), "--source", str(qwen3_dir), "--output", str(out),
-                           "--output-dir", str(tmp_path / "run")])
+    summary = recipe.main(
+        [
+            "--config",
+            str(path),
+            "--source",
+            str(qwen3_dir),
+            "--output",
+            str(out),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
     assert set(summary["rows"]) == {"source", "init", "stage1", "stage2", "scratch"}
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.config.mixer_types.count("attention") == 1
@@ -352,22 +434,56 @@ def test_cli_hybridize_and_errors(qwen3_dir, tmp_path, capsys):
     reloaded = HybridForCausalLM.from_pretrained(dst)
     assert reloaded.config.mixer_types == ["mamba2", "mamba2", "attention"]
     assert cli_main(["inspect", str(dst), "--context", "32K"]) == 0
-    assert cli_main(["hybridize", str(qwen3_dir), str(tmp_path / "b"), "--attention-layers", "0,9",
-                     "--mixer", "gated_deltanet"]) == 2
+    assert (
+        cli_main(
+            [
+                "hybridize",
+                str(qwen3_dir),
+                str(tmp_path / "b"),
+                "--attention-layers",
+                "0,9",
+                "--mixer",
+                "gated_deltanet",
+            ]
+        )
+        == 2
+    )
     assert "do not exist" in capsys.readouterr().err
-    assert cli_main(["hybridize", str(qwen3_dir), str(tmp_path / "c"), "--pattern", "5:1 mamba2:attention"]) == 2
+    assert (
+        cli_main(["hybridize", str(qwen3_dir), str(tmp_path / "c"), "--pattern", "5:1 mamba2:attention"]) == 2
+    )
     assert "keeps none" in capsys.readouterr().err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
     with pytest.raises(SystemExit):
-        cli_main(["hybridize", str(qwen3_dir), str(tmp_path / "d"), "--attention-layers", "1", "--mixer", "gdn"])
+        cli_main(
+            ["hybridize", str(qwen3_dir), str(tmp_path / "d"), "--attention-layers", "1", "--mixer", "gdn"]
+        )
     hybrid = hybridize(qwen3_dir, attention_layers=[2], mixer="linear_attention")
     assert hybrid.config.hf_hybrid_lineage["source"] == str(qwen3_dir)
 
 
 def test_cli_select_prints_the_ranking_and_keeps_the_top_layers(qwen3_dir, tmp_path, capsys):
     dst = tmp_path / "sel"
-    assert cli_main(["hybridize", str(qwen3_dir), str(dst), "--select", "kl", "--num-attention", "1",
-                     "--mixer", "linear_attention", "--select-blocks", "2", "--select-context", "32"]) == 0
+    assert (
+        cli_main(
+            [
+                "hybridize",
+                str(qwen3_dir),
+                str(dst),
+                "--select",
+                "kl",
+                "--num-attention",
+                "1",
+                "--mixer",
+                "linear_attention",
+                "--select-blocks",
+                "2",
+                "--select-context",
+                "32",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     ranking = [line.split() for line in text.splitlines() if line.strip().endswith("<- keeps attention")]
     assert len(ranking) == 1
@@ -381,8 +497,17 @@ def test_student_context_gives_recurrent_mixers_the_padding_mask():
     from hf_hybrid.distill import student_context
     from hf_hybrid.mixers.base import MixerContext
 
-    ctx = MixerContext(padding_mask=None, attention_mask_2d=None, masks={}, position_ids=torch.zeros(2, 4),
-                       cu_seqlens=None, max_seqlen=None, rope=None, cache=object(), past_length=3)
+    ctx = MixerContext(
+        padding_mask=None,
+        attention_mask_2d=None,
+        masks={},
+        position_ids=torch.zeros(2, 4),
+        cu_seqlens=None,
+        max_seqlen=None,
+        rope=None,
+        cache=object(),
+        past_length=3,
+    )
     mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
     new = student_context(ctx, mask, 4)
     assert torch.equal(new.padding_mask, mask.bool()) and new.cache is None and new.past_length == 0
@@ -398,24 +523,39 @@ def test_attention_output_gate_becomes_the_gdn_gate():
     q_and_gate = attn.q_proj.weight.reshape(HEADS, 2 * D, H)
     assert torch.equal(w[:n], q_and_gate[:, :D].reshape(n, H))
     assert torch.equal(w[3 * n :], q_and_gate[:, D:].reshape(n, H))
-    assert any(s.startswith("z (output gate) ←") for s in student.config.hf_hybrid_lineage["init"]["gated_deltanet"]
-               ["inherited"])
+    assert any(
+        s.startswith("z (output gate) ←")
+        for s in student.config.hf_hybrid_lineage["init"]["gated_deltanet"]["inherited"]
+    )
 
 
 def test_an_imported_qwen3_next_converts_its_attention_layers_further(tmp_path):
-    """Issue #18 item 6: any import is a source. A tiny native qwen3_next (GDN : gated attention 3:1) → import →
-    its first attention layer becomes KDA (or Mamba-2); its GDN layers, the kept attention layer, norms and MoE are
-    copied bit for bit; a GDN target whose heads cannot match the existing GDN layers is refused by name."""
+    """Issue #18 item 6: any import is a source. A tiny native qwen3_next (GDN : gated attention 3:1) → import
+    → its first attention layer becomes KDA (or Mamba-2); its GDN layers, the kept attention layer, norms and
+    MoE are copied bit for bit; a GDN target whose heads cannot match the existing GDN layers is refused by
+    name."""
     from transformers import Qwen3NextConfig, Qwen3NextForCausalLM
 
     from hf_hybrid.convert.native import import_native
     from hf_hybrid.convert.native.qwen3_next import native_torch_kernels
 
-    cfg = Qwen3NextConfig(vocab_size=96, hidden_size=64, intermediate_size=64, num_hidden_layers=8,
-                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_num_key_heads=2,
-                          linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8,
-                          num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                          shared_expert_intermediate_size=32)
+    cfg = Qwen3NextConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=32,
+    )
     torch.manual_seed(0)
     with native_torch_kernels():
         src = import_native(Qwen3NextForCausalLM(cfg).eval()).eval()
@@ -423,7 +563,10 @@ def test_an_imported_qwen3_next_converts_its_attention_layers_further(tmp_path):
     assert len(attention) == 2 and "gated_deltanet" in src.config.mixer_types
     for mixer in ("kda", "mamba2"):
         new = hybridize_model(src, attention_layers=attention[1:], mixer=mixer)
-        assert new.config.mixer_types[attention[0]] == mixer and new.config.mixer_types[attention[1]] == "attention"
+        assert (
+            new.config.mixer_types[attention[0]] == mixer
+            and new.config.mixer_types[attention[1]] == "attention"
+        )
         for i, (a, b) in enumerate(zip(src.model.layers, new.model.layers)):
             if i != attention[0]:
                 sa, sb = a.state_dict(), b.state_dict()

@@ -1,4 +1,5 @@
-"""Importing dense transformers checkpoints: exact logits, config mapping, carried files, lineage, refusals."""
+"""Importing dense transformers checkpoints: exact logits, config mapping, carried files, lineage,
+refusals."""
 
 from __future__ import annotations
 
@@ -153,7 +154,8 @@ def test_shakespeare_checkpoint_parity(shakespeare_checkpoint, tmp_path):
     err = _max_abs_diff(shakespeare_checkpoint, dst, ids)
     print(f"llama-shakespeare-6m: max abs logits diff {err:.3g}")
     assert err <= TOL
-    # config.json says float32 and the tensors are stored in bf16: transformers loads float32 by default, so must we
+    # config.json says float32 and the tensors are stored in bf16: transformers loads float32 by default, so
+    # must we
     with safe_open(str(dst / "model.safetensors"), framework="pt") as f:
         assert f.get_tensor("model.embed_tokens.weight").dtype == torch.float32
     ref = AutoModelForCausalLM.from_pretrained(shakespeare_checkpoint).eval()
@@ -165,7 +167,8 @@ def test_shakespeare_checkpoint_parity(shakespeare_checkpoint, tmp_path):
 
 
 def test_import_dtype_follows_transformers_auto_rule(tmp_path):
-    """The config's dtype wins over the stored one (like from_pretrained(dtype="auto")); without one, the stored dtype."""
+    """The config's dtype wins over the stored one (like from_pretrained(dtype="auto")); without one, the
+    stored dtype."""
     src = _save_source(CASES["llama"](), tmp_path / "src", dtype=torch.bfloat16)
     raw = json.loads((src / "config.json").read_text())
     assert raw["dtype"] == "bfloat16"
@@ -184,7 +187,7 @@ def test_import_dtype_follows_transformers_auto_rule(tmp_path):
     assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-# ---- refusals: a clear error and nothing written ------------------------------------------------------------------
+# ---- refusals: a clear error and nothing written -----------------------------------------------------------
 
 
 def _write_config(directory: Path, **fields) -> Path:
@@ -202,7 +205,8 @@ def _refused(src: Path, tmp_path: Path, match: str, exc=UnsupportedCheckpointErr
 
 
 def test_refuses_moe_and_unknown_types(tmp_path):
-    # native families point to import_native; other sparse MoE types to importing a dense sibling and upcycling
+    # native families point to import_native; other sparse MoE types to importing a dense sibling and
+    # upcycling
     _refused(_write_config(tmp_path / "moe", model_type="qwen3_moe"), tmp_path, "import_native")
     _refused(_write_config(tmp_path / "dbrx", model_type="dbrx"), tmp_path, "upcycle")
     _refused(_write_config(tmp_path / "gpt2", model_type="gpt2"), tmp_path, "not supported")

@@ -1,9 +1,10 @@
-"""Kimi Delta Attention in the model (issue 15): cache and decoding, padding and packing, generate, beam search,
-save/load, the config fields, MLA without RoPE (Kimi Linear's MLA), and the layer against transformers' own
-``KimiLinearDeltaAttention`` with the same weights.
+"""Kimi Delta Attention in the model (issue 15): cache and decoding, padding and packing, generate, beam
+search, save/load, the config fields, MLA without RoPE (Kimi Linear's MLA), and the layer against
+transformers' own ``KimiLinearDeltaAttention`` with the same weights.
 
-The op-level parity (chunked torch vs the step-by-step recurrence, every gradient) is in tests/ops/test_kda.py.
-Tolerance: fp32, 1e-5 absolute — the chunked and step paths compute the same sums in another order.
+The op-level parity (chunked torch vs the step-by-step recurrence, every gradient) is in
+tests/ops/test_kda.py. Tolerance: fp32, 1e-5 absolute — the chunked and step paths compute the same sums in
+another order.
 """
 
 from __future__ import annotations
@@ -222,7 +223,7 @@ def test_training_loss_falls_on_repeated_batch():
     assert losses[-1] < 0.6 * losses[0]
 
 
-# ---- config, cost, presets ------------------------------------------------------------------------------------
+# ---- config, cost, presets ---------------------------------------------------------------------------------
 
 
 def test_config_defaults_and_errors():
@@ -243,7 +244,9 @@ def test_cost_formula_matches_module_and_counts_the_state_in_fp32():
     formula = mixer_spec("kda").cost(config, 0)
     assert measure_module(mixer_spec("kda").cls, config, 0) == (formula.params, formula.matmul_params)
     h, d, k = 4, 16, 3  # tiny-kda: 4 heads of 16
-    assert formula.state_elements == 3 * h * d * (k - 1) + h * d * d and formula.state_fp32_elements == h * d * d
+    assert (
+        formula.state_elements == 3 * h * d * (k - 1) + h * d * d and formula.state_fp32_elements == h * d * d
+    )
     report = estimate_cost(config, contexts=(10, 10_000), dtype_bytes=2)
     per_layer = report.by_mixer()["kda"]["state_bytes_per_sequence_per_layer"]
     assert per_layer == 3 * h * d * (k - 1) * 2 + h * d * d * 4  # conv tail in bf16, recurrent state in fp32
@@ -263,7 +266,8 @@ def test_cost_formula_matches_module_and_counts_the_state_in_fp32():
 
 def test_kimi_linear_like_matches_the_published_model():
     """48B-A3B as published; the exact figures equal transformers' own KimiLinearForCausalLM built on the meta
-    device from the published config.json (49,122,675,072 total; 3,484,453,248 with 8 + 1 experts per token)."""
+    device from the published config.json (49,122,675,072 total; 3,484,453,248 with 8 + 1 experts per
+    token)."""
     report = estimate_cost(preset_config("kimi-linear-like"))
     assert report.total_params == 49_122_675_072
     assert report.active_params == 3_484_453_248
@@ -287,12 +291,12 @@ def _ctx(cache=None, past_length=0, rope=None) -> MixerContext:
     )
 
 
-# ---- MLA without RoPE -----------------------------------------------------------------------------------------
+# ---- MLA without RoPE --------------------------------------------------------------------------------------
 
 
 def test_mla_without_rope_never_rotates():
-    """NoPE MLA never asks for cos/sin (``rope=None`` in the context would fail) and equals MLA with RoPE at the
-    identity rotation (cos = 1, sin = 0); real rotations change the RoPE layer's output."""
+    """NoPE MLA never asks for cos/sin (``rope=None`` in the context would fail) and equals MLA with RoPE at
+    the identity rotation (cos = 1, sin = 0); real rotations change the RoPE layer's output."""
     config = tiny(
         mixer_types=["mla"],
         num_hidden_layers=1,
@@ -315,13 +319,14 @@ def test_mla_without_rope_never_rotates():
         assert (rope_layer(x, _ctx(rope=rotation)) - nope).abs().max() > 1e-3
 
 
-# ---- against transformers' own layer --------------------------------------------------------------------------
+# ---- against transformers' own layer -----------------------------------------------------------------------
 
 
 @pytest.fixture
 def kimi_reference(monkeypatch):
-    """transformers' Kimi Linear modeling with fla-core hidden: with fla installed, its module-level KDA and conv
-    functions are fla's Triton kernels (chosen at import), which fail on CPU; use the torch references they wrap."""
+    """transformers' Kimi Linear modeling with fla-core hidden: with fla installed, its module-level KDA and
+    conv functions are fla's Triton kernels (chosen at import), which fail on CPU; use the torch references
+    they wrap."""
     kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
     for name in (
         "chunk_kimi_delta_attention",
@@ -334,8 +339,8 @@ def kimi_reference(monkeypatch):
 
 
 def test_layer_equals_transformers_kimi_delta_attention(kimi_reference):
-    """The strongest check: transformers' KimiLinearDeltaAttention with the same weights (a rename, and A_log's
-    reshape), prefill and then cached decode steps, fp32, 1e-5."""
+    """The strongest check: transformers' KimiLinearDeltaAttention with the same weights (a rename, and
+    A_log's reshape), prefill and then cached decode steps, fp32, 1e-5."""
     from transformers import DynamicCache, KimiLinearConfig
 
     ref_config = KimiLinearConfig(

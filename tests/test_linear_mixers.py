@@ -20,35 +20,61 @@ MIXERS = {
     "mamba2": dict(mixer_types=["mamba2"] * 2, mamba_n_groups=2),
     "linear_identity": dict(mixer_types=["linear_attention"] * 2),
     "linear_elu_conv_decay": dict(
-        mixer_types=["linear_attention"] * 2, linear_feature_map="elu", linear_decay="scalar", linear_conv_kernel_size=3
+        mixer_types=["linear_attention"] * 2,
+        linear_feature_map="elu",
+        linear_decay="scalar",
+        linear_conv_kernel_size=3,
     ),
     "linear_performer_gla": dict(
-        mixer_types=["linear_attention"] * 2, linear_feature_map="random_features", linear_decay="per_channel",
+        mixer_types=["linear_attention"] * 2,
+        linear_feature_map="random_features",
+        linear_decay="per_channel",
         linear_random_features=16,
     ),
     "hybrid_3to1_gdn": dict(num_hidden_layers=4, mixer_pattern="3:1 gated_deltanet:attention"),
     "nemotron_like": dict(
-        num_hidden_layers=4, mixer_types=["mamba2", "attention", "mamba2", "mamba2"], mlp_types=["none", "dense", "none", "dense"]
+        num_hidden_layers=4,
+        mixer_types=["mamba2", "attention", "mamba2", "mamba2"],
+        mlp_types=["none", "dense", "none", "dense"],
     ),
     # MiniMax's lightning attention with its scaled residuals from the input norm
     "lightning": dict(
-        num_hidden_layers=3, mixer_types=["linear_attention", "attention", "linear_attention"],
-        linear_decay="fixed_slope", linear_qkv_activation="silu", linear_scale=1.0, linear_norm_scope="full",
-        linear_output_gate=True, residual_from_norm=True, mixer_residual_scales=[1.5, 0.8, 1.5],
-        mixer_output_scales=[0.7, 1.2, 0.7], mlp_residual_scale=1.3, mlp_output_scale=0.9,
+        num_hidden_layers=3,
+        mixer_types=["linear_attention", "attention", "linear_attention"],
+        linear_decay="fixed_slope",
+        linear_qkv_activation="silu",
+        linear_scale=1.0,
+        linear_norm_scope="full",
+        linear_output_gate=True,
+        residual_from_norm=True,
+        mixer_residual_scales=[1.5, 0.8, 1.5],
+        mixer_output_scales=[0.7, 1.2, 0.7],
+        mlp_residual_scale=1.3,
+        mlp_output_scale=0.9,
     ),
     # Nemotron-H's one-block layers: MLP-only layers, ungated relu² MLPs, attention without RoPE
     "nemotron_blocks": dict(
-        num_hidden_layers=4, mixer_types=["mamba2", "none", "attention", "none"],
-        mlp_types=["none", "dense", "none", "dense"], mlp_gated=False, hidden_act="relu2", attention_rope=False,
+        num_hidden_layers=4,
+        mixer_types=["mamba2", "none", "attention", "none"],
+        mlp_types=["none", "dense", "none", "dense"],
+        mlp_gated=False,
+        hidden_act="relu2",
+        attention_rope=False,
     ),
 }
 
 
 def tiny(**overrides) -> HybridConfig:
     kwargs = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, mamba_head_dim=8, mamba_state_size=8, linear_chunk_size=4,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mamba_head_dim=8,
+        mamba_state_size=8,
+        linear_chunk_size=4,
     )
     kwargs.update(overrides)
     return HybridConfig(**kwargs)
@@ -124,7 +150,8 @@ def test_batch_of_one_with_padding(name):
 
 @pytest.mark.parametrize("source", ["collator_position_ids", "collator_flash_kwargs", "position_ids_only"])
 @pytest.mark.parametrize(
-    "name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn", "lightning", "nemotron_blocks"]
+    "name",
+    ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn", "lightning", "nemotron_blocks"],
 )
 def test_packed_equals_each_sequence_alone(name, source):
     model = build(name)
@@ -249,8 +276,18 @@ def test_mamba2_layer_equals_transformers_mamba2_mixer():
 
     torch.manual_seed(0)
     ref = ReferenceMixer(
-        Mamba2Config(hidden_size=32, num_heads=4, head_dim=8, expand=1, state_size=8, n_groups=2, chunk_size=4,
-                     layer_norm_epsilon=1e-6, num_hidden_layers=1), 0
+        Mamba2Config(
+            hidden_size=32,
+            num_heads=4,
+            head_dim=8,
+            expand=1,
+            state_size=8,
+            n_groups=2,
+            chunk_size=4,
+            layer_norm_epsilon=1e-6,
+            num_hidden_layers=1,
+        ),
+        0,
     )
     with torch.no_grad():
         for p in ref.parameters():
@@ -260,20 +297,31 @@ def test_mamba2_layer_equals_transformers_mamba2_mixer():
     ours = Mamba2Mixer(tiny(**MIXERS["mamba2"], mamba_expand=1), 0)
     ours.load_state_dict(ref.state_dict(), strict=True)
     x = torch.randn(2, 13, 32)
-    ctx = MixerContext(padding_mask=None, attention_mask_2d=None, masks={}, position_ids=None, cu_seqlens=None,
-                       max_seqlen=None, rope=None, cache=None, past_length=0)
+    ctx = MixerContext(
+        padding_mask=None,
+        attention_mask_2d=None,
+        masks={},
+        position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        rope=None,
+        cache=None,
+        past_length=0,
+    )
     with torch.no_grad():
         torch.testing.assert_close(ours(x, ctx), ref(x), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("preset", ["tiny-gdn", "tiny-mamba2", "tiny-linear"])
 def test_training_step_under_cpu_bf16_autocast(preset):
-    """Trainer / TRL with bf16=True on CPU run the forward under autocast: the chunked forms' hand-written backwards
-    once met bf16 and fp32 operands ("Input dtypes must be the same") and crashed."""
+    """Trainer / TRL with bf16=True on CPU run the forward under autocast: the chunked forms' hand-written
+    backwards once met bf16 and fp32 operands ("Input dtypes must be the same") and crashed."""
     from hf_hybrid.presets import preset_config
 
     torch.manual_seed(0)
-    model = HybridForCausalLM(preset_config(preset, vocab_size=64, hidden_size=32, intermediate_size=64)).train()
+    model = HybridForCausalLM(
+        preset_config(preset, vocab_size=64, hidden_size=32, intermediate_size=64)
+    ).train()
     ids = torch.randint(0, 64, (2, 20))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(ids, labels=ids, use_cache=False).loss

@@ -1,10 +1,10 @@
-"""MLA mixer (issue 5): DeepSeek layout, latent-only cache, naive vs absorbed decode (with PEFT LoRA on kv_b_proj),
-masks of every attention implementation, invariances, save/load, PEFT, generate, hybrid stacks.
+"""MLA mixer (issue 5): DeepSeek layout, latent-only cache, naive vs absorbed decode (with PEFT LoRA on
+kv_b_proj), masks of every attention implementation, invariances, save/load, PEFT, generate, hybrid stacks.
 
-Tolerances: fp32 throughout. ``ATOL = 1e-5`` where two paths compute the same maths in a different order (absorbed
-vs expanded: ``(W_ukᵀq)·c`` vs ``q·(W_uk c)``; cached decode vs one full forward; sdpa vs eager; padded vs alone);
-logits here are O(1) and these reorderings move them by ~1e-6. Exact equality where the arithmetic is identical
-(save → load).
+Tolerances: fp32 throughout. ``ATOL = 1e-5`` where two paths compute the same maths in a different order
+(absorbed vs expanded: ``(W_ukᵀq)·c`` vs ``q·(W_uk c)``; cached decode vs one full forward; sdpa vs eager;
+padded vs alone); logits here are O(1) and these reorderings move them by ~1e-6. Exact equality where the
+arithmetic is identical (save → load).
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def left_padded(seed: int = 1):
 
 
 def decode_logits(model, ids, mask, steps: int = 4, chunk: int = 1, new: torch.Tensor | None = None):
-    """Prefill then feed ``steps`` fixed tokens ``chunk`` at a time through the cache; returns the logits of the last
-    prompt position and of every fed token, and the fed tokens."""
+    """Prefill then feed ``steps`` fixed tokens ``chunk`` at a time through the cache; returns the logits of
+    the last prompt position and of every fed token, and the fed tokens."""
     if new is None:
         new = torch.randint(1, 96, (ids.shape[0], steps), generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
@@ -111,7 +111,7 @@ class CountAbsorbed:
         monkeypatch.setattr(HybridMLA, "attend_absorbed", wrapped)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # layout and cache
 
 
@@ -152,8 +152,8 @@ def test_cache_holds_only_the_latent_and_rope_key():
 
 
 def test_matches_transformers_deepseek_v3_with_deinterleaved_rope():
-    """Our module with DeepSeek's interleaved rope rows permuted equals ``DeepseekV3Attention(rope_interleave=True)``,
-    cache contents included."""
+    """Our module with DeepSeek's interleaved rope rows permuted equals
+    ``DeepseekV3Attention(rope_interleave=True)``, cache contents included."""
     from transformers import DeepseekV3Config
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
         DeepseekV3Attention,
@@ -194,7 +194,8 @@ def test_matches_transformers_deepseek_v3_with_deinterleaved_rope():
     ref_cache, our_cache = HybridCache(config=cfg), HybridCache(config=cfg)
     mask = torch.full((6, 6), torch.finfo(torch.float32).min).triu(1)[None, None]
     with torch.no_grad():
-        expected, _ = ref(x, (cos, sin), mask, ref_cache)  # positional: the cache's keyword differs by version
+        # positional: the cache's keyword differs by version
+        expected, _ = ref(x, (cos, sin), mask, ref_cache)
         ctx = MixerContext(
             padding_mask=None,
             attention_mask_2d=None,
@@ -228,7 +229,7 @@ def test_yarn_mscale_matches_transformers():
     assert mla_softmax_scale(tiny()) == pytest.approx(24**-0.5)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # masks and dispatch
 
 
@@ -254,8 +255,8 @@ def test_latent_bias_has_the_same_meaning_for_every_mask_form():
         past_length=9,
     )
     allowed = []
-    # flex's BlockMask is not a tensor; building a real one compiles for ~15 s on CPU, so a stand-in object checks
-    # the "rebuild from ctx.attention_mask_2d" branch.
+    # flex's BlockMask is not a tensor; building a real one compiles for ~15 s on CPU, so a stand-in object
+    # checks the "rebuild from ctx.attention_mask_2d" branch.
     for impl in ("eager", "sdpa", "flash_attention_2", "flex_attention"):
         cfg._attn_implementation = impl
         if impl == "flash_attention_2":
@@ -299,7 +300,7 @@ def test_absorbed_is_used_for_decode_only():
     assert not mixer.uses_absorbed(1, 4096, 4095)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # naive vs absorbed, invariances
 
 
@@ -338,8 +339,9 @@ def test_full_forward_equals_prefill_plus_cached_decode(attn, decode, monkeypatc
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
 def test_bf16_absorbed_and_naive_stay_near_fp32(attn):
-    """bf16 keeps 8 mantissa bits (~4e-3 relative); after a few bf16 GEMMs O(1) logits move by ~3e-3 in either path
-    (measured): both must stay within 2e-2 of the fp32 model, and absorbed no further than naive is, within that."""
+    """bf16 keeps 8 mantissa bits (~4e-3 relative); after a few bf16 GEMMs O(1) logits move by ~3e-3 in either
+    path (measured): both must stay within 2e-2 of the fp32 model, and absorbed no further than naive is,
+    within that."""
     ids, mask = left_padded()
     ref, _ = decode_logits(build(tiny(), attn=attn, decode="naive"), ids, mask)
     model = build(tiny(), attn=attn).to(torch.bfloat16)
@@ -368,8 +370,8 @@ def test_sdpa_equals_eager_forward_and_gradients():
     grads, logits = [], []
     for attn in ("eager", "sdpa"):
         model = build(tiny(), attn=attn).train()
-        # Padded rows attend to nothing and are garbage by design (differently in each kernel): keep them, and the
-        # first real token they would "predict", out of the loss.
+        # Padded rows attend to nothing and are garbage by design (differently in each kernel): keep them, and
+        # the first real token they would "predict", out of the loss.
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
         out = model(ids, attention_mask=mask, labels=labels, use_cache=False)
@@ -472,7 +474,7 @@ def test_hybrid_with_attention_and_dense_mlp():
     assert out.shape == (3, 12)
 
 
-# ---------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # PEFT
 
 

@@ -1,9 +1,11 @@
-"""MoE MLP (issue 8): router maths, balancing losses, experts paths, capacity, dtype guards, model integration.
+"""MoE MLP (issue 8): router maths, balancing losses, experts paths, capacity, dtype guards, model
+integration.
 
-Tolerances: fp32 throughout. ``PARITY`` (1e-5 abs and rel) for experts paths that compute the same products and sums
-in another order (per-expert slice GEMMs vs per-assignment bmm vs grouped_mm; K contributions summed by reshape-sum
-vs index_add): with H, I <= 48 each output is a sum of <= 48 fp32 products, so reordering moves it by a few ulps of
-O(1) values (~1e-6). Loss values computed by hand agree to 1e-6; exact equality where the arithmetic is identical.
+Tolerances: fp32 throughout. ``PARITY`` (1e-5 abs and rel) for experts paths that compute the same products
+and sums in another order (per-expert slice GEMMs vs per-assignment bmm vs grouped_mm; K contributions summed
+by reshape-sum vs index_add): with H, I <= 48 each output is a sum of <= 48 fp32 products, so reordering moves
+it by a few ulps of O(1) values (~1e-6). Loss values computed by hand agree to 1e-6; exact equality where the
+arithmetic is identical.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ def set_router(router: HybridTopKRouter, weight: torch.Tensor) -> None:
         router.weight.copy_(weight)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # router maths
 
 
@@ -98,8 +100,10 @@ def test_stable_topk_breaks_ties_toward_lower_index():
     assert torch.equal(values, torch.topk(x, 2).values)
 
 
-@pytest.mark.parametrize("scoring,norm,scale", [("softmax", False, 1.0), ("softmax", True, 2.5),
-                                                ("sigmoid", True, 2.5), ("sigmoid", False, 1.0)])
+@pytest.mark.parametrize(
+    "scoring,norm,scale",
+    [("softmax", False, 1.0), ("softmax", True, 2.5), ("sigmoid", True, 2.5), ("sigmoid", False, 1.0)],
+)
 def test_router_weights_by_hand(scoring, norm, scale):
     cfg = moe_config(router_scoring_func=scoring, norm_topk_prob=norm, routed_scaling_factor=scale)
     router = HybridTopKRouter(cfg, 0).eval()
@@ -143,7 +147,9 @@ def _group_route_reference(scores: torch.Tensor, n_group: int, topk_group: int, 
     E = scores.shape[1]
     size = E // n_group
     for row in scores.tolist():
-        group_score = [sum(sorted(row[g * size:(g + 1) * size], reverse=True)[:min(2, size)]) for g in range(n_group)]
+        group_score = [
+            sum(sorted(row[g * size : (g + 1) * size], reverse=True)[: min(2, size)]) for g in range(n_group)
+        ]
         groups = sorted(range(n_group), key=lambda g: (-group_score[g], g))[:topk_group]
         allowed = [e for e in range(E) if e // size in groups]
         out.append(sorted(allowed, key=lambda e: (-row[e], e))[:k])
@@ -151,8 +157,11 @@ def _group_route_reference(scores: torch.Tensor, n_group: int, topk_group: int, 
 
 
 def test_group_limited_routing_by_hand_and_against_loop():
-    # Groups {0,1} {2,3} {4,5} {6,7}: expert 0 is the single best, but its group (top-2 sum) loses to {2,3} and {4,5}.
-    cfg = moe_config(hidden_size=8, num_attention_heads=2, router_scoring_func="sigmoid", n_group=4, topk_group=2)
+    # Groups {0,1} {2,3} {4,5} {6,7}: expert 0 is the single best, but its group (top-2 sum) loses to {2,3}
+    # and {4,5}.
+    cfg = moe_config(
+        hidden_size=8, num_attention_heads=2, router_scoring_func="sigmoid", n_group=4, topk_group=2
+    )
     router = HybridTopKRouter(cfg, 0)
     set_router(router, torch.eye(8))
     x = torch.tensor([[5.0, -5.0, 1.0, 1.0, 0.9, 0.9, -1.0, -1.0]])
@@ -165,7 +174,11 @@ def test_group_limited_routing_by_hand_and_against_loop():
     scores = torch.randint(0, 5, (40, 16)).float() / 4
     for n_group, topk_group, k in [(4, 2, 3), (8, 3, 4), (2, 1, 2), (16, 4, 4)]:
         _, got = stable_topk(group_limited_mask(scores, n_group, topk_group), k)
-        assert torch.equal(got, _group_route_reference(scores, n_group, topk_group, k)), (n_group, topk_group, k)
+        assert torch.equal(got, _group_route_reference(scores, n_group, topk_group, k)), (
+            n_group,
+            topk_group,
+            k,
+        )
 
 
 def test_router_fp32_under_autocast_and_bf16_model():
@@ -216,7 +229,7 @@ def test_hash_routing_is_fixed_distinct_and_needs_input_ids():
         moe(x, make_ctx(2, 5))
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # balancing losses
 
 
@@ -287,10 +300,10 @@ def test_padding_excluded_from_losses_and_load():
     seq, counts = [], torch.zeros(8)
     for b, n in enumerate(lengths):
         c = make_ctx(1, n)
-        moe(x[b:b + 1, :n], c)
+        moe(x[b : b + 1, :n], c)
         seq.append(c.aux["router_seq_aux_loss"][0])
         counts += moe.last_counts
-        torch.testing.assert_close(out[b, :n], moe(x[b:b + 1, :n], None)[0], **PARITY)
+        torch.testing.assert_close(out[b, :n], moe(x[b : b + 1, :n], None)[0], **PARITY)
     real = x[mask]
     c = make_ctx(1, real.shape[0])
     moe(real[None], c)
@@ -313,7 +326,9 @@ def test_packed_documents_are_sequences_for_seq_loss():
     moe(x, rows)
     packed = make_ctx(1, 10, cu_seqlens=torch.tensor([0, 5, 10], dtype=torch.int32))
     moe(x.reshape(1, 10, 32), packed)
-    torch.testing.assert_close(packed.aux["router_seq_aux_loss"][0], rows.aux["router_seq_aux_loss"][0], **PARITY)
+    torch.testing.assert_close(
+        packed.aux["router_seq_aux_loss"][0], rows.aux["router_seq_aux_loss"][0], **PARITY
+    )
 
 
 def test_aux_terms_only_in_training_and_with_positive_coefficient():
@@ -335,20 +350,26 @@ def test_aux_loss_trains_the_router():
     assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # experts: loop reference vs eager / batched_mm / grouped_mm
 
 
 def _experts_case(seed=0, N=13, E=6, K=2, H=24, inter=40):
-    cfg = moe_config(hidden_size=H, num_attention_heads=4, num_experts=E, num_experts_per_tok=K,
-                     moe_intermediate_size=inter)
+    cfg = moe_config(
+        hidden_size=H,
+        num_attention_heads=4,
+        num_experts=E,
+        num_experts_per_tok=K,
+        moe_intermediate_size=inter,
+    )
     torch.manual_seed(seed)
     experts = HybridExperts(cfg)
     with torch.no_grad():
-        experts.gate_up_proj.normal_(std=H ** -0.5)
-        experts.down_proj.normal_(std=inter ** -0.5)
+        experts.gate_up_proj.normal_(std=H**-0.5)
+        experts.down_proj.normal_(std=inter**-0.5)
     x = torch.randn(N, H, requires_grad=True)
-    index = torch.stack([torch.randperm(E - 1)[:K] for _ in range(N)])  # distinct per token; expert E-1 unused
+    # distinct per token; expert E-1 unused
+    index = torch.stack([torch.randperm(E - 1)[:K] for _ in range(N)])
     weights = torch.rand(N, K, requires_grad=True)
     return cfg, experts, x, index, weights
 
@@ -401,12 +422,13 @@ def test_switching_experts_implementation_changes_code_path(monkeypatch):
         torch.testing.assert_close(outs[impl], outs["eager"], **PARITY)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # capacity
 
 
 def test_capacity_drops_lowest_priority_and_counts_them():
-    # 6 tokens all choose expert 0 (k=1, E=4, factor 1): capacity ceil(6*1/4)=2, so 4 drops, the 2 heaviest stay.
+    # 6 tokens all choose expert 0 (k=1, E=4, factor 1): capacity ceil(6*1/4)=2, so 4 drops, the 2 heaviest
+    # stay.
     index = torch.zeros(6, 1, dtype=torch.long)
     weights = torch.tensor([[0.1], [0.9], [0.5], [0.9], [0.3], [0.2]])
     keep, dropped = capacity_mask(index, weights, 4, 1.0)
@@ -414,8 +436,9 @@ def test_capacity_drops_lowest_priority_and_counts_them():
     assert keep.flatten().tolist() == [False, True, False, True, False, False]
     assert dropped.tolist() == [4.0, 0.0, 0.0, 0.0]
     # ties: earlier token first; padding takes no slot and is not a drop
-    keep, dropped = capacity_mask(index, torch.full((6, 1), 0.5), 4, 1.0,
-                                  mask_N=torch.tensor([False, True, True, True, True, True]))
+    keep, dropped = capacity_mask(
+        index, torch.full((6, 1), 0.5), 4, 1.0, mask_N=torch.tensor([False, True, True, True, True, True])
+    )
     assert keep.flatten().tolist() == [False, True, True, False, False, False]  # capacity ceil(5/4) = 2
     assert dropped.tolist() == [3.0, 0.0, 0.0, 0.0]
 
@@ -432,12 +455,14 @@ def test_capacity_in_module_zeroes_dropped_tokens():
     out = moe(x, ctx)
     assert ctx.stats["expert_drops"][0].tolist() == [6.0, 0.0, 0.0, 0.0]  # capacity 2
     assert (out[0, :6] == 0).all() and (out[0, 6:].abs().sum(-1) > 0).all()  # the 2 largest weights survive
-    torch.testing.assert_close(ctx.stats["expert_load"][0], torch.tensor([1.0, 0.0, 0.0, 0.0]))  # load before drops
+    # load before drops
+    torch.testing.assert_close(ctx.stats["expert_load"][0], torch.tensor([1.0, 0.0, 0.0, 0.0]))
     moe.eval()
-    assert torch.equal(moe(x, None), out)  # the same drops in eval (one capacity factor, applied in every mode)
+    # the same drops in eval (one capacity factor, applied in every mode)
+    assert torch.equal(moe(x, None), out)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # dtype guard and shared experts
 
 
@@ -445,8 +470,12 @@ def test_correction_bias_stays_fp32_through_casts():
     moe = HybridMoE(moe_config(), 0)
     bias = torch.tensor([0.1234567, -0.0000123, 3.3333333, 1e-7, 0.5, -2.0000001, 0.0, 7.7777777])
     moe.router.e_score_correction_bias.copy_(bias)
-    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to(dtype=torch.float64),
-                 lambda m: m.float()):
+    for cast in (
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m.half(),
+        lambda m: m.to(dtype=torch.float64),
+        lambda m: m.float(),
+    ):
         cast(moe)
         assert moe.router.e_score_correction_bias.dtype == torch.float32
         assert torch.equal(moe.router.e_score_correction_bias, bias)  # not rounded through bf16 on the way

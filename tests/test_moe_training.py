@@ -1,5 +1,5 @@
-"""MoE training companions (issue 8): aux-loss-free bias updates (incl. 2-process DDP), load logging, heatmap, CLI,
-and model-level integration (loss rule, save/load, bf16 load, PEFT LoRA on experts and router)."""
+"""MoE training companions (issue 8): aux-loss-free bias updates (incl. 2-process DDP), load logging, heatmap,
+CLI, and model-level integration (loss rule, save/load, bf16 load, PEFT LoRA on experts and router)."""
 
 from __future__ import annotations
 
@@ -31,8 +31,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def moe_config(**overrides) -> HybridConfig:
     kwargs = dict(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        mlp_pattern="moe", first_k_dense=1, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        mlp_pattern="moe",
+        first_k_dense=1,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
     )
     kwargs.update(overrides)
     return HybridConfig(**kwargs)
@@ -50,19 +58,21 @@ def build(cfg: HybridConfig, seed: int = 0) -> HybridForCausalLM:
     return HybridForCausalLM(cfg)
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # aux-loss-free bias
 
 
 def test_bias_update_direction_and_reset():
     moe = HybridMoE(module_config(num_experts=4, router_bias_update_rate=0.01), 2)
     moe.router.accumulate_counts(torch.tensor([6.0, 0.0, 2.0, 0.0]))
-    moe.router.accumulate_counts(torch.tensor([4.0, 0.0, 3.0, 1.0]))  # summed over micro-batches: [10, 0, 5, 1]
+    # summed over micro-batches: [10, 0, 5, 1]
+    moe.router.accumulate_counts(torch.tensor([4.0, 0.0, 3.0, 1.0]))
     deltas = update_expert_bias(moe)
     expected = torch.tensor([-0.01, 0.01, -0.01, 0.01])  # mean 4: overloaded down, underloaded up
     torch.testing.assert_close(moe.router.e_score_correction_bias, expected)
     torch.testing.assert_close(deltas[2], expected)
-    assert moe.router.pending_counts is None and moe.router.log_counts is not None  # logging has its own counts
+    # logging has its own counts
+    assert moe.router.pending_counts is None and moe.router.log_counts is not None
     update_expert_bias(moe)  # nothing accumulated since: no change
     torch.testing.assert_close(moe.router.e_score_correction_bias, expected)
     moe.router.accumulate_counts(torch.tensor([1.0, 1.0, 1.0, 1.0]))
@@ -113,9 +123,9 @@ rank, world, init_file, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3
 torch.set_num_threads(1)
 dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=world,
                         timeout=datetime.timedelta(seconds=60))
-cfg = HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                   mlp_pattern="moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
-                   router_bias_update_rate=0.01)
+cfg = HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, mlp_pattern="moe", num_experts=8, num_experts_per_tok=2,
+                   moe_intermediate_size=16, router_bias_update_rate=0.01)
 cfg._experts_implementation = "eager"
 torch.manual_seed(0)
 moe = HybridMoE(cfg, 0).train()
@@ -141,15 +151,25 @@ dist.destroy_process_group()
 
 
 def test_ddp_two_processes_keep_identical_biases(tmp_path):
-    """Two gloo processes (plain subprocesses with a hard timeout, so a broken collective fails instead of hanging)."""
+    """Two gloo processes (plain subprocesses with a hard timeout, so a broken collective fails instead of
+    hanging)."""
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", ""),
+    }
     procs = [
-        subprocess.Popen([sys.executable, "-c", _DDP_WORKER, str(rank), "2", str(tmp_path / "init"), str(tmp_path)],
-                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _DDP_WORKER, str(rank), "2", str(tmp_path / "init"), str(tmp_path)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for rank in range(2)
     ]
     try:
@@ -172,7 +192,7 @@ def test_ddp_two_processes_keep_identical_biases(tmp_path):
     assert torch.equal(r1["clobbered"], r0["local_update"])
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # logging, heatmap, CLI
 
 
@@ -201,7 +221,7 @@ def test_logging_callback_adds_per_layer_keys_and_jsonl(tmp_path):
     ExpertLoadLoggingCallback(save_jsonl=True).on_log(args, state, TrainerControl(), logs=logs, model=moe)
     assert logs["moe/layer5/load_max_over_mean"] == pytest.approx(4.0)
     assert logs["moe/layer5/load_min"] == 0.0
-    assert logs["moe/layer5/load_cv"] == pytest.approx(3 ** 0.5)
+    assert logs["moe/layer5/load_cv"] == pytest.approx(3**0.5)
     assert state.log_history[-1]["moe/layer5/load_cv"] == logs["moe/layer5/load_cv"]
     record = json.loads((tmp_path / "expert_load.jsonl").read_text().splitlines()[-1])
     assert record == {"step": 7, "layers": [5], "load": [[1.0, 0.0, 0.0, 0.0]]}
@@ -214,8 +234,9 @@ def test_heatmap_png_and_cli_from_log(tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 1000
 
     log = tmp_path / "loads.jsonl"
-    log.write_text("\n".join(json.dumps({"step": s, "layers": [1, 2], "load": [[s, 1.0], [1.0, 1.0]]})
-                             for s in (10, 20)))
+    log.write_text(
+        "\n".join(json.dumps({"step": s, "layers": [1, 2], "load": [[s, 1.0], [1.0, 1.0]]}) for s in (10, 20))
+    )
     assert read_load_log(log) == ([1, 2], [[20.0, 1.0], [1.0, 1.0]])
     assert read_load_log(log, step=10)[1][0] == [10.0, 1.0]
     (tmp_path / "dict.json").write_text(json.dumps({"3": [1, 2], "1": [3, 4]}))
@@ -244,15 +265,28 @@ def test_cli_runs_a_saved_model_on_text(tmp_path):
     (tmp_path / "t.txt").write_text("the quick brown fox jumps over the lazy dog " * 10)
     parser = argparse.ArgumentParser()
     add_expert_load_parser(parser.add_subparsers())
-    args = parser.parse_args(["expert-load", "--model", str(tmp_path / "model"), "--text", str(tmp_path / "t.txt"),
-                              "--seq-len", "64", "--save-json", str(tmp_path / "m.json"), "-o", str(tmp_path / "m.png")])
+    args = parser.parse_args(
+        [
+            "expert-load",
+            "--model",
+            str(tmp_path / "model"),
+            "--text",
+            str(tmp_path / "t.txt"),
+            "--seq-len",
+            "64",
+            "--save-json",
+            str(tmp_path / "m.json"),
+            "-o",
+            str(tmp_path / "m.png"),
+        ]
+    )
     assert args.func(args) == 0
     layers, load = read_load_log(tmp_path / "m.json")
     assert layers == [1, 2] and all(abs(sum(row) - 1) < 1e-5 for row in load)
     assert (tmp_path / "m.png").read_bytes()[:8] == PNG_MAGIC
 
 
-# ---------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # model integration
 
 
@@ -261,8 +295,12 @@ def test_model_loss_rule_with_moe():
     model = build(cfg)
     ids = torch.randint(0, 64, (2, 7))
     out = model.train()(input_ids=ids, labels=ids)  # no output_router_logits needed
-    expected = (out.lm_loss + cfg.router_aux_loss_coef * out.aux_loss + cfg.router_z_loss_coef * out.z_loss
-                + cfg.router_seq_aux_loss_coef * out.seq_aux_loss)
+    expected = (
+        out.lm_loss
+        + cfg.router_aux_loss_coef * out.aux_loss
+        + cfg.router_z_loss_coef * out.z_loss
+        + cfg.router_seq_aux_loss_coef * out.seq_aux_loss
+    )
     torch.testing.assert_close(out.loss, expected)
     assert out.aux_loss > 0 and out.z_loss > 0 and out.loss > out.lm_loss
     assert set(out.layer_stats["expert_load"]) == {1, 2}
@@ -278,8 +316,9 @@ def test_model_padding_excluded_from_aux_loss():
     mask[1, :2] = 0  # left padding
     padded = model(input_ids=ids, attention_mask=mask)
     alone = [model(input_ids=ids[:1]), model(input_ids=ids[1:, 2:])]
-    loads = torch.stack([torch.stack([a.layer_stats["expert_load"][i] * n for i in (1, 2)])
-                         for a, n in zip(alone, (6, 4))]).sum(0)
+    loads = torch.stack(
+        [torch.stack([a.layer_stats["expert_load"][i] * n for i in (1, 2)]) for a, n in zip(alone, (6, 4))]
+    ).sum(0)
     got = torch.stack([padded.layer_stats["expert_load"][i] for i in (1, 2)])
     torch.testing.assert_close(got, loads / loads.sum(-1, keepdim=True), atol=1e-6, rtol=1e-5)
 
@@ -319,14 +358,24 @@ def test_model_experts_implementation_switch(tmp_path):
 def test_trainer_with_moe_callbacks(tmp_path):
     from transformers import Trainer, TrainingArguments
 
-    # A rate well below the spread of router scores, so one step's bias does not decide the next step's routing.
+    # A rate well below the spread of router scores, so one step's bias does not decide the next step's
+    # routing.
     cfg = moe_config(router_bias_update_rate=1e-5)
     model = build(cfg)
     torch.manual_seed(0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 64, (8, 12))]
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                             max_steps=2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
-                             learning_rate=1e-3, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        learning_rate=1e-3,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     install_moe_callbacks(trainer, save_jsonl=True)
     callbacks = trainer.callback_handler.callbacks
@@ -351,13 +400,20 @@ def test_peft_lora_on_experts_router_and_shared_experts(tmp_path):
     cfg = moe_config(num_shared_experts=1)
     ids = torch.randint(0, 64, (2, 7))
     lora = LoraConfig(
-        r=4, lora_alpha=8, lora_dropout=0.0,  # PEFT's parameter wrappers need dropout 0
+        r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,  # PEFT's parameter wrappers need dropout 0
         target_modules=["shared_experts.gate_proj", "shared_experts.up_proj", "shared_experts.down_proj"],
         target_parameters=["experts.gate_up_proj", "experts.down_proj", "router.weight"],
     )
     model = get_peft_model(build(cfg), lora)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
-    for part in ("experts.lora_A", "experts.base_layer.lora_A", "router.lora_B", "shared_experts.down_proj.lora_A"):
+    for part in (
+        "experts.lora_A",
+        "experts.base_layer.lora_A",
+        "router.lora_B",
+        "shared_experts.down_proj.lora_A",
+    ):
         assert any(part in n for n in names), part
     assert not any("gate_up_proj" in n or n.endswith("router.base_layer.weight") for n in names)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
@@ -387,7 +443,8 @@ def test_package_import_exposes_moe():
 
 
 def test_hash_routing_in_model_uses_the_models_input_ids():
-    """The model puts input_ids in ctx.stats (only the new tokens when decoding); hash routing runs and generates."""
+    """The model puts input_ids in ctx.stats (only the new tokens when decoding); hash routing runs and
+    generates."""
     model = build(moe_config(moe_routing="hash")).eval()
     prompt = torch.randint(0, 64, (1, 4))
     out = model.generate(prompt, max_new_tokens=3, do_sample=False)
@@ -401,14 +458,19 @@ def test_hash_routing_in_model_uses_the_models_input_ids():
 
 
 def test_bias_frozen_during_dsa_dense_warmup():
-    """DeepSeek's dense warm-up trains the indexers alone: the aux-loss-free bias must not move either (it did: the
-    MoE layers still counted tokens and the callback still applied the update)."""
+    """DeepSeek's dense warm-up trains the indexers alone: the aux-loss-free bias must not move either (it
+    did: the MoE layers still counted tokens and the callback still applied the update)."""
     from hf_hybrid.convert.dsa import freeze_all_but_indexers, set_dsa_mode
     from hf_hybrid.presets import preset_config
 
     cfg = preset_config(
-        "tiny-dsa", vocab_size=64, mlp_pattern="moe", num_experts=4, num_experts_per_tok=1,
-        moe_intermediate_size=16, router_bias_update_rate=0.05,
+        "tiny-dsa",
+        vocab_size=64,
+        mlp_pattern="moe",
+        num_experts=4,
+        num_experts_per_tok=1,
+        moe_intermediate_size=16,
+        router_bias_update_rate=0.05,
     )
     model = build(cfg).train()
     set_dsa_mode(model, "dense_warmup")

@@ -1,8 +1,9 @@
 """transformers' native families ↔ hf_hybrid, driven by each family's table in ``hf_hybrid.convert.native``.
 
-For every registered family: a tiny random native model (transformers' own classes, fp32) → import → logits equal
-(≤ 1e-5, left padding), cached decode = full forward; export → reload with plain transformers → logits equal;
-import∘export = identity on the weights. Plus refusals, files on disk, and ``hf-hybrid inspect`` on a native dir.
+For every registered family: a tiny random native model (transformers' own classes, fp32) → import → logits
+equal (≤ 1e-5, left padding), cached decode = full forward; export → reload with plain transformers → logits
+equal; import∘export = identity on the weights. Plus refusals, files on disk, and ``hf-hybrid inspect`` on a
+native dir.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
     """Weights large enough that every path matters (norm weights around 1, router biases non-zero)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        # parameters, and the one buffer that is a learned quantity (fixed buffers such as RoPE tables or MiniMax's
-        # decay slopes keep their values)
+        # parameters, and the one buffer that is a learned quantity (fixed buffers such as RoPE tables or
+        # MiniMax's decay slopes keep their values)
         buffers = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
         for name, p in [*model.named_parameters(), *buffers]:
             if not p.is_floating_point():
@@ -90,15 +91,18 @@ def assert_close_on_real(a, b, mask, what: str) -> None:
 
 
 def assert_no_index_ties(hybrid, ids, mask) -> None:
-    """DSA: transformers' torch.topk and our selection (ties toward the most recent key) agree when no query has a
-    tie at its top-k cut; check that this input has none (so the equality below is not luck)."""
+    """DSA: transformers' torch.topk and our selection (ties toward the most recent key) agree when no query
+    has a tie at its top-k cut; check that this input has none (so the equality below is not luck)."""
     found = []
 
     def hook(module, args, output):
         found.append(output)
 
-    handles = [layer.mixer.indexer.register_forward_hook(hook) for layer in hybrid.model.layers
-               if getattr(layer.mixer, "indexer", None) is not None]
+    handles = [
+        layer.mixer.indexer.register_forward_hook(hook)
+        for layer in hybrid.model.layers
+        if getattr(layer.mixer, "indexer", None) is not None
+    ]
     with torch.no_grad():
         hybrid(input_ids=ids, attention_mask=mask)
     for h in handles:
@@ -110,15 +114,15 @@ def assert_no_index_ties(hybrid, ids, mask) -> None:
         for b in range(ids.shape[0]):
             first = int(mask[b].argmax())
             for t in range(first, ids.shape[1]):
-                visible = scores[b, t, first:t + 1]
+                visible = scores[b, t, first : t + 1]
                 if visible.numel() <= k:
                     continue
                 top = visible.sort(descending=True).values
                 assert top[k - 1] != top[k], f"tied indexer scores at the top-k cut (row {b}, query {t})"
 
 
-# Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py runs
-# the same checks on them under that patch. Every other registered family is tested here.
+# Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py
+# runs the same checks on them under that patch. Every other registered family is tested here.
 TESTED_ELSEWHERE = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba")
 
 
@@ -127,7 +131,7 @@ def model_type(request):
     return request.param
 
 
-# ---- exactness -------------------------------------------------------------------------------------------------
+# ---- exactness ---------------------------------------------------------------------------------------------
 
 
 def test_import_logits_equal_with_left_padding(model_type):
@@ -147,7 +151,9 @@ def test_dsa_dense_limit_equal(dsa_topk):
         native = build_native(model_type, index_topk=dsa_topk)
         hybrid = import_native(native)
         ids, mask = batch(native.config.vocab_size)
-        assert_close_on_real(logits(native, ids, mask, model_type), logits(hybrid, ids, mask), mask, model_type)
+        assert_close_on_real(
+            logits(native, ids, mask, model_type), logits(hybrid, ids, mask), mask, model_type
+        )
 
 
 def test_cached_decode_equals_full_forward(model_type):
@@ -156,8 +162,13 @@ def test_cached_decode_equals_full_forward(model_type):
     ids, mask = batch(native.config.vocab_size)
     with torch.no_grad():
         out = hybrid.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-            output_logits=True, pad_token_id=0,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=4,
+            do_sample=False,
+            return_dict_in_generate=True,
+            output_logits=True,
+            pad_token_id=0,
         )
     full_mask = torch.cat([mask, torch.ones(2, 4, dtype=mask.dtype)], dim=1)
     full = logits(hybrid, out.sequences, full_mask)
@@ -165,8 +176,9 @@ def test_cached_decode_equals_full_forward(model_type):
         err = (step_logits - full[:, T - 1 + step]).abs().max().item()
         assert err <= ATOL, f"decode step {step}: max |Δ| = {err:.3g}"
     with torch.no_grad(), native_context(model_type):
-        native_out = native.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
-                                     pad_token_id=0)
+        native_out = native.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0
+        )
     assert torch.equal(native_out, out.sequences)
 
 
@@ -183,7 +195,8 @@ def test_export_reloads_with_transformers_and_matches(model_type, tmp_path):
     assert_close_on_real(
         logits(native, ids, mask, model_type), logits(reloaded, ids, mask, model_type), mask, "export"
     )
-    # fp32 where transformers keeps it fp32 (routers, correction biases): already fp32 here, checked via dtype kept
+    # fp32 where transformers keeps it fp32 (routers, correction biases): already fp32 here, checked via dtype
+    # kept
     for name, t in reloaded.state_dict().items():
         assert t.dtype == native.state_dict()[name].dtype, name
 
@@ -207,7 +220,7 @@ def test_import_export_identity_on_weights(model_type):
         assert torch.equal(t, again.state_dict()[name]), name
 
 
-# ---- files, CLI, inspect ----------------------------------------------------------------------------------------
+# ---- files, CLI, inspect -----------------------------------------------------------------------------------
 
 
 def _save_native_dir(model_type: str, path: Path) -> Path:
@@ -243,13 +256,11 @@ def test_exported_dir_loads_without_hf_hybrid(tmp_path):
     ids, mask = batch(native.config.vocab_size)
     torch.save({"ids": ids, "mask": mask}, tmp_path / "batch.pt")
     script = (
-        "import sys, torch\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()\n"
-        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
-        "with torch.no_grad(): out = m(input_ids=b['ids'], attention_mask=b['mask']).logits\n"
-        f"torch.save(out, {str(tmp_path / 'logits.pt')!r})\n"
-        "assert 'hf_hybrid' not in sys.modules, 'hf_hybrid was imported'\n"
+        "import sys, torch\nfrom transformers import AutoModelForCausalLM\nm = "
+        f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()\nb = "
+        f"torch.load({str(tmp_path / 'batch.pt')!r})\nwith torch.no_grad(): out = m(input_ids=b['ids'], "
+        f"attention_mask=b['mask']).logits\ntorch.save(out, {str(tmp_path / 'logits.pt')!r})\nassert "
+        "'hf_hybrid' not in sys.modules, 'hf_hybrid was imported'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"
@@ -274,7 +285,7 @@ def test_cli_import_export_and_inspect(tmp_path, capsys):
     assert native_cost == json.loads(estimate_cost(native_to_hybrid_config(src)).to_json())
 
 
-# ---- refusals (nothing written) ------------------------------------------------------------------------------
+# ---- refusals (nothing written) ----------------------------------------------------------------------------
 
 
 def test_refuses_unknown_model_type(tmp_path):
@@ -303,7 +314,8 @@ def test_refuses_native_options_without_counterpart(model_type, overrides, messa
 
 
 def test_refuses_unmapped_native_option():
-    """A native option that no rule names and that is not at its default is refused, naming it and its value."""
+    """A native option that no rule names and that is not at its default is refused, naming it and its
+    value."""
     import dataclasses
 
     olmoe = get_family("olmoe")
@@ -334,7 +346,11 @@ def test_export_refuses_layout_without_counterpart(tmp_path):
     gated = {**mixed, "mixer_types": ["attention"] * 3, "attention_output_gate": True}
     with pytest.raises(NativeConversionError, match=r"attention_output_gate=True"):
         export_native(HybridForCausalLM(HybridConfig(**gated)), tmp_path / "out", to="qwen3_moe")
-    with pytest.raises(NativeConversionError, match=r"e_score_correction_bias \(aux-loss-free bias\) in layer 0 is non-zero"):
+    with pytest.raises(
+        NativeConversionError,
+        match=r"e_score_correction_bias \(aux-loss-free bias\) in "
+        r"layer 0 is non-zero",
+    ):
         with torch.no_grad():
             hybrid.model.layers[0].mlp.router.e_score_correction_bias.fill_(0.5)
         export_native(hybrid, tmp_path / "out", to="qwen3_moe")
@@ -356,9 +372,21 @@ def test_export_refuses_existing_destination(tmp_path):
         ("deepseek_v3", {"n_shared_experts": 0, "norm_topk_prob": False}),
         ("deepseek_v32", {"first_k_dense_replace": 0, "n_shared_experts": 2}),
         ("deepseek_v3", {"rope_interleave": False, "attention_bias": True}),
-        ("deepseek_v3", {"rope_parameters": {
-            "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32,
-            "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0}}),
+        (
+            "deepseek_v3",
+            {
+                "rope_parameters": {
+                    "rope_type": "yarn",
+                    "rope_theta": 10000.0,
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                    "beta_fast": 32.0,
+                    "beta_slow": 1.0,
+                    "mscale": 1.0,
+                    "mscale_all_dim": 1.0,
+                }
+            },
+        ),
         ("mixtral", {"sliding_window": 5}),
         ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []}),
     ],
@@ -368,31 +396,44 @@ def test_variants_exact(model_type, overrides):
     native = build_native(model_type, **overrides)
     hybrid = import_native(native)
     ids, mask = batch(native.config.vocab_size)
-    assert_close_on_real(logits(native, ids, mask, model_type), logits(hybrid, ids, mask), mask, str(overrides))
+    assert_close_on_real(
+        logits(native, ids, mask, model_type), logits(hybrid, ids, mask), mask, str(overrides)
+    )
     back = export_native(hybrid, to=model_type)
     assert_close_on_real(logits(native, ids, mask), logits(back, ids, mask), mask, f"export {overrides}")
 
 
-# ---- recipes on imports (upcycle, DSA conversion) then export ------------------------------------------------------
+# ---- recipes on imports (upcycle, DSA conversion) then export ----------------------------------------------
 
 
 def test_recipe_upcycle_qwen3_import_exports_as_qwen3_moe(tmp_path):
-    """Dense Qwen3 → import → upcycle (exact start: renormalised top-k) → export as qwen3_moe: same logits as the
-    dense Qwen3 it started from, in transformers' own Qwen3MoeForCausalLM."""
+    """Dense Qwen3 → import → upcycle (exact start: renormalised top-k) → export as qwen3_moe: same logits as
+    the dense Qwen3 it started from, in transformers' own Qwen3MoeForCausalLM."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from hf_hybrid.convert.import_dense import import_dense
     from hf_hybrid.convert.upcycle import upcycle_model
     from hf_hybrid.modeling_hybrid import HybridForCausalLM
 
-    dense = Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
-    ))
+    dense = Qwen3ForCausalLM(
+        Qwen3Config(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=128,
+            tie_word_embeddings=False,
+        )
+    )
     randomise(dense)
     dense.eval().save_pretrained(tmp_path / "qwen3")
     import_dense(tmp_path / "qwen3", tmp_path / "hyb")
-    upcycled = upcycle_model(HybridForCausalLM.from_pretrained(tmp_path / "hyb"), num_experts=4, top_k=2).eval()
+    upcycled = upcycle_model(
+        HybridForCausalLM.from_pretrained(tmp_path / "hyb"), num_experts=4, top_k=2
+    ).eval()
     with torch.no_grad():  # a trained router would not be zero: make the routing non-trivial
         for layer in upcycled.model.layers:
             layer.mlp.router.weight.normal_(std=0.5)
@@ -406,8 +447,8 @@ def test_recipe_upcycle_qwen3_import_exports_as_qwen3_moe(tmp_path):
 
 
 def test_recipe_deepseek_v3_import_to_dsa_exports_as_deepseek_v32():
-    """DeepSeek-V3 → import → convert to DSA (fresh indexers, sparse) → export as deepseek_v32 (the V3 → V3.2 path):
-    with k ≥ T it equals V3; with k < T it equals the converted model (checked tie-free)."""
+    """DeepSeek-V3 → import → convert to DSA (fresh indexers, sparse) → export as deepseek_v32 (the V3 → V3.2
+    path): with k ≥ T it equals V3; with k < T it equals the converted model (checked tie-free)."""
     from hf_hybrid.convert.dsa import convert_model_to_dsa
 
     v3 = build_native("deepseek_v3")
@@ -435,7 +476,8 @@ def test_recipe_deepseek_v3_import_to_dsa_exports_as_deepseek_v32():
 
 @pytest.mark.parametrize("model_type", ["olmoe", "glm_moe_dsa"])
 def test_cost_formulas_match_modules_for_new_options(model_type):
-    """The cost formulas know the new options: full-width q/k norm (olmoe), DSA layers without an indexer (glm)."""
+    """The cost formulas know the new options: full-width q/k norm (olmoe), DSA layers without an indexer
+    (glm)."""
     from hf_hybrid.cost import measure_module
     from hf_hybrid.registry import mixer_spec
 
@@ -450,8 +492,9 @@ def test_cost_formulas_match_modules_for_new_options(model_type):
 
 
 def test_bf16_directory_round_trip_keeps_fp32_routers(tmp_path):
-    """A bf16 checkpoint whose router and correction bias transformers keeps in fp32 (5.24; 5.23 loads the router
-    in the checkpoint's dtype): import → export → the same tensors and dtypes as transformers loads the source."""
+    """A bf16 checkpoint whose router and correction bias transformers keeps in fp32 (5.24; 5.23 loads the
+    router in the checkpoint's dtype): import → export → the same tensors and dtypes as transformers loads the
+    source."""
     native = build_native("deepseek_v3").to(torch.bfloat16)
     native.save_pretrained(tmp_path / "src")
     source = AutoModelForCausalLM.from_pretrained(tmp_path / "src").state_dict()
@@ -465,8 +508,17 @@ def test_bf16_directory_round_trip_keeps_fp32_routers(tmp_path):
 def test_new_config_options_validate_with_clear_errors():
     from hf_hybrid import HybridConfig
 
-    base = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=4, mixer_types=["dsa"] * 3,
-                q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+    base = dict(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=4,
+        mixer_types=["dsa"] * 3,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+    )
     cases = [
         (dict(dsa_indexer_types=["shared", "full", "full"]), r"dsa_indexer_types\[0\]='shared' reuses"),
         (dict(dsa_indexer_types=["full", "reuse", "full"]), r"dsa_indexer_types\[1\]='reuse' is not allowed"),
@@ -492,7 +544,8 @@ def test_mixtral_import_keeps_training_settings():
 
 
 def test_dsa_index_reuse_survives_gradient_checkpointing():
-    """A 'shared' DSA layer reads the top-k of *its* source layer, also when layers are recomputed in backward."""
+    """A 'shared' DSA layer reads the top-k of *its* source layer, also when layers are recomputed in
+    backward."""
     native = build_native("glm_moe_dsa")
     hybrid = import_native(native).train()  # no dropout in these configs: train mode changes no value
     ids, mask = batch(native.config.vocab_size)
@@ -514,16 +567,23 @@ def test_cli_export_refusal_is_one_line_and_writes_nothing(tmp_path, capsys):
     from hf_hybrid.cli import main
     from hf_hybrid.modeling_hybrid import HybridForCausalLM
 
-    model = HybridForCausalLM(HybridConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
-        mixer_types=["attention", "gated_deltanet"],
-    ))
+    model = HybridForCausalLM(
+        HybridConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            mixer_types=["attention", "gated_deltanet"],
+        )
+    )
     model.save_pretrained(tmp_path / "mix")
     capsys.readouterr()
     assert main(["export", str(tmp_path / "mix"), str(tmp_path / "out"), "--to", "llama"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "mixer_types[1]='gated_deltanet' (layer 1)" in err
-    assert main(["export", str(tmp_path / "mix"), str(tmp_path / "out")]) == 2  # no family fits: each one says why
+    # no family fits: each one says why
+    assert main(["export", str(tmp_path / "mix"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "no native family expresses this model" in err and "qwen3_moe:" in err
     assert not (tmp_path / "out").exists()

@@ -1,10 +1,10 @@
-"""``kimi_linear`` ↔ hf_hybrid beyond the shared checks (tests/test_native_families.py runs the tiny default model
-through import / decode / export / round trip): the family's variants, its config details (A_log's shape, NoPE MLA,
-the latent norms' eps, the never-tied head), refusals, bf16 round trip, cost / ``hf-hybrid inspect`` and the
-``kimi-linear-like`` preset against transformers' config.
+"""``kimi_linear`` ↔ hf_hybrid beyond the shared checks (tests/test_native_families.py runs the tiny default
+model through import / decode / export / round trip): the family's variants, its config details (A_log's
+shape, NoPE MLA, the latent norms' eps, the never-tied head), refusals, bf16 round trip, cost / ``hf-hybrid
+inspect`` and the ``kimi-linear-like`` preset against transformers' config.
 
-The native model runs under the family's ``native_context`` (transformers' torch KDA / conv functions instead of
-fla-core's Triton kernels, which fail on CPU)."""
+The native model runs under the family's ``native_context`` (transformers' torch KDA / conv functions instead
+of fla-core's Triton kernels, which fail on CPU)."""
 
 from __future__ import annotations
 
@@ -54,8 +54,8 @@ def left_padded(vocab: int, seed: int = 1, length: int = 12):
 
 
 def native_logits(model, ids, mask):
-    # use_cache=False: transformers' KimiLinearModel asks its cache for the past length when no position_ids are
-    # given, which fails for a model without any full-attention layer
+    # use_cache=False: transformers' KimiLinearModel asks its cache for the past length when no position_ids
+    # are given, which fails for a model without any full-attention layer
     with torch.no_grad(), FAMILY.native_context():
         return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
@@ -69,7 +69,7 @@ def max_diff(a, b, mask) -> float:
     return (a - b)[mask.bool()].abs().max().item()
 
 
-# ---- the mapping ------------------------------------------------------------------------------------------------
+# ---- the mapping -------------------------------------------------------------------------------------------
 
 
 def test_config_and_weights_map_as_documented():
@@ -79,7 +79,12 @@ def test_config_and_weights_map_as_documented():
     assert c.mixer_types == ["kda", "kda", "mla", "kda"] and c.mlp_types == ["dense", "moe", "moe", "moe"]
     assert (c.kda_num_heads, c.kda_head_dim, c.kda_gate_rank, c.kda_conv_kernel_size) == (2, 8, 8, 4)
     assert c.mla_use_rope is False and c.mla_norm_eps == 1e-6 and c.rms_norm_eps == 1e-5
-    assert (c.router_scoring_func, c.n_group, c.topk_group, c.routed_scaling_factor) == ("sigmoid", 2, 1, 2.446)
+    assert (c.router_scoring_func, c.n_group, c.topk_group, c.routed_scaling_factor) == (
+        "sigmoid",
+        2,
+        1,
+        2.446,
+    )
     assert c.num_shared_experts == 1 and not c.shared_expert_gate and c.num_experts == 8
     # A_log: [1, 1, H, 1] natively, [H] here, the same numbers
     a_native = native.model.layers[0].self_attn.forget_gate.A_log
@@ -96,11 +101,14 @@ def test_config_and_weights_map_as_documented():
     [
         {"q_lora_rank": 12},  # q-LoRA with its latent norm
         {"attention_bias": True},  # biases on q_a / kv_a / o_proj
-        {"n_shared_experts": 0, "norm_topk_prob": False},  # the zero-wide shared MLP transformers still builds
+        # the zero-wide shared MLP transformers still builds
+        {"n_shared_experts": 0, "norm_topk_prob": False},
         {"n_shared_experts": 2, "n_group": 1, "topk_group": 1},
         {"linear_conv_kernel_dim": 3, "linear_num_heads": 4, "linear_head_dim": 4},
-        {"layer_types": ["full_attention", "linear_attention", "linear_attention", "full_attention"],
-         "mlp_layer_types": ["sparse", "dense", "sparse", "dense"]},
+        {
+            "layer_types": ["full_attention", "linear_attention", "linear_attention", "full_attention"],
+            "mlp_layer_types": ["sparse", "dense", "sparse", "dense"],
+        },
         {"layer_types": ["linear_attention"] * 4},
         {"tie_word_embeddings": True},  # a flag KimiLinearForCausalLM does not act on
     ],
@@ -124,9 +132,9 @@ def test_variants_import_and_export_exactly(overrides):
 
 def test_every_layer_on_the_native_inputs_equals_the_native_layer_with_large_weights():
     """With weights ~ N(0, 0.2²) the logits gap grows to ~1e-5 through four layers (fp32 rounding of ~2e-7 per
-    mixer, amplified by the next layers; transformers' own chunked-vs-recurrent KDA spread on the same input is of the
-    same order). Fed the native model's own inputs, layer by layer, each of our mixers matches to rounding and each
-    residual + MLP exactly: the mapping hides nothing behind that amplification."""
+    mixer, amplified by the next layers; transformers' own chunked-vs-recurrent KDA spread on the same input
+    is of the same order). Fed the native model's own inputs, layer by layer, each of our mixers matches to
+    rounding and each residual + MLP exactly: the mapping hides nothing behind that amplification."""
     native = tiny_native(std=0.2, q_lora_rank=12)
     ours = import_native(native)
     ids, mask = left_padded(native.config.vocab_size)
@@ -144,6 +152,7 @@ def test_every_layer_on_the_native_inputs_equals_the_native_layer_with_large_wei
         def hook(module, args, out):
             gaps[key] = ((out - ref[key])[real].abs().max() / ref[key][real].abs().max()).item()
             return ref[key]  # the next module reads the native value
+
         return hook
 
     for i, layer in enumerate(ours.model.layers):
@@ -160,7 +169,9 @@ def test_cached_decode_with_a_q_lora_mla_equals_native_generate():
     native = tiny_native(q_lora_rank=12, layer_types=["linear_attention", "full_attention"] * 2)
     ours = import_native(native)
     ids, mask = left_padded(native.config.vocab_size, length=9)
-    kw = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    kw = dict(
+        max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0
+    )
     with torch.no_grad():
         out = ours.generate(ids, attention_mask=mask, **kw)
         with FAMILY.native_context():
@@ -182,8 +193,8 @@ def test_native_context_restores_the_module():
 
 
 def test_bf16_directory_round_trip(tmp_path):
-    """A bf16 checkpoint (5.24 keeps the router, its bias and dt_bias in fp32) → import → export: the tensors and
-    dtypes transformers loads from the source."""
+    """A bf16 checkpoint (5.24 keeps the router, its bias and dt_bias in fp32) → import → export: the tensors
+    and dtypes transformers loads from the source."""
     native = tiny_native().to(torch.bfloat16)
     native.save_pretrained(tmp_path / "src")
     source = AutoModelForCausalLM.from_pretrained(tmp_path / "src").state_dict()
@@ -196,7 +207,7 @@ def test_bf16_directory_round_trip(tmp_path):
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
 
 
-# ---- refusals -----------------------------------------------------------------------------------------------
+# ---- refusals ----------------------------------------------------------------------------------------------
 
 
 def _assert_refused(fn, match, dst):
@@ -208,10 +219,15 @@ def _assert_refused(fn, match, dst):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        ({"hidden_act": "gelu"}, r"KimiLinearConfig\.hidden_act='gelu' has no counterpart.*supported: 'silu'"),
+        (
+            {"hidden_act": "gelu"},
+            r"KimiLinearConfig\.hidden_act='gelu' has no counterpart.*supported: 'silu'",
+        ),
         ({"num_key_value_heads": 2}, r"num_key_value_heads=2 differs from num_attention_heads=4"),
-        ({"layer_types": ["linear_attention", "sliding_attention", "full_attention", "linear_attention"]},
-         r"KimiLinearConfig\.layer_types\[1\]='sliding_attention' has no counterpart"),
+        (
+            {"layer_types": ["linear_attention", "sliding_attention", "full_attention", "linear_attention"]},
+            r"KimiLinearConfig\.layer_types\[1\]='sliding_attention' has no counterpart",
+        ),
     ],
 )
 def test_import_refuses_options_without_counterpart(overrides, message, tmp_path):
@@ -237,26 +253,37 @@ def _variant(ours, **changes):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"mixer_types": ["kda", "gated_deltanet", "mla", "kda"]},
-         r"mixer_types\[1\]='gated_deltanet' \(layer 1\) has no counterpart"),
-        ({"mlp_types": ["dense", "moe", "none", "moe"]}, r"mlp_types\[2\]='none' \(layer 2\) has no counterpart"),
+        (
+            {"mixer_types": ["kda", "gated_deltanet", "mla", "kda"]},
+            r"mixer_types\[1\]='gated_deltanet' \(layer 1\) has no counterpart",
+        ),
+        (
+            {"mlp_types": ["dense", "moe", "none", "moe"]},
+            r"mlp_types\[2\]='none' \(layer 2\) has no "
+            r"counterpart",
+        ),
         ({"kda_gate_rank": 6}, r"kda_gate_rank=6 differs from kda_head_dim=8"),
         ({"tie_word_embeddings": True}, r"tie_word_embeddings=True"),
         ({"mla_use_rope": True}, r"HybridConfig\.mla_use_rope=True has no counterpart"),
         ({"mla_norm_eps": None}, r"HybridConfig\.mla_norm_eps=1e-05 has no counterpart"),
-        ({"router_scoring_func": "softmax"}, r"HybridConfig\.router_scoring_func='softmax' has no counterpart"),
+        (
+            {"router_scoring_func": "softmax"},
+            r"HybridConfig\.router_scoring_func='softmax' has no counterpart",
+        ),
         ({"shared_expert_gate": True}, r"HybridConfig\.shared_expert_gate=True has no counterpart"),
     ],
 )
 def test_export_refuses_layouts_kimi_linear_cannot_express(changes, message, tmp_path):
     ours = import_native(tiny_native())
     other = _variant(ours, **changes)
-    _assert_refused(lambda: export_native(other, tmp_path / "out", to="kimi_linear"), message, tmp_path / "out")
+    _assert_refused(
+        lambda: export_native(other, tmp_path / "out", to="kimi_linear"), message, tmp_path / "out"
+    )
 
 
 def test_kda_fields_only_matter_with_kda_layers():
-    """An all-MLA model's kda_* fields describe no layer: a kda_gate_rank kimi_linear cannot express is no reason to
-    refuse it (with a KDA layer it is, above)."""
+    """An all-MLA model's kda_* fields describe no layer: a kda_gate_rank kimi_linear cannot express is no
+    reason to refuse it (with a KDA layer it is, above)."""
     ours = import_native(tiny_native(layer_types=["full_attention"] * 4))
     other = _variant(ours, kda_gate_rank=3)
     other.load_state_dict(ours.state_dict())
@@ -280,12 +307,13 @@ def test_export_refuses_a_non_zero_expert_bias_it_can_carry_but_not_a_mismatch(t
     )
 
 
-# ---- cost, inspect, preset ------------------------------------------------------------------------------------
+# ---- cost, inspect, preset ---------------------------------------------------------------------------------
 
 
 def test_cost_equals_the_built_models():
-    """The inspector's count (KDA, NoPE MLA with q-LoRA, MoE with shared expert) = the parameters of our import
-    = those of transformers' model; KDA layers cache a constant state, MLA ones (r + dr) numbers per token."""
+    """The inspector's count (KDA, NoPE MLA with q-LoRA, MoE with shared expert) = the parameters of our
+    import = those of transformers' model; KDA layers cache a constant state, MLA ones (r + dr) numbers per
+    token."""
     from hf_hybrid.cost import estimate_cost
 
     native = tiny_native(q_lora_rank=12)
@@ -317,7 +345,8 @@ def test_cli_inspect_native_directory_equals_the_import(tmp_path, capsys):
     assert native_cost["total_params"] == sum(p.numel() for p in native.parameters())
 
 
-# moonshotai/Kimi-Linear-48B-A3B-Instruct's linear_attn_config (1-indexed layers, as the checkpoint writes them)
+# moonshotai/Kimi-Linear-48B-A3B-Instruct's linear_attn_config (1-indexed layers, as the checkpoint writes
+# them)
 _PUBLISHED_LINEAR_ATTN = {
     "full_attn_layers": [4, 8, 12, 16, 20, 24, 27],
     "kda_layers": [i for i in range(1, 28) if i not in (4, 8, 12, 16, 20, 24, 27)],
@@ -328,20 +357,44 @@ _PUBLISHED_LINEAR_ATTN = {
 
 
 def test_kimi_linear_like_preset_is_transformers_kimi_linear_config():
-    """The preset exports to a KimiLinearConfig whose sizes are transformers' defaults (the published 48B-A3B) and
-    whose layer layout is the checkpoint's linear_attn_config; importing that config gives the preset's cost."""
+    """The preset exports to a KimiLinearConfig whose sizes are transformers' defaults (the published 48B-A3B)
+    and whose layer layout is the checkpoint's linear_attn_config; importing that config gives the preset's
+    cost."""
     from hf_hybrid.cost import estimate_cost
     from hf_hybrid.presets import preset_config
 
     preset = preset_config("kimi-linear-like")
     native = FAMILY.native_config(preset)  # refuses anything kimi_linear cannot express
     published = FAMILY.config_class(linear_attn_config=_PUBLISHED_LINEAR_ATTN, first_k_dense_replace=1)
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-                 "num_attention_heads", "num_key_value_heads", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-                 "qk_nope_head_dim", "v_head_dim", "num_local_experts", "num_experts_per_tok", "n_shared_experts",
-                 "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "rms_norm_eps",
-                 "linear_head_dim", "linear_num_heads", "linear_conv_kernel_dim", "layer_types", "mlp_layer_types",
-                 "max_position_embeddings", "tie_word_embeddings"):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "kv_lora_rank",
+        "q_lora_rank",
+        "qk_rope_head_dim",
+        "qk_nope_head_dim",
+        "v_head_dim",
+        "num_local_experts",
+        "num_experts_per_tok",
+        "n_shared_experts",
+        "n_group",
+        "topk_group",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "rms_norm_eps",
+        "linear_head_dim",
+        "linear_num_heads",
+        "linear_conv_kernel_dim",
+        "layer_types",
+        "mlp_layer_types",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+    ):
         assert getattr(native, name) == getattr(published, name), name
     imported = estimate_cost(native_to_hybrid_config(published))
     assert imported.total_params == estimate_cost(preset).total_params == 49_122_675_072

@@ -1,12 +1,13 @@
-"""Native recurrent hybrid families ↔ hf_hybrid (qwen3_next, qwen3_5_text, qwen3_5_moe_text, bamba, minimax): tiny
-random native models built with transformers' own classes (fp32) → import → the same logits (left padding), cached decode
-equal to the full forward, export → reload with the native class → the same logits, weights round-trip, refusals
-before anything is written, the Qwen3.5 vision-language wrapper, and DSA conversion of a qwen3_next import.
+"""Native recurrent hybrid families ↔ hf_hybrid (qwen3_next, qwen3_5_text, qwen3_5_moe_text, bamba, minimax):
+tiny random native models built with transformers' own classes (fp32) → import → the same logits (left
+padding), cached decode equal to the full forward, export → reload with the native class → the same logits,
+weights round-trip, refusals before anything is written, the Qwen3.5 vision-language wrapper, and DSA
+conversion of a qwen3_next import.
 
 transformers' qwen3_next / qwen3_5 modeling pick fla-core's Triton kernels at import time whenever fla-core is
-installed, and those crash on CPU tensors: the module fixture below points them back at transformers' own torch
-functions for the duration of this file (``hf_hybrid.convert.native.qwen3_next.native_torch_kernels``, the families'
-``native_context``)."""
+installed, and those crash on CPU tensors: the module fixture below points them back at transformers' own
+torch functions for the duration of this file (``hf_hybrid.convert.native.qwen3_next.native_torch_kernels``,
+the families' ``native_context``)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,15 @@ import torch
 
 from hf_hybrid.convert.native import NativeConversionError, export_native, get_family, import_native
 
-FAMILIES = ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "minimax", "granitemoehybrid", "nemotron_h"]
+FAMILIES = [
+    "qwen3_next",
+    "qwen3_5_text",
+    "qwen3_5_moe_text",
+    "bamba",
+    "minimax",
+    "granitemoehybrid",
+    "nemotron_h",
+]
 ATOL = 1e-5
 
 
@@ -31,8 +40,8 @@ def native_torch_kernels():
 
 
 def tiny_native(model_type: str, seed: int = 0, **overrides):
-    """A tiny native model in eval mode, with its norms, decays and dt biases moved off their init values (zero-centred
-    norms start at 0, and a mapping that forgot the ``1 +`` would still pass at init)."""
+    """A tiny native model in eval mode, with its norms, decays and dt biases moved off their init values
+    (zero-centred norms start at 0, and a mapping that forgot the ``1 +`` would still pass at init)."""
     family = get_family(model_type)
     config = family.config_class(**{**family.tiny_config, **overrides})
     torch.manual_seed(seed)
@@ -82,8 +91,9 @@ def test_import_logits_equal_with_left_padding(model_type):
     assert ours.config.hf_hybrid_lineage["base_model_type"] == model_type
 
 
-# transformers' MiniMax decodes left-padded rows wrongly when layer 0 is a lightning layer (its full forward and ours
-# agree; its cached decode drifts by ~1e-3 on padded rows only): its own generate() is compared on unpadded rows.
+# transformers' MiniMax decodes left-padded rows wrongly when layer 0 is a lightning layer (its full forward
+# and ours agree; its cached decode drifts by ~1e-3 on padded rows only): its own generate() is compared on
+# unpadded rows.
 _NATIVE_DECODE_NEEDS_UNPADDED = ("minimax",)
 
 
@@ -92,11 +102,14 @@ def test_cached_decode_equals_full_forward_and_native(model_type):
     native = tiny_native(model_type)
     ours = import_native(native)
     ids, mask = left_padded_batch(native.config.vocab_size, length=9)
-    kw = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    kw = dict(
+        max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True, pad_token_id=0
+    )
     with torch.no_grad():
         out = ours.generate(ids, attention_mask=mask, **kw)
     steps = torch.stack(out.logits, 1)
-    # Cached decode = the full forward over prompt + generated tokens, ours and transformers', at each new position.
+    # Cached decode = the full forward over prompt + generated tokens, ours and transformers', at each new
+    # position.
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], 5, dtype=mask.dtype)], dim=1)
     at_new = slice(ids.shape[1] - 1, -1)
     assert (ours_logits(ours, out.sequences, full_mask)[:, at_new] - steps).abs().max().item() <= ATOL
@@ -137,8 +150,8 @@ def test_weights_round_trip(model_type):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    # native -> ours -> native: the identity, except that a zero-centred norm weight w comes back as fl(1 + w) - 1
-    # (|change| <= half an ulp of 1); the 1 + w the native forward computes is unchanged.
+    # native -> ours -> native: the identity, except that a zero-centred norm weight w comes back as fl(1 + w)
+    # - 1 (|change| <= half an ulp of 1); the 1 + w the native forward computes is unchanged.
     rounding = get_family(model_type).rounding_native_weights
     back = export_native(ours).state_dict()
     for name, w in native.state_dict().items():
@@ -172,7 +185,9 @@ def test_refusals_name_the_option_and_write_nothing(tmp_path):
     ours = import_native(tiny_native("qwen3_next"))
     cfg = ours.config.to_dict()
     cfg.pop("layer_types")
-    mixed = HybridForCausalLM(HybridConfig.from_dict({**cfg, "mixer_types": ["gated_deltanet", "mamba2"] * 2}))
+    mixed = HybridForCausalLM(
+        HybridConfig.from_dict({**cfg, "mixer_types": ["gated_deltanet", "mamba2"] * 2})
+    )
     _assert_refused(lambda: export_native(mixed, dst, to="qwen3_next"), r"mixer_types\[1\]='mamba2'", dst)
     _assert_refused(lambda: export_native(ours, dst, to="qwen3_5_text"), r"mlp_types\[0\]='moe'", dst)
     _assert_refused(lambda: export_native(ours, dst, to="bamba"), r"mixer_types\[0\]='gated_deltanet'", dst)
@@ -184,10 +199,20 @@ def test_qwen3_5_vision_language_wrapper_imports_its_text_decoder(tmp_path, caps
     from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
 
     text = get_family("qwen3_5_text")
-    vision = dict(depth=1, hidden_size=16, intermediate_size=16, num_heads=2, out_hidden_size=32, patch_size=4,
-                  spatial_merge_size=1, temporal_patch_size=1)
+    vision = dict(
+        depth=1,
+        hidden_size=16,
+        intermediate_size=16,
+        num_heads=2,
+        out_hidden_size=32,
+        patch_size=4,
+        spatial_merge_size=1,
+        temporal_patch_size=1,
+    )
     torch.manual_seed(0)
-    vlm = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text.tiny_config, vision_config=vision)).eval()
+    vlm = Qwen3_5ForConditionalGeneration(
+        Qwen3_5Config(text_config=text.tiny_config, vision_config=vision)
+    ).eval()
     src = tmp_path / "vlm"
     vlm.save_pretrained(src)
     ours = import_native(src, tmp_path / "imported")
@@ -206,7 +231,9 @@ def test_qwen3_next_import_converts_to_dsa():
     ours = import_native(native)
     ids, mask = left_padded_batch(native.config.vocab_size)
     # Top-k covering the whole context: DSA over the gated attention layer equals the dense model exactly.
-    dsa = convert_model_to_dsa(ours, index_topk=ids.shape[1], index_heads=2, index_head_dim=8, mode="sparse").eval()
+    dsa = convert_model_to_dsa(
+        ours, index_topk=ids.shape[1], index_heads=2, index_head_dim=8, mode="sparse"
+    ).eval()
     assert [i for i, m in enumerate(dsa.config.mixer_types) if m == "dsa"] == [3]
     assert max_diff_real(native_logits(native, ids, mask), ours_logits(dsa, ids, mask), mask) <= ATOL
     # A real selection (k < T) runs and changes the function.
@@ -215,7 +242,8 @@ def test_qwen3_next_import_converts_to_dsa():
 
 
 def _randomise(model: torch.nn.Module, std: float, seed: int = 0) -> None:
-    """Every weight N(0, std²) (activations of order 10 at std 0.15); norm weights around their neutral value."""
+    """Every weight N(0, std²) (activations of order 10 at std 0.15); norm weights around their neutral
+    value."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -229,9 +257,9 @@ def _randomise(model: torch.nn.Module, std: float, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"])
 def test_large_weights_within_transformers_own_fp32_spread(model_type, monkeypatch):
-    """With large weights (std 0.15: hidden states ~10, logits ~6) fp32 rounding in the delta rule alone exceeds 1e-5 at
-    the logits: transformers' own two GDN paths (chunked, and the step-by-step recurrence) already differ by 1-3e-5.
-    Ours must stay within twice that spread, measured on the same input."""
+    """With large weights (std 0.15: hidden states ~10, logits ~6) fp32 rounding in the delta rule alone
+    exceeds 1e-5 at the logits: transformers' own two GDN paths (chunked, and the step-by-step recurrence)
+    already differ by 1-3e-5. Ours must stay within twice that spread, measured on the same input."""
     import sys
 
     native = tiny_native(model_type)
@@ -248,7 +276,9 @@ def test_large_weights_within_transformers_own_fp32_spread(model_type, monkeypat
     monkeypatch.setattr(module, "torch_chunk_gated_delta_rule", chunk_as_recurrence)
     spread = max_diff_real(ref, native_logits(native, ids, mask), mask)
     err = max_diff_real(ref, ours_logits(ours, ids, mask), mask)
-    assert err <= max(ATOL, 2.0 * spread), f"{model_type}: ours {err:.3g}, transformers' own spread {spread:.3g}"
+    assert err <= max(ATOL, 2.0 * spread), (
+        f"{model_type}: ours {err:.3g}, transformers' own spread {spread:.3g}"
+    )
 
 
 def test_presets_are_the_published_models():
@@ -260,18 +290,37 @@ def test_presets_are_the_published_models():
     qwen = preset_config("qwen3-next-like")
     native = get_family("qwen3_next").native_config(qwen)  # refuses anything qwen3_next cannot express
     published = dict(  # Qwen/Qwen3-Next-80B-A3B-Instruct config.json
-        vocab_size=151936, hidden_size=2048, intermediate_size=5120, num_hidden_layers=48, num_attention_heads=16,
-        num_key_value_heads=2, head_dim=256, linear_conv_kernel_dim=4, linear_key_head_dim=128,
-        linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32, num_experts=512,
-        num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512, norm_topk_prob=True,
-        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=262144, rms_norm_eps=1e-6,
+        vocab_size=151936,
+        hidden_size=2048,
+        intermediate_size=5120,
+        num_hidden_layers=48,
+        num_attention_heads=16,
+        num_key_value_heads=2,
+        head_dim=256,
+        linear_conv_kernel_dim=4,
+        linear_key_head_dim=128,
+        linear_value_head_dim=128,
+        linear_num_key_heads=16,
+        linear_num_value_heads=32,
+        num_experts=512,
+        num_experts_per_tok=10,
+        moe_intermediate_size=512,
+        shared_expert_intermediate_size=512,
+        norm_topk_prob=True,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=262144,
+        rms_norm_eps=1e-6,
         tie_word_embeddings=False,
     )
     for name, value in published.items():
         assert getattr(native, name) == value, name
     assert native.layer_types == ["linear_attention"] * 3 + ["full_attention"] + native.layer_types[4:]
     assert native.layer_types.count("full_attention") == 12
-    assert native.rope_parameters["rope_theta"] == 1e7 and native.rope_parameters["partial_rotary_factor"] == 0.25
+    assert (
+        native.rope_parameters["rope_theta"] == 1e7
+        and native.rope_parameters["partial_rotary_factor"] == 0.25
+    )
 
     cost = estimate_cost(qwen)
     assert cost.exact
@@ -285,7 +334,8 @@ def test_presets_are_the_published_models():
 
 @pytest.mark.parametrize("model_type", ["bamba", "minimax", "granitemoehybrid", "nemotron_h"])
 def test_large_weights_still_within_1e5(model_type):
-    """Mamba-2 and lightning attention stay at the 1e-5 bound with large weights (measured ~1e-7 and ~3e-7)."""
+    """Mamba-2 and lightning attention stay at the 1e-5 bound with large weights (measured ~1e-7 and
+    ~3e-7)."""
     native = tiny_native(model_type)
     _randomise(native, 0.15)
     ours = import_native(native)
@@ -327,24 +377,32 @@ def test_granitemoehybrid_variants_and_refusals(tmp_path):
     dst = tmp_path / "out"
     family = get_family("granitemoehybrid")
     other = family.config_class(**{**family.tiny_config, "position_embedding_type": "alibi"})
-    _assert_refused(lambda: import_native(family.model_class(other), dst), "position_embedding_type='alibi'", dst)
+    _assert_refused(
+        lambda: import_native(family.model_class(other), dst), "position_embedding_type='alibi'", dst
+    )
     ours = import_native(tiny_native("granitemoehybrid"))
     cfg = ours.config.to_dict()
     cfg.pop("layer_types")
     scales = [0.5, 0.7, 0.5]  # one residual_multiplier for every branch natively
     odd = HybridForCausalLM(HybridConfig.from_dict({**cfg, "mixer_output_scales": scales}))
-    _assert_refused(lambda: export_native(odd, dst, to="granitemoehybrid"), r"mixer_output_scales\[1\]=0\.7", dst)
+    _assert_refused(
+        lambda: export_native(odd, dst, to="granitemoehybrid"), r"mixer_output_scales\[1\]=0\.7", dst
+    )
 
 
 def test_nemotron_h_one_block_layers_and_refusals(tmp_path):
-    """Each native layer is one block: ours has no MLP after Mamba-2 / attention and no mixer before an MLP / MoE;
-    the MLPs are ungated relu², the attention has no RoPE; a layer with both has no counterpart."""
+    """Each native layer is one block: ours has no MLP after Mamba-2 / attention and no mixer before an MLP /
+    MoE; the MLPs are ungated relu², the attention has no RoPE; a layer with both has no counterpart."""
     from hf_hybrid import HybridConfig, HybridForCausalLM
 
     ours = import_native(tiny_native("nemotron_h"))
     c = ours.config
-    assert list(zip(c.mixer_types, c.mlp_types)) == [("mamba2", "none"), ("none", "moe"), ("attention", "none"),
-                                                     ("none", "dense")]
+    assert list(zip(c.mixer_types, c.mlp_types)) == [
+        ("mamba2", "none"),
+        ("none", "moe"),
+        ("attention", "none"),
+        ("none", "dense"),
+    ]
     assert not c.mlp_gated and c.hidden_act == "relu2" and not c.attention_rope
     assert ours.model.layers[1].mixer is None and ours.model.layers[3].mlp.gate_proj is None
     dst = tmp_path / "out"
@@ -354,13 +412,19 @@ def test_nemotron_h_one_block_layers_and_refusals(tmp_path):
     cfg = c.to_dict()
     cfg.pop("layer_types")
     both = HybridForCausalLM(HybridConfig.from_dict({**cfg, "mlp_types": ["dense", "moe", "none", "dense"]}))
-    _assert_refused(lambda: export_native(both, dst, to="nemotron_h"), r"mixer_types\[0\]='mamba2' with mlp_types", dst)
+    _assert_refused(
+        lambda: export_native(both, dst, to="nemotron_h"),
+        r"mixer_types\[0\]='mamba2' with "
+        r"mlp_types",
+        dst,
+    )
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_cost_formulas_match_the_built_modules(model_type):
     """The cost formulas know every option these families use (shared-expert size and gate, lightning gate and
-    full-width norm, conv bias, ungated MLPs, MLP-only layers): formula = parameters counted on the built module."""
+    full-width norm, conv bias, ungated MLPs, MLP-only layers): formula = parameters counted on the built
+    module."""
     from hf_hybrid.cost import estimate_cost, measure_module
     from hf_hybrid.registry import mixer_spec, mlp_spec
 
@@ -369,7 +433,10 @@ def test_cost_formulas_match_the_built_modules(model_type):
     for i, (mixer, mlp) in enumerate(zip(config.mixer_types, config.mlp_types)):
         if mixer != "none":
             formula = mixer_spec(mixer).cost(config, i)
-            assert measure_module(mixer_spec(mixer).cls, config, i) == (formula.params, formula.matmul_params), i
+            assert measure_module(mixer_spec(mixer).cls, config, i) == (
+                formula.params,
+                formula.matmul_params,
+            ), i
         if mlp != "none":
             formula = mlp_spec(mlp).cost(config, i)
             assert measure_module(mlp_spec(mlp).cls, config, i) == (formula.params, formula.matmul_params), i
@@ -392,26 +459,32 @@ def test_inspect_native_directory_equals_the_import(tmp_path, capsys):
 
 
 def test_minimax_like_preset_exports_to_minimax():
-    """minimax-like is MiniMax-Text-01's shape and function (7:1 lightning : softmax, α = 160^¼ residuals); with full
-    RoPE (transformers' MiniMax rotates the whole head) it maps onto transformers' MiniMaxConfig."""
+    """minimax-like is MiniMax-Text-01's shape and function (7:1 lightning : softmax, α = 160^¼ residuals);
+    with full RoPE (transformers' MiniMax rotates the whole head) it maps onto transformers' MiniMaxConfig."""
     from hf_hybrid.presets import preset_config
 
     cfg = preset_config("minimax-like", rope_parameters={"rope_type": "default", "rope_theta": 1e7})
     native = get_family("minimax").native_config(cfg)
     assert native.layer_types.count("full_attention") == 10 and native.layer_types[7] == "full_attention"
-    assert native.num_local_experts == 32 and native.num_experts_per_tok == 2 and native.intermediate_size == 9216
+    assert (
+        native.num_local_experts == 32
+        and native.num_experts_per_tok == 2
+        and native.intermediate_size == 9216
+    )
     assert abs(native.linear_attn_alpha_factor - 160**0.25) < 1e-12 and native.linear_attn_beta_factor == 1.0
     assert native.mlp_alpha_factor == native.full_attn_alpha_factor == native.linear_attn_alpha_factor
 
 
 def test_mamba_init_only_fields_do_not_block_export():
-    """mamba_dt_min / mamba_dt_max / mamba_dt_init_floor only seed the dt initialisation: a model built with other
-    values still exports to bamba (the clamp that does change the function is mamba_dt_limit)."""
+    """mamba_dt_min / mamba_dt_max / mamba_dt_init_floor only seed the dt initialisation: a model built with
+    other values still exports to bamba (the clamp that does change the function is mamba_dt_limit)."""
     from hf_hybrid import HybridConfig
 
     cfg = import_native(tiny_native("bamba")).config.to_dict()
     cfg.pop("layer_types")
-    other = HybridConfig.from_dict({**cfg, "mamba_dt_min": 0.01, "mamba_dt_max": 0.2, "mamba_dt_init_floor": 1e-3})
+    other = HybridConfig.from_dict(
+        {**cfg, "mamba_dt_min": 0.01, "mamba_dt_max": 0.2, "mamba_dt_init_floor": 1e-3}
+    )
     assert get_family("bamba").native_config(other).time_step_limit == (0.0, float("inf"))
     clamped = HybridConfig.from_dict({**cfg, "mamba_dt_limit": [0.01, 10.0]})
     assert get_family("bamba").native_config(clamped).time_step_limit == (0.01, 10.0)
@@ -419,8 +492,8 @@ def test_mamba_init_only_fields_do_not_block_export():
 
 @pytest.mark.parametrize("implementation", ["batched_mm", "grouped_mm"])
 def test_ungated_experts_match_the_loop_and_transformers_kernels(implementation):
-    """HybridUngatedExperts (mlp_gated=False): the eager path = the naive per-expert loop = transformers' has_gate=False
-    kernels selected by experts_implementation."""
+    """HybridUngatedExperts (mlp_gated=False): the eager path = the naive per-expert loop = transformers'
+    has_gate=False kernels selected by experts_implementation."""
     from hf_hybrid.moe import HybridUngatedExperts, experts_forward_loop
 
     ours = import_native(tiny_native("nemotron_h"))
@@ -449,13 +522,19 @@ def test_upcycle_refuses_ungated_mlps():
 
 
 def test_options_of_absent_layer_kinds_do_not_block_export():
-    """attention_rope / attention_scaling matter only with softmax-attention layers, shared-expert options only with
-    MoE layers: a pure Mamba-2 model exports to bamba whatever they say; with an attention layer NoPE is refused."""
+    """attention_rope / attention_scaling matter only with softmax-attention layers, shared-expert options
+    only with MoE layers: a pure Mamba-2 model exports to bamba whatever they say; with an attention layer
+    NoPE is refused."""
     from hf_hybrid import HybridConfig
 
     cfg = import_native(tiny_native("bamba", attn_layer_indices=[])).config.to_dict()
     cfg.pop("layer_types")
-    odd = {"attention_rope": False, "attention_scaling": 0.5, "num_shared_experts": 1, "shared_expert_gate": True}
+    odd = {
+        "attention_rope": False,
+        "attention_scaling": 0.5,
+        "num_shared_experts": 1,
+        "shared_expert_gate": True,
+    }
     get_family("bamba").native_config(HybridConfig.from_dict({**cfg, **odd}))
     with_attention = {**cfg, "mixer_types": ["mamba2", "attention", "mamba2"], "attention_rope": False}
     with pytest.raises(NativeConversionError, match="attention_rope=False"):
@@ -473,18 +552,15 @@ def test_exported_qwen3_next_loads_without_hf_hybrid(tmp_path):
     ids, mask = left_padded_batch(native.config.vocab_size)
     torch.save({"ids": ids, "mask": mask, "pos": positions(mask)}, tmp_path / "batch.pt")
     script = (
-        "import sys, torch\n"
-        "import transformers.models.qwen3_next.modeling_qwen3_next as m\n"
-        "for n in ('torch_chunk_gated_delta_rule', 'torch_recurrent_gated_delta_rule', 'causal_conv1d_fn',\n"
-        "          'causal_conv1d_update'):\n"
-        "    setattr(m, n, getattr(getattr(m, n), '__wrapped__', getattr(m, n)))  # fla-core's kernels need a GPU\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()\n"
-        f"b = torch.load({str(tmp_path / 'batch.pt')!r})\n"
-        "with torch.no_grad():\n"
-        "    out = model(input_ids=b['ids'], attention_mask=b['mask'], position_ids=b['pos'], use_cache=False).logits\n"
-        f"torch.save(out, {str(tmp_path / 'logits.pt')!r})\n"
-        "assert 'hf_hybrid' not in sys.modules, 'hf_hybrid was imported'\n"
+        "import sys, torch\nimport transformers.models.qwen3_next.modeling_qwen3_next as m\nfor n in "
+        "('torch_chunk_gated_delta_rule', 'torch_recurrent_gated_delta_rule', 'causal_conv1d_fn',\n       "
+        "   'causal_conv1d_update'):\n    setattr(m, n, getattr(getattr(m, n), '__wrapped__', getattr(m, "
+        "n)))  # fla-core's kernels need a GPU\nfrom transformers import AutoModelForCausalLM\nmodel = "
+        f"AutoModelForCausalLM.from_pretrained({str(tmp_path / 'out')!r}).eval()\nb = "
+        f"torch.load({str(tmp_path / 'batch.pt')!r})\nwith torch.no_grad():\n    out = "
+        "model(input_ids=b['ids'], attention_mask=b['mask'], position_ids=b['pos'], "
+        f"use_cache=False).logits\ntorch.save(out, {str(tmp_path / 'logits.pt')!r})\nassert 'hf_hybrid' "
+        "not in sys.modules, 'hf_hybrid was imported'\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["OMP_NUM_THREADS"] = "1"

@@ -19,7 +19,9 @@ def wheel(tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", str(out), str(ROOT)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (path,) = out.glob("hf_hybrid-*.whl")
@@ -36,7 +38,10 @@ def test_wheel_carries_the_card_template_and_an_spdx_licence(wheel):
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert packaged == (ROOT / "model_cards" / "hf_hybrid_card.md").read_text(encoding="utf-8")
     assert "License-Expression: Apache-2.0" in metadata
-    assert "Requires-Dist: transformers<5.25,>=5.23" in metadata or "Requires-Dist: transformers>=5.23,<5.25" in metadata
+    assert (
+        "Requires-Dist: transformers<5.25,>=5.23" in metadata
+        or "Requires-Dist: transformers>=5.23,<5.25" in metadata
+    )
 
 
 def test_installed_wheel_works_outside_the_checkout(wheel, tmp_path):
@@ -44,21 +49,21 @@ def test_installed_wheel_works_outside_the_checkout(wheel, tmp_path):
     target = tmp_path / "site"
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(path)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     code = (
-        "import hf_hybrid, torch, os\n"
-        "from hf_hybrid.card import template_text\n"
-        "from hf_hybrid.presets import preset_config\n"
-        f"assert hf_hybrid.__file__.startswith({str(target)!r}), hf_hybrid.__file__\n"
-        "assert '${' in template_text()\n"
-        "m = hf_hybrid.HybridForCausalLM(preset_config('tiny-hybrid', vocab_size=64))\n"
-        "m.save_pretrained('ckpt')\n"
-        "assert os.path.isfile('ckpt/README.md') and os.path.isfile('ckpt/model.safetensors')\n"
-        "print('ok')\n"
+        "import hf_hybrid, torch, os\nfrom hf_hybrid.card import template_text\nfrom "
+        "hf_hybrid.presets import preset_config\nassert "
+        f"hf_hybrid.__file__.startswith({str(target)!r}), hf_hybrid.__file__\nassert '${{' in "
+        "template_text()\nm = hf_hybrid.HybridForCausalLM(preset_config('tiny-hybrid', "
+        "vocab_size=64))\nm.save_pretrained('ckpt')\nassert os.path.isfile('ckpt/README.md') "
+        "and os.path.isfile('ckpt/model.safetensors')\nprint('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
-    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr

@@ -1,4 +1,5 @@
-"""PEFT LoRA with our registered default targets: train, save, reload, merge — on a hybrid (GDN + attention)."""
+"""PEFT LoRA with our registered default targets: train, save, reload, merge — on a hybrid (GDN +
+attention)."""
 
 from __future__ import annotations
 
@@ -61,8 +62,8 @@ MLA_MOE_HYBRID = dict(
 )
 
 
-# peft.get_peft_model / PeftModel.from_pretrained: the path that works on every supported transformers (5.24's own
-# add_adapter / load_adapter demand a peft that is not released yet).
+# peft.get_peft_model / PeftModel.from_pretrained: the path that works on every supported transformers (5.24's
+# own add_adapter / load_adapter demand a peft that is not released yet).
 @pytest.mark.parametrize("overrides", [{}, MLA_MOE_HYBRID], ids=["gdn-attention", "gdn-mla-attention-moe"])
 def test_lora_trains_saves_reloads_and_merges(overrides, tiny_config, tmp_path):
     torch.manual_seed(0)

@@ -1,5 +1,6 @@
-"""The layer registry: a mixer defined outside the package is one file plus its import, and the whole library (config
-validation, model, masks, cache, cost inspector, card, save / load) picks it up; the package has no import circle."""
+"""The layer registry: a mixer defined outside the package is one file plus its import, and the whole library
+(config validation, model, masks, cache, cost inspector, card, save / load) picks it up; the package has no
+import circle."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from hf_hybrid.cost import MixerCost, estimate_cost
 from hf_hybrid.mixers import MixerContext
 from hf_hybrid.mixers.recurrent import read_state, write_state, zero_padding
 
-# ---- the one file a user writes (here inside the test module) -------------------------------------------------
+# ---- the one file a user writes (here inside the test module) ----------------------------------------------
 
 
 def toy_ema_cost(config, layer_idx: int) -> MixerCost:
@@ -43,7 +44,11 @@ class ToyEMA(nn.Module):
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         state = read_state(ctx, self.layer_idx)
         x = self.w_in(zero_padding(hidden_states, ctx)).float()
-        real = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device) if ctx.padding_mask is None else ctx.padding_mask
+        real = (
+            torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            if ctx.padding_mask is None
+            else ctx.padding_mask
+        )
         h = state.recurrent if state.decoding else x.new_zeros(x.shape[0], x.shape[2])
         outs = []
         for t in range(x.shape[1]):
@@ -57,8 +62,12 @@ class ToyEMA(nn.Module):
 @pytest.fixture(scope="module")
 def toy_registered():
     registry.register_mixer(
-        "toy_ema", layer_type="linear_attention", recurrent=True, cost=toy_ema_cost,
-        config_defaults={"toy_ema_decay": 0.9}, validate=toy_ema_validate,
+        "toy_ema",
+        layer_type="linear_attention",
+        recurrent=True,
+        cost=toy_ema_cost,
+        config_defaults={"toy_ema_decay": 0.9},
+        validate=toy_ema_validate,
         describe=lambda config: [("toy EMA", f"decay {config.toy_ema_decay}")],
     )(ToyEMA)
     yield
@@ -67,8 +76,15 @@ def toy_registered():
 
 
 def _config(**kw) -> HybridConfig:
-    return HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, mixer_pattern="toy_ema,attention", **kw)
+    return HybridConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mixer_pattern="toy_ema,attention",
+        **kw,
+    )
 
 
 def test_external_mixer_builds_trains_decodes_saves_and_inspects(toy_registered, tmp_path):
@@ -118,11 +134,16 @@ def test_external_mixer_field_is_validated_and_saved(toy_registered):
     with pytest.raises(Exception, match=r"toy_ema_decay=1.5 must be in \(0, 1\)"):
         _config(toy_ema_decay=1.5)
     assert _config(toy_ema_decay=0.5).to_dict()["toy_ema_decay"] == 0.5
-    assert "toy_ema_decay" not in HybridConfig(num_hidden_layers=1).to_dict()  # only configs that use the mixer
+    # only configs that use the mixer
+    assert "toy_ema_decay" not in HybridConfig(num_hidden_layers=1).to_dict()
 
 
 def test_unknown_mixer_names_the_choices():
-    with pytest.raises(Exception, match=r"mixer_types\[1\]='gdn' is not a known mixer type; choose one of: attention"):
+    with pytest.raises(
+        Exception,
+        match=r"mixer_types\[1\]='gdn' is not a known mixer type; choose one of: "
+        r"attention",
+    ):
         HybridConfig(num_hidden_layers=2, mixer_types=["attention", "gdn"])
 
 
@@ -139,12 +160,18 @@ def test_registration_errors_are_clear():
 
     with pytest.raises(ValueError, match=r"mixer 'attention' is registered twice"):
         registry.register_mixer("attention", layer_type="full_attention")(Other)
-    with pytest.raises(ValueError, match=r"config field 'gdn_num_heads_x' of 'clash_b' is already declared by 'clash_a'"):
+    with pytest.raises(
+        ValueError,
+        match=r"config field 'gdn_num_heads_x' of 'clash_b' is already declared "
+        r"by 'clash_a'",
+    ):
         try:
-            registry.register_mixer("clash_a", layer_type="full_attention",
-                                    config_defaults={"gdn_num_heads_x": 1})(Other)
-            registry.register_mixer("clash_b", layer_type="full_attention",
-                                    config_defaults={"gdn_num_heads_x": 2})(Other)
+            registry.register_mixer(
+                "clash_a", layer_type="full_attention", config_defaults={"gdn_num_heads_x": 1}
+            )(Other)
+            registry.register_mixer(
+                "clash_b", layer_type="full_attention", config_defaults={"gdn_num_heads_x": 2}
+            )(Other)
         finally:
             for name in ("clash_a", "clash_b"):
                 registry._MIXERS.pop(name, None)
@@ -164,7 +191,7 @@ def test_every_builtin_kind_declares_its_layer_type_cost_and_mask():
         assert spec.describe is not None or spec.cls is None, spec.name
 
 
-# ---- no import circles --------------------------------------------------------------------------------------------
+# ---- no import circles -------------------------------------------------------------------------------------
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hf_hybrid"
 
@@ -175,8 +202,8 @@ def _module_name(path: Path, package: Path) -> str:
 
 
 def _imports(tree: ast.Module):
-    """Every import statement, also those inside functions: a lazy import that closes a circle is still a circle
-    (it only moves the failure to run time)."""
+    """Every import statement, also those inside functions: a lazy import that closes a circle is still a
+    circle (it only moves the failure to run time)."""
     return (node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
 
 
@@ -218,7 +245,7 @@ def test_the_package_has_no_import_circle():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2

@@ -1,5 +1,5 @@
-"""Training on real local text: data and tokenizer, Trainer (single process and DDP over gloo), perplexity, sampling,
-and the main recipe end to end."""
+"""Training on real local text: data and tokenizer, Trainer (single process and DDP over gloo), perplexity,
+sampling, and the main recipe end to end."""
 
 from __future__ import annotations
 
@@ -94,8 +94,8 @@ def test_trainer_loss_falls_on_real_text(pydoc_data, tiny_config, tmp_path):
 
 
 def test_ddp_two_processes_gloo(tmp_path):
-    """``accelerate launch --multi_gpu --num_processes 2`` on CPU runs torchrun + gloo (``--cpu`` alone would run a
-    single process: accelerate needs mpirun for multi-CPU)."""
+    """``accelerate launch --multi_gpu --num_processes 2`` on CPU runs torchrun + gloo (``--cpu`` alone would
+    run a single process: accelerate needs mpirun for multi-CPU)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -121,8 +121,8 @@ def _load_recipe():
 def test_main_recipe_smoke(tmp_path, capsys):
     recipe = _load_recipe()
     out = tmp_path / "run"
-    metrics = recipe.main(["--max-steps", "5", "--eval-blocks", "4", "--max-train-chars", "200000", "--source",
-                           "pydoc", "--output-dir", str(out)])  # fmt: skip
+    args = ["--max-steps", "5", "--eval-blocks", "4", "--max-train-chars", "200000", "--source", "pydoc"]
+    metrics = recipe.main([*args, "--output-dir", str(out)])
     printed = capsys.readouterr().out
     assert (
         "FLOPs / token" in printed
@@ -146,9 +146,10 @@ def test_main_recipe_smoke(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_gloo_trains_and_reloads_the_sharded_checkpoint_exactly(tmp_path):
-    """FSDP2 (``fully_shard`` per decoder layer) on 2 CPU processes trains a hybrid MoE; the sharded DCP checkpoint
-    reloads into a fresh sharded model bit for bit. (accelerate 1.15 turns FSDP on only for accelerator devices:
-    ``Trainer(fsdp=True)`` on CPU silently runs DDP, so the script shards with torch directly; see its docstring.)"""
+    """FSDP2 (``fully_shard`` per decoder layer) on 2 CPU processes trains a hybrid MoE; the sharded DCP
+    checkpoint reloads into a fresh sharded model bit for bit. (accelerate 1.15 turns FSDP on only for
+    accelerator devices: ``Trainer(fsdp=True)`` on CPU silently runs DDP, so the script shards with torch
+    directly; see its docstring.)"""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

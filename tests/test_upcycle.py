@@ -1,8 +1,8 @@
-"""Dense → MoE upcycling (issue 9): exact starts, granular upcycling, noise / Drop-Upcycling, symmetry breaking,
-errors, files, CLI, and the recipe end to end.
+"""Dense → MoE upcycling (issue 9): exact starts, granular upcycling, noise / Drop-Upcycling, symmetry
+breaking, errors, files, CLI, and the recipe end to end.
 
-Tolerance: fp32 logits within 1e-5 of the source (the same maths summed in another order: experts' weighted sum,
-scaled ``down_proj``).
+Tolerance: fp32 logits within 1e-5 of the source (the same maths summed in another order: experts' weighted
+sum, scaled ``down_proj``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def dense_model(seed: int = 0, **overrides) -> HybridForCausalLM:
-    kwargs = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, initializer_range=0.2)  # larger init: logits far from zero
+    kwargs = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+    )  # larger init: logits far from zero
     kwargs.update(overrides)
     torch.manual_seed(seed)
     return HybridForCausalLM(HybridConfig(**kwargs)).eval()
@@ -60,7 +67,7 @@ def moe_layers(model) -> list[HybridMoE]:
     return [m for m in model.modules() if isinstance(m, HybridMoE)]
 
 
-# ---- exact starts -------------------------------------------------------------------------------------------------
+# ---- exact starts ------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("router", ["softmax", "sigmoid"])
@@ -79,12 +86,16 @@ def test_renormalised_topk_is_exact_for_any_router(dense, ids, router, top_k):
 @pytest.mark.parametrize("router,expected_scale", [("softmax", 4 / 2), ("sigmoid", 2 / 2)])
 @pytest.mark.parametrize("scaling", [1.0, 2.5])
 def test_no_renormalisation_zero_router_rescaled_down_proj(dense, ids, router, expected_scale, scaling):
-    moe = quiet_upcycle(dense, num_experts=4, top_k=2, router=router, renormalize=False, routed_scaling=scaling)
+    moe = quiet_upcycle(
+        dense, num_experts=4, top_k=2, router=router, renormalize=False, routed_scaling=scaling
+    )
     assert max_diff(moe, dense, ids) < ATOL
     layer = moe_layers(moe)[0]
     assert torch.count_nonzero(layer.router.weight) == 0
     dense_down = dense.model.layers[0].mlp.down_proj.weight
-    torch.testing.assert_close(layer.experts.down_proj[3], dense_down * expected_scale / scaling, atol=0, rtol=1e-6)
+    torch.testing.assert_close(
+        layer.experts.down_proj[3], dense_down * expected_scale / scaling, atol=0, rtol=1e-6
+    )
     assert not moe.config.norm_topk_prob
 
 
@@ -104,7 +115,11 @@ def test_upcycled_training_loss_and_outputs_follow_the_loss_rule(dense, ids):
     moe = quiet_upcycle(dense, num_experts=4, top_k=2).train()
     out = moe(ids, labels=ids)
     assert out.aux_loss is not None and out.z_loss is not None
-    expected = out.lm_loss + moe.config.router_aux_loss_coef * out.aux_loss + moe.config.router_z_loss_coef * out.z_loss
+    expected = (
+        out.lm_loss
+        + moe.config.router_aux_loss_coef * out.aux_loss
+        + moe.config.router_z_loss_coef * out.z_loss
+    )
     torch.testing.assert_close(out.loss, expected)
     assert moe.config.router_aux_loss_coef == 1e-2 and moe.config.router_z_loss_coef == 1e-3
     assert moe.config.moe_capacity_factor is None  # dropless
@@ -122,7 +137,7 @@ def test_only_chosen_layers_and_everything_else_copied(dense, ids):
     assert moe.model.embed_tokens.weight.data_ptr() != dense.model.embed_tokens.weight.data_ptr()
 
 
-# ---- granular upcycling -------------------------------------------------------------------------------------------
+# ---- granular upcycling ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -162,9 +177,9 @@ def test_granular_selection_takes_whole_copies(dense, ids):
 
 
 def test_granular_exactness_needs_the_virtual_group_router(dense, ids):
-    """Independent router rows per shard break whole-copy selection, hence exactness (what we do not claim); with
-    group-limited routing the same router stays exact only while shards of a copy keep equal weights, so there we
-    check whole-copy selection, which no router can break."""
+    """Independent router rows per shard break whole-copy selection, hence exactness (what we do not claim);
+    with group-limited routing the same router stays exact only while shards of a copy keep equal weights, so
+    there we check whole-copy selection, which no router can break."""
     moe = quiet_upcycle(dense, num_experts=4, top_k=2, granularity=2)
     with torch.no_grad():
         for layer in moe_layers(moe):
@@ -179,7 +194,7 @@ def test_granular_exactness_needs_the_virtual_group_router(dense, ids):
                 assert set(torch.bincount(row, minlength=4).tolist()) <= {0, 2}
 
 
-# ---- noise, Drop-Upcycling, router init ------------------------------------------------------------------------------
+# ---- noise, Drop-Upcycling, router init --------------------------------------------------------------------
 
 
 def dense_weights(dense, layer: int = 0):
@@ -274,8 +289,11 @@ def test_one_optimizer_step_on_real_text_moves_the_router(kwargs):
 
 
 def test_identical_copies_give_the_router_no_lm_gradient_at_step_zero():
-    """The caveat the balancing loss exists for: with renormalisation the LM loss alone sends ~0 to the router."""
-    dense = dense_model(vocab_size=257, initializer_range=0.02, router_aux_loss_coef=0.0, router_z_loss_coef=0.0)
+    """The caveat the balancing loss exists for: with renormalisation the LM loss alone sends ~0 to the
+    router."""
+    dense = dense_model(
+        vocab_size=257, initializer_range=0.02, router_aux_loss_coef=0.0, router_z_loss_coef=0.0
+    )
     moe = quiet_upcycle(dense, num_experts=4, top_k=2).train()
     ids = real_batches(257)
     moe(ids, labels=ids).loss.backward()
@@ -284,7 +302,7 @@ def test_identical_copies_give_the_router_no_lm_gradient_at_step_zero():
         assert layer.experts.gate_up_proj.grad.abs().max() > 1e-6
 
 
-# ---- errors -----------------------------------------------------------------------------------------------------------
+# ---- errors ------------------------------------------------------------------------------------------------
 
 
 @pytest.fixture
@@ -346,14 +364,22 @@ def test_bad_sources_and_destinations(tmp_path, dense_dir):
     assert sorted(p.name for p in dst.iterdir()) == ["keep.txt"]
 
 
-# ---- files, lineage, card, CLI -------------------------------------------------------------------------------------
+# ---- files, lineage, card, CLI -----------------------------------------------------------------------------
 
 
 def tiny_llama(path: Path) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.2,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(path)
     return model
@@ -377,18 +403,41 @@ def test_upcycle_a_llama_checkpoint_end_to_end(tmp_path):
 
 def test_cli_upcycle_and_inspect(tmp_path, dense_dir, capsys):
     dst = tmp_path / "cli"
-    code = cli_main(["upcycle", str(dense_dir), str(dst), "--num-experts", "4", "--top-k", "2", "--granularity", "2",
-                     "--no-renormalize", "--router", "sigmoid", "--layers", "1"])
+    code = cli_main(
+        [
+            "upcycle",
+            str(dense_dir),
+            str(dst),
+            "--num-experts",
+            "4",
+            "--top-k",
+            "2",
+            "--granularity",
+            "2",
+            "--no-renormalize",
+            "--router",
+            "sigmoid",
+            "--layers",
+            "1",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "exact start: True" in out and "before:" in out and "after:" in out
     config = HybridConfig.from_pretrained(dst)
-    assert config.mlp_types == ["dense", "moe"] and config.num_experts == 8 and config.router_scoring_func == "sigmoid"
+    assert (
+        config.mlp_types == ["dense", "moe"]
+        and config.num_experts == 8
+        and config.router_scoring_func == "sigmoid"
+    )
     assert cli_main(["inspect", str(dst), "--context", "128"]) == 0
     text = capsys.readouterr().out
     assert "total" in text and "active" in text
     # errors come back as one line and exit status 2, nothing written
-    assert cli_main(["upcycle", str(dense_dir), str(tmp_path / "bad"), "--num-experts", "2", "--top-k", "3"]) == 2
+    assert (
+        cli_main(["upcycle", str(dense_dir), str(tmp_path / "bad"), "--num-experts", "2", "--top-k", "3"])
+        == 2
+    )
     assert "top_k=3" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
@@ -406,16 +455,18 @@ def test_upcycle_keeps_the_source_dtype_and_tokenizer(tmp_path):
     assert loaded.model.layers[0].mlp.router.e_score_correction_bias.dtype == torch.float32
 
 
-# ---- the shared real checkpoint and the recipe ------------------------------------------------------------------------
+# ---- the shared real checkpoint and the recipe -------------------------------------------------------------
 
 
 def test_real_checkpoint_upcycles_exactly(shakespeare_checkpoint, tmp_path):
-    """The real model's logits reach ~20, where fp32 rounding of the same maths in another order is already ~1e-5 (its
-    own eager vs SDPA attention differ by that much): the bound is 1e-5 or twice that measured floor."""
+    """The real model's logits reach ~20, where fp32 rounding of the same maths in another order is already
+    ~1e-5 (its own eager vs SDPA attention differ by that much): the bound is 1e-5 or twice that measured
+    floor."""
     from hf_hybrid.convert.source import load_source
 
     dense, source_dtype = load_source(shakespeare_checkpoint, dtype=torch.float32)
-    assert source_dtype == torch.float32  # its config says float32 (stored bf16): transformers' default dtype rule
+    # its config says float32 (stored bf16): transformers' default dtype rule
+    assert source_dtype == torch.float32
     moe = quiet_upcycle(dense, num_experts=4, top_k=2, granularity=2, shared_expert=True)
     torch.manual_seed(0)
     ids = torch.randint(0, 4096, (1, 64))

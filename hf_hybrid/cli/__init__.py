@@ -9,9 +9,10 @@
     hf-hybrid hybridize SRC DST --pattern "3:1 gated_deltanet:attention" [...]  (hf_hybrid.convert.hybridize)
     hf-hybrid expert-load (--log LOADS.jsonl | --model DIR --text FILE) [-o out.png]  (hf_hybrid.moe_training)
 
-``CONFIG_OR_DIR`` is a checkpoint directory (hf_hybrid, or a Llama / Qwen2 / Qwen3 / Mistral one: its cost once
-imported), a ``config.json``, a YAML file of ``HybridConfig`` arguments (or a recipe YAML with a ``model:`` section,
-optionally naming a ``preset:``), or a preset name from ``hf_hybrid.presets`` (``tiny-hybrid``, ``qwen3-next-like``...).
+``CONFIG_OR_DIR`` is a checkpoint directory (hf_hybrid, or a Llama / Qwen2 / Qwen3 / Mistral one: its cost
+once imported), a ``config.json``, a YAML file of ``HybridConfig`` arguments (or a recipe YAML with a
+``model:`` section, optionally naming a ``preset:``), or a preset name from ``hf_hybrid.presets``
+(``tiny-hybrid``, ``qwen3-next-like``...).
 
 This package is the only place that parses arguments: the library takes keyword arguments and raises
 ``ValueError`` & co. for bad inputs. One module per group of subcommands, each with ``add_parsers(sub)``

@@ -17,7 +17,8 @@ class CLIError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
-# Raised by the library for bad inputs (paths, configs, unsupported checkpoints): reported without a traceback.
+# Raised by the library for bad inputs (paths, configs, unsupported checkpoints): reported without a
+# traceback.
 USER_ERRORS = (
     CLIError,
     ValueError,
@@ -38,8 +39,8 @@ def _read_yaml(path: Path) -> Any:
 
 
 def config_kwargs_from_mapping(data: dict[str, Any], *, source: str) -> dict[str, Any]:
-    """``HybridConfig`` kwargs from a YAML/JSON mapping: plain kwargs, or a recipe's ``model:`` section; a ``preset``
-    key starts from that preset and the other keys override it."""
+    """``HybridConfig`` kwargs from a YAML/JSON mapping: plain kwargs, or a recipe's ``model:`` section; a
+    ``preset`` key starts from that preset and the other keys override it."""
     from ..presets import preset_kwargs
 
     if not isinstance(data, dict):

@@ -35,8 +35,10 @@ def cost_line(config: HybridConfig, contexts: tuple[int, ...] = (4096, 131072)) 
 
     report = estimate_cost(config, contexts=contexts)
     flops = ", ".join(f"{format_count(report.flops_per_token(c))} @{format_tokens(c)}" for c in contexts)
-    return (f"total {format_count(report.total_params)}, active {format_count(report.active_params)} params; "
-            f"FLOPs/token {flops}")
+    return (
+        f"total {format_count(report.total_params)}, active "
+        f"{format_count(report.active_params)} params; FLOPs/token {flops}"
+    )
 
 
 def _cache_line(config: HybridConfig, context: int = 32768) -> str:
@@ -82,10 +84,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_upcycle(args: argparse.Namespace) -> int:
     """``hf-hybrid upcycle``: see ``hf_hybrid.convert.upcycle``."""
     opts = dict(
-        num_experts=args.num_experts, top_k=args.top_k, shared_expert=args.shared_expert,
-        granularity=args.granularity, drop_upcycling=args.drop_upcycling, noise=args.noise, layers=args.layers,
-        router=args.router, renormalize=not args.no_renormalize, routed_scaling=args.routed_scaling,
-        router_init_std=args.router_init_std, group_limited=args.group_limited, seed=args.seed,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        shared_expert=args.shared_expert,
+        granularity=args.granularity,
+        drop_upcycling=args.drop_upcycling,
+        noise=args.noise,
+        layers=args.layers,
+        router=args.router,
+        renormalize=not args.no_renormalize,
+        routed_scaling=args.routed_scaling,
+        router_init_std=args.router_init_std,
+        group_limited=args.group_limited,
+        seed=args.seed,
     )
     before, _ = source_config(args.src)
     for note in UpcycleOptions(**opts).notes(before):
@@ -95,9 +106,11 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
         dst = upcycle(args.src, args.dst, dtype=args.dtype, **opts)
     after = HybridConfig.from_pretrained(str(dst))
     lineage = after.hf_hybrid_lineage or {}
-    print(f"upcycled {args.src} -> {dst}: layers {lineage.get('options', {}).get('layers')}, "
-          f"{after.num_experts} experts top-{after.num_experts_per_tok}, exact start: "
-          f"{lineage.get('options', {}).get('exact_start')}")
+    print(
+        f"upcycled {args.src} -> {dst}: layers {lineage.get('options', {}).get('layers')}, "
+        f"{after.num_experts} experts top-{after.num_experts_per_tok}, exact start: "
+        f"{lineage.get('options', {}).get('exact_start')}"
+    )
     print(f"  before: {cost_line(before)}")
     print(f"  after:  {cost_line(after)}")
     return 0
@@ -109,15 +122,24 @@ def cmd_convert_dsa(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dst = convert_to_dsa(
-            args.src, args.dst, index_topk=args.index_topk, index_heads=args.index_heads,
-            index_head_dim=args.index_head_dim, layers=args.layers, selector=args.selector, mode=args.mode,
-            seed=args.seed, dtype=args.dtype,
+            args.src,
+            args.dst,
+            index_topk=args.index_topk,
+            index_heads=args.index_heads,
+            index_head_dim=args.index_head_dim,
+            layers=args.layers,
+            selector=args.selector,
+            mode=args.mode,
+            seed=args.seed,
+            dtype=args.dtype,
         )
     after = HybridConfig.from_pretrained(str(dst))
     options: dict[str, Any] = (after.hf_hybrid_lineage or {}).get("options", {})
-    print(f"converted {args.src} -> {dst}: layers {options.get('layers')} -> dsa (base {after.dsa_base}), "
-          f"top-k {after.index_topk}, indexer {after.index_n_heads}×{after.index_head_dim}, saved in mode "
-          f"{after.dsa_mode!r}")
+    print(
+        f"converted {args.src} -> {dst}: layers {options.get('layers')} -> dsa (base "
+        f"{after.dsa_base}), top-k {after.index_topk}, indexer "
+        f"{after.index_n_heads}×{after.index_head_dim}, saved in mode {after.dsa_mode!r}"
+    )
     print(f"  before: {cost_line(before)}")
     print(f"  after:  {cost_line(after)} (dsa_mode {after.dsa_mode!r})")
     if after.dsa_mode != "sparse":
@@ -142,26 +164,40 @@ def cmd_hybridize(args: argparse.Namespace) -> int:
         mixer = mixer or "gated_deltanet"
         n_att = sum(t in REPLACEABLE for t in before.mixer_types)
         if not 0 <= args.num_attention < n_att:
-            raise ValueError(f"hybridize: --num-attention {args.num_attention} must be in [0, {n_att - 1}] "
-                             f"(the source has {n_att} attention layers)")
+            raise ValueError(
+                f"hybridize: --num-attention {args.num_attention} must be in [0, {n_att - 1}] "
+                f"(the source has {n_att} attention layers)"
+            )
         plan_hybridize(before, attention_layers=[], mixer=mixer)  # mixer and geometry checks before the work
         teacher, _ = load_source(args.src, dtype=torch.float32)
         blocks = selection_blocks(args.src, context=args.select_context, blocks=args.select_blocks)
         rows = rank_layers(teacher, blocks, mixer=mixer, criterion=args.select, seed=args.seed)
-        print(f"layer ranking by {args.select} on {blocks.shape[0]} held-out blocks of {blocks.shape[1]} tokens:")
+        print(
+            f"layer ranking by {args.select} on {blocks.shape[0]} "
+            f"held-out blocks of {blocks.shape[1]} tokens:"
+        )
         print(format_ranking(rows, args.num_attention))
         attention_layers = sorted(r["layer"] for r in rows[: args.num_attention])
     elif attention_layers is not None and mixer is None:
         raise ValueError(f"hybridize: --attention-layers needs --mixer ({'|'.join(available_mixers())})")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dst = hybridize(args.src, args.dst, pattern=args.pattern, attention_layers=attention_layers, mixer=mixer,
-                        seed=args.seed, dtype=args.dtype)
+        dst = hybridize(
+            args.src,
+            args.dst,
+            pattern=args.pattern,
+            attention_layers=attention_layers,
+            mixer=mixer,
+            seed=args.seed,
+            dtype=args.dtype,
+        )
     after = HybridConfig.from_pretrained(str(dst))
     lineage = after.hf_hybrid_lineage or {}
     opts = lineage.get("options", {})
-    print(f"hybridized {args.src} -> {dst}: replaced {opts.get('replaced')}, attention kept at "
-          f"{opts.get('attention_layers')}")
+    print(
+        f"hybridized {args.src} -> {dst}: replaced {opts.get('replaced')}, attention kept at "
+        f"{opts.get('attention_layers')}"
+    )
     print(format_statements(lineage.get("init", {})))
     for i, notes in (lineage.get("init_notes") or {}).items():
         print(f"  layer {i}: {'; '.join(notes)}")
@@ -196,42 +232,77 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export an hf_hybrid checkpoint to a native transformers family",
-        description="Write an hf_hybrid checkpoint as a native transformers family (qwen3_moe, deepseek_v3, ...) "
-        "with identical logits, loadable and servable without hf_hybrid. Refuses, writing nothing, when a layer "
-        "or option has no counterpart in the family.",
+        description="Write an hf_hybrid checkpoint as a native transformers family (qwen3_moe, "
+        "deepseek_v3, ...) with identical logits, loadable and servable without hf_hybrid. "
+        "Refuses, writing nothing, when a layer or option has no counterpart in the family.",
     )
     p.add_argument("src", metavar="SRC", help="hf_hybrid checkpoint directory")
     p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
-    p.add_argument("--to", default=None, metavar="FAMILY", help="target model_type (default: the family that fits)")
-    p.add_argument("--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: as saved")
+    p.add_argument(
+        "--to", default=None, metavar="FAMILY", help="target model_type (default: the family that fits)"
+    )
+    p.add_argument(
+        "--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: as saved"
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
         "upcycle",
         help="turn a dense checkpoint into an MoE one (experts start as copies of the dense MLP)",
-        description="Upcycle the dense MLPs of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported on the way) into "
-        "MoE layers. Without --noise/--drop-upcycling (and with a zero router when --no-renormalize) the result "
-        "computes the same function as SRC.",
+        description="Upcycle the dense MLPs of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported "
+        "on the way) into MoE layers. Without --noise/--drop-upcycling (and with a zero "
+        "router when --no-renormalize) the result computes the same function as SRC.",
     )
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
     p.add_argument("--num-experts", type=int, required=True, help="E: copies of the dense MLP")
     p.add_argument("--top-k", type=int, required=True, help="k: copies each token is routed to")
-    p.add_argument("--shared-expert", action="store_true", help="add an always-on shared expert (dense and routed halved)")
-    p.add_argument("--granularity", type=int, default=1, help="G: split each copy into G experts (E·G experts, top-k·G)")
-    p.add_argument("--group-limited", action="store_true",
-                   help="with G > 1: group-limited routing, one group per copy (whole copies selected structurally)")
-    p.add_argument("--drop-upcycling", type=float, default=0.0, metavar="R",
-                   help="re-draw a fraction R of each expert's neurons (Drop-Upcycling; not function-preserving)")
-    p.add_argument("--noise", type=float, default=0.0, metavar="S",
-                   help="Gaussian noise of S·std(W) on expert weights (not function-preserving)")
-    p.add_argument("--layers", type=layers_arg, default=None, help="comma-separated layers (default: every dense MLP)")
+    p.add_argument(
+        "--shared-expert",
+        action="store_true",
+        help="add an always-on shared expert (dense and routed halved)",
+    )
+    p.add_argument(
+        "--granularity", type=int, default=1, help="G: split each copy into G experts (E·G experts, top-k·G)"
+    )
+    p.add_argument(
+        "--group-limited",
+        action="store_true",
+        help="with G > 1: group-limited routing, one group per copy (whole copies selected structurally)",
+    )
+    p.add_argument(
+        "--drop-upcycling",
+        type=float,
+        default=0.0,
+        metavar="R",
+        help="re-draw a fraction R of each expert's neurons (Drop-Upcycling; not function-preserving)",
+    )
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="Gaussian noise of S·std(W) on expert weights (not function-preserving)",
+    )
+    p.add_argument(
+        "--layers", type=layers_arg, default=None, help="comma-separated layers (default: every dense MLP)"
+    )
     p.add_argument("--router", choices=ROUTERS, default="softmax", help="router scores (default softmax)")
-    p.add_argument("--no-renormalize", action="store_true",
-                   help="do not renormalise the top-k weights (router starts at zero; down_proj rescaled)")
-    p.add_argument("--routed-scaling", type=float, default=1.0, metavar="F", help="routed scaling factor (default 1)")
-    p.add_argument("--router-init-std", type=float, default=None, metavar="S",
-                   help="router init std (default: initializer_range when renormalising, else 0 for an exact start)")
+    p.add_argument(
+        "--no-renormalize",
+        action="store_true",
+        help="do not renormalise the top-k weights (router starts at zero; down_proj rescaled)",
+    )
+    p.add_argument(
+        "--routed-scaling", type=float, default=1.0, metavar="F", help="routed scaling factor (default 1)"
+    )
+    p.add_argument(
+        "--router-init-std",
+        type=float,
+        default=None,
+        metavar="S",
+        help="router init std (default: initializer_range when renormalising, else 0 for an exact start)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
     p.set_defaults(func=cmd_upcycle)
@@ -239,19 +310,30 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "convert-dsa",
         help="turn attention or MLA layers into DeepSeek Sparse Attention layers (fresh indexers)",
-        description="Convert the attention (or MLA) layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported "
-        "on the way) into DSA layers with fresh lightning indexers. Saved in dsa_mode 'dense' (the source's "
-        "function) by default: train the indexers with recipes/dsa before switching to 'sparse'.",
+        description="Convert the attention (or MLA) layers of SRC (hf_hybrid, or "
+        "Llama/Qwen2/Qwen3/Mistral imported on the way) into DSA layers with fresh "
+        "lightning indexers. Saved in dsa_mode 'dense' (the source's function) by "
+        "default: train the indexers with recipes/dsa before switching to 'sparse'.",
     )
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
     p.add_argument("--index-topk", type=int, required=True, help="k: keys each query attends to")
-    p.add_argument("--index-heads", type=int, default=None, help="indexer heads (default: the config's index_n_heads)")
-    p.add_argument("--index-head-dim", type=int, default=None, help="indexer head dim (default: the config's)")
-    p.add_argument("--layers", type=layers_arg, default=None,
-                   help="comma-separated layers (default: every full attention or MLA layer)")
+    p.add_argument(
+        "--index-heads", type=int, default=None, help="indexer heads (default: the config's index_n_heads)"
+    )
+    p.add_argument(
+        "--index-head-dim", type=int, default=None, help="indexer head dim (default: the config's)"
+    )
+    p.add_argument(
+        "--layers",
+        type=layers_arg,
+        default=None,
+        help="comma-separated layers (default: every full attention or MLA layer)",
+    )
     p.add_argument("--selector", choices=SELECTORS, default="indexer")
-    p.add_argument("--mode", choices=MODES, default="dense", help="dsa_mode to save (default dense; see --help text)")
+    p.add_argument(
+        "--mode", choices=MODES, default="dense", help="dsa_mode to save (default dense; see --help text)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the indexers' initialisation")
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
     p.set_defaults(func=cmd_convert_dsa)
@@ -260,22 +342,39 @@ def add_parsers(sub) -> None:
     p = sub.add_parser(
         "hybridize",
         help="replace attention layers by linear-time mixers initialised from the attention weights",
-        description="Replace attention layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported on the way) "
-        "by linear-time mixers whose projections start from the attention's q/k/v/o (what is inherited is printed "
-        "and recorded in the card). Recover quality with recipes/hybridize/train.py.",
+        description="Replace attention layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral "
+        "imported on the way) by linear-time mixers whose projections start from "
+        "the attention's q/k/v/o (what is inherited is printed and recorded in "
+        "the card). Recover quality with recipes/hybridize/train.py.",
     )
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
-    p.add_argument("--pattern", default=None,
-                   help="the config's pattern shorthand, e.g. '3:1 gated_deltanet:attention' (cyclic over layers)")
-    p.add_argument("--attention-layers", type=_parse_attention_layers, default=None, metavar="I,J",
-                   help="attention layers to keep (comma-separated; '' keeps none); the others get --mixer")
+    p.add_argument(
+        "--pattern",
+        default=None,
+        help="the config's pattern shorthand, e.g. '3:1 gated_deltanet:attention' (cyclic over layers)",
+    )
+    p.add_argument(
+        "--attention-layers",
+        type=_parse_attention_layers,
+        default=None,
+        metavar="I,J",
+        help="attention layers to keep (comma-separated; '' keeps none); the others get --mixer",
+    )
     p.add_argument("--mixer", choices=mixers, default=None, help="mixer for --attention-layers / --select")
-    p.add_argument("--select", choices=("kl", "loss"), default=None,
-                   help="choose the attention layers to keep by measuring each layer replaced alone")
-    p.add_argument("--num-attention", type=int, default=None, metavar="K", help="with --select: layers to keep")
+    p.add_argument(
+        "--select",
+        choices=("kl", "loss"),
+        default=None,
+        help="choose the attention layers to keep by measuring each layer replaced alone",
+    )
+    p.add_argument(
+        "--num-attention", type=int, default=None, metavar="K", help="with --select: layers to keep"
+    )
     p.add_argument("--select-blocks", type=int, default=8, help="held-out blocks for --select (default 8)")
-    p.add_argument("--select-context", type=int, default=256, help="tokens per block for --select (default 256)")
+    p.add_argument(
+        "--select-context", type=int, default=256, help="tokens per block for --select (default 256)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the new tensors' initialisation")
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
     p.set_defaults(func=cmd_hybridize)

@@ -13,7 +13,8 @@ from ._common import CLIError
 
 
 def cmd_expert_load(args: argparse.Namespace) -> int:
-    """``hf-hybrid expert-load``: a heatmap from a load log (``--log``) or from running ``--model`` on ``--text``."""
+    """``hf-hybrid expert-load``: a heatmap from a load log (``--log``) or from running ``--model`` on
+    ``--text``."""
     if args.log:
         layers, load = read_load_log(args.log, step=args.step)
         source = Path(args.log).name
@@ -27,7 +28,9 @@ def cmd_expert_load(args: argparse.Namespace) -> int:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         model = AutoModelForCausalLM.from_pretrained(args.model)
         text = Path(args.text).read_text()
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][: args.max_tokens]
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0][
+            : args.max_tokens
+        ]
         totals = measure_expert_load(model, ids, seq_len=args.seq_len)
         if not totals:
             raise CLIError(f"{args.model} has no MoE layers")
@@ -36,11 +39,15 @@ def cmd_expert_load(args: argparse.Namespace) -> int:
         source = f"{Path(args.model).name} on {Path(args.text).name} ({ids.numel()} tokens)"
         if args.save_json:
             Path(args.save_json).write_text(json.dumps({"layers": layers, "load": load}))
-    path = plot_expert_load_heatmap(load, args.output, title=args.title or f"expert load / mean: {source}",
-                                    layer_ids=layers)
+    path = plot_expert_load_heatmap(
+        load, args.output, title=args.title or f"expert load / mean: {source}", layer_ids=layers
+    )
     for i, row in zip(layers, load):
         m = load_metrics(torch.tensor(row))
-        print(f"layer {i:3d}: max/mean {m['load_max_over_mean']:.2f}  cv {m['load_cv']:.3f}  min/mean {m['load_min']:.2f}")
+        print(
+            f"layer {i:3d}: max/mean "
+            f"{m['load_max_over_mean']:.2f}  cv {m['load_cv']:.3f}  min/mean {m['load_min']:.2f}"
+        )
     print(f"wrote {path}")
     return 0
 
@@ -59,7 +66,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--text", help="text file to run through --model")
     p.add_argument("--max-tokens", type=int, default=8192, help="tokens of --text to use (default 8192)")
     p.add_argument("--seq-len", type=int, default=512, help="window length for --model (default 512)")
-    p.add_argument("--step", type=int, default=None, help="with --log JSONL: the record at this training step")
+    p.add_argument(
+        "--step", type=int, default=None, help="with --log JSONL: the record at this training step"
+    )
     p.add_argument("--save-json", default=None, help="with --model: also write the measured loads here")
     p.add_argument("--title", default=None)
     p.add_argument("-o", "--output", default="expert_load.png", help="PNG path (default expert_load.png)")

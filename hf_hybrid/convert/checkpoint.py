@@ -1,8 +1,8 @@
-"""Reading and writing checkpoint directories, for every converter (import_dense, the native families, upcycle,
-DSA conversion, hybridize): safetensors only (loading a pickle can run code), the files carried over beside the
-weights, the source's licence, atomic writes (a refused or failed write leaves no destination behind), rebuilding
-a model around a converted state dict, and the option parsing the converters share (dtypes, layer lists). Reading
-the source as an hf_hybrid model is ``hf_hybrid.convert.source``."""
+"""Reading and writing checkpoint directories, for every converter (import_dense, the native families,
+upcycle, DSA conversion, hybridize): safetensors only (loading a pickle can run code), the files carried over
+beside the weights, the source's licence, atomic writes (a refused or failed write leaves no destination
+behind), rebuilding a model around a converted state dict, and the option parsing the converters share
+(dtypes, layer lists). Reading the source as an hf_hybrid model is ``hf_hybrid.convert.source``."""
 
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ CARRIED_FILES = (
 
 
 class UnsupportedCheckpointError(ValueError):
-    """The source checkpoint cannot be converted (unsupported architecture, unsafe or missing weights, ...)."""
+    """The source checkpoint cannot be converted (unsupported architecture, unsafe or missing weights,
+    ...)."""
 
 
 def fail(message: str) -> None:
@@ -57,9 +58,10 @@ def weight_files(src: Path) -> list[Path]:
     pickled = sorted(p.name for p in src.iterdir() if p.name.endswith(PICKLE_SUFFIXES))
     if pickled:
         fail(
-            f"{src} has only pickle-based weights ({', '.join(pickled[:3])}); hf_hybrid reads safetensors only, because "
-            "loading a pickle can run arbitrary code. Convert it in an environment you trust (load it with "
-            "transformers and save_pretrained(..., safe_serialization=True)), then import that copy"
+            f"{src} has only pickle-based weights ({', '.join(pickled[:3])}); hf_hybrid "
+            "reads safetensors only, because loading a pickle can run arbitrary code. "
+            "Convert it in an environment you trust (load it with transformers and "
+            "save_pretrained(..., safe_serialization=True)), then import that copy"
         )
     fail(f"{src} has no model.safetensors or model.safetensors.index.json: nothing to import")
     raise AssertionError  # unreachable
@@ -70,9 +72,10 @@ def carried_files(src: Path) -> list[Path]:
 
 
 def copy_carried_files(src: str | os.PathLike | None, dst: Path, *, overwrite: bool = False) -> None:
-    """Copy the source's tokenizer / chat template / generation files (:data:`CARRIED_FILES`) into ``dst``. Files
-    ``dst`` already has (written by ``save_pretrained``, e.g. ``generation_config.json``) are kept unless
-    ``overwrite`` (a model built from a config rather than loaded has default generation settings: the source's win)."""
+    """Copy the source's tokenizer / chat template / generation files (:data:`CARRIED_FILES`) into ``dst``.
+    Files ``dst`` already has (written by ``save_pretrained``, e.g. ``generation_config.json``) are kept
+    unless ``overwrite`` (a model built from a config rather than loaded has default generation settings: the
+    source's win)."""
     for path in carried_files(Path(src)) if src is not None else ():
         if overwrite or not (dst / path.name).exists():
             shutil.copy2(path, dst / path.name)
@@ -96,7 +99,8 @@ def source_license(src: Path) -> str | None:
 
 def write_atomically(dst: Path, write: Callable[[Path], object]) -> Path:
     """``write(tmp_dir)`` into a sibling temporary directory, then rename it to ``dst`` (an empty or missing
-    directory, checked by the caller), so a refused or failed write leaves no ``dst`` behind. Returns ``dst``."""
+    directory, checked by the caller), so a refused or failed write leaves no ``dst`` behind. Returns
+    ``dst``."""
     parent = dst.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
@@ -119,9 +123,11 @@ def check_dst(dst: str | os.PathLike) -> Path:
     return path
 
 
-def write_checkpoint(model, dst: str | os.PathLike, *, src: str | os.PathLike | None = None, dtype=None) -> Path:
-    """Save ``model`` (cast to ``dtype``), its model card, and the carried files of ``src`` to ``dst`` atomically.
-    ``dst`` must not exist or be empty."""
+def write_checkpoint(
+    model, dst: str | os.PathLike, *, src: str | os.PathLike | None = None, dtype=None
+) -> Path:
+    """Save ``model`` (cast to ``dtype``), its model card, and the carried files of ``src`` to ``dst``
+    atomically. ``dst`` must not exist or be empty."""
     dst = check_dst(dst)
     if dtype is not None:
         model = model.to(dtype)
@@ -134,7 +140,8 @@ def write_checkpoint(model, dst: str | os.PathLike, *, src: str | os.PathLike | 
 
 
 def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``"bfloat16"`` -> ``torch.bfloat16`` (a dtype or None passes through); ``ValueError`` for anything else."""
+    """``"bfloat16"`` -> ``torch.bfloat16`` (a dtype or None passes through); ``ValueError`` for anything
+    else."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     value = getattr(torch, str(dtype), None)
@@ -144,8 +151,8 @@ def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def check_layer_indices(layers, n: int, *, what: str) -> list[int]:
-    """``layers`` sorted and deduplicated; ``ValueError`` naming ``what`` (e.g. ``"upcycle: layers"``) for an entry that
-    is not an integer or not a layer of an ``n``-layer model."""
+    """``layers`` sorted and deduplicated; ``ValueError`` naming ``what`` (e.g. ``"upcycle: layers"``) for an
+    entry that is not an integer or not a layer of an ``n``-layer model."""
     for i in layers:
         if not isinstance(i, int) or isinstance(i, bool):
             raise ValueError(f"{what} entry {i!r} must be an integer layer index")
@@ -157,8 +164,8 @@ def check_layer_indices(layers, n: int, *, what: str) -> list[int]:
 
 
 def rebuild_model(model, config, state: dict[str, torch.Tensor]):
-    """A new ``HybridForCausalLM(config)`` holding exactly ``state`` (built on meta: no init, no extra memory), on the
-    source model's device."""
+    """A new ``HybridForCausalLM(config)`` holding exactly ``state`` (built on meta: no init, no extra
+    memory), on the source model's device."""
     from ..modeling_hybrid import HybridForCausalLM
 
     device = next(model.parameters()).device
@@ -180,7 +187,8 @@ def rebuild_model(model, config, state: dict[str, torch.Tensor]):
 
 
 def parse_layers(text: str | None) -> tuple[int, ...] | None:
-    """``"1,3,5"`` -> ``(1, 3, 5)``; ``None`` stays ``None``. Raises ``ValueError`` (the CLI makes it a usage error)."""
+    """``"1,3,5"`` -> ``(1, 3, 5)``; ``None`` stays ``None``. Raises ``ValueError`` (the CLI makes it a usage
+    error)."""
     if text is None:
         return None
     try:

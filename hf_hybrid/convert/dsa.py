@@ -3,24 +3,26 @@
     hf-hybrid convert-dsa SRC DST --index-topk 256 [--index-heads 8] [--index-head-dim 64] [--layers 0,2]
                           [--selector indexer|structured] [--mode dense|dense_warmup|sparse] [--seed 0]
 
-The chosen ``attention`` layers become ``dsa`` layers with ``dsa_base="attention"`` (GQA), or the chosen ``mla``
-layers become ``dsa`` layers with ``dsa_base="mla"`` (DeepSeek-V3.2's layout). A DSA layer is its base mixer plus
-``indexer.*`` (``hf_hybrid/mixers/dsa.py``), so the conversion copies every weight under the same name and adds
-fresh indexers, initialised by the model's own ``_init_weights`` (seeded by ``seed``). One ``dsa_base`` applies
-to every DSA layer of a model (it is one config field), so a selection that mixes attention and MLA layers is
-refused; so are sliding-window layers (DSA attends over the whole causal past, which would change their function).
+The chosen ``attention`` layers become ``dsa`` layers with ``dsa_base="attention"`` (GQA), or the chosen
+``mla`` layers become ``dsa`` layers with ``dsa_base="mla"`` (DeepSeek-V3.2's layout). A DSA layer is its base
+mixer plus ``indexer.*`` (``hf_hybrid/mixers/dsa.py``), so the conversion copies every weight under the same
+name and adds fresh indexers, initialised by the model's own ``_init_weights`` (seeded by ``seed``). One
+``dsa_base`` applies to every DSA layer of a model (it is one config field), so a selection that mixes
+attention and MLA layers is refused; so are sliding-window layers (DSA attends over the whole causal past,
+which would change their function).
 
-Saved mode: ``dsa_mode="dense"`` by default. The indexer is untrained, so ``"sparse"`` would cut attention with a
-random selection (a worse model than the source at any context beyond ``index_topk``), and ``"dense_warmup"`` is a
-training mode (its training loss is the indexer KL alone — a surprise for anyone who loads the checkpoint to
-fine-tune it). ``"dense"`` computes exactly the source's function at every length and leaves the choice to the
-training recipe, which sets the mode per stage (``recipes/dsa``: dense warm-up, then sparse training; the recipe
-saves the final model in ``"sparse"`` mode). With ``index_topk`` ≥ the context, ``"sparse"`` also equals the
-source (tests check fp32 logits within 1e-5 for both bases).
+Saved mode: ``dsa_mode="dense"`` by default. The indexer is untrained, so ``"sparse"`` would cut attention
+with a random selection (a worse model than the source at any context beyond ``index_topk``), and
+``"dense_warmup"`` is a training mode (its training loss is the indexer KL alone — a surprise for anyone who
+loads the checkpoint to fine-tune it). ``"dense"`` computes exactly the source's function at every length and
+leaves the choice to the training recipe, which sets the mode per stage (``recipes/dsa``: dense warm-up, then
+sparse training; the recipe saves the final model in ``"sparse"`` mode). With ``index_topk`` ≥ the context,
+``"sparse"`` also equals the source (tests check fp32 logits within 1e-5 for both bases).
 
-:func:`set_dsa_mode` (the same as ``model.dsa_mode(mode, index_topk=...)``) and :func:`set_collect_metrics` switch a
-loaded model between stages and turn on the recall / attention-mass statistics of the DSA mixers: run-time state of
-the layers, so the config, and what is saved, keeps the mode and top-k chosen here until the user sets other ones; :func:`freeze_all_but_indexers` is the warm-up's freezing rule.
+:func:`set_dsa_mode` (the same as ``model.dsa_mode(mode, index_topk=...)``) and :func:`set_collect_metrics`
+switch a loaded model between stages and turn on the recall / attention-mass statistics of the DSA mixers:
+run-time state of the layers, so the config, and what is saved, keeps the mode and top-k chosen here until the
+user sets other ones; :func:`freeze_all_but_indexers` is the warm-up's freezing rule.
 """
 
 from __future__ import annotations
@@ -51,15 +53,21 @@ def check_convert(
     selector: str = "indexer",
     mode: str = "dense",
 ) -> tuple[list[int], str]:
-    """Validate a conversion of ``config``; return ``(layers, dsa_base)``. Raises ``ValueError``; writes nothing."""
-    for name, value, allow_none in (("index_topk", index_topk, False), ("index_heads", index_heads, True),
-                                    ("index_head_dim", index_head_dim, True)):
+    """Validate a conversion of ``config``; return ``(layers, dsa_base)``. Raises ``ValueError``; writes
+    nothing."""
+    for name, value, allow_none in (
+        ("index_topk", index_topk, False),
+        ("index_heads", index_heads, True),
+        ("index_head_dim", index_head_dim, True),
+    ):
         if value is None and allow_none:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise ValueError(f"convert-dsa: {name}={value!r} must be a positive integer")
     if selector not in SELECTORS:
-        raise ValueError(f"convert-dsa: selector={selector!r} is not known; choose one of: {', '.join(SELECTORS)}")
+        raise ValueError(
+            f"convert-dsa: selector={selector!r} is not known; choose one of: {', '.join(SELECTORS)}"
+        )
     if mode not in MODES:
         raise ValueError(f"convert-dsa: mode={mode!r} is not known; choose one of: {', '.join(MODES)}")
     types = config.mixer_types
@@ -74,14 +82,21 @@ def check_convert(
     if layers is None:
         if not convertible:
             sliding = [i for i, t in enumerate(types) if t == "sliding_attention"]
-            extra = f" (layers {sliding} are sliding-window attention, which DSA cannot replace exactly)" if sliding else ""
+            extra = (
+                f" (layers {sliding} are sliding-window attention, which DSA cannot replace exactly)"
+                if sliding
+                else ""
+            )
             raise ValueError(
-                f"convert-dsa: the source has no full attention or MLA layers to convert (mixer_types={types}){extra}"
+                "convert-dsa: the source has no full attention or MLA layers to convert "
+                f"(mixer_types={types}){extra}"
             )
         layers = convertible
     else:
         if not layers:
-            raise ValueError("convert-dsa: layers is empty; give layer indices or None for every attention/MLA layer")
+            raise ValueError(
+                "convert-dsa: layers is empty; give layer indices or None for every attention/MLA layer"
+            )
         layers = check_layer_indices(layers, n, what="convert-dsa: layers")
         wrong = [(i, types[i]) for i in layers if types[i] not in DSA_BASES]
         if wrong:
@@ -94,8 +109,8 @@ def check_convert(
     if len(bases) > 1:
         by_base = {b: [i for i in layers if types[i] == b] for b in bases}
         raise ValueError(
-            f"convert-dsa: the chosen layers mix bases {by_base}; one dsa_base applies to every DSA layer of a model, "
-            "so convert either the attention layers or the MLA layers (pass --layers)"
+            f"convert-dsa: the chosen layers mix bases {by_base}; one dsa_base applies to every DSA "
+            "layer of a model, so convert either the attention layers or the MLA layers (pass --layers)"
         )
     return layers, DSA_BASES[bases[0]]
 
@@ -112,8 +127,9 @@ def converted_config(
     mode: str = "dense",
     index_norm_eps: float | None = None,
 ) -> HybridConfig:
-    """``config`` with ``layers`` turned into DSA layers (a new object); unset index sizes keep the config defaults.
-    ``index_norm_eps``: the indexer key LayerNorm's eps (DeepSeek-V3.2 uses 1e-6; set it to export there)."""
+    """``config`` with ``layers`` turned into DSA layers (a new object); unset index sizes keep the config
+    defaults. ``index_norm_eps``: the indexer key LayerNorm's eps (DeepSeek-V3.2 uses 1e-6; set it to export
+    there)."""
     d = config.to_dict()
     d.pop("layer_types", None)  # derived from mixer_types
     d.update(
@@ -146,16 +162,27 @@ def convert_model_to_dsa(
     seed: int = 0,
     index_norm_eps: float | None = None,
 ):
-    """Convert an in-memory ``HybridForCausalLM`` (left untouched): a new model with copies of every weight and fresh
-    indexers from the model's ``_init_weights`` (``torch.manual_seed(seed)`` around the build; the global RNG state
-    is restored afterwards). ``index_norm_eps``: see :func:`converted_config`."""
+    """Convert an in-memory ``HybridForCausalLM`` (left untouched): a new model with copies of every weight
+    and fresh indexers from the model's ``_init_weights`` (``torch.manual_seed(seed)`` around the build; the
+    global RNG state is restored afterwards). ``index_norm_eps``: see :func:`converted_config`."""
     from ..modeling_hybrid import HybridForCausalLM
 
-    options = dict(index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim, layers=layers,
-                   selector=selector, mode=mode)
+    options = dict(
+        index_topk=index_topk,
+        index_heads=index_heads,
+        index_head_dim=index_head_dim,
+        layers=layers,
+        selector=selector,
+        mode=mode,
+    )
     chosen, base = check_convert(model.config, **options)
-    new_config = converted_config(model.config, chosen, base, index_norm_eps=index_norm_eps,
-                                  **{k: v for k, v in options.items() if k != "layers"})
+    new_config = converted_config(
+        model.config,
+        chosen,
+        base,
+        index_norm_eps=index_norm_eps,
+        **{k: v for k, v in options.items() if k != "layers"},
+    )
     param = next(model.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -171,9 +198,19 @@ def convert_model_to_dsa(
     new = new.to(device=param.device, dtype=param.dtype)
     new.train(model.training)
     new.config.hf_hybrid_lineage = derived_lineage(
-        dict(model.config.hf_hybrid_lineage or {}), None, "convert-dsa",
-        {"layers": chosen, "dsa_base": base, "index_topk": index_topk, "index_n_heads": new_config.index_n_heads,
-         "index_head_dim": new_config.index_head_dim, "selector": selector, "mode": mode, "seed": seed},
+        dict(model.config.hf_hybrid_lineage or {}),
+        None,
+        "convert-dsa",
+        {
+            "layers": chosen,
+            "dsa_base": base,
+            "index_topk": index_topk,
+            "index_n_heads": new_config.index_n_heads,
+            "index_head_dim": new_config.index_head_dim,
+            "selector": selector,
+            "mode": mode,
+            "seed": seed,
+        },
     )
     return new
 
@@ -191,23 +228,39 @@ def convert_to_dsa(
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
 ) -> Path:
-    """Convert the checkpoint ``src`` (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) to DSA and
-    save it to ``dst`` (see the module docstring). Every check runs before anything is written. Returns ``dst``."""
+    """Convert the checkpoint ``src`` (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) to
+    DSA and save it to ``dst`` (see the module docstring). Every check runs before anything is written.
+    Returns ``dst``."""
     check_dst(dst)
     config, _ = source_config(src)
-    check_convert(config, index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim,
-                  layers=layers, selector=selector, mode=mode)
+    check_convert(
+        config,
+        index_topk=index_topk,
+        index_heads=index_heads,
+        index_head_dim=index_head_dim,
+        layers=layers,
+        selector=selector,
+        mode=mode,
+    )
     out_dtype = as_dtype(dtype) if dtype is not None else None
     model, source_dtype = load_source(src, dtype=torch.float32)
-    new = convert_model_to_dsa(model, index_topk=index_topk, index_heads=index_heads, index_head_dim=index_head_dim,
-                               layers=layers, selector=selector, mode=mode, seed=seed)
+    new = convert_model_to_dsa(
+        model,
+        index_topk=index_topk,
+        index_heads=index_heads,
+        index_head_dim=index_head_dim,
+        layers=layers,
+        selector=selector,
+        mode=mode,
+        seed=seed,
+    )
     lineage = new.config.hf_hybrid_lineage
     lineage.setdefault("base_model", os.fspath(src))
     lineage["source"] = os.fspath(src)
     return write_checkpoint(new, dst, src=src, dtype=out_dtype or source_dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # stage helpers
 
 
@@ -217,15 +270,16 @@ def dsa_mixers(model: nn.Module) -> list[nn.Module]:
 
 
 def set_dsa_mode(model: nn.Module, mode: str, *, index_topk: int | None = None) -> DSARuntimeMode:
-    """Run every DSA layer of ``model`` in ``mode`` (``dense`` | ``dense_warmup`` | ``sparse``), optionally at another
-    ``index_topk``, from now on: run-time state, the config (what ``save_pretrained`` writes) is untouched. The same
-    as ``model.dsa_mode(mode, index_topk=...)``, for any module holding DSA layers; usable as a context manager."""
+    """Run every DSA layer of ``model`` in ``mode`` (``dense`` | ``dense_warmup`` | ``sparse``), optionally at
+    another ``index_topk``, from now on: run-time state, the config (what ``save_pretrained`` writes) is
+    untouched. The same as ``model.dsa_mode(mode, index_topk=...)``, for any module holding DSA layers; usable
+    as a context manager."""
     return DSARuntimeMode(model, mode, index_topk=index_topk)
 
 
 def set_collect_metrics(model: nn.Module, on: bool = True) -> None:
-    """Turn on (off) the recall@k / attention-mass statistics of every DSA layer (``layer_stats["dsa_recall"]``,
-    ``layer_stats["dsa_mass"]``, one value per layer and forward)."""
+    """Turn on (off) the recall@k / attention-mass statistics of every DSA layer
+    (``layer_stats["dsa_recall"]``, ``layer_stats["dsa_mass"]``, one value per layer and forward)."""
     for m in dsa_layers(model):
         m.collect_metrics = on
 

@@ -1,5 +1,6 @@
 """Hybridize a dense checkpoint: replace chosen attention layers by linear-time mixers initialised from the
-attention weights (Mamba-in-Llama, LoLCATs, RADLADS), then recover quality by distillation (``hf_hybrid.distill``).
+attention weights (Mamba-in-Llama, LoLCATs, RADLADS), then recover quality by distillation
+(``hf_hybrid.distill``).
 
     hf-hybrid hybridize SRC DST --pattern "3:1 gated_deltanet:attention"
     hf-hybrid hybridize SRC DST --attention-layers 2,5 --mixer mamba2
@@ -7,27 +8,28 @@ attention weights (Mamba-in-Llama, LoLCATs, RADLADS), then recover quality by di
 
 ``SRC`` is an hf_hybrid checkpoint or a dense Llama / Qwen2 / Qwen3 / Mistral one (imported on the way).
 
-Which layers: ``pattern`` uses the config's own shorthand (``"3:1 gated_deltanet:attention"`` expands cyclically
-over the layers, so on 6 layers ``"2:1 ..."`` keeps layers 2 and 5 and ``"5:1 ..."`` keeps layer 5); every name
-other than ``attention`` says which mixer replaces that layer. ``attention_layers=[2, 5]`` (with ``mixer=``) keeps
-those and replaces every other attention layer. :func:`rank_layers` measures, for each attention layer, the KL to
-the source (or the LM-loss increase) when that layer alone is replaced by its initialised mixer; the layers that
-hurt most stay attention (``--select kl --num-attention K``).
+Which layers: ``pattern`` uses the config's own shorthand (``"3:1 gated_deltanet:attention"`` expands
+cyclically over the layers, so on 6 layers ``"2:1 ..."`` keeps layers 2 and 5 and ``"5:1 ..."`` keeps layer
+5); every name other than ``attention`` says which mixer replaces that layer. ``attention_layers=[2, 5]``
+(with ``mixer=``) keeps those and replaces every other attention layer. :func:`rank_layers` measures, for each
+attention layer, the KL to the source (or the LM-loss increase) when that layer alone is replaced by its
+initialised mixer; the layers that hurt most stay attention (``--select kl --num-attention K``).
 
-Initialisation (one entry per mixer in ``INIT_TABLE``, each stating what it inherits; the statement is printed and
-recorded in ``config.hf_hybrid_lineage["init"]``): the attention's query / key / value / output projections become
-the mixer's (Mamba-in-Llama's Q→C, K→B, V→x for Mamba-2), the mixer gets one head per query head of the same head
-dim, and GQA key / value heads are repeated for the query heads that share them (``kv_repeat``). Qwen3's per-head
-q/k RMSNorm weights are folded into the projection rows (exact under Gated DeltaNet's L2 norm, up to the SiLU of the
-short conv); the short convs start as the identity (last tap 1). Gates and decays start at a stated value (the
-mixer's own init: log-uniform decay rates, Mamba-2's dt range). What cannot be inherited is listed as dropped:
-RoPE (the linear mixers have no positions), the softmax, q/k/v biases where the mixer has none. Nothing here is
-function-preserving: the student starts near the teacher and stage 1 (attention transfer) closes the gap.
+Initialisation (one entry per mixer in ``INIT_TABLE``, each stating what it inherits; the statement is printed
+and recorded in ``config.hf_hybrid_lineage["init"]``): the attention's query / key / value / output
+projections become the mixer's (Mamba-in-Llama's Q→C, K→B, V→x for Mamba-2), the mixer gets one head per query
+head of the same head dim, and GQA key / value heads are repeated for the query heads that share them
+(``kv_repeat``). Qwen3's per-head q/k RMSNorm weights are folded into the projection rows (exact under Gated
+DeltaNet's L2 norm, up to the SiLU of the short conv); the short convs start as the identity (last tap 1).
+Gates and decays start at a stated value (the mixer's own init: log-uniform decay rates, Mamba-2's dt range).
+What cannot be inherited is listed as dropped: RoPE (the linear mixers have no positions), the softmax, q/k/v
+biases where the mixer has none. Nothing here is function-preserving: the student starts near the teacher and
+stage 1 (attention transfer) closes the gap.
 
-Every layer that is not replaced keeps its weights bit for bit (tests check it); MLPs, norms and embeddings too.
-A mixer added later becomes convertible with one ``register_init`` entry (``kda`` has one: q/k/v/o inherited as for
-linear attention, its per-channel decay and low-rank gates at a stated init); the CLI offers a mixer only when it is
-both registered (``MIXER_REGISTRY``) and has an entry here.
+Every layer that is not replaced keeps its weights bit for bit (tests check it); MLPs, norms and embeddings
+too. A mixer added later becomes convertible with one ``register_init`` entry (``kda`` has one: q/k/v/o
+inherited as for linear attention, its per-channel decay and low-rank gates at a stated init); the CLI offers
+a mixer only when it is both registered (``MIXER_REGISTRY``) and has an entry here.
 """
 
 from __future__ import annotations
@@ -48,14 +50,15 @@ from .source import derived_lineage, load_source, source_config
 REPLACEABLE = ("attention", "sliding_attention")  # HybridAttention layers: q/k/v/o projections to inherit
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the attention weights of one layer
 
 
 @dataclass
 class AttentionWeights:
-    """One ``HybridAttention`` layer's weights, per head (fp32). ``h`` query heads, ``hkv`` key/value heads, head dim
-    ``d``, hidden size ``H``. ``q_norm`` / ``k_norm`` [d] are Qwen3's per-head RMSNorm weights (None without)."""
+    """One ``HybridAttention`` layer's weights, per head (fp32). ``h`` query heads, ``hkv`` key/value heads,
+    head dim ``d``, hidden size ``H``. ``q_norm`` / ``k_norm`` [d] are Qwen3's per-head RMSNorm weights (None
+    without)."""
 
     q: torch.Tensor  # [h, d, H]
     k: torch.Tensor  # [hkv, d, H]
@@ -117,18 +120,24 @@ class AttentionWeights:
         return self.v.repeat_interleave(self.kv_repeat, dim=0).reshape(-1, self.v.shape[-1])
 
     def biases(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """(q, k, v) biases [h·d] each, expanded like the weights (k_norm / q_norm folded); None without biases."""
+        """(q, k, v) biases [h·d] each, expanded like the weights (k_norm / q_norm folded); None without
+        biases."""
         if self.q_bias is None:
             return None
         qb = self.q_bias if self.q_norm is None else self.q_bias * self.q_norm
         kb = self.k_bias if self.k_norm is None else self.k_bias * self.k_norm
         rep = self.kv_repeat
-        return qb.reshape(-1), kb.repeat_interleave(rep, 0).reshape(-1), self.v_bias.repeat_interleave(rep, 0).reshape(-1)
+        return (
+            qb.reshape(-1),
+            kb.repeat_interleave(rep, 0).reshape(-1),
+            self.v_bias.repeat_interleave(rep, 0).reshape(-1),
+        )
 
 
 def identity_conv_(conv: nn.Conv1d, bias: torch.Tensor | None = None) -> None:
-    """A depthwise causal conv [C, 1, K] that passes the current token through (last tap 1, the others 0; ours and
-    fla's convs read the current token with the last tap), with ``bias`` (or zero) where the conv has a bias."""
+    """A depthwise causal conv [C, 1, K] that passes the current token through (last tap 1, the others 0; ours
+    and fla's convs read the current token with the last tap), with ``bias`` (or zero) where the conv has a
+    bias."""
     with torch.no_grad():
         conv.weight.zero_()
         conv.weight[:, 0, -1] = 1.0
@@ -136,7 +145,7 @@ def identity_conv_(conv: nn.Conv1d, bias: torch.Tensor | None = None) -> None:
             conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the per-mixer table
 
 
@@ -144,11 +153,12 @@ def identity_conv_(conv: nn.Conv1d, bias: torch.Tensor | None = None) -> None:
 class MixerInit:
     """How attention becomes one mixer type.
 
-    - ``geometry(config)``: the config fields that give the mixer one head per query head of the attention's head
-      dim (set on the student config; an existing layer of that type must already have them);
-    - ``apply(mixer, weights, config)``: writes the inherited tensors into a freshly built mixer (the rest keeps the
-      mixer's own init); returns notes about this layer (e.g. biases dropped);
-    - ``statement(config)``: what is inherited, what is new (and its init), what is dropped — printed and saved.
+    - ``geometry(config)``: the config fields that give the mixer one head per query head of the attention's
+      head dim (set on the student config; an existing layer of that type must already have them);
+    - ``apply(mixer, weights, config)``: writes the inherited tensors into a freshly built mixer (the rest
+      keeps the mixer's own init); returns notes about this layer (e.g. biases dropped);
+    - ``statement(config)``: what is inherited, what is new (and its init), what is dropped — printed and
+      saved.
     """
 
     geometry: Callable[[HybridConfig], dict[str, Any]]
@@ -173,7 +183,11 @@ def available_mixers() -> list[str]:
 
 def _gqa_note(config: HybridConfig) -> str:
     rep = config.num_attention_heads // config.num_key_value_heads
-    return f"KV heads repeated ×{rep} (GQA {config.num_attention_heads}/{config.num_key_value_heads})" if rep > 1 else ""
+    return (
+        f"KV heads repeated ×{rep} (GQA {config.num_attention_heads}/{config.num_key_value_heads})"
+        if rep > 1
+        else ""
+    )
 
 
 def _common_dropped(config: HybridConfig, *, bias_kept: bool = False) -> list[str]:
@@ -185,7 +199,7 @@ def _common_dropped(config: HybridConfig, *, bias_kept: bool = False) -> list[st
     return out
 
 
-# ---- Gated DeltaNet ---------------------------------------------------------------------------------------------------
+# ---- Gated DeltaNet ----------------------------------------------------------------------------------------
 
 
 def _gdn_geometry(config: HybridConfig) -> dict[str, Any]:
@@ -213,28 +227,38 @@ def _gdn_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> l
 
 def _gdn_statement(config: HybridConfig) -> dict[str, list[str]]:
     gqa = _gqa_note(config)
-    z = ("z (output gate) ← the attention's sigmoid output-gate rows (used as silu(z))" if config.attention_output_gate
-         else f"z (output gate): N(0, {config.initializer_range}²) (the model's init)")
+    z = (
+        "z (output gate) ← the attention's sigmoid output-gate rows (used as silu(z))"
+        if config.attention_output_gate
+        else f"z (output gate): N(0, {config.initializer_range}²) (the model's init)"
+    )
     return {
         "inherited": [
             "q ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
-            "k ← W_k" + (" (k_norm weight folded in)" if config.use_qk_norm else "") + (f", {gqa}" if gqa else ""),
+            "k ← W_k"
+            + (" (k_norm weight folded in)" if config.use_qk_norm else "")
+            + (f", {gqa}" if gqa else ""),
             "v ← W_v" + (f", {gqa}" if gqa else ""),
             "out_proj ← W_o",
-        ] + ([z] if config.attention_output_gate else []),
-        "new": ([] if config.attention_output_gate else [z]) + [
+        ]
+        + ([z] if config.attention_output_gate else []),
+        "new": ([] if config.attention_output_gate else [z])
+        + [
             "in_proj_ba = 0: β = ½ and a = 0 for every token at the start",
-            "A_log = log U[1, 16], dt_bias = softplus⁻¹(dt), dt log-uniform in [1e-3, 1e-1]: per-head log decay "
-            "g = −exp(A_log)·softplus(dt_bias) (GatedDeltaNet.init_hybrid_weights)",
+            "A_log = log U[1, 16], dt_bias = softplus⁻¹(dt), dt log-uniform in [1e-3, 1e-1]: "
+            "per-head log decay g = −exp(A_log)·softplus(dt_bias) (GatedDeltaNet.init_hybrid_weights)",
             "conv1d: identity (last tap 1, others 0)",
             "norm weight = 1",
         ],
-        "dropped": _common_dropped(config) + ["the output is RMSNorm(o)·silu(z): q, k L2-normalised and SiLU after "
-                                              "the conv, so the start is not the attention's function"],
+        "dropped": _common_dropped(config)
+        + [
+            "the output is RMSNorm(o)·silu(z): q, k L2-normalised and SiLU "
+            "after the conv, so the start is not the attention's function"
+        ],
     }
 
 
-# ---- Mamba-2 ------------------------------------------------------------------------------------------------------------
+# ---- Mamba-2 -----------------------------------------------------------------------------------------------
 
 
 def _mamba_geometry(config: HybridConfig) -> dict[str, Any]:
@@ -273,27 +297,34 @@ def _mamba_statement(config: HybridConfig) -> dict[str, list[str]]:
     ]
     if config.attention_bias:
         inherited.append("q/k/v biases → the conv bias (exact before the SiLU)")
-    z = ("z (gate) ← the attention's output-gate rows" if config.attention_output_gate
-         else f"z (gate): N(0, {config.initializer_range}²) (the model's init)")
+    z = (
+        "z (gate) ← the attention's output-gate rows"
+        if config.attention_output_gate
+        else f"z (gate): N(0, {config.initializer_range}²) (the model's init)"
+    )
     if config.attention_output_gate:
         inherited.append(z)
     return {
         "inherited": inherited,
-        "new": ([] if config.attention_output_gate else [z]) + [
+        "new": ([] if config.attention_output_gate else [z])
+        + [
             "dt rows = 0: Δ = softplus(dt_bias) per head, dt log-uniform in "
             f"[{config.mamba_dt_min}, {config.mamba_dt_max}] (Mamba-2's init)",
             "A_log = log U[1, 16] (Mamba-2's init)",
             "D = 0 (no skip at the start: the output is the decayed linearised attention alone)",
-            "conv1d: identity (last tap 1), bias " + ("= the attention biases" if config.attention_bias else "0"),
+            "conv1d: identity (last tap 1), bias "
+            + ("= the attention biases" if config.attention_bias else "0"),
             "norm weight = 1",
         ],
-        "dropped": _common_dropped(config, bias_kept=True) + [
-            "the output is RMSNorm(y·silu(z)) per head and the conv applies SiLU: not the attention's function"
+        "dropped": _common_dropped(config, bias_kept=True)
+        + [
+            "the output is RMSNorm(y·silu(z)) per head and the "
+            "conv applies SiLU: not the attention's function"
         ],
     }
 
 
-# ---- plain linear attention -------------------------------------------------------------------------------------------
+# ---- plain linear attention --------------------------------------------------------------------------------
 
 
 def _linear_geometry(config: HybridConfig) -> dict[str, Any]:
@@ -313,11 +344,19 @@ def _linear_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -
 
 def _linear_statement(config: HybridConfig) -> dict[str, list[str]]:
     gqa = _gqa_note(config)
-    new = [f"feature map {config.linear_feature_map!r} ("
-           + ("output RMSNorm, weight 1, in place of the normaliser" if config.linear_feature_map == "identity"
-              else "normalised by φ(q)·Σφ(k)") + ")"]
+    new = [
+        f"feature map {config.linear_feature_map!r} ("
+        + (
+            "output RMSNorm, weight 1, in place of the normaliser"
+            if config.linear_feature_map == "identity"
+            else "normalised by φ(q)·Σφ(k)"
+        )
+        + ")"
+    ]
     if config.linear_decay != "none":
-        new.append(f"decay {config.linear_decay!r}: g_proj weight 0, bias 4 (slow decay, LinearAttention's init)")
+        new.append(
+            f"decay {config.linear_decay!r}: g_proj weight 0, bias 4 (slow decay, LinearAttention's init)"
+        )
     if config.linear_conv_kernel_size:
         new.append("conv1d: identity (last tap 1, others 0)")
     if config.linear_feature_map == "random_features":
@@ -330,12 +369,12 @@ def _linear_statement(config: HybridConfig) -> dict[str, list[str]]:
             "o_proj ← W_o",
         ],
         "new": new,
-        "dropped": _common_dropped(config) + (["the output gate (linear attention has none)"]
-                                              if config.attention_output_gate else []),
+        "dropped": _common_dropped(config)
+        + (["the output gate (linear attention has none)"] if config.attention_output_gate else []),
     }
 
 
-# ---- Kimi Delta Attention -----------------------------------------------------------------------------------------------
+# ---- Kimi Delta Attention ----------------------------------------------------------------------------------
 
 
 def _kda_geometry(config: HybridConfig) -> dict[str, Any]:
@@ -362,20 +401,23 @@ def _kda_statement(config: HybridConfig) -> dict[str, list[str]]:
     return {
         "inherited": [
             "q_proj ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
-            "k_proj ← W_k" + (" (k_norm weight folded in)" if config.use_qk_norm else "") + (f", {gqa}" if gqa else ""),
+            "k_proj ← W_k"
+            + (" (k_norm weight folded in)" if config.use_qk_norm else "")
+            + (f", {gqa}" if gqa else ""),
             "v_proj ← W_v" + (f", {gqa}" if gqa else ""),
             "o_proj ← W_o",
         ],
         "new": [
             "b_proj = 0: β = ½ for every token at the start",
-            "forget gate: f_b_proj = 0, so g = −exp(A_log)·softplus(dt_bias) per channel (A_log = log U[1, 16], dt "
-            "log-uniform in [1e-3, 1e-1], KDAForgetGate's init); f_a_proj: the model's init",
-            f"output gate g_a_proj, g_b_proj (rank {config.kda_gate_rank}): the model's init, sigmoid(≈0) ≈ ½",
+            "forget gate: f_b_proj = 0, so g = −exp(A_log)·softplus(dt_bias) per channel (A_log = log "
+            "U[1, 16], dt log-uniform in [1e-3, 1e-1], KDAForgetGate's init); f_a_proj: the model's init",
+            f"output gate g_a_proj, g_b_proj (rank {config.kda_gate_rank}): the model's init, "
+            "sigmoid(≈0) ≈ ½",
             "conv1d: identity (last tap 1, others 0)",
             "o_norm weight = 1",
         ],
-        "dropped": _common_dropped(config) + (["the attention's output gate (KDA's is low rank)"]
-                                              if config.attention_output_gate else []),
+        "dropped": _common_dropped(config)
+        + (["the attention's output gate (KDA's is low rank)"] if config.attention_output_gate else []),
     }
 
 
@@ -385,14 +427,15 @@ register_init("mamba2", MixerInit(_mamba_geometry, _mamba_apply, _mamba_statemen
 register_init("linear_attention", MixerInit(_linear_geometry, _linear_apply, _linear_statement))
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the plan: which layers become which mixer
 
 
 @dataclass
 class HybridizePlan:
     """``targets[i]``: the mixer replacing layer ``i`` (only replaced layers are keys); ``mixer_types``: the
-    student's list; ``overrides``: config fields set on the student (geometry + the caller's ``mixer_config``)."""
+    student's list; ``overrides``: config fields set on the student (geometry + the caller's
+    ``mixer_config``)."""
 
     targets: dict[int, str]
     mixer_types: list[str]
@@ -420,27 +463,35 @@ def plan_hybridize(
     if not replaceable:
         raise ValueError(f"hybridize: the source has no attention layers to replace (mixer_types={types})")
     if (pattern is None) == (attention_layers is None):
-        raise ValueError("hybridize: give exactly one of pattern (e.g. '3:1 gated_deltanet:attention') or "
-                         "attention_layers (e.g. [2, 5]) with mixer")
+        raise ValueError(
+            "hybridize: give exactly one of pattern (e.g. '3:1 gated_deltanet:attention') or "
+            "attention_layers (e.g. [2, 5]) with mixer"
+        )
 
     def check_mixer(name: str, where: str) -> None:
         if name not in allowed:
-            raise ValueError(f"hybridize: {where}={name!r} is not a mixer hybridize can initialise from attention; "
-                             f"choose one of: {', '.join(allowed)}")
+            raise ValueError(
+                f"hybridize: {where}={name!r} is not a mixer hybridize can "
+                f"initialise from attention; choose one of: {', '.join(allowed)}"
+            )
 
     if pattern is not None:
-        wanted = _expand_pattern(pattern, n, "pattern", tuple(dict.fromkeys([*REPLACEABLE, *allowed, *types])))
+        wanted = _expand_pattern(
+            pattern, n, "pattern", tuple(dict.fromkeys([*REPLACEABLE, *allowed, *types]))
+        )
         if mixer is not None:
             others = sorted({m for m in wanted if m not in REPLACEABLE and m != mixer})
             if others:
-                raise ValueError(f"hybridize: pattern {pattern!r} names {others} but mixer={mixer!r}; leave mixer "
-                                 "out when the pattern names the mixers")
+                raise ValueError(
+                    f"hybridize: pattern {pattern!r} names {others} but "
+                    f"mixer={mixer!r}; leave mixer out when the pattern names the mixers"
+                )
         names_attention = any(m in REPLACEABLE for m in re.split(r"[\s:,]+", pattern.strip()))
         if names_attention and not any(m in REPLACEABLE for m in wanted):
             raise ValueError(
-                f"hybridize: pattern {pattern!r} asks to keep attention layers, but over the source's {n} layers it "
-                f"expands to {wanted}, which keeps none (the period is longer than the model); use a shorter period "
-                "or attention_layers=[...]"
+                f"hybridize: pattern {pattern!r} asks to keep attention layers, but over the "
+                f"source's {n} layers it expands to {wanted}, which keeps none (the period "
+                "is longer than the model); use a shorter period or attention_layers=[...]"
             )
         targets = {}
         for i, (old, new) in enumerate(zip(types, wanted)):
@@ -448,8 +499,9 @@ def plan_hybridize(
                 continue  # kept as it is
             if old not in REPLACEABLE:
                 raise ValueError(
-                    f"hybridize: pattern {pattern!r} puts {new!r} at layer {i}, which is {old!r} in the source; only "
-                    f"attention layers ({replaceable}) can be replaced — name {old!r} at that position"
+                    f"hybridize: pattern {pattern!r} puts {new!r} at layer {i}, "
+                    f"which is {old!r} in the source; only attention layers "
+                    f"({replaceable}) can be replaced — name {old!r} at that position"
                 )
             check_mixer(new, f"pattern layer {i}")
             targets[i] = new
@@ -462,11 +514,14 @@ def plan_hybridize(
         if not_attention:
             raise ValueError(
                 "hybridize: attention_layers must name attention layers of the source; "
-                + ", ".join(f"layer {i} is {t!r}" for i, t in not_attention) + f"; attention layers: {replaceable}"
+                + ", ".join(f"layer {i} is {t!r}" for i, t in not_attention)
+                + f"; attention layers: {replaceable}"
             )
         targets = {i: mixer for i in replaceable if i not in keep}
     if not targets:
-        raise ValueError(f"hybridize: nothing to replace — the request keeps every attention layer ({replaceable})")
+        raise ValueError(
+            f"hybridize: nothing to replace — the request keeps every attention layer ({replaceable})"
+        )
 
     overrides: dict[str, Any] = {}
     for name in sorted(set(targets.values())):
@@ -476,17 +531,18 @@ def plan_hybridize(
             have = getattr(config, key)
             if already and have != value:
                 raise ValueError(
-                    f"hybridize: head dims cannot map — layers {already} are already {name!r} with {key}={have}, "
-                    f"but inheriting the attention's heads needs {key}={value} (num_attention_heads="
-                    f"{config.num_attention_heads}, head_dim={config.head_dim}); one {key} applies to every "
-                    f"{name!r} layer"
+                    f"hybridize: head dims cannot map — layers {already} are already {name!r} "
+                    f"with {key}={have}, but inheriting the attention's heads needs "
+                    f"{key}={value} (num_attention_heads={config.num_attention_heads}, "
+                    f"head_dim={config.head_dim}); one {key} applies to every {name!r} layer"
                 )
         overrides.update(geometry)
     for key, value in (mixer_config or {}).items():
         if key in overrides and overrides[key] != value:
             raise ValueError(
-                f"hybridize: head dims cannot map — mixer_config sets {key}={value!r}, but inheriting the attention's "
-                f"heads needs {key}={overrides[key]} (one head per query head, head_dim={config.head_dim})"
+                "hybridize: head dims cannot map — mixer_config sets "
+                f"{key}={value!r}, but inheriting the attention's heads needs "
+                f"{key}={overrides[key]} (one head per query head, head_dim={config.head_dim})"
             )
         if not hasattr(config, key):
             raise ValueError(f"hybridize: mixer_config names {key!r}, which is not a HybridConfig field")
@@ -519,7 +575,7 @@ def format_statements(statements: dict[str, dict[str, list[str]]]) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the model
 
 
@@ -533,23 +589,27 @@ def hybridize_model(
     seed: int = 0,
     lineage_options: dict[str, Any] | None = None,
 ):
-    """Hybridize an in-memory ``HybridForCausalLM`` (left untouched): a new model in the source's dtype and device
-    whose chosen attention layers are replaced (see the module docstring). New tensors come from the model's
-    ``_init_weights`` under ``torch.manual_seed(seed)`` (the global RNG state is restored), then the inherited ones
-    are written over them; every other tensor is copied from the source."""
+    """Hybridize an in-memory ``HybridForCausalLM`` (left untouched): a new model in the source's dtype and
+    device whose chosen attention layers are replaced (see the module docstring). New tensors come from the
+    model's ``_init_weights`` under ``torch.manual_seed(seed)`` (the global RNG state is restored), then the
+    inherited ones are written over them; every other tensor is copied from the source."""
     from ..modeling_hybrid import HybridForCausalLM
 
     config = model.config
-    plan = plan_hybridize(config, pattern=pattern, attention_layers=attention_layers, mixer=mixer,
-                          mixer_config=mixer_config)
+    plan = plan_hybridize(
+        config, pattern=pattern, attention_layers=attention_layers, mixer=mixer, mixer_config=mixer_config
+    )
     new_config = student_config(config, plan)
     param = next(model.parameters())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         new = HybridForCausalLM(new_config)
     replaced = {f"model.layers.{i}.mixer." for i in plan.targets}
-    state = {k: v.detach().clone().float() for k, v in model.state_dict().items()
-             if not any(k.startswith(p) for p in replaced)}
+    state = {
+        k: v.detach().clone().float()
+        for k, v in model.state_dict().items()
+        if not any(k.startswith(p) for p in replaced)
+    }
     result = new.load_state_dict(state, strict=False)
     stray = [k for k in result.missing_keys if not any(k.startswith(p) for p in replaced)]
     if config.tie_word_embeddings:
@@ -592,21 +652,35 @@ def hybridize(
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
 ):
-    """Hybridize a model or checkpoint directory (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the
-    way). With ``dst``: save there (model card with the lineage and init statements) and return the path; without:
-    return the model. Every check runs before anything is written."""
+    """Hybridize a model or checkpoint directory (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on
+    the way). With ``dst``: save there (model card with the lineage and init statements) and return the path;
+    without: return the model. Every check runs before anything is written."""
     if isinstance(model_or_dir, nn.Module):
-        new = hybridize_model(model_or_dir, pattern=pattern, attention_layers=attention_layers, mixer=mixer,
-                              mixer_config=mixer_config, seed=seed)
+        new = hybridize_model(
+            model_or_dir,
+            pattern=pattern,
+            attention_layers=attention_layers,
+            mixer=mixer,
+            mixer_config=mixer_config,
+            seed=seed,
+        )
         return new if dst is None else write_checkpoint(new, dst, dtype=as_dtype(dtype) if dtype else None)
     src = model_or_dir
     if dst is not None:
         check_dst(dst)
     config, _ = source_config(src)
-    plan_hybridize(config, pattern=pattern, attention_layers=attention_layers, mixer=mixer, mixer_config=mixer_config)
+    plan_hybridize(
+        config, pattern=pattern, attention_layers=attention_layers, mixer=mixer, mixer_config=mixer_config
+    )
     model, source_dtype = load_source(src, dtype=torch.float32)
-    new = hybridize_model(model, pattern=pattern, attention_layers=attention_layers, mixer=mixer,
-                          mixer_config=mixer_config, seed=seed)
+    new = hybridize_model(
+        model,
+        pattern=pattern,
+        attention_layers=attention_layers,
+        mixer=mixer,
+        mixer_config=mixer_config,
+        seed=seed,
+    )
     lineage = new.config.hf_hybrid_lineage
     lineage.setdefault("base_model", os.fspath(src))
     lineage["source"] = os.fspath(src)
@@ -615,14 +689,14 @@ def hybridize(
     return write_checkpoint(new, dst, src=src, dtype=as_dtype(dtype) if dtype is not None else source_dtype)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # measured layer selection
 
 
 @torch.no_grad()
 def distillation_gap(student, teacher, blocks: torch.Tensor, *, batch_size: int = 4) -> dict[str, float]:
-    """Token-mean KL(teacher ‖ student) of the next-token distributions and both LM losses on ``blocks`` [N, T]
-    (eval mode, fp32 softmax)."""
+    """Token-mean KL(teacher ‖ student) of the next-token distributions and both LM losses on ``blocks`` [N,
+    T] (eval mode, fp32 softmax)."""
     import torch.nn.functional as F
 
     kl = s_loss = t_loss = 0.0
@@ -638,8 +712,12 @@ def distillation_gap(student, teacher, blocks: torch.Tensor, *, batch_size: int 
         s_loss += float(s.lm_loss) * n
         t_loss += float(t.lm_loss) * n
         count += n
-    return {"kl": kl / count, "loss": s_loss / count, "teacher_loss": t_loss / count,
-            "loss_increase": (s_loss - t_loss) / count}
+    return {
+        "kl": kl / count,
+        "loss": s_loss / count,
+        "teacher_loss": t_loss / count,
+        "loss_increase": (s_loss - t_loss) / count,
+    }
 
 
 def rank_layers(
@@ -652,9 +730,9 @@ def rank_layers(
     seed: int = 0,
     batch_size: int = 4,
 ) -> list[dict[str, Any]]:
-    """For each attention layer ``i`` of ``teacher``: replace it alone by its initialised ``mixer`` and measure the
-    KL to the teacher and the LM-loss increase on ``blocks``. Sorted by ``criterion`` (``kl`` | ``loss``), the
-    layer that hurts most first: those are the ones to keep as attention."""
+    """For each attention layer ``i`` of ``teacher``: replace it alone by its initialised ``mixer`` and
+    measure the KL to the teacher and the LM-loss increase on ``blocks``. Sorted by ``criterion`` (``kl`` |
+    ``loss``), the layer that hurts most first: those are the ones to keep as attention."""
     if criterion not in ("kl", "loss"):
         raise ValueError(f"rank_layers: criterion={criterion!r} is not known; choose kl or loss")
     was = teacher.training
@@ -664,8 +742,9 @@ def rank_layers(
     try:
         for i in attention:
             keep = [j for j in attention if j != i]
-            student = hybridize_model(teacher, attention_layers=keep, mixer=mixer, mixer_config=mixer_config,
-                                      seed=seed).eval()
+            student = hybridize_model(
+                teacher, attention_layers=keep, mixer=mixer, mixer_config=mixer_config, seed=seed
+            ).eval()
             gap = distillation_gap(student, teacher, blocks, batch_size=batch_size)
             rows.append({"layer": i, "kl": gap["kl"], "loss_increase": gap["loss_increase"]})
             del student
@@ -684,14 +763,20 @@ def format_ranking(rows: list[dict[str, Any]], keep: int) -> str:
 
 
 def selection_blocks(src: str | os.PathLike, *, context: int = 256, blocks: int = 8) -> torch.Tensor:
-    """Held-out text (``hf_hybrid.data``'s local source) tokenised with ``src``'s tokenizer: [blocks, context]."""
+    """Held-out text (``hf_hybrid.data``'s local source) tokenised with ``src``'s tokenizer: [blocks,
+    context]."""
     from transformers import AutoTokenizer
 
     from ..data import build_lm_datasets
 
     tokenizer = AutoTokenizer.from_pretrained(os.fspath(src))
-    _, held = build_lm_datasets(tokenizer, context, max_train_chars=20_000, max_eval_blocks=blocks,
-                                max_eval_chars=blocks * context * 8)
+    _, held = build_lm_datasets(
+        tokenizer,
+        context,
+        max_train_chars=20_000,
+        max_eval_blocks=blocks,
+        max_eval_chars=blocks * context * 8,
+    )
     return held.blocks
 
 

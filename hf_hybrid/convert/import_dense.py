@@ -4,10 +4,10 @@ The result is function-preserving (same logits; tests check fp32 max abs ≤ 1e-
 ``attention`` (or ``sliding_attention``) mixer with a ``dense`` SwiGLU MLP, and weights are renamed
 ``model.layers.{i}.self_attn.*`` → ``model.layers.{i}.mixer.*`` (MLP and norm names are the same in both).
 
-Safety: weights are read with safetensors only; pickle-based ``.bin`` / ``.pt`` checkpoints are refused (loading them
-would run arbitrary code). Every check (config, architecture, weight names and shapes) runs before anything is
-written, and the output appears atomically (written beside ``dst`` and renamed), so a refused or failed import
-leaves no ``dst`` behind.
+Safety: weights are read with safetensors only; pickle-based ``.bin`` / ``.pt`` checkpoints are refused
+(loading them would run arbitrary code). Every check (config, architecture, weight names and shapes) runs
+before anything is written, and the output appears atomically (written beside ``dst`` and renamed), so a
+refused or failed import leaves no ``dst`` behind.
 """
 
 from __future__ import annotations
@@ -92,8 +92,8 @@ def _source_config(src: Path, raw: dict[str, Any]):
         )
     if model_type in _MOE_TYPES:
         _fail(
-            f"{src} is a sparse mixture-of-experts model (model_type={model_type!r}); import_dense takes dense "
-            f"models ({', '.join(SUPPORTED)}). Import a dense model and upcycle it to MoE instead"
+            f"{src} is a sparse mixture-of-experts model (model_type={model_type!r}); import_dense takes "
+            f"dense models ({', '.join(SUPPORTED)}). Import a dense model and upcycle it to MoE instead"
         )
     if model_type not in SUPPORTED:
         _fail(
@@ -107,11 +107,12 @@ def _mixer_types(model_type: str, cfg) -> tuple[list[str], int | None]:
     n = cfg.num_hidden_layers
     window = getattr(cfg, "sliding_window", None)
     if model_type == "mistral":
-        # MistralAttention applies config.sliding_window to every layer when it is set (layer_types is ignored).
+        # MistralAttention applies config.sliding_window to every layer when it is set (layer_types is
+        # ignored).
         kinds = ["sliding_attention" if window else "attention"] * n
     elif model_type in ("qwen2", "qwen3"):
-        # Qwen2/3 resolve use_sliding_window / max_window_layers into layer_types; a layer slides only when its type
-        # says so *and* a window is set (sliding_window is None when use_sliding_window is false).
+        # Qwen2/3 resolve use_sliding_window / max_window_layers into layer_types; a layer slides only when
+        # its type says so *and* a window is set (sliding_window is None when use_sliding_window is false).
         layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n)
         kinds = [
             "sliding_attention" if t == "sliding_attention" and window else "attention" for t in layer_types
@@ -124,24 +125,26 @@ def _mixer_types(model_type: str, cfg) -> tuple[list[str], int | None]:
 def _config_kwargs(src: Path, model_type: str, cfg, raw: dict[str, Any]) -> dict[str, Any]:
     if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
         _fail(
-            f"{src}: pretraining_tp={cfg.pretraining_tp} is not supported (transformers' legacy tensor-parallel path)"
+            f"{src}: pretraining_tp={cfg.pretraining_tp} is not "
+            "supported (transformers' legacy tensor-parallel path)"
         )
     if model_type in ("llama", "qwen3") and getattr(cfg, "attention_bias", False):
         _fail(
-            f"{src}: attention_bias=True puts a bias on o_proj as well as q/k/v in {SUPPORTED[model_type]}; hf_hybrid's "
-            "attention has biases on q/k/v only (Qwen2 style)"
+            f"{src}: attention_bias=True puts a bias on o_proj as well as q/k/v in "
+            f"{SUPPORTED[model_type]}; hf_hybrid's attention has biases on q/k/v only (Qwen2 style)"
         )
     act = cfg.hidden_act
     if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
         _fail(
-            f"{src}: hidden_act={act!r} is not supported; hf_hybrid MLPs take silu, gelu, gelu_pytorch_tanh, relu"
+            f"{src}: hidden_act={act!r} is not supported; hf_hybrid "
+            "MLPs take silu, gelu, gelu_pytorch_tanh, relu"
         )
     rope = dict(cfg.rope_parameters or {})
     if rope.get("rope_type", "default") in _DYNAMIC_ROPE:
         _fail(
-            f"{src}: rope_type={rope['rope_type']!r} changes RoPE frequencies with the sequence length at run time, "
-            "which hf_hybrid does not do (it would silently diverge on long inputs); supported: default, linear, "
-            "yarn, llama3, proportional"
+            f"{src}: rope_type={rope['rope_type']!r} changes RoPE frequencies with the "
+            "sequence length at run time, which hf_hybrid does not do (it would silently "
+            "diverge on long inputs); supported: default, linear, yarn, llama3, proportional"
         )
     mixer_types, window = _mixer_types(model_type, cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -205,8 +208,8 @@ _SAFETENSORS_DTYPES = {
 
 
 def plan_import(src_dir: str | os.PathLike, *, dtype: torch.dtype | str | None = None) -> ImportPlan:
-    """Read and check a source checkpoint; raise ``UnsupportedCheckpointError`` / ``FileNotFoundError`` with a clear
-    message for anything that cannot be imported exactly. Writes nothing."""
+    """Read and check a source checkpoint; raise ``UnsupportedCheckpointError`` / ``FileNotFoundError`` with a
+    clear message for anything that cannot be imported exactly. Writes nothing."""
     from ..configuration_hybrid import HybridConfig
     from ..modeling_hybrid import HybridForCausalLM
 
@@ -268,9 +271,10 @@ def plan_import(src_dir: str | os.PathLike, *, dtype: torch.dtype | str | None =
             )
 
     if dtype is None:
-        # transformers' rule for from_pretrained(dtype="auto"), its default: the config's dtype when it names one,
-        # else the dtype the weights are stored in. (A checkpoint may say float32 and store bf16: loading it by default
-        # gives float32 weights, so the import must too, or its default load would differ from the source's.)
+        # transformers' rule for from_pretrained(dtype="auto"), its default: the config's dtype when it names
+        # one, else the dtype the weights are stored in. (A checkpoint may say float32 and store bf16: loading
+        # it by default gives float32 weights, so the import must too, or its default load would differ from
+        # the source's.)
         declared = raw.get("dtype") or raw.get("torch_dtype")
         if isinstance(declared, str) and isinstance(getattr(torch, declared, None), torch.dtype):
             dtype = getattr(torch, declared)
@@ -289,7 +293,8 @@ def plan_import(src_dir: str | os.PathLike, *, dtype: torch.dtype | str | None =
 
 
 def dense_to_hybrid_config(src_dir: str | os.PathLike):
-    """The ``HybridConfig`` an import of ``src_dir`` would produce, from its config.json alone (no weights read)."""
+    """The ``HybridConfig`` an import of ``src_dir`` would produce, from its config.json alone (no weights
+    read)."""
     from ..configuration_hybrid import HybridConfig
 
     src = Path(src_dir)
@@ -309,8 +314,8 @@ def import_dense(
 ) -> Path:
     """Import the transformers checkpoint in ``src_dir`` into a new hf_hybrid checkpoint ``dst_dir``.
 
-    ``dtype``: cast floating weights (default: transformers' ``dtype="auto"`` rule — the dtype config.json names, else
-    the one the weights are stored in). ``base_model``: the name
+    ``dtype``: cast floating weights (default: transformers' ``dtype="auto"`` rule — the dtype config.json
+    names, else the one the weights are stored in). ``base_model``: the name
     recorded as lineage and in the card (default: ``src_dir`` as given; pass the Hub id when you know it).
     ``dst_dir`` must not exist or be empty. Returns ``dst_dir``."""
     from .. import __version__

@@ -1,6 +1,6 @@
-"""What every converter starts from (upcycle, DSA conversion, hybridize): the source checkpoint as an hf_hybrid
-config or model (an hf_hybrid checkpoint, or a Llama / Qwen2 / Qwen3 / Mistral one imported on the way), and the
-lineage a derived checkpoint records."""
+"""What every converter starts from (upcycle, DSA conversion, hybridize): the source checkpoint as an
+hf_hybrid config or model (an hf_hybrid checkpoint, or a Llama / Qwen2 / Qwen3 / Mistral one imported on the
+way), and the lineage a derived checkpoint records."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from .checkpoint import as_dtype
 
 
 def source_config(src: str | os.PathLike) -> tuple[HybridConfig, bool]:
-    """The ``HybridConfig`` of ``src`` (an hf_hybrid checkpoint, or one import_dense can import) and whether it is
-    already hf_hybrid. Reads config and weight names only; raises ``ValueError`` / ``FileNotFoundError``."""
+    """The ``HybridConfig`` of ``src`` (an hf_hybrid checkpoint, or one import_dense can import) and whether
+    it is already hf_hybrid. Reads config and weight names only; raises ``ValueError`` /
+    ``FileNotFoundError``."""
     from .import_dense import plan_import
 
     path = Path(src)
@@ -35,10 +36,10 @@ def source_config(src: str | os.PathLike) -> tuple[HybridConfig, bool]:
 
 
 def load_source(src: str | os.PathLike, *, dtype: torch.dtype | str | None = None):
-    """``(model, source_dtype)``: an hf_hybrid ``HybridForCausalLM`` of ``src`` (imported through a temporary directory
-    when it is a Llama / Qwen2 / Qwen3 / Mistral checkpoint), in eval mode, cast to ``dtype`` when given;
-    ``source_dtype`` is the dtype transformers' default loading gives it (``dtype="auto"``: the config's dtype, else the
-    stored one)."""
+    """``(model, source_dtype)``: an hf_hybrid ``HybridForCausalLM`` of ``src`` (imported through a temporary
+    directory when it is a Llama / Qwen2 / Qwen3 / Mistral checkpoint), in eval mode, cast to ``dtype`` when
+    given; ``source_dtype`` is the dtype transformers' default loading gives it (``dtype="auto"``: the
+    config's dtype, else the stored one)."""
     from ..modeling_hybrid import HybridForCausalLM
     from .import_dense import import_dense
 
@@ -55,9 +56,11 @@ def load_source(src: str | os.PathLike, *, dtype: torch.dtype | str | None = Non
     return model.eval(), source_dtype
 
 
-def derived_lineage(parent: dict[str, Any], src: str | None, recipe: str, options: dict[str, Any]) -> dict[str, Any]:
-    """Lineage of a derived checkpoint: the root ``base_model`` (and architecture) of ``parent``, this ``recipe`` and
-    its ``options``, and the recipes applied before it (``previous_recipes``)."""
+def derived_lineage(
+    parent: dict[str, Any], src: str | None, recipe: str, options: dict[str, Any]
+) -> dict[str, Any]:
+    """Lineage of a derived checkpoint: the root ``base_model`` (and architecture) of ``parent``, this
+    ``recipe`` and its ``options``, and the recipes applied before it (``previous_recipes``)."""
     from .. import __version__
 
     lineage: dict[str, Any] = {}

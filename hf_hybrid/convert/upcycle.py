@@ -1,64 +1,71 @@
-"""Dense → MoE upcycling (DESIGN.md §7): every chosen dense SwiGLU MLP becomes a ``HybridMoE`` whose experts start
-as copies of it, so the MoE model begins where the dense one ended.
+"""Dense → MoE upcycling (DESIGN.md §7): every chosen dense SwiGLU MLP becomes a ``HybridMoE`` whose experts
+start as copies of it, so the MoE model begins where the dense one ended.
 
-    hf-hybrid upcycle SRC DST --num-experts 8 --top-k 2 [--shared-expert] [--granularity G] [--drop-upcycling r]
+    hf-hybrid upcycle SRC DST --num-experts 8 --top-k 2 [--shared-expert] [--granularity G] [--drop-upcycling
+    r]
                       [--noise s] [--layers 1,3,5] [--router softmax|sigmoid] [--no-renormalize]
                       [--routed-scaling F] [--router-init-std S] [--group-limited] [--seed N]
 
 ``SRC`` is an hf_hybrid checkpoint or a dense Llama / Qwen2 / Qwen3 / Mistral checkpoint saved by transformers
 (imported on the way with :func:`hf_hybrid.convert.import_dense.import_dense`).
 
-Shape legend: ``H`` hidden, ``I`` dense intermediate size, ``G`` granularity (shards per dense MLP), ``E`` copies of
-the dense MLP (``--num-experts``), ``k`` copies per token (``--top-k``). The MoE has ``E·G`` experts of size ``I/G``
-and routes each token to ``k·G`` of them; expert ``j = e·G + g`` holds shard ``g`` (intermediate neurons
-``[g·I/G, (g+1)·I/G)``) of copy ``e`` — copy-major, so the shards of one copy are contiguous.
+Shape legend: ``H`` hidden, ``I`` dense intermediate size, ``G`` granularity (shards per dense MLP), ``E``
+copies of the dense MLP (``--num-experts``), ``k`` copies per token (``--top-k``). The MoE has ``E·G`` experts
+of size ``I/G`` and routes each token to ``k·G`` of them; expert ``j = e·G + g`` holds shard ``g``
+(intermediate neurons ``[g·I/G, (g+1)·I/G)``) of copy ``e`` — copy-major, so the shards of one copy are
+contiguous.
 
-Exact starts (fp32, dropless, no noise, no Drop-Upcycling; tests check logits within 1e-5 of the source). Let ``c``
-be the factor applied to the routed experts' ``down_proj`` and ``F`` the routed scaling factor:
+Exact starts (fp32, dropless, no noise, no Drop-Upcycling; tests check logits within 1e-5 of the source). Let
+``c`` be the factor applied to the routed experts' ``down_proj`` and ``F`` the routed scaling factor:
 
-1. **renormalised top-k** (default): the selected weights sum to ``F``; a copy's ``G`` shards share one router row
-   (Megatron's "virtual group" construction), so they get equal weights and together rebuild the dense MLP:
-   ``c = G / F`` (``1`` for the plain case ``G = 1, F = 1``). Exact for any router with rows shared inside a copy,
-   so the router gets a small random init (``--router-init-std``, default ``config.initializer_range``) that
-   breaks the symmetry between copies at no cost to exactness.
+1. **renormalised top-k** (default): the selected weights sum to ``F``; a copy's ``G`` shards share one router
+   row (Megatron's "virtual group" construction), so they get equal weights and together rebuild the dense
+   MLP: ``c = G / F`` (``1`` for the plain case ``G = 1, F = 1``). Exact for any router with rows shared
+   inside a copy, so the router gets a small random init (``--router-init-std``, default
+   ``config.initializer_range``) that breaks the symmetry between copies at no cost to exactness.
 2. **no renormalisation** (``--no-renormalize``): the router starts at zero, so every selected weight is
-   ``w₀ = 1/(E·G)`` (softmax) or ``½`` (sigmoid) and ``c = 1 / (k · w₀ · F)`` — ``E·G/k`` for softmax, ``2/k`` for
-   sigmoid at ``F = 1``. Exact only with the zero router: ``--router-init-std > 0`` trades exactness for symmetry
-   breaking (the output is then off by the spread of the router weights).
-3. **shared expert** (``--shared-expert``): one shared SwiGLU of size ``I`` (``G`` shared experts of ``I/G``). We
-   **halve both**: shared = the dense MLP with ``down_proj · ½``, routed ``c`` as above times ``½``. Halving (rather
-   than "shared = dense, routed ``down_proj`` = 0") gives every routed parameter and the router a gradient from the
-   first step: a zero ``down_proj`` sends no gradient to the experts' ``gate_up_proj`` nor to the router until
-   ``down_proj`` itself has moved, and keeps the routed copies identical for longer.
+   ``w₀ = 1/(E·G)`` (softmax) or ``½`` (sigmoid) and ``c = 1 / (k · w₀ · F)`` — ``E·G/k`` for softmax, ``2/k``
+   for sigmoid at ``F = 1``. Exact only with the zero router: ``--router-init-std > 0`` trades exactness for
+   symmetry breaking (the output is then off by the spread of the router weights).
+3. **shared expert** (``--shared-expert``): one shared SwiGLU of size ``I`` (``G`` shared experts of ``I/G``).
+   We **halve both**: shared = the dense MLP with ``down_proj · ½``, routed ``c`` as above times ``½``.
+   Halving (rather than "shared = dense, routed ``down_proj`` = 0") gives every routed parameter and the
+   router a gradient from the first step: a zero ``down_proj`` sends no gradient to the experts'
+   ``gate_up_proj`` nor to the router until ``down_proj`` itself has moved, and keeps the routed copies
+   identical for longer.
 
-Granular upcycling (``G > 1``) is exact when each token's top-``k·G`` consists of whole copies. What we guarantee:
+Granular upcycling (``G > 1``) is exact when each token's top-``k·G`` consists of whole copies. What we
+guarantee:
 - with ``--group-limited`` (DeepSeek's group-limited routing with one group per copy: ``n_group = E``,
-  ``topk_group = k``) whole copies are selected *structurally*, under any rounding and after any training — at the
-  price of routing that stays copy-granular for good (the shards of a copy can still learn different weights);
-- without it (default), whole copies are selected as long as the ``G`` logits of a copy are bitwise equal — they
-  come from identical router rows, which torch's CPU GEMM maps to identical values (tested) — because the router's
-  stable top-k lists tied experts in index order and a copy's shards are contiguous (even a zero router, where every
-  expert ties, picks the first ``k`` whole copies). Training then separates the shards' router rows freely. We do
-  not claim exactness on a backend whose GEMM could round identical rows differently.
+  ``topk_group = k``) whole copies are selected *structurally*, under any rounding and after any training — at
+  the price of routing that stays copy-granular for good (the shards of a copy can still learn different
+  weights);
+- without it (default), whole copies are selected as long as the ``G`` logits of a copy are bitwise equal —
+  they come from identical router rows, which torch's CPU GEMM maps to identical values (tested) — because the
+  router's stable top-k lists tied experts in index order and a copy's shards are contiguous (even a zero
+  router, where every expert ties, picks the first ``k`` whole copies). Training then separates the shards'
+  router rows freely. We do not claim exactness on a backend whose GEMM could round identical rows
+  differently.
 
-Not function-preserving, for diversity between experts (each documented with what it promises and tested for it):
+Not function-preserving, for diversity between experts (each documented with what it promises and tested for
+it):
 - ``--noise s``: add ``N(0, (s·std(W))²)`` to each routed expert's copy of each dense matrix ``W``.
 - ``--drop-upcycling r`` (Nakamura et al., 2025): in each routed expert, re-draw ``round(r · I/G)`` of its
-  intermediate neurons — rows of gate and up, columns of down — from ``N(mean(W), std(W)²)`` of the dense matrix;
-  the neurons are chosen independently per expert (different sets), the others keep the dense values.
+  intermediate neurons — rows of gate and up, columns of down — from ``N(mean(W), std(W)²)`` of the dense
+  matrix; the neurons are chosen independently per expert (different sets), the others keep the dense values.
 
 Symmetry caveats (DESIGN.md §7), and what we do about them:
-- at step 0 the copies are identical, so the LM loss sends the router no gradient; the balancing loss (aux 1e-2,
-  z 1e-3, the config's defaults) does, and so do noise / Drop-Upcycling. A router init that is not symmetric helps
-  the copies drift apart (tests check that one optimizer step on real text moves the router);
-- ``k = 1`` with renormalisation (``G = 1``) makes the weight always ``F``: the LM loss never trains the router
-  (a warning is issued; use ``--no-renormalize`` or ``k ≥ 2``);
-- a zero router plus top-k ties broken toward the lower index sends every token to the first ``k`` copies until
-  the router moves: deterministic, documented, and broken by ``--router-init-std`` (at the cost of exactness) or by
-  the balancing loss after the first step.
+- at step 0 the copies are identical, so the LM loss sends the router no gradient; the balancing loss (aux
+  1e-2, z 1e-3, the config's defaults) does, and so do noise / Drop-Upcycling. A router init that is not
+  symmetric helps the copies drift apart (tests check that one optimizer step on real text moves the router);
+- ``k = 1`` with renormalisation (``G = 1``) makes the weight always ``F``: the LM loss never trains the
+  router (a warning is issued; use ``--no-renormalize`` or ``k ≥ 2``);
+- a zero router plus top-k ties broken toward the lower index sends every token to the first ``k`` copies
+  until the router moves: deterministic, documented, and broken by ``--router-init-std`` (at the cost of
+  exactness) or by the balancing loss after the first step.
 
-Lineage goes to ``config.hf_hybrid_lineage`` (``recipe: "upcycle"``, ``options``, ``exact_start``) and so to the
-model card; ``hf-hybrid inspect DST`` shows total vs active parameters. Reading the source and writing
+Lineage goes to ``config.hf_hybrid_lineage`` (``recipe: "upcycle"``, ``options``, ``exact_start``) and so to
+the model card; ``hf-hybrid inspect DST`` shows total vs active parameters. Reading the source and writing
 the result go through ``hf_hybrid.convert.source`` and ``hf_hybrid.convert.checkpoint`` (shared by every
 converter).
 """
@@ -86,7 +93,7 @@ from .source import derived_lineage, load_source, source_config
 ROUTERS = FIELD_CHOICES["router_scoring_func"]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # options
 
 
@@ -133,15 +140,17 @@ class UpcycleOptions:
         if self.noise < 0:
             raise ValueError(f"upcycle: noise={self.noise} must be >= 0")
         if self.router not in ROUTERS:
-            raise ValueError(f"upcycle: router={self.router!r} is not known; choose one of: {', '.join(ROUTERS)}")
+            raise ValueError(
+                f"upcycle: router={self.router!r} is not known; choose one of: {', '.join(ROUTERS)}"
+            )
         if not self.routed_scaling > 0:
             raise ValueError(f"upcycle: routed_scaling={self.routed_scaling} must be > 0")
         if self.router_init_std is not None and self.router_init_std < 0:
             raise ValueError(f"upcycle: router_init_std={self.router_init_std} must be >= 0")
         if self.group_limited and self.granularity == 1:
             raise ValueError(
-                "upcycle: group_limited needs granularity > 1 (it keeps the G shards of a copy together); with "
-                "granularity 1 every expert is a whole copy already"
+                "upcycle: group_limited needs granularity > 1 (it keeps the G shards of a "
+                "copy together); with granularity 1 every expert is a whole copy already"
             )
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
@@ -149,7 +158,9 @@ class UpcycleOptions:
                 raise ValueError(f"upcycle: {name}={value} must be >= 0")
         if self.layers is not None:
             if not self.layers:
-                raise ValueError("upcycle: layers is empty; give layer indices or None for every dense-MLP layer")
+                raise ValueError(
+                    "upcycle: layers is empty; give layer indices or None for every dense-MLP layer"
+                )
             for i in self.layers:
                 integer("layers entry", i)
 
@@ -159,7 +170,8 @@ class UpcycleOptions:
         return float(config.initializer_range) if self.renormalize else 0.0
 
     def exact_start(self, config: HybridConfig) -> bool:
-        """True when the upcycled model starts function-preserving (see the module docstring for the G > 1 rule)."""
+        """True when the upcycled model starts function-preserving (see the module docstring for the G > 1
+        rule)."""
         return (
             self.noise == 0
             and self.drop_upcycling == 0
@@ -181,19 +193,20 @@ class UpcycleOptions:
         out = []
         if self.top_k == 1 and self.granularity == 1 and self.renormalize:
             out.append(
-                "top_k=1 with renormalisation: every routing weight is exactly routed_scaling, so the LM loss never "
-                "trains the router (only the balancing loss does); consider --no-renormalize or top_k >= 2"
+                "top_k=1 with renormalisation: every routing weight is exactly "
+                "routed_scaling, so the LM loss never trains the router (only the "
+                "balancing loss does); consider --no-renormalize or top_k >= 2"
             )
         if not self.renormalize and self.router_std(config) > 0:
             out.append(
-                f"router_init_std={self.router_std(config)} without renormalisation: the start is not exact (the "
-                "routing weights differ from 1/(k·w0)); use router_init_std=0 for an exact start"
+                f"router_init_std={self.router_std(config)} without renormalisation: the start is not exact "
+                "(the routing weights differ from 1/(k·w0)); use router_init_std=0 for an exact start"
             )
         if not self.renormalize and self.router_std(config) == 0:
             out.append(
-                "zero router: until it moves, every token goes to the first top_k copies (ties break toward the lower "
-                "expert index); the balancing loss breaks the tie after one optimizer step. --router-init-std > 0 "
-                "breaks it at once but costs exactness"
+                "zero router: until it moves, every token goes to the first top_k copies (ties "
+                "break toward the lower expert index); the balancing loss breaks the tie after "
+                "one optimizer step. --router-init-std > 0 breaks it at once but costs exactness"
             )
         return out
 
@@ -203,19 +216,20 @@ class UpcycleOptions:
         return d
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the weights of one layer
 
 
 @dataclass
 class UpcycledMLP:
-    """Tensors of one upcycled layer (fp32). ``redrawn[j]``: the neuron indices (within expert j) Drop-Upcycling re-drew
-    (empty without it)."""
+    """Tensors of one upcycled layer (fp32). ``redrawn[j]``: the neuron indices (within expert j)
+    Drop-Upcycling re-drew (empty without it)."""
 
     gate_up_proj: torch.Tensor  # [E·G, 2·I/G, H], gate rows first
     down_proj: torch.Tensor  # [E·G, H, I/G]
     router_weight: torch.Tensor  # [E·G, H]
-    shared: dict[str, torch.Tensor] | None  # {"gate_proj.weight" [I, H], "up_proj.weight", "down_proj.weight" [H, I]}
+    # {"gate_proj.weight" [I, H], "up_proj.weight", "down_proj.weight" [H, I]}
+    shared: dict[str, torch.Tensor] | None
     redrawn: list[torch.Tensor]
 
 
@@ -228,8 +242,8 @@ def upcycle_mlp(
     router_std: float,
     generator: torch.Generator,
 ) -> UpcycledMLP:
-    """Experts, router and shared expert for one dense SwiGLU ``down(act(gate x) · up x)`` (see the module docstring
-    for the construction and what is exact)."""
+    """Experts, router and shared expert for one dense SwiGLU ``down(act(gate x) · up x)`` (see the module
+    docstring for the construction and what is exact)."""
     E, G = opts.num_experts, opts.granularity
     inter, H = gate_IH.shape
     if inter % G:
@@ -269,32 +283,39 @@ def upcycle_mlp(
 
     shared = None
     if opts.shared_expert:
-        shared = {"gate_proj.weight": gate.clone(), "up_proj.weight": up.clone(), "down_proj.weight": down * 0.5}
+        shared = {
+            "gate_proj.weight": gate.clone(),
+            "up_proj.weight": up.clone(),
+            "down_proj.weight": down * 0.5,
+        }
     return UpcycledMLP(gate_up_EIH.contiguous(), down_EHI.contiguous(), router_EH, shared, redrawn)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # config and model
 
 
 def check_upcycle(config: HybridConfig, opts: UpcycleOptions) -> list[int]:
-    """Validate ``opts`` against ``config``; return the layers to upcycle. Raises ``ValueError``; writes nothing."""
+    """Validate ``opts`` against ``config``; return the layers to upcycle. Raises ``ValueError``; writes
+    nothing."""
     opts.validate()
     n = config.num_hidden_layers
     if "moe" in config.mlp_types:
         have = [i for i, t in enumerate(config.mlp_types) if t == "moe"]
         raise ValueError(
-            f"upcycle: the source already has MoE layers ({have}); MoE settings are global in HybridConfig, so "
-            "upcycle starts from a model whose MLPs are dense"
+            f"upcycle: the source already has MoE layers ({have}); MoE settings are "
+            "global in HybridConfig, so upcycle starts from a model whose MLPs are dense"
         )
     if not config.mlp_gated:
         raise ValueError(
-            "upcycle: HybridConfig.mlp_gated=False (ungated MLPs, e.g. a Nemotron-H import) is not supported; "
-            "upcycling copies gated SwiGLU MLPs into gated experts"
+            "upcycle: HybridConfig.mlp_gated=False (ungated MLPs, e.g. a Nemotron-H import) "
+            "is not supported; upcycling copies gated SwiGLU MLPs into gated experts"
         )
     dense = [i for i, t in enumerate(config.mlp_types) if t == "dense"]
     if not dense:
-        raise ValueError(f"upcycle: the source has no dense MLP layers (mlp_types={config.mlp_types}); nothing to upcycle")
+        raise ValueError(
+            f"upcycle: the source has no dense MLP layers (mlp_types={config.mlp_types}); nothing to upcycle"
+        )
     if opts.layers is None:
         layers = dense
     else:
@@ -306,16 +327,20 @@ def check_upcycle(config: HybridConfig, opts: UpcycleOptions) -> list[int]:
                 f"{[config.mlp_types[i] for i in not_dense]}); dense-MLP layers are {dense}"
             )
     if config.mlp_bias:
-        raise ValueError("upcycle: the dense MLPs have biases (mlp_bias=True) and experts have none; cannot copy exactly")
+        raise ValueError(
+            "upcycle: the dense MLPs have biases (mlp_bias=True) and experts have none; cannot copy exactly"
+        )
     if config.intermediate_size % opts.granularity:
         raise ValueError(
-            f"upcycle: granularity={opts.granularity} must divide intermediate_size={config.intermediate_size}"
+            f"upcycle: granularity={opts.granularity} must divide "
+            f"intermediate_size={config.intermediate_size}"
         )
     return layers
 
 
 def upcycled_config(config: HybridConfig, opts: UpcycleOptions, layers: list[int]) -> HybridConfig:
-    """The source config with ``layers`` turned into MoE layers (a new object; lineage is left to the caller)."""
+    """The source config with ``layers`` turned into MoE layers (a new object; lineage is left to the
+    caller)."""
     E, k, G = opts.num_experts, opts.top_k, opts.granularity
     d = config.to_dict()
     d.update(
@@ -344,8 +369,8 @@ def upcycled_config(config: HybridConfig, opts: UpcycleOptions, layers: list[int
 
 
 def upcycle_model(model, opts: UpcycleOptions | None = None, **kwargs: Any):
-    """Upcycle an in-memory ``HybridForCausalLM`` (left untouched); returns a new model with fresh tensors, in the
-    source's dtype and device. Options: an ``UpcycleOptions`` or its fields as keyword arguments."""
+    """Upcycle an in-memory ``HybridForCausalLM`` (left untouched); returns a new model with fresh tensors, in
+    the source's dtype and device. Options: an ``UpcycleOptions`` or its fields as keyword arguments."""
     if opts is None:
         opts = UpcycleOptions(**kwargs)
     elif kwargs:
@@ -373,19 +398,23 @@ def upcycle_model(model, opts: UpcycleOptions | None = None, **kwargs: Any):
         state[prefix + "experts.gate_up_proj"] = up.gate_up_proj.to(dtype)
         state[prefix + "experts.down_proj"] = up.down_proj.to(dtype)
         state[prefix + "router.weight"] = up.router_weight.to(dtype)
-        state[prefix + "router.e_score_correction_bias"] = torch.zeros(new_config.num_experts, dtype=torch.float32)
+        state[prefix + "router.e_score_correction_bias"] = torch.zeros(
+            new_config.num_experts, dtype=torch.float32
+        )
         for name, tensor in (up.shared or {}).items():
             state[prefix + "shared_experts." + name] = tensor.to(dtype)
     new = rebuild_model(model, new_config, state)
     lineage = dict(config.hf_hybrid_lineage or {})
     new.config.hf_hybrid_lineage = derived_lineage(
-        lineage, None, "upcycle",
+        lineage,
+        None,
+        "upcycle",
         {**opts.as_dict(), "layers": layers, "exact_start": opts.exact_start(config)},
     )
     return new
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # the whole job
 
 
@@ -412,14 +441,24 @@ def upcycle(
 ) -> Path:
     """Upcycle the dense checkpoint ``src`` into an MoE checkpoint ``dst`` (see the module docstring).
 
-    Every check (options, source, layers, ``dst``) runs before anything is written. The surgery runs in fp32; the
-    result is saved in ``dtype`` (default: the dtype the source was stored in). Returns ``dst``."""
+    Every check (options, source, layers, ``dst``) runs before anything is written. The surgery runs in fp32;
+    the result is saved in ``dtype`` (default: the dtype the source was stored in). Returns ``dst``."""
     opts = UpcycleOptions(
-        num_experts=num_experts, top_k=top_k, shared_expert=shared_expert, granularity=granularity,
-        drop_upcycling=drop_upcycling, noise=noise, layers=tuple(layers) if layers is not None else None,
-        router=router, renormalize=renormalize, routed_scaling=routed_scaling, router_init_std=router_init_std,
-        group_limited=group_limited, router_aux_loss_coef=router_aux_loss_coef,
-        router_z_loss_coef=router_z_loss_coef, seed=seed,
+        num_experts=num_experts,
+        top_k=top_k,
+        shared_expert=shared_expert,
+        granularity=granularity,
+        drop_upcycling=drop_upcycling,
+        noise=noise,
+        layers=tuple(layers) if layers is not None else None,
+        router=router,
+        renormalize=renormalize,
+        routed_scaling=routed_scaling,
+        router_init_std=router_init_std,
+        group_limited=group_limited,
+        router_aux_loss_coef=router_aux_loss_coef,
+        router_z_loss_coef=router_z_loss_coef,
+        seed=seed,
     )
     check_dst(dst)
     config, _ = source_config(src)

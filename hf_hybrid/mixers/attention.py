@@ -1,6 +1,6 @@
-"""Softmax attention: MHA / GQA / MQA, optional sliding window, partial RoPE, q/k RMSNorm per head (Qwen3) or over
-the whole projection (OLMoE, ``qk_norm_scope="full"``), q/k/v clipping (OLMoE's ``clip_qkv``), q/k/v bias (Qwen2) and
-a sigmoid output gate (Qwen3-Next). The kernel comes from transformers' attention interface
+"""Softmax attention: MHA / GQA / MQA, optional sliding window, partial RoPE, q/k RMSNorm per head (Qwen3) or
+over the whole projection (OLMoE, ``qk_norm_scope="full"``), q/k/v clipping (OLMoE's ``clip_qkv``), q/k/v bias
+(Qwen2) and a sigmoid output gate (Qwen3-Next). The kernel comes from transformers' attention interface
 (``eager``, ``sdpa``, ``flash_attention_2``, ``flex_attention``) chosen by ``config._attn_implementation``."""
 
 from __future__ import annotations
@@ -70,8 +70,10 @@ def describe_attention(config: HybridConfig) -> list[tuple[str, str]]:
         )
         if on
     ]
-    heads = (f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, head dim {config.head_dim}"
-             + (f" ({', '.join(extras)})" if extras else ""))
+    heads = (
+        f"{config.num_attention_heads} heads, {config.num_key_value_heads} KV heads, head dim "
+        f"{config.head_dim}" + (f" ({', '.join(extras)})" if extras else "")
+    )
     return [("attention", heads)]
 
 
@@ -79,10 +81,22 @@ def _describe_sliding(config: HybridConfig) -> list[tuple[str, str]]:
     return [*describe_attention(config), ("sliding window", str(config.sliding_window))]
 
 
-@register_mixer("sliding_attention", layer_type="sliding_attention", mask="sliding_attention",
-                cost=sliding_attention_cost, validate=_validate_sliding, describe=_describe_sliding)
-@register_mixer("attention", layer_type="full_attention", mask="full_attention", cost=attention_cost,
-                validate=validate_gqa, describe=describe_attention)
+@register_mixer(
+    "sliding_attention",
+    layer_type="sliding_attention",
+    mask="sliding_attention",
+    cost=sliding_attention_cost,
+    validate=_validate_sliding,
+    describe=_describe_sliding,
+)
+@register_mixer(
+    "attention",
+    layer_type="full_attention",
+    mask="full_attention",
+    cost=attention_cost,
+    validate=validate_gqa,
+    describe=describe_attention,
+)
 class HybridAttention(nn.Module):
     def returns_attention_weights(self) -> bool:
         """Eager attention hands its probabilities to ``ctx.attentions`` (``output_attentions=True``)."""
@@ -107,8 +121,12 @@ class HybridAttention(nn.Module):
 
         q_out = self.num_heads * self.head_dim * (2 if self.output_gate else 1)
         self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(
+            config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
+        self.v_proj = nn.Linear(
+            config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias
+        )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         # q/k RMSNorm per head (Qwen3) or over the whole projection (OLMoE: qk_norm_scope="full").
         self.qk_norm_full = config.qk_norm_scope == "full"
@@ -151,7 +169,9 @@ class HybridAttention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         """Dense attention through transformers' interface; returns [B, T, h, d]."""
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
         mask = ctx.masks.get("sliding_attention" if self.is_sliding else "full_attention")
         out, probs = interface(
             self,

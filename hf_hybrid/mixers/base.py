@@ -6,8 +6,9 @@ batch (padding, packing, positions, cache) is in ``ctx``; auxiliary losses go th
 
 Optional methods the model looks for on a mixer (or MLP) module, all defaulting to "no":
 - ``init_hybrid_weights(init, config)``: initialise special parameters (decays, dt biases, fused experts);
-- ``attached_aux_terms() -> tuple[str, ...]``: the ``ctx.add_aux`` names whose gradient the model attaches to this
-  layer's output in training now (each weighted by its coefficient over the number of layers attaching it);
+- ``attached_aux_terms() -> tuple[str, ...]``: the ``ctx.add_aux`` names whose gradient the model attaches to
+  this layer's output in training now (each weighted by its coefficient over the number of layers attaching
+  it);
 - ``returns_attention_weights() -> bool``: hands eager attention probabilities to ``ctx.attentions``;
 - ``runtime_mask() -> str | None``: the mask it reads, when that depends on run-time state (see the registry).
 """
@@ -25,8 +26,8 @@ from ..registry import MIXER_REGISTRY, register_mixer  # noqa: F401  (re-exporte
 
 
 def in_backward_recompute() -> bool:
-    """True while autograd's engine is running a backward pass, i.e. when gradient checkpointing replays a layer's
-    forward: statistics (router token counts) must not be counted a second time then."""
+    """True while autograd's engine is running a backward pass, i.e. when gradient checkpointing replays a
+    layer's forward: statistics (router token counts) must not be counted a second time then."""
     return torch._C._current_graph_task_id() != -1
 
 
@@ -49,15 +50,15 @@ class MixerContext:
     - ``cache``: the ``HybridCache`` or None. ``past_length`` is P.
     - ``attn_kwargs``: extra keyword arguments for transformers' attention interface (flash varlen info).
     - ``output_router_logits``: MoE layers append their fp32 router logits [B·T, E] to ``router_logits``.
-    - ``aux_weights``: auxiliary term name -> the weight its gradient is attached with (coefficient / number of layers
-      producing it); names not in it are recorded but not attached (``hf_hybrid.aux_loss``). ``aux_scale`` is the
-      forward's :class:`~hf_hybrid.aux_loss.AuxLossScale`.
+    - ``aux_weights``: auxiliary term name -> the weight its gradient is attached with (coefficient / number
+      of layers producing it); names not in it are recorded but not attached (``hf_hybrid.aux_loss``).
+      ``aux_scale`` is the forward's :class:`~hf_hybrid.aux_loss.AuxLossScale`.
     - ``output_attentions``: attention mixers that can (eager) append their probabilities to ``attentions`` as
       ``(layer_idx, [B, h, T, S])``.
     - ``input_ids``: [B, T] token ids of this forward's new tokens, or None when the model was called with
       ``inputs_embeds`` (read by layers that route by token: ``moe_routing="hash"``).
-    - ``mixer_io_layers``: layers whose mixer input (the normed hidden states) and output the decoder layers record
-      in ``mixer_io`` (the model's ``output_mixer_io=``, for distillation and probing).
+    - ``mixer_io_layers``: layers whose mixer input (the normed hidden states) and output the decoder layers
+      record in ``mixer_io`` (the model's ``output_mixer_io=``, for distillation and probing).
     """
 
     padding_mask: torch.Tensor | None

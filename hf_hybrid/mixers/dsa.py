@@ -1,32 +1,34 @@
 """DeepSeek Sparse Attention (DeepSeek-V3.2), ``mixer_types`` value ``"dsa"``.
 
-A lightning indexer scores every visible past token, ``I[t,s] = Σ_h w[t,h] · ReLU(q_I[t,h] · k_I[s])`` (one shared
-indexer key per token, LayerNorm + partial RoPE on it, ``w = weights_proj(x) · H_I^-½ · d_I^-½``, the indexer query
-from MLA's q-LoRA latent when there is one), keeps the top ``index_topk`` per query (ties toward the most recent
-position), and attention runs over those tokens only: O(T·k) compute and memory, never a T×T mask.
+A lightning indexer scores every visible past token, ``I[t,s] = Σ_h w[t,h] · ReLU(q_I[t,h] · k_I[s])`` (one
+shared indexer key per token, LayerNorm + partial RoPE on it, ``w = weights_proj(x) · H_I^-½ · d_I^-½``, the
+indexer query from MLA's q-LoRA latent when there is one), keeps the top ``index_topk`` per query (ties toward
+the most recent position), and attention runs over those tokens only: O(T·k) compute and memory, never a T×T
+mask.
 
-DSA sits on a dense mixer (``dsa_base``): ``"mla"`` (as in V3.2: MLA in latent MQA mode, so one selection serves
-all heads, attention runs on the cached ``[c_kv, k_pe]`` directly) or ``"attention"`` (GQA). The weights of the
-base keep their names (a DSA layer is its base mixer plus ``indexer.*``), so converting a dense checkpoint is a copy
-plus fresh indexers.
+DSA sits on a dense mixer (``dsa_base``): ``"mla"`` (as in V3.2: MLA in latent MQA mode, so one selection
+serves all heads, attention runs on the cached ``[c_kv, k_pe]`` directly) or ``"attention"`` (GQA). The
+weights of the base keep their names (a DSA layer is its base mixer plus ``indexer.*``), so converting a dense
+checkpoint is a copy plus fresh indexers.
 
 ``dsa_mode``:
 - ``"sparse"``: top-k sparse attention. The indexer always sees **detached** inputs and learns only from
-  ``KL(p_t|S ‖ softmax(I_t)|S)`` over the selected set (``indexer_loss``); the LM loss reaches the model, not the
-  indexer (the selection is integer-valued).
-- ``"dense_warmup"``: dense attention; in training ``indexer_loss = KL(p_t ‖ softmax(I_t))`` over all visible keys,
-  p the main attention (head-mean, detached), recomputed per query chunk; the model's ``loss`` is this KL alone.
+  ``KL(p_t|S ‖ softmax(I_t)|S)`` over the selected set (``indexer_loss``); the LM loss reaches the model, not
+  the indexer (the selection is integer-valued).
+- ``"dense_warmup"``: dense attention; in training ``indexer_loss = KL(p_t ‖ softmax(I_t))`` over all visible
+  keys, p the main attention (head-mean, detached), recomputed per query chunk; the model's ``loss`` is this
+  KL alone.
 - ``"dense"``: the base mixer, indexer unused (e.g. a freshly converted model before warm-up).
 
 ``dsa_selector``: ``"indexer"`` (learned, default) or ``"structured"`` (first ``dsa_global_tokens`` tokens as
 anchors, the last ``dsa_local_window`` tokens, and evenly strided representatives of the middle).
 
-``dsa_indexer_types`` (GLM-MoE-DSA's index-reuse layers): a DSA layer marked ``"shared"`` has no indexer and attends
-over the top-k the previous ``"full"`` DSA layer selected in the same forward (``MixerContext.dsa_topk``); it adds no
-indexer loss and caches no indexer keys.
+``dsa_indexer_types`` (GLM-MoE-DSA's index-reuse layers): a DSA layer marked ``"shared"`` has no indexer and
+attends over the top-k the previous ``"full"`` DSA layer selected in the same forward
+(``MixerContext.dsa_topk``); it adds no indexer loss and caches no indexer keys.
 
-Set ``module.collect_metrics = True`` to have each forward record ``dsa_recall`` (recall@k against the top-k of the
-true head-mean attention) and ``dsa_mass`` (attention mass inside the selected set) as layer stats.
+Set ``module.collect_metrics = True`` to have each forward record ``dsa_recall`` (recall@k against the top-k
+of the true head-mean attention) and ``dsa_mass`` (attention mass inside the selected set) as layer stats.
 """
 
 from __future__ import annotations
@@ -95,13 +97,23 @@ def key_start_positions(ctx: MixerContext, t: int, device: torch.device) -> torc
 
 
 def structured_indices(
-    b: int, t: int, past: int, key_start: torch.Tensor | None, *, topk: int, window: int, anchors: int,
+    b: int,
+    t: int,
+    past: int,
+    key_start: torch.Tensor | None,
+    *,
+    topk: int,
+    window: int,
+    anchors: int,
     device: torch.device,
 ) -> torch.Tensor:
-    """Fixed selection [B, T, topk] (-1 = unused): the first ``anchors`` tokens, the last ``window`` tokens, and
-    ``topk - anchors - window`` evenly strided tokens between them; the three sets are disjoint by construction."""
+    """Fixed selection [B, T, topk] (-1 = unused): the first ``anchors`` tokens, the last ``window`` tokens,
+    and ``topk - anchors - window`` evenly strided tokens between them; the three sets are disjoint by
+    construction."""
     pos = (past + torch.arange(t, device=device))[None, :, None]  # (1, T, 1) absolute query positions
-    start = torch.zeros(b, t, 1, dtype=torch.long, device=device) if key_start is None else key_start[..., None]
+    start = (
+        torch.zeros(b, t, 1, dtype=torch.long, device=device) if key_start is None else key_start[..., None]
+    )
     mid_lo = start + anchors
     first = start + torch.arange(anchors, device=device)  # (B, T, G)
     first = torch.where(first <= pos, first, -1)
@@ -112,7 +124,9 @@ def structured_indices(
     span = (mid_hi - mid_lo).clamp(min=0)
     j = torch.arange(m, device=device)
     strided = mid_lo + (j * span) // max(m, 1)  # (B, T, M) evenly spread, increasing, distinct when span >= M
-    distinct = torch.cat([torch.ones_like(strided[..., :1], dtype=torch.bool), strided[..., 1:] != strided[..., :-1]], -1)
+    distinct = torch.cat(
+        [torch.ones_like(strided[..., :1], dtype=torch.bool), strided[..., 1:] != strided[..., :-1]], -1
+    )
     strided = torch.where((strided < mid_hi) & distinct, strided, -1)
     return torch.cat([first.expand(b, -1, -1), recent, strided], dim=-1)[..., :topk]
 
@@ -122,9 +136,10 @@ def gather_selected_latent(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The selected latent rows only, for sparse attention when T·k < S (decode).
 
-    c_kv [B, S, r], k_pe [B, S, dr], idx [B, T, K] (-1 = unused) -> k [B, T·K, 1, r + dr], v [B, T·K, 1, r] and
-    idx' [B, T, K] into them (slot j of query t is row t·K + j; -1 kept), so ``sparse_attention(q, k, v, idx')``
-    equals ``sparse_attention(q, cat(c_kv, k_pe), c_kv, idx)`` while reading T·K rows instead of copying S."""
+    c_kv [B, S, r], k_pe [B, S, dr], idx [B, T, K] (-1 = unused) -> k [B, T·K, 1, r + dr], v [B, T·K, 1, r]
+    and idx' [B, T, K] into them (slot j of query t is row t·K + j; -1 kept), so ``sparse_attention(q, k, v,
+    idx')`` equals ``sparse_attention(q, cat(c_kv, k_pe), c_kv, idx)`` while reading T·K rows instead of
+    copying S."""
     b, t, kk = idx.shape
     rows = idx.clamp(min=0).reshape(b, t * kk, 1)
     c_sel = c_kv.gather(1, rows.expand(-1, -1, c_kv.shape[-1]))  # (B, T·K, r)
@@ -137,9 +152,9 @@ def gather_selected_latent(
 class _DSAMixin:
     """The selection and the indexer loss, shared by DSA on MLA and DSA on GQA attention.
 
-    Run-time state (never written to the config, so what is saved stays what the user chose): ``mode_override`` /
-    ``topk_override`` (set through ``model.dsa_mode(...)``; None: the config's ``dsa_mode`` / ``index_topk``) and
-    ``collect_metrics``."""
+    Run-time state (never written to the config, so what is saved stays what the user chose):
+    ``mode_override`` / ``topk_override`` (set through ``model.dsa_mode(...)``; None: the config's
+    ``dsa_mode`` / ``index_topk``) and ``collect_metrics``."""
 
     config: HybridConfig
     indexer: LightningIndexer
@@ -170,18 +185,21 @@ class _DSAMixin:
         return self.mode != "sparse"
 
     def runtime_mask(self) -> str | None:
-        """The transformers mask this layer reads in its current mode (the model builds only those asked for)."""
+        """The transformers mask this layer reads in its current mode (the model builds only those asked
+        for)."""
         return _mask_for_mode(self.mode)
 
     def attached_aux_terms(self) -> tuple[str, ...]:
         """Auxiliary terms whose gradient this layer attaches to its output in training now: the sparse-mode
         indexer KL. (The dense warm-up's KL is the whole loss instead; a "shared" layer has no indexer.)"""
-        sparse_kl = self.mode == "sparse" and self.config.dsa_selector == "indexer" and self.indexer is not None
+        sparse_kl = (
+            self.mode == "sparse" and self.config.dsa_selector == "indexer" and self.indexer is not None
+        )
         return ("indexer_loss",) if sparse_kl else ()
 
     def _indexer(self, hidden: torch.Tensor, query_source: torch.Tensor, ctx: MixerContext):
-        # Both of DeepSeek's stages train the indexer on its KL alone: its inputs are detached so that loss never
-        # moves the model (and the LM loss cannot reach the indexer: the selection is integer-valued).
+        # Both of DeepSeek's stages train the indexer on its KL alone: its inputs are detached so that loss
+        # never moves the model (and the LM loss cannot reach the indexer: the selection is integer-valued).
         hidden, query_source = hidden.detach(), query_source.detach()
         q_i, k_i, w = self.indexer(hidden, query_source, ctx)
         if ctx.cache is not None:
@@ -189,7 +207,8 @@ class _DSAMixin:
         return q_i, k_i, w
 
     def _shared_selection(self, ctx: MixerContext) -> torch.Tensor:
-        """The top-k [B, T, k] of the previous "full" DSA layer (``dsa_indexer_types``), for a layer without one."""
+        """The top-k [B, T, k] of the previous "full" DSA layer (``dsa_indexer_types``), for a layer without
+        one."""
         cfg = self.config
         source = max(
             j for j in range(self.layer_idx) if cfg.mixer_types[j] == "dsa" and cfg.dsa_layer_has_indexer(j)
@@ -197,8 +216,8 @@ class _DSAMixin:
         idx = ctx.dsa_topk.get(source)
         if idx is None:
             raise RuntimeError(
-                f"DSA layer {self.layer_idx} is 'shared' in dsa_indexer_types but layer {source}, whose top-k it "
-                "reuses, selected nothing in this forward"
+                f"DSA layer {self.layer_idx} is 'shared' in dsa_indexer_types but layer "
+                f"{source}, whose top-k it reuses, selected nothing in this forward"
             )
         return idx
 
@@ -207,34 +226,60 @@ class _DSAMixin:
         b, t = q_i.shape[:2]
         if cfg.dsa_selector == "structured":
             return structured_indices(
-                b, t, ctx.past_length, key_start, topk=min(self.topk, k_i.shape[1]),
-                window=cfg.dsa_local_window, anchors=cfg.dsa_global_tokens, device=q_i.device,
+                b,
+                t,
+                ctx.past_length,
+                key_start,
+                topk=min(self.topk, k_i.shape[1]),
+                window=cfg.dsa_local_window,
+                anchors=cfg.dsa_global_tokens,
+                device=q_i.device,
             )
         idx = indexer_topk(
-            q_i, k_i, w, topk=self.topk, q_offset=ctx.past_length, key_start=key_start,
+            q_i,
+            k_i,
+            w,
+            topk=self.topk,
+            q_offset=ctx.past_length,
+            key_start=key_start,
             query_chunk=cfg.dsa_query_chunk,
         )
         ctx.dsa_topk[self.layer_idx] = idx  # read by later "shared" layers (dsa_indexer_types)
         return idx
 
-    def _losses_and_metrics(self, q, k, q_i, k_i, w, idx, key_start, ctx: MixerContext, *, scale: float) -> None:
+    def _losses_and_metrics(
+        self, q, k, q_i, k_i, w, idx, key_start, ctx: MixerContext, *, scale: float
+    ) -> None:
         """q [B, T, H, D], k [B, S, Hkv, D]: the main attention's queries/keys (what its softmax sees)."""
         cfg = self.config
         if self.training and self.mode == "dense_warmup":
-            ctx.add_aux("indexer_loss", indexer_kl_dense(
-                q, k, q_i, k_i, w, scale=scale, q_offset=ctx.past_length, key_start=key_start,
-                query_chunk=min(cfg.dsa_query_chunk, 64),
-            ))
+            ctx.add_aux(
+                "indexer_loss",
+                indexer_kl_dense(
+                    q,
+                    k,
+                    q_i,
+                    k_i,
+                    w,
+                    scale=scale,
+                    q_offset=ctx.past_length,
+                    key_start=key_start,
+                    query_chunk=min(cfg.dsa_query_chunk, 64),
+                ),
+            )
         elif self.training and self.mode == "sparse" and idx is not None and cfg.dsa_selector == "indexer":
-            ctx.add_aux("indexer_loss", indexer_kl_sparse(
-                q, k, q_i, k_i, w, idx, scale=scale, query_chunk=cfg.dsa_query_chunk
-            ))
+            ctx.add_aux(
+                "indexer_loss",
+                indexer_kl_sparse(q, k, q_i, k_i, w, idx, scale=scale, query_chunk=cfg.dsa_query_chunk),
+            )
         if self.collect_metrics:
             if idx is None:
                 idx = self._select(q_i, k_i, w, key_start, ctx)
             kw = dict(scale=scale, q_offset=ctx.past_length, key_start=key_start)
             ctx.add_stat("dsa_recall", self.layer_idx, indexer_recall_at_k(q, k, idx, **kw).mean().item())
-            ctx.add_stat("dsa_mass", self.layer_idx, attention_mass_in_selection(q, k, idx, **kw).mean().item())
+            ctx.add_stat(
+                "dsa_mass", self.layer_idx, attention_mass_in_selection(q, k, idx, **kw).mean().item()
+            )
 
 
 class DSAOnMLA(_DSAMixin, HybridMLA):
@@ -245,7 +290,8 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
         query_dim = config.q_lora_rank or config.hidden_size
         self.indexer = (
             LightningIndexer(config, query_dim=query_dim, rope_dim=config.qk_rope_head_dim)
-            if config.dsa_layer_has_indexer(layer_idx) else None
+            if config.dsa_layer_has_indexer(layer_idx)
+            else None
         )
         self._init_runtime_state()
 
@@ -258,13 +304,16 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
         ):
             return self._dense(p, ctx, b, t)
         if self.indexer is not None:
-            q_i, k_i, w = self._indexer(hidden_states, p.q_latent if p.q_latent is not None else hidden_states, ctx)
+            q_i, k_i, w = self._indexer(
+                hidden_states, p.q_latent if p.q_latent is not None else hidden_states, ctx
+            )
         key_start = key_start_positions(ctx, t, hidden_states.device)
         weights = self.absorbed_weights()
         if weights is None:
             raise ValueError(
-                f"DSA layer {self.layer_idx}: kv_b_proj ({type(self.kv_b_proj).__name__}) cannot be read as one weight "
-                "(a LoRA variant, lora_bias or active LoRA dropout); sparse latent attention needs it"
+                f"DSA layer {self.layer_idx}: kv_b_proj ({type(self.kv_b_proj).__name__}) "
+                "cannot be read as one weight (a LoRA variant, lora_bias or active LoRA "
+                "dropout); sparse latent attention needs it"
             )
         w_uk, w_uv = weights
         # Latent MQA view of MLA: per-head latent queries against the single cached [c_kv, k_pe] "head".
@@ -274,10 +323,16 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
         if self.indexer is None:  # a "shared" layer: the previous full layer's selection, no indexer loss
             k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]  # (B, S, 1, r + dr)
             o_lat = sparse_attention(
-                q_lat, k_lat, p.c_kv[:, :, None], self._shared_selection(ctx), scale=self.scaling,
+                q_lat,
+                k_lat,
+                p.c_kv[:, :, None],
+                self._shared_selection(ctx),
+                scale=self.scaling,
                 backend=cfg.dsa_backend,
             )
-            return self.o_proj(self.latent_to_value(o_lat, w_uv).reshape(b, t, self.num_heads * self.v_head_dim))
+            return self.o_proj(
+                self.latent_to_value(o_lat, w_uv).reshape(b, t, self.num_heads * self.v_head_dim)
+            )
         if self.mode == "sparse":
             idx = self._select(q_i, k_i, w, key_start, ctx)
             if self.training or t * idx.shape[-1] >= p.c_kv.shape[1]:
@@ -286,10 +341,12 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
                     q_lat, k_lat, p.c_kv[:, :, None], idx, scale=self.scaling, backend=cfg.dsa_backend
                 )  # (B, T, H, r)
             else:
-                # Decode: T·k selected rows are far fewer than the S cached ones, so gather only those instead of
-                # concatenating the whole latent history into [c_kv, k_pe] every step.
+                # Decode: T·k selected rows are far fewer than the S cached ones, so gather only those instead
+                # of concatenating the whole latent history into [c_kv, k_pe] every step.
                 k_sel, v_sel, idx_sel = gather_selected_latent(p.c_kv, p.k_pe, idx)
-                o_lat = sparse_attention(q_lat, k_sel, v_sel, idx_sel, scale=self.scaling, backend=cfg.dsa_backend)
+                o_lat = sparse_attention(
+                    q_lat, k_sel, v_sel, idx_sel, scale=self.scaling, backend=cfg.dsa_backend
+                )
             out = self.latent_to_value(o_lat, w_uv)
         else:
             out = None
@@ -320,7 +377,8 @@ class DSAOnAttention(_DSAMixin, HybridAttention):
         HybridAttention.__init__(self, config, layer_idx)
         self.indexer = (
             LightningIndexer(config, query_dim=config.hidden_size, rope_dim=self.rotary_dim)
-            if config.dsa_layer_has_indexer(layer_idx) else None
+            if config.dsa_layer_has_indexer(layer_idx)
+            else None
         )
         self._init_runtime_state()
 
@@ -333,8 +391,9 @@ class DSAOnAttention(_DSAMixin, HybridAttention):
             return self.output(self.attend(q, k, v, ctx), gate)
         if self.indexer is None:  # a "shared" layer: the previous full layer's selection
             q_t, k_t, v_t = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            out = sparse_attention(q_t, k_t, v_t, self._shared_selection(ctx), scale=self.scaling,
-                                   backend=cfg.dsa_backend)
+            out = sparse_attention(
+                q_t, k_t, v_t, self._shared_selection(ctx), scale=self.scaling, backend=cfg.dsa_backend
+            )
             return self.output(out, gate)
         t = hidden_states.shape[1]
         q_i, k_i, w = self._indexer(hidden_states, hidden_states, ctx)
@@ -356,8 +415,8 @@ def _validate_dsa(config: HybridConfig) -> None:
 
 
 def _mask_for_mode(mode: str) -> str | None:
-    # Sparse mode attends over each query's selection only (key starts come from the 2D mask): no dense mask. The
-    # dense warm-up and dense modes run the base mixer over every token and read the causal mask.
+    # Sparse mode attends over each query's selection only (key starts come from the 2D mask): no dense mask.
+    # The dense warm-up and dense modes run the base mixer over every token and read the causal mask.
     return None if mode == "sparse" else "full_attention"
 
 
@@ -371,9 +430,10 @@ def dsa_layers(model: nn.Module) -> list[_DSAMixin]:
 
 
 class DSARuntimeMode:
-    """Runs every DSA layer of a model in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``) with ``index_topk``
-    (None: the layer's config value) from the moment it is made, without touching the config: a saved checkpoint keeps
-    the mode and top-k the user chose. As a context manager it restores each layer's previous state on exit::
+    """Runs every DSA layer of a model in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``) with
+    ``index_topk`` (None: the layer's config value) from the moment it is made, without touching the config: a
+    saved checkpoint keeps the mode and top-k the user chose. As a context manager it restores each layer's
+    previous state on exit::
 
         model.dsa_mode("dense_warmup")            # from now on
         with model.dsa_mode("sparse", index_topk=64):
@@ -384,8 +444,9 @@ class DSARuntimeMode:
         allowed = FIELD_CHOICES["dsa_mode"]
         if mode is not None and mode not in allowed:
             raise ValueError(f"dsa_mode={mode!r} is not allowed; choose one of: {', '.join(allowed)}")
-        if index_topk is not None and (isinstance(index_topk, bool) or not isinstance(index_topk, int)
-                                       or index_topk <= 0):
+        if index_topk is not None and (
+            isinstance(index_topk, bool) or not isinstance(index_topk, int) or index_topk <= 0
+        ):
             raise ValueError(f"index_topk={index_topk!r} must be a positive integer")
         self.layers = dsa_layers(model)
         if not self.layers:
@@ -406,12 +467,25 @@ class DSARuntimeMode:
 # DynamicIndexedLayer ("indexed_attention").
 def _describe_dsa(config: HybridConfig) -> list[tuple[str, str]]:
     base = describe_mla(config) if config.dsa_base == "mla" else describe_attention(config)
-    return [*base, ("DSA", f"base {config.dsa_base}, selector {config.dsa_selector}, indexer {config.index_n_heads} "
-                           f"heads × {config.index_head_dim}, top-k {config.index_topk}, mode {config.dsa_mode}")]
+    return [
+        *base,
+        (
+            "DSA",
+            f"base {config.dsa_base}, selector {config.dsa_selector}, indexer {config.index_n_heads} "
+            f"heads × {config.index_head_dim}, top-k {config.index_topk}, mode {config.dsa_mode}",
+        ),
+    ]
 
 
-@register_mixer("dsa", layer_type="indexed_attention", mask=_dsa_mask, needs_padding_mask=True,
-                cost=dsa_cost, validate=_validate_dsa, describe=_describe_dsa)
+@register_mixer(
+    "dsa",
+    layer_type="indexed_attention",
+    mask=_dsa_mask,
+    needs_padding_mask=True,
+    cost=dsa_cost,
+    validate=_validate_dsa,
+    describe=_describe_dsa,
+)
 def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
     """DSA over the dense mixer named by ``config.dsa_base``."""
     return DSAOnMLA(config, layer_idx) if config.dsa_base == "mla" else DSAOnAttention(config, layer_idx)

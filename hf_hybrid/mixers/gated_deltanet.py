@@ -2,8 +2,8 @@
 
 q, k, v from one projection, a short causal conv (SiLU) on each, q and k L2-normalised, per value head
 ``g = -exp(A_log) · softplus(a + dt_bias)`` (log decay) and ``β = sigmoid(b)``; the gated delta rule
-(``hf_hybrid.ops.gated_delta``) mixes tokens; output ``RMSNorm(o) · silu(z)`` (norm **then** gate), then out_proj.
-GVA: ``gdn_num_value_heads`` may be a multiple of ``gdn_num_key_heads``.
+(``hf_hybrid.ops.gated_delta``) mixes tokens; output ``RMSNorm(o) · silu(z)`` (norm **then** gate), then
+out_proj. GVA: ``gdn_num_value_heads`` may be a multiple of ``gdn_num_key_heads``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,15 @@ from .recurrent import init_decay_and_dt, read_state, short_conv, write_state, z
 
 
 def _validate(config: HybridConfig) -> None:
-    require_positive(config, "gdn_num_key_heads", "gdn_num_value_heads", "gdn_key_head_dim", "gdn_value_head_dim",
-                     "gdn_conv_kernel_size", "linear_chunk_size")
+    require_positive(
+        config,
+        "gdn_num_key_heads",
+        "gdn_num_value_heads",
+        "gdn_key_head_dim",
+        "gdn_value_head_dim",
+        "gdn_conv_kernel_size",
+        "linear_chunk_size",
+    )
     if config.gdn_num_value_heads % config.gdn_num_key_heads:
         raise ValueError(
             f"HybridConfig.gdn_num_value_heads={config.gdn_num_value_heads} must be a multiple of "
@@ -32,13 +39,23 @@ def _validate(config: HybridConfig) -> None:
 
 
 def _describe(config: HybridConfig) -> list[tuple[str, str]]:
-    return [("Gated DeltaNet", f"{config.gdn_num_key_heads} key heads × {config.gdn_key_head_dim}, "
-                               f"{config.gdn_num_value_heads} value heads × {config.gdn_value_head_dim}, conv "
-                               f"{config.gdn_conv_kernel_size}")]
+    return [
+        (
+            "Gated DeltaNet",
+            f"{config.gdn_num_key_heads} key heads × {config.gdn_key_head_dim}, {config.gdn_num_value_heads} "
+            f"value heads × {config.gdn_value_head_dim}, conv {config.gdn_conv_kernel_size}",
+        )
+    ]
 
 
-@register_mixer("gated_deltanet", layer_type="linear_attention", recurrent=True, cost=gated_deltanet_cost,
-                validate=_validate, describe=_describe)
+@register_mixer(
+    "gated_deltanet",
+    layer_type="linear_attention",
+    recurrent=True,
+    cost=gated_deltanet_cost,
+    validate=_validate,
+    describe=_describe,
+)
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -85,7 +102,14 @@ class GatedDeltaNet(nn.Module):
         scale = self.head_k_dim**-0.5
         if state.decoding and t == 1:
             o, recurrent = recurrent_gated_delta_rule_step(
-                q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent, scale=scale, use_qk_l2norm=True
+                q[:, 0],
+                k[:, 0],
+                v[:, 0],
+                g[:, 0],
+                beta[:, 0],
+                state.recurrent,
+                scale=scale,
+                use_qk_l2norm=True,
             )
             o = o[:, None]
         else:

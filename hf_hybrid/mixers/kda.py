@@ -1,21 +1,23 @@
 """Kimi Delta Attention (Kimi Linear's linear layers, Moonshot AI 2025), ``mixer_types`` value ``"kda"``.
 
-Per layer, with H = ``kda_num_heads`` heads of D = ``kda_head_dim`` (q, k and v alike) and r = ``kda_gate_rank``:
+Per layer, with H = ``kda_num_heads`` heads of D = ``kda_head_dim`` (q, k and v alike) and r =
+``kda_gate_rank``:
 
 1. ``q, k, v = q_proj(x), k_proj(x), v_proj(x)``, one depthwise causal conv (SiLU) over the concatenation
    [q, k, v] (``conv1d``, no bias), then q and k L2-normalised per head (``x / sqrt(Σx² + 1e-6)``).
-2. forget gate, low rank and **per channel**: ``g = -exp(A_log[h]) · softplus(f_b_proj(f_a_proj(x)) + dt_bias)``
-   [B, T, H, D] (log decay; ``dt_bias`` one per channel, ``A_log`` one per head), kept in fp32.
+2. forget gate, low rank and **per channel**: ``g = -exp(A_log[h]) · softplus(f_b_proj(f_a_proj(x)) +
+   dt_bias)`` [B, T, H, D] (log decay; ``dt_bias`` one per channel, ``A_log`` one per head), kept in fp32.
 3. ``beta = sigmoid(b_proj(x))`` one per head; Kimi Delta Attention (``hf_hybrid.ops.kda``) mixes tokens.
-4. output: ``o_norm(o, g_b_proj(g_a_proj(x)))`` = RMSNorm per head **then** a **sigmoid** gate (Gated DeltaNet's
-   gate is SiLU), then ``o_proj``.
+4. output: ``o_norm(o, g_b_proj(g_a_proj(x)))`` = RMSNorm per head **then** a **sigmoid** gate (Gated
+   DeltaNet's gate is SiLU), then ``o_proj``.
 
 Parameter names and shapes are transformers 5.24's ``KimiLinearDeltaAttention`` ones (``self_attn.*`` there,
-``mixer.*`` here), so importing or exporting a ``kimi_linear`` layer is a rename: ``q_proj``, ``k_proj``, ``v_proj``,
-``conv1d`` (channels [q, k, v], the three convs of Moonshot's checkpoint concatenated, as transformers does),
-``forget_gate.f_a_proj``, ``forget_gate.f_b_proj``, ``forget_gate.dt_bias`` [H·D], ``b_proj``, ``g_a_proj``,
-``g_b_proj``, ``o_norm.weight`` [D], ``o_proj``; and ``forget_gate.A_log``, which is [H] here (a vector, like Gated
-DeltaNet's, so the cost inspector counts it as one) and [1, 1, H, 1] there: a reshape.
+``mixer.*`` here), so importing or exporting a ``kimi_linear`` layer is a rename: ``q_proj``, ``k_proj``,
+``v_proj``, ``conv1d`` (channels [q, k, v], the three convs of Moonshot's checkpoint concatenated, as
+transformers does), ``forget_gate.f_a_proj``, ``forget_gate.f_b_proj``, ``forget_gate.dt_bias`` [H·D],
+``b_proj``, ``g_a_proj``, ``g_b_proj``, ``o_norm.weight`` [D], ``o_proj``; and ``forget_gate.A_log``, which is
+[H] here (a vector, like Gated DeltaNet's, so the cost inspector counts it as one) and [1, 1, H, 1] there: a
+reshape.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from .recurrent import init_decay_and_dt, read_state, short_conv, write_state, z
 
 
 class KDAForgetGate(nn.Module):
-    """``g = -exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias)``: x [B, T, hidden] -> fp32 [B, T, H, D]."""
+    """``g = -exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias)``: x [B, T, hidden] -> fp32 [B, T, H,
+    D]."""
 
     def __init__(self, config: HybridConfig):
         super().__init__()
@@ -55,17 +58,29 @@ class KDAForgetGate(nn.Module):
 
 
 def _validate(config: HybridConfig) -> None:
-    require_positive(config, "kda_num_heads", "kda_head_dim", "kda_gate_rank", "kda_conv_kernel_size",
-                     "linear_chunk_size")
+    require_positive(
+        config, "kda_num_heads", "kda_head_dim", "kda_gate_rank", "kda_conv_kernel_size", "linear_chunk_size"
+    )
 
 
 def _describe(config: HybridConfig) -> list[tuple[str, str]]:
-    return [("Kimi Delta Attention", f"{config.kda_num_heads} heads × {config.kda_head_dim}, per-channel decay, gate "
-                                     f"rank {config.kda_gate_rank}, conv {config.kda_conv_kernel_size}")]
+    return [
+        (
+            "Kimi Delta Attention",
+            f"{config.kda_num_heads} heads × {config.kda_head_dim}, per-channel decay, "
+            f"gate rank {config.kda_gate_rank}, conv {config.kda_conv_kernel_size}",
+        )
+    ]
 
 
-@register_mixer("kda", layer_type="linear_attention", recurrent=True, cost=kda_cost, validate=_validate,
-                describe=_describe)
+@register_mixer(
+    "kda",
+    layer_type="linear_attention",
+    recurrent=True,
+    cost=kda_cost,
+    validate=_validate,
+    describe=_describe,
+)
 class KimiDeltaAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()

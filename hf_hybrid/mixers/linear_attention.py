@@ -1,15 +1,16 @@
 """Plain (causal) linear attention, optionally with a decay (the GLA / RetNet family).
 
 ``S_t = exp(g_t) S_{t-1} + φ(k_t) v_tᵀ``, ``o_t = φ(q_t)ᵀ S_t``. With a positive feature map (elu+1, relu,
-Performer random features) the output is normalised by ``φ(q_t)ᵀ z_t`` with ``z_t = exp(g_t) z_{t-1} + φ(k_t)``
-(computed in the same scan by appending a column of ones to v). With the identity map the normaliser could be
-zero or negative, so an RMSNorm on the output replaces it, as in MiniMax's lightning attention (DESIGN.md §5).
+Performer random features) the output is normalised by ``φ(q_t)ᵀ z_t`` with ``z_t = exp(g_t) z_{t-1} +
+φ(k_t)`` (computed in the same scan by appending a column of ones to v). With the identity map the normaliser
+could be zero or negative, so an RMSNorm on the output replaces it, as in MiniMax's lightning attention
+(DESIGN.md §5).
 
-``linear_decay``: ``none`` (plain), ``scalar`` (a data-dependent log decay per head, like RetNet/Mamba-2's gate),
-``per_channel`` (one per key channel, GLA), ``fixed_slope`` (MiniMax-01's lightning attention: a constant log decay
-``-slope_h`` per head, see :func:`fixed_slopes`). MiniMax also applies SiLU to q, k, v (``linear_qkv_activation``),
-no q·k scale (``linear_scale=1``), one RMSNorm over all heads (``linear_norm_scope="full"``) and a sigmoid output gate
-from the layer input (``linear_output_gate``).
+``linear_decay``: ``none`` (plain), ``scalar`` (a data-dependent log decay per head, like RetNet/Mamba-2's
+gate), ``per_channel`` (one per key channel, GLA), ``fixed_slope`` (MiniMax-01's lightning attention: a
+constant log decay ``-slope_h`` per head, see :func:`fixed_slopes`). MiniMax also applies SiLU to q, k, v
+(``linear_qkv_activation``), no q·k scale (``linear_scale=1``), one RMSNorm over all heads
+(``linear_norm_scope="full"``) and a sigmoid output gate from the layer input (``linear_output_gate``).
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ from .base import MixerContext
 from .recurrent import read_state, short_conv, write_state, zero_padding
 
 _NORMALISER_EPS = 1e-6
-# A learned decay gate starts close to no decay: sigmoid(bias)^(1/16) ~ 1 - small, as in GLA's gate temperature.
+# A learned decay gate starts close to no decay: sigmoid(bias)^(1/16) ~ 1 - small, as in GLA's gate
+# temperature.
 _GATE_TEMPERATURE = 16.0
 
 
 def fixed_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
-    """MiniMax-01's per-head decay rates [H] (fp32): ALiBi slopes ``(2^(-8/H))^(h+1)``, scaled down with depth by
-    ``1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5``; the state decays by ``exp(-slope)`` per token."""
+    """MiniMax-01's per-head decay rates [H] (fp32): ALiBi slopes ``(2^(-8/H))^(h+1)``, scaled down with depth
+    by ``1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5``; the state decays by ``exp(-slope)`` per token."""
     base = 1 / (2 ** (8 / num_heads))
     rate = base ** (torch.arange(num_heads, dtype=torch.float32) + 1)
     return rate * (1 - layer_idx / (num_layers - 1 + 1e-5) + 1e-5)
@@ -44,28 +46,41 @@ def fixed_slopes(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tenso
 def _validate(config: HybridConfig) -> None:
     require_positive(config, "linear_num_heads", "linear_head_dim", "linear_chunk_size")
     if config.linear_conv_kernel_size < 0:
-        raise ValueError(f"HybridConfig.linear_conv_kernel_size={config.linear_conv_kernel_size} must be >= 0")
+        raise ValueError(
+            f"HybridConfig.linear_conv_kernel_size={config.linear_conv_kernel_size} must be >= 0"
+        )
     if config.linear_scale is not None and not config.linear_scale > 0:
         raise ValueError(f"HybridConfig.linear_scale={config.linear_scale!r} must be > 0 or None")
-    if config.linear_feature_map != "identity" and (config.linear_norm_scope != "head" or config.linear_output_gate):
+    if config.linear_feature_map != "identity" and (
+        config.linear_norm_scope != "head" or config.linear_output_gate
+    ):
         name = "linear_output_gate" if config.linear_output_gate else "linear_norm_scope"
         raise ValueError(
-            f"HybridConfig.{name}={getattr(config, name)!r} applies to the output norm, which only the identity "
-            f"feature map has (linear_feature_map={config.linear_feature_map!r} normalises by φ(q)ᵀz instead)"
+            f"HybridConfig.{name}={getattr(config, name)!r} applies to the output norm, "
+            "which only the identity feature map has "
+            f"(linear_feature_map={config.linear_feature_map!r} normalises by φ(q)ᵀz instead)"
         )
 
 
 def _describe(config: HybridConfig) -> list[tuple[str, str]]:
-    text = (f"{config.linear_num_heads} heads × {config.linear_head_dim}, feature map {config.linear_feature_map}, "
-            f"decay {config.linear_decay}, conv {config.linear_conv_kernel_size}"
-            + (", SiLU q/k/v" if config.linear_qkv_activation == "silu" else "")
-            + (", full-width norm" if config.linear_norm_scope == "full" else "")
-            + (", output gate" if config.linear_output_gate else ""))
+    text = (
+        f"{config.linear_num_heads} heads × {config.linear_head_dim}, feature map "
+        f"{config.linear_feature_map}, decay {config.linear_decay}, conv {config.linear_conv_kernel_size}"
+        + (", SiLU q/k/v" if config.linear_qkv_activation == "silu" else "")
+        + (", full-width norm" if config.linear_norm_scope == "full" else "")
+        + (", output gate" if config.linear_output_gate else "")
+    )
     return [("linear attention", text)]
 
 
-@register_mixer("linear_attention", layer_type="linear_attention", recurrent=True, cost=linear_attention_cost,
-                validate=_validate, describe=_describe)
+@register_mixer(
+    "linear_attention",
+    layer_type="linear_attention",
+    recurrent=True,
+    cost=linear_attention_cost,
+    validate=_validate,
+    describe=_describe,
+)
 class LinearAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -82,12 +97,17 @@ class LinearAttention(nn.Module):
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
         self.conv1d = None
         if config.linear_conv_kernel_size > 0:
-            self.conv1d = nn.Conv1d(3 * inner, 3 * inner, config.linear_conv_kernel_size, groups=3 * inner, bias=False)
+            self.conv1d = nn.Conv1d(
+                3 * inner, 3 * inner, config.linear_conv_kernel_size, groups=3 * inner, bias=False
+            )
         self.feature_dim = self.head_dim
         if self.feature_map == "random_features":
             self.feature_dim = config.linear_random_features
-            # Fixed Gaussian projection (Performer's FAVOR+ positive features); saved so the function is reproducible.
-            self.register_buffer("random_matrix", torch.randn(self.num_heads, self.head_dim, self.feature_dim))
+            # Fixed Gaussian projection (Performer's FAVOR+ positive features); saved so the function is
+            # reproducible.
+            self.register_buffer(
+                "random_matrix", torch.randn(self.num_heads, self.head_dim, self.feature_dim)
+            )
         self.g_proj = None
         if self.decay == "scalar":
             self.g_proj = nn.Linear(config.hidden_size, self.num_heads, bias=True)
@@ -97,7 +117,9 @@ class LinearAttention(nn.Module):
         norm_dim = inner if config.linear_norm_scope == "full" else self.head_dim
         eps = config.rms_norm_eps if config.linear_norm_eps is None else config.linear_norm_eps
         self.out_norm = None if self.normalised else RMSNorm(norm_dim, eps=eps)
-        self.output_gate = nn.Linear(config.hidden_size, inner, bias=False) if config.linear_output_gate else None
+        self.output_gate = (
+            nn.Linear(config.hidden_size, inner, bias=False) if config.linear_output_gate else None
+        )
         self.scale = config.linear_scale
         if self.scale is None:
             self.scale = 1.0 if self.normalised else self.head_dim**-0.5

@@ -2,8 +2,8 @@
 
 ``in_proj`` gives (z, x, B, C, dt); a short causal conv (SiLU) runs over [x, B, C]; per head
 ``A = -exp(A_log)``, ``Δ = softplus(dt + dt_bias)`` (optionally clamped to ``mamba_dt_limit``),
-``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_tᵀ``, ``y_t = C_tᵀ h_t + D ⊙ x_t``; B and C are shared by the heads of a
-group (``mamba_n_groups``). Output gate **then** norm: ``RMSNorm(y · silu(z))`` per group (Mamba-2's
+``h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t x_tᵀ``, ``y_t = C_tᵀ h_t + D ⊙ x_t``; B and C are shared by the heads of
+a group (``mamba_n_groups``). Output gate **then** norm: ``RMSNorm(y · silu(z))`` per group (Mamba-2's
 norm_before_gate=False), then out_proj. The scan is simple GLA with q = C, k = B, v = Δ·x, g = Δ·A, scale = 1.
 """
 
@@ -23,11 +23,19 @@ from .recurrent import init_decay_and_dt, read_state, short_conv, write_state, z
 
 
 def _validate(config: HybridConfig) -> None:
-    require_positive(config, "mamba_num_heads", "mamba_head_dim", "mamba_state_size", "mamba_n_groups",
-                     "mamba_conv_kernel_size", "linear_chunk_size")
+    require_positive(
+        config,
+        "mamba_num_heads",
+        "mamba_head_dim",
+        "mamba_state_size",
+        "mamba_n_groups",
+        "mamba_conv_kernel_size",
+        "linear_chunk_size",
+    )
     if config.mamba_num_heads % config.mamba_n_groups:
         raise ValueError(
-            f"HybridConfig.mamba_n_groups={config.mamba_n_groups} must divide mamba_num_heads={config.mamba_num_heads}"
+            f"HybridConfig.mamba_n_groups={config.mamba_n_groups} must divide "
+            f"mamba_num_heads={config.mamba_num_heads}"
         )
     limit = config.mamba_dt_limit
     if limit is not None and (len(limit) != 2 or not 0 <= limit[0] < limit[1]):
@@ -35,12 +43,23 @@ def _validate(config: HybridConfig) -> None:
 
 
 def _describe(config: HybridConfig) -> list[tuple[str, str]]:
-    return [("Mamba-2", f"{config.mamba_num_heads} heads × {config.mamba_head_dim}, state {config.mamba_state_size}, "
-                        f"groups {config.mamba_n_groups}, conv {config.mamba_conv_kernel_size}")]
+    return [
+        (
+            "Mamba-2",
+            f"{config.mamba_num_heads} heads × {config.mamba_head_dim}, state {config.mamba_state_size}, "
+            f"groups {config.mamba_n_groups}, conv {config.mamba_conv_kernel_size}",
+        )
+    ]
 
 
-@register_mixer("mamba2", layer_type="linear_attention", recurrent=True, cost=mamba2_cost, validate=_validate,
-                describe=_describe)
+@register_mixer(
+    "mamba2",
+    layer_type="linear_attention",
+    recurrent=True,
+    cost=mamba2_cost,
+    validate=_validate,
+    describe=_describe,
+)
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__()
@@ -61,7 +80,10 @@ class Mamba2Mixer(nn.Module):
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))
         self.D = nn.Parameter(torch.ones(self.num_heads))
         self.norm = GatedRMSNorm(
-            self.d_inner, eps=config.rms_norm_eps, norm_before_gate=False, group_size=self.d_inner // self.n_groups
+            self.d_inner,
+            eps=config.rms_norm_eps,
+            norm_before_gate=False,
+            group_size=self.d_inner // self.n_groups,
         )
         self.out_proj = nn.Linear(self.d_inner, config.hidden_size, bias=False)
 
@@ -91,7 +113,9 @@ class Mamba2Mixer(nn.Module):
         v = (x.float() * dt[..., None]).to(x.dtype)
 
         if state.decoding and t == 1:
-            y, recurrent = recurrent_simple_gla_step(C[:, 0], B[:, 0], v[:, 0], g[:, 0], state.recurrent, scale=1.0)
+            y, recurrent = recurrent_simple_gla_step(
+                C[:, 0], B[:, 0], v[:, 0], g[:, 0], state.recurrent, scale=1.0
+            )
             y = y[:, None]
         else:
             y, recurrent = simple_gla(

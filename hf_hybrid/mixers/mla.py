@@ -1,39 +1,42 @@
 """Multi-head Latent Attention (DeepSeek-V2/V3), ``mixer_types`` value ``"mla"``.
 
-Legend: B batch, T new tokens, S keys (cache + new), H heads, dn = ``qk_nope_head_dim``, dr = ``qk_rope_head_dim``,
-dv = ``v_head_dim``, r = ``kv_lora_rank``, rq = ``q_lora_rank``.
+Legend: B batch, T new tokens, S keys (cache + new), H heads, dn = ``qk_nope_head_dim``, dr =
+``qk_rope_head_dim``, dv = ``v_head_dim``, r = ``kv_lora_rank``, rq = ``q_lora_rank``.
 
-1. query:  ``q = q_b_proj(q_a_layernorm(q_a_proj(x)))`` (or ``q_proj(x)``) split per head into ``q_nope`` [dn] and
-   ``q_pe`` [dr]; RoPE on ``q_pe`` only.
-2. key/value latent: ``kv_a_proj_with_mqa(x)`` = ``c_kv`` [r] (then ``kv_a_layernorm``) and one rope key ``k_pe``
-   [dr] shared by all heads (the decoupled RoPE key).
+1. query:  ``q = q_b_proj(q_a_layernorm(q_a_proj(x)))`` (or ``q_proj(x)``) split per head into ``q_nope`` [dn]
+   and ``q_pe`` [dr]; RoPE on ``q_pe`` only.
+2. key/value latent: ``kv_a_proj_with_mqa(x)`` = ``c_kv`` [r] (then ``kv_a_layernorm``) and one rope key
+   ``k_pe`` [dr] shared by all heads (the decoupled RoPE key).
 3. cache: only ``(c_kv, k_pe)`` — (r + dr) numbers per token and layer — stored like transformers 5.23's
-   ``deepseek_v3`` does: single-head ``keys = c_kv [B, 1, S, r]``, ``values = k_pe [B, 1, S, dr]`` (rotated) in the
-   ordinary ``DynamicLayer`` of the layer. No new cache layer type (DESIGN.md §4).
+   ``deepseek_v3`` does: single-head ``keys = c_kv [B, 1, S, r]``, ``values = k_pe [B, 1, S, dr]`` (rotated)
+   in the ordinary ``DynamicLayer`` of the layer. No new cache layer type (DESIGN.md §4).
 4. attention, two paths side by side:
    - **dense / naive** (:meth:`HybridMLA.attend_dense`): ``kv_b_proj(c_kv)`` expands every cached latent into
-     per-head ``k_nope`` [dn] and ``v`` [dv]; ``k = [k_nope, k_pe]``; attention through transformers' interface
-     (eager, sdpa, flash, flex). Used for prefill and training (and for decode with ``mla_decode="naive"``).
-   - **absorbed** (:meth:`HybridMLA.attend_absorbed`): with ``W_uk [H, dn, r]`` and ``W_uv [H, dv, r]`` the two halves
-     of ``kv_b_proj``, ``q_nope·(W_uk c) = (W_ukᵀ q_nope)·c``, so each head's query moves into the latent space and
-     attends MQA-style directly on the cached ``[c_kv, k_pe]``; the latent output ``Σ p c`` leaves through ``W_uv``.
-     Nothing of size S × H × (dn + dv) is built. Used for decode (see :meth:`HybridMLA.uses_absorbed`).
+     per-head ``k_nope`` [dn] and ``v`` [dv]; ``k = [k_nope, k_pe]``; attention through transformers'
+     interface (eager, sdpa, flash, flex). Used for prefill and training (and for decode with
+     ``mla_decode="naive"``).
+   - **absorbed** (:meth:`HybridMLA.attend_absorbed`): with ``W_uk [H, dn, r]`` and ``W_uv [H, dv, r]`` the
+     two halves of ``kv_b_proj``, ``q_nope·(W_uk c) = (W_ukᵀ q_nope)·c``, so each head's query moves into the
+     latent space and attends MQA-style directly on the cached ``[c_kv, k_pe]``; the latent output ``Σ p c``
+     leaves through ``W_uv``. Nothing of size S × H × (dn + dv) is built. Used for decode (see
+     :meth:`HybridMLA.uses_absorbed`).
 
-``mla_use_rope=False`` (Kimi Linear's MLA, NoPE): the ``q_pe`` / ``k_pe`` channels are used as they are, unrotated
-(still one ``k_pe`` shared by all heads and cached), so attention sees no positions at all.
+``mla_use_rope=False`` (Kimi Linear's MLA, NoPE): the ``q_pe`` / ``k_pe`` channels are used as they are,
+unrotated (still one ``k_pe`` shared by all heads and cached), so attention sees no positions at all.
 
-RoPE layout: rotate-half (``layers.apply_rope``, the same as our attention mixer). transformers' ``deepseek_v3``
-defaults to ``rope_interleave=True`` (DeepSeek's checkpoints rotate adjacent pairs) and writes the rotated pairs
-back de-interleaved (evens, then odds). That equals rotate-half applied to the de-interleaved input, so a DeepSeek
-checkpoint maps onto this module exactly by permuting the rope rows of ``q_b_proj`` (per head) and
-``kv_a_proj_with_mqa`` with :func:`rope_deinterleave_index`; even the cached ``k_pe`` is then the same
-(``tests/test_mla.py`` checks this against ``DeepseekV3Attention``).
+RoPE layout: rotate-half (``layers.apply_rope``, the same as our attention mixer). transformers'
+``deepseek_v3`` defaults to ``rope_interleave=True`` (DeepSeek's checkpoints rotate adjacent pairs) and writes
+the rotated pairs back de-interleaved (evens, then odds). That equals rotate-half applied to the
+de-interleaved input, so a DeepSeek checkpoint maps onto this module exactly by permuting the rope rows of
+``q_b_proj`` (per head) and ``kv_a_proj_with_mqa`` with :func:`rope_deinterleave_index`; even the cached
+``k_pe`` is then the same (``tests/test_mla.py`` checks this against ``DeepseekV3Attention``).
 
 SDPA with q/k head dim (dn + dr) ≠ v head dim dv cannot use its flash kernels (CUDA falls back to the
-mem-efficient kernel, CPU to the math kernel, which also builds the T × T matrix). We zero-pad v to dn + dr for
-``sdpa`` and flash implementations and slice the output. Measured on CPU (torch 2.13, 1 thread, B=1, H=16,
-dqk=192, dv=128, causal, fp32): forward 88.5 → 53.8 ms at T=512, 270.6 → 136.6 ms at T=1024 (bool mask: 252.5 →
-162.0 ms); forward+backward 155 → 161 ms at T=512, 655 → 475 ms at T=1024. Flash kernels require equal head dims.
+mem-efficient kernel, CPU to the math kernel, which also builds the T × T matrix). We zero-pad v to dn + dr
+for ``sdpa`` and flash implementations and slice the output. Measured on CPU (torch 2.13, 1 thread, B=1, H=16,
+dqk=192, dv=128, causal, fp32): forward 88.5 → 53.8 ms at T=512, 270.6 → 136.6 ms at T=1024 (bool mask: 252.5
+→ 162.0 ms); forward+backward 155 → 161 ms at T=512, 655 → 475 ms at T=1024. Flash kernels require equal head
+dims.
 """
 
 from __future__ import annotations
@@ -77,15 +80,16 @@ def rope_deinterleave_index(dim: int) -> torch.Tensor:
 
 
 def effective_linear_weight(module: nn.Module) -> torch.Tensor | None:
-    """The ``[out, in]`` matrix ``module`` applies *right now*, built at call time (so it is never stale), or None
-    when it is not a bias-free linear map we can read exactly.
+    """The ``[out, in]`` matrix ``module`` applies *right now*, built at call time (so it is never stale), or
+    None when it is not a bias-free linear map we can read exactly.
 
     - ``nn.Linear`` (no bias): its weight.
-    - a ``peft`` LoRA ``Linear`` over a bias-free ``nn.Linear``, mirroring peft's own forward: adapters disabled →
-      the base weight; merged → the base weight (it already holds the merge, and peft skips the adapters);
-      otherwise base + Σ ``scaling · B·A`` over the active adapters, differentiable in A and B.
-    - None for what a weight cannot express: LoRA variants (DoRA, ...), ``lora_bias``, LoRA dropout while training,
-      disabled-but-merged adapters (peft unmerges inside its forward), quantised bases, other wrappers.
+    - a ``peft`` LoRA ``Linear`` over a bias-free ``nn.Linear``, mirroring peft's own forward: adapters
+      disabled → the base weight; merged → the base weight (it already holds the merge, and peft skips the
+      adapters); otherwise base + Σ ``scaling · B·A`` over the active adapters, differentiable in A and B.
+    - None for what a weight cannot express: LoRA variants (DoRA, ...), ``lora_bias``, LoRA dropout while
+      training, disabled-but-merged adapters (peft unmerges inside its forward), quantised bases, other
+      wrappers.
     """
     if type(module) is nn.Linear:
         return module.weight if module.bias is None else None
@@ -118,11 +122,12 @@ def effective_linear_weight(module: nn.Module) -> torch.Tensor | None:
 def latent_attention_bias(
     mask: object, ctx: MixerContext, q_len: int, kv_len: int, device: torch.device
 ) -> torch.Tensor | None:
-    """Turn the mask transformers built for this layer into an additive fp32 bias [B|1, 1, T, S] (or None = all
-    visible), with the semantics the attention interface gives it:
+    """Turn the mask transformers built for this layer into an additive fp32 bias [B|1, 1, T, S] (or None =
+    all visible), with the semantics the attention interface gives it:
 
     - 4D bool (sdpa): True = attend; 4D float (eager): already additive (0 or a large negative);
-    - 2D [B, S] (flash): padding only, causality is the kernel's; None (sdpa/flash with no padding): causal only;
+    - 2D [B, S] (flash): padding only, causality is the kernel's; None (sdpa/flash with no padding): causal
+      only;
     - anything else (flex's ``BlockMask``): rebuilt from ``ctx.attention_mask_2d`` + causality.
     Causality is aligned bottom-right: new query i sits at position S - T + i.
     """
@@ -166,18 +171,29 @@ def validate_mla(config: HybridConfig) -> None:
 
 
 def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
-    return [("MLA", f"{config.num_attention_heads} heads, q_lora_rank {config.q_lora_rank}, kv_lora_rank "
-                    f"{config.kv_lora_rank}, qk dims {config.qk_nope_head_dim}+{config.qk_rope_head_dim} "
-                    f"({'rope' if config.mla_use_rope else 'shared, no RoPE'}), v dim {config.v_head_dim}")]
+    return [
+        (
+            "MLA",
+            f"{config.num_attention_heads} heads, q_lora_rank {config.q_lora_rank}, kv_lora_rank "
+            f"{config.kv_lora_rank}, qk dims {config.qk_nope_head_dim}+{config.qk_rope_head_dim} "
+            f"({'rope' if config.mla_use_rope else 'shared, no RoPE'}), v dim {config.v_head_dim}",
+        )
+    ]
 
 
-@register_mixer("mla", layer_type="full_attention", mask="full_attention", cost=mla_cost, validate=validate_mla,
-                describe=describe_mla)
+@register_mixer(
+    "mla",
+    layer_type="full_attention",
+    mask="full_attention",
+    cost=mla_cost,
+    validate=validate_mla,
+    describe=describe_mla,
+)
 class HybridMLA(nn.Module):
     """DeepSeek-V2/V3 MLA. Public pieces for mixers built on it (DSA): :meth:`project_q`, :meth:`project_kv`,
     :meth:`project` (+ RoPE + cache), :meth:`expand_kv`, :meth:`attend_dense`, :meth:`absorbed_weights`,
-    :meth:`absorb_query`, :meth:`latent_to_value`, :meth:`attend_absorbed`, :meth:`latent_qkv` (MQA form for sparse
-    kernels), :meth:`output`, :meth:`uses_absorbed`."""
+    :meth:`absorb_query`, :meth:`latent_to_value`, :meth:`attend_absorbed`, :meth:`latent_qkv` (MQA form for
+    sparse kernels), :meth:`output`, :meth:`uses_absorbed`."""
 
     def returns_attention_weights(self) -> bool:
         """Eager attention hands its probabilities to ``ctx.attentions`` (``output_attentions=True``)."""
@@ -218,11 +234,12 @@ class HybridMLA(nn.Module):
         self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=bias)
         self._warned_fallback = False
 
-    # ---- projections --------------------------------------------------------------------------------------------
+    # ---- projections ---------------------------------------------------------------------------------------
     def project_q(
         self, hidden_states: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """x [B, T, hidden] -> q_nope [B, T, H, dn], q_pe [B, T, H, dr] (not rotated), q_latent [B, T, rq] | None."""
+        """x [B, T, hidden] -> q_nope [B, T, H, dn], q_pe [B, T, H, dr] (not rotated), q_latent [B, T, rq] |
+        None."""
         b, t, _ = hidden_states.shape
         if self.q_lora_rank is None:
             q_latent = None
@@ -242,25 +259,27 @@ class HybridMLA(nn.Module):
         return self.kv_a_layernorm(c_kv), k_pe
 
     def project(self, hidden_states: torch.Tensor, ctx: MixerContext) -> MLAProjection:
-        """Projections, RoPE on the rope parts, and the cache: append this forward's ``(c_kv, k_pe)`` to the layer's
-        ``DynamicLayer`` and return the whole latent history."""
+        """Projections, RoPE on the rope parts, and the cache: append this forward's ``(c_kv, k_pe)`` to the
+        layer's ``DynamicLayer`` and return the whole latent history."""
         b, t, _ = hidden_states.shape
         q_nope, q_pe, q_latent = self.project_q(hidden_states)
         c_kv, k_pe = self.project_kv(hidden_states)
-        if self.config.mla_use_rope:  # False = NoPE (Kimi Linear): the "rope" channels are ordinary shared channels
+        # False = NoPE (Kimi Linear): the "rope" channels are ordinary shared channels
+        if self.config.mla_use_rope:
             cos, sin = ctx.rope(self.qk_rope_head_dim)
             q_pe = apply_rope(q_pe, cos, sin)
             k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
         if ctx.cache is not None:
-            # Single-head 4D tensors, as transformers' deepseek_v3 stores them: keys = c_kv, values = rotated k_pe.
+            # Single-head 4D tensors, as transformers' deepseek_v3 stores them: keys = c_kv, values = rotated
+            # k_pe.
             c_all, k_pe_all = ctx.cache.update(c_kv.unsqueeze(1), k_pe.unsqueeze(1), self.layer_idx)
             c_kv, k_pe = c_all.squeeze(1), k_pe_all.squeeze(1)  # (B, S, r), (B, S, dr)
         return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe)
 
-    # ---- dense (naive) path -------------------------------------------------------------------------------------
+    # ---- dense (naive) path --------------------------------------------------------------------------------
     def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """c_kv [B, S, r], k_pe [B, S, dr] -> k [B, H, S, dn + dr], v [B, H, S, dv] through ``kv_b_proj`` (whatever
-        adapter wraps it)."""
+        """c_kv [B, S, r], k_pe [B, S, dr] -> k [B, H, S, dn + dr], v [B, H, S, dv] through ``kv_b_proj``
+        (whatever adapter wraps it)."""
         b, s, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(b, s, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
@@ -304,10 +323,11 @@ class HybridMLA(nn.Module):
             ctx.attentions.append((self.layer_idx, probs))  # (B, H, T, S)
         return out[..., :dv]  # (B, T, H, dv)
 
-    # ---- absorbed path ------------------------------------------------------------------------------------------
+    # ---- absorbed path -------------------------------------------------------------------------------------
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(W_uk [H, dn, r], W_uv [H, dv, r])`` from the weight ``kv_b_proj`` applies now (LoRA included, see
-        :func:`effective_linear_weight`), or None when it cannot be expressed as a weight (then use the dense path)."""
+        """``(W_uk [H, dn, r], W_uv [H, dv, r])`` from the weight ``kv_b_proj`` applies now (LoRA included,
+        see :func:`effective_linear_weight`), or None when it cannot be expressed as a weight (then use the
+        dense path)."""
         weight = effective_linear_weight(self.kv_b_proj)
         if weight is None:
             return None
@@ -336,9 +356,9 @@ class HybridMLA(nn.Module):
     ) -> torch.Tensor:
         """Attention in the latent space, MQA-style on the cached ``[c_kv, k_pe]``; returns [B, T, H, dv].
 
-        Plain matmul + softmax (the layout DeepSeek's inference code uses): no kernel planning per KV length, and
-        the cache is read in place — no concatenation of ``[c_kv, k_pe]``, no expansion. Scores are computed in the
-        input dtype (fp32 accumulation inside the GEMM) and the softmax in fp32.
+        Plain matmul + softmax (the layout DeepSeek's inference code uses): no kernel planning per KV length,
+        and the cache is read in place — no concatenation of ``[c_kv, k_pe]``, no expansion. Scores are
+        computed in the input dtype (fp32 accumulation inside the GEMM) and the softmax in fp32.
         """
         w_uk, w_uv = weights
         b, t, h, _ = q_nope.shape
@@ -367,8 +387,8 @@ class HybridMLA(nn.Module):
         k_pe: torch.Tensor,
         w_uk: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """MLA as MQA over the latent, in the ``[B, T, H, D]`` layout of ``hf_hybrid.ops.dsa`` (one shared KV head):
-        q [B, T, H, r + dr], k [B, S, 1, r + dr], v [B, S, 1, r]; attend with ``self.scaling``, then
+        """MLA as MQA over the latent, in the ``[B, T, H, D]`` layout of ``hf_hybrid.ops.dsa`` (one shared KV
+        head): q [B, T, H, r + dr], k [B, S, 1, r + dr], v [B, S, 1, r]; attend with ``self.scaling``, then
         :meth:`latent_to_value` and :meth:`output`. ``k`` is a copy of the latent history; ``v`` is a view of
         ``c_kv``."""
         q = torch.cat([self.absorb_query(q_nope, w_uk), q_pe], dim=-1)
@@ -382,9 +402,9 @@ class HybridMLA(nn.Module):
 
     def uses_absorbed(self, q_len: int, kv_len: int, past_len: int) -> bool:
         """Absorbed attention is chosen by ``config.mla_decode`` for decode steps — there are cached tokens
-        (``past_len > 0``, so never a packed prefill) and it is cheaper than expanding: per head, absorbed costs
-        ``T·(r·dn + S·(2r + dr) + r·dv)`` multiply-adds, naive ``S·r·(dn + dv) + T·S·(dn + dr + dv)``; with
-        DeepSeek's sizes (r=512, dn=dv=128, dr=64) absorbed wins up to T ≈ 170 new tokens."""
+        (``past_len > 0``, so never a packed prefill) and it is cheaper than expanding: per head, absorbed
+        costs ``T·(r·dn + S·(2r + dr) + r·dv)`` multiply-adds, naive ``S·r·(dn + dv) + T·S·(dn + dr + dv)``;
+        with DeepSeek's sizes (r=512, dn=dv=128, dr=64) absorbed wins up to T ≈ 170 new tokens."""
         if self.config.mla_decode != "absorbed" or past_len == 0:
             return False
         r, dn, dr, dv = self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
@@ -392,7 +412,7 @@ class HybridMLA(nn.Module):
         naive = kv_len * r * (dn + dv) + q_len * kv_len * (dn + dr + dv)
         return absorbed <= naive
 
-    # ---- forward ------------------------------------------------------------------------------------------------
+    # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         b, t, _ = hidden_states.shape
         p = self.project(hidden_states, ctx)
@@ -405,9 +425,9 @@ class HybridMLA(nn.Module):
             elif not self._warned_fallback:
                 self._warned_fallback = True
                 logger.warning(
-                    f"MLA layer {self.layer_idx}: kv_b_proj ({type(self.kv_b_proj).__name__}) cannot be read as one "
-                    "weight (LoRA variant, lora_bias, active LoRA dropout, quantised base, ...); decoding with the "
-                    "naive path (mla_decode='naive') instead of the absorbed one"
+                    f"MLA layer {self.layer_idx}: kv_b_proj ({type(self.kv_b_proj).__name__}) cannot be "
+                    "read as one weight (LoRA variant, lora_bias, active LoRA dropout, quantised base, "
+                    "...); decoding with the naive path (mla_decode='naive') instead of the absorbed one"
                 )
         if out is None:
             out = self.attend_dense(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx)

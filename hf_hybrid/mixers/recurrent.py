@@ -1,6 +1,7 @@
-"""What the three recurrent mixers (linear attention, Mamba-2, Gated DeltaNet) share: reading and writing their
-conv + recurrent state in transformers' ``LinearAttentionLayer`` cache, the short causal convolution with its state,
-and neutralising padded positions (so padding never leaks through the convolution or the decay: DESIGN.md §4)."""
+"""What the three recurrent mixers (linear attention, Mamba-2, Gated DeltaNet) share: reading and writing
+their conv + recurrent state in transformers' ``LinearAttentionLayer`` cache, the short causal convolution
+with its state, and neutralising padded positions (so padding never leaks through the convolution or the
+decay: DESIGN.md §4)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,10 @@ class RecurrentState:
 
 
 def init_decay_and_dt(init, A_log: torch.Tensor, dt_bias: torch.Tensor, config) -> None:
-    """The selective-state initialisation Mamba-2, Gated DeltaNet and KDA share (as Mamba-2 and fla's layers do):
-    decay rates ``A ~ U[1, 16]`` (stored as ``A_log``) and ``dt`` log-uniform in ``[mamba_dt_min, mamba_dt_max]``
-    floored at ``mamba_dt_init_floor``, stored as ``dt_bias = softplus⁻¹(dt)``. ``init`` is transformers'
-    ``initialization`` module (it skips tensors loaded from a checkpoint)."""
+    """The selective-state initialisation Mamba-2, Gated DeltaNet and KDA share (as Mamba-2 and fla's layers
+    do): decay rates ``A ~ U[1, 16]`` (stored as ``A_log``) and ``dt`` log-uniform in ``[mamba_dt_min,
+    mamba_dt_max]`` floored at ``mamba_dt_init_floor``, stored as ``dt_bias = softplus⁻¹(dt)``. ``init`` is
+    transformers' ``initialization`` module (it skips tensors loaded from a checkpoint)."""
     init.copy_(A_log, torch.empty(A_log.shape).uniform_(1, 16).log_())
     lo, hi = math.log(config.mamba_dt_min), math.log(config.mamba_dt_max)
     dt = torch.exp(torch.rand(dt_bias.shape) * (hi - lo) + lo).clamp(min=config.mamba_dt_init_floor)
@@ -42,9 +43,12 @@ def read_state(ctx: MixerContext, layer_idx: int) -> RecurrentState:
     return RecurrentState(conv, layer.recurrent_states[0], True)
 
 
-def write_state(ctx: MixerContext, layer_idx: int, conv: torch.Tensor | None, recurrent: torch.Tensor | None) -> None:
-    """Store the new states. ``conv`` is already the last K-1 inputs: transformers' ``update_conv_state`` keeps the
-    last ``conv_kernel_size`` columns of (old, new), which is exactly ``conv`` when we pass K-1 columns."""
+def write_state(
+    ctx: MixerContext, layer_idx: int, conv: torch.Tensor | None, recurrent: torch.Tensor | None
+) -> None:
+    """Store the new states. ``conv`` is already the last K-1 inputs: transformers' ``update_conv_state``
+    keeps the last ``conv_kernel_size`` columns of (old, new), which is exactly ``conv`` when we pass K-1
+    columns."""
     cache = ctx.cache
     if cache is None:
         return
@@ -63,9 +67,14 @@ def zero_padding(x: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
 
 
 def short_conv(
-    x: torch.Tensor, conv: nn.Conv1d, ctx: MixerContext, state: RecurrentState, activation: str | None = "silu"
+    x: torch.Tensor,
+    conv: nn.Conv1d,
+    ctx: MixerContext,
+    state: RecurrentState,
+    activation: str | None = "silu",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Depthwise causal conv over x [B, T, C] continuing from the cached conv state; returns (y, new conv state).
+    """Depthwise causal conv over x [B, T, C] continuing from the cached conv state; returns (y, new conv
+    state).
 
     The new state is only computed when there is a cache to put it in."""
     weight = conv.weight.squeeze(1)  # (C, K)

@@ -31,7 +31,8 @@ logger = logging.getLogger("hf_hybrid")
 
 BACKENDS = ("auto", "torch", "naive", "fla")
 
-# fla-core 0.6, fla/ops/common/chunk_o.py::chunk_bwd_dqkwg: Hopper and TRITON_ABOVE_3_4_0 and not TRITON_ABOVE_3_7_1
+# fla-core 0.6, fla/ops/common/chunk_o.py::chunk_bwd_dqkwg: Hopper and TRITON_ABOVE_3_4_0 and not
+# TRITON_ABOVE_3_7_1
 _BROKEN_TRITON = ((3, 4, 0), (3, 7, 1))
 
 _logged: set[str] = set()
@@ -71,14 +72,16 @@ def _try_import_fla() -> str | None:
     return None
 
 
-# ops whose fla-core module is imported on first use, so that one broken kernel module only disables its own op
+# ops whose fla-core module is imported on first use, so that one broken kernel module only disables its own
+# op
 _OP_MODULES = {"kda": "fla.ops.kda"}
 _op_import_errors: dict[str, str | None] = {}
 
 
 @torch.compiler.assume_constant_result
 def _op_import_error(op: str) -> str | None:
-    """None when ``op``'s own fla-core module imports (or it has none beyond the common ones), else why not."""
+    """None when ``op``'s own fla-core module imports (or it has none beyond the common ones), else why
+    not."""
     if op not in _op_import_errors:
         error = None
         if op in _OP_MODULES:

@@ -104,7 +104,8 @@ def run_varlen(
     initial_state = kwargs.get("initial_state")
     if initial_state is not None and initial_state.shape[0] != index.num_docs:
         raise ValueError(
-            f"initial_state has {initial_state.shape[0]} rows but cu_seqlens describes {index.num_docs} documents"
+            f"initial_state has {initial_state.shape[0]} rows "
+            f"but cu_seqlens describes {index.num_docs} documents"
         )
     padded = [None if t is None else unpack(t, index) for t in tensors]
     o, final_state = op(*padded, cu_seqlens=None, **kwargs)

@@ -1,30 +1,34 @@
-"""Convert a dense checkpoint to DeepSeek Sparse Attention by continued training (DeepSeek-V3.2-Exp's two stages).
+"""Convert a dense checkpoint to DeepSeek Sparse Attention by continued training (DeepSeek-V3.2-Exp's two
+stages).
 
     python recipes/dsa/train.py --config recipes/dsa/config.yaml [--source DIR] [--topk 128,256]
                                 [--warmup-steps N] [--sparse-steps N] [--eval-blocks N] [--output-dir DIR]
                                 [--overwrite]
 
 Steps (DESIGN.md §5):
-0. load the source (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) in fp32 with its tokenizer;
-   cut the local text into blocks of ``data.context`` tokens; measure the dense source's held-out perplexity;
-   convert every attention / MLA layer to DSA (``hf_hybrid.convert.dsa``: weights copied, fresh indexers).
-1. **dense warm-up**: every weight but the indexers frozen (``requires_grad=False``), ``model.dsa_mode("dense_warmup")``:
-   attention stays dense and the loss is the indexer's KL to the head-summed main attention alone (lr 1e-3,
-   DeepSeek's). The warm-up does not depend on ``index_topk``, so it runs once for every k.
-2. **sparse training**, once per k: ``model.dsa_mode("sparse", index_topk=k)``, everything trainable, loss = LM + KL over the selected
-   set; the indexer's input is detached (the model does that), so the LM loss trains the model and the KL the
-   indexer. DeepSeek's lr 7.3e-6 was ~1/30 of V3's pre-training peak (2.2e-4); the config scales it the same way
-   for a toy model pre-trained near 3e-3 (1e-4).
+0. load the source (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) in fp32 with its
+   tokenizer; cut the local text into blocks of ``data.context`` tokens; measure the dense source's held-out
+   perplexity; convert every attention / MLA layer to DSA (``hf_hybrid.convert.dsa``: weights copied, fresh
+   indexers).
+1. **dense warm-up**: every weight but the indexers frozen (``requires_grad=False``),
+   ``model.dsa_mode("dense_warmup")``: attention stays dense and the loss is the indexer's KL to the
+   head-summed main attention alone (lr 1e-3, DeepSeek's). The warm-up does not depend on ``index_topk``, so
+   it runs once for every k.
+2. **sparse training**, once per k: ``model.dsa_mode("sparse", index_topk=k)``, everything trainable, loss =
+   LM + KL over the selected set; the indexer's input is detached (the model does that), so the LM loss trains
+   the model and the KL the indexer. DeepSeek's lr 7.3e-6 was ~1/30 of V3's pre-training peak (2.2e-4); the
+   config scales it the same way for a toy model pre-trained near 3e-3 (1e-4).
 
-Measured before warm-up, after warm-up and after the sparse stage, for each k, on the held-out blocks in eval mode
-(sparse): indexer recall@k against the top-k of the true head-summed attention and the attention mass inside the
-selected set (the DSA mixers' ``collect_metrics``; averaged over layers and queries, and also over the queries that
-see more than k keys — the first k queries of a block keep every key, so they score 1 by construction), and the
-held-out perplexity of the sparse model against the dense source at the same context, and of the same weights with
-dense attention (the sparse stage is also continued LM training — here at a longer context than the toy source was
-trained on — so this column separates the cost of the selection from the gain of the training). Printed as a table, logged
-through the Trainer (``log_history``) and written to ``metrics.json``; each final model is saved in ``"sparse"`` mode
-with its lineage and metrics in the model card.
+Measured before warm-up, after warm-up and after the sparse stage, for each k, on the held-out blocks in eval
+mode (sparse): indexer recall@k against the top-k of the true head-summed attention and the attention mass
+inside the selected set (the DSA mixers' ``collect_metrics``; averaged over layers and queries, and also over
+the queries that see more than k keys — the first k queries of a block keep every key, so they score 1 by
+construction), and the held-out perplexity of the sparse model against the dense source at the same context,
+and of the same weights with dense attention (the sparse stage is also continued LM training — here at a
+longer context than the toy source was trained on — so this column separates the cost of the selection from
+the gain of the training). Printed as a table, logged through the Trainer (``log_history``) and written to
+``metrics.json``; each final model is saved in ``"sparse"`` mode with its lineage and metrics in the model
+card.
 """
 
 from __future__ import annotations
@@ -81,15 +85,17 @@ def resolve_path(value: str) -> Path:
 
 
 class ComponentLossTrainer(Trainer):
-    """A ``Trainer`` that also logs the mean ``lm_loss`` and ``indexer_loss`` of the steps since the last log (the
-    logged ``loss`` is their weighted sum in the sparse stage and the KL alone in the warm-up)."""
+    """A ``Trainer`` that also logs the mean ``lm_loss`` and ``indexer_loss`` of the steps since the last log
+    (the logged ``loss`` is their weighted sum in the sparse stage and the KL alone in the warm-up)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._components: dict[str, list[float]] = {}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        loss, outputs = super().compute_loss(
+            model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+        )
         if model.training:
             for name in ("lm_loss", "indexer_loss"):
                 value = getattr(outputs, name, None)
@@ -108,18 +114,23 @@ def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, 
     splits = load_text_splits(data_cfg.get("source", "auto"))
     context = int(data_cfg.get("context", 1024))
     train, held = build_lm_datasets(
-        tokenizer, context, source=splits, max_train_chars=data_cfg.get("max_train_chars"),
+        tokenizer,
+        context,
+        source=splits,
+        max_train_chars=data_cfg.get("max_train_chars"),
         max_eval_blocks=data_cfg.get("eval_blocks"),
     )
-    log(f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {context}), "
-        f"{held.num_tokens:,} held-out tokens ({len(held)} blocks)")
+    log(
+        f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {context}), "
+        f"{held.num_tokens:,} held-out tokens ({len(held)} blocks)"
+    )
     return train, held, splits.name
 
 
 @torch.no_grad()
 def held_out_pass(model, eval_ds: PackedBlocks, batch_size: int) -> tuple[float, dict[str, list[float]]]:
-    """Token-weighted mean LM loss over the held-out blocks (eval mode) and the per-forward layer means of the DSA
-    statistics the model recorded (empty unless ``collect_metrics`` is on)."""
+    """Token-weighted mean LM loss over the held-out blocks (eval mode) and the per-forward layer means of the
+    DSA statistics the model recorded (empty unless ``collect_metrics`` is on)."""
     total, count = 0.0, 0
     stats: dict[str, list[float]] = {"dsa_recall": [], "dsa_mass": []}
     device = next(model.parameters()).device
@@ -136,12 +147,13 @@ def held_out_pass(model, eval_ds: PackedBlocks, batch_size: int) -> tuple[float,
     return total / count, stats
 
 
-def measure(model, eval_ds: PackedBlocks, *, topk: int | None, batch_size: int = 1,
-            dsa_metrics: bool = True) -> dict[str, float]:
-    """Held-out LM loss / perplexity (eval mode). For DSA models: in sparse mode at ``topk``, with recall@k and
-    attention mass in the selection averaged over layers and queries (``*_past_k``: over the queries that see more
-    than k keys), and again with dense attention (``dense_attention_*``): the same weights without the sparsity, so
-    the cost of the selection is separated from the effect of the training itself."""
+def measure(
+    model, eval_ds: PackedBlocks, *, topk: int | None, batch_size: int = 1, dsa_metrics: bool = True
+) -> dict[str, float]:
+    """Held-out LM loss / perplexity (eval mode). For DSA models: in sparse mode at ``topk``, with recall@k
+    and attention mass in the selection averaged over layers and queries (``*_past_k``: over the queries that
+    see more than k keys), and again with dense attention (``dense_attention_*``): the same weights without
+    the sparsity, so the cost of the selection is separated from the effect of the training itself."""
     was_training = model.training
     model.eval()
     has_dsa = "dsa" in model.config.mixer_types
@@ -177,7 +189,9 @@ def measure(model, eval_ds: PackedBlocks, *, topk: int | None, batch_size: int =
 
 def run_stage(model, stage_cfg: dict[str, Any], train_ds, output_dir: Path, name: str):
     targs = training_arguments(str(output_dir / f"trainer-{name}"), **stage_cfg)
-    trainer = ComponentLossTrainer(model=model, args=targs, train_dataset=train_ds, data_collator=default_data_collator)
+    trainer = ComponentLossTrainer(
+        model=model, args=targs, train_dataset=train_ds, data_collator=default_data_collator
+    )
     start = time.time()
     trainer.train()
     return trainer, time.time() - start
@@ -218,8 +232,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sparse_cfg = dict(recipe.get("sparse") or {})
     source = resolve_path(args.source or recipe["source"])
     output_dir = Path(args.output_dir or recipe.get("output_dir", "outputs/dsa"))
-    for key, value in (("eval_blocks", args.eval_blocks), ("context", args.context),
-                       ("max_train_chars", args.max_train_chars)):
+    for key, value in (
+        ("eval_blocks", args.eval_blocks),
+        ("context", args.context),
+        ("max_train_chars", args.max_train_chars),
+    ):
         if value is not None:
             data_cfg[key] = value
     if args.warmup_steps is not None:
@@ -238,53 +255,63 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.time()
     log = print
 
-    # ---- source, data, conversion -----------------------------------------------------------------------------
+    # ---- source, data, conversion --------------------------------------------------------------------------
     if not (source / "tokenizer_config.json").is_file() and not (source / "tokenizer.json").is_file():
-        raise SystemExit(f"{source} has no tokenizer; the recipe tokenises the text with the checkpoint's own")
+        raise SystemExit(
+            f"{source} has no tokenizer; the recipe tokenises the text with the checkpoint's own"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     dense, source_dtype = load_source(source, dtype=torch.float32)
     log(f"source: {source} ({source_dtype} weights, trained here in float32)")
     train_ds, eval_ds, data_name = build_data(tokenizer, data_cfg, log)
     context = train_ds.blocks.shape[1]
     dense_eval = measure(dense, eval_ds, topk=None, batch_size=eval_bs)
-    log(f"dense source: held-out loss {dense_eval['eval_loss']:.4f}, ppl {dense_eval['eval_perplexity']:.2f} "
-        f"at context {context}")
+    log(
+        f"dense source: held-out loss {dense_eval['eval_loss']:.4f}, "
+        f"ppl {dense_eval['eval_perplexity']:.2f} at context {context}"
+    )
 
     torch.manual_seed(int(conv_cfg.get("seed", 0)))
     model = convert_model_to_dsa(dense, index_topk=topks[0], **conv_cfg)
     cost_dense = estimate_cost(dense.config, contexts=(context, 131072))
     cost_dsa = estimate_cost(model.config, contexts=(context, 131072))
-    log(f"converted {model.config.mixer_types.count('dsa')} layers to DSA (base {model.config.dsa_base}), indexer "
-        f"{model.config.index_n_heads}×{model.config.index_head_dim}; params {format_count(cost_dense.total_params)} "
-        f"-> {format_count(cost_dsa.total_params)}")
+    log(
+        f"converted {model.config.mixer_types.count('dsa')} layers to DSA (base "
+        f"{model.config.dsa_base}), indexer {model.config.index_n_heads}×{model.config.index_head_dim}; "
+        f"params {format_count(cost_dense.total_params)} -> {format_count(cost_dsa.total_params)}"
+    )
 
     rows: list[dict[str, Any]] = []
 
     def record(stage: str, k: int, m) -> dict[str, Any]:
         r = {"stage": stage, "topk": k, **measure(m, eval_ds, topk=k, batch_size=eval_bs)}
         rows.append(r)
-        log(f"  k={k:4d} {stage:16s} recall@k {r['recall_at_k']:.3f} (past k {r.get('recall_at_k_past_k', 1):.3f})  "
-            f"mass {r['attention_mass']:.3f} (past k {r.get('attention_mass_past_k', 1):.3f})  "
-            f"ppl {r['eval_perplexity']:.2f} (same weights dense {r['dense_attention_eval_perplexity']:.2f}, "
-            f"source {dense_eval['eval_perplexity']:.2f})")
+        log(
+            f"  k={k:4d} {stage:16s} recall@k {r['recall_at_k']:.3f} (past k "
+            f"{r.get('recall_at_k_past_k', 1):.3f})  mass {r['attention_mass']:.3f} (past k "
+            f"{r.get('attention_mass_past_k', 1):.3f})  ppl {r['eval_perplexity']:.2f} (same weights dense "
+            f"{r['dense_attention_eval_perplexity']:.2f}, source {dense_eval['eval_perplexity']:.2f})"
+        )
         return r
 
     log("before warm-up:")
     for k in topks:
         record("before warm-up", k, model)
 
-    # ---- stage 1: dense warm-up (shared by every k) --------------------------------------------------------------
+    # ---- stage 1: dense warm-up (shared by every k) --------------------------------------------------------
     trainer, seconds, (trainable, frozen) = warmup_stage(model, warm_cfg, train_ds, output_dir)
     warm_steps = trainer.state.global_step
-    log(f"dense warm-up: {warm_steps} steps in {seconds:.0f} s, {trainable:,} indexer parameters trained, "
-        f"{frozen:,} frozen")
+    log(
+        f"dense warm-up: {warm_steps} steps in "
+        f"{seconds:.0f} s, {trainable:,} indexer parameters trained, {frozen:,} frozen"
+    )
     log("after warm-up:")
     for k in topks:
         r = record("after warm-up", k, model)
         trainer.log({f"dsa_k{k}/{name}": round(v, 5) for name, v in r.items() if isinstance(v, float)})
     stage_logs = {"warmup": trainer.state.log_history}
 
-    # ---- stage 2: sparse training, per k -----------------------------------------------------------------------
+    # ---- stage 2: sparse training, per k -------------------------------------------------------------------
     finals = {}
     for k in topks:
         model_k = copy.deepcopy(model)
@@ -295,20 +322,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         stage_logs[f"sparse_k{k}"] = trainer.state.log_history
         finals[k] = (model_k, r, trainer.state.global_step)
 
-    # ---- table, metrics, models ------------------------------------------------------------------------------
+    # ---- table, metrics, models ----------------------------------------------------------------------------
     log("")
-    log(f"DSA conversion of {source.name}, context {context}, {len(eval_ds)} held-out blocks; dense source ppl "
-        f"{dense_eval['eval_perplexity']:.2f}")
-    log("| k | stage | recall@k | recall@k (t≥k) | attn mass | attn mass (t≥k) | sparse ppl | same weights, dense "
-        "attention ppl | dense source ppl |")
+    log(
+        f"DSA conversion of {source.name}, context {context}, {len(eval_ds)} "
+        f"held-out blocks; dense source ppl {dense_eval['eval_perplexity']:.2f}"
+    )
+    log(
+        "| k | stage | recall@k | recall@k (t≥k) | attn mass | attn mass (t≥k) "
+        "| sparse ppl | same weights, dense attention ppl | dense source ppl |"
+    )
     log("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        log(f"| {r['topk']} | {r['stage']} | {r['recall_at_k']:.3f} | {r.get('recall_at_k_past_k', 1):.3f} | "
-            f"{r['attention_mass']:.3f} | {r.get('attention_mass_past_k', 1):.3f} | {r['eval_perplexity']:.2f} | "
-            f"{r['dense_attention_eval_perplexity']:.2f} | {dense_eval['eval_perplexity']:.2f} |")
+        log(
+            f"| {r['topk']} | {r['stage']} | {r['recall_at_k']:.3f} | {r.get('recall_at_k_past_k', 1):.3f} | "
+            f"{r['attention_mass']:.3f} | {r.get('attention_mass_past_k', 1):.3f} | "
+            f"{r['eval_perplexity']:.2f} | {r['dense_attention_eval_perplexity']:.2f} | "
+            f"{dense_eval['eval_perplexity']:.2f} |"
+        )
 
     for k, (model_k, r, steps) in finals.items():
-        # What the checkpoint is: sparse at k (the config says what is saved; the run-time mode already is that).
+        # What the checkpoint is: sparse at k (the config says what is saved; the run-time mode already is
+        # that).
         model_k.config.dsa_mode, model_k.config.index_topk = "sparse", k
         model_k.dsa_mode(None)
         lineage = model_k.config.hf_hybrid_lineage
@@ -316,7 +351,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lineage["source"] = str(source)
         lineage["options"] = {**lineage.get("options", {}), "index_topk": k, "mode": "sparse"}
         lineage["training"] = {
-            "recipe": "recipes/dsa", "config": Path(args.config).name, "data": data_name, "context": context,
+            "recipe": "recipes/dsa",
+            "config": Path(args.config).name,
+            "data": data_name,
+            "context": context,
             "warmup": {"steps": warm_steps, "learning_rate": warm_cfg.get("learning_rate")},
             "sparse": {"steps": steps, "learning_rate": sparse_cfg.get("learning_rate")},
         }
@@ -337,8 +375,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         tokenizer.save_pretrained(model_dir)
         log(f"saved {model_dir} (dsa_mode='sparse', index_topk={k}) with its model card")
 
-    summary = {"source": str(source), "context": context, "dense_source": dense_eval, "rows": rows,
-               "trainer_logs": stage_logs, "wall_seconds": round(time.time() - start, 1)}
+    summary = {
+        "source": str(source),
+        "context": context,
+        "dense_source": dense_eval,
+        "rows": rows,
+        "trainer_logs": stage_logs,
+        "wall_seconds": round(time.time() - start, 1),
+    }
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     log(f"metrics in {output_dir / 'metrics.json'}; wall {summary['wall_seconds']:.0f} s")
     return summary

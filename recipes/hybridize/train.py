@@ -5,21 +5,24 @@
         [--stage1-steps N] [--stage2-steps N] [--no-scratch] [--overwrite]
 
 Steps:
-0. load the source (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) in fp32 with its tokenizer;
-   cut the local text into blocks of ``data.context`` tokens; measure the source's held-out perplexity;
-1. choose the layers that stay attention (``hybridize.pattern`` / ``attention_layers``, or ``select.num_attention``:
-   each attention layer replaced alone, ranked by the KL to the source — the ranking is printed) and hybridize
-   (``hf_hybrid.convert.hybridize``: q/k/v/o inherited; the per-mixer statement is printed and saved);
+0. load the source (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) in fp32 with its
+   tokenizer; cut the local text into blocks of ``data.context`` tokens; measure the source's held-out
+   perplexity;
+1. choose the layers that stay attention (``hybridize.pattern`` / ``attention_layers``, or
+   ``select.num_attention``: each attention layer replaced alone, ranked by the KL to the source — the ranking
+   is printed) and hybridize (``hf_hybrid.convert.hybridize``: q/k/v/o inherited; the per-mixer statement is
+   printed and saved);
 2. **stage 1, attention transfer** (``hf_hybrid.distill.AttentionTransfer`` with a plain ``Trainer``): teacher
-   frozen, only the new mixers train, on the normalised MSE to their attention layer's output given the teacher's
-   inputs; held-out nMSE per layer before and after;
-3. **stage 2, distillation** (``hf_hybrid.distill.DistillationTrainer``): KL to the teacher's logits (+ optional LM
-   loss), the whole student (``stage2.train: full``) or a LoRA adapter (``lora``, merged before saving);
-4. **from scratch**: the student's architecture from random init, trained on the LM loss with the same number of
-   tokens as stages 1 + 2 together (``scratch.enabled``);
+   frozen, only the new mixers train, on the normalised MSE to their attention layer's output given the
+   teacher's inputs; held-out nMSE per layer before and after;
+3. **stage 2, distillation** (``hf_hybrid.distill.DistillationTrainer``): KL to the teacher's logits (+
+   optional LM loss), the whole student (``stage2.train: full``) or a LoRA adapter (``lora``, merged before
+   saving);
+4. **from scratch**: the student's architecture from random init, trained on the LM loss with the same number
+   of tokens as stages 1 + 2 together (``scratch.enabled``);
 5. held-out perplexity and KL to the source after every stage; cache bytes per token at 32K before / after
-   (``hf-hybrid inspect``); the student is saved to ``--output`` with its tokenizer, the per-stage metrics in the
-   card's lineage, and ``metrics.json``.
+   (``hf-hybrid inspect``); the student is saved to ``--output`` with its tokenizer, the per-stage metrics in
+   the card's lineage, and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -79,16 +82,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=None)
     p.add_argument("--max-train-chars", type=int, default=None)
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
-    p.add_argument("--no-inherit", action="store_true",
-                   help="ablation: the new mixers start from random init (the model's own) instead of the attention")
+    p.add_argument(
+        "--no-inherit",
+        action="store_true",
+        help="ablation: the new mixers start from random init (the model's own) instead of the attention",
+    )
     p.add_argument("--output-dir", default=None, help="override output_dir (trainer files, metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
 
 
 def resolve_path(value: str) -> Path:
-    """A path as given, else relative to the repository root; ``../shared/...`` also through ``find_shared_dir``
-    (``$HF_HYBRID_SHARED_DIR`` for a checkout elsewhere)."""
+    """A path as given, else relative to the repository root; ``../shared/...`` also through
+    ``find_shared_dir`` (``$HF_HYBRID_SHARED_DIR`` for a checkout elsewhere)."""
     path = Path(value)
     if path.exists() or path.is_absolute():
         return path
@@ -114,8 +120,11 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
     if args.num_attention is not None:
         r["select"]["num_attention"] = args.num_attention
         h.update(pattern=None, attention_layers=None)
-    for key, value in (("context", args.context), ("eval_blocks", args.eval_blocks),
-                       ("max_train_chars", args.max_train_chars)):
+    for key, value in (
+        ("context", args.context),
+        ("eval_blocks", args.eval_blocks),
+        ("max_train_chars", args.max_train_chars),
+    ):
         if value is not None:
             r["data"][key] = value
     if args.stage1_steps is not None:
@@ -154,69 +163,101 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for path in {output_dir, final_dir}:
         if path.exists() and any(path.iterdir()):
             if not args.overwrite:
-                raise SystemExit(f"{path} exists and is not empty; pass --overwrite or choose another directory")
+                raise SystemExit(
+                    f"{path} exists and is not empty; pass --overwrite or choose another directory"
+                )
             shutil.rmtree(path)
     output_dir.mkdir(parents=True, exist_ok=True)
     eval_bs = int(recipe.get("eval_batch_size", 4))
     start = time.time()
     log = print
 
-    # ---- 0. source and data -------------------------------------------------------------------------------------
+    # ---- 0. source and data --------------------------------------------------------------------------------
     if not (source / "tokenizer_config.json").is_file() and not (source / "tokenizer.json").is_file():
-        raise SystemExit(f"{source} has no tokenizer; the recipe tokenises the text with the checkpoint's own")
+        raise SystemExit(
+            f"{source} has no tokenizer; the recipe tokenises the text with the checkpoint's own"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     teacher, source_dtype = load_source(source, dtype=torch.float32)
     splits = load_text_splits(data_cfg.get("source", "auto"))
     context = int(data_cfg.get("context", 256))
-    train_ds, eval_ds = build_lm_datasets(tokenizer, context, source=splits,
-                                          max_train_chars=data_cfg.get("max_train_chars"),
-                                          max_eval_blocks=data_cfg.get("eval_blocks"))
-    log(f"source: {source} ({source_dtype}); data {splits.name}: {train_ds.num_tokens:,} training tokens, "
-        f"{eval_ds.num_tokens:,} held-out ({len(eval_ds)} blocks of {context})")
+    train_ds, eval_ds = build_lm_datasets(
+        tokenizer,
+        context,
+        source=splits,
+        max_train_chars=data_cfg.get("max_train_chars"),
+        max_eval_blocks=data_cfg.get("eval_blocks"),
+    )
+    log(
+        f"source: {source} ({source_dtype}); data {splits.name}: {train_ds.num_tokens:,} training tokens, "
+        f"{eval_ds.num_tokens:,} held-out ({len(eval_ds)} blocks of {context})"
+    )
     rows: dict[str, dict[str, float]] = {}
     rows["source"] = measure(teacher, None, eval_ds, eval_bs)
     log(f"source: held-out ppl {rows['source']['eval_perplexity']:.2f}")
 
-    # ---- 1. layers and hybridize ----------------------------------------------------------------------------------
+    # ---- 1. layers and hybridize ---------------------------------------------------------------------------
     ranking = None
     pattern, attention_layers, mixer = h_cfg.get("pattern"), h_cfg.get("attention_layers"), h_cfg.get("mixer")
     if sel_cfg.get("num_attention") is not None:
         mixer = mixer or "gated_deltanet"
-        ranking = rank_layers(teacher, eval_ds.blocks[: int(sel_cfg.get("blocks", 4))], mixer=mixer,
-                              criterion=sel_cfg.get("criterion", "kl"), mixer_config=h_cfg.get("mixer_config"))
+        ranking = rank_layers(
+            teacher,
+            eval_ds.blocks[: int(sel_cfg.get("blocks", 4))],
+            mixer=mixer,
+            criterion=sel_cfg.get("criterion", "kl"),
+            mixer_config=h_cfg.get("mixer_config"),
+        )
         k = int(sel_cfg["num_attention"])
         log(f"layer ranking ({sel_cfg.get('criterion', 'kl')}, each layer replaced alone by {mixer}):")
         log(format_ranking(ranking, k))
         attention_layers, pattern = sorted(r["layer"] for r in ranking[:k]), None
-    student = hybridize_model(teacher, pattern=pattern, attention_layers=attention_layers, mixer=mixer,
-                              mixer_config=h_cfg.get("mixer_config") or None, seed=int(h_cfg.get("seed", 0)))
+    student = hybridize_model(
+        teacher,
+        pattern=pattern,
+        attention_layers=attention_layers,
+        mixer=mixer,
+        mixer_config=h_cfg.get("mixer_config") or None,
+        seed=int(h_cfg.get("seed", 0)),
+    )
     lineage = student.config.hf_hybrid_lineage
     replaced = sorted(int(i) for i in lineage["options"]["replaced"])
     if not h_cfg.get("inherit", True):
-        # Ablation: every new mixer from the model's own random init (a fresh model of the same config, seed + 1).
+        # Ablation: every new mixer from the model's own random init (a fresh model of the same config, seed +
+        # 1).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(h_cfg.get("seed", 0)) + 1)
             fresh = HybridForCausalLM(student.config)
         for i in replaced:
             student.model.layers[i].mixer.load_state_dict(fresh.model.layers[i].mixer.state_dict())
         del fresh
-        lineage["init"] = {m: {"new": ["every tensor: the model's random init (ablation, --no-inherit)"]}
-                           for m in lineage["init"]}
+        lineage["init"] = {
+            m: {"new": ["every tensor: the model's random init (ablation, --no-inherit)"]}
+            for m in lineage["init"]
+        }
         lineage["options"]["inherit"] = False
-    log(f"hybridized: layers {replaced} -> {lineage['options']['replaced']}, attention kept at "
-        f"{lineage['options']['attention_layers']}")
+    log(
+        f"hybridized: layers {replaced} -> {lineage['options']['replaced']}, attention kept at "
+        f"{lineage['options']['attention_layers']}"
+    )
     log(format_statements(lineage["init"]))
     rows["init"] = measure(student, teacher, eval_ds, eval_bs)
     nmse_init = transfer_error(teacher, student, replaced, eval_ds.blocks, batch_size=eval_bs)
-    log(f"student at init: ppl {rows['init']['eval_perplexity']:.2f}, KL {rows['init']['kl_to_source']:.4f}, "
-        f"nMSE {({i: round(v, 4) for i, v in nmse_init.items()})}")
+    log(
+        f"student at init: ppl {rows['init']['eval_perplexity']:.2f}, KL {rows['init']['kl_to_source']:.4f}, "
+        f"nMSE { ({i: round(v, 4) for i, v in nmse_init.items()}) }"
+    )
 
-    # ---- 2. stage 1: attention transfer ---------------------------------------------------------------------------
+    # ---- 2. stage 1: attention transfer --------------------------------------------------------------------
     trainable, frozen = freeze_all_but(student, replaced)
     transfer = AttentionTransfer(teacher, student, replaced)
     t0 = time.time()
-    trainer = TransferTrainer(model=transfer, args=training_arguments(str(output_dir / "trainer-stage1"), **s1_cfg),
-                              train_dataset=train_ds, data_collator=default_data_collator)
+    trainer = TransferTrainer(
+        model=transfer,
+        args=training_arguments(str(output_dir / "trainer-stage1"), **s1_cfg),
+        train_dataset=train_ds,
+        data_collator=default_data_collator,
+    )
     trainer.train()
     s1_seconds, s1_steps = time.time() - t0, trainer.state.global_step
     s1_logs = trainer.state.log_history
@@ -224,11 +265,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.requires_grad_(True)
     nmse_s1 = transfer_error(teacher, student, replaced, eval_ds.blocks, batch_size=eval_bs)
     rows["stage1"] = measure(student, teacher, eval_ds, eval_bs)
-    log(f"stage 1: {s1_steps} steps in {s1_seconds:.0f} s ({trainable:,} params trained, {frozen:,} frozen); "
+    log(
+        f"stage 1: {s1_steps} steps in {s1_seconds:.0f} s ({trainable:,} params trained, {frozen:,} frozen); "
         f"ppl {rows['stage1']['eval_perplexity']:.2f}, KL {rows['stage1']['kl_to_source']:.4f}, "
-        f"nMSE {({i: round(v, 4) for i, v in nmse_s1.items()})}")
+        f"nMSE { ({i: round(v, 4) for i, v in nmse_s1.items()}) }"
+    )
 
-    # ---- 3. stage 2: distillation ---------------------------------------------------------------------------------
+    # ---- 3. stage 2: distillation --------------------------------------------------------------------------
     s2_args = {k: v for k, v in s2_cfg.items() if k not in ("train", "temperature", "lm_weight", "lora")}
     mode = s2_cfg.get("train", "full")
     model2 = student
@@ -238,21 +281,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif mode != "full":
         raise SystemExit(f"stage2.train={mode!r} is not known; choose full or lora")
     t0 = time.time()
-    trainer = DistillationTrainer(model=model2, teacher=teacher,
-                                  args=training_arguments(str(output_dir / "trainer-stage2"), **s2_args),
-                                  train_dataset=train_ds, data_collator=default_data_collator,
-                                  temperature=float(s2_cfg.get("temperature", 1.0)),
-                                  lm_weight=float(s2_cfg.get("lm_weight", 0.0)))
+    trainer = DistillationTrainer(
+        model=model2,
+        teacher=teacher,
+        args=training_arguments(str(output_dir / "trainer-stage2"), **s2_args),
+        train_dataset=train_ds,
+        data_collator=default_data_collator,
+        temperature=float(s2_cfg.get("temperature", 1.0)),
+        lm_weight=float(s2_cfg.get("lm_weight", 0.0)),
+    )
     trainer.train()
     s2_seconds, s2_steps = time.time() - t0, trainer.state.global_step
     s2_logs = trainer.state.log_history
     if mode == "lora":
         student = model2.merge_and_unload()
     rows["stage2"] = measure(student, teacher, eval_ds, eval_bs)
-    log(f"stage 2 ({mode}): {s2_steps} steps in {s2_seconds:.0f} s; ppl {rows['stage2']['eval_perplexity']:.2f}, "
-        f"KL {rows['stage2']['kl_to_source']:.4f}")
+    log(
+        f"stage 2 ({mode}): {s2_steps} steps in {s2_seconds:.0f} s; ppl "
+        f"{rows['stage2']['eval_perplexity']:.2f}, KL {rows['stage2']['kl_to_source']:.4f}"
+    )
 
-    # ---- 4. from scratch, same tokens -----------------------------------------------------------------------------
+    # ---- 4. from scratch, same tokens ----------------------------------------------------------------------
     s1_tokens = s1_steps * int(s1_cfg.get("per_device_train_batch_size", 16)) * context
     s2_tokens = s2_steps * int(s2_args.get("per_device_train_batch_size", 16)) * context
     scratch_logs = None
@@ -264,40 +313,64 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg.hf_hybrid_lineage = None
         scratch = HybridForCausalLM(cfg)
         t0 = time.time()
-        trainer = Trainer(model=scratch, args=training_arguments(str(output_dir / "trainer-scratch"),
-                                                                 **{**scratch_cfg, "max_steps": steps}),
-                          train_dataset=train_ds, data_collator=default_data_collator)
+        trainer = Trainer(
+            model=scratch,
+            args=training_arguments(
+                str(output_dir / "trainer-scratch"), **{**scratch_cfg, "max_steps": steps}
+            ),
+            train_dataset=train_ds,
+            data_collator=default_data_collator,
+        )
         trainer.train()
         scratch_logs = trainer.state.log_history
         rows["scratch"] = measure(scratch, teacher, eval_ds, eval_bs)
-        log(f"from scratch: {steps} steps ({steps * bs * context:,} tokens) in {time.time() - t0:.0f} s; "
-            f"ppl {rows['scratch']['eval_perplexity']:.2f}")
+        log(
+            f"from scratch: {steps} steps ({steps * bs * context:,} tokens) in {time.time() - t0:.0f} s; "
+            f"ppl {rows['scratch']['eval_perplexity']:.2f}"
+        )
 
-    # ---- 5. table, card, files ------------------------------------------------------------------------------------
+    # ---- 5. table, card, files -----------------------------------------------------------------------------
     before, after = cache_per_token(teacher.config), cache_per_token(student.config)
     label = pattern or f"attention at {lineage['options']['attention_layers']}, {mixer}"
     if not h_cfg.get("inherit", True):
         label += " (random init, no inheritance)"
     log("")
-    log("| layout | source | init | stage 1 | stage 2 | scratch (same tokens) | cache/token @32K before → after |")
+    log(
+        "| layout | source | init | stage 1 | stage 2 | scratch "
+        "(same tokens) | cache/token @32K before → after |"
+    )
     log("|---|---:|---:|---:|---:|---:|---|")
-    log(f"| {label} | {rows['source']['eval_perplexity']:.2f} | {rows['init']['eval_perplexity']:.2f} | "
+    log(
+        f"| {label} | {rows['source']['eval_perplexity']:.2f} | {rows['init']['eval_perplexity']:.2f} | "
         f"{rows['stage1']['eval_perplexity']:.2f} | {rows['stage2']['eval_perplexity']:.2f} | "
         f"{rows['scratch']['eval_perplexity'] if 'scratch' in rows else float('nan'):.2f} | "
-        f"{format_bytes(before)} → {format_bytes(after)} |")
+        f"{format_bytes(before)} → {format_bytes(after)} |"
+    )
 
     lineage.setdefault("base_model", str(source))
     lineage["source"] = str(source)
     if ranking is not None:
         lineage["options"]["selection"] = {"criterion": sel_cfg.get("criterion", "kl"), "ranking": ranking}
     lineage["training"] = {
-        "recipe": "recipes/hybridize", "config": Path(args.config).name, "data": splits.name, "context": context,
-        "stage1": {"objective": "attention transfer (normalised MSE, teacher inputs, new mixers only)",
-                   "steps": s1_steps, "tokens": s1_tokens, "learning_rate": s1_cfg.get("learning_rate"),
-                   "trainable_params": trainable},
-        "stage2": {"objective": f"KL to the teacher (T={s2_cfg.get('temperature', 1.0)}) + "
-                                f"{s2_cfg.get('lm_weight', 0.0)} × LM", "train": mode, "steps": s2_steps,
-                   "tokens": s2_tokens, "learning_rate": s2_cfg.get("learning_rate")},
+        "recipe": "recipes/hybridize",
+        "config": Path(args.config).name,
+        "data": splits.name,
+        "context": context,
+        "stage1": {
+            "objective": "attention transfer (normalised MSE, teacher inputs, new mixers only)",
+            "steps": s1_steps,
+            "tokens": s1_tokens,
+            "learning_rate": s1_cfg.get("learning_rate"),
+            "trainable_params": trainable,
+        },
+        "stage2": {
+            "objective": f"KL to the teacher (T={s2_cfg.get('temperature', 1.0)}) + "
+            f"{s2_cfg.get('lm_weight', 0.0)} × LM",
+            "train": mode,
+            "steps": s2_steps,
+            "tokens": s2_tokens,
+            "learning_rate": s2_cfg.get("learning_rate"),
+        },
     }
     metrics = {
         "context": context,
@@ -319,11 +392,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     student.config.hf_hybrid_lineage = lineage
     student.save_pretrained(final_dir)
     tokenizer.save_pretrained(final_dir)
-    log(f"saved {final_dir} (card with lineage and metrics); cache: hf-hybrid inspect {final_dir} --context 32K")
+    log(
+        f"saved {final_dir} (card with lineage and metrics); "
+        f"cache: hf-hybrid inspect {final_dir} --context 32K"
+    )
 
-    summary = {"source": str(source), "layout": label, "rows": rows, "metrics": metrics,
-               "trainer_logs": {"stage1": s1_logs, "stage2": s2_logs, "scratch": scratch_logs},
-               "wall_seconds": round(time.time() - start, 1)}
+    summary = {
+        "source": str(source),
+        "layout": label,
+        "rows": rows,
+        "metrics": metrics,
+        "trainer_logs": {"stage1": s1_logs, "stage2": s2_logs, "scratch": scratch_logs},
+        "wall_seconds": round(time.time() - start, 1),
+    }
     (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
     log(f"metrics in {output_dir / 'metrics.json'}; wall {summary['wall_seconds']:.0f} s")
     return summary

@@ -1,14 +1,16 @@
 """The main job: train a small hybrid from scratch on local text with ``transformers.Trainer``.
 
     python recipes/main/train.py --config recipes/main/tiny.yaml [--max-steps 5] [--output-dir DIR]
-    accelerate launch --multi_gpu --num_processes 2 recipes/main/train.py --config recipes/main/tiny.yaml  # DDP
+    accelerate launch --multi_gpu --num_processes 2 recipes/main/train.py --config recipes/main/tiny.yaml  #
+    DDP
 
-(On CPU, ``--multi_gpu`` still works: torchrun + gloo; ``--cpu`` alone starts one process, accelerate needs mpirun
-for multi-CPU.)
+(On CPU, ``--multi_gpu`` still works: torchrun + gloo; ``--cpu`` alone starts one process, accelerate needs
+mpirun for multi-CPU.)
 
-Steps: read the YAML (``model`` = HybridConfig arguments, ``data``, ``training`` = TrainingArguments fields), train a
-byte-level BPE on the training split, print the design's cost, train, report held-out perplexity before and after,
-generate a sample, and save model + tokenizer + model card (with the metrics as lineage) to ``output_dir``.
+Steps: read the YAML (``model`` = HybridConfig arguments, ``data``, ``training`` = TrainingArguments fields),
+train a byte-level BPE on the training split, print the design's cost, train, report held-out perplexity
+before and after, generate a sample, and save model + tokenizer + model card (with the metrics as lineage) to
+``output_dir``.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(targs.seed)
     start = time.time()
 
-    # ---- data and tokenizer ----------------------------------------------------------------------------------
+    # ---- data and tokenizer --------------------------------------------------------------------------------
     splits = load_text_splits(data_cfg.get("source", "auto"))
     tokenizer = train_tokenizer(splits.train, data_cfg.get("vocab_size", 2048))
     block = int(data_cfg.get("block_size", 128))
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{eval_ds.num_tokens:,} held-out tokens; tokenizer vocab {len(tokenizer)}"
     )
 
-    # ---- model -------------------------------------------------------------------------------------------------
+    # ---- model ---------------------------------------------------------------------------------------------
     model_kwargs = config_kwargs_from_mapping(recipe.get("model") or {}, source=args.config)
     eos = tokenizer.eos_token_id
     config = HybridConfig(

@@ -1,17 +1,18 @@
-"""Upcycle a dense checkpoint to MoE and continue training it, against dense continued training at equal tokens.
+"""Upcycle a dense checkpoint to MoE and continue training it, against dense continued training at equal
+tokens.
 
     python recipes/upcycle/train.py --config recipes/upcycle/config.yaml [--source DIR] [--max-steps N]
                                     [--output-dir DIR] [--eval-blocks N] [--no-dense] [--overwrite]
     accelerate launch --num_processes 2 recipes/upcycle/train.py --config recipes/upcycle/config.yaml   # DDP
 
-Steps: load the source (an hf_hybrid checkpoint, or a Llama / Qwen2 / Qwen3 / Mistral one imported on the way) in
-fp32 with its tokenizer; cut the local text (``hf_hybrid.data``: Shakespeare with hamlet + tempest held out, else
-pydoc) into blocks; measure the source's held-out LM loss; upcycle (``hf_hybrid.convert.upcycle``, options from
-``upcycle:``) and check the start is exact where it should be; continue training the dense source and the MoE
-with the same ``TrainingArguments`` (same data order, schedule and tokens) — the MoE with its balancing losses
-(aux 1e-2, z 1e-3) and the expert-load callbacks of ``hf_hybrid.moe_training`` (load in the Trainer logs and in
-``expert_load.jsonl``); print both held-out LM losses (eval mode: LM loss alone); save the MoE with its lineage and
-the measured metrics in its model card, and ``metrics.json``.
+Steps: load the source (an hf_hybrid checkpoint, or a Llama / Qwen2 / Qwen3 / Mistral one imported on the way)
+in fp32 with its tokenizer; cut the local text (``hf_hybrid.data``: Shakespeare with hamlet + tempest held
+out, else pydoc) into blocks; measure the source's held-out LM loss; upcycle (``hf_hybrid.convert.upcycle``,
+options from ``upcycle:``) and check the start is exact where it should be; continue training the dense source
+and the MoE with the same ``TrainingArguments`` (same data order, schedule and tokens) — the MoE with its
+balancing losses (aux 1e-2, z 1e-3) and the expert-load callbacks of ``hf_hybrid.moe_training`` (load in the
+Trainer logs and in ``expert_load.jsonl``); print both held-out LM losses (eval mode: LM loss alone); save the
+MoE with its lineage and the measured metrics in its model card, and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -76,11 +77,16 @@ def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, 
     splits = load_text_splits(data_cfg.get("source", "auto"))
     block = int(data_cfg.get("block_size", 256))
     train, held = build_lm_datasets(
-        tokenizer, block, source=splits, max_train_chars=data_cfg.get("max_train_chars"),
+        tokenizer,
+        block,
+        source=splits,
+        max_train_chars=data_cfg.get("max_train_chars"),
         max_eval_blocks=data_cfg.get("eval_blocks"),
     )
-    log(f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {block}), "
-        f"{held.num_tokens:,} held-out tokens")
+    log(
+        f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {block}), "
+        f"{held.num_tokens:,} held-out tokens"
+    )
     return train, held, splits.name
 
 
@@ -127,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- source, tokenizer, data ---------------------------------------------------------------------------
     if not (source / "tokenizer_config.json").is_file() and not (source / "tokenizer.json").is_file():
-        raise SystemExit(f"{source} has no tokenizer; the recipe tokenises the text with the checkpoint's own")
+        raise SystemExit(
+            f"{source} has no tokenizer; the recipe tokenises the text with the checkpoint's own"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     dense, source_dtype = load_source(source, dtype=torch.float32)
     log(f"source: {source} ({source_dtype} weights, trained here in float32)")
@@ -136,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = evaluate_perplexity(dense, eval_ds, batch_size=eval_bs)
     log(f"source held-out LM loss {base['loss']:.4f} (ppl {base['perplexity']:.2f})")
 
-    # ---- upcycle --------------------------------------------------------------------------------------------
+    # ---- upcycle -------------------------------------------------------------------------------------------
     opts = UpcycleOptions(**{**up_cfg, "layers": tuple(up_cfg["layers"]) if up_cfg.get("layers") else None})
     for note in opts.notes(dense.config):
         log(f"note: {note}")
@@ -147,44 +155,70 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     exact = opts.exact_start(dense.config)
     start_eval = evaluate_perplexity(moe, eval_ds, batch_size=eval_bs)
     gap = abs(start_eval["loss"] - base["loss"])
-    log(f"upcycled: {moe.config.num_experts} experts, top-{moe.config.num_experts_per_tok}, exact start: {exact}; "
-        f"held-out LM loss at start {start_eval['loss']:.4f} (|Δ| vs source {gap:.2e})")
+    log(
+        f"upcycled: {moe.config.num_experts} experts, top-{moe.config.num_experts_per_tok}, exact "
+        f"start: {exact}; held-out LM loss at start {start_eval['loss']:.4f} (|Δ| vs source {gap:.2e})"
+    )
     if exact and gap > 1e-4:
         raise SystemExit(f"internal error: an exact upcycle changed the held-out loss by {gap:.2e}")
     cost_dense = estimate_cost(dense.config, contexts=(data_cfg.get("block_size", 256),))
     cost_moe = estimate_cost(moe.config, contexts=(data_cfg.get("block_size", 256),))
-    log(f"params: dense {format_count(cost_dense.total_params)}; MoE total {format_count(cost_moe.total_params)}, "
-        f"active {format_count(cost_moe.active_params)}")
+    log(
+        f"params: dense {format_count(cost_dense.total_params)}; MoE total "
+        f"{format_count(cost_moe.total_params)}, active {format_count(cost_moe.active_params)}"
+    )
 
-    # ---- continued training: dense baseline and MoE, same arguments -----------------------------------------
+    # ---- continued training: dense baseline and MoE, same arguments ----------------------------------------
     results: dict[str, Any] = {}
     if compare_dense:
         dense_run = copy.deepcopy(dense)
         trainer, seconds = train(dense_run, targs, train_ds, moe=False, jsonl=None)
         after = evaluate_perplexity(dense_run, eval_ds, batch_size=eval_bs)
-        results["dense"] = {"eval_loss": after["loss"], "eval_perplexity": after["perplexity"],
-                            "train_seconds": seconds, "logged_losses": logged_losses(trainer)}
-        log(f"dense continued: held-out LM loss {after['loss']:.4f} (ppl {after['perplexity']:.2f}), {seconds:.0f} s")
+        results["dense"] = {
+            "eval_loss": after["loss"],
+            "eval_perplexity": after["perplexity"],
+            "train_seconds": seconds,
+            "logged_losses": logged_losses(trainer),
+        }
+        log(
+            f"dense continued: held-out LM loss {after['loss']:.4f} "
+            f"(ppl {after['perplexity']:.2f}), {seconds:.0f} s"
+        )
         del dense_run, trainer
     jsonl = output_dir / "expert_load.jsonl"
     trainer, seconds = train(moe, targs, train_ds, moe=True, jsonl=jsonl if is_main else None)
     collect_expert_load(moe, source="log")  # drop counts left over from the last log interval
     after = evaluate_perplexity(moe, eval_ds, batch_size=eval_bs)
     load = load_summary(moe, eval_ds, eval_bs)
-    results["moe"] = {"eval_loss": after["loss"], "eval_perplexity": after["perplexity"], "train_seconds": seconds,
-                      "logged_losses": logged_losses(trainer), "eval_expert_load": load}
-    log(f"MoE continued:   held-out LM loss {after['loss']:.4f} (ppl {after['perplexity']:.2f}), {seconds:.0f} s")
+    results["moe"] = {
+        "eval_loss": after["loss"],
+        "eval_perplexity": after["perplexity"],
+        "train_seconds": seconds,
+        "logged_losses": logged_losses(trainer),
+        "eval_expert_load": load,
+    }
+    log(
+        "MoE continued:   held-out LM loss "
+        f"{after['loss']:.4f} (ppl {after['perplexity']:.2f}), {seconds:.0f} s"
+    )
 
     steps = trainer.state.global_step
-    tokens = steps * targs.per_device_train_batch_size * targs.gradient_accumulation_steps * targs.world_size \
+    tokens = (
+        steps
+        * targs.per_device_train_batch_size
+        * targs.gradient_accumulation_steps
+        * targs.world_size
         * train_ds.blocks.shape[1]
-    rows = [("source (dense, before)", base["loss"], ""),
-            ("MoE at start (upcycled)", start_eval["loss"], "")]
+    )
+    rows = [("source (dense, before)", base["loss"], ""), ("MoE at start (upcycled)", start_eval["loss"], "")]
     if "dense" in results:
         rows.append((f"dense, +{steps} steps", results["dense"]["eval_loss"], ""))
     rows.append((f"MoE, +{steps} steps", results["moe"]["eval_loss"], ""))
     log("")
-    log(f"held-out LM loss (eval mode, {int(base['tokens']):,} tokens), after {steps} steps = {tokens:,} tokens each:")
+    log(
+        f"held-out LM loss (eval mode, {int(base['tokens']):,} "
+        f"tokens), after {steps} steps = {tokens:,} tokens each:"
+    )
     for name, loss, _ in rows:
         log(f"  {name:28s} {loss:.4f}  ppl {math.exp(loss):8.2f}")
     log("expert load on held-out text (max/mean, cv, min/mean):")
@@ -207,18 +241,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         lineage = moe.config.hf_hybrid_lineage
         lineage.setdefault("base_model", str(source))
         lineage["source"] = str(source)
-        lineage["training"] = {"recipe": "recipes/upcycle", "config": Path(args.config).name, "data": data_name,
-                               "steps": steps, "tokens": tokens, "learning_rate": targs.learning_rate,
-                               "block_size": train_ds.blocks.shape[1]}
+        lineage["training"] = {
+            "recipe": "recipes/upcycle",
+            "config": Path(args.config).name,
+            "data": data_name,
+            "steps": steps,
+            "tokens": tokens,
+            "learning_rate": targs.learning_rate,
+            "block_size": train_ds.blocks.shape[1],
+        }
         lineage["metrics"] = metrics
         model_dir = output_dir / "model"
         moe.save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        summary = {"metrics": metrics, "results": results, "exact_start": exact, "options": opts.as_dict(),
-                   "wall_seconds": round(time.time() - start, 1)}
+        summary = {
+            "metrics": metrics,
+            "results": results,
+            "exact_start": exact,
+            "options": opts.as_dict(),
+            "wall_seconds": round(time.time() - start, 1),
+        }
         (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
-        log(f"saved the MoE (model card, lineage, metrics) to {model_dir}; metrics in {output_dir / 'metrics.json'}")
-    return {"metrics": metrics, "results": results, "exact_start": exact, "hf_hybrid_version": hf_hybrid.__version__}
+        log(
+            f"saved the MoE (model card, lineage, metrics) to {model_dir}; metrics in "
+            f"{output_dir / 'metrics.json'}"
+        )
+    return {
+        "metrics": metrics,
+        "results": results,
+        "exact_start": exact,
+        "hf_hybrid_version": hf_hybrid.__version__,
+    }
 
 
 if __name__ == "__main__":

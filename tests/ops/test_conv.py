@@ -1,4 +1,5 @@
-"""Causal depthwise conv: against a per-tap reference, split/step invariance, packing and padding that never leak."""
+"""Causal depthwise conv: against a per-tap reference, split/step invariance, packing and padding that never
+leak."""
 
 from __future__ import annotations
 

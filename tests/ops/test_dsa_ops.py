@@ -189,10 +189,10 @@ def test_topk_covering_all_keys_is_dense_causal_attention(P, Hkv, Dqk, Dv):
     causal = torch.arange(S)[None, :] <= (P + torch.arange(T))[:, None]
     # independent reference: SDPA with an explicit bottom-right causal mask
     G = H // Hkv
+    k_rep, v_rep = k.repeat_interleave(G, 2), v.repeat_interleave(G, 2)
     ref = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.repeat_interleave(G, 2).transpose(1, 2), v.repeat_interleave(G, 2).transpose(1, 2),
-        attn_mask=causal, scale=Dqk**-0.5,
-    ).transpose(1, 2)  # fmt: skip
+        q.transpose(1, 2), k_rep.transpose(1, 2), v_rep.transpose(1, 2), attn_mask=causal, scale=Dqk**-0.5
+    ).transpose(1, 2)
     for fn in (sparse_attention_naive, sparse_attention_torch):
         torch.testing.assert_close(fn(q, k, v, idx, scale=Dqk**-0.5), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(
@@ -229,12 +229,10 @@ def test_dispatcher_backends_agree_and_announce_once(caplog):
 
 def test_package_imports_and_runs_without_triton():
     code = (
-        "import sys; sys.modules['triton'] = None\n"
-        "import torch, hf_hybrid.ops.dsa as dsa\n"
-        "q = torch.randn(1, 4, 2, 8); k = torch.randn(1, 4, 1, 8)\n"
-        "idx = dsa.indexer_topk(torch.randn(1, 4, 2, 4), torch.randn(1, 4, 4), torch.rand(1, 4, 2), topk=2)\n"
-        "assert not dsa.triton_available()\n"
-        "print(dsa.sparse_attention(q, k, k, idx, scale=0.3).shape)\n"
+        "import sys; sys.modules['triton'] = None\nimport torch, hf_hybrid.ops.dsa as dsa\nq = "
+        "torch.randn(1, 4, 2, 8); k = torch.randn(1, 4, 1, 8)\nidx = dsa.indexer_topk(torch.randn(1, "
+        "4, 2, 4), torch.randn(1, 4, 4), torch.rand(1, 4, 2), topk=2)\nassert not "
+        "dsa.triton_available()\nprint(dsa.sparse_attention(q, k, k, idx, scale=0.3).shape)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

@@ -55,7 +55,8 @@ def _patch_triton_interpreter() -> None:
         for i in indices:
             yield interpreter._implicit_cvt(i)  # a triton scalar, like the compiler's induction variable
 
-    # the interpreter copies its module globals into each rewritten kernel's globals, so the name resolves there
+    # the interpreter copies its module globals into each rewritten kernel's globals, so the name resolves
+    # there
     interpreter._hf_hybrid_scalar_range = scalar_range
 
     def visit_For(self, node):

@@ -25,7 +25,8 @@ from hf_hybrid.ops.gated_delta import (
 # Tolerances, as a fraction of the reference tensor's largest magnitude:
 # fp32 — both paths compute in fp32 and differ only in summation order (chunk matmuls vs token loop).
 FP32_TOL = 1e-5
-# bf16 inputs — the op still computes in fp32; only the final cast of o to bf16 rounds (2^-8 relative), x2 margin.
+# bf16 inputs — the op still computes in fp32; only the final cast of o to bf16 rounds (2^-8 relative), x2
+# margin.
 BF16_TOL = 2**-7
 
 INPUT_NAMES = ("q", "k", "v", "g", "beta", "initial_state")
@@ -53,7 +54,8 @@ def make_inputs(batch=2, length=37, hk=2, hv=2, dk=16, dv=24, init=True, seed=0,
 
 
 def run(fn, inputs, **kwargs):
-    """(o, final_state, {input name: grad}) of fn through the loss Σ o·w_o + Σ S·w_s (fixed random weights)."""
+    """(o, final_state, {input name: grad}) of fn through the loss Σ o·w_o + Σ S·w_s (fixed random
+    weights)."""
     o, state = fn(
         *(inputs[n] for n in INPUT_NAMES[:5]),
         initial_state=inputs["initial_state"],
@@ -99,8 +101,8 @@ def test_gva_matches_naive(use_qk_l2norm):
 
 @pytest.mark.parametrize("use_qk_l2norm", [False, True])
 def test_float64_matches_naive(use_qk_l2norm):
-    """float64 inputs stay float64 through the chunked form, with or without the in-op L2 norm (the norm once cast
-    q/k to fp32 and the chunk matmuls then failed on mixed dtypes)."""
+    """float64 inputs stay float64 through the chunked form, with or without the in-op L2 norm (the norm once
+    cast q/k to fp32 and the chunk matmuls then failed on mixed dtypes)."""
     inputs = make_inputs(length=37, dtype=torch.float64, seed=2)
     expected = run(naive_recurrent_gated_delta_rule, inputs, use_qk_l2norm=use_qk_l2norm)
     actual = run(chunk_gated_delta_rule, inputs, use_qk_l2norm=use_qk_l2norm, chunk_size=16)
@@ -109,7 +111,8 @@ def test_float64_matches_naive(use_qk_l2norm):
 
 
 def test_naive_matches_transformers_reference():
-    """Our spec agrees with transformers' Qwen3-Next recurrence (independent code; GVA convention included)."""
+    """Our spec agrees with transformers' Qwen3-Next recurrence (independent code; GVA convention
+    included)."""
     qwen3_next = pytest.importorskip("transformers.models.qwen3_next.modeling_qwen3_next")
     inputs = {n: None if x is None else x.detach() for n, x in make_inputs(hk=1, hv=2, seed=2).items()}
     args = [inputs[n] for n in INPUT_NAMES[:5]]
@@ -205,7 +208,8 @@ def test_bf16_forward():
 
 @pytest.mark.parametrize("size", [1, 5, 16, 37, 64])
 def test_unit_lower_inverse(size):
-    """(I + A)^-1 for the delta rule's A = tril(beta_i k_i·k_j, -1), in fp64 so only the algorithm is tested."""
+    """(I + A)^-1 for the delta rule's A = tril(beta_i k_i·k_j, -1), in fp64 so only the algorithm is
+    tested."""
     gen = torch.Generator().manual_seed(size)
     k = F.normalize(torch.randn(3, 2, size, 16, generator=gen, dtype=torch.float64), dim=-1)
     beta = torch.rand(3, 2, size, 1, generator=gen, dtype=torch.float64)

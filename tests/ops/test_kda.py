@@ -41,9 +41,9 @@ def check(name: str, actual: torch.Tensor, expected: torch.Tensor, tol: float) -
 def kimi_gate(shape, gen, strong: bool = False) -> torch.Tensor:
     """Log decays as Kimi Linear's gate makes them: -exp(A_log) · softplus(x + dt_bias), A in [1, 16].
 
-    ``strong``: a wider pre-activation in half the channels, so those decay by tens of nats per token while the
-    other half keeps almost everything — cumulative decays inside a chunk far beyond exp's fp32 range (88 nats)
-    next to channels that barely decay.
+    ``strong``: a wider pre-activation in half the channels, so those decay by tens of nats per token while
+    the other half keeps almost everything — cumulative decays inside a chunk far beyond exp's fp32 range (88
+    nats) next to channels that barely decay.
     """
     a = torch.empty(shape[-2], 1).uniform_(1, 16, generator=gen)  # per head, as A_log
     x = torch.randn(shape, generator=gen) - 4.0
@@ -75,7 +75,8 @@ def loss_of(o: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
 
 
 def run(fn, inputs, **kwargs):
-    """(o, final_state, {input name: grad}) of fn through the loss Σ o·w_o + Σ S·w_s (fixed random weights)."""
+    """(o, final_state, {input name: grad}) of fn through the loss Σ o·w_o + Σ S·w_s (fixed random
+    weights)."""
     o, state = fn(
         *(inputs[n] for n in INPUT_NAMES[:5]),
         initial_state=inputs["initial_state"],
@@ -150,8 +151,8 @@ def test_channel_decay_is_per_channel():
 
 @pytest.mark.parametrize("use_qk_l2norm", [False, True])
 def test_naive_matches_transformers_reference(use_qk_l2norm):
-    """Our spec and chunk form agree with transformers' Kimi Linear recurrence and chunk reference (independent
-    code). transformers' references have no GVA and a fixed scale Dk^-0.5."""
+    """Our spec and chunk form agree with transformers' Kimi Linear recurrence and chunk reference
+    (independent code). transformers' references have no GVA and a fixed scale Dk^-0.5."""
     kimi = pytest.importorskip("transformers.models.kimi_linear.modeling_kimi_linear")
     inputs = {n: x.detach() for n, x in make_inputs(length=45, seed=2).items()}
     args = [inputs[n] for n in INPUT_NAMES[:5]]
@@ -174,7 +175,8 @@ def test_naive_matches_transformers_reference(use_qk_l2norm):
 @pytest.mark.parametrize("chunk_size", [16, 64])
 def test_strong_per_channel_decay_does_not_overflow(chunk_size):
     """Some channels lose tens of nats per token, others almost nothing: inside a chunk the cumulative decay
-    passes exp's fp32 range (88 nats) by far, per channel. Nothing may overflow, and the result is the spec's."""
+    passes exp's fp32 range (88 nats) by far, per channel. Nothing may overflow, and the result is the
+    spec's."""
     inputs = make_inputs(length=100, seed=3, strong=True)
     with torch.no_grad():
         chunk_sum = inputs["g"][:, :chunk_size].sum(1)  # cumulative log decay over the first chunk
@@ -241,8 +243,8 @@ def test_empty_sequence_returns_the_initial_state():
 
 
 def _bf16_long_context(length: int, chunk_size: int = 64):
-    """bf16 inputs with Kimi-like (partly extreme) decays over ``length`` tokens: the chunk path's output and state
-    against the fp32 spec on the same bf16-rounded inputs, and a finite backward."""
+    """bf16 inputs with Kimi-like (partly extreme) decays over ``length`` tokens: the chunk path's output and
+    state against the fp32 spec on the same bf16-rounded inputs, and a finite backward."""
     inputs = make_inputs(batch=1, length=length, hk=1, hv=2, dk=16, dv=16, seed=6, strong=True)
     bf16 = {n: x.detach().to(torch.bfloat16).requires_grad_() for n, x in inputs.items()}
     o, state = chunk_kda(
@@ -312,7 +314,8 @@ def test_forced_fla_names_a_broken_kda_module(monkeypatch):
 
 
 def test_fla_is_not_used_for_key_dims_it_cannot_take(monkeypatch):
-    """fla-core's chunk_kda asserts Dk <= 256: forcing fla says so up front; ``auto`` would use the torch path."""
+    """fla-core's chunk_kda asserts Dk <= 256: forcing fla says so up front; ``auto`` would use the torch
+    path."""
     monkeypatch.setattr(fla_support, "fla_import_error", lambda: None)
     monkeypatch.setitem(fla_support._op_import_errors, "kda", None)
     x = make_inputs(batch=1, length=3, hk=1, hv=1, dk=272, dv=4, init=False)

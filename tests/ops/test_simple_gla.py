@@ -24,7 +24,8 @@ from hf_hybrid.ops.simple_gla import (
 # Tolerances, as a fraction of the reference tensor's largest magnitude:
 # fp32 — both paths compute in fp32 and differ only in summation order (chunk matmuls vs token loop).
 FP32_TOL = 1e-5
-# bf16 inputs — the op still computes in fp32; only the final cast of o to bf16 rounds (2^-8 relative), x2 margin.
+# bf16 inputs — the op still computes in fp32; only the final cast of o to bf16 rounds (2^-8 relative), x2
+# margin.
 BF16_TOL = 2**-7
 
 INPUT_NAMES = ("q", "k", "v", "g", "initial_state")
@@ -53,7 +54,8 @@ def make_inputs(g_kind="scalar", batch=2, length=37, heads=2, dk=16, dv=24, init
 
 
 def run(fn, inputs, **kwargs):
-    """(o, final_state, {input name: grad}) of fn through the loss Σ o·w_o + Σ S·w_s (fixed random weights)."""
+    """(o, final_state, {input name: grad}) of fn through the loss Σ o·w_o + Σ S·w_s (fixed random
+    weights)."""
     o, state = fn(
         inputs["q"],
         inputs["k"],
@@ -91,7 +93,8 @@ def test_chunk_matches_naive(g_kind, length, chunk_size, init):
 
 @pytest.mark.parametrize("g_kind", ["scalar", "channel"])
 def test_strong_decay_does_not_overflow(g_kind):
-    """g = -30 on half the steps: exp(-b_j) would overflow within a chunk; masks and segment sums come first."""
+    """g = -30 on half the steps: exp(-b_j) would overflow within a chunk; masks and segment sums come
+    first."""
     inputs = make_inputs(g_kind, length=100, seed=3)
     with torch.no_grad():
         mask = torch.rand(inputs["g"].shape, generator=torch.Generator().manual_seed(0)) < 0.5
@@ -105,7 +108,8 @@ def test_strong_decay_does_not_overflow(g_kind):
 
 def test_naive_matches_quadratic_form_mamba2_mapping():
     """The spec against the attention form of SSD (Mamba-2), computed in fp64 independently of the loop:
-    y = (L ∘ C Bᵀ) (Δ·x) + exp(cumsum ΔA) C h0, L[i, j] = exp(Σ_{j<s<=i} Δ_s A). Groups: B, C shared by heads."""
+    y = (L ∘ C Bᵀ) (Δ·x) + exp(cumsum ΔA) C h0, L[i, j] = exp(Σ_{j<s<=i} Δ_s A). Groups: B, C shared by
+    heads."""
     gen = torch.Generator().manual_seed(9)
     batch, length, heads, groups, d_state, head_dim = 2, 37, 4, 2, 8, 6
     x = torch.randn(batch, length, heads, head_dim, generator=gen, dtype=torch.float64)

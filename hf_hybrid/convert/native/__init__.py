@@ -1,27 +1,28 @@
-"""transformers' native families ↔ hf_hybrid, exactly: import a native checkpoint as an hf_hybrid model with the same
-function, and export an hf_hybrid model back to the native family whose layout it fits (loadable by plain
-transformers without hf_hybrid, so servable by any engine that serves that family).
+"""transformers' native families ↔ hf_hybrid, exactly: import a native checkpoint as an hf_hybrid model with
+the same function, and export an hf_hybrid model back to the native family whose layout it fits (loadable by
+plain transformers without hf_hybrid, so servable by any engine that serves that family).
 
 Python API::
 
     from hf_hybrid.convert.native import import_native, export_native, native_to_hybrid_config
 
-    model = import_native("path/to/qwen3_moe_dir", "out/hybrid")      # or import_native(native_model) -> in memory
+    model = import_native("path/to/qwen3_moe_dir", "out/hybrid")  # or import_native(native_model): in memory
     native = export_native("out/hybrid", "out/qwen3_moe", to="qwen3_moe")  # to=None: the family that fits
     cfg = native_to_hybrid_config("path/to/config_dir_or_native_config")  # what ``hf-hybrid inspect`` uses
 
-Both refuse before writing anything: an unknown ``model_type``, a native option with no counterpart here (named
-with its value), an hf_hybrid field or layer the target family cannot express (named with its value and layer).
-Weights are read with safetensors only.
+Both refuse before writing anything: an unknown ``model_type``, a native option with no counterpart here
+(named with its value), an hf_hybrid field or layer the target family cannot express (named with its value and
+layer). Weights are read with safetensors only.
 
 Adding a family (one file + one registry line):
 
-1. ``hf_hybrid/convert/native/<file>.py`` defines ``FAMILIES = {model_type: NativeFamily(...)}`` (see ``base.py``):
-   the config rules (``same``, ``rename``, ``native_fixed``, ``ours_fixed``, ``Custom``), the weight rules ``W`` —
-   ``model_rules`` (absolute names), ``layer_rules`` (every layer), ``mixer_rules`` / ``mlp_rules`` keyed by
-   ``HybridConfig.mixer_types[i]`` / ``mlp_types[i]``, with transforms as inverse pairs (``permute_rows``,
-   ``add_constant``, ``split_rows``, ``zero_filled``) — and ``tiny_config`` (kwargs of a tiny native config; the
-   shared test ``tests/test_native_families.py`` runs every registered family from it).
+1. ``hf_hybrid/convert/native/<file>.py`` defines ``FAMILIES = {model_type: NativeFamily(...)}`` (see
+   ``base.py``): the config rules (``same``, ``rename``, ``native_fixed``, ``ours_fixed``, ``Custom``), the
+   weight rules ``W`` — ``model_rules`` (absolute names), ``layer_rules`` (every layer), ``mixer_rules`` /
+   ``mlp_rules`` keyed by ``HybridConfig.mixer_types[i]`` / ``mlp_types[i]``, with transforms as inverse pairs
+   (``permute_rows``, ``add_constant``, ``split_rows``, ``zero_filled``) — and ``tiny_config`` (kwargs of a
+   tiny native config; the shared test ``tests/test_native_families.py`` runs every registered family from
+   it).
 2. Add ``"model_type": "<file>"`` to :data:`FAMILY_MODULES` below.
 """
 
@@ -70,9 +71,10 @@ FAMILY_MODULES: dict[str, str] = {
 }
 
 
-# Vision-language wrappers whose text decoder is a family here: wrapper model_type -> the decoder's model_type. The
-# import reads the wrapper's text_config and its decoder weights (transformers' key mapping strips
-# ``model.language_model.``); the vision tower (``model.visual.*``) and the MTP head (``mtp.*``) are dropped.
+# Vision-language wrappers whose text decoder is a family here: wrapper model_type -> the decoder's
+# model_type. The import reads the wrapper's text_config and its decoder weights (transformers' key mapping
+# strips ``model.language_model.``); the vision tower (``model.visual.*``) and the MTP head (``mtp.*``) are
+# dropped.
 TEXT_DECODER_OF: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 
@@ -117,13 +119,13 @@ def _read_native_config(src: str | os.PathLike | Any):
 
 
 def native_to_hybrid_config(src: str | os.PathLike | Any):
-    """The ``HybridConfig`` an import of ``src`` (directory, config.json, native config or model) would produce,
-    from the config alone (no weights read)."""
+    """The ``HybridConfig`` an import of ``src`` (directory, config.json, native config or model) would
+    produce, from the config alone (no weights read)."""
     native = _read_native_config(src)
     return get_family(native.model_type).hybrid_config(native)
 
 
-# ---- import ------------------------------------------------------------------------------------------------------
+# ---- import ------------------------------------------------------------------------------------------------
 
 
 def _state_without_tied(model, tied: bool) -> dict[str, torch.Tensor]:
@@ -140,14 +142,17 @@ def import_native(
     dtype: torch.dtype | str | None = None,
     base_model: str | None = None,
 ):
-    """Import a native transformers checkpoint (directory) or model object as an ``HybridForCausalLM`` with the
-    same function. With ``dst``, also write it there (sharded safetensors, tokenizer and generation config carried
-    over, the card's lineage naming the source family). Returns the hf_hybrid model (eval mode)."""
+    """Import a native transformers checkpoint (directory) or model object as an ``HybridForCausalLM`` with
+    the same function. With ``dst``, also write it there (sharded safetensors, tokenizer and generation config
+    carried over, the card's lineage naming the source family). Returns the hf_hybrid model (eval mode)."""
     from ... import __version__
     from ...modeling_hybrid import HybridForCausalLM
+
     src_dir = None if hasattr(src, "state_dict") else Path(src)
     if src_dir is not None and not src_dir.is_dir():
-        raise FileNotFoundError(f"{src} is not a directory; import_native reads a local checkpoint saved by transformers")
+        raise FileNotFoundError(
+            f"{src} is not a directory; import_native reads a local checkpoint saved by transformers"
+        )
     dst_path = Path(dst) if dst is not None else None
     if dst_path is not None:
         check_dst(dst_path)
@@ -158,8 +163,8 @@ def import_native(
         wrapper = json.loads((src_dir / "config.json").read_text()).get("model_type")
         if wrapper in TEXT_DECODER_OF:
             print(
-                f"note: {src} is a {wrapper} vision-language checkpoint; importing its {family.model_type} text "
-                "decoder (model.language_model.*) and dropping model.visual.* and mtp.*"
+                f"note: {src} is a {wrapper} vision-language checkpoint; importing its {family.model_type} "
+                "text decoder (model.language_model.*) and dropping model.visual.* and mtp.*"
             )
     hybrid_cfg = family.hybrid_config(native_cfg)  # refuses unsupported options before any weight is read
     dtype = as_dtype(dtype)
@@ -203,12 +208,12 @@ def import_native(
     return model
 
 
-# ---- export ------------------------------------------------------------------------------------------------------
+# ---- export ------------------------------------------------------------------------------------------------
 
 
 def choose_family(hybrid_cfg, to: str | None = None) -> tuple[NativeFamily, Any]:
-    """The target family and its native config: ``to`` if given, else the family the model was imported from, else
-    the first registered family that expresses the config. Raises naming what has no counterpart."""
+    """The target family and its native config: ``to`` if given, else the family the model was imported from,
+    else the first registered family that expresses the config. Raises naming what has no counterpart."""
     if to is not None:
         family = get_family(to)
         return family, family.native_config(hybrid_cfg)
@@ -224,7 +229,10 @@ def choose_family(hybrid_cfg, to: str | None = None) -> tuple[NativeFamily, Any]
             return family, family.native_config(hybrid_cfg)
         except NativeConversionError as err:
             reasons.append(f"{model_type}: {str(err).split(': ', 1)[-1]}")
-    fail("no native family expresses this model (pass --to FAMILY to see one family's reasons): " + " | ".join(reasons))
+    fail(
+        "no native family expresses this model (pass --to FAMILY to see one family's reasons): "
+        + " | ".join(reasons)
+    )
     raise AssertionError  # unreachable
 
 
@@ -235,10 +243,10 @@ def export_native(
     to: str | None = None,
     dtype: torch.dtype | str | None = None,
 ):
-    """Export an hf_hybrid model (directory or ``HybridForCausalLM``) to a native transformers family (``to``, or
-    the one that fits). With ``dst``, write it through the native class's own ``save_pretrained`` (transformers'
-    on-disk names and dtypes), plus tokenizer / generation config and a card naming the lineage. Returns the native
-    model (eval mode)."""
+    """Export an hf_hybrid model (directory or ``HybridForCausalLM``) to a native transformers family (``to``,
+    or the one that fits). With ``dst``, write it through the native class's own ``save_pretrained``
+    (transformers' on-disk names and dtypes), plus tokenizer / generation config and a card naming the
+    lineage. Returns the native model (eval mode)."""
     from ...modeling_hybrid import HybridForCausalLM
 
     src_dir = None if hasattr(src, "state_dict") else Path(src)
@@ -287,8 +295,10 @@ def export_native(
 
 def _keep_fp32(native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Cast the tensors transformers keeps in fp32 for this class (routers, correction biases) to fp32."""
-    patterns = [*(getattr(native_model, "_keep_in_fp32_modules_strict", None) or ()),
-                *(getattr(native_model, "_keep_in_fp32_modules", None) or ())]
+    patterns = [
+        *(getattr(native_model, "_keep_in_fp32_modules_strict", None) or ()),
+        *(getattr(native_model, "_keep_in_fp32_modules", None) or ()),
+    ]
     if not patterns:
         return state
     out = {}
@@ -311,9 +321,9 @@ def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
     lines.append(f"# {Path(str(src)).name if not hasattr(src, 'state_dict') else family.model_type}")
     lines.append("")
     lines.append(
-        f"A `{family.model_type}` checkpoint (`{family.model_class.__name__}`), loadable with plain transformers "
-        "(`AutoModelForCausalLM.from_pretrained`) and servable by any engine that serves this family. Exported by "
-        "hf-hybrid from an hf_hybrid model with the same function."
+        f"A `{family.model_type}` checkpoint (`{family.model_class.__name__}`), loadable with plain "
+        "transformers (`AutoModelForCausalLM.from_pretrained`) and servable by any engine that "
+        "serves this family. Exported by hf-hybrid from an hf_hybrid model with the same function."
     )
     lines.append("")
     lines.append("## Lineage")

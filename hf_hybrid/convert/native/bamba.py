@@ -1,10 +1,10 @@
-"""``bamba`` (IBM Bamba) ↔ hf_hybrid: Mamba-2 layers (``mamba2``) and GQA attention with partial RoPE (factor ½) at
-``attn_layer_indices``, a dense SwiGLU in every layer.
+"""``bamba`` (IBM Bamba) ↔ hf_hybrid: Mamba-2 layers (``mamba2``) and GQA attention with partial RoPE (factor
+½) at ``attn_layer_indices``, a dense SwiGLU in every layer.
 
 Names: ``mamba.*`` / ``self_attn.*`` ↔ ``mixer.*``, ``feed_forward.*`` ↔ ``mlp.*``, ``pre_ff_layernorm`` ↔
-``post_attention_layernorm``, ``model.final_layernorm`` ↔ ``model.norm``; the Mamba-2 parameters (``in_proj`` →
-[z, x, B, C, dt], ``conv1d`` over [x, B, C], ``dt_bias``, ``A_log``, ``D``, the grouped gated norm, ``out_proj``)
-are laid out alike. ``time_step_limit`` = (0, ∞) (no clamp) is our ``mamba_dt_limit=None``.
+``post_attention_layernorm``, ``model.final_layernorm`` ↔ ``model.norm``; the Mamba-2 parameters (``in_proj``
+→ [z, x, B, C, dt], ``conv1d`` over [x, B, C], ``dt_bias``, ``A_log``, ``D``, the grouped gated norm,
+``out_proj``) are laid out alike. ``time_step_limit`` = (0, ∞) (no clamp) is our ``mamba_dt_limit=None``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ def _mixers_to_ours(native) -> dict:
     attn = set(native.attn_layer_indices or [])
     bad = sorted(i for i in attn if not 0 <= i < n)
     if bad:
-        fail(f"bamba: BambaConfig.attn_layer_indices={native.attn_layer_indices!r} names layers outside 0..{n - 1}")
+        fail(
+            f"bamba: BambaConfig.attn_layer_indices={native.attn_layer_indices!r} names layers outside "
+            f"0..{n - 1}"
+        )
     return {"mixer_types": ["attention" if i in attn else "mamba2" for i in range(n)]}
 
 
@@ -42,7 +45,9 @@ def _dt_limit_to_native(ours) -> dict:
 def _check_ours(ours) -> str | None:
     for i, m in enumerate(ours.mixer_types):
         if m not in ("mamba2", "attention"):
-            return f"mixer_types[{i}]={m!r} (layer {i}) has no counterpart; bamba layers are mamba2 or attention"
+            return (
+                f"mixer_types[{i}]={m!r} (layer {i}) has no counterpart; bamba layers are mamba2 or attention"
+            )
     for i, t in enumerate(ours.mlp_types):
         if t != "dense":
             return f"mlp_types[{i}]={t!r} (layer {i}): every bamba layer has a dense MLP"
@@ -53,7 +58,9 @@ MAMBA_RULES = [
     W(f"mamba.{name}", f"mixer.{name}")
     for name in ("in_proj.weight", "conv1d.weight", "dt_bias", "A_log", "D", "norm.weight", "out_proj.weight")
 ] + [W("mamba.conv1d.bias", "mixer.conv1d.bias", when=lambda ctx: ctx.ours.mamba_conv_bias)]
-ATTENTION_RULES = [W(f"self_attn.{p}.weight", f"mixer.{p}.weight") for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+ATTENTION_RULES = [
+    W(f"self_attn.{p}.weight", f"mixer.{p}.weight") for p in ("q_proj", "k_proj", "v_proj", "o_proj")
+]
 MLP_RULES = [W("feed_forward.", "mlp.")]
 
 FAMILIES = {
@@ -85,7 +92,9 @@ FAMILIES = {
             rename("mamba_d_conv", "mamba_conv_kernel_size"),
             native_fixed("hidden_act", "silu", why="the Mamba-2 short conv applies SiLU here"),
             native_fixed("mamba_proj_bias", False, why="our Mamba-2 in_proj / out_proj have no bias"),
-            native_fixed("attention_bias", False, why="o_proj would carry a bias too, which our attention has not"),
+            native_fixed(
+                "attention_bias", False, why="o_proj would carry a bias too, which our attention has not"
+            ),
             Custom(("attn_layer_indices",), _mixers_to_ours, _mixers_to_native),
             Custom(("time_step_limit",), _dt_limit_to_ours, _dt_limit_to_native),
             Custom((), lambda native: {"mlp_types": ["dense"] * native.num_hidden_layers}, lambda ours: {}),

@@ -1,23 +1,25 @@
-"""The declarative mapping between a transformers native family and hf_hybrid: one table per family drives import,
-export and the tests (see ``hf_hybrid/convert/native/__init__.py`` for how to add a family).
+"""The declarative mapping between a transformers native family and hf_hybrid: one table per family drives
+import, export and the tests (see ``hf_hybrid/convert/native/__init__.py`` for how to add a family).
 
 A :class:`NativeFamily` holds
 
 - ``config_rules``: how each native config option maps onto ``HybridConfig`` fields and back
-  (:func:`same`, :func:`rename`, :func:`native_fixed`, :func:`ours_fixed`, :class:`Custom`). Native options that no
-  rule names and that :attr:`NativeFamily.ignored_options` does not list must keep their default value, else the
-  import refuses naming the option and value. On export, the native config is re-imported and compared with the
-  source ``HybridConfig`` field by field (:func:`functional_fields`): any field the family cannot express is named.
-- weight rules (:class:`W`), model-wide (``model_rules``, absolute names) and per layer, keyed by our mixer type
-  (``mixer_rules``) and MLP type (``mlp_rules``) plus ``layer_rules`` for every layer (norms). Layer templates are
-  relative to ``native_layer_prefix`` / ``model.layers.{i}.``. A rule renames one tensor, renames every tensor under
-  a prefix (names ending in ``"."``), or splits / fuses / transforms tensors with a pair of functions
-  ``to_ours(tensors, ctx) -> tensors`` and ``to_native(tensors, ctx) -> tensors`` that must be inverse to each other
-  (``tests/test_native_families.py`` / ``test_native_recurrent.py`` check import∘export = identity per family).
+  (:func:`same`, :func:`rename`, :func:`native_fixed`, :func:`ours_fixed`, :class:`Custom`). Native options
+  that no rule names and that :attr:`NativeFamily.ignored_options` does not list must keep their default
+  value, else the import refuses naming the option and value. On export, the native config is re-imported and
+  compared with the source ``HybridConfig`` field by field (:func:`functional_fields`): any field the family
+  cannot express is named.
+- weight rules (:class:`W`), model-wide (``model_rules``, absolute names) and per layer, keyed by our mixer
+  type (``mixer_rules``) and MLP type (``mlp_rules``) plus ``layer_rules`` for every layer (norms). Layer
+  templates are relative to ``native_layer_prefix`` / ``model.layers.{i}.``. A rule renames one tensor,
+  renames every tensor under a prefix (names ending in ``"."``), or splits / fuses / transforms tensors with a
+  pair of functions ``to_ours(tensors, ctx) -> tensors`` and ``to_native(tensors, ctx) -> tensors`` that must
+  be inverse to each other (``tests/test_native_families.py`` / ``test_native_recurrent.py`` check
+  import∘export = identity per family).
 
 Both directions go through the in-memory state dict of the native class (``from_pretrained`` on import,
-``save_pretrained`` on export), so transformers' own on-disk conventions (per-expert names, fused at load time by
-``conversion_mapping.py``; fp32 routers) are handled by transformers itself.
+``save_pretrained`` on export), so transformers' own on-disk conventions (per-expert names, fused at load time
+by ``conversion_mapping.py``; fp32 routers) are handled by transformers itself.
 """
 
 from __future__ import annotations
@@ -41,13 +43,13 @@ def fail(message: str) -> None:
     raise NativeConversionError(message)
 
 
-# ---- config rules -----------------------------------------------------------------------------------------------
+# ---- config rules ------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class ConfigRule:
-    """Base: ``to_ours(native_cfg) -> dict`` of HybridConfig kwargs, ``to_native(hybrid_cfg) -> dict`` of native
-    kwargs, ``native_options``: the native options this rule accounts for."""
+    """Base: ``to_ours(native_cfg) -> dict`` of HybridConfig kwargs, ``to_native(hybrid_cfg) -> dict`` of
+    native kwargs, ``native_options``: the native options this rule accounts for."""
 
     def native_options(self) -> tuple[str, ...]:
         return ()
@@ -75,8 +77,8 @@ class Rename(ConfigRule):
 
 
 def _our_value(ours, name: str):
-    """``ours.<name>``, or the field's default when the config leaves it out (``output_router_logits`` exists only on
-    configs with MoE layers, so that clients never take a dense model for an MoE)."""
+    """``ours.<name>``, or the field's default when the config leaves it out (``output_router_logits`` exists
+    only on configs with MoE layers, so that clients never take a dense model for an MoE)."""
     if hasattr(ours, name):
         return getattr(ours, name)
     fields = getattr(type(ours), "__dataclass_fields__", {})
@@ -96,8 +98,8 @@ def rename(native: str, ours: str) -> ConfigRule:
 
 @dataclass(frozen=True)
 class NativeFixed(ConfigRule):
-    """A native option hf_hybrid supports only at one value (``allowed``: the accepted values; the first is written
-    on export). The import refuses any other value, naming the option, the value and why."""
+    """A native option hf_hybrid supports only at one value (``allowed``: the accepted values; the first is
+    written on export). The import refuses any other value, naming the option, the value and why."""
 
     native: str
     allowed: tuple[Any, ...]
@@ -111,8 +113,8 @@ class NativeFixed(ConfigRule):
         if value not in self.allowed:
             why = f" ({self.why})" if self.why else ""
             fail(
-                f"{family.model_type}: {family.config_name}.{self.native}={value!r} has no counterpart in hf_hybrid"
-                f"{why}; supported: {', '.join(repr(a) for a in self.allowed)}"
+                f"{family.model_type}: {family.config_name}.{self.native}={value!r} has no "
+                f"counterpart in hf_hybrid{why}; supported: {', '.join(repr(a) for a in self.allowed)}"
             )
         return {}
 
@@ -167,8 +169,8 @@ COMMON_IGNORED_OPTIONS = (
     "attention_dropout",
 )
 
-# HybridConfig fields that never change the function (training coefficients, backends, bookkeeping): the export's
-# round-trip comparison skips them.
+# HybridConfig fields that never change the function (training coefficients, backends, bookkeeping): the
+# export's round-trip comparison skips them.
 NON_FUNCTIONAL_FIELDS = frozenset(
     {
         "initializer_range",
@@ -199,15 +201,31 @@ NON_FUNCTIONAL_FIELDS = frozenset(
 # Field groups that only matter when a layer of that kind exists.
 _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
     "gqa": (
-        lambda c: bool({"attention", "sliding_attention"} & set(c.mixer_types))
-        or ("dsa" in c.mixer_types and c.dsa_base == "attention"),
-        ("num_key_value_heads", "head_dim", "use_qk_norm", "attention_output_gate", "attention_bias",
-         "attention_rope", "attention_scaling"),
+        lambda c: (
+            bool({"attention", "sliding_attention"} & set(c.mixer_types))
+            or ("dsa" in c.mixer_types and c.dsa_base == "attention")
+        ),
+        (
+            "num_key_value_heads",
+            "head_dim",
+            "use_qk_norm",
+            "attention_output_gate",
+            "attention_bias",
+            "attention_rope",
+            "attention_scaling",
+        ),
     ),
     "sliding": (lambda c: "sliding_attention" in c.mixer_types, ("sliding_window",)),
     "mla": (
         lambda c: "mla" in c.mixer_types or ("dsa" in c.mixer_types and c.dsa_base == "mla"),
-        ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "attention_bias"),
+        (
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "attention_bias",
+        ),
     ),
     "dsa": (lambda c: "dsa" in c.mixer_types, None),  # every index_* / dsa_* field
     "gdn": (lambda c: "gated_deltanet" in c.mixer_types, None),
@@ -217,19 +235,33 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
     "dense": (lambda c: "dense" in c.mlp_types, ("intermediate_size", "mlp_bias")),
 }
 _PREFIX_GROUPS = {
-    "dsa": ("index_", "dsa_"), "gdn": ("gdn_",), "mamba": ("mamba_",), "linear": ("linear_",), "kda": ("kda_",),
+    "dsa": ("index_", "dsa_"),
+    "gdn": ("gdn_",),
+    "mamba": ("mamba_",),
+    "linear": ("linear_",),
+    "kda": ("kda_",),
 }
 _MOE_FIELDS = (
-    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "num_shared_experts", "router_scoring_func",
-    "norm_topk_prob", "routed_scaling_factor", "n_group", "topk_group", "moe_routing", "moe_capacity_factor",
-    "shared_expert_intermediate_size", "shared_expert_gate",
+    "num_experts",
+    "num_experts_per_tok",
+    "moe_intermediate_size",
+    "num_shared_experts",
+    "router_scoring_func",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "n_group",
+    "topk_group",
+    "moe_routing",
+    "moe_capacity_factor",
+    "shared_expert_intermediate_size",
+    "shared_expert_gate",
 )
 
 
 def functional_fields(cfg) -> dict[str, Any]:
-    """The HybridConfig fields that decide the function of ``cfg``'s layers, with their values: fields of layer
-    kinds ``cfg`` does not use and :data:`NON_FUNCTIONAL_FIELDS` are left out. Fields that new options add are
-    included by default (a new option is functional unless listed here)."""
+    """The HybridConfig fields that decide the function of ``cfg``'s layers, with their values: fields of
+    layer kinds ``cfg`` does not use and :data:`NON_FUNCTIONAL_FIELDS` are left out. Fields that new options
+    add are included by default (a new option is functional unless listed here)."""
     from transformers import PreTrainedConfig
 
     from ...configuration_hybrid import HybridConfig
@@ -264,7 +296,7 @@ _EFFECTIVE: dict[str, Callable[[Any], Any]] = {
 }
 
 
-# ---- weight rules -----------------------------------------------------------------------------------------------
+# ---- weight rules ------------------------------------------------------------------------------------------
 
 Transform = Callable[[list[torch.Tensor], "RuleContext"], list[torch.Tensor]]
 
@@ -280,10 +312,11 @@ class RuleContext:
 
 @dataclass(frozen=True)
 class W:
-    """One weight rule. ``native`` / ``ours``: one name or a tuple of names (templates, ``{i}`` = layer index in
-    model-wide rules). A single pair of names ending in ``"."`` renames every tensor under that prefix. With
-    ``to_ours`` / ``to_native`` (inverse functions on lists of tensors) the rule splits, fuses or transforms;
-    without them, the names pair up one to one. ``when(ctx) -> bool`` limits a rule to some layers/configs."""
+    """One weight rule. ``native`` / ``ours``: one name or a tuple of names (templates, ``{i}`` = layer index
+    in model-wide rules). A single pair of names ending in ``"."`` renames every tensor under that prefix.
+    With ``to_ours`` / ``to_native`` (inverse functions on lists of tensors) the rule splits, fuses or
+    transforms; without them, the names pair up one to one. ``when(ctx) -> bool`` limits a rule to some
+    layers/configs."""
 
     native: str | tuple[str, ...]
     ours: str | tuple[str, ...]
@@ -320,7 +353,8 @@ def permute_rows(index_fn: Callable[[RuleContext], torch.Tensor]) -> tuple[Trans
 
 
 def add_constant(value: float) -> tuple[Transform, Transform]:
-    """``w_ours = w_native + value`` and back (zero-centred ``(1 + w)`` RMSNorm weights: ``add_constant(1.0)``)."""
+    """``w_ours = w_native + value`` and back (zero-centred ``(1 + w)`` RMSNorm weights:
+    ``add_constant(1.0)``)."""
     return (lambda ts, ctx: [ts[0] + value]), (lambda ts, ctx: [ts[0] - value])
 
 
@@ -333,8 +367,8 @@ def split_rows(sizes_fn: Callable[[RuleContext], Sequence[int]]) -> tuple[Transf
 
 
 def zero_filled(shape_fn: Callable[[RuleContext], Sequence[int]], what: str) -> tuple[Transform, Transform]:
-    """A tensor of ours with no native counterpart that must be zero: ``W((), our_name, *zero_filled(fn, what))``.
-    Import creates zeros (fp32); export refuses a non-zero tensor, naming ``what`` and the layer."""
+    """A tensor of ours with no native counterpart that must be zero: ``W((), our_name, *zero_filled(fn,
+    what))``. Import creates zeros (fp32); export refuses a non-zero tensor, naming ``what`` and the layer."""
 
     def to_ours(ts, ctx):
         return [torch.zeros(tuple(shape_fn(ctx)), dtype=torch.float32)]
@@ -348,7 +382,7 @@ def zero_filled(shape_fn: Callable[[RuleContext], Sequence[int]], what: str) -> 
     return to_ours, to_native
 
 
-# ---- the family --------------------------------------------------------------------------------------------------
+# ---- the family --------------------------------------------------------------------------------------------
 
 RuleList = Sequence[W]
 
@@ -357,12 +391,13 @@ RuleList = Sequence[W]
 class NativeFamily:
     """Everything hf_hybrid knows about one transformers ``model_type``.
 
-    ``config_rules``: :class:`ConfigRule` list. ``ignored_options``: native options that do not change the function
-    (besides :data:`COMMON_IGNORED_OPTIONS`). ``model_rules``: absolute-name weight rules. ``layer_rules``: rules for
-    every layer; ``mixer_rules`` / ``mlp_rules``: keyed by ``HybridConfig.mixer_types[i]`` / ``mlp_types[i]``.
-    ``ignored_native_keys``: regexes of native tensors dropped on import (named in a note). ``tiny_config``: kwargs of
-    a tiny native config for tests (fp32, a forward in milliseconds). ``exactness``: one line for the README.
-    ``check_ours(cfg)``: extra refusals on export (return an error message or None).
+    ``config_rules``: :class:`ConfigRule` list. ``ignored_options``: native options that do not change the
+    function (besides :data:`COMMON_IGNORED_OPTIONS`). ``model_rules``: absolute-name weight rules.
+    ``layer_rules``: rules for every layer; ``mixer_rules`` / ``mlp_rules``: keyed by
+    ``HybridConfig.mixer_types[i]`` / ``mlp_types[i]``. ``ignored_native_keys``: regexes of native tensors
+    dropped on import (named in a note). ``tiny_config``: kwargs of a tiny native config for tests (fp32, a
+    forward in milliseconds). ``exactness``: one line for the README. ``check_ours(cfg)``: extra refusals on
+    export (return an error message or None).
     """
 
     model_type: str
@@ -377,12 +412,15 @@ class NativeFamily:
     tiny_config: dict[str, Any] = field(default_factory=dict)
     exactness: str = "exact (fp32 ≤ 1e-5)"
     check_ours: Callable[[Any], str | None] | None = None
-    prepare_native: Callable[[Any], Any] | None = None  # fix up a freshly built native model (e.g. fp32 buffers)
-    # Regexes of native tensors whose native -> ours -> native trip rounds in fp32 (zero-centred norm weights: w ->
-    # fl(1 + w) -> fl(1 + w) - 1 moves w by up to half an ulp of 1 + w, while 1 + w itself, the function, is kept).
+    # fix up a freshly built native model (e.g. fp32 buffers)
+    prepare_native: Callable[[Any], Any] | None = None
+    # Regexes of native tensors whose native -> ours -> native trip rounds in fp32 (zero-centred norm weights:
+    # w -> fl(1 + w) -> fl(1 + w) - 1 moves w by up to half an ulp of 1 + w, while 1 + w itself, the function,
+    # is kept).
     rounding_native_weights: tuple[str, ...] = ()
-    # A context manager factory under which the native model runs on CPU (transformers' own torch kernels instead of
-    # an optional kernel package it would pick up, e.g. fla-core for qwen3_next); None: nothing needed.
+    # A context manager factory under which the native model runs on CPU (transformers' own torch kernels
+    # instead of an optional kernel package it would pick up, e.g. fla-core for qwen3_next); None: nothing
+    # needed.
     native_context: Callable[[], Any] | None = None
 
     # ---- classes ----
@@ -406,7 +444,9 @@ class NativeFamily:
     def hybrid_kwargs(self, native) -> dict[str, Any]:
         """HybridConfig kwargs for the native config ``native``; refuses options without a counterpart."""
         if getattr(native, "model_type", None) != self.model_type:
-            fail(f"expected a {self.model_type} config, got model_type={getattr(native, 'model_type', None)!r}")
+            fail(
+                f"expected a {self.model_type} config, got model_type={getattr(native, 'model_type', None)!r}"
+            )
         self._check_unmapped(native)
         kwargs: dict[str, Any] = {}
         for rule in self.config_rules:
@@ -493,9 +533,11 @@ class NativeFamily:
                 bound.append((r, ctx, self.native_layer_prefix.format(i=i), f"model.layers.{i}."))
         return [b for b in bound if b[0].when is None or b[0].when(b[1])]
 
-    def convert_state(self, state: dict[str, torch.Tensor], ours, native, *, to: str) -> dict[str, torch.Tensor]:
-        """Map a whole state dict ``to="ours"`` (from native names) or ``to="native"`` (from ours). Every source
-        tensor must be consumed by exactly one rule (or be an ignored native key on import)."""
+    def convert_state(
+        self, state: dict[str, torch.Tensor], ours, native, *, to: str
+    ) -> dict[str, torch.Tensor]:
+        """Map a whole state dict ``to="ours"`` (from native names) or ``to="native"`` (from ours). Every
+        source tensor must be consumed by exactly one rule (or be an ignored native key on import)."""
         assert to in ("ours", "native")
         remaining = dict(state)
         if to == "ours":
@@ -513,7 +555,7 @@ class NativeFamily:
             if rule.is_prefix:
                 (sp,), (dp,) = src_names, dst_names
                 for name in [n for n in remaining if n.startswith(sp)]:
-                    out[dp + name[len(sp):]] = remaining.pop(name)
+                    out[dp + name[len(sp) :]] = remaining.pop(name)
                 continue
             missing = [n for n in src_names if n not in remaining]
             if missing:
@@ -542,13 +584,15 @@ def _describe_difference(name: str, want: Any, got: Any) -> str:
     if isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
         for i, (a, b) in enumerate(zip(want, got)):
             if a != b:
-                return f"HybridConfig.{name}[{i}]={a!r} (layer {i}) has no counterpart (it would become {b!r})"
+                return (
+                    f"HybridConfig.{name}[{i}]={a!r} (layer {i}) has no counterpart (it would become {b!r})"
+                )
     return f"HybridConfig.{name}={want!r} has no counterpart (it would become {got!r})"
 
 
 def build_empty(model_class, config):
-    """``model_class(config)`` with parameters on the meta device (no memory, no random init) and buffers real (the
-    non-persistent RoPE tables are computed in ``__init__`` and are not in any state dict)."""
+    """``model_class(config)`` with parameters on the meta device (no memory, no random init) and buffers real
+    (the non-persistent RoPE tables are computed in ``__init__`` and are not in any state dict)."""
     from accelerate import init_empty_weights
 
     with init_empty_weights(include_buffers=False):

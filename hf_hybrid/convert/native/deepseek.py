@@ -2,22 +2,25 @@
 ``glm_moe_dsa`` (DSA on MLA with index-reuse layers).
 
 Layer map (native → ours):
-- ``self_attn.*`` → ``mixer.*`` (``mla``, or ``dsa`` with ``dsa_base="mla"``). DeepSeek rotates *interleaved* rope
-  pairs; ours rotates halves, which equals interleaved RoPE on de-interleaved channels, so the rope rows of
-  ``q_b_proj`` / ``q_proj`` (per head) and ``kv_a_proj_with_mqa`` are permuted (:func:`rope_deinterleave_index`).
+- ``self_attn.*`` → ``mixer.*`` (``mla``, or ``dsa`` with ``dsa_base="mla"``). DeepSeek rotates *interleaved*
+  rope pairs; ours rotates halves, which equals interleaved RoPE on de-interleaved channels, so the rope rows
+  of ``q_b_proj`` / ``q_proj`` (per head) and ``kv_a_proj_with_mqa`` are permuted
+  (:func:`rope_deinterleave_index`).
 - ``self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`` → ``mixer.indexer.{wq, wk, k_norm, weights_proj}``.
-  V3.2's indexer rotates halves like ours. GLM's rotates interleaved pairs: the same de-interleaving permutation
-  on the rope rows of ``wq_b`` (per head), ``wk`` and ``k_norm`` (LayerNorm is permutation-equivariant) makes it
-  exact without a config option. GLM's ``indexer_types`` "shared" layers have no indexer and reuse the previous
-  full layer's top-k: ``HybridConfig.dsa_indexer_types``.
-- ``mlp.gate.{weight, e_score_correction_bias}`` → ``mlp.router.*``; ``mlp.experts.*``, ``mlp.shared_experts.*``
-  keep their names; dense layers (``first_k_dense_replace`` / ``mlp_layer_types``) keep ``mlp.*``.
+  V3.2's indexer rotates halves like ours. GLM's rotates interleaved pairs: the same de-interleaving
+  permutation on the rope rows of ``wq_b`` (per head), ``wk`` and ``k_norm`` (LayerNorm is
+  permutation-equivariant) makes it exact without a config option. GLM's ``indexer_types`` "shared" layers
+  have no indexer and reuse the previous full layer's top-k: ``HybridConfig.dsa_indexer_types``.
+- ``mlp.gate.{weight, e_score_correction_bias}`` → ``mlp.router.*``; ``mlp.experts.*``,
+  ``mlp.shared_experts.*`` keep their names; dense layers (``first_k_dense_replace`` / ``mlp_layer_types``)
+  keep ``mlp.*``.
 - DeepSeek's latent norms (``q_a_layernorm``, ``kv_a_layernorm``) use eps 1e-6 whatever ``rms_norm_eps`` is
   (``HybridConfig.mla_norm_eps``); the indexer's LayerNorm eps is 1e-6 (``index_norm_eps``).
 
 DSA exactness: transformers selects with plain ``torch.topk`` (order among equal scores unspecified), we break
 ties toward the most recent position. Equal whenever the k-th and (k+1)-th scores of a query differ — always
-at ``index_topk >= T``; the tests use inputs whose indexer scores have no tie at the cut (checked, not assumed).
+at ``index_topk >= T``; the tests use inputs whose indexer scores have no tie at the cut (checked, not
+assumed).
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ _INDEX_EPS = 1e-6  # the indexer's nn.LayerNorm
 
 
 def _per_head_rope_rows(n_heads: int, head_dim: int, rope_start: int, rope_dim: int) -> torch.Tensor:
-    """Row index over ``n_heads`` blocks of ``head_dim`` rows whose rows ``[rope_start, rope_start + rope_dim)``
-    are de-interleaved."""
+    """Row index over ``n_heads`` blocks of ``head_dim`` rows whose rows ``[rope_start, rope_start +
+    rope_dim)`` are de-interleaved."""
     block = torch.arange(head_dim)
-    block[rope_start:rope_start + rope_dim] = rope_start + rope_deinterleave_index(rope_dim)
+    block[rope_start : rope_start + rope_dim] = rope_start + rope_deinterleave_index(rope_dim)
     return (torch.arange(n_heads)[:, None] * head_dim + block[None, :]).reshape(-1)
 
 
@@ -79,13 +82,25 @@ def _index_k_rows(ctx: RuleContext) -> torch.Tensor:
 
 
 MLA_RULES = (
-    W("self_attn.q_b_proj.weight", "mixer.q_b_proj.weight", *permute_rows(_q_rows),
-      when=lambda ctx: ctx.ours.q_lora_rank is not None),
-    W("self_attn.q_proj.weight", "mixer.q_proj.weight", *permute_rows(_q_rows),
-      when=lambda ctx: ctx.ours.q_lora_rank is None),
+    W(
+        "self_attn.q_b_proj.weight",
+        "mixer.q_b_proj.weight",
+        *permute_rows(_q_rows),
+        when=lambda ctx: ctx.ours.q_lora_rank is not None,
+    ),
+    W(
+        "self_attn.q_proj.weight",
+        "mixer.q_proj.weight",
+        *permute_rows(_q_rows),
+        when=lambda ctx: ctx.ours.q_lora_rank is None,
+    ),
     W("self_attn.kv_a_proj_with_mqa.weight", "mixer.kv_a_proj_with_mqa.weight", *permute_rows(_kv_a_rows)),
-    W("self_attn.kv_a_proj_with_mqa.bias", "mixer.kv_a_proj_with_mqa.bias", *permute_rows(_kv_a_rows),
-      when=lambda ctx: ctx.ours.attention_bias),
+    W(
+        "self_attn.kv_a_proj_with_mqa.bias",
+        "mixer.kv_a_proj_with_mqa.bias",
+        *permute_rows(_kv_a_rows),
+        when=lambda ctx: ctx.ours.attention_bias,
+    ),
     # everything else of MLA keeps its name (q_a_proj, q_a_layernorm, kv_a_layernorm, kv_b_proj, o_proj)
     W("self_attn.", "mixer."),
 )
@@ -96,14 +111,34 @@ def _has_indexer(ctx: RuleContext) -> bool:
 
 
 INDEXER_RULES = (
-    W("self_attn.indexer.wq_b.weight", "mixer.indexer.wq.weight", *permute_rows(_index_q_rows), when=_has_indexer),
-    W("self_attn.indexer.wk.weight", "mixer.indexer.wk.weight", *permute_rows(_index_k_rows), when=_has_indexer),
-    W("self_attn.indexer.k_norm.weight", "mixer.indexer.k_norm.weight", *permute_rows(_index_k_rows),
-      when=_has_indexer),
-    W("self_attn.indexer.k_norm.bias", "mixer.indexer.k_norm.bias", *permute_rows(_index_k_rows), when=_has_indexer),
+    W(
+        "self_attn.indexer.wq_b.weight",
+        "mixer.indexer.wq.weight",
+        *permute_rows(_index_q_rows),
+        when=_has_indexer,
+    ),
+    W(
+        "self_attn.indexer.wk.weight",
+        "mixer.indexer.wk.weight",
+        *permute_rows(_index_k_rows),
+        when=_has_indexer,
+    ),
+    W(
+        "self_attn.indexer.k_norm.weight",
+        "mixer.indexer.k_norm.weight",
+        *permute_rows(_index_k_rows),
+        when=_has_indexer,
+    ),
+    W(
+        "self_attn.indexer.k_norm.bias",
+        "mixer.indexer.k_norm.bias",
+        *permute_rows(_index_k_rows),
+        when=_has_indexer,
+    ),
     W("self_attn.indexer.weights_proj.weight", "mixer.indexer.weights_proj.weight", when=_has_indexer),
 )
 DSA_RULES = (*INDEXER_RULES, *MLA_RULES)
+
 
 def _no_shared(ctx: RuleContext) -> bool:
     return ctx.ours.num_shared_experts == 0
@@ -111,8 +146,11 @@ def _no_shared(ctx: RuleContext) -> bool:
 
 _EMPTY_SHARED = (
     lambda ts, ctx: [],
-    lambda ts, ctx: [torch.zeros(0, ctx.ours.hidden_size), torch.zeros(0, ctx.ours.hidden_size),
-                     torch.zeros(ctx.ours.hidden_size, 0)],
+    lambda ts, ctx: [
+        torch.zeros(0, ctx.ours.hidden_size),
+        torch.zeros(0, ctx.ours.hidden_size),
+        torch.zeros(ctx.ours.hidden_size, 0),
+    ],
 )
 
 MOE_RULES = (
@@ -121,21 +159,49 @@ MOE_RULES = (
     W("mlp.experts.", "mlp.experts."),
     W("mlp.shared_experts.", "mlp.shared_experts.", when=lambda ctx: not _no_shared(ctx)),
     # n_shared_experts=0: transformers still builds the shared MLP, 0 wide (it adds exactly 0); we build none
-    W(("mlp.shared_experts.gate_proj.weight", "mlp.shared_experts.up_proj.weight",
-       "mlp.shared_experts.down_proj.weight"), (), *_EMPTY_SHARED, when=_no_shared),
+    W(
+        (
+            "mlp.shared_experts.gate_proj.weight",
+            "mlp.shared_experts.up_proj.weight",
+            "mlp.shared_experts.down_proj.weight",
+        ),
+        (),
+        *_EMPTY_SHARED,
+        when=_no_shared,
+    ),
 )
 DENSE_RULES = (W("mlp.", "mlp."),)
 
 
-# ---- config ----------------------------------------------------------------------------------------------------
+# ---- config ------------------------------------------------------------------------------------------------
 
 _COMMON = [
     *same(
-        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "routed_scaling_factor", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-        "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group", "num_experts_per_tok", "norm_topk_prob",
-        "hidden_act", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_parameters",
-        "pad_token_id", "bos_token_id", "eos_token_id", "attention_bias",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "routed_scaling_factor",
+        "kv_lora_rank",
+        "q_lora_rank",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "qk_nope_head_dim",
+        "n_group",
+        "topk_group",
+        "num_experts_per_tok",
+        "norm_topk_prob",
+        "hidden_act",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "rope_parameters",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "attention_bias",
     ),
     rename("n_routed_experts", "num_experts"),
     rename("n_shared_experts", "num_shared_experts"),
@@ -145,7 +211,10 @@ _COMMON = [
         lambda o: {"num_key_value_heads": o.num_attention_heads},
     ),
     *ours_fixed(
-        router_scoring_func="sigmoid", moe_routing="topk", moe_capacity_factor=None, mla_norm_eps=_LATENT_EPS,
+        router_scoring_func="sigmoid",
+        moe_routing="topk",
+        moe_capacity_factor=None,
+        mla_norm_eps=_LATENT_EPS,
     ),
 ]
 
@@ -156,7 +225,8 @@ def _check_kv_heads(n) -> dict:
         from .base import fail
 
         fail(
-            f"{n.model_type}: num_key_value_heads={kv} differs from num_attention_heads={n.num_attention_heads}; "
+            f"{n.model_type}: num_key_value_heads={kv} differs from "
+            f"num_attention_heads={n.num_attention_heads}; "
             "MLA expands keys per head, so only num_key_value_heads == num_attention_heads is well defined"
         )
     return {"num_key_value_heads": n.num_attention_heads}
@@ -216,16 +286,34 @@ DEEPSEEK_V3 = NativeFamily(
     mlp_rules={"moe": MOE_RULES, "dense": DENSE_RULES},
     check_ours=_check_mla_export,
     tiny_config=dict(
-        vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, n_group=4,
-        topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
-        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.5,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        n_group=4,
+        topk_group=2,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=12,
+        routed_scaling_factor=1.5,
         max_position_embeddings=128,
     ),
 )
 
 _DSA_FIXED = ours_fixed(
-    dsa_base="mla", dsa_mode="sparse", dsa_selector="indexer", index_norm_eps=_INDEX_EPS,
+    dsa_base="mla",
+    dsa_mode="sparse",
+    dsa_selector="indexer",
+    index_norm_eps=_INDEX_EPS,
 )
 _DSA_SIZES = same("index_n_heads", "index_head_dim", "index_topk")
 
@@ -234,7 +322,10 @@ def _v32_layers(n) -> dict:
     if any(t != "indexed_attention" for t in n.layer_types):
         from .base import fail
 
-        fail(f"{n.model_type}: layer_types={n.layer_types!r}; every layer of this family is 'indexed_attention'")
+        fail(
+            f"{n.model_type}: layer_types={n.layer_types!r}; "
+            "every layer of this family is 'indexed_attention'"
+        )
     return {"mixer_types": ["dsa"] * n.num_hidden_layers}
 
 
@@ -249,17 +340,37 @@ def _glm_indexer_types_native(o) -> dict:
 
 
 _DSA_TINY = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, n_group=2, topk_group=1,
-    num_experts_per_tok=2, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
-    qk_nope_head_dim=8, v_head_dim=12, routed_scaling_factor=1.5, max_position_embeddings=128,
-    index_n_heads=4, index_head_dim=16, index_topk=5,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    n_group=2,
+    topk_group=1,
+    num_experts_per_tok=2,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    q_lora_rank=24,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=12,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=128,
+    index_n_heads=4,
+    index_head_dim=16,
+    index_topk=5,
 )
 
 DEEPSEEK_V32 = NativeFamily(
     model_type="deepseek_v32",
     config_rules=[
-        *_COMMON, *_DSA_FIXED, *_DSA_SIZES,
+        *_COMMON,
+        *_DSA_FIXED,
+        *_DSA_SIZES,
         Custom(("mlp_layer_types", "first_k_dense_replace"), _mlp_types_from_list, _mlp_list_from_ours),
         Custom(("layer_types",), _v32_layers, lambda o: {}),
         native_fixed("mlp_bias", False, why="DeepSeek's MLPs have no bias"),
@@ -278,7 +389,9 @@ DEEPSEEK_V32 = NativeFamily(
 GLM_MOE_DSA = NativeFamily(
     model_type="glm_moe_dsa",
     config_rules=[
-        *_COMMON, *_DSA_FIXED, *_DSA_SIZES,
+        *_COMMON,
+        *_DSA_FIXED,
+        *_DSA_SIZES,
         Custom(("mlp_layer_types", "first_k_dense_replace"), _mlp_types_from_list, _mlp_list_from_ours),
         Custom(("layer_types",), _v32_layers, lambda o: {}),
         Custom(("indexer_types",), _glm_indexer_types, _glm_indexer_types_native),

@@ -1,9 +1,9 @@
-"""Dense attention families: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` — as specs of the framework, so an hf_hybrid
-model with full / sliding attention and dense MLPs exports back to them.
+"""Dense attention families: ``llama``, ``mistral``, ``qwen2``, ``qwen3`` — as specs of the framework, so an
+hf_hybrid model with full / sliding attention and dense MLPs exports back to them.
 
-The import direction reuses ``import_dense``'s config mapping (its refusals included); ``hf-hybrid import`` keeps using
-``import_dense`` for these types (it reads the safetensors without building the native model). Weights: ``self_attn.*``
-→ ``mixer.*``, everything else keeps its name.
+The import direction reuses ``import_dense``'s config mapping (its refusals included); ``hf-hybrid import``
+keeps using ``import_dense`` for these types (it reads the safetensors without building the native model).
+Weights: ``self_attn.*`` → ``mixer.*``, everything else keeps its name.
 """
 
 from __future__ import annotations
@@ -25,12 +25,21 @@ def _to_ours(model_type: str):
 def _to_native(model_type: str):
     def fn(o) -> dict:
         kw = dict(
-            vocab_size=o.vocab_size, hidden_size=o.hidden_size, intermediate_size=o.intermediate_size,
-            num_hidden_layers=o.num_hidden_layers, num_attention_heads=o.num_attention_heads,
-            num_key_value_heads=o.num_key_value_heads, head_dim=o.head_dim, hidden_act=o.hidden_act,
-            max_position_embeddings=o.max_position_embeddings, rms_norm_eps=o.rms_norm_eps,
-            tie_word_embeddings=o.tie_word_embeddings, rope_parameters=o.rope_parameters,
-            bos_token_id=o.bos_token_id, eos_token_id=o.eos_token_id, pad_token_id=o.pad_token_id,
+            vocab_size=o.vocab_size,
+            hidden_size=o.hidden_size,
+            intermediate_size=o.intermediate_size,
+            num_hidden_layers=o.num_hidden_layers,
+            num_attention_heads=o.num_attention_heads,
+            num_key_value_heads=o.num_key_value_heads,
+            head_dim=o.head_dim,
+            hidden_act=o.hidden_act,
+            max_position_embeddings=o.max_position_embeddings,
+            rms_norm_eps=o.rms_norm_eps,
+            tie_word_embeddings=o.tie_word_embeddings,
+            rope_parameters=o.rope_parameters,
+            bos_token_id=o.bos_token_id,
+            eos_token_id=o.eos_token_id,
+            pad_token_id=o.pad_token_id,
         )
         sliding = [m == "sliding_attention" for m in o.mixer_types]
         if model_type == "llama":
@@ -64,14 +73,20 @@ def _dense_family(model_type: str, tiny: dict) -> NativeFamily:
 
 
 _TINY = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=128,
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
 )
 
 FAMILIES = {
     "llama": _dense_family("llama", dict(_TINY)),
     "mistral": _dense_family("mistral", dict(_TINY, sliding_window=5)),
     "qwen2": _dense_family("qwen2", dict(_TINY, tie_word_embeddings=True)),
-    "qwen3": _dense_family("qwen3", dict(_TINY, head_dim=8, use_sliding_window=True, sliding_window=5,
-                                         max_window_layers=1)),
+    "qwen3": _dense_family(
+        "qwen3", dict(_TINY, head_dim=8, use_sliding_window=True, sliding_window=5, max_window_layers=1)
+    ),
 }

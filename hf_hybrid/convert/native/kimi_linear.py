@@ -7,22 +7,24 @@ rotation at all, the ``qk_rope_head_dim`` channels are an unrotated key shared b
 
 What the mapping handles:
 - KDA: a rename, ``self_attn.*`` → ``mixer.*`` (our KDA keeps transformers' parameter names), except
-  ``forget_gate.A_log``, [1, 1, H, 1] natively and [H] here: a reshape. Both low-rank gates (forget ``f_a/f_b``,
-  output ``g_a/g_b``) have rank ``linear_head_dim`` natively: ``kda_gate_rank = kda_head_dim``. The short conv
-  applies ``hidden_act`` natively, SiLU here: only ``hidden_act="silu"`` maps.
+  ``forget_gate.A_log``, [1, 1, H, 1] natively and [H] here: a reshape. Both low-rank gates (forget
+  ``f_a/f_b``, output ``g_a/g_b``) have rank ``linear_head_dim`` natively: ``kda_gate_rank = kda_head_dim``.
+  The short conv applies ``hidden_act`` natively, SiLU here: only ``hidden_act="silu"`` maps.
 - MLA: ``self_attn.*`` → ``mixer.*`` unchanged (no rope rows to permute: nothing is rotated); the latent norms
-  (``q_a_layernorm``, ``kv_a_layernorm``) are built with eps 1e-6 whatever ``rms_norm_eps`` is (``mla_norm_eps``).
-- MoE: DeepSeek-V3's router exactly — sigmoid scores, aux-loss-free ``e_score_correction_bias`` for the choice only,
-  group-limited top-k (groups ranked by their top-2 biased scores), weights renormalised (``norm_topk_prob``, +1e-20)
-  and scaled by ``routed_scaling_factor``; one shared MLP of width ``n_shared_experts · moe_intermediate_size``
-  added ungated. The DeepSeek mapping's MoE rules apply unchanged (``mlp.gate`` → ``mlp.router``).
+  (``q_a_layernorm``, ``kv_a_layernorm``) are built with eps 1e-6 whatever ``rms_norm_eps`` is
+  (``mla_norm_eps``).
+- MoE: DeepSeek-V3's router exactly — sigmoid scores, aux-loss-free ``e_score_correction_bias`` for the choice
+  only, group-limited top-k (groups ranked by their top-2 biased scores), weights renormalised
+  (``norm_topk_prob``, +1e-20) and scaled by ``routed_scaling_factor``; one shared MLP of width
+  ``n_shared_experts · moe_intermediate_size`` added ungated. The DeepSeek mapping's MoE rules apply unchanged
+  (``mlp.gate`` → ``mlp.router``).
 - ``tie_word_embeddings``: ``KimiLinearForCausalLM`` never ties (its ``_tied_weights_keys`` is empty, so the
-  flag does not change the model): a native ``True`` imports as an untied model with the same function, and a tied
-  hf_hybrid model has no counterpart.
+  flag does not change the model): a native ``True`` imports as an untied model with the same function, and a
+  tied hf_hybrid model has no counterpart.
 
-transformers binds fla-core's Triton KDA / conv kernels into the modeling module at import time whenever fla-core is
-installed, and they fail on CPU tensors: :func:`native_torch_kernels` (the family's ``native_context``) points the
-module back at transformers' own torch functions, which the kernels wrap.
+transformers binds fla-core's Triton KDA / conv kernels into the modeling module at import time whenever
+fla-core is installed, and they fail on CPU tensors: :func:`native_torch_kernels` (the family's
+``native_context``) points the module back at transformers' own torch functions, which the kernels wrap.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ _LATENT_EPS = 1e-6  # KimiLinearRMSNorm's default eps, used for q_a_layernorm / 
 
 @contextlib.contextmanager
 def native_torch_kernels() -> Iterator[None]:
-    """Run transformers' kimi_linear model on its torch reference functions (not fla-core's kernels) inside the
-    block; restored on exit."""
+    """Run transformers' kimi_linear model on its torch reference functions (not fla-core's kernels) inside
+    the block; restored on exit."""
     module = importlib.import_module(_MODULE)
     saved = [(name, getattr(module, name)) for name in _KERNEL_FUNCTIONS]
     try:
@@ -61,7 +63,7 @@ def native_torch_kernels() -> Iterator[None]:
             setattr(module, name, fn)
 
 
-# ---- config -----------------------------------------------------------------------------------------------------
+# ---- config ------------------------------------------------------------------------------------------------
 
 _NATIVE_MIXER = {"linear_attention": "kda", "full_attention": "mla"}
 _OUR_LAYER = {v: k for k, v in _NATIVE_MIXER.items()}
@@ -72,10 +74,15 @@ _OUR_MLP = {v: k for k, v in _NATIVE_MLP.items()}
 def _per_layer(native, field: str, table: dict[str, str]) -> list[str]:
     values = list(getattr(native, field))
     if len(values) != native.num_hidden_layers:
-        fail(f"kimi_linear: {field} has {len(values)} entries for num_hidden_layers={native.num_hidden_layers}")
+        fail(
+            f"kimi_linear: {field} has {len(values)} entries for num_hidden_layers={native.num_hidden_layers}"
+        )
     for i, v in enumerate(values):
         if v not in table:
-            fail(f"kimi_linear: KimiLinearConfig.{field}[{i}]={v!r} has no counterpart; supported: {', '.join(table)}")
+            fail(
+                f"kimi_linear: KimiLinearConfig.{field}[{i}]={v!r} "
+                f"has no counterpart; supported: {', '.join(table)}"
+            )
     return [table[v] for v in values]
 
 
@@ -100,14 +107,19 @@ def _kda_to_ours(native) -> dict:
 def _check_ours(ours) -> str | None:
     for i, m in enumerate(ours.mixer_types):
         if m not in _OUR_LAYER:
-            return f"mixer_types[{i}]={m!r} (layer {i}) has no counterpart; kimi_linear has: {', '.join(_OUR_LAYER)}"
+            return (
+                f"mixer_types[{i}]={m!r} (layer {i}) has no counterpart; kimi_linear has: "
+                f"{', '.join(_OUR_LAYER)}"
+            )
     for i, m in enumerate(ours.mlp_types):
         if m not in _OUR_MLP:
-            return f"mlp_types[{i}]={m!r} (layer {i}) has no counterpart; kimi_linear has: {', '.join(_OUR_MLP)}"
+            return (
+                f"mlp_types[{i}]={m!r} (layer {i}) has no counterpart; kimi_linear has: {', '.join(_OUR_MLP)}"
+            )
     if "kda" in ours.mixer_types and ours.kda_gate_rank != ours.kda_head_dim:
         return (
-            f"kda_gate_rank={ours.kda_gate_rank} differs from kda_head_dim={ours.kda_head_dim}: kimi_linear's forget "
-            "and output gates have rank linear_head_dim"
+            f"kda_gate_rank={ours.kda_gate_rank} differs from kda_head_dim={ours.kda_head_dim}: "
+            "kimi_linear's forget and output gates have rank linear_head_dim"
         )
     if ours.tie_word_embeddings:
         return "tie_word_embeddings=True: KimiLinearForCausalLM never ties lm_head to the input embeddings"
@@ -116,31 +128,58 @@ def _check_ours(ours) -> str | None:
 
 CONFIG_RULES = [
     *same(
-        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "routed_scaling_factor", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
-        "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group", "num_experts_per_tok", "norm_topk_prob",
-        "max_position_embeddings", "rms_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id",
-        "attention_bias", "output_router_logits",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "routed_scaling_factor",
+        "kv_lora_rank",
+        "q_lora_rank",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "qk_nope_head_dim",
+        "n_group",
+        "topk_group",
+        "num_experts_per_tok",
+        "norm_topk_prob",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "pad_token_id",
+        "bos_token_id",
+        "eos_token_id",
+        "attention_bias",
+        "output_router_logits",
     ),
     rename("num_local_experts", "num_experts"),
     rename("n_shared_experts", "num_shared_experts"),
     rename("linear_num_heads", "kda_num_heads"),
     rename("linear_conv_kernel_dim", "kda_conv_kernel_size"),
     Custom(("linear_head_dim",), _kda_to_ours, lambda o: {"linear_head_dim": o.kda_head_dim}),
-    Custom(("num_key_value_heads",), _check_kv_heads, lambda o: {"num_key_value_heads": o.num_attention_heads}),
+    Custom(
+        ("num_key_value_heads",), _check_kv_heads, lambda o: {"num_key_value_heads": o.num_attention_heads}
+    ),
     Custom(("layer_types", "mlp_layer_types"), _layers_to_ours, _layers_to_native),
     # never tied natively, whatever the flag says (see the module docstring)
-    Custom(("tie_word_embeddings",), lambda n: {"tie_word_embeddings": False},
-           lambda o: {"tie_word_embeddings": False}),
+    Custom(
+        ("tie_word_embeddings",),
+        lambda n: {"tie_word_embeddings": False},
+        lambda o: {"tie_word_embeddings": False},
+    ),
     native_fixed("hidden_act", "silu", why="the KDA short conv and the MLPs use SiLU here"),
     *ours_fixed(
-        mla_use_rope=False, mla_norm_eps=_LATENT_EPS, router_scoring_func="sigmoid", moe_routing="topk",
-        moe_capacity_factor=None, shared_expert_gate=False,
+        mla_use_rope=False,
+        mla_norm_eps=_LATENT_EPS,
+        router_scoring_func="sigmoid",
+        moe_routing="topk",
+        moe_capacity_factor=None,
+        shared_expert_gate=False,
     ),
 ]
 
 
-# ---- weights ----------------------------------------------------------------------------------------------------
+# ---- weights -----------------------------------------------------------------------------------------------
 
 
 def _a_log_to_ours(ts, ctx: RuleContext):
@@ -172,16 +211,35 @@ KIMI_LINEAR = NativeFamily(
     check_ours=_check_ours,
     native_context=native_torch_kernels,
     exactness=(
-        "exact (fp32 ≤ 1e-5; 5.1e-6 at weights ~ N(0, 0.15²), where transformers' own chunked vs recurrent KDA "
-        "differ by 3.2e-6 on the same input; layer by layer on the native inputs every mixer matches to ≤ 1e-6 "
-        "relative and every MLP bitwise)"
+        "exact (fp32 ≤ 1e-5; 5.1e-6 at weights ~ N(0, 0.15²), where transformers' own "
+        "chunked vs recurrent KDA differ by 3.2e-6 on the same input; layer by layer on "
+        "the native inputs every mixer matches to ≤ 1e-6 relative and every MLP bitwise)"
     ),
     tiny_config=dict(
-        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=4,
-        num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=8,
-        v_head_dim=8, linear_num_heads=2, linear_head_dim=8, linear_conv_kernel_dim=4,
-        num_local_experts=8, num_experts_per_tok=2, n_shared_experts=1, n_group=2, topk_group=1,
-        routed_scaling_factor=2.446, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=16,
+        qk_rope_head_dim=4,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+        linear_num_heads=2,
+        linear_head_dim=8,
+        linear_conv_kernel_dim=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.446,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
         layer_types=["linear_attention", "linear_attention", "full_attention", "linear_attention"],
         mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
     ),

@@ -1,9 +1,9 @@
 """GQA attention + top-k softmax MoE families: ``qwen3_moe``, ``mixtral``, ``olmoe``.
 
-Layer map (native → ours): ``self_attn.*`` → ``mixer.*`` (attention), ``mlp.gate.weight`` → ``mlp.router.weight``,
-``mlp.experts.{gate_up_proj, down_proj}`` (transformers 5 fuses them at load time into our layout) → same names;
-our router's ``e_score_correction_bias`` has no native counterpart and must be zero. Dense layers (Qwen3-MoE's
-``mlp_only_layers``) keep ``mlp.*``.
+Layer map (native → ours): ``self_attn.*`` → ``mixer.*`` (attention), ``mlp.gate.weight`` →
+``mlp.router.weight``, ``mlp.experts.{gate_up_proj, down_proj}`` (transformers 5 fuses them at load time into
+our layout) → same names; our router's ``e_score_correction_bias`` has no native counterpart and must be zero.
+Dense layers (Qwen3-MoE's ``mlp_only_layers``) keep ``mlp.*``.
 """
 
 from __future__ import annotations
@@ -23,22 +23,43 @@ ATTENTION_RULES = (W("self_attn.", "mixer."),)
 MOE_RULES = (
     W("mlp.gate.weight", "mlp.router.weight"),
     W("mlp.experts.", "mlp.experts."),
-    W((), "mlp.router.e_score_correction_bias",
-      *zero_filled(lambda ctx: (ctx.ours.num_experts,), "the router's e_score_correction_bias (aux-loss-free bias)")),
+    W(
+        (),
+        "mlp.router.e_score_correction_bias",
+        *zero_filled(
+            lambda ctx: (ctx.ours.num_experts,), "the router's e_score_correction_bias (aux-loss-free bias)"
+        ),
+    ),
 )
 DENSE_RULES = (W("mlp.", "mlp."),)
 
 _SOFTMAX_ROUTER = ours_fixed(
-    router_scoring_func="softmax", routed_scaling_factor=1.0, n_group=1, topk_group=1, num_shared_experts=0,
-    moe_routing="topk", moe_capacity_factor=None,
+    router_scoring_func="softmax",
+    routed_scaling_factor=1.0,
+    n_group=1,
+    topk_group=1,
+    num_shared_experts=0,
+    moe_routing="topk",
+    moe_capacity_factor=None,
 )
 _PLAIN_ATTENTION = ours_fixed(attention_output_gate=False, attention_bias=False, mlp_bias=False)
 _DECODER = same(
-    "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_act",
-    "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_parameters", "pad_token_id",
-    "bos_token_id", "eos_token_id",
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
     # training settings carried both ways, so fine-tuning an import balances like the original
-    "router_aux_loss_coef", "output_router_logits",
+    "router_aux_loss_coef",
+    "output_router_logits",
 )
 
 
@@ -52,18 +73,24 @@ _NO_ATTN_BIAS = native_fixed(
 )
 
 
-# ---- qwen3_moe ------------------------------------------------------------------------------------------------
+# ---- qwen3_moe ---------------------------------------------------------------------------------------------
 
 
 def _qwen3_moe_layers_to_ours(n) -> dict:
     layers = range(n.num_hidden_layers)
     only = set(n.mlp_only_layers or [])
     moe = [i not in only and n.num_experts > 0 and (i + 1) % n.decoder_sparse_step == 0 for i in layers]
-    return {"mixer_types": ["attention"] * n.num_hidden_layers, "mlp_types": ["moe" if m else "dense" for m in moe]}
+    return {
+        "mixer_types": ["attention"] * n.num_hidden_layers,
+        "mlp_types": ["moe" if m else "dense" for m in moe],
+    }
 
 
 def _qwen3_moe_layers_to_native(o) -> dict:
-    return {"decoder_sparse_step": 1, "mlp_only_layers": [i for i, t in enumerate(o.mlp_types) if t == "dense"]}
+    return {
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [i for i, t in enumerate(o.mlp_types) if t == "dense"],
+    }
 
 
 _MOE_SIZES = same(
@@ -73,25 +100,43 @@ _MOE_SIZES = same(
 QWEN3_MOE = NativeFamily(
     model_type="qwen3_moe",
     config_rules=[
-        *_DECODER, *_MOE_SIZES, _HEAD_DIM, _NO_ATTN_BIAS,
+        *_DECODER,
+        *_MOE_SIZES,
+        _HEAD_DIM,
+        _NO_ATTN_BIAS,
         native_fixed("use_sliding_window", False, why="Qwen3-MoE's sliding window layers are not mapped yet"),
         native_fixed("sliding_window", None, 4096, why="unused without use_sliding_window"),
-        Custom(("decoder_sparse_step", "mlp_only_layers"), _qwen3_moe_layers_to_ours, _qwen3_moe_layers_to_native),
-        *ours_fixed(use_qk_norm=True), *_PLAIN_ATTENTION, *_SOFTMAX_ROUTER,
+        Custom(
+            ("decoder_sparse_step", "mlp_only_layers"), _qwen3_moe_layers_to_ours, _qwen3_moe_layers_to_native
+        ),
+        *ours_fixed(use_qk_norm=True),
+        *_PLAIN_ATTENTION,
+        *_SOFTMAX_ROUTER,
     ],
     model_rules=MODEL_RULES,
     layer_rules=NORM_RULES,
     mixer_rules={"attention": ATTENTION_RULES},
     mlp_rules={"moe": MOE_RULES, "dense": DENSE_RULES},
     tiny_config=dict(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
-        norm_topk_prob=False, mlp_only_layers=[1], max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        moe_intermediate_size=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
     ),
 )
 
 
-# ---- mixtral --------------------------------------------------------------------------------------------------
+# ---- mixtral -----------------------------------------------------------------------------------------------
 
 
 def _mixtral_to_ours(n) -> dict:
@@ -119,47 +164,78 @@ def _mixtral_to_native(o) -> dict:
 MIXTRAL = NativeFamily(
     model_type="mixtral",
     config_rules=[
-        *_DECODER, _HEAD_DIM, *same("num_experts_per_tok", "router_jitter_noise"),
-        Custom(("sliding_window", "intermediate_size", "num_local_experts"), _mixtral_to_ours, _mixtral_to_native),
-        *ours_fixed(use_qk_norm=False, norm_topk_prob=True), *_PLAIN_ATTENTION, *_SOFTMAX_ROUTER,
+        *_DECODER,
+        _HEAD_DIM,
+        *same("num_experts_per_tok", "router_jitter_noise"),
+        Custom(
+            ("sliding_window", "intermediate_size", "num_local_experts"), _mixtral_to_ours, _mixtral_to_native
+        ),
+        *ours_fixed(use_qk_norm=False, norm_topk_prob=True),
+        *_PLAIN_ATTENTION,
+        *_SOFTMAX_ROUTER,
     ],
     model_rules=MODEL_RULES,
     layer_rules=NORM_RULES,
     mixer_rules={"attention": ATTENTION_RULES, "sliding_attention": ATTENTION_RULES},
     mlp_rules={"moe": MOE_RULES},
     tiny_config=dict(
-        vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=128,
-        bos_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        bos_token_id=1,
+        eos_token_id=2,
     ),
 )
 
-# ---- olmoe ----------------------------------------------------------------------------------------------------
+# ---- olmoe -------------------------------------------------------------------------------------------------
 
 OLMOE = NativeFamily(
     model_type="olmoe",
     config_rules=[
-        *_DECODER, *same("num_experts_per_tok", "num_experts", "norm_topk_prob"),
-        *same("clip_qkv"), _NO_ATTN_BIAS,
+        *_DECODER,
+        *same("num_experts_per_tok", "num_experts", "norm_topk_prob"),
+        *same("clip_qkv"),
+        _NO_ATTN_BIAS,
         # OLMoE's experts are `intermediate_size` wide and it has no dense layer.
         Custom(
             ("intermediate_size",),
-            lambda n: {"moe_intermediate_size": n.intermediate_size, "intermediate_size": n.intermediate_size,
-                       "head_dim": n.hidden_size // n.num_attention_heads,
-                       "mixer_types": ["attention"] * n.num_hidden_layers,
-                       "mlp_types": ["moe"] * n.num_hidden_layers},
+            lambda n: {
+                "moe_intermediate_size": n.intermediate_size,
+                "intermediate_size": n.intermediate_size,
+                "head_dim": n.hidden_size // n.num_attention_heads,
+                "mixer_types": ["attention"] * n.num_hidden_layers,
+                "mlp_types": ["moe"] * n.num_hidden_layers,
+            },
             lambda o: {"intermediate_size": o.moe_intermediate_size},
         ),
-        *ours_fixed(use_qk_norm=True, qk_norm_scope="full"), *_PLAIN_ATTENTION, *_SOFTMAX_ROUTER,
+        *ours_fixed(use_qk_norm=True, qk_norm_scope="full"),
+        *_PLAIN_ATTENTION,
+        *_SOFTMAX_ROUTER,
     ],
     model_rules=MODEL_RULES,
     layer_rules=NORM_RULES,
     mixer_rules={"attention": ATTENTION_RULES},
     mlp_rules={"moe": MOE_RULES},
     tiny_config=dict(
-        vocab_size=96, hidden_size=32, intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False, clip_qkv=0.3,
-        max_position_embeddings=128, pad_token_id=1, eos_token_id=2,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=False,
+        clip_qkv=0.3,
+        max_position_embeddings=128,
+        pad_token_id=1,
+        eos_token_id=2,
     ),
 )
 

@@ -1,17 +1,18 @@
 """``nemotron_h`` (NVIDIA Nemotron-H / Nemotron 3) ↔ hf_hybrid.
 
-Each native layer is exactly one block after one RMSNorm, ``x + block(norm(x))``: ``linear_attention`` (Mamba-2),
-``full_attention`` (GQA **without positional encoding**), ``mlp`` (non-gated relu² MLP) or ``moe`` (non-gated relu²
-experts, a sigmoid router with correction bias and group-limited top-k, one non-gated shared expert). Ours: a
-Mamba-2 / attention layer has ``mlp_types[i]="none"``; an MLP / MoE layer has ``mixer_types[i]="none"`` (its norm is
-our ``post_attention_layernorm``). ``mlp_gated=False`` and ``hidden_act="relu2"`` give the non-gated MLPs,
-``attention_rope=False`` the NoPE attention.
+Each native layer is exactly one block after one RMSNorm, ``x + block(norm(x))``: ``linear_attention``
+(Mamba-2), ``full_attention`` (GQA **without positional encoding**), ``mlp`` (non-gated relu² MLP) or ``moe``
+(non-gated relu² experts, a sigmoid router with correction bias and group-limited top-k, one non-gated shared
+expert). Ours: a Mamba-2 / attention layer has ``mlp_types[i]="none"``; an MLP / MoE layer has
+``mixer_types[i]="none"`` (its norm is our ``post_attention_layernorm``). ``mlp_gated=False`` and
+``hidden_act="relu2"`` give the non-gated MLPs, ``attention_rope=False`` the NoPE attention.
 
-Names: ``model.embeddings`` ↔ ``model.embed_tokens``, ``model.norm_f`` ↔ ``model.norm``, ``layers.{i}.norm`` ↔ the
-layer's one norm, ``layers.{i}.mixer.*`` ↔ ``mixer.*`` (Mamba-2, attention) or ``mlp.*`` (``mixer.gate`` ↔
-``mlp.router``, including its ``e_score_correction_bias``). Native prefill clamps the Mamba-2 step ``Δ`` from below at
-``time_step_min`` (our ``mamba_dt_limit = [time_step_min, ∞]``); transformers' single-token decode step does not
-clamp, ours does — equal whenever ``Δ ≥ time_step_min``, as it is with trained and freshly initialised weights.
+Names: ``model.embeddings`` ↔ ``model.embed_tokens``, ``model.norm_f`` ↔ ``model.norm``, ``layers.{i}.norm`` ↔
+the layer's one norm, ``layers.{i}.mixer.*`` ↔ ``mixer.*`` (Mamba-2, attention) or ``mlp.*`` (``mixer.gate`` ↔
+``mlp.router``, including its ``e_score_correction_bias``). Native prefill clamps the Mamba-2 step ``Δ`` from
+below at ``time_step_min`` (our ``mamba_dt_limit = [time_step_min, ∞]``); transformers' single-token decode
+step does not clamp, ours does — equal whenever ``Δ ≥ time_step_min``, as it is with trained and freshly
+initialised weights.
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ def _blocks_to_ours(native) -> dict:
     blocks = list(native.layers_block_type)
     for i, b in enumerate(blocks):
         if b not in _BLOCKS:
-            fail(f"nemotron_h: NemotronHConfig.layers_block_type[{i}]={b!r} has no counterpart; supported: "
-                 f"{', '.join(_BLOCKS)}")
+            fail(
+                f"nemotron_h: NemotronHConfig.layers_block_type[{i}]={b!r} "
+                f"has no counterpart; supported: {', '.join(_BLOCKS)}"
+            )
     return {
         "num_hidden_layers": len(blocks),
         "mixer_types": [_BLOCKS[b][0] for b in blocks],
@@ -49,7 +52,10 @@ def _blocks_to_native(ours) -> dict:
 
 def _dt_to_ours(native) -> dict:
     # The prefill clamps Δ at (time_step_min, ∞); time_step_min also seeds the dt init, like our mamba_dt_min.
-    return {"mamba_dt_min": float(native.time_step_min), "mamba_dt_limit": [float(native.time_step_min), math.inf]}
+    return {
+        "mamba_dt_min": float(native.time_step_min),
+        "mamba_dt_limit": [float(native.time_step_min), math.inf],
+    }
 
 
 def _dt_to_native(ours) -> dict:
@@ -60,8 +66,11 @@ def _dt_to_native(ours) -> dict:
 def _check_ours(ours) -> str | None:
     for i, pair in enumerate(zip(ours.mixer_types, ours.mlp_types)):
         if pair not in _FROM_OURS:
-            return (f"layer {i} is mixer_types[{i}]={pair[0]!r} with mlp_types[{i}]={pair[1]!r}: a nemotron_h layer "
-                    "is exactly one block (mamba2 or attention with mlp 'none'; mixer 'none' with a dense or moe MLP)")
+            return (
+                f"layer {i} is mixer_types[{i}]={pair[0]!r} with mlp_types[{i}]={pair[1]!r}: "
+                "a nemotron_h layer is exactly one block (mamba2 or attention with mlp "
+                "'none'; mixer 'none' with a dense or moe MLP)"
+            )
     return None
 
 
@@ -80,10 +89,26 @@ FAMILIES = {
         model_type="nemotron_h",
         config_rules=[
             *same(
-                "vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-                "max_position_embeddings", "tie_word_embeddings", "pad_token_id", "bos_token_id", "eos_token_id",
-                "intermediate_size", "mlp_bias", "num_experts_per_tok", "routed_scaling_factor", "n_group",
-                "topk_group", "norm_topk_prob", "moe_intermediate_size", "mamba_num_heads", "mamba_head_dim",
+                "vocab_size",
+                "hidden_size",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+                "tie_word_embeddings",
+                "pad_token_id",
+                "bos_token_id",
+                "eos_token_id",
+                "intermediate_size",
+                "mlp_bias",
+                "num_experts_per_tok",
+                "routed_scaling_factor",
+                "n_group",
+                "topk_group",
+                "norm_topk_prob",
+                "moe_intermediate_size",
+                "mamba_num_heads",
+                "mamba_head_dim",
             ),
             rename("layer_norm_epsilon", "rms_norm_eps"),
             rename("mlp_hidden_act", "hidden_act"),
@@ -103,16 +128,35 @@ FAMILIES = {
             native_fixed("moe_latent_size", None, why="the latent MoE projections are not mapped"),
             native_fixed("residual_in_fp32", False, why="our residual stream stays in the model dtype"),
             *ours_fixed(
-                attention_rope=False, mlp_gated=False, use_qk_norm=False, attention_output_gate=False,
-                attention_bias=False, router_scoring_func="sigmoid", num_shared_experts=1, shared_expert_gate=False,
-                moe_routing="topk", moe_capacity_factor=None,
+                attention_rope=False,
+                mlp_gated=False,
+                use_qk_norm=False,
+                attention_output_gate=False,
+                attention_bias=False,
+                router_scoring_func="sigmoid",
+                num_shared_experts=1,
+                shared_expert_gate=False,
+                moe_routing="topk",
+                moe_capacity_factor=None,
             ),
         ],
-        # Unused by the modeling (or only by its kernels, init, training or the MTP head, whose weights are dropped).
+        # Unused by the modeling (or only by its kernels, init, training or the MTP head, whose weights are
+        # dropped).
         ignored_options=(
-            "num_logits_to_keep", "use_mamba_kernels", "chunk_size", "mamba_ssm_cache_dtype", "n_shared_experts",
-            "moe_shared_expert_overlap", "num_nextn_predict_layers", "mtp_layers_block_type", "hidden_dropout",
-            "rescale_prenorm_residual", "time_step_limit", "attention_bias", "mamba_proj_bias", "sliding_window",
+            "num_logits_to_keep",
+            "use_mamba_kernels",
+            "chunk_size",
+            "mamba_ssm_cache_dtype",
+            "n_shared_experts",
+            "moe_shared_expert_overlap",
+            "num_nextn_predict_layers",
+            "mtp_layers_block_type",
+            "hidden_dropout",
+            "rescale_prenorm_residual",
+            "time_step_limit",
+            "attention_bias",
+            "mamba_proj_bias",
+            "sliding_window",
             "num_hidden_layers",
         ),
         model_rules=[
@@ -128,16 +172,33 @@ FAMILIES = {
         mlp_rules={"none": [], "dense": [W("mixer.", "mlp.")], "moe": MOE_RULES},
         ignored_native_keys=(r"(^|\.)rotary_emb\.", r"^mtp\."),
         tiny_config=dict(
-            vocab_size=128, hidden_size=32, layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
-            num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=48, mamba_num_heads=8,
-            mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4, expand=2, chunk_size=16,
-            n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
-            moe_shared_expert_intermediate_size=24, n_group=2, topk_group=1, routed_scaling_factor=1.5,
-            max_position_embeddings=256, pad_token_id=0,
+            vocab_size=128,
+            hidden_size=32,
+            layers_block_type=["linear_attention", "moe", "full_attention", "mlp"],
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            intermediate_size=48,
+            mamba_num_heads=8,
+            mamba_head_dim=8,
+            n_groups=2,
+            ssm_state_size=8,
+            conv_kernel=4,
+            expand=2,
+            chunk_size=16,
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=16,
+            moe_shared_expert_intermediate_size=24,
+            n_group=2,
+            topk_group=1,
+            routed_scaling_factor=1.5,
+            max_position_embeddings=256,
+            pad_token_id=0,
         ),
         exactness=(
-            "exact: fp32 logits ≤ 1e-7; transformers' decode step does not clamp the Mamba-2 step at time_step_min "
-            "(its prefill and ours do): equal while Δ ≥ time_step_min"
+            "exact: fp32 logits ≤ 1e-7; transformers' decode step does not clamp the Mamba-2 "
+            "step at time_step_min (its prefill and ours do): equal while Δ ≥ time_step_min"
         ),
         check_ours=_check_ours,
     ),

@@ -1,16 +1,18 @@
 """``qwen3_5_text`` (dense) and ``qwen3_5_moe_text`` (MoE) ↔ hf_hybrid: the text decoders of Qwen3.5.
 
-The same layers as Qwen3-Next (see ``qwen3_next.py``: zero-centred norms, gated attention with q/k norms, the MoE
-block with a gated shared expert), except that the Gated DeltaNet projections are separate and not interleaved:
-``in_proj_qkv`` ([q | k | v] over all heads), ``in_proj_z``, ``in_proj_b``, ``in_proj_a``; ours fuse them as
-``in_proj_qkvz = [qkv; z]`` and ``in_proj_ba = [b; a]`` (a concatenation each way). ``qwen3_5_text`` has a dense
-SwiGLU in every layer, ``qwen3_5_moe_text`` a MoE block in every layer (its router always renormalises the top-k).
+The same layers as Qwen3-Next (see ``qwen3_next.py``: zero-centred norms, gated attention with q/k norms, the
+MoE block with a gated shared expert), except that the Gated DeltaNet projections are separate and not
+interleaved: ``in_proj_qkv`` ([q | k | v] over all heads), ``in_proj_z``, ``in_proj_b``, ``in_proj_a``; ours
+fuse them as ``in_proj_qkvz = [qkv; z]`` and ``in_proj_ba = [b; a]`` (a concatenation each way).
+``qwen3_5_text`` has a dense SwiGLU in every layer, ``qwen3_5_moe_text`` a MoE block in every layer (its
+router always renormalises the top-k).
 
-The published checkpoints are the vision-language wrappers (``model_type`` ``qwen3_5`` / ``qwen3_5_moe``) with the
-text decoder under ``model.language_model.*``: the import reads their ``text_config`` and the decoder weights
-(transformers' own key mapping strips the prefix), and drops ``model.visual.*`` (the vision tower) and ``mtp.*``
-(the multi-token-prediction head) with a one-line note. Text-only RoPE: Qwen3.5's interleaved M-RoPE with the three
-position streams equal (text tokens) is plain RoPE over the rotary dims, which is what ours computes.
+The published checkpoints are the vision-language wrappers (``model_type`` ``qwen3_5`` / ``qwen3_5_moe``) with
+the text decoder under ``model.language_model.*``: the import reads their ``text_config`` and the decoder
+weights (transformers' own key mapping strips the prefix), and drops ``model.visual.*`` (the vision tower) and
+``mtp.*`` (the multi-token-prediction head) with a one-line note. Text-only RoPE: Qwen3.5's interleaved M-RoPE
+with the three position streams equal (text tokens) is plain RoPE over the rotary dims, which is what ours
+computes.
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ def _b_a_sizes(ctx: RuleContext) -> list[int]:
 
 
 def _concat(sizes_fn):
-    """Several native tensors ↔ one of ours, concatenated along dim 0 (the sizes for the way back from ``sizes_fn``)."""
+    """Several native tensors ↔ one of ours, concatenated along dim 0 (the sizes for the way back from
+    ``sizes_fn``)."""
     return (
         lambda ts, ctx: [torch.cat(ts, dim=0)],
         lambda ts, ctx: list(torch.split(ts[0], sizes_fn(ctx), dim=0)),
@@ -59,10 +62,16 @@ def _concat(sizes_fn):
 
 
 GDN_SEPARATE_RULES = [
-    W(("linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight"), "mixer.in_proj_qkvz.weight",
-      *_concat(_qkv_z_sizes)),
-    W(("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"), "mixer.in_proj_ba.weight",
-      *_concat(_b_a_sizes)),
+    W(
+        ("linear_attn.in_proj_qkv.weight", "linear_attn.in_proj_z.weight"),
+        "mixer.in_proj_qkvz.weight",
+        *_concat(_qkv_z_sizes),
+    ),
+    W(
+        ("linear_attn.in_proj_b.weight", "linear_attn.in_proj_a.weight"),
+        "mixer.in_proj_ba.weight",
+        *_concat(_b_a_sizes),
+    ),
     *GDN_SHARED_RULES,
 ]
 
@@ -75,10 +84,13 @@ def _only(mlp: str):
         for i, t in enumerate(ours.mlp_types):
             if t != mlp:
                 return f"mlp_types[{i}]={t!r} (layer {i}): every layer of this family has a {mlp!r} MLP"
-        if mlp == "moe" and (ours.num_shared_experts != 1 or not ours.shared_expert_gate or not ours.norm_topk_prob):
+        if mlp == "moe" and (
+            ours.num_shared_experts != 1 or not ours.shared_expert_gate or not ours.norm_topk_prob
+        ):
             return (
-                f"num_shared_experts={ours.num_shared_experts}, shared_expert_gate={ours.shared_expert_gate}, "
-                f"norm_topk_prob={ours.norm_topk_prob}: the MoE block has one gated shared expert and renormalises"
+                f"num_shared_experts={ours.num_shared_experts}, "
+                f"shared_expert_gate={ours.shared_expert_gate}, norm_topk_prob={ours.norm_topk_prob}: "
+                "the MoE block has one gated shared expert and renormalises"
             )
         return None
 

@@ -1,13 +1,14 @@
 """``qwen3_next`` (Qwen3-Next) ↔ hf_hybrid.
 
-Layers: Gated DeltaNet (``linear_attention``) and gated softmax attention (``full_attention``, q/k RMSNorm per head,
-sigmoid output gate folded into ``q_proj``), a sparse MoE block (softmax top-k router, fused experts and one shared
-expert scaled by ``sigmoid(shared_expert_gate(x))``) or a dense SwiGLU (``mlp_only_layers``).
+Layers: Gated DeltaNet (``linear_attention``) and gated softmax attention (``full_attention``, q/k RMSNorm per
+head, sigmoid output gate folded into ``q_proj``), a sparse MoE block (softmax top-k router, fused experts and
+one shared expert scaled by ``sigmoid(shared_expert_gate(x))``) or a dense SwiGLU (``mlp_only_layers``).
 
 What the mapping handles:
-- the GDN input projections are **interleaved per key-head group** natively: ``in_proj_qkvz`` rows are, for each of
-  the ``Hk`` key heads, ``[q_h (dk), k_h (dk), v (r·dv), z (r·dv)]`` with ``r = Hv / Hk``, and ``in_proj_ba`` rows
-  ``[b (r), a (r)]``; ours are ``[q (all heads), k, v, z]`` and ``[b, a]``: a row permutation each way;
+- the GDN input projections are **interleaved per key-head group** natively: ``in_proj_qkvz`` rows are, for
+  each of the ``Hk`` key heads, ``[q_h (dk), k_h (dk), v (r·dv), z (r·dv)]`` with ``r = Hv / Hk``, and
+  ``in_proj_ba`` rows ``[b (r), a (r)]``; ours are ``[q (all heads), k, v, z]`` and ``[b, a]``: a row
+  permutation each way;
 - the decoder norms, the final norm and the attention q/k norms are zero-centred, ``x̂ · (1 + w)``; ours are
   ``x̂ · w``: ``w_ours = 1 + w_native`` (the GDN's gated output norm is plain ``x̂ · w`` on both sides).
   fp32 ``1 + w`` rounds the same way here as in the native forward, so the function is bitwise the same; only
@@ -38,11 +39,11 @@ from .base import (
     zero_filled,
 )
 
-# ---- running the native model on CPU ------------------------------------------------------------------------------
+# ---- running the native model on CPU -----------------------------------------------------------------------
 
-# transformers' Qwen3-Next / Qwen3.5 modeling bind fla-core's Triton kernels at import time whenever fla-core is
-# installed (``use_kernel_func_from_hub_with_fallback``), and those crash on CPU tensors. The decorator keeps the
-# torch reference as ``__wrapped__``; the modules call these functions through their globals.
+# transformers' Qwen3-Next / Qwen3.5 modeling bind fla-core's Triton kernels at import time whenever fla-core
+# is installed (``use_kernel_func_from_hub_with_fallback``), and those crash on CPU tensors. The decorator
+# keeps the torch reference as ``__wrapped__``; the modules call these functions through their globals.
 _KERNEL_MODULES = (
     "transformers.models.qwen3_next.modeling_qwen3_next",
     "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -58,8 +59,8 @@ _KERNEL_FUNCTIONS = (
 
 @contextlib.contextmanager
 def native_torch_kernels() -> Iterator[None]:
-    """Run transformers' qwen3_next / qwen3_5 / qwen3_5_moe models on their torch reference functions (not fla-core's
-    kernels) inside the block; restored on exit."""
+    """Run transformers' qwen3_next / qwen3_5 / qwen3_5_moe models on their torch reference functions (not
+    fla-core's kernels) inside the block; restored on exit."""
     saved = []
     try:
         for name in _KERNEL_MODULES:
@@ -76,7 +77,7 @@ def native_torch_kernels() -> Iterator[None]:
             setattr(module, fn, current)
 
 
-# ---- config -----------------------------------------------------------------------------------------------------
+# ---- config ------------------------------------------------------------------------------------------------
 
 _NATIVE_MIXER = {"linear_attention": "gated_deltanet", "full_attention": "attention"}
 _OUR_LAYER = {v: k for k, v in _NATIVE_MIXER.items()}
@@ -85,10 +86,16 @@ _OUR_LAYER = {v: k for k, v in _NATIVE_MIXER.items()}
 def mixers_to_ours(native) -> dict:
     layer_types = list(native.layer_types)
     if len(layer_types) != native.num_hidden_layers:
-        fail(f"{native.model_type}: layer_types has {len(layer_types)} entries for {native.num_hidden_layers} layers")
+        fail(
+            f"{native.model_type}: layer_types has {len(layer_types)} entries for "
+            f"{native.num_hidden_layers} layers"
+        )
     for i, t in enumerate(layer_types):
         if t not in _NATIVE_MIXER:
-            fail(f"{native.model_type}: layer_types[{i}]={t!r} has no counterpart; supported: {', '.join(_NATIVE_MIXER)}")
+            fail(
+                f"{native.model_type}: layer_types[{i}]={t!r} has no counterpart; supported: "
+                f"{', '.join(_NATIVE_MIXER)}"
+            )
     return {"mixer_types": [_NATIVE_MIXER[t] for t in layer_types]}
 
 
@@ -102,13 +109,17 @@ def _moe_layers_to_ours(native) -> dict:
     step = native.decoder_sparse_step
     if native.num_experts > 0 and step <= 0:
         fail(f"qwen3_next: Qwen3NextConfig.decoder_sparse_step={step!r} must be a positive integer")
-    mlp = ["moe" if i not in only and native.num_experts > 0 and (i + 1) % step == 0 else "dense" for i in range(n)]
+    mlp = [
+        "moe" if i not in only and native.num_experts > 0 and (i + 1) % step == 0 else "dense"
+        for i in range(n)
+    ]
     return {"mlp_types": mlp}
 
 
 def _moe_layers_to_native(ours) -> dict:
     dense = [i for i, t in enumerate(ours.mlp_types) if t == "dense"]
-    # num_experts stays what the config says, so an all-dense model keeps its MoE sizes (unused) on the way back.
+    # num_experts stays what the config says, so an all-dense model keeps its MoE sizes (unused) on the way
+    # back.
     return {"mlp_only_layers": dense, "decoder_sparse_step": 1}
 
 
@@ -122,7 +133,8 @@ def _check_mlps(ours) -> str | None:
     if "moe" in ours.mlp_types:
         if ours.num_shared_experts != 1 or not ours.shared_expert_gate:
             return (
-                f"num_shared_experts={ours.num_shared_experts}, shared_expert_gate={ours.shared_expert_gate}: "
+                f"num_shared_experts={ours.num_shared_experts}, "
+                f"shared_expert_gate={ours.shared_expert_gate}: "
                 "qwen3_next's MoE block has exactly one shared expert with a sigmoid gate"
             )
     return None
@@ -152,7 +164,8 @@ GDN_RENAMES = [
     rename("linear_num_value_heads", "gdn_num_value_heads"),
 ]
 COMMON_FIXED = [
-    # The GDN short conv applies hidden_act, which our GDN fixes to SiLU (as every Qwen3-Next / Qwen3.5 checkpoint).
+    # The GDN short conv applies hidden_act, which our GDN fixes to SiLU (as every Qwen3-Next / Qwen3.5
+    # checkpoint).
     native_fixed("hidden_act", "silu", why="the GDN short conv and the MLPs use SiLU here"),
     native_fixed("attention_bias", False, why="o_proj would carry a bias too, which our attention has not"),
     *ours_fixed(use_qk_norm=True, attention_output_gate=True),
@@ -163,7 +176,9 @@ MIXER_CONFIG = Custom(("layer_types",), mixers_to_ours, mixers_to_native)
 def check_mixers(ours) -> str | None:
     for i, m in enumerate(ours.mixer_types):
         if m not in _OUR_LAYER:
-            return f"mixer_types[{i}]={m!r} (layer {i}) has no counterpart; supported: {', '.join(_OUR_LAYER)}"
+            return (
+                f"mixer_types[{i}]={m!r} (layer {i}) has no counterpart; supported: {', '.join(_OUR_LAYER)}"
+            )
     return None
 
 
@@ -171,16 +186,22 @@ def _check_ours(ours) -> str | None:
     return check_mixers(ours) or _check_mlps(ours)
 
 
-# ---- weights ----------------------------------------------------------------------------------------------------
+# ---- weights -----------------------------------------------------------------------------------------------
 
 
 def _gdn_dims(ctx: RuleContext) -> tuple[int, int, int, int]:
     c = ctx.ours
-    return c.gdn_num_key_heads, c.gdn_num_value_heads // c.gdn_num_key_heads, c.gdn_key_head_dim, c.gdn_value_head_dim
+    return (
+        c.gdn_num_key_heads,
+        c.gdn_num_value_heads // c.gdn_num_key_heads,
+        c.gdn_key_head_dim,
+        c.gdn_value_head_dim,
+    )
 
 
 def _qkvz_index(ctx: RuleContext) -> torch.Tensor:
-    """Native row of each of our ``in_proj_qkvz`` rows: ours [q | k | v | z], native per key head [q k v z]."""
+    """Native row of each of our ``in_proj_qkvz`` rows: ours [q | k | v | z], native per key head [q k v
+    z]."""
     hk, r, dk, dv = _gdn_dims(ctx)
     rows = torch.arange(hk * (2 * dk + 2 * r * dv)).view(hk, 2 * dk + 2 * r * dv)
     q, k, v, z = rows.split([dk, dk, r * dv, r * dv], dim=1)
@@ -242,7 +263,10 @@ MOE_RULES = [
     ),
     W("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj"),
     W("mlp.experts.down_proj", "mlp.experts.down_proj"),
-    *[W(f"mlp.shared_expert.{p}.weight", f"mlp.shared_experts.{p}.weight") for p in ("gate_proj", "up_proj", "down_proj")],
+    *[
+        W(f"mlp.shared_expert.{p}.weight", f"mlp.shared_experts.{p}.weight")
+        for p in ("gate_proj", "up_proj", "down_proj")
+    ],
     W("mlp.shared_expert_gate.weight", "mlp.shared_experts_gate.weight"),
 ]
 MOE_FIXED = ours_fixed(
@@ -257,9 +281,9 @@ MOE_FIXED = ours_fixed(
 )
 
 EXACTNESS = (
-    "exact: fp32 logits ≤ 1e-7 at init-scale weights; with large weights (std 0.15) fp32 rounding in the delta rule "
-    "gives ≤ 2e-5, inside transformers' own chunked-vs-recurrent spread on the same input; native → ours → native "
-    "moves a (1 + w) norm weight by ≤ half an ulp of 1 + w, keeping 1 + w"
+    "exact: fp32 logits ≤ 1e-7 at init-scale weights; with large weights (std 0.15) fp32 rounding in "
+    "the delta rule gives ≤ 2e-5, inside transformers' own chunked-vs-recurrent spread on the same "
+    "input; native → ours → native moves a (1 + w) norm weight by ≤ half an ulp of 1 + w, keeping 1 + w"
 )
 
 TINY = dict(
@@ -281,8 +305,14 @@ FAMILIES = {
     "qwen3_next": NativeFamily(
         model_type="qwen3_next",
         config_rules=[
-            *same(*COMMON_SAME, "intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
-                  "norm_topk_prob"),
+            *same(
+                *COMMON_SAME,
+                "intermediate_size",
+                "num_experts",
+                "num_experts_per_tok",
+                "moe_intermediate_size",
+                "norm_topk_prob",
+            ),
             SHARED_SIZE,
             *GDN_RENAMES,
             *COMMON_FIXED,

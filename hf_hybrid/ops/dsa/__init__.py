@@ -44,7 +44,8 @@ def triton_available() -> bool:
 
 
 def resolve_backend(op: str, backend: str, device: torch.device, choices: tuple[str, ...] = BACKENDS) -> str:
-    """ "auto" -> "triton" on CUDA when triton is installed, else "torch"; one log line per (op, choice, device)."""
+    """ "auto" -> "triton" on CUDA when triton is installed, else "torch"; one log line per (op, choice,
+    device)."""
     if backend not in choices:
         raise ValueError(f"{op} backend={backend!r} is not known; choose one of: {', '.join(choices)}")
     if backend == "auto":

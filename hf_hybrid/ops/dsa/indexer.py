@@ -30,7 +30,8 @@ _INVALID = torch.iinfo(torch.int64).min  # packed key of a key the query may not
 
 
 def _indexer_logits_block(q_I: torch.Tensor, k_I: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Σ_h w[t,h] · ReLU(q_I[t,h] · k_I[s]) for q_I [B, Tc, HI, DI], k_I [B, Sc, DI], w [B, Tc, HI] -> [B, Tc, Sc].
+    """Σ_h w[t,h] · ReLU(q_I[t,h] · k_I[s]) for q_I [B, Tc, HI, DI], k_I [B, Sc, DI], w [B, Tc, HI] -> [B, Tc,
+    Sc].
 
     Two batched matmuls in fp32; the [B, Tc, HI, Sc] intermediate is the block's whole working set.
     """

@@ -23,8 +23,8 @@ def check_sparse_attention_inputs(
     """Shape checks shared by every sparse-attention backend, with messages in the caller's terms."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or idx.dim() != 3:
         raise ValueError(
-            "sparse attention expects q [B, T, H, Dqk], k [B, S, Hkv, Dqk], v [B, S, Hkv, Dv], idx [B, T, K]; "
-            f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, idx {tuple(idx.shape)}"
+            "sparse attention expects q [B, T, H, Dqk], k [B, S, Hkv, Dqk], v [B, S, Hkv, Dv], idx [B, T, "
+            f"K]; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, idx {tuple(idx.shape)}"
         )
     B, T, H, Dqk = q.shape
     if k.shape[0] != B or v.shape[:3] != k.shape[:3] or k.shape[3] != Dqk:

@@ -209,7 +209,8 @@ def _sparse_attn_bwd_kernel(
 
 
 def _launch_shape(H: int, Hkv: int) -> tuple[int, int, int]:
-    """(G, BLOCK_G, NUM_GB): heads per kv group, heads per program (≥ 16 for tl.dot, ≤ 64), blocks per group."""
+    """(G, BLOCK_G, NUM_GB): heads per kv group, heads per program (≥ 16 for tl.dot, ≤ 64), blocks per
+    group."""
     G = H // Hkv
     block_g = max(16, min(64, _pow2(G)))
     return G, block_g, triton.cdiv(G, block_g)
@@ -331,7 +332,8 @@ def sparse_attention_triton(
     check_sparse_attention_inputs(q, k, v, idx)
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(
-            f"Triton sparse attention needs q, k, v of one dtype (fp32, fp16, bf16); got {q.dtype}, {k.dtype}, {v.dtype}"
+            "Triton sparse attention needs q, k, v of one dtype "
+            f"(fp32, fp16, bf16); got {q.dtype}, {k.dtype}, {v.dtype}"
         )
     o, lse = SparseAttentionTriton.apply(q, k, v, idx, float(scale))
     return (o, lse) if return_lse else o
@@ -380,7 +382,8 @@ def _indexer_logits_kernel(
 
 
 def indexer_logits_block_triton(q_I: torch.Tensor, k_I: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Raw indexer logits for a block: q_I [B, Tc, HI, DI], k_I [B, Sc, DI], w [B, Tc, HI] -> [B, Tc, Sc] fp32.
+    """Raw indexer logits for a block: q_I [B, Tc, HI, DI], k_I [B, Sc, DI], w [B, Tc, HI] -> [B, Tc, Sc]
+    fp32.
 
     Same contract as ``indexer._indexer_logits_block`` (the torch twin); no gradient.
     """

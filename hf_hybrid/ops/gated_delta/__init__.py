@@ -42,13 +42,13 @@ def gated_delta_rule(
     """Gated delta rule over a sequence, by the chosen backend ("auto", "torch", "naive" or "fla").
 
     q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv] (Hv a multiple of Hk); g (log decay, <= 0), beta [B, T, Hv];
-    initial_state [N, Hv, Dk, Dv]; cu_seqlens [N + 1] int32 packs N documents in one row (B == 1), else N == B.
-    Returns o [B, T, Hv, Dv] in q's dtype and, if ``output_final_state``, the fp32 state [N, Hv, Dk, Dv].
+    initial_state [N, Hv, Dk, Dv]; cu_seqlens [N + 1] int32 packs N documents in one row (B == 1), else N ==
+    B. Returns o [B, T, Hv, Dv] in q's dtype and, if ``output_final_state``, the fp32 state [N, Hv, Dk, Dv].
     """
     path = resolve_backend("gated_delta_rule", backend, (q, k, v, g, beta, initial_state), gated=True)
     # The chunked forms choose their own precisions (fp32 decays and states); an enclosing autocast (Trainer's
-    # bf16 on CPU, TRL's default) would recast their inner matmuls and leave the hand-written backwards with mixed
-    # dtypes.
+    # bf16 on CPU, TRL's default) would recast their inner matmuls and leave the hand-written backwards with
+    # mixed dtypes.
     with torch.autocast(device_type=q.device.type, enabled=False):
         return _PATHS[path](
             q,

@@ -35,18 +35,41 @@ def fla_chunk_gated_delta_rule(
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
     return call_fla_delta_rule(
-        fla_chunk, FLA_CHUNK_SIZES, q, k, v, g, beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens, use_qk_l2norm=use_qk_l2norm,
+        fla_chunk,
+        FLA_CHUNK_SIZES,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        use_qk_l2norm=use_qk_l2norm,
         chunk_size=chunk_size,
     )
 
 
 def call_fla_delta_rule(
-    fla_chunk, chunk_sizes: tuple[int, ...], q, k, v, g, beta, *, scale, initial_state, output_final_state,
-    cu_seqlens, use_qk_l2norm, chunk_size,
+    fla_chunk,
+    chunk_sizes: tuple[int, ...],
+    q,
+    k,
+    v,
+    g,
+    beta,
+    *,
+    scale,
+    initial_state,
+    output_final_state,
+    cu_seqlens,
+    use_qk_l2norm,
+    chunk_size,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Call one of fla-core's chunked delta-rule kernels (gated delta rule, KDA: the same calling convention) with
-    our dtypes and defaults: q's dtype for k/v/β, fp32 decays and state, long cu_seqlens, a chunk size it accepts."""
+    """Call one of fla-core's chunked delta-rule kernels (gated delta rule, KDA: the same calling convention)
+    with our dtypes and defaults: q's dtype for k/v/β, fp32 decays and state, long cu_seqlens, a chunk size it
+    accepts."""
     dtype = q.dtype
     o, final_state = fla_chunk(
         q,

@@ -128,14 +128,22 @@ def naive_recurrent_gated_delta_rule(
             use_qk_l2norm=use_qk_l2norm,
         )
     return step_by_step(
-        recurrent_gated_delta_rule_step, q, k, v, g, beta, initial_state,
-        scale=scale, use_qk_l2norm=use_qk_l2norm, output_final_state=output_final_state,
+        recurrent_gated_delta_rule_step,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state,
+        scale=scale,
+        use_qk_l2norm=use_qk_l2norm,
+        output_final_state=output_final_state,
     )
 
 
 def step_by_step(step, q, k, v, g, beta, initial_state, *, scale, use_qk_l2norm, output_final_state):
-    """Run a delta-rule ``step`` (gated delta rule, KDA: the same signature) over every token of [B, T, ...] inputs;
-    the loop of the naive references."""
+    """Run a delta-rule ``step`` (gated delta rule, KDA: the same signature) over every token of [B, T, ...]
+    inputs; the loop of the naive references."""
     state = initial_state
     outputs = []
     for t in range(q.shape[1]):

@@ -1,8 +1,8 @@
 """Kimi Delta Attention (the gated delta rule with a per-channel decay): the spec, our chunked torch form,
 fla-core dispatch.
 
-``kda(..., backend="auto")`` is the entry point for layers; see ``hf_hybrid.ops.fla_support`` for what ``auto``
-picks. ``recurrent_kda_step`` is the one-token decode step.
+``kda(..., backend="auto")`` is the entry point for layers; see ``hf_hybrid.ops.fla_support`` for what
+``auto`` picks. ``recurrent_kda_step`` is the one-token decode step.
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ def kda(
     (B == 1), else N == B. Returns o [B, T, Hv, Dv] in q's dtype and, if ``output_final_state``, the fp32
     state [N, Hv, Dk, Dv].
     """
-    # not "gated" for fla_support: KDA's backward is not the chunk_bwd_dqkwg kernel fla refuses on some Hopper set-ups
+    # not "gated" for fla_support: KDA's backward is not the chunk_bwd_dqkwg kernel fla refuses on some Hopper
+    # set-ups
     path = resolve_backend("kda", backend, (q, k, v, g, beta, initial_state), gated=False)
     if path == "fla" and q.shape[-1] > FLA_MAX_KEY_DIM:
         why = f"fla-core's chunk_kda takes key head dims <= {FLA_MAX_KEY_DIM} (got {q.shape[-1]})"

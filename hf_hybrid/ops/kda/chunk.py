@@ -2,8 +2,8 @@
 loop over chunks.
 
 Within a chunk of C tokens, b_i = Σ_{s<=i} g_s [Dk] is the per-channel log decay from the chunk start (fp32,
-<= 0 and decreasing in every channel) and S0 the state entering the chunk. Writing Γ_ij = Diag(exp(b_i - b_j)),
-the unrolled recurrence gives for the written values u (the delta rule's "new values"):
+<= 0 and decreasing in every channel) and S0 the state entering the chunk. Writing Γ_ij = Diag(exp(b_i -
+b_j)), the unrolled recurrence gives for the written values u (the delta rule's "new values"):
 
     u_i + Σ_{j<i} beta_i (k_iᵀ Γ_ij k_j) u_j = beta_i v_i - beta_i (exp(b_i) ⊙ k_i)ᵀ S0
 
@@ -17,21 +17,22 @@ The gated delta rule's chunk form (``hf_hybrid.ops.gated_delta.chunk``) is this 
 A and P need a sum over channels of a pair-dependent decay, so they cannot be one matmul of decayed q and k.
 
 Where exp could overflow, and the choice made: the obvious factorisation exp(b_i - b_j) = exp(b_i) · exp(-b_j)
-relative to the *chunk start* needs exp(-b_j), which overflows fp32 (e^88) as soon as one channel decays by more
-than 88 nats inside a chunk — Kimi Linear's gate ``-exp(A_log) · softplus(·)`` with A up to 16 gets there in a
-handful of tokens, and bf16-trained gates even faster. So P and A are built relative to **sub-chunk**
+relative to the *chunk start* needs exp(-b_j), which overflows fp32 (e^88) as soon as one channel decays by
+more than 88 nats inside a chunk — Kimi Linear's gate ``-exp(A_log) · softplus(·)`` with A up to 16 gets there
+in a handful of tokens, and bf16-trained gates even faster. So P and A are built relative to **sub-chunk**
 boundaries, by halving (:func:`per_channel_scores`): for two sibling blocks L, R of s tokens (s = C/2, ..., 1)
 and the last token m of L, every pair (i in R, j in L) factors as exp(b_i - b_m) · exp(b_m - b_j) with both
 exponents <= 0, so each level is one matmul of decayed queries and keys; the diagonal (i = j) has exp(0) = 1.
-Each exponent is built from the log decays of its own 2s-token block only (block-local sums, never a difference
-of chunk-wide prefix sums), so strong decays elsewhere in the chunk cost no accuracy either. Every other exponent above (exp(b), exp(b_C), exp(b_C - b)) is <= 0 by
-construction: nothing is ever the exp of a positive number, at any decay strength, in any dtype. The cost is
-log2(C) matmuls that together do the work of one C x C x Dk matmul, and no [C, C, Dk] tensor.
+Each exponent is built from the log decays of its own 2s-token block only (block-local sums, never a
+difference of chunk-wide prefix sums), so strong decays elsewhere in the chunk cost no accuracy either. Every
+other exponent above (exp(b), exp(b_C), exp(b_C - b)) is <= 0 by construction: nothing is ever the exp of a
+positive number, at any decay strength, in any dtype. The cost is log2(C) matmuls that together do the work of
+one C x C x Dk matmul, and no [C, C, Dk] tensor.
 
 Backward: autograd through this form, except the two pieces with hand-written backwards shared with the gated
 delta rule (:class:`~hf_hybrid.ops.gated_delta.chunk.UnitLowerInverse` and the chunk loop
-:class:`~hf_hybrid.ops.simple_gla.chunk.ChunkStateScan`, here with a per-channel decay), so no graph grows with
-the number of chunks or the log2(C) inversion levels.
+:class:`~hf_hybrid.ops.simple_gla.chunk.ChunkStateScan`, here with a per-channel decay), so no graph grows
+with the number of chunks or the log2(C) inversion levels.
 
 Legend: N = B * Hv rows, NC chunks, C chunk length.
 """

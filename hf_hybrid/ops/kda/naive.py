@@ -4,8 +4,8 @@ The gated delta rule with a **per-channel** decay: per value head, with the stat
 
     S   <- Diag(exp(g_t)) S                g_t [Dk]: log decay per key channel (<= 0)
     u_t  = beta_t * (v_t - Sᵀ k_t)         the delta rule writes only what S does not already predict
-    S   <- S + k_t u_tᵀ                    i.e. S_t = (I - beta_t k_t k_tᵀ) Diag(alpha_t) S_{t-1} + beta_t k_t v_tᵀ
-    o_t  = Sᵀ (q_t * scale)                scale defaults to Dk^-0.5
+    S   <- S + k_t u_tᵀ                    i.e. S_t = (I - beta_t k_t k_tᵀ) Diag(alpha_t) S_{t-1} + beta_t k_t
+    v_tᵀ o_t  = Sᵀ (q_t * scale)                scale defaults to Dk^-0.5
 
 The gated delta rule (``hf_hybrid.ops.gated_delta``) is the special case of one decay value shared by all Dk
 channels. GVA as there: value head h reads q/k head h // (Hv // Hk). ``use_qk_l2norm`` L2-normalises q and k
@@ -36,8 +36,8 @@ def check_kda_shapes(
     """
     if q.dim() != token_dims + 2:
         raise ValueError(
-            f"q must have {token_dims + 2} dims ({'[B, T, H, Dk]' if token_dims == 2 else '[B, H, Dk]'}); "
-            f"got {tuple(q.shape)}"
+            f"q must have {token_dims + 2} dims "
+            f"({'[B, T, H, Dk]' if token_dims == 2 else '[B, H, Dk]'}); got {tuple(q.shape)}"
         )
     lead = q.shape[:token_dims]
     hk, dk = q.shape[token_dims:]
@@ -52,7 +52,8 @@ def check_kda_shapes(
         raise ValueError(f"value heads ({hv}) must be a multiple of q/k heads ({hk}) for GVA")
     if g.shape != (*lead, hv, dk):
         raise ValueError(
-            f"g must be {(*lead, hv, dk)}, one log decay per value head and key channel (got {tuple(g.shape)})"
+            f"g must be {(*lead, hv, dk)}, one log decay per "
+            f"value head and key channel (got {tuple(g.shape)})"
         )
     if beta.shape != (*lead, hv):
         raise ValueError(f"beta must be {(*lead, hv)}, one value per value head (got {tuple(beta.shape)})")
@@ -125,6 +126,14 @@ def naive_recurrent_kda(
             use_qk_l2norm=use_qk_l2norm,
         )
     return step_by_step(
-        recurrent_kda_step, q, k, v, g, beta, initial_state,
-        scale=scale, use_qk_l2norm=use_qk_l2norm, output_final_state=output_final_state,
+        recurrent_kda_step,
+        q,
+        k,
+        v,
+        g,
+        beta,
+        initial_state,
+        scale=scale,
+        use_qk_l2norm=use_qk_l2norm,
+        output_final_state=output_final_state,
     )

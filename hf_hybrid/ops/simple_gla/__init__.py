@@ -44,8 +44,8 @@ def simple_gla(
     gated = g is not None and g.dim() == 3
     path = resolve_backend("simple_gla", backend, (q, k, v, g, initial_state), gated=gated)
     # The chunked forms choose their own precisions (fp32 decays and states); an enclosing autocast (Trainer's
-    # bf16 on CPU, TRL's default) would recast their inner matmuls and leave the hand-written backwards with mixed
-    # dtypes.
+    # bf16 on CPU, TRL's default) would recast their inner matmuls and leave the hand-written backwards with
+    # mixed dtypes.
     with torch.autocast(device_type=q.device.type, enabled=False):
         return _PATHS[path](
             q,

@@ -25,7 +25,8 @@ from hf_hybrid.ops.varlen import run_varlen
 
 
 def to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """[B, T, H, *rest] -> [B * H, NC, C, *rest] in fp32 (fp64 kept), zero-padded at the end (zeros are neutral)."""
+    """[B, T, H, *rest] -> [B * H, NC, C, *rest] in fp32 (fp64 kept), zero-padded at the end (zeros are
+    neutral)."""
     batch, length, heads, *rest = x.shape
     num_chunks = -(-length // chunk_size)
     x = upcast(x).movedim(2, 1)  # (B, H, T, *rest)
@@ -52,7 +53,8 @@ def segsum(g: torch.Tensor) -> torch.Tensor:
 
 
 def causal_decay(g: torch.Tensor) -> torch.Tensor:
-    """exp(Σ_{j<s<=i} g_s) for j <= i, 0 above (masked before exp, so nothing overflows): [..., C] -> [..., C, C]."""
+    """exp(Σ_{j<s<=i} g_s) for j <= i, 0 above (masked before exp, so nothing overflows): [..., C] -> [..., C,
+    C]."""
     return segsum(g).exp()
 
 

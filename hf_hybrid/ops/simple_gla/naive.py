@@ -18,7 +18,8 @@ from hf_hybrid.ops.varlen import run_varlen
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
-    """fp32 for 16/32-bit floats, fp64 kept (the recurrent ops compute in fp32 at least; fp64 tests the math)."""
+    """fp32 for 16/32-bit floats, fp64 kept (the recurrent ops compute in fp32 at least; fp64 tests the
+    math)."""
     return x if x.dtype == torch.float64 else x.float()
 
 
