@@ -26,9 +26,9 @@ AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(HybridConfig, HybridForSequenceClassification, exist_ok=True)
 from . import peft_support as _peft_support  # noqa: E402,F401  (default LoRA targets for PEFT)
-from .card import install_trainer_card_hook as _install_trainer_card_hook  # noqa: E402
+from .trainer_patch import install as _install_trainer_patch  # noqa: E402
 
-_install_trainer_card_hook()  # Trainer.create_model_card / push_to_hub keep our card
+_install_trainer_patch()  # Trainer keeps our card and scales attached aux terms like its loss
 
 __all__ = [
     "HybridCache",

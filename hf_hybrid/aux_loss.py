@@ -12,9 +12,12 @@ The gradient of a loss is scaled by whatever the client does to it (``Trainer`` 
 steps or multiplies it by the world size; AMP multiplies it by its loss scale). The attached terms follow the
 same scale: our head passes its ``loss`` through :func:`probe_loss_scale`, whose backward — which runs before
 any layer's, since the loss is the root of the graph — records ``d(final loss)/d(loss) · weight`` in the
-forward's :class:`AuxLossScale`; every attachment multiplies its term's gradient by that. A client that builds
-its own loss from the backbone has no probe; the terms then enter with scale 1 (a plain per-micro-batch mean,
-as TRL weights its own router loss at one accumulation step).
+forward's :class:`AuxLossScale`; every attachment multiplies its term's gradient by that. A client that
+builds its own loss from the logits or the backbone (TRL's DPO, a custom loop) has no probe; the terms then
+enter with the model's scale for such losses (``model.set_aux_loss_scale``, default 1: a plain per-micro-batch
+mean). ``Trainer`` (and every TRL trainer, its subclasses) sets it to ``1 / gradient_accumulation_steps`` for
+each step in which it divides the loss by the accumulation steps (``hf_hybrid.trainer_patch``), so the
+attached terms are averaged over the accumulated micro-batches like the client's own loss.
 """
 
 from __future__ import annotations
@@ -23,15 +26,16 @@ import torch
 
 
 class AuxLossScale:
-    """The factor the attached auxiliary gradients of one forward are multiplied by (1 until a probe sets
-    it)."""
+    """The factor the attached auxiliary gradients of one forward are multiplied by: what a probe records,
+    else ``default`` (the model's scale for losses built without our head)."""
 
-    def __init__(self) -> None:
+    def __init__(self, default: float = 1.0) -> None:
         self.value: torch.Tensor | None = None
+        self.default = float(default)
 
     def get(self, like: torch.Tensor) -> torch.Tensor:
         if self.value is None:
-            return torch.ones((), dtype=like.dtype, device=like.device)
+            return torch.full((), self.default, dtype=like.dtype, device=like.device)
         return self.value.to(dtype=like.dtype, device=like.device)
 
 

@@ -10,12 +10,10 @@ template engine.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import string
-import sys
 import tempfile
 from importlib import resources
 from pathlib import Path
@@ -314,8 +312,7 @@ __all__ = [
 # ---- Trainer.create_model_card / Trainer.push_to_hub -------------------------------------------------------
 # Trainer.push_to_hub saves the model (which writes our card) and then calls Trainer.create_model_card, which
 # overwrites README.md with transformers' generic training summary. For an hf_hybrid model we keep our card
-# and append that summary (hyperparameters, results) below it. transformers.trainer is heavy to import (~1.5
-# s), so the patch is applied when something else imports it, not by `import hf_hybrid`.
+# and append that summary (hyperparameters, results) below it (patched in by hf_hybrid/trainer_patch.py).
 
 
 def _unwrapped_hybrid(trainer) -> Any:
@@ -338,8 +335,9 @@ def merge_training_summary(card: str, summary: str) -> str:
     return card.rstrip() + "\n\n## Training (transformers Trainer)\n\n" + body + "\n" if body else card
 
 
-def _patch_trainer(trainer_module) -> None:
-    cls = trainer_module.Trainer
+def patch_create_model_card(cls) -> None:
+    """``Trainer.create_model_card`` (and so ``Trainer.push_to_hub``) keeps our card for an hf_hybrid model,
+    with transformers' training summary appended (applied by ``hf_hybrid.trainer_patch``)."""
     if getattr(cls.create_model_card, "_hf_hybrid", False):
         return
     original = cls.create_model_card
@@ -363,32 +361,3 @@ def _patch_trainer(trainer_module) -> None:
     create_model_card._hf_hybrid = True
     create_model_card.__doc__ = original.__doc__
     cls.create_model_card = create_model_card
-
-
-class _TrainerImportHook:
-    """Patches ``transformers.trainer`` right after it is first imported."""
-
-    def find_spec(self, name, path, target=None):
-        if name != "transformers.trainer":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None:
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_and_patch(module):
-            exec_module(module)
-            _patch_trainer(module)
-
-        spec.loader.exec_module = exec_and_patch
-        return spec
-
-
-def install_trainer_card_hook() -> None:
-    """Keep our card under ``Trainer.create_model_card`` / ``Trainer.push_to_hub`` (called by ``import
-    hf_hybrid``)."""
-    if "transformers.trainer" in sys.modules:
-        _patch_trainer(sys.modules["transformers.trainer"])
-    elif not any(isinstance(f, _TrainerImportHook) for f in sys.meta_path):
-        sys.meta_path.insert(0, _TrainerImportHook())

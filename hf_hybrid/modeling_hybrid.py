@@ -255,6 +255,25 @@ class HybridPreTrainedModel(PreTrainedModel):
 
         return DSARuntimeMode(self, mode, index_topk=index_topk)
 
+    # The factor of the attached auxiliary gradients when the loss is built without our head (no probe):
+    # hf_hybrid/aux_loss.py. Run-time state, set per training step by Trainer (hf_hybrid/trainer_patch.py).
+    _aux_scale_without_probe: float = 1.0
+
+    def set_aux_loss_scale(self, value: float) -> float:
+        """Scale the attached auxiliary gradients (router balance / z / sequence terms, DSA indexer KL) by
+        ``value`` in forwards whose loss a client builds itself (from the logits or the backbone's hidden
+        states): ``1 / accumulation_steps`` when the training loop divides its loss by them. Our own head's
+        ``loss`` needs none (its probe follows whatever scaling the loop applies). ``Trainer`` and TRL's
+        trainers set it for each step; a custom loop sets it once. Applies to this model and every hf_hybrid
+        model inside it; returns the previous value."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"set_aux_loss_scale: value={value!r} must be a positive number")
+        previous = self._aux_scale_without_probe
+        for module in self.modules():
+            if isinstance(module, HybridPreTrainedModel):
+                module._aux_scale_without_probe = float(value)
+        return previous
+
     # ---- strict loading and atomic saving ------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -542,7 +561,9 @@ class HybridModel(HybridPreTrainedModel):
             aux_weights=self._aux_weights(attach_router_aux_loss, bool(output_router_logits))
             if self.training
             else {},
-            aux_scale=aux_loss_scale if aux_loss_scale is not None else AuxLossScale(),
+            aux_scale=aux_loss_scale
+            if aux_loss_scale is not None
+            else AuxLossScale(self._aux_scale_without_probe),
             output_attentions=bool(output_attentions),
             input_ids=input_ids,
             mixer_io_layers=io_layers,
@@ -736,7 +757,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridForCausalLM.forward")
         loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         model_kwargs = {k: v for k, v in kwargs.items() if k not in loss_kwargs}
-        aux_scale = AuxLossScale()
+        aux_scale = AuxLossScale(self._aux_scale_without_probe)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -293,3 +293,73 @@ def test_output_mixer_io_returns_each_layers_mixer_input_context_and_output():
     torch.testing.assert_close(plain.last_hidden_state, out.last_hidden_state, atol=0, rtol=0)
     with pytest.raises(ValueError, match=r"output_mixer_io=\[1, 9\]: \[9\] are not layer indices \(0\.\.3\)"):
         model.model(ids, output_mixer_io=[1, 9])
+
+
+# ---- a client-built loss under Trainer's gradient accumulation ------------------------------------------------------
+
+
+class _LogitsLossTrainer:
+    """A Trainer whose loss the client builds from the logits (as TRL's DPO does): Trainer divides it by the
+    accumulation steps, and no probe sees it."""
+
+    @staticmethod
+    def make(model, tmp_path, steps: int, batch: int):
+        from transformers import Trainer, TrainerCallback, TrainingArguments
+
+        captured = {}
+
+        class Capture(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                captured.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+        class LogitsLoss(Trainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                ids = inputs["input_ids"]
+                logits = model(input_ids=ids).logits
+                return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"ga{steps}"), max_steps=1, per_device_train_batch_size=batch,
+            gradient_accumulation_steps=steps, learning_rate=0.0, report_to="none", save_strategy="no",
+            use_cpu=True, disable_tqdm=True, dataloader_drop_last=True,
+        )
+        data = [{"input_ids": row} for row in batch_ids()]
+        trainer = LogitsLoss(model=model, args=args, train_dataset=data, callbacks=[Capture()])
+        return trainer, captured
+
+
+def batch_ids():
+    return batch(n=4, t=12, seed=3)
+
+
+@pytest.mark.parametrize("kind", ["moe", "dsa"])
+def test_a_client_loss_under_gradient_accumulation_keeps_the_aux_gradients(kind, tmp_path):
+    """GA 1 × 4 rows and GA 2 × 2 rows of the same 4 rows give the same router / indexer gradients: Trainer divides
+    the client's loss by the accumulation steps, and the attached terms are divided likewise (they grew 2× before)."""
+    if kind == "moe":
+        make = lambda: moe_model(router_aux_loss_coef=0.0, router_seq_aux_loss_coef=0.0, router_z_loss_coef=0.5)
+    else:
+        make = lambda: dsa_model(index_loss_coef=1.0)
+    grads_by_ga = {}
+    for steps, rows in ((1, 4), (2, 2)):
+        model = make()
+        trainer, captured = _LogitsLossTrainer.make(model, tmp_path, steps, rows)
+        trainer.train()
+        grads_by_ga[steps] = captured
+        assert model._aux_scale_without_probe == 1.0  # restored after each step
+    aux = [n for n in grads_by_ga[1] if ("router" in n if kind == "moe" else ".indexer." in n)]
+    assert aux and all(grads_by_ga[1][n].abs().sum() > 0 for n in aux)
+    assert_same_grads(grads_by_ga[2], grads_by_ga[1], atol=1e-6, rtol=1e-4)
+
+
+def test_set_aux_loss_scale_scales_the_attached_gradient_of_a_client_loss():
+    model = moe_model(router_aux_loss_coef=0.0, router_seq_aux_loss_coef=0.0, router_z_loss_coef=0.5)
+    ids = batch()
+    router = [n for n, _ in model.named_parameters() if n.endswith("router.weight")]
+    one = grads(model, model.model(ids).last_hidden_state.sum() * 0)  # the attached z-loss alone reaches them
+    assert model.set_aux_loss_scale(0.25) == 1.0
+    quarter = grads(model, model.model(ids).last_hidden_state.sum() * 0)
+    for name in router:
+        torch.testing.assert_close(quarter[name], 0.25 * one[name])
+    with pytest.raises(ValueError, match=r"value=0 must be a positive number"):
+        model.set_aux_loss_scale(0)
