@@ -295,7 +295,7 @@ def test_output_mixer_io_returns_each_layers_mixer_input_context_and_output():
         model.model(ids, output_mixer_io=[1, 9])
 
 
-# ---- a client-built loss under Trainer's gradient accumulation ------------------------------------------------------
+# ---- a client-built loss under Trainer's gradient accumulation ---------------------------------------------
 
 
 class _LogitsLossTrainer:
@@ -310,18 +310,29 @@ class _LogitsLossTrainer:
 
         class Capture(TrainerCallback):
             def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-                captured.update({n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+                captured.update(
+                    {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+                )
 
         class LogitsLoss(Trainer):
             def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
                 ids = inputs["input_ids"]
                 logits = model(input_ids=ids).logits
-                return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+                return F.cross_entropy(
+                    logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1)
+                )
 
         args = TrainingArguments(
-            output_dir=str(tmp_path / f"ga{steps}"), max_steps=1, per_device_train_batch_size=batch,
-            gradient_accumulation_steps=steps, learning_rate=0.0, report_to="none", save_strategy="no",
-            use_cpu=True, disable_tqdm=True, dataloader_drop_last=True,
+            output_dir=str(tmp_path / f"ga{steps}"),
+            max_steps=1,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=steps,
+            learning_rate=0.0,
+            report_to="none",
+            save_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            dataloader_drop_last=True,
         )
         data = [{"input_ids": row} for row in batch_ids()]
         trainer = LogitsLoss(model=model, args=args, train_dataset=data, callbacks=[Capture()])
@@ -334,10 +345,13 @@ def batch_ids():
 
 @pytest.mark.parametrize("kind", ["moe", "dsa"])
 def test_a_client_loss_under_gradient_accumulation_keeps_the_aux_gradients(kind, tmp_path):
-    """GA 1 × 4 rows and GA 2 × 2 rows of the same 4 rows give the same router / indexer gradients: Trainer divides
-    the client's loss by the accumulation steps, and the attached terms are divided likewise (they grew 2× before)."""
+    """GA 1 × 4 rows and GA 2 × 2 rows of the same 4 rows give the same router / indexer gradients: Trainer
+    divides the client's loss by the accumulation steps, and the attached terms are divided likewise (they
+    grew 2× before)."""
     if kind == "moe":
-        make = lambda: moe_model(router_aux_loss_coef=0.0, router_seq_aux_loss_coef=0.0, router_z_loss_coef=0.5)
+        make = lambda: moe_model(
+            router_aux_loss_coef=0.0, router_seq_aux_loss_coef=0.0, router_z_loss_coef=0.5
+        )
     else:
         make = lambda: dsa_model(index_loss_coef=1.0)
     grads_by_ga = {}
