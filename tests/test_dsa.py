@@ -316,9 +316,10 @@ def test_runtime_dense_warmup_follows_the_loss_rule(base):
     model = build(base, dsa_mode="dense").train()
     ids = torch.randint(0, 64, (2, 12))
     assert model(ids, labels=ids).indexer_loss is None
-    with model.dsa_mode("dense_warmup"):
-        out = model(ids, labels=ids)
-        assert out.indexer_loss is not None and torch.equal(out.loss, out.indexer_loss)
+    for name in ("dense_warmup", "warmup"):
+        with model.dsa_mode(name):
+            out = model(ids, labels=ids)
+            assert out.indexer_loss is not None and torch.equal(out.loss, out.indexer_loss)
     out = model(ids, labels=ids)
     assert out.indexer_loss is None and torch.equal(out.loss, out.lm_loss)
 

@@ -433,7 +433,7 @@ class DSARuntimeMode:
     """Runs every DSA layer of a model in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``) with
     ``index_topk`` (None: the layer's config value) from the moment it is made, without touching the config: a
     saved checkpoint keeps the mode and top-k the user chose. As a context manager it restores each layer's
-    previous state on exit::
+    previous state on exit (``"warmup"`` is read as ``"dense_warmup"``)::
 
         model.dsa_mode("dense_warmup")            # from now on
         with model.dsa_mode("sparse", index_topk=64):
@@ -442,6 +442,7 @@ class DSARuntimeMode:
 
     def __init__(self, model: nn.Module, mode: str | None = None, *, index_topk: int | None = None):
         allowed = FIELD_CHOICES["dsa_mode"]
+        mode = {"warmup": "dense_warmup"}.get(mode, mode)
         if mode is not None and mode not in allowed:
             raise ValueError(f"dsa_mode={mode!r} is not allowed; choose one of: {', '.join(allowed)}")
         if index_topk is not None and (
