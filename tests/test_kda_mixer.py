@@ -1,6 +1,7 @@
-"""Kimi Delta Attention in the model (issue 15): cache and decoding, padding and packing, generate, beam
-search, save/load, the config fields, MLA without RoPE (Kimi Linear's MLA), and the layer against
-transformers' own ``KimiLinearDeltaAttention`` with the same weights.
+"""Kimi Delta Attention in the model (issue 15): save/load, bf16, the config fields, cost, MLA without RoPE
+(Kimi Linear's MLA), and the layer against transformers' own ``KimiLinearDeltaAttention`` with the same
+weights. The invariance tests every recurrent mixer gets (cached decode, padding, packing, generate, beam
+search, training) run on the KDA models ("kda", "kimi_like", "kda_attention") in tests/test_linear_mixers.py.
 
 The op-level parity (chunked torch vs the step-by-step recurrence, every gradient) is in
 tests/ops/test_kda.py. Tolerance: fp32, 1e-5 absolute — the chunked and step paths compute the same sums in
@@ -13,7 +14,7 @@ import inspect
 
 import pytest
 import torch
-from transformers import DataCollatorWithFlattening
+from test_linear_mixers import MIXERS, build, tiny  # the KDA models are in its table too
 
 from hf_hybrid import HybridCache, HybridConfig, HybridForCausalLM
 from hf_hybrid.cost import estimate_cost, measure_module
@@ -23,163 +24,6 @@ from hf_hybrid.presets import preset_config
 from hf_hybrid.registry import mixer_spec
 
 ATOL = 1e-5
-
-MODELS = {
-    "kda": dict(mixer_types=["kda"] * 2),
-    # Kimi Linear's shape in miniature: KDA, KDA, KDA, MLA without RoPE, MoE after the first layer
-    "kimi_like": dict(
-        num_hidden_layers=4,
-        mixer_pattern="3:1 kda:mla",
-        mla_use_rope=False,
-        kv_lora_rank=16,
-        qk_nope_head_dim=8,
-        qk_rope_head_dim=4,
-        v_head_dim=8,
-        mlp_pattern="moe",
-        first_k_dense=1,
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=16,
-        num_shared_experts=1,
-        router_scoring_func="sigmoid",
-    ),
-    "kda_attention": dict(num_hidden_layers=4, mixer_pattern="3:1 kda:attention"),
-}
-
-
-def tiny(**overrides) -> HybridConfig:
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        kda_num_heads=2,
-        kda_head_dim=8,
-        kda_gate_rank=6,
-        linear_chunk_size=4,
-    )
-    kwargs.update(overrides)
-    return HybridConfig(**kwargs)
-
-
-def build(name: str, seed: int = 0, **overrides) -> HybridForCausalLM:
-    torch.manual_seed(seed)
-    return HybridForCausalLM(tiny(**MODELS[name], **overrides)).eval()
-
-
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_full_forward_equals_prefill_then_token_by_token_decode(name):
-    model = build(name)
-    ids = torch.randint(0, 64, (2, 14))
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = HybridCache(config=model.config)
-        steps = [model(ids[:, :5], cache=cache, use_cache=True).logits]
-        for t in range(5, 14):
-            steps.append(model(ids[:, t : t + 1], cache=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
-    assert cache.get_seq_length() == 14
-
-
-@pytest.mark.parametrize("name", ["kda", "kimi_like"])
-def test_prefill_in_two_pieces_equals_one_prefill(name):
-    model = build(name)
-    ids = torch.randint(0, 64, (2, 15))
-    with torch.no_grad():
-        one = model(ids).logits
-        cache = HybridCache(config=model.config)
-        a = model(ids[:, :7], cache=cache, use_cache=True).logits
-        b = model(ids[:, 7:], cache=cache, use_cache=True).logits
-    torch.testing.assert_close(torch.cat([a, b], 1), one, atol=ATOL, rtol=0)
-
-
-def _pad(seqs, side):
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = s, 1
-    return ids, mask
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
-@pytest.mark.parametrize("name", ["kda", "kimi_like"])
-def test_padding_never_leaks(name, side):
-    model = build(name)
-    seqs = [torch.randint(1, 64, (n,)) for n in (11, 6)]
-    ids, mask = _pad(seqs, side)
-    ids = torch.where(mask.bool(), ids, torch.randint(1, 64, ids.shape))  # garbage in the padded slots
-    with torch.no_grad():
-        batch = model(ids, attention_mask=mask).logits
-        for i, s in enumerate(seqs):
-            alone = model(s[None]).logits[0]
-            torch.testing.assert_close(batch[i][mask[i].bool()], alone, atol=ATOL, rtol=0)
-
-
-def test_batch_of_one_with_left_padding():
-    model = build("kda")
-    seq = torch.randint(1, 64, (7,))
-    ids = torch.cat([torch.randint(1, 64, (4,)), seq])[None]
-    mask = torch.tensor([[0] * 4 + [1] * 7])
-    with torch.no_grad():
-        padded = model(ids, attention_mask=mask).logits[0, 4:]
-        alone = model(seq[None]).logits[0]
-    torch.testing.assert_close(padded, alone, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("source", ["collator_position_ids", "collator_flash_kwargs", "position_ids_only"])
-@pytest.mark.parametrize("name", ["kda", "kimi_like"])
-def test_packed_equals_each_sequence_alone(name, source):
-    model = build(name)
-    seqs = [torch.randint(1, 64, (n,)).tolist() for n in (9, 3, 6)]
-    if source == "position_ids_only":
-        inputs = {
-            "input_ids": torch.tensor(sum(seqs, []))[None],
-            "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
-        }
-    else:
-        collator = DataCollatorWithFlattening(
-            return_flash_attn_kwargs=source == "collator_flash_kwargs", return_position_ids=True
-        )
-        inputs = {k: v for k, v in collator([{"input_ids": s} for s in seqs]).items() if k != "labels"}
-    with torch.no_grad():
-        packed = model(**inputs).logits[0]
-        alone = torch.cat([model(torch.tensor(s)[None]).logits[0] for s in seqs])
-    torch.testing.assert_close(packed, alone, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("name", ["kda", "kimi_like"])
-def test_generate_left_padded_batch_equals_each_prompt_alone(name):
-    model = build(name)
-    prompts = [torch.randint(1, 64, (n,)) for n in (6, 3)]
-    ids, mask = _pad(prompts, "left")
-    model.generation_config.pad_token_id = 0
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    for i, p in enumerate(prompts):
-        alone = model.generate(p[None], max_new_tokens=6, do_sample=False)
-        assert out[i, ids.shape[1] :].tolist() == alone[0, len(p) :].tolist()
-
-
-def test_beam_search_reorders_kda_states():
-    model = build("kimi_like")
-    ids = torch.randint(1, 64, (1, 4))
-    cache = HybridCache(config=model.config)
-    batch = ids.repeat(3, 1)
-    batch[1, -1] = (batch[1, -1] + 1) % 64
-    batch[2, -1] = (batch[2, -1] + 2) % 64
-    nxt = torch.randint(1, 64, (3, 1))
-    with torch.no_grad():
-        model(batch, cache=cache, use_cache=True)
-        perm = torch.tensor([2, 2, 0])
-        cache.reorder_cache(perm)
-        stepped = model(nxt, cache=cache, use_cache=True).logits
-        direct = model(torch.cat([batch[perm], nxt], 1)).logits[:, -1:]
-    torch.testing.assert_close(stepped, direct, atol=ATOL, rtol=0)
-    beams = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False)
-    assert beams.shape == (1, 8)
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -196,7 +40,7 @@ def test_save_load_roundtrip(tmp_path):
 
 def test_bf16_training_step_is_finite_and_keeps_the_state_in_fp32():
     torch.manual_seed(0)
-    model = HybridForCausalLM(tiny(**MODELS["kda"], linear_chunk_size=64)).to(torch.bfloat16).train()
+    model = HybridForCausalLM(tiny(**MIXERS["kda"], linear_chunk_size=64)).to(torch.bfloat16).train()
     ids = torch.randint(0, 64, (1, 2048))
     out = model(ids, labels=ids)
     assert torch.isfinite(out.loss)
@@ -207,20 +51,6 @@ def test_bf16_training_step_is_finite_and_keeps_the_state_in_fp32():
     with torch.no_grad():
         model.eval()(ids[:, :8], cache=cache, use_cache=True)
     assert cache.layers[0].recurrent_states[0].dtype == torch.float32  # what the cost inspector counts
-
-
-def test_training_loss_falls_on_repeated_batch():
-    model = build("kda_attention").train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    ids = torch.randint(0, 64, (4, 32))
-    losses = []
-    for _ in range(25):  # 15 steps reach 0.71 of the first loss here (GDN's 3:1 hybrid: 0.64), 25 reach 0.49
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < 0.6 * losses[0]
 
 
 # ---- config, cost, presets ---------------------------------------------------------------------------------

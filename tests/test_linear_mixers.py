@@ -61,6 +61,26 @@ MIXERS = {
         hidden_act="relu2",
         attention_rope=False,
     ),
+    # Kimi Delta Attention (issue 15); tests/test_kda_mixer.py has its own checks
+    "kda": dict(mixer_types=["kda"] * 2),
+    # Kimi Linear's shape in miniature: KDA, KDA, KDA, MLA without RoPE, MoE after the first layer
+    "kimi_like": dict(
+        num_hidden_layers=4,
+        mixer_pattern="3:1 kda:mla",
+        mla_use_rope=False,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        mlp_pattern="moe",
+        first_k_dense=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=16,
+        num_shared_experts=1,
+        router_scoring_func="sigmoid",
+    ),
+    "kda_attention": dict(num_hidden_layers=4, mixer_pattern="3:1 kda:attention"),
 }
 
 
@@ -74,6 +94,9 @@ def tiny(**overrides) -> HybridConfig:
         num_key_value_heads=2,
         mamba_head_dim=8,
         mamba_state_size=8,
+        kda_num_heads=2,
+        kda_head_dim=8,
+        kda_gate_rank=6,
         linear_chunk_size=4,
     )
     kwargs.update(overrides)
@@ -99,7 +122,9 @@ def test_full_forward_equals_prefill_then_token_by_token_decode(name):
     assert cache.get_seq_length() == 14
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn"])
+@pytest.mark.parametrize(
+    "name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn", "kda", "kimi_like"]
+)
 def test_prefill_in_two_pieces_equals_one_prefill(name):
     model = build(name)
     ids = torch.randint(0, 64, (2, 15))
@@ -136,7 +161,7 @@ def test_padding_never_leaks(name, side):
             torch.testing.assert_close(batch[i][mask[i].bool()], alone, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay"])
+@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "kda"])
 def test_batch_of_one_with_padding(name):
     model = build(name)
     seq = torch.randint(1, 64, (7,))
@@ -151,7 +176,16 @@ def test_batch_of_one_with_padding(name):
 @pytest.mark.parametrize("source", ["collator_position_ids", "collator_flash_kwargs", "position_ids_only"])
 @pytest.mark.parametrize(
     "name",
-    ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn", "lightning", "nemotron_blocks"],
+    [
+        "gated_deltanet",
+        "mamba2",
+        "linear_elu_conv_decay",
+        "hybrid_3to1_gdn",
+        "lightning",
+        "nemotron_blocks",
+        "kda",
+        "kimi_like",
+    ],
 )
 def test_packed_equals_each_sequence_alone(name, source):
     model = build(name)
@@ -172,7 +206,9 @@ def test_packed_equals_each_sequence_alone(name, source):
     torch.testing.assert_close(packed, alone, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_identity", "hybrid_3to1_gdn"])
+@pytest.mark.parametrize(
+    "name", ["gated_deltanet", "mamba2", "linear_identity", "hybrid_3to1_gdn", "kda", "kimi_like"]
+)
 def test_generate_works_for_pure_recurrent_stacks_and_hybrids(name):
     model = build(name)
     prompts = [torch.randint(1, 64, (n,)) for n in (6, 3)]
@@ -184,8 +220,9 @@ def test_generate_works_for_pure_recurrent_stacks_and_hybrids(name):
         assert out[i, ids.shape[1] :].tolist() == alone[0, len(p) :].tolist()
 
 
-def test_beam_search_reorders_recurrent_states():
-    model = build("hybrid_3to1_gdn")
+@pytest.mark.parametrize("name", ["hybrid_3to1_gdn", "kimi_like"])
+def test_beam_search_reorders_recurrent_states(name):
+    model = build(name)
     ids = torch.randint(1, 64, (1, 4))
     cache = HybridCache(config=model.config)
     batch = ids.repeat(3, 1)
@@ -241,18 +278,22 @@ def test_bf16_training_step_long_sequence_is_finite(name):
         assert p.grad is None or torch.isfinite(p.grad.float()).all()
 
 
-def test_training_loss_falls_on_repeated_batch():
-    model = build("hybrid_3to1_gdn").train()
+# KDA's 3:1 hybrid learns more slowly here: 15 steps reach 0.71 of the first loss (GDN's: 0.64), 25 reach 0.49
+@pytest.mark.parametrize(
+    ("name", "steps", "ratio"), [("hybrid_3to1_gdn", 15, 0.7), ("kda_attention", 25, 0.6)]
+)
+def test_training_loss_falls_on_repeated_batch(name, steps, ratio):
+    model = build(name).train()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     ids = torch.randint(0, 64, (4, 32))
     losses = []
-    for _ in range(15):
+    for _ in range(steps):
         loss = model(ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad()
         losses.append(loss.item())
-    assert losses[-1] < 0.7 * losses[0]
+    assert losses[-1] < ratio * losses[0]
 
 
 def test_save_load_roundtrip_recurrent(tmp_path):
