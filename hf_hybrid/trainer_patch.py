@@ -45,7 +45,11 @@ def patch_training_step(cls) -> None:
 
     @functools.wraps(original)
     def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
-        models = _hybrid_models(model)
+        # found once per model object (not a walk over every module at every step)
+        seen = self.__dict__.get("_hf_hybrid_models")
+        if seen is None or seen[0] is not model:
+            seen = self.__dict__["_hf_hybrid_models"] = (model, _hybrid_models(model))
+        models = seen[1]
         if not models:
             return original(self, model, inputs, num_items_in_batch, *args, **kwargs)
         scale = loss_scale_of_step(self, num_items_in_batch)
