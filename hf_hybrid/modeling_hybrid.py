@@ -10,6 +10,8 @@ in training mode only; each term has its own field).
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 import math
 import os
 import shutil
@@ -459,6 +461,7 @@ class HybridModel(HybridPreTrainedModel):
         ``output_mixer_io=[i, ...]``: also return, for those layers, what their token mixer saw and produced
         (``HybridModelOutput.mixer_io``)."""
         config = self.config
+        _check_extra_kwargs(kwargs)
         past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridModel.forward")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HybridModel.forward: pass exactly one of input_ids or inputs_embeds")
@@ -668,6 +671,40 @@ class HybridModel(HybridPreTrainedModel):
                 "first forward, which reentrant checkpointing runs without autograd. "
                 "Enable it with gradient_checkpointing_kwargs={'use_reentrant': False}"
             )
+
+
+# Keyword arguments the backbone reads from **kwargs: flash-attention varlen metadata (packed rows).
+_FLASH_KWARGS = frozenset({"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"})
+# Keywords clients pass that carry nothing this model uses, ignored on purpose: tokenizers' token_type_ids
+# (``model(**tokenizer(text))``), TRL padding-free's seq_idx (the boundaries also come as position_ids), the
+# cache_position some callers still send (positions come from position_ids / the cache).
+_IGNORED_KWARGS = frozenset({"token_type_ids", "seq_idx", "cache_position"})
+
+
+def _check_extra_kwargs(kwargs: dict[str, Any]) -> None:
+    """A keyword the model does not know is a typo (a close match to a real argument: ``TypeError``, because
+    ignoring it would silently change the result) or something a client passes along (warned about once)."""
+    unknown = sorted(set(kwargs) - _FLASH_KWARGS - _IGNORED_KWARGS)
+    if not unknown:
+        return
+    known = _forward_parameters()
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
+        if close:
+            raise TypeError(
+                f"HybridForCausalLM / HybridModel.forward got an unexpected keyword argument {name!r}; "
+                f"did you mean {close[0]!r}?"
+            )
+    ignored = ", ".join(unknown)
+    logger.warning_once(f"HybridModel.forward ignores keyword arguments it does not use: {ignored}")
+
+
+def _forward_parameters() -> list[str]:
+    names = {*_FLASH_KWARGS}
+    for fn in (HybridModel.forward, HybridForCausalLM.forward):
+        names.update(p for p in inspect.signature(fn).parameters if p not in ("self", "kwargs"))
+    names.update(("num_items_in_batch", "ignore_index"))  # the causal-LM head's loss keywords
+    return sorted(names)
 
 
 def _positions_from_cu_seqlens(cu: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:

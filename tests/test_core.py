@@ -502,3 +502,35 @@ def test_selective_state_mixers_read_the_dt_init_range_from_the_config(kind):
             torch.testing.assert_close(
                 torch.nn.functional.softplus(p.detach().float()), torch.full_like(p, 0.5)
             )
+
+
+def test_a_misspelled_keyword_raises_and_a_foreign_one_is_named_once(caplog):
+    """An ignored keyword would silently change the result (``atention_mask``: no padding mask): a close match
+    to a real argument raises naming it; what clients pass along that this model does not use is warned about;
+    tokenizers' token_type_ids and TRL's seq_idx are ignored on purpose."""
+    import logging
+
+    import transformers
+
+    from hf_hybrid.presets import preset_config
+
+    model = HybridForCausalLM(preset_config("tiny-attention")).eval()
+    ids = torch.randint(1, 64, (2, 6))
+    mask = torch.ones_like(ids)
+    for typo, meant in (
+        ("atention_mask", "attention_mask"),
+        ("lables", "labels"),
+        ("output_attention", "output_attentions"),
+    ):
+        with pytest.raises(
+            TypeError, match=rf"unexpected keyword argument '{typo}'; did you mean '{meant}'\?"
+        ):
+            model(ids, **{typo: mask})
+    with torch.no_grad():
+        plain = model(ids).logits
+        same = model(ids, token_type_ids=torch.zeros_like(ids), seq_idx=torch.zeros_like(ids)).logits
+        assert torch.equal(plain, same)
+        transformers.utils.logging.warning_once.cache_clear()  # it speaks once per process
+        with caplog.at_level(logging.WARNING, logger="hf_hybrid"):
+            model(ids, fused_lm_head=True)
+    assert "ignores keyword arguments it does not use: fused_lm_head" in caplog.text
