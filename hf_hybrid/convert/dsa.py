@@ -264,9 +264,7 @@ def convert_to_dsa(
 # stage helpers
 
 
-def dsa_mixers(model: nn.Module) -> list[nn.Module]:
-    """Every DSA mixer in ``model``."""
-    return dsa_layers(model)
+dsa_mixers = dsa_layers  # every DSA mixer in a model (this module's name for it since the conversion landed)
 
 
 def set_dsa_mode(model: nn.Module, mode: str, *, index_topk: int | None = None) -> DSARuntimeMode:
