@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import inspect
 import math
 import os
@@ -699,6 +700,7 @@ def _check_extra_kwargs(kwargs: dict[str, Any]) -> None:
     logger.warning_once(f"HybridModel.forward ignores keyword arguments it does not use: {ignored}")
 
 
+@functools.cache
 def _forward_parameters() -> list[str]:
     names = {*_FLASH_KWARGS}
     for fn in (HybridModel.forward, HybridForCausalLM.forward):
