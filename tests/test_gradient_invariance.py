@@ -448,3 +448,32 @@ def test_a_ddp_world_divides_the_aux_terms_inside_a_token_normalised_loss():
     assert aux_scales_of_step(trainer(2), None) == (0.25, 0.25)  # a per-micro-batch loss is not multiplied
     assert aux_scales_of_step(trainer(2, average=False), 100) == (0.25, 0.25)
     assert math.isclose(aux_scales_of_step(trainer(1), 100)[1], 0.25)
+
+
+def test_a_two_process_ddp_step_is_the_objective(tok, tmp_path):
+    """DDP over gloo, 2 ranks × gradient accumulation 2 × 1 row = the same 4 rows: the all-reduced gradient is
+    the single-process LM gradient of the 4 rows (Trainer normalises by the tokens of every rank and
+    multiplies by the world size) plus the terms averaged over all 4 micro-batches of both ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(repo / "tests" / "ddp_grad_script.py"), str(tmp_path),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
+    assert all(r["world"] == 2 for r in ranks)
+    assert_grads_close(ranks[0]["grads"], ranks[1]["grads"], what="DDP ranks", rtol=0, atol=0)
+    calls = [c for r in ranks for c in r["calls"]]
+    assert len(calls) == 4
+    off = _run("moe", "head_trainer", tok, tmp_path / "single", 1, 4, zero=True)[2]
+    reference = reference_aux_grads(build("moe", len(tok)), calls)
+    want = {n: off[n] + reference[n] for n in off}
+    assert_grads_close(ranks[0]["grads"], want, what="DDP 2 ranks x GA 2")
