@@ -201,11 +201,34 @@ def test_export_reloads_with_transformers_and_matches(model_type, tmp_path):
         assert t.dtype == native.state_dict()[name].dtype, name
 
 
-def test_import_export_identity_on_weights(model_type):
+def shared_storage(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    """Names of ``b``'s parameters and buffers whose storage is also used by a tensor of ``a``."""
+    ptrs = {t.untyped_storage().data_ptr() for t in [*a.parameters(), *a.buffers()]}
+    named = [*b.named_parameters(), *b.named_buffers()]
+    return [n for n, t in named if t.numel() and t.untyped_storage().data_ptr() in ptrs]
+
+
+def test_in_memory_conversions_own_their_storage(model_type):
+    """import_native(model) / export_native(model) return models that share no memory with their source:
+    editing one must not edit the other."""
     native = build_native(model_type)
     hybrid = import_native(native)
+    assert shared_storage(native, hybrid) == []
     back = export_native(hybrid, to=model_type)
-    a, b = native.state_dict(), back.state_dict()
+    assert shared_storage(hybrid, back) == []
+    before = back.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        hybrid.model.embed_tokens.weight.add_(1.0)
+    assert torch.equal(back.get_input_embeddings().weight, before)
+
+
+def test_import_export_identity_on_weights(model_type):
+    native = build_native(model_type)
+    a = {k: v.detach().clone() for k, v in native.state_dict().items()}  # before: the conversions own copies
+    hybrid = import_native(native)
+    ours = {k: v.detach().clone() for k, v in hybrid.state_dict().items()}
+    back = export_native(hybrid, to=model_type)
+    b = back.state_dict()
     assert set(a) == set(b)
     rounding = get_family(model_type).rounding_native_weights
     for name in a:
@@ -216,7 +239,7 @@ def test_import_export_identity_on_weights(model_type):
             continue
         assert torch.equal(a[name], b[name]), name
     again = import_native(back)
-    for name, t in hybrid.state_dict().items():
+    for name, t in ours.items():
         assert torch.equal(t, again.state_dict()[name]), name
 
 

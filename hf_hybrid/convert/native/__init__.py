@@ -135,6 +135,17 @@ def _state_without_tied(model, tied: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def _owning(state: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor that shares storage with a tensor of ``source`` (a renamed weight, a
+    split's view) cloned, so that the converted model owns its memory: a model converted in memory must not
+    alias the model it came from (editing one would edit the other). Tensors a transform already produced
+    are kept as they are (no second copy); a source read from disk is a temporary and needs none of this."""
+    shared = {t.untyped_storage().data_ptr() for t in source.values() if t.device.type != "meta"}
+    return {
+        k: (v.detach().clone() if v.untyped_storage().data_ptr() in shared else v) for k, v in state.items()
+    }
+
+
 def import_native(
     src: str | os.PathLike | Any,
     dst: str | os.PathLike | None = None,
@@ -178,6 +189,8 @@ def import_native(
         source_name = base_model or getattr(native_cfg, "name_or_path", None) or family.model_type
     state = _state_without_tied(native_model, hybrid_cfg.tie_word_embeddings)
     ours_state = family.convert_state(state, hybrid_cfg, native_cfg, to="ours")
+    if src_dir is None:  # in memory: the import must not share storage with the caller's model
+        ours_state = _owning(ours_state, state)
     if dtype is not None:
         ours_state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in ours_state.items()}
     model_dtype = dtype or native_model.get_input_embeddings().weight.dtype
@@ -272,6 +285,8 @@ def export_native(
     model_dtype = dtype or model.get_input_embeddings().weight.dtype
     state = _state_without_tied(model, hybrid_cfg.tie_word_embeddings)
     native_state = family.convert_state(state, hybrid_cfg, native_cfg, to="native")
+    if src_dir is None:  # in memory: the export must not share storage with the caller's model
+        native_state = _owning(native_state, state)
     native_cfg.dtype = model_dtype
     native_cfg.architectures = [family.model_class.__name__]
     native_model = build_empty(family.model_class, native_cfg)
