@@ -22,12 +22,14 @@ from transformers import AutoModelForCausalLM
 
 from hf_hybrid.convert.native import (
     FAMILY_MODULES,
+    NEEDS_MISSING_LAYER,
     NativeConversionError,
     export_native,
     get_family,
     import_native,
     native_to_hybrid_config,
 )
+from hf_hybrid.mixers.dsa import dsa_layers, index_ties
 
 ATOL = 1e-5
 T = 12
@@ -93,32 +95,9 @@ def assert_close_on_real(a, b, mask, what: str) -> None:
 def assert_no_index_ties(hybrid, ids, mask) -> None:
     """DSA: transformers' torch.topk and our selection (ties toward the most recent key) agree when no query
     has a tie at its top-k cut; check that this input has none (so the equality below is not luck)."""
-    found = []
-
-    def hook(module, args, output):
-        found.append(output)
-
-    handles = [
-        layer.mixer.indexer.register_forward_hook(hook)
-        for layer in hybrid.model.layers
-        if getattr(layer.mixer, "indexer", None) is not None
-    ]
-    with torch.no_grad():
-        hybrid(input_ids=ids, attention_mask=mask)
-    for h in handles:
-        h.remove()
-    assert found, "no DSA indexer ran"
-    k = hybrid.config.index_topk
-    for q, key, w in found:  # [B, T, H, d], [B, T, d], [B, T, H]
-        scores = (w[..., None] * torch.relu(torch.einsum("bthd,bsd->bths", q.float(), key.float()))).sum(2)
-        for b in range(ids.shape[0]):
-            first = int(mask[b].argmax())
-            for t in range(first, ids.shape[1]):
-                visible = scores[b, t, first : t + 1]
-                if visible.numel() <= k:
-                    continue
-                top = visible.sort(descending=True).values
-                assert top[k - 1] != top[k], f"tied indexer scores at the top-k cut (row {b}, query {t})"
+    assert any(getattr(m, "indexer", None) is not None for m in dsa_layers(hybrid)), "no DSA indexer"
+    ties = index_ties(hybrid, input_ids=ids, attention_mask=mask)
+    assert ties == [], f"tied indexer scores at the top-k cut (layer, row, query): {ties[:5]}"
 
 
 # Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py
@@ -291,14 +270,19 @@ def test_exported_dir_loads_without_hf_hybrid(tmp_path):
     assert_close_on_real(logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask, "subprocess")
 
 
-def test_cli_import_export_and_inspect(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["qwen3_moe", "minimax_m2"])
+def test_cli_import_export_and_inspect(family, tmp_path, capsys):
     from hf_hybrid.cli import main
     from hf_hybrid.cost import estimate_cost
 
-    src = _save_native_dir("qwen3_moe", tmp_path / "src")
+    src = _save_native_dir(family, tmp_path / "src")
     assert main(["import", str(src), str(tmp_path / "hyb")]) == 0
-    assert main(["export", str(tmp_path / "hyb"), str(tmp_path / "nat"), "--to", "qwen3_moe"]) == 0
-    assert json.loads((tmp_path / "nat" / "config.json").read_text())["model_type"] == "qwen3_moe"
+    assert main(["export", str(tmp_path / "hyb"), str(tmp_path / "nat"), "--to", family]) == 0
+    assert json.loads((tmp_path / "nat" / "config.json").read_text())["model_type"] == family
+    ids, mask = batch(96)
+    native = AutoModelForCausalLM.from_pretrained(src).eval()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "nat").eval()
+    assert torch.equal(logits(native, ids, mask), logits(back, ids, mask))
     capsys.readouterr()
     assert main(["inspect", str(src), "--json"]) == 0
     native_cost = json.loads(capsys.readouterr().out)
@@ -411,6 +395,8 @@ def test_export_refuses_existing_destination(tmp_path):
             },
         ),
         ("mixtral", {"sliding_window": 5}),
+        ("minimax_m2", {"rotary_dim": 4, "rope_parameters": None}),  # released checkpoints' spelling
+        ("minimax_m2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}),  # full RoPE
         ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []}),
     ],
 )
@@ -610,3 +596,53 @@ def test_cli_export_refusal_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no native family expresses this model" in err and "qwen3_moe:" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_minimax_m2_export_refuses_what_it_cannot_express(tmp_path):
+    """A softmax router, a shared expert or a per-head q/k norm has no MiniMax-M2 counterpart: named, and
+    nothing written."""
+    from hf_hybrid import HybridConfig
+    from hf_hybrid.modeling_hybrid import HybridForCausalLM
+
+    cfg = import_native(build_native("minimax_m2")).config.to_dict()
+    for key in ("layer_types", "hf_hybrid_lineage", "transformers_version", "model_type", "architectures"):
+        cfg.pop(key, None)
+    cases = [
+        ({"router_scoring_func": "softmax"}, r"router_scoring_func='softmax'"),
+        ({"num_shared_experts": 1}, r"num_shared_experts=1"),
+        ({"qk_norm_scope": "head"}, r"qk_norm_scope='head'"),
+        ({"mlp_types": ["dense", "moe"]}, r"mlp_types\[0\]='dense'"),
+    ]
+    for overrides, message in cases:
+        model = HybridForCausalLM(HybridConfig(**{**cfg, **overrides}))
+        with pytest.raises(NativeConversionError, match=message):
+            export_native(model, tmp_path / "out", to="minimax_m2")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", sorted(NEEDS_MISSING_LAYER))
+def test_families_needing_a_missing_layer_are_refused_naming_it(model_type, tmp_path, capsys):
+    """deepseek_v4, qwen4_exp, falcon_h1, lfm2(_moe) / lfm3, kolibri1_1: refused on import (directory, CLI,
+    in-memory config where transformers has the class) naming the layer hf_hybrid lacks; nothing written."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from hf_hybrid.cli import main
+
+    layer = re.escape(NEEDS_MISSING_LAYER[model_type])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(NativeConversionError, match=rf"model_type='{model_type}' .*needs {layer}"):
+        import_native(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+    capsys.readouterr()
+    assert main(["import", str(src), str(tmp_path / "dst")]) == 2
+    assert NEEDS_MISSING_LAYER[model_type] in capsys.readouterr().err
+    assert main(["inspect", str(src)]) == 2
+    assert NEEDS_MISSING_LAYER[model_type] in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+    if model_type in CONFIG_MAPPING_NAMES:  # the installed transformers has the family
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        with pytest.raises(NativeConversionError, match=layer):
+            native_to_hybrid_config(CONFIG_MAPPING[model_type]())

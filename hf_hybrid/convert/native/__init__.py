@@ -52,6 +52,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3_moe": "moe_attention",
     "mixtral": "moe_attention",
     "olmoe": "moe_attention",
+    "minimax_m2": "moe_attention",
     "deepseek_v3": "deepseek",
     "deepseek_v32": "deepseek",
     "glm_moe_dsa": "deepseek",
@@ -71,6 +72,19 @@ FAMILY_MODULES: dict[str, str] = {
 }
 
 
+# Families whose layers hf_hybrid does not have yet: model_type -> the missing layer. Import (and inspect)
+# refuse them naming that layer, before anything is read or written.
+NEEDS_MISSING_LAYER: dict[str, str] = {
+    "deepseek_v4": "DeepSeek-V4's compressed sparse attention",
+    "qwen4_exp": "Qwen4-Exp's compressed indexed attention",
+    "falcon_h1": "Falcon-H1's parallel attention + Mamba-2 block (both mixers on the same input)",
+    "lfm2": "LFM2's gated short convolution",
+    "lfm2_moe": "LFM2's gated short convolution",
+    "lfm3": "LFM3's gated short convolution",
+    "kolibri1_1": "Kolibri-1.1's pooled indexed attention",
+}
+
+
 # Vision-language wrappers whose text decoder is a family here: wrapper model_type -> the decoder's
 # model_type. The import reads the wrapper's text_config and its decoder weights (transformers' key mapping
 # strips ``model.language_model.``); the vision tower (``model.visual.*``) and the MTP head (``mtp.*``) are
@@ -84,6 +98,11 @@ def families() -> dict[str, NativeFamily]:
 
 
 def get_family(model_type: str | None) -> NativeFamily:
+    if model_type in NEEDS_MISSING_LAYER:
+        fail(
+            f"model_type={model_type!r} is not supported yet: it needs {NEEDS_MISSING_LAYER[model_type]}, "
+            "a layer hf_hybrid does not have"
+        )
     if model_type not in FAMILY_MODULES:
         fail(
             f"model_type={model_type!r} is not a native family hf_hybrid can convert; supported: "
@@ -353,6 +372,7 @@ def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
 
 __all__ = [
     "FAMILY_MODULES",
+    "NEEDS_MISSING_LAYER",
     "NativeConversionError",
     "NativeFamily",
     "choose_family",
