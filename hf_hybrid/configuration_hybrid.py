@@ -133,6 +133,9 @@ class HybridConfig(PreTrainedConfig):
     mixer_output_scales: list[float] | None = None  # per layer β multiplying the mixer output; None: all 1
     mlp_residual_scale: float = 1.0
     mlp_output_scale: float = 1.0
+    # Per layer "pre" (x + f(norm(x)) for the mixer and the MLP) or "post" (x + norm(f(x)): OLMo 2 / 3's
+    # blocks, OLMo Hybrid's attention layers); None: every layer "pre".
+    norm_placement: list[str] | None = None
 
     # ---- softmax attention (attention, sliding_attention; GQA base of DSA) -----------------------
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
@@ -162,6 +165,8 @@ class HybridConfig(PreTrainedConfig):
     gdn_key_head_dim: int | None = None  # defaults: head_dim
     gdn_value_head_dim: int | None = None  # defaults: head_dim
     gdn_conv_kernel_size: int = 4
+    gdn_allow_neg_eigval: bool = False  # β = 2·sigmoid(b) ∈ (0, 2): negative eigenvalues (OLMo Hybrid)
+    gdn_norm_eps: float | None = None  # eps of the gated output norm; None: rms_norm_eps (OLMo Hybrid: 1e-5)
 
     # ---- Kimi Delta Attention (Kimi Linear's linear layers) --------------------------------------
     kda_num_heads: int | None = None  # defaults: num_attention_heads
@@ -343,6 +348,8 @@ class HybridConfig(PreTrainedConfig):
             values = getattr(self, name)
             if isinstance(values, (list, tuple)) and all(v == 1 for v in values):
                 setattr(self, name, None)
+        if isinstance(self.norm_placement, (list, tuple)) and all(p == "pre" for p in self.norm_placement):
+            self.norm_placement = None  # the default has one spelling
         if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
             self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
         if "moe" not in self.mlp_types:
@@ -475,6 +482,17 @@ class HybridConfig(PreTrainedConfig):
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
             ):
                 raise ValueError(f"HybridConfig.{name}={values!r} must be None or {n} numbers, one per layer")
+        if self.norm_placement is not None:
+            if len(self.norm_placement) != n:
+                raise ValueError(
+                    f"HybridConfig.norm_placement has {len(self.norm_placement)} entries but "
+                    f"num_hidden_layers={n}; give one of 'pre', 'post' per layer"
+                )
+            for i, p in enumerate(self.norm_placement):
+                if p not in ("pre", "post"):
+                    raise ValueError(
+                        f"HybridConfig.norm_placement[{i}]={p!r} is not allowed; choose one of: pre, post"
+                    )
 
     def validate_hybrid(self):
         require_positive(

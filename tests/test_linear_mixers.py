@@ -81,6 +81,18 @@ MIXERS = {
         router_scoring_func="sigmoid",
     ),
     "kda_attention": dict(num_hidden_layers=4, mixer_pattern="3:1 kda:attention"),
+    # OLMo Hybrid's options in a mix of their own: post-norm blocks (x + norm(f(x))) on any mixer and MLP
+    # kind, GDN with β ∈ (0, 2) and its own output-norm eps
+    "post_norm_mix": dict(
+        num_hidden_layers=4,
+        mixer_types=["gated_deltanet", "attention", "mamba2", "gated_deltanet"],
+        mlp_types=["dense", "dense", "none", "dense"],
+        norm_placement=["post", "post", "pre", "pre"],
+        gdn_allow_neg_eigval=True,
+        gdn_norm_eps=1e-5,
+        use_qk_norm=True,
+        qk_norm_scope="full",
+    ),
 }
 
 
@@ -123,7 +135,16 @@ def test_full_forward_equals_prefill_then_token_by_token_decode(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "hybrid_3to1_gdn", "kda", "kimi_like"]
+    "name",
+    [
+        "gated_deltanet",
+        "mamba2",
+        "linear_elu_conv_decay",
+        "hybrid_3to1_gdn",
+        "kda",
+        "kimi_like",
+        "post_norm_mix",
+    ],
 )
 def test_prefill_in_two_pieces_equals_one_prefill(name):
     model = build(name)
@@ -185,6 +206,7 @@ def test_batch_of_one_with_padding(name):
         "nemotron_blocks",
         "kda",
         "kimi_like",
+        "post_norm_mix",
     ],
 )
 def test_packed_equals_each_sequence_alone(name, source):
@@ -374,3 +396,62 @@ def test_training_step_under_cpu_bf16_autocast(preset):
         assert torch.isfinite(reference[name]).all(), name
         scale = p.grad.abs().max().clamp_min(1e-6)
         assert (reference[name] - p.grad).abs().max() / scale < 0.1, name  # bf16 matmuls elsewhere, fp32 here
+
+
+def test_post_norm_layer_and_negative_eigenvalue_gdn_equal_their_written_out_definitions():
+    """The naive references, written out from the modules' parts: a "post" layer is h = x + norm₁(f(x)),
+    out = h + norm₂(mlp(h)); a GDN with gdn_allow_neg_eigval equals the same GDN fed 2·sigmoid(b), i.e. the
+    step-by-step recurrence with β doubled; gdn_norm_eps reaches the output norm."""
+    from hf_hybrid.ops.gated_delta.naive import naive_recurrent_gated_delta_rule
+
+    model = build("post_norm_mix")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    layer = model.model.layers[0]
+    assert layer.input_layernorm is None and layer.post_attention_layernorm is None
+    assert layer.mixer.norm.eps == 1e-5
+    x = torch.randn(2, 9, 32)
+    captured = {}
+
+    def grab(module, args, output):
+        captured["ctx"] = args[1]
+
+    handle = layer.register_forward_hook(grab)
+    with torch.no_grad():
+        model(torch.randint(0, 64, (2, 9)), use_cache=False)  # the context of a forward of this shape
+    handle.remove()
+    ctx = captured["ctx"]
+    with torch.no_grad():
+        mixed = layer.mixer(x, ctx)
+        h = x + layer.post_mixer_layernorm(mixed)
+        want = h + layer.post_mlp_layernorm(layer.mlp(h, ctx))
+        torch.testing.assert_close(layer(x, ctx), want, atol=0, rtol=0)
+
+        # the GDN by hand: projections, conv, then the recurrence with β = 2·sigmoid(b)
+        gdn = layer.mixer
+        mixed_qkv, z = gdn.in_proj_qkvz(x).split([2 * gdn.key_dim + gdn.value_dim, gdn.value_dim], dim=-1)
+        b_logit, a = gdn.in_proj_ba(x).float().chunk(2, dim=-1)
+        conv = torch.nn.functional.conv1d(
+            torch.nn.functional.pad(mixed_qkv.transpose(1, 2), (gdn.conv1d.kernel_size[0] - 1, 0)),
+            gdn.conv1d.weight,
+            groups=gdn.conv1d.groups,
+        )
+        q, k, v = (
+            torch.nn.functional.silu(conv)
+            .transpose(1, 2)
+            .split([gdn.key_dim, gdn.key_dim, gdn.value_dim], -1)
+        )
+        g = -gdn.A_log.exp() * torch.nn.functional.softplus(a + gdn.dt_bias)
+        o, _ = naive_recurrent_gated_delta_rule(
+            q.reshape(2, 9, gdn.num_k_heads, -1),
+            k.reshape(2, 9, gdn.num_k_heads, -1),
+            v.reshape(2, 9, gdn.num_v_heads, -1),
+            g,
+            2.0 * b_logit.sigmoid(),
+            use_qk_l2norm=True,
+        )
+        o = gdn.norm(o, z.reshape(2, 9, gdn.num_v_heads, -1))
+        torch.testing.assert_close(gdn(x, ctx), gdn.out_proj(o.reshape(2, 9, -1)), atol=ATOL, rtol=0)

@@ -102,7 +102,7 @@ def assert_no_index_ties(hybrid, ids, mask) -> None:
 
 # Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py
 # runs the same checks on them under that patch. Every other registered family is tested here.
-TESTED_ELSEWHERE = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba")
+TESTED_ELSEWHERE = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "olmo_hybrid")
 
 
 @pytest.fixture(params=sorted(set(FAMILY_MODULES) - set(TESTED_ELSEWHERE)))

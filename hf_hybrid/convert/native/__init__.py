@@ -62,6 +62,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen2": "dense",
     "qwen3": "dense",
     "qwen3_next": "qwen3_next",
+    "olmo_hybrid": "olmo_hybrid",
     "qwen3_5_text": "qwen3_5",
     "qwen3_5_moe_text": "qwen3_5",
     "bamba": "bamba",

@@ -295,6 +295,7 @@ _EFFECTIVE: dict[str, Callable[[Any], Any]] = {
     "mla_norm_eps": lambda c: c.mla_norm_eps if c.mla_norm_eps is not None else c.rms_norm_eps,
     "dsa_indexer_types": _effective_indexer_types,
     "rope_parameters": lambda c: _effective_rope(c),
+    "gdn_norm_eps": lambda c: c.gdn_norm_eps if c.gdn_norm_eps is not None else c.rms_norm_eps,
 }
 
 
