@@ -107,6 +107,9 @@ TESTED_ELSEWHERE = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "
 
 @pytest.fixture(params=sorted(set(FAMILY_MODULES) - set(TESTED_ELSEWHERE)))
 def model_type(request):
+    family = get_family(request.param)
+    if not family.available:
+        pytest.skip(f"{request.param} needs transformers >= {family.min_transformers}, not installed here")
     return request.param
 
 
@@ -646,3 +649,44 @@ def test_families_needing_a_missing_layer_are_refused_naming_it(model_type, tmp_
 
         with pytest.raises(NativeConversionError, match=layer):
             native_to_hybrid_config(CONFIG_MAPPING[model_type]())
+
+
+def test_minicpm5_moe_variants_cli_and_refusals(tmp_path):
+    """MiniCPM5-MoE (transformers >= 5.25): all-sparse without a shared expert and dense-heavy layouts import
+    and export exactly; CLI round trip; partial RoPE (native) and an ungated attention (ours) are refused by
+    name, nothing written."""
+    family = get_family("minicpm5_moe")
+    if not family.available:
+        pytest.skip("minicpm5_moe needs transformers >= 5.25, not installed here")
+    from hf_hybrid import HybridConfig
+    from hf_hybrid.cli import main
+    from hf_hybrid.modeling_hybrid import HybridForCausalLM
+
+    ids, mask = batch(96)
+    for overrides in (
+        {"mlp_layer_types": ["sparse"] * 3, "n_shared_experts": 2},
+        {"mlp_layer_types": ["dense", "dense", "sparse"], "n_group": 1, "norm_topk_prob": False},
+    ):
+        native = build_native("minicpm5_moe", **overrides)
+        hybrid = import_native(native)
+        ref = logits(native, ids, mask)
+        assert_close_on_real(ref, logits(hybrid, ids, mask), mask, str(overrides))
+        assert torch.equal(ref, logits(export_native(hybrid, to="minicpm5_moe"), ids, mask))
+    src = _save_native_dir("minicpm5_moe", tmp_path / "src")
+    assert main(["import", str(src), str(tmp_path / "hyb")]) == 0
+    assert main(["export", str(tmp_path / "hyb"), str(tmp_path / "nat")]) == 0  # family from the lineage
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "nat").eval()
+    assert type(back) is family.model_class
+    assert torch.equal(
+        logits(AutoModelForCausalLM.from_pretrained(src).eval(), ids, mask), logits(back, ids, mask)
+    )
+    partial = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+    with pytest.raises(NativeConversionError, match=r"partial_rotary_factor'\]=0\.5"):
+        native_to_hybrid_config(family.config_class(**{**family.tiny_config, "rope_parameters": partial}))
+    cfg = import_native(build_native("minicpm5_moe")).config.to_dict()
+    for key in ("layer_types", "hf_hybrid_lineage", "transformers_version", "model_type", "architectures"):
+        cfg.pop(key, None)
+    ungated = HybridForCausalLM(HybridConfig(**{**cfg, "attention_output_gate": False}))
+    with pytest.raises(NativeConversionError, match=r"attention_output_gate=False"):
+        export_native(ungated, tmp_path / "out", to="minicpm5_moe")
+    assert not (tmp_path / "out").exists()

@@ -70,6 +70,7 @@ FAMILY_MODULES: dict[str, str] = {
     "granitemoehybrid": "granitemoehybrid",
     "nemotron_h": "nemotron_h",
     "kimi_linear": "kimi_linear",
+    "minicpm5_moe": "minicpm5_moe",  # transformers >= 5.25
 }
 
 
@@ -258,6 +259,8 @@ def choose_family(hybrid_cfg, to: str | None = None) -> tuple[NativeFamily, Any]
     reasons = []
     for model_type in order:
         family = get_family(model_type)
+        if not family.available:  # the installed transformers lacks it: it cannot be the target
+            continue
         try:
             return family, family.native_config(hybrid_cfg)
         except NativeConversionError as err:

@@ -425,12 +425,28 @@ class NativeFamily:
     # instead of an optional kernel package it would pick up, e.g. fla-core for qwen3_next); None: nothing
     # needed.
     native_context: Callable[[], Any] | None = None
+    # The first transformers release that has the family (None: every supported release).
+    min_transformers: str | None = None
 
     # ---- classes ----
+    @property
+    def available(self) -> bool:
+        """Whether the installed transformers has this family."""
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        return self.model_type in CONFIG_MAPPING_NAMES
+
     @property
     def config_class(self):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        if not self.available:
+            import transformers
+
+            fail(
+                f"model_type={self.model_type!r} needs transformers >= {self.min_transformers or '?'} "
+                f"(installed: {transformers.__version__})"
+            )
         return CONFIG_MAPPING[self.model_type]
 
     @property
