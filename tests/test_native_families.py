@@ -625,8 +625,9 @@ def test_minimax_m2_export_refuses_what_it_cannot_express(tmp_path):
 
 @pytest.mark.parametrize("model_type", sorted(NEEDS_MISSING_LAYER))
 def test_families_needing_a_missing_layer_are_refused_naming_it(model_type, tmp_path, capsys):
-    """deepseek_v4, qwen4_exp, falcon_h1, lfm2(_moe) / lfm3, kolibri1_1: refused on import (directory, CLI,
-    in-memory config where transformers has the class) naming the layer hf_hybrid lacks; nothing written."""
+    """deepseek_v4, qwen4_exp, falcon_h1, lfm2(_moe) / lfm3, kolibri1_1, axk2, hy_v4, mistral_large4,
+    glm5_next, ergo: refused on import (directory, CLI, in-memory config where transformers has the class)
+    naming the layer or feature hf_hybrid lacks; nothing written."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
     from hf_hybrid.cli import main
