@@ -148,6 +148,9 @@ class HybridConfig(PreTrainedConfig):
     attention_output_gate: bool = False  # sigmoid output gate (Qwen3-Next)
     # False: no positional encoding in the softmax attention layers (NoPE; Granite 4)
     attention_rope: bool = True
+    # per-layer NoPE: indices of the softmax attention layers (attention, sliding_attention) that use no
+    # positional encoding while the others keep RoPE (Ergo's global layers); None: none
+    nope_layers: list[int] | None = None
     # softmax scale of q·k; None: head_dim^-0.5 (Granite: attention_multiplier)
     attention_scaling: float | None = None
     # Granite's multipliers: inputs_embeds scaled by embedding_multiplier, logits divided by logits_scaling.
@@ -350,6 +353,8 @@ class HybridConfig(PreTrainedConfig):
                 setattr(self, name, None)
         if isinstance(self.norm_placement, (list, tuple)) and all(p == "pre" for p in self.norm_placement):
             self.norm_placement = None  # the default has one spelling
+        if isinstance(self.nope_layers, (list, tuple)):
+            self.nope_layers = sorted(self.nope_layers) or None
         if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
             self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
         if "moe" not in self.mlp_types:
@@ -423,7 +428,21 @@ class HybridConfig(PreTrainedConfig):
         super().validate_layer_type()
 
     def _validate_native_options(self) -> None:
-        """Options added for transformers' native families (olmoe, deepseek_v3, glm_moe_dsa)."""
+        """Options added for transformers' native families (olmoe, deepseek_v3, glm_moe_dsa, ...)."""
+        softmax = ("attention", "sliding_attention")
+        for i in self.nope_layers or ():
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_hidden_layers:
+                raise ValueError(
+                    f"HybridConfig.nope_layers={self.nope_layers!r}: {i!r} is not a layer index in "
+                    f"[0, {self.num_hidden_layers})"
+                )
+            if self.mixer_types[i] not in softmax:
+                raise ValueError(
+                    f"HybridConfig.nope_layers names layer {i}, whose mixer_types[{i}]="
+                    f"{self.mixer_types[i]!r} is not softmax attention ({', '.join(softmax)})"
+                )
+        if self.nope_layers is not None and len(set(self.nope_layers)) != len(self.nope_layers):
+            raise ValueError(f"HybridConfig.nope_layers={self.nope_layers!r} repeats a layer")
         if self.clip_qkv is not None and not self.clip_qkv > 0:
             raise ValueError(f"HybridConfig.clip_qkv={self.clip_qkv!r} must be > 0 or None")
         for name in ("mla_norm_eps", "index_norm_eps"):

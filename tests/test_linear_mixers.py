@@ -93,6 +93,13 @@ MIXERS = {
         use_qk_norm=True,
         qk_norm_scope="full",
     ),
+    # per-layer NoPE in a mix of its own: a global NoPE layer between RoPE sliding / global layers
+    "per_layer_nope": dict(
+        num_hidden_layers=4,
+        mixer_types=["sliding_attention", "attention", "gated_deltanet", "attention"],
+        sliding_window=4,
+        nope_layers=[1],
+    ),
 }
 
 
@@ -207,6 +214,7 @@ def test_batch_of_one_with_padding(name):
         "kda",
         "kimi_like",
         "post_norm_mix",
+        "per_layer_nope",
     ],
 )
 def test_packed_equals_each_sequence_alone(name, source):
@@ -455,3 +463,51 @@ def test_post_norm_layer_and_negative_eigenvalue_gdn_equal_their_written_out_def
         )
         o = gdn.norm(o, z.reshape(2, 9, gdn.num_v_heads, -1))
         torch.testing.assert_close(gdn(x, ctx), gdn.out_proj(o.reshape(2, 9, -1)), atol=ATOL, rtol=0)
+
+
+def test_per_layer_nope_equals_its_definition():
+    """nope_layers=[i]: layer i is the same attention with RoPE switched off (its module equals one built with
+    attention_rope=False, given the same weights and inputs), the other layers keep RoPE, and the model's
+    function really changes (RoPE was on there before)."""
+    model = build("per_layer_nope")
+    assert [getattr(layer.mixer, "use_rope", None) for layer in model.model.layers] == [
+        True,
+        False,
+        None,
+        True,
+    ]
+    ids = torch.randint(0, 64, (2, 11))
+    no_rope_anywhere = HybridForCausalLM(
+        tiny(**{**MIXERS["per_layer_nope"], "nope_layers": None}, attention_rope=False)
+    )
+    with_rope = HybridForCausalLM(tiny(**{**MIXERS["per_layer_nope"], "nope_layers": None}))
+    for other in (no_rope_anywhere, with_rope):
+        other.load_state_dict(model.state_dict())
+        other.eval()
+    captured = {}
+
+    def grab(name):
+        def hook(module, args, output):
+            captured[name] = (args, output)
+
+        return hook
+
+    hooks = [
+        model.model.layers[1].mixer.register_forward_hook(grab("ours")),
+        no_rope_anywhere.model.layers[1].mixer.register_forward_hook(grab("nope")),
+    ]
+    with torch.no_grad():
+        out = model(ids, use_cache=False).logits  # no cache: the mixer is called again below
+        no_rope_anywhere(ids, use_cache=False)
+        # layer 1 of the NoPE-everywhere model, fed layer 1's input in ours, gives ours' layer-1 output
+        ours_in, ours_out = captured["ours"]
+        assert torch.equal(no_rope_anywhere.model.layers[1].mixer(*ours_in), ours_out)
+        assert (out - with_rope(ids).logits).abs().max() > 1e-4
+    for h in hooks:
+        h.remove()
+    with pytest.raises(
+        Exception, match=r"nope_layers names layer 2, whose mixer_types\[2\]='gated_deltanet'"
+    ):
+        tiny(**{**MIXERS["per_layer_nope"], "nope_layers": [2]})
+    with pytest.raises(Exception, match=r"nope_layers=\[1, 7\]: 7 is not a layer index"):
+        tiny(**{**MIXERS["per_layer_nope"], "nope_layers": [1, 7]})

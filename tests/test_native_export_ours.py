@@ -121,3 +121,17 @@ def test_qwen3_next_ungated_attention_is_refused_by_name_before_writing(tmp_path
         with pytest.raises(NativeConversionError, match=r"attention_output_gate=False"):
             export_native(ours, tmp_path / "out", to="qwen3_next")
         assert not (tmp_path / "out").exists()
+
+
+def test_new_layer_options_are_refused_by_families_without_them(tmp_path):
+    """norm_placement / nope_layers / gdn_allow_neg_eigval are functional fields: a family that cannot express
+    them names them (the export's round trip), nothing is written."""
+    cases = [
+        ("qwen3_moe", {"nope_layers": [1]}, r"nope_layers=\[1\]"),
+        ("mixtral", {"norm_placement": ["post", "pre"]}, r"norm_placement=\['post', 'pre'\]"),
+        ("qwen3_next", {"gdn_allow_neg_eigval": True}, r"gdn_allow_neg_eigval=True"),
+    ]
+    for model_type, overrides, message in cases:
+        with pytest.raises(NativeConversionError, match=message):
+            export_native(our_model(model_type, **overrides), tmp_path / "out", to=model_type)
+        assert not (tmp_path / "out").exists()

@@ -66,6 +66,7 @@ def describe_attention(config: HybridConfig) -> list[tuple[str, str]]:
             ("output gate", config.attention_output_gate),
             ("qkv bias", config.attention_bias),
             ("no RoPE", not config.attention_rope),
+            (f"no RoPE in layers {config.nope_layers}", config.attention_rope and bool(config.nope_layers)),
             (f"scale {config.attention_scaling}", config.attention_scaling is not None),
         )
         if on
@@ -111,7 +112,7 @@ class HybridAttention(nn.Module):
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5 if config.attention_scaling is None else config.attention_scaling
-        self.use_rope = config.attention_rope
+        self.use_rope = config.attention_rope and layer_idx not in (config.nope_layers or ())
         self.is_causal = True
         self.is_sliding = config.mixer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if self.is_sliding else None
