@@ -151,6 +151,9 @@ class HybridConfig(PreTrainedConfig):
     # per-layer NoPE: indices of the softmax attention layers (attention, sliding_attention) that use no
     # positional encoding while the others keep RoPE (Ergo's global layers); None: none
     nope_layers: list[int] | None = None
+    # a learned logit per head that joins every query's softmax as an extra key with no value (gpt-oss,
+    # HY-V4): attention may put weight "nowhere". Runs transformers' eager path (sdpa has no sinks).
+    attention_sinks: bool = False
     # softmax scale of q·k; None: head_dim^-0.5 (Granite: attention_multiplier)
     attention_scaling: float | None = None
     # Granite's multipliers: inputs_embeds scaled by embedding_multiplier, logits divided by logits_scaling.
@@ -441,6 +444,11 @@ class HybridConfig(PreTrainedConfig):
                     f"HybridConfig.nope_layers names layer {i}, whose mixer_types[{i}]="
                     f"{self.mixer_types[i]!r} is not softmax attention ({', '.join(softmax)})"
                 )
+        if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_base == "attention":
+            raise ValueError(
+                "HybridConfig.attention_sinks=True with DSA on GQA (dsa_base='attention'): the sparse "
+                "attention has no sinks yet; sinks are supported by attention and sliding_attention layers"
+            )
         if self.nope_layers is not None and len(set(self.nope_layers)) != len(self.nope_layers):
             raise ValueError(f"HybridConfig.nope_layers={self.nope_layers!r} repeats a layer")
         if self.clip_qkv is not None and not self.clip_qkv > 0:

@@ -82,7 +82,8 @@ def _attention_parts(config: HybridConfig) -> tuple[int, int]:
     matmul = h * q_out + 2 * h * nkv * d + nq * d * h
     bias = (q_out + 2 * nkv * d) if config.attention_bias else 0
     norms = (2 * d if config.qk_norm_scope == "head" else (nq + nkv) * d) if config.use_qk_norm else 0
-    return matmul + bias + norms, matmul
+    sinks = nq if getattr(config, "attention_sinks", False) else 0
+    return matmul + bias + norms + sinks, matmul
 
 
 def _attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) -> Callable[[int], float]:

@@ -93,6 +93,13 @@ MIXERS = {
         use_qk_norm=True,
         qk_norm_scope="full",
     ),
+    # learned attention sinks in a mix of their own (global and sliding attention beside a recurrent layer)
+    "attention_sinks_mix": dict(
+        num_hidden_layers=3,
+        mixer_types=["attention", "gated_deltanet", "sliding_attention"],
+        sliding_window=4,
+        attention_sinks=True,
+    ),
     # per-layer NoPE in a mix of its own: a global NoPE layer between RoPE sliding / global layers
     "per_layer_nope": dict(
         num_hidden_layers=4,
@@ -215,6 +222,7 @@ def test_batch_of_one_with_padding(name):
         "kimi_like",
         "post_norm_mix",
         "per_layer_nope",
+        "attention_sinks_mix",
     ],
 )
 def test_packed_equals_each_sequence_alone(name, source):
@@ -511,3 +519,57 @@ def test_per_layer_nope_equals_its_definition():
         tiny(**{**MIXERS["per_layer_nope"], "nope_layers": [2]})
     with pytest.raises(Exception, match=r"nope_layers=\[1, 7\]: 7 is not a layer index"):
         tiny(**{**MIXERS["per_layer_nope"], "nope_layers": [1, 7]})
+
+
+def test_attention_sinks_equal_their_definition_and_transformers_gpt_oss():
+    """Sinks: softmax over [q·k scores, sink_h] with the sink's probability dropped (the written-out
+    reference), equal to transformers' own gpt-oss eager attention on the same module and inputs; a model with
+    sinks computes the same logits under sdpa and eager (sinks run eager; sdpa's mask=None is rebuilt as the
+    causal mask), differs from the same weights without sinks, and its cost formula counts the sink logits."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
+
+    from hf_hybrid.cost import measure_module
+    from hf_hybrid.mixers.attention import HybridAttention, eager_attention_forward
+    from hf_hybrid.registry import mixer_spec
+
+    config = tiny(**MIXERS["attention_sinks_mix"])
+    attn = HybridAttention(config, 0).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        attn.sinks.normal_(std=2.0)
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    mask = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6).clone()
+    mask[1, :, :, :2] = False  # left padding in row 1
+    additive = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    with torch.no_grad():
+        out, probs = eager_attention_forward(attn, q, k, v, mask, scaling=8**-0.5)
+        ref, ref_probs = gpt_oss_eager(attn, q, k, v, additive, scaling=8**-0.5)
+        kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        scores = (q @ kk.transpose(-1, -2) * 8**-0.5).masked_fill(~mask, float("-inf"))
+        with_sink = torch.cat([scores, attn.sinks.view(1, 4, 1, 1).expand(2, 4, 6, 1)], dim=-1)
+        written_out = (with_sink.softmax(-1)[..., :-1] @ vv).transpose(1, 2)
+    torch.testing.assert_close(out, written_out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(probs, ref_probs, atol=1e-6, rtol=0)
+    assert probs.sum(-1).max() < 1.0  # weight went to the sink
+
+    spec = mixer_spec("attention")
+    assert measure_module(spec.cls, config, 0)[0] == spec.cost(config, 0).params
+
+    ids = torch.randint(0, 64, (2, 9))
+    logits = {}
+    for impl in ("sdpa", "eager"):
+        torch.manual_seed(0)
+        cfg = tiny(**MIXERS["attention_sinks_mix"])
+        cfg._attn_implementation = impl
+        model = HybridForCausalLM(cfg).eval()
+        assert model.config._attn_implementation == impl
+        with torch.no_grad():
+            for layer in (model.model.layers[0], model.model.layers[2]):
+                layer.mixer.sinks.normal_(std=2.0, generator=torch.Generator().manual_seed(1))
+            logits[impl] = model(ids).logits
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], atol=ATOL, rtol=0)
+    plain = HybridForCausalLM(tiny(**{**MIXERS["attention_sinks_mix"], "attention_sinks": False})).eval()
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("sinks")})
+    with torch.no_grad():
+        assert (plain(ids).logits - logits["eager"]).abs().max() > 1e-3
