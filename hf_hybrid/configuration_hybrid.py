@@ -136,6 +136,10 @@ class HybridConfig(PreTrainedConfig):
     # Per layer "pre" (x + f(norm(x)) for the mixer and the MLP) or "post" (x + norm(f(x)): OLMo 2 / 3's
     # blocks, OLMo Hybrid's attention layers); None: every layer "pre".
     norm_placement: list[str] | None = None
+    # Per layer which of its two norms are low-rank gated RMSNorms, y · sigmoid(W_up silu(W_down y)) on y =
+    # RMSNorm(x) (AXK2): "none", "mixer", "mlp" or "both"; None: none. gated_norm_rank: the gate's rank r.
+    gated_norms: list[str] | None = None
+    gated_norm_rank: int | None = None
 
     # ---- softmax attention (attention, sliding_attention; GQA base of DSA) -----------------------
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
@@ -356,6 +360,8 @@ class HybridConfig(PreTrainedConfig):
                 setattr(self, name, None)
         if isinstance(self.norm_placement, (list, tuple)) and all(p == "pre" for p in self.norm_placement):
             self.norm_placement = None  # the default has one spelling
+        if isinstance(self.gated_norms, (list, tuple)) and all(g == "none" for g in self.gated_norms):
+            self.gated_norms = None
         if isinstance(self.nope_layers, (list, tuple)):
             self.nope_layers = sorted(self.nope_layers) or None
         if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
@@ -509,6 +515,24 @@ class HybridConfig(PreTrainedConfig):
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
             ):
                 raise ValueError(f"HybridConfig.{name}={values!r} must be None or {n} numbers, one per layer")
+        if self.gated_norms is not None:
+            if len(self.gated_norms) != n:
+                raise ValueError(
+                    f"HybridConfig.gated_norms has {len(self.gated_norms)} entries but "
+                    f"num_hidden_layers={n}; give one of 'none', 'mixer', 'mlp', 'both' per layer"
+                )
+            for i, g in enumerate(self.gated_norms):
+                if g not in ("none", "mixer", "mlp", "both"):
+                    raise ValueError(
+                        f"HybridConfig.gated_norms[{i}]={g!r} is not allowed; "
+                        "choose one of: none, mixer, mlp, both"
+                    )
+            rank = self.gated_norm_rank
+            if not (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0):
+                raise ValueError(
+                    f"HybridConfig.gated_norm_rank={rank!r} must be a positive integer when gated_norms "
+                    "is set"
+                )
         if self.norm_placement is not None:
             if len(self.norm_placement) != n:
                 raise ValueError(

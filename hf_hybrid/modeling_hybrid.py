@@ -35,7 +35,7 @@ from . import compat
 from .aux_loss import AuxLossScale, attach_aux_loss, probe_loss_scale
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
-from .layers import RMSNorm, rope_inv_freq
+from .layers import LowRankGatedRMSNorm, RMSNorm, rope_inv_freq
 from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
 from .registry import mixer_mask, mixer_spec, mlp_spec
@@ -114,10 +114,19 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         mixer_cls = mixer_spec(self.mixer_type).cls
         # "post" (OLMo 2 / 3): each branch's norm is on its output, x + norm(f(x)), and has its own name
         self.post_norm = (config.norm_placement or ["pre"] * config.num_hidden_layers)[layer_idx] == "post"
+        gated = (config.gated_norms or ["none"] * config.num_hidden_layers)[layer_idx]
+
+        def make_norm(branch: str) -> nn.Module:
+            if gated in (branch, "both"):
+                return LowRankGatedRMSNorm(
+                    config.hidden_size, config.gated_norm_rank, eps=config.rms_norm_eps
+                )
+            return RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
         if mixer_cls is None:  # an MLP-only layer (no token mixer, no input norm)
             self.input_layernorm = self.mixer = None
         else:
-            norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            norm = make_norm("mixer")
             if self.post_norm:
                 self.input_layernorm, self.post_mixer_layernorm = None, norm
             else:
@@ -134,7 +143,7 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             self.post_attention_layernorm = None
             self.mlp = None
         else:
-            norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            norm = make_norm("mlp")
             if self.post_norm:
                 self.post_attention_layernorm, self.post_mlp_layernorm = None, norm
             else:

@@ -100,6 +100,15 @@ MIXERS = {
         sliding_window=4,
         attention_sinks=True,
     ),
+    # low-rank gated RMSNorms in a mix of their own (on either branch, pre- and post-norm layers)
+    "gated_norm_mix": dict(
+        num_hidden_layers=3,
+        mixer_types=["attention", "gated_deltanet", "mamba2"],
+        mlp_types=["dense", "dense", "none"],
+        gated_norms=["both", "mlp", "mixer"],
+        gated_norm_rank=4,
+        norm_placement=["pre", "post", "pre"],
+    ),
     # per-layer NoPE in a mix of its own: a global NoPE layer between RoPE sliding / global layers
     "per_layer_nope": dict(
         num_hidden_layers=4,
@@ -158,6 +167,9 @@ def test_full_forward_equals_prefill_then_token_by_token_decode(name):
         "kda",
         "kimi_like",
         "post_norm_mix",
+        "per_layer_nope",
+        "attention_sinks_mix",
+        "gated_norm_mix",
     ],
 )
 def test_prefill_in_two_pieces_equals_one_prefill(name):
@@ -223,6 +235,7 @@ def test_batch_of_one_with_padding(name):
         "post_norm_mix",
         "per_layer_nope",
         "attention_sinks_mix",
+        "gated_norm_mix",
     ],
 )
 def test_packed_equals_each_sequence_alone(name, source):
@@ -573,3 +586,45 @@ def test_attention_sinks_equal_their_definition_and_transformers_gpt_oss():
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.endswith("sinks")})
     with torch.no_grad():
         assert (plain(ids).logits - logits["eager"]).abs().max() > 1e-3
+
+
+def test_low_rank_gated_norm_equals_transformers_axk2_and_the_cost_counts_it():
+    """LowRankGatedRMSNorm = transformers' AXK2GatedRMSNorm on the same weights (y = RMSNorm(x),
+    y · sigmoid(fc2(silu(fc1(y))))); the layers get it where gated_norms says; the cost formula counts the
+    gates; bad values are named."""
+    from transformers import AXK2Config
+    from transformers.models.axk2.modeling_axk2 import AXK2GatedRMSNorm
+
+    from hf_hybrid.cost import estimate_cost
+    from hf_hybrid.layers import LowRankGatedRMSNorm, RMSNorm
+
+    theirs = AXK2GatedRMSNorm(AXK2Config(hidden_size=32, gated_norm_rank=4, rms_norm_eps=1e-6))
+    ours = LowRankGatedRMSNorm(32, 4, eps=1e-6)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_()
+        ours.norm.weight.copy_(theirs.norm.weight)
+        ours.gate_down.weight.copy_(theirs.mlp.fc1.weight)
+        ours.gate_up.weight.copy_(theirs.mlp.fc2.weight)
+        x = torch.randn(3, 5, 32)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-6, rtol=0)
+
+    model = build("gated_norm_mix")
+    kinds = [
+        [type(getattr(layer, n, None)).__name__ for n in ("input_layernorm", "post_attention_layernorm")]
+        for layer in model.model.layers
+    ]
+    assert kinds[0] == ["LowRankGatedRMSNorm", "LowRankGatedRMSNorm"]
+    assert isinstance(model.model.layers[1].post_mlp_layernorm, LowRankGatedRMSNorm)  # a post-norm layer
+    assert isinstance(model.model.layers[1].post_mixer_layernorm, RMSNorm)
+    assert isinstance(model.model.layers[2].input_layernorm, LowRankGatedRMSNorm)
+    cost = estimate_cost(model.config)
+    assert cost.total_params == sum(p.numel() for p in model.parameters())
+    for overrides, message in (
+        ({"gated_norms": ["both", "mlp"]}, r"gated_norms has 2 entries but num_hidden_layers=3"),
+        ({"gated_norms": ["both", "mlp", "input"]}, r"gated_norms\[2\]='input' is not allowed"),
+        ({"gated_norm_rank": None}, r"gated_norm_rank=None must be a positive integer"),
+    ):
+        with pytest.raises(Exception, match=message):
+            tiny(**{**MIXERS["gated_norm_mix"], **overrides})
