@@ -214,6 +214,7 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
             "attention_bias",
             "attention_rope",
             "attention_scaling",
+            "attention_sinks",
         ),
     ),
     "sliding": (lambda c: "sliding_attention" in c.mixer_types, ("sliding_window",)),
