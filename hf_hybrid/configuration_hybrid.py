@@ -135,6 +135,13 @@ class HybridConfig(PreTrainedConfig):
     mixer_output_scales: list[float] | None = None  # per layer β multiplying the mixer output; None: all 1
     mlp_residual_scale: float = 1.0
     mlp_output_scale: float = 1.0
+    # Per layer "pre" (x + f(norm(x)) for the mixer and the MLP) or "post" (x + norm(f(x)): OLMo 2 / 3's
+    # blocks, OLMo Hybrid's attention layers); None: every layer "pre".
+    norm_placement: list[str] | None = None
+    # Per layer which of its two norms are low-rank gated RMSNorms, y · sigmoid(W_up silu(W_down y)) on y =
+    # RMSNorm(x) (AXK2): "none", "mixer", "mlp" or "both"; None: none. gated_norm_rank: the gate's rank r.
+    gated_norms: list[str] | None = None
+    gated_norm_rank: int | None = None
 
     # ---- softmax attention (attention, sliding_attention; GQA base of DSA) -----------------------
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
@@ -147,6 +154,12 @@ class HybridConfig(PreTrainedConfig):
     attention_output_gate: bool = False  # sigmoid output gate (Qwen3-Next)
     # False: no positional encoding in the softmax attention layers (NoPE; Granite 4)
     attention_rope: bool = True
+    # per-layer NoPE: indices of the softmax attention layers (attention, sliding_attention) that use no
+    # positional encoding while the others keep RoPE (Ergo's global layers); None: none
+    nope_layers: list[int] | None = None
+    # a learned logit per head that joins every query's softmax as an extra key with no value (gpt-oss,
+    # HY-V4): attention may put weight "nowhere". Runs transformers' eager path (sdpa has no sinks).
+    attention_sinks: bool = False
     # softmax scale of q·k; None: head_dim^-0.5 (Granite: attention_multiplier)
     attention_scaling: float | None = None
     # Granite's multipliers: inputs_embeds scaled by embedding_multiplier, logits divided by logits_scaling.
@@ -164,6 +177,8 @@ class HybridConfig(PreTrainedConfig):
     gdn_key_head_dim: int | None = None  # defaults: head_dim
     gdn_value_head_dim: int | None = None  # defaults: head_dim
     gdn_conv_kernel_size: int = 4
+    gdn_allow_neg_eigval: bool = False  # β = 2·sigmoid(b) ∈ (0, 2): negative eigenvalues (OLMo Hybrid)
+    gdn_norm_eps: float | None = None  # eps of the gated output norm; None: rms_norm_eps (OLMo Hybrid: 1e-5)
 
     # ---- Kimi Delta Attention (Kimi Linear's linear layers) --------------------------------------
     kda_num_heads: int | None = None  # defaults: num_attention_heads
@@ -345,6 +360,12 @@ class HybridConfig(PreTrainedConfig):
             values = getattr(self, name)
             if isinstance(values, (list, tuple)) and all(v == 1 for v in values):
                 setattr(self, name, None)
+        if isinstance(self.norm_placement, (list, tuple)) and all(p == "pre" for p in self.norm_placement):
+            self.norm_placement = None  # the default has one spelling
+        if isinstance(self.gated_norms, (list, tuple)) and all(g == "none" for g in self.gated_norms):
+            self.gated_norms = None
+        if isinstance(self.nope_layers, (list, tuple)):
+            self.nope_layers = sorted(self.nope_layers) or None
         if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
             self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
         if "moe" not in self.mlp_types:
@@ -434,7 +455,26 @@ class HybridConfig(PreTrainedConfig):
         super().validate_layer_type()
 
     def _validate_native_options(self) -> None:
-        """Options added for transformers' native families (olmoe, deepseek_v3, glm_moe_dsa)."""
+        """Options added for transformers' native families (olmoe, deepseek_v3, glm_moe_dsa, ...)."""
+        softmax = ("attention", "sliding_attention")
+        for i in self.nope_layers or ():
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_hidden_layers:
+                raise ValueError(
+                    f"HybridConfig.nope_layers={self.nope_layers!r}: {i!r} is not a layer index in "
+                    f"[0, {self.num_hidden_layers})"
+                )
+            if self.mixer_types[i] not in softmax:
+                raise ValueError(
+                    f"HybridConfig.nope_layers names layer {i}, whose mixer_types[{i}]="
+                    f"{self.mixer_types[i]!r} is not softmax attention ({', '.join(softmax)})"
+                )
+        if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_base == "attention":
+            raise ValueError(
+                "HybridConfig.attention_sinks=True with DSA on GQA (dsa_base='attention'): the sparse "
+                "attention has no sinks yet; sinks are supported by attention and sliding_attention layers"
+            )
+        if self.nope_layers is not None and len(set(self.nope_layers)) != len(self.nope_layers):
+            raise ValueError(f"HybridConfig.nope_layers={self.nope_layers!r} repeats a layer")
         if self.clip_qkv is not None and not self.clip_qkv > 0:
             raise ValueError(f"HybridConfig.clip_qkv={self.clip_qkv!r} must be > 0 or None")
         for name in ("mla_norm_eps", "index_norm_eps"):
@@ -493,6 +533,35 @@ class HybridConfig(PreTrainedConfig):
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
             ):
                 raise ValueError(f"HybridConfig.{name}={values!r} must be None or {n} numbers, one per layer")
+        if self.gated_norms is not None:
+            if len(self.gated_norms) != n:
+                raise ValueError(
+                    f"HybridConfig.gated_norms has {len(self.gated_norms)} entries but "
+                    f"num_hidden_layers={n}; give one of 'none', 'mixer', 'mlp', 'both' per layer"
+                )
+            for i, g in enumerate(self.gated_norms):
+                if g not in ("none", "mixer", "mlp", "both"):
+                    raise ValueError(
+                        f"HybridConfig.gated_norms[{i}]={g!r} is not allowed; "
+                        "choose one of: none, mixer, mlp, both"
+                    )
+            rank = self.gated_norm_rank
+            if not (isinstance(rank, int) and not isinstance(rank, bool) and rank > 0):
+                raise ValueError(
+                    f"HybridConfig.gated_norm_rank={rank!r} must be a positive integer when gated_norms "
+                    "is set"
+                )
+        if self.norm_placement is not None:
+            if len(self.norm_placement) != n:
+                raise ValueError(
+                    f"HybridConfig.norm_placement has {len(self.norm_placement)} entries but "
+                    f"num_hidden_layers={n}; give one of 'pre', 'post' per layer"
+                )
+            for i, p in enumerate(self.norm_placement):
+                if p not in ("pre", "post"):
+                    raise ValueError(
+                        f"HybridConfig.norm_placement[{i}]={p!r} is not allowed; choose one of: pre, post"
+                    )
 
     def validate_hybrid(self):
         require_positive(

@@ -82,7 +82,8 @@ def _attention_parts(config: HybridConfig) -> tuple[int, int]:
     matmul = h * q_out + 2 * h * nkv * d + nq * d * h
     bias = (q_out + 2 * nkv * d) if config.attention_bias else 0
     norms = (2 * d if config.qk_norm_scope == "head" else (nq + nkv) * d) if config.use_qk_norm else 0
-    return matmul + bias + norms, matmul
+    sinks = nq if getattr(config, "attention_sinks", False) else 0
+    return matmul + bias + norms + sinks, matmul
 
 
 def _attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) -> Callable[[int], float]:
@@ -591,6 +592,13 @@ def estimate_cost(
             else:
                 exact = False
         norms = (h if mixer_kind.cls is not None else 0) + (h if mlp_kind.cls is not None else 0)
+        gated = (getattr(config, "gated_norms", None) or ["none"] * config.num_hidden_layers)[i]
+        # a low-rank gated norm adds its gate's two matmuls, h·r each
+        gate_matmul = 2 * h * (config.gated_norm_rank or 0)
+        gate_matmul *= (gated in ("mixer", "both") and mixer_kind.cls is not None) + (
+            gated in ("mlp", "both") and mlp_kind.cls is not None
+        )
+        norms += gate_matmul
         params = norms + mixer_params + mlp_params
         layers.append(
             LayerCost(
@@ -599,7 +607,7 @@ def estimate_cost(
                 mlp=mlp,
                 params=params,
                 active_params=params - pc.inactive_params,
-                matmul_params=mixer_matmul + mlp_matmul - pc.inactive_params,
+                matmul_params=mixer_matmul + mlp_matmul + gate_matmul - pc.inactive_params,
                 cache_per_token=mc.cache_per_token,
                 cache_window=mc.cache_window,
                 state_elements=mc.state_elements,

@@ -22,6 +22,24 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+class LowRankGatedRMSNorm(nn.Module):
+    """``y = RMSNorm(x)``, then ``y · sigmoid(W_up silu(W_down y))`` with ``W_down`` [r, D], ``W_up``
+    [D, r]: an input-dependent per-channel gate of rank r on the normed activations (AXK2's gated norm,
+    Megatron's ``GatedNormWrapper``). The gate is computed in fp32, the product rounded to the input
+    dtype."""
+
+    def __init__(self, dim: int, rank: int, eps: float = 1e-6):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps=eps)
+        self.gate_down = nn.Linear(dim, rank, bias=False)
+        self.gate_up = nn.Linear(rank, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm(x)  # (..., D)
+        gate = self.gate_up(nn.functional.silu(self.gate_down(y)))  # (..., D)
+        return (y * torch.sigmoid(gate.float())).to(y.dtype)
+
+
 _GATE_ACTIVATIONS = {"silu": nn.functional.silu, "sigmoid": torch.sigmoid}
 
 

@@ -35,7 +35,7 @@ from . import compat
 from .aux_loss import attach_aux_loss
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
-from .layers import RMSNorm, rope_inv_freq
+from .layers import LowRankGatedRMSNorm, RMSNorm, rope_inv_freq
 from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
 from .registry import mixer_mask, mixer_spec, mlp_spec
@@ -108,10 +108,25 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.mixer_type = config.mixer_types[layer_idx]
         self.mlp_type = config.mlp_types[layer_idx]
         mixer_cls = mixer_spec(self.mixer_type).cls
+        # "post" (OLMo 2 / 3): each branch's norm is on its output, x + norm(f(x)), and has its own name
+        self.post_norm = (config.norm_placement or ["pre"] * config.num_hidden_layers)[layer_idx] == "post"
+        gated = (config.gated_norms or ["none"] * config.num_hidden_layers)[layer_idx]
+
+        def make_norm(branch: str) -> nn.Module:
+            if gated in (branch, "both"):
+                return LowRankGatedRMSNorm(
+                    config.hidden_size, config.gated_norm_rank, eps=config.rms_norm_eps
+                )
+            return RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
         if mixer_cls is None:  # an MLP-only layer (no token mixer, no input norm)
             self.input_layernorm = self.mixer = None
         else:
-            self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            norm = make_norm("mixer")
+            if self.post_norm:
+                self.input_layernorm, self.post_mixer_layernorm = None, norm
+            else:
+                self.input_layernorm = norm
             self.mixer = mixer_cls(config, layer_idx)
         self.residual_from_norm = config.residual_from_norm
         self.mixer_scales = (
@@ -124,7 +139,11 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             self.post_attention_layernorm = None
             self.mlp = None
         else:
-            self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            norm = make_norm("mlp")
+            if self.post_norm:
+                self.post_attention_layernorm, self.post_mlp_layernorm = None, norm
+            else:
+                self.post_attention_layernorm = norm
             self.mlp = mlp_cls(config, layer_idx)
 
     def mask_name(self, config: HybridConfig) -> str | None:
@@ -161,17 +180,22 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         before = ctx.aux_count()
         if self.mixer is not None:
-            normed = self.input_layernorm(hidden_states)
+            normed = hidden_states if self.post_norm else self.input_layernorm(hidden_states)
             mixed = self.mixer(normed, ctx)
             if self.layer_idx in ctx.mixer_io_layers:
                 ctx.mixer_io[self.layer_idx] = (normed, mixed)
+            if self.post_norm:
+                mixed = self.post_mixer_layernorm(mixed)
             hidden_states = self._residual(
                 normed if self.residual_from_norm else hidden_states, mixed, *self.mixer_scales
             )
         if self.mlp is not None:
-            normed = self.post_attention_layernorm(hidden_states)
+            normed = hidden_states if self.post_norm else self.post_attention_layernorm(hidden_states)
+            out = self.mlp(normed, ctx)
+            if self.post_norm:
+                out = self.post_mlp_layernorm(out)
             hidden_states = self._residual(
-                normed if self.residual_from_norm else hidden_states, self.mlp(normed, ctx), *self.mlp_scales
+                normed if self.residual_from_norm else hidden_states, out, *self.mlp_scales
             )
         # When the caller builds no loss with them, this layer's auxiliary terms reach their parameters
         # through its output, whatever loss is built on top (hf_hybrid/aux_loss.py); under reentrant

@@ -147,6 +147,9 @@ def test_newer_format_version_is_refused(tmp_path):
             r"partial_rotary_factor'\]=0.3",
         ),
         (dict(vocab_size=0), r"vocab_size=0 must be a positive integer"),
+        (dict(norm_placement=["pre", "after"]), r"norm_placement\[1\]='after' is not allowed; choose one of"),
+        (dict(norm_placement=["post"]), r"norm_placement has 1 entries but num_hidden_layers=2"),
+        (dict(mixer_types=["gated_deltanet"] * 2, gdn_norm_eps=0.0), r"gdn_norm_eps=0.0 must be > 0"),
     ],
 )
 def test_invalid_config_fails_at_construction_naming_field_value_and_choices(overrides, message):

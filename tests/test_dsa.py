@@ -361,3 +361,41 @@ def test_indexer_kl_gradient_with_shared_layers_matches_its_definition(base):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_ties_at_topk_cut_matches_the_definition():
+    """The public tie check: a row is tied when its k-th and (k+1)-th best visible scores are equal (brute
+    force over rows with exact zeros, -0.0, -inf and short rows)."""
+    from hf_hybrid.ops.dsa import ties_at_topk_cut
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.relu(torch.randn(64, 9, generator=gen)).round(decimals=1)  # many exact ties
+    scores[::5, -3:] = float("-inf")  # rows with few visible keys
+    scores[3] = torch.tensor([0.0, -0.0, 1.0, 2.0, 0.5, float("-inf"), 3.0, 4.0, 5.0])
+    for k in (1, 3, 5, 9, 12):
+        got = ties_at_topk_cut(scores, k)
+        for r, row in enumerate(scores.tolist()):
+            visible = sorted((x for x in row if x != float("-inf")), reverse=True)
+            want = len(visible) > k and visible[k - 1] == visible[k]
+            assert bool(got[r]) == want, (k, r, row)
+
+
+@pytest.mark.parametrize("base", BASES)
+def test_index_ties_finds_the_tied_queries(base):
+    """``index_ties`` reports (layer, row, query) where the selection depends on tie-breaking: none when k
+    covers the context, every query past k when the indexer scores are all zero (its weights zeroed). (A
+    random model at init has ties too: with 2 indexer heads, ReLU zeros at the cut are common.)"""
+    from hf_hybrid.mixers.dsa import index_ties
+
+    model = build(base)
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with model.dsa_mode("sparse", index_topk=10):
+        assert index_ties(model, input_ids=ids, attention_mask=mask) == []
+    with torch.no_grad():
+        model.model.layers[1].mixer.indexer.weights_proj.weight.zero_()
+    ties = [t for t in index_ties(model, input_ids=ids, attention_mask=mask) if t[0] == 1]
+    # k = 4: row 0 has queries 4..9 with > 4 visible keys, row 1 (first real token 3) queries 7..9
+    assert ties == [(1, 0, t) for t in range(4, 10)] + [(1, 1, t) for t in range(7, 10)]
+    assert all(not hasattr(m, "_select") or "_select" not in vars(m) for m in model.modules())

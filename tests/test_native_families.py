@@ -22,12 +22,14 @@ from transformers import AutoModelForCausalLM
 
 from hf_hybrid.convert.native import (
     FAMILY_MODULES,
+    NEEDS_MISSING_LAYER,
     NativeConversionError,
     export_native,
     get_family,
     import_native,
     native_to_hybrid_config,
 )
+from hf_hybrid.mixers.dsa import dsa_layers, index_ties
 
 ATOL = 1e-5
 T = 12
@@ -93,41 +95,21 @@ def assert_close_on_real(a, b, mask, what: str) -> None:
 def assert_no_index_ties(hybrid, ids, mask) -> None:
     """DSA: transformers' torch.topk and our selection (ties toward the most recent key) agree when no query
     has a tie at its top-k cut; check that this input has none (so the equality below is not luck)."""
-    found = []
-
-    def hook(module, args, output):
-        found.append(output)
-
-    handles = [
-        layer.mixer.indexer.register_forward_hook(hook)
-        for layer in hybrid.model.layers
-        if getattr(layer.mixer, "indexer", None) is not None
-    ]
-    with torch.no_grad():
-        hybrid(input_ids=ids, attention_mask=mask)
-    for h in handles:
-        h.remove()
-    assert found, "no DSA indexer ran"
-    k = hybrid.config.index_topk
-    for q, key, w in found:  # [B, T, H, d], [B, T, d], [B, T, H]
-        scores = (w[..., None] * torch.relu(torch.einsum("bthd,bsd->bths", q.float(), key.float()))).sum(2)
-        for b in range(ids.shape[0]):
-            first = int(mask[b].argmax())
-            for t in range(first, ids.shape[1]):
-                visible = scores[b, t, first : t + 1]
-                if visible.numel() <= k:
-                    continue
-                top = visible.sort(descending=True).values
-                assert top[k - 1] != top[k], f"tied indexer scores at the top-k cut (row {b}, query {t})"
+    assert any(getattr(m, "indexer", None) is not None for m in dsa_layers(hybrid)), "no DSA indexer"
+    ties = index_ties(hybrid, input_ids=ids, attention_mask=mask)
+    assert ties == [], f"tied indexer scores at the top-k cut (layer, row, query): {ties[:5]}"
 
 
 # Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py
 # runs the same checks on them under that patch. Every other registered family is tested here.
-TESTED_ELSEWHERE = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba")
+TESTED_ELSEWHERE = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "olmo_hybrid")
 
 
 @pytest.fixture(params=sorted(set(FAMILY_MODULES) - set(TESTED_ELSEWHERE)))
 def model_type(request):
+    family = get_family(request.param)
+    if not family.available:
+        pytest.skip(f"{request.param} needs transformers >= {family.min_transformers}, not installed here")
     return request.param
 
 
@@ -201,11 +183,34 @@ def test_export_reloads_with_transformers_and_matches(model_type, tmp_path):
         assert t.dtype == native.state_dict()[name].dtype, name
 
 
-def test_import_export_identity_on_weights(model_type):
+def shared_storage(a: torch.nn.Module, b: torch.nn.Module) -> list[str]:
+    """Names of ``b``'s parameters and buffers whose storage is also used by a tensor of ``a``."""
+    ptrs = {t.untyped_storage().data_ptr() for t in [*a.parameters(), *a.buffers()]}
+    named = [*b.named_parameters(), *b.named_buffers()]
+    return [n for n, t in named if t.numel() and t.untyped_storage().data_ptr() in ptrs]
+
+
+def test_in_memory_conversions_own_their_storage(model_type):
+    """import_native(model) / export_native(model) return models that share no memory with their source:
+    editing one must not edit the other."""
     native = build_native(model_type)
     hybrid = import_native(native)
+    assert shared_storage(native, hybrid) == []
     back = export_native(hybrid, to=model_type)
-    a, b = native.state_dict(), back.state_dict()
+    assert shared_storage(hybrid, back) == []
+    before = back.get_input_embeddings().weight.detach().clone()
+    with torch.no_grad():
+        hybrid.model.embed_tokens.weight.add_(1.0)
+    assert torch.equal(back.get_input_embeddings().weight, before)
+
+
+def test_import_export_identity_on_weights(model_type):
+    native = build_native(model_type)
+    a = {k: v.detach().clone() for k, v in native.state_dict().items()}  # before: the conversions own copies
+    hybrid = import_native(native)
+    ours = {k: v.detach().clone() for k, v in hybrid.state_dict().items()}
+    back = export_native(hybrid, to=model_type)
+    b = back.state_dict()
     assert set(a) == set(b)
     rounding = get_family(model_type).rounding_native_weights
     for name in a:
@@ -216,7 +221,7 @@ def test_import_export_identity_on_weights(model_type):
             continue
         assert torch.equal(a[name], b[name]), name
     again = import_native(back)
-    for name, t in hybrid.state_dict().items():
+    for name, t in ours.items():
         assert torch.equal(t, again.state_dict()[name]), name
 
 
@@ -268,14 +273,19 @@ def test_exported_dir_loads_without_hf_hybrid(tmp_path):
     assert_close_on_real(logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask, "subprocess")
 
 
-def test_cli_import_export_and_inspect(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["qwen3_moe", "minimax_m2"])
+def test_cli_import_export_and_inspect(family, tmp_path, capsys):
     from hf_hybrid.cli import main
     from hf_hybrid.cost import estimate_cost
 
-    src = _save_native_dir("qwen3_moe", tmp_path / "src")
+    src = _save_native_dir(family, tmp_path / "src")
     assert main(["import", str(src), str(tmp_path / "hyb")]) == 0
-    assert main(["export", str(tmp_path / "hyb"), str(tmp_path / "nat"), "--to", "qwen3_moe"]) == 0
-    assert json.loads((tmp_path / "nat" / "config.json").read_text())["model_type"] == "qwen3_moe"
+    assert main(["export", str(tmp_path / "hyb"), str(tmp_path / "nat"), "--to", family]) == 0
+    assert json.loads((tmp_path / "nat" / "config.json").read_text())["model_type"] == family
+    ids, mask = batch(96)
+    native = AutoModelForCausalLM.from_pretrained(src).eval()
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "nat").eval()
+    assert torch.equal(logits(native, ids, mask), logits(back, ids, mask))
     capsys.readouterr()
     assert main(["inspect", str(src), "--json"]) == 0
     native_cost = json.loads(capsys.readouterr().out)
@@ -388,6 +398,8 @@ def test_export_refuses_existing_destination(tmp_path):
             },
         ),
         ("mixtral", {"sliding_window": 5}),
+        ("minimax_m2", {"rotary_dim": 4, "rope_parameters": None}),  # released checkpoints' spelling
+        ("minimax_m2", {"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}),  # full RoPE
         ("qwen3_moe", {"decoder_sparse_step": 2, "mlp_only_layers": []}),
     ],
 )
@@ -586,4 +598,96 @@ def test_cli_export_refusal_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert main(["export", str(tmp_path / "mix"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "no native family expresses this model" in err and "qwen3_moe:" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_minimax_m2_export_refuses_what_it_cannot_express(tmp_path):
+    """A softmax router, a shared expert or a per-head q/k norm has no MiniMax-M2 counterpart: named, and
+    nothing written."""
+    from hf_hybrid import HybridConfig
+    from hf_hybrid.modeling_hybrid import HybridForCausalLM
+
+    cfg = import_native(build_native("minimax_m2")).config.to_dict()
+    for key in ("layer_types", "hf_hybrid_lineage", "transformers_version", "model_type", "architectures"):
+        cfg.pop(key, None)
+    cases = [
+        ({"router_scoring_func": "softmax"}, r"router_scoring_func='softmax'"),
+        ({"num_shared_experts": 1}, r"num_shared_experts=1"),
+        ({"qk_norm_scope": "head"}, r"qk_norm_scope='head'"),
+        ({"mlp_types": ["dense", "moe"]}, r"mlp_types\[0\]='dense'"),
+    ]
+    for overrides, message in cases:
+        model = HybridForCausalLM(HybridConfig(**{**cfg, **overrides}))
+        with pytest.raises(NativeConversionError, match=message):
+            export_native(model, tmp_path / "out", to="minimax_m2")
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("model_type", sorted(NEEDS_MISSING_LAYER))
+def test_families_needing_a_missing_layer_are_refused_naming_it(model_type, tmp_path, capsys):
+    """deepseek_v4, qwen4_exp, falcon_h1, lfm2(_moe) / lfm3, kolibri1_1, axk2, hy_v4, mistral_large4,
+    glm5_next, ergo: refused on import (directory, CLI, in-memory config where transformers has the class)
+    naming the layer or feature hf_hybrid lacks; nothing written."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    from hf_hybrid.cli import main
+
+    layer = re.escape(NEEDS_MISSING_LAYER[model_type])
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(NativeConversionError, match=rf"model_type='{model_type}' .*needs {layer}"):
+        import_native(src, tmp_path / "dst")
+    assert not (tmp_path / "dst").exists()
+    capsys.readouterr()
+    assert main(["import", str(src), str(tmp_path / "dst")]) == 2
+    assert NEEDS_MISSING_LAYER[model_type] in capsys.readouterr().err
+    assert main(["inspect", str(src)]) == 2
+    assert NEEDS_MISSING_LAYER[model_type] in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
+    if model_type in CONFIG_MAPPING_NAMES:  # the installed transformers has the family
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        with pytest.raises(NativeConversionError, match=layer):
+            native_to_hybrid_config(CONFIG_MAPPING[model_type]())
+
+
+def test_minicpm5_moe_variants_cli_and_refusals(tmp_path):
+    """MiniCPM5-MoE (transformers >= 5.25): all-sparse without a shared expert and dense-heavy layouts import
+    and export exactly; CLI round trip; partial RoPE (native) and an ungated attention (ours) are refused by
+    name, nothing written."""
+    family = get_family("minicpm5_moe")
+    if not family.available:
+        pytest.skip("minicpm5_moe needs transformers >= 5.25, not installed here")
+    from hf_hybrid import HybridConfig
+    from hf_hybrid.cli import main
+    from hf_hybrid.modeling_hybrid import HybridForCausalLM
+
+    ids, mask = batch(96)
+    for overrides in (
+        {"mlp_layer_types": ["sparse"] * 3, "n_shared_experts": 2},
+        {"mlp_layer_types": ["dense", "dense", "sparse"], "n_group": 1, "norm_topk_prob": False},
+    ):
+        native = build_native("minicpm5_moe", **overrides)
+        hybrid = import_native(native)
+        ref = logits(native, ids, mask)
+        assert_close_on_real(ref, logits(hybrid, ids, mask), mask, str(overrides))
+        assert torch.equal(ref, logits(export_native(hybrid, to="minicpm5_moe"), ids, mask))
+    src = _save_native_dir("minicpm5_moe", tmp_path / "src")
+    assert main(["import", str(src), str(tmp_path / "hyb")]) == 0
+    assert main(["export", str(tmp_path / "hyb"), str(tmp_path / "nat")]) == 0  # family from the lineage
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "nat").eval()
+    assert type(back) is family.model_class
+    assert torch.equal(
+        logits(AutoModelForCausalLM.from_pretrained(src).eval(), ids, mask), logits(back, ids, mask)
+    )
+    partial = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+    with pytest.raises(NativeConversionError, match=r"partial_rotary_factor'\]=0\.5"):
+        native_to_hybrid_config(family.config_class(**{**family.tiny_config, "rope_parameters": partial}))
+    cfg = import_native(build_native("minicpm5_moe")).config.to_dict()
+    for key in ("layer_types", "hf_hybrid_lineage", "transformers_version", "model_type", "architectures"):
+        cfg.pop(key, None)
+    ungated = HybridForCausalLM(HybridConfig(**{**cfg, "attention_output_gate": False}))
+    with pytest.raises(NativeConversionError, match=r"attention_output_gate=False"):
+        export_native(ungated, tmp_path / "out", to="minicpm5_moe")
     assert not (tmp_path / "out").exists()

@@ -21,6 +21,7 @@ from hf_hybrid.convert.native import NativeConversionError, export_native, get_f
 
 FAMILIES = [
     "qwen3_next",
+    "olmo_hybrid",
     "qwen3_5_text",
     "qwen3_5_moe_text",
     "bamba",
@@ -143,10 +144,12 @@ def test_export_reload_with_native_class(model_type, tmp_path):
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_weights_round_trip(model_type):
     native = tiny_native(model_type)
+    source = {k: v.detach().clone() for k, v in native.state_dict().items()}  # compared against below
     ours = import_native(native)
+    a = {k: v.detach().clone() for k, v in ours.state_dict().items()}
     # ours -> native -> ours: the identity, bit for bit.
     again = import_native(export_native(ours))
-    a, b = ours.state_dict(), again.state_dict()
+    b = again.state_dict()
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
@@ -154,7 +157,7 @@ def test_weights_round_trip(model_type):
     # - 1 (|change| <= half an ulp of 1); the 1 + w the native forward computes is unchanged.
     rounding = get_family(model_type).rounding_native_weights
     back = export_native(ours).state_dict()
-    for name, w in native.state_dict().items():
+    for name, w in source.items():
         if "rotary_emb" in name:
             continue
         if any(re.search(p, name) for p in rounding):
@@ -162,6 +165,19 @@ def test_weights_round_trip(model_type):
             assert torch.equal(1.0 + back[name], 1.0 + w), name
         else:
             assert torch.equal(back[name], w), name
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_in_memory_conversions_own_their_storage(model_type):
+    """No parameter or buffer of an in-memory import / export shares storage with its source (qwen3_next:
+    45 of 62 parameters did), so editing one model never edits the other."""
+    native = tiny_native(model_type)
+    ours = import_native(native)
+    back = export_native(ours)
+    for src, dst in ((native, ours), (ours, back)):
+        ptrs = {t.untyped_storage().data_ptr() for t in [*src.parameters(), *src.buffers()]}
+        named = [*dst.named_parameters(), *dst.named_buffers()]
+        assert [n for n, t in named if t.numel() and t.untyped_storage().data_ptr() in ptrs] == []
 
 
 def _assert_refused(fn, match, dst):
@@ -243,19 +259,22 @@ def test_qwen3_next_import_converts_to_dsa():
 
 def _randomise(model: torch.nn.Module, std: float, seed: int = 0) -> None:
     """Every weight N(0, std²) (activations of order 10 at std 0.15); norm weights around their neutral
-    value."""
+    value (0 for the Qwen families' zero-centred norms, 1 otherwise)."""
     gen = torch.Generator().manual_seed(seed)
+    zero_centred_family = bool(get_family(model.config.model_type).rounding_native_weights)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            zero_centred = name.endswith("norm.weight") and ".linear_attn." not in name
+            zero_centred = (
+                zero_centred_family and name.endswith("norm.weight") and ".linear_attn." not in name
+            )
             if name.endswith("norm.weight"):
                 p.copy_((0.0 if zero_centred else 1.0) + 0.2 * noise)
             else:
                 p.copy_(std * noise)
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"])
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid"])
 def test_large_weights_within_transformers_own_fp32_spread(model_type, monkeypatch):
     """With large weights (std 0.15: hidden states ~10, logits ~6) fp32 rounding in the delta rule alone
     exceeds 1e-5 at the logits: transformers' own two GDN paths (chunked, and the step-by-step recurrence)
@@ -566,3 +585,35 @@ def test_exported_qwen3_next_loads_without_hf_hybrid(tmp_path):
     env["OMP_NUM_THREADS"] = "1"
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
     assert max_diff_real(native_logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask) <= ATOL
+
+
+def test_olmo_hybrid_refusals_name_the_option_and_write_nothing(tmp_path):
+    """OLMo Hybrid's options are refused where a family lacks them, and its own limits are named: partial
+    RoPE (it rotates the whole head), a pre-norm attention layer, an MoE layer."""
+    from hf_hybrid import HybridConfig, HybridForCausalLM
+
+    dst = tmp_path / "out"
+    family = get_family("olmo_hybrid")
+    partial = family.config_class(
+        **{
+            **family.tiny_config,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5},
+        }
+    )
+    _assert_refused(
+        lambda: import_native(family.model_class(partial), dst), r"partial_rotary_factor'\]=0\.5", dst
+    )
+    ours = import_native(tiny_native("olmo_hybrid"))
+    cfg = ours.config.to_dict()
+    cfg.pop("layer_types")
+    pre = HybridForCausalLM(HybridConfig.from_dict({**cfg, "norm_placement": None}))
+    _assert_refused(lambda: export_native(pre, dst, to="olmo_hybrid"), r"norm_placement\[3\]='pre'", dst)
+    half = {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}
+    rotated = HybridForCausalLM(HybridConfig.from_dict({**cfg, "rope_parameters": half}))
+    _assert_refused(lambda: export_native(rotated, dst, to="olmo_hybrid"), "partial_rotary_factor", dst)
+    # and the families without these options refuse them by name
+    _assert_refused(lambda: export_native(ours, dst, to="qwen3_next"), "norm_placement", dst)
+    no_post = HybridForCausalLM(
+        HybridConfig.from_dict({**cfg, "norm_placement": None, "use_qk_norm": True, "qk_norm_scope": "head"})
+    )
+    _assert_refused(lambda: export_native(no_post, dst, to="qwen3_next"), "gdn_allow_neg_eigval=True", dst)

@@ -80,11 +80,16 @@ def resolve_config(spec: str):
         if model_type == "hf_hybrid":
             return HybridConfig.from_dict(data)
         from ..convert.import_dense import SUPPORTED, dense_to_hybrid_config
-        from ..convert.native import FAMILY_MODULES, TEXT_DECODER_OF, native_to_hybrid_config
+        from ..convert.native import (
+            FAMILY_MODULES,
+            NEEDS_MISSING_LAYER,
+            TEXT_DECODER_OF,
+            native_to_hybrid_config,
+        )
 
         if model_type in SUPPORTED and path.name == "config.json":
             return dense_to_hybrid_config(path.parent)
-        if model_type in FAMILY_MODULES or model_type in TEXT_DECODER_OF:
+        if model_type in FAMILY_MODULES or model_type in TEXT_DECODER_OF or model_type in NEEDS_MISSING_LAYER:
             return native_to_hybrid_config(path.parent if path.name == "config.json" else path)
         raise CLIError(
             f"{path}: model_type={model_type!r} is neither hf_hybrid nor importable "

@@ -35,7 +35,14 @@ def eager_attention_forward(
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    sinks = getattr(module, "sinks", None)
+    if sinks is not None:
+        # one extra logit per head in the softmax, whose probability multiplies no value (then dropped)
+        b, h, t, _ = scores.shape
+        scores = torch.cat([scores, sinks.to(scores.dtype).view(1, h, 1, 1).expand(b, h, t, 1)], dim=-1)
+        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32)[..., :-1].to(query.dtype)
+    else:
+        probs = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = nn.functional.dropout(probs, p=dropout, training=module.training)
     out = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return out, probs
@@ -66,7 +73,9 @@ def describe_attention(config: HybridConfig) -> list[tuple[str, str]]:
             ("output gate", config.attention_output_gate),
             ("qkv bias", config.attention_bias),
             ("no RoPE", not config.attention_rope),
+            (f"no RoPE in layers {config.nope_layers}", config.attention_rope and bool(config.nope_layers)),
             (f"scale {config.attention_scaling}", config.attention_scaling is not None),
+            ("attention sinks", config.attention_sinks),
         )
         if on
     ]
@@ -111,7 +120,7 @@ class HybridAttention(nn.Module):
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
         self.scaling = self.head_dim**-0.5 if config.attention_scaling is None else config.attention_scaling
-        self.use_rope = config.attention_rope
+        self.use_rope = config.attention_rope and layer_idx not in (config.nope_layers or ())
         self.is_causal = True
         self.is_sliding = config.mixer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if self.is_sliding else None
@@ -138,6 +147,7 @@ class HybridAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.clip_qkv = config.clip_qkv
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
 
     def project(
         self, hidden_states: torch.Tensor, ctx: MixerContext
@@ -168,11 +178,13 @@ class HybridAttention(nn.Module):
         return q, k, v, gate
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
-        """Dense attention through transformers' interface; returns [B, T, h, d]."""
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
-        )
+        """Dense attention through transformers' interface; returns [B, T, h, d]. With sinks, the eager path
+        (the only one of transformers' kernels here that every backend runs with sinks)."""
+        implementation = "eager" if self.sinks is not None else self.config._attn_implementation
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
         mask = ctx.masks.get("sliding_attention" if self.is_sliding else "full_attention")
+        if mask is None and implementation != self.config._attn_implementation and q.shape[2] > 1:
+            mask = self._causal_mask(q.shape[2], k.shape[2], q.device)  # sdpa's None means "is_causal"
         out, probs = interface(
             self,
             q,
@@ -187,6 +199,16 @@ class HybridAttention(nn.Module):
         if ctx.output_attentions and probs is not None:
             ctx.attentions.append((self.layer_idx, probs))  # (B, h, T, S)
         return out
+
+    def _causal_mask(self, t: int, s: int, device: torch.device) -> torch.Tensor:
+        """[1, 1, T, S] bool, True where query i (at position S - T + i) may see key j: what a backend's
+        ``mask=None`` (is_causal, no padding) stands for, for the eager path sinks run on."""
+        i = torch.arange(t, device=device)[:, None] + (s - t)
+        j = torch.arange(s, device=device)[None, :]
+        visible = j <= i
+        if self.sliding_window is not None:
+            visible &= j > i - self.sliding_window
+        return visible[None, None]
 
     def output(self, out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         """[B, T, h, d] -> [B, T, hidden]: output gate (if any), then o_proj."""

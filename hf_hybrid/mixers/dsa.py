@@ -44,8 +44,10 @@ from ..ops.dsa import (
     indexer_kl_dense,
     indexer_kl_sparse,
     indexer_recall_at_k,
+    indexer_scores_naive,
     indexer_topk,
     sparse_attention,
+    ties_at_topk_cut,
 )
 from ..registry import register_mixer, require_positive
 from .attention import HybridAttention, describe_attention, validate_gqa
@@ -426,6 +428,38 @@ def _mask_for_mode(mode: str) -> str | None:
 
 def _dsa_mask(config: HybridConfig) -> str | None:
     return _mask_for_mode(config.dsa_mode)
+
+
+def index_ties(model: nn.Module, **inputs) -> list[tuple[int, int, int]]:
+    """Run ``model(**inputs)`` (no cache) and return ``(layer, row, query)`` for every query whose indexer
+    scores are tied at its top-k cut (:func:`hf_hybrid.ops.dsa.ties_at_topk_cut`), with the visibility the
+    selection used (causal, left padding, packed documents). Our selection breaks such ties toward the most
+    recent key; ``torch.topk`` (transformers' DeepSeek-V3.2 / GLM-MoE-DSA) in an unspecified order, so their
+    logits can differ from ours exactly there. An empty list: this input selects the same keys either way."""
+    found: list[tuple[int, int, int]] = []
+    layers = [m for m in dsa_layers(model) if getattr(m, "indexer", None) is not None]
+
+    def watch(layer: _DSAMixin):
+        select = layer._select
+
+        def _select(q_i, k_i, w, key_start, ctx):
+            if layer.config.dsa_selector == "indexer":
+                scores = indexer_scores_naive(q_i, k_i, w, q_offset=ctx.past_length, key_start=key_start)
+                tied = ties_at_topk_cut(scores, layer.topk)
+                found.extend((layer.layer_idx, int(b), int(t)) for b, t in tied.nonzero().tolist())
+            return select(q_i, k_i, w, key_start, ctx)
+
+        return _select
+
+    try:
+        for layer in layers:
+            layer._select = watch(layer)
+        with torch.no_grad():
+            model(**inputs, use_cache=False)
+    finally:
+        for layer in layers:
+            del layer._select  # the class's method again
+    return sorted(set(found))
 
 
 def dsa_layers(model: nn.Module) -> list[_DSAMixin]:

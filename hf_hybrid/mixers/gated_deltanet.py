@@ -31,6 +31,8 @@ def _validate(config: HybridConfig) -> None:
         "gdn_conv_kernel_size",
         "linear_chunk_size",
     )
+    if config.gdn_norm_eps is not None and not config.gdn_norm_eps > 0:
+        raise ValueError(f"HybridConfig.gdn_norm_eps={config.gdn_norm_eps!r} must be > 0 (or None)")
     if config.gdn_num_value_heads % config.gdn_num_key_heads:
         raise ValueError(
             f"HybridConfig.gdn_num_value_heads={config.gdn_num_value_heads} must be a multiple of "
@@ -76,7 +78,8 @@ class GatedDeltaNet(nn.Module):
         )
         self.A_log = nn.Parameter(torch.zeros(self.num_v_heads))
         self.dt_bias = nn.Parameter(torch.ones(self.num_v_heads))
-        self.norm = GatedRMSNorm(self.head_v_dim, eps=config.rms_norm_eps, norm_before_gate=True)
+        norm_eps = config.gdn_norm_eps if config.gdn_norm_eps is not None else config.rms_norm_eps
+        self.norm = GatedRMSNorm(self.head_v_dim, eps=norm_eps, norm_before_gate=True)
         self.out_proj = nn.Linear(self.value_dim, config.hidden_size, bias=False)
 
     def init_hybrid_weights(self, init, config: HybridConfig) -> None:
@@ -95,6 +98,8 @@ class GatedDeltaNet(nn.Module):
         v = v.reshape(b, t, self.num_v_heads, self.head_v_dim)
 
         beta = beta_logit.sigmoid()
+        if self.config.gdn_allow_neg_eigval:  # β ∈ (0, 2): I - β k kᵀ may have a negative eigenvalue
+            beta = beta * 2.0
         g = -self.A_log.float().exp() * F.softplus(a + self.dt_bias.float())  # log decay, fp32
         # Padded positions must leave the state untouched: no decay (g = 0) and no write (β = 0).
         beta, g = zero_padding(beta, ctx), zero_padding(g, ctx)

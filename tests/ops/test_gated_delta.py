@@ -99,6 +99,19 @@ def test_gva_matches_naive(use_qk_l2norm):
     check_all(run(chunk_gated_delta_rule, inputs, use_qk_l2norm=use_qk_l2norm, chunk_size=16), expected)
 
 
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_negative_eigenvalues_match_naive(chunk_size):
+    """β ∈ (0, 2) (``gdn_allow_neg_eigval``, OLMo Hybrid): I - β k kᵀ has the eigenvalue 1 - β < 0 along k;
+    the chunked WY form is the same algebra, so it matches the recurrence there too (output, state, every
+    gradient)."""
+    inputs = make_inputs(length=53, hk=2, hv=4, seed=4)
+    with torch.no_grad():
+        inputs["beta"].mul_(2.0)
+    assert inputs["beta"].max() > 1.5
+    expected = run(naive_recurrent_gated_delta_rule, inputs, use_qk_l2norm=True)
+    check_all(run(chunk_gated_delta_rule, inputs, use_qk_l2norm=True, chunk_size=chunk_size), expected)
+
+
 @pytest.mark.parametrize("use_qk_l2norm", [False, True])
 def test_float64_matches_naive(use_qk_l2norm):
     """float64 inputs stay float64 through the chunked form, with or without the in-op L2 norm (the norm once

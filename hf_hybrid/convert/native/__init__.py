@@ -52,6 +52,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen3_moe": "moe_attention",
     "mixtral": "moe_attention",
     "olmoe": "moe_attention",
+    "minimax_m2": "moe_attention",
     "deepseek_v3": "deepseek",
     "deepseek_v32": "deepseek",
     "glm_moe_dsa": "deepseek",
@@ -61,6 +62,7 @@ FAMILY_MODULES: dict[str, str] = {
     "qwen2": "dense",
     "qwen3": "dense",
     "qwen3_next": "qwen3_next",
+    "olmo_hybrid": "olmo_hybrid",
     "qwen3_5_text": "qwen3_5",
     "qwen3_5_moe_text": "qwen3_5",
     "bamba": "bamba",
@@ -68,6 +70,26 @@ FAMILY_MODULES: dict[str, str] = {
     "granitemoehybrid": "granitemoehybrid",
     "nemotron_h": "nemotron_h",
     "kimi_linear": "kimi_linear",
+    "minicpm5_moe": "minicpm5_moe",  # transformers >= 5.25
+}
+
+
+# Families whose layers hf_hybrid does not have yet: model_type -> the missing layer. Import (and inspect)
+# refuse them naming that layer, before anything is read or written.
+NEEDS_MISSING_LAYER: dict[str, str] = {
+    "deepseek_v4": "DeepSeek-V4's compressed sparse attention",
+    "qwen4_exp": "Qwen4-Exp's compressed indexed attention",
+    "falcon_h1": "Falcon-H1's parallel attention + Mamba-2 block (both mixers on the same input)",
+    "lfm2": "LFM2's gated short convolution",
+    "lfm2_moe": "LFM2's gated short convolution",
+    "lfm3": "LFM3's gated short convolution",
+    "kolibri1_1": "Kolibri-1.1's pooled indexed attention",
+    # built from layers we have plus one feature we lack (read from their transformers modeling files)
+    "axk2": "AXK2's low-rank gated RMSNorm (AXK2GatedRMSNorm: y · sigmoid(mlp(y))) and gated MLA output",
+    "hy_v4": "HY-V4's hyper-connection residual streams (HYV4HyperConnection) and learned attention sinks",
+    "mistral_large4": "Mistral-Large-4's cross-layer KV sharing (kv_sharing_modes)",
+    "glm5_next": "GLM-5-Next's hyper-connection residual streams and k-pool indexer compression",
+    "ergo": "Ergo's per-expert output RMSNorm and normed shared expert",
 }
 
 
@@ -84,6 +106,11 @@ def families() -> dict[str, NativeFamily]:
 
 
 def get_family(model_type: str | None) -> NativeFamily:
+    if model_type in NEEDS_MISSING_LAYER:
+        fail(
+            f"model_type={model_type!r} is not supported yet: it needs {NEEDS_MISSING_LAYER[model_type]}, "
+            "a layer hf_hybrid does not have"
+        )
     if model_type not in FAMILY_MODULES:
         fail(
             f"model_type={model_type!r} is not a native family hf_hybrid can convert; supported: "
@@ -135,6 +162,17 @@ def _state_without_tied(model, tied: bool) -> dict[str, torch.Tensor]:
     return state
 
 
+def _owning(state: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor that shares storage with a tensor of ``source`` (a renamed weight, a
+    split's view) cloned, so that the converted model owns its memory: a model converted in memory must not
+    alias the model it came from (editing one would edit the other). Tensors a transform already produced
+    are kept as they are (no second copy); a source read from disk is a temporary and needs none of this."""
+    shared = {t.untyped_storage().data_ptr() for t in source.values() if t.device.type != "meta"}
+    return {
+        k: (v.detach().clone() if v.untyped_storage().data_ptr() in shared else v) for k, v in state.items()
+    }
+
+
 def import_native(
     src: str | os.PathLike | Any,
     dst: str | os.PathLike | None = None,
@@ -178,6 +216,8 @@ def import_native(
         source_name = base_model or getattr(native_cfg, "name_or_path", None) or family.model_type
     state = _state_without_tied(native_model, hybrid_cfg.tie_word_embeddings)
     ours_state = family.convert_state(state, hybrid_cfg, native_cfg, to="ours")
+    if src_dir is None:  # in memory: the import must not share storage with the caller's model
+        ours_state = _owning(ours_state, state)
     if dtype is not None:
         ours_state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in ours_state.items()}
     model_dtype = dtype or native_model.get_input_embeddings().weight.dtype
@@ -225,6 +265,8 @@ def choose_family(hybrid_cfg, to: str | None = None) -> tuple[NativeFamily, Any]
     reasons = []
     for model_type in order:
         family = get_family(model_type)
+        if not family.available:  # the installed transformers lacks it: it cannot be the target
+            continue
         try:
             return family, family.native_config(hybrid_cfg)
         except NativeConversionError as err:
@@ -272,6 +314,8 @@ def export_native(
     model_dtype = dtype or model.get_input_embeddings().weight.dtype
     state = _state_without_tied(model, hybrid_cfg.tie_word_embeddings)
     native_state = family.convert_state(state, hybrid_cfg, native_cfg, to="native")
+    if src_dir is None:  # in memory: the export must not share storage with the caller's model
+        native_state = _owning(native_state, state)
     native_cfg.dtype = model_dtype
     native_cfg.architectures = [family.model_class.__name__]
     native_model = build_empty(family.model_class, native_cfg)
@@ -338,6 +382,7 @@ def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
 
 __all__ = [
     "FAMILY_MODULES",
+    "NEEDS_MISSING_LAYER",
     "NativeConversionError",
     "NativeFamily",
     "choose_family",

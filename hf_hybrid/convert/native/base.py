@@ -24,6 +24,7 @@ by ``conversion_mapping.py``; fp32 routers) are handled by transformers itself.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
@@ -70,10 +71,10 @@ class Rename(ConfigRule):
         return (self.native,)
 
     def to_ours(self, native, family):
-        return {self.ours: getattr(native, self.native)}
+        return {self.ours: copy.deepcopy(getattr(native, self.native))}
 
     def to_native(self, ours, family):
-        return {self.native: _our_value(ours, self.ours)}
+        return {self.native: copy.deepcopy(_our_value(ours, self.ours))}
 
 
 def _our_value(ours, name: str):
@@ -213,6 +214,7 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
             "attention_bias",
             "attention_rope",
             "attention_scaling",
+            "attention_sinks",
         ),
     ),
     "sliding": (lambda c: "sliding_attention" in c.mixer_types, ("sliding_window",)),
@@ -293,6 +295,8 @@ def _effective_indexer_types(cfg):
 _EFFECTIVE: dict[str, Callable[[Any], Any]] = {
     "mla_norm_eps": lambda c: c.mla_norm_eps if c.mla_norm_eps is not None else c.rms_norm_eps,
     "dsa_indexer_types": _effective_indexer_types,
+    "rope_parameters": lambda c: _effective_rope(c),
+    "gdn_norm_eps": lambda c: c.gdn_norm_eps if c.gdn_norm_eps is not None else c.rms_norm_eps,
 }
 
 
@@ -422,12 +426,28 @@ class NativeFamily:
     # instead of an optional kernel package it would pick up, e.g. fla-core for qwen3_next); None: nothing
     # needed.
     native_context: Callable[[], Any] | None = None
+    # The first transformers release that has the family (None: every supported release).
+    min_transformers: str | None = None
 
     # ---- classes ----
+    @property
+    def available(self) -> bool:
+        """Whether the installed transformers has this family."""
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+        return self.model_type in CONFIG_MAPPING_NAMES
+
     @property
     def config_class(self):
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+        if not self.available:
+            import transformers
+
+            fail(
+                f"model_type={self.model_type!r} needs transformers >= {self.min_transformers or '?'} "
+                f"(installed: {transformers.__version__})"
+            )
         return CONFIG_MAPPING[self.model_type]
 
     @property
@@ -451,7 +471,8 @@ class NativeFamily:
         kwargs: dict[str, Any] = {}
         for rule in self.config_rules:
             kwargs.update(rule.to_ours(native, self))
-        return kwargs
+        # copies: a config class that fills in a dict it is given (rope_parameters) must not edit the source
+        return copy.deepcopy(kwargs)
 
     def hybrid_config(self, native, **extra):
         from ...configuration_hybrid import HybridConfig
@@ -493,20 +514,27 @@ class NativeFamily:
         kwargs: dict[str, Any] = {}
         for rule in self.config_rules:
             kwargs.update(rule.to_native(ours, self))
+        # Copies (a native config class fills in the dicts it is given: Qwen3-Next adds
+        # partial_rotary_factor=0.25 to rope_parameters, and must not do so to ours).
+        kwargs = _explicit_native_kwargs(copy.deepcopy(kwargs), self.config_class)
         from huggingface_hub.errors import StrictDataclassError
 
         try:
             native = self.config_class(**kwargs)
+            # What a reader of the exported config.json gets: save_pretrained writes only the fields that
+            # differ from the class's defaults, and the class fills in the rest again on load.
+            on_disk = self.config_class.from_dict(native.to_diff_dict())
         except (ValueError, TypeError, StrictDataclassError) as err:
             fail(f"cannot export to {self.model_type}: {self.config_name} rejects the mapped options: {err}")
-        back = self.hybrid_config(native)
-        want, got = functional_fields(ours), functional_fields(back)
-        diffs = sorted((n for n in want if want[n] != got.get(n)), key=lambda n: n not in _STRUCTURAL)
-        if diffs:
-            parts = []
-            for name in diffs[:4]:
-                parts.append(_describe_difference(name, want[name], got.get(name)))
-            fail(f"cannot export to {self.model_type}: " + "; ".join(parts))
+        want = functional_fields(ours)
+        for reloaded in (native, on_disk):
+            got = functional_fields(self.hybrid_config(reloaded))
+            diffs = sorted((n for n in want if want[n] != got.get(n)), key=lambda n: n not in _STRUCTURAL)
+            if diffs:
+                parts = []
+                for name in diffs[:4]:
+                    parts.append(_describe_difference(name, want[name], got.get(name)))
+                fail(f"cannot export to {self.model_type}: " + "; ".join(parts))
         return native
 
     # ---- weights ----
@@ -578,6 +606,28 @@ class NativeFamily:
 
 
 _STRUCTURAL = ("mixer_types", "mlp_types")
+
+
+def _explicit_native_kwargs(kwargs: dict[str, Any], config_class) -> dict[str, Any]:
+    """The native config kwargs of an export, made explicit where a native class would fill in a default of
+    its own: ``rope_parameters`` always names its ``partial_rotary_factor`` (1.0 when ours rotates the whole
+    head; Qwen3-Next / Qwen3.5 default to 0.25), and an option we leave at ``None`` (unused by any of our
+    layers, e.g. ``shared_expert_intermediate_size`` of a model without MoE layers) is left to the native
+    class's default rather than passed as ``None`` to a field whose type has no ``None``. Whatever is lost
+    this way, the round trip through the written config (:meth:`NativeFamily.native_config`) names."""
+    rope = kwargs.get("rope_parameters")
+    if isinstance(rope, dict):
+        kwargs["rope_parameters"] = {**rope, "partial_rotary_factor": rope.get("partial_rotary_factor", 1.0)}
+    # fields whose type has no None (``shared_expert_intermediate_size: int``); ``q_lora_rank: int | None``
+    # keeps a None we pass
+    no_none = {f.name for f in dataclasses.fields(config_class) if "None" not in str(f.type)}
+    return {k: v for k, v in kwargs.items() if not (v is None and k in no_none)}
+
+
+def _effective_rope(cfg):
+    rope = dict(cfg.rope_parameters or {})
+    rope.setdefault("partial_rotary_factor", 1.0)
+    return {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v for k, v in rope.items()}
 
 
 def _describe_difference(name: str, want: Any, got: Any) -> str:

@@ -1,4 +1,5 @@
-"""GQA attention + top-k softmax MoE families: ``qwen3_moe``, ``mixtral``, ``olmoe``.
+"""GQA attention + top-k MoE families: ``qwen3_moe``, ``mixtral``, ``olmoe`` (softmax routers), ``minimax_m2``
+(sigmoid router with a correction bias, full-width q/k norm, partial RoPE).
 
 Layer map (native → ours): ``self_attn.*`` → ``mixer.*`` (attention), ``mlp.gate.weight`` →
 ``mlp.router.weight``, ``mlp.experts.{gate_up_proj, down_proj}`` (transformers 5 fuses them at load time into
@@ -239,4 +240,75 @@ OLMOE = NativeFamily(
     ),
 )
 
-FAMILIES = {f.model_type: f for f in (QWEN3_MOE, MIXTRAL, OLMOE)}
+# ---- minimax_m2 --------------------------------------------------------------------------------------------
+# MiniMax-M2: every layer GQA attention with RMSNorm over the whole q / k projection and partial RoPE
+# (the first ``partial_rotary_factor`` of each head rotated; released checkpoints spell it ``rotary_dim``,
+# which the config class turns into the factor), then an MoE of ``intermediate_size``-wide experts, no
+# shared expert, routed by sigmoid scores: top-k of ``sigmoid + e_score_correction_bias`` (a buffer of the
+# MoE block), weights the chosen sigmoids renormalised to sum 1 (DeepSeek-V3's router without groups or
+# scaling).
+
+
+def _minimax_m2_to_ours(n) -> dict:
+    return {
+        "mixer_types": ["attention"] * n.num_hidden_layers,
+        "mlp_types": ["moe"] * n.num_hidden_layers,
+        "moe_intermediate_size": n.intermediate_size,
+        "intermediate_size": n.intermediate_size,
+        "num_experts": n.num_local_experts,
+    }
+
+
+MINIMAX_M2_MOE_RULES = (
+    W("mlp.gate.weight", "mlp.router.weight"),
+    W("mlp.e_score_correction_bias", "mlp.router.e_score_correction_bias"),
+    W("mlp.experts.", "mlp.experts."),
+)
+
+MINIMAX_M2 = NativeFamily(
+    model_type="minimax_m2",
+    config_rules=[
+        *_DECODER,
+        _HEAD_DIM,
+        *same("num_experts_per_tok", "router_jitter_noise"),
+        Custom(
+            ("intermediate_size", "num_local_experts"),
+            _minimax_m2_to_ours,
+            lambda o: {"intermediate_size": o.moe_intermediate_size, "num_local_experts": o.num_experts},
+        ),
+        *ours_fixed(
+            use_qk_norm=True,
+            qk_norm_scope="full",
+            router_scoring_func="sigmoid",
+            norm_topk_prob=True,
+            routed_scaling_factor=1.0,
+            n_group=1,
+            topk_group=1,
+            num_shared_experts=0,
+            moe_routing="topk",
+            moe_capacity_factor=None,
+        ),
+        *_PLAIN_ATTENTION,
+    ],
+    model_rules=MODEL_RULES,
+    layer_rules=NORM_RULES,
+    mixer_rules={"attention": ATTENTION_RULES},
+    mlp_rules={"moe": MINIMAX_M2_MOE_RULES},
+    tiny_config=dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5},
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+)
+
+FAMILIES = {f.model_type: f for f in (QWEN3_MOE, MIXTRAL, OLMOE, MINIMAX_M2)}

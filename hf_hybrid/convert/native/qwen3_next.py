@@ -48,6 +48,7 @@ _KERNEL_MODULES = (
     "transformers.models.qwen3_next.modeling_qwen3_next",
     "transformers.models.qwen3_5.modeling_qwen3_5",
     "transformers.models.qwen3_5_moe.modeling_qwen3_5_moe",
+    "transformers.models.olmo_hybrid.modeling_olmo_hybrid",
 )
 _KERNEL_FUNCTIONS = (
     "torch_chunk_gated_delta_rule",
@@ -59,8 +60,8 @@ _KERNEL_FUNCTIONS = (
 
 @contextlib.contextmanager
 def native_torch_kernels() -> Iterator[None]:
-    """Run transformers' qwen3_next / qwen3_5 / qwen3_5_moe models on their torch reference functions (not
-    fla-core's kernels) inside the block; restored on exit."""
+    """Run transformers' qwen3_next / qwen3_5 / qwen3_5_moe / olmo_hybrid models on their torch reference
+    functions (not fla-core's kernels) inside the block; restored on exit."""
     saved = []
     try:
         for name in _KERNEL_MODULES:

@@ -28,6 +28,7 @@ from .naive import (
     dense_causal_attention_naive,
     indexer_scores_naive,
     sparse_attention_naive,
+    ties_at_topk_cut,
     topk_indices,
 )
 from .torch_ops import sparse_attention_torch
@@ -104,6 +105,7 @@ __all__ = [
     "sparse_attention",
     "sparse_attention_naive",
     "sparse_attention_torch",
+    "ties_at_topk_cut",
     "topk_indices",
     "resolve_backend",
     "topk_indices_packed",

@@ -104,6 +104,22 @@ def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     return idx.masked_fill(vals == float("-inf"), -1)
 
 
+def ties_at_topk_cut(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Which rows of ``scores`` [..., S] (-inf = not visible) have a tie at their top-k cut -> bool [...].
+
+    True where the k-th and the (k+1)-th best visible scores are equal (-0.0 equals +0.0): there the top-k
+    *set* depends on how ties are broken. :func:`topk_indices` breaks them toward the most recent key, while
+    ``torch.topk`` (which transformers' DeepSeek-V3.2 / GLM-MoE-DSA use) leaves the order among ties
+    unspecified (CPU and CUDA differ), so the two selections, hence the logits, can differ exactly on such
+    rows. Rows with at most k visible keys select all of them and are never tied."""
+    S = scores.shape[-1]
+    if S <= k:
+        return torch.zeros(scores.shape[:-1], dtype=torch.bool, device=scores.device)
+    top = scores.float().topk(int(k) + 1, dim=-1).values  # sorted, best first
+    kth, nxt = top[..., k - 1], top[..., k]
+    return (kth == nxt) & (nxt != float("-inf"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # 4. sparse attention
 
