@@ -202,3 +202,39 @@ def test_expert_load_user_errors_exit_2_with_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "expert-load", "--model", str(model_dir))
     assert code == 2
     assert err.strip() == ("hf-hybrid expert-load: error: --model needs --text FILE to run through the model")
+
+
+def test_help_and_usage_errors_load_neither_torch_nor_transformers():
+    """``hf-hybrid --help`` and argument errors answer before ``import hf_hybrid`` loads torch (seconds, more
+    under load); a subcommand then runs with the package initialised as usual (Auto classes registered)."""
+    code = """
+import sys, hf_hybrid_cli
+for argv in (["--help"], ["convert-dsa", "--help"], ["upcycle", "a", "b", "--layers", "x"], ["nope"]):
+    try:
+        hf_hybrid_cli.main(argv)
+    except SystemExit as exit_:
+        assert exit_.code == (0 if "--help" in argv else 2), (argv, exit_.code)
+    heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+    assert heavy == [], (argv, heavy)
+    assert "hf_hybrid" not in sys.modules  # nothing half-initialised left behind
+assert hf_hybrid_cli.main(["inspect", "tiny-hybrid", "--context", "1K"]) == 0
+from transformers import AutoConfig
+assert type(AutoConfig.for_model("hf_hybrid")).__name__ == "HybridConfig"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    )
+
+
+def test_choices_spelled_in_the_parser_are_the_librarys():
+    from hf_hybrid.cli import convert as cli_convert
+    from hf_hybrid.convert.dsa import MODES, SELECTORS
+    from hf_hybrid.convert.hybridize import available_mixers
+    from hf_hybrid.convert.upcycle import ROUTERS
+
+    assert cli_convert.ROUTER_CHOICES == ROUTERS
+    assert (cli_convert.SELECTOR_CHOICES, cli_convert.MODE_CHOICES) == (SELECTORS, MODES)
+    hybridize_help = cli.build_parser()._subparsers._group_actions[0].choices["hybridize"].format_help()
+    assert all(m in " ".join(hybridize_help.split()) for m in available_mixers())

@@ -22,6 +22,10 @@ config resolution and the shared argument types. A new subcommand is a handler p
 (or a new module that :func:`build_parser` calls).
 
 User errors (a bad path, an unsupported checkpoint, an invalid config) print one line and exit with status 2.
+
+Building the parser imports no torch or transformers (handlers import what they need when they run), and the
+``hf-hybrid`` script (``hf_hybrid_cli.py``) parses the command line before ``import hf_hybrid`` registers the
+model family, so ``--help`` and argument errors answer in well under a second.
 """
 
 from __future__ import annotations
@@ -48,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the handler of parsed arguments; a user error is one line on stderr and status 2."""
     try:
         code = args.func(args)
     except USER_ERRORS as err:
@@ -60,4 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return int(code or 0)
 
 
-__all__ = ["CLIError", "USER_ERRORS", "build_parser", "config_kwargs_from_mapping", "main", "resolve_config"]
+__all__ = [
+    "CLIError",
+    "USER_ERRORS",
+    "build_parser",
+    "config_kwargs_from_mapping",
+    "main",
+    "resolve_config",
+    "run",
+]

@@ -118,10 +118,11 @@ def _expand_k(value: str) -> int:
 
 
 def layers_arg(text: str) -> tuple[int, ...] | None:
-    """``--layers 1,3,5`` (``hf_hybrid.convert.checkpoint.parse_layers`` as an argparse type)."""
-    from ..convert.checkpoint import parse_layers
-
+    """``--layers 1,3,5`` as an argparse type (``hf_hybrid.convert.checkpoint.parse_layers``'s rule, here
+    without importing the converters: parsing the command line loads no torch)."""
     try:
-        return parse_layers(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layers {text!r}: expected comma-separated layer indices, e.g. 1,3,5"
+        ) from None

@@ -8,26 +8,18 @@ import argparse
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..configuration_hybrid import HybridConfig
-from ..convert.checkpoint import check_dst
-from ..convert.dsa import MODES, SELECTORS, convert_to_dsa
-from ..convert.hybridize import (
-    REPLACEABLE,
-    available_mixers,
-    format_ranking,
-    format_statements,
-    hybridize,
-    plan_hybridize,
-    rank_layers,
-    selection_blocks,
-)
-from ..convert.source import load_source, source_config
-from ..convert.upcycle import ROUTERS, UpcycleOptions, upcycle
 from ._common import layers_arg
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
+
+# Allowed values of the options below, spelled here so that building the parser imports no torch (``--help``
+# answers at once); tests/test_cli.py checks them against the library's own tuples.
+ROUTER_CHOICES = ("softmax", "sigmoid")  # hf_hybrid.convert.upcycle.ROUTERS
+SELECTOR_CHOICES = ("indexer", "structured")  # hf_hybrid.convert.dsa.SELECTORS
+MODE_CHOICES = ("sparse", "dense_warmup", "dense")  # hf_hybrid.convert.dsa.MODES
 
 
 def cost_line(config: HybridConfig, contexts: tuple[int, ...] = (4096, 131072)) -> str:
@@ -83,6 +75,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
     """``hf-hybrid upcycle``: see ``hf_hybrid.convert.upcycle``."""
+    from ..configuration_hybrid import HybridConfig
+    from ..convert.source import source_config
+    from ..convert.upcycle import UpcycleOptions, upcycle
+
     opts = dict(
         num_experts=args.num_experts,
         top_k=args.top_k,
@@ -118,6 +114,10 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 
 def cmd_convert_dsa(args: argparse.Namespace) -> int:
     """``hf-hybrid convert-dsa``: see ``hf_hybrid.convert.dsa``."""
+    from ..configuration_hybrid import HybridConfig
+    from ..convert.dsa import convert_to_dsa
+    from ..convert.source import source_config
+
     before, _ = source_config(args.src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -151,6 +151,22 @@ def cmd_convert_dsa(args: argparse.Namespace) -> int:
 
 def cmd_hybridize(args: argparse.Namespace) -> int:
     """``hf-hybrid hybridize``: see ``hf_hybrid.convert.hybridize``."""
+    import torch
+
+    from ..configuration_hybrid import HybridConfig
+    from ..convert.checkpoint import check_dst
+    from ..convert.hybridize import (
+        REPLACEABLE,
+        available_mixers,
+        format_ranking,
+        format_statements,
+        hybridize,
+        plan_hybridize,
+        rank_layers,
+        selection_blocks,
+    )
+    from ..convert.source import load_source, source_config
+
     given = [x is not None for x in (args.pattern, args.attention_layers, args.select)]
     if sum(given) != 1:
         raise ValueError("hybridize: give exactly one of --pattern, --attention-layers or --select")
@@ -287,7 +303,9 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--layers", type=layers_arg, default=None, help="comma-separated layers (default: every dense MLP)"
     )
-    p.add_argument("--router", choices=ROUTERS, default="softmax", help="router scores (default softmax)")
+    p.add_argument(
+        "--router", choices=ROUTER_CHOICES, default="softmax", help="router scores (default softmax)"
+    )
     p.add_argument(
         "--no-renormalize",
         action="store_true",
@@ -330,15 +348,17 @@ def add_parsers(sub) -> None:
         default=None,
         help="comma-separated layers (default: every full attention or MLA layer)",
     )
-    p.add_argument("--selector", choices=SELECTORS, default="indexer")
+    p.add_argument("--selector", choices=SELECTOR_CHOICES, default="indexer")
     p.add_argument(
-        "--mode", choices=MODES, default="dense", help="dsa_mode to save (default dense; see --help text)"
+        "--mode",
+        choices=MODE_CHOICES,
+        default="dense",
+        help="dsa_mode to save (default dense; see --help text)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the indexers' initialisation")
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
     p.set_defaults(func=cmd_convert_dsa)
 
-    mixers = available_mixers()
     p = sub.add_parser(
         "hybridize",
         help="replace attention layers by linear-time mixers initialised from the attention weights",
@@ -361,7 +381,12 @@ def add_parsers(sub) -> None:
         metavar="I,J",
         help="attention layers to keep (comma-separated; '' keeps none); the others get --mixer",
     )
-    p.add_argument("--mixer", choices=mixers, default=None, help="mixer for --attention-layers / --select")
+    p.add_argument(
+        "--mixer",
+        default=None,
+        help="mixer for --attention-layers / --select: gated_deltanet, kda, mamba2, linear_attention, or a "
+        "registered plug-in mixer",
+    )
     p.add_argument(
         "--select",
         choices=("kl", "loss"),
