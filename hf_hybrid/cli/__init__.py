@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-hybrid", description="Tools for hf_hybrid hybrid decoder models."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="errors in full (e.g. every native family's reasons)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     describe.add_parsers(sub)
@@ -56,15 +59,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the handler of parsed arguments; a user error is one line on stderr and status 2."""
+    """Run the handler of parsed arguments. A user error is reported in short lines on stderr (what was
+    refused, why, what to do; each at most ``MAX_LINE`` characters; the rest with ``--verbose``), status 2."""
     try:
         code = args.func(args)
     except USER_ERRORS as err:
         if args.debug:
             raise
-        print(f"hf-hybrid {args.command}: error: {err}", file=sys.stderr)
+        print("\n".join(error_lines(args.command, err, verbose=args.verbose)), file=sys.stderr)
         return 2
     return int(code or 0)
+
+
+MAX_LINE = 160
+
+
+def error_lines(command: str, err: BaseException, *, verbose: bool = False) -> list[str]:
+    """The lines ``hf-hybrid COMMAND`` prints for a user error: the message (first line prefixed) wrapped at
+    ``MAX_LINE`` characters, and with ``--verbose`` the error's ``details`` too (e.g. every native family's
+    reasons)."""
+    import textwrap
+
+    lines = str(err).splitlines() or [type(err).__name__]
+    lines[0] = f"hf-hybrid {command}: error: {lines[0]}"
+    if verbose:
+        lines += [f"  {d}" for d in getattr(err, "details", None) or []]
+    out = []
+    for line in lines:
+        indent = " " * (len(line) - len(line.lstrip()))
+        out += textwrap.wrap(line, MAX_LINE, subsequent_indent=indent + "  ", break_on_hyphens=False) or [""]
+    return out
 
 
 __all__ = [
@@ -72,6 +96,7 @@ __all__ = [
     "USER_ERRORS",
     "build_parser",
     "config_kwargs_from_mapping",
+    "error_lines",
     "main",
     "resolve_config",
     "run",

@@ -40,6 +40,16 @@ def _cache_line(config: HybridConfig, context: int = 32768) -> str:
     return f"cache {format_bytes(report.cache_bytes(context) / context)}/token at {context // 1024}K (bf16)"
 
 
+def _replaced_text(replaced: dict[str, str]) -> str:
+    """``{"0": "gated_deltanet", "1": "gated_deltanet", "3": "mamba2"}`` -> ``layers 0, 1 -> gated_deltanet;
+    layer 3 -> mamba2``."""
+    by_mixer: dict[str, list[str]] = {}
+    for layer, mixer in sorted(replaced.items(), key=lambda item: int(item[0])):
+        by_mixer.setdefault(mixer, []).append(layer)
+    parts = [f"layer{'s' if len(ls) > 1 else ''} {', '.join(ls)} -> {m}" for m, ls in by_mixer.items()]
+    return "; ".join(parts) or "no layer replaced"
+
+
 def _parse_attention_layers(text: str) -> tuple[int, ...]:
     if text.strip() == "":
         return ()
@@ -210,10 +220,9 @@ def cmd_hybridize(args: argparse.Namespace) -> int:
     after = HybridConfig.from_pretrained(str(dst))
     lineage = after.hf_hybrid_lineage or {}
     opts = lineage.get("options", {})
-    print(
-        f"hybridized {args.src} -> {dst}: replaced {opts.get('replaced')}, attention kept at "
-        f"{opts.get('attention_layers')}"
-    )
+    kept = ", ".join(map(str, opts.get("attention_layers") or [])) or "none"
+    replaced = _replaced_text(opts.get("replaced") or {})
+    print(f"hybridized {args.src} -> {dst}: {replaced}; attention kept: {kept}")
     print(format_statements(lineage.get("init", {})))
     for i, notes in (lineage.get("init_notes") or {}).items():
         print(f"  layer {i}: {'; '.join(notes)}")

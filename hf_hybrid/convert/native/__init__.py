@@ -222,18 +222,41 @@ def choose_family(hybrid_cfg, to: str | None = None) -> tuple[NativeFamily, Any]
     if lineage.get("base_model_type") in FAMILY_MODULES:
         order.remove(lineage["base_model_type"])
         order.insert(0, lineage["base_model_type"])
-    reasons = []
+    reasons: dict[str, list[str]] = {}
     for model_type in order:
         family = get_family(model_type)
         try:
             return family, family.native_config(hybrid_cfg)
         except NativeConversionError as err:
-            reasons.append(f"{model_type}: {str(err).split(': ', 1)[-1]}")
-    fail(
-        "no native family expresses this model (pass --to FAMILY to see one family's reasons): "
-        + " | ".join(reasons)
-    )
-    raise AssertionError  # unreachable
+            reason = str(err).removeprefix(f"cannot export to {model_type}: ").removeprefix(f"{model_type}: ")
+            reasons[model_type] = [line.strip() for line in reason.splitlines()]
+    raise _no_family_error(hybrid_cfg, reasons)
+
+
+def _no_family_error(hybrid_cfg, reasons: dict[str, list[str]]) -> NativeConversionError:
+    """A short refusal (the two closest families with their first reason) whose ``details`` list every
+    family's reasons (``hf-hybrid export --verbose`` prints them). Closest: fewest layers whose token mixer
+    the family lacks, then fewest reasons, then registration order."""
+
+    def distance(model_type: str) -> tuple[int, int]:
+        kinds = getattr(get_family(model_type), "mixer_rules", None) or {}
+        missing = (
+            sum(t not in kinds for t in hybrid_cfg.mixer_types) if kinds else len(hybrid_cfg.mixer_types)
+        )
+        return missing, len(reasons[model_type])
+
+    closest = sorted(reasons, key=distance)[:2]
+
+    def first(t: str) -> str:
+        text = "; ".join(reasons[t])
+        return text if len(text) <= 110 else text[:107] + "..."
+
+    lines = ["no native family expresses this model; the closest:"]
+    lines += [f"  {t}: {first(t)}" for t in closest]
+    lines.append("give --to FAMILY for that family's reasons, --verbose for every family's")
+    err = NativeConversionError("\n".join(lines))
+    err.details = [f"{t}: {'; '.join(r)}" for t, r in reasons.items()]
+    return err
 
 
 def export_native(
