@@ -238,3 +238,38 @@ def test_choices_spelled_in_the_parser_are_the_librarys():
     assert (cli_convert.SELECTOR_CHOICES, cli_convert.MODE_CHOICES) == (SELECTORS, MODES)
     hybridize_help = cli.build_parser()._subparsers._group_actions[0].choices["hybridize"].format_help()
     assert all(m in " ".join(hybridize_help.split()) for m in available_mixers())
+
+
+def test_a_truncated_weight_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    from hf_hybrid.presets import preset_config
+
+    monkeypatch.chdir(tmp_path)  # paths as a user types them
+    tmp_path = Path(".")
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(llama)
+    hybrid = tmp_path / "hybrid"
+    HybridForCausalLM(preset_config("tiny-attention")).save_pretrained(hybrid)
+    for directory in (llama, hybrid):
+        weights = directory / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    for argv in (
+        ["import", str(llama), str(tmp_path / "o1")],
+        ["upcycle", str(hybrid), str(tmp_path / "o2"), "--num-experts", "2", "--top-k", "2"],
+        ["convert-dsa", str(hybrid), str(tmp_path / "o3"), "--index-topk", "4"],
+        ["hybridize", str(llama), str(tmp_path / "o4"), "--attention-layers", "1", "--mixer", "mamba2"],
+        ["export", str(hybrid), str(tmp_path / "o5")],
+    ):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and len(err) <= 161, err
+        assert "model.safetensors is truncated or corrupted" in err and "download it again" in err, err

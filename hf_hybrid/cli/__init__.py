@@ -35,7 +35,13 @@ import sys
 from collections.abc import Sequence
 
 from . import convert, describe, moe
-from ._common import USER_ERRORS, CLIError, config_kwargs_from_mapping, resolve_config
+from ._common import (
+    USER_ERRORS,
+    CLIError,
+    config_kwargs_from_mapping,
+    resolve_config,
+    unreadable_weights_error,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +68,13 @@ def run(args: argparse.Namespace) -> int:
     """Run the handler of parsed arguments. A user error is reported in short lines on stderr (what was
     refused, why, what to do; each at most ``MAX_LINE`` characters; the rest with ``--verbose``), status 2."""
     try:
-        code = args.func(args)
+        try:
+            code = args.func(args)
+        except Exception as err:
+            user_error = unreadable_weights_error(args, err)  # a truncated or corrupted safetensors file
+            if user_error is None:
+                raise
+            raise user_error from err
     except USER_ERRORS as err:
         if args.debug:
             raise

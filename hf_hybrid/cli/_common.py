@@ -29,6 +29,29 @@ USER_ERRORS = (
 )
 
 
+def unreadable_weights_error(args: argparse.Namespace, err: BaseException) -> CLIError | None:
+    """A ``CLIError`` naming the weight file behind a safetensors read error (a truncated download, a
+    corrupted copy), else ``None``: the file is found by opening each ``*.safetensors`` file of the
+    command's input directories."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        return None
+    if not isinstance(err, SafetensorError):
+        return None
+    dirs = [Path(p) for p in (getattr(args, a, None) for a in ("src", "model", "dir", "target")) if p]
+    for directory in (d for d in dirs if d.is_dir()):
+        for file in sorted(directory.glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except Exception as bad:
+                reason = str(bad).splitlines()[0].rsplit(": ", 1)[-1][:60]
+                return CLIError(f"{file} is truncated or corrupted ({reason}); save or download it again")
+    reason = str(err).splitlines()[0].rsplit(": ", 1)[-1][:60]
+    return CLIError(f"a weight file is truncated or corrupted ({reason}); save or download it again")
+
+
 def _read_yaml(path: Path) -> Any:
     import yaml
 
