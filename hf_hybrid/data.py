@@ -113,7 +113,7 @@ def recipe_source(spec: str | None = "auto", *, log=print) -> Path:
         raise FileNotFoundError(
             f"source checkpoint {path} has no tokenizer (the recipe tokenises text with it); {hint}"
         )
-    return path
+    return path.resolve()
 
 
 def _train_tiny_dense(log) -> None:

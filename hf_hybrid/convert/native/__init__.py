@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ...card import source_name as card_source_name
 from ..checkpoint import (
     as_dtype,
     check_dst,
@@ -172,7 +173,7 @@ def import_native(
     if src_dir is not None:
         weight_files(src_dir)  # refuses pickle-only checkpoints with a clear message
         native_model = family.model_class.from_pretrained(str(src_dir), dtype="auto", use_safetensors=True)
-        source_name = base_model or os.fspath(src)
+        source_name = base_model or card_source_name(src)
     else:
         native_model = src
         source_name = base_model or getattr(native_cfg, "name_or_path", None) or family.model_type
@@ -334,7 +335,9 @@ def _keep_fp32(native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
     lineage = dict(hybrid_cfg.hf_hybrid_lineage or {})
-    base = lineage.get("base_model")
+    from ...card import _hub_id, base_model_text
+
+    base = _hub_id(lineage.get("base_model"))  # Hub metadata names a Hub model, never a local path
     lines = ["---", "library_name: transformers"]
     if base:
         lines.append(f"base_model: {json.dumps(str(base))}")
@@ -353,6 +356,8 @@ def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
     lines.append("")
     if lineage:
         for key, value in lineage.items():
+            if key in ("base_model", "source") and isinstance(value, str):
+                value = base_model_text(value)  # a local path: its name only
             lines.append(f"- {key}: {value}")
     lines.append(f"- exported_to: {family.model_type}")
     lines.append("")
