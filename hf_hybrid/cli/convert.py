@@ -22,7 +22,10 @@ SELECTOR_CHOICES = ("indexer", "structured")  # hf_hybrid.convert.dsa.SELECTORS
 MODE_CHOICES = ("sparse", "dense_warmup", "dense")  # hf_hybrid.convert.dsa.MODES
 
 
-def cost_line(config: HybridConfig, contexts: tuple[int, ...] = (4096, 131072)) -> str:
+COST_CONTEXTS = (4096, 131072)  # the contexts of the before / after lines
+
+
+def cost_line(config: HybridConfig, contexts: tuple[int, ...] = COST_CONTEXTS) -> str:
     from ..cost import estimate_cost, format_count, format_tokens
 
     report = estimate_cost(config, contexts=contexts)
@@ -155,6 +158,11 @@ def cmd_convert_dsa(args: argparse.Namespace) -> int:
     if after.dsa_mode != "sparse":
         sparse = HybridConfig.from_dict({**after.to_dict(), "dsa_mode": "sparse"})
         print(f"  sparse: {cost_line(sparse)} (once the indexers are trained)")
+    from ..cost import dsa_notes
+
+    for note in dsa_notes(after, COST_CONTEXTS):
+        print(f"  warning: {note}")
+    if after.dsa_mode != "sparse":
         print("  next: train the indexers (recipes/dsa: dense warm-up, then sparse training)")
     return 0
 
