@@ -273,3 +273,11 @@ def test_a_truncated_weight_file_is_one_line_naming_it(tmp_path, capsys, monkeyp
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and len(err) <= 161, err
         assert "model.safetensors is truncated or corrupted" in err and "download it again" in err, err
+
+
+def test_a_wrongly_typed_yaml_field_is_named_not_a_type_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hidden_size: sixty\nnum_hidden_layers: 2\nnum_attention_heads: 4\n")
+    assert cli.main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "hidden_size='sixty' must be a number" in err and err.count("\n") == 1, err

@@ -82,6 +82,29 @@ def config_kwargs_from_mapping(data: dict[str, Any], *, source: str) -> dict[str
     return kwargs
 
 
+def build_config(kwargs: dict[str, Any], *, source: str):
+    """``HybridConfig(**kwargs)``; a value of the wrong type (``hidden_size: sixty``) is a ``CLIError`` naming
+    the field, the value and the type its default has, not a TypeError from deep inside the validation."""
+    from ..configuration_hybrid import HybridConfig
+
+    try:
+        return HybridConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ValueError) and "Validation error" not in str(err):
+            raise  # our own validation: already names the field, the value and what is allowed
+        defaults = HybridConfig()
+        for key, value in kwargs.items():
+            default = getattr(defaults, key, None)
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if numeric and (isinstance(value, (str, bool)) or value is None):
+                raise CLIError(
+                    f"{source}: {key}={value!r} must be a number like its default {default!r}"
+                ) from None
+        raise CLIError(
+            f"{source}: not valid HybridConfig arguments ({str(err).splitlines()[0][:120]})"
+        ) from None
+
+
 def resolve_config(spec: str):
     """A ``HybridConfig`` from a directory, config.json, YAML file or preset name (see ``hf_hybrid.cli``)."""
     from ..configuration_hybrid import HybridConfig
@@ -94,7 +117,9 @@ def resolve_config(spec: str):
             raise CLIError(f"{spec} has no config.json")
     if path.is_file():
         if path.suffix in (".yaml", ".yml"):
-            return HybridConfig(**config_kwargs_from_mapping(_read_yaml(path), source=str(path)))
+            return build_config(
+                config_kwargs_from_mapping(_read_yaml(path), source=str(path)), source=str(path)
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
