@@ -112,7 +112,7 @@ def test_import_and_card_commands(capsys, tmp_path):
 def test_user_errors_are_short_lines_with_status_2(capsys, argv, fragment):
     code, out, err = run(capsys, *argv)
     assert code == 2
-    lines = err.strip().splitlines()  # what, why, what to do: at most a line each, each at most 160 characters
+    lines = err.strip().splitlines()  # what, why, what to do: a line each at most, each <= 160 characters
     assert fragment in " ".join(err.split()) and len(lines) <= 3 and "Traceback" not in err
     assert max(map(len, lines)) <= 160, lines
     assert not Path("/tmp/never-written").exists()
