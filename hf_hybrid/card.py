@@ -23,12 +23,14 @@ import yaml
 
 from .configuration_hybrid import HybridConfig
 from .cost import compress_pattern, estimate_cost, format_count
+from .files import honour_umask
 from .registry import mixer_spec, mlp_spec
 
 TEMPLATE_NAME = "hf_hybrid_card.md"
 _REPO_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
 _PLACEHOLDER_ID = "path/or/repo-id"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_CACHE_DIR = re.compile(r"models--([\w.-]+?)--([\w.-]+)(?:/|$)")
 
 
 def template_text() -> str:
@@ -39,11 +41,33 @@ def template_text() -> str:
 
 
 def _hub_id(value: Any) -> str | None:
-    """``value`` when it looks like a Hub repo id (``owner/name``) and is not a local path, else None: the
-    Hub's ``base_model`` metadata must name a Hub model, while lineage may record a local directory."""
-    if isinstance(value, str) and _HUB_ID.match(value) and not os.path.exists(value):
+    """The Hub repo id (``owner/name``) behind a lineage's ``base_model``, else None: the Hub's ``base_model``
+    metadata must name a Hub model, while lineage may record a local directory. A local copy in the Hub cache
+    (``.../models--owner--name/snapshots/<sha>``) gives its repo id; any other local path gives None."""
+    if not isinstance(value, str):
+        return None
+    cached = _HUB_CACHE_DIR.search(value.replace(os.sep, "/"))
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    if _HUB_ID.match(value) and not value.startswith((".", "/", "~")) and not os.path.exists(value):
         return value
     return None
+
+
+def source_name(src: Any) -> str:
+    """How lineage records a source: a local directory as its absolute path (so that a relative path such as
+    ``outputs/main`` is never mistaken for a Hub id), anything else as given."""
+    text = os.fspath(src)
+    return os.path.abspath(text) if os.path.exists(text) else text
+
+
+def base_model_text(value: Any) -> str | None:
+    """How a card's text names the base model: its Hub id, else a local directory's name only (a card is
+    published; the absolute path of the machine it was made on means nothing to its readers)."""
+    if not value:
+        return None
+    hub = _hub_id(value)
+    return hub if hub else f"a local checkpoint ({os.path.basename(str(value).rstrip('/'))})"
 
 
 def card_tags(config: HybridConfig) -> list[str]:
@@ -129,7 +153,11 @@ def _lineage(config: HybridConfig, metrics: dict[str, Any] | None) -> str:
     else:
         for key in ("base_model", "base_architecture", "recipe"):
             if key in lineage:
-                lines.append(f"- **{key.replace('_', ' ')}**: `{lineage.pop(key)}`")
+                value = lineage.pop(key)
+                value = base_model_text(value) if key == "base_model" else value
+                lines.append(f"- **{key.replace('_', ' ')}**: `{value}`")
+        if isinstance(lineage.get("source"), str):  # a local path: its name only (see base_model_text)
+            lineage["source"] = base_model_text(lineage["source"])
         for key, value in lineage.items():
             text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
             lines.append(f"- **{key.replace('_', ' ')}**: `{text}`")
@@ -193,7 +221,8 @@ def render_model_card(
         f"{active.split(' (')[0]} active): {compress_pattern(config.mixer_types)}."
     )
     if base:
-        summary += f" Derived from `{base}` (recipe: {lineage.get('recipe', 'unknown')})."
+        recipe = lineage.get("recipe", "unknown")
+        summary += f" Derived from {base_model_text(base)} (recipe: {recipe})."
     from . import __version__
 
     values = {
@@ -235,6 +264,7 @@ def write_model_card(
     fd, tmp = tempfile.mkstemp(prefix=".README.", suffix=".md", dir=path.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(text)
+    honour_umask(tmp)  # mkstemp makes it 0600
     os.replace(tmp, path)
     return path
 

@@ -375,6 +375,7 @@ class CostReport:
     exact: bool
     state_dtype_bytes: int | None = None
     lm_head_params: int = 0  # 0 when tied to the embedding
+    notes: list[str] = field(default_factory=list)  # warnings about the design (e.g. a DSA that costs more)
 
     @property
     def active_non_embedding_params(self) -> int:
@@ -442,6 +443,7 @@ class CostReport:
             },
             "cache_bytes_per_sequence": {str(c): self.cache_bytes(c) for c in self.contexts},
             "flops_per_token": {str(c): self.flops_per_token(c) for c in self.contexts},
+            "notes": list(self.notes),
             "layers": [
                 {
                     "index": layer.index,
@@ -512,6 +514,7 @@ class CostReport:
         lines.append(fmt(header))
         lines.append("  ".join("-" * w for w in widths))
         lines.extend(fmt(r) for r in rows)
+        lines.extend(f"warning: {note}" for note in self.notes)
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -555,10 +558,12 @@ def estimate_cost(
     *,
     state_dtype_bytes: int | None = None,
     measure: bool = True,
+    notes: bool = True,
 ) -> CostReport:
     """Parameters, cache and FLOPs of ``config`` (a ``HybridConfig`` or its keyword arguments).
 
-    ``measure=False`` uses the formulas only (no module is built, even on meta)."""
+    ``measure=False`` uses the formulas only (no module is built, even on meta). ``notes``: warn (in
+    ``report.notes``) about what the numbers show against the design's intent (``dsa_notes``)."""
     if isinstance(config, dict):
         config = HybridConfig(**config)
     contexts = tuple(int(c) for c in contexts)
@@ -632,7 +637,33 @@ def estimate_cost(
         exact=all_exact,
         state_dtype_bytes=state_dtype_bytes,
         lm_head_params=lm_head,
+        notes=dsa_notes(config, contexts) if notes else [],
     )
+
+
+def dsa_notes(config: HybridConfig, contexts: Sequence[int]) -> list[str]:
+    """A warning when the model in sparse DSA mode needs more FLOPs per token than the same model with dense
+    base attention (no indexers) at some of ``contexts``: the lightning indexer scores every past token with
+    ``index_n_heads × index_head_dim``, which only pays off once top-k is small next to the context and the
+    attention it replaces is wider than the indexer. Empty when there is nothing to warn about."""
+    if "dsa" not in config.mixer_types or config.dsa_selector != "indexer":
+        return []
+    data = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # derived from mixer_types
+    sparse = HybridConfig.from_dict({**data, "dsa_mode": "sparse"})
+    dense = HybridConfig.from_dict(
+        {**data, "mixer_types": [config.dsa_base if t == "dsa" else t for t in config.mixer_types]}
+    )
+    with_dsa = estimate_cost(sparse, contexts, measure=False, notes=False)
+    without = estimate_cost(dense, contexts, measure=False, notes=False)
+    worse = [c for c in contexts if with_dsa.flops_per_token(c) > without.flops_per_token(c)]
+    if not worse:
+        return []
+    where = "every given context" if len(worse) == len(contexts) else ", ".join(map(format_tokens, worse))
+    return [
+        f"sparse DSA costs more FLOPs/token than dense {config.dsa_base} at {where}: the "
+        f"{config.index_n_heads}×{config.index_head_dim} indexer costs more than top-{config.index_topk} "
+        "saves; use fewer or narrower indexer heads"
+    ]
 
 
 # ------------------------------------------------------------------------------------------------------------

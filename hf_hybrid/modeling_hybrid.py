@@ -35,6 +35,7 @@ from . import compat
 from .aux_loss import attach_aux_loss
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
+from .files import honour_umask
 from .layers import LowRankGatedRMSNorm, RMSNorm, rope_inv_freq
 from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
@@ -386,6 +387,7 @@ class HybridPreTrainedModel(PreTrainedModel):
             with self._config_as_set():
                 super().save_pretrained(tmp, *args, **kwargs)
             self._write_card_if_missing(tmp, save_directory)
+            honour_umask(tmp)  # tempfile made it private; the files keep these modes when moved into place
             if not os.path.exists(save_directory):
                 os.replace(tmp, save_directory)
                 return

@@ -60,15 +60,23 @@ def evaluate_perplexity(
     *,
     batch_size: int = 8,
     max_batches: int | None = None,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Token-weighted mean LM loss (nats/token) and perplexity of ``model`` on a dataset of
-    ``{"input_ids", "labels"}`` blocks, in eval mode (so the loss is the LM loss alone, DESIGN.md §6b)."""
+    ``{"input_ids", "labels"}`` blocks, in eval mode (so the loss is the LM loss alone: the README's loss
+    rule). ``progress``: a tqdm bar over batches."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
+    loader = DataLoader(dataset, batch_size=batch_size)
+    n_batches = len(loader) if max_batches is None else min(len(loader), max_batches)
     try:
-        for i, batch in enumerate(DataLoader(dataset, batch_size=batch_size)):
+        for i, batch in enumerate(
+            tqdm(loader, desc="held-out perplexity", total=n_batches, disable=not progress, leave=False)
+        ):
             if max_batches is not None and i >= max_batches:
                 break
             input_ids = batch["input_ids"].to(device)

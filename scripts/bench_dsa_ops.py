@@ -1,7 +1,9 @@
 """Benchmark the DSA ops against dense attention, printing times, peak memory and ratios from one run.
 
 CPU (always): sparse attention (torch gather path) vs dense causal SDPA vs the dense-masked naive DSA
-(what transformers' deepseek_v32 does), forward and forward+backward, T = 1024..4096, K = 256; and the
+(what transformers' deepseek_v32 does), forward and forward+backward, T = 1024..4096, K = T/4 (``--cpu-K``
+fixes K), each as a ratio to SDPA; the dense dispatch a DSA layer takes at K >= T (SDPA through
+``dense_visible_attention``); and the
 streaming indexer top-k vs dense scores + sort. Peak memory is the rise of the process's peak RSS
 (VmHWM, reset through /proc/self/clear_refs) over the RSS before the call: large tensors are mmap'd, so
 RSS follows tensor allocations closely.
@@ -28,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from hf_hybrid.ops.dsa import indexer_topk, sparse_attention
+from hf_hybrid.ops.dsa import dense_visible_attention, indexer_topk, sparse_attention
 from hf_hybrid.ops.dsa.naive import indexer_scores_naive, sparse_attention_naive, topk_indices
 
 MiB = 2**20
@@ -171,6 +173,7 @@ def _cpu_attention_rows(T: int, K: int, reps: int, B=1, H=8, Hkv=2, D=64) -> dic
         "SDPA dense causal": lambda: sdpa_causal(q, k, v, scale),
         "DSA naive (masked)": lambda: sparse_attention_naive(q, k, v, idx, scale=scale),
         "DSA torch (gather)": lambda: sparse_attention(q, k, v, idx, scale=scale, backend="torch"),
+        "DSA at K>=T (dispatch)": lambda: dense_visible_attention(q, k, v, scale=scale),
     }
     rows = {}
     for name, op in ops.items():
@@ -198,14 +201,17 @@ def _cpu_indexer_rows(T: int, K: int, reps: int, B=1, HI=8, DI=64) -> dict[str, 
     return {name: (cpu_time_ms(op, reps), cpu_peak_mib(op)) for name, op in ops.items()}
 
 
-def bench_cpu(Ts: list[int], K: int, reps: int) -> None:
-    print(f"\n== CPU sparse attention: B=1 H=8 Hkv=2 D=64 K={K} fp32, {torch.get_num_threads()} threads ==")
+def bench_cpu(Ts: list[int], K: int | None, reps: int) -> None:
+    k_text = "T/4" if K is None else str(K)
+    print(
+        f"\n== CPU sparse attention: B=1 H=8 Hkv=2 D=64 K={k_text} fp32, {torch.get_num_threads()} threads =="
+    )
     print(
         f"{'T':>6} {'op':>22} | {'fwd ms':>9} {'fwd MiB':>9} | "
         f"{'f+b ms':>9} {'f+b MiB':>9} | f+b vs SDPA: ms, MiB"
     )
     for T in Ts:
-        rows = _cpu_attention_rows(T, K, reps)
+        rows = _cpu_attention_rows(T, K or T // 4, reps)
         base = rows["SDPA dense causal"]
         for name, row in rows.items():
             if row is None:
@@ -216,10 +222,10 @@ def bench_cpu(Ts: list[int], K: int, reps: int) -> None:
                 f"{T:>6} {name:>22} | {fmt(tf):>9} {fmt(mf):>9} | {fmt(tb):>9} {fmt(mb):>9} | "
                 f"{ratio(tb, base[2])}, {ratio(mb, base[3])}"
             )
-    print(f"\n== CPU indexer top-k: B=1 HI=8 DI=64 K={K} ==")
+    print(f"\n== CPU indexer top-k: B=1 HI=8 DI=64 K={k_text} ==")
     print(f"{'T':>6} {'op':>28} | {'ms':>9} {'MiB':>9}")
     for T in Ts:
-        for name, (t, m) in _cpu_indexer_rows(T, K, max(1, reps // 2)).items():
+        for name, (t, m) in _cpu_indexer_rows(T, K or T // 4, max(1, reps // 2)).items():
             print(f"{T:>6} {name:>28} | {fmt(t):>9} {fmt(m):>9}")
 
 
@@ -338,7 +344,7 @@ def bench_gpu(Ts: list[int], K: int, reps: int, torch_max_T: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cpu-T", type=int, nargs="+", default=[1024, 2048, 4096])
-    ap.add_argument("--cpu-K", type=int, default=256)
+    ap.add_argument("--cpu-K", type=int, default=None, help="keys per query on CPU (default T/4)")
     ap.add_argument("--cpu-reps", type=int, default=3)
     ap.add_argument("--gpu-T", type=int, nargs="+", default=[8192, 16384, 32768, 65536, 131072])
     ap.add_argument("--gpu-K", type=int, default=2048)

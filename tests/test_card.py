@@ -165,3 +165,86 @@ def test_save_pretrained_with_push_to_hub_keeps_local_readme(tiny_config, offlin
     assert (target / "config.json").is_file()
     (upload,) = offline_hub
     assert upload["repo_id"] == "me/x" and parse_front_matter(upload["readme"])["library_name"] == "hf-hybrid"
+
+
+def _modes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mode & 0o777 for p in [root, *root.rglob("*")]}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_saved_checkpoints_honour_the_umask(tmp_path, umask):
+    """save_pretrained and the converters write through private temporary directories (0700) and
+    safetensors writes 0600: what lands in place has the modes an ordinary mkdir / open would give."""
+    import os
+
+    from hf_hybrid.convert.upcycle import upcycle
+    from hf_hybrid.presets import preset_config
+
+    previous = os.umask(umask)
+    try:
+        HybridForCausalLM(preset_config("tiny-attention")).save_pretrained(tmp_path / "saved")
+        upcycle(tmp_path / "saved", tmp_path / "moe", num_experts=2, top_k=2)
+        HybridForCausalLM(preset_config("tiny-attention")).save_pretrained(tmp_path / "saved")  # over it
+    finally:
+        os.umask(previous)
+    for directory in (tmp_path / "saved", tmp_path / "moe"):
+        modes = _modes(directory)
+        assert {"model.safetensors", "config.json", "README.md"} <= set(modes), modes
+        for name, mode in modes.items():
+            want = (0o777 if (directory / name).is_dir() else 0o666) & ~umask
+            assert mode == want, (directory.name, name, oct(mode), oct(want))
+
+
+def test_card_base_model_is_a_hub_id_or_absent(tmp_path):
+    """A local source path never becomes the card's ``base_model`` (the Hub metadata names a Hub model) nor
+    appears in full in the card; a Hub id, or a local copy in the Hub cache, does."""
+    from hf_hybrid.card import _hub_id
+    from hf_hybrid.convert.native import _export_card, get_family
+    from hf_hybrid.presets import preset_config
+
+    local = tmp_path / "my-llama"
+    local.mkdir()
+    cached = "/home/u/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/abc123"
+    assert (
+        _hub_id(str(local)) is None and _hub_id("outputs/main") is None or not Path("outputs/main").exists()
+    )
+    assert _hub_id(cached) == "Qwen/Qwen3-0.6B" and _hub_id("Qwen/Qwen3-0.6B") == "Qwen/Qwen3-0.6B"
+    for base, want in (
+        (str(local), None),
+        (cached, "Qwen/Qwen3-0.6B"),
+        ("Qwen/Qwen3-0.6B", "Qwen/Qwen3-0.6B"),
+    ):
+        config = preset_config("tiny-attention")
+        config.hf_hybrid_lineage = {"base_model": base, "source": base, "recipe": "import"}
+        for card in (render_model_card(config), _export_card(config, get_family("llama"), "dst")):
+            assert parse_front_matter(card).get("base_model") == want, card
+            assert str(tmp_path) not in card and "/home/u" not in card, card
+
+
+def test_the_cards_usage_snippet_runs_as_written(tmp_path):
+    """The card's Python block, with the checkpoint's path in place of the placeholder id, runs in a fresh
+    interpreter against a locally saved model and tokenizer (what a reader copies from the Hub page)."""
+    import re
+    import subprocess
+    import sys
+
+    from hf_hybrid.card import _PLACEHOLDER_ID
+    from hf_hybrid.data import byte_tokenizer
+    from hf_hybrid.presets import preset_config
+
+    out = tmp_path / "model"
+    HybridForCausalLM(preset_config("tiny-hybrid", vocab_size=257)).save_pretrained(out)
+    byte_tokenizer().save_pretrained(out)
+    card = (out / "README.md").read_text()
+    (snippet,) = re.findall(r"```python\n(.*?)```", card, flags=re.S)
+    assert _PLACEHOLDER_ID in snippet and "import hf_hybrid" in snippet
+    code = snippet.replace(_PLACEHOLDER_ID, str(out))
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parents[1],
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("The quick brown fox"), proc.stdout

@@ -109,10 +109,12 @@ def test_import_and_card_commands(capsys, tmp_path):
         (["card", "/nonexistent/dir"], "is not a directory"),
     ],
 )
-def test_user_errors_are_one_line_with_status_2(capsys, argv, fragment):
+def test_user_errors_are_short_lines_with_status_2(capsys, argv, fragment):
     code, out, err = run(capsys, *argv)
     assert code == 2
-    assert fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    lines = err.strip().splitlines()  # what, why, what to do: a line each at most, each <= 160 characters
+    assert fragment in " ".join(err.split()) and len(lines) <= 3 and "Traceback" not in err
+    assert max(map(len, lines)) <= 160, lines
     assert not Path("/tmp/never-written").exists()
 
 
@@ -202,3 +204,82 @@ def test_expert_load_user_errors_exit_2_with_one_line(tmp_path, capsys):
     code, _, err = run(capsys, "expert-load", "--model", str(model_dir))
     assert code == 2
     assert err.strip() == ("hf-hybrid expert-load: error: --model needs --text FILE to run through the model")
+
+
+def test_help_and_usage_errors_load_neither_torch_nor_transformers():
+    """``hf-hybrid --help`` and argument errors answer before ``import hf_hybrid`` loads torch (seconds, more
+    under load); a subcommand then runs with the package initialised as usual (Auto classes registered)."""
+    code = """
+import sys, hf_hybrid_cli
+for argv in (["--help"], ["convert-dsa", "--help"], ["upcycle", "a", "b", "--layers", "x"], ["nope"]):
+    try:
+        hf_hybrid_cli.main(argv)
+    except SystemExit as exit_:
+        assert exit_.code == (0 if "--help" in argv else 2), (argv, exit_.code)
+    heavy = sorted(m for m in ("torch", "transformers") if m in sys.modules)
+    assert heavy == [], (argv, heavy)
+    assert "hf_hybrid" not in sys.modules  # nothing half-initialised left behind
+assert hf_hybrid_cli.main(["inspect", "tiny-hybrid", "--context", "1K"]) == 0
+from transformers import AutoConfig
+assert type(AutoConfig.for_model("hf_hybrid")).__name__ == "HybridConfig"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        proc.stdout[-2000:] + proc.stderr[-3000:]
+    )
+
+
+def test_choices_spelled_in_the_parser_are_the_librarys():
+    from hf_hybrid.cli import convert as cli_convert
+    from hf_hybrid.convert.dsa import MODES, SELECTORS
+    from hf_hybrid.convert.hybridize import available_mixers
+    from hf_hybrid.convert.upcycle import ROUTERS
+
+    assert cli_convert.ROUTER_CHOICES == ROUTERS
+    assert (cli_convert.SELECTOR_CHOICES, cli_convert.MODE_CHOICES) == (SELECTORS, MODES)
+    hybridize_help = cli.build_parser()._subparsers._group_actions[0].choices["hybridize"].format_help()
+    assert all(m in " ".join(hybridize_help.split()) for m in available_mixers())
+
+
+def test_a_truncated_weight_file_is_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    from hf_hybrid.presets import preset_config
+
+    monkeypatch.chdir(tmp_path)  # paths as a user types them
+    tmp_path = Path(".")
+    llama = tmp_path / "llama"
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(llama)
+    hybrid = tmp_path / "hybrid"
+    HybridForCausalLM(preset_config("tiny-attention")).save_pretrained(hybrid)
+    for directory in (llama, hybrid):
+        weights = directory / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    capsys.readouterr()
+    for argv in (
+        ["import", str(llama), str(tmp_path / "o1")],
+        ["upcycle", str(hybrid), str(tmp_path / "o2"), "--num-experts", "2", "--top-k", "2"],
+        ["convert-dsa", str(hybrid), str(tmp_path / "o3"), "--index-topk", "4"],
+        ["hybridize", str(llama), str(tmp_path / "o4"), "--attention-layers", "1", "--mixer", "mamba2"],
+        ["export", str(hybrid), str(tmp_path / "o5")],
+    ):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and len(err) <= 161, err
+        assert "model.safetensors is truncated or corrupted" in err and "download it again" in err, err
+
+
+def test_a_wrongly_typed_yaml_field_is_named_not_a_type_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("hidden_size: sixty\nnum_hidden_layers: 2\nnum_attention_heads: 4\n")
+    assert cli.main(["inspect", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "hidden_size='sixty' must be a number" in err and err.count("\n") == 1, err

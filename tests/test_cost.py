@@ -303,3 +303,29 @@ def test_compress_pattern():
     assert compress_pattern(["a"] * 5) == "5×a"
     assert compress_pattern(["d", "m", "m"]) == "d, 2×m"
     assert compress_pattern(["g", "g", "a", "g"]) == "2×g, a, g"
+
+
+def test_a_dsa_indexer_wider_than_its_savings_is_warned_about(capsys):
+    """A small model with the default indexer (8 heads × 64, wider than its 4 × 32 attention) costs more
+    FLOPs/token in sparse mode than dense at every context: the inspector, its JSON and convert-dsa say so;
+    a narrow indexer at long context does not warn."""
+    from hf_hybrid.cli import main
+
+    small = dict(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+    )
+    wide = HybridConfig(**small, mixer_types=["dsa", "dsa"], dsa_base="attention", index_topk=256)
+    report = estimate_cost(wide, contexts=(4096, 131072))
+    assert len(report.notes) == 1 and "8×64 indexer costs more than top-256 saves" in report.notes[0]
+    assert "every given context" in report.notes[0]
+    assert "warning: sparse DSA costs more" in report.to_text() and json.loads(report.to_json())["notes"]
+    # the warning is about the trained (sparse) model, whatever mode the checkpoint is saved in
+    assert estimate_cost(HybridConfig(**wide.to_dict() | {"dsa_mode": "dense"}), (4096,)).notes
+    narrow = HybridConfig(
+        **small, mixer_types=["dsa", "dsa"], dsa_base="attention", index_topk=256, index_n_heads=1,
+        index_head_dim=16,
+    )  # fmt: skip
+    assert estimate_cost(narrow, contexts=(131072,)).notes == []
+    assert estimate_cost(HybridConfig(**small), contexts=(4096,)).notes == []  # no DSA: nothing to say
+    assert main(["inspect", "tiny-attention", "--context", "1K"]) == 0
+    assert "warning" not in capsys.readouterr().out

@@ -399,3 +399,74 @@ def test_index_ties_finds_the_tied_queries(base):
     # k = 4: row 0 has queries 4..9 with > 4 visible keys, row 1 (first real token 3) queries 7..9
     assert ties == [(1, 0, t) for t in range(4, 10)] + [(1, 1, t) for t in range(7, 10)]
     assert all(not hasattr(m, "_select") or "_select" not in vars(m) for m in model.modules())
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("shared", [False, True])
+def test_dense_dispatch_at_topk_ge_keys_equals_the_sparse_path_with_gradients(base, shared, monkeypatch):
+    """With index_topk >= S every query's selection holds all the keys it may see, so sparse mode runs dense
+    attention through SDPA instead of the gather path. Forward, every gradient and the indexer loss (still
+    computed on the selection) equal the sparse path's, with left padding. fp32: only the summation order
+    differs (SDPA vs the chunked gather), hence 1e-5 / 1e-4 rather than bit equality."""
+    from hf_hybrid.mixers import dsa as dsa_mod
+    from hf_hybrid.ops.dsa import sparse_attention
+
+    extra = {"dsa_indexer_types": ["full", "shared"]} if shared else {}
+    model = build(base, index_topk=64, dsa_mode="sparse", index_loss_coef=0.5, **extra).train()
+    ids = torch.randint(0, 64, (2, 17))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run():
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    calls = []
+    real_dense = dsa_mod.dense_visible_attention
+    monkeypatch.setattr(
+        dsa_mod, "dense_visible_attention", lambda *a, **k: calls.append(1) or real_dense(*a, **k)
+    )
+    fast, fast_grads = run()
+    assert len(calls) == 2  # both layers dispatched to dense attention
+
+    def sparse_only(self, q, k, v, idx, key_start, ctx):
+        return sparse_attention(q, k, v, idx, scale=self.scaling, backend="torch")
+
+    monkeypatch.setattr(dsa_mod._DSAMixin, "_attend_selected", sparse_only)
+    ref, ref_grads = run()
+    valid = mask.bool()
+    torch.testing.assert_close(fast.logits[valid], ref.logits[valid], atol=1e-5, rtol=1e-5)
+    for name in ("loss", "lm_loss", "indexer_loss"):
+        torch.testing.assert_close(getattr(fast, name), getattr(ref, name), atol=1e-5, rtol=1e-5)
+    assert fast.indexer_loss > 0 and set(fast_grads) == set(ref_grads)
+    assert any(".indexer." in n for n in fast_grads)  # the indexer still learns from its KL
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(fast_grads[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dense_visible_attention_equals_sparse_attention_over_every_visible_key():
+    """The op itself against its reference, with GQA, a query offset (chunked prefill) and packed documents
+    (key_start), including a query that sees no key (o = 0 in both)."""
+    from hf_hybrid.ops.dsa import dense_visible_attention, sparse_attention_naive
+    from hf_hybrid.ops.dsa.naive import visible_mask
+
+    torch.manual_seed(0)
+    B, T, S, H, Hkv, D, Dv = 2, 5, 9, 4, 2, 8, 6
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, S, Hkv, D), torch.randn(B, S, Hkv, Dv)
+    key_start = torch.tensor([[0, 0, 6, 6, 6], [9, 4, 4, 4, 4]])  # row 1, query 0: starts past itself
+    visible = visible_mask(T, 0, S, q_offset=4, key_start=key_start, device=q.device)
+    keys = torch.arange(S).expand(B, T, S)
+    idx = torch.where(visible, keys, -1)
+    args = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref_args = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = dense_visible_attention(*args, scale=0.3, q_offset=4, key_start=key_start)
+    ref = sparse_attention_naive(*ref_args, idx, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    assert out[1, 0].abs().sum() == 0
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, args, grad), torch.autograd.grad(ref, ref_args, grad)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

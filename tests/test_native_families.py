@@ -593,11 +593,20 @@ def test_cli_export_refusal_is_one_line_and_writes_nothing(tmp_path, capsys):
     capsys.readouterr()
     assert main(["export", str(tmp_path / "mix"), str(tmp_path / "out"), "--to", "llama"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "mixer_types[1]='gated_deltanet' (layer 1)" in err
-    # no family fits: each one says why
+    lines = err.strip().splitlines()  # one difference a line
+    assert "mixer_types[1]='gated_deltanet' (layer 1)" in lines[0] and max(map(len, lines)) <= 160, err
+    # no family fits: a short summary (the closest families), every family's reasons with --verbose
     assert main(["export", str(tmp_path / "mix"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "no native family expresses this model" in err and "qwen3_moe:" in err
+    lines = err.strip().splitlines()
+    assert "no native family expresses this model" in lines[0] and "--verbose" in lines[-1]
+    assert len(lines) <= 5 and max(map(len, lines)) <= 160, err
+    assert lines[1].startswith("  qwen3_next:")  # GDN + attention: the GDN families are the closest
+    assert main(["--verbose", "export", str(tmp_path / "mix"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    from hf_hybrid.convert.native import FAMILY_MODULES
+
+    assert all(f"  {family}: " in err for family in FAMILY_MODULES), err
     assert not (tmp_path / "out").exists()
 
 
@@ -691,3 +700,17 @@ def test_minicpm5_moe_variants_cli_and_refusals(tmp_path):
     with pytest.raises(NativeConversionError, match=r"attention_output_gate=False"):
         export_native(ungated, tmp_path / "out", to="minicpm5_moe")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_native_config_validation_error_is_a_readable_reason(tmp_path, capsys):
+    """Qwen3NextConfig's validation (a TypeError inside transformers) becomes a reason naming our field."""
+    from hf_hybrid import HybridForCausalLM
+    from hf_hybrid.cli import main
+    from hf_hybrid.presets import preset_config
+
+    HybridForCausalLM(preset_config("tiny-hybrid")).save_pretrained(tmp_path / "gdn")  # no shared expert
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "gdn"), str(tmp_path / "out"), "--to", "qwen3_next"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("HybridConfig.shared_expert_intermediate_size=None: Qwen3NextConfig needs int"), err
+    assert "Error" not in err.split("error:", 1)[1] and len(err) <= 160

@@ -36,6 +36,9 @@ def test_wheel_carries_the_card_template_and_an_spdx_licence(wheel):
         assert "hf_hybrid/templates/model_card.md" in names
         packaged = zf.read("hf_hybrid/templates/model_card.md").decode()
         metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        entry_points = zf.read(next(n for n in names if n.endswith(".dist-info/entry_points.txt"))).decode()
+    # the console script parses before `import hf_hybrid` (fast --help): its launcher ships beside the package
+    assert "hf_hybrid_cli.py" in names and "hf-hybrid = hf_hybrid_cli:main" in entry_points
     assert packaged == (ROOT / "model_cards" / "hf_hybrid_card.md").read_text(encoding="utf-8")
     assert "License-Expression: Apache-2.0" in metadata
     assert (

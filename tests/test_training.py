@@ -53,6 +53,15 @@ def test_text_sources_and_tokenizers(pydoc_data):
     assert int((train.blocks == bpe.eos_token_id).sum()) > 0  # documents are separated by eos
 
 
+def test_shipped_shakespeare_is_always_there():
+    splits = load_text_splits("shakespeare-small")
+    assert splits.name == "shakespeare" and len(splits.train) == 6 and len(splits.eval) == 1
+    assert "PROSPERO" in splits.eval[0] and "shipped" in splits.summary
+    assert sum(splits.num_chars) < 1_000_000  # kept small: it is in the repository
+    with pytest.raises(ValueError, match="shakespeare-small"):
+        load_text_splits("shakespear")
+
+
 def test_shakespeare_split(shared_dir):
     splits = load_text_splits("auto")
     assert splits.name == "shakespeare" and len(splits.eval) == 2 and len(splits.train) == 40
@@ -133,6 +142,7 @@ def test_main_recipe_smoke(tmp_path, capsys):
     assert metrics["eval_perplexity"] < metrics["eval_perplexity_at_init"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "README.md", "metrics.json"):
         assert (out / name).is_file(), name
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == []  # no empty trainer/ folder
     card = (out / "README.md").read_text()
     assert parse_front_matter(card)["library_name"] == "hf-hybrid" and "eval_perplexity" in card
     model = HybridForCausalLM.from_pretrained(out)

@@ -22,6 +22,10 @@ config resolution and the shared argument types. A new subcommand is a handler p
 (or a new module that :func:`build_parser` calls).
 
 User errors (a bad path, an unsupported checkpoint, an invalid config) print one line and exit with status 2.
+
+Building the parser imports no torch or transformers (handlers import what they need when they run), and the
+``hf-hybrid`` script (``hf_hybrid_cli.py``) parses the command line before ``import hf_hybrid`` registers the
+model family, so ``--help`` and argument errors answer in well under a second.
 """
 
 from __future__ import annotations
@@ -31,7 +35,13 @@ import sys
 from collections.abc import Sequence
 
 from . import convert, describe, moe
-from ._common import USER_ERRORS, CLIError, config_kwargs_from_mapping, resolve_config
+from ._common import (
+    USER_ERRORS,
+    CLIError,
+    config_kwargs_from_mapping,
+    resolve_config,
+    unreadable_weights_error,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-hybrid", description="Tools for hf_hybrid hybrid decoder models."
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="errors in full (e.g. every native family's reasons)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     describe.add_parsers(sub)
@@ -48,16 +61,55 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the handler of parsed arguments. A user error is reported in short lines on stderr (what was
+    refused, why, what to do; each at most ``MAX_LINE`` characters; the rest with ``--verbose``), status 2."""
     try:
-        code = args.func(args)
+        try:
+            code = args.func(args)
+        except Exception as err:
+            user_error = unreadable_weights_error(args, err)  # a truncated or corrupted safetensors file
+            if user_error is None:
+                raise
+            raise user_error from err
     except USER_ERRORS as err:
         if args.debug:
             raise
-        print(f"hf-hybrid {args.command}: error: {err}", file=sys.stderr)
+        print("\n".join(error_lines(args.command, err, verbose=args.verbose)), file=sys.stderr)
         return 2
     return int(code or 0)
 
 
-__all__ = ["CLIError", "USER_ERRORS", "build_parser", "config_kwargs_from_mapping", "main", "resolve_config"]
+MAX_LINE = 160
+
+
+def error_lines(command: str, err: BaseException, *, verbose: bool = False) -> list[str]:
+    """The lines ``hf-hybrid COMMAND`` prints for a user error: the message (first line prefixed) wrapped at
+    ``MAX_LINE`` characters, and with ``--verbose`` the error's ``details`` too (e.g. every native family's
+    reasons)."""
+    import textwrap
+
+    lines = str(err).splitlines() or [type(err).__name__]
+    lines[0] = f"hf-hybrid {command}: error: {lines[0]}"
+    if verbose:
+        lines += [f"  {d}" for d in getattr(err, "details", None) or []]
+    out = []
+    for line in lines:
+        indent = " " * (len(line) - len(line.lstrip()))
+        out += textwrap.wrap(line, MAX_LINE, subsequent_indent=indent + "  ", break_on_hyphens=False) or [""]
+    return out
+
+
+__all__ = [
+    "CLIError",
+    "USER_ERRORS",
+    "build_parser",
+    "config_kwargs_from_mapping",
+    "error_lines",
+    "main",
+    "resolve_config",
+    "run",
+]

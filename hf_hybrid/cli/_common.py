@@ -29,6 +29,29 @@ USER_ERRORS = (
 )
 
 
+def unreadable_weights_error(args: argparse.Namespace, err: BaseException) -> CLIError | None:
+    """A ``CLIError`` naming the weight file behind a safetensors read error (a truncated download, a
+    corrupted copy), else ``None``: the file is found by opening each ``*.safetensors`` file of the
+    command's input directories."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        return None
+    if not isinstance(err, SafetensorError):
+        return None
+    dirs = [Path(p) for p in (getattr(args, a, None) for a in ("src", "model", "dir", "target")) if p]
+    for directory in (d for d in dirs if d.is_dir()):
+        for file in sorted(directory.glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt") as handle:
+                    handle.keys()
+            except Exception as bad:
+                reason = str(bad).splitlines()[0].rsplit(": ", 1)[-1][:60]
+                return CLIError(f"{file} is truncated or corrupted ({reason}); save or download it again")
+    reason = str(err).splitlines()[0].rsplit(": ", 1)[-1][:60]
+    return CLIError(f"a weight file is truncated or corrupted ({reason}); save or download it again")
+
+
 def _read_yaml(path: Path) -> Any:
     import yaml
 
@@ -59,6 +82,29 @@ def config_kwargs_from_mapping(data: dict[str, Any], *, source: str) -> dict[str
     return kwargs
 
 
+def build_config(kwargs: dict[str, Any], *, source: str):
+    """``HybridConfig(**kwargs)``; a value of the wrong type (``hidden_size: sixty``) is a ``CLIError`` naming
+    the field, the value and the type its default has, not a TypeError from deep inside the validation."""
+    from ..configuration_hybrid import HybridConfig
+
+    try:
+        return HybridConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ValueError) and "Validation error" not in str(err):
+            raise  # our own validation: already names the field, the value and what is allowed
+        defaults = HybridConfig()
+        for key, value in kwargs.items():
+            default = getattr(defaults, key, None)
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if numeric and (isinstance(value, (str, bool)) or value is None):
+                raise CLIError(
+                    f"{source}: {key}={value!r} must be a number like its default {default!r}"
+                ) from None
+        raise CLIError(
+            f"{source}: not valid HybridConfig arguments ({str(err).splitlines()[0][:120]})"
+        ) from None
+
+
 def resolve_config(spec: str):
     """A ``HybridConfig`` from a directory, config.json, YAML file or preset name (see ``hf_hybrid.cli``)."""
     from ..configuration_hybrid import HybridConfig
@@ -71,7 +117,9 @@ def resolve_config(spec: str):
             raise CLIError(f"{spec} has no config.json")
     if path.is_file():
         if path.suffix in (".yaml", ".yml"):
-            return HybridConfig(**config_kwargs_from_mapping(_read_yaml(path), source=str(path)))
+            return build_config(
+                config_kwargs_from_mapping(_read_yaml(path), source=str(path)), source=str(path)
+            )
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -123,10 +171,11 @@ def _expand_k(value: str) -> int:
 
 
 def layers_arg(text: str) -> tuple[int, ...] | None:
-    """``--layers 1,3,5`` (``hf_hybrid.convert.checkpoint.parse_layers`` as an argparse type)."""
-    from ..convert.checkpoint import parse_layers
-
+    """``--layers 1,3,5`` as an argparse type (``hf_hybrid.convert.checkpoint.parse_layers``'s rule, here
+    without importing the converters: parsing the command line loads no torch)."""
     try:
-        return parse_layers(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layers {text!r}: expected comma-separated layer indices, e.g. 1,3,5"
+        ) from None

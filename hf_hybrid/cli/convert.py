@@ -8,29 +8,24 @@ import argparse
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ..configuration_hybrid import HybridConfig
-from ..convert.checkpoint import check_dst
-from ..convert.dsa import MODES, SELECTORS, convert_to_dsa
-from ..convert.hybridize import (
-    REPLACEABLE,
-    available_mixers,
-    format_ranking,
-    format_statements,
-    hybridize,
-    plan_hybridize,
-    rank_layers,
-    selection_blocks,
-)
-from ..convert.source import load_source, source_config
-from ..convert.upcycle import ROUTERS, UpcycleOptions, upcycle
 from ._common import layers_arg
 
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
 
-def cost_line(config: HybridConfig, contexts: tuple[int, ...] = (4096, 131072)) -> str:
+# Allowed values of the options below, spelled here so that building the parser imports no torch (``--help``
+# answers at once); tests/test_cli.py checks them against the library's own tuples.
+ROUTER_CHOICES = ("softmax", "sigmoid")  # hf_hybrid.convert.upcycle.ROUTERS
+SELECTOR_CHOICES = ("indexer", "structured")  # hf_hybrid.convert.dsa.SELECTORS
+MODE_CHOICES = ("sparse", "dense_warmup", "dense")  # hf_hybrid.convert.dsa.MODES
+
+
+COST_CONTEXTS = (4096, 131072)  # the contexts of the before / after lines
+
+
+def cost_line(config: HybridConfig, contexts: tuple[int, ...] = COST_CONTEXTS) -> str:
     from ..cost import estimate_cost, format_count, format_tokens
 
     report = estimate_cost(config, contexts=contexts)
@@ -46,6 +41,16 @@ def _cache_line(config: HybridConfig, context: int = 32768) -> str:
 
     report = estimate_cost(config, contexts=(context,))
     return f"cache {format_bytes(report.cache_bytes(context) / context)}/token at {context // 1024}K (bf16)"
+
+
+def _replaced_text(replaced: dict[str, str]) -> str:
+    """``{"0": "gated_deltanet", "1": "gated_deltanet", "3": "mamba2"}`` -> ``layers 0, 1 -> gated_deltanet;
+    layer 3 -> mamba2``."""
+    by_mixer: dict[str, list[str]] = {}
+    for layer, mixer in sorted(replaced.items(), key=lambda item: int(item[0])):
+        by_mixer.setdefault(mixer, []).append(layer)
+    parts = [f"layer{'s' if len(ls) > 1 else ''} {', '.join(ls)} -> {m}" for m, ls in by_mixer.items()]
+    return "; ".join(parts) or "no layer replaced"
 
 
 def _parse_attention_layers(text: str) -> tuple[int, ...]:
@@ -83,6 +88,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_upcycle(args: argparse.Namespace) -> int:
     """``hf-hybrid upcycle``: see ``hf_hybrid.convert.upcycle``."""
+    from ..configuration_hybrid import HybridConfig
+    from ..convert.source import source_config
+    from ..convert.upcycle import UpcycleOptions, upcycle
+
     opts = dict(
         num_experts=args.num_experts,
         top_k=args.top_k,
@@ -118,6 +127,10 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 
 def cmd_convert_dsa(args: argparse.Namespace) -> int:
     """``hf-hybrid convert-dsa``: see ``hf_hybrid.convert.dsa``."""
+    from ..configuration_hybrid import HybridConfig
+    from ..convert.dsa import convert_to_dsa
+    from ..convert.source import source_config
+
     before, _ = source_config(args.src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -145,12 +158,33 @@ def cmd_convert_dsa(args: argparse.Namespace) -> int:
     if after.dsa_mode != "sparse":
         sparse = HybridConfig.from_dict({**after.to_dict(), "dsa_mode": "sparse"})
         print(f"  sparse: {cost_line(sparse)} (once the indexers are trained)")
+    from ..cost import dsa_notes
+
+    for note in dsa_notes(after, COST_CONTEXTS):
+        print(f"  warning: {note}")
+    if after.dsa_mode != "sparse":
         print("  next: train the indexers (recipes/dsa: dense warm-up, then sparse training)")
     return 0
 
 
 def cmd_hybridize(args: argparse.Namespace) -> int:
     """``hf-hybrid hybridize``: see ``hf_hybrid.convert.hybridize``."""
+    import torch
+
+    from ..configuration_hybrid import HybridConfig
+    from ..convert.checkpoint import check_dst
+    from ..convert.hybridize import (
+        REPLACEABLE,
+        available_mixers,
+        format_ranking,
+        format_statements,
+        hybridize,
+        plan_hybridize,
+        rank_layers,
+        selection_blocks,
+    )
+    from ..convert.source import load_source, source_config
+
     given = [x is not None for x in (args.pattern, args.attention_layers, args.select)]
     if sum(given) != 1:
         raise ValueError("hybridize: give exactly one of --pattern, --attention-layers or --select")
@@ -194,10 +228,9 @@ def cmd_hybridize(args: argparse.Namespace) -> int:
     after = HybridConfig.from_pretrained(str(dst))
     lineage = after.hf_hybrid_lineage or {}
     opts = lineage.get("options", {})
-    print(
-        f"hybridized {args.src} -> {dst}: replaced {opts.get('replaced')}, attention kept at "
-        f"{opts.get('attention_layers')}"
-    )
+    kept = ", ".join(map(str, opts.get("attention_layers") or [])) or "none"
+    replaced = _replaced_text(opts.get("replaced") or {})
+    print(f"hybridized {args.src} -> {dst}: {replaced}; attention kept: {kept}")
     print(format_statements(lineage.get("init", {})))
     for i, notes in (lineage.get("init_notes") or {}).items():
         print(f"  layer {i}: {'; '.join(notes)}")
@@ -287,7 +320,9 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--layers", type=layers_arg, default=None, help="comma-separated layers (default: every dense MLP)"
     )
-    p.add_argument("--router", choices=ROUTERS, default="softmax", help="router scores (default softmax)")
+    p.add_argument(
+        "--router", choices=ROUTER_CHOICES, default="softmax", help="router scores (default softmax)"
+    )
     p.add_argument(
         "--no-renormalize",
         action="store_true",
@@ -330,15 +365,17 @@ def add_parsers(sub) -> None:
         default=None,
         help="comma-separated layers (default: every full attention or MLA layer)",
     )
-    p.add_argument("--selector", choices=SELECTORS, default="indexer")
+    p.add_argument("--selector", choices=SELECTOR_CHOICES, default="indexer")
     p.add_argument(
-        "--mode", choices=MODES, default="dense", help="dsa_mode to save (default dense; see --help text)"
+        "--mode",
+        choices=MODE_CHOICES,
+        default="dense",
+        help="dsa_mode to save (default dense; see --help text)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the indexers' initialisation")
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
     p.set_defaults(func=cmd_convert_dsa)
 
-    mixers = available_mixers()
     p = sub.add_parser(
         "hybridize",
         help="replace attention layers by linear-time mixers initialised from the attention weights",
@@ -361,7 +398,12 @@ def add_parsers(sub) -> None:
         metavar="I,J",
         help="attention layers to keep (comma-separated; '' keeps none); the others get --mixer",
     )
-    p.add_argument("--mixer", choices=mixers, default=None, help="mixer for --attention-layers / --select")
+    p.add_argument(
+        "--mixer",
+        default=None,
+        help="mixer for --attention-layers / --select: gated_deltanet, kda, mamba2, linear_attention, or a "
+        "registered plug-in mixer",
+    )
     p.add_argument(
         "--select",
         choices=("kl", "loss"),

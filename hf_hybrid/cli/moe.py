@@ -6,15 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from ..moe_training import load_metrics, measure_expert_load, plot_expert_load_heatmap, read_load_log
 from ._common import CLIError
 
 
 def cmd_expert_load(args: argparse.Namespace) -> int:
     """``hf-hybrid expert-load``: a heatmap from a load log (``--log``) or from running ``--model`` on
     ``--text``."""
+    import torch
+
+    from ..moe_training import load_metrics, measure_expert_load, plot_expert_load_heatmap, read_load_log
+
     if args.log:
         layers, load = read_load_log(args.log, step=args.step)
         source = Path(args.log).name

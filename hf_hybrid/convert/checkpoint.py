@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..files import honour_umask
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Files a converted checkpoint keeps from its source (tokenizer, chat template, generation defaults).
 CARRIED_FILES = (
@@ -106,6 +108,7 @@ def write_atomically(dst: Path, write: Callable[[Path], object]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=parent))
     try:
         write(tmp)
+        honour_umask(tmp)  # tempfile made it private (0700); give it the modes of an ordinary mkdir
         if dst.exists():
             dst.rmdir()  # empty, checked by the caller
         os.replace(tmp, dst)

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..card import source_name as card_source_name
 from ..configuration_hybrid import FIELD_CHOICES, HybridConfig
 from ..mixers.dsa import DSARuntimeMode, dsa_layers
 from .checkpoint import as_dtype, check_dst, check_layer_indices, write_checkpoint
@@ -255,7 +256,7 @@ def convert_to_dsa(
         seed=seed,
     )
     lineage = new.config.hf_hybrid_lineage
-    lineage.setdefault("base_model", os.fspath(src))
+    lineage.setdefault("base_model", card_source_name(src))
     lineage["source"] = os.fspath(src)
     return write_checkpoint(new, dst, src=src, dtype=out_dtype or source_dtype)
 

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..card import source_name as card_source_name
 from ..configuration_hybrid import HybridConfig, _expand_pattern
 from .checkpoint import as_dtype, check_dst, check_layer_indices, write_checkpoint
 from .source import derived_lineage, load_source, source_config
@@ -682,7 +683,7 @@ def hybridize(
         seed=seed,
     )
     lineage = new.config.hf_hybrid_lineage
-    lineage.setdefault("base_model", os.fspath(src))
+    lineage.setdefault("base_model", card_source_name(src))
     lineage["source"] = os.fspath(src)
     if dst is None:
         return new

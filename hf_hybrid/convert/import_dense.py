@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from ..card import source_name as card_source_name
 from .checkpoint import UnsupportedCheckpointError, as_dtype, carried_files, write_atomically
 from .checkpoint import fail as _fail
 from .checkpoint import source_license as _source_license
@@ -328,7 +329,7 @@ def import_dense(
     plan = plan_import(src_dir, dtype=dtype)
     raw = json.loads((plan.src / "config.json").read_text())
     lineage = {
-        "base_model": base_model or os.fspath(src_dir),
+        "base_model": base_model or card_source_name(src_dir),
         "base_architecture": (raw.get("architectures") or [SUPPORTED[plan.model_type]])[0],
         "base_model_type": plan.model_type,
         "recipe": "import",

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..card import source_name as card_source_name
 from ..configuration_hybrid import HybridConfig
 from .checkpoint import as_dtype
 
@@ -68,7 +69,7 @@ def derived_lineage(
         if key in parent:
             lineage[key] = parent[key]
     if "base_model" not in lineage and src is not None:
-        lineage["base_model"] = os.fspath(src)
+        lineage["base_model"] = card_source_name(src)
     lineage["recipe"] = recipe
     previous = list(parent.get("previous_recipes") or [])
     if parent.get("recipe"):

@@ -80,6 +80,7 @@ from typing import Any
 
 import torch
 
+from ..card import source_name as card_source_name
 from ..configuration_hybrid import FIELD_CHOICES, HybridConfig
 from .checkpoint import (
     as_dtype,
@@ -469,7 +470,7 @@ def upcycle(
     new = upcycle_model(model, opts)
     lineage = new.config.hf_hybrid_lineage
     if "base_model" not in lineage:
-        lineage["base_model"] = os.fspath(src)
+        lineage["base_model"] = card_source_name(src)
     lineage["source"] = os.fspath(src)
     return write_checkpoint(new, dst, src=src, dtype=out_dtype or source_dtype)
 

@@ -55,16 +55,18 @@ from hf_hybrid.convert.dsa import (
 )
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import estimate_cost, format_count
-from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits
+from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits, recipe_source
 from hf_hybrid.training import training_arguments
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(Path(__file__).with_name("config.yaml")), help="recipe YAML")
-    p.add_argument("--source", default=None, help="override source (checkpoint directory)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="source checkpoint directory (default: the config's `source`)",
+    )
     p.add_argument("--topk", default=None, help="override convert.index_topk (comma-separated, e.g. 128,256)")
     p.add_argument("--warmup-steps", type=int, default=None, help="override warmup.max_steps")
     p.add_argument("--sparse-steps", type=int, default=None, help="override sparse.max_steps")
@@ -74,14 +76,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p.parse_args(argv)
-
-
-def resolve_path(value: str) -> Path:
-    """A path as given, else relative to the repository root (the recipes name ``../shared`` from there)."""
-    path = Path(value)
-    if path.exists() or path.is_absolute():
-        return path
-    return REPO / path
 
 
 class ComponentLossTrainer(Trainer):
@@ -230,7 +224,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     conv_cfg = dict(recipe.get("convert") or {})
     warm_cfg = dict(recipe.get("warmup") or {})
     sparse_cfg = dict(recipe.get("sparse") or {})
-    source = resolve_path(args.source or recipe["source"])
+    try:
+        source = recipe_source(args.source or recipe.get("source", "auto"))
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
     output_dir = Path(args.output_dir or recipe.get("output_dir", "outputs/dsa"))
     for key, value in (
         ("eval_blocks", args.eval_blocks),
@@ -256,10 +253,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log = print
 
     # ---- source, data, conversion --------------------------------------------------------------------------
-    if not (source / "tokenizer_config.json").is_file() and not (source / "tokenizer.json").is_file():
-        raise SystemExit(
-            f"{source} has no tokenizer; the recipe tokenises the text with the checkpoint's own"
-        )
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     dense, source_dtype = load_source(source, dtype=torch.float32)
     log(f"source: {source} ({source_dtype} weights, trained here in float32)")

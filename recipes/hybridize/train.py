@@ -50,7 +50,7 @@ from hf_hybrid.convert.hybridize import (
 )
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import estimate_cost, format_bytes
-from hf_hybrid.data import build_lm_datasets, find_shared_dir, load_text_splits
+from hf_hybrid.data import build_lm_datasets, load_text_splits, recipe_source
 from hf_hybrid.distill import (
     AttentionTransfer,
     DistillationTrainer,
@@ -62,14 +62,17 @@ from hf_hybrid.distill import (
 from hf_hybrid.modeling_hybrid import HybridForCausalLM
 from hf_hybrid.training import evaluate_perplexity, training_arguments
 
-REPO = Path(__file__).resolve().parents[2]
 LONG_CONTEXT = 32768
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(Path(__file__).with_name("config.yaml")), help="recipe YAML")
-    p.add_argument("--source", default=None, help="override source (checkpoint directory)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="source checkpoint directory (default: the config's `source`)",
+    )
     p.add_argument("--output", default=None, help="where the student is saved (default: output_dir/model)")
     p.add_argument("--pattern", default=None, help="override hybridize.pattern")
     p.add_argument("--attention-layers", default=None, help="override hybridize.attention_layers (e.g. 2,5)")
@@ -90,20 +93,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="override output_dir (trainer files, metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
-
-
-def resolve_path(value: str) -> Path:
-    """A path as given, else relative to the repository root; ``../shared/...`` also through
-    ``find_shared_dir`` (``$HF_HYBRID_SHARED_DIR`` for a checkout elsewhere)."""
-    path = Path(value)
-    if path.exists() or path.is_absolute():
-        return path
-    parts = path.parts
-    if len(parts) > 2 and parts[:2] == ("..", "shared") and not (REPO / path).exists():
-        shared = find_shared_dir()
-        if shared is not None:
-            return shared.joinpath(*parts[2:])
-    return REPO / path
 
 
 def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -157,7 +146,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     recipe = apply_overrides(yaml.safe_load(Path(args.config).read_text()), args)
     h_cfg, sel_cfg, data_cfg = recipe["hybridize"], recipe["select"], recipe["data"]
     s1_cfg, s2_cfg, scratch_cfg = recipe["stage1"], recipe["stage2"], recipe["scratch"]
-    source = resolve_path(args.source or recipe["source"])
+    try:
+        source = recipe_source(args.source or recipe.get("source", "auto"))
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
     output_dir = Path(args.output_dir or recipe.get("output_dir", "outputs/hybridize"))
     final_dir = Path(args.output) if args.output else output_dir / "model"
     for path in {output_dir, final_dir}:
@@ -173,10 +165,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log = print
 
     # ---- 0. source and data --------------------------------------------------------------------------------
-    if not (source / "tokenizer_config.json").is_file() and not (source / "tokenizer.json").is_file():
-        raise SystemExit(
-            f"{source} has no tokenizer; the recipe tokenises the text with the checkpoint's own"
-        )
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     teacher, source_dtype = load_source(source, dtype=torch.float32)
     splits = load_text_splits(data_cfg.get("source", "auto"))

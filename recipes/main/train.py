@@ -30,7 +30,7 @@ import hf_hybrid
 from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.cli import config_kwargs_from_mapping
 from hf_hybrid.cost import estimate_cost
-from hf_hybrid.data import build_lm_datasets, load_text_splits, train_tokenizer
+from hf_hybrid.data import SOURCES, build_lm_datasets, load_text_splits, train_tokenizer
 from hf_hybrid.training import evaluate_perplexity, generate_sample, logged_losses, training_arguments
 
 
@@ -41,9 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--eval-blocks", type=int, default=None, help="override data.eval_blocks")
     p.add_argument("--max-train-chars", type=int, default=None, help="override data.max_train_chars")
-    p.add_argument(
-        "--source", default=None, choices=["auto", "shakespeare", "pydoc"], help="override data.source"
-    )
+    p.add_argument("--source", default=None, choices=SOURCES, help="override data.source")
     return p.parse_args(argv)
 
 
@@ -61,7 +59,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if value is not None:
             data_cfg[key] = value
 
-    targs = training_arguments(str(output_dir / "trainer"), **train_cfg)
+    # Trainer writes nothing of its own here (save_strategy "no"); the model is saved below.
+    targs = training_arguments(str(output_dir), **train_cfg)
     is_main = targs.process_index == 0
     log = print if is_main else (lambda *a, **k: None)
     torch.manual_seed(targs.seed)
@@ -69,7 +68,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # ---- data and tokenizer --------------------------------------------------------------------------------
     splits = load_text_splits(data_cfg.get("source", "auto"))
-    tokenizer = train_tokenizer(splits.train, data_cfg.get("vocab_size", 2048))
+    log(f"data: {splits.summary}")
+    tokenizer = train_tokenizer(splits.train, data_cfg.get("vocab_size", 2048), progress=is_main)
     block = int(data_cfg.get("block_size", 128))
     train_ds, eval_ds = build_lm_datasets(
         tokenizer,
@@ -77,10 +77,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         source=splits,
         max_eval_blocks=data_cfg.get("eval_blocks"),
         max_train_chars=data_cfg.get("max_train_chars"),
+        progress=is_main,
     )
     log(
-        f"data: {splits.name}, {train_ds.num_tokens:,} training tokens in {len(train_ds)} blocks of {block}, "
-        f"{eval_ds.num_tokens:,} held-out tokens; tokenizer vocab {len(tokenizer)}"
+        f"tokens: {train_ds.num_tokens:,} for training in {len(train_ds)} blocks of {block}, "
+        f"{eval_ds.num_tokens:,} held out; BPE vocab {len(tokenizer)} trained on the training split"
     )
 
     # ---- model ---------------------------------------------------------------------------------------------
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = estimate_cost(config, contexts=(block, 4096, 32768))
     log("\n" + report.to_text() + "\n")
 
-    before = evaluate_perplexity(model, eval_ds)
+    before = evaluate_perplexity(model, eval_ds, progress=is_main)
     log(f"held-out perplexity before training: {before['perplexity']:.1f} (loss {before['loss']:.3f})")
 
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, data_collator=default_data_collator)
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer.train()
     train_seconds = time.time() - train_start
 
-    after = evaluate_perplexity(model, eval_ds)
+    after = evaluate_perplexity(model, eval_ds, progress=is_main)
     losses = logged_losses(trainer)
     prompt = sample_cfg.get("prompt", "\n")
     if isinstance(prompt, dict):

@@ -36,17 +36,19 @@ import hf_hybrid
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.convert.upcycle import UpcycleOptions, upcycle_model
 from hf_hybrid.cost import estimate_cost, format_count
-from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits
+from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits, recipe_source
 from hf_hybrid.moe_training import collect_expert_load, install_moe_callbacks, load_metrics
 from hf_hybrid.training import evaluate_perplexity, logged_losses, training_arguments
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(Path(__file__).with_name("config.yaml")), help="recipe YAML")
-    p.add_argument("--source", default=None, help="override source (checkpoint directory)")
+    p.add_argument(
+        "--source",
+        default=None,
+        help="source checkpoint directory (default: the config's `source`)",
+    )
     p.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
     p.add_argument("--output-dir", default=None, help="override output_dir")
     p.add_argument("--eval-blocks", type=int, default=None, help="override data.eval_blocks")
@@ -54,14 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-dense", action="store_true", help="skip the dense continued-training baseline")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     return p.parse_args(argv)
-
-
-def resolve_path(value: str) -> Path:
-    """A path as given, else relative to the repository root (the recipes name ``../shared`` from there)."""
-    path = Path(value)
-    if path.exists() or path.is_absolute():
-        return path
-    return REPO / path
 
 
 def prepare_output(output_dir: Path, overwrite: bool) -> None:
@@ -114,7 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data_cfg = dict(recipe.get("data") or {})
     train_cfg = dict(recipe.get("training") or {})
     up_cfg = dict(recipe.get("upcycle") or {})
-    source = resolve_path(args.source or recipe["source"])
+    try:
+        source = recipe_source(args.source or recipe.get("source", "auto"))
+    except FileNotFoundError as err:
+        raise SystemExit(f"error: {err}") from None
     output_dir = Path(args.output_dir or recipe.get("output_dir", "outputs/upcycle"))
     if args.max_steps is not None:
         train_cfg["max_steps"] = args.max_steps
@@ -132,10 +129,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     start = time.time()
 
     # ---- source, tokenizer, data ---------------------------------------------------------------------------
-    if not (source / "tokenizer_config.json").is_file() and not (source / "tokenizer.json").is_file():
-        raise SystemExit(
-            f"{source} has no tokenizer; the recipe tokenises the text with the checkpoint's own"
-        )
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     dense, source_dtype = load_source(source, dtype=torch.float32)
     log(f"source: {source} ({source_dtype} weights, trained here in float32)")

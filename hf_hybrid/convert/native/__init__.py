@@ -37,6 +37,7 @@ from typing import Any
 
 import torch
 
+from ...card import source_name as card_source_name
 from ..checkpoint import (
     as_dtype,
     check_dst,
@@ -210,7 +211,7 @@ def import_native(
     if src_dir is not None:
         weight_files(src_dir)  # refuses pickle-only checkpoints with a clear message
         native_model = family.model_class.from_pretrained(str(src_dir), dtype="auto", use_safetensors=True)
-        source_name = base_model or os.fspath(src)
+        source_name = base_model or card_source_name(src)
     else:
         native_model = src
         source_name = base_model or getattr(native_cfg, "name_or_path", None) or family.model_type
@@ -262,7 +263,7 @@ def choose_family(hybrid_cfg, to: str | None = None) -> tuple[NativeFamily, Any]
     if lineage.get("base_model_type") in FAMILY_MODULES:
         order.remove(lineage["base_model_type"])
         order.insert(0, lineage["base_model_type"])
-    reasons = []
+    reasons: dict[str, list[str]] = {}
     for model_type in order:
         family = get_family(model_type)
         if not family.available:  # the installed transformers lacks it: it cannot be the target
@@ -270,12 +271,35 @@ def choose_family(hybrid_cfg, to: str | None = None) -> tuple[NativeFamily, Any]
         try:
             return family, family.native_config(hybrid_cfg)
         except NativeConversionError as err:
-            reasons.append(f"{model_type}: {str(err).split(': ', 1)[-1]}")
-    fail(
-        "no native family expresses this model (pass --to FAMILY to see one family's reasons): "
-        + " | ".join(reasons)
-    )
-    raise AssertionError  # unreachable
+            reason = str(err).removeprefix(f"cannot export to {model_type}: ").removeprefix(f"{model_type}: ")
+            reasons[model_type] = [line.strip() for line in reason.splitlines()]
+    raise _no_family_error(hybrid_cfg, reasons)
+
+
+def _no_family_error(hybrid_cfg, reasons: dict[str, list[str]]) -> NativeConversionError:
+    """A short refusal (the two closest families with their first reason) whose ``details`` list every
+    family's reasons (``hf-hybrid export --verbose`` prints them). Closest: fewest layers whose token mixer
+    the family lacks, then fewest reasons, then registration order."""
+
+    def distance(model_type: str) -> tuple[int, int]:
+        kinds = getattr(get_family(model_type), "mixer_rules", None) or {}
+        missing = (
+            sum(t not in kinds for t in hybrid_cfg.mixer_types) if kinds else len(hybrid_cfg.mixer_types)
+        )
+        return missing, len(reasons[model_type])
+
+    closest = sorted(reasons, key=distance)[:2]
+
+    def first(t: str) -> str:
+        text = "; ".join(reasons[t])
+        return text if len(text) <= 110 else text[:107] + "..."
+
+    lines = ["no native family expresses this model; the closest:"]
+    lines += [f"  {t}: {first(t)}" for t in closest]
+    lines.append("give --to FAMILY for that family's reasons, --verbose for every family's")
+    err = NativeConversionError("\n".join(lines))
+    err.details = [f"{t}: {'; '.join(r)}" for t, r in reasons.items()]
+    return err
 
 
 def export_native(
@@ -355,7 +379,9 @@ def _keep_fp32(native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
     lineage = dict(hybrid_cfg.hf_hybrid_lineage or {})
-    base = lineage.get("base_model")
+    from ...card import _hub_id, base_model_text
+
+    base = _hub_id(lineage.get("base_model"))  # Hub metadata names a Hub model, never a local path
     lines = ["---", "library_name: transformers"]
     if base:
         lines.append(f"base_model: {json.dumps(str(base))}")
@@ -374,6 +400,8 @@ def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
     lines.append("")
     if lineage:
         for key, value in lineage.items():
+            if key in ("base_model", "source") and isinstance(value, str):
+                value = base_model_text(value)  # a local path: its name only
             lines.append(f"- {key}: {value}")
     lines.append(f"- exported_to: {family.model_type}")
     lines.append("")

@@ -525,7 +525,7 @@ class NativeFamily:
             # differ from the class's defaults, and the class fills in the rest again on load.
             on_disk = self.config_class.from_dict(native.to_diff_dict())
         except (ValueError, TypeError, StrictDataclassError) as err:
-            fail(f"cannot export to {self.model_type}: {self.config_name} rejects the mapped options: {err}")
+            fail(f"cannot export to {self.model_type}: {self._rejection(err, kwargs)}")
         want = functional_fields(ours)
         for reloaded in (native, on_disk):
             got = functional_fields(self.hybrid_config(reloaded))
@@ -534,8 +534,24 @@ class NativeFamily:
                 parts = []
                 for name in diffs[:4]:
                     parts.append(_describe_difference(name, want[name], got.get(name)))
-                fail(f"cannot export to {self.model_type}: " + "; ".join(parts))
+                fail(f"cannot export to {self.model_type}: " + "\n  ".join(parts))  # one difference a line
         return native
+
+    def _rejection(self, err: Exception, kwargs: dict[str, Any]) -> str:
+        """A native config's validation error as a reason a person reads: our field (when a rename maps it),
+        the value this model has, and what the native field needs."""
+        text = str(err)
+        match = re.search(r"field '(\w+)'", text, flags=re.IGNORECASE)
+        if match is None:
+            return f"{self.config_name} rejects the mapped options ({text.splitlines()[0][:100]})"
+        name = match.group(1)
+        expected = re.search(r"expected ([\w\[\], |]+?), got", text)
+        needs = f"needs {expected.group(1)}" if expected else "does not accept it"
+        ours = [r.ours for r in self.config_rules if isinstance(r, Rename) and r.native == name]
+        if not ours:
+            return f"{self.config_name}.{name}={kwargs.get(name)!r}: the field {needs}"
+        target = self.config_name if ours[0] == name else f"{self.config_name}.{name}"
+        return f"HybridConfig.{ours[0]}={kwargs.get(name)!r}: {target} {needs}"
 
     # ---- weights ----
     def _rules_for_layer(self, ours, i: int) -> list[W]:

@@ -31,7 +31,7 @@ from .naive import (
     ties_at_topk_cut,
     topk_indices,
 )
-from .torch_ops import sparse_attention_torch
+from .torch_ops import dense_visible_attention, sparse_attention_torch
 
 logger = logging.getLogger("hf_hybrid")
 
@@ -94,6 +94,7 @@ def sparse_attention(
 
 __all__ = [
     "BACKENDS",
+    "dense_visible_attention",
     "attention_mass_in_selection",
     "dense_causal_attention_naive",
     "indexer_kl_dense",

@@ -179,3 +179,40 @@ def sparse_attention_torch(
         query_chunk = auto_query_chunk(T, idx.shape[-1], H, k.shape[2], Dqk, v.shape[3])
     o, lse = _SparseAttentionTorch.apply(q, k, v, idx, float(scale), max(1, int(query_chunk)))
     return (o, lse) if return_lse else o
+
+
+def dense_visible_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    q_offset: int | None = None,
+    key_start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """What ``sparse_attention`` computes when every query's selection holds all the keys it may see
+    (``index_topk`` >= S): causal attention from ``key_start`` on, through PyTorch's SDPA (no gather).
+
+    q [B, T, H, Dqk], k [B, S, Hkv, Dqk], v [B, S, Hkv, Dv], key_start [B, T] or None -> o [B, T, H, Dv].
+    A query that may see no key (a left-padding position) gets o = 0, as in sparse attention. The reference
+    is ``sparse_attention`` with idx = every visible key (tests/test_dsa.py)."""
+    from .naive import resolve_q_offset, visible_mask
+
+    B, T, H, _ = q.shape
+    S, Hkv = k.shape[1], k.shape[2]
+    P = resolve_q_offset(T, S, q_offset)
+    G = H // Hkv
+    q_hm = q.transpose(1, 2)  # (B, H, T, Dqk)
+    k_hm = k.transpose(1, 2).repeat_interleave(G, dim=1) if G > 1 else k.transpose(1, 2).expand(B, H, S, -1)
+    v_hm = v.transpose(1, 2).repeat_interleave(G, dim=1) if G > 1 else v.transpose(1, 2).expand(B, H, S, -1)
+    if key_start is None and P == 0 and T == S:
+        o = torch.nn.functional.scaled_dot_product_attention(q_hm, k_hm, v_hm, is_causal=True, scale=scale)
+        return o.transpose(1, 2)
+    visible = visible_mask(T, 0, S, q_offset=P, key_start=key_start, device=q.device)  # (B|1, T, S)
+    empty = ~visible.any(dim=-1, keepdim=True)  # (B|1, T, 1): no visible key
+    # An empty row would give NaN (softmax over nothing); let it see every key, then zero its output, so its
+    # (zero) output gradient adds nothing to k and v either.
+    o = torch.nn.functional.scaled_dot_product_attention(
+        q_hm, k_hm, v_hm, attn_mask=(visible | empty)[:, None], scale=scale
+    )
+    return o.transpose(1, 2).masked_fill(empty[..., None], 0.0)
