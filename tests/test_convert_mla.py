@@ -1,0 +1,260 @@
+"""Dense → MLA conversion (issue 27): the identity setting, compression as a controlled approximation of it,
+refusals before anything is written, lineage, CLI, the chain to DSA and the DeepSeek exports, composition with
+hybridize.
+
+Tolerances: fp32. ``ATOL = 1e-5`` on logits where the converted model computes the source's function in a
+different order (scores split into nope + rope parts, values through an identity latent; fp64 surgery cast
+to fp32); logits here are O(1) and move by ~1e-6.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_hybrid import HybridConfig, HybridForCausalLM
+from hf_hybrid.cli import main as cli_main
+from hf_hybrid.convert.mla import MLAOptions, kv_bytes_per_token, mla, mla_model
+from hf_hybrid.convert.source import load_source
+
+ATOL = 1e-5
+
+
+def llama(tmp_path, *, kv_heads: int = 2, name: str = "llama", layers: int = 2, **overrides):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=128,
+        initializer_range=0.1,
+        **overrides,
+    )
+    model = LlamaForCausalLM(cfg).eval()
+    model.save_pretrained(tmp_path / name)
+    return model, tmp_path / name
+
+
+def left_padded(seed: int = 1, vocab: int = 96):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (3, 11), generator=g)
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :6] = 0
+    return ids, mask
+
+
+def cached_decode(model, ids, mask, steps: int = 4):
+    """Greedy-free decode: prefill, then feed fixed tokens one at a time; logits of every fed position."""
+    new = torch.randint(1, 96, (ids.shape[0], steps), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, use_cache=True)
+        cache, logits = out.past_key_values, [out.logits[:, -1:]]
+        for i in range(steps):
+            mask = torch.cat([mask, torch.ones_like(new[:, i : i + 1])], dim=1)
+            out = model(new[:, i : i + 1], attention_mask=mask, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+# ---- identity ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4, 1])  # GQA, MHA, MQA
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_lossless_equals_the_source(tmp_path, kv_heads, attn):
+    src, path = llama(tmp_path, kv_heads=kv_heads)
+    dst = mla(path, tmp_path / "mla", lossless=True)
+    model = HybridForCausalLM.from_pretrained(dst, attn_implementation=attn).eval()
+    c = model.config
+    assert c.mixer_types == ["mla", "mla"] and c.qk_nope_head_dim == 0 and c.qk_rope_head_dim == 16
+    assert c.mla_rope_heads == kv_heads and c.kv_lora_rank == kv_heads * 16 and not c.mla_latent_norm
+    assert c.hf_hybrid_lineage["recipe"] == "mla" and c.hf_hybrid_lineage["options"]["exact_start"]
+    ids, mask = left_padded()
+    with torch.no_grad():
+        want = src(ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+    for decode in ("absorbed", "naive"):
+        for m in model.modules():
+            if hasattr(m, "kv_b_proj"):
+                m.config.mla_decode = decode
+        torch.testing.assert_close(
+            cached_decode(model, ids, mask), cached_decode(src, ids, mask), atol=ATOL, rtol=0
+        )
+    # the identity caches exactly what the source caches
+    source_cfg = load_source(path)[0].config
+    assert kv_bytes_per_token(c) == kv_bytes_per_token(source_cfg)
+
+
+def test_lossless_rejects_lossy_options():
+    with pytest.raises(ValueError, match="lossless=True.*kv_lora_rank=8"):
+        MLAOptions(lossless=True, kv_lora_rank=8).validate()
+
+
+# ---- compression: controlled approximations ----------------------------------------------------------------
+
+
+def kl_to(src, model, ids) -> float:
+    with torch.no_grad():
+        p = torch.log_softmax(src(ids).logits.float(), -1)
+        q = torch.log_softmax(model(ids).logits.float(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@pytest.fixture(scope="module")
+def source_model(tmp_path_factory):
+    src, path = llama(tmp_path_factory.mktemp("src"), layers=2)
+    return src, load_source(path, dtype=torch.float32)[0]
+
+
+def test_full_rank_partial_rope_is_exact_at_position_zero_only(source_model):
+    """Dropping RoPE from some pairs changes nothing for a one-token input, and something for longer ones."""
+    src, hybrid = source_model
+    model = mla_model(hybrid, rope_dims=8)
+    assert model.config.qk_nope_head_dim == 8 and model.config.mla_rope_pairs is None  # uniform stride 2
+    ids = torch.randint(1, 96, (2, 1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, src(ids).logits, atol=ATOL, rtol=0)
+    assert kl_to(src, model, torch.randint(1, 96, (2, 24))) > 1e-6
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(rope_dims=8, kv_lora_rank=24),
+        dict(rope_dims=8, kv_lora_rank=24, factorization="separate"),
+        dict(rope_dims=8, kv_lora_rank=24, rope_select="frequency"),
+        dict(rope_dims=8, kv_lora_rank=24, rope_keys="shared", q_lora_rank=32, latent_norm=True),
+        dict(rope_dims=8, kv_lora_rank=24, activation_aware=True, rope_select="norm"),
+    ],
+)
+def test_compression_is_an_approximation_that_shrinks_the_cache(source_model, opts):
+    src, hybrid = source_model
+    calib = torch.randint(1, 96, (4, 32), generator=torch.Generator().manual_seed(3))
+    model = mla_model(hybrid, calibration=calib, **opts)
+    ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(4))
+    kl = kl_to(src, model, ids)
+    assert 0 < kl < 1.0  # a nearby model, not a random one
+    assert kv_bytes_per_token(model.config) < kv_bytes_per_token(hybrid.config)
+    lineage = model.config.hf_hybrid_lineage
+    assert lineage["options"]["exact_start"] is False and lineage["approximation"]
+    if opts.get("rope_select") == "frequency":
+        assert model.config.mla_rope_pairs == [0, 1, 2, 3]
+
+
+def test_rank_error_falls_with_the_rank(source_model):
+    """More latent rank, closer to the source: the errors the SVD leaves decrease monotonically."""
+    src, hybrid = source_model
+    ids = torch.randint(1, 96, (2, 24), generator=torch.Generator().manual_seed(4))
+    kls = [kl_to(src, mla_model(hybrid, kv_lora_rank=r), ids) for r in (8, 16, 32)]
+    assert kls[0] > kls[1] > kls[2] and kls[2] < 1e-9  # 32 = G·d full rank, all pairs rotary: exact
+
+
+# ---- refusals ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, opts, match",
+    [
+        (dict(), dict(kv_lora_rank=999), "kv_lora_rank=999 is larger than possible.*allowed: 1..32"),
+        (dict(), dict(q_lora_rank=999), "q_lora_rank=999 is larger than possible"),
+        (dict(), dict(layers=(7,)), r"layers \[7\] do not exist"),
+        (dict(), dict(rope_dims=6), "rope_dims=6 must divide head_dim=16"),
+        (dict(), dict(rope_dims=32), "rope_dims=32 is larger than head_dim=16"),
+        (dict(), dict(rope_select="fastest"), "rope_select='fastest' is not known"),
+        (dict(), dict(rope_select="norm", rope_dims=8), "need calibration"),
+    ],
+)
+def test_bad_input_is_refused_before_writing(tmp_path, overrides, opts, match):
+    _, path = llama(tmp_path, **overrides)
+    dst = tmp_path / "out"
+    with pytest.raises(ValueError, match=match):
+        mla(path, dst, **opts)
+    assert not dst.exists()
+
+
+def test_sliding_window_is_refused(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=8,
+    )
+    MistralForCausalLM(cfg).save_pretrained(tmp_path / "mistral")
+    with pytest.raises(ValueError, match="no full attention layers.*sliding-window"):
+        mla(tmp_path / "mistral", tmp_path / "out", lossless=True)
+    with pytest.raises(ValueError, match="layer 0 is 'sliding_attention'.*sliding_window=8"):
+        mla(tmp_path / "mistral", tmp_path / "out", lossless=True, layers=(0,))
+    assert not (tmp_path / "out").exists()
+
+
+def test_qwen2_attention_bias_is_refused(tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen2")
+    with pytest.raises(ValueError, match="attention_bias=True.*allowed: False"):
+        mla(tmp_path / "qwen2", tmp_path / "out", lossless=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_qwen3_qk_norm_is_refused(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    )
+    Qwen3ForCausalLM(cfg).save_pretrained(tmp_path / "qwen3")
+    with pytest.raises(ValueError, match="use_qk_norm=True.*not linear"):
+        mla(tmp_path / "qwen3", tmp_path / "out", lossless=True)
+    assert not (tmp_path / "out").exists()
+
+
+# ---- files, lineage, CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_mla_writes_lineage_and_card(tmp_path, capsys):
+    _, path = llama(tmp_path)
+    dst = tmp_path / "out"
+    argv = ["mla", str(path), str(dst), "--kv-lora-rank", "16", "--rope-dims", "8", "--layers", "1"]
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "layers [1] -> mla" in out and "KV cache" in out
+    config = HybridConfig.from_pretrained(dst)
+    assert config.mixer_types == ["attention", "mla"] and config.kv_lora_rank == 16
+    options = config.hf_hybrid_lineage["options"]
+    assert options["rope_dims"] == 8 and options["layers"] == [1] and not options["exact_start"]
+    card = (dst / "README.md").read_text()
+    assert "mla" in card
+    assert json.loads((dst / "config.json").read_text())["mla_rope_heads"] == 2
+    assert cli_main(["mla", str(path), str(tmp_path / "bad"), "--kv-lora-rank", "999"]) == 2
+    assert "kv_lora_rank=999" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert cli_main(["mla", str(path), str(tmp_path / "bad"), "--lossless", "--rope-dims", "8"]) == 2
+    assert "lossless=True" in capsys.readouterr().err
