@@ -10,6 +10,7 @@ to fp32); logits here are O(1) and move by ~1e-6.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,3 +259,152 @@ def test_cli_mla_writes_lineage_and_card(tmp_path, capsys):
     assert "kv_lora_rank=999" in capsys.readouterr().err and not (tmp_path / "bad").exists()
     assert cli_main(["mla", str(path), str(tmp_path / "bad"), "--lossless", "--rope-dims", "8"]) == 2
     assert "lossless=True" in capsys.readouterr().err
+
+
+# ---- the chain: dense -> MLA -> DSA -> deepseek_v32, dense -> MLA -> deepseek_v3 ---------------------------
+
+KNOWN_FIELDS = Path(__file__).parent / "data" / "transformers_config_fields.json"
+SERVING_PINS = ("5.19.0", "5.22.2")  # SGLang 0.5.23 pins 5.19; vLLM 0.34 needs < 5.23
+# Written by the DeepseekV3Config of transformers >= 5.23 (the MTP layer count; transformers builds no MTP
+# layers): older releases keep it as an inert attribute. Checked by loading the export under 5.19.0 and 5.22.2
+# (test_exports_load_under_pinned_transformers, equal logits).
+INERT_NEWER_KEYS = {"num_nextn_predict_layers"}
+
+
+def assert_known_to_pinned_transformers(config_json: Path, model_type: str) -> None:
+    """Every key of the exported config.json is a field the pinned transformers releases know (read from their
+    wheels by scripts/transformers_config_fields.py; no network here)."""
+    known = json.loads(KNOWN_FIELDS.read_text())
+    keys = set(json.loads(config_json.read_text()))
+    for version in SERVING_PINS:
+        newer = sorted(keys - set(known[version][model_type]) - INERT_NEWER_KEYS)
+        assert not newer, f"{model_type} export needs fields transformers {version} does not know: {newer}"
+
+
+def exportable_mla(tmp_path) -> Path:
+    """A tiny GQA Llama converted to MLA in DeepSeek's layout (one rope key, q latent, latent norms)."""
+    _, path = llama(tmp_path)
+    return mla(
+        path,
+        tmp_path / "mla",
+        rope_dims=8,
+        kv_lora_rank=24,
+        rope_keys="shared",
+        q_lora_rank=32,
+        latent_norm=True,
+    )
+
+
+def test_chain_mla_to_deepseek_v3(tmp_path):
+    from transformers import DeepseekV3ForCausalLM
+
+    from hf_hybrid.convert.native import export_native
+
+    src = exportable_mla(tmp_path)
+    ours = HybridForCausalLM.from_pretrained(src).eval()
+    assert ours.config.mla_rope_pairs is None and ours.config.mla_rope_heads == 1
+    export_native(src, tmp_path / "v3", to="deepseek_v3")
+    native = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "v3").eval()
+    ids, mask = left_padded()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            native(ids, attention_mask=mask).logits[mask.bool()],
+            ours(ids, attention_mask=mask).logits[mask.bool()],
+            atol=ATOL,
+            rtol=0,
+        )
+    assert_known_to_pinned_transformers(tmp_path / "v3" / "config.json", "deepseek_v3")
+
+
+def test_chain_mla_to_dsa_to_deepseek_v32(tmp_path):
+    """dense -> MLA -> convert-dsa (sparse, DeepSeek's indexer eps) -> export: transformers' own
+    DeepseekV32ForCausalLM computes the same logits. index_topk >= T here: a fresh indexer's ReLU scores tie
+    at 0, and transformers' topk orders ties differently (the family's own tests cover index_topk < T on
+    tie-free inputs)."""
+    from transformers import DeepseekV32ForCausalLM
+
+    from hf_hybrid.convert.dsa import convert_to_dsa
+
+    src = exportable_mla(tmp_path)
+    argv = ["convert-dsa", str(src), str(tmp_path / "dsa"), "--index-topk", "16", "--index-heads", "2"]
+    assert cli_main([*argv, "--index-head-dim", "16", "--mode", "sparse", "--index-norm-eps", "1e-6"]) == 0
+    assert cli_main(["export", str(tmp_path / "dsa"), str(tmp_path / "v32"), "--to", "deepseek_v32"]) == 0
+    ours = HybridForCausalLM.from_pretrained(tmp_path / "dsa").eval()
+    assert ours.config.mixer_types == ["dsa", "dsa"] and ours.config.hf_hybrid_lineage[
+        "previous_recipes"
+    ] == [
+        "import",
+        "mla",
+    ]
+    native = DeepseekV32ForCausalLM.from_pretrained(tmp_path / "v32").eval()
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(native(ids).logits, ours(ids).logits, atol=ATOL, rtol=0)
+    assert_known_to_pinned_transformers(tmp_path / "v32" / "config.json", "deepseek_v32")
+    with pytest.raises(ValueError, match="mla_rope_heads=2"):  # per-kv-head rope keys cannot become DSA
+        convert_to_dsa(
+            mla(llama(tmp_path, name="l2")[1], tmp_path / "m2", lossless=True), tmp_path / "d2", index_topk=8
+        )
+
+
+def test_exports_refuse_the_lossless_layout(tmp_path):
+    from hf_hybrid.convert.native import export_native
+
+    _, path = llama(tmp_path)
+    dst = mla(path, tmp_path / "mla", lossless=True)
+    with pytest.raises(ValueError, match="mla_rope_heads=2 has no counterpart"):
+        export_native(dst, tmp_path / "v3", to="deepseek_v3")
+    assert not (tmp_path / "v3").exists()
+
+
+@pytest.mark.slow
+def test_exports_load_under_pinned_transformers(tmp_path):
+    """Load both exports with the transformers releases serving engines pin, in a subprocess whose
+    ``PYTHONPATH`` puts an unpacked wheel first: ``HF_HYBRID_OLD_TRANSFORMERS=/dir/5.19.0:/dir/5.22.2`` (each
+    holding a ``transformers/`` package, e.g. ``unzip transformers-5.19.0-py3-none-any.whl -d /dir/5.19.0``).
+    No network. Skipped when the variable is unset."""
+    import os
+    import subprocess
+    import sys
+
+    roots = [p for p in os.environ.get("HF_HYBRID_OLD_TRANSFORMERS", "").split(":") if p]
+    if not roots:
+        pytest.skip("set HF_HYBRID_OLD_TRANSFORMERS to unpacked transformers wheels (see the docstring)")
+    from hf_hybrid.convert.dsa import convert_to_dsa
+    from hf_hybrid.convert.native import export_native
+
+    src = exportable_mla(tmp_path)
+    export_native(src, tmp_path / "v3", to="deepseek_v3")
+    dsa = convert_to_dsa(
+        src,
+        tmp_path / "dsa",
+        index_topk=16,
+        index_heads=2,
+        index_head_dim=16,
+        mode="sparse",
+        index_norm_eps=1e-6,
+    )
+    export_native(dsa, tmp_path / "v32", to="deepseek_v32")
+    ids = torch.randint(1, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    torch.save(ids, tmp_path / "ids.pt")
+    for name, ours in (("v3", src), ("v32", dsa)):
+        with torch.no_grad():
+            torch.save(HybridForCausalLM.from_pretrained(ours).eval()(ids).logits, tmp_path / f"{name}.pt")
+    script = f"""
+import torch, transformers
+from transformers import AutoModelForCausalLM
+ids = torch.load("{tmp_path}/ids.pt")
+for name in ("v3", "v32"):
+    m = AutoModelForCausalLM.from_pretrained("{tmp_path}/" + name).eval()
+    with torch.no_grad():
+        diff = (m(ids).logits - torch.load("{tmp_path}/" + name + ".pt")).abs().max().item()
+    assert diff <= {ATOL}, (transformers.__version__, name, diff)
+print(transformers.__version__)
+"""
+    for root in roots:
+        env = {**os.environ, "PYTHONPATH": root}
+        out = subprocess.run(
+            [sys.executable, "-c", script], env=env, cwd=tmp_path, capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip().splitlines()[-1] == Path(root).name or out.stdout.strip()

@@ -133,6 +133,7 @@ def cmd_convert_dsa(args: argparse.Namespace) -> int:
             mode=args.mode,
             seed=args.seed,
             dtype=args.dtype,
+            index_norm_eps=args.index_norm_eps,
         )
     after = HybridConfig.from_pretrained(str(dst))
     options: dict[str, Any] = (after.hf_hybrid_lineage or {}).get("options", {})
@@ -384,6 +385,12 @@ def add_parsers(sub) -> None:
         "--mode", choices=MODES, default="dense", help="dsa_mode to save (default dense; see --help text)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the indexers' initialisation")
+    p.add_argument(
+        "--index-norm-eps",
+        type=float,
+        default=None,
+        help="eps of the indexer key LayerNorm (default: the config's; 1e-6 to export to deepseek_v32)",
+    )
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
     p.set_defaults(func=cmd_convert_dsa)
 
