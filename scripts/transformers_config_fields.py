@@ -1,9 +1,10 @@
-"""Write ``tests/data/transformers_config_fields.json``: the config keys each pinned transformers release knows
-for the native families hf_hybrid exports to (the fields a serving engine's transformers can read), so a test
-can check, without network, that an export needs no newer field.
+"""Write ``tests/data/transformers_config_fields.json``: the config keys each pinned transformers release
+knows for the native families hf_hybrid exports to (the fields a serving engine's transformers can read), so
+a test can check, without network, that an export needs no newer field.
 
     pip download --no-deps transformers==5.19.0 transformers==5.22.2 -d wheels/
-    python scripts/transformers_config_fields.py wheels/transformers-5.19.0-*.whl wheels/transformers-5.22.2-*.whl
+    python scripts/transformers_config_fields.py wheels/transformers-5.19.0-*.whl \
+        wheels/transformers-5.22.2-*.whl
 
 Known keys of a family = the annotated fields of its config class, the attributes its ``__post_init__``
 sets (``self.qk_head_dim = ...``), and the annotated fields of ``PreTrainedConfig`` (``architectures``,

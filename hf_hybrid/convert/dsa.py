@@ -115,7 +115,8 @@ def check_convert(
     if bases[0] == "mla" and config.mla_rope_heads != 1:
         raise ValueError(
             f"convert-dsa: the MLA layers have mla_rope_heads={config.mla_rope_heads} (one rope key per kv "
-            "head, from hf-hybrid mla); DSA on MLA needs one shared rope key (1): convert with --rope-keys shared"
+            "head, from hf-hybrid mla); DSA on MLA needs one shared rope key (1): convert with "
+            "--rope-keys shared"
         )
     return layers, DSA_BASES[bases[0]]
 
