@@ -408,3 +408,35 @@ print(transformers.__version__)
         )
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.strip().splitlines()[-1] == Path(root).name or out.stdout.strip()
+
+
+# ---- composition with hybridize ----------------------------------------------------------------------------
+
+
+def test_hybridize_then_mla_gives_a_3_to_1_gdn_mla_hybrid(tmp_path, capsys):
+    """Zebra-Llama's layout from a tiny Llama: hybridize 3:1 (GDN:attention), then the attention layers that
+    remain become MLA. Every GDN tensor is carried bit for bit; the cache shrinks as the cost inspector
+    says."""
+    from hf_hybrid.convert.hybridize import hybridize
+
+    _, path = llama(tmp_path, layers=8)
+    hyb = hybridize(path, tmp_path / "hyb", pattern="3:1 gated_deltanet:attention")
+    dst = mla(hyb, tmp_path / "zebra", kv_lora_rank=16, rope_dims=8, rope_keys="shared")
+    config = HybridConfig.from_pretrained(dst)
+    assert config.mixer_types == ["gated_deltanet"] * 3 + ["mla"] + ["gated_deltanet"] * 3 + ["mla"]
+    before = HybridForCausalLM.from_pretrained(hyb).state_dict()
+    after = HybridForCausalLM.from_pretrained(dst).state_dict()
+    for key, value in before.items():
+        if ".mixer." not in key or key.split(".")[2] not in ("3", "7"):
+            assert torch.equal(after[key], value), key
+    source = load_source(path)[0].config
+    kv_src, kv_hyb, kv_out = (
+        kv_bytes_per_token(c) for c in (source, HybridConfig.from_pretrained(hyb), config)
+    )
+    # per token, bf16: the source caches 8 layers × 2·G·d = 8 × 64 numbers; the 2 MLA layers r + dr = 24
+    assert kv_src == 8 * 64 * 2 and kv_hyb == 2 * 64 * 2 and kv_out == 2 * 24 * 2
+    print(
+        f"KV bytes/token (bf16, growing cache only): source {kv_src:.0f}, 3:1 GDN:attention {kv_hyb:.0f}, "
+        f"3:1 GDN:MLA {kv_out:.0f} ({100 * kv_out / kv_src:.1f} % of the source)"
+    )
+    assert config.hf_hybrid_lineage["previous_recipes"] == ["import", "hybridize"]

@@ -211,7 +211,7 @@ def cmd_hybridize(args: argparse.Namespace) -> int:
 
 def cmd_mla(args: argparse.Namespace) -> int:
     """``hf-hybrid mla``: see ``hf_hybrid.convert.mla``."""
-    from ..convert.mla import kv_bytes_per_token
+    from ..convert.mla import cache_bytes_at, kv_bytes_per_token
     from ..cost import format_bytes
 
     opts = MLAOptions(
@@ -248,7 +248,8 @@ def cmd_mla(args: argparse.Namespace) -> int:
     kb, ka = kv_bytes_per_token(before), kv_bytes_per_token(after)
     print(
         f"  KV cache (bf16, all layers): {format_bytes(kb)}/token -> {format_bytes(ka)}/token "
-        f"({100 * ka / kb:.1f} % of the source)"
+        f"({100 * ka / kb:.1f} % of the source); at 32K: {format_bytes(cache_bytes_at(before))} -> "
+        f"{format_bytes(cache_bytes_at(after))}"
     )
     print(f"  before: {cost_line(before, (32768,))}; {_cache_line(before)}")
     print(f"  after:  {cost_line(after, (32768,))}; {_cache_line(after)}")

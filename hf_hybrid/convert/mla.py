@@ -603,13 +603,22 @@ def mla(
     return write_checkpoint(new, dst, src=src, dtype=out_dtype or source_dtype)
 
 
-def kv_bytes_per_token(config: HybridConfig, dtype_bytes: int = 2) -> float:
-    """Cache bytes per token of ``config`` from the cost inspector (all layers, ``dtype_bytes`` each)."""
+def kv_bytes_per_token(config: HybridConfig, dtype_bytes: int = 2) -> int:
+    """KV-cache bytes each new token adds, all layers (``dtype_bytes`` per number), from the cost inspector:
+    the growing part only (a sliding window's and the recurrent states' fixed sizes are in
+    :func:`cache_bytes_at`)."""
     from ..cost import estimate_cost
 
-    context = 32768
-    report = estimate_cost(config, contexts=(context,), dtype_bytes=dtype_bytes)
-    return report.cache_bytes(context) / context
+    report = estimate_cost(config, contexts=(1,), dtype_bytes=dtype_bytes)
+    return sum(layer.cache_per_token for layer in report.layers if layer.cache_window is None) * dtype_bytes
+
+
+def cache_bytes_at(config: HybridConfig, context: int = 32768, dtype_bytes: int = 2) -> int:
+    """The whole cache of one sequence at ``context`` tokens (KV + recurrent states), from the cost
+    inspector."""
+    from ..cost import estimate_cost
+
+    return estimate_cost(config, contexts=(context,), dtype_bytes=dtype_bytes).cache_bytes(context)
 
 
 __all__ = [
@@ -618,6 +627,7 @@ __all__ = [
     "MLAPlan",
     "ROPE_KEYS",
     "ROPE_SELECT",
+    "cache_bytes_at",
     "calibration_covariances",
     "check_mla",
     "convert_layer",
