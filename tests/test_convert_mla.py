@@ -440,3 +440,59 @@ def test_hybridize_then_mla_gives_a_3_to_1_gdn_mla_hybrid(tmp_path, capsys):
         f"3:1 GDN:MLA {kv_out:.0f} ({100 * kv_out / kv_src:.1f} % of the source)"
     )
     assert config.hf_hybrid_lineage["previous_recipes"] == ["import", "hybridize"]
+
+
+# ---- the recipe --------------------------------------------------------------------------------------------
+
+
+def test_recipe_converts_heals_and_reports(tmp_path):
+    """recipes/mla/train.py end to end on a tiny Llama with a byte tokenizer (pydoc text): the table's
+    numbers come from the cost inspector, the lossless level is not healed (it is the source), a compressed
+    level is healed by DistillationTrainer and gets closer to the source."""
+    from importlib import util
+
+    import yaml
+
+    from hf_hybrid.data import byte_tokenizer
+
+    repo = Path(__file__).resolve().parents[1]
+    tokenizer = byte_tokenizer()
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "src")
+    tokenizer.save_pretrained(tmp_path / "src")
+    spec = util.spec_from_file_location("mla_recipe", repo / "recipes/mla/train.py")
+    recipe = util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    config = yaml.safe_load((repo / "recipes/mla/config.yaml").read_text())
+    config["data"] = {"source": "pydoc", "context": 32, "max_train_chars": 20000, "eval_blocks": 4}
+    config["levels"] = {"lossless": {"lossless": True}, "r8": {"kv_lora_rank": 8, "rope_dims": 8}}
+    config["heal"].update(per_device_train_batch_size=4, max_steps=6, learning_rate=3e-3, disable_tqdm=True)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config))
+    summary = recipe.main(
+        [
+            "--config",
+            str(tmp_path / "recipe.yaml"),
+            "--source",
+            str(tmp_path / "src"),
+            "--output-dir",
+            str(tmp_path / "run"),
+        ]
+    )
+    lossless, r8 = summary["levels"]["lossless"], summary["levels"]["r8"]
+    assert lossless["kv_bytes_per_token"] == summary["source_kv_bytes_per_token"] == 2 * 2 * 2 * 16 * 2
+    assert r8["kv_bytes_per_token"] == 2 * (8 + 2 * 8) * 2 and r8["cache_bytes_32k"] == 32768 * 96
+    assert lossless["healed"][0]["steps"] == 0 and lossless["init"]["kl_to_source"] < 1e-9
+    assert r8["healed"][0]["steps"] == 6 and r8["healed"][0]["kl_to_source"] < r8["init"]["kl_to_source"]
+    assert (
+        json.loads((tmp_path / "run" / "metrics.json").read_text())["levels"]["r8"]["options"]["rope_dims"]
+        == 8
+    )
