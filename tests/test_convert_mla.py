@@ -496,3 +496,29 @@ def test_recipe_converts_heals_and_reports(tmp_path):
         json.loads((tmp_path / "run" / "metrics.json").read_text())["levels"]["r8"]["options"]["rope_dims"]
         == 8
     )
+
+
+@pytest.mark.parametrize("mixer", ["gated_deltanet", "mamba2"])
+def test_mla_layers_hybridize_like_the_attention_they_came_from(source_model, mixer):
+    """MLA layers can be hybridized further: their per-head q/k/v are read through the latent. The lossless
+    MLA layer computes the source's maps, so hybridize inherits the same q/k/v/o from it as from the source's
+    attention (the mixers' fresh tensors differ only by the RNG order of two different models)."""
+    from hf_hybrid.convert.hybridize import AttentionWeights, hybridize_model
+
+    _, hybrid = source_model
+    lossless = mla_model(hybrid, lossless=True)
+    att = AttentionWeights.from_module(hybrid.model.layers[0].mixer)
+    lat = AttentionWeights.from_module(lossless.model.layers[0].mixer)
+    for name in ("query", "key", "value"):
+        torch.testing.assert_close(getattr(lat, name)(), getattr(att, name)(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(lat.o, att.o, atol=0, rtol=0)
+    student = hybridize_model(lossless, attention_layers=[1], mixer=mixer)
+    assert student.config.mixer_types == [mixer, "mla"]
+    assert "from MLA" in student.config.hf_hybrid_lineage["init_notes"]["0"][-1]
+    # a compressed MLA in DeepSeek's layout hybridizes too (what its latent carries), pattern syntax included
+    compressed = mla_model(hybrid, kv_lora_rank=16, rope_dims=8, q_lora_rank=32, latent_norm=True)
+    student = hybridize_model(compressed, pattern=f"1:1 {mixer}:mla")
+    assert student.config.mixer_types == [mixer, "mla"]
+    ids = torch.randint(1, 96, (2, 16))
+    with torch.no_grad():
+        assert torch.isfinite(student(ids).logits).all()
