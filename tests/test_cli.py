@@ -124,7 +124,17 @@ def test_import_refusal_writes_nothing(capsys, tmp_path):
     assert code == 2 and "model_type='dbrx'" in err and "supported" in err and not (tmp_path / "out").exists()
 
 
-COMMANDS = ("inspect", "import", "export", "card", "upcycle", "convert-dsa", "hybridize", "expert-load")
+COMMANDS = (
+    "inspect",
+    "import",
+    "export",
+    "card",
+    "upcycle",
+    "convert-dsa",
+    "hybridize",
+    "mla",
+    "expert-load",
+)
 
 
 def test_help_lists_every_subcommand(capsys):
