@@ -148,8 +148,33 @@ def test_compression_is_an_approximation_that_shrinks_the_cache(source_model, op
     assert kv_bytes_per_token(model.config) < kv_bytes_per_token(hybrid.config)
     lineage = model.config.hf_hybrid_lineage
     assert lineage["options"]["exact_start"] is False and lineage["approximation"]
-    if opts.get("rope_select") == "frequency":
-        assert model.config.mla_rope_pairs == [0, 1, 2, 3]
+    if opts.get("rope_select") == "frequency":  # DeepSeek's layout through a smaller rope base (next test)
+        assert model.config.mla_rope_pairs is None and model.config.rope_parameters["rope_theta"] == 100.0
+
+
+def test_fastest_pairs_become_deepseeks_layout_through_the_rope_base(source_model):
+    """Keeping the fastest dr/2 of d pairs equals the RoPE table of size dr at base θ^(dr/d): the rebased
+    model computes what the explicit ``mla_rope_pairs`` model computes; with attention layers left (one base
+    for all) the pairs are kept explicitly instead."""
+    _, hybrid = source_model
+    rebased = mla_model(hybrid, rope_dims=8, kv_lora_rank=24, rope_select="frequency")
+    d = rebased.config.to_dict()
+    d.pop("layer_types")
+    d.update(mla_rope_pairs=[0, 1, 2, 3], rope_parameters=dict(hybrid.config.rope_parameters))
+    explicit = HybridForCausalLM(HybridConfig.from_dict(d)).eval()
+    explicit.load_state_dict(rebased.state_dict())
+    ids = torch.randint(1, 96, (2, 64), generator=torch.Generator().manual_seed(6))
+    positions = torch.arange(64)[None].expand(2, -1) * 400  # far positions: any frequency error would grow
+    with torch.no_grad():
+        torch.testing.assert_close(
+            rebased(ids, position_ids=positions).logits,
+            explicit(ids, position_ids=positions).logits,
+            atol=ATOL,
+            rtol=0,
+        )
+    partial = mla_model(hybrid, rope_dims=8, kv_lora_rank=24, rope_select="frequency", layers=(1,))
+    assert partial.config.mla_rope_pairs == [0, 1, 2, 3]
+    assert partial.config.rope_parameters == hybrid.config.rope_parameters
 
 
 def test_rank_error_falls_with_the_rank(source_model):
@@ -288,6 +313,7 @@ def exportable_mla(tmp_path) -> Path:
         path,
         tmp_path / "mla",
         rope_dims=8,
+        rope_select="frequency",  # the fastest pairs: DeepSeek's layout through rope_theta^(dr/d)
         kv_lora_rank=24,
         rope_keys="shared",
         q_lora_rank=32,
@@ -303,6 +329,7 @@ def test_chain_mla_to_deepseek_v3(tmp_path):
     src = exportable_mla(tmp_path)
     ours = HybridForCausalLM.from_pretrained(src).eval()
     assert ours.config.mla_rope_pairs is None and ours.config.mla_rope_heads == 1
+    assert ours.config.rope_parameters["rope_theta"] == 100.0
     export_native(src, tmp_path / "v3", to="deepseek_v3")
     native = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "v3").eval()
     ids, mask = left_padded()

@@ -64,6 +64,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -458,11 +459,12 @@ def mla_config(config: HybridConfig, plan: MLAPlan, opts: MLAOptions) -> HybridC
     """``config`` with ``plan.layers`` as MLA layers (a new object; lineage is left to the caller)."""
     d = config.to_dict()
     d.pop("layer_types", None)
-    pairs = plan.rope_pairs
-    if _native_table_matches(config, plan):
-        pairs = None
+    mixer_types = ["mla" if i in plan.layers else t for i, t in enumerate(config.mixer_types)]
+    rope, pairs = rope_layout(config, plan, mixer_types)
+    if rope is not None:
+        d["rope_parameters"] = rope
     d.update(
-        mixer_types=["mla" if i in plan.layers else t for i, t in enumerate(config.mixer_types)],
+        mixer_types=mixer_types,
         q_lora_rank=plan.q_lora_rank,
         kv_lora_rank=plan.kv_lora_rank,
         qk_nope_head_dim=plan.nope_dims,
@@ -479,13 +481,49 @@ def mla_config(config: HybridConfig, plan: MLAPlan, opts: MLAOptions) -> HybridC
     return new
 
 
-def _native_table_matches(config: HybridConfig, plan: MLAPlan) -> bool:
-    """The kept pairs of the head_dim RoPE table are bitwise the RoPE table of size dr (then no
-    ``mla_rope_pairs`` is needed: DeepSeek's layout)."""
-    full, full_scale = rope_inv_freq(config, plan.head_dim)
-    small, small_scale = rope_inv_freq(config, plan.rope_dims)
-    picked = full[torch.tensor(plan.rope_pairs, dtype=torch.long)]
-    return full_scale == small_scale and torch.equal(picked.float(), small.float())
+def _table(config, rope_parameters: dict, dim: int) -> tuple[torch.Tensor, float]:
+    view = SimpleNamespace(
+        rope_parameters=rope_parameters,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_attention_heads,
+        max_position_embeddings=config.max_position_embeddings,
+    )
+    inv_freq, scale = rope_inv_freq(view, dim)
+    return inv_freq.float(), float(scale)
+
+
+def rope_layout(
+    config: HybridConfig, plan: MLAPlan, mixer_types: list[str]
+) -> tuple[dict | None, list[int] | None]:
+    """How the MLA layers get the kept pairs' source frequencies: ``(rope_parameters or None = unchanged,
+    mla_rope_pairs or None)``. In DeepSeek's layout (``mla_rope_pairs=None``, what the exports need) when
+    the RoPE table of size dr gives them:
+
+    - as it is (``uniform`` with power-of-two sizes: pair ``j`` of the small table is pair ``j·d/dr`` of the
+      big one) — bitwise;
+    - with ``rope_theta' = rope_theta^(dr/d)`` when the kept pairs are the fastest ``dr/2`` (``frequency``):
+      ``θ'^(-2j/dr) = θ^(-2j/d)``; used only when no RoPE attention layer remains (the base is one config
+      field), and only when the tables agree to float32 rounding (≤ 2 ulps; a position error of ≤ ~1e-2 rad at
+      32K, far below what dropping RoPE from the other pairs changes).
+
+    Otherwise ``mla_rope_pairs`` picks the pairs from the table of size ``head_dim``."""
+    rope = dict(config.rope_parameters or {})
+    rope.setdefault("rope_type", "default")
+    rope.setdefault("rope_theta", 10000.0)
+    d, dr, pairs = plan.head_dim, plan.rope_dims, list(plan.rope_pairs)
+    full, full_scale = _table(config, rope, d)
+    picked = full[torch.tensor(pairs, dtype=torch.long)]
+    small, small_scale = _table(config, rope, dr)
+    if full_scale == small_scale and torch.equal(picked, small):
+        return None, None
+    other_rope = [i for i, t in enumerate(mixer_types) if t in ("attention", "sliding_attention")]
+    if pairs == list(range(dr // 2)) and not other_rope:
+        rebased = {**rope, "rope_theta": float(rope["rope_theta"]) ** (dr / d)}
+        small, small_scale = _table(config, rebased, dr)
+        ulp = torch.finfo(torch.float32).eps
+        if full_scale == small_scale and bool(((small - picked).abs() <= 2 * ulp * picked.abs()).all()):
+            return rebased, None
+    return None, pairs
 
 
 def _attention_weights(state: dict[str, torch.Tensor], i: int, plan: MLAPlan) -> dict[str, torch.Tensor]:

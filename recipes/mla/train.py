@@ -58,6 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-blocks", type=int, default=None)
     p.add_argument("--max-train-chars", type=int, default=None)
     p.add_argument("--save", action="store_true", help="save each healed model")
+    p.add_argument("--no-heal", action="store_true", help="conversion and init metrics only (ablations)")
     p.add_argument("--output-dir", default=None, help="override output_dir (trainer files, metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
@@ -104,6 +105,8 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
         r["heal"]["train"] = args.heal_train
     if args.save:
         r["save"] = True
+    if args.no_heal:
+        r["seeds"] = []
     return r
 
 
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     recipe = apply_overrides(yaml.safe_load(Path(args.config).read_text()), args)
     data_cfg, heal_cfg, levels = recipe["data"], recipe["heal"], recipe["levels"]
-    seeds = list(recipe.get("seeds") or [0])
+    seeds = list(recipe.get("seeds") if recipe.get("seeds") is not None else [0])
     source = resolve_path(args.source or recipe["source"])
     output_dir = Path(args.output_dir or recipe.get("output_dir", "outputs/mla"))
     if output_dir.exists() and any(output_dir.iterdir()):
@@ -256,14 +259,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "| – | – | – | – |"
     )
     for name, r in results.items():
-        ppl = [x["eval_perplexity"] for x in r["healed"]]
-        kl = [x["kl_to_source"] for x in r["healed"]]
+        ppl = [x["eval_perplexity"] for x in r["healed"]] or [float("nan")]
+        kl = [x["kl_to_source"] for x in r["healed"]] or [float("nan")]
         log(
             f"| {name} | {r['kv_bytes_per_token']} ({100 * r['kv_bytes_per_token'] / src_kv:.1f} %) | "
             f"{format_bytes(r['cache_bytes_32k'])} | {r['init']['eval_perplexity']:.2f} | "
             f"{mean_spread(ppl)} | "
             f"{r['init']['kl_to_source']:.4f} | {mean_spread(kl, 4)} | "
-            f"{r['healed'][0]['tokens']:,} × {len(r['healed'])} |"
+            f"{r['healed'][0]['tokens'] if r['healed'] else 0:,} × {len(r['healed'])} |"
         )
     summary = {
         "source": str(source),
