@@ -19,11 +19,12 @@ What the source attention computes, per query head ``h`` of group ``g``: ``s · 
 
 1. **positions** (``rope_dims``, ``rope_select``): the pairs kept rotary become the ``pe`` channels, the
    others ``nope`` channels (their RoPE is dropped: exact only at relative distance 0). The kept pairs keep
-   their source frequencies (``HybridConfig.mla_rope_pairs``; ``None`` when they equal the RoPE table of size
-   dr, as ``uniform`` does for power-of-two sizes — the layout DeepSeek's exports need). ``uniform``: every
-   ``d/dr``-th pair (MHA2MLA's S_uniform); ``frequency``: the ``dr/2`` fastest (S_high); ``norm``: the pairs
-   with the largest ``‖q_i‖·‖k_i‖`` summed over heads and layers on calibration text (S_2-norm; one set for
-   the whole model, since the RoPE table is one config field).
+   their source frequencies (``HybridConfig.mla_rope_pairs``; ``None`` — the layout DeepSeek's exports
+   need — when the RoPE table of size dr gives them: ``uniform`` with power-of-two sizes as it is,
+   ``frequency`` with ``rope_theta^(dr/d)`` once no attention layer remains, :func:`rope_layout`).
+   ``uniform``: every ``d/dr``-th pair (MHA2MLA's S_uniform); ``frequency``: the ``dr/2`` fastest (S_high);
+   ``norm``: the pairs with the largest ``‖q_i‖·‖k_i‖`` summed over heads and layers on calibration text
+   (S_2-norm; one set for the whole model, since the RoPE table is one config field).
 2. **rope keys** (``rope_keys``): ``per_kv_head`` keeps one rope key per kv head (``mla_rope_heads = G``;
    MHA2MLA's layout; cache ``r + G·dr`` per token) — exact for the kept pairs. ``shared`` builds DeepSeek's
    single rope key (``mla_rope_heads = 1``, cache ``r + dr``; what ``deepseek_v3`` / ``deepseek_v32``
