@@ -472,6 +472,7 @@ def test_hybridize_then_mla_gives_a_3_to_1_gdn_mla_hybrid(tmp_path, capsys):
 # ---- the recipe --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~15 s: conversion, two evaluations and six distillation steps
 def test_recipe_converts_heals_and_reports(tmp_path):
     """recipes/mla/train.py end to end on a tiny Llama with a byte tokenizer (pydoc text): the table's
     numbers come from the cost inspector, the lossless level is not healed (it is the source), a compressed
