@@ -261,6 +261,8 @@ def check_mla(config: HybridConfig, opts: MLAOptions) -> MLAPlan:
     if opts.factorization == "separate":
         k_rank = min(k_max, max(0 if k_rows == 0 else 1, round(r * k_rows / (k_rows + v_rows))))
         k_rank = max(k_rank, r - v_max)
+        if r >= 2 and r - k_rank < 1:  # V keeps at least one direction whenever K does
+            k_rank = r - 1
     q_rows = H * d
     if opts.q_lora_rank is not None and opts.q_lora_rank > min(q_rows, D):
         raise ValueError(
