@@ -235,6 +235,15 @@ class HybridConfig(PreTrainedConfig):
     # eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)
     mla_norm_eps: float | None = None
     mla_use_rope: bool = True  # False = NoPE (Kimi Linear): the qk_rope_head_dim parts stay unrotated
+    # Decoupled RoPE keys: 1 shared by all heads (DeepSeek); more (dividing num_attention_heads) give each
+    # group of heads its own rope key, as a GQA source has one per kv head (hf_hybrid.convert.mla).
+    mla_rope_heads: int = 1
+    # False: no q_a_layernorm / kv_a_layernorm (the latents stay linear in x: exact dense -> MLA conversion)
+    mla_latent_norm: bool = True
+    # Which frequencies the qk_rope_head_dim rope channels use: None = the RoPE table of size
+    # qk_rope_head_dim (DeepSeek); else qk_rope_head_dim/2 pair indices into the table of size head_dim
+    # (partial RoPE kept from a dense source, which keeps its frequencies).
+    mla_rope_pairs: list[int] | None = None
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
     index_n_heads: int = 8

@@ -120,31 +120,32 @@ def _mla_parts(config: HybridConfig) -> tuple[int, int]:
     h, nh = config.hidden_size, config.num_attention_heads
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
     r_kv = config.kv_lora_rank
+    rope_keys = config.mla_rope_heads * config.qk_rope_head_dim  # 1 shared rope key (DeepSeek) or R
+    norms = config.mla_latent_norm  # q_a_layernorm / kv_a_layernorm
     if config.q_lora_rank:
         q_matmul = h * config.q_lora_rank + config.q_lora_rank * nh * qk
-        q_norm = config.q_lora_rank
+        q_norm = config.q_lora_rank if norms else 0
     else:
         q_matmul, q_norm = h * nh * qk, 0
     matmul = (
         q_matmul
-        + h * (r_kv + config.qk_rope_head_dim)  # kv_a_proj_with_mqa
+        + h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
         + r_kv * nh * (config.qk_nope_head_dim + config.v_head_dim)  # kv_b_proj
         + nh * config.v_head_dim * h  # o_proj
     )
     # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
-    bias = ((config.q_lora_rank or 0) + r_kv + config.qk_rope_head_dim + h) if config.attention_bias else 0
-    return matmul + q_norm + r_kv + bias, matmul
+    bias = ((config.q_lora_rank or 0) + r_kv + rope_keys + h) if config.attention_bias else 0
+    return matmul + q_norm + (r_kv if norms else 0) + bias, matmul
 
 
 def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     params, matmul = _mla_parts(config)
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    # Cache: the latent c_kv and the shared rope key. FLOPs: the plain (non-absorbed) form, the one training
-    # uses.
+    # Cache: the latent c_kv and the rope key(s). FLOPs: the plain (non-absorbed) form, the one training uses.
     return MixerCost(
         params,
         matmul,
-        cache_per_token=config.kv_lora_rank + config.qk_rope_head_dim,
+        cache_per_token=config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim,
         flops=_attention_flops(config.num_attention_heads, qk, config.v_head_dim, None),
     )
 

@@ -126,7 +126,17 @@ def test_import_refusal_writes_nothing(capsys, tmp_path):
     assert code == 2 and "model_type='dbrx'" in err and "supported" in err and not (tmp_path / "out").exists()
 
 
-COMMANDS = ("inspect", "import", "export", "card", "upcycle", "convert-dsa", "hybridize", "expert-load")
+COMMANDS = (
+    "inspect",
+    "import",
+    "export",
+    "card",
+    "upcycle",
+    "convert-dsa",
+    "hybridize",
+    "mla",
+    "expert-load",
+)
 
 
 def test_help_lists_every_subcommand(capsys):
@@ -238,6 +248,10 @@ def test_choices_spelled_in_the_parser_are_the_librarys():
 
     assert cli_convert.ROUTER_CHOICES == ROUTERS
     assert (cli_convert.SELECTOR_CHOICES, cli_convert.MODE_CHOICES) == (SELECTORS, MODES)
+    from hf_hybrid.convert.mla import FACTORIZATIONS, ROPE_KEYS, ROPE_SELECT
+
+    assert (cli_convert.ROPE_SELECT_CHOICES, cli_convert.ROPE_KEY_CHOICES) == (ROPE_SELECT, ROPE_KEYS)
+    assert cli_convert.FACTORIZATION_CHOICES == FACTORIZATIONS
     hybridize_help = cli.build_parser()._subparsers._group_actions[0].choices["hybridize"].format_help()
     assert all(m in " ".join(hybridize_help.split()) for m in available_mixers())
 

@@ -585,3 +585,94 @@ def test_fallback_warning_is_logged_once(caplog):
     with caplog.at_level(logging.WARNING, logger=mla_module.logger.name):
         decode_logits(model, *left_padded())
     assert sum("naive path" in r.message for r in caplog.records) == 2  # once per MLA layer
+
+
+# ------------------------------------------------------------------------------------------------------------
+# options for dense -> MLA conversion: several rope keys, no latent norms, source RoPE pairs, dn = 0
+
+EXTENDED = {
+    "rope_heads_2": dict(mla_rope_heads=2),
+    "rope_heads_4_no_norm": dict(mla_rope_heads=4, mla_latent_norm=False, q_lora_rank=None),
+    "rope_pairs": dict(mla_rope_pairs=[0, 3, 5, 7], head_dim=16),
+    "all_rotary": dict(qk_nope_head_dim=0, qk_rope_head_dim=16, mla_rope_heads=2, mla_latent_norm=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTENDED))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_extended_options_absorbed_equals_naive_and_full_forward(name, attn, monkeypatch):
+    counter = CountAbsorbed(monkeypatch)
+    model = build(tiny(**EXTENDED[name]), attn=attn)
+    ids, mask = left_padded()
+    set_decode(model, "naive")
+    naive, new = decode_logits(model, ids, mask)
+    set_decode(model, "absorbed")
+    absorbed, _ = decode_logits(model, ids, mask)
+    assert counter.calls == 2 * 4
+    torch.testing.assert_close(absorbed, naive, atol=ATOL, rtol=0)
+    with torch.no_grad():  # cached decode == one forward over prompt + fed tokens
+        full = model(torch.cat([ids, new], 1), attention_mask=torch.ones(3, 13, dtype=torch.long)).logits
+    torch.testing.assert_close(absorbed[0, 1:], full[0, -4:], atol=ATOL, rtol=0)  # row 0 has no padding
+    cache = model(ids, attention_mask=mask, use_cache=True).cache
+    per_token = model.config.kv_lora_rank + model.config.mla_rope_heads * model.config.qk_rope_head_dim
+    k, v = cache.layers[0].keys, cache.layers[0].values
+    assert k.shape[-1] + v.shape[-1] == per_token and k.shape[1] == v.shape[1] == 1
+
+
+def test_equal_rope_keys_equal_one_shared_key():
+    """R rope keys that are all the same key compute the same function as DeepSeek's single shared one."""
+    one = build(tiny(mla_rope_heads=1))
+    many = build(tiny(mla_rope_heads=4))
+    state = one.state_dict()
+    r, dr = 32, 8
+    for key, value in list(state.items()):
+        if key.endswith("kv_a_proj_with_mqa.weight"):
+            state[key] = torch.cat([value[:r], value[r:].repeat(4, 1)])
+    many.load_state_dict(state)
+    ids, mask = left_padded()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            many(ids, attention_mask=mask).logits, one(ids, attention_mask=mask).logits, atol=ATOL, rtol=0
+        )
+    assert dr * 4 + r == many.model.layers[0].mixer.kv_a_proj_with_mqa.out_features
+
+
+def test_uniform_rope_pairs_equal_the_table_of_size_dr():
+    """Pairs 0, s, 2s, ... of the head_dim table are the frequencies of the table of size dr (s = head_dim/dr,
+    default RoPE, power-of-two sizes: bitwise the same frequencies)."""
+    plain = build(tiny(head_dim=32))
+    pairs = build(tiny(head_dim=32, mla_rope_pairs=[0, 4, 8, 12]))
+    pairs.load_state_dict(plain.state_dict())
+    ids, mask = left_padded()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            pairs(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits, atol=0, rtol=0
+        )
+    other = build(tiny(head_dim=32, mla_rope_pairs=[0, 1, 2, 3]))
+    other.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(other(ids).logits, plain(ids).logits, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "overrides, field",
+    [
+        (dict(mla_rope_heads=3), "mla_rope_heads=3"),
+        (dict(mla_rope_pairs=[0, 1, 2]), "mla_rope_pairs"),
+        (dict(mla_rope_pairs=[3, 2, 1, 0]), "mla_rope_pairs"),
+        (dict(mla_rope_pairs=[0, 1, 2, 99]), "mla_rope_pairs"),
+        (dict(qk_nope_head_dim=-1), "qk_nope_head_dim=-1"),
+    ],
+)
+def test_extended_options_are_validated(overrides, field):
+    with pytest.raises(Exception, match=field.replace("[", r"\[")):  # a strict-dataclass error wrapping it
+        tiny(**overrides)
+
+
+def test_no_latent_norm_has_no_norm_parameters():
+    model = build(tiny(mla_latent_norm=False))
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("a_layernorm" in n for n in names)
+    from hf_hybrid.cost import estimate_cost
+
+    assert estimate_cost(model.config).total_params == sum(p.numel() for p in model.parameters())

@@ -7,6 +7,7 @@
     hf-hybrid upcycle SRC DST --num-experts E --top-k K [...]        (hf_hybrid.convert.upcycle)
     hf-hybrid convert-dsa SRC DST --index-topk K [...]               (hf_hybrid.convert.dsa)
     hf-hybrid hybridize SRC DST --pattern "3:1 gated_deltanet:attention" [...]  (hf_hybrid.convert.hybridize)
+    hf-hybrid mla SRC DST (--lossless | --kv-lora-rank R --rope-dims DR [...])  (hf_hybrid.convert.mla)
     hf-hybrid expert-load (--log LOADS.jsonl | --model DIR --text FILE) [-o out.png]  (hf_hybrid.moe_training)
 
 ``CONFIG_OR_DIR`` is a checkpoint directory (hf_hybrid, or a Llama / Qwen2 / Qwen3 / Mistral one: its cost
@@ -17,9 +18,9 @@ once imported), a ``config.json``, a YAML file of ``HybridConfig`` arguments (or
 This package is the only place that parses arguments: the library takes keyword arguments and raises
 ``ValueError`` & co. for bad inputs. One module per group of subcommands, each with ``add_parsers(sub)``
 and its handlers (``handler(args) -> int``, set as ``func``): ``describe`` (inspect, card), ``convert``
-(import, export, upcycle, convert-dsa, hybridize), ``moe`` (expert-load); ``_common`` holds the user errors,
-config resolution and the shared argument types. A new subcommand is a handler plus its parser in one of them
-(or a new module that :func:`build_parser` calls).
+(import, export, upcycle, convert-dsa, hybridize, mla), ``moe`` (expert-load); ``_common`` holds the user
+errors, config resolution and the shared argument types. A new subcommand is a handler plus its parser in one
+of them (or a new module that :func:`build_parser` calls).
 
 User errors (a bad path, an unsupported checkpoint, an invalid config) print one line and exit with status 2.
 

@@ -1,6 +1,6 @@
 """``hf-hybrid`` subcommands that write a checkpoint: ``import``, ``export``, ``upcycle``, ``convert-dsa``,
-``hybridize``. Each handler calls the library function of the same job (``hf_hybrid.convert.*``) with keyword
-arguments and prints a summary: what was written, and the cost before and after."""
+``hybridize``, ``mla``. Each handler calls the library function of the same job (``hf_hybrid.convert.*``)
+with keyword arguments and prints a summary: what was written, and the cost before and after."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ if TYPE_CHECKING:
 ROUTER_CHOICES = ("softmax", "sigmoid")  # hf_hybrid.convert.upcycle.ROUTERS
 SELECTOR_CHOICES = ("indexer", "structured")  # hf_hybrid.convert.dsa.SELECTORS
 MODE_CHOICES = ("sparse", "dense_warmup", "dense")  # hf_hybrid.convert.dsa.MODES
+ROPE_SELECT_CHOICES = ("uniform", "frequency", "norm")  # hf_hybrid.convert.mla.ROPE_SELECT
+ROPE_KEY_CHOICES = ("per_kv_head", "shared")  # hf_hybrid.convert.mla.ROPE_KEYS
+FACTORIZATION_CHOICES = ("joint", "separate")  # hf_hybrid.convert.mla.FACTORIZATIONS
 
 
 COST_CONTEXTS = (4096, 131072)  # the contexts of the before / after lines
@@ -145,6 +148,7 @@ def cmd_convert_dsa(args: argparse.Namespace) -> int:
             mode=args.mode,
             seed=args.seed,
             dtype=args.dtype,
+            index_norm_eps=args.index_norm_eps,
         )
     after = HybridConfig.from_pretrained(str(dst))
     options: dict[str, Any] = (after.hf_hybrid_lineage or {}).get("options", {})
@@ -240,11 +244,64 @@ def cmd_hybridize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mla(args: argparse.Namespace) -> int:
+    """``hf-hybrid mla``: see ``hf_hybrid.convert.mla``."""
+    from ..configuration_hybrid import HybridConfig
+    from ..convert.checkpoint import check_dst
+    from ..convert.hybridize import selection_blocks
+    from ..convert.mla import MLAOptions, cache_bytes_at, check_mla, kv_bytes_per_token, mla
+    from ..convert.source import source_config
+    from ..cost import format_bytes
+
+    opts = MLAOptions(
+        kv_lora_rank=args.kv_lora_rank,
+        rope_dims=args.rope_dims,
+        rope_select=args.rope_select,
+        rope_keys=args.rope_keys,
+        factorization=args.factorization,
+        activation_aware=args.activation_aware,
+        q_lora_rank=args.q_lora_rank,
+        latent_norm=args.latent_norm,
+        layers=args.layers,
+        lossless=args.lossless,
+    )
+    before, _ = source_config(args.src)
+    check_dst(args.dst)
+    check_mla(before, opts)  # every refusal before the calibration text is read
+    calibration = None
+    blocks = args.calibration_blocks
+    if blocks is None and opts.needs_calibration:
+        blocks = 8
+    if blocks:
+        calibration = selection_blocks(args.src, context=args.calibration_context, blocks=blocks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dst = mla(args.src, args.dst, opts, calibration=calibration, dtype=args.dtype)
+    after = HybridConfig.from_pretrained(str(dst))
+    o = (after.hf_hybrid_lineage or {}).get("options", {})
+    print(
+        f"converted {args.src} -> {dst}: layers {o.get('layers')} -> mla (kv_lora_rank {after.kv_lora_rank}, "
+        f"rope {after.qk_rope_head_dim} dims × {after.mla_rope_heads} key(s), nope {after.qk_nope_head_dim}, "
+        f"q_lora_rank {after.q_lora_rank}), exact start: {o.get('exact_start')}"
+    )
+    kb, ka = kv_bytes_per_token(before), kv_bytes_per_token(after)
+    print(
+        f"  KV cache (bf16, all layers): {format_bytes(kb)}/token -> {format_bytes(ka)}/token "
+        f"({100 * ka / kb:.1f} % of the source); at 32K: {format_bytes(cache_bytes_at(before))} -> "
+        f"{format_bytes(cache_bytes_at(after))}"
+    )
+    print(f"  before: {cost_line(before, (32768,))}; {_cache_line(before)}")
+    print(f"  after:  {cost_line(after, (32768,))}; {_cache_line(after)}")
+    if not o.get("exact_start"):
+        print("  next: recipes/mla/train.py (distillation from the source heals the approximation)")
+    return 0
+
+
 # ---- parsers -----------------------------------------------------------------------------------------------
 
 
 def add_parsers(sub) -> None:
-    """Add ``import``, ``export``, ``upcycle``, ``convert-dsa`` and ``hybridize`` to an ``argparse``
+    """Add ``import``, ``export``, ``upcycle``, ``convert-dsa``, ``hybridize`` and ``mla`` to an ``argparse``
     subparsers object."""
     p = sub.add_parser(
         "import",
@@ -373,6 +430,12 @@ def add_parsers(sub) -> None:
         help="dsa_mode to save (default dense; see --help text)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the indexers' initialisation")
+    p.add_argument(
+        "--index-norm-eps",
+        type=float,
+        default=None,
+        help="eps of the indexer key LayerNorm (default: the config's; 1e-6 to export to deepseek_v32)",
+    )
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
     p.set_defaults(func=cmd_convert_dsa)
 
@@ -420,3 +483,63 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the new tensors' initialisation")
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
     p.set_defaults(func=cmd_hybridize)
+
+    p = sub.add_parser(
+        "mla",
+        help="turn attention layers into multi-head latent attention (MLA) layers by weight surgery",
+        description="Convert the full attention layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral "
+        "imported on the way) into MLA layers: partial RoPE, low-rank key/value latent (SVD), "
+        "optional q latent. --lossless gives the source's function exactly; every other "
+        "setting is an approximation of it, healed by recipes/mla/train.py.",
+    )
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
+    p.add_argument(
+        "--lossless",
+        action="store_true",
+        help="identity setting: all RoPE pairs, one rope key per kv head, full rank, no latent norms",
+    )
+    p.add_argument("--kv-lora-rank", type=int, default=None, help="latent rank r (default: full rank)")
+    p.add_argument(
+        "--rope-dims", type=int, default=None, help="rotary channels kept per head (even; default: all)"
+    )
+    p.add_argument(
+        "--rope-select",
+        choices=ROPE_SELECT_CHOICES,
+        default="uniform",
+        help="which RoPE pairs stay rotary: every d/dr-th (uniform), the fastest (frequency), or the "
+        "largest |q|·|k| on calibration text (norm)",
+    )
+    p.add_argument(
+        "--rope-keys",
+        choices=ROPE_KEY_CHOICES,
+        default="per_kv_head",
+        help="one rope key per kv head, or one shared key (DeepSeek's layout, needed by the exports)",
+    )
+    p.add_argument(
+        "--factorization", choices=FACTORIZATION_CHOICES, default="joint", help="SVD of [K; V] or each"
+    )
+    p.add_argument(
+        "--activation-aware", action="store_true", help="weight the SVDs by calibration activations"
+    )
+    p.add_argument("--q-lora-rank", type=int, default=None, help="query latent rank (default: q_proj kept)")
+    p.add_argument(
+        "--latent-norm",
+        action="store_true",
+        help="DeepSeek's q_a/kv_a RMSNorms (needed to export to deepseek_v3/v32; not function-preserving)",
+    )
+    p.add_argument(
+        "--layers",
+        type=layers_arg,
+        default=None,
+        help="comma-separated layers (default: every attention layer)",
+    )
+    p.add_argument(
+        "--calibration-blocks",
+        type=int,
+        default=None,
+        help="held-out text blocks for calibration (default: 8 when --rope-select norm / --activation-aware)",
+    )
+    p.add_argument("--calibration-context", type=int, default=256, help="tokens per calibration block")
+    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    p.set_defaults(func=cmd_mla)

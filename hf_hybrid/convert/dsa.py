@@ -113,6 +113,12 @@ def check_convert(
             f"convert-dsa: the chosen layers mix bases {by_base}; one dsa_base applies to every DSA "
             "layer of a model, so convert either the attention layers or the MLA layers (pass --layers)"
         )
+    if bases[0] == "mla" and config.mla_rope_heads != 1:
+        raise ValueError(
+            f"convert-dsa: the MLA layers have mla_rope_heads={config.mla_rope_heads} (one rope key per kv "
+            "head, from hf-hybrid mla); DSA on MLA needs one shared rope key (1): convert with "
+            "--rope-keys shared"
+        )
     return layers, DSA_BASES[bases[0]]
 
 
@@ -228,10 +234,12 @@ def convert_to_dsa(
     mode: str = "dense",
     seed: int = 0,
     dtype: torch.dtype | str | None = None,
+    index_norm_eps: float | None = None,
 ) -> Path:
     """Convert the checkpoint ``src`` (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) to
     DSA and save it to ``dst`` (see the module docstring). Every check runs before anything is written.
-    Returns ``dst``."""
+    ``index_norm_eps``: see :func:`converted_config` (1e-6 for a later ``deepseek_v32`` export). Returns
+    ``dst``."""
     check_dst(dst)
     config, _ = source_config(src)
     check_convert(
@@ -254,6 +262,7 @@ def convert_to_dsa(
         selector=selector,
         mode=mode,
         seed=seed,
+        index_norm_eps=index_norm_eps,
     )
     lineage = new.config.hf_hybrid_lineage
     lineage.setdefault("base_model", card_source_name(src))

@@ -48,7 +48,9 @@ from ..configuration_hybrid import HybridConfig, _expand_pattern
 from .checkpoint import as_dtype, check_dst, check_layer_indices, write_checkpoint
 from .source import derived_lineage, load_source, source_config
 
-REPLACEABLE = ("attention", "sliding_attention")  # HybridAttention layers: q/k/v/o projections to inherit
+# HybridAttention layers (q/k/v/o projections to inherit) and MLA layers (their per-head q/k/v read through
+# the latent: AttentionWeights.from_mla)
+REPLACEABLE = ("attention", "sliding_attention", "mla")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -74,6 +76,8 @@ class AttentionWeights:
 
     @classmethod
     def from_module(cls, attn: nn.Module) -> AttentionWeights:
+        if hasattr(attn, "kv_b_proj"):
+            return cls.from_mla(attn)
         h, hkv, d = attn.num_heads, attn.num_key_value_heads, attn.head_dim
         hidden = attn.q_proj.weight.shape[1]
 
@@ -96,6 +100,46 @@ class AttentionWeights:
             gate=gate,
             q_norm=None if attn.q_norm is None else attn.q_norm.weight.detach().float(),
             k_norm=None if attn.k_norm is None else attn.k_norm.weight.detach().float(),
+        )
+
+    @classmethod
+    def from_mla(cls, mla: nn.Module) -> AttentionWeights:
+        """An MLA layer's per-head maps from x, one key/value head per query head:
+        ``q_h = [q_nope; q_pe]`` (``q_b · diag(w_q) · q_a`` with a q latent),
+        ``k_h = [W_uk,h · diag(w_kv) · C; k_pe of h's rope key]``, ``v_h = W_uv,h · diag(w_kv) · C``
+        (``C`` the latent rows of ``kv_a_proj_with_mqa``, ``w`` the latent norms' weights;
+        their per-token 1/rms is dropped). Needs ``dn + dr == dv`` (one head dim)."""
+        H, dn, dr, dv = mla.num_heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        r, R = mla.kv_lora_rank, mla.rope_heads
+
+        def weight(m: nn.Module) -> torch.Tensor:
+            return m.weight.detach().float()
+
+        def norm_weight(m: nn.Module, size: int) -> torch.Tensor:
+            return weight(m) if hasattr(m, "weight") else torch.ones(size)
+
+        if mla.q_lora_rank is None:
+            q = weight(mla.q_proj)
+        else:
+            q = weight(mla.q_b_proj) @ (
+                norm_weight(mla.q_a_layernorm, mla.q_lora_rank)[:, None] * weight(mla.q_a_proj)
+            )
+        kv_a = weight(mla.kv_a_proj_with_mqa)
+        latent = norm_weight(mla.kv_a_layernorm, r)[:, None] * kv_a[:r]  # (r, D)
+        k_pe = kv_a[r:].view(R, dr, -1).repeat_interleave(H // R, dim=0)  # (H, dr, D)
+        kv = (weight(mla.kv_b_proj) @ latent).view(H, dn + dv, -1)
+        k = torch.cat([kv[:, :dn], k_pe], dim=1)
+        return cls(
+            q=q.view(H, dn + dr, -1),
+            k=k,
+            v=kv[:, dn:],
+            o=weight(mla.o_proj),
+            q_bias=None,
+            k_bias=None,
+            v_bias=None,
+            gate=None,
+            q_norm=None,
+            k_norm=None,
         )
 
     @property
@@ -523,6 +567,21 @@ def plan_hybridize(
         raise ValueError(
             f"hybridize: nothing to replace — the request keeps every attention layer ({replaceable})"
         )
+    mla_targets = sorted(i for i in targets if types[i] == "mla")
+    if mla_targets:
+        dqk, dv = config.qk_nope_head_dim + config.qk_rope_head_dim, config.v_head_dim
+        if not dqk == dv == config.head_dim:
+            raise ValueError(
+                f"hybridize: head dims cannot map — MLA layers {mla_targets} have q/k head dim "
+                f"qk_nope_head_dim + qk_rope_head_dim = {dqk} and v_head_dim={dv}; the new mixer takes one "
+                f"head dim per head (head_dim={config.head_dim}): allowed when all three are equal (as "
+                "hf_hybrid.convert.mla makes them)"
+            )
+        if config.attention_bias:
+            raise ValueError(
+                f"hybridize: MLA layers {mla_targets} have attention_bias=True (biases on the latent "
+                "projections), which the new mixers cannot inherit; allowed: False"
+            )
 
     overrides: dict[str, Any] = {}
     for name in sorted(set(targets.values())):
@@ -621,6 +680,17 @@ def hybridize_model(
     for i, name in plan.targets.items():
         weights = AttentionWeights.from_module(model.model.layers[i].mixer)
         layer_notes = INIT_TABLE[name].apply(new.model.layers[i].mixer, weights, new_config)
+        if config.mixer_types[i] == "mla":
+            layer_notes = [
+                *(layer_notes or []),
+                "from MLA: per-head q/k/v read through the latent (kv_b · kv_a), one key/value head per "
+                "query head"
+                + (
+                    ", latent norm weights folded (their per-token 1/rms dropped)"
+                    if config.mla_latent_norm
+                    else ""
+                ),
+            ]
         if layer_notes:
             notes[i] = layer_notes
     new = new.to(device=param.device, dtype=param.dtype)

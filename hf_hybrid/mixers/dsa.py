@@ -421,6 +421,11 @@ class DSAOnAttention(_DSAMixin, HybridAttention):
 
 def _validate_dsa(config: HybridConfig) -> None:
     (validate_mla if config.dsa_base == "mla" else validate_gqa)(config)
+    if config.dsa_base == "mla" and config.mla_rope_heads != 1:
+        raise ValueError(
+            f"HybridConfig.mla_rope_heads={config.mla_rope_heads} with dsa_base='mla': DSA attends MQA-style "
+            "over the latent and one shared rope key; allowed: 1"
+        )
     require_positive(config, "index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk")
 
 

@@ -21,6 +21,17 @@ Legend: B batch, T new tokens, S keys (cache + new), H heads, dn = ``qk_nope_hea
      leaves through ``W_uv``. Nothing of size S × H × (dn + dv) is built. Used for decode (see
      :meth:`HybridMLA.uses_absorbed`).
 
+Options beyond DeepSeek's layout (what an exact dense → MLA conversion needs, ``hf_hybrid.convert.mla``;
+the native exports refuse them):
+
+- ``mla_rope_heads = R > 1``: R decoupled rope keys instead of one, ``k_pe`` [R·dr] per token (cached as one
+  flat single-head tensor); query head ``h`` scores against rope key ``h // (H / R)`` — a GQA source keeps
+  one rope key per kv head.
+- ``mla_latent_norm=False``: no ``q_a_layernorm`` / ``kv_a_layernorm``, so the latents are linear in x.
+- ``mla_rope_pairs``: the rope channels rotate at the frequencies of pairs ``mla_rope_pairs`` of the RoPE
+  table of size ``head_dim`` (the source's frequencies) instead of the table of size dr.
+- ``qk_nope_head_dim = 0``: every query/key channel is rotary (``kv_b_proj`` carries values only).
+
 ``mla_use_rope=False`` (Kimi Linear's MLA, NoPE): the ``q_pe`` / ``k_pe`` channels are used as they are,
 unrotated (still one ``k_pe`` shared by all heads and cached), so attention sees no positions at all.
 
@@ -160,14 +171,41 @@ class MLAProjection(NamedTuple):
     q_pe: torch.Tensor  # (B, T, H, dr), rotated
     q_latent: torch.Tensor | None  # (B, T, rq) after q_a_layernorm; None without q-LoRA (DSA's indexer input)
     c_kv: torch.Tensor  # (B, S, r) after kv_a_layernorm, cache + new tokens
-    k_pe: torch.Tensor  # (B, S, dr) rotated, cache + new tokens
+    k_pe: torch.Tensor  # (B, S, R·dr) rotated, cache + new tokens (R = mla_rope_heads, usually 1)
 
 
 def validate_mla(config: HybridConfig) -> None:
     require_positive(config, "q_lora_rank", allow_none=True)
-    require_positive(config, "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    require_positive(config, "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "mla_rope_heads")
+    dn = config.qk_nope_head_dim
+    if not isinstance(dn, int) or isinstance(dn, bool) or dn < 0:
+        raise ValueError(f"HybridConfig.qk_nope_head_dim={dn!r} must be an integer >= 0")
     if config.qk_rope_head_dim % 2:
         raise ValueError(f"HybridConfig.qk_rope_head_dim={config.qk_rope_head_dim} must be even (RoPE pairs)")
+    if config.num_attention_heads % config.mla_rope_heads:
+        raise ValueError(
+            f"HybridConfig.mla_rope_heads={config.mla_rope_heads} must divide "
+            f"num_attention_heads={config.num_attention_heads} (each rope key serves a group of heads)"
+        )
+    if not isinstance(config.mla_latent_norm, bool):
+        raise ValueError(f"HybridConfig.mla_latent_norm={config.mla_latent_norm!r} must be True or False")
+    pairs = config.mla_rope_pairs
+    if pairs is not None:
+        half = config.head_dim // 2
+        ok = (
+            all(isinstance(i, int) and not isinstance(i, bool) for i in pairs)
+            and list(pairs) == sorted(set(pairs))
+            and all(0 <= i < half for i in pairs)
+        )
+        if not ok or 2 * len(pairs) != config.qk_rope_head_dim:
+            raise ValueError(
+                f"HybridConfig.mla_rope_pairs={list(pairs)!r} must be qk_rope_head_dim/2="
+                f"{config.qk_rope_head_dim // 2} increasing pair indices in [0, head_dim/2={half})"
+            )
+        if not config.mla_use_rope:
+            raise ValueError(
+                "HybridConfig.mla_rope_pairs needs mla_use_rope=True (it picks RoPE frequencies)"
+            )
 
 
 def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
@@ -176,7 +214,11 @@ def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
             "MLA",
             f"{config.num_attention_heads} heads, q_lora_rank {config.q_lora_rank}, kv_lora_rank "
             f"{config.kv_lora_rank}, qk dims {config.qk_nope_head_dim}+{config.qk_rope_head_dim} "
-            f"({'rope' if config.mla_use_rope else 'shared, no RoPE'}), v dim {config.v_head_dim}",
+            f"({'rope' if config.mla_use_rope else 'shared, no RoPE'}"
+            f"{f', {config.mla_rope_heads} rope keys' if config.mla_rope_heads != 1 else ''}"
+            f"{', source RoPE pairs' if config.mla_rope_pairs is not None else ''}), "
+            f"v dim {config.v_head_dim}"
+            f"{'' if config.mla_latent_norm else ', no latent norms'}",
         )
     ]
 
@@ -210,6 +252,9 @@ class HybridMLA(nn.Module):
         self.qk_rope_head_dim = config.qk_rope_head_dim
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        self.rope_heads = config.mla_rope_heads  # R decoupled rope keys (1: DeepSeek's shared one)
+        self.rope_pairs = None if config.mla_rope_pairs is None else list(config.mla_rope_pairs)
+        self._rope_index: dict[str, torch.Tensor] = {}
         self.num_key_value_groups = 1  # read by the attention interface: the dense path expands K/V per head
         self.is_causal = True
         self.scaling = mla_softmax_scale(config)
@@ -222,12 +267,16 @@ class HybridMLA(nn.Module):
             self.q_proj = nn.Linear(config.hidden_size, H * dqk, bias=False)
         else:
             self.q_a_proj = nn.Linear(config.hidden_size, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=latent_eps)
+            self.q_a_layernorm = (
+                RMSNorm(self.q_lora_rank, eps=latent_eps) if config.mla_latent_norm else nn.Identity()
+            )
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
-            config.hidden_size, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias
+            config.hidden_size, self.kv_lora_rank + self.rope_heads * self.qk_rope_head_dim, bias=bias
         )
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=latent_eps)
+        self.kv_a_layernorm = (
+            RMSNorm(self.kv_lora_rank, eps=latent_eps) if config.mla_latent_norm else nn.Identity()
+        )
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
@@ -252,11 +301,32 @@ class HybridMLA(nn.Module):
         return q_nope, q_pe, q_latent
 
     def project_kv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, hidden] -> c_kv [B, T, r] (after kv_a_layernorm), k_pe [B, T, dr] (not rotated)."""
+        """x [B, T, hidden] -> c_kv [B, T, r] (after kv_a_layernorm), k_pe [B, T, R·dr] (not rotated)."""
         c_kv, k_pe = self.kv_a_proj_with_mqa(hidden_states).split(
-            [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
+            [self.kv_lora_rank, self.rope_heads * self.qk_rope_head_dim], dim=-1
         )
         return self.kv_a_layernorm(c_kv), k_pe
+
+    def rope_table(self, ctx: MixerContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, dr] of the rope channels: the RoPE table of size dr, or the pairs
+        ``mla_rope_pairs`` of the table of size ``head_dim`` (rotate-half layout either way)."""
+        if self.rope_pairs is None:
+            return ctx.rope(self.qk_rope_head_dim)
+        cos, sin = ctx.rope(self.config.head_dim)
+        key = str(cos.device)
+        if key not in self._rope_index:
+            pairs = torch.tensor(self.rope_pairs, dtype=torch.long, device=cos.device)
+            self._rope_index[key] = torch.cat([pairs, pairs + self.config.head_dim // 2])
+        index = self._rope_index[key]
+        return cos.index_select(-1, index), sin.index_select(-1, index)
+
+    def rope_keys_per_head(self, k_pe: torch.Tensor) -> torch.Tensor:
+        """k_pe [B, S, R·dr] -> [B, S, H, dr]: each head's rope key (a view when R = 1)."""
+        b, s, _ = k_pe.shape
+        k_pe = k_pe.view(b, s, self.rope_heads, self.qk_rope_head_dim)
+        if self.rope_heads == 1:
+            return k_pe.expand(b, s, self.num_heads, self.qk_rope_head_dim)
+        return k_pe.repeat_interleave(self.num_heads // self.rope_heads, dim=2)
 
     def project(self, hidden_states: torch.Tensor, ctx: MixerContext) -> MLAProjection:
         """Projections, RoPE on the rope parts, and the cache: append this forward's ``(c_kv, k_pe)`` to the
@@ -266,9 +336,10 @@ class HybridMLA(nn.Module):
         c_kv, k_pe = self.project_kv(hidden_states)
         # False = NoPE (Kimi Linear): the "rope" channels are ordinary shared channels
         if self.config.mla_use_rope:
-            cos, sin = ctx.rope(self.qk_rope_head_dim)
+            cos, sin = self.rope_table(ctx)
             q_pe = apply_rope(q_pe, cos, sin)
-            k_pe = apply_rope(k_pe.unsqueeze(2), cos, sin).squeeze(2)
+            k_pe = k_pe.view(b, t, self.rope_heads, self.qk_rope_head_dim)
+            k_pe = apply_rope(k_pe, cos, sin).view(b, t, -1)
         if ctx.cache is not None:
             # Single-head 4D tensors, as transformers' deepseek_v3 stores them: keys = c_kv, values = rotated
             # k_pe.
@@ -278,13 +349,12 @@ class HybridMLA(nn.Module):
 
     # ---- dense (naive) path --------------------------------------------------------------------------------
     def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """c_kv [B, S, r], k_pe [B, S, dr] -> k [B, H, S, dn + dr], v [B, H, S, dv] through ``kv_b_proj``
+        """c_kv [B, S, r], k_pe [B, S, R·dr] -> k [B, H, S, dn + dr], v [B, H, S, dv] through ``kv_b_proj``
         (whatever adapter wraps it)."""
         b, s, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(b, s, self.num_heads, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        k_pe = k_pe[:, :, None, :].expand(b, s, self.num_heads, self.qk_rope_head_dim)
-        k = torch.cat([k_nope, k_pe], dim=-1)
+        k = torch.cat([k_nope, self.rope_keys_per_head(k_pe)], dim=-1)
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def attend_dense(
@@ -365,8 +435,13 @@ class HybridMLA(nn.Module):
         s = c_kv.shape[1]
         # The softmax scale is folded into the (small) queries instead of the (B, T·H, S) scores.
         q_lat = (self.absorb_query(q_nope, w_uk) * self.scaling).reshape(b, t * h, self.kv_lora_rank)
-        q_pe = (q_pe * self.scaling).reshape(b, t * h, self.qk_rope_head_dim)
-        scores = torch.bmm(q_pe, k_pe.transpose(1, 2))  # (B, T·H, S)
+        if self.rope_heads == 1:
+            q_pe = (q_pe * self.scaling).reshape(b, t * h, self.qk_rope_head_dim)
+            scores = torch.bmm(q_pe, k_pe.transpose(1, 2))  # (B, T·H, S)
+        else:  # head group g scores against rope key g
+            R, dr = self.rope_heads, self.qk_rope_head_dim
+            q_pe = (q_pe * self.scaling).view(b, t, R, h // R, dr)
+            scores = torch.einsum("btgjd,bsgd->btgjs", q_pe, k_pe.view(b, s, R, dr)).reshape(b, t * h, s)
         scores = torch.baddbmm(scores, q_lat, c_kv.transpose(1, 2)).view(b, t, h, s)
         bias = latent_attention_bias(mask, ctx, t, s, scores.device)  # (B|1, 1, T, S)
         if bias is not None:
@@ -390,7 +465,12 @@ class HybridMLA(nn.Module):
         """MLA as MQA over the latent, in the ``[B, T, H, D]`` layout of ``hf_hybrid.ops.dsa`` (one shared KV
         head): q [B, T, H, r + dr], k [B, S, 1, r + dr], v [B, S, 1, r]; attend with ``self.scaling``, then
         :meth:`latent_to_value` and :meth:`output`. ``k`` is a copy of the latent history; ``v`` is a view of
-        ``c_kv``."""
+        ``c_kv``. Needs one shared rope key (``mla_rope_heads=1``)."""
+        if self.rope_heads != 1:
+            raise ValueError(
+                f"HybridConfig.mla_rope_heads={self.rope_heads}: the latent MQA form needs one shared "
+                "rope key (1)"
+            )
         q = torch.cat([self.absorb_query(q_nope, w_uk), q_pe], dim=-1)
         k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(2)
         return q, k, c_kv.unsqueeze(2)
@@ -407,7 +487,8 @@ class HybridMLA(nn.Module):
         with DeepSeek's sizes (r=512, dn=dv=128, dr=64) absorbed wins up to T ≈ 170 new tokens."""
         if self.config.mla_decode != "absorbed" or past_len == 0:
             return False
-        r, dn, dr, dv = self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim
+        r, dn, dv = self.kv_lora_rank, self.qk_nope_head_dim, self.v_head_dim
+        dr = self.qk_rope_head_dim * self.rope_heads
         absorbed = q_len * (r * dn + kv_len * (2 * r + dr) + r * dv)
         naive = kv_len * r * (dn + dv) + q_len * kv_len * (dn + dr + dv)
         return absorbed <= naive

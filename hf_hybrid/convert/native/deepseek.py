@@ -215,6 +215,9 @@ _COMMON = [
         moe_routing="topk",
         moe_capacity_factor=None,
         mla_norm_eps=_LATENT_EPS,
+        mla_rope_heads=1,
+        mla_latent_norm=True,
+        mla_rope_pairs=None,
     ),
 ]
 

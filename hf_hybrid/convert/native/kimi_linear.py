@@ -171,6 +171,9 @@ CONFIG_RULES = [
     *ours_fixed(
         mla_use_rope=False,
         mla_norm_eps=_LATENT_EPS,
+        mla_rope_heads=1,
+        mla_latent_norm=True,
+        mla_rope_pairs=None,
         router_scoring_func="sigmoid",
         moe_routing="topk",
         moe_capacity_factor=None,
