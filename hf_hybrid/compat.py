@@ -114,7 +114,22 @@ def build_mask(
     return fn(config, inputs_embeds, attention_mask, cache, position_ids)
 
 
+def drafting_tokens(candidate_generator: Any) -> int:
+    """How many tokens a candidate generator of ``generate``'s assisted decoding drafts per round (the most a
+    verification can reject). 5.25 names it ``num_drafting_tokens``; before, an assistant model's generator
+    has ``num_assistant_tokens`` and prompt lookup's ``num_output_tokens``."""
+    for name in ("num_drafting_tokens", "num_assistant_tokens", "num_output_tokens"):
+        value = getattr(candidate_generator, name, None)
+        if value is not None:
+            return int(value)
+    raise TypeError(
+        f"{type(candidate_generator).__name__}: cannot tell how many tokens it drafts (no num_drafting_tokens, "
+        f"num_assistant_tokens or num_output_tokens)"
+    )
+
+
 __all__ = [
+    "drafting_tokens",
     "CACHE_NAME",
     "OTHER_CACHE_NAME",
     "build_mask",
