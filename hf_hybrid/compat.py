@@ -128,7 +128,27 @@ def drafting_tokens(candidate_generator: Any) -> int:
     )
 
 
+def new_tokens_for_generation(input_ids: torch.Tensor, cache: Any, attention_mask: Any) -> int | None:
+    """How many of ``input_ids`` a generation step must feed, when ``generate`` passes the whole sequence to a
+    cache that already holds some of it; None = all of them (transformers decides).
+
+    5.23 / 5.24's prefill never slices for a cache whose layers are all recurrent (``all(cache.is_linear)``:
+    such a cache had no length there), so an assistant model of recurrent layers only, called again with its
+    cache by assisted decoding, would re-read its whole context. 5.25 slices by ``get_seq_length()`` for every
+    cache; our cache knows its length on every version, so we slice the same way (only when the 2D mask, if
+    any, covers the whole sequence, as transformers does)."""
+    if cache is None or not hasattr(cache, "is_linear") or not all(cache.is_linear):
+        return None
+    past = cache.get_seq_length()
+    if past == 0 or input_ids.shape[1] <= past:
+        return None
+    if attention_mask is not None and attention_mask.shape[-1] != input_ids.shape[1]:
+        return None
+    return input_ids.shape[1] - past
+
+
 __all__ = [
+    "new_tokens_for_generation",
     "drafting_tokens",
     "CACHE_NAME",
     "OTHER_CACHE_NAME",

@@ -776,6 +776,15 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             drafts = max(generation_config.num_assistant_tokens or 0, generation_config.max_new_tokens or 0)
             cache.activate_past_recording(recurrent_states_to_keep=drafts)
 
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, *args, **kwargs):
+        """transformers' own, given the number of new tokens when generate left it out for a cache of recurrent
+        layers only (see :func:`compat.new_tokens_for_generation`)."""
+        if next_sequence_length is None:
+            next_sequence_length = compat.new_tokens_for_generation(
+                input_ids, kwargs.get(compat.CACHE_NAME), kwargs.get("attention_mask")
+            )
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length, *args, **kwargs)
+
     def _get_candidate_generator(self, *args, **kwargs):
         """transformers' candidate generator; our cache learns how many draft tokens it may have to roll back
         (every supported transformers: 5.23 / 5.24 activate the recording without a number)."""
