@@ -55,8 +55,8 @@ class HybridCache(DynamicCache):
 
     # --- rollback ---------------------------------------------------------------------------------------
     def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
-        """Keep what ``crop`` needs to remove up to ``recurrent_states_to_keep`` tokens (at least the tokens of
-        the newest forward after the first, whatever this number: a verification forward may be cropped
+        """Keep what ``crop`` needs to remove up to ``recurrent_states_to_keep`` tokens (at least the tokens
+        of the newest forward after the first, whatever this number: a verification forward may be cropped
         back to its first token).
 
         Called again, the bound only grows. Attention layers that trim themselves (sliding window) are told
@@ -81,9 +81,8 @@ class HybridCache(DynamicCache):
         while recording."""
         if self.has_recurrent_layers and not self.recording:
             return False
-        return all(
-            getattr(layer, "is_croppable", True) for i, layer in enumerate(self.layers) if not self._is_recurrent(i)
-        )
+        attention = [layer for i, layer in enumerate(self.layers) if not self._is_recurrent(i)]
+        return all(getattr(layer, "is_croppable", True) for layer in attention)
 
     def states_to_keep(self, num_new_tokens: int) -> int:
         """How many states a recurrent mixer must hand to :meth:`write_recurrent` for a forward of

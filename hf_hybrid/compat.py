@@ -123,8 +123,8 @@ def drafting_tokens(candidate_generator: Any) -> int:
         if value is not None:
             return int(value)
     raise TypeError(
-        f"{type(candidate_generator).__name__}: cannot tell how many tokens it drafts (no num_drafting_tokens, "
-        f"num_assistant_tokens or num_output_tokens)"
+        f"{type(candidate_generator).__name__}: cannot tell how many tokens it drafts (no "
+        f"num_drafting_tokens, num_assistant_tokens or num_output_tokens)"
     )
 
 

@@ -777,8 +777,8 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             cache.activate_past_recording(recurrent_states_to_keep=drafts)
 
     def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, *args, **kwargs):
-        """transformers' own, given the number of new tokens when generate left it out for a cache of recurrent
-        layers only (see :func:`compat.new_tokens_for_generation`)."""
+        """transformers' own, given the number of new tokens when generate left it out for a cache of
+        recurrent layers only (see :func:`compat.new_tokens_for_generation`)."""
         if next_sequence_length is None:
             next_sequence_length = compat.new_tokens_for_generation(
                 input_ids, kwargs.get(compat.CACHE_NAME), kwargs.get("attention_mask")

@@ -109,6 +109,7 @@ class GatedDeltaNet(nn.Module):
         beta, g = zero_padding(beta, ctx), zero_padding(g, ctx)
 
         scale = self.head_k_dim**-0.5
+
         def full(lo: int, hi: int, initial: torch.Tensor | None):
             return gated_delta_rule(
                 q[:, lo:hi],

@@ -173,6 +173,7 @@ class LinearAttention(nn.Module):
             g = zero_padding((-slopes).expand(b, t, h), ctx)
 
         scale = self.scale
+
         def full(lo: int, hi: int, initial: torch.Tensor | None):
             return simple_gla(
                 q[:, lo:hi],

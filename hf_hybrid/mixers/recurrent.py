@@ -60,8 +60,8 @@ def run_recurrence(
     full: Callable[[int, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]],
     step: Callable[[int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Run a recurrence over this forward's tokens and return (o [B, T, ...], the states after each of the last
-    ``keep`` tokens; the last one is the final state).
+    """Run a recurrence over this forward's tokens and return (o [B, T, ...], the states after each of the
+    last ``keep`` tokens; the last one is the final state).
 
     ``full(lo, hi, initial)`` runs tokens ``lo:hi`` at once (the chunked op; ``initial`` None = zeros) and
     ``step(i, state)`` one token ``i`` (the recurrent step). A one-token decode is one step; otherwise the
