@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -147,7 +148,29 @@ def new_tokens_for_generation(input_ids: torch.Tensor, cache: Any, attention_mas
     return input_ids.shape[1] - past
 
 
+def torch_reference(fn: Any) -> Callable[..., Any] | None:
+    """The plain torch function behind one of transformers' kernel-dispatching functions
+    (``use_kernel_func_from_hub_with_fallback``: fla-core / mamba-ssm / causal-conv1d when installed, a Hub
+    kernel when kernelized), or None when ``fn`` is None.
+
+    Up to 5.24 the decorator returns a ``functools.wraps`` wrapper, so ``inspect.unwrap`` reaches the torch
+    function. 5.25 (with ``kernels`` >= 0.19, a hard dependency there) returns an ``nn.Module`` instance with
+    no ``__name__`` / ``__wrapped__``, whose class's ``forward`` closes over that wrapper as ``func``."""
+    if fn is None:
+        return None
+    if isinstance(fn, torch.nn.Module):
+        inner = inspect.getclosurevars(type(fn).forward).nonlocals.get("func")
+        if inner is None:
+            raise TypeError(
+                f"{type(fn).__qualname__}: a kernel-dispatching module whose torch function cannot be found "
+                f"(its forward closes over no 'func'); this kernels / transformers release is not supported"
+            )
+        fn = inner
+    return inspect.unwrap(fn)
+
+
 __all__ = [
+    "torch_reference",
     "new_tokens_for_generation",
     "drafting_tokens",
     "CACHE_NAME",
