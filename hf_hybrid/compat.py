@@ -169,7 +169,30 @@ def torch_reference(fn: Any) -> Callable[..., Any] | None:
     return inspect.unwrap(fn)
 
 
+@functools.cache
+def nemotron_h_dt_clamp() -> str:
+    """Which config field transformers' ``nemotron_h`` Mamba-2 mixer clamps Δ with: ``"time_step_limit"``
+    (5.25: ``(lo, hi)``, default (0, ∞)) or ``"time_step_min"`` (5.23 / 5.24: ``(time_step_min, ∞)``).
+
+    Read from a one-layer mixer built with a distinct ``time_step_min``, not from the version."""
+    from transformers.models.nemotron_h import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+
+    config = NemotronHConfig(
+        hidden_size=8,
+        mamba_num_heads=2,
+        mamba_head_dim=4,
+        ssm_state_size=2,
+        n_groups=1,
+        time_step_min=0.25,
+        time_step_limit=(0.0, float("inf")),
+    )
+    limit = tuple(NemotronHMamba2Mixer(config, layer_idx=0).time_step_limit)
+    return "time_step_min" if limit[0] == 0.25 else "time_step_limit"
+
+
 __all__ = [
+    "nemotron_h_dt_clamp",
     "torch_reference",
     "new_tokens_for_generation",
     "drafting_tokens",
