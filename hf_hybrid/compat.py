@@ -1,10 +1,10 @@
-"""Every difference between the transformers versions hf_hybrid supports (5.23 to 5.24) lives here.
+"""Every difference between the transformers versions hf_hybrid supports (5.23 to 5.25) lives here.
 
-The rest of the package calls these helpers and never tests a version itself (STYLE.md §14). Each difference
-is detected from the installed transformers' own objects, not from its version string, so a backport or a
-later release that keeps one of these shapes is handled the same way.
+The rest of the package calls these helpers and never tests a version itself. Each difference is detected from
+the installed transformers' own objects, not from its version string, so a backport or a later release that
+keeps one of these shapes is handled the same way.
 
-Differences handled (DESIGN.md §11):
+Differences handled:
 
 - **The cache's name.** 5.24 renamed ``past_key_values`` / ``cache_params`` to ``cache``: built-in outputs
   have a ``cache`` field, ``generate()`` calls ``forward(cache=...)`` and reads ``outputs["cache"]`` only, and
@@ -15,6 +15,17 @@ Differences handled (DESIGN.md §11):
 - **Mask helpers** (``create_causal_mask`` and friends) renamed their ``past_key_values`` argument to
   ``cache``: the old keyword warns on 5.24, the new one fails on 5.23; positional works on both
   (:func:`build_mask`).
+- **Assisted decoding.** 5.25 tells the cache how many tokens a round drafts
+  (``activate_past_recording(recurrent_states_to_keep=N)``) and names it ``num_drafting_tokens`` on its
+  candidate generators; 5.23 / 5.24 activate the recording without a number (:func:`drafting_tokens`), and
+  their prefill does not slice the inputs for a cache of recurrent layers only
+  (:func:`new_tokens_for_generation`). The cache's length and its rollback are ours on every version
+  (``hf_hybrid.cache``), so 5.25's own linear-attention token counts and history are not used.
+- **Hub kernels.** 5.25 (``kernels`` 0.19) turns transformers' kernel-dispatching functions into modules
+  without ``__name__`` / ``__wrapped__`` (:func:`torch_reference` finds the torch function behind either
+  form).
+- **nemotron_h's Δ clamp**: ``time_step_limit`` on 5.25, ``(time_step_min, ∞)`` before
+  (:func:`nemotron_h_dt_clamp`).
 """
 
 from __future__ import annotations
