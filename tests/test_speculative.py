@@ -92,6 +92,14 @@ ROLLBACK = {
     "mla": ("tiny-mla", {}),
     "dsa": ("tiny-dsa", dict(index_topk=4)),
     "moe_hybrid": ("tiny-moe", dict(mixer_pattern="3:1 gated_deltanet:attention")),
+    # a window shorter than the generation: the layer trims itself, and must keep its past while recording
+    "sliding_hybrid": (
+        "tiny-sliding",
+        dict(
+            mixer_types=["gated_deltanet", "sliding_attention", "gated_deltanet", "attention"],
+            sliding_window=5,
+        ),
+    ),
 }
 
 
