@@ -770,7 +770,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         cache = model_kwargs.get(compat.CACHE_NAME)
         if type(cache).__name__ == "DynamicCache" and not getattr(cache, "_is_user_defined", False):
             model_kwargs[compat.CACHE_NAME] = cache = HybridCache(config=self.config)
-        if isinstance(cache, HybridCache) and getattr(generation_config, "is_assistant", False):
+        if isinstance(cache, HybridCache) and generation_config.is_assistant:
             # An assistant's cache is rolled back by the drafts its target rejects: this call's drafts at most
             # (the draft length may grow between calls under num_assistant_tokens_schedule="heuristic").
             drafts = max(generation_config.num_assistant_tokens or 0, generation_config.max_new_tokens or 0)
