@@ -44,7 +44,8 @@ class HybridCache(DynamicCache):
 
     # --- length -----------------------------------------------------------------------------------------
     def advance(self, num_tokens: int) -> None:
-        """Called by the model once per forward (after every layer) with the number of new tokens."""
+        """Called by the model once per forward (after every layer) with the number of new tokens (code that
+        fills the layers by hand, ``cache.update(...)``, calls it too: the length is this count)."""
         self._seen_tokens += int(num_tokens)
         if self._keep is not None:
             self._prune()
