@@ -91,17 +91,23 @@ def run_recurrence(
 def write_state(
     ctx: MixerContext,
     layer_idx: int,
-    conv: list[torch.Tensor] | None,
-    recurrent: list[torch.Tensor | None] | None,
-    num_new_tokens: int,
+    conv: torch.Tensor | list[torch.Tensor] | None,
+    recurrent: torch.Tensor | list[torch.Tensor | None] | None,
+    num_new_tokens: int | None = None,
 ) -> None:
     """Store the new states: ``conv`` / ``recurrent`` are the states after each of the last n tokens of this
-    forward (n from :func:`states_to_keep`; the last one is the new state). A conv state is already the last
-    K-1 inputs: transformers' ``update_conv_state`` keeps the last ``conv_kernel_size`` columns of (old, new),
-    which is exactly it when we pass K-1 columns."""
+    forward (n from :func:`states_to_keep`; the last one is the new state), or the new state alone (a mixer
+    that keeps no history: the cache can then not be rolled back into this forward). ``num_new_tokens``
+    defaults to the forward's length. A conv state is already the last K-1 inputs: transformers'
+    ``update_conv_state`` keeps the last ``conv_kernel_size`` columns of (old, new), which is exactly it when
+    we pass K-1 columns."""
     cache = ctx.cache
     if cache is None:
         return
+    conv = [conv] if isinstance(conv, torch.Tensor) else conv
+    recurrent = [recurrent] if isinstance(recurrent, torch.Tensor) else recurrent
+    if num_new_tokens is None:
+        num_new_tokens = ctx.position_ids.shape[-1]
     if recurrent is not None and recurrent[-1] is None:
         recurrent = None
     write = getattr(cache, "write_recurrent", None)
