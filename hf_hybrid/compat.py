@@ -1,10 +1,10 @@
-"""Every difference between the transformers versions hf_hybrid supports (5.23 to 5.24) lives here.
+"""Every difference between the transformers versions hf_hybrid supports (5.23 to 5.25) lives here.
 
-The rest of the package calls these helpers and never tests a version itself (STYLE.md §14). Each difference
-is detected from the installed transformers' own objects, not from its version string, so a backport or a
-later release that keeps one of these shapes is handled the same way.
+The rest of the package calls these helpers and never tests a version itself. Each difference is detected from
+the installed transformers' own objects, not from its version string, so a backport or a later release that
+keeps one of these shapes is handled the same way.
 
-Differences handled (DESIGN.md §11):
+Differences handled:
 
 - **The cache's name.** 5.24 renamed ``past_key_values`` / ``cache_params`` to ``cache``: built-in outputs
   have a ``cache`` field, ``generate()`` calls ``forward(cache=...)`` and reads ``outputs["cache"]`` only, and
@@ -15,12 +15,24 @@ Differences handled (DESIGN.md §11):
 - **Mask helpers** (``create_causal_mask`` and friends) renamed their ``past_key_values`` argument to
   ``cache``: the old keyword warns on 5.24, the new one fails on 5.23; positional works on both
   (:func:`build_mask`).
+- **Assisted decoding.** 5.25 tells the cache how many tokens a round drafts
+  (``activate_past_recording(recurrent_states_to_keep=N)``) and names it ``num_drafting_tokens`` on its
+  candidate generators; 5.23 / 5.24 activate the recording without a number (:func:`drafting_tokens`), and
+  their prefill does not slice the inputs for a cache of recurrent layers only
+  (:func:`new_tokens_for_generation`). The cache's length and its rollback are ours on every version
+  (``hf_hybrid.cache``), so 5.25's own linear-attention token counts and history are not used.
+- **Hub kernels.** 5.25 (``kernels`` 0.19) turns transformers' kernel-dispatching functions into modules
+  without ``__name__`` / ``__wrapped__`` (:func:`torch_reference` finds the torch function behind either
+  form).
+- **nemotron_h's Δ clamp**: ``time_step_limit`` on 5.25, ``(time_step_min, ∞)`` before
+  (:func:`nemotron_h_dt_clamp`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -114,7 +126,87 @@ def build_mask(
     return fn(config, inputs_embeds, attention_mask, cache, position_ids)
 
 
+def drafting_tokens(candidate_generator: Any) -> int:
+    """How many tokens a candidate generator of ``generate``'s assisted decoding drafts per round (the most a
+    verification can reject). 5.25 names it ``num_drafting_tokens``; before, an assistant model's generator
+    has ``num_assistant_tokens`` and prompt lookup's ``num_output_tokens``."""
+    for name in ("num_drafting_tokens", "num_assistant_tokens", "num_output_tokens"):
+        value = getattr(candidate_generator, name, None)
+        if value is not None:
+            return int(value)
+    raise TypeError(
+        f"{type(candidate_generator).__name__}: cannot tell how many tokens it drafts (no "
+        f"num_drafting_tokens, num_assistant_tokens or num_output_tokens)"
+    )
+
+
+def new_tokens_for_generation(input_ids: torch.Tensor, cache: Any, attention_mask: Any) -> int | None:
+    """How many of ``input_ids`` a generation step must feed, when ``generate`` passes the whole sequence to a
+    cache that already holds some of it; None = all of them (transformers decides).
+
+    5.23 / 5.24's prefill never slices for a cache whose layers are all recurrent (``all(cache.is_linear)``:
+    such a cache had no length there), so an assistant model of recurrent layers only, called again with its
+    cache by assisted decoding, would re-read its whole context. 5.25 slices by ``get_seq_length()`` for every
+    cache; our cache knows its length on every version, so we slice the same way (only when the 2D mask, if
+    any, covers the whole sequence, as transformers does)."""
+    if cache is None or not hasattr(cache, "is_linear") or not all(cache.is_linear):
+        return None
+    past = cache.get_seq_length()
+    if past == 0 or input_ids.shape[1] <= past:
+        return None
+    if attention_mask is not None and attention_mask.shape[-1] != input_ids.shape[1]:
+        return None
+    return input_ids.shape[1] - past
+
+
+def torch_reference(fn: Any) -> Callable[..., Any] | None:
+    """The plain torch function behind one of transformers' kernel-dispatching functions
+    (``use_kernel_func_from_hub_with_fallback``: fla-core / mamba-ssm / causal-conv1d when installed, a Hub
+    kernel when kernelized), or None when ``fn`` is None.
+
+    Up to 5.24 the decorator returns a ``functools.wraps`` wrapper, so ``inspect.unwrap`` reaches the torch
+    function. 5.25 (with ``kernels`` >= 0.19, a hard dependency there) returns an ``nn.Module`` instance with
+    no ``__name__`` / ``__wrapped__``, whose class's ``forward`` closes over that wrapper as ``func``."""
+    if fn is None:
+        return None
+    if isinstance(fn, torch.nn.Module):
+        inner = inspect.getclosurevars(type(fn).forward).nonlocals.get("func")
+        if inner is None:
+            raise TypeError(
+                f"{type(fn).__qualname__}: a kernel-dispatching module whose torch function cannot be found "
+                f"(its forward closes over no 'func'); this kernels / transformers release is not supported"
+            )
+        fn = inner
+    return inspect.unwrap(fn)
+
+
+@functools.cache
+def nemotron_h_dt_clamp() -> str:
+    """Which config field transformers' ``nemotron_h`` Mamba-2 mixer clamps Δ with: ``"time_step_limit"``
+    (5.25: ``(lo, hi)``, default (0, ∞)) or ``"time_step_min"`` (5.23 / 5.24: ``(time_step_min, ∞)``).
+
+    Read from a one-layer mixer built with a distinct ``time_step_min``, not from the version."""
+    from transformers.models.nemotron_h import NemotronHConfig
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+
+    config = NemotronHConfig(
+        hidden_size=8,
+        mamba_num_heads=2,
+        mamba_head_dim=4,
+        ssm_state_size=2,
+        n_groups=1,
+        time_step_min=0.25,
+        time_step_limit=(0.0, float("inf")),
+    )
+    limit = tuple(NemotronHMamba2Mixer(config, layer_idx=0).time_step_limit)
+    return "time_step_min" if limit[0] == 0.25 else "time_step_limit"
+
+
 __all__ = [
+    "nemotron_h_dt_clamp",
+    "torch_reference",
+    "new_tokens_for_generation",
+    "drafting_tokens",
     "CACHE_NAME",
     "OTHER_CACHE_NAME",
     "build_mask",

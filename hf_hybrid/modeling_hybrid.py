@@ -824,8 +824,6 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         self.model = HybridModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # transformers refuses assisted generation for stateful models with its own clear message.
-        self._is_stateful = config.has_recurrent_layers
         self.post_init()
 
     def get_output_embeddings(self) -> nn.Linear:
@@ -838,7 +836,30 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get(compat.CACHE_NAME)
         if type(cache).__name__ == "DynamicCache" and not getattr(cache, "_is_user_defined", False):
-            model_kwargs[compat.CACHE_NAME] = HybridCache(config=self.config)
+            model_kwargs[compat.CACHE_NAME] = cache = HybridCache(config=self.config)
+        if isinstance(cache, HybridCache) and generation_config.is_assistant:
+            # An assistant's cache is rolled back by the drafts its target rejects: this call's drafts at most
+            # (the draft length may grow between calls under num_assistant_tokens_schedule="heuristic").
+            drafts = max(generation_config.num_assistant_tokens or 0, generation_config.max_new_tokens or 0)
+            cache.activate_past_recording(recurrent_states_to_keep=drafts)
+
+    def prepare_inputs_for_generation(self, input_ids, next_sequence_length=None, *args, **kwargs):
+        """transformers' own, given the number of new tokens when generate left it out for a cache of
+        recurrent layers only (see :func:`compat.new_tokens_for_generation`)."""
+        if next_sequence_length is None:
+            next_sequence_length = compat.new_tokens_for_generation(
+                input_ids, kwargs.get(compat.CACHE_NAME), kwargs.get("attention_mask")
+            )
+        return super().prepare_inputs_for_generation(input_ids, next_sequence_length, *args, **kwargs)
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        """transformers' candidate generator; our cache learns how many draft tokens it may have to roll back
+        (every supported transformers: 5.23 / 5.24 activate the recording without a number)."""
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        cache = kwargs.get("model_kwargs", {}).get(compat.CACHE_NAME)
+        if isinstance(cache, HybridCache):
+            cache.activate_past_recording(recurrent_states_to_keep=compat.drafting_tokens(generator))
+        return generator
 
     def create_masks_for_generate(self, config, inputs_embeds, attention_mask, *args, **kwargs):
         """``generate`` pre-builds per-layer-type masks for compileable caches; our model builds its own masks

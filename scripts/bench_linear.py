@@ -21,7 +21,6 @@ missing, refuses the call, or runs out of memory prints "n/a".
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import time
 from collections.abc import Callable
@@ -29,6 +28,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from hf_hybrid import compat
 from hf_hybrid.ops.gated_delta import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 from hf_hybrid.ops.gated_delta.fla import fla_chunk_gated_delta_rule
 from hf_hybrid.ops.kda import chunk_kda, naive_recurrent_kda
@@ -98,7 +98,7 @@ def transformers_gdn() -> Callable | None:
         from transformers.models.qwen3_next import modeling_qwen3_next
     except Exception:
         return None
-    return inspect.unwrap(modeling_qwen3_next.torch_chunk_gated_delta_rule)
+    return compat.torch_reference(modeling_qwen3_next.torch_chunk_gated_delta_rule)
 
 
 def transformers_mamba2() -> Callable | None:
@@ -111,7 +111,7 @@ def transformers_mamba2() -> Callable | None:
         from transformers.models.mamba2 import modeling_mamba2
     except Exception:
         return None
-    scan = inspect.unwrap(getattr(modeling_mamba2, "mamba2_chunk_scan", None) or (lambda: None))
+    scan = compat.torch_reference(getattr(modeling_mamba2, "mamba2_chunk_scan", None))
     if getattr(scan, "__name__", "") != "mamba2_chunk_scan":
         return None  # an older transformers without the standalone scan
 
@@ -129,7 +129,7 @@ def transformers_kda() -> Callable | None:
         from transformers.models.kimi_linear import modeling_kimi_linear
     except Exception:
         return None
-    return inspect.unwrap(modeling_kimi_linear.chunk_kimi_delta_attention)
+    return compat.torch_reference(modeling_kimi_linear.chunk_kimi_delta_attention)
 
 
 def candidates(op: str, device: str, compile_ours: bool) -> dict[str, Callable | None]:

@@ -291,19 +291,6 @@ def test_beam_search_reorders_recurrent_states(name):
     assert beams.shape == (1, 8)
 
 
-def test_assisted_generation_and_crop_are_refused_clearly():
-    model = build("gated_deltanet")
-    assistant = build("gated_deltanet", seed=1)
-    ids = torch.randint(1, 64, (1, 4))
-    with pytest.raises(ValueError, match="stateful"):
-        model.generate(ids, assistant_model=assistant, max_new_tokens=3)
-    cache = HybridCache(config=model.config)
-    with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
-    with pytest.raises(ValueError, match="cannot be rewound"):
-        cache.crop(2)
-
-
 def test_gdn_output_is_norm_then_gate_and_mamba_is_gate_then_norm():
     gdn = build("gated_deltanet").model.layers[0].mixer
     mamba = build("mamba2").model.layers[0].mixer

@@ -243,6 +243,7 @@ def test_latent_bias_has_the_same_meaning_for_every_mask_form():
     cache = HybridCache(config=cfg)
     for layer_idx in range(2):
         cache.update(torch.zeros(3, 1, 9, 32), torch.zeros(3, 1, 9, 8), layer_idx)
+    cache.advance(9)  # what the model does after a forward: the cache's length is its own count
     ctx = MixerContext(
         padding_mask=None,
         attention_mask_2d=am,

@@ -617,3 +617,25 @@ def test_olmo_hybrid_refusals_name_the_option_and_write_nothing(tmp_path):
         HybridConfig.from_dict({**cfg, "norm_placement": None, "use_qk_norm": True, "qk_norm_scope": "head"})
     )
     _assert_refused(lambda: export_native(no_post, dst, to="qwen3_next"), "gdn_allow_neg_eigval=True", dst)
+
+
+def test_nemotron_h_dt_clamp_with_a_non_default_limit(tmp_path):
+    """Δ's clamp comes from time_step_limit on transformers 5.25 and from time_step_min before
+    (compat.nemotron_h_dt_clamp): with a limit that binds at both ends, import and export agree with the
+    native model on every version."""
+    from hf_hybrid import compat
+
+    native = tiny_native("nemotron_h", time_step_min=0.02, time_step_limit=(0.05, 0.3))
+    _randomise(native, 0.15)  # Δ spread wide enough for both ends of the limit to bind
+    ours = import_native(native)
+    if compat.nemotron_h_dt_clamp() == "time_step_limit":
+        assert ours.config.mamba_dt_limit == [0.05, 0.3]
+    else:
+        assert ours.config.mamba_dt_limit == [0.02, float("inf")]
+    ids, mask = left_padded_batch(native.config.vocab_size)
+    assert max_diff_real(native_logits(native, ids, mask), ours_logits(ours, ids, mask), mask) <= ATOL
+    export_native(ours, tmp_path / "out", to="nemotron_h")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["time_step_min"] == 0.02
+    if compat.nemotron_h_dt_clamp() == "time_step_limit":
+        assert tuple(saved["time_step_limit"]) == (0.05, 0.3)

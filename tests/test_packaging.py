@@ -42,8 +42,8 @@ def test_wheel_carries_the_card_template_and_an_spdx_licence(wheel):
     assert packaged == (ROOT / "model_cards" / "hf_hybrid_card.md").read_text(encoding="utf-8")
     assert "License-Expression: Apache-2.0" in metadata
     assert (
-        "Requires-Dist: transformers<5.25,>=5.23" in metadata
-        or "Requires-Dist: transformers>=5.23,<5.25" in metadata
+        "Requires-Dist: transformers<5.26,>=5.23" in metadata
+        or "Requires-Dist: transformers>=5.23,<5.26" in metadata
     )
 
 

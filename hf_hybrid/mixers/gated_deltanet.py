@@ -18,7 +18,15 @@ from ..layers import GatedRMSNorm
 from ..ops.gated_delta import gated_delta_rule, recurrent_gated_delta_rule_step
 from ..registry import register_mixer, require_positive
 from .base import MixerContext
-from .recurrent import init_decay_and_dt, read_state, short_conv, write_state, zero_padding
+from .recurrent import (
+    init_decay_and_dt,
+    read_state,
+    run_recurrence,
+    short_conv,
+    states_to_keep,
+    write_state,
+    zero_padding,
+)
 
 
 def _validate(config: HybridConfig) -> None:
@@ -88,10 +96,11 @@ class GatedDeltaNet(nn.Module):
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         b, t, _ = hidden_states.shape
         state = read_state(ctx, self.layer_idx)
+        keep = states_to_keep(ctx, t)
         x = zero_padding(hidden_states, ctx)
         mixed, z = self.in_proj_qkvz(x).split([2 * self.key_dim + self.value_dim, self.value_dim], dim=-1)
         beta_logit, a = self.in_proj_ba(x).float().chunk(2, dim=-1)  # (B, T, Hv)
-        mixed, conv_state = short_conv(mixed, self.conv1d, ctx, state)
+        mixed, conv_states = short_conv(mixed, self.conv1d, ctx, state, keep=keep)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         q = q.reshape(b, t, self.num_k_heads, self.head_k_dim)
         k = k.reshape(b, t, self.num_k_heads, self.head_k_dim)
@@ -105,33 +114,29 @@ class GatedDeltaNet(nn.Module):
         beta, g = zero_padding(beta, ctx), zero_padding(g, ctx)
 
         scale = self.head_k_dim**-0.5
-        if state.decoding and t == 1:
-            o, recurrent = recurrent_gated_delta_rule_step(
-                q[:, 0],
-                k[:, 0],
-                v[:, 0],
-                g[:, 0],
-                beta[:, 0],
-                state.recurrent,
+
+        def full(lo: int, hi: int, initial: torch.Tensor | None):
+            return gated_delta_rule(
+                q[:, lo:hi],
+                k[:, lo:hi],
+                v[:, lo:hi],
+                g[:, lo:hi],
+                beta[:, lo:hi],
                 scale=scale,
-                use_qk_l2norm=True,
-            )
-            o = o[:, None]
-        else:
-            o, recurrent = gated_delta_rule(
-                q,
-                k,
-                v,
-                g,
-                beta,
-                scale=scale,
-                initial_state=state.recurrent if state.decoding else None,
+                initial_state=initial,
                 output_final_state=ctx.cache is not None,
                 cu_seqlens=ctx.cu_seqlens,
                 use_qk_l2norm=True,
                 chunk_size=self.config.linear_chunk_size,
                 backend=self.config.linear_backend,
             )
-        write_state(ctx, self.layer_idx, conv_state, recurrent)
+
+        def step(i: int, s: torch.Tensor | None):
+            return recurrent_gated_delta_rule_step(
+                q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], s, scale=scale, use_qk_l2norm=True
+            )
+
+        o, recurrent = run_recurrence(state, t, keep, full=full, step=step)
+        write_state(ctx, self.layer_idx, conv_states, recurrent, t)
         o = self.norm(o, z.reshape(b, t, self.num_v_heads, self.head_v_dim))
         return self.out_proj(o.reshape(b, t, self.value_dim))

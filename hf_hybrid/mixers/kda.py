@@ -32,7 +32,15 @@ from ..layers import GatedRMSNorm
 from ..ops.kda import kda, recurrent_kda_step
 from ..registry import register_mixer, require_positive
 from .base import MixerContext
-from .recurrent import init_decay_and_dt, read_state, short_conv, write_state, zero_padding
+from .recurrent import (
+    init_decay_and_dt,
+    read_state,
+    run_recurrence,
+    short_conv,
+    states_to_keep,
+    write_state,
+    zero_padding,
+)
 
 
 class KDAForgetGate(nn.Module):
@@ -110,9 +118,10 @@ class KimiDeltaAttention(nn.Module):
         b, t, _ = hidden_states.shape
         heads = (b, t, self.num_heads, self.head_dim)
         state = read_state(ctx, self.layer_idx)
+        keep = states_to_keep(ctx, t)
         x = zero_padding(hidden_states, ctx)
         mixed = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        mixed, conv_state = short_conv(mixed, self.conv1d, ctx, state)
+        mixed, conv_states = short_conv(mixed, self.conv1d, ctx, state, keep=keep)
         q, k, v = (y.reshape(heads) for y in mixed.split(self.width, dim=-1))
 
         g = self.forget_gate(x)  # (B, T, H, D) fp32 log decay
@@ -120,25 +129,25 @@ class KimiDeltaAttention(nn.Module):
         # Padded positions must leave the state untouched: no decay (g = 0) and no write (β = 0).
         g, beta = zero_padding(g, ctx), zero_padding(beta, ctx)
 
-        if state.decoding and t == 1:
-            o, recurrent = recurrent_kda_step(
-                q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], state.recurrent, use_qk_l2norm=True
-            )
-            o = o[:, None]
-        else:
-            o, recurrent = kda(
-                q,
-                k,
-                v,
-                g,
-                beta,
-                initial_state=state.recurrent if state.decoding else None,
+        def full(lo: int, hi: int, initial: torch.Tensor | None):
+            return kda(
+                q[:, lo:hi],
+                k[:, lo:hi],
+                v[:, lo:hi],
+                g[:, lo:hi],
+                beta[:, lo:hi],
+                initial_state=initial,
                 output_final_state=ctx.cache is not None,
                 cu_seqlens=ctx.cu_seqlens,
                 use_qk_l2norm=True,
                 chunk_size=self.config.linear_chunk_size,
                 backend=self.config.linear_backend,
             )
-        write_state(ctx, self.layer_idx, conv_state, recurrent)
+
+        def step(i: int, s: torch.Tensor | None):
+            return recurrent_kda_step(q[:, i], k[:, i], v[:, i], g[:, i], beta[:, i], s, use_qk_l2norm=True)
+
+        o, recurrent = run_recurrence(state, t, keep, full=full, step=step)
+        write_state(ctx, self.layer_idx, conv_states, recurrent, t)
         o = self.o_norm(o, self.g_b_proj(self.g_a_proj(x)).reshape(heads))
         return self.o_proj(o.reshape(b, t, self.width))

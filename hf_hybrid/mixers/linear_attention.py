@@ -27,7 +27,7 @@ from ..layers import RMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
 from ..registry import register_mixer, require_positive
 from .base import MixerContext
-from .recurrent import read_state, short_conv, write_state, zero_padding
+from .recurrent import read_state, run_recurrence, short_conv, states_to_keep, write_state, zero_padding
 
 _NORMALISER_EPS = 1e-6
 # A learned decay gate starts close to no decay: sigmoid(bias)^(1/16) ~ 1 - small, as in GLA's gate
@@ -149,11 +149,12 @@ class LinearAttention(nn.Module):
         b, t, _ = hidden_states.shape
         h, d = self.num_heads, self.head_dim
         state = read_state(ctx, self.layer_idx)
+        keep = states_to_keep(ctx, t)
         x = zero_padding(hidden_states, ctx)
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
-        conv_state = None
+        conv_states = None
         if self.conv1d is not None:
-            qkv, conv_state = short_conv(qkv, self.conv1d, ctx, state)
+            qkv, conv_states = short_conv(qkv, self.conv1d, ctx, state, keep=keep)
         if self.config.linear_qkv_activation == "silu":
             qkv = F.silu(qkv)
         q, k, v = (y.reshape(b, t, h, d) for y in qkv.chunk(3, dim=-1))
@@ -172,25 +173,28 @@ class LinearAttention(nn.Module):
             g = zero_padding((-slopes).expand(b, t, h), ctx)
 
         scale = self.scale
-        if state.decoding and t == 1:
-            o, recurrent = recurrent_simple_gla_step(
-                q[:, 0], k[:, 0], v[:, 0], None if g is None else g[:, 0], state.recurrent, scale=scale
-            )
-            o = o[:, None]
-        else:
-            o, recurrent = simple_gla(
-                q,
-                k,
-                v,
-                g,
+
+        def full(lo: int, hi: int, initial: torch.Tensor | None):
+            return simple_gla(
+                q[:, lo:hi],
+                k[:, lo:hi],
+                v[:, lo:hi],
+                None if g is None else g[:, lo:hi],
                 scale=scale,
-                initial_state=state.recurrent if state.decoding else None,
+                initial_state=initial,
                 output_final_state=ctx.cache is not None,
                 cu_seqlens=ctx.cu_seqlens,
                 chunk_size=self.config.linear_chunk_size,
                 backend=self.config.linear_backend,
             )
-        write_state(ctx, self.layer_idx, conv_state, recurrent)
+
+        def step(i: int, s: torch.Tensor | None):
+            return recurrent_simple_gla_step(
+                q[:, i], k[:, i], v[:, i], None if g is None else g[:, i], s, scale=scale
+            )
+
+        o, recurrent = run_recurrence(state, t, keep, full=full, step=step)
+        write_state(ctx, self.layer_idx, conv_states, recurrent, t)
         o = o.float()
         if self.normalised:
             o = o[..., :-1] / (o[..., -1:] + _NORMALISER_EPS)

@@ -19,7 +19,15 @@ from ..layers import GatedRMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
 from ..registry import register_mixer, require_positive
 from .base import MixerContext
-from .recurrent import init_decay_and_dt, read_state, short_conv, write_state, zero_padding
+from .recurrent import (
+    init_decay_and_dt,
+    read_state,
+    run_recurrence,
+    short_conv,
+    states_to_keep,
+    write_state,
+    zero_padding,
+)
 
 
 def _validate(config: HybridConfig) -> None:
@@ -95,9 +103,10 @@ class Mamba2Mixer(nn.Module):
         b, t, _ = hidden_states.shape
         h, p, g_, n = self.num_heads, self.head_dim, self.n_groups, self.state_size
         state = read_state(ctx, self.layer_idx)
+        keep = states_to_keep(ctx, t)
         x_in = zero_padding(hidden_states, ctx)
         z, xbc, dt = self.in_proj(x_in).split([self.d_inner, self.d_inner + 2 * g_ * n, h], dim=-1)
-        xbc, conv_state = short_conv(xbc, self.conv1d, ctx, state)
+        xbc, conv_states = short_conv(xbc, self.conv1d, ctx, state, keep=keep)
         x, B, C = xbc.split([self.d_inner, g_ * n, g_ * n], dim=-1)
         x = x.reshape(b, t, h, p)
         # Groups share B and C: head i reads group i // (h / g).
@@ -112,25 +121,25 @@ class Mamba2Mixer(nn.Module):
         g = dt * A
         v = (x.float() * dt[..., None]).to(x.dtype)
 
-        if state.decoding and t == 1:
-            y, recurrent = recurrent_simple_gla_step(
-                C[:, 0], B[:, 0], v[:, 0], g[:, 0], state.recurrent, scale=1.0
-            )
-            y = y[:, None]
-        else:
-            y, recurrent = simple_gla(
-                C,
-                B,
-                v,
-                g,
+        def full(lo: int, hi: int, initial: torch.Tensor | None):
+            return simple_gla(
+                C[:, lo:hi],
+                B[:, lo:hi],
+                v[:, lo:hi],
+                g[:, lo:hi],
                 scale=1.0,
-                initial_state=state.recurrent if state.decoding else None,
+                initial_state=initial,
                 output_final_state=ctx.cache is not None,
                 cu_seqlens=ctx.cu_seqlens,
                 chunk_size=self.config.linear_chunk_size,
                 backend=self.config.linear_backend,
             )
-        write_state(ctx, self.layer_idx, conv_state, recurrent)
+
+        def step(i: int, s: torch.Tensor | None):
+            return recurrent_simple_gla_step(C[:, i], B[:, i], v[:, i], g[:, i], s, scale=1.0)
+
+        y, recurrent = run_recurrence(state, t, keep, full=full, step=step)
+        write_state(ctx, self.layer_idx, conv_states, recurrent, t)
         y = y + x * self.D.to(x.dtype)[:, None]
         y = self.norm(y.reshape(b, t, self.d_inner), z)
         return self.out_proj(y)

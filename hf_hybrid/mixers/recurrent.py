@@ -6,6 +6,7 @@ decay: DESIGN.md §4)."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,19 +44,80 @@ def read_state(ctx: MixerContext, layer_idx: int) -> RecurrentState:
     return RecurrentState(conv, layer.recurrent_states[0], True)
 
 
+def states_to_keep(ctx: MixerContext, num_new_tokens: int) -> int:
+    """How many trailing states this forward must hand to :func:`write_state` (the states after each of the
+    last n tokens): more than 1 only while a ``HybridCache`` records its past for a rollback (assisted /
+    speculative decoding)."""
+    keep = getattr(ctx.cache, "states_to_keep", None)
+    return 1 if keep is None else keep(num_new_tokens)
+
+
+def run_recurrence(
+    state: RecurrentState,
+    num_new_tokens: int,
+    keep: int,
+    *,
+    full: Callable[[int, int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]],
+    step: Callable[[int, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Run a recurrence over this forward's tokens and return (o [B, T, ...], the states after each of the
+    last ``keep`` tokens; the last one is the final state).
+
+    ``full(lo, hi, initial)`` runs tokens ``lo:hi`` at once (the chunked op; ``initial`` None = zeros) and
+    ``step(i, state)`` one token ``i`` (the recurrent step). A one-token decode is one step; otherwise the
+    tokens before the last ``keep`` go through ``full`` and those ``keep`` one by one, each state kept."""
+    t = num_new_tokens
+    initial = state.recurrent if state.decoding else None
+    if state.decoding and t == 1:
+        o, s = step(0, initial)
+        return o[:, None], [s]
+    if keep <= 1:
+        o, s = full(0, t, initial)
+        return o, [s]
+    head = max(t - keep, 0 if initial is not None else 1)  # a step needs a state to start from
+    outs, states, s = [], [], initial
+    if head:
+        o, s = full(0, head, initial)
+        outs.append(o)
+        if head > t - keep:
+            states.append(s)
+    for i in range(head, t):
+        o, s = step(i, s)
+        outs.append(o[:, None])
+        states.append(s)
+    return torch.cat(outs, dim=1), states
+
+
 def write_state(
-    ctx: MixerContext, layer_idx: int, conv: torch.Tensor | None, recurrent: torch.Tensor | None
+    ctx: MixerContext,
+    layer_idx: int,
+    conv: torch.Tensor | list[torch.Tensor] | None,
+    recurrent: torch.Tensor | list[torch.Tensor | None] | None,
+    num_new_tokens: int | None = None,
 ) -> None:
-    """Store the new states. ``conv`` is already the last K-1 inputs: transformers' ``update_conv_state``
-    keeps the last ``conv_kernel_size`` columns of (old, new), which is exactly ``conv`` when we pass K-1
-    columns."""
+    """Store the new states: ``conv`` / ``recurrent`` are the states after each of the last n tokens of this
+    forward (n from :func:`states_to_keep`; the last one is the new state), or the new state alone (a mixer
+    that keeps no history: the cache can then not be rolled back into this forward). ``num_new_tokens``
+    defaults to the forward's length. A conv state is already the last K-1 inputs: transformers'
+    ``update_conv_state`` keeps the last ``conv_kernel_size`` columns of (old, new), which is exactly it when
+    we pass K-1 columns."""
     cache = ctx.cache
     if cache is None:
         return
+    conv = [conv] if isinstance(conv, torch.Tensor) else conv
+    recurrent = [recurrent] if isinstance(recurrent, torch.Tensor) else recurrent
+    if num_new_tokens is None:
+        num_new_tokens = ctx.position_ids.shape[-1]
+    if recurrent is not None and recurrent[-1] is None:
+        recurrent = None
+    write = getattr(cache, "write_recurrent", None)
+    if write is not None:
+        write(layer_idx, conv, recurrent, num_new_tokens=num_new_tokens)
+        return
     if conv is not None:
-        cache.update_conv_state(conv, layer_idx, conv_kernel_size=conv.shape[-1])
+        cache.update_conv_state(conv[-1], layer_idx, conv_kernel_size=conv[-1].shape[-1])
     if recurrent is not None:
-        cache.update_recurrent_state(recurrent, layer_idx)
+        cache.update_recurrent_state(recurrent[-1], layer_idx)
 
 
 def zero_padding(x: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
@@ -72,22 +134,35 @@ def short_conv(
     ctx: MixerContext,
     state: RecurrentState,
     activation: str | None = "silu",
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Depthwise causal conv over x [B, T, C] continuing from the cached conv state; returns (y, new conv
-    state).
+    keep: int = 1,
+) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """Depthwise causal conv over x [B, T, C] continuing from the cached conv state; returns (y, the conv
+    states [B, C, K-1] after each of the last ``keep`` tokens, the last one being the new state).
 
-    The new state is only computed when there is a cache to put it in."""
+    The states are only computed when there is a cache to put them in."""
     weight = conv.weight.squeeze(1)  # (C, K)
     if state.decoding and x.shape[1] == 1 and state.conv is not None:
         y, new = causal_conv1d_step(x[:, 0], state.conv, weight, conv.bias, activation=activation)
-        return y[:, None], new
+        return y[:, None], [new]
+    initial = state.conv if state.decoding else None
     y, new = causal_conv1d(
         x,
         weight,
         conv.bias,
         activation=activation,
-        initial_state=state.conv if state.decoding else None,
+        initial_state=initial,
         cu_seqlens=ctx.cu_seqlens,
         padding_mask=ctx.padding_mask,
     )
-    return y, (new if ctx.cache is not None else None)
+    if ctx.cache is None:
+        return y, None
+    states = [new]
+    if keep > 1:
+        # The state after token m is the K-1 inputs ending there: columns m .. m+K-2 of (initial, x).
+        width = weight.shape[1] - 1
+        xs = zero_padding(x, ctx).transpose(1, 2)  # (B, C, T)
+        start = xs.new_zeros(*xs.shape[:2], width) if initial is None else initial.to(xs.dtype)
+        ext = torch.cat([start, xs], dim=-1)  # (B, C, K-1+T)
+        t = x.shape[1]
+        states = [ext[..., m : m + width] for m in range(t - keep + 1, t)] + states
+    return y, states

@@ -9,16 +9,19 @@ expert). Ours: a Mamba-2 / attention layer has ``mlp_types[i]="none"``; an MLP /
 
 Names: ``model.embeddings`` ↔ ``model.embed_tokens``, ``model.norm_f`` ↔ ``model.norm``, ``layers.{i}.norm`` ↔
 the layer's one norm, ``layers.{i}.mixer.*`` ↔ ``mixer.*`` (Mamba-2, attention) or ``mlp.*`` (``mixer.gate`` ↔
-``mlp.router``, including its ``e_score_correction_bias``). Native prefill clamps the Mamba-2 step ``Δ`` from
-below at ``time_step_min`` (our ``mamba_dt_limit = [time_step_min, ∞]``); transformers' single-token decode
-step does not clamp, ours does — equal whenever ``Δ ≥ time_step_min``, as it is with trained and freshly
-initialised weights.
+``mlp.router``, including its ``e_score_correction_bias``). The Mamba-2 step ``Δ`` is clamped by
+``time_step_limit`` on transformers 5.25 (our ``mamba_dt_limit``; the default (0, ∞) is ``None``), and from
+below at ``time_step_min`` before (our ``mamba_dt_limit = [time_step_min, ∞]``):
+``compat.nemotron_h_dt_clamp`` tells which. Before 5.25 transformers' single-token decode step does not
+clamp, ours does — equal whenever ``Δ ≥ time_step_min``, as it is with trained and freshly initialised
+weights.
 """
 
 from __future__ import annotations
 
 import math
 
+from ... import compat
 from .base import Custom, NativeFamily, RuleContext, W, fail, native_fixed, ours_fixed, rename, same
 
 _BLOCKS = {  # native block -> (our mixer, our mlp)
@@ -51,7 +54,12 @@ def _blocks_to_native(ours) -> dict:
 
 
 def _dt_to_ours(native) -> dict:
-    # The prefill clamps Δ at (time_step_min, ∞); time_step_min also seeds the dt init, like our mamba_dt_min.
+    # time_step_min also seeds the dt init, like our mamba_dt_min.
+    if compat.nemotron_h_dt_clamp() == "time_step_limit":
+        lo, hi = (float(x) for x in native.time_step_limit)
+        limit = None if (lo, hi) == (0.0, math.inf) else [lo, hi]
+        return {"mamba_dt_min": float(native.time_step_min), "mamba_dt_limit": limit}
+    # The prefill clamps Δ at (time_step_min, ∞).
     return {
         "mamba_dt_min": float(native.time_step_min),
         "mamba_dt_limit": [float(native.time_step_min), math.inf],
@@ -60,6 +68,8 @@ def _dt_to_ours(native) -> dict:
 
 def _dt_to_native(ours) -> dict:
     limit = ours.mamba_dt_limit or [0.0, math.inf]
+    if compat.nemotron_h_dt_clamp() == "time_step_limit":
+        return {"time_step_min": ours.mamba_dt_min, "time_step_limit": (float(limit[0]), float(limit[1]))}
     return {"time_step_min": limit[0]}
 
 
@@ -122,7 +132,7 @@ FAMILIES = {
             rename("n_routed_experts", "num_experts"),
             rename("moe_shared_expert_intermediate_size", "shared_expert_intermediate_size"),
             Custom(("layers_block_type",), _blocks_to_ours, _blocks_to_native),
-            Custom(("time_step_min",), _dt_to_ours, _dt_to_native),
+            Custom(("time_step_min", "time_step_limit"), _dt_to_ours, _dt_to_native),
             native_fixed("mamba_hidden_act", "silu", why="our Mamba-2 short conv applies SiLU"),
             native_fixed("use_bias", False, why="our Mamba-2 in_proj / out_proj have no bias"),
             native_fixed("moe_latent_size", None, why="the latent MoE projections are not mapped"),
@@ -153,7 +163,6 @@ FAMILIES = {
             "mtp_layers_block_type",
             "hidden_dropout",
             "rescale_prenorm_residual",
-            "time_step_limit",
             "attention_bias",
             "mamba_proj_bias",
             "sliding_window",
@@ -197,8 +206,8 @@ FAMILIES = {
             pad_token_id=0,
         ),
         exactness=(
-            "exact: fp32 logits ≤ 1e-7; transformers' decode step does not clamp the Mamba-2 "
-            "step at time_step_min (its prefill and ours do): equal while Δ ≥ time_step_min"
+            "exact: fp32 logits ≤ 1e-7; before transformers 5.25 its decode step does not clamp the "
+            "Mamba-2 step at time_step_min (its prefill and ours do): equal while Δ ≥ time_step_min"
         ),
         check_ours=_check_ours,
     ),

@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ... import compat
 from .base import (
     Custom,
     NativeFamily,
@@ -42,8 +43,8 @@ from .base import (
 # ---- running the native model on CPU -----------------------------------------------------------------------
 
 # transformers' Qwen3-Next / Qwen3.5 modeling bind fla-core's Triton kernels at import time whenever fla-core
-# is installed (``use_kernel_func_from_hub_with_fallback``), and those crash on CPU tensors. The decorator
-# keeps the torch reference as ``__wrapped__``; the modules call these functions through their globals.
+# is installed (``use_kernel_func_from_hub_with_fallback``), and those crash on CPU tensors. The modules call
+# these functions through their globals; ``compat.torch_reference`` finds the torch function behind each.
 _KERNEL_MODULES = (
     "transformers.models.qwen3_next.modeling_qwen3_next",
     "transformers.models.qwen3_5.modeling_qwen3_5",
@@ -68,8 +69,8 @@ def native_torch_kernels() -> Iterator[None]:
             module = importlib.import_module(name)
             for fn in _KERNEL_FUNCTIONS:
                 current = getattr(module, fn, None)
-                wrapped = getattr(current, "__wrapped__", None)
-                if wrapped is not None:
+                wrapped = compat.torch_reference(current)
+                if wrapped is not None and wrapped is not current:
                     saved.append((module, fn, current))
                     setattr(module, fn, wrapped)
         yield
