@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 from hf_hybrid import HybridCache, HybridConfig, HybridForCausalLM
@@ -158,15 +159,20 @@ def test_sparse_training_lm_loss_sends_no_gradient_into_the_indexer(base):
     kl_grads = torch.autograd.grad(out.indexer_loss, indexer + rest, allow_unused=True, retain_graph=True)
     assert any(g is not None and g.abs().sum() > 0 for g in kl_grads[: len(indexer)])
     assert all(g is None or g.abs().sum() == 0 for g in kl_grads[len(indexer) :])
-    # with a coefficient, the KL's gradient rides on any backward through the layers (hf_hybrid/aux_loss.py)
+    # with a coefficient the KL reaches the indexer through our loss (labels), or attached to the layers when
+    # the client builds the loss from the logits (hf_hybrid/aux_loss.py) — 0.5 × its gradient either way
     model.config.index_loss_coef = 0.5
     out = model(ids, labels=ids)
     torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.indexer_loss)
-    via_lm = torch.autograd.grad(out.lm_loss, indexer, allow_unused=True, retain_graph=True)
+    via_loss = torch.autograd.grad(out.loss, indexer, allow_unused=True, retain_graph=True)
     kl = torch.autograd.grad(out.indexer_loss, indexer, allow_unused=True)
-    for g, k in zip(via_lm, kl):
+    logits = model(ids).logits
+    own = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    via_client = torch.autograd.grad(own, indexer, allow_unused=True)
+    for g, c, k in zip(via_loss, via_client, kl):
         if k is not None:
             torch.testing.assert_close(g, 0.5 * k)
+            torch.testing.assert_close(c, 0.5 * k)
 
 
 def test_decode_attends_to_k_tokens_not_the_whole_context(monkeypatch):

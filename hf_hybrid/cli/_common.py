@@ -147,7 +147,10 @@ def resolve_config(spec: str):
         from ..presets import preset_config
 
         return preset_config(spec)
-    raise CLIError(f"{spec!r} is not a directory, config file or preset; presets: {', '.join(PRESETS)}")
+    raise CLIError(
+        f"{spec!r} is not a directory, config file or preset (e.g. tiny-hybrid; all {len(PRESETS)}: "
+        "hf_hybrid.presets.PRESETS)"
+    )
 
 
 def parse_contexts(text: str) -> tuple[int, ...]:
