@@ -39,6 +39,7 @@ from .layers import RMSNorm, rope_inv_freq
 from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
 from .registry import mixer_mask, mixer_spec, mlp_spec
+from .registry import trust_remote_code as _trusting
 
 logger = logging.get_logger(__name__)
 
@@ -282,10 +283,12 @@ class HybridPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``, but missing, unexpected or mismatched weights raise
         (transformers would warn and initialise them randomly: a silently wrong model). Pass ``strict=False``
-        to opt out."""
+        to opt out. ``trust_remote_code=True`` lets a checkpoint whose layers use a kind defined outside
+        hf_hybrid import the module its config recorded for that kind."""
         strict = kwargs.pop("strict", True)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        with _trusting(kwargs.get("trust_remote_code")):
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if strict:
             allowed = _head_swap_allowance(cls, model)
             problems = []

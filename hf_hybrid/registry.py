@@ -20,8 +20,11 @@ config never imports the mixers (no import circle).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -57,6 +60,9 @@ class MixerSpec:
       run whenever a config uses this kind.
     - ``describe``: ``fn(config) -> [(label, text), ...]``, the model card's settings rows for this kind (rows
       that several kinds share, e.g. the attention heads, appear once).
+    - ``module``: the module that defines the kind (set at registration). A config that uses a kind defined
+      outside hf_hybrid records it, so a fresh process can import it again on load (with
+      ``trust_remote_code=True``, see :func:`trust_remote_code`).
     """
 
     name: str
@@ -69,6 +75,16 @@ class MixerSpec:
     config_defaults: Mapping[str, Any] = field(default_factory=dict)
     validate: Callable[[Any], None] | None = None
     describe: Callable[[Any], list[tuple[str, str]]] | None = None
+    module: str = ""
+
+    @property
+    def builtin(self) -> bool:
+        return is_builtin_module(self.module)
+
+
+def is_builtin_module(module: str) -> bool:
+    """Whether ``module`` belongs to hf_hybrid itself (its kinds need no record in a saved config)."""
+    return module == "hf_hybrid" or module.startswith("hf_hybrid.")
 
 
 def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
@@ -85,7 +101,8 @@ def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
 class MLPSpec:
     """One MLP kind: ``cls`` (None for no MLP at all), whether it reads the padding mask (MoE balancing), its
     cost function (``fn(config, layer_idx) -> hf_hybrid.cost.MLPCost``), extra config fields, a validator, its
-    model-card rows (``describe``, as for mixers) and the Hub tag a model using it gets (``tag``)."""
+    model-card rows (``describe``, as for mixers), the Hub tag a model using it gets (``tag``) and the module
+    that defines it (``module``, as for mixers)."""
 
     name: str
     cls: type | None
@@ -95,6 +112,11 @@ class MLPSpec:
     validate: Callable[[Any], None] | None = None
     describe: Callable[[Any], list[tuple[str, str]]] | None = None
     tag: str | None = None
+    module: str = ""
+
+    @property
+    def builtin(self) -> bool:
+        return is_builtin_module(self.module)
 
 
 _MIXERS: dict[str, MixerSpec] = {}
@@ -105,11 +127,36 @@ MLP_REGISTRY: dict[str, type | None] = {}
 
 _BUILTIN_MODULES = ("hf_hybrid.mixers", "hf_hybrid.mlp", "hf_hybrid.moe")
 _builtins_loaded = False
+_builtins_loading = False
 
 
 def _check_name(kind: str, name: str) -> None:
     if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
         raise ValueError(f"{kind} name {name!r} must be a lower-case identifier such as 'my_mixer'")
+
+
+def _defining_module(cls: type | None) -> str:
+    """The module that defines ``cls``; for ``register_*(...)(None)``, the module that made the call."""
+    if cls is not None:
+        return cls.__module__
+    return sys._getframe(2).f_globals.get("__name__", "")
+
+
+def _check_taken(kind: str, old: MixerSpec | MLPSpec | None, cls: type | None, module: str) -> None:
+    """Registering the same class again is a no-op (a module imported twice, or reloaded: same module and
+    name); a different class under a taken name is an error, never a silent replacement."""
+    if old is None or old.cls is cls:
+        return
+    same_definition = (
+        old.module == module
+        and getattr(old.cls, "__qualname__", None) == getattr(cls, "__qualname__", None)
+        and (old.cls is None) == (cls is None)
+    )
+    if not same_definition:
+        raise ValueError(
+            f"{kind} {old.name!r} is registered twice ({old.cls} from {old.module!r} and {cls} from "
+            f"{module!r}); choose another name for the second"
+        )
 
 
 def _check_defaults(name: str, defaults: Mapping[str, Any]) -> None:
@@ -147,13 +194,8 @@ def register_mixer(
     defaults = dict(config_defaults or {})
 
     def wrap(cls: type | None) -> type | None:
-        old = _MIXERS.get(name)
-        if (
-            old is not None
-            and old.cls is not cls
-            and getattr(old.cls, "__qualname__", None) != getattr(cls, "__qualname__", None)
-        ):
-            raise ValueError(f"mixer {name!r} is registered twice ({old.cls} and {cls})")
+        module = _defining_module(cls)
+        _check_taken("mixer", _MIXERS.get(name), cls, module)
         _check_defaults(name, defaults)
         _MIXERS[name] = MixerSpec(
             name=name,
@@ -166,6 +208,7 @@ def register_mixer(
             config_defaults=MappingProxyType(defaults),
             validate=validate,
             describe=describe,
+            module=module,
         )
         MIXER_REGISTRY[name] = cls
         return cls
@@ -189,13 +232,8 @@ def register_mlp(
     defaults = dict(config_defaults or {})
 
     def wrap(cls: type | None) -> type | None:
-        old = _MLPS.get(name)
-        if (
-            old is not None
-            and old.cls is not cls
-            and getattr(old.cls, "__qualname__", None) != getattr(cls, "__qualname__", None)
-        ):
-            raise ValueError(f"MLP {name!r} is registered twice ({old.cls} and {cls})")
+        module = _defining_module(cls)
+        _check_taken("MLP", _MLPS.get(name), cls, module)
         _check_defaults(name, defaults)
         _MLPS[name] = MLPSpec(
             name=name,
@@ -206,6 +244,7 @@ def register_mlp(
             validate=validate,
             describe=describe,
             tag=tag,
+            module=module,
         )
         MLP_REGISTRY[name] = cls
         return cls
@@ -214,11 +253,64 @@ def register_mlp(
 
 
 def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
+    """Import the built-in kinds once, all or nothing: a failed import leaves the registry as it was (and the
+    next call tries again) instead of a registry that silently lacks some kinds."""
+    global _builtins_loaded, _builtins_loading
+    if _builtins_loaded:
+        return
+    if _builtins_loading:
+        raise RuntimeError(
+            "hf_hybrid.registry: a built-in kind's module asked for the registry while the built-in kinds "
+            "are being imported (an import circle); read the specs at call time, not at import time"
+        )
+    saved = (dict(_MIXERS), dict(_MLPS), dict(MIXER_REGISTRY), dict(MLP_REGISTRY))
+    before = set(sys.modules)
+    _builtins_loading = True
+    try:
         for module in _BUILTIN_MODULES:
-            importlib.import_module(module)
+            loaded = importlib.import_module(module)
+            if getattr(getattr(loaded, "__spec__", None), "_initializing", False):
+                raise RuntimeError(
+                    f"hf_hybrid.registry: the specs were asked for while {module} is still being imported "
+                    "(an import circle); read the specs at call time, not at import time"
+                )
+    except BaseException:
+        for live, old in zip((_MIXERS, _MLPS, MIXER_REGISTRY, MLP_REGISTRY), saved):
+            live.clear()
+            live.update(old)
+        for name in set(sys.modules) - before:  # so that the next try imports them afresh
+            if is_builtin_module(name):
+                del sys.modules[name]
+        raise
+    finally:
+        _builtins_loading = False
+    _builtins_loaded = True
+
+
+_TRUST_REMOTE_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "hf_hybrid_trust_remote_code", default=False
+)
+
+
+@contextlib.contextmanager
+def trust_remote_code(trust: bool | None = True) -> Iterator[None]:
+    """Inside the block, a config that uses a kind defined outside hf_hybrid may import the module its
+    checkpoint recorded for it (transformers' ``trust_remote_code`` convention: importing runs that module's
+    code, so it happens only on this explicit opt-in). ``from_pretrained(..., trust_remote_code=True)`` of
+    ``HybridConfig``, the hf_hybrid models and the Auto classes, and the CLI's ``--trust-remote-code``, enter
+    it for you; ``trust=None`` (the argument not given) leaves an enclosing block's choice in force."""
+    if trust is None:  # not given: whatever an enclosing block said
+        yield
+        return
+    token = _TRUST_REMOTE_CODE.set(bool(trust))
+    try:
+        yield
+    finally:
+        _TRUST_REMOTE_CODE.reset(token)
+
+
+def remote_code_trusted() -> bool:
+    return _TRUST_REMOTE_CODE.get()
 
 
 def mixer_specs() -> Mapping[str, MixerSpec]:
@@ -263,6 +355,7 @@ __all__ = [
     "MLP_REGISTRY",
     "MLPSpec",
     "MixerSpec",
+    "is_builtin_module",
     "mixer_mask",
     "mixer_spec",
     "mixer_specs",
@@ -270,5 +363,7 @@ __all__ = [
     "mlp_specs",
     "register_mixer",
     "register_mlp",
+    "remote_code_trusted",
     "require_positive",
+    "trust_remote_code",
 ]

@@ -178,6 +178,37 @@ def test_registration_errors_are_clear():
                 registry.MIXER_REGISTRY.pop(name, None)
 
 
+def test_a_taken_name_takes_only_the_same_class_again(toy_registered):
+    spec = registry.mixer_spec("toy_ema")
+    registry.register_mixer("toy_ema", layer_type="linear_attention", recurrent=True)(ToyEMA)  # same: no-op
+    registry._MIXERS["toy_ema"] = spec  # (the spec arguments above were shorter; keep the fixture's)
+    impostor = type("ToyEMA", (nn.Module,), {"__module__": "somewhere_else"})  # same name, other module
+    with pytest.raises(ValueError, match=r"mixer 'toy_ema' is registered twice .* from 'somewhere_else'"):
+        registry.register_mixer("toy_ema", layer_type="linear_attention", recurrent=True)(impostor)
+    assert registry.MIXER_REGISTRY["toy_ema"] is ToyEMA and registry.mixer_spec("toy_ema") is spec
+    with pytest.raises(ValueError, match=r"MLP 'dense' is registered twice"):
+        registry.register_mlp("dense")(impostor)
+
+
+def test_builtins_load_all_or_nothing(tmp_path, monkeypatch):
+    """A built-in module that fails half-way leaves the registry as it was, and the next call fails again
+    instead of answering from a partial registry."""
+    (tmp_path / "half_broken_kinds.py").write_text(
+        "from hf_hybrid.registry import register_mixer\n"
+        "register_mixer('half_kind', layer_type='full_attention', mask='full_attention')(None)\n"
+        "raise RuntimeError('broken kind file')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_builtins_loaded", False)
+    monkeypatch.setattr(registry, "_BUILTIN_MODULES", ("hf_hybrid.mixers", "half_broken_kinds"))
+    before = dict(registry._MIXERS)
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="broken kind file"):
+            registry.mixer_specs()
+        assert registry._MIXERS == before and "half_kind" not in registry.MIXER_REGISTRY
+        assert registry._builtins_loaded is False
+
+
 def test_every_builtin_kind_declares_its_layer_type_cost_and_mask():
     for spec in registry.mixer_specs().values():
         if spec.name == "toy_ema":
@@ -189,6 +220,187 @@ def test_every_builtin_kind_declares_its_layer_type_cost_and_mask():
     for spec in registry.mlp_specs().values():
         assert spec.cost is not None
         assert spec.describe is not None or spec.cls is None, spec.name
+
+
+# ---- an outside kind survives a save: a fresh process imports its module on the explicit opt-in -----------
+
+OUTSIDE_KINDS = """
+import torch
+from torch import nn
+from hf_hybrid.cost import MixerCost, MLPCost
+from hf_hybrid.registry import register_mixer, register_mlp
+
+
+def shift_cost(config, layer_idx):
+    h = config.hidden_size
+    return MixerCost(params=2 * h * h, matmul_params=2 * h * h)
+
+
+@register_mixer("shift", layer_type="full_attention", mask="full_attention", cost=shift_cost,
+                config_defaults={"shift_mix": 0.5})
+class Shift(nn.Module):  # o_t = B(A x_t + mix * x_{t-1})
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.mix = config.shift_mix
+        self.a = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.b = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x, ctx):
+        return self.b(self.a(x) + self.mix * torch.nn.functional.pad(x, (0, 0, 1, 0))[:, :-1])
+
+
+def relu2_cost(config, layer_idx):
+    h, f = config.hidden_size, config.intermediate_size
+    return MLPCost(params=2 * h * f, matmul_params=2 * h * f)
+
+
+@register_mlp("relu2", cost=relu2_cost)
+class Relu2(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.up = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x, ctx):
+        return self.down(torch.relu(self.up(x)) ** 2)
+"""
+
+SAVE = """
+import sys, torch, my_outside_kinds
+from hf_hybrid import HybridConfig, HybridForCausalLM
+config = HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, mixer_pattern="shift,attention", mlp_pattern="relu2,dense",
+                      shift_mix=0.25)
+torch.manual_seed(0)
+model = HybridForCausalLM(config).eval()
+model.save_pretrained(sys.argv[1])
+with torch.no_grad():
+    torch.save(model(torch.arange(12)[None] % 64).logits, sys.argv[1] + "/logits.pt")
+"""
+
+LOAD = """
+import contextlib, io, sys, torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from hf_hybrid import HybridConfig, HybridForCausalLM
+from hf_hybrid.cli import main
+path = sys.argv[1]
+ids = torch.arange(12)[None] % 64
+refusals = []
+loaders = (AutoModelForCausalLM, HybridForCausalLM, AutoConfig, HybridConfig)
+for load in [lambda cls=cls: cls.from_pretrained(path) for cls in loaders]:
+    try:
+        load()
+        refusals.append("loaded")
+    except ValueError as err:
+        refusals.append(str(err))
+err = io.StringIO()
+with contextlib.redirect_stderr(err):
+    refusals.append((main(["inspect", path]), err.getvalue()))
+assert "my_outside_kinds" not in sys.modules  # nothing ran without the opt-in
+
+
+def forget():  # as in a fresh process: each opt-in path below imports the module itself
+    from hf_hybrid import registry
+    for table in (registry._MIXERS, registry.MIXER_REGISTRY, registry._MLPS, registry.MLP_REGISTRY):
+        table.pop("shift", None), table.pop("relu2", None)
+    del sys.modules["my_outside_kinds"]
+
+
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+forget()
+again = HybridForCausalLM.from_pretrained(path, trust_remote_code=True)
+with torch.no_grad():
+    same = [torch.equal(m(ids).logits, torch.load(path + "/logits.pt")) for m in (model, again)]
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    forget()
+    codes = [main(["inspect", path, "--trust-remote-code"])]
+    forget()
+    codes.append(main(["card", path, "--trust-remote-code", "--force"]))
+print(repr({"refusals": refusals, "same": same, "mix": model.config.shift_mix, "codes": codes,
+            "mixer": type(model.model.layers[0].mixer).__name__, "inspect": out.getvalue()}))
+"""
+
+
+def _python(code: str, *args: str, path: Path) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(PACKAGE.parent)])}
+    run = subprocess.run(
+        [sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+
+def test_an_outside_kind_survives_save_and_loads_in_a_fresh_process_on_the_opt_in(tmp_path):
+    import ast as _ast
+
+    (tmp_path / "my_outside_kinds.py").write_text(OUTSIDE_KINDS)
+    ckpt = tmp_path / "ckpt"
+    _python(SAVE, str(ckpt), path=tmp_path)
+    saved = (ckpt / "config.json").read_text()
+    assert '"shift": "my_outside_kinds"' in saved and '"relu2": "my_outside_kinds"' in saved
+
+    result = _ast.literal_eval(_python(LOAD, str(ckpt), path=tmp_path).strip().splitlines()[-1])
+    *refusals, (cli_code, cli_err) = result["refusals"]
+    for message in [*refusals, cli_err]:  # each names the kind, the module and the flag
+        assert "mixer_types[0]='shift' is a layer kind defined outside hf_hybrid, in module " in message
+        assert "'my_outside_kinds'" in message and "trust_remote_code=True" in message
+        assert "--trust-remote-code" in message
+    assert cli_code == 2
+    assert result["same"] == [True, True]  # same logits as the model that was saved
+    assert result["mix"] == 0.25 and result["mixer"] == "Shift"
+    assert result["codes"] == [0, 0]
+    assert "shift" in result["inspect"] and "relu2" in result["inspect"]
+    card = (ckpt / "README.md").read_text()
+    assert (
+        "`shift` (my_outside_kinds)" in card
+        and 'from_pretrained("path/or/repo-id", trust_remote_code=True)' in card
+    )
+
+
+def test_a_recorded_kind_is_checked_and_builtin_kinds_record_nothing():
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    assert HybridConfig(**kw).hf_hybrid_kind_modules is None
+    assert HybridConfig(**kw).to_dict()["hf_hybrid_kind_modules"] is None
+    with pytest.raises(
+        ValueError,
+        match=r"mixer_types\[0\]='shift' is a layer kind that was defined in a "
+        r"script \(module '__main__'\)",
+    ):
+        HybridConfig(
+            **kw, mixer_types=["shift"], hf_hybrid_kind_modules={"mixer_types": {"shift": "__main__"}}
+        )
+    with pytest.raises(ValueError, match=r"module 'no_such_module_xyz', which cannot be imported"):
+        HybridConfig(
+            **kw,
+            mixer_types=["shift"],
+            hf_hybrid_kind_modules={"mixer_types": {"shift": "no_such_module_xyz"}},
+            trust_remote_code=True,
+        )
+    with pytest.raises(ValueError, match=r"importing 'json', the module recorded for it, did not register"):
+        HybridConfig(
+            **kw,
+            mixer_types=["shift"],
+            hf_hybrid_kind_modules={"mixer_types": {"shift": "json"}},
+            trust_remote_code=True,
+        )
+    with pytest.raises(ValueError, match=r"hf_hybrid_kind_modules=\['x'\] must map 'mixer_types'"):
+        HybridConfig(**kw, hf_hybrid_kind_modules=["x"])
+    # a kind neither registered nor recorded: the known kinds are named, as before
+    with pytest.raises(Exception, match=r"mixer_types\[0\]='shift' is not a known mixer type"):
+        HybridConfig(**kw, mixer_types=["shift"])
+
+
+def test_a_registered_outside_kind_is_recorded_and_needs_no_opt_in_in_its_process(toy_registered):
+    config = _config()
+    module = ToyEMA.__module__
+    assert config.hf_hybrid_kind_modules == {"mixer_types": {"toy_ema": module}}
+    again = HybridConfig.from_dict(config.to_dict())  # already imported here: nothing to trust
+    assert again.mixer_types == config.mixer_types
 
 
 # ---- no import circles -------------------------------------------------------------------------------------
