@@ -12,14 +12,13 @@ from __future__ import annotations
 import functools
 import importlib
 import re
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from .config_choices import _CHOICES, FIELD_CHOICES  # noqa: F401  (FIELD_CHOICES re-exported)
 from .registry import (
     mixer_spec,
     mixer_specs,
@@ -36,27 +35,6 @@ FORMAT_VERSION = 1
 # The mixer and MLP kinds, their transformers layer type, masks, cost and per-kind validation are declared
 # next to each class (hf_hybrid/registry.py); this file reads them and holds every default of the built-in
 # kinds.
-
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2"),
-    "linear_feature_map": ("identity", "elu", "relu", "random_features"),
-    "linear_decay": ("none", "scalar", "per_channel", "fixed_slope"),
-    "linear_qkv_activation": ("none", "silu"),
-    "linear_norm_scope": ("head", "full"),
-    "linear_backend": ("auto", "torch", "naive", "fla"),
-    "mla_decode": ("absorbed", "naive"),
-    "qk_norm_scope": ("head", "full"),
-    "dsa_base": ("mla", "attention"),
-    "dsa_mode": ("sparse", "dense_warmup", "dense"),
-    "dsa_selector": ("indexer", "structured"),
-    "dsa_backend": ("auto", "torch", "naive", "triton"),
-    "router_scoring_func": ("softmax", "sigmoid"),
-    "moe_routing": ("topk", "hash"),
-}
-
-# The allowed values of each enumerated field, for tools and converters that offer the same choices
-# (read-only).
-FIELD_CHOICES: Mapping[str, tuple[Any, ...]] = MappingProxyType(_CHOICES)
 
 
 def _expand_pattern(pattern: str, n: int, field: str, allowed: tuple[str, ...]) -> list[str]:

@@ -42,7 +42,7 @@ dims.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +50,13 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from ..configuration_hybrid import HybridConfig
-from ..cost import mla_cost
 from ..layers import RMSNorm, apply_rope
-from ..registry import register_mixer, require_positive
-from .attention import eager_attention_forward
+from ..specs import MixerCost, register_mixer, require_positive
+from .attention import attention_flops, eager_attention_forward
 from .base import MixerContext
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
 
 logger = logging.get_logger(__name__)
 
@@ -179,6 +180,43 @@ def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
             f"({'rope' if config.mla_use_rope else 'shared, no RoPE'}), v dim {config.v_head_dim}",
         )
     ]
+
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def mla_parts(config: HybridConfig) -> tuple[int, int]:
+    """(params, matmul params) of DeepSeek-V2/V3 MLA (transformers' ``deepseek_v3`` layout)."""
+    h, nh = config.hidden_size, config.num_attention_heads
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    r_kv = config.kv_lora_rank
+    if config.q_lora_rank:
+        q_matmul = h * config.q_lora_rank + config.q_lora_rank * nh * qk
+        q_norm = config.q_lora_rank
+    else:
+        q_matmul, q_norm = h * nh * qk, 0
+    matmul = (
+        q_matmul
+        + h * (r_kv + config.qk_rope_head_dim)  # kv_a_proj_with_mqa
+        + r_kv * nh * (config.qk_nope_head_dim + config.v_head_dim)  # kv_b_proj
+        + nh * config.v_head_dim * h  # o_proj
+    )
+    # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
+    bias = ((config.q_lora_rank or 0) + r_kv + config.qk_rope_head_dim + h) if config.attention_bias else 0
+    return matmul + q_norm + r_kv + bias, matmul
+
+
+def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    params, matmul = mla_parts(config)
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    # Cache: the latent c_kv and the shared rope key. FLOPs: the plain (non-absorbed) form, the one training
+    # uses.
+    return MixerCost(
+        params,
+        matmul,
+        cache_per_token=config.kv_lora_rank + config.qk_rope_head_dim,
+        flops=attention_flops(config.num_attention_heads, qk, config.v_head_dim, None),
+    )
 
 
 @register_mixer(
