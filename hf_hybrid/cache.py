@@ -1,4 +1,4 @@
-"""HybridCache: transformers' DynamicCache plus what a hybrid needs (DESIGN.md §4).
+"""HybridCache: transformers' DynamicCache plus what a hybrid needs.
 
 transformers builds one cache layer per ``config.layer_types`` entry (``DynamicLayer`` for attention and MLA,
 ``DynamicSlidingWindowLayer``, ``DynamicIndexedLayer`` for DSA's indexer keys, ``LinearAttentionLayer`` for

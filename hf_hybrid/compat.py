@@ -1,10 +1,10 @@
 """Every difference between the transformers versions hf_hybrid supports (5.23 to 5.24) lives here.
 
-The rest of the package calls these helpers and never tests a version itself (STYLE.md §14). Each difference
-is detected from the installed transformers' own objects, not from its version string, so a backport or a
-later release that keeps one of these shapes is handled the same way.
+The rest of the package calls these helpers and never tests a version itself (CONTRIBUTING.md). Each
+difference is detected from the installed transformers' own objects, not from its version string, so a
+backport or a later release that keeps one of these shapes is handled the same way.
 
-Differences handled (DESIGN.md §11):
+Differences handled:
 
 - **The cache's name.** 5.24 renamed ``past_key_values`` / ``cache_params`` to ``cache``: built-in outputs
   have a ``cache`` field, ``generate()`` calls ``forward(cache=...)`` and reads ``outputs["cache"]`` only, and

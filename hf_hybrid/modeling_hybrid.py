@@ -206,9 +206,10 @@ class HybridPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
-    # Attention and experts live in other files than this one, so transformers' source-text heuristic
-    # (DESIGN.md §2) cannot see that we use its interfaces: state it. tests/test_core.py checks that switching
-    # works.
+    # Attention and experts live in other files than this one, so transformers' heuristic (it searches the
+    # source text of the module defining the model class for ``ALL_ATTENTION_FUNCTIONS.get_interface(`` and
+    # ``@use_experts_implementation``) cannot see that we use its interfaces: state it. tests/test_core.py
+    # checks that switching works.
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         return True

@@ -62,7 +62,8 @@ def evaluate_perplexity(
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Token-weighted mean LM loss (nats/token) and perplexity of ``model`` on a dataset of
-    ``{"input_ids", "labels"}`` blocks, in eval mode (so the loss is the LM loss alone, DESIGN.md §6b)."""
+    ``{"input_ids", "labels"}`` blocks, in eval mode (there the model's ``loss`` is the LM loss alone, so
+    perplexity compares fairly across dense, MoE and DSA models)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

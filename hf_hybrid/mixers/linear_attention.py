@@ -3,8 +3,8 @@
 ``S_t = exp(g_t) S_{t-1} + φ(k_t) v_tᵀ``, ``o_t = φ(q_t)ᵀ S_t``. With a positive feature map (elu+1, relu,
 Performer random features) the output is normalised by ``φ(q_t)ᵀ z_t`` with ``z_t = exp(g_t) z_{t-1} +
 φ(k_t)`` (computed in the same scan by appending a column of ones to v). With the identity map the normaliser
-could be zero or negative, so an RMSNorm on the output replaces it, as in MiniMax's lightning attention
-(DESIGN.md §5).
+could be zero or negative (the normaliser is only safe with positive feature maps), so an RMSNorm on the
+output replaces it, as in MiniMax's lightning attention.
 
 ``linear_decay``: ``none`` (plain), ``scalar`` (a data-dependent log decay per head, like RetNet/Mamba-2's
 gate), ``per_channel`` (one per key channel, GLA), ``fixed_slope`` (MiniMax-01's lightning attention: a

@@ -9,7 +9,8 @@ Legend: B batch, T new tokens, S keys (cache + new), H heads, dn = ``qk_nope_hea
    ``k_pe`` [dr] shared by all heads (the decoupled RoPE key).
 3. cache: only ``(c_kv, k_pe)`` — (r + dr) numbers per token and layer — stored like transformers 5.23's
    ``deepseek_v3`` does: single-head ``keys = c_kv [B, 1, S, r]``, ``values = k_pe [B, 1, S, dr]`` (rotated)
-   in the ordinary ``DynamicLayer`` of the layer. No new cache layer type (DESIGN.md §4).
+   in the ordinary ``DynamicLayer`` of the layer. No new cache layer type: transformers' mapping of cache
+   layer types is global, so registering one under an existing name would replace it for every model.
 4. attention, two paths side by side:
    - **dense / naive** (:meth:`HybridMLA.attend_dense`): ``kv_b_proj(c_kv)`` expands every cached latent into
      per-head ``k_nope`` [dn] and ``v`` [dv]; ``k = [k_nope, k_pe]``; attention through transformers'

@@ -1,7 +1,10 @@
-"""What the three recurrent mixers (linear attention, Mamba-2, Gated DeltaNet) share: reading and writing
-their conv + recurrent state in transformers' ``LinearAttentionLayer`` cache, the short causal convolution
-with its state, and neutralising padded positions (so padding never leaks through the convolution or the
-decay: DESIGN.md §4)."""
+"""The decode-state interface of recurrent layer kinds, public: the built-in ones (linear attention, Mamba-2,
+Gated DeltaNet, KDA) and any kind defined outside the package use it (CONTRIBUTING.md, "The decode state of
+a recurrent kind"). ``read_state`` / ``write_state`` keep a layer's conv + recurrent state in transformers'
+``LinearAttentionLayer`` cache (beam search reorders it along the batch dimension); ``short_conv`` is the
+short causal convolution that continues from its cached tail; ``zero_padding`` neutralises padded positions,
+so that padding never leaks through the convolution or the decay (left padding through the conv and packing
+through ``position_ids`` alone are known leaks of other implementations)."""
 
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ def init_decay_and_dt(init, A_log: torch.Tensor, dt_bias: torch.Tensor, config) 
 
 
 def read_state(ctx: MixerContext, layer_idx: int) -> RecurrentState:
+    """This layer's cached states; ``decoding`` is False (start from zero) when the cache holds none yet."""
     cache = ctx.cache
     layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
     # The recurrent state is written by every forward (the conv state only when the mixer has a conv).
@@ -46,9 +50,10 @@ def read_state(ctx: MixerContext, layer_idx: int) -> RecurrentState:
 def write_state(
     ctx: MixerContext, layer_idx: int, conv: torch.Tensor | None, recurrent: torch.Tensor | None
 ) -> None:
-    """Store the new states. ``conv`` is already the last K-1 inputs: transformers' ``update_conv_state``
-    keeps the last ``conv_kernel_size`` columns of (old, new), which is exactly ``conv`` when we pass K-1
-    columns."""
+    """Store the new states (nothing without a cache): ``recurrent`` is any tensor whose first dimension is
+    the batch (keep it in fp32), ``conv`` the last K-1 inputs [B, C, K-1] or None. transformers'
+    ``update_conv_state`` keeps the last ``conv_kernel_size`` columns of (old, new), which is exactly ``conv``
+    when we pass K-1 columns."""
     cache = ctx.cache
     if cache is None:
         return
