@@ -23,7 +23,8 @@ softmax attention) and raises ``AssertionError`` naming the kind, the check and 
   produces: ``position_ids`` alone, ``DataCollatorWithFlattening`` with position ids, and with its flash
   keyword arguments (``cu_seq_lens_*``);
 - ``batch``: a row of a batch gives the logits it gives alone;
-- ``generate``: ``generate()`` with the cache gives the tokens it gives without (greedy, left-padded batch);
+- ``generate``: ``generate()`` with the cache gives the tokens it gives without (greedy, left-padded batch),
+  and each row of the batch the tokens it gives alone;
 - ``beam_search``: beam search with the cache gives the tokens it gives without, and a cache reordered as beam
   search reorders it continues exactly as the reordered inputs do;
 - ``save_load``: ``save_pretrained`` → ``from_pretrained`` gives the same logits, bit for bit;
@@ -190,9 +191,16 @@ def _generate(model: HybridForCausalLM, ids, mask, use_cache: bool, **kwargs) ->
 
 @torch.no_grad()
 def check_generate(model: HybridForCausalLM, atol: float = ATOL) -> None:
-    ids, mask = _pad([_ids(n, seed=9 + n) for n in (6, 3)], "left")
+    prompts = [_ids(n, seed=9 + n) for n in (6, 3)]
+    ids, mask = _pad(prompts, "left")
     cached, uncached = (_generate(model, ids, mask, use_cache) for use_cache in (True, False))
     assert torch.equal(cached, uncached), f"greedy generate with cache {cached} != without {uncached}"
+    for i, p in enumerate(prompts):
+        alone = _generate(model, p[None], torch.ones_like(p[None]), True)
+        assert cached[i, ids.shape[1] :].tolist() == alone[0, len(p) :].tolist(), (
+            f"row {i} of a left-padded batch generates {cached[i, ids.shape[1] :].tolist()}, alone "
+            f"{alone[0, len(p) :].tolist()}"
+        )
 
 
 @torch.no_grad()
