@@ -266,6 +266,18 @@ def test_builtins_load_all_or_nothing(tmp_path, monkeypatch):
         assert registry._builtins_loaded is False
 
 
+def test_a_kind_that_reads_the_registry_while_it_loads_is_an_import_circle(tmp_path, monkeypatch):
+    (tmp_path / "circular_kinds.py").write_text("from hf_hybrid import registry\nregistry.mixer_specs()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_builtins_loaded", False)
+    monkeypatch.setattr(registry, "_BUILTIN_MODULES", ("circular_kinds",))
+    with pytest.raises(
+        RuntimeError, match=r"asked for the registry while the built-in kinds are being imported"
+    ):
+        registry.mixer_specs()
+    assert registry._builtins_loaded is False and registry._builtins_loading is False
+
+
 def test_every_builtin_kind_declares_its_layer_type_cost_and_mask():
     for spec in registry.mixer_specs().values():
         if spec.name == "toy_ema":
@@ -521,11 +533,22 @@ def _imports(tree: ast.Module):
     return (node for node in _walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)))
 
 
-def _string_values(tree: ast.Module, module: str, package: str) -> dict[str, set[str]]:
-    """The strings each name can hold: module-level constants (a string, or a tuple / list / dict of them) and
-    ``for`` loop variables over such a name."""
+def _string_values(
+    tree: ast.Module, module: str, package: str, constants: dict[str, dict[str, set[str]]] | None = None
+) -> dict[str, set[str]]:
+    """The strings each name can hold: module-level constants (a string, or a tuple / list / dict of them),
+    names imported from another package module that holds such a constant (``constants``: module -> its
+    constants), and ``for`` loop variables over such a name."""
     values: dict[str, set[str]] = {"__name__": {module}, "__package__": {package}}
     for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and constants is not None:
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            source = (f"{base}.{node.module}" if node.module else base) if node.level else node.module
+            for alias in node.names:
+                if alias.name in constants.get(source, {}):
+                    values[alias.asname or alias.name] = constants[source][alias.name]
         if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
             found = _strings(node.value, values)
             targets = node.targets if isinstance(node, ast.Assign) else [node.target]
@@ -563,10 +586,12 @@ def _strings(node: ast.AST, values: dict[str, set[str]]) -> set[str]:
     return set()
 
 
-def _dynamic_imports(tree: ast.Module, module: str, package: str) -> tuple[set[str], list[int]]:
+def _dynamic_imports(
+    tree: ast.Module, module: str, package: str, constants: dict[str, dict[str, set[str]]]
+) -> tuple[set[str], list[int]]:
     """Targets of ``importlib.import_module(...)`` calls (a module imported by a computed name is imported all
     the same), and the lines of calls whose name the walker cannot work out."""
-    values = _string_values(tree, module, package)
+    values = _string_values(tree, module, package, constants)
     targets, unknown = set(), []
     for node in _walk(tree):
         if not (isinstance(node, ast.Call) and node.args):
@@ -594,10 +619,16 @@ def _import_graph(package: Path = PACKAGE, unresolved: list | None = None) -> di
     ``(module, line)`` of dynamic imports whose name it cannot."""
     modules = {_module_name(p, package): p for p in package.rglob("*.py")}
     graph: dict[str, set[str]] = {m: set() for m in modules}
+    trees = {name: ast.parse(path.read_text(encoding="utf-8")) for name, path in modules.items()}
+
+    def package_of(name: str) -> str:
+        return name if modules[name].name == "__init__.py" else name.rpartition(".")[0]
+
+    constants = {name: _string_values(tree, name, package_of(name)) for name, tree in trees.items()}
     for name, path in modules.items():
         is_pkg = path.name == "__init__.py"
-        tree = ast.parse(path.read_text(encoding="utf-8"))
-        dynamic, unknown = _dynamic_imports(tree, name, name if is_pkg else name.rpartition(".")[0])
+        tree = trees[name]
+        dynamic, unknown = _dynamic_imports(tree, name, package_of(name), constants)
         if unresolved is not None:
             unresolved.extend((name, line) for line in unknown)
         for node in [*_imports(tree), *sorted(dynamic)]:
@@ -648,18 +679,7 @@ def test_the_package_has_no_import_circle():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
-    # Known, and only this one: the dense native family reuses import_dense's config mapping while
-    # import_dense asks the native package which model types are native families (it goes when import_dense's
-    # own mapper is retired in favour of the native dense family, issue 25).
-    known = [
-        [
-            "hf_hybrid.convert.import_dense",
-            "hf_hybrid.convert.native",
-            "hf_hybrid.convert.native.dense",
-            "hf_hybrid.convert.import_dense",
-        ]
-    ]
-    assert cycles == known, "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
+    assert cycles == [], "import circles: " + "; ".join(" -> ".join(c) for c in cycles)
     # the inspector reads the registry, not the model
     reach, todo = set(), ["hf_hybrid.cost"]
     while todo:
@@ -688,14 +708,14 @@ def test_the_graph_walker_sees_relative_and_parent_package_imports(tmp_path):
 
 def test_the_graph_walker_follows_import_module_and_skips_type_checking(tmp_path):
     """``importlib.import_module`` by a literal, a constant, a loop over constants, an f-string of
-    ``__name__`` or a constant table is an import; one inside ``if TYPE_CHECKING:`` is not; a name the walker
-    cannot work out is reported."""
+    ``__name__`` or a constant table (imported from another module, too) is an import; one inside ``if
+    TYPE_CHECKING:`` is not; a name the walker cannot work out is reported."""
     pkg = tmp_path / "hf_hybrid"
     (pkg / "kinds").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "a.py").write_text(
         "import importlib\nfrom importlib import import_module\nfrom typing import TYPE_CHECKING\n"
-        "MODS = ('hf_hybrid.b', 'hf_hybrid.c')\nTABLE = {'x': 'e'}\n"
+        "from .table import TABLE\nMODS = ('hf_hybrid.b', 'hf_hybrid.c')\n"
         "if TYPE_CHECKING:\n    from . import f\n"
         "def load(key, name):\n    for m in MODS:\n        importlib.import_module(m)\n"
         "    import_module('hf_hybrid.d')\n    import_module(f'{__package__}.{TABLE[key]}')\n"
@@ -704,10 +724,17 @@ def test_the_graph_walker_follows_import_module_and_skips_type_checking(tmp_path
     (pkg / "kinds" / "__init__.py").write_text(
         "import importlib\nfor _n in ('g',):\n    importlib.import_module(f'{__name__}.{_n}')\n"
     )
+    (pkg / "table.py").write_text("TABLE = {'x': 'e'}\n")
     for leaf in "bcdefg":
         (pkg / ("kinds" if leaf == "g" else ".") / f"{leaf}.py").write_text("")
     unresolved: list = []
     graph = _import_graph(pkg, unresolved)
-    assert graph["hf_hybrid.a"] == {"hf_hybrid.b", "hf_hybrid.c", "hf_hybrid.d", "hf_hybrid.e"}
+    assert graph["hf_hybrid.a"] == {
+        "hf_hybrid.table",
+        "hf_hybrid.b",
+        "hf_hybrid.c",
+        "hf_hybrid.d",
+        "hf_hybrid.e",
+    }
     assert graph["hf_hybrid.kinds"] == {"hf_hybrid.kinds.g"}
     assert unresolved == [("hf_hybrid.a", 13)]
