@@ -1,23 +1,29 @@
-"""Auxiliary losses that reach their parameters whatever loss the client builds (Megatron's
-MoEAuxLossAutoScaler).
+"""Auxiliary terms whose gradient reaches their parameters when a client builds the loss itself.
 
-A layer's auxiliary terms (MoE balance, z-loss, sequence balance; DSA indexer KL) are attached to the layer's
-output activation: :func:`attach_aux_loss` is the identity in forward, and in backward it adds the gradient of
-``weight · term`` to the gradient flowing into the activation. So any loss built on the backbone's hidden
-states — our head's, TRL's fused LM head, a custom loop's — trains the routers and indexers, and each term is
-counted exactly once: our head adds only the *values* of the terms to its ``loss`` (for logging), never their
-gradients.
+The loss rule (README, "Loss rule"): one optimizer step minimises
 
-The gradient of a loss is scaled by whatever the client does to it (``Trainer`` divides it by the accumulation
-steps or multiplies it by the world size; AMP multiplies it by its loss scale). The attached terms follow the
-same scale: our head passes its ``loss`` through :func:`probe_loss_scale`, whose backward — which runs before
-any layer's, since the loss is the root of the graph — records ``d(final loss)/d(loss) · weight`` in the
-forward's :class:`AuxLossScale`; every attachment multiplies its term's gradient by that. A client that
-builds its own loss from the logits or the backbone (TRL's DPO, a custom loop) has no probe; the terms then
-enter with the model's scale for such losses (``model.set_aux_loss_scale``, default 1: a plain per-micro-batch
-mean). ``Trainer`` (and every TRL trainer, its subclasses) sets it to ``1 / gradient_accumulation_steps`` for
-each step in which it divides the loss by the accumulation steps (``hf_hybrid.trainer_patch``), so the
-attached terms are averaged over the accumulated micro-batches like the client's own loss.
+    LM loss over the step's predicted tokens
+      + Σ_term coefficient · (term averaged over the step's micro-batches)
+
+where a term (MoE balance, z-loss, sequence balance; DSA indexer KL) is first averaged over the layers that
+produce it. Two ways a micro-batch's terms get into the gradient, never both:
+
+- **In ``loss``**: the causal-LM head given ``labels`` adds ``w · Σ coefficient · term`` to its ``loss`` with
+  the terms' graph, so whatever the loop does to ``loss`` (divide by the accumulation steps, multiply by the
+  world size, an AMP loss scale, ``torch.compile``) applies to them too.
+- **Attached** (Megatron's ``MoEAuxLossAutoScaler`` pattern): when the model builds no loss (no ``labels``:
+  TRL's DPO, a loss from the logits; or the backbone called directly: TRL's fused LM head), each layer
+  attaches ``w · coefficient / layers · term`` to its output activation with :func:`attach_aux_loss` — the
+  identity in forward; in backward the term's own gradient (scale 1: what the loop does to its loss does not
+  reach it, so ``w`` carries the loop's scale) is added to its parameters'.
+  The returned terms (and router logits) are then detached values, so a client that also adds
+  ``coef · outputs.aux_loss`` (transformers' MoE convention) counts nothing twice.
+
+``w`` is the weight of one micro-batch (``model.set_aux_loss_scale``): 1 by default; ``1 / accumulation
+steps`` when the loop accumulates (``Trainer`` and every TRL trainer set it for each step:
+``hf_hybrid.trainer_patch``).
+It is a plain number known at forward time and multiplied in forward, so ``torch.compile`` sees it (a change
+recompiles) instead of reading mutable state inside a backward.
 """
 
 from __future__ import annotations
@@ -25,59 +31,24 @@ from __future__ import annotations
 import torch
 
 
-class AuxLossScale:
-    """The factor the attached auxiliary gradients of one forward are multiplied by: what a probe records,
-    else ``default`` (the model's scale for losses built without our head)."""
-
-    def __init__(self, default: float = 1.0) -> None:
-        self.value: torch.Tensor | None = None
-        self.default = float(default)
-
-    def get(self, like: torch.Tensor) -> torch.Tensor:
-        if self.value is None:
-            return torch.full((), self.default, dtype=like.dtype, device=like.device)
-        return self.value.to(dtype=like.dtype, device=like.device)
-
-
 class _AttachAuxLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, aux: torch.Tensor, scale: AuxLossScale) -> torch.Tensor:
-        ctx.scale = scale
-        ctx.save_for_backward(aux)
+    def forward(ctx, hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+        ctx.aux_meta = (aux.shape, aux.dtype, aux.device)
         return hidden.view_as(hidden)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (aux,) = ctx.saved_tensors
-        return grad, torch.ones_like(aux) * ctx.scale.get(aux), None
+        shape, dtype, device = ctx.aux_meta
+        return grad, torch.ones(shape, dtype=dtype, device=device)
 
 
-def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor, scale: AuxLossScale) -> torch.Tensor:
-    """``hidden`` unchanged; in backward, ``d aux`` (times ``scale``) flows into ``aux``'s graph as if ``aux``
-    had been added to the loss. ``aux`` is a scalar (already weighted by its coefficient)."""
+def attach_aux_loss(hidden: torch.Tensor, aux: torch.Tensor) -> torch.Tensor:
+    """``hidden`` unchanged; in backward, ``d aux = 1`` flows into ``aux``'s graph, as if ``aux`` (a scalar,
+    already weighted) had been added to the loss that is backpropagated."""
     if not aux.requires_grad:
         return hidden
-    return _AttachAuxLoss.apply(hidden, aux, scale)
+    return _AttachAuxLoss.apply(hidden, aux)
 
 
-class _ProbeLossScale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, loss: torch.Tensor, scale: AuxLossScale, weight: float) -> torch.Tensor:
-        ctx.scale, ctx.weight = scale, weight
-        return loss.clone()  # a view would forbid the in-place scaling Trainer applies to the loss
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        ctx.scale.value = grad.detach() * ctx.weight
-        return grad, None, None
-
-
-def probe_loss_scale(loss: torch.Tensor, scale: AuxLossScale, weight: float = 1.0) -> torch.Tensor:
-    """``loss`` unchanged; its backward sets ``scale.value = d(final)/d(loss) · weight`` before the layers'
-    backward."""
-    if not loss.requires_grad:
-        return loss
-    return _ProbeLossScale.apply(loss, scale, float(weight))
-
-
-__all__ = ["AuxLossScale", "attach_aux_loss", "probe_loss_scale"]
+__all__ = ["attach_aux_loss"]

@@ -9,6 +9,8 @@ for consistency on reload.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import functools
 import importlib
 import re
@@ -347,7 +349,23 @@ class HybridConfig(PreTrainedConfig):
             # default).
             self.__dict__.pop("output_router_logits", None)
 
+        self._check_misspelled(kwargs)
         super().__post_init__(**kwargs)
+
+    def _check_misspelled(self, kwargs: dict[str, Any]) -> None:
+        """A keyword that is no field but a close match to one (``num_expert=8``, ``n_shared_experts=1``) is a
+        typo: stored as a stray attribute and never read, it would silently build a different model."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        declared = {key for spec in self.layer_specs() for key in spec.config_defaults}
+        for key in kwargs:
+            if key in fields or key in declared or key.startswith("_"):
+                continue
+            close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.85)
+            if close:
+                raise ValueError(
+                    f"HybridConfig: {key}={kwargs[key]!r} is not a field (did you mean {close[0]!r}?); "
+                    "an unknown keyword would be stored and never read"
+                )
 
     # ------------------------------------------------------------------------------------------------
     def _migrate(self, version: int, kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 Stage 1, **attention transfer** (LoLCATs / Mamba-in-Llama's first stage): the teacher is frozen; for every
 replaced layer ``i`` the student's new mixer gets the teacher's own input to layer ``i``'s attention (the
 normed hidden state, so every layer trains in parallel and independently of the others) and learns to
-reproduce that attention's output. Loss: the sum over layers of the squared error, normalised per layer by the
-teacher output's mean square (so layers of different output scale weigh alike), averaged over the tokens that
-carry a label. Only the new mixers' parameters train (everything else has ``requires_grad=False``).
+reproduce that attention's output. Loss: the sum over layers of each token's squared error relative to the
+teacher output's mean square at that token (so layers and tokens of different output scale weigh alike),
+averaged over the tokens that carry a label. Only the new mixers' parameters train (everything else has
+``requires_grad=False``).
 :class:`AttentionTransfer` is an ``nn.Module`` whose forward returns that loss, so a plain ``Trainer`` (and
 DDP) trains it.
 
@@ -14,9 +15,12 @@ temperature ``τ`` (times τ², Hinton's scaling), plus ``lm_weight`` × the LM 
 adapter (``peft``) trains. :class:`DistillationTrainer` is a ``Trainer`` whose ``compute_loss`` does that.
 
 Both losses are token sums normalised by the Trainer's ``num_items_in_batch`` when it passes one (the count of
-labels, DESIGN.md §12), so gradient accumulation gives the same update as one large batch; without it they are
-token means (and the Trainer divides by the accumulation steps). Each logs its components (``mse/layer{i}``,
-``kl``, ``lm``) averaged since the last log.
+labels over the accumulated micro-batches), so gradient accumulation gives the same update as one large batch;
+without it they are token means (and the Trainer divides by the accumulation steps). The student is called
+without ``labels``, so its auxiliary terms (MoE balance, DSA indexer KL) are attached and weighted per
+micro-batch like every client's (``hf_hybrid.aux_loss``). Packed batches (``position_ids`` restarting, or
+``cu_seq_lens_*`` from a padding-free collator) reach teacher and student unchanged, so documents never see
+each other. Each logs its components (``nmse/layer{i}``, ``kl``, ``lm``) averaged since the last log.
 """
 
 from __future__ import annotations
@@ -31,14 +35,44 @@ from transformers import Trainer
 
 from .mixers.base import MixerContext
 
+# What a model forward takes from a batch besides the ids: the padding mask and the packing metadata of
+# padding-free collators (DataCollatorWithFlattening, TRL's padding_free).
+_MODEL_INPUTS = (
+    "attention_mask",
+    "position_ids",
+    "cu_seq_lens_q",
+    "cu_seq_lens_k",
+    "max_length_q",
+    "max_length_k",
+    "seq_idx",
+)
 
-def _label_weights(labels: torch.Tensor | None, attention_mask: torch.Tensor | None, shape) -> torch.Tensor:
-    """[B, T-1] float weights: position t counts when it predicts a real label (labels[:, t+1] != -100)."""
+
+def model_inputs(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The batch's forward inputs (no labels): ``input_ids`` and whatever of ``_MODEL_INPUTS`` it carries."""
+    out = {"input_ids": inputs["input_ids"]}
+    out.update({k: inputs[k] for k in _MODEL_INPUTS if inputs.get(k) is not None})
+    return out
+
+
+def _label_weights(
+    labels: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    shape,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, T-1] float weights: position t counts when it predicts a real label (labels[:, t+1] != -100);
+    without labels, when both t and t+1 are real tokens (a pad predicts nothing, left padding included) of
+    the same document (a packed row's next document starts at position 0)."""
     if labels is not None:
         return (labels[:, 1:] != -100).float()
+    weights = torch.ones(shape[0], shape[1] - 1)
     if attention_mask is not None:
-        return attention_mask[:, 1:].float()
-    return torch.ones(shape[0], shape[1] - 1)
+        mask = attention_mask.float()
+        weights = mask[:, 1:] * mask[:, :-1]
+    if position_ids is not None and position_ids.shape[-1] == shape[1]:
+        weights = weights.to(position_ids.device) * (position_ids[:, 1:] != 0).float()
+    return weights
 
 
 def _normaliser(weights: torch.Tensor, num_items_in_batch) -> torch.Tensor:
@@ -96,14 +130,16 @@ class AttentionTransfer(nn.Module):
         num_items_in_batch=None,
         **kwargs,
     ) -> dict[str, Any]:
+        """``kwargs``: the packing metadata of a padding-free batch (``position_ids``, ``cu_seq_lens_*``,
+        ...), handed to the teacher; anything else is refused."""
+        unknown = sorted(set(kwargs) - set(_MODEL_INPUTS))
+        if unknown:
+            raise TypeError(f"AttentionTransfer.forward got unexpected keyword arguments {unknown}")
+        inputs = model_inputs({"input_ids": input_ids, "attention_mask": attention_mask, **kwargs})
         with torch.no_grad():
-            captured = self.teacher.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                use_cache=False,
-                output_mixer_io=self.layers,
-            ).mixer_io
-        weights = _label_weights(labels, attention_mask, input_ids.shape).to(input_ids.device)
+            captured = self.teacher.model(**inputs, use_cache=False, output_mixer_io=self.layers).mixer_io
+        weights = _label_weights(labels, attention_mask, input_ids.shape, inputs.get("position_ids"))
+        weights = weights.to(input_ids.device)
         denom = _normaliser(weights, num_items_in_batch)
         loss = 0.0
         per_layer = {}
@@ -111,13 +147,12 @@ class AttentionTransfer(nn.Module):
             x, ctx, target = captured[i]
             ctx = student_context(ctx, attention_mask, x.shape[1])
             out = self.mixers[str(i)](x.detach(), ctx)
+            # each token's error relative to the teacher output's mean square there: a token sum, so it
+            # normalises by num_items_in_batch like the LM loss (a per-batch scale would not)
             err = (out.float() - target.float()).pow(2).mean(-1)[:, :-1]  # (B, T-1)
-            scale = (target.float().pow(2).mean(-1)[:, :-1] * weights).sum() / weights.sum().clamp(min=1)
-            layer_loss = (err * weights).sum() / denom / scale.clamp(min=1e-12)
-            loss = loss + layer_loss
-            per_layer[i] = (
-                (err * weights).sum().detach() / weights.sum().clamp(min=1) / scale.clamp(min=1e-12)
-            )
+            rel = err / target.float().pow(2).mean(-1)[:, :-1].clamp(min=1e-12)
+            loss = loss + (rel * weights).sum() / denom
+            per_layer[i] = (rel * weights).sum().detach() / weights.sum().clamp(min=1)
             if self.training:
                 self.components.add(f"nmse/layer{i}", per_layer[i])
         return {"loss": loss, "nmse": per_layer}
@@ -229,35 +264,35 @@ class DistillationTrainer(Trainer):
         self.components = _Components()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        input_ids = inputs["input_ids"]
-        attention_mask = inputs.get("attention_mask")
-        labels = inputs.get("labels")
+        forward = model_inputs(inputs)
+        input_ids, labels = forward["input_ids"], inputs.get("labels")
         with torch.no_grad():
-            teacher_logits = self.teacher(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-            ).logits
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "use_cache": False,
-        }
-        if labels is not None and self.lm_weight > 0:
-            kwargs["labels"] = labels
-            if num_items_in_batch is not None:
-                kwargs["num_items_in_batch"] = num_items_in_batch
-        outputs = model(**kwargs)
-        weights = _label_weights(labels, attention_mask, input_ids.shape).to(input_ids.device)
+            teacher_logits = self.teacher(**forward, use_cache=False).logits
+        # No labels: this trainer builds the loss, so the student's auxiliary terms are attached.
+        outputs = model(**forward, use_cache=False)
+        weights = _label_weights(
+            labels, forward.get("attention_mask"), input_ids.shape, forward.get("position_ids")
+        )
+        weights = weights.to(input_ids.device)
         denom = _normaliser(weights, num_items_in_batch)
         kl = distillation_loss(outputs.logits, teacher_logits, weights, denom, temperature=self.temperature)
         loss = kl
+        lm = None
         if self.lm_weight > 0 and labels is not None:
-            loss = loss + self.lm_weight * outputs.lm_loss
+            nll = F.cross_entropy(
+                outputs.logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(outputs.logits.device),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            lm = nll / denom
+            loss = loss + self.lm_weight * lm
         if model.training:
             # Per-token means for the log, whatever the normaliser.
             scale = float(denom) / float(weights.sum().clamp(min=1))
             self.components.add("kl", kl.detach() * scale)
-            if self.lm_weight > 0 and labels is not None:
-                self.components.add("lm", outputs.lm_loss.detach() * scale)
+            if lm is not None:
+                self.components.add("lm", lm.detach() * scale)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -285,6 +320,7 @@ def add_lora(
 
 
 __all__ = [
+    "model_inputs",
     "AttentionTransfer",
     "TransferTrainer",
     "DistillationTrainer",

@@ -3,8 +3,8 @@ config.
 
 Mixers live in ``hf_hybrid/mixers`` (one file per type), MLPs in ``mlp.py`` / ``moe.py``; each kind's spec
 (class, transformers layer type, mask, cost) is in ``hf_hybrid.registry``. This file only wires them: masks,
-packing, positions, RoPE, cache and the loss rule (DESIGN.md §6b: ``loss`` = LM loss + Σ coef × auxiliary term
-in training mode only; each term has its own field).
+packing, positions, RoPE, cache and the loss rule (``hf_hybrid.aux_loss``: ``loss`` = LM loss +
+Σ coefficient × auxiliary term in training mode only; each term has its own field).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from transformers.modeling_layers import GenericForSequenceClassification, Gradi
 from transformers.utils import ModelOutput, logging
 
 from . import compat
-from .aux_loss import AuxLossScale, attach_aux_loss, probe_loss_scale
+from .aux_loss import attach_aux_loss
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
 from .layers import RMSNorm, rope_inv_freq
@@ -46,14 +46,6 @@ logger = logging.get_logger(__name__)
 # Config fields that are run-time switches rather than architecture: saved as set at construction / loading.
 _RUNTIME_CONFIG_FIELDS = ("output_router_logits",)
 
-# Auxiliary terms a layer may record (ctx.add_aux) -> the config field holding its coefficient.
-AUX_LOSS_COEFFICIENTS = {
-    "router_aux_loss": "router_aux_loss_coef",
-    "router_z_loss": "router_z_loss_coef",
-    "router_seq_aux_loss": "router_seq_aux_loss_coef",
-    "indexer_loss": "index_loss_coef",
-}
-
 
 @compat.output_dataclass
 class HybridModelOutput(ModelOutput):
@@ -64,13 +56,13 @@ class HybridModelOutput(ModelOutput):
     # output_attentions=True: per layer, the attention probabilities [B, h, T, S] (eager), None for a layer
     # without any (recurrent mixers, sparse DSA)
     attentions: tuple[torch.FloatTensor | None, ...] | None = None
-    # Per-layer terms averaged over the layers that produced them, before their coefficients. In training
-    # their gradients are already attached to the layers' outputs (hf_hybrid/aux_loss.py): add only their
-    # values to a loss.
+    # Per-layer terms averaged over the layers that produced them, before their coefficients. With their
+    # graph when the caller asked for them unattached (attach_aux_loss=False: it adds them to its loss);
+    # otherwise detached values, their gradients attached to the layers' outputs (hf_hybrid/aux_loss.py).
     aux_terms: dict[str, torch.Tensor] | None = None
     layer_stats: dict[str, Any] | None = None
     # output_router_logits=True: each MoE layer's fp32 router logits [B·T, E], in layer order; None without
-    # MoE layers
+    # MoE layers. Detached when the balance terms are attached (a loss built from them would count twice).
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     # output_mixer_io=[i, ...]: layer -> (mixer input [B, T, H] (after the input norm), the forward's
     # MixerContext, mixer output [B, T, H]), so a student mixer can run on exactly what the layer's mixer saw
@@ -82,7 +74,9 @@ class HybridModelOutput(ModelOutput):
 @compat.output_dataclass
 class HybridCausalLMOutput(ModelOutput):
     """``loss`` follows the loss rule; ``lm_loss`` is always the LM loss alone; each auxiliary term (mean over
-    the layers that produced it, before its coefficient) has its own field."""
+    the layers that produced it, before its coefficient) has its own field (``aux_terms`` holds them all, an
+    outside kind's included). The terms carry their graph when they are in ``loss`` (``labels`` given), and
+    are detached values when their gradients are attached (no ``labels``; ``hf_hybrid.aux_loss``)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -96,8 +90,10 @@ class HybridCausalLMOutput(ModelOutput):
     router_logits: tuple[torch.FloatTensor, ...] | None = None
     layer_stats: dict[str, Any] | None = None
     attentions: tuple[torch.FloatTensor | None, ...] | None = None
+    aux_terms: dict[str, torch.Tensor] | None = None
 
 
+# The built-in terms' own output fields (transformers' MoE families name the Switch term ``aux_loss``).
 _AUX_OUTPUT_FIELDS = {
     "router_aux_loss": "aux_loss",
     "router_z_loss": "z_loss",
@@ -140,15 +136,22 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         runtime = getattr(self.mixer, "runtime_mask", None)
         return runtime() if callable(runtime) else mixer_mask(mixer_spec(self.mixer_type), config)
 
-    def attached_aux_terms(self) -> list[str]:
-        """Auxiliary terms this layer's mixer and MLP attach in training now (their
-        ``attached_aux_terms()``)."""
-        return [
-            name
-            for module in (self.mixer, self.mlp)
-            if hasattr(module, "attached_aux_terms")
-            for name in module.attached_aux_terms()
-        ]
+    def aux_coefficients(self) -> dict[str, float]:
+        """Auxiliary terms this layer's mixer and MLP record in training now -> the coefficient each enters
+        the objective with (their ``aux_terms()``; see ``hf_hybrid.mixers.base``)."""
+        out: dict[str, float] = {}
+        for module in (self.mixer, self.mlp):
+            fn = getattr(module, "aux_terms", None)
+            if callable(fn):
+                out.update({name: float(coef) for name, coef in fn().items()})
+        return out
+
+    def replaces_lm_loss(self) -> bool:
+        """True when a module's auxiliary term is the whole objective now (DSA's dense warm-up)."""
+        return any(
+            callable(getattr(m, "replaces_lm_loss", None)) and m.replaces_lm_loss()
+            for m in (self.mixer, self.mlp)
+        )
 
     def returns_attention_weights(self) -> bool:
         """Whether the mixer returns attention probabilities under eager attention now (attention, MLA, dense
@@ -171,16 +174,16 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             hidden_states = self._residual(
                 normed if self.residual_from_norm else hidden_states, self.mlp(normed, ctx), *self.mlp_scales
             )
-        # This layer's auxiliary terms reach their parameters through its output, whatever loss is built on
-        # top (hf_hybrid/aux_loss.py); under reentrant checkpointing this happens when the backward replays
-        # the layer.
+        # When the caller builds no loss with them, this layer's auxiliary terms reach their parameters
+        # through its output, whatever loss is built on top (hf_hybrid/aux_loss.py); under reentrant
+        # checkpointing this happens when the backward replays the layer.
         attached = None
         for name, values in ctx.aux.items():
             weight = ctx.aux_weights.get(name, 0.0)
             for value in values[before.get(name, 0) :] if weight else ():
                 attached = weight * value if attached is None else attached + weight * value
         if attached is not None:
-            hidden_states = attach_aux_loss(hidden_states, attached, ctx.aux_scale)
+            hidden_states = attach_aux_loss(hidden_states, attached)
         return hidden_states
 
     @staticmethod
@@ -260,23 +263,32 @@ class HybridPreTrainedModel(PreTrainedModel):
 
         return DSARuntimeMode(self, mode, index_topk=index_topk)
 
-    # The factor of the attached auxiliary gradients when the loss is built without our head (no probe):
-    # hf_hybrid/aux_loss.py. Run-time state, set per training step by Trainer (hf_hybrid/trainer_patch.py).
-    _aux_scale_without_probe: float = 1.0
+    # The weight of one micro-batch's auxiliary terms in the step's objective (hf_hybrid/aux_loss.py):
+    # run-time state, set per training step by Trainer (hf_hybrid/trainer_patch.py) or once by a custom loop.
+    # ``attached``: the factor on attached gradients (no loss of ours to carry the loop's scaling);
+    # ``in_loss``: the weight in our head's ``loss`` when it is normalised by ``num_items_in_batch`` (the loop
+    # then does not divide it by the accumulation steps).
+    _aux_loss_scales: tuple[float, float] = (1.0, 1.0)
 
-    def set_aux_loss_scale(self, value: float) -> float:
-        """Scale the attached auxiliary gradients (router balance / z / sequence terms, DSA indexer KL) by
-        ``value`` in forwards whose loss a client builds itself (from the logits or the backbone's hidden
-        states): ``1 / accumulation_steps`` when the training loop divides its loss by them. Our own head's
-        ``loss`` needs none (its probe follows whatever scaling the loop applies). ``Trainer`` and TRL's
-        trainers set it for each step; a custom loop sets it once. Applies to this model and every hf_hybrid
-        model inside it; returns the previous value."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"set_aux_loss_scale: value={value!r} must be a positive number")
-        previous = self._aux_scale_without_probe
+    def set_aux_loss_scale(self, value: float, *, in_loss: float | None = None) -> float:
+        """Weight each micro-batch's auxiliary terms (router balance / z / sequence terms, DSA indexer KL) by
+        ``value`` in the objective: ``1 / accumulation_steps`` when the loop accumulates that many
+        micro-batches into one step (the terms are then averaged over them, like the LM loss). It applies to
+        the gradients attached when the loop builds its own loss (no ``labels``), and to our head's ``loss``
+        when it gets ``num_items_in_batch`` (a loss the loop does not divide); a ``loss`` without it is a
+        per-micro-batch mean that the loop divides itself, so its terms keep weight 1. ``in_loss`` overrides
+        the second use (``Trainer``: it multiplies such a loss by the world size). With an fp16 ``GradScaler``
+        in a custom loop that builds its own loss, multiply ``value`` by ``scaler.get_scale()``. ``Trainer``
+        and TRL's trainers set this for each step. Applies to this model and every hf_hybrid model inside it;
+        returns the previous ``value``."""
+        for name, v in (("value", value), ("in_loss", value if in_loss is None else in_loss)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"set_aux_loss_scale: {name}={v!r} must be a positive number")
+        previous = self._aux_loss_scales[0]
+        scales = (float(value), float(value if in_loss is None else in_loss))
         for module in self.modules():
             if isinstance(module, HybridPreTrainedModel):
-                module._aux_scale_without_probe = float(value)
+                module._aux_loss_scales = scales
         return previous
 
     # ---- strict loading and atomic saving ------------------------------------------------------------
@@ -449,8 +461,7 @@ class HybridModel(HybridPreTrainedModel):
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
         *,
-        attach_router_aux_loss: bool | None = None,
-        aux_loss_scale: AuxLossScale | None = None,
+        attach_aux_loss: bool = True,
         output_mixer_io: list[int] | tuple[int, ...] | None = None,
         **kwargs,
     ) -> HybridModelOutput:
@@ -458,15 +469,17 @@ class HybridModel(HybridPreTrainedModel):
         either.
 
         Auxiliary terms (training mode) are attached to the layers' outputs (``hf_hybrid/aux_loss.py``), so
-        any loss built on ``last_hidden_state`` trains the routers and indexers. One exception, transformers'
-        MoE convention: a caller that asks for ``output_router_logits`` computes the Switch balance loss from
-        them itself (TRL does), so it is not attached then, unless ``attach_router_aux_loss=True`` (what our
-        causal-LM head passes).
+        any loss built on ``last_hidden_state`` (TRL's fused LM head, a custom loop's) trains the routers and
+        indexers; ``aux_terms`` and ``router_logits`` are then detached values. ``attach_aux_loss=False``:
+        nothing is attached and ``aux_terms`` carry their graph, for a caller that adds
+        ``Σ coefficient · term`` to its loss itself (our causal-LM head with ``labels``).
 
         ``output_mixer_io=[i, ...]``: also return, for those layers, what their token mixer saw and produced
         (``HybridModelOutput.mixer_io``)."""
         config = self.config
         _check_extra_kwargs(kwargs)
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
         past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridModel.forward")
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HybridModel.forward: pass exactly one of input_ids or inputs_embeds")
@@ -496,6 +509,13 @@ class HybridModel(HybridPreTrainedModel):
             use_cache, past_key_values = False, None
         if use_cache and past_key_values is None:
             past_key_values = HybridCache(config=config)
+        if use_cache and not isinstance(past_key_values, HybridCache) and config.has_recurrent_layers:
+            raise TypeError(
+                f"HybridModel.forward: past_key_values is a {type(past_key_values).__name__}, which has no "
+                "room for recurrent (conv / state) layers; pass "
+                "hf_hybrid.cache.HybridCache(config=model.config) or None (the model, and generate(), then "
+                "build one)"
+            )
         if not use_cache:
             past_key_values = None
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -566,12 +586,7 @@ class HybridModel(HybridPreTrainedModel):
             past_length=past_length,
             attn_kwargs=attn_kwargs,
             output_router_logits=bool(output_router_logits),
-            aux_weights=self._aux_weights(attach_router_aux_loss, bool(output_router_logits))
-            if self.training
-            else {},
-            aux_scale=aux_loss_scale
-            if aux_loss_scale is not None
-            else AuxLossScale(self._aux_scale_without_probe),
+            aux_weights=self._attached_weights() if self.training and attach_aux_loss else {},
             output_attentions=bool(output_attentions),
             input_ids=input_ids,
             mixer_io_layers=io_layers,
@@ -590,6 +605,11 @@ class HybridModel(HybridPreTrainedModel):
             past_key_values.advance(seq_len)
 
         aux_terms = {name: torch.stack(values).mean() for name, values in ctx.aux.items() if values}
+        router_logits = tuple(ctx.router_logits) if output_router_logits and ctx.router_logits else None
+        if ctx.aux_weights:  # attached: values only, so a client adding them again counts nothing twice
+            aux_terms = {name: value.detach() for name, value in aux_terms.items()}
+            if router_logits is not None:
+                router_logits = tuple(r.detach() for r in router_logits)
         stats = dict(ctx.stats)
         attentions = None
         if output_attentions:
@@ -602,7 +622,7 @@ class HybridModel(HybridPreTrainedModel):
             attentions=attentions,
             aux_terms=aux_terms,
             layer_stats=stats,
-            router_logits=tuple(ctx.router_logits) if output_router_logits and ctx.router_logits else None,
+            router_logits=router_logits,
             mixer_io={i: (x, ctx, y) for i, (x, y) in sorted(ctx.mixer_io.items())} if io_layers else None,
         )
 
@@ -620,26 +640,28 @@ class HybridModel(HybridPreTrainedModel):
             raise ValueError(f"output_mixer_io: layers {no_mixer} ({', '.join(kinds)}) have no token mixer")
         return frozenset(layers)
 
-    def _aux_weights(
-        self, attach_router_aux_loss: bool | None, output_router_logits: bool
-    ) -> dict[str, float]:
-        """Weight of each auxiliary term's attached gradient: its coefficient over the number of layers
-        attaching it (the loss rule averages a term over layers; each layer says which terms it attaches now).
-        Not attached: the indexer KL in dense warm-up (the layers do not list it: it is the whole loss there,
-        with its own gradient) and the Switch loss when the caller computes it from the router logits."""
-        config = self.config
+    def aux_coefficients(self) -> dict[str, float]:
+        """Each auxiliary term the layers record in training now -> its coefficient in the objective (the
+        layers' ``aux_terms()``; a term's coefficient is the same in every layer that records it)."""
+        out: dict[str, float] = {}
+        for layer in self.layers:
+            out.update(layer.aux_coefficients())
+        return {name: coef for name, coef in out.items() if coef > 0}
+
+    def _attached_weights(self) -> dict[str, float]:
+        """Weight of each term's attached gradient in one layer: ``w · coefficient / number of layers
+        recording it`` (the rule averages a term over layers), ``w`` the micro-batch weight
+        (``set_aux_loss_scale``)."""
+        scale = self._aux_loss_scales[0]
         counts: dict[str, int] = {}
         for layer in self.layers:
-            for name in layer.attached_aux_terms():
+            for name in layer.aux_coefficients():
                 counts[name] = counts.get(name, 0) + 1
-        if attach_router_aux_loss is None:
-            attach_router_aux_loss = not output_router_logits
-        weights = {}
-        for name, count in counts.items():
-            coef = getattr(config, AUX_LOSS_COEFFICIENTS.get(name, ""), 0.0) or 0.0
-            if coef > 0 and (name != "router_aux_loss" or attach_router_aux_loss):
-                weights[name] = coef / count
-        return weights
+        return {name: scale * coef / counts[name] for name, coef in self.aux_coefficients().items()}
+
+    def replaces_lm_loss(self) -> bool:
+        """True when an auxiliary term is the whole objective now (DSA's dense warm-up: the indexer KL)."""
+        return any(layer.replaces_lm_loss() for layer in self.layers)
 
     def _check_output_attentions(self) -> None:
         """Attention probabilities exist only where eager attention runs: other attention backends cannot
@@ -663,13 +685,20 @@ class HybridModel(HybridPreTrainedModel):
         the config's ``dsa_mode``): the indexer KL is then the whole training loss."""
         return any(getattr(layer.mixer, "in_dense_warmup", False) for layer in self.layers)
 
+    def reentrant_checkpointing(self) -> bool:
+        """Whether training runs the layers under reentrant gradient checkpointing (their first forward
+        without autograd: a term computed there has no graph, so it can only reach its parameters attached,
+        in the replay)."""
+        if not (self.training and self.gradient_checkpointing and self.layers):
+            return False
+        fn = getattr(self.layers[0], "_gradient_checkpointing_func", None)
+        return getattr(fn, "keywords", {}).get("use_reentrant", True) if fn is not None else False
+
     def _check_checkpointing(self) -> None:
         """Reentrant checkpointing runs each layer's first forward without autograd; the attached auxiliary
         terms then reach their parameters in the replay, but DSA's dense warm-up loss (the indexer KL,
         returned as the loss itself) would have no gradient at all."""
-        fn = getattr(self.layers[0], "_gradient_checkpointing_func", None)
-        reentrant = getattr(fn, "keywords", {}).get("use_reentrant", True) if fn is not None else False
-        if reentrant and self.in_dsa_dense_warmup():
+        if self.reentrant_checkpointing() and self.in_dsa_dense_warmup():
             raise ValueError(
                 "gradient checkpointing with use_reentrant=True cannot train DSA's "
                 "dense warm-up: its loss (the indexer KL) is computed in the layers' "
@@ -693,7 +722,13 @@ def _check_extra_kwargs(kwargs: dict[str, Any]) -> None:
     if not unknown:
         return
     known = _forward_parameters()
+    backbone = _backbone_parameters()
     for name in unknown:
+        if name in known and name not in backbone:
+            raise TypeError(
+                f"HybridModel.forward got {name!r}, an argument of the causal-LM head: call "
+                "HybridForCausalLM (or compute the loss from last_hidden_state yourself)"
+            )
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
         if close:
             raise TypeError(
@@ -702,6 +737,12 @@ def _check_extra_kwargs(kwargs: dict[str, Any]) -> None:
             )
     ignored = ", ".join(unknown)
     logger.warning_once(f"HybridModel.forward ignores keyword arguments it does not use: {ignored}")
+
+
+@functools.cache
+def _backbone_parameters() -> frozenset[str]:
+    params = inspect.signature(HybridModel.forward).parameters
+    return frozenset(p for p in params if p not in ("self", "kwargs")) | _FLASH_KWARGS
 
 
 @functools.cache
@@ -795,12 +836,16 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         return_dict: bool | None = None,
         cache: Any = None,
+        shift_labels: torch.LongTensor | None = None,
         **kwargs,
     ) -> HybridCausalLMOutput:
         past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridForCausalLM.forward")
         loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
         model_kwargs = {k: v for k, v in kwargs.items() if k not in loss_kwargs}
-        aux_scale = AuxLossScale(self._aux_scale_without_probe)
+        # With labels this head builds the loss, so the auxiliary terms go into it with their graph (whatever
+        # the loop does to the loss reaches them); otherwise whoever builds the loss gets them attached.
+        builds_loss = self.training and (labels is not None or shift_labels is not None)
+        attach = not builds_loss or self.model.reentrant_checkpointing()
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -809,9 +854,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
-            # this head's loss rule owns the Switch loss, router logits asked or not
-            attach_router_aux_loss=True,
-            aux_loss_scale=aux_scale,
+            attach_aux_loss=attach,
             **model_kwargs,
         )
         hidden = out.last_hidden_state
@@ -821,28 +864,17 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             logits = logits / self.config.logits_scaling
 
         lm_loss = None
-        if labels is not None:
-            lm_loss = self.loss_function(logits, labels, self.vocab_size, **loss_kwargs)
+        if labels is not None or shift_labels is not None:
+            lm_loss = self.loss_function(
+                logits, labels, self.vocab_size, shift_labels=shift_labels, **loss_kwargs
+            )
         aux = out.aux_terms or {}
         loss = lm_loss
-        if self.training and (lm_loss is not None or aux):
-            if "indexer_loss" in aux and self.model.in_dsa_dense_warmup():
-                # DeepSeek's dense warm-up trains the indexer alone on its KL (DESIGN.md §5).
-                loss = aux["indexer_loss"]
-            elif lm_loss is not None:
-                # The terms' gradients are attached in the layers (hf_hybrid/aux_loss.py): add their values
-                # only. With num_items_in_batch (Trainer's gradient accumulation) the LM loss of this
-                # micro-batch is its token sum over the step's token count; every auxiliary term is weighted
-                # by the same share of the step's tokens, so no term grows with the number of micro-batches.
-                share = _token_share(labels, loss_kwargs)
-                for name, value in aux.items():
-                    coef = getattr(self.config, AUX_LOSS_COEFFICIENTS.get(name, ""), 0.0) or 0.0
-                    if coef > 0:
-                        loss = loss + share * coef * value.detach().to(loss.device)
-                loss = probe_loss_scale(loss, aux_scale, float(share))
+        if builds_loss:
+            loss = self._objective(lm_loss, aux, normalised_per_step="num_items_in_batch" in loss_kwargs)
 
         fields = {_AUX_OUTPUT_FIELDS[k]: v for k, v in aux.items() if k in _AUX_OUTPUT_FIELDS}
-        return HybridCausalLMOutput(
+        output = HybridCausalLMOutput(
             loss=loss,
             logits=logits,
             cache=out.cache,
@@ -851,21 +883,27 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             router_logits=out.router_logits,
             layer_stats=out.layer_stats,
             attentions=out.attentions,
+            aux_terms=aux,
             **fields,
         )
+        return (
+            output
+            if (self.config.use_return_dict if return_dict is None else return_dict)
+            else output.to_tuple()
+        )
 
-
-def _token_share(labels: torch.Tensor, loss_kwargs: dict) -> float | torch.Tensor:
-    """This micro-batch's share of the optimizer step's predicted tokens: (its labels != ignore_index, after
-    the one-token shift) / ``num_items_in_batch``; 1 without ``num_items_in_batch`` (the loss is then a mean
-    already)."""
-    total = loss_kwargs.get("num_items_in_batch")
-    if total is None:
-        return 1.0
-    ignore = loss_kwargs.get("ignore_index", -100)
-    mine = (labels[..., 1:] != ignore).sum()
-    total = torch.as_tensor(total, device=mine.device)
-    return (mine / total.clamp_min(1)).item()
+    def _objective(self, lm_loss: torch.Tensor, aux: dict[str, torch.Tensor], *, normalised_per_step: bool):
+        """The loss rule for one micro-batch (``hf_hybrid.aux_loss``): LM loss + ``w`` · Σ coefficient · term,
+        without the LM loss while a term replaces it (DSA's dense warm-up: the indexer KL, coefficient 1).
+        ``w`` is 1 for a per-micro-batch mean (the loop divides it by the accumulation steps itself) and the
+        model's micro-batch weight for a loss normalised by ``num_items_in_batch`` (the loop does not)."""
+        weight = self._aux_loss_scales[1] if normalised_per_step else 1.0
+        loss = None if self.model.replaces_lm_loss() else lm_loss
+        for name, coef in self.model.aux_coefficients().items():
+            if name in aux:
+                term = weight * coef * aux[name].to(lm_loss.device)
+                loss = term if loss is None else loss + term
+        return lm_loss if loss is None else loss
 
 
 class HybridForSequenceClassification(GenericForSequenceClassification, HybridPreTrainedModel):

@@ -662,10 +662,15 @@ class HybridMoE(nn.Module):
                 ctx.add_stat("expert_drops", self.layer_idx, drops_E)
         return out_NH.view(B, T, H)
 
-    def attached_aux_terms(self) -> tuple[str, ...]:
-        """The balancing terms this layer records in training (the model attaches those with a coefficient >
-        0)."""
-        return ("router_aux_loss", "router_z_loss", "router_seq_aux_loss")
+    def aux_terms(self) -> dict[str, float]:
+        """The balancing terms this layer records in training -> their coefficients (a term is recorded only
+        when its coefficient is > 0)."""
+        terms = {
+            "router_aux_loss": self.aux_loss_coef,
+            "router_z_loss": self.z_loss_coef,
+            "router_seq_aux_loss": self.seq_aux_loss_coef,
+        }
+        return {name: float(coef) for name, coef in terms.items() if coef > 0}
 
     def _add_losses(self, ctx, router, logits_NE, index_NK, mask_N, B, T) -> None:
         if self.aux_loss_coef > 0 or self.seq_aux_loss_coef > 0:

@@ -1,12 +1,14 @@
-"""What ``import hf_hybrid`` adds to transformers' ``Trainer`` (and so to TRL's trainers, its subclasses), for
-hf_hybrid models only; every other model goes through the original methods untouched:
+"""What ``import hf_hybrid`` adds to transformers' ``Trainer`` and every subclass of it (TRL's trainers, our
+``DistillationTrainer``), for hf_hybrid models only; every other model goes through the original methods
+untouched:
 
-- ``create_model_card`` / ``push_to_hub`` keep our model card, with Trainer's training summary appended
-  (``hf_hybrid.card.patch_create_model_card``);
-- ``training_step`` tells the model how the step scales the loss it backpropagates: when Trainer divides a
-  loss by the accumulation steps (a loss not normalised by ``num_items_in_batch``, e.g. DPO's, built from the
-  logits), the attached auxiliary gradients are divided likewise (``model.set_aux_loss_scale``,
-  ``hf_hybrid/aux_loss.py``), so router and indexer terms do not grow with gradient accumulation.
+- ``create_model_card`` / ``push_to_hub`` keep our model card, with the trainer's own summary appended
+  (``hf_hybrid.card.patch_create_model_card``), also where a subclass overrides ``create_model_card`` (TRL);
+- ``training_step`` gives the model the weight of one micro-batch's auxiliary terms in the step's objective
+  (``model.set_aux_loss_scale``, ``hf_hybrid/aux_loss.py``): ``1 / accumulation steps``, so router and
+  indexer terms are averaged over the accumulated micro-batches whichever client builds the loss — times the
+  fp16 loss scale for attached gradients, and over the world size where Trainer multiplies a
+  token-normalised loss by it.
 
 ``transformers.trainer`` is heavy to import (~1.5 s), so the patch is applied when something else imports it,
 not by ``import hf_hybrid``.
@@ -18,6 +20,10 @@ import functools
 import importlib.util
 import sys
 
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
 
 def _hybrid_models(model) -> list:
     from .modeling_hybrid import HybridPreTrainedModel
@@ -25,17 +31,36 @@ def _hybrid_models(model) -> list:
     return [m for m in model.modules() if isinstance(m, HybridPreTrainedModel)]
 
 
-def loss_scale_of_step(trainer, num_items_in_batch) -> float:
-    """The factor ``Trainer.training_step`` applies to the loss ``compute_loss`` returns: ``1 / accumulation
-    steps`` unless that loss is already normalised for them (transformers' own rule, 5.23 and 5.24)."""
-    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
-    if scaled is None:
-        scaled = (
-            getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
-        ) or getattr(trainer, "compute_loss_func", None) is not None
-    steps = getattr(trainer, "current_gradient_accumulation_steps", None)
-    steps = steps or trainer.args.gradient_accumulation_steps
-    return 1.0 if scaled else 1.0 / max(1, int(steps))
+def aux_scales_of_step(trainer, num_items_in_batch) -> tuple[float, float]:
+    """``(attached, in_loss)`` micro-batch weights for one ``Trainer.training_step`` (see
+    ``HybridPreTrainedModel.set_aux_loss_scale``): ``1 / accumulation steps``; the attached gradients also
+    carry the fp16 GradScaler's scale (they do not pass through the scaled loss); a loss normalised by
+    ``num_items_in_batch`` is multiplied by the world size in ``Trainer.compute_loss`` (DDP then averages), so
+    the terms inside it are divided by it (transformers' own rule, 5.23 and 5.24)."""
+    steps = (
+        getattr(trainer, "current_gradient_accumulation_steps", None)
+        or trainer.args.gradient_accumulation_steps
+    )
+    base = 1.0 / max(1, int(steps))
+    attached = base
+    scaler = getattr(getattr(trainer, "accelerator", None), "scaler", None)
+    if scaler is not None and getattr(scaler, "is_enabled", lambda: False)():
+        attached *= float(scaler.get_scale())
+    world = 1
+    if (
+        getattr(trainer.args, "average_tokens_across_devices", False)
+        and (
+            getattr(trainer, "model_accepts_loss_kwargs", False)
+            or getattr(trainer, "compute_loss_func", None)
+        )
+        and num_items_in_batch is not None
+    ):
+        accelerator = getattr(trainer, "accelerator", None)
+        tp = trainer.get_tp_size() if hasattr(trainer, "get_tp_size") else 1
+        world = (accelerator.num_processes // tp) if accelerator is not None else 1
+        if trainer.args.n_gpu > 1:
+            world = trainer.args.n_gpu
+    return attached, base / max(1, world)
 
 
 def patch_training_step(cls) -> None:
@@ -52,25 +77,61 @@ def patch_training_step(cls) -> None:
         models = seen[1]
         if not models:
             return original(self, model, inputs, num_items_in_batch, *args, **kwargs)
-        scale = loss_scale_of_step(self, num_items_in_batch)
-        previous = [m._aux_scale_without_probe for m in models]
+        attached, in_loss = aux_scales_of_step(self, num_items_in_batch)
+        if not self.__dict__.get("_hf_hybrid_logged"):
+            self.__dict__["_hf_hybrid_logged"] = True
+            logger.info(
+                f"hf_hybrid: auxiliary loss terms weighted {in_loss:g} per micro-batch "
+                f"({type(self).__name__}, gradient accumulation {self.args.gradient_accumulation_steps})"
+            )
+        previous = [m._aux_loss_scales for m in models]
         for m in models:
-            m._aux_scale_without_probe = scale
+            m._aux_loss_scales = (attached, in_loss)
         try:
             return original(self, model, inputs, num_items_in_batch, *args, **kwargs)
         finally:
             for m, value in zip(models, previous):
-                m._aux_scale_without_probe = value
+                m._aux_loss_scales = value
 
     training_step._hf_hybrid = True
     cls.training_step = training_step
 
 
-def _patch(trainer_module) -> None:
+def _patch_class(cls) -> None:
+    """Patch ``cls`` where it defines the method itself (a subclass that overrides ``create_model_card`` or
+    ``training_step``, as TRL's trainers do, would otherwise bypass the patch on ``Trainer``)."""
     from .card import patch_create_model_card
 
-    patch_create_model_card(trainer_module.Trainer)
-    patch_training_step(trainer_module.Trainer)
+    if "create_model_card" in cls.__dict__:
+        patch_create_model_card(cls)
+    if "training_step" in cls.__dict__:
+        patch_training_step(cls)
+
+
+def _all_subclasses(cls):
+    for sub in cls.__subclasses__():
+        yield sub
+        yield from _all_subclasses(sub)
+
+
+def _patch(trainer_module) -> None:
+    trainer = trainer_module.Trainer
+    _patch_class(trainer)
+    for sub in _all_subclasses(trainer):  # defined before hf_hybrid was imported
+        _patch_class(sub)
+    hook = trainer.__dict__.get("__init_subclass__")
+    if not getattr(getattr(hook, "__func__", None), "_hf_hybrid", False):
+        previous = hook
+
+        def __init_subclass__(sub, **kwargs):  # defined later (e.g. TRL imported after hf_hybrid)
+            if previous is not None:
+                previous.__func__(sub, **kwargs)
+            else:
+                super(trainer, sub).__init_subclass__(**kwargs)
+            _patch_class(sub)
+
+        __init_subclass__._hf_hybrid = True
+        trainer.__init_subclass__ = classmethod(__init_subclass__)
 
 
 class _TrainerImportHook:

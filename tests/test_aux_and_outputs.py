@@ -102,20 +102,22 @@ def test_each_aux_term_gradient_matches_its_definition():
 
 def _accumulated(model, ids, steps: int) -> dict[str, torch.Tensor]:
     """What Trainer does with num_items_in_batch: one backward per micro-batch of the model's own loss, no
-    division."""
+    division, the micro-batch weight 1 / steps (the README's rule for such a loop)."""
     total = int((ids[:, 1:] != -100).sum())
     acc: dict[str, torch.Tensor] = {}
+    model.set_aux_loss_scale(1.0 / steps)
     for micro in ids.chunk(steps):
         g = grads(model, model(micro, labels=micro, num_items_in_batch=torch.tensor(total)).loss)
         for n, v in g.items():
             acc[n] = acc[n] + v if n in acc else v
+    model.set_aux_loss_scale(1.0)
     return acc
 
 
 @pytest.mark.parametrize("term", ["z", "indexer"])
 def test_token_additive_terms_give_the_same_gradient_for_any_accumulation(term):
-    """LM, z-loss and indexer KL add over tokens: GA 1, 2, 4 on the same 8 sequences give the same gradients
-    (the review measured z-loss gradients 0.55 / 1.10 / 2.21)."""
+    """LM, z-loss and indexer KL add over tokens: GA 1, 2, 4 on the same 8 equal-length sequences give the
+    same gradients (the review measured z-loss gradients 0.55 / 1.10 / 2.21)."""
     if term == "z":
         model = moe_model(router_aux_loss_coef=0.0, router_seq_aux_loss_coef=0.0, router_z_loss_coef=0.5)
     else:
@@ -156,16 +158,22 @@ def test_router_logits_come_from_the_backbone_output():
     assert dense.model(ids, output_router_logits=True).router_logits is None  # never taken for an MoE
 
 
-def test_a_caller_asking_for_router_logits_owns_the_switch_loss():
-    """transformers' MoE convention (TRL follows it): who asks the backbone for router logits computes the
-    balance loss from them, so the backbone does not attach its own; z / sequence terms stay attached."""
+def test_a_caller_building_a_balance_loss_from_router_logits_counts_nothing_twice():
+    """TRL's fused head asks the backbone for router logits and adds Mixtral's balance loss computed from
+    them; a custom loop adds ``coef · outputs.aux_loss``. The attached terms are the model's, counted once:
+    the router logits and terms come back detached, so those additions change the loss value, not the
+    gradient."""
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
     model = moe_model()
     ids = batch()
-    hidden = model.model(ids, output_router_logits=True).last_hidden_state
-    lm = F.cross_entropy(model.lm_head(hidden)[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
-    got = grads(model, lm)
-    model.config.router_aux_loss_coef = 0.0
-    expected = grads(model, model(ids, labels=ids).loss)  # z + sequence terms only
+    out = model.model(ids, output_router_logits=True)
+    assert not any(r.requires_grad for r in out.router_logits)
+    assert not any(v.requires_grad for v in out.aux_terms.values())
+    lm = F.cross_entropy(model.lm_head(out.last_hidden_state)[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+    mixtral = load_balancing_loss_func(out.router_logits, 4, 2, None)
+    got = grads(model, lm + 0.1 * mixtral + 0.1 * out.aux_terms["router_aux_loss"])
+    expected = grads(model, model(ids, labels=ids).loss)  # our head: LM + every term, once
     assert_same_grads(got, expected)
 
 
@@ -360,7 +368,7 @@ def test_a_client_loss_under_gradient_accumulation_keeps_the_aux_gradients(kind,
         trainer, captured = _LogitsLossTrainer.make(model, tmp_path, steps, rows)
         trainer.train()
         grads_by_ga[steps] = captured
-        assert model._aux_scale_without_probe == 1.0  # restored after each step
+        assert model._aux_loss_scales == (1.0, 1.0)  # restored after each step
     aux = [n for n in grads_by_ga[1] if ("router" in n if kind == "moe" else ".indexer." in n)]
     assert aux and all(grads_by_ga[1][n].abs().sum() > 0 for n in aux)
     assert_same_grads(grads_by_ga[2], grads_by_ga[1], atol=1e-6, rtol=1e-4)

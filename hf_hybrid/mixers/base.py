@@ -6,9 +6,11 @@ batch (padding, packing, positions, cache) is in ``ctx``; auxiliary losses go th
 
 Optional methods the model looks for on a mixer (or MLP) module, all defaulting to "no":
 - ``init_hybrid_weights(init, config)``: initialise special parameters (decays, dt biases, fused experts);
-- ``attached_aux_terms() -> tuple[str, ...]``: the ``ctx.add_aux`` names whose gradient the model attaches to
-  this layer's output in training now (each weighted by its coefficient over the number of layers attaching
-  it);
+- ``aux_terms() -> dict[str, float]``: the ``ctx.add_aux`` names this module records in training now -> the
+  coefficient each enters the objective with (the model averages a term over the layers recording it, then
+  adds ``coefficient · term`` to its loss or attaches its gradient: ``hf_hybrid.aux_loss``). A term not
+  declared here is reported in ``aux_terms`` but is not part of the objective;
+- ``replaces_lm_loss() -> bool``: this module's terms are the whole objective now (DSA's dense warm-up);
 - ``returns_attention_weights() -> bool``: hands eager attention probabilities to ``ctx.attentions``;
 - ``runtime_mask() -> str | None``: the mask it reads, when that depends on run-time state (see the registry).
 """
@@ -50,9 +52,9 @@ class MixerContext:
     - ``cache``: the ``HybridCache`` or None. ``past_length`` is P.
     - ``attn_kwargs``: extra keyword arguments for transformers' attention interface (flash varlen info).
     - ``output_router_logits``: MoE layers append their fp32 router logits [B·T, E] to ``router_logits``.
-    - ``aux_weights``: auxiliary term name -> the weight its gradient is attached with (coefficient / number
-      of layers producing it); names not in it are recorded but not attached (``hf_hybrid.aux_loss``).
-      ``aux_scale`` is the forward's :class:`~hf_hybrid.aux_loss.AuxLossScale`.
+    - ``aux_weights``: auxiliary term name -> the weight its gradient is attached with in one layer
+      (micro-batch weight × coefficient / number of layers recording it); empty when nothing is attached
+      (eval mode, or the caller adds the terms to its loss itself: ``hf_hybrid.aux_loss``).
     - ``output_attentions``: attention mixers that can (eager) append their probabilities to ``attentions`` as
       ``(layer_idx, [B, h, T, S])``.
     - ``input_ids``: [B, T] token ids of this forward's new tokens, or None when the model was called with
@@ -76,7 +78,6 @@ class MixerContext:
     output_router_logits: bool = False
     router_logits: list[torch.Tensor] = field(default_factory=list)
     aux_weights: dict[str, float] = field(default_factory=dict)
-    aux_scale: Any = None
     output_attentions: bool = False
     attentions: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     input_ids: torch.Tensor | None = None

@@ -193,13 +193,17 @@ class _DSAMixin:
         for)."""
         return _mask_for_mode(self.mode)
 
-    def attached_aux_terms(self) -> tuple[str, ...]:
-        """Auxiliary terms whose gradient this layer attaches to its output in training now: the sparse-mode
-        indexer KL. (The dense warm-up's KL is the whole loss instead; a "shared" layer has no indexer.)"""
-        sparse_kl = (
-            self.mode == "sparse" and self.config.dsa_selector == "indexer" and self.indexer is not None
-        )
-        return ("indexer_loss",) if sparse_kl else ()
+    def aux_terms(self) -> dict[str, float]:
+        """Auxiliary terms this layer records in training now -> their coefficient: the indexer KL, with
+        ``index_loss_coef`` in sparse mode and 1 in the dense warm-up (where it replaces the LM loss); none
+        for a "shared" layer (no indexer) or the structured selector."""
+        if self.config.dsa_selector != "indexer" or self.indexer is None or self.mode == "dense":
+            return {}
+        return {"indexer_loss": 1.0 if self.in_dense_warmup else float(self.config.index_loss_coef)}
+
+    def replaces_lm_loss(self) -> bool:
+        """DeepSeek's dense warm-up trains the indexer on its KL alone."""
+        return self.in_dense_warmup
 
     def _indexer(self, hidden: torch.Tensor, query_source: torch.Tensor, ctx: MixerContext):
         # Both of DeepSeek's stages train the indexer on its KL alone: its inputs are detached so that loss

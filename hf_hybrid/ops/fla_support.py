@@ -197,3 +197,10 @@ def resolve_backend(
         )
         return "torch"
     return "fla"
+
+
+def without_autocast(like: torch.Tensor):
+    """A context that turns an enclosing autocast off on ``like``'s device. The chunked delta-rule forms (GDN,
+    KDA) choose their own precisions (fp32 decays and states); an enclosing autocast (Trainer's bf16 on CPU,
+    TRL's default) would recast their inner matmuls and leave the hand-written backwards with mixed dtypes."""
+    return torch.autocast(device_type=like.device.type, enabled=False)

@@ -203,7 +203,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mixer = mixer or "gated_deltanet"
         ranking = rank_layers(
             teacher,
-            eval_ds.blocks[: int(sel_cfg.get("blocks", 4))],
+            # ranked on training blocks: the held-out blocks are what the table then reports on
+            train_ds.blocks[: int(sel_cfg.get("blocks", 4))],
             mixer=mixer,
             criterion=sel_cfg.get("criterion", "kl"),
             mixer_config=h_cfg.get("mixer_config"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from hf_hybrid.ops.fla_support import resolve_backend
+from hf_hybrid.ops.fla_support import resolve_backend, without_autocast
 from hf_hybrid.ops.gated_delta.chunk import chunk_gated_delta_rule, unit_lower_inverse
 from hf_hybrid.ops.gated_delta.fla import fla_chunk_gated_delta_rule
 from hf_hybrid.ops.gated_delta.naive import (
@@ -46,10 +46,7 @@ def gated_delta_rule(
     B. Returns o [B, T, Hv, Dv] in q's dtype and, if ``output_final_state``, the fp32 state [N, Hv, Dk, Dv].
     """
     path = resolve_backend("gated_delta_rule", backend, (q, k, v, g, beta, initial_state), gated=True)
-    # The chunked forms choose their own precisions (fp32 decays and states); an enclosing autocast (Trainer's
-    # bf16 on CPU, TRL's default) would recast their inner matmuls and leave the hand-written backwards with
-    # mixed dtypes.
-    with torch.autocast(device_type=q.device.type, enabled=False):
+    with without_autocast(q):
         return _PATHS[path](
             q,
             k,

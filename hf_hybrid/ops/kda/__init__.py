@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from hf_hybrid.ops.fla_support import log_once, resolve_backend
+from hf_hybrid.ops.fla_support import log_once, resolve_backend, without_autocast
 from hf_hybrid.ops.kda.chunk import chunk_kda
 from hf_hybrid.ops.kda.fla import FLA_MAX_KEY_DIM, fla_chunk_kda
 from hf_hybrid.ops.kda.naive import check_kda_shapes, naive_recurrent_kda, recurrent_kda_step
@@ -56,19 +56,20 @@ def kda(
             f"kda:{why}", f"kda: not using fla-core ({why}); using the chunked torch path", logging.WARNING
         )
         path = "torch"
-    return _PATHS[path](
-        q,
-        k,
-        v,
-        g,
-        beta,
-        scale=scale,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        use_qk_l2norm=use_qk_l2norm,
-        chunk_size=chunk_size,
-    )
+    with without_autocast(q):
+        return _PATHS[path](
+            q,
+            k,
+            v,
+            g,
+            beta,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            use_qk_l2norm=use_qk_l2norm,
+            chunk_size=chunk_size,
+        )
 
 
 __all__ = [
