@@ -31,7 +31,10 @@ softmax attention) and raises ``AssertionError`` naming the kind, the check and 
 - ``cost``: each kind's cost formula and the inspector's per-layer parameter counts equal the built modules',
   and the inspector's cache + state bytes equal the bytes the cache really holds after a forward;
 - ``gradients``: one backward of the LM loss reaches every trainable parameter with a finite, non-zero
-  gradient.
+  gradient;
+- ``aux_terms``: the auxiliary terms the kind declares (``aux_terms()``) enter the training loss with their
+  coefficients, every recorded term is declared, and the gradient is the same whether the model adds them to
+  its loss (``labels``) or attaches them while the client builds the LM loss from the logits.
 
 Tolerance: fp32, ``atol=1e-5`` (``ATOL``) — cached and uncached paths, chunked and step-by-step forms, compute
 the same sums in another order; nothing else differs.
@@ -314,6 +317,47 @@ def check_gradients(model: HybridForCausalLM, atol: float = ATOL) -> None:
     )
 
 
+def check_aux_terms(model: HybridForCausalLM, atol: float = ATOL) -> None:
+    """The auxiliary terms the kind's modules declare (``aux_terms() -> {name: coefficient}``) reach the
+    objective: with ``labels`` the training-mode ``loss`` is ``lm_loss + Σ coefficient · term``; every
+    recorded term is declared (an undeclared one trains nothing: record diagnostics with ``ctx.add_stat``);
+    and the gradient is the same whether the model adds the terms to its ``loss`` or, without ``labels``,
+    attaches them to the layers while the client builds the LM loss from the logits (TRL's DPO, a custom
+    loop)."""
+    model.train()
+    ids = _ids(2, 12, seed=15)
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = model(ids, labels=ids)
+    declared: dict[str, float] = {}
+    for module in model.modules():
+        aux_terms = getattr(module, "aux_terms", None)
+        if callable(aux_terms) and module is not model:
+            declared.update(aux_terms())
+    recorded = dict(out.aux_terms or {})
+    undeclared = sorted(set(recorded) - set(declared))
+    assert not undeclared, (
+        f"terms {undeclared} are recorded (ctx.add_aux) but no module declares them in aux_terms()"
+    )
+    if any(getattr(m, "replaces_lm_loss", lambda: False)() for m in model.modules() if m is not model):
+        return  # the terms are the whole objective (DSA's dense warm-up): nothing to compare with an LM loss
+    for name in recorded:
+        assert recorded[name].requires_grad, f"term {name!r} is recorded without its graph: it trains nothing"
+    expected = out.lm_loss + sum(coef * recorded[name] for name, coef in declared.items() if name in recorded)
+    _close(out.loss, expected, "training loss vs lm_loss + Σ coefficient · term", atol)
+    in_loss = torch.autograd.grad(out.loss, params, allow_unused=True)
+    logits = model(ids).logits  # no labels: the terms are attached to the layers
+    lm = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    attached = torch.autograd.grad(lm, params, allow_unused=True)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, in_loss, attached):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is not None:
+            _close(
+                b, a, f"gradient of {name}: terms attached (client's LM loss) vs in the model's loss", atol
+            )
+
+
 CHECKS: Mapping[str, Callable[..., None]] = {
     "decode": check_decode,
     "two_piece_prefill": check_two_piece_prefill,
@@ -325,6 +369,7 @@ CHECKS: Mapping[str, Callable[..., None]] = {
     "save_load": check_save_load,
     "cost": check_cost,
     "gradients": check_gradients,
+    "aux_terms": check_aux_terms,
 }
 
 
@@ -383,6 +428,7 @@ __all__ = [
     "TINY",
     "check_layer_kind",
     "tiny_config",
+    "check_aux_terms",
     "check_batch",
     "check_beam_search",
     "check_cost",

@@ -14,15 +14,19 @@ MIXERS = {
     "attention": {},
     "sliding_attention": {"sliding_window": 5},
     "mla": {"q_lora_rank": 12},
-    "dsa": {"index_n_heads": 2, "index_head_dim": 8, "index_topk": 4},
+    "dsa": {"index_n_heads": 2, "index_head_dim": 8, "index_topk": 4},  # sparse: the indexer KL is a term
     "linear_attention": {"linear_feature_map": "elu", "linear_decay": "scalar", "linear_conv_kernel_size": 3},
     "mamba2": {"mamba_n_groups": 2},
     "gated_deltanet": {},
     "kda": {},
     "none": {"mixer_types": ["none", "attention"]},  # a layer needs a mixer or an MLP
 }
-MLPS = {"dense": {}, "moe": {"num_shared_experts": 1}, "none": {"mlp_types": ["none", "dense"]}}
-CHECKS = ["batch", "save_load", "cost", "gradients"]
+MLPS = {
+    "dense": {},
+    "moe": {"num_shared_experts": 1, "router_seq_aux_loss_coef": 0.01},  # balance, z-loss and sequence terms
+    "none": {"mlp_types": ["none", "dense"]},
+}
+CHECKS = ["batch", "save_load", "cost", "gradients", "aux_terms"]
 
 
 def test_every_builtin_kind_is_covered():

@@ -35,15 +35,17 @@ def toy_ema_validate(config) -> None:
 class ToyEMA(nn.Module):
     """``h_t = a·h_{t-1} + (1 - a)·W_in x_t``, ``o_t = W_out h_t``: a recurrent mixer with a [B, H] state,
     kept in the cache through ``read_state`` / ``write_state``; padding leaves it alone, a packed document
-    starts from zero."""
+    starts from zero. In training it records an auxiliary term, ``toy_l2`` = mean h², with coefficient
+    ``toy_ema_l2_coef``."""
 
     # the mistakes a kind author can make, switched on by the kit's own tests below
-    forgets_state = pad_moves_state = crosses_documents = False
+    forgets_state = pad_moves_state = crosses_documents = hides_aux = detaches_aux = False
 
     def __init__(self, config, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.decay = config.toy_ema_decay
+        self.l2_coef = getattr(config, "toy_ema_l2_coef", 0.01)
         self.w_in = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
         self.w_out = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
@@ -65,7 +67,16 @@ class ToyEMA(nn.Module):
             outs.append(h)
         if not self.forgets_state:
             write_state(ctx, self.layer_idx, None, h)
-        return self.w_out(torch.stack(outs, dim=1).to(hidden_states.dtype))
+        states = torch.stack(outs, dim=1)
+        if self.training and self.l2_coef > 0:
+            term = states.pow(2)[real].mean()
+            ctx.add_aux("toy_l2", term.detach() if self.detaches_aux else term)
+        return self.w_out(states.to(hidden_states.dtype))
+
+    def aux_terms(self) -> dict[str, float]:
+        """The terms it records in training -> their coefficient in the objective."""
+        active = self.training and self.l2_coef > 0 and not self.hides_aux
+        return {"toy_l2": self.l2_coef} if active else {}
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +86,7 @@ def toy_registered():
         layer_type="linear_attention",
         recurrent=True,
         cost=toy_ema_cost,
-        config_defaults={"toy_ema_decay": 0.9},
+        config_defaults={"toy_ema_decay": 0.9, "toy_ema_l2_coef": 0.01},
         validate=toy_ema_validate,
         describe=lambda config: [("toy EMA", f"decay {config.toy_ema_decay}")],
     )(ToyEMA)
@@ -123,7 +134,7 @@ def test_external_mixer_builds_trains_decodes_saves_and_inspects(toy_registered,
 
     # the invariance suite of the built-in kinds (hf_hybrid.testing): cached decode = full forward, generate
     # and beam search = uncached (the toy's state really travels through the cache), padding, packing, save /
-    # load, cost = the modules and the cache's bytes, gradient flow
+    # load, cost = the modules and the cache's bytes, gradient flow, its auxiliary term in the objective
     assert check_layer_kind("toy_ema", config_overrides={"mixer_pattern": "toy_ema,attention"}) == list(
         CHECKS
     )
@@ -143,6 +154,14 @@ class _PadMoves(ToyEMA):
 
 class _CrossesDocuments(ToyEMA):
     crosses_documents = True
+
+
+class _HidesAux(ToyEMA):
+    hides_aux = True
+
+
+class _DetachesAux(ToyEMA):
+    detaches_aux = True
 
 
 class _Unused(ToyEMA):
@@ -167,6 +186,8 @@ def _toy_cost_off_by_one(config, layer_idx: int) -> MixerCost:
         ("packing", _CrossesDocuments, toy_ema_cost),
         ("cost", ToyEMA, _toy_cost_off_by_one),
         ("gradients", _Unused, toy_ema_cost),
+        ("aux_terms", _HidesAux, toy_ema_cost),
+        ("aux_terms", _DetachesAux, toy_ema_cost),
     ],
 )
 def test_the_kit_catches_each_mistake(check, cls, cost):
