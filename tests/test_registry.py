@@ -5,6 +5,7 @@ import circle."""
 from __future__ import annotations
 
 import ast
+import inspect
 from pathlib import Path
 
 import pytest
@@ -314,29 +315,20 @@ def test_every_builtin_kind_declares_its_layer_type_cost_and_mask():
 
 # ---- an outside kind survives a save: a fresh process imports its module on the explicit opt-in -----------
 
-OUTSIDE_KINDS = """
-import torch
-from torch import nn
-from hf_hybrid.cost import MixerCost, MLPCost
-from hf_hybrid.registry import register_mixer, register_mlp
+# The module a user writes: the recurrent toy above (its own config fields, cost, auxiliary term and decode
+# state) and a relu² MLP kind.
+OUTSIDE_KINDS = (
+    "from __future__ import annotations\n"
+    "import torch\nfrom torch import nn\n"
+    "from hf_hybrid.mixers import MixerContext, read_state, write_state, zero_padding\n"
+    "from hf_hybrid.registry import MixerCost, MLPCost, register_mixer, register_mlp\n\n\n"
+    + inspect.getsource(toy_ema_cost)
+    + "\n\n"
+    + inspect.getsource(ToyEMA)
+    + """
 
-
-def shift_cost(config, layer_idx):
-    h = config.hidden_size
-    return MixerCost(params=2 * h * h, matmul_params=2 * h * h)
-
-
-@register_mixer("shift", layer_type="full_attention", mask="full_attention", cost=shift_cost,
-                config_defaults={"shift_mix": 0.5})
-class Shift(nn.Module):  # o_t = B(A x_t + mix * x_{t-1})
-    def __init__(self, config, layer_idx):
-        super().__init__()
-        self.mix = config.shift_mix
-        self.a = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.b = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-
-    def forward(self, x, ctx):
-        return self.b(self.a(x) + self.mix * torch.nn.functional.pad(x, (0, 0, 1, 0))[:, :-1])
+register_mixer("ema", layer_type="linear_attention", recurrent=True, cost=toy_ema_cost,
+               config_defaults={"toy_ema_decay": 0.9, "toy_ema_l2_coef": 0.01})(ToyEMA)
 
 
 def relu2_cost(config, layer_idx):
@@ -354,13 +346,14 @@ class Relu2(nn.Module):
     def forward(self, x, ctx):
         return self.down(torch.relu(self.up(x)) ** 2)
 """
+)
 
 SAVE = """
 import sys, torch, my_outside_kinds
 from hf_hybrid import HybridConfig, HybridForCausalLM
 config = HybridConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, mixer_pattern="shift,attention", mlp_pattern="relu2,dense",
-                      shift_mix=0.25)
+                      num_attention_heads=4, mixer_pattern="ema,attention", mlp_pattern="relu2,dense",
+                      toy_ema_decay=0.8)
 torch.manual_seed(0)
 model = HybridForCausalLM(config).eval()
 model.save_pretrained(sys.argv[1])
@@ -373,6 +366,7 @@ import contextlib, io, sys, torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.cli import main
+from hf_hybrid.testing import check_layer_kind
 path = sys.argv[1]
 ids = torch.arange(12)[None] % 64
 refusals = []
@@ -392,7 +386,7 @@ assert "my_outside_kinds" not in sys.modules  # nothing ran without the opt-in
 def forget():  # as in a fresh process: each opt-in path below imports the module itself
     from hf_hybrid import registry
     for table in (registry._MIXERS, registry.MIXER_REGISTRY, registry._MLPS, registry.MLP_REGISTRY):
-        table.pop("shift", None), table.pop("relu2", None)
+        table.pop("ema", None), table.pop("relu2", None)
     del sys.modules["my_outside_kinds"]
 
 
@@ -407,8 +401,12 @@ with contextlib.redirect_stdout(out):
     codes = [main(["inspect", path, "--trust-remote-code"])]
     forget()
     codes.append(main(["card", path, "--trust-remote-code", "--force"]))
-print(repr({"refusals": refusals, "same": same, "mix": model.config.shift_mix, "codes": codes,
-            "mixer": type(model.model.layers[0].mixer).__name__, "inspect": out.getvalue()}))
+# and the kind passes the kit in this fresh process
+kit = check_layer_kind("ema", mlp="relu2", config_overrides={"mixer_pattern": "ema,attention"},
+                       checks=["decode", "padding", "packing", "cost", "aux_terms"])
+decay, mixer = model.config.toy_ema_decay, type(model.model.layers[0].mixer).__name__
+print(repr({"refusals": refusals, "same": same, "decay": decay, "codes": codes, "kit": kit, "mixer": mixer,
+            "inspect": out.getvalue()}))
 """
 
 
@@ -432,22 +430,23 @@ def test_an_outside_kind_survives_save_and_loads_in_a_fresh_process_on_the_opt_i
     ckpt = tmp_path / "ckpt"
     _python(SAVE, str(ckpt), path=tmp_path)
     saved = (ckpt / "config.json").read_text()
-    assert '"shift": "my_outside_kinds"' in saved and '"relu2": "my_outside_kinds"' in saved
+    assert '"ema": "my_outside_kinds"' in saved and '"relu2": "my_outside_kinds"' in saved
 
     result = _ast.literal_eval(_python(LOAD, str(ckpt), path=tmp_path).strip().splitlines()[-1])
     *refusals, (cli_code, cli_err) = result["refusals"]
     for message in [*refusals, cli_err]:  # each names the kind, the module and the flag
-        assert "mixer_types[0]='shift' is a layer kind defined outside hf_hybrid, in module " in message
+        assert "mixer_types[0]='ema' is a layer kind defined outside hf_hybrid, in module " in message
         assert "'my_outside_kinds'" in message and "trust_remote_code=True" in message
         assert "--trust-remote-code" in message
     assert cli_code == 2
     assert result["same"] == [True, True]  # same logits as the model that was saved
-    assert result["mix"] == 0.25 and result["mixer"] == "Shift"
+    assert result["decay"] == 0.8 and result["mixer"] == "ToyEMA"
+    assert result["kit"] == ["decode", "padding", "packing", "cost", "aux_terms"]
     assert result["codes"] == [0, 0]
-    assert "shift" in result["inspect"] and "relu2" in result["inspect"]
+    assert "ema" in result["inspect"] and "relu2" in result["inspect"]
     card = (ckpt / "README.md").read_text()
     assert (
-        "`shift` (my_outside_kinds)" in card
+        "`ema` (my_outside_kinds)" in card
         and 'from_pretrained("path/or/repo-id", trust_remote_code=True)' in card
     )
 
