@@ -10,7 +10,7 @@ from transformers import (
 )
 
 from .cache import HybridCache
-from .configuration_hybrid import HybridConfig
+from .configuration_hybrid import HybridConfig, install_auto_config_trust
 from .modeling_hybrid import (
     HybridCausalLMOutput,
     HybridForCausalLM,
@@ -22,6 +22,7 @@ from .modeling_hybrid import (
 __version__ = "0.1.0"
 
 AutoConfig.register("hf_hybrid", HybridConfig, exist_ok=True)
+install_auto_config_trust()  # trust_remote_code=True reaches HybridConfig through the Auto classes
 AutoModel.register(HybridConfig, HybridModel, exist_ok=True)
 AutoModelForCausalLM.register(HybridConfig, HybridForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(HybridConfig, HybridForSequenceClassification, exist_ok=True)

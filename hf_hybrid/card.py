@@ -225,6 +225,22 @@ def render_model_card(
         summary += f" Derived from {base_model_text(base)} (recipe: {recipe})."
     from . import __version__
 
+    outside = config.outside_kind_modules() or {}
+    modules = sorted({m for kinds in outside.values() for m in kinds.values()})
+    if modules:
+        kinds = ", ".join(f"`{k}` ({m})" for kinds in outside.values() for k, m in kinds.items())
+        load_intro = (
+            "hf_hybrid models load through the transformers Auto classes once the package is imported\n"
+            "(`pip install hf-hybrid`). This model's layers also use kinds defined outside hf_hybrid: "
+            f"{kinds}.\nPut the module(s) named there on the Python path and pass `trust_remote_code=True`, "
+            "which imports them (and so runs their code):"
+        )
+    else:
+        load_intro = (
+            "hf_hybrid models load through the transformers Auto classes once the package is imported\n"
+            "(`pip install hf-hybrid`; no `trust_remote_code`):"
+        )
+
     values = {
         "front_matter": _front_matter(config, extra_tags),
         "title": title,
@@ -241,6 +257,9 @@ def render_model_card(
         "lineage": _lineage(config, metrics),
         "model_id": model_id or _PLACEHOLDER_ID,
         "version": __version__,
+        "load_intro": load_intro,
+        "load_kwargs": ", trust_remote_code=True" if modules else "",
+        "inspect_flag": " --trust-remote-code" if modules else "",
     }
     return string.Template(template_text()).substitute(values)
 

@@ -1,8 +1,8 @@
 """Every difference between the transformers versions hf_hybrid supports (5.23 to 5.25) lives here.
 
-The rest of the package calls these helpers and never tests a version itself. Each difference is detected from
-the installed transformers' own objects, not from its version string, so a backport or a later release that
-keeps one of these shapes is handled the same way.
+The rest of the package calls these helpers and never tests a version itself (CONTRIBUTING.md). Each
+difference is detected from the installed transformers' own objects, not from its version string, so a
+backport or a later release that keeps one of these shapes is handled the same way.
 
 Differences handled:
 

@@ -11,16 +11,25 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import importlib
 import re
-from collections.abc import Mapping
-from types import MappingProxyType
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-from .registry import mixer_spec, mixer_specs, mlp_spec, mlp_specs, require_positive
+from .config_choices import _CHOICES, FIELD_CHOICES  # noqa: F401  (FIELD_CHOICES re-exported)
+from .registry import (
+    mixer_spec,
+    mixer_specs,
+    mlp_spec,
+    mlp_specs,
+    remote_code_trusted,
+    require_positive,
+)
+from .registry import trust_remote_code as _trusting
 
 # Bump when the meaning of saved weights or fields changes; add a rule to `_migrate` at the same time.
 FORMAT_VERSION = 1
@@ -28,27 +37,6 @@ FORMAT_VERSION = 1
 # The mixer and MLP kinds, their transformers layer type, masks, cost and per-kind validation are declared
 # next to each class (hf_hybrid/registry.py); this file reads them and holds every default of the built-in
 # kinds.
-
-_CHOICES: dict[str, tuple[Any, ...]] = {
-    "hidden_act": ("silu", "gelu", "gelu_pytorch_tanh", "relu", "relu2"),
-    "linear_feature_map": ("identity", "elu", "relu", "random_features"),
-    "linear_decay": ("none", "scalar", "per_channel", "fixed_slope"),
-    "linear_qkv_activation": ("none", "silu"),
-    "linear_norm_scope": ("head", "full"),
-    "linear_backend": ("auto", "torch", "naive", "fla"),
-    "mla_decode": ("absorbed", "naive"),
-    "qk_norm_scope": ("head", "full"),
-    "dsa_base": ("mla", "attention"),
-    "dsa_mode": ("sparse", "dense_warmup", "dense"),
-    "dsa_selector": ("indexer", "structured"),
-    "dsa_backend": ("auto", "torch", "naive", "triton"),
-    "router_scoring_func": ("softmax", "sigmoid"),
-    "moe_routing": ("topk", "hash"),
-}
-
-# The allowed values of each enumerated field, for tools and converters that offer the same choices
-# (read-only).
-FIELD_CHOICES: Mapping[str, tuple[Any, ...]] = MappingProxyType(_CHOICES)
 
 
 def _expand_pattern(pattern: str, n: int, field: str, allowed: tuple[str, ...]) -> list[str]:
@@ -287,6 +275,10 @@ class HybridConfig(PreTrainedConfig):
 
     # ---- provenance, for model cards -------------------------------------------------------------
     hf_hybrid_lineage: dict | None = None
+    # Kinds defined outside hf_hybrid that the layers use, and the module that defines each, e.g.
+    # {"mixer_types": {"shift": "my_kinds"}}: written on save, read on load (the module is imported only with
+    # trust_remote_code=True). None: every kind is built in.
+    hf_hybrid_kind_modules: dict | None = None
 
     def __eq__(self, other: object) -> bool:
         # by value of what is set (the generated field-by-field __eq__ would trip over the absent
@@ -326,7 +318,10 @@ class HybridConfig(PreTrainedConfig):
         if not isinstance(first_k_dense, int) or first_k_dense < 0 or first_k_dense > n:
             raise ValueError(f"HybridConfig.first_k_dense={first_k_dense!r} must be an int in [0, {n}]")
         self.mlp_types = ["dense" if i < first_k_dense else t for i, t in enumerate(self.mlp_types)]
+        with _trusting(kwargs.pop("trust_remote_code", None)):
+            self._import_recorded_kinds()
         self._check_kinds()
+        self.hf_hybrid_kind_modules = self.outside_kind_modules()
         # Fields declared by kinds defined outside the package (their defaults live in their spec).
         for spec in self.layer_specs():
             for key, default in spec.config_defaults.items():
@@ -416,6 +411,87 @@ class HybridConfig(PreTrainedConfig):
             )
         self.hf_hybrid_format_version = FORMAT_VERSION
         return kwargs
+
+    @classmethod
+    def from_pretrained(cls, *args, trust_remote_code: bool | None = None, **kwargs):
+        """transformers' ``from_pretrained``; ``trust_remote_code=True`` lets a checkpoint whose layers use a
+        kind defined outside hf_hybrid import the module it recorded for that kind."""
+        with _trusting(trust_remote_code):
+            return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], *, trust_remote_code: bool | None = None, **kwargs):
+        with _trusting(trust_remote_code):
+            return super().from_dict(config_dict, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # mixer_types / mlp_types may have been edited since construction (converters do): record what the
+        # layers use now
+        out["hf_hybrid_kind_modules"] = self.outside_kind_modules()
+        return out
+
+    def outside_kind_modules(self) -> dict[str, dict[str, str]] | None:
+        """``{field: {kind: module}}`` for every kind the layers use that is defined outside hf_hybrid (None
+        when there is none)."""
+        recorded = self.hf_hybrid_kind_modules if isinstance(self.hf_hybrid_kind_modules, dict) else {}
+        out: dict[str, dict[str, str]] = {}
+        for field, specs in (("mixer_types", mixer_specs()), ("mlp_types", mlp_specs())):
+            for name in dict.fromkeys(getattr(self, field) or ()):
+                spec = specs.get(name)
+                module = (recorded.get(field) or {}).get(name) if spec is None else spec.module
+                if module is not None and (spec is None or not spec.builtin):
+                    out.setdefault(field, {})[name] = module
+        return out or None
+
+    def _import_recorded_kinds(self) -> None:
+        """A kind the layers name that is not registered, but that the saved config records as defined in a
+        module outside hf_hybrid, is imported from that module, on the explicit opt-in only."""
+        recorded = self.hf_hybrid_kind_modules
+        if recorded is None:
+            return
+        if not isinstance(recorded, dict) or not all(
+            isinstance(kinds, dict) and all(isinstance(m, str) for m in kinds.values())
+            for kinds in recorded.values()
+        ):
+            raise ValueError(
+                f"HybridConfig.hf_hybrid_kind_modules={recorded!r} must map 'mixer_types' / 'mlp_types' to "
+                "{kind: module name}"
+            )
+        for field, specs_of in (("mixer_types", mixer_specs), ("mlp_types", mlp_specs)):
+            values = getattr(self, field)
+            if not isinstance(values, (list, tuple)):
+                continue  # _check_kinds names the problem
+            for i, name in enumerate(values):
+                module = (recorded.get(field) or {}).get(name)
+                if name in specs_of() or module is None:
+                    continue
+                where = f"HybridConfig.{field}[{i}]={name!r}"
+                if module == "__main__":
+                    raise ValueError(
+                        f"{where} is a layer kind that was defined in a script (module '__main__') when the "
+                        "model was saved, so no other process can import it; define the kind in a module, or "
+                        "define it in this process before loading"
+                    )
+                if not remote_code_trusted():
+                    raise ValueError(
+                        f"{where} is a layer kind defined outside hf_hybrid, in module {module!r} (recorded "
+                        "when the model was saved). Loading it imports that module, which runs its code: if "
+                        "you trust it, pass trust_remote_code=True to from_pretrained (CLI: "
+                        f"--trust-remote-code), or import {module!r} yourself before loading"
+                    )
+                try:
+                    importlib.import_module(module)
+                except ModuleNotFoundError as err:
+                    raise ValueError(
+                        f"{where} is defined in module {module!r}, which cannot be imported ({err}); put it "
+                        "on sys.path (PYTHONPATH) and try again"
+                    ) from err
+                if name not in specs_of():
+                    raise ValueError(
+                        f"{where}: importing {module!r}, the module recorded for it, did not register a "
+                        f"{field[:-6]} kind named {name!r}"
+                    )
 
     def _check_kinds(self) -> None:
         """Every entry of mixer_types / mlp_types is a registered kind, one per layer."""
@@ -618,6 +694,27 @@ class HybridConfig(PreTrainedConfig):
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"HybridConfig.{name}={getattr(self, name)} must be >= 0")
+
+
+def install_auto_config_trust() -> None:
+    """Hand ``trust_remote_code`` of ``AutoConfig.from_pretrained`` (and so of every ``AutoModel*``
+    ``.from_pretrained``, which loads its config through it) on to HybridConfig. transformers pops the flag
+    before it builds a config class registered in-process (for it the flag only governs code stored in the
+    checkpoint's repository), so without this the opt-in for a kind defined outside hf_hybrid could not pass
+    through the Auto classes."""
+    from transformers import AutoConfig
+
+    original = AutoConfig.from_pretrained.__func__
+    if getattr(original, "_hf_hybrid_trust", False):
+        return
+
+    @functools.wraps(original)
+    def from_pretrained(cls, *args, **kwargs):
+        with _trusting(kwargs.get("trust_remote_code")):
+            return original(cls, *args, **kwargs)
+
+    from_pretrained._hf_hybrid_trust = True
+    AutoConfig.from_pretrained = classmethod(from_pretrained)
 
 
 # The field's default lives in the generated __init__ only, so that hasattr(config, "output_router_logits") is

@@ -7,14 +7,38 @@ An MLP is built as ``MLP(config, layer_idx)`` and called as ``mlp(hidden_states 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .configuration_hybrid import HybridConfig
-from .cost import dense_mlp_cost, no_mlp_cost
 from .mixers.base import MixerContext
-from .registry import MLP_REGISTRY, register_mlp, require_positive  # noqa: F401  (MLP_REGISTRY re-exported)
+from .specs import MLP_REGISTRY, MLPCost, register_mlp, require_positive  # noqa: F401  (MLP_REGISTRY re-exported)
+
+if TYPE_CHECKING:
+    from .configuration_hybrid import HybridConfig
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def swiglu_params(config: HybridConfig, intermediate: int) -> int:
+    return (3 if config.mlp_gated else 2) * config.hidden_size * intermediate  # ungated: no gate_proj
+
+
+def dense_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
+    matmul = swiglu_params(config, config.intermediate_size)
+    bias = (
+        (2 if config.mlp_gated else 1) * config.intermediate_size + config.hidden_size
+        if config.mlp_bias
+        else 0
+    )
+    return MLPCost(matmul + bias, matmul)
+
+
+def no_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
+    return MLPCost(0, 0)
+
 
 register_mlp("none", cost=no_mlp_cost)(None)  # no MLP: the layer is x + mixer(norm(x)) only
 

@@ -40,6 +40,7 @@ from .layers import LowRankGatedRMSNorm, RMSNorm, rope_inv_freq
 from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
 from .registry import mixer_mask, mixer_spec, mlp_spec
+from .registry import trust_remote_code as _trusting
 
 logger = logging.get_logger(__name__)
 
@@ -233,9 +234,10 @@ class HybridPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _can_compile_fullgraph = False
 
-    # Attention and experts live in other files than this one, so transformers' source-text heuristic
-    # (DESIGN.md §2) cannot see that we use its interfaces: state it. tests/test_core.py checks that switching
-    # works.
+    # Attention and experts live in other files than this one, so transformers' heuristic (it searches the
+    # source text of the module defining the model class for ``ALL_ATTENTION_FUNCTIONS.get_interface(`` and
+    # ``@use_experts_implementation``) cannot see that we use its interfaces: state it. tests/test_core.py
+    # checks that switching works.
     @classmethod
     def _can_set_attn_implementation(cls) -> bool:
         return True
@@ -319,10 +321,12 @@ class HybridPreTrainedModel(PreTrainedModel):
     def from_pretrained(cls, *args, **kwargs):
         """``PreTrainedModel.from_pretrained``, but missing, unexpected or mismatched weights raise
         (transformers would warn and initialise them randomly: a silently wrong model). Pass ``strict=False``
-        to opt out."""
+        to opt out. ``trust_remote_code=True`` lets a checkpoint whose layers use a kind defined outside
+        hf_hybrid import the module its config recorded for that kind."""
         strict = kwargs.pop("strict", True)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        with _trusting(kwargs.get("trust_remote_code")):
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
         if strict:
             allowed = _head_swap_allowance(cls, model)
             problems = []
@@ -930,9 +934,7 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
             **fields,
         )
         return (
-            output
-            if (self.config.use_return_dict if return_dict is None else return_dict)
-            else output.to_tuple()
+            output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
         )
 
     def _objective(self, lm_loss: torch.Tensor, aux: dict[str, torch.Tensor], *, normalised_per_step: bool):

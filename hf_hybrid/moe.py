@@ -32,6 +32,7 @@ Contract with the decoder (``modeling_hybrid.py``):
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +40,12 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
-from .configuration_hybrid import HybridConfig
-from .cost import moe_mlp_cost
 from .mixers.base import MixerContext, in_backward_recompute
-from .mlp import SwiGLU
-from .registry import register_mlp, require_positive
+from .mlp import SwiGLU, swiglu_params
+from .specs import MLPCost, register_mlp, require_positive
+
+if TYPE_CHECKING:
+    from .configuration_hybrid import HybridConfig
 
 # ------------------------------------------------------------------------------------------------------------
 # routing helpers
@@ -533,6 +535,22 @@ def _describe(config: HybridConfig) -> list[tuple[str, str]]:
         + (f" ({config.shared_expert_size} wide, sigmoid-gated)" if config.shared_expert_gate else "")
     )
     return [("MoE", text)]
+
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
+    """Router [E, H], fused routed experts [E, 2I, H] + [E, H, I], shared experts (one SwiGLU of
+    ``shared_expert_size``), and their sigmoid gate [1, H] when ``shared_expert_gate``."""
+    e, k = config.num_experts, config.num_experts_per_tok
+    expert = swiglu_params(config, config.moe_intermediate_size)
+    router = e * config.hidden_size
+    shared = swiglu_params(config, config.shared_expert_size)
+    if config.num_shared_experts > 0 and config.shared_expert_gate:
+        shared += config.hidden_size  # the shared experts' sigmoid gate [1, H]
+    total = router + e * expert + shared
+    return MLPCost(total, total, inactive_params=(e - k) * expert)
 
 
 @register_mlp(

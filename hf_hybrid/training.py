@@ -63,8 +63,8 @@ def evaluate_perplexity(
     progress: bool = False,
 ) -> dict[str, float]:
     """Token-weighted mean LM loss (nats/token) and perplexity of ``model`` on a dataset of
-    ``{"input_ids", "labels"}`` blocks, in eval mode (so the loss is the LM loss alone: the README's loss
-    rule). ``progress``: a tqdm bar over batches."""
+    ``{"input_ids", "labels"}`` blocks, in eval mode (there the model's ``loss`` is the LM loss alone, so
+    perplexity compares fairly across dense, MoE and DSA models). ``progress``: a tqdm bar over batches."""
     from tqdm.auto import tqdm
 
     was_training = model.training

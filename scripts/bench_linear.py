@@ -104,9 +104,9 @@ def transformers_gdn() -> Callable | None:
 def transformers_mamba2() -> Callable | None:
     """transformers' torch SSD fallback ``mamba2_chunk_scan`` as a simple-GLA call ``(q, k, v, g) -> o``.
 
-    Mamba-2 is simple GLA with q = C, k = B, v = Δ·x, g = Δ·A and scale 1 (DESIGN.md §5): with A = -1 per
-    head, Δ = -g and x = v / Δ, the scan computes the simple GLA of (q, k, v, g) at scale 1 (one group per
-    head)."""
+    Mamba-2 is simple GLA with q = C, k = B, v = Δ·x, g = Δ·A and scale 1 (fla's ``chunk_simple_gla``): with
+    A = -1 per head, Δ = -g and x = v / Δ, the scan computes the simple GLA of (q, k, v, g) at scale 1 (one
+    group per head)."""
     try:
         from transformers.models.mamba2 import modeling_mamba2
     except Exception:

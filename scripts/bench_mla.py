@@ -9,7 +9,7 @@ token per timed step, like real decoding (so kernels that plan per KV length sho
     python scripts/bench_mla.py                      # CPU: batch 4, context 2048, DeepSeek-like sizes, fp32
     python scripts/bench_mla.py --contexts 4096 8192 16384 32768 --batch 16   # CUDA: bf16, CUDA-event medians
 
-DESIGN.md §10 anchors (H100, batch 16, hidden 2048, 16 heads, kv_lora 512): transformers ≈ 5.7 ms GPU per
+Anchors measured before (H100, batch 16, hidden 2048, 16 heads, kv_lora 512): transformers ≈ 5.7 ms GPU per
 layer-step at 16K (+ up to ~56 ms CPU when cuDNN re-plans for a new KV length); reading the latent cache once
 ≈ 0.1 ms (HBM); goal ≤ 0.5 ms. On CUDA the script also profiles a few absorbed steps and lists the kernels:
 the absorbed path is plain GEMMs + softmax (no SDPA/cuDNN attention), so nothing is planned per KV length.

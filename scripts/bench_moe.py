@@ -7,7 +7,7 @@ module.
 GPU (when CUDA is available): our ``HybridMoE`` block against transformers' ``Qwen3MoeSparseMoeBlock`` with
 the same weights, bf16, 16K tokens, at E=64 k=8 H=2048 I=1024 and E=8 k=2 H=2048 I=4096, forward and
 forward+backward, median milliseconds (CUDA events), TFLOP/s of the routed expert GEMMs (6·N·k·H·I per
-forward, 3× that with backward), peak memory, and ours/theirs. DESIGN.md §10 anchors (H100, torch 2.11):
+forward, 3× that with backward), peak memory, and ours/theirs. Anchors measured before (H100, torch 2.11):
 Qwen3-MoE block at E=64 k=8, fwd 8.6 ms, fwd+bwd 22.6 ms with grouped_mm, 29.4 ms eager.
 
     python scripts/bench_moe.py               # CPU tables, then GPU tables if CUDA is there

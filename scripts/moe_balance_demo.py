@@ -3,15 +3,15 @@ heatmaps.
 
 Settings (same seed, data and steps):
 - ``none``:     no balancing at all (aux 0, z 0, no bias updates): routers are free to collapse;
-- ``switch``:   Switch load-balancing loss, coefficient 1e-2 (+ z-loss 1e-3), DESIGN.md §7's recommended
-  start;
+- ``switch``:   Switch load-balancing loss, coefficient 1e-2 (+ z-loss 1e-3), the recommended start for
+  upcycled MoEs;
 - ``aux_free``: DeepSeek-V3's auxiliary-loss-free bias (``update_expert_bias`` once per optimizer step), no
   aux loss;
 - ``both``:     the bias and the Switch loss together.
 
 The text is Python's own documentation (``pydoc_data.topics``, always installed), split 90/10 into
 train/held-out. Load is measured on the held-out text in eval mode (``measure_expert_load``); the LM loss
-there is the eval loss alone (DESIGN.md §6b), so settings compare fairly.
+there is the LM loss alone (in eval mode the model adds no auxiliary term), so settings compare fairly.
 
     python scripts/moe_balance_demo.py --steps 200 --out /tmp/moe_demo
 """

@@ -21,7 +21,8 @@ from transformers import (
 )
 
 import hf_hybrid
-from hf_hybrid import HybridCache, HybridConfig, HybridForCausalLM, HybridModel
+from hf_hybrid import HybridConfig, HybridForCausalLM, HybridModel
+from hf_hybrid import testing as kit
 
 ATOL = 1e-5  # fp32, same maths in a different order
 
@@ -163,15 +164,7 @@ def test_invalid_config_fails_at_construction_naming_field_value_and_choices(ove
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_prefill_plus_token_by_token_decode_equals_full_forward(name):
-    model = build(tiny(**VARIANTS[name]))
-    ids = torch.randint(0, 64, (2, 13))
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = HybridCache(config=model.config)
-        step = [model(ids[:, :6], past_key_values=cache, use_cache=True).logits]
-        for t in range(6, 13):
-            step.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(step, dim=1), full, atol=ATOL, rtol=0)
+    kit.check_decode(build(tiny(**VARIANTS[name])), ATOL)  # hf_hybrid.testing, the kit every kind runs
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
@@ -228,23 +221,10 @@ def test_sliding_window_layer_does_not_see_past_the_window():
 # inputs: padding, packing, labels, logits_to_keep
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", ["gqa", "sliding"])
-def test_padded_batch_row_equals_sequence_alone(side, name):
-    model = build(tiny(**VARIANTS[name]))
-    lengths = [9, 5]
-    seqs = [torch.randint(1, 64, (n,)) for n in lengths]
-    width = max(lengths)
-    ids = torch.zeros(2, width, dtype=torch.long)
-    mask = torch.zeros(2, width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = s, 1
-    with torch.no_grad():
-        batch = model(ids, attention_mask=mask).logits
-        for i, s in enumerate(seqs):
-            alone = model(s[None]).logits[0]
-            torch.testing.assert_close(batch[i][mask[i].bool()], alone, atol=ATOL, rtol=0)
+def test_padded_batch_row_equals_sequence_alone(name):
+    """Left and right padding (garbage in the padded slots) and a left-padded batch of one."""
+    kit.check_padding(build(tiny(**VARIANTS[name])), ATOL)
 
 
 @pytest.mark.parametrize("flash_kwargs", [False, True])
@@ -317,18 +297,8 @@ def test_tied_and_untied_heads():
 
 @pytest.mark.parametrize("name", ["gqa", "sliding", "qwen3next_gate_partial_rope"])
 def test_batched_left_padded_generation_equals_each_prompt_alone(name):
-    model = build(tiny(**VARIANTS[name]))
-    model.generation_config.pad_token_id = 0
-    prompts = [torch.randint(1, 64, (n,)) for n in (7, 3, 5)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(3, width, dtype=torch.long)
-    mask = torch.zeros(3, width, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :], mask[i, width - len(p) :] = p, 1
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    for i, p in enumerate(prompts):
-        alone = model.generate(p[None], max_new_tokens=8, do_sample=False)
-        assert out[i, width:].tolist() == alone[0, len(p) :].tolist()
+    """Each row of a left-padded batch generates what it generates alone, and the same without the cache."""
+    kit.check_generate(build(tiny(**VARIANTS[name])), ATOL)
 
 
 def test_generate_greedy_matches_manual_argmax_loop():

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import DataCollatorWithFlattening
 
-from hf_hybrid import HybridCache, HybridConfig, HybridForCausalLM
+from hf_hybrid import HybridConfig, HybridForCausalLM
+from hf_hybrid import testing as kit
 
 ATOL = 1e-5
 
@@ -120,22 +120,7 @@ MIXERS = {
 
 
 def tiny(**overrides) -> HybridConfig:
-    kwargs = dict(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        mamba_head_dim=8,
-        mamba_state_size=8,
-        kda_num_heads=2,
-        kda_head_dim=8,
-        kda_gate_rank=6,
-        linear_chunk_size=4,
-    )
-    kwargs.update(overrides)
-    return HybridConfig(**kwargs)
+    return kit.tiny_config(**overrides)  # the kit's tiny sizes (chunk size 4: several chunks per sequence)
 
 
 def build(name: str, seed: int = 0, **overrides) -> HybridForCausalLM:
@@ -143,18 +128,12 @@ def build(name: str, seed: int = 0, **overrides) -> HybridForCausalLM:
     return HybridForCausalLM(tiny(**MIXERS[name], **overrides)).eval()
 
 
+# The invariance suite (hf_hybrid.testing, the kit any layer kind runs) on each stack above.
+
+
 @pytest.mark.parametrize("name", sorted(MIXERS))
 def test_full_forward_equals_prefill_then_token_by_token_decode(name):
-    model = build(name)
-    ids = torch.randint(0, 64, (2, 14))
-    with torch.no_grad():
-        full = model(ids).logits
-        cache = HybridCache(config=model.config)
-        steps = [model(ids[:, :5], past_key_values=cache, use_cache=True).logits]
-        for t in range(5, 14):
-            steps.append(model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits)
-    torch.testing.assert_close(torch.cat(steps, 1), full, atol=ATOL, rtol=0)
-    assert cache.get_seq_length() == 14
+    kit.check_decode(build(name), ATOL)
 
 
 @pytest.mark.parametrize(
@@ -173,54 +152,15 @@ def test_full_forward_equals_prefill_then_token_by_token_decode(name):
     ],
 )
 def test_prefill_in_two_pieces_equals_one_prefill(name):
-    model = build(name)
-    ids = torch.randint(0, 64, (2, 15))
-    with torch.no_grad():
-        one = model(ids).logits
-        cache = HybridCache(config=model.config)
-        a = model(ids[:, :7], past_key_values=cache, use_cache=True).logits
-        b = model(ids[:, 7:], past_key_values=cache, use_cache=True).logits
-    torch.testing.assert_close(torch.cat([a, b], 1), one, atol=ATOL, rtol=0)
+    kit.check_two_piece_prefill(build(name), ATOL)
 
 
-def _pad(seqs, side):
-    width = max(len(s) for s in seqs)
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, sl], mask[i, sl] = s, 1
-    return ids, mask
-
-
-@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("name", sorted(MIXERS))
-def test_padding_never_leaks(name, side):
-    model = build(name)
-    seqs = [torch.randint(1, 64, (n,)) for n in (11, 6)]
-    ids, mask = _pad(seqs, side)
-    # Garbage in the padded slots must not matter.
-    ids = torch.where(mask.bool(), ids, torch.randint(1, 64, ids.shape))
-    with torch.no_grad():
-        batch = model(ids, attention_mask=mask).logits
-        for i, s in enumerate(seqs):
-            alone = model(s[None]).logits[0]
-            torch.testing.assert_close(batch[i][mask[i].bool()], alone, atol=ATOL, rtol=0)
+def test_padding_never_leaks(name):
+    """Left and right padding with garbage in the padded slots, and a left-padded batch of one."""
+    kit.check_padding(build(name), ATOL)
 
 
-@pytest.mark.parametrize("name", ["gated_deltanet", "mamba2", "linear_elu_conv_decay", "kda"])
-def test_batch_of_one_with_padding(name):
-    model = build(name)
-    seq = torch.randint(1, 64, (7,))
-    ids = torch.cat([torch.randint(1, 64, (4,)), seq])[None]
-    mask = torch.tensor([[0] * 4 + [1] * 7])
-    with torch.no_grad():
-        padded = model(ids, attention_mask=mask).logits[0, 4:]
-        alone = model(seq[None]).logits[0]
-    torch.testing.assert_close(padded, alone, atol=ATOL, rtol=0)
-
-
-@pytest.mark.parametrize("source", ["collator_position_ids", "collator_flash_kwargs", "position_ids_only"])
 @pytest.mark.parametrize(
     "name",
     [
@@ -238,57 +178,22 @@ def test_batch_of_one_with_padding(name):
         "gated_norm_mix",
     ],
 )
-def test_packed_equals_each_sequence_alone(name, source):
-    model = build(name)
-    seqs = [torch.randint(1, 64, (n,)).tolist() for n in (9, 3, 6)]
-    if source == "position_ids_only":
-        inputs = {
-            "input_ids": torch.tensor(sum(seqs, []))[None],
-            "position_ids": torch.cat([torch.arange(len(s)) for s in seqs])[None],
-        }
-    else:
-        collator = DataCollatorWithFlattening(
-            return_flash_attn_kwargs=source == "collator_flash_kwargs", return_position_ids=True
-        )
-        inputs = {k: v for k, v in collator([{"input_ids": s} for s in seqs]).items() if k != "labels"}
-    with torch.no_grad():
-        packed = model(**inputs).logits[0]
-        alone = torch.cat([model(torch.tensor(s)[None]).logits[0] for s in seqs])
-    torch.testing.assert_close(packed, alone, atol=ATOL, rtol=0)
+def test_packed_equals_each_sequence_alone(name):
+    """position_ids alone, DataCollatorWithFlattening with position ids, and with its flash kwargs."""
+    kit.check_packing(build(name), ATOL)
 
 
 @pytest.mark.parametrize(
     "name", ["gated_deltanet", "mamba2", "linear_identity", "hybrid_3to1_gdn", "kda", "kimi_like"]
 )
 def test_generate_works_for_pure_recurrent_stacks_and_hybrids(name):
-    model = build(name)
-    prompts = [torch.randint(1, 64, (n,)) for n in (6, 3)]
-    ids, mask = _pad(prompts, "left")
-    model.generation_config.pad_token_id = 0
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    for i, p in enumerate(prompts):
-        alone = model.generate(p[None], max_new_tokens=6, do_sample=False)
-        assert out[i, ids.shape[1] :].tolist() == alone[0, len(p) :].tolist()
+    """A left-padded batch generates what each prompt generates alone, and the same without the cache."""
+    kit.check_generate(build(name), ATOL)
 
 
 @pytest.mark.parametrize("name", ["hybrid_3to1_gdn", "kimi_like"])
 def test_beam_search_reorders_recurrent_states(name):
-    model = build(name)
-    ids = torch.randint(1, 64, (1, 4))
-    cache = HybridCache(config=model.config)
-    batch = ids.repeat(3, 1)
-    batch[1, -1] = (batch[1, -1] + 1) % 64
-    batch[2, -1] = (batch[2, -1] + 2) % 64
-    nxt = torch.randint(1, 64, (3, 1))
-    with torch.no_grad():
-        model(batch, past_key_values=cache, use_cache=True)
-        perm = torch.tensor([2, 2, 0])
-        cache.reorder_cache(perm)
-        stepped = model(nxt, past_key_values=cache, use_cache=True).logits
-        direct = model(torch.cat([batch[perm], nxt], 1)).logits[:, -1:]
-    torch.testing.assert_close(stepped, direct, atol=ATOL, rtol=0)
-    beams = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False)
-    assert beams.shape == (1, 8)
+    kit.check_beam_search(build(name), ATOL)
 
 
 def test_gdn_output_is_norm_then_gate_and_mamba_is_gate_then_norm():

@@ -105,8 +105,10 @@ def build_config(kwargs: dict[str, Any], *, source: str):
         ) from None
 
 
-def resolve_config(spec: str):
-    """A ``HybridConfig`` from a directory, config.json, YAML file or preset name (see ``hf_hybrid.cli``)."""
+def resolve_config(spec: str, *, trust_remote_code: bool = False):
+    """A ``HybridConfig`` from a directory, config.json, YAML file or preset name (see ``hf_hybrid.cli``).
+    ``trust_remote_code``: a checkpoint whose layers use a kind defined outside hf_hybrid may import the
+    module it recorded for that kind."""
     from ..configuration_hybrid import HybridConfig
     from ..presets import PRESETS
 
@@ -126,7 +128,7 @@ def resolve_config(spec: str):
             raise CLIError(f"{path}: not valid JSON ({err})") from None
         model_type = data.get("model_type", "hf_hybrid") if isinstance(data, dict) else None
         if model_type == "hf_hybrid":
-            return HybridConfig.from_dict(data)
+            return HybridConfig.from_dict(data, trust_remote_code=trust_remote_code)
         from ..convert.import_dense import SUPPORTED, dense_to_hybrid_config
         from ..convert.native import (
             FAMILY_MODULES,

@@ -12,7 +12,7 @@ from ._common import CLIError, parse_contexts, resolve_config
 def cmd_inspect(args: argparse.Namespace) -> int:
     from ..cost import estimate_cost
 
-    config = resolve_config(args.target)
+    config = resolve_config(args.target, trust_remote_code=args.trust_remote_code)
     report = estimate_cost(config, contexts=args.context, dtype_bytes=args.dtype_bytes)
     if args.plot:
         report.plot(args.plot)
@@ -34,11 +34,20 @@ def cmd_card(args: argparse.Namespace) -> int:
     readme = directory / "README.md"
     if readme.exists() and not args.force:
         raise CLIError(f"{readme} exists; pass --force to replace it")
-    config = resolve_config(str(directory))
+    config = resolve_config(str(directory), trust_remote_code=args.trust_remote_code)
     metrics = json.loads(args.metrics) if args.metrics else None
     path = write_model_card(config, directory, overwrite=args.force, metrics=metrics, model_id=args.model_id)
     print(f"wrote {path}")
     return 0
+
+
+def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a checkpoint whose layers use a kind defined outside hf_hybrid import the module it "
+        "recorded for that kind (this runs that module's code)",
+    )
 
 
 def add_parsers(sub) -> None:
@@ -61,6 +70,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached element (default 2: bf16)")
     p.add_argument("--plot", metavar="PNG", help="write cache memory vs context per layer type to this PNG")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("card", help="write README.md (model card) for a checkpoint directory")
@@ -70,4 +80,5 @@ def add_parsers(sub) -> None:
         "--metrics", default=None, help="JSON object of metrics to show, e.g. '{\"eval_ppl\": 12.3}'"
     )
     p.add_argument("--model-id", default=None, help="name used in the loading example (Hub repo id)")
+    _add_trust_flag(p)
     p.set_defaults(func=cmd_card)

@@ -1,4 +1,5 @@
-"""Dense attention → DeepSeek Sparse Attention (DSA) by conversion plus continued training (DESIGN.md §5).
+"""Dense attention → DeepSeek Sparse Attention (DSA) by conversion plus continued training, as
+DeepSeek-V3.2-Exp did (a dense warm-up that trains the indexer alone, then sparse training).
 
     hf-hybrid convert-dsa SRC DST --index-topk 256 [--index-heads 8] [--index-head-dim 64] [--layers 0,2]
                           [--selector indexer|structured] [--mode dense|dense_warmup|sparse] [--seed 0]

@@ -84,7 +84,7 @@ def _source_config(src: Path, raw: dict[str, Any]):
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = raw.get("model_type")
-    from .native import FAMILY_MODULES
+    from .families import FAMILY_MODULES
 
     if model_type in FAMILY_MODULES and model_type not in SUPPORTED:
         _fail(

@@ -1,4 +1,4 @@
-"""Dense → MoE upcycling (DESIGN.md §7): every chosen dense SwiGLU MLP becomes a ``HybridMoE`` whose experts
+"""Dense → MoE upcycling: every chosen dense SwiGLU MLP becomes a ``HybridMoE`` whose experts
 start as copies of it, so the MoE model begins where the dense one ended.
 
     hf-hybrid upcycle SRC DST --num-experts 8 --top-k 2 [--shared-expert] [--granularity G] [--drop-upcycling
@@ -54,7 +54,7 @@ it):
   intermediate neurons — rows of gate and up, columns of down — from ``N(mean(W), std(W)²)`` of the dense
   matrix; the neurons are chosen independently per expert (different sets), the others keep the dense values.
 
-Symmetry caveats (DESIGN.md §7), and what we do about them:
+Symmetry caveats, and what we do about them:
 - at step 0 the copies are identical, so the LM loss sends the router no gradient; the balancing loss (aux
   1e-2, z 1e-3, the config's defaults) does, and so do noise / Drop-Upcycling. A router init that is not
   symmetric helps the copies drift apart (tests check that one optimizer step on real text moves the router);

@@ -1,8 +1,12 @@
-"""Token mixers, one type per file; importing this package registers them in ``MIXER_REGISTRY``."""
+"""Token mixers, one type per file; importing this package registers them in ``MIXER_REGISTRY``. It also
+exports what a mixer receives (``MixerContext``) and the decode-state interface of recurrent kinds
+(``read_state``, ``write_state``, ``zero_padding``, ``short_conv``, ``RecurrentState``; see
+CONTRIBUTING.md)."""
 
 import importlib
 
 from .base import MIXER_REGISTRY, MixerContext, register_mixer
+from .recurrent import RecurrentState, read_state, short_conv, write_state, zero_padding
 
 # Each entry is one file; a mixer under construction that fails to import must not break the others.
 _MIXER_MODULES = ("attention", "mla", "dsa", "linear_attention", "mamba2", "gated_deltanet", "none", "kda")
@@ -13,4 +17,13 @@ for _name in _MIXER_MODULES:
         if _err.name != f"{__name__}.{_name}":
             raise
 
-__all__ = ["MIXER_REGISTRY", "MixerContext", "register_mixer"]
+__all__ = [
+    "MIXER_REGISTRY",
+    "MixerContext",
+    "RecurrentState",
+    "read_state",
+    "register_mixer",
+    "short_conv",
+    "write_state",
+    "zero_padding",
+]

@@ -5,15 +5,19 @@ over the whole projection (OLMoE, ``qk_norm_scope="full"``), q/k/v clipping (OLM
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..configuration_hybrid import HybridConfig
-from ..cost import attention_cost, sliding_attention_cost
 from ..layers import RMSNorm, apply_rope, repeat_kv
-from ..registry import register_mixer
+from ..specs import MixerCost, register_mixer
 from .base import MixerContext
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
 
 
 def eager_attention_forward(
@@ -88,6 +92,55 @@ def describe_attention(config: HybridConfig) -> list[tuple[str, str]]:
 
 def _describe_sliding(config: HybridConfig) -> list[tuple[str, str]]:
     return [*describe_attention(config), ("sliding window", str(config.sliding_window))]
+
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def attention_parts(config: HybridConfig) -> tuple[int, int]:
+    """(params, matmul params) of the softmax-attention projections, as ``mixers/attention.py`` builds
+    them."""
+    h, nq, nkv, d = (
+        config.hidden_size,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+    )
+    q_out = nq * d * (2 if config.attention_output_gate else 1)
+    matmul = h * q_out + 2 * h * nkv * d + nq * d * h
+    bias = (q_out + 2 * nkv * d) if config.attention_bias else 0
+    norms = (2 * d if config.qk_norm_scope == "head" else (nq + nkv) * d) if config.use_qk_norm else 0
+    sinks = nq if getattr(config, "attention_sinks", False) else 0
+    return matmul + bias + norms + sinks, matmul
+
+
+def attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) -> Callable[[int], float]:
+    # Scores q·k over the visible tokens (2·qk_dim each) and the weighted sum of values (2·v_dim each), per
+    # head.
+    def flops(context: int) -> float:
+        visible = context if window is None else min(context, window)
+        return 2.0 * visible * heads * (qk_dim + v_dim)
+
+    return flops
+
+
+def attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    params, matmul = attention_parts(config)
+    nq, nkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    return MixerCost(params, matmul, cache_per_token=2 * nkv * d, flops=attention_flops(nq, d, d, None))
+
+
+def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    params, matmul = attention_parts(config)
+    nq, nkv, d, w = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.head_dim,
+        config.sliding_window,
+    )
+    return MixerCost(
+        params, matmul, cache_per_token=2 * nkv * d, cache_window=w, flops=attention_flops(nq, d, d, w)
+    )
 
 
 @register_mixer(

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 # The registry lives in hf_hybrid/registry.py (one spec per kind: class, layer type, mask, cost, validation).
-from ..registry import MIXER_REGISTRY, register_mixer  # noqa: F401  (re-exported: the mixers' import path)
+from ..specs import MIXER_REGISTRY, register_mixer  # noqa: F401  (re-exported: the mixers' import path)
 
 
 def in_backward_recompute() -> bool:

@@ -33,11 +33,12 @@ of the true head-mean attention) and ``dsa_mass`` (attention mass inside the sel
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from ..configuration_hybrid import FIELD_CHOICES, HybridConfig
-from ..cost import dsa_cost
+from ..config_choices import FIELD_CHOICES
 from ..layers import apply_rope
 from ..ops.dsa import (
     attention_mass_in_selection,
@@ -50,10 +51,13 @@ from ..ops.dsa import (
     sparse_attention,
     ties_at_topk_cut,
 )
-from ..registry import register_mixer, require_positive
-from .attention import HybridAttention, describe_attention, validate_gqa
+from ..specs import MixerCost, register_mixer, require_positive
+from .attention import HybridAttention, attention_flops, attention_parts, describe_attention, validate_gqa
 from .base import MixerContext
-from .mla import HybridMLA, describe_mla, validate_mla
+from .mla import HybridMLA, describe_mla, mla_parts, validate_mla
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
 
 
 class LightningIndexer(nn.Module):
@@ -523,6 +527,61 @@ def _describe_dsa(config: HybridConfig) -> list[tuple[str, str]]:
             f"heads × {config.index_head_dim}, top-k {config.index_topk}, mode {config.dsa_mode}",
         ),
     ]
+
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """MLA (or GQA attention) over the top-k selected tokens, plus the lightning indexer over all of them."""
+    if config.dsa_base == "mla":
+        params, matmul = mla_parts(config)
+        cache = config.kv_lora_rank + config.qk_rope_head_dim
+        heads, qk, v = (
+            config.num_attention_heads,
+            config.qk_nope_head_dim + config.qk_rope_head_dim,
+            config.v_head_dim,
+        )
+        q_in = config.q_lora_rank or config.hidden_size
+    else:
+        params, matmul = attention_parts(config)
+        cache = 2 * config.num_key_value_heads * config.head_dim
+        heads, qk, v = config.num_attention_heads, config.head_dim, config.head_dim
+        q_in = config.hidden_size
+    h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
+    if config.dsa_selector == "indexer" and not config.dsa_layer_has_indexer(layer_idx):
+        # a "shared" layer (dsa_indexer_types): no indexer of its own, the previous full layer's top-k
+        hi = di = 0
+        kept = config.index_topk
+    elif config.dsa_selector == "indexer":
+        # wq_b (from the q latent), wk (one shared key per token), LayerNorm on k (weight + bias),
+        # weights_proj.
+        idx_matmul = q_in * hi * di + h * di + h * hi
+        params, matmul, cache = params + idx_matmul + 2 * di, matmul + idx_matmul, cache + di
+        kept = config.index_topk
+    else:  # structured selector: recent window + first tokens, nothing learned
+        hi = di = 0
+        kept = config.dsa_local_window + config.dsa_global_tokens
+    dense = config.dsa_mode != "sparse"
+    if config.dsa_mode == "dense" and hi:
+        # mode "dense" runs the base mixer alone (mixers/dsa.py): no indexer scores over the context, no
+        # indexer keys cached (the indexer's weights are still counted, as they are in the model).
+        cache, hi = cache - di, 0
+    attend = attention_flops(heads, qk, v, None)
+    if config.dsa_base == "mla" and not dense:
+        # Sparse DSA on MLA runs latent MQA (mixers/dsa.py, as V3.2 does): each head scores the selected
+        # cached [c_kv, k_pe] (r + dr wide) and sums c_kv (r wide); the query absorption and W_uv cost what
+        # kv_b_proj costs, already in matmul_params.
+        attend = attention_flops(
+            heads, config.kv_lora_rank + config.qk_rope_head_dim, config.kv_lora_rank, None
+        )
+
+    def flops(context: int) -> float:
+        selected = context if dense else min(context, kept)
+        # indexer: q_I·k_I for every head and past token, then the weighted sum over heads.
+        return attend(selected) + 2.0 * context * hi * (di + 1)
+
+    return MixerCost(params, matmul, cache_per_token=cache, flops=flops)
 
 
 @register_mixer(

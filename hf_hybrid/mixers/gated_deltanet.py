@@ -8,15 +8,15 @@ out_proj. GVA: ``gdn_num_value_heads`` may be a multiple of ``gdn_num_key_heads`
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration_hybrid import HybridConfig
-from ..cost import gated_deltanet_cost
 from ..layers import GatedRMSNorm
 from ..ops.gated_delta import gated_delta_rule, recurrent_gated_delta_rule_step
-from ..registry import register_mixer, require_positive
+from ..specs import MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .recurrent import (
     init_decay_and_dt,
@@ -27,6 +27,9 @@ from .recurrent import (
     write_state,
     zero_padding,
 )
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
 
 
 def _validate(config: HybridConfig) -> None:
@@ -56,6 +59,25 @@ def _describe(config: HybridConfig) -> list[tuple[str, str]]:
             f"value heads × {config.gdn_value_head_dim}, conv {config.gdn_conv_kernel_size}",
         )
     ]
+
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """Qwen3-Next's layout: in_proj_qkvz, in_proj_ba, depthwise conv on q,k,v, A_log, dt_bias, gated norm,
+    out_proj."""
+    h, hk, hv = config.hidden_size, config.gdn_num_key_heads, config.gdn_num_value_heads
+    dk, dv, k = config.gdn_key_head_dim, config.gdn_value_head_dim, config.gdn_conv_kernel_size
+    conv_channels = 2 * hk * dk + hv * dv
+    matmul = h * (2 * hk * dk + 2 * hv * dv) + h * 2 * hv + conv_channels * k + hv * dv * h
+    params = matmul + 2 * hv + dv
+    state = conv_channels * (k - 1) + hv * dk * dv
+    # Per token and value head: decay S (dk·dv), Sᵀk (2·dk·dv), S += k uᵀ (2·dk·dv), Sᵀq (2·dk·dv).
+    step = 7.0 * hv * dk * dv
+    return MixerCost(
+        params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=hv * dk * dv
+    )
 
 
 @register_mixer(

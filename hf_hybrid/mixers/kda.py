@@ -22,15 +22,15 @@ reshape.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration_hybrid import HybridConfig
-from ..cost import kda_cost
 from ..layers import GatedRMSNorm
 from ..ops.kda import kda, recurrent_kda_step
-from ..registry import register_mixer, require_positive
+from ..specs import MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .recurrent import (
     init_decay_and_dt,
@@ -41,6 +41,9 @@ from .recurrent import (
     write_state,
     zero_padding,
 )
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
 
 
 class KDAForgetGate(nn.Module):
@@ -79,6 +82,36 @@ def _describe(config: HybridConfig) -> list[tuple[str, str]]:
             f"gate rank {config.kda_gate_rank}, conv {config.kda_conv_kernel_size}",
         )
     ]
+
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """Kimi Linear's layout: q/k/v projections, depthwise conv on [q, k, v], low-rank forget gate (f_a, f_b,
+    A_log per head, dt_bias per channel), b_proj (β per head), low-rank output gate (g_a, g_b), sigmoid-gated
+    norm, o_proj."""
+    h, nh, d, r, k = (
+        config.hidden_size,
+        config.kda_num_heads,
+        config.kda_head_dim,
+        config.kda_gate_rank,
+        config.kda_conv_kernel_size,
+    )
+    w = nh * d
+    matmul = 4 * h * w + 3 * w * k + 2 * (h * r + r * w) + h * nh
+    params = matmul + nh + w + d  # A_log, dt_bias, o_norm
+    # The conv tail is cached in the model dtype; the recurrent state S [nh, d, d] is kept in fp32 (ops.kda).
+    # Per token and head: decay S (d·d), Sᵀk (2·d·d), S += k uᵀ (2·d·d), Sᵀq (2·d·d).
+    step = 7.0 * nh * d * d
+    recurrent = nh * d * d
+    return MixerCost(
+        params,
+        matmul,
+        state_elements=3 * w * (k - 1) + recurrent,
+        state_fp32_elements=recurrent,
+        flops=lambda c: step,
+    )
 
 
 @register_mixer(

@@ -3,8 +3,8 @@
 ``S_t = exp(g_t) S_{t-1} + φ(k_t) v_tᵀ``, ``o_t = φ(q_t)ᵀ S_t``. With a positive feature map (elu+1, relu,
 Performer random features) the output is normalised by ``φ(q_t)ᵀ z_t`` with ``z_t = exp(g_t) z_{t-1} +
 φ(k_t)`` (computed in the same scan by appending a column of ones to v). With the identity map the normaliser
-could be zero or negative, so an RMSNorm on the output replaces it, as in MiniMax's lightning attention
-(DESIGN.md §5).
+could be zero or negative (the normaliser is only safe with positive feature maps), so an RMSNorm on the
+output replaces it, as in MiniMax's lightning attention.
 
 ``linear_decay``: ``none`` (plain), ``scalar`` (a data-dependent log decay per head, like RetNet/Mamba-2's
 gate), ``per_channel`` (one per key channel, GLA), ``fixed_slope`` (MiniMax-01's lightning attention: a
@@ -16,18 +16,20 @@ constant log decay ``-slope_h`` per head, see :func:`fixed_slopes`). MiniMax als
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration_hybrid import HybridConfig
-from ..cost import linear_attention_cost
 from ..layers import RMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
-from ..registry import register_mixer, require_positive
+from ..specs import MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .recurrent import read_state, run_recurrence, short_conv, states_to_keep, write_state, zero_padding
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
 
 _NORMALISER_EPS = 1e-6
 # A learned decay gate starts close to no decay: sigmoid(bias)^(1/16) ~ 1 - small, as in GLA's gate
@@ -71,6 +73,33 @@ def _describe(config: HybridConfig) -> list[tuple[str, str]]:
         + (", output gate" if config.linear_output_gate else "")
     )
     return [("linear attention", text)]
+
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """q/k/v/o projections, optional short conv on q,k,v, feature map φ, optional data-dependent decay gate
+    (``g_proj``: one per head or per feature channel; a fixed slope has no parameters), an output RMSNorm (per
+    head or over all heads) when φ is the identity, and the optional sigmoid output gate [H, nh·d]."""
+    h, nh, d = config.hidden_size, config.linear_num_heads, config.linear_head_dim
+    k = config.linear_conv_kernel_size
+    feat = config.linear_random_features if config.linear_feature_map == "random_features" else d
+    gates = {"none": 0, "scalar": nh, "per_channel": nh * feat, "fixed_slope": 0}[config.linear_decay]
+    out_gate = h * nh * d if config.linear_output_gate else 0  # sigmoid output gate (MiniMax)
+    matmul = 4 * h * nh * d + (3 * nh * d * k if k > 0 else 0) + h * gates + out_gate
+    positive = config.linear_feature_map != "identity"  # normalised by φ(q)ᵀz instead of an output norm
+    norm = 0 if positive else (nh * d if config.linear_norm_scope == "full" else d)
+    params = matmul + gates + norm
+    # State: S [nh, f, d] plus the normaliser z [nh, f] (kept as an extra value column), and the conv tail.
+    recurrent = nh * feat * (d + (1 if positive else 0))
+    state = recurrent + (3 * nh * d * (k - 1) if k > 0 else 0)
+    # Per token and head: S += φ(k) vᵀ (2·f·d), o = φ(q)ᵀ S (2·f·d), decay (f·d), normaliser (4·f).
+    decays = gates or config.linear_decay == "fixed_slope"
+    step = nh * (4.0 * feat * d + (feat * d if decays else 0) + (4.0 * feat if positive else 0))
+    return MixerCost(
+        params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=recurrent
+    )
 
 
 @register_mixer(

@@ -9,15 +9,15 @@ norm_before_gate=False), then out_proj. The scan is simple GLA with q = C, k = B
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..configuration_hybrid import HybridConfig
-from ..cost import mamba2_cost
 from ..layers import GatedRMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
-from ..registry import register_mixer, require_positive
+from ..specs import MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .recurrent import (
     init_decay_and_dt,
@@ -28,6 +28,9 @@ from .recurrent import (
     write_state,
     zero_padding,
 )
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
 
 
 def _validate(config: HybridConfig) -> None:
@@ -58,6 +61,26 @@ def _describe(config: HybridConfig) -> list[tuple[str, str]]:
             f"groups {config.mamba_n_groups}, conv {config.mamba_conv_kernel_size}",
         )
     ]
+
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """Mamba-2 (transformers' layout): in_proj -> [z, x, B, C, dt], conv (with bias) on [x, B, C], A_log, D,
+    dt_bias, gated RMSNorm, out_proj."""
+    h, nh, p = config.hidden_size, config.mamba_num_heads, config.mamba_head_dim
+    g, n, k = config.mamba_n_groups, config.mamba_state_size, config.mamba_conv_kernel_size
+    inner = nh * p
+    conv_channels = inner + 2 * g * n
+    matmul = h * (2 * inner + 2 * g * n + nh) + conv_channels * k + inner * h
+    params = matmul + (conv_channels if config.mamba_conv_bias else 0) + 3 * nh + inner
+    state = conv_channels * (k - 1) + nh * p * n
+    # Per token and head: decay h (p·n), h += Δ·B xᵀ (2·p·n), y = Cᵀh (2·p·n).
+    step = 5.0 * nh * p * n
+    return MixerCost(
+        params, matmul, state_elements=state, flops=lambda c: step, state_fp32_elements=nh * p * n
+    )
 
 
 @register_mixer(

@@ -9,7 +9,8 @@ Legend: B batch, T new tokens, S keys (cache + new), H heads, dn = ``qk_nope_hea
    ``k_pe`` [dr] shared by all heads (the decoupled RoPE key).
 3. cache: only ``(c_kv, k_pe)`` — (r + dr) numbers per token and layer — stored like transformers 5.23's
    ``deepseek_v3`` does: single-head ``keys = c_kv [B, 1, S, r]``, ``values = k_pe [B, 1, S, dr]`` (rotated)
-   in the ordinary ``DynamicLayer`` of the layer. No new cache layer type (DESIGN.md §4).
+   in the ordinary ``DynamicLayer`` of the layer. No new cache layer type: transformers' mapping of cache
+   layer types is global, so registering one under an existing name would replace it for every model.
 4. attention, two paths side by side:
    - **dense / naive** (:meth:`HybridMLA.attend_dense`): ``kv_b_proj(c_kv)`` expands every cached latent into
      per-head ``k_nope`` [dn] and ``v`` [dv]; ``k = [k_nope, k_pe]``; attention through transformers'
@@ -53,7 +54,7 @@ dims.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -61,12 +62,13 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from ..configuration_hybrid import HybridConfig
-from ..cost import mla_cost
 from ..layers import RMSNorm, apply_rope
-from ..registry import register_mixer, require_positive
-from .attention import eager_attention_forward
+from ..specs import MixerCost, register_mixer, require_positive
+from .attention import attention_flops, eager_attention_forward
 from .base import MixerContext
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
 
 logger = logging.get_logger(__name__)
 
@@ -221,6 +223,44 @@ def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
             f"{'' if config.mla_latent_norm else ', no latent norms'}",
         )
     ]
+
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def mla_parts(config: HybridConfig) -> tuple[int, int]:
+    """(params, matmul params) of DeepSeek-V2/V3 MLA (transformers' ``deepseek_v3`` layout)."""
+    h, nh = config.hidden_size, config.num_attention_heads
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    r_kv = config.kv_lora_rank
+    rope_keys = config.mla_rope_heads * config.qk_rope_head_dim  # 1 shared rope key (DeepSeek) or R
+    norms = config.mla_latent_norm  # q_a_layernorm / kv_a_layernorm
+    if config.q_lora_rank:
+        q_matmul = h * config.q_lora_rank + config.q_lora_rank * nh * qk
+        q_norm = config.q_lora_rank if norms else 0
+    else:
+        q_matmul, q_norm = h * nh * qk, 0
+    matmul = (
+        q_matmul
+        + h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
+        + r_kv * nh * (config.qk_nope_head_dim + config.v_head_dim)  # kv_b_proj
+        + nh * config.v_head_dim * h  # o_proj
+    )
+    # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
+    bias = ((config.q_lora_rank or 0) + r_kv + rope_keys + h) if config.attention_bias else 0
+    return matmul + q_norm + (r_kv if norms else 0) + bias, matmul
+
+
+def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    params, matmul = mla_parts(config)
+    qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    # Cache: the latent c_kv and the rope key(s). FLOPs: the plain (non-absorbed) form, the one training uses.
+    return MixerCost(
+        params,
+        matmul,
+        cache_per_token=config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim,
+        flops=attention_flops(config.num_attention_heads, qk, config.v_head_dim, None),
+    )
 
 
 @register_mixer(

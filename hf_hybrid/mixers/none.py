@@ -2,8 +2,22 @@
 / MoE blocks). It has no module and no input norm; transformers' layer type for such a layer is ``"moe"`` (its
 cache layer holds nothing)."""
 
-from ..cost import no_mixer_cost
-from ..registry import register_mixer
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..specs import MixerCost, register_mixer
+
+if TYPE_CHECKING:
+    from ..configuration_hybrid import HybridConfig
+
+# ---- cost (the inspector and the card read it through the spec) --------------------------------------------
+
+
+def no_mixer_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
+    """An MLP-only layer: no token mixer and no input norm."""
+    return MixerCost(0, 0)
+
 
 register_mixer(
     "none",

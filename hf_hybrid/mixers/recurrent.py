@@ -1,7 +1,10 @@
-"""What the three recurrent mixers (linear attention, Mamba-2, Gated DeltaNet) share: reading and writing
-their conv + recurrent state in transformers' ``LinearAttentionLayer`` cache, the short causal convolution
-with its state, and neutralising padded positions (so padding never leaks through the convolution or the
-decay: DESIGN.md §4)."""
+"""The decode-state interface of recurrent layer kinds, public: the built-in ones (linear attention, Mamba-2,
+Gated DeltaNet, KDA) and any kind defined outside the package use it (CONTRIBUTING.md, "The decode state of
+a recurrent kind"). ``read_state`` / ``write_state`` keep a layer's conv + recurrent state in transformers'
+``LinearAttentionLayer`` cache (beam search reorders it along the batch dimension); ``short_conv`` is the
+short causal convolution that continues from its cached tail; ``zero_padding`` neutralises padded positions,
+so that padding never leaks through the convolution or the decay (left padding through the conv and packing
+through ``position_ids`` alone are known leaks of other implementations)."""
 
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ def init_decay_and_dt(init, A_log: torch.Tensor, dt_bias: torch.Tensor, config) 
 
 
 def read_state(ctx: MixerContext, layer_idx: int) -> RecurrentState:
+    """This layer's cached states; ``decoding`` is False (start from zero) when the cache holds none yet."""
     cache = ctx.cache
     layer = cache.layers[layer_idx] if cache is not None and layer_idx < len(cache.layers) else None
     # The recurrent state is written by every forward (the conv state only when the mixer has a conv).

@@ -4,7 +4,8 @@ y_t[c] = act(bias[c] + Σ_{i<K} weight[c, i] · x_{t-K+1+i}[c]): the last tap mu
 (the layout of ``nn.Conv1d(C, C, K, groups=C).weight[:, 0]`` and of the causal-conv1d package). The conv
 state is the last K-1 inputs [B, C, K-1], oldest first.
 
-Padding and packing never leak (DESIGN.md §4):
+Padding and packing never leak (known bugs elsewhere: left padding leaking through the short conv, packing
+via ``position_ids`` alone leaking state across documents):
 - ``padding_mask`` [B, T] (True = real token): padded inputs are zeroed *before* the conv and the outputs
   there are zeroed too. Left padding is then exactly a zero initial state; for right padding the final state
   is the K-1 inputs ending at the last real token. (A row that is left-padded *and* continues from an

@@ -5,7 +5,7 @@ stages).
                                 [--warmup-steps N] [--sparse-steps N] [--eval-blocks N] [--output-dir DIR]
                                 [--overwrite]
 
-Steps (DESIGN.md §5):
+Steps (DeepSeek-V3.2-Exp's continued pre-training, at toy scale):
 0. load the source (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) in fp32 with its
    tokenizer; cut the local text into blocks of ``data.context`` tokens; measure the dense source's held-out
    perplexity; convert every attention / MLA layer to DSA (``hf_hybrid.convert.dsa``: weights copied, fresh

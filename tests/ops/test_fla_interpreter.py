@@ -6,8 +6,8 @@ decoration time), and by the time this module runs, transformers has usually imp
 the kernels run in a fresh subprocess: this file re-runs itself as a script, which sets up the interpreter,
 computes every case once and prints the errors as JSON; the tests below only read them.
 
-fla-core 0.6's chunk kernels need two patches to run in the interpreter (DESIGN.md §8), applied in the
-subprocess only and never to site-packages:
+fla-core 0.6's chunk kernels need two patches to run in the interpreter (``TRITON_INTERPRET=1``), applied
+in the subprocess only and never to site-packages:
 1. the autotuner keeps one config: with several, it benchmarks them, which needs a GPU driver;
 2. loop indices of ``for i in range(...)`` inside kernels become triton scalars: fla calls ``i.to(tl.int64)``
    on them, which a Python int (what the interpreter yields) does not have.

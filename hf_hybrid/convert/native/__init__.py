@@ -23,7 +23,7 @@ Adding a family (one file + one registry line):
    (``permute_rows``, ``add_constant``, ``split_rows``, ``zero_filled``) — and ``tiny_config`` (kwargs of a
    tiny native config; the shared test ``tests/test_native_families.py`` runs every registered family from
    it).
-2. Add ``"model_type": "<file>"`` to :data:`FAMILY_MODULES` below.
+2. Add ``"model_type": "<file>"`` to :data:`FAMILY_MODULES` (``hf_hybrid/convert/families.py``).
 """
 
 from __future__ import annotations
@@ -46,34 +46,8 @@ from ..checkpoint import (
     weight_files,
     write_atomically,
 )
+from ..families import FAMILY_MODULES, TEXT_DECODER_OF  # the table of families lives in a leaf
 from .base import NativeConversionError, NativeFamily, build_empty, fail, load_into
-
-# model_type -> module (in this package) whose FAMILIES dict defines it.
-FAMILY_MODULES: dict[str, str] = {
-    "qwen3_moe": "moe_attention",
-    "mixtral": "moe_attention",
-    "olmoe": "moe_attention",
-    "minimax_m2": "moe_attention",
-    "deepseek_v3": "deepseek",
-    "deepseek_v32": "deepseek",
-    "glm_moe_dsa": "deepseek",
-    # dense attention families (import_dense is `hf-hybrid import`'s route for them; these specs add export)
-    "llama": "dense",
-    "mistral": "dense",
-    "qwen2": "dense",
-    "qwen3": "dense",
-    "qwen3_next": "qwen3_next",
-    "olmo_hybrid": "olmo_hybrid",
-    "qwen3_5_text": "qwen3_5",
-    "qwen3_5_moe_text": "qwen3_5",
-    "bamba": "bamba",
-    "minimax": "minimax",
-    "granitemoehybrid": "granitemoehybrid",
-    "nemotron_h": "nemotron_h",
-    "kimi_linear": "kimi_linear",
-    "minicpm5_moe": "minicpm5_moe",  # transformers >= 5.25
-}
-
 
 # Families whose layers hf_hybrid does not have yet: model_type -> the missing layer. Import (and inspect)
 # refuse them naming that layer, before anything is read or written.
@@ -92,13 +66,6 @@ NEEDS_MISSING_LAYER: dict[str, str] = {
     "glm5_next": "GLM-5-Next's hyper-connection residual streams and k-pool indexer compression",
     "ergo": "Ergo's per-expert output RMSNorm and normed shared expert",
 }
-
-
-# Vision-language wrappers whose text decoder is a family here: wrapper model_type -> the decoder's
-# model_type. The import reads the wrapper's text_config and its decoder weights (transformers' key mapping
-# strips ``model.language_model.``); the vision tower (``model.visual.*``) and the MTP head (``mtp.*``) are
-# dropped.
-TEXT_DECODER_OF: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 
 def families() -> dict[str, NativeFamily]:

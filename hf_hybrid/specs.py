@@ -1,0 +1,288 @@
+"""What a layer kind declares: its spec (:class:`MixerSpec`, :class:`MLPSpec`), the decorators that register
+it (:func:`register_mixer`, :func:`register_mlp`) and the cost records its cost function returns.
+
+A leaf module: a kind's file imports this (and ``hf_hybrid.mixers.base``, the ops, the layers), never the
+config, the cost inspector or the model, so that ``hf_hybrid.registry`` can import the built-in kinds on first
+use without an import circle. Look kinds up through ``hf_hybrid.registry`` (which re-exports everything
+here); see CONTRIBUTING.md for the contract a kind fulfils.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+# transformers' layer_types that decide each layer's cache layer: DynamicLayer, DynamicSlidingWindowLayer,
+# LinearAttentionLayer (conv + recurrent state), DynamicIndexedLayer (DSA indexer keys), and "moe"
+# (transformers' name for a layer without token mixing, e.g. nemotron_h's MLP-only blocks: its cache layer
+# holds nothing).
+LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "indexed_attention", "moe")
+MASKS = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    """Everything the package needs to know about one token-mixer kind.
+
+    - ``layer_type``: transformers' ``layer_types`` entry, which picks the cache layer transformers builds for
+      it.
+    - ``mask``: which of transformers' attention masks the layer reads from ``ctx.masks`` (None: it needs
+      none; a layer that needs one but declares None would see the future under eager attention), or
+      ``fn(config)`` returning one of those when it depends on the layer's settings (a sparse DSA layer needs
+      no dense mask). A mixer whose mask also depends on run-time state (DSA's ``model.dsa_mode(...)``)
+      defines ``runtime_mask()`` on its module as well; the model asks the module then, the inspector and the
+      card read the spec.
+    - ``recurrent``: keeps a constant-size recurrent state (the model is stateful, the cache cannot be
+      cropped).
+    - ``needs_padding_mask``: reads ``ctx.padding_mask`` (recurrent mixers, DSA's indexer).
+    - ``cost``: ``fn(config, layer_idx) -> MixerCost`` for the inspector and the card.
+    - ``config_defaults``: config fields this kind adds and their defaults (for kinds defined outside the
+      package; the built-in kinds' fields are typed fields of ``HybridConfig``, the one home of their
+      defaults).
+    - ``validate``: ``fn(config)`` raising ``ValueError`` (field, value, what is allowed) for a bad setting;
+      run whenever a config uses this kind.
+    - ``describe``: ``fn(config) -> [(label, text), ...]``, the model card's settings rows for this kind (rows
+      that several kinds share, e.g. the attention heads, appear once).
+    - ``module``: the module that defines the kind (set at registration). A config that uses a kind defined
+      outside hf_hybrid records it, so a fresh process can import it again on load (with
+      ``trust_remote_code=True``, see :func:`trust_remote_code`).
+    """
+
+    name: str
+    cls: type | None  # None: no token mixer at all (an MLP-only layer)
+    layer_type: str
+    mask: str | Callable[[Any], str | None] | None = None
+    recurrent: bool = False
+    needs_padding_mask: bool = False
+    cost: Callable[..., Any] | None = None
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    validate: Callable[[Any], None] | None = None
+    describe: Callable[[Any], list[tuple[str, str]]] | None = None
+    module: str = ""
+
+    @property
+    def builtin(self) -> bool:
+        return is_builtin_module(self.module)
+
+
+def is_builtin_module(module: str) -> bool:
+    """Whether ``module`` belongs to hf_hybrid itself (its kinds need no record in a saved config)."""
+    return module == "hf_hybrid" or module.startswith("hf_hybrid.")
+
+
+def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
+    """The transformers mask a layer of this kind reads under ``config`` (None: none)."""
+    mask = spec.mask(config) if callable(spec.mask) else spec.mask
+    if mask is not None and mask not in MASKS:
+        raise ValueError(
+            f"mixer {spec.name!r} asks for mask {mask!r}; choose None or one of {', '.join(MASKS)}"
+        )
+    return mask
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """One MLP kind: ``cls`` (None for no MLP at all), whether it reads the padding mask (MoE balancing), its
+    cost function (``fn(config, layer_idx) -> MLPCost``), extra config fields, a validator, its
+    model-card rows (``describe``, as for mixers), the Hub tag a model using it gets (``tag``) and the module
+    that defines it (``module``, as for mixers)."""
+
+    name: str
+    cls: type | None
+    needs_padding_mask: bool = False
+    cost: Callable[..., Any] | None = None
+    config_defaults: Mapping[str, Any] = field(default_factory=dict)
+    validate: Callable[[Any], None] | None = None
+    describe: Callable[[Any], list[tuple[str, str]]] | None = None
+    tag: str | None = None
+    module: str = ""
+
+    @property
+    def builtin(self) -> bool:
+        return is_builtin_module(self.module)
+
+
+_MIXERS: dict[str, MixerSpec] = {}
+_MLPS: dict[str, MLPSpec] = {}
+#: name -> class views of the registries (what builds a layer), kept in step with the specs.
+MIXER_REGISTRY: dict[str, type] = {}
+MLP_REGISTRY: dict[str, type | None] = {}
+
+
+def _zero_flops(context: int) -> float:
+    return 0.0
+
+
+@dataclass(frozen=True)
+class MixerCost:
+    """Cost of one token mixer, what a mixer spec's ``cost(config, layer_idx)`` returns (units: see
+    ``hf_hybrid.cost``)."""
+
+    params: int
+    matmul_params: int  # weights each token multiplies once (Linear and conv weights): 2 FLOPs each
+    cache_per_token: int = 0
+    cache_window: int | None = None
+    state_elements: int = 0
+    flops: Callable[[int], float] = _zero_flops  # extra forward FLOPs per token at context c
+    state_fp32_elements: int = 0  # the part of state_elements kept in fp32 (recurrent state)
+
+
+@dataclass(frozen=True)
+class MLPCost:
+    """Cost of one MLP, what an MLP spec's ``cost(config, layer_idx)`` returns."""
+
+    params: int
+    matmul_params: int
+    inactive_params: int = 0  # routed experts that one token does not use (MoE)
+
+
+def _check_name(kind: str, name: str) -> None:
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"{kind} name {name!r} must be a lower-case identifier such as 'my_mixer'")
+
+
+def _defining_module(cls: type | None) -> str:
+    """The module that defines ``cls``; for ``register_*(...)(None)``, the module that made the call."""
+    if cls is not None:
+        return cls.__module__
+    return sys._getframe(2).f_globals.get("__name__", "")
+
+
+def _check_taken(kind: str, old: MixerSpec | MLPSpec | None, cls: type | None, module: str) -> None:
+    """Registering the same class again is a no-op (a module imported twice, or reloaded: same module and
+    name); a different class under a taken name is an error, never a silent replacement."""
+    if old is None or old.cls is cls:
+        return
+    same_definition = (
+        old.module == module
+        and getattr(old.cls, "__qualname__", None) == getattr(cls, "__qualname__", None)
+        and (old.cls is None) == (cls is None)
+    )
+    if not same_definition:
+        raise ValueError(
+            f"{kind} {old.name!r} is registered twice ({old.cls} from {old.module!r} and {cls} from "
+            f"{module!r}); choose another name for the second"
+        )
+
+
+def _check_defaults(name: str, defaults: Mapping[str, Any]) -> None:
+    taken = {}
+    for spec in (*_MIXERS.values(), *_MLPS.values()):
+        if spec.name != name:
+            taken.update(dict.fromkeys(spec.config_defaults, spec.name))
+    for key in defaults:
+        if key in taken:
+            raise ValueError(f"config field {key!r} of {name!r} is already declared by {taken[key]!r}")
+
+
+def register_mixer(
+    name: str,
+    *,
+    layer_type: str,
+    mask: str | Callable[[Any], str | None] | None = None,
+    recurrent: bool = False,
+    needs_padding_mask: bool | None = None,
+    cost: Callable[..., Any] | None = None,
+    config_defaults: Mapping[str, Any] | None = None,
+    validate: Callable[[Any], None] | None = None,
+    describe: Callable[[Any], list[tuple[str, str]]] | None = None,
+) -> Callable[[type], type]:
+    """Class decorator declaring a token mixer (see :class:`MixerSpec`). ``needs_padding_mask`` defaults to
+    ``recurrent``. Registering a different class under a taken name is an error. ``register_mixer("none",
+    ...)(None)`` declares a layer without token mixer (no module, no input norm)."""
+    _check_name("mixer", name)
+    if layer_type not in LAYER_TYPES:
+        raise ValueError(
+            f"register_mixer({name!r}): layer_type={layer_type!r}; choose one of {', '.join(LAYER_TYPES)}"
+        )
+    if mask is not None and not callable(mask) and mask not in MASKS:
+        raise ValueError(f"register_mixer({name!r}): mask={mask!r}; choose None or one of {', '.join(MASKS)}")
+    defaults = dict(config_defaults or {})
+
+    def wrap(cls: type | None) -> type | None:
+        module = _defining_module(cls)
+        _check_taken("mixer", _MIXERS.get(name), cls, module)
+        _check_defaults(name, defaults)
+        _MIXERS[name] = MixerSpec(
+            name=name,
+            cls=cls,
+            layer_type=layer_type,
+            mask=mask,
+            recurrent=recurrent,
+            needs_padding_mask=recurrent if needs_padding_mask is None else needs_padding_mask,
+            cost=cost,
+            config_defaults=MappingProxyType(defaults),
+            validate=validate,
+            describe=describe,
+            module=module,
+        )
+        MIXER_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def register_mlp(
+    name: str,
+    *,
+    needs_padding_mask: bool = False,
+    cost: Callable[..., Any] | None = None,
+    config_defaults: Mapping[str, Any] | None = None,
+    validate: Callable[[Any], None] | None = None,
+    describe: Callable[[Any], list[tuple[str, str]]] | None = None,
+    tag: str | None = None,
+) -> Callable[[type | None], type | None]:
+    """Class decorator declaring an MLP kind (see :class:`MLPSpec`); ``register_mlp("none")(None)`` declares a
+    layer without MLP."""
+    _check_name("MLP", name)
+    defaults = dict(config_defaults or {})
+
+    def wrap(cls: type | None) -> type | None:
+        module = _defining_module(cls)
+        _check_taken("MLP", _MLPS.get(name), cls, module)
+        _check_defaults(name, defaults)
+        _MLPS[name] = MLPSpec(
+            name=name,
+            cls=cls,
+            needs_padding_mask=needs_padding_mask,
+            cost=cost,
+            config_defaults=MappingProxyType(defaults),
+            validate=validate,
+            describe=describe,
+            tag=tag,
+            module=module,
+        )
+        MLP_REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def require_positive(config: Any, *names: str, allow_none: bool = False) -> None:
+    """Shared check for validators: each ``config.<name>`` is a positive int (or None when ``allow_none``)."""
+    for name in names:
+        value = getattr(config, name)
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"HybridConfig.{name}={value!r} must be a positive integer")
+
+
+__all__ = [
+    "LAYER_TYPES",
+    "MASKS",
+    "MIXER_REGISTRY",
+    "MLP_REGISTRY",
+    "MLPCost",
+    "MLPSpec",
+    "MixerCost",
+    "MixerSpec",
+    "is_builtin_module",
+    "mixer_mask",
+    "register_mixer",
+    "register_mlp",
+    "require_positive",
+]
