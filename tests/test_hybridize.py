@@ -429,6 +429,45 @@ def test_recipe_runs_end_to_end_on_a_tiny_qwen3(qwen3_dir, tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["layout"]
 
 
+def load_recipe():
+    from importlib import util
+
+    spec = util.spec_from_file_location("hybridize_recipe", REPO / "recipes/hybridize/train.py")
+    recipe = util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+def test_recipe_seed_flag_sets_every_stage_and_the_ranking(qwen3_dir, tmp_path, monkeypatch):
+    recipe = load_recipe()
+    config = yaml.safe_load((REPO / "recipes/hybridize/config.yaml").read_text())
+    sections = ("hybridize", "stage1", "stage2", "scratch")
+    default = recipe.apply_overrides(config, recipe.parse_args([]))
+    assert [default[s]["seed"] for s in sections] == [config[s]["seed"] for s in sections]
+    seeded = recipe.apply_overrides(config, recipe.parse_args(["--seed", "7"]))
+    assert [seeded[s]["seed"] for s in sections] == [7, 7, 7, 7]
+    assert [config[s]["seed"] for s in sections] != [7, 7, 7, 7]  # the YAML itself is not edited
+
+    # the layer ranking initialises each candidate mixer with the same seed
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_rank_layers(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(recipe, "rank_layers", fake_rank_layers)
+    config["data"] = {"source": "pydoc", "context": 32, "max_train_chars": 20000, "eval_blocks": 2}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    argv = ["--config", str(path), "--source", str(qwen3_dir), "--num-attention", "1", "--seed", "5"]
+    with pytest.raises(Stop):
+        recipe.main([*argv, "--output-dir", str(tmp_path / "run")])
+    assert seen["seed"] == 5
+
+
 def test_cli_hybridize_and_errors(qwen3_dir, tmp_path, capsys):
     dst = tmp_path / "out"
     assert cli_main(["hybridize", str(qwen3_dir), str(dst), "--pattern", "2:1 mamba2:attention"]) == 0

@@ -90,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="ablation: the new mixers start from random init (the model's own) instead of the attention",
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="override every section's seed (hybridize and the layer ranking, stage1, stage2, scratch)",
+    )
     p.add_argument("--output-dir", default=None, help="override output_dir (trainer files, metrics.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     return p.parse_args(argv)
@@ -126,6 +132,9 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
         r["scratch"]["enabled"] = False
     if args.no_inherit:
         r["hybridize"]["inherit"] = False
+    if args.seed is not None:
+        for section in ("hybridize", "stage1", "stage2", "scratch"):
+            r[section]["seed"] = args.seed
     return r
 
 
@@ -196,6 +205,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             mixer=mixer,
             criterion=sel_cfg.get("criterion", "kl"),
             mixer_config=h_cfg.get("mixer_config"),
+            seed=int(h_cfg.get("seed", 0)),
         )
         k = int(sel_cfg["num_attention"])
         log(f"layer ranking ({sel_cfg.get('criterion', 'kl')}, each layer replaced alone by {mixer}):")
