@@ -1,4 +1,4 @@
-"""Recovering a hybridized student from its dense teacher, with ``transformers.Trainer`` (DESIGN.md §1 job 3).
+"""Recovering a hybridized student from its dense teacher, with ``transformers.Trainer`` (recipes/hybridize).
 
 Stage 1, **attention transfer** (LoLCATs / Mamba-in-Llama's first stage): the teacher is frozen; for every
 replaced layer ``i`` the student's new mixer gets the teacher's own input to layer ``i``'s attention (the

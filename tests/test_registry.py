@@ -497,8 +497,7 @@ def test_a_registered_outside_kind_is_recorded_and_needs_no_opt_in_in_its_proces
 
 def test_no_file_cites_notes_outside_the_repository():
     """Code, tests, scripts and READMEs point to CONTRIBUTING.md / README.md, not to design notes a reader of
-    the repository cannot open. (distill.py and the loss rule of modeling_hybrid.py are being rewritten with
-    the auxiliary-loss rule, issue 22; they may still cite them until then.)"""
+    the repository cannot open."""
     root = PACKAGE.parent
     citing = set()
     for path in [
@@ -514,7 +513,7 @@ def test_no_file_cites_notes_outside_the_repository():
             text = path.read_text(encoding="utf-8")
             if "DESIGN" + ".md" in text or "STYLE" + ".md" in text:
                 citing.add(str(path.relative_to(root)))
-    assert citing <= {"hf_hybrid/distill.py", "hf_hybrid/modeling_hybrid.py"}, sorted(citing)
+    assert not citing, sorted(citing)
 
 
 # ---- no import circles -------------------------------------------------------------------------------------
