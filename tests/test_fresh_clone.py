@@ -105,6 +105,7 @@ def test_every_readme_command_is_known():
         "OMP_NUM_THREADS=1 python recipes/",
         "accelerate launch ",
         "for p in ",
+        "for seed in ",
     )
     for command in commands:
         run = toy_command(command, {"dst": "x", "clone": "/nonexistent"})
