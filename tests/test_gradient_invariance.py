@@ -28,7 +28,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 
 from hf_hybrid import HybridForCausalLM
 from hf_hybrid.data import byte_tokenizer
@@ -451,13 +450,6 @@ def test_a_ddp_world_divides_the_aux_terms_inside_a_token_normalised_loss():
     assert math.isclose(aux_scales_of_step(trainer(1), 100)[1], 0.25)
 
 
-@pytest.mark.xfail(
-    transformers.__version__.startswith("5.23."),
-    reason="measured on transformers 5.23.0 only: the 2-rank all-reduced router gradient differs from the "
-    "reference by ~1% of the auxiliary part (the LM part and the recorded micro-batches match; 5.24 and 5.25 "
-    "pass exactly); not yet understood",
-    strict=False,
-)
 def test_a_two_process_ddp_step_is_the_objective(tok, tmp_path):
     """DDP over gloo, 2 ranks × gradient accumulation 2 × 1 row: the all-reduced gradient is the LM gradient
     over every token both ranks predicted (Trainer normalises by the tokens of every rank and multiplies by
