@@ -679,11 +679,13 @@ class HybridModel(HybridPreTrainedModel):
         recording it`` (the rule averages a term over layers), ``w`` the micro-batch weight
         (``set_aux_loss_scale``)."""
         scale = self._aux_loss_scales[0]
+        coefficients: dict[str, float] = {}
         counts: dict[str, int] = {}
         for layer in self.layers:
-            for name in layer.aux_coefficients():
+            for name, coef in layer.aux_coefficients().items():
+                coefficients[name] = coef
                 counts[name] = counts.get(name, 0) + 1
-        return {name: scale * coef / counts[name] for name, coef in self.aux_coefficients().items()}
+        return {name: scale * coef / counts[name] for name, coef in coefficients.items() if coef > 0}
 
     def replaces_lm_loss(self) -> bool:
         """True when an auxiliary term is the whole objective now (DSA's dense warm-up: the indexer KL)."""
