@@ -1,14 +1,20 @@
-"""Write ``tests/data/transformers_config_fields.json``: the config keys each pinned transformers release
-knows for the native families hf_hybrid exports to (the fields a serving engine's transformers can read), so
-a test can check, without network, that an export needs no newer field.
+"""Write ``tests/data/transformers_config_fields.json``: for each pinned transformers release, the config keys
+it knows for every native family hf_hybrid exports to (the fields a serving engine's transformers can read),
+so a test can check, without network, that an export needs no newer field. A family the release does not
+have is recorded as ``null`` (an engine pinned to that release cannot load its exports).
 
-    pip download --no-deps transformers==5.19.0 transformers==5.22.2 -d wheels/
+    pip download --no-deps transformers==5.19.0 -d wheels/   # SGLang 0.5.23 pins 5.19.0
+    pip download --no-deps transformers==5.22.2 -d wheels/   # vLLM 0.34.0: >=5.16.1,<5.23
     python scripts/transformers_config_fields.py wheels/transformers-5.19.0-*.whl \
         wheels/transformers-5.22.2-*.whl
 
-Known keys of a family = the annotated fields of its config class, the attributes its ``__post_init__``
-sets (``self.qk_head_dim = ...``), and the annotated fields of ``PreTrainedConfig`` (``architectures``,
-``dtype``, ``transformers_version``, ...). Read from the wheels' source with ``ast``: nothing is imported.
+Run it again after registering a family (``hf_hybrid/convert/families.py``): the families are read from there
+(and from ``NEEDS_MISSING_LAYER``, the families refused today, so they are listed ahead).
+Known keys of a family = the annotated fields of its config class and of the config classes it derives from
+(found in the same wheel), the attributes their ``__init__`` / ``__post_init__`` set
+(``self.qk_head_dim = ...``), both sides of their ``attribute_map``, and the annotated fields of
+``PreTrainedConfig`` (``architectures``, ``dtype``, ``transformers_version``, ...). Read from the wheels'
+source with ``ast``: nothing is imported from them.
 """
 
 from __future__ import annotations
@@ -20,36 +26,109 @@ import sys
 import zipfile
 from pathlib import Path
 
-FAMILIES = {"deepseek_v3": "DeepseekV3Config", "deepseek_v32": "DeepseekV32Config"}
-OUT = Path(__file__).resolve().parents[1] / "tests" / "data" / "transformers_config_fields.json"
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "tests" / "data" / "transformers_config_fields.json"
+BASES = {"PreTrainedConfig", "PretrainedConfig"}
 
 
-def class_fields(source: str, name: str) -> set[str]:
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.ClassDef) and node.name == name:
-            fields = {b.target.id for b in node.body if isinstance(b, ast.AnnAssign)}
-            for fn in node.body:
-                if isinstance(fn, ast.FunctionDef) and fn.name in ("__post_init__", "__init__"):
-                    for sub in ast.walk(fn):
-                        targets = sub.targets if isinstance(sub, ast.Assign) else []
-                        for t in targets:
-                            if isinstance(t, ast.Attribute) and getattr(t.value, "id", None) == "self":
-                                fields.add(t.attr)
-            return fields
-    raise SystemExit(f"{name} not found")
+def registered_families() -> list[str]:
+    """The families of this checkout (``FAMILY_MODULES``) and those it refuses today for a missing layer
+    (``NEEDS_MISSING_LAYER``: recorded ahead, so that registering one later finds its fields here), read from
+    the source without importing the package."""
+    names: set[str] = set()
+    for path in ("hf_hybrid/convert/families.py", "hf_hybrid/convert/native/__init__.py"):
+        for node in ast.parse((ROOT / path).read_text()).body:
+            target = node.target if isinstance(node, ast.AnnAssign) else None
+            if getattr(target, "id", None) in ("FAMILY_MODULES", "NEEDS_MISSING_LAYER"):
+                names |= set(ast.literal_eval(node.value))
+    if not names:
+        raise SystemExit("FAMILY_MODULES not found in hf_hybrid/convert/families.py")
+    return sorted(names)
+
+
+def config_class_names(z: zipfile.ZipFile) -> dict[str, str]:
+    """model_type -> config class name, from the release's ``CONFIG_MAPPING_NAMES`` literal(s)."""
+    names: dict[str, str] = {}
+    for name in ("auto_mappings.py", "configuration_auto.py"):
+        path = f"transformers/models/auto/{name}"
+        if path not in z.namelist():
+            continue
+        for node in ast.walk(ast.parse(z.read(path).decode())):
+            if not isinstance(node, ast.Assign) or not isinstance(node.value, ast.Call):
+                continue
+            if not any(getattr(t, "id", None) == "CONFIG_MAPPING_NAMES" for t in node.targets):
+                continue
+            for arg in node.value.args:
+                for item in getattr(arg, "elts", []):
+                    try:
+                        key, value = ast.literal_eval(item)
+                    except (ValueError, TypeError):
+                        continue
+                    names[key] = value
+    if not names:
+        raise SystemExit("CONFIG_MAPPING_NAMES not found in the wheel: the script needs updating")
+    return names
+
+
+def class_defs(z: zipfile.ZipFile) -> dict[str, ast.ClassDef]:
+    """Every class defined in a ``configuration_*.py`` of the wheel (and ``configuration_utils.py``)."""
+    out: dict[str, ast.ClassDef] = {}
+    for path in z.namelist():
+        name = path.rsplit("/", 1)[-1]
+        if path.startswith("transformers/") and name.startswith("configuration_") and name.endswith(".py"):
+            for node in ast.parse(z.read(path).decode()).body:
+                if isinstance(node, ast.ClassDef):
+                    out.setdefault(node.name, node)
+    return out
+
+
+def class_fields(classes: dict[str, ast.ClassDef], name: str) -> set[str]:
+    node = classes[name]
+    fields = {b.target.id for b in node.body if isinstance(b, ast.AnnAssign)}
+    for b in node.body:
+        if isinstance(b, ast.Assign) and any(getattr(t, "id", None) == "attribute_map" for t in b.targets):
+            try:  # both sides: config.json may hold either name (to_dict writes the target)
+                aliases = ast.literal_eval(b.value)
+            except ValueError:
+                continue
+            fields |= set(aliases) | set(aliases.values())
+        if isinstance(b, ast.FunctionDef) and b.name in ("__post_init__", "__init__"):
+            for sub in ast.walk(b):
+                for t in sub.targets if isinstance(sub, ast.Assign) else []:
+                    if isinstance(t, ast.Attribute) and getattr(t.value, "id", None) == "self":
+                        fields.add(t.attr)
+    for base in node.bases:
+        base_name = getattr(base, "id", None)
+        if base_name in classes and base_name not in BASES:  # a config derived from another family's
+            fields |= class_fields(classes, base_name)
+    return fields
+
+
+def release_fields(wheel: str, families: list[str]) -> tuple[str, dict[str, list[str] | None]]:
+    version = re.search(r"transformers-([^-]+)-", Path(wheel).name).group(1)
+    with zipfile.ZipFile(wheel) as z:
+        classes = class_defs(z)
+        mapping = config_class_names(z)
+        base = class_fields(classes, "PreTrainedConfig")
+        entry: dict[str, list[str] | None] = {}
+        for model_type in families:
+            cls = mapping.get(model_type)
+            if cls is not None and cls not in classes:
+                raise SystemExit(f"{version}: {model_type} -> {cls}, but no such class in the wheel")
+            entry[model_type] = sorted(class_fields(classes, cls) | base) if cls else None
+    return version, entry
 
 
 def main(wheels: list[str]) -> None:
+    if not wheels:
+        raise SystemExit(__doc__)
+    families = registered_families()
     data = json.loads(OUT.read_text()) if OUT.is_file() else {}
     for wheel in wheels:
-        version = re.search(r"transformers-([^-]+)-", Path(wheel).name).group(1)
-        with zipfile.ZipFile(wheel) as z:
-            base = class_fields(z.read("transformers/configuration_utils.py").decode(), "PreTrainedConfig")
-            entry = {}
-            for model_type, cls in FAMILIES.items():
-                path = f"transformers/models/{model_type}/configuration_{model_type}.py"
-                entry[model_type] = sorted(class_fields(z.read(path).decode(), cls) | base)
+        version, entry = release_fields(wheel, families)
         data[version] = entry
+        absent = [t for t, f in entry.items() if f is None]
+        print(f"{version}: {len(entry) - len(absent)} families; absent: {', '.join(absent) or 'none'}")
     OUT.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     print(f"wrote {OUT} ({', '.join(sorted(data))})")
 
