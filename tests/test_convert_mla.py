@@ -288,22 +288,13 @@ def test_cli_mla_writes_lineage_and_card(tmp_path, capsys):
 
 # ---- the chain: dense -> MLA -> DSA -> deepseek_v32, dense -> MLA -> deepseek_v3 ---------------------------
 
-KNOWN_FIELDS = Path(__file__).parent / "data" / "transformers_config_fields.json"
-SERVING_PINS = ("5.19.0", "5.22.2")  # SGLang 0.5.23 pins 5.19; vLLM 0.34 needs < 5.23
-# Written by the DeepseekV3Config of transformers >= 5.23 (the MTP layer count; transformers builds no MTP
-# layers): older releases keep it as an inert attribute. Checked by loading the export under 5.19.0 and 5.22.2
-# (test_exports_load_under_pinned_transformers, equal logits).
-INERT_NEWER_KEYS = {"num_nextn_predict_layers"}
-
 
 def assert_known_to_pinned_transformers(config_json: Path, model_type: str) -> None:
-    """Every key of the exported config.json is a field the pinned transformers releases know (read from their
-    wheels by scripts/transformers_config_fields.py; no network here)."""
-    known = json.loads(KNOWN_FIELDS.read_text())
-    keys = set(json.loads(config_json.read_text()))
-    for version in SERVING_PINS:
-        newer = sorted(keys - set(known[version][model_type]) - INERT_NEWER_KEYS)
-        assert not newer, f"{model_type} export needs fields transformers {version} does not know: {newer}"
+    """Every key of the exported config.json is a field the transformers releases serving engines pin know
+    (read from their wheels by scripts/transformers_config_fields.py; no network here)."""
+    from test_serving_exports import assert_known_to_serving_pins
+
+    assert_known_to_serving_pins(config_json, model_type)
 
 
 def exportable_mla(tmp_path) -> Path:

@@ -1,0 +1,229 @@
+"""Exports load where they are served. Serving engines pin older transformers than ours (SGLang 0.5.23:
+``transformers==5.19.0``; vLLM 0.34.0: ``>=5.16.1,<5.23``, so 5.22.2 on a fresh install), so every export
+must load there with the same function:
+
+- default suite: every key of every family's exported config.json is a field those releases know (field lists
+  read from their wheels by ``scripts/transformers_config_fields.py`` into
+  ``tests/data/transformers_config_fields.json``; no network here), apart from :data:`ALLOWED_EXTRAS`, each
+  with the reason it is harmless;
+- slow: every export is loaded by those releases themselves (a subprocess with an unpacked wheel first on
+  ``PYTHONPATH``) and gives the logits it gives under the installed transformers.
+
+Both loop over whatever families are registered (``FAMILY_MODULES``): a new family is covered as soon as it is
+registered, and fails here until the field lists are regenerated for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from test_native_export_ours import context, left_padded, our_model
+from transformers import AutoModelForCausalLM
+
+from hf_hybrid.convert.native import FAMILY_MODULES, export_native, get_family
+from hf_hybrid.mixers.dsa import index_ties
+
+KNOWN_FIELDS = Path(__file__).parent / "data" / "transformers_config_fields.json"
+README = Path(__file__).resolve().parents[1] / "README.md"
+ATOL = 1e-5  # fp32, the same torch on both sides: only the transformers release differs
+SERVING_PINS = {  # release -> the engine that pins it
+    "5.19.0": "SGLang 0.5.23 (transformers==5.19.0)",
+    "5.22.2": "vLLM 0.34.0 (transformers>=5.16.1,<5.23: the newest it allows)",
+}
+REGENERATE = (
+    "regenerate it: for V in {versions}: pip download --no-deps transformers==$V -d wheels/; then "
+    "python scripts/transformers_config_fields.py wheels/transformers-*.whl"
+)
+# Keys an export writes that a pinned release's config class does not declare, with why each is harmless
+# (checked by loading: test_every_export_loads_under_the_serving_pins_with_equal_logits).
+ALLOWED_EXTRAS: dict[tuple[str, str], str] = {
+    ("qwen2", "head_dim"): "no Qwen2Config release declares head_dim (5.19-5.25 alike): it is kept as an "
+    "attribute and modeling_qwen2 reads getattr(config, 'head_dim', hidden_size // num_attention_heads) in "
+    "every release",
+    ("qwen3_moe", "head_dim"): "as for qwen2: undeclared in every release, read by modeling_qwen3_moe's "
+    "getattr(config, 'head_dim', hidden_size // num_attention_heads)",
+}
+
+# Families whose exports old releases load but compute differently, for a reason in those releases' modeling
+# code (nothing the export writes could avoid it): family -> (the layout on which they agree, the reason).
+# README.md states each one. The slow test checks both halves: the default tiny model differs, this layout
+# agrees.
+_GROUPED_NORM = (
+    "transformers < 5.23 normalises the Mamba-2 gated RMSNorm over all mamba_n_groups groups at once; 5.23 "
+    "normalises each group, as Mamba-2 itself, vLLM's Mixer2RMSNormGated and hf_hybrid do: equal only at "
+    "mamba_n_groups=1"
+)
+OLD_RELEASES_DIFFER: dict[str, tuple[dict, str]] = {
+    "bamba": ({"mamba_n_groups": 1}, _GROUPED_NORM),
+    "granitemoehybrid": ({"mamba_n_groups": 1}, _GROUPED_NORM),
+}
+
+
+def pinned_fields(model_type: str) -> dict[str, set[str] | None]:
+    """release -> the config keys it knows for ``model_type`` (None: the release does not have the family).
+    Fails, naming the command, when the field lists predate the family."""
+    known = json.loads(KNOWN_FIELDS.read_text())
+    missing = [v for v in SERVING_PINS if model_type not in known.get(v, {})]
+    if missing:
+        pytest.fail(
+            f"{KNOWN_FIELDS.name} has no entry for model_type={model_type!r} under transformers "
+            f"{', '.join(missing)}; " + REGENERATE.format(versions=" ".join(SERVING_PINS))
+        )
+    return {v: None if known[v][model_type] is None else set(known[v][model_type]) for v in SERVING_PINS}
+
+
+def assert_known_to_serving_pins(config_json: Path, model_type: str) -> None:
+    """Every key of an exported config.json is a field each serving pin that has the family knows (or an
+    :data:`ALLOWED_EXTRAS` entry, which must still be written)."""
+    keys = set(json.loads(Path(config_json).read_text()))
+    allowed = {key for (mt, key) in ALLOWED_EXTRAS if mt == model_type}
+    assert allowed <= keys, f"ALLOWED_EXTRAS lists {sorted(allowed - keys)} for {model_type}: not written"
+    for version, known in pinned_fields(model_type).items():
+        if known is None:
+            continue
+        newer = sorted(keys - known - allowed)
+        assert not newer, (
+            f"export --to {model_type} writes config fields transformers {version} ({SERVING_PINS[version]}) "
+            f"does not know: {newer}"
+        )
+
+
+def readme_served_cell(model_type: str) -> str:
+    """The "served natively by" cell of ``model_type``'s row in the README's family table."""
+    for line in README.read_text().splitlines():
+        if line.startswith("| ") and f"`{model_type}`" in line.split("|")[1]:
+            return line.rstrip(" |").rsplit("|", 1)[-1].strip()
+    raise AssertionError(f"README.md's native family table has no row for `{model_type}`")
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_MODULES))
+def test_field_lists_cover_every_registered_family(model_type):
+    fields = pinned_fields(model_type)
+    served = readme_served_cell(model_type)
+    if fields["5.19.0"] is None:  # SGLang's transformers cannot build the config: SGLang cannot serve it
+        assert "SGLang" not in served, f"{model_type} is not in transformers 5.19.0; README says {served!r}"
+    if all(f is None for f in fields.values()):
+        assert served.startswith("none"), (
+            f"{model_type} exists in none of the serving pins ({', '.join(SERVING_PINS)}): the README row "
+            f"must say so (it says {served!r})"
+        )
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_MODULES))
+def test_export_needs_no_field_newer_than_the_serving_pins(model_type, tmp_path):
+    fields = pinned_fields(model_type)
+    if all(f is None for f in fields.values()):
+        pytest.skip(f"{model_type} exists in none of {', '.join(SERVING_PINS)}: no serving engine loads it")
+    family = get_family(model_type)
+    if not family.available:
+        pytest.skip(f"{model_type} needs transformers >= {family.min_transformers}, not installed here")
+    with context(model_type):
+        export_native(our_model(model_type), tmp_path / "out", to=model_type)
+    assert_known_to_serving_pins(tmp_path / "out" / "config.json", model_type)
+
+
+def test_allowed_extras_name_registered_families():
+    assert {mt for mt, _ in ALLOWED_EXTRAS} <= set(FAMILY_MODULES)
+
+
+# ---- slow: load every export under the pinned releases -----------------------------------------------------
+
+# Runs under an old release, without hf_hybrid: what a serving engine's environment has. fla-core is hidden
+# (transformers' GDN / KDA families would pick its Triton kernels, which need a GPU), so the torch paths run,
+# as they do for the reference under the installed transformers (the families' native_context).
+LOAD_SCRIPT = """
+import json, sys
+sys.modules["fla"] = None
+import torch, transformers
+from transformers import AutoModelForCausalLM
+print(json.dumps({"version": transformers.__version__}), flush=True)
+for path in sys.argv[1:]:
+    ref = torch.load(path + "/reference.pt")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        with torch.no_grad():
+            got = model(input_ids=ref["ids"], attention_mask=ref["mask"], position_ids=ref["positions"],
+                        use_cache=False).logits
+        err = (got - ref["logits"])[ref["mask"].bool()].abs().max().item()
+        print(json.dumps({"path": path, "class": type(model).__name__, "err": err}), flush=True)
+    except Exception as e:
+        print(json.dumps({"path": path, "error": f"{type(e).__name__}: {e}"[:600]}), flush=True)
+"""
+
+
+def export_with_reference(model_type: str, dst: Path, **overrides) -> None:
+    """Export our tiny model of ``model_type`` to ``dst`` and store there the logits the export gives under
+    the installed transformers (left-padded batch; DSA families on an input without top-k ties)."""
+    ours = our_model(model_type, **overrides)
+    ids, mask = left_padded(ours.config.vocab_size)
+    if "dsa" in ours.config.mixer_types:  # torch.topk orders ties arbitrarily: compare where there are none
+        for seed in range(1, 20):
+            ids, mask = left_padded(ours.config.vocab_size, seed=seed)
+            if not index_ties(ours, input_ids=ids, attention_mask=mask):
+                break
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with context(model_type):
+        export_native(ours, dst, to=model_type)
+        native = AutoModelForCausalLM.from_pretrained(dst).eval()
+        with torch.no_grad():
+            out = native(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+    torch.save({"ids": ids, "mask": mask, "positions": positions, "logits": out.logits}, dst / "reference.pt")
+
+
+@pytest.mark.slow
+def test_every_export_loads_under_the_serving_pins_with_equal_logits(tmp_path):
+    """For every registered family: export a tiny model of ours, load it with each pinned release and compare
+    its logits with the export's under the installed transformers (fp32, ≤ 1e-5).
+    ``HF_HYBRID_OLD_TRANSFORMERS=/dir/5.19.0:/dir/5.22.2``, each dir an unpacked wheel
+    (``pip download --no-deps transformers==5.19.0 -d w; unzip w/transformers-5.19.0-*.whl -d /dir/5.19.0``).
+    No network. Skipped when the variable is unset."""
+    roots = [p for p in os.environ.get("HF_HYBRID_OLD_TRANSFORMERS", "").split(":") if p]
+    if not roots:
+        pytest.skip("set HF_HYBRID_OLD_TRANSFORMERS to unpacked transformers wheels (see the docstring)")
+    exported: dict[str, tuple[str, bool]] = {}  # directory -> (family, whether old releases must agree)
+    for model_type in sorted(FAMILY_MODULES):
+        if not get_family(model_type).available:
+            continue
+        exported[model_type] = (model_type, model_type not in OLD_RELEASES_DIFFER)
+        export_with_reference(model_type, tmp_path / model_type)
+        if model_type in OLD_RELEASES_DIFFER:  # the documented difference, and the layout that avoids it
+            overrides = OLD_RELEASES_DIFFER[model_type][0]
+            exported[f"{model_type}-agreeing"] = (model_type, True)
+            export_with_reference(model_type, tmp_path / f"{model_type}-agreeing", **overrides)
+    failures, rows = [], []
+    for root in roots:
+        run = subprocess.run(
+            [sys.executable, "-c", LOAD_SCRIPT, *(str(tmp_path / name) for name in exported)],
+            env={**os.environ, "PYTHONPATH": root},
+            cwd=tmp_path,  # not the checkout: hf_hybrid must not be importable there
+            capture_output=True,
+            text=True,
+        )
+        lines = [json.loads(x) for x in run.stdout.splitlines() if x.startswith("{")]
+        assert run.returncode == 0 and lines, run.stderr[-3000:]
+        version = lines[0]["version"]
+        assert version in SERVING_PINS, f"{root} holds transformers {version}, not a pin {list(SERVING_PINS)}"
+        results = {Path(x["path"]).name: x for x in lines[1:]}
+        for name, (model_type, must_agree) in exported.items():
+            has_family = pinned_fields(model_type)[version] is not None
+            got = results[name]
+            if "error" in got:
+                rows.append(f"{name:26} {version}: {got['error'][:90]}")
+                if has_family:
+                    failures.append(f"{name} under {version}: {got['error']}")
+                continue
+            rows.append(f"{name:26} {version}: {got['class']:30} max |Δlogit| {got['err']:.1e}")
+            if not has_family:
+                failures.append(f"{name} loads under {version}, which the field lists say lacks it")
+            elif must_agree and not got["err"] <= ATOL:
+                failures.append(f"{name} under {version}: logits differ by {got['err']:.3g}")
+            elif not must_agree and got["err"] <= ATOL:  # the README's statement would be stale
+                failures.append(f"{name} agrees under {version}: OLD_RELEASES_DIFFER[{model_type!r}] stale")
+    print("\n".join(rows))
+    assert not failures, "\n".join(failures)
