@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ import torch
 from test_native_export_ours import context, left_padded, our_model
 from transformers import AutoModelForCausalLM
 
+from hf_hybrid import HybridConfig, HybridForCausalLM
+from hf_hybrid.cli import main as cli_main
 from hf_hybrid.convert.native import FAMILY_MODULES, export_native, get_family
 from hf_hybrid.mixers.dsa import index_ties
 
@@ -130,6 +133,69 @@ def test_export_needs_no_field_newer_than_the_serving_pins(model_type, tmp_path)
 
 def test_allowed_extras_name_registered_families():
     assert {mt for mt, _ in ALLOWED_EXTRAS} <= set(FAMILY_MODULES)
+
+
+# ---- the command: refusals name the family, writes are atomic ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def no_family_model(tmp_path_factory) -> Path:
+    """A saved model no native family expresses: ungated softmax attention beside Gated DeltaNet."""
+    path = tmp_path_factory.mktemp("mix") / "mix"
+    config = HybridConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mixer_types=["attention", "gated_deltanet"],
+    )
+    HybridForCausalLM(config).save_pretrained(path)
+    return path
+
+
+def left_behind(parent: Path, name: str) -> list[str]:
+    """``name`` itself or a temporary sibling of it (``.name.tmp-*``) under ``parent``."""
+    return sorted(p.name for p in parent.iterdir() if p.name == name or p.name.startswith(f".{name}.tmp-"))
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_MODULES))
+def test_cli_export_refusals_name_the_family_and_write_nothing(model_type, no_family_model, tmp_path, capsys):
+    """``--to F`` for a model F cannot express names F and a reason; a misspelt F names the family it
+    resembles. Exit status 2, nothing written."""
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert cli_main(["export", str(no_family_model), str(out), "--to", model_type]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    refused = re.match(rf"hf-hybrid export: error: cannot export to {model_type}: (.*)", first)
+    unavailable = f"model_type={model_type!r} needs transformers >=" in first  # only where it is absent
+    assert refused or (unavailable and not get_family(model_type).available), first
+    assert unavailable or re.search(r"\w+(\[\d+\])?=\S", refused.group(1)), first  # names an option=value
+    misspelt = model_type.replace("_", "-") if "_" in model_type else model_type.capitalize()
+    assert cli_main(["export", str(no_family_model), str(out), "--to", misspelt]) == 2
+    first = capsys.readouterr().err.splitlines()[0]
+    assert f"model_type={misspelt!r} is not a native family" in first, first
+    assert f"did you mean {model_type!r}" in first, first
+    assert left_behind(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_MODULES))
+def test_export_that_fails_midway_leaves_nothing(model_type, tmp_path, monkeypatch):
+    """The export writes into a temporary sibling and renames it: a failure after the weights are written
+    (here: copying the tokenizer files) leaves neither the output directory nor the temporary one."""
+    family = get_family(model_type)
+    if not family.available:
+        pytest.skip(f"{model_type} needs transformers >= {family.min_transformers}, not installed here")
+    import hf_hybrid.convert.native as native
+
+    def fail_after_weights(src, tmp, **kwargs):
+        assert any(tmp.glob("*.safetensors")), "the failure should come after the weights are written"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(native, "copy_carried_files", fail_after_weights)
+    with context(model_type), pytest.raises(OSError, match="No space left"):
+        export_native(our_model(model_type), tmp_path / "out", to=model_type)
+    assert left_behind(tmp_path, "out") == []
 
 
 # ---- slow: load every export under the pinned releases -----------------------------------------------------

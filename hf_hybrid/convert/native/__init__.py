@@ -28,6 +28,7 @@ Adding a family (one file + one registry line):
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
@@ -80,9 +81,13 @@ def get_family(model_type: str | None) -> NativeFamily:
             "a layer hf_hybrid does not have"
         )
     if model_type not in FAMILY_MODULES:
+        spelled = str(model_type).lower().replace("-", "_")  # `--to Qwen3-Next`, `--to qwen3_5`
+        close = [TEXT_DECODER_OF[spelled]] if spelled in TEXT_DECODER_OF else []  # a wrapper: its decoder
+        close = close or difflib.get_close_matches(spelled, list(FAMILY_MODULES), n=1, cutoff=0.75)
         fail(
-            f"model_type={model_type!r} is not a native family hf_hybrid can convert; supported: "
-            f"{', '.join(sorted(FAMILY_MODULES))}"
+            f"model_type={model_type!r} is not a native family hf_hybrid can convert"
+            + (f" (did you mean {close[0]!r}?)" if close else "")
+            + f"; supported: {', '.join(sorted(FAMILY_MODULES))}"
         )
     module = importlib.import_module(f"{__name__}.{FAMILY_MODULES[model_type]}")
     return module.FAMILIES[model_type]
