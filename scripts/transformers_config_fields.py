@@ -1,15 +1,20 @@
-"""Write ``tests/data/transformers_config_fields.json``: for each pinned transformers release, the config keys
-it knows for every native family hf_hybrid exports to (the fields a serving engine's transformers can read),
-so a test can check, without network, that an export needs no newer field. A family the release does not
-have is recorded as ``null`` (an engine pinned to that release cannot load its exports).
+"""Write ``tests/data/transformers_config_fields.json``: for the transformers releases serving engines pin,
+the config keys each knows for every native family hf_hybrid exports to (the fields a serving engine's
+transformers can read), so a test can check, without network, that an export needs no newer field; and, over
+every release given, the oldest one that has each family.
 
-    pip download --no-deps transformers==5.19.0 -d wheels/   # SGLang 0.5.23 pins 5.19.0
-    pip download --no-deps transformers==5.22.2 -d wheels/   # vLLM 0.34.0: >=5.16.1,<5.23
-    python scripts/transformers_config_fields.py wheels/transformers-5.19.0-*.whl \
-        wheels/transformers-5.22.2-*.whl
+- ``fields[version][model_type]``: the known keys, for the pins in :data:`PINS` (``null``: the release does
+  not have the family, so an engine pinned to it cannot load its exports);
+- ``first_release[model_type]``: the oldest release given that has the family (``null``: none of them);
+  ``first_release_scanned``: the releases given.
+
+    for V in 5.16.1 5.17.0 5.18.0 5.19.0 5.20.0 5.21.0 5.22.2; do
+        pip download --no-deps transformers==$V -d wheels/; done      # one version per command
+    python scripts/transformers_config_fields.py wheels/transformers-*.whl
 
 Run it again after registering a family (``hf_hybrid/convert/families.py``): the families are read from there
-(and from ``NEEDS_MISSING_LAYER``, the families refused today, so they are listed ahead).
+(and from ``NEEDS_MISSING_LAYER``, the families refused today, so they are listed ahead). Patch releases not
+given are not scanned: a family added in one is attributed to the next release given.
 Known keys of a family = the annotated fields of its config class and of the config classes it derives from
 (found in the same wheel), the attributes their ``__init__`` / ``__post_init__`` set
 (``self.qk_head_dim = ...``), both sides of their ``attribute_map``, and the annotated fields of
@@ -29,6 +34,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "tests" / "data" / "transformers_config_fields.json"
 BASES = {"PreTrainedConfig", "PretrainedConfig"}
+# vLLM 0.34.0: transformers>=5.16.1,<5.23 (its floor and the newest it allows); SGLang 0.5.23: ==5.19.0
+PINS = ("5.16.1", "5.19.0", "5.22.2")
 
 
 def registered_families() -> list[str]:
@@ -124,13 +131,25 @@ def main(wheels: list[str]) -> None:
         raise SystemExit(__doc__)
     families = registered_families()
     data = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    fields, has = data.get("fields", {}), {}
     for wheel in wheels:
         version, entry = release_fields(wheel, families)
-        data[version] = entry
-        absent = [t for t, f in entry.items() if f is None]
-        print(f"{version}: {len(entry) - len(absent)} families; absent: {', '.join(absent) or 'none'}")
+        has[version] = {t for t, f in entry.items() if f is not None}
+        if version in PINS:
+            fields[version] = entry
+        absent = ", ".join(sorted(set(entry) - has[version]))
+        print(f"{version}: {len(has[version])} families; absent: {absent}")
+    order = sorted(has, key=lambda v: tuple(int(x) for x in v.split(".")))
+    data = {
+        "fields": fields,
+        "first_release": {t: next((v for v in order if t in has[v]), None) for t in families},
+        "first_release_scanned": order,
+    }
+    missing = [v for v in PINS if v not in fields]
+    if missing:
+        raise SystemExit(f"give the wheels of every pin too: {', '.join(missing)} missing")
     OUT.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {OUT} ({', '.join(sorted(data))})")
+    print(f"wrote {OUT} (fields of {', '.join(sorted(fields))}; scanned {', '.join(order)})")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Exports load where they are served. Serving engines pin older transformers than ours (SGLang 0.5.23:
-``transformers==5.19.0``; vLLM 0.34.0: ``>=5.16.1,<5.23``, so 5.22.2 on a fresh install), so every export
-must load there with the same function:
+``transformers==5.19.0``; vLLM 0.34.0: ``>=5.16.1,<5.23``: 5.22.2 on a fresh install, 5.16.1 at its floor),
+so every export must load there with the same function:
 
 - default suite: every key of every family's exported config.json is a field those releases know (field lists
   read from their wheels by ``scripts/transformers_config_fields.py`` into
@@ -33,24 +33,31 @@ from hf_hybrid.convert.native import FAMILY_MODULES, export_native, get_family
 from hf_hybrid.mixers.dsa import index_ties
 
 KNOWN_FIELDS = Path(__file__).parent / "data" / "transformers_config_fields.json"
+SERVING_ENGINES = Path(__file__).parent / "data" / "serving_engines.json"
 README = Path(__file__).resolve().parents[1] / "README.md"
 ATOL = 1e-5  # fp32, the same torch on both sides: only the transformers release differs
 SERVING_PINS = {  # release -> the engine that pins it
+    "5.16.1": "vLLM 0.34.0's floor (transformers>=5.16.1,<5.23)",
     "5.19.0": "SGLang 0.5.23 (transformers==5.19.0)",
-    "5.22.2": "vLLM 0.34.0 (transformers>=5.16.1,<5.23: the newest it allows)",
+    "5.22.2": "vLLM 0.34.0's newest (transformers>=5.16.1,<5.23)",
 }
-REGENERATE = (
-    "regenerate it: for V in {versions}: pip download --no-deps transformers==$V -d wheels/; then "
-    "python scripts/transformers_config_fields.py wheels/transformers-*.whl"
-)
+REGENERATE = "regenerate it as scripts/transformers_config_fields.py's docstring says (pip downloads only)"
 # Keys an export writes that a pinned release's config class does not declare, with why each is harmless
 # (checked by loading: test_every_export_loads_under_the_serving_pins_with_equal_logits).
+_UNREAD_IN_5_16 = (
+    "written False; transformers 5.16.1's config class does not declare it (5.19 does) and its modeling code "
+    "never reads it (no output_router_logits in modeling_{}.py): an inert attribute there"
+)
 ALLOWED_EXTRAS: dict[tuple[str, str], str] = {
-    ("qwen2", "head_dim"): "no Qwen2Config release declares head_dim (5.19-5.25 alike): it is kept as an "
+    ("qwen2", "head_dim"): "no Qwen2Config release declares head_dim (5.16-5.25 alike): it is kept as an "
     "attribute and modeling_qwen2 reads getattr(config, 'head_dim', hidden_size // num_attention_heads) in "
     "every release",
     ("qwen3_moe", "head_dim"): "as for qwen2: undeclared in every release, read by modeling_qwen3_moe's "
     "getattr(config, 'head_dim', hidden_size // num_attention_heads)",
+    **{
+        (family, "output_router_logits"): _UNREAD_IN_5_16.format(family)
+        for family in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa", "nemotron_h")
+    },
 }
 
 # Families whose exports old releases load but compute differently, for a reason in those releases' modeling
@@ -71,12 +78,12 @@ OLD_RELEASES_DIFFER: dict[str, tuple[dict, str]] = {
 def pinned_fields(model_type: str) -> dict[str, set[str] | None]:
     """release -> the config keys it knows for ``model_type`` (None: the release does not have the family).
     Fails, naming the command, when the field lists predate the family."""
-    known = json.loads(KNOWN_FIELDS.read_text())
+    known = json.loads(KNOWN_FIELDS.read_text())["fields"]
     missing = [v for v in SERVING_PINS if model_type not in known.get(v, {})]
     if missing:
         pytest.fail(
             f"{KNOWN_FIELDS.name} has no entry for model_type={model_type!r} under transformers "
-            f"{', '.join(missing)}; " + REGENERATE.format(versions=" ".join(SERVING_PINS))
+            f"{', '.join(missing)}; {REGENERATE}"
         )
     return {v: None if known[v][model_type] is None else set(known[v][model_type]) for v in SERVING_PINS}
 
@@ -98,24 +105,40 @@ def assert_known_to_serving_pins(config_json: Path, model_type: str) -> None:
 
 
 def readme_served_cell(model_type: str) -> str:
-    """The "served natively by" cell of ``model_type``'s row in the README's family table."""
-    for line in README.read_text().splitlines():
-        if line.startswith("| ") and f"`{model_type}`" in line.split("|")[1]:
+    """The "served natively by" cell of ``model_type``'s row in the README's native family table."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| family (`model_type`)"))
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        if f"`{model_type}`" in line.split("|")[1]:
             return line.rstrip(" |").rsplit("|", 1)[-1].strip()
     raise AssertionError(f"README.md's native family table has no row for `{model_type}`")
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILY_MODULES))
-def test_field_lists_cover_every_registered_family(model_type):
-    fields = pinned_fields(model_type)
-    served = readme_served_cell(model_type)
-    if fields["5.19.0"] is None:  # SGLang's transformers cannot build the config: SGLang cannot serve it
-        assert "SGLang" not in served, f"{model_type} is not in transformers 5.19.0; README says {served!r}"
-    if all(f is None for f in fields.values()):
-        assert served.startswith("none"), (
-            f"{model_type} exists in none of the serving pins ({', '.join(SERVING_PINS)}): the README row "
-            f"must say so (it says {served!r})"
+def test_readme_names_the_engines_whose_registries_have_the_family(model_type):
+    """The README's "served natively by" cell names exactly the engines whose model registry has the
+    architecture the export writes (``tests/data/serving_engines.json``, read from the engines' wheels by
+    scripts/serving_registry.py), and says "none" where neither has it."""
+    pinned_fields(model_type)  # the field lists cover the family too
+    engines = json.loads(SERVING_ENGINES.read_text())["families"]
+    if model_type not in engines:
+        pytest.fail(
+            f"{SERVING_ENGINES.name} has no entry for model_type={model_type!r}; regenerate it as "
+            "scripts/serving_registry.py's docstring says (two pip downloads, no install)"
         )
+    row = engines[model_type]
+    served = {engine for engine in ("vLLM", "SGLang") if row[engine]}
+    cell = readme_served_cell(model_type)
+    head = cell.split(";")[0]  # what follows a ';' qualifies (e.g. "not SGLang")
+    if not served:
+        assert cell.startswith("none"), f"no engine registers {row['architecture']}; README says {cell!r}"
+    else:
+        named = {engine for engine in ("vLLM", "SGLang") if engine in head}
+        assert named == served and not cell.startswith("none"), f"registries: {sorted(served)}; {cell!r}"
+    if row["vLLM"] == "Transformers backend":
+        assert "Transformers backend" in head, cell
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILY_MODULES))
@@ -129,6 +152,22 @@ def test_export_needs_no_field_newer_than_the_serving_pins(model_type, tmp_path)
     with context(model_type):
         export_native(our_model(model_type), tmp_path / "out", to=model_type)
     assert_known_to_serving_pins(tmp_path / "out" / "config.json", model_type)
+
+
+@pytest.mark.parametrize(
+    "model_type", [t for t in sorted(FAMILY_MODULES) if get_family(t).derived_native_fields]
+)
+def test_fields_the_class_derives_are_left_to_each_release(model_type, tmp_path):
+    """DeepSeek-V3.2 / GLM-MoE-DSA derive layer_types themselves, spelled "deepseek_sparse_attention" by
+    transformers 5.16 (which refuses the later "indexed_attention"): the export leaves such fields out, and
+    the config read back derives the value the exported model had."""
+    family = get_family(model_type)
+    native = export_native(our_model(model_type), tmp_path / "out", to=model_type)
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    reread = type(native.config).from_pretrained(tmp_path / "out")
+    for key in family.derived_native_fields:
+        assert key not in raw, f"{model_type} export writes {key}={raw.get(key)!r}"
+        assert getattr(reread, key) == getattr(native.config, key), key
 
 
 def test_allowed_extras_name_registered_families():
@@ -245,10 +284,11 @@ def export_with_reference(model_type: str, dst: Path, **overrides) -> None:
 @pytest.mark.slow
 def test_every_export_loads_under_the_serving_pins_with_equal_logits(tmp_path):
     """For every registered family: export a tiny model of ours, load it with each pinned release and compare
-    its logits with the export's under the installed transformers (fp32, ≤ 1e-5).
-    ``HF_HYBRID_OLD_TRANSFORMERS=/dir/5.19.0:/dir/5.22.2``, each dir an unpacked wheel
-    (``pip download --no-deps transformers==5.19.0 -d w; unzip w/transformers-5.19.0-*.whl -d /dir/5.19.0``).
-    No network. Skipped when the variable is unset."""
+    its logits with the export's under the installed transformers (fp32, ≤ 1e-5). No network.
+    ``HF_HYBRID_OLD_TRANSFORMERS=/dir/5.16.1:/dir/5.19.0:/dir/5.22.2``, each dir an unpacked wheel
+    (``pip download --no-deps transformers==5.19.0 -d w; unzip w/transformers-5.19.0-*.whl -d /dir/5.19.0``)
+    plus what that release needs and this environment lacks (5.16.1: ``pip install --target /dir/5.16.1
+    'huggingface-hub>=1.5,<2'``). Skipped when the variable is unset."""
     roots = [p for p in os.environ.get("HF_HYBRID_OLD_TRANSFORMERS", "").split(":") if p]
     if not roots:
         pytest.skip("set HF_HYBRID_OLD_TRANSFORMERS to unpacked transformers wheels (see the docstring)")

@@ -326,11 +326,27 @@ def export_native(
 
         def write(tmp: Path) -> None:
             native_model.save_pretrained(tmp)
+            _leave_out_derived(tmp / "config.json", family)
             copy_carried_files(src_dir, tmp, overwrite=True)
             (tmp / "README.md").write_text(_export_card(hybrid_cfg, family, src), encoding="utf-8")
 
         write_atomically(dst_path, write)
     return native_model
+
+
+def _leave_out_derived(config_json: Path, family: NativeFamily) -> None:
+    """Drop from the written config the ``family.derived_native_fields`` whose value is what the config class
+    derives without them (read back without the field: the same value), so that an older release serving
+    engines pin derives its own spelling instead of refusing ours."""
+    raw = json.loads(config_json.read_text())
+    dropped = False
+    for key in family.derived_native_fields:
+        if key in raw:
+            without = {k: v for k, v in raw.items() if k != key}
+            if getattr(family.config_class.from_dict(without), key, None) == raw[key]:
+                raw, dropped = without, True
+    if dropped:  # transformers' own layout of config.json
+        config_json.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _keep_fp32(native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

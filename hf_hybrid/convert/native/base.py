@@ -428,6 +428,11 @@ class NativeFamily:
     native_context: Callable[[], Any] | None = None
     # The first transformers release that has the family (None: every supported release).
     min_transformers: str | None = None
+    # Native fields the config class derives itself when they are absent, spelled differently across the
+    # releases serving engines pin: the export leaves them out of config.json where they equal that
+    # derivation, so each release derives its own (DeepSeek-V3.2's layer_types: "deepseek_sparse_attention"
+    # in transformers 5.16, which rejects the "indexed_attention" of later releases).
+    derived_native_fields: tuple[str, ...] = ()
 
     # ---- classes ----
     @property

@@ -385,6 +385,7 @@ DEEPSEEK_V32 = NativeFamily(
     mixer_rules={"dsa": DSA_RULES},
     mlp_rules={"moe": MOE_RULES, "dense": DENSE_RULES},
     check_ours=_check_dsa_export,
+    derived_native_fields=("layer_types",),
     tiny_config=dict(_DSA_TINY),
     exactness="exact (fp32 ≤ 1e-5); at index_topk < T on inputs without tied indexer scores at the cut",
 )
@@ -406,6 +407,7 @@ GLM_MOE_DSA = NativeFamily(
     mixer_rules={"dsa": DSA_RULES},
     mlp_rules={"moe": MOE_RULES, "dense": DENSE_RULES},
     check_ours=_check_dsa_export,
+    derived_native_fields=("layer_types",),
     tiny_config=dict(_DSA_TINY, num_hidden_layers=4, indexer_types=["full", "shared", "full", "shared"]),
     exactness="exact (fp32 ≤ 1e-5); at index_topk < T on inputs without tied indexer scores at the cut",
 )
