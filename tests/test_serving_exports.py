@@ -60,18 +60,26 @@ ALLOWED_EXTRAS: dict[tuple[str, str], str] = {
     },
 }
 
-# Families whose exports old releases load but compute differently, for a reason in those releases' modeling
-# code (nothing the export writes could avoid it): family -> (the layout on which they agree, the reason).
-# README.md states each one. The slow test checks both halves: the default tiny model differs, this layout
-# agrees.
+# Families whose exports some pinned releases load but compute differently, for a reason in those releases'
+# modeling code (nothing the export writes could avoid it): family -> (those releases, how to agree there:
+# a model override or a from_pretrained option, the reason). README.md states each one. The slow test checks
+# both halves: the default tiny model differs exactly there, and agrees the other way.
 _GROUPED_NORM = (
     "transformers < 5.23 normalises the Mamba-2 gated RMSNorm over all mamba_n_groups groups at once; 5.23 "
-    "normalises each group, as Mamba-2 itself, vLLM's Mixer2RMSNormGated and hf_hybrid do: equal only at "
-    "mamba_n_groups=1"
+    "normalises each group, as Mamba-2 itself, hf_hybrid, and vLLM's / SGLang's Mixer2RMSNormGated do: equal "
+    "only at mamba_n_groups=1"
 )
-OLD_RELEASES_DIFFER: dict[str, tuple[dict, str]] = {
-    "bamba": ({"mamba_n_groups": 1}, _GROUPED_NORM),
-    "granitemoehybrid": ({"mamba_n_groups": 1}, _GROUPED_NORM),
+_BOOL_MASK = (
+    "transformers 5.16's DSA code adds the boolean mask SDPA gets to the indexer scores and masked_fill's it "
+    "with a float (5.17 checks attention_mask.dtype == torch.bool): with padding anywhere in the batch the "
+    "sparse selection is masked wrongly under SDPA; eager attention (a float mask) agrees"
+)
+_BEFORE_5_23 = ("5.16.1", "5.19.0", "5.22.2")
+OLD_RELEASES_DIFFER: dict[str, tuple[tuple[str, ...], dict, str]] = {
+    "bamba": (_BEFORE_5_23, {"overrides": {"mamba_n_groups": 1}}, _GROUPED_NORM),
+    "granitemoehybrid": (_BEFORE_5_23, {"overrides": {"mamba_n_groups": 1}}, _GROUPED_NORM),
+    "deepseek_v32": (("5.16.1",), {"load": {"attn_implementation": "eager"}}, _BOOL_MASK),
+    "glm_moe_dsa": (("5.16.1",), {"load": {"attn_implementation": "eager"}}, _BOOL_MASK),
 }
 
 
@@ -251,7 +259,7 @@ print(json.dumps({"version": transformers.__version__}), flush=True)
 for path in sys.argv[1:]:
     ref = torch.load(path + "/reference.pt")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, **ref["load"]).eval()
         with torch.no_grad():
             got = model(input_ids=ref["ids"], attention_mask=ref["mask"], position_ids=ref["positions"],
                         use_cache=False).logits
@@ -262,10 +270,10 @@ for path in sys.argv[1:]:
 """
 
 
-def export_with_reference(model_type: str, dst: Path, **overrides) -> None:
+def export_with_reference(model_type: str, dst: Path, *, overrides=None, load=None) -> None:
     """Export our tiny model of ``model_type`` to ``dst`` and store there the logits the export gives under
     the installed transformers (left-padded batch; DSA families on an input without top-k ties)."""
-    ours = our_model(model_type, **overrides)
+    ours = our_model(model_type, **(overrides or {}))
     ids, mask = left_padded(ours.config.vocab_size)
     if "dsa" in ours.config.mixer_types:  # torch.topk orders ties arbitrarily: compare where there are none
         for seed in range(1, 20):
@@ -278,7 +286,8 @@ def export_with_reference(model_type: str, dst: Path, **overrides) -> None:
         native = AutoModelForCausalLM.from_pretrained(dst).eval()
         with torch.no_grad():
             out = native(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-    torch.save({"ids": ids, "mask": mask, "positions": positions, "logits": out.logits}, dst / "reference.pt")
+    reference = {"ids": ids, "mask": mask, "positions": positions, "logits": out.logits, "load": load or {}}
+    torch.save(reference, dst / "reference.pt")  # "load": from_pretrained options for the old release
 
 
 @pytest.mark.slow
@@ -292,16 +301,16 @@ def test_every_export_loads_under_the_serving_pins_with_equal_logits(tmp_path):
     roots = [p for p in os.environ.get("HF_HYBRID_OLD_TRANSFORMERS", "").split(":") if p]
     if not roots:
         pytest.skip("set HF_HYBRID_OLD_TRANSFORMERS to unpacked transformers wheels (see the docstring)")
-    exported: dict[str, tuple[str, bool]] = {}  # directory -> (family, whether old releases must agree)
+    exported: dict[str, tuple[str, tuple[str, ...]]] = {}  # directory -> (family, releases where it differs)
     for model_type in sorted(FAMILY_MODULES):
         if not get_family(model_type).available:
             continue
-        exported[model_type] = (model_type, model_type not in OLD_RELEASES_DIFFER)
+        differs_in, agree_by, _ = OLD_RELEASES_DIFFER.get(model_type, ((), None, None))
+        exported[model_type] = (model_type, differs_in)
         export_with_reference(model_type, tmp_path / model_type)
-        if model_type in OLD_RELEASES_DIFFER:  # the documented difference, and the layout that avoids it
-            overrides = OLD_RELEASES_DIFFER[model_type][0]
-            exported[f"{model_type}-agreeing"] = (model_type, True)
-            export_with_reference(model_type, tmp_path / f"{model_type}-agreeing", **overrides)
+        if agree_by:  # the documented difference, and the way that avoids it
+            exported[f"{model_type}-agreeing"] = (model_type, ())
+            export_with_reference(model_type, tmp_path / f"{model_type}-agreeing", **agree_by)
     failures, rows = [], []
     for root in roots:
         run = subprocess.run(
@@ -316,7 +325,7 @@ def test_every_export_loads_under_the_serving_pins_with_equal_logits(tmp_path):
         version = lines[0]["version"]
         assert version in SERVING_PINS, f"{root} holds transformers {version}, not a pin {list(SERVING_PINS)}"
         results = {Path(x["path"]).name: x for x in lines[1:]}
-        for name, (model_type, must_agree) in exported.items():
+        for name, (model_type, differs_in) in exported.items():
             has_family = pinned_fields(model_type)[version] is not None
             got = results[name]
             if "error" in got:
@@ -327,9 +336,9 @@ def test_every_export_loads_under_the_serving_pins_with_equal_logits(tmp_path):
             rows.append(f"{name:26} {version}: {got['class']:30} max |Δlogit| {got['err']:.1e}")
             if not has_family:
                 failures.append(f"{name} loads under {version}, which the field lists say lacks it")
-            elif must_agree and not got["err"] <= ATOL:
+            elif version not in differs_in and not got["err"] <= ATOL:
                 failures.append(f"{name} under {version}: logits differ by {got['err']:.3g}")
-            elif not must_agree and got["err"] <= ATOL:  # the README's statement would be stale
+            elif version in differs_in and got["err"] <= ATOL:  # the README's statement would be stale
                 failures.append(f"{name} agrees under {version}: OLD_RELEASES_DIFFER[{model_type!r}] stale")
     print("\n".join(rows))
     assert not failures, "\n".join(failures)
