@@ -294,10 +294,9 @@ def export_with_reference(model_type: str, dst: Path, *, overrides=None, load=No
 def test_every_export_loads_under_the_serving_pins_with_equal_logits(tmp_path):
     """For every registered family: export a tiny model of ours, load it with each pinned release and compare
     its logits with the export's under the installed transformers (fp32, ≤ 1e-5). No network.
-    ``HF_HYBRID_OLD_TRANSFORMERS=/dir/5.16.1:/dir/5.19.0:/dir/5.22.2``, each dir an unpacked wheel
-    (``pip download --no-deps transformers==5.19.0 -d w; unzip w/transformers-5.19.0-*.whl -d /dir/5.19.0``)
-    plus what that release needs and this environment lacks (5.16.1: ``pip install --target /dir/5.16.1
-    'huggingface-hub>=1.5,<2'``). Skipped when the variable is unset."""
+    ``HF_HYBRID_OLD_TRANSFORMERS=/dir/5.16.1:/dir/5.19.0:/dir/5.22.2``, each dir an unpacked wheel (plus what
+    that release needs and this environment lacks), as ``bash scripts/old_transformers.sh /dir`` makes them.
+    Skipped when the variable is unset."""
     roots = [p for p in os.environ.get("HF_HYBRID_OLD_TRANSFORMERS", "").split(":") if p]
     if not roots:
         pytest.skip("set HF_HYBRID_OLD_TRANSFORMERS to unpacked transformers wheels (see the docstring)")
