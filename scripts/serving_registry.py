@@ -6,10 +6,11 @@ up in the engines' own model registries, read from their wheels (zips; nothing i
     pip download --no-deps sglang==0.5.23 -d wheels/
     python scripts/serving_registry.py wheels/vllm-0.34.0-*.whl wheels/sglang-0.5.23-*.whl
 
-vLLM: ``vllm/model_executor/models/registry.py`` — ``_TEXT_GENERATION_MODELS`` (its own implementation),
-``_TRANSFORMERS_SUPPORTED_MODELS`` (served through its Transformers backend: attention layers only),
-``_PREVIOUSLY_SUPPORTED_MODELS`` (removed, with the last release that had it). SGLang: every module of
-``sglang/srt/models/`` with an ``EntryClass`` (its registry imports them all and keys them by class name).
+vLLM: ``vllm/model_executor/models/registry.py`` — ``_TEXT_GENERATION_MODELS`` and ``_MULTIMODAL_MODELS``
+(its own implementation), ``_TRANSFORMERS_SUPPORTED_MODELS`` (served through its Transformers backend:
+attention layers only), ``_PREVIOUSLY_SUPPORTED_MODELS`` (removed, with the last release that had it).
+SGLang: every module of ``sglang/srt/models/`` with an ``EntryClass`` (its registry imports them all and keys
+them by class name).
 Also recorded: whether the engine has a config class of its own for the model_type (vLLM's
 ``_CONFIG_REGISTRY``; a ``model_type = ...`` class in SGLang's ``sglang/srt/configs/``), read instead of
 transformers' (then it needs no transformers release that has the family), and the oldest transformers in
@@ -31,7 +32,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_REGISTRY = "vllm/model_executor/models/registry.py"
-VLLM_TABLES = ("_TEXT_GENERATION_MODELS", "_TRANSFORMERS_SUPPORTED_MODELS", "_PREVIOUSLY_SUPPORTED_MODELS")
+VLLM_TABLES = (
+    "_TEXT_GENERATION_MODELS",
+    "_MULTIMODAL_MODELS",
+    "_TRANSFORMERS_SUPPORTED_MODELS",
+    "_PREVIOUSLY_SUPPORTED_MODELS",
+)
 OUT = ROOT / "tests" / "data" / "serving_engines.json"
 ENGINES = {"vLLM": "vllm 0.34.0", "SGLang": "sglang 0.5.23"}
 
@@ -118,6 +124,17 @@ def families() -> list[str]:
     return sorted(names)
 
 
+def export_architecture(model_type: str) -> str | None:
+    """The class name ``hf-hybrid export --to model_type`` writes to ``config.architectures`` (a registered
+    family this transformers has), else None."""
+    sys.path.insert(0, str(ROOT))
+    from hf_hybrid.convert.native import FAMILY_MODULES, get_family
+
+    if model_type not in FAMILY_MODULES or not get_family(model_type).available:
+        return None
+    return get_family(model_type).model_class.__name__
+
+
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         raise SystemExit(__doc__)
@@ -131,10 +148,10 @@ def main(argv: list[str]) -> None:
     first = json.loads((ROOT / "tests/data/transformers_config_fields.json").read_text())["first_release"]
     table = {}
     for model_type in families():
-        arch = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+        arch = export_architecture(model_type) or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
         if arch is None:
             continue  # not in this transformers: no architecture name to look up
-        if arch in vllm["_TEXT_GENERATION_MODELS"]:
+        if arch in vllm["_TEXT_GENERATION_MODELS"] or arch in vllm["_MULTIMODAL_MODELS"]:
             v = "native"
         elif arch in vllm["_TRANSFORMERS_SUPPORTED_MODELS"]:
             v = "Transformers backend"
