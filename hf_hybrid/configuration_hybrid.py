@@ -250,6 +250,11 @@ class HybridConfig(PreTrainedConfig):
     # layer, as GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full". Entries of non-DSA layers
     # are ignored.
     dsa_indexer_types: list[str] | None = None
+    # ---- DSA indexer pooling (GLM-5-Next's index_kpool) ----
+    # > 1: the indexer scores pools of this many consecutive tokens of a document (learned per-channel
+    # weighted average of their keys), keeps the best index_topk // index_pool_size pools and always the
+    # query's own incomplete pool; 1: every token scored on its own (DeepSeek-V3.2).
+    index_pool_size: int = 1
 
     # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
     num_experts: int = 8
