@@ -232,6 +232,11 @@ class HybridConfig(PreTrainedConfig):
     # qk_rope_head_dim (DeepSeek); else qk_rope_head_dim/2 pair indices into the table of size head_dim
     # (partial RoPE kept from a dense source, which keeps its frequencies).
     mla_rope_pairs: list[int] | None = None
+    # ---- gated MLA output (AXK2's attention) ----
+    # True: q_b_proj reads [q_a_layernorm(c_q), c_q] (the normed and the raw q latent, 2·q_lora_rank wide)
+    # and emits per head the query and a gate g [v_head_dim]; each head's output is multiplied by sigmoid(g)
+    # before o_proj. Needs q_lora_rank.
+    mla_output_gate: bool = False
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
     index_n_heads: int = 8

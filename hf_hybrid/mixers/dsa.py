@@ -418,9 +418,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             key_start = key_start_positions(ctx, t, hidden_states.device)
             selection = self._shared_selection(ctx)
             o_lat = self._attend_selected(q_lat, k_lat, p.c_kv[:, :, None], selection, key_start, ctx)
-            return self.o_proj(
-                self.latent_to_value(o_lat, w_uv).reshape(b, t, self.num_heads * self.v_head_dim)
-            )
+            return self.output(self.latent_to_value(o_lat, w_uv), p.gate)
         if self.mode == "sparse":
             idx = self._select(q_i, k_i, w, key_start, ctx)
             if self.training or t * idx.shape[-1] >= p.c_kv.shape[1] or self.topk >= p.c_kv.shape[1]:
@@ -442,7 +440,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             self._losses_and_metrics(q_lat, k_lat, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
         if out is None:
             return self._dense(p, ctx, b, t)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+        return self.output(out, p.gate)
 
     def _dense(self, p, ctx: MixerContext, b: int, t: int) -> torch.Tensor:
         mask = ctx.masks.get("full_attention")
@@ -453,7 +451,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
                 out = self.attend_absorbed(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx, weights)
         if out is None:
             out = self.attend_dense(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+        return self.output(out, p.gate)
 
 
 class DSAOnAttention(_DSAMixin, HybridAttention):
