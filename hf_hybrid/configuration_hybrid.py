@@ -124,8 +124,13 @@ class HybridConfig(PreTrainedConfig):
     mlp_residual_scale: float = 1.0
     mlp_output_scale: float = 1.0
     # Per layer "pre" (x + f(norm(x)) for the mixer and the MLP) or "post" (x + norm(f(x)): OLMo 2 / 3's
-    # blocks, OLMo Hybrid's attention layers); None: every layer "pre".
+    # blocks, OLMo Hybrid's attention layers) or "sandwich" (x + norm'(f(norm(x))): Ergo, Gemma 2 / 3); None:
+    # every layer "pre".
     norm_placement: list[str] | None = None
+    # ---- Ergo's residual gates ----
+    # True: each branch f joins the stream as σ(w)·f + sqrt(1 + σ(w))·exp(-softplus(w)/2)·x, with a learned
+    # w [hidden_size] per branch and layer (ErgoResidualGate), instead of x + f.
+    residual_gates: bool = False
     # Per layer which of its two norms are low-rank gated RMSNorms, y · sigmoid(W_up silu(W_down y)) on y =
     # RMSNorm(x) (AXK2): "none", "mixer", "mlp" or "both"; None: none. gated_norm_rank: the gate's rank r.
     gated_norms: list[str] | None = None
@@ -269,6 +274,12 @@ class HybridConfig(PreTrainedConfig):
     shared_expert_intermediate_size: int | None = None  # defaults: num_shared_experts * moe_intermediate_size
     # shared output scaled by sigmoid(x·w_gate), w_gate [1, H] (Qwen2-MoE/Qwen3-Next)
     shared_expert_gate: bool = False
+    # ---- Ergo's normed experts ----
+    # moe_expert_norm: each routed expert's output passes an RMSNorm with that expert's own weight [H] before
+    # the routing weight scales it (ErgoExpertNorm); shared_expert_norm: an RMSNorm on the shared experts'
+    # output (ErgoSharedExpert).
+    moe_expert_norm: bool = False
+    shared_expert_norm: bool = False
     router_scoring_func: str = "softmax"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
@@ -653,10 +664,28 @@ class HybridConfig(PreTrainedConfig):
                     f"num_hidden_layers={n}; give one of 'pre', 'post' per layer"
                 )
             for i, p in enumerate(self.norm_placement):
-                if p not in ("pre", "post"):
+                if p not in ("pre", "post", "sandwich"):
                     raise ValueError(
-                        f"HybridConfig.norm_placement[{i}]={p!r} is not allowed; choose one of: pre, post"
+                        f"HybridConfig.norm_placement[{i}]={p!r} is not allowed; choose one of: pre, post, "
+                        "sandwich"
                     )
+        # ---- residual gates ----
+        if not isinstance(self.residual_gates, bool):
+            raise ValueError(f"HybridConfig.residual_gates={self.residual_gates!r} must be True or False")
+        if self.residual_gates:
+            scaled = (
+                self.residual_from_norm
+                or self.mixer_residual_scales is not None
+                or self.mixer_output_scales is not None
+                or self.mlp_residual_scale != 1.0
+                or self.mlp_output_scale != 1.0
+            )
+            if scaled:
+                raise ValueError(
+                    "HybridConfig.residual_gates=True replaces the residual sum by a learned gate; it cannot "
+                    "be combined with residual_from_norm or residual / output scales (allowed: their "
+                    "defaults)"
+                )
 
     def validate_hybrid(self):
         require_positive(
