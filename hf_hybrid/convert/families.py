@@ -30,6 +30,7 @@ FAMILY_MODULES: dict[str, str] = {
     "nemotron_h": "nemotron_h",
     "kimi_linear": "kimi_linear",
     "minicpm5_moe": "minicpm5_moe",  # transformers >= 5.25
+    "ergo": "ergo",  # transformers >= 5.25
 }
 
 

@@ -63,7 +63,6 @@ NEEDS_MISSING_LAYER: dict[str, str] = {
     "hy_v4": "HY-V4's hyper-connection residual streams (HYV4HyperConnection) and learned attention sinks",
     "mistral_large4": "Mistral-Large-4's cross-layer KV sharing (kv_sharing_modes)",
     "glm5_next": "GLM-5-Next's hyper-connection residual streams and k-pool indexer compression",
-    "ergo": "Ergo's per-expert output RMSNorm and normed shared expert",
 }
 
 

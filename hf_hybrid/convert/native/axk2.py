@@ -210,6 +210,9 @@ FAMILIES = {
             index_head_dim=16,
             index_topk=5,
             gated_norm_rank=6,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
         ),
         exactness="exact (fp32 ≤ 1e-5); at index_topk < T on inputs without tied indexer scores at the cut",
     )
