@@ -119,16 +119,18 @@ class LightningIndexer(nn.Module):
         ends = pooling.pool_ends(key_doc, s, self.pool, batch=b, device=k_cached.device)
         keys, gates = k_cached.split(self.head_dim, dim=-1)
         pooled = pooling.pooled_keys(keys, gates, self.pool_ape, ends, self.pool)
-        return PooledKeys(pooled, ends, pooling.pooled_token_keys(pooled, ends, s, self.pool))
+        # each token's pool key is read by the indexer loss only (training)
+        per_token = pooling.pooled_token_keys(pooled, ends, s, self.pool) if self.training else None
+        return PooledKeys(pooled, ends, per_token)
 
 
 class PooledKeys(NamedTuple):
     """The indexer keys of a pooled layer: pooled [B, NP, d_I], ends [B, NP] (last token of each pool, -1 =
-    none), per_token [B, S, d_I] (each token's pool key, 0 outside complete pools)."""
+    none), per_token [B, S, d_I] (each token's pool key, 0 outside complete pools; None out of training)."""
 
     pooled: torch.Tensor
     ends: torch.Tensor
-    per_token: torch.Tensor
+    per_token: torch.Tensor | None
 
 
 def key_start_positions(ctx: MixerContext, t: int, device: torch.device) -> torch.Tensor | None:
