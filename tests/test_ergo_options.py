@@ -135,3 +135,12 @@ def test_options_build_what_they_say_and_refusals_name_the_field():
     ]:
         with pytest.raises(Exception, match=message):
             HybridConfig(**{**tiny_config().to_dict(), "layer_types": None, **overrides})
+
+
+def test_upcycle_refuses_normed_experts():
+    from hf_hybrid.convert.upcycle import UpcycleOptions, check_upcycle
+
+    for name in ("moe_expert_norm", "shared_expert_norm"):
+        cfg = tiny_config(**{name: True}, num_shared_experts=1)
+        with pytest.raises(ValueError, match=rf"upcycle: HybridConfig.{name}=True .*allowed: {name}=False"):
+            check_upcycle(cfg, UpcycleOptions(num_experts=2, top_k=1))
