@@ -124,8 +124,13 @@ class HybridConfig(PreTrainedConfig):
     mlp_residual_scale: float = 1.0
     mlp_output_scale: float = 1.0
     # Per layer "pre" (x + f(norm(x)) for the mixer and the MLP) or "post" (x + norm(f(x)): OLMo 2 / 3's
-    # blocks, OLMo Hybrid's attention layers); None: every layer "pre".
+    # blocks, OLMo Hybrid's attention layers) or "sandwich" (x + norm'(f(norm(x))): Ergo, Gemma 2 / 3); None:
+    # every layer "pre".
     norm_placement: list[str] | None = None
+    # ---- Ergo's residual gates ----
+    # True: each branch f joins the stream as σ(w)·f + sqrt(1 + σ(w))·exp(-softplus(w)/2)·x, with a learned
+    # w [hidden_size] per branch and layer (ErgoResidualGate), instead of x + f.
+    residual_gates: bool = False
     # Per layer which of its two norms are low-rank gated RMSNorms, y · sigmoid(W_up silu(W_down y)) on y =
     # RMSNorm(x) (AXK2): "none", "mixer", "mlp" or "both"; None: none. gated_norm_rank: the gate's rank r.
     gated_norms: list[str] | None = None
@@ -232,6 +237,11 @@ class HybridConfig(PreTrainedConfig):
     # qk_rope_head_dim (DeepSeek); else qk_rope_head_dim/2 pair indices into the table of size head_dim
     # (partial RoPE kept from a dense source, which keeps its frequencies).
     mla_rope_pairs: list[int] | None = None
+    # ---- gated MLA output (AXK2's attention) ----
+    # True: q_b_proj reads [q_a_layernorm(c_q), c_q] (the normed and the raw q latent, 2·q_lora_rank wide)
+    # and emits per head the query and a gate g [v_head_dim]; each head's output is multiplied by sigmoid(g)
+    # before o_proj. Needs q_lora_rank.
+    mla_output_gate: bool = False
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
     index_n_heads: int = 8
@@ -250,6 +260,11 @@ class HybridConfig(PreTrainedConfig):
     # layer, as GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full". Entries of non-DSA layers
     # are ignored.
     dsa_indexer_types: list[str] | None = None
+    # ---- DSA indexer pooling (GLM-5-Next's index_kpool) ----
+    # > 1: the indexer scores pools of this many consecutive tokens of a document (learned per-channel
+    # weighted average of their keys), keeps the best index_topk // index_pool_size pools and always the
+    # query's own incomplete pool; 1: every token scored on its own (DeepSeek-V3.2).
+    index_pool_size: int = 1
 
     # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
     num_experts: int = 8
@@ -259,6 +274,12 @@ class HybridConfig(PreTrainedConfig):
     shared_expert_intermediate_size: int | None = None  # defaults: num_shared_experts * moe_intermediate_size
     # shared output scaled by sigmoid(x·w_gate), w_gate [1, H] (Qwen2-MoE/Qwen3-Next)
     shared_expert_gate: bool = False
+    # ---- Ergo's normed experts ----
+    # moe_expert_norm: each routed expert's output passes an RMSNorm with that expert's own weight [H] before
+    # the routing weight scales it (ErgoExpertNorm); shared_expert_norm: an RMSNorm on the shared experts'
+    # output (ErgoSharedExpert).
+    moe_expert_norm: bool = False
+    shared_expert_norm: bool = False
     router_scoring_func: str = "softmax"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
@@ -643,10 +664,28 @@ class HybridConfig(PreTrainedConfig):
                     f"num_hidden_layers={n}; give one of 'pre', 'post' per layer"
                 )
             for i, p in enumerate(self.norm_placement):
-                if p not in ("pre", "post"):
+                if p not in ("pre", "post", "sandwich"):
                     raise ValueError(
-                        f"HybridConfig.norm_placement[{i}]={p!r} is not allowed; choose one of: pre, post"
+                        f"HybridConfig.norm_placement[{i}]={p!r} is not allowed; choose one of: pre, post, "
+                        "sandwich"
                     )
+        # ---- residual gates ----
+        if not isinstance(self.residual_gates, bool):
+            raise ValueError(f"HybridConfig.residual_gates={self.residual_gates!r} must be True or False")
+        if self.residual_gates:
+            scaled = (
+                self.residual_from_norm
+                or self.mixer_residual_scales is not None
+                or self.mixer_output_scales is not None
+                or self.mlp_residual_scale != 1.0
+                or self.mlp_output_scale != 1.0
+            )
+            if scaled:
+                raise ValueError(
+                    "HybridConfig.residual_gates=True replaces the residual sum by a learned gate; it cannot "
+                    "be combined with residual_from_norm or residual / output scales (allowed: their "
+                    "defaults)"
+                )
 
     def validate_hybrid(self):
         require_positive(

@@ -314,6 +314,10 @@ def estimate_cost(
             else:
                 exact = False
         norms = (h if mixer_kind.cls is not None else 0) + (h if mlp_kind.cls is not None else 0)
+        # "sandwich" placement: a second RMSNorm on each branch's output; residual gates: w [h] per branch
+        placement = (getattr(config, "norm_placement", None) or ["pre"] * config.num_hidden_layers)[i]
+        extra = int(placement == "sandwich") + int(bool(getattr(config, "residual_gates", False)))
+        norms += extra * norms
         gated = (getattr(config, "gated_norms", None) or ["none"] * config.num_hidden_layers)[i]
         # a low-rank gated norm adds its gate's two matmuls, h·r each
         gate_matmul = 2 * h * (config.gated_norm_rank or 0)

@@ -40,6 +40,25 @@ class LowRankGatedRMSNorm(nn.Module):
         return (y * torch.sigmoid(gate.float())).to(y.dtype)
 
 
+class ResidualGate(nn.Module):
+    """Adds a branch ``f`` to the residual stream ``x`` with a learned weight ``w`` [D] per channel (Ergo's
+    ``ErgoResidualGate``, ``residual_gates=True``): ``σ(w)·f + sqrt(1 + σ(w))·exp(-softplus(w)/2)·x``, in
+    fp32, rounded to x's dtype. At w = 0 (the init) that is 0.5·f + 0.866·x."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim))
+
+    def init_hybrid_weights(self, init, config) -> None:
+        init.zeros_(self.weight)
+
+    def forward(self, branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        w = self.weight.float()
+        branch_gate = torch.sigmoid(w)
+        residual_gate = torch.sqrt(1.0 + branch_gate) * torch.exp(-0.5 * nn.functional.softplus(w))
+        return (branch_gate * branch.float() + residual_gate * residual.float()).to(residual.dtype)
+
+
 _GATE_ACTIVATIONS = {"silu": nn.functional.silu, "sigmoid": torch.sigmoid}
 
 

@@ -36,7 +36,7 @@ from .aux_loss import attach_aux_loss
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
 from .files import honour_umask
-from .layers import LowRankGatedRMSNorm, RMSNorm, rope_inv_freq
+from .layers import LowRankGatedRMSNorm, ResidualGate, RMSNorm, rope_inv_freq
 from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
 from .registry import mixer_mask, mixer_spec, mlp_spec
@@ -110,8 +110,11 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         self.mixer_type = config.mixer_types[layer_idx]
         self.mlp_type = config.mlp_types[layer_idx]
         mixer_cls = mixer_spec(self.mixer_type).cls
-        # "post" (OLMo 2 / 3): each branch's norm is on its output, x + norm(f(x)), and has its own name
-        self.post_norm = (config.norm_placement or ["pre"] * config.num_hidden_layers)[layer_idx] == "post"
+        # "post" (OLMo 2 / 3): each branch's norm is on its output, x + norm(f(x)), and has its own name;
+        # "sandwich" (Ergo): both, x + norm'(f(norm(x))), the low-rank gate (gated_norms) on the input one
+        placement = (config.norm_placement or ["pre"] * config.num_hidden_layers)[layer_idx]
+        self.post_norm = placement == "post"
+        sandwich = placement == "sandwich"
         gated = (config.gated_norms or ["none"] * config.num_hidden_layers)[layer_idx]
 
         def make_norm(branch: str) -> nn.Module:
@@ -129,6 +132,8 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
                 self.input_layernorm, self.post_mixer_layernorm = None, norm
             else:
                 self.input_layernorm = norm
+            if sandwich:
+                self.post_mixer_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.mixer = mixer_cls(config, layer_idx)
         self.residual_from_norm = config.residual_from_norm
         self.mixer_scales = (
@@ -146,7 +151,15 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
                 self.post_attention_layernorm, self.post_mlp_layernorm = None, norm
             else:
                 self.post_attention_layernorm = norm
+            if sandwich:
+                self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
             self.mlp = mlp_cls(config, layer_idx)
+        # Ergo's residual gates: a learned per-channel mix of branch and stream (residual_gates)
+        gates = config.residual_gates
+        self.mixer_residual_gate = (
+            ResidualGate(config.hidden_size) if gates and self.mixer is not None else None
+        )
+        self.mlp_residual_gate = ResidualGate(config.hidden_size) if gates and self.mlp is not None else None
 
     def mask_name(self, config: HybridConfig) -> str | None:
         """The transformers mask this layer's mixer reads now: the module's own answer when it depends on
@@ -186,19 +199,25 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             mixed = self.mixer(normed, ctx)
             if self.layer_idx in ctx.mixer_io_layers:
                 ctx.mixer_io[self.layer_idx] = (normed, mixed)
-            if self.post_norm:
+            if getattr(self, "post_mixer_layernorm", None) is not None:
                 mixed = self.post_mixer_layernorm(mixed)
-            hidden_states = self._residual(
-                normed if self.residual_from_norm else hidden_states, mixed, *self.mixer_scales
-            )
+            if self.mixer_residual_gate is not None:
+                hidden_states = self.mixer_residual_gate(mixed, hidden_states)
+            else:
+                hidden_states = self._residual(
+                    normed if self.residual_from_norm else hidden_states, mixed, *self.mixer_scales
+                )
         if self.mlp is not None:
             normed = hidden_states if self.post_norm else self.post_attention_layernorm(hidden_states)
             out = self.mlp(normed, ctx)
-            if self.post_norm:
+            if getattr(self, "post_mlp_layernorm", None) is not None:
                 out = self.post_mlp_layernorm(out)
-            hidden_states = self._residual(
-                normed if self.residual_from_norm else hidden_states, out, *self.mlp_scales
-            )
+            if self.mlp_residual_gate is not None:
+                hidden_states = self.mlp_residual_gate(out, hidden_states)
+            else:
+                hidden_states = self._residual(
+                    normed if self.residual_from_norm else hidden_states, out, *self.mlp_scales
+                )
         # When the caller builds no loss with them, this layer's auxiliary terms reach their parameters
         # through its output, whatever loss is built on top (hf_hybrid/aux_loss.py); under reentrant
         # checkpointing this happens when the backward replays the layer.

@@ -40,6 +40,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations.moe import use_experts_implementation
 
+from .layers import RMSNorm
 from .mixers.base import MixerContext, in_backward_recompute
 from .mlp import SwiGLU, swiglu_params
 from .specs import MLPCost, register_mlp, require_positive
@@ -335,6 +336,57 @@ class HybridUngatedExperts(nn.Module):
         )
 
 
+class ExpertOutputNorm(nn.Module):
+    """Per-expert RMSNorm of the routed experts' outputs (``moe_expert_norm``, Ergo's ``ErgoExpertNorm``):
+    ``forward(y [S, H], expert [S]) -> rms_norm(y) · weight[expert]`` in fp32, rounded to y's dtype; weight
+    [E, H], one row per expert."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(config.num_experts, config.hidden_size))
+        self.eps = config.rms_norm_eps
+
+    def forward(self, y_SH: torch.Tensor, expert_S: torch.Tensor) -> torch.Tensor:
+        normed = F.rms_norm(y_SH.float(), (y_SH.shape[-1],), eps=self.eps)
+        return (normed * self.weight.float()[expert_S]).to(y_SH.dtype)
+
+
+class _NormedExpertsMixin:
+    """Experts whose every output is normed by its expert's own RMSNorm before the routing weight scales it
+    (``moe_expert_norm``). The experts kernels (eager, ``batched_mm``, ``grouped_mm``) sum the K routes of a
+    token, so each route gets its own row with unit weight, as transformers' Ergo does; the norm and the
+    weighted sum follow."""
+
+    post_expert_norm: ExpertOutputNorm
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        N, K = top_k_index.shape
+        x_SH = hidden_states.repeat_interleave(K, dim=0) if K > 1 else hidden_states
+        expert_S1 = top_k_index.reshape(-1, 1)
+        y_SH = super().forward(x_SH, expert_S1, x_SH.new_ones(expert_S1.shape))
+        y_SH = self.post_expert_norm(y_SH, expert_S1.flatten())
+        out_NH = (y_SH.view(N, K, -1) * top_k_weights.unsqueeze(-1).to(y_SH.dtype)).sum(dim=1)
+        return out_NH.to(hidden_states.dtype)
+
+
+class HybridNormedExperts(_NormedExpertsMixin, HybridExperts):
+    """SwiGLU experts with per-expert output norms (``moe_expert_norm``)."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.post_expert_norm = ExpertOutputNorm(config)
+
+
+class HybridNormedUngatedExperts(_NormedExpertsMixin, HybridUngatedExperts):
+    """Ungated experts (``mlp_gated=False``) with per-expert output norms (Ergo's relu² experts)."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__(config)
+        self.post_expert_norm = ExpertOutputNorm(config)
+
+
 def experts_forward_loop(
     experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
 ) -> torch.Tensor:
@@ -357,6 +409,9 @@ def experts_forward_loop(
             y = F.linear(
                 experts.act_fn(F.linear(hidden_states[token_idx], experts.up_proj[e])), experts.down_proj[e]
             )
+        norm = getattr(experts, "post_expert_norm", None)
+        if norm is not None:  # moe_expert_norm: the expert's own RMSNorm, before the routing weight
+            y = (F.rms_norm(y.float(), (y.shape[-1],), eps=norm.eps) * norm.weight[e].float()).to(y.dtype)
         out_NH = out_NH.index_add(0, token_idx, y * top_k_weights[token_idx, slot, None].to(y.dtype))
     return out_NH
 
@@ -506,6 +561,14 @@ def _validate(config: HybridConfig) -> None:
     if config.num_shared_experts < 0:
         raise ValueError(f"HybridConfig.num_shared_experts={config.num_shared_experts} must be >= 0")
     require_positive(config, "shared_expert_intermediate_size", allow_none=True)
+    for name in ("moe_expert_norm", "shared_expert_norm"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"HybridConfig.{name}={getattr(config, name)!r} must be True or False")
+    if config.num_shared_experts == 0 and config.shared_expert_norm:
+        raise ValueError(
+            "HybridConfig.shared_expert_norm=True needs a shared expert; set num_shared_experts >= 1 "
+            "(it is 0)"
+        )
     if config.num_shared_experts == 0 and config.shared_expert_gate:
         raise ValueError(
             "HybridConfig.shared_expert_gate=True needs a shared "
@@ -533,6 +596,8 @@ def _describe(config: HybridConfig) -> list[tuple[str, str]]:
         f"{config.moe_routing}), expert intermediate {config.moe_intermediate_size}, "
         f"{config.num_shared_experts} shared"
         + (f" ({config.shared_expert_size} wide, sigmoid-gated)" if config.shared_expert_gate else "")
+        + (", per-expert output norms" if config.moe_expert_norm else "")
+        + (", normed shared output" if config.shared_expert_norm else "")
     )
     return [("MoE", text)]
 
@@ -549,8 +614,12 @@ def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     shared = swiglu_params(config, config.shared_expert_size)
     if config.num_shared_experts > 0 and config.shared_expert_gate:
         shared += config.hidden_size  # the shared experts' sigmoid gate [1, H]
-    total = router + e * expert + shared
-    return MLPCost(total, total, inactive_params=(e - k) * expert)
+    # moe_expert_norm: one RMSNorm row [H] per expert (a 2-D weight [E, H], counted with the matmul weights
+    # as every 2-D one is, and inactive with its expert); shared_expert_norm: one RMSNorm [H]
+    expert += config.hidden_size if config.moe_expert_norm else 0
+    norm = config.hidden_size if config.num_shared_experts > 0 and config.shared_expert_norm else 0
+    total = router + e * expert + shared + norm
+    return MLPCost(total, total - norm, inactive_params=(e - k) * expert)
 
 
 @register_mlp(
@@ -573,7 +642,12 @@ class HybridMoE(nn.Module):
         self.z_loss_coef = config.router_z_loss_coef
         self.seq_aux_loss_coef = config.router_seq_aux_loss_coef
         self.router = HybridTopKRouter(config, layer_idx)
-        self.experts = HybridExperts(config) if config.mlp_gated else HybridUngatedExperts(config)
+        if config.moe_expert_norm:  # Ergo: each expert's output normed by its own RMSNorm
+            self.experts = (
+                HybridNormedExperts(config) if config.mlp_gated else HybridNormedUngatedExperts(config)
+            )
+        else:
+            self.experts = HybridExperts(config) if config.mlp_gated else HybridUngatedExperts(config)
         self.shared_experts = (
             SwiGLU(config.hidden_size, config.shared_expert_size, config.hidden_act, gated=config.mlp_gated)
             if config.num_shared_experts > 0
@@ -583,6 +657,12 @@ class HybridMoE(nn.Module):
         self.shared_experts_gate = (
             nn.Linear(config.hidden_size, 1, bias=False)
             if config.num_shared_experts > 0 and config.shared_expert_gate
+            else None
+        )
+        # Ergo: an RMSNorm on the shared experts' output
+        self.shared_experts_norm = (
+            RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            if config.num_shared_experts > 0 and config.shared_expert_norm
             else None
         )
         self.last_counts: torch.Tensor | None = None
@@ -643,6 +723,8 @@ class HybridMoE(nn.Module):
         out_NH = self.experts(x_NH, index_NK, weights_NK.to(x_NH.dtype))
         if self.shared_experts is not None:
             shared_NH = self.shared_experts(x_NH)
+            if self.shared_experts_norm is not None:
+                shared_NH = self.shared_experts_norm(shared_NH)
             if self.shared_experts_gate is not None:
                 shared_NH = torch.sigmoid(self.shared_experts_gate(x_NH)) * shared_NH
             out_NH = out_NH + shared_NH
@@ -697,6 +779,9 @@ __all__ = [
     "HybridTopKRouter",
     "HybridExperts",
     "HybridUngatedExperts",
+    "HybridNormedExperts",
+    "HybridNormedUngatedExperts",
+    "ExpertOutputNorm",
     "experts_forward_loop",
     "stable_topk",
     "group_limited_mask",

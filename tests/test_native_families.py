@@ -33,7 +33,7 @@ from hf_hybrid.mixers.dsa import dsa_layers, index_ties
 
 ATOL = 1e-5
 T = 12
-DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "axk2")
 
 # model_type -> context manager factory to run that family's *native* model on CPU (e.g. hide fla-core).
 NATIVE_CONTEXT: dict[str, contextlib.AbstractContextManager] = {}
@@ -273,7 +273,7 @@ def test_exported_dir_loads_without_hf_hybrid(tmp_path):
     assert_close_on_real(logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask, "subprocess")
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "minimax_m2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "minimax_m2", "axk2"])
 def test_cli_import_export_and_inspect(family, tmp_path, capsys):
     from hf_hybrid.cli import main
     from hf_hybrid.cost import estimate_cost
@@ -728,3 +728,75 @@ def test_a_native_config_validation_error_is_a_readable_reason(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert "attention_output_gate=False" in err and "Error" not in err.split("error:", 1)[1], err
     assert max(map(len, err.splitlines())) <= 160 and not (tmp_path / "out").exists()
+
+
+def test_ergo_variants_cli_and_refusals(tmp_path):
+    """Ergo (transformers >= 5.25): global layers with RoPE (the same parameters as the sliding ones), an
+    all-sparse and a dense-heavy layout import and export exactly; CLI round trip with the family from the
+    lineage; a global q/k scale (native) and plain pre-norm layers (ours) are refused by name, nothing
+    written."""
+    family = get_family("ergo")
+    if not family.available:
+        pytest.skip("ergo needs transformers >= 5.25, not installed here")
+    from hf_hybrid import HybridConfig
+    from hf_hybrid.cli import main
+    from hf_hybrid.modeling_hybrid import HybridForCausalLM
+
+    ids, mask = batch(96)
+    rope = {"rope_type": "default", "rope_theta": 1e4}
+    for overrides in (
+        {"rope_parameters": {"sliding_attention": rope, "full_attention": dict(rope)}},
+        {"mlp_layer_types": ["sparse"] * 4},
+        {"mlp_layer_types": ["dense", "dense", "dense", "sparse"], "global_attention_every_n_layers": 4},
+    ):
+        native = build_native("ergo", **overrides)
+        hybrid = import_native(native)
+        if "rope_parameters" in overrides:
+            assert hybrid.config.nope_layers is None
+        ref = logits(native, ids, mask)
+        assert_close_on_real(ref, logits(hybrid, ids, mask), mask, str(overrides))
+        assert torch.equal(ref, logits(export_native(hybrid, to="ergo"), ids, mask))
+    src = _save_native_dir("ergo", tmp_path / "src")
+    assert main(["import", str(src), str(tmp_path / "hyb")]) == 0
+    assert main(["export", str(tmp_path / "hyb"), str(tmp_path / "nat")]) == 0  # family from the lineage
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "nat").eval()
+    assert type(back) is family.model_class
+    assert torch.equal(
+        logits(AutoModelForCausalLM.from_pretrained(src).eval(), ids, mask), logits(back, ids, mask)
+    )
+    with pytest.raises(NativeConversionError, match=r"global_attention_scale=2\.0"):
+        native_to_hybrid_config(family.config_class(**{**family.tiny_config, "global_attention_scale": 2.0}))
+    cfg = import_native(build_native("ergo")).config.to_dict()
+    for key in ("layer_types", "hf_hybrid_lineage", "transformers_version", "model_type", "architectures"):
+        cfg.pop(key, None)
+    plain = HybridForCausalLM(HybridConfig(**{**cfg, "norm_placement": None}))
+    with pytest.raises(NativeConversionError, match=r"norm_placement=None"):
+        export_native(plain, tmp_path / "out", to="ergo")
+    assert not (tmp_path / "out").exists()
+
+
+def test_axk2_grouped_routing_and_all_sparse_layouts():
+    """A.X-K2's larger releases route within expert groups (n_group / topk_group), A.X-K2-Light without
+    (None, our n_group = 1): both, and an all-MoE layout, import and export exactly (inputs checked tie-free
+    at the indexer's top-k cut)."""
+    for overrides in (
+        {"n_group": 2, "topk_group": 1},
+        {"mlp_layer_types": ["sparse"] * 3, "n_shared_experts": 2},
+    ):
+        native = build_native("axk2", **overrides)
+        hybrid = import_native(native)
+        assert hybrid.config.gated_norms == [
+            "both" if t == "sparse" else "mixer" for t in native.config.mlp_layer_types
+        ]
+        # an input whose indexer scores have no tie at the cut (transformers' torch.topk orders ties freely)
+        ids, mask = next(
+            (i, m)
+            for i, m in (batch(96, seed) for seed in range(1, 20))
+            if not index_ties(hybrid, input_ids=i, attention_mask=m)
+        )
+        ref = logits(native, ids, mask)
+        assert_close_on_real(ref, logits(hybrid, ids, mask), mask, str(overrides))
+        assert torch.equal(ref, logits(export_native(hybrid, to="axk2"), ids, mask))
+    light = import_native(build_native("axk2")).config
+    assert (light.n_group, light.topk_group) == (1, 1)
+    assert get_family("axk2").native_config(light).n_group is None

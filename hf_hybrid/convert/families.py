@@ -14,6 +14,7 @@ FAMILY_MODULES: dict[str, str] = {
     "deepseek_v3": "deepseek",
     "deepseek_v32": "deepseek",
     "glm_moe_dsa": "deepseek",
+    "axk2": "axk2",
     # dense attention families (import_dense is `hf-hybrid import`'s route for them; these specs add export)
     "llama": "dense",
     "mistral": "dense",
@@ -29,6 +30,7 @@ FAMILY_MODULES: dict[str, str] = {
     "nemotron_h": "nemotron_h",
     "kimi_linear": "kimi_linear",
     "minicpm5_moe": "minicpm5_moe",  # transformers >= 5.25
+    "ergo": "ergo",  # transformers >= 5.25
 }
 
 

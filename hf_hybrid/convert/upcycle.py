@@ -327,6 +327,12 @@ def check_upcycle(config: HybridConfig, opts: UpcycleOptions) -> list[int]:
                 f"upcycle: layers {not_dense} have no dense MLP (mlp_types: "
                 f"{[config.mlp_types[i] for i in not_dense]}); dense-MLP layers are {dense}"
             )
+    for name in ("moe_expert_norm", "shared_expert_norm"):
+        if getattr(config, name):
+            raise ValueError(
+                f"upcycle: HybridConfig.{name}=True would norm the copied experts' outputs, so the upcycled "
+                f"model would not start equal to the dense one; allowed: {name}=False"
+            )
     if config.mlp_bias:
         raise ValueError(
             "upcycle: the dense MLPs have biases (mlp_bias=True) and experts have none; cannot copy exactly"
