@@ -56,7 +56,7 @@ ALLOWED_EXTRAS: dict[tuple[str, str], str] = {
     "getattr(config, 'head_dim', hidden_size // num_attention_heads)",
     **{
         (family, "output_router_logits"): _UNREAD_IN_5_16.format(family)
-        for family in ("deepseek_v3", "deepseek_v32", "glm_moe_dsa", "nemotron_h")
+        for family in ("axk2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "nemotron_h")
     },
 }
 

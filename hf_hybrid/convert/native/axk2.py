@@ -22,7 +22,7 @@ the top-k cut.
 
 from __future__ import annotations
 
-from .base import Custom, NativeFamily, RuleContext, W, fail, native_fixed, ours_fixed, permute_rows, same
+from .base import Custom, NativeFamily, RuleContext, W, fail, ours_fixed, permute_rows, same
 from .deepseek import (
     _DSA_FIXED,
     _DSA_SIZES,
@@ -179,7 +179,6 @@ FAMILIES = {
                 mla_output_gate=True,
                 dsa_indexer_types=None,
             ),
-            native_fixed("pretraining_tp", 1, None, why="transformers' legacy tensor-parallel path"),
         ],
         ignored_options=("head_dim",),  # overwritten with qk_rope_head_dim by the config itself
         model_rules=MODEL_RULES,
