@@ -251,6 +251,13 @@ class HybridConfig(PreTrainedConfig):
     # are ignored.
     dsa_indexer_types: list[str] | None = None
 
+    # ---- cross-layer KV sharing (Mistral-Large-4's kv_source_layers) ------------------------------
+    # Per layer the index of the layer whose keys/values (MLA: latent c_kv and rope key) it attends to: its
+    # own index (it computes and caches its own) or an earlier layer of a compatible kind that owns its own
+    # (kv_source_layers[j] == j). A sharing layer has no key/value projections and writes no cache entry:
+    # the cache holds the shared KV once. None: every layer owns its KV.
+    kv_source_layers: list[int] | None = None
+
     # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -370,6 +377,8 @@ class HybridConfig(PreTrainedConfig):
             self.gated_norms = None
         if isinstance(self.nope_layers, (list, tuple)):
             self.nope_layers = sorted(self.nope_layers) or None
+        if isinstance(self.kv_source_layers, (list, tuple)) and list(self.kv_source_layers) == list(range(n)):
+            self.kv_source_layers = None  # no sharing has one spelling (what older checkpoints saved)
         if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
             self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
         if "moe" not in self.mlp_types:
@@ -594,6 +603,106 @@ class HybridConfig(PreTrainedConfig):
                     )
                 seen_full = seen_full or kind == "full"
 
+    # ---- cross-layer KV sharing ------------------------------------------------------------------------
+    def kv_kind(self, layer_idx: int) -> tuple[str, bool] | None:
+        """What layer ``layer_idx`` caches as its keys/values, as far as another layer may read them: (kind,
+        rotated keys?) with kind ``"kv"`` (per-head keys and values), ``"sliding_kv"`` (the same within
+        ``sliding_window``) or ``"mla_latent"`` (MLA's ``(c_kv, k_pe)``); None for a layer with nothing to
+        share (recurrent, no mixer, a kind defined outside hf_hybrid)."""
+        mixer = self.mixer_types[layer_idx]
+        attention_rope = self.attention_rope and layer_idx not in (self.nope_layers or ())
+        if mixer == "attention" or (mixer == "dsa" and self.dsa_base == "attention"):
+            return "kv", attention_rope
+        if mixer == "sliding_attention":
+            return "sliding_kv", attention_rope
+        if mixer in ("mla", "dsa"):
+            return "mla_latent", self.mla_use_rope
+        return None
+
+    def kv_source(self, layer_idx: int) -> int:
+        """The layer whose keys/values layer ``layer_idx`` attends to (itself unless it shares)."""
+        return layer_idx if self.kv_source_layers is None else self.kv_source_layers[layer_idx]
+
+    def shares_kv(self, layer_idx: int) -> bool:
+        """True when layer ``layer_idx`` reads another layer's keys/values (it has no K/V projections and no
+        cache entry of its own)."""
+        return self.kv_source(layer_idx) != layer_idx
+
+    def is_kv_source(self, layer_idx: int) -> bool:
+        """True when a later layer reads this layer's keys/values."""
+        return self.kv_source_layers is not None and any(
+            j != layer_idx and s == layer_idx for j, s in enumerate(self.kv_source_layers)
+        )
+
+    @property
+    def kv_sharing_modes(self) -> list[str | None] | None:
+        """transformers' per-layer cache hint (read by ``DynamicCache(config=...)``): ``"reuse"`` gives a
+        sharing layer a ``DummyLayer`` that stores nothing; a sharing DSA layer with its own indexer keeps its
+        ``DynamicIndexedLayer`` for the indexer keys (``"reuse_but_indexer"``) and writes no K/V there."""
+        if self.kv_source_layers is None:
+            return None
+        modes: list[str | None] = []
+        for i in range(self.num_hidden_layers):
+            if not self.shares_kv(i):
+                modes.append("store" if self.is_kv_source(i) else None)
+            elif (
+                self.mixer_types[i] == "dsa"
+                and self.dsa_selector == "indexer"
+                and self.dsa_layer_has_indexer(i)
+            ):
+                modes.append("reuse_but_indexer")
+            else:
+                modes.append("reuse")
+        return modes
+
+    def _validate_kv_sharing(self) -> None:
+        sources = self.kv_source_layers
+        if sources is None:
+            return
+        n = self.num_hidden_layers
+        if not isinstance(sources, (list, tuple)) or len(sources) != n:
+            count = len(sources) if isinstance(sources, (list, tuple)) else sources
+            raise ValueError(
+                f"HybridConfig.kv_source_layers has {count} entries but num_hidden_layers={n}; give one "
+                "layer index per layer (its own index: no sharing)"
+            )
+
+        def allowed(i: int) -> list[int]:
+            kind = self.kv_kind(i)
+            return [
+                j for j in range(i) if kind is not None and sources[j] == j and self.kv_kind(j) == kind
+            ] + [i]
+
+        for i, j in enumerate(sources):
+            where = f"HybridConfig.kv_source_layers[{i}]={j!r}"
+            if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j <= i:
+                raise ValueError(
+                    f"{where}: a layer reads the keys/values of itself or of an earlier layer (no forward "
+                    f"references); allowed for layer {i}: {allowed(i)}"
+                )
+            if j == i:
+                continue
+            if sources[j] != j:
+                raise ValueError(
+                    f"{where}: layer {j} reads the keys/values of layer {sources[j]} itself; a source must "
+                    f"own its keys/values (kv_source_layers[{j}] == {j}); allowed for layer {i}: {allowed(i)}"
+                )
+            mine, theirs = self.kv_kind(i), self.kv_kind(j)
+            if mine is None or mine != theirs:
+
+                def what(k: int, kind: tuple[str, bool] | None) -> str:
+                    label = (
+                        "nothing to share" if kind is None else f"{kind[0]}, {'RoPE' if kind[1] else 'NoPE'}"
+                    )
+                    return f"layer {k} (mixer_types[{k}]={self.mixer_types[k]!r}: {label})"
+
+                raise ValueError(
+                    f"{where}: {what(i, mine)} cannot read the keys/values of {what(j, theirs)}; a layer "
+                    "shares with a layer that caches the same kind of keys/values (attention and DSA on "
+                    "attention: per-head K/V; sliding_attention: windowed K/V; mla and DSA on MLA: the "
+                    f"latent), with the same RoPE use; allowed for layer {i}: {allowed(i)}"
+                )
+
     def dsa_layer_has_indexer(self, layer_idx: int) -> bool:
         """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's
         top-k)."""
@@ -684,6 +793,7 @@ class HybridConfig(PreTrainedConfig):
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"HybridConfig.sliding_window={self.sliding_window!r} must be positive or None")
         self._validate_native_options()
+        self._validate_kv_sharing()
         for name in (
             "router_aux_loss_coef",
             "router_z_loss_coef",

@@ -726,6 +726,14 @@ class HybridModel(HybridPreTrainedModel):
         """Reentrant checkpointing runs each layer's first forward without autograd; the attached auxiliary
         terms then reach their parameters in the replay, but DSA's dense warm-up loss (the indexer KL,
         returned as the loss itself) would have no gradient at all."""
+        if self.reentrant_checkpointing() and self.config.kv_source_layers is not None:
+            raise ValueError(
+                f"gradient checkpointing with use_reentrant=True cannot train kv_source_layers="
+                f"{self.config.kv_source_layers}: a layer reading another layer's keys/values would replay "
+                "them from the first forward, which reentrant checkpointing runs without autograd, and the "
+                "source's projections would get no gradient from it. Enable it with "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
         if self.reentrant_checkpointing() and self.in_dsa_dense_warmup():
             raise ValueError(
                 "gradient checkpointing with use_reentrant=True cannot train DSA's "

@@ -535,7 +535,7 @@ def _describe_dsa(config: HybridConfig) -> list[tuple[str, str]]:
 def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """MLA (or GQA attention) over the top-k selected tokens, plus the lightning indexer over all of them."""
     if config.dsa_base == "mla":
-        params, matmul = mla_parts(config)
+        params, matmul = mla_parts(config, layer_idx)
         cache = config.kv_lora_rank + config.qk_rope_head_dim
         heads, qk, v = (
             config.num_attention_heads,
@@ -544,10 +544,12 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         )
         q_in = config.q_lora_rank or config.hidden_size
     else:
-        params, matmul = attention_parts(config)
+        params, matmul = attention_parts(config, layer_idx)
         cache = 2 * config.num_key_value_heads * config.head_dim
         heads, qk, v = config.num_attention_heads, config.head_dim, config.head_dim
         q_in = config.hidden_size
+    if config.shares_kv(layer_idx):
+        cache = 0  # kv_source_layers: the K/V (latent) is cached once, by the source layer
     h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
     if config.dsa_selector == "indexer" and not config.dsa_layer_has_indexer(layer_idx):
         # a "shared" layer (dsa_indexer_types): no indexer of its own, the previous full layer's top-k

@@ -228,8 +228,10 @@ def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
 # ---- cost (the inspector and the card read it through the spec) --------------------------------------------
 
 
-def mla_parts(config: HybridConfig) -> tuple[int, int]:
-    """(params, matmul params) of DeepSeek-V2/V3 MLA (transformers' ``deepseek_v3`` layout)."""
+def mla_parts(config: HybridConfig, layer_idx: int | None = None) -> tuple[int, int]:
+    """(params, matmul params) of DeepSeek-V2/V3 MLA (transformers' ``deepseek_v3`` layout) in layer
+    ``layer_idx`` (None: a layer that owns its latent)."""
+    kv = 0 if layer_idx is not None and config.shares_kv(layer_idx) else 1  # kv_source_layers: no kv_a_*
     h, nh = config.hidden_size, config.num_attention_heads
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
     r_kv = config.kv_lora_rank
@@ -242,23 +244,25 @@ def mla_parts(config: HybridConfig) -> tuple[int, int]:
         q_matmul, q_norm = h * nh * qk, 0
     matmul = (
         q_matmul
-        + h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
+        + kv * h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
         + r_kv * nh * (config.qk_nope_head_dim + config.v_head_dim)  # kv_b_proj
         + nh * config.v_head_dim * h  # o_proj
     )
     # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
-    bias = ((config.q_lora_rank or 0) + r_kv + rope_keys + h) if config.attention_bias else 0
-    return matmul + q_norm + (r_kv if norms else 0) + bias, matmul
+    bias = ((config.q_lora_rank or 0) + kv * (r_kv + rope_keys) + h) if config.attention_bias else 0
+    return matmul + q_norm + (kv * r_kv if norms else 0) + bias, matmul
 
 
 def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
-    params, matmul = mla_parts(config)
+    params, matmul = mla_parts(config, layer_idx)
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    # Cache: the latent c_kv and the rope key(s). FLOPs: the plain (non-absorbed) form, the one training uses.
+    # Cache: the latent c_kv and the rope key(s), once per source (kv_source_layers). FLOPs: the plain
+    # (non-absorbed) form, the one training uses.
+    own = not config.shares_kv(layer_idx)
     return MixerCost(
         params,
         matmul,
-        cache_per_token=config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim,
+        cache_per_token=own * (config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim),
         flops=attention_flops(config.num_attention_heads, qk, config.v_head_dim, None),
     )
 
@@ -311,12 +315,18 @@ class HybridMLA(nn.Module):
                 RMSNorm(self.q_lora_rank, eps=latent_eps) if config.mla_latent_norm else nn.Identity()
             )
             self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(
-            config.hidden_size, self.kv_lora_rank + self.rope_heads * self.qk_rope_head_dim, bias=bias
-        )
-        self.kv_a_layernorm = (
-            RMSNorm(self.kv_lora_rank, eps=latent_eps) if config.mla_latent_norm else nn.Identity()
-        )
+        # kv_source_layers: a layer that reads an earlier layer's latent has no kv_a_proj_with_mqa /
+        # kv_a_layernorm (Mistral-Large-4's layout); it keeps its own kv_b_proj
+        self.kv_source = config.kv_source(layer_idx)
+        self.shares_kv = self.kv_source != layer_idx
+        self.stores_kv = config.is_kv_source(layer_idx)
+        if not self.shares_kv:
+            self.kv_a_proj_with_mqa = nn.Linear(
+                config.hidden_size, self.kv_lora_rank + self.rope_heads * self.qk_rope_head_dim, bias=bias
+            )
+            self.kv_a_layernorm = (
+                RMSNorm(self.kv_lora_rank, eps=latent_eps) if config.mla_latent_norm else nn.Identity()
+            )
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
@@ -373,11 +383,16 @@ class HybridMLA(nn.Module):
         layer's ``DynamicLayer`` and return the whole latent history."""
         b, t, _ = hidden_states.shape
         q_nope, q_pe, q_latent = self.project_q(hidden_states)
-        c_kv, k_pe = self.project_kv(hidden_states)
         # False = NoPE (Kimi Linear): the "rope" channels are ordinary shared channels
+        cos, sin = self.rope_table(ctx) if self.config.mla_use_rope else (None, None)
         if self.config.mla_use_rope:
-            cos, sin = self.rope_table(ctx)
             q_pe = apply_rope(q_pe, cos, sin)
+        if self.shares_kv:
+            # The source layer's latent and (already rotated) rope key, cache included (kv_source_layers).
+            c_kv, k_pe = ctx.kv_from_source(self.layer_idx, self.kv_source)
+            return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe)
+        c_kv, k_pe = self.project_kv(hidden_states)
+        if self.config.mla_use_rope:
             k_pe = k_pe.view(b, t, self.rope_heads, self.qk_rope_head_dim)
             k_pe = apply_rope(k_pe, cos, sin).view(b, t, -1)
         if ctx.cache is not None:
@@ -385,6 +400,11 @@ class HybridMLA(nn.Module):
             # k_pe.
             c_all, k_pe_all = ctx.cache.update(c_kv.unsqueeze(1), k_pe.unsqueeze(1), self.layer_idx)
             c_kv, k_pe = c_all.squeeze(1), k_pe_all.squeeze(1)  # (B, S, r), (B, S, dr)
+        if self.stores_kv:
+            ctx.shared_kv[self.layer_idx] = (
+                c_kv,
+                k_pe,
+            )  # read by the layers that share it (kv_source_layers)
         return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe)
 
     # ---- dense (naive) path --------------------------------------------------------------------------------
