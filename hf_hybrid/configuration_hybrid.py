@@ -258,6 +258,20 @@ class HybridConfig(PreTrainedConfig):
     # the cache holds the shared KV once. None: every layer owns its KV.
     kv_source_layers: list[int] | None = None
 
+    # ---- Mistral-Large-4's options ------------------------------------------------------------------
+    # logits = c · tanh(logits / c) (Gemma 2, Mistral-Large-4); None: no capping
+    final_logit_softcapping: float | None = None
+    # per head h, queries (attention, MLA, DSA and its indexer) times s_h · log(1 + position) + b_h, learned
+    # s and b (``softmax_scaling.scale`` / ``.bias``, initialised to 0 and 1: no scaling)
+    query_log_scaling: bool = False
+    # LayerNorm (eps index_norm_eps) on the DSA indexer's query input when that is the hidden state (no
+    # q-LoRA latent): Mistral-Large-4's q_input_norm
+    index_q_norm: bool = False
+    # a learned log-scale per RoPE frequency, inv_freq · exp(rope_log_scale) (Mistral-Large-4's "LeRoPE"
+    # alpha, initialised to 0): model.rope_log_scale [rotary dim / 2]; every rotating layer must use the
+    # same rotary dimension
+    rope_learned_scale: bool = False
+
     # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -557,10 +571,12 @@ class HybridConfig(PreTrainedConfig):
                     f"HybridConfig.nope_layers={self.nope_layers!r}: {i!r} is not a layer index in "
                     f"[0, {self.num_hidden_layers})"
                 )
-            if self.mixer_types[i] not in softmax:
+            # MLA / DSA-on-MLA layers too (Mistral-Large-4): see HybridConfig.mla_nope_layer
+            if self.mixer_types[i] not in softmax and not self.is_mla_layer(i):
                 raise ValueError(
                     f"HybridConfig.nope_layers names layer {i}, whose mixer_types[{i}]="
-                    f"{self.mixer_types[i]!r} is not softmax attention ({', '.join(softmax)})"
+                    f"{self.mixer_types[i]!r} is neither softmax attention ({', '.join(softmax)}) nor MLA "
+                    "(mla, or dsa with dsa_base='mla')"
                 )
         if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_base == "attention":
             raise ValueError(
@@ -603,6 +619,68 @@ class HybridConfig(PreTrainedConfig):
                     )
                 seen_full = seen_full or kind == "full"
 
+    def is_mla_layer(self, layer_idx: int) -> bool:
+        mixer = self.mixer_types[layer_idx]
+        return mixer == "mla" or (mixer == "dsa" and self.dsa_base == "mla")
+
+    def mla_nope_layer(self, layer_idx: int) -> bool:
+        """An MLA layer named in ``nope_layers`` has no decoupled rope key (Mistral-Large-4's NoPE layers):
+        its ``qk_rope_head_dim`` query/key channels come per head from ``kv_b_proj`` like the others
+        (``qk_nope_head_dim + qk_rope_head_dim`` of them, none rotated) and it caches ``c_kv`` only. (Kimi
+        Linear's NoPE MLA, ``mla_use_rope=False``, keeps the shared key unrotated instead.)"""
+        return self.is_mla_layer(layer_idx) and layer_idx in (self.nope_layers or ())
+
+    def mla_head_dims(self, layer_idx: int) -> tuple[int, int]:
+        """(nope, rope) query/key head dims of MLA layer ``layer_idx``."""
+        if self.mla_nope_layer(layer_idx):
+            return self.qk_nope_head_dim + self.qk_rope_head_dim, 0
+        return self.qk_nope_head_dim, self.qk_rope_head_dim
+
+    def _validate_mistral_options(self) -> None:
+        c = self.final_logit_softcapping
+        if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
+            raise ValueError(f"HybridConfig.final_logit_softcapping={c!r} must be a positive number or None")
+        for name in ("query_log_scaling", "index_q_norm", "rope_learned_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HybridConfig.{name}={getattr(self, name)!r} must be True or False")
+        if self.index_q_norm and "dsa" in self.mixer_types and self.dsa_base == "mla" and self.q_lora_rank:
+            raise ValueError(
+                f"HybridConfig.index_q_norm=True with q_lora_rank={self.q_lora_rank}: the indexer reads the "
+                "(already normed) q-LoRA latent; index_q_norm applies when it reads the hidden state "
+                "(q_lora_rank=None or dsa_base='attention')"
+            )
+        if self.rope_learned_scale:
+            dims = self.rope_dims()
+            if len(dims) != 1:
+                raise ValueError(
+                    f"HybridConfig.rope_learned_scale=True needs every rotating layer to use one rotary "
+                    f"dimension (it learns one scale per frequency); this config rotates {sorted(dims)} "
+                    "channels"
+                )
+
+    def rope_dims(self) -> set[int]:
+        """The rotary dimensions the layers ask RoPE tables for."""
+        dims: set[int] = set()
+        prf = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+        attention_dim = int(self.head_dim * prf) if self.head_dim else 0
+        for i, mixer in enumerate(self.mixer_types):
+            if self.is_mla_layer(i):
+                if self.mla_use_rope and not self.mla_nope_layer(i):
+                    dims.add(self.qk_rope_head_dim if self.mla_rope_pairs is None else self.head_dim)
+                rope = self.mla_head_dims(i)[1]
+            elif mixer in ("attention", "sliding_attention", "dsa"):
+                if self.attention_rope and i not in (self.nope_layers or ()):
+                    dims.add(attention_dim)
+                rope = attention_dim
+            else:
+                continue
+            if mixer == "dsa" and self.dsa_layer_has_indexer(i):
+                index_rope = min(rope, self.index_head_dim)
+                index_rope -= index_rope % 2
+                if index_rope:
+                    dims.add(index_rope)
+        return dims
+
     # ---- cross-layer KV sharing ------------------------------------------------------------------------
     def kv_kind(self, layer_idx: int) -> tuple[str, bool] | None:
         """What layer ``layer_idx`` caches as its keys/values, as far as another layer may read them: (kind,
@@ -615,6 +693,8 @@ class HybridConfig(PreTrainedConfig):
             return "kv", attention_rope
         if mixer == "sliding_attention":
             return "sliding_kv", attention_rope
+        if mixer in ("mla", "dsa") and self.mla_nope_layer(layer_idx):
+            return "mla_latent_without_rope_key", False
         if mixer in ("mla", "dsa"):
             return "mla_latent", self.mla_use_rope
         return None
@@ -794,6 +874,7 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError(f"HybridConfig.sliding_window={self.sliding_window!r} must be positive or None")
         self._validate_native_options()
         self._validate_kv_sharing()
+        self._validate_mistral_options()
         for name in (
             "router_aux_loss_coef",
             "router_z_loss_coef",

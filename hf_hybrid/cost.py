@@ -347,7 +347,10 @@ def estimate_cost(
         all_exact &= exact
     embedding = config.vocab_size * h
     lm_head = 0 if config.tie_word_embeddings else config.vocab_size * h
-    total = embedding + lm_head + h + sum(layer.params for layer in layers)
+    rope_scale = (
+        next(iter(config.rope_dims())) // 2 if config.rope_learned_scale else 0
+    )  # model.rope_log_scale
+    total = embedding + lm_head + h + rope_scale + sum(layer.params for layer in layers)
     active = total - sum(layer.params - layer.active_params for layer in layers)
     return CostReport(
         contexts=contexts,

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..layers import RMSNorm, apply_rope, repeat_kv
+from ..layers import LogPositionQueryScale, RMSNorm, apply_rope, repeat_kv
 from ..specs import MixerCost, register_mixer
 from .base import MixerContext
 
@@ -115,7 +115,8 @@ def attention_parts(config: HybridConfig, layer_idx: int | None = None) -> tuple
         (d + kv * d if config.qk_norm_scope == "head" else (nq + kv * nkv) * d) if config.use_qk_norm else 0
     )
     sinks = nq if getattr(config, "attention_sinks", False) else 0
-    return matmul + bias + norms + sinks, matmul
+    scaling = 2 * nq if getattr(config, "query_log_scaling", False) else 0
+    return matmul + bias + norms + sinks + scaling, matmul
 
 
 def attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) -> Callable[[int], float]:
@@ -212,6 +213,7 @@ class HybridAttention(nn.Module):
             self.q_norm = self.k_norm = None
         self.clip_qkv = config.clip_qkv
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
+        self.softmax_scaling = LogPositionQueryScale(self.num_heads) if config.query_log_scaling else None
 
     def project(
         self, hidden_states: torch.Tensor, ctx: MixerContext
@@ -231,6 +233,8 @@ class HybridAttention(nn.Module):
         cos, sin = ctx.rope(self.rotary_dim) if self.use_rope else (None, None)
         if self.use_rope:
             q = apply_rope(q, cos, sin)
+        if self.softmax_scaling is not None:  # query_log_scaling: per head and position
+            q = self.softmax_scaling(q, ctx.position_ids)
         q = q.transpose(1, 2)  # (B, h, T, d)
         if self.shares_kv:
             # The source layer's keys (already normed, clipped, rotated) and values, cache included.

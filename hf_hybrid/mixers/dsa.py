@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from ..config_choices import FIELD_CHOICES
-from ..layers import apply_rope
+from ..layers import LogPositionQueryScale, apply_rope
 from ..ops.dsa import (
     attention_mass_in_selection,
     dense_visible_attention,
@@ -67,18 +67,27 @@ class LightningIndexer(nn.Module):
         self.head_dim = config.index_head_dim
         self.rope_dim = min(rope_dim, self.head_dim)
         self.rope_dim -= self.rope_dim % 2
+        # index_q_norm (Mistral-Large-4): a LayerNorm on the query input when it is the hidden state
+        self.q_input_norm = (
+            nn.LayerNorm(query_dim, eps=config.index_norm_eps) if config.index_q_norm else None
+        )
         self.wq = nn.Linear(query_dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=config.index_norm_eps)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
+        self.softmax_scaling = LogPositionQueryScale(self.n_heads) if config.query_log_scaling else None
 
     def forward(
         self, hidden_states: torch.Tensor, query_source: torch.Tensor, ctx: MixerContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> q_I [B, T, H_I, d_I], k_I [B, T, d_I] (this forward's keys), w [B, T, H_I] fp32."""
         b, t, _ = hidden_states.shape
+        if self.q_input_norm is not None:
+            query_source = self.q_input_norm(query_source)
         q = self.wq(query_source).view(b, t, self.n_heads, self.head_dim)
+        if self.softmax_scaling is not None:  # query_log_scaling (a scalar per head: it commutes with RoPE)
+            q = self.softmax_scaling(q, ctx.position_ids)
         k = self.k_norm(self.wk(hidden_states))
         if self.rope_dim:
             cos, sin = ctx.rope(self.rope_dim)
@@ -310,7 +319,9 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
         HybridMLA.__init__(self, config, layer_idx)
         query_dim = config.q_lora_rank or config.hidden_size
         self.indexer = (
-            LightningIndexer(config, query_dim=query_dim, rope_dim=config.qk_rope_head_dim)
+            LightningIndexer(
+                config, query_dim=query_dim, rope_dim=self.qk_rope_head_dim if self.use_rope else 0
+            )
             if config.dsa_layer_has_indexer(layer_idx)
             else None
         )
@@ -536,7 +547,8 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """MLA (or GQA attention) over the top-k selected tokens, plus the lightning indexer over all of them."""
     if config.dsa_base == "mla":
         params, matmul = mla_parts(config, layer_idx)
-        cache = config.kv_lora_rank + config.qk_rope_head_dim
+        rope_key = config.mla_head_dims(layer_idx)[1]  # 0 in a NoPE layer (nope_layers)
+        cache = config.kv_lora_rank + rope_key
         heads, qk, v = (
             config.num_attention_heads,
             config.qk_nope_head_dim + config.qk_rope_head_dim,
@@ -559,7 +571,8 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         # wq_b (from the q latent), wk (one shared key per token), LayerNorm on k (weight + bias),
         # weights_proj.
         idx_matmul = q_in * hi * di + h * di + h * hi
-        params, matmul, cache = params + idx_matmul + 2 * di, matmul + idx_matmul, cache + di
+        extra = (2 * q_in if config.index_q_norm else 0) + (2 * hi if config.query_log_scaling else 0)
+        params, matmul, cache = params + idx_matmul + 2 * di + extra, matmul + idx_matmul, cache + di
         kept = config.index_topk
     else:  # structured selector: recent window + first tokens, nothing learned
         hi = di = 0
@@ -574,9 +587,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         # Sparse DSA on MLA runs latent MQA (mixers/dsa.py, as V3.2 does): each head scores the selected
         # cached [c_kv, k_pe] (r + dr wide) and sums c_kv (r wide); the query absorption and W_uv cost what
         # kv_b_proj costs, already in matmul_params.
-        attend = attention_flops(
-            heads, config.kv_lora_rank + config.qk_rope_head_dim, config.kv_lora_rank, None
-        )
+        attend = attention_flops(heads, config.kv_lora_rank + rope_key, config.kv_lora_rank, None)
 
     def flops(context: int) -> float:
         selected = context if dense else min(context, kept)

@@ -62,7 +62,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from ..layers import RMSNorm, apply_rope
+from ..layers import LogPositionQueryScale, RMSNorm, apply_rope
 from ..specs import MixerCost, register_mixer, require_positive
 from .attention import attention_flops, eager_attention_forward
 from .base import MixerContext
@@ -234,8 +234,14 @@ def mla_parts(config: HybridConfig, layer_idx: int | None = None) -> tuple[int, 
     kv = 0 if layer_idx is not None and config.shares_kv(layer_idx) else 1  # kv_source_layers: no kv_a_*
     h, nh = config.hidden_size, config.num_attention_heads
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    # nope_layers: no rope key, its channels per head from kv_b_proj
+    dn, dr = (
+        (config.qk_nope_head_dim, config.qk_rope_head_dim)
+        if layer_idx is None
+        else config.mla_head_dims(layer_idx)
+    )
     r_kv = config.kv_lora_rank
-    rope_keys = config.mla_rope_heads * config.qk_rope_head_dim  # 1 shared rope key (DeepSeek) or R
+    rope_keys = config.mla_rope_heads * dr  # 1 shared rope key (DeepSeek) or R
     norms = config.mla_latent_norm  # q_a_layernorm / kv_a_layernorm
     if config.q_lora_rank:
         q_matmul = h * config.q_lora_rank + config.q_lora_rank * nh * qk
@@ -245,12 +251,13 @@ def mla_parts(config: HybridConfig, layer_idx: int | None = None) -> tuple[int, 
     matmul = (
         q_matmul
         + kv * h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
-        + r_kv * nh * (config.qk_nope_head_dim + config.v_head_dim)  # kv_b_proj
+        + r_kv * nh * (dn + config.v_head_dim)  # kv_b_proj
         + nh * config.v_head_dim * h  # o_proj
     )
     # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
     bias = ((config.q_lora_rank or 0) + kv * (r_kv + rope_keys) + h) if config.attention_bias else 0
-    return matmul + q_norm + (kv * r_kv if norms else 0) + bias, matmul
+    scaling = 2 * nh if config.query_log_scaling else 0  # softmax_scaling.scale / .bias
+    return matmul + q_norm + (kv * r_kv if norms else 0) + bias + scaling, matmul
 
 
 def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
@@ -262,7 +269,8 @@ def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(
         params,
         matmul,
-        cache_per_token=own * (config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim),
+        cache_per_token=own
+        * (config.kv_lora_rank + config.mla_rope_heads * config.mla_head_dims(layer_idx)[1]),
         flops=attention_flops(config.num_attention_heads, qk, config.v_head_dim, None),
     )
 
@@ -292,8 +300,9 @@ class HybridMLA(nn.Module):
         self.num_heads = config.num_attention_heads
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
-        self.qk_nope_head_dim = config.qk_nope_head_dim
-        self.qk_rope_head_dim = config.qk_rope_head_dim
+        # nope_layers (Mistral-Large-4): no decoupled rope key, the rope channels join the per-head nope ones
+        self.qk_nope_head_dim, self.qk_rope_head_dim = config.mla_head_dims(layer_idx)
+        self.use_rope = config.mla_use_rope and not config.mla_nope_layer(layer_idx)
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         self.rope_heads = config.mla_rope_heads  # R decoupled rope keys (1: DeepSeek's shared one)
@@ -331,6 +340,7 @@ class HybridMLA(nn.Module):
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=bias)
+        self.softmax_scaling = LogPositionQueryScale(H) if config.query_log_scaling else None
         self._warned_fallback = False
 
     # ---- projections ---------------------------------------------------------------------------------------
@@ -384,15 +394,18 @@ class HybridMLA(nn.Module):
         b, t, _ = hidden_states.shape
         q_nope, q_pe, q_latent = self.project_q(hidden_states)
         # False = NoPE (Kimi Linear): the "rope" channels are ordinary shared channels
-        cos, sin = self.rope_table(ctx) if self.config.mla_use_rope else (None, None)
-        if self.config.mla_use_rope:
+        cos, sin = self.rope_table(ctx) if self.use_rope else (None, None)
+        if self.use_rope:
             q_pe = apply_rope(q_pe, cos, sin)
+        if self.softmax_scaling is not None:  # query_log_scaling: per head and position, after RoPE
+            q_nope = self.softmax_scaling(q_nope, ctx.position_ids)
+            q_pe = self.softmax_scaling(q_pe, ctx.position_ids)
         if self.shares_kv:
             # The source layer's latent and (already rotated) rope key, cache included (kv_source_layers).
             c_kv, k_pe = ctx.kv_from_source(self.layer_idx, self.kv_source)
             return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe)
         c_kv, k_pe = self.project_kv(hidden_states)
-        if self.config.mla_use_rope:
+        if self.use_rope:
             k_pe = k_pe.view(b, t, self.rope_heads, self.qk_rope_head_dim)
             k_pe = apply_rope(k_pe, cos, sin).view(b, t, -1)
         if ctx.cache is not None:
