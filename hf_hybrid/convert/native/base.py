@@ -428,6 +428,17 @@ class NativeFamily:
     native_context: Callable[[], Any] | None = None
     # The first transformers release that has the family (None: every supported release).
     min_transformers: str | None = None
+    # Vision-language wrappers: what the import drops (named in its note).
+    wrapper_note: str = "model.visual.* and mtp.*"
+
+    def model_config(self, native_config):
+        """The config ``model_class`` is built from, for the family's (text) config: itself, or a wrapper's
+        config around it (a family whose decoder has no class of its own)."""
+        return native_config
+
+    def complete_native_state(self, native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The export's state dict plus whatever ``model_class`` holds beyond the decoder (nothing here)."""
+        return state
 
     # ---- classes ----
     @property
