@@ -251,8 +251,8 @@ class HybridAttention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, hkv, T, d)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx)
-        if self.stores_kv:
-            ctx.shared_kv[self.layer_idx] = (k, v)  # read by the layers that share them (kv_source_layers)
+        if self.stores_kv:  # read by the layers that share them (kv_source_layers)
+            ctx.shared_kv[self.layer_idx] = (k, v)
         return q, k, v, gate
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: MixerContext) -> torch.Tensor:

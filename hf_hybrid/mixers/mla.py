@@ -413,11 +413,8 @@ class HybridMLA(nn.Module):
             # k_pe.
             c_all, k_pe_all = ctx.cache.update(c_kv.unsqueeze(1), k_pe.unsqueeze(1), self.layer_idx)
             c_kv, k_pe = c_all.squeeze(1), k_pe_all.squeeze(1)  # (B, S, r), (B, S, dr)
-        if self.stores_kv:
-            ctx.shared_kv[self.layer_idx] = (
-                c_kv,
-                k_pe,
-            )  # read by the layers that share it (kv_source_layers)
+        if self.stores_kv:  # read by the layers that share it (kv_source_layers)
+            ctx.shared_kv[self.layer_idx] = (c_kv, k_pe)
         return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe)
 
     # ---- dense (naive) path --------------------------------------------------------------------------------
