@@ -35,6 +35,10 @@ def build_native(seed: int = 0, **overrides) -> MistralLarge4ForConditionalGener
     config = family.model_config(family.config_class(**{**family.tiny_config, **overrides}))
     model = MistralLarge4ForConditionalGeneration(config)
     randomise(model, seed)
+    # LeRoPE's alpha: a parameter on 5.24+, a persistent buffer on 5.23 (which randomise leaves alone)
+    alpha = model.model.language_model.rotary_emb.alpha
+    with torch.no_grad():
+        alpha.copy_(0.1 * torch.randn(alpha.shape, generator=torch.Generator().manual_seed(seed)))
     return model.eval()
 
 
