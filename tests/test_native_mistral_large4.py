@@ -206,3 +206,74 @@ def test_the_family_options_pass_the_kit_in_a_mix_of_their_own():
         final_logit_softcapping=3.0,
     )
     assert len(check_layer_kind(config_overrides=overrides)) == 11
+
+
+# ---- the options on their own: naive references (no transformers model involved) ---------------------------
+
+
+def _mla_model(seed: int = 0, **overrides):
+    from hf_hybrid import HybridForCausalLM
+    from hf_hybrid.testing import tiny_config
+
+    torch.manual_seed(seed)
+    kw = {"num_hidden_layers": 2, "mixer_types": ["mla", "mla"], "q_lora_rank": None, **overrides}
+    return HybridForCausalLM(tiny_config(**kw)).eval()
+
+
+def test_query_log_scaling_with_a_constant_factor_is_a_scaled_query_projection():
+    """scale = 0, bias = c: every query is multiplied by c, which is what multiplying q_proj by c does."""
+    ids = torch.randint(1, 64, (2, 7))
+    scaled = _mla_model(query_log_scaling=True)
+    plain = _mla_model(query_log_scaling=False)
+    with torch.no_grad():
+        for layer_s, layer_p, c in zip(scaled.model.layers, plain.model.layers, (1.7, 0.6)):
+            layer_s.mixer.softmax_scaling.bias.fill_(c)
+            layer_p.mixer.q_proj.weight.mul_(c)
+        torch.testing.assert_close(scaled(ids).logits, plain(ids).logits, atol=ATOL, rtol=0)
+        # and the position term: factor s·log(1 + t) + b per position t, against the formula written out
+        module = scaled.model.layers[0].mixer.softmax_scaling
+        module.scale.copy_(torch.tensor([0.5, -0.25, 1.0, 0.0]))
+        q = torch.randn(1, 5, 4, 3)
+        want = q * (module.scale * torch.log1p(torch.arange(5.0))[:, None] + module.bias)[None, :, :, None]
+        torch.testing.assert_close(module(q, torch.arange(5)[None]), want, atol=ATOL, rtol=0)
+
+
+def test_rope_learned_scale_multiplies_each_frequency():
+    model = _mla_model(rope_learned_scale=True)
+    dim = model.model.rope_scale_dim
+    with torch.no_grad():
+        model.model.rope_log_scale.copy_(torch.linspace(-0.5, 0.5, dim // 2))
+    pos = torch.arange(9)[None]
+    cos, sin = model.model._rope_fn(pos, torch.float32)(dim)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim)) * model.model.rope_log_scale.exp()
+    angle = pos[..., None].float() * inv_freq
+    torch.testing.assert_close(cos, torch.cat([angle, angle], -1).cos(), atol=ATOL, rtol=0)
+    torch.testing.assert_close(sin, torch.cat([angle, angle], -1).sin(), atol=ATOL, rtol=0)
+
+
+def test_final_logit_softcapping_caps_the_logits():
+    capped = _mla_model(final_logit_softcapping=0.05)
+    plain = _mla_model()
+    ids = torch.randint(1, 64, (1, 6))
+    with torch.no_grad():
+        a, b = capped(ids).logits, plain(ids).logits
+    torch.testing.assert_close(a, 0.05 * torch.tanh(b / 0.05), atol=ATOL, rtol=0)
+    assert a.abs().max() < 0.05
+
+
+def test_a_nope_mla_layer_has_no_rope_key_and_ignores_positions():
+    """nope_layers on an MLA layer: no rope channels in kv_a_proj_with_mqa, the whole query/key head from
+    kv_b_proj, a cache of c_kv only, and the layer alone is invariant to shifting every position."""
+    model = _mla_model(nope_layers=[0, 1])
+    mixer, cfg = model.model.layers[0].mixer, model.config
+    assert mixer.kv_a_proj_with_mqa.out_features == cfg.kv_lora_rank
+    dqk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    assert mixer.kv_b_proj.out_features == cfg.num_attention_heads * (dqk + cfg.v_head_dim)
+    ids = torch.randint(1, 64, (1, 6))
+    with torch.no_grad():
+        shifted = model(ids, position_ids=torch.arange(6)[None] + 11).logits
+        torch.testing.assert_close(model(ids).logits, shifted, atol=ATOL, rtol=0)
+    with pytest.raises(
+        Exception, match=r"nope_layers names layer 1, whose mixer_types\[1\]='gated_deltanet'"
+    ):
+        _mla_model(mixer_types=["mla", "gated_deltanet"], nope_layers=[1])
