@@ -131,6 +131,24 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
     ]
     if multipliers:
         rows.append(("multipliers", ", ".join(f"{n} {v}" for n, v in multipliers)))
+    if config.kv_source_layers is not None:  # cross-layer KV sharing: which layer reads whose keys/values
+        shared = [f"{i}←{j}" for i, j in enumerate(config.kv_source_layers) if i != j]
+        rows.append(("KV sharing", f"layer←source {', '.join(shared)} (a shared KV is cached once)"))
+    extras = [
+        n
+        for n, on in (
+            ("query log-position scaling", config.query_log_scaling),
+            ("indexer query LayerNorm", config.index_q_norm),
+            ("learned RoPE frequency scale", config.rope_learned_scale),
+            (
+                f"logit softcapping {config.final_logit_softcapping}",
+                config.final_logit_softcapping is not None,
+            ),
+        )
+        if on
+    ]
+    if extras:
+        rows.append(("options", ", ".join(extras)))
     _add_kind_rows(rows, [mlp_spec(m) for m in dict.fromkeys(config.mlp_types)], config)
     return rows
 

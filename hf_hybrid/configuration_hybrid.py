@@ -266,6 +266,27 @@ class HybridConfig(PreTrainedConfig):
     # query's own incomplete pool; 1: every token scored on its own (DeepSeek-V3.2).
     index_pool_size: int = 1
 
+    # ---- cross-layer KV sharing (Mistral-Large-4's kv_source_layers) ------------------------------
+    # Per layer the index of the layer whose keys/values (MLA: latent c_kv and rope key) it attends to: its
+    # own index (it computes and caches its own) or an earlier layer of a compatible kind that owns its own
+    # (kv_source_layers[j] == j). A sharing layer has no key/value projections and writes no cache entry:
+    # the cache holds the shared KV once. None: every layer owns its KV.
+    kv_source_layers: list[int] | None = None
+
+    # ---- Mistral-Large-4's options ------------------------------------------------------------------
+    # logits = c · tanh(logits / c) (Gemma 2, Mistral-Large-4); None: no capping
+    final_logit_softcapping: float | None = None
+    # per head h, queries (attention, MLA, DSA and its indexer) times s_h · log(1 + position) + b_h, learned
+    # s and b (``softmax_scaling.scale`` / ``.bias``, initialised to 0 and 1: no scaling)
+    query_log_scaling: bool = False
+    # LayerNorm (eps index_norm_eps) on the DSA indexer's query input when that is the hidden state (no
+    # q-LoRA latent): Mistral-Large-4's q_input_norm
+    index_q_norm: bool = False
+    # a learned log-scale per RoPE frequency, inv_freq · exp(rope_log_scale) (Mistral-Large-4's "LeRoPE"
+    # alpha, initialised to 0): model.rope_log_scale [rotary dim / 2]; every rotating layer must use the
+    # same rotary dimension
+    rope_learned_scale: bool = False
+
     # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
     num_experts: int = 8
     num_experts_per_tok: int = 2
@@ -391,6 +412,8 @@ class HybridConfig(PreTrainedConfig):
             self.gated_norms = None
         if isinstance(self.nope_layers, (list, tuple)):
             self.nope_layers = sorted(self.nope_layers) or None
+        if isinstance(self.kv_source_layers, (list, tuple)) and list(self.kv_source_layers) == list(range(n)):
+            self.kv_source_layers = None  # no sharing has one spelling (what older checkpoints saved)
         if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
             self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
         if "moe" not in self.mlp_types:
@@ -569,10 +592,12 @@ class HybridConfig(PreTrainedConfig):
                     f"HybridConfig.nope_layers={self.nope_layers!r}: {i!r} is not a layer index in "
                     f"[0, {self.num_hidden_layers})"
                 )
-            if self.mixer_types[i] not in softmax:
+            # MLA / DSA-on-MLA layers too (Mistral-Large-4): see HybridConfig.mla_nope_layer
+            if self.mixer_types[i] not in softmax and not self.is_mla_layer(i):
                 raise ValueError(
                     f"HybridConfig.nope_layers names layer {i}, whose mixer_types[{i}]="
-                    f"{self.mixer_types[i]!r} is not softmax attention ({', '.join(softmax)})"
+                    f"{self.mixer_types[i]!r} is neither softmax attention ({', '.join(softmax)}) nor MLA "
+                    "(mla, or dsa with dsa_base='mla')"
                 )
         if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_base == "attention":
             raise ValueError(
@@ -614,6 +639,170 @@ class HybridConfig(PreTrainedConfig):
                         f"(got {self.dsa_selector!r})"
                     )
                 seen_full = seen_full or kind == "full"
+
+    def is_mla_layer(self, layer_idx: int) -> bool:
+        mixer = self.mixer_types[layer_idx]
+        return mixer == "mla" or (mixer == "dsa" and self.dsa_base == "mla")
+
+    def mla_nope_layer(self, layer_idx: int) -> bool:
+        """An MLA layer named in ``nope_layers`` has no decoupled rope key (Mistral-Large-4's NoPE layers):
+        its ``qk_rope_head_dim`` query/key channels come per head from ``kv_b_proj`` like the others
+        (``qk_nope_head_dim + qk_rope_head_dim`` of them, none rotated) and it caches ``c_kv`` only. (Kimi
+        Linear's NoPE MLA, ``mla_use_rope=False``, keeps the shared key unrotated instead.)"""
+        return self.is_mla_layer(layer_idx) and layer_idx in (self.nope_layers or ())
+
+    def mla_head_dims(self, layer_idx: int) -> tuple[int, int]:
+        """(nope, rope) query/key head dims of MLA layer ``layer_idx``."""
+        if self.mla_nope_layer(layer_idx):
+            return self.qk_nope_head_dim + self.qk_rope_head_dim, 0
+        return self.qk_nope_head_dim, self.qk_rope_head_dim
+
+    def _validate_mistral_options(self) -> None:
+        c = self.final_logit_softcapping
+        if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
+            raise ValueError(f"HybridConfig.final_logit_softcapping={c!r} must be a positive number or None")
+        for name in ("query_log_scaling", "index_q_norm", "rope_learned_scale"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HybridConfig.{name}={getattr(self, name)!r} must be True or False")
+        if self.index_q_norm and "dsa" in self.mixer_types and self.dsa_base == "mla" and self.q_lora_rank:
+            raise ValueError(
+                f"HybridConfig.index_q_norm=True with q_lora_rank={self.q_lora_rank}: the indexer reads the "
+                "(already normed) q-LoRA latent; index_q_norm applies when it reads the hidden state "
+                "(q_lora_rank=None or dsa_base='attention')"
+            )
+        if self.rope_learned_scale:
+            dims = self.rope_dims()
+            if len(dims) != 1:
+                raise ValueError(
+                    f"HybridConfig.rope_learned_scale=True needs every rotating layer to use one rotary "
+                    f"dimension (it learns one scale per frequency); this config rotates {sorted(dims)} "
+                    "channels"
+                )
+
+    def rope_dims(self) -> set[int]:
+        """The rotary dimensions the layers ask RoPE tables for."""
+        dims: set[int] = set()
+        prf = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+        attention_dim = int(self.head_dim * prf) if self.head_dim else 0
+        for i, mixer in enumerate(self.mixer_types):
+            if self.is_mla_layer(i):
+                if self.mla_use_rope and not self.mla_nope_layer(i):
+                    dims.add(self.qk_rope_head_dim if self.mla_rope_pairs is None else self.head_dim)
+                rope = self.mla_head_dims(i)[1]
+            elif mixer in ("attention", "sliding_attention", "dsa"):
+                if self.attention_rope and i not in (self.nope_layers or ()):
+                    dims.add(attention_dim)
+                rope = attention_dim
+            else:
+                continue
+            if mixer == "dsa" and self.dsa_layer_has_indexer(i):
+                index_rope = min(rope, self.index_head_dim)
+                index_rope -= index_rope % 2
+                if index_rope:
+                    dims.add(index_rope)
+        return dims
+
+    # ---- cross-layer KV sharing ------------------------------------------------------------------------
+    def kv_kind(self, layer_idx: int) -> tuple[str, bool] | None:
+        """What layer ``layer_idx`` caches as its keys/values, as far as another layer may read them: (kind,
+        rotated keys?) with kind ``"kv"`` (per-head keys and values), ``"sliding_kv"`` (the same within
+        ``sliding_window``) or ``"mla_latent"`` (MLA's ``(c_kv, k_pe)``); None for a layer with nothing to
+        share (recurrent, no mixer, a kind defined outside hf_hybrid)."""
+        mixer = self.mixer_types[layer_idx]
+        attention_rope = self.attention_rope and layer_idx not in (self.nope_layers or ())
+        if mixer == "attention" or (mixer == "dsa" and self.dsa_base == "attention"):
+            return "kv", attention_rope
+        if mixer == "sliding_attention":
+            return "sliding_kv", attention_rope
+        if mixer in ("mla", "dsa") and self.mla_nope_layer(layer_idx):
+            return "mla_latent_without_rope_key", False
+        if mixer in ("mla", "dsa"):
+            return "mla_latent", self.mla_use_rope
+        return None
+
+    def kv_source(self, layer_idx: int) -> int:
+        """The layer whose keys/values layer ``layer_idx`` attends to (itself unless it shares)."""
+        return layer_idx if self.kv_source_layers is None else self.kv_source_layers[layer_idx]
+
+    def shares_kv(self, layer_idx: int) -> bool:
+        """True when layer ``layer_idx`` reads another layer's keys/values (it has no K/V projections and no
+        cache entry of its own)."""
+        return self.kv_source(layer_idx) != layer_idx
+
+    def is_kv_source(self, layer_idx: int) -> bool:
+        """True when a later layer reads this layer's keys/values."""
+        return self.kv_source_layers is not None and any(
+            j != layer_idx and s == layer_idx for j, s in enumerate(self.kv_source_layers)
+        )
+
+    @property
+    def kv_sharing_modes(self) -> list[str | None] | None:
+        """transformers' per-layer cache hint (read by ``DynamicCache(config=...)``): ``"reuse"`` gives a
+        sharing layer a ``DummyLayer`` that stores nothing; a sharing DSA layer with its own indexer keeps its
+        ``DynamicIndexedLayer`` for the indexer keys (``"reuse_but_indexer"``) and writes no K/V there."""
+        if self.kv_source_layers is None:
+            return None
+        modes: list[str | None] = []
+        for i in range(self.num_hidden_layers):
+            if not self.shares_kv(i):
+                modes.append("store" if self.is_kv_source(i) else None)
+            elif (
+                self.mixer_types[i] == "dsa"
+                and self.dsa_selector == "indexer"
+                and self.dsa_layer_has_indexer(i)
+            ):
+                modes.append("reuse_but_indexer")
+            else:
+                modes.append("reuse")
+        return modes
+
+    def _validate_kv_sharing(self) -> None:
+        sources = self.kv_source_layers
+        if sources is None:
+            return
+        n = self.num_hidden_layers
+        if not isinstance(sources, (list, tuple)) or len(sources) != n:
+            count = len(sources) if isinstance(sources, (list, tuple)) else sources
+            raise ValueError(
+                f"HybridConfig.kv_source_layers has {count} entries but num_hidden_layers={n}; give one "
+                "layer index per layer (its own index: no sharing)"
+            )
+
+        def allowed(i: int) -> list[int]:
+            kind = self.kv_kind(i)
+            return [
+                j for j in range(i) if kind is not None and sources[j] == j and self.kv_kind(j) == kind
+            ] + [i]
+
+        for i, j in enumerate(sources):
+            where = f"HybridConfig.kv_source_layers[{i}]={j!r}"
+            if not isinstance(j, int) or isinstance(j, bool) or not 0 <= j <= i:
+                raise ValueError(
+                    f"{where}: a layer reads the keys/values of itself or of an earlier layer (no forward "
+                    f"references); allowed for layer {i}: {allowed(i)}"
+                )
+            if j == i:
+                continue
+            if sources[j] != j:
+                raise ValueError(
+                    f"{where}: layer {j} reads the keys/values of layer {sources[j]} itself; a source must "
+                    f"own its keys/values (kv_source_layers[{j}] == {j}); allowed for layer {i}: {allowed(i)}"
+                )
+            mine, theirs = self.kv_kind(i), self.kv_kind(j)
+            if mine is None or mine != theirs:
+
+                def what(k: int, kind: tuple[str, bool] | None) -> str:
+                    label = (
+                        "nothing to share" if kind is None else f"{kind[0]}, {'RoPE' if kind[1] else 'NoPE'}"
+                    )
+                    return f"layer {k} (mixer_types[{k}]={self.mixer_types[k]!r}: {label})"
+
+                raise ValueError(
+                    f"{where}: {what(i, mine)} cannot read the keys/values of {what(j, theirs)}; a layer "
+                    "shares with a layer that caches the same kind of keys/values (attention and DSA on "
+                    "attention: per-head K/V; sliding_attention: windowed K/V; mla and DSA on MLA: the "
+                    f"latent), with the same RoPE use; allowed for layer {i}: {allowed(i)}"
+                )
 
     def dsa_layer_has_indexer(self, layer_idx: int) -> bool:
         """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's
@@ -723,6 +912,8 @@ class HybridConfig(PreTrainedConfig):
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"HybridConfig.sliding_window={self.sliding_window!r} must be positive or None")
         self._validate_native_options()
+        self._validate_kv_sharing()
+        self._validate_mistral_options()
         for name in (
             "router_aux_loss_coef",
             "router_z_loss_coef",

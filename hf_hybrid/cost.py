@@ -136,7 +136,11 @@ class CostReport:
             rows[mixer] = {
                 "layers": len(layers),
                 "params": sum(layer.params for layer in layers),
-                "cache_bytes_per_token_per_layer": layers[0].cache_per_token * self.dtype_bytes,
+                # the largest per-layer figure: layers reading another layer's keys/values (kv_source_layers)
+                # cache nothing of their own, and layers_caching says how many layers hold a cache
+                "cache_bytes_per_token_per_layer": max(layer.cache_per_token for layer in layers)
+                * self.dtype_bytes,
+                "layers_caching": sum(1 for layer in layers if layer.cache_per_token),
                 "cache_window": next(iter(windows)) if len(windows) == 1 else sorted(w or 0 for w in windows),
                 "state_bytes_per_sequence_per_layer": self.state_bytes(layers[0]),
                 "bytes_per_sequence": {c: self.cache_bytes(c, mixer) for c in self.contexts},
@@ -194,6 +198,8 @@ class CostReport:
             per_token_text = format_bytes(per_token) if per_token else "-"
             if per_token and isinstance(window, int) and window:
                 per_token_text += f" (≤{format_tokens(window)} tok)"
+            if per_token and row["layers_caching"] < row["layers"]:
+                per_token_text += f" ({row['layers_caching']} caching)"  # the others share KV
             state = row["state_bytes_per_sequence_per_layer"]
             rows.append(
                 [mixer, str(row["layers"]), per_token_text, format_bytes(state) if state else "-"]
@@ -345,7 +351,10 @@ def estimate_cost(
         all_exact &= exact
     embedding = config.vocab_size * h
     lm_head = 0 if config.tie_word_embeddings else config.vocab_size * h
-    total = embedding + lm_head + h + sum(layer.params for layer in layers)
+    rope_scale = (
+        next(iter(config.rope_dims())) // 2 if config.rope_learned_scale else 0
+    )  # model.rope_log_scale
+    total = embedding + lm_head + h + rope_scale + sum(layer.params for layer in layers)
     active = total - sum(layer.params - layer.active_params for layer in layers)
     return CostReport(
         contexts=contexts,

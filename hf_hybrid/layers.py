@@ -145,6 +145,27 @@ def rope_inv_freq(config, dim: int, device=None) -> tuple[torch.Tensor, float]:
     return ROPE_INIT_FUNCTIONS[rope_type](view, device)
 
 
+class LogPositionQueryScale(nn.Module):
+    """Per-head query scaling by position (``HybridConfig.query_log_scaling``, Mistral-Large-4's softmax
+    scaling): ``q[b, t, h] · (scale_h · log(1 + position[b, t]) + bias_h)``. Initialised to scale 0, bias 1
+    (no scaling)."""
+
+    def __init__(self, num_heads: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.zeros(num_heads))
+        self.bias = nn.Parameter(torch.ones(num_heads))
+
+    def init_hybrid_weights(self, init, config) -> None:
+        init.zeros_(self.scale)
+        init.ones_(self.bias)
+
+    def forward(self, q: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, D], position_ids [B, T] -> q scaled [B, T, H, D]."""
+        log_pos = (position_ids + 1).float().log().to(q.dtype)  # (B, T)
+        factor = self.scale.to(q.dtype) * log_pos[..., None] + self.bias.to(q.dtype)  # (B, T, H)
+        return q * factor[..., None]
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)

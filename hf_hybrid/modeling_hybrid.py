@@ -286,6 +286,8 @@ class HybridPreTrainedModel(PreTrainedModel):
             init.ones_(module.weight)
             if isinstance(getattr(module, "bias", None), torch.Tensor):
                 init.zeros_(module.bias)
+        if isinstance(getattr(module, "rope_log_scale", None), torch.Tensor):
+            init.zeros_(module.rope_log_scale)  # rope_learned_scale: exp(0) = 1, plain RoPE
         # Mixers / MLPs with special parameters (decays, dt biases, fused experts, router biases) own their
         # init.
         if hasattr(module, "init_hybrid_weights"):
@@ -467,6 +469,12 @@ class HybridModel(HybridPreTrainedModel):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = False
         self._inv_freq: dict[tuple[int, str], tuple[torch.Tensor, float]] = {}
+        # rope_learned_scale (Mistral-Large-4's LeRoPE): inv_freq · exp(rope_log_scale) for the one rotary
+        # dimension every layer uses
+        self.rope_scale_dim = next(iter(config.rope_dims())) if config.rope_learned_scale else None
+        self.rope_log_scale = (
+            nn.Parameter(torch.zeros(self.rope_scale_dim // 2)) if config.rope_learned_scale else None
+        )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -485,6 +493,8 @@ class HybridModel(HybridPreTrainedModel):
                     inv_freq, scale = rope_inv_freq(self.config, dim, device=position_ids.device)
                     self._inv_freq[key] = (inv_freq.float(), float(scale))
                 inv_freq, scale = self._inv_freq[key]
+                if dim == self.rope_scale_dim:  # rope_learned_scale: learned, so recomputed every forward
+                    inv_freq = inv_freq * self.rope_log_scale.float().exp()
                 freqs = position_ids[..., None].float() * inv_freq  # (B, T, dim/2), fp32 for long contexts
                 emb = torch.cat([freqs, freqs], dim=-1)
                 cache[dim] = ((emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype))
@@ -745,6 +755,14 @@ class HybridModel(HybridPreTrainedModel):
         """Reentrant checkpointing runs each layer's first forward without autograd; the attached auxiliary
         terms then reach their parameters in the replay, but DSA's dense warm-up loss (the indexer KL,
         returned as the loss itself) would have no gradient at all."""
+        if self.reentrant_checkpointing() and self.config.kv_source_layers is not None:
+            raise ValueError(
+                f"gradient checkpointing with use_reentrant=True cannot train kv_source_layers="
+                f"{self.config.kv_source_layers}: a layer reading another layer's keys/values would replay "
+                "them from the first forward, which reentrant checkpointing runs without autograd, and the "
+                "source's projections would get no gradient from it. Enable it with "
+                "gradient_checkpointing_kwargs={'use_reentrant': False}"
+            )
         if self.reentrant_checkpointing() and self.in_dsa_dense_warmup():
             raise ValueError(
                 "gradient checkpointing with use_reentrant=True cannot train DSA's "
@@ -930,6 +948,9 @@ class HybridForCausalLM(HybridPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, keep, :])
         if self.config.logits_scaling != 1.0:
             logits = logits / self.config.logits_scaling
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # c · tanh(logits / c) (Mistral-Large-4, Gemma 2)
+            logits = torch.tanh(logits / cap) * cap
 
         lm_loss = None
         if labels is not None or shift_labels is not None:

@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.convert.native import FAMILY_MODULES, NativeConversionError, export_native, get_family
@@ -73,7 +73,9 @@ def test_export_of_our_model_reloads_in_transformers_with_its_logits(model_type,
         ids, mask = left_padded(ours.config.vocab_size, seed=seed)
     with context(model_type):
         export_native(ours, tmp_path / "out", to=model_type)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+        # a decoder without a causal-LM class of its own is written as its vision-language wrapper
+        auto = AutoModelForCausalLM if model_type != "mistral_large4_text" else AutoModelForImageTextToText
+        reloaded = auto.from_pretrained(tmp_path / "out").eval()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():
             got = reloaded(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits

@@ -102,7 +102,16 @@ def assert_no_index_ties(hybrid, ids, mask) -> None:
 
 # Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py
 # runs the same checks on them under that patch. Every other registered family is tested here.
-TESTED_ELSEWHERE = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "bamba", "olmo_hybrid")
+# mistral_large4_text (tests/test_native_mistral_large4.py): its decoder lives in a vision-language class and
+# its query scaling reads absolute positions, which the native model must be given.
+TESTED_ELSEWHERE = (
+    "qwen3_next",
+    "qwen3_5_text",
+    "qwen3_5_moe_text",
+    "bamba",
+    "olmo_hybrid",
+    "mistral_large4_text",
+)
 
 
 @pytest.fixture(params=sorted(set(FAMILY_MODULES) - set(TESTED_ELSEWHERE)))

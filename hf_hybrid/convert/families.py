@@ -31,6 +31,7 @@ FAMILY_MODULES: dict[str, str] = {
     "kimi_linear": "kimi_linear",
     "minicpm5_moe": "minicpm5_moe",  # transformers >= 5.25
     "ergo": "ergo",  # transformers >= 5.25
+    "mistral_large4_text": "mistral_large4",  # the text decoder of mistral_large4 (vision-language)
 }
 
 
@@ -38,6 +39,10 @@ FAMILY_MODULES: dict[str, str] = {
 # model_type. The import reads the wrapper's text_config and its decoder weights (transformers' key mapping
 # strips ``model.language_model.``); the vision tower (``model.visual.*``) and the MTP head (``mtp.*``) are
 # dropped.
-TEXT_DECODER_OF: dict[str, str] = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
+TEXT_DECODER_OF: dict[str, str] = {
+    "qwen3_5": "qwen3_5_text",
+    "qwen3_5_moe": "qwen3_5_moe_text",
+    "mistral_large4": "mistral_large4_text",
+}
 
 __all__ = ["FAMILY_MODULES", "TEXT_DECODER_OF"]

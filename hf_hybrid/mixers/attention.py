@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from ..layers import RMSNorm, apply_rope, repeat_kv
+from ..layers import LogPositionQueryScale, RMSNorm, apply_rope, repeat_kv
 from ..specs import MixerCost, register_mixer
 from .base import MixerContext
 
@@ -97,21 +97,26 @@ def _describe_sliding(config: HybridConfig) -> list[tuple[str, str]]:
 # ---- cost (the inspector and the card read it through the spec) --------------------------------------------
 
 
-def attention_parts(config: HybridConfig) -> tuple[int, int]:
-    """(params, matmul params) of the softmax-attention projections, as ``mixers/attention.py`` builds
-    them."""
+def attention_parts(config: HybridConfig, layer_idx: int | None = None) -> tuple[int, int]:
+    """(params, matmul params) of the softmax-attention projections of layer ``layer_idx``, as
+    ``mixers/attention.py`` builds them (None: a layer that owns its keys/values)."""
     h, nq, nkv, d = (
         config.hidden_size,
         config.num_attention_heads,
         config.num_key_value_heads,
         config.head_dim,
     )
+    # a layer sharing an earlier layer's keys/values (kv_source_layers) has no k/v projections nor k norm
+    kv = 0 if layer_idx is not None and config.shares_kv(layer_idx) else 1
     q_out = nq * d * (2 if config.attention_output_gate else 1)
-    matmul = h * q_out + 2 * h * nkv * d + nq * d * h
-    bias = (q_out + 2 * nkv * d) if config.attention_bias else 0
-    norms = (2 * d if config.qk_norm_scope == "head" else (nq + nkv) * d) if config.use_qk_norm else 0
+    matmul = h * q_out + kv * 2 * h * nkv * d + nq * d * h
+    bias = (q_out + kv * 2 * nkv * d) if config.attention_bias else 0
+    norms = (
+        (d + kv * d if config.qk_norm_scope == "head" else (nq + kv * nkv) * d) if config.use_qk_norm else 0
+    )
     sinks = nq if getattr(config, "attention_sinks", False) else 0
-    return matmul + bias + norms + sinks, matmul
+    scaling = 2 * nq if getattr(config, "query_log_scaling", False) else 0
+    return matmul + bias + norms + sinks + scaling, matmul
 
 
 def attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) -> Callable[[int], float]:
@@ -125,21 +130,23 @@ def attention_flops(heads: int, qk_dim: int, v_dim: int, window: int | None) -> 
 
 
 def attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
-    params, matmul = attention_parts(config)
+    params, matmul = attention_parts(config, layer_idx)
     nq, nkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    return MixerCost(params, matmul, cache_per_token=2 * nkv * d, flops=attention_flops(nq, d, d, None))
+    cache = 0 if config.shares_kv(layer_idx) else 2 * nkv * d  # a shared K/V is cached once, by its source
+    return MixerCost(params, matmul, cache_per_token=cache, flops=attention_flops(nq, d, d, None))
 
 
 def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
-    params, matmul = attention_parts(config)
+    params, matmul = attention_parts(config, layer_idx)
     nq, nkv, d, w = (
         config.num_attention_heads,
         config.num_key_value_heads,
         config.head_dim,
         config.sliding_window,
     )
+    cache = 0 if config.shares_kv(layer_idx) else 2 * nkv * d
     return MixerCost(
-        params, matmul, cache_per_token=2 * nkv * d, cache_window=w, flops=attention_flops(nq, d, d, w)
+        params, matmul, cache_per_token=cache, cache_window=w, flops=attention_flops(nq, d, d, w)
     )
 
 
@@ -183,12 +190,17 @@ class HybridAttention(nn.Module):
 
         q_out = self.num_heads * self.head_dim * (2 if self.output_gate else 1)
         self.q_proj = nn.Linear(config.hidden_size, q_out, bias=config.attention_bias)
-        self.k_proj = nn.Linear(
-            config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias
-        )
-        self.v_proj = nn.Linear(
-            config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias
-        )
+        # kv_source_layers: a layer reading an earlier layer's keys/values has no K/V projections of its own
+        self.kv_source = config.kv_source(layer_idx)
+        self.shares_kv = self.kv_source != layer_idx
+        self.stores_kv = config.is_kv_source(layer_idx)
+        if not self.shares_kv:
+            self.k_proj = nn.Linear(
+                config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias
+            )
+            self.v_proj = nn.Linear(
+                config.hidden_size, self.num_key_value_heads * self.head_dim, bias=config.attention_bias
+            )
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         # q/k RMSNorm per head (Qwen3) or over the whole projection (OLMoE: qk_norm_scope="full").
         self.qk_norm_full = config.qk_norm_scope == "full"
@@ -196,11 +208,12 @@ class HybridAttention(nn.Module):
         k_dim = self.num_key_value_heads * self.head_dim if self.qk_norm_full else self.head_dim
         if config.use_qk_norm:
             self.q_norm = RMSNorm(q_dim, eps=config.rms_norm_eps)
-            self.k_norm = RMSNorm(k_dim, eps=config.rms_norm_eps)
+            self.k_norm = None if self.shares_kv else RMSNorm(k_dim, eps=config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
         self.clip_qkv = config.clip_qkv
         self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
+        self.softmax_scaling = LogPositionQueryScale(self.num_heads) if config.query_log_scaling else None
 
     def project(
         self, hidden_states: torch.Tensor, ctx: MixerContext
@@ -213,21 +226,33 @@ class HybridAttention(nn.Module):
             q, gate = q.view(b, t, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
             gate = gate.reshape(b, t, -1)
         q = q.reshape(b, t, self.num_heads, self.head_dim)  # (B, T, h, d)
+        if self.q_norm is not None:
+            q = self.q_norm(q.reshape(b, t, -1)).view_as(q) if self.qk_norm_full else self.q_norm(q)
+        if self.clip_qkv is not None:
+            q = q.clamp(-self.clip_qkv, self.clip_qkv)
+        cos, sin = ctx.rope(self.rotary_dim) if self.use_rope else (None, None)
+        if self.use_rope:
+            q = apply_rope(q, cos, sin)
+        if self.softmax_scaling is not None:  # query_log_scaling: per head and position
+            q = self.softmax_scaling(q, ctx.position_ids)
+        q = q.transpose(1, 2)  # (B, h, T, d)
+        if self.shares_kv:
+            # The source layer's keys (already normed, clipped, rotated) and values, cache included.
+            k, v = ctx.kv_from_source(self.layer_idx, self.kv_source)
+            return q, k, v, gate
         k = self.k_proj(hidden_states).view(b, t, self.num_key_value_heads, self.head_dim)
         v = self.v_proj(hidden_states).view(b, t, self.num_key_value_heads, self.head_dim)
-        if self.q_norm is not None and self.qk_norm_full:
-            q = self.q_norm(q.reshape(b, t, -1)).view_as(q)
-            k = self.k_norm(k.reshape(b, t, -1)).view_as(k)
-        elif self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if self.k_norm is not None:
+            k = self.k_norm(k.reshape(b, t, -1)).view_as(k) if self.qk_norm_full else self.k_norm(k)
         if self.clip_qkv is not None:
-            q, k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (q, k, v))
+            k, v = (x.clamp(-self.clip_qkv, self.clip_qkv) for x in (k, v))
         if self.use_rope:
-            cos, sin = ctx.rope(self.rotary_dim)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, d)
+            k = apply_rope(k, cos, sin)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, hkv, T, d)
         if ctx.cache is not None:
             k, v = ctx.cache.update(k, v, self.layer_idx)
+        if self.stores_kv:  # read by the layers that share them (kv_source_layers)
+            ctx.shared_kv[self.layer_idx] = (k, v)
         return q, k, v, gate
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: MixerContext) -> torch.Tensor:

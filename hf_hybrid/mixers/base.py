@@ -86,6 +86,20 @@ class MixerContext:
     # DSA top-k selections [B, T, k] of this forward by layer index, reused by "shared" DSA layers
     # (dsa_indexer_types). Keyed by layer so a recomputation (gradient checkpointing) reads the right one.
     dsa_topk: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Keys/values of this forward (cache + new tokens) by source layer, read by the layers that share them
+    # (kv_source_layers): attention (k, v) [B, hkv, S, d]; MLA (c_kv [B, S, r], k_pe [B, S, R·dr]).
+    shared_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def kv_from_source(self, layer_idx: int, source: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values layer ``source`` computed in this forward, for layer ``layer_idx`` that shares
+        them (``HybridConfig.kv_source_layers``)."""
+        kv = self.shared_kv.get(source)
+        if kv is None:
+            raise RuntimeError(
+                f"layer {layer_idx} reads the keys/values of layer {source} (kv_source_layers), which "
+                "computed none in this forward"
+            )
+        return kv
 
     def add_aux(self, name: str, value: torch.Tensor) -> None:
         """Record an auxiliary loss term (already averaged for this layer); the model sums them per name."""

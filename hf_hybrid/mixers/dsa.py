@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from ..config_choices import FIELD_CHOICES
-from ..layers import apply_rope
+from ..layers import LogPositionQueryScale, apply_rope
 from ..ops.dsa import (
     attention_mass_in_selection,
     dense_visible_attention,
@@ -75,6 +75,10 @@ class LightningIndexer(nn.Module):
         self.head_dim = config.index_head_dim
         self.rope_dim = min(rope_dim, self.head_dim)
         self.rope_dim -= self.rope_dim % 2
+        # index_q_norm (Mistral-Large-4): a LayerNorm on the query input when it is the hidden state
+        self.q_input_norm = (
+            nn.LayerNorm(query_dim, eps=config.index_norm_eps) if config.index_q_norm else None
+        )
         self.wq = nn.Linear(query_dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.hidden_size, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=config.index_norm_eps)
@@ -92,6 +96,7 @@ class LightningIndexer(nn.Module):
             # zero gate and slot logits: a fresh pool key is the plain mean of its tokens' keys
             init.zeros_(self.pool_gate.weight)
             init.zeros_(self.pool_ape)
+        self.softmax_scaling = LogPositionQueryScale(self.n_heads) if config.query_log_scaling else None
 
     def forward(
         self, hidden_states: torch.Tensor, query_source: torch.Tensor, ctx: MixerContext
@@ -99,7 +104,11 @@ class LightningIndexer(nn.Module):
         """-> q_I [B, T, H_I, d_I], k_I [B, T, d_I] (this forward's keys; with pooling [B, T, 2·d_I]: the
         keys, then the pool gate logits), w [B, T, H_I] fp32."""
         b, t, _ = hidden_states.shape
+        if self.q_input_norm is not None:
+            query_source = self.q_input_norm(query_source)
         q = self.wq(query_source).view(b, t, self.n_heads, self.head_dim)
+        if self.softmax_scaling is not None:  # query_log_scaling (a scalar per head: it commutes with RoPE)
+            q = self.softmax_scaling(q, ctx.position_ids)
         k = self.k_norm(self.wk(hidden_states))
         if self.rope_dim:
             cos, sin = ctx.rope(self.rope_dim)
@@ -384,7 +393,9 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
         HybridMLA.__init__(self, config, layer_idx)
         query_dim = config.q_lora_rank or config.hidden_size
         self.indexer = (
-            LightningIndexer(config, query_dim=query_dim, rope_dim=config.qk_rope_head_dim)
+            LightningIndexer(
+                config, query_dim=query_dim, rope_dim=self.qk_rope_head_dim if self.use_rope else 0
+            )
             if config.dsa_layer_has_indexer(layer_idx)
             else None
         )
@@ -636,8 +647,9 @@ def _describe_dsa(config: HybridConfig) -> list[tuple[str, str]]:
 def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """MLA (or GQA attention) over the top-k selected tokens, plus the lightning indexer over all of them."""
     if config.dsa_base == "mla":
-        params, matmul = mla_parts(config)
-        cache = config.kv_lora_rank + config.qk_rope_head_dim
+        params, matmul = mla_parts(config, layer_idx)
+        rope_key = config.mla_head_dims(layer_idx)[1]  # 0 in a NoPE layer (nope_layers)
+        cache = config.kv_lora_rank + rope_key
         heads, qk, v = (
             config.num_attention_heads,
             config.qk_nope_head_dim + config.qk_rope_head_dim,
@@ -645,10 +657,12 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         )
         q_in = config.q_lora_rank or config.hidden_size
     else:
-        params, matmul = attention_parts(config)
+        params, matmul = attention_parts(config, layer_idx)
         cache = 2 * config.num_key_value_heads * config.head_dim
         heads, qk, v = config.num_attention_heads, config.head_dim, config.head_dim
         q_in = config.hidden_size
+    if config.shares_kv(layer_idx):
+        cache = 0  # kv_source_layers: the K/V (latent) is cached once, by the source layer
     h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
     pool = config.index_pool_size if config.dsa_selector == "indexer" else 1
     if config.dsa_selector == "indexer" and not config.dsa_layer_has_indexer(layer_idx):
@@ -659,7 +673,8 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         # wq_b (from the q latent), wk (one shared key per token), LayerNorm on k (weight + bias),
         # weights_proj.
         idx_matmul = q_in * hi * di + h * di + h * hi
-        params, matmul, cache = params + idx_matmul + 2 * di, matmul + idx_matmul, cache + di
+        extra = (2 * q_in if config.index_q_norm else 0) + (2 * hi if config.query_log_scaling else 0)
+        params, matmul, cache = params + idx_matmul + 2 * di + extra, matmul + idx_matmul, cache + di
         kept = config.index_topk
         if pool > 1:
             # pool_gate (hidden -> d_I) and pool_ape (pool × d_I); the cache holds each token's gate logits
@@ -680,9 +695,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         # Sparse DSA on MLA runs latent MQA (mixers/dsa.py, as V3.2 does): each head scores the selected
         # cached [c_kv, k_pe] (r + dr wide) and sums c_kv (r wide); the query absorption and W_uv cost what
         # kv_b_proj costs, already in matmul_params.
-        attend = attention_flops(
-            heads, config.kv_lora_rank + config.qk_rope_head_dim, config.kv_lora_rank, None
-        )
+        attend = attention_flops(heads, config.kv_lora_rank + rope_key, config.kv_lora_rank, None)
 
     def flops(context: int) -> float:
         selected = context if dense else min(context, kept)

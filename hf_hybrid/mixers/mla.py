@@ -66,7 +66,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from ..layers import RMSNorm, apply_rope
+from ..layers import LogPositionQueryScale, RMSNorm, apply_rope
 from ..specs import MixerCost, register_mixer, require_positive
 from .attention import attention_flops, eager_attention_forward
 from .base import MixerContext
@@ -241,12 +241,20 @@ def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
 # ---- cost (the inspector and the card read it through the spec) --------------------------------------------
 
 
-def mla_parts(config: HybridConfig) -> tuple[int, int]:
-    """(params, matmul params) of DeepSeek-V2/V3 MLA (transformers' ``deepseek_v3`` layout)."""
+def mla_parts(config: HybridConfig, layer_idx: int | None = None) -> tuple[int, int]:
+    """(params, matmul params) of DeepSeek-V2/V3 MLA (transformers' ``deepseek_v3`` layout) in layer
+    ``layer_idx`` (None: a layer that owns its latent)."""
+    kv = 0 if layer_idx is not None and config.shares_kv(layer_idx) else 1  # kv_source_layers: no kv_a_*
     h, nh = config.hidden_size, config.num_attention_heads
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
+    # nope_layers: no rope key, its channels per head from kv_b_proj
+    dn, dr = (
+        (config.qk_nope_head_dim, config.qk_rope_head_dim)
+        if layer_idx is None
+        else config.mla_head_dims(layer_idx)
+    )
     r_kv = config.kv_lora_rank
-    rope_keys = config.mla_rope_heads * config.qk_rope_head_dim  # 1 shared rope key (DeepSeek) or R
+    rope_keys = config.mla_rope_heads * dr  # 1 shared rope key (DeepSeek) or R
     norms = config.mla_latent_norm  # q_a_layernorm / kv_a_layernorm
     if config.q_lora_rank and config.mla_output_gate:
         # q_b_proj reads [normed, raw] latent and emits the query and a v_head_dim gate per head
@@ -259,23 +267,27 @@ def mla_parts(config: HybridConfig) -> tuple[int, int]:
         q_matmul, q_norm = h * nh * qk, 0
     matmul = (
         q_matmul
-        + h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
-        + r_kv * nh * (config.qk_nope_head_dim + config.v_head_dim)  # kv_b_proj
+        + kv * h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
+        + r_kv * nh * (dn + config.v_head_dim)  # kv_b_proj
         + nh * config.v_head_dim * h  # o_proj
     )
     # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
-    bias = ((config.q_lora_rank or 0) + r_kv + rope_keys + h) if config.attention_bias else 0
-    return matmul + q_norm + (r_kv if norms else 0) + bias, matmul
+    bias = ((config.q_lora_rank or 0) + kv * (r_kv + rope_keys) + h) if config.attention_bias else 0
+    scaling = 2 * nh if config.query_log_scaling else 0  # softmax_scaling.scale / .bias
+    return matmul + q_norm + (kv * r_kv if norms else 0) + bias + scaling, matmul
 
 
 def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
-    params, matmul = mla_parts(config)
+    params, matmul = mla_parts(config, layer_idx)
     qk = config.qk_nope_head_dim + config.qk_rope_head_dim
-    # Cache: the latent c_kv and the rope key(s). FLOPs: the plain (non-absorbed) form, the one training uses.
+    # Cache: the latent c_kv and the rope key(s), once per source (kv_source_layers). FLOPs: the plain
+    # (non-absorbed) form, the one training uses.
+    own = not config.shares_kv(layer_idx)
     return MixerCost(
         params,
         matmul,
-        cache_per_token=config.kv_lora_rank + config.mla_rope_heads * config.qk_rope_head_dim,
+        cache_per_token=own
+        * (config.kv_lora_rank + config.mla_rope_heads * config.mla_head_dims(layer_idx)[1]),
         flops=attention_flops(config.num_attention_heads, qk, config.v_head_dim, None),
     )
 
@@ -305,8 +317,9 @@ class HybridMLA(nn.Module):
         self.num_heads = config.num_attention_heads
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
-        self.qk_nope_head_dim = config.qk_nope_head_dim
-        self.qk_rope_head_dim = config.qk_rope_head_dim
+        # nope_layers (Mistral-Large-4): no decoupled rope key, the rope channels join the per-head nope ones
+        self.qk_nope_head_dim, self.qk_rope_head_dim = config.mla_head_dims(layer_idx)
+        self.use_rope = config.mla_use_rope and not config.mla_nope_layer(layer_idx)
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         self.rope_heads = config.mla_rope_heads  # R decoupled rope keys (1: DeepSeek's shared one)
@@ -332,16 +345,23 @@ class HybridMLA(nn.Module):
                 self.q_b_proj = nn.Linear(2 * self.q_lora_rank, H * (dqk + self.v_head_dim), bias=False)
             else:
                 self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(
-            config.hidden_size, self.kv_lora_rank + self.rope_heads * self.qk_rope_head_dim, bias=bias
-        )
-        self.kv_a_layernorm = (
-            RMSNorm(self.kv_lora_rank, eps=latent_eps) if config.mla_latent_norm else nn.Identity()
-        )
+        # kv_source_layers: a layer that reads an earlier layer's latent has no kv_a_proj_with_mqa /
+        # kv_a_layernorm (Mistral-Large-4's layout); it keeps its own kv_b_proj
+        self.kv_source = config.kv_source(layer_idx)
+        self.shares_kv = self.kv_source != layer_idx
+        self.stores_kv = config.is_kv_source(layer_idx)
+        if not self.shares_kv:
+            self.kv_a_proj_with_mqa = nn.Linear(
+                config.hidden_size, self.kv_lora_rank + self.rope_heads * self.qk_rope_head_dim, bias=bias
+            )
+            self.kv_a_layernorm = (
+                RMSNorm(self.kv_lora_rank, eps=latent_eps) if config.mla_latent_norm else nn.Identity()
+            )
         self.kv_b_proj = nn.Linear(
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=bias)
+        self.softmax_scaling = LogPositionQueryScale(H) if config.query_log_scaling else None
         self._warned_fallback = False
 
     # ---- projections ---------------------------------------------------------------------------------------
@@ -401,11 +421,19 @@ class HybridMLA(nn.Module):
         layer's ``DynamicLayer`` and return the whole latent history."""
         b, t, _ = hidden_states.shape
         q_nope, q_pe, q_latent, gate = self.project_q(hidden_states)
-        c_kv, k_pe = self.project_kv(hidden_states)
         # False = NoPE (Kimi Linear): the "rope" channels are ordinary shared channels
-        if self.config.mla_use_rope:
-            cos, sin = self.rope_table(ctx)
+        cos, sin = self.rope_table(ctx) if self.use_rope else (None, None)
+        if self.use_rope:
             q_pe = apply_rope(q_pe, cos, sin)
+        if self.softmax_scaling is not None:  # query_log_scaling: per head and position, after RoPE
+            q_nope = self.softmax_scaling(q_nope, ctx.position_ids)
+            q_pe = self.softmax_scaling(q_pe, ctx.position_ids)
+        if self.shares_kv:
+            # The source layer's latent and (already rotated) rope key, cache included (kv_source_layers).
+            c_kv, k_pe = ctx.kv_from_source(self.layer_idx, self.kv_source)
+            return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe, gate)
+        c_kv, k_pe = self.project_kv(hidden_states)
+        if self.use_rope:
             k_pe = k_pe.view(b, t, self.rope_heads, self.qk_rope_head_dim)
             k_pe = apply_rope(k_pe, cos, sin).view(b, t, -1)
         if ctx.cache is not None:
@@ -413,6 +441,8 @@ class HybridMLA(nn.Module):
             # k_pe.
             c_all, k_pe_all = ctx.cache.update(c_kv.unsqueeze(1), k_pe.unsqueeze(1), self.layer_idx)
             c_kv, k_pe = c_all.squeeze(1), k_pe_all.squeeze(1)  # (B, S, r), (B, S, dr)
+        if self.stores_kv:  # read by the layers that share it (kv_source_layers)
+            ctx.shared_kv[self.layer_idx] = (c_kv, k_pe)
         return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe, gate)
 
     # ---- dense (naive) path --------------------------------------------------------------------------------

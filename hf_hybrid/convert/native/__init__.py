@@ -62,7 +62,6 @@ NEEDS_MISSING_LAYER: dict[str, str] = {
     "kolibri1_1": "Kolibri-1.1's pooled indexed attention",
     # built from layers we have plus one feature we lack (read from their transformers modeling files)
     "hy_v4": "HY-V4's hyper-connection residual streams (HYV4HyperConnection) and learned attention sinks",
-    "mistral_large4": "Mistral-Large-4's cross-layer KV sharing (kv_sharing_modes)",
     "glm5_next": "GLM-5-Next's hyper-connection residual streams and k-pool indexer compression",
 }
 
@@ -96,9 +95,9 @@ def _read_native_config(src: str | os.PathLike | Any):
     from transformers import PretrainedConfig
 
     if isinstance(src, PretrainedConfig):
-        return src
+        return _text_decoder_config(src)
     if hasattr(src, "config") and isinstance(src.config, PretrainedConfig):
-        return src.config
+        return _text_decoder_config(src.config)
     path = Path(src)
     if path.is_file() and path.name.endswith(".json"):
         path = path.parent if path.name == "config.json" else path
@@ -108,12 +107,25 @@ def _read_native_config(src: str | os.PathLike | Any):
             raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint")
         raw = json.loads(config_path.read_text())
         family = get_family(TEXT_DECODER_OF.get(raw.get("model_type"), raw.get("model_type")))
+        if raw.get("model_type") in TEXT_DECODER_OF and not getattr(
+            family.config_class, "base_config_key", ""
+        ):
+            from transformers import AutoConfig  # a wrapper whose text config class cannot read it alone
+
+            return _text_decoder_config(AutoConfig.from_pretrained(str(path)))
         return family.config_class.from_pretrained(str(path))  # a wrapper's text_config (base_config_key)
     if path.is_file():  # some other JSON file holding a config dict
         raw = json.loads(path.read_text())
         family = get_family(raw.get("model_type"))
         return family.config_class.from_dict(raw)
     raise FileNotFoundError(f"{src} is neither a checkpoint directory nor a config file")
+
+
+def _text_decoder_config(config):
+    """A vision-language wrapper's text config (the decoder hf_hybrid converts); any other config as is."""
+    if getattr(config, "model_type", None) in TEXT_DECODER_OF:
+        return config.get_text_config()
+    return config
 
 
 def native_to_hybrid_config(src: str | os.PathLike | Any):
@@ -173,7 +185,7 @@ def import_native(
         if wrapper in TEXT_DECODER_OF:
             print(
                 f"note: {src} is a {wrapper} vision-language checkpoint; importing its {family.model_type} "
-                "text decoder (model.language_model.*) and dropping model.visual.* and mtp.*"
+                f"text decoder (model.language_model.*) and dropping {family.wrapper_note}"
             )
     hybrid_cfg = family.hybrid_config(native_cfg)  # refuses unsupported options before any weight is read
     dtype = as_dtype(dtype)
@@ -311,8 +323,17 @@ def export_native(
     if src_dir is None:  # in memory: the export must not share storage with the caller's model
         native_state = _owning(native_state, state)
     native_cfg.dtype = model_dtype
-    native_cfg.architectures = [family.model_class.__name__]
-    native_model = build_empty(family.model_class, native_cfg)
+    model_cfg = family.model_config(native_cfg)  # a vision-language wrapper's config around the decoder's
+    if model_cfg is not native_cfg:
+        print(
+            f"note: {family.model_type} has no text-only model class; writing {family.model_class.__name__} "
+            "with a placeholder vision tower (zero weights): the text decoder is exact, images are not "
+            "understood"
+        )
+    model_cfg.dtype = model_dtype
+    model_cfg.architectures = [family.model_class.__name__]
+    native_model = build_empty(family.model_class, model_cfg)
+    native_state = family.complete_native_state(native_model, native_state)
     if dtype is not None:
         native_state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in native_state.items()}
     native_state = _keep_fp32(native_model, native_state)

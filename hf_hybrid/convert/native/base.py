@@ -433,6 +433,17 @@ class NativeFamily:
     # derivation, so each release derives its own (DeepSeek-V3.2's layer_types: "deepseek_sparse_attention"
     # in transformers 5.16, which rejects the "indexed_attention" of later releases).
     derived_native_fields: tuple[str, ...] = ()
+    # Vision-language wrappers: what the import drops (named in its note).
+    wrapper_note: str = "model.visual.* and mtp.*"
+
+    def model_config(self, native_config):
+        """The config ``model_class`` is built from, for the family's (text) config: itself, or a wrapper's
+        config around it (a family whose decoder has no class of its own)."""
+        return native_config
+
+    def complete_native_state(self, native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The export's state dict plus whatever ``model_class`` holds beyond the decoder (nothing here)."""
+        return state
 
     # ---- classes ----
     @property
