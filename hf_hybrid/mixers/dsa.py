@@ -84,6 +84,7 @@ class LightningIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=config.index_norm_eps)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
+        self.softmax_scaling = LogPositionQueryScale(self.n_heads) if config.query_log_scaling else None
         self.pool = config.index_pool_size
         if self.pool > 1:
             # GLM-5-Next's k-pool compression: per-channel gate logits x W_gate plus a learned row per slot of
@@ -96,7 +97,6 @@ class LightningIndexer(nn.Module):
             # zero gate and slot logits: a fresh pool key is the plain mean of its tokens' keys
             init.zeros_(self.pool_gate.weight)
             init.zeros_(self.pool_ape)
-        self.softmax_scaling = LogPositionQueryScale(self.n_heads) if config.query_log_scaling else None
 
     def forward(
         self, hidden_states: torch.Tensor, query_source: torch.Tensor, ctx: MixerContext
