@@ -131,6 +131,18 @@ class HybridConfig(PreTrainedConfig):
     gated_norms: list[str] | None = None
     gated_norm_rank: int | None = None
 
+    # ---- hyper-connection residual streams (one block: hyper_connections + hc_*) -------------------------
+    # "none": one residual stream (x + f(norm(x))). "ihc" (HY-V4's independent hyper-connections) / "mhc"
+    # (GLM-5-Next's manifold-constrained ones): hc_mult residual streams, copied from the embeddings; before
+    # each mixer / MLP, weights computed from the streams collapse them into the branch input, and its output
+    # is spread back over them (mHC also mixes the streams through a Sinkhorn-projected, doubly stochastic
+    # matrix); a head collapses them before the final norm (iHC: learned weights, mHC: the mean).
+    hyper_connections: str = "none"
+    hc_mult: int = 4  # number of streams
+    hc_eps: float = 1e-6  # added to the sigmoid gates (and, mHC, to the softmax and each Sinkhorn division)
+    hc_magnitude: float = 2.0  # the output-spreading gate is hc_magnitude · sigmoid(.) (mHC: 2 fixed)
+    hc_sinkhorn_iters: int = 20  # mHC: Sinkhorn-Knopp iterations making the stream mixing doubly stochastic
+
     # ---- softmax attention (attention, sliding_attention; GQA base of DSA) -----------------------
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     attention_dropout: float | int = 0.0
@@ -647,6 +659,51 @@ class HybridConfig(PreTrainedConfig):
                     raise ValueError(
                         f"HybridConfig.norm_placement[{i}]={p!r} is not allowed; choose one of: pre, post"
                     )
+
+    def validate_hyper_connections(self):
+        """The hyper-connection block (hyper_connections, hc_*)."""
+        if self.hyper_connections not in _CHOICES["hyper_connections"]:
+            raise ValueError(
+                f"HybridConfig.hyper_connections={self.hyper_connections!r} is not allowed; choose one of: "
+                + ", ".join(_CHOICES["hyper_connections"])
+            )
+        if self.hyper_connections == "none":
+            return
+        n = self.hc_mult
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"HybridConfig.hc_mult={n!r} must be a positive integer (the number of streams)")
+        for name in ("hc_eps", "hc_magnitude"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"HybridConfig.{name}={value!r} must be a positive number")
+        iters = self.hc_sinkhorn_iters
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"HybridConfig.hc_sinkhorn_iters={iters!r} must be a positive integer")
+        if self.hyper_connections == "mhc" and self.hc_magnitude != 2.0:
+            raise ValueError(
+                f"HybridConfig.hc_magnitude={self.hc_magnitude!r} with hyper_connections='mhc': mHC spreads "
+                "the branch output with 2·sigmoid(.), fixed; hc_magnitude applies to 'ihc' only"
+            )
+        # The streams replace the single residual: the scaled / normed residual forms have no stream version.
+        what = self.hyper_connections
+        if self.residual_from_norm:
+            raise ValueError(
+                f"HybridConfig.residual_from_norm=True with hyper_connections={what!r}: the streams are "
+                "the residual; set residual_from_norm=False"
+            )
+        for name in ("mixer_residual_scales", "mixer_output_scales"):
+            values = getattr(self, name)
+            if values is not None and any(v != 1.0 for v in values):
+                raise ValueError(
+                    f"HybridConfig.{name}={values!r} with hyper_connections={what!r}: the streams' own "
+                    "weights scale the residual and the output; leave it None"
+                )
+        for name in ("mlp_residual_scale", "mlp_output_scale"):
+            if getattr(self, name) != 1.0:
+                raise ValueError(
+                    f"HybridConfig.{name}={getattr(self, name)!r} with hyper_connections={what!r}: the "
+                    "streams' own weights scale the residual and the output; leave it 1.0"
+                )
 
     def validate_hybrid(self):
         require_positive(

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .configuration_hybrid import HybridConfig
+from .hyper_connections import hyper_connection_params, hyper_head_params
 from .registry import mixer_spec, mlp_spec
 from .specs import MixerCost, MLPCost, _zero_flops
 
@@ -321,7 +322,11 @@ def estimate_cost(
             gated in ("mlp", "both") and mlp_kind.cls is not None
         )
         norms += gate_matmul
-        params = norms + mixer_params + mlp_params
+        # hyper-connection residual streams: each branch's stream weights (fn is a matmul per token)
+        hc_params, hc_matmul = hyper_connection_params(
+            config, i, mixer_kind.cls is not None, mlp_kind.cls is not None
+        )
+        params = norms + mixer_params + mlp_params + hc_params
         layers.append(
             LayerCost(
                 index=i,
@@ -329,7 +334,7 @@ def estimate_cost(
                 mlp=mlp,
                 params=params,
                 active_params=params - pc.inactive_params,
-                matmul_params=mixer_matmul + mlp_matmul + gate_matmul - pc.inactive_params,
+                matmul_params=mixer_matmul + mlp_matmul + gate_matmul + hc_matmul - pc.inactive_params,
                 cache_per_token=mc.cache_per_token,
                 cache_window=mc.cache_window,
                 state_elements=mc.state_elements,
@@ -341,7 +346,7 @@ def estimate_cost(
         all_exact &= exact
     embedding = config.vocab_size * h
     lm_head = 0 if config.tie_word_embeddings else config.vocab_size * h
-    total = embedding + lm_head + h + sum(layer.params for layer in layers)
+    total = embedding + lm_head + h + hyper_head_params(config) + sum(layer.params for layer in layers)
     active = total - sum(layer.params - layer.active_params for layer in layers)
     return CostReport(
         contexts=contexts,
