@@ -244,6 +244,9 @@ class HybridConfig(PreTrainedConfig):
     # qk_rope_head_dim (DeepSeek); else qk_rope_head_dim/2 pair indices into the table of size head_dim
     # (partial RoPE kept from a dense source, which keeps its frequencies).
     mla_rope_pairs: list[int] | None = None
+    # HY-V4: o = o_proj(attn · sigmoid(gate_proj(x))), a sigmoid gate per head and value channel on MLA and
+    # DSA-on-MLA layers
+    mla_output_gate: bool = False
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
     index_n_heads: int = 8
@@ -283,6 +286,9 @@ class HybridConfig(PreTrainedConfig):
     router_jitter_noise: float = 0.0
     moe_routing: str = "topk"
     moe_capacity_factor: float | None = None  # None = dropless
+    # HY-V4's clamped SwiGLU in the routed experts (not the shared ones):
+    # silu(min(gate, L)) · clamp(up, -L, L); None: no clamp
+    moe_swiglu_limit: float | None = None
     output_router_logits: bool = False
 
     # ---- provenance, for model cards -------------------------------------------------------------
@@ -568,8 +574,21 @@ class HybridConfig(PreTrainedConfig):
         if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_base == "attention":
             raise ValueError(
                 "HybridConfig.attention_sinks=True with DSA on GQA (dsa_base='attention'): the sparse "
-                "attention has no sinks yet; sinks are supported by attention and sliding_attention layers"
+                "attention has no sinks yet; sinks are supported by attention, sliding_attention and DSA on "
+                "MLA (sparse mode) layers"
             )
+        if self.attention_sinks and "mla" in self.mixer_types:
+            raise ValueError(
+                "HybridConfig.attention_sinks=True with 'mla' layers: dense MLA has no sinks yet; sinks are "
+                "supported by attention, sliding_attention and DSA on MLA (sparse mode) layers"
+            )
+        if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_mode != "sparse":
+            raise ValueError(
+                f"HybridConfig.attention_sinks=True with dsa_mode={self.dsa_mode!r}: DSA on MLA has sinks in "
+                "sparse mode only; set dsa_mode='sparse'"
+            )
+        if not isinstance(self.mla_output_gate, bool):
+            raise ValueError(f"HybridConfig.mla_output_gate={self.mla_output_gate!r} must be True or False")
         if self.nope_layers is not None and len(set(self.nope_layers)) != len(self.nope_layers):
             raise ValueError(f"HybridConfig.nope_layers={self.nope_layers!r} repeats a layer")
         if self.clip_qkv is not None and not self.clip_qkv > 0:

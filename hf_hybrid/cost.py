@@ -373,7 +373,12 @@ def dsa_notes(config: HybridConfig, contexts: Sequence[int]) -> list[str]:
     data = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # derived from mixer_types
     sparse = HybridConfig.from_dict({**data, "dsa_mode": "sparse"})
     dense = HybridConfig.from_dict(
-        {**data, "mixer_types": [config.dsa_base if t == "dsa" else t for t in config.mixer_types]}
+        {
+            **data,
+            "mixer_types": [config.dsa_base if t == "dsa" else t for t in config.mixer_types],
+            # dense MLA has no sinks; they cost no FLOPs worth counting here
+            "attention_sinks": data.get("attention_sinks", False) and config.dsa_base != "mla",
+        }
     )
     with_dsa = estimate_cost(sparse, contexts, measure=False, notes=False)
     without = estimate_cost(dense, contexts, measure=False, notes=False)

@@ -33,7 +33,7 @@ from hf_hybrid.mixers.dsa import dsa_layers, index_ties
 
 ATOL = 1e-5
 T = 12
-DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "hy_v4")
 
 # model_type -> context manager factory to run that family's *native* model on CPU (e.g. hide fla-core).
 NATIVE_CONTEXT: dict[str, contextlib.AbstractContextManager] = {}
@@ -636,7 +636,7 @@ def test_minimax_m2_export_refuses_what_it_cannot_express(tmp_path):
 
 @pytest.mark.parametrize("model_type", sorted(NEEDS_MISSING_LAYER))
 def test_families_needing_a_missing_layer_are_refused_naming_it(model_type, tmp_path, capsys):
-    """deepseek_v4, qwen4_exp, falcon_h1, lfm2(_moe) / lfm3, kolibri1_1, axk2, hy_v4, mistral_large4,
+    """deepseek_v4, qwen4_exp, falcon_h1, lfm2(_moe) / lfm3, kolibri1_1, axk2, mistral_large4,
     glm5_next, ergo: refused on import (directory, CLI, in-memory config where transformers has the class)
     naming the layer or feature hf_hybrid lacks; nothing written."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES

@@ -314,16 +314,34 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             if config.dsa_layer_has_indexer(layer_idx)
             else None
         )
+        # attention_sinks (HY-V4): a learned logit per head joins each query's softmax over its selection as
+        # a key with no value; sparse mode only (the selected attention's log-sum-exp rescales the output)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
         self._init_runtime_state()
+
+    def _sparse_attention(self, q, k, v, idx) -> torch.Tensor:
+        """``sparse_attention``, with sinks: ``o · exp(lse) / (exp(lse) + exp(sink_h))`` = ``o ·
+        sigmoid(lse - sink_h)``, the softmax that includes the sink (an empty selection stays 0)."""
+        if self.sinks is None:
+            return sparse_attention(q, k, v, idx, scale=self.scaling, backend=self.config.dsa_backend)
+        o, lse = sparse_attention(
+            q, k, v, idx, scale=self.scaling, backend=self.config.dsa_backend, return_lse=True
+        )
+        keep = torch.sigmoid(lse - self.sinks.float())  # [B, T, H] fp32
+        return (o.float() * keep.unsqueeze(-1)).to(o.dtype)
+
+    def _attend_selected(self, q, k, v, idx, key_start, ctx: MixerContext) -> torch.Tensor:
+        if self.sinks is None:
+            return super()._attend_selected(q, k, v, idx, key_start, ctx)
+        return self._sparse_attention(q, k, v, idx)
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         b, t, _ = hidden_states.shape
-        cfg = self.config
         p = self.project(hidden_states, ctx)
         if (self.mode == "dense" and not self.collect_metrics) or (
             self.indexer is None and self.mode != "sparse"
         ):
-            return self._dense(p, ctx, b, t)
+            return self._dense(p, ctx, b, t, hidden_states)
         if self.indexer is not None:
             q_i, k_i, w = self._indexer(
                 hidden_states, p.q_latent if p.q_latent is not None else hidden_states, ctx
@@ -346,9 +364,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             key_start = key_start_positions(ctx, t, hidden_states.device)
             selection = self._shared_selection(ctx)
             o_lat = self._attend_selected(q_lat, k_lat, p.c_kv[:, :, None], selection, key_start, ctx)
-            return self.o_proj(
-                self.latent_to_value(o_lat, w_uv).reshape(b, t, self.num_heads * self.v_head_dim)
-            )
+            return self.output(self.latent_to_value(o_lat, w_uv), hidden_states)
         if self.mode == "sparse":
             idx = self._select(q_i, k_i, w, key_start, ctx)
             if self.training or t * idx.shape[-1] >= p.c_kv.shape[1] or self.topk >= p.c_kv.shape[1]:
@@ -358,9 +374,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
                 # Decode: T·k selected rows are far fewer than the S cached ones, so gather only those instead
                 # of concatenating the whole latent history into [c_kv, k_pe] every step.
                 k_sel, v_sel, idx_sel = gather_selected_latent(p.c_kv, p.k_pe, idx)
-                o_lat = sparse_attention(
-                    q_lat, k_sel, v_sel, idx_sel, scale=self.scaling, backend=cfg.dsa_backend
-                )
+                o_lat = self._sparse_attention(q_lat, k_sel, v_sel, idx_sel)
             out = self.latent_to_value(o_lat, w_uv)
         else:
             out = None
@@ -369,10 +383,15 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
                 k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]
             self._losses_and_metrics(q_lat, k_lat, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
         if out is None:
-            return self._dense(p, ctx, b, t)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+            return self._dense(p, ctx, b, t, hidden_states)
+        return self.output(out, hidden_states)
 
-    def _dense(self, p, ctx: MixerContext, b: int, t: int) -> torch.Tensor:
+    def _dense(self, p, ctx: MixerContext, b: int, t: int, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.sinks is not None:
+            raise ValueError(
+                f"DSA layer {self.layer_idx} runs dense (mode {self.mode!r}); with attention_sinks=True DSA "
+                "on MLA runs in sparse mode only (dsa_mode='sparse', model.dsa_mode('sparse'))"
+            )
         mask = ctx.masks.get("full_attention")
         out = None
         if self.uses_absorbed(t, p.c_kv.shape[1], ctx.past_length):
@@ -381,7 +400,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
                 out = self.attend_absorbed(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx, weights)
         if out is None:
             out = self.attend_dense(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+        return self.output(out, hidden_states)
 
 
 class DSAOnAttention(_DSAMixin, HybridAttention):
@@ -536,6 +555,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """MLA (or GQA attention) over the top-k selected tokens, plus the lightning indexer over all of them."""
     if config.dsa_base == "mla":
         params, matmul = mla_parts(config)
+        params += config.num_attention_heads if config.attention_sinks else 0  # one sink logit per head
         cache = config.kv_lora_rank + config.qk_rope_head_dim
         heads, qk, v = (
             config.num_attention_heads,

@@ -245,6 +245,7 @@ def mla_parts(config: HybridConfig) -> tuple[int, int]:
         + h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
         + r_kv * nh * (config.qk_nope_head_dim + config.v_head_dim)  # kv_b_proj
         + nh * config.v_head_dim * h  # o_proj
+        + (h * nh * config.v_head_dim if getattr(config, "mla_output_gate", False) else 0)  # gate_proj
     )
     # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
     bias = ((config.q_lora_rank or 0) + r_kv + rope_keys + h) if config.attention_bias else 0
@@ -321,6 +322,12 @@ class HybridMLA(nn.Module):
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=bias)
+        # mla_output_gate (HY-V4): per-head sigmoid gate on the attention output, from x
+        self.gate_proj = (
+            nn.Linear(config.hidden_size, H * self.v_head_dim, bias=False)
+            if getattr(config, "mla_output_gate", False)
+            else None
+        )
         self._warned_fallback = False
 
     # ---- projections ---------------------------------------------------------------------------------------
@@ -515,9 +522,13 @@ class HybridMLA(nn.Module):
         k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(2)
         return q, k, c_kv.unsqueeze(2)
 
-    def output(self, out: torch.Tensor) -> torch.Tensor:
-        """Per-head outputs [B, T, H, dv] -> [B, T, hidden] through ``o_proj``."""
+    def output(self, out: torch.Tensor, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head outputs [B, T, H, dv] -> [B, T, hidden] through ``o_proj`` (gated by
+        ``sigmoid(gate_proj(hidden_states))`` per head and channel with ``mla_output_gate``)."""
         b, t = out.shape[:2]
+        if self.gate_proj is not None:
+            gate = self.gate_proj(hidden_states).view(b, t, self.num_heads, self.v_head_dim)
+            out = out * torch.sigmoid(gate)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
 
     def uses_absorbed(self, q_len: int, kv_len: int, past_len: int) -> bool:
@@ -552,7 +563,7 @@ class HybridMLA(nn.Module):
                 )
         if out is None:
             out = self.attend_dense(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx)
-        return self.output(out)
+        return self.output(out, hidden_states)
 
 
 __all__ = [

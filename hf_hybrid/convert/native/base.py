@@ -227,8 +227,12 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
             "qk_rope_head_dim",
             "v_head_dim",
             "attention_bias",
+            "mla_output_gate",
+            "attention_sinks",  # DSA on MLA has them too
         ),
     ),
+    # hyper-connection sizes matter only with streams
+    "hc": (lambda c: c.hyper_connections != "none", None),
     "dsa": (lambda c: "dsa" in c.mixer_types, None),  # every index_* / dsa_* field
     "gdn": (lambda c: "gated_deltanet" in c.mixer_types, None),
     "mamba": (lambda c: "mamba2" in c.mixer_types, None),
@@ -238,6 +242,7 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
 }
 _PREFIX_GROUPS = {
     "dsa": ("index_", "dsa_"),
+    "hc": ("hc_",),
     "gdn": ("gdn_",),
     "mamba": ("mamba_",),
     "linear": ("linear_",),
@@ -257,6 +262,7 @@ _MOE_FIELDS = (
     "moe_capacity_factor",
     "shared_expert_intermediate_size",
     "shared_expert_gate",
+    "moe_swiglu_limit",
 )
 
 
