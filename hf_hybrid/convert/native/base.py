@@ -627,7 +627,7 @@ class NativeFamily:
         return out
 
 
-_STRUCTURAL = ("mixer_types", "mlp_types")
+_STRUCTURAL = ("mixer_types", "mlp_types", "hyper_connections")
 
 
 def _explicit_native_kwargs(kwargs: dict[str, Any], config_class) -> dict[str, Any]:
