@@ -244,9 +244,15 @@ class HybridConfig(PreTrainedConfig):
     # qk_rope_head_dim (DeepSeek); else qk_rope_head_dim/2 pair indices into the table of size head_dim
     # (partial RoPE kept from a dense source, which keeps its frequencies).
     mla_rope_pairs: list[int] | None = None
-    # HY-V4: o = o_proj(attn · sigmoid(gate_proj(x))), a sigmoid gate per head and value channel on MLA and
-    # DSA-on-MLA layers
+    # ---- gated MLA output (AXK2's attention) ----
+    # True: q_b_proj reads [q_a_layernorm(c_q), c_q] (the normed and the raw q latent, 2·q_lora_rank wide)
+    # and emits per head the query and a gate g [v_head_dim]; each head's output is multiplied by sigmoid(g)
+    # before o_proj. Needs q_lora_rank.
     mla_output_gate: bool = False
+    # ---- gated MLA output from its own projection (HY-V4's attention) ----
+    # True: o = o_proj(attn · sigmoid(gate_proj(x))), gate_proj [hidden -> heads · v_head_dim], a sigmoid gate
+    # per head and value channel on MLA and DSA-on-MLA layers. Exclusive with mla_output_gate.
+    mla_gate_proj: bool = False
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
     index_n_heads: int = 8
@@ -265,6 +271,11 @@ class HybridConfig(PreTrainedConfig):
     # layer, as GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full". Entries of non-DSA layers
     # are ignored.
     dsa_indexer_types: list[str] | None = None
+    # ---- DSA indexer pooling (GLM-5-Next's index_kpool) ----
+    # > 1: the indexer scores pools of this many consecutive tokens of a document (learned per-channel
+    # weighted average of their keys), keeps the best index_topk // index_pool_size pools and always the
+    # query's own incomplete pool; 1: every token scored on its own (DeepSeek-V3.2).
+    index_pool_size: int = 1
 
     # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
     num_experts: int = 8
@@ -587,8 +598,13 @@ class HybridConfig(PreTrainedConfig):
                 f"HybridConfig.attention_sinks=True with dsa_mode={self.dsa_mode!r}: DSA on MLA has sinks in "
                 "sparse mode only; set dsa_mode='sparse'"
             )
-        if not isinstance(self.mla_output_gate, bool):
-            raise ValueError(f"HybridConfig.mla_output_gate={self.mla_output_gate!r} must be True or False")
+        if not isinstance(self.mla_gate_proj, bool):
+            raise ValueError(f"HybridConfig.mla_gate_proj={self.mla_gate_proj!r} must be True or False")
+        if self.mla_gate_proj and self.mla_output_gate:
+            raise ValueError(
+                "HybridConfig.mla_gate_proj=True with mla_output_gate=True: an MLA layer has one output "
+                "gate, from its own gate_proj (HY-V4) or from q_b_proj (AXK2); choose one"
+            )
         if self.nope_layers is not None and len(set(self.nope_layers)) != len(self.nope_layers):
             raise ValueError(f"HybridConfig.nope_layers={self.nope_layers!r} repeats a layer")
         if self.clip_qkv is not None and not self.clip_qkv > 0:

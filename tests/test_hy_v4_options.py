@@ -1,5 +1,5 @@
 """The layer options HY-V4 brought, usable in any mix: ``moe_swiglu_limit`` (clamped SwiGLU in the routed
-experts), ``mla_output_gate`` (per-head sigmoid gate on MLA / DSA-on-MLA output), ``attention_sinks`` on DSA
+experts), ``mla_gate_proj`` (per-head sigmoid gate on MLA / DSA-on-MLA output), ``attention_sinks`` on DSA
 over MLA (sparse mode). Naive references, parity with transformers' HY-V4 modules, validation, the kit in a
 mix of their own (with hyper-connections)."""
 
@@ -64,7 +64,16 @@ def test_swiglu_limit_matches_loop_and_hy_v4_experts(impl):
     [
         ({"moe_swiglu_limit": 0.0}, "moe_swiglu_limit=0.0 must be a positive number or None"),
         ({"moe_swiglu_limit": 1.0, "mlp_gated": False}, "moe_swiglu_limit=1.0 clamps the gate"),
-        ({"mla_output_gate": 1}, "mla_output_gate=1 must be True or False"),
+        ({"mla_gate_proj": 1}, "mla_gate_proj=1 must be True or False"),
+        (
+            {
+                "mixer_types": ["mla", "mla"],
+                "q_lora_rank": 12,
+                "mla_gate_proj": True,
+                "mla_output_gate": True,
+            },
+            "mla_gate_proj=True with mla_output_gate=True",
+        ),
     ],
 )
 def test_options_refuse_bad_values(overrides, message):
@@ -106,15 +115,15 @@ def test_dsa_sinks_refuse_dense_modes():
         model(torch.randint(0, 64, (1, 6)))
 
 
-# ---- mla_output_gate -------------------------------------------------------------------------------------
+# ---- mla_gate_proj -----------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mixer", ["mla", "dsa"])
-def test_mla_output_gate_zero_weights_halve_the_output(mixer):
+def test_mla_gate_proj_zero_weights_halve_the_output(mixer):
     """gate_proj = 0: sigmoid(0) = 1/2 on every channel: the layer equals the ungated one with o_proj / 2."""
     torch.manual_seed(0)
     overrides = DSA if mixer == "dsa" else {"q_lora_rank": 12}
-    gated = HybridForCausalLM(tiny_config(mixer, mla_output_gate=True, **overrides)).eval()
+    gated = HybridForCausalLM(tiny_config(mixer, mla_gate_proj=True, **overrides)).eval()
     plain = HybridForCausalLM(tiny_config(mixer, **overrides)).eval()
     state = {k: v for k, v in gated.state_dict().items() if "gate_proj" not in k or "mlp" in k}
     plain.load_state_dict(state)
@@ -140,7 +149,7 @@ def test_kit_in_a_mix_of_their_own():
         "mlp_types": ["moe", "dense", "moe"],
         "dsa_indexer_types": ["full", "full", "shared"],
         "attention_sinks": True,
-        "mla_output_gate": True,
+        "mla_gate_proj": True,
         "moe_swiglu_limit": 0.05,
         "hyper_connections": "ihc",
         "hc_mult": 2,

@@ -139,7 +139,7 @@ def test_new_layer_options_are_refused_by_families_without_them(tmp_path):
         ("qwen3_next", {"gdn_allow_neg_eigval": True}, r"gdn_allow_neg_eigval=True"),
         # HY-V4's options, on families without them (and hy_v4 without the mHC form)
         ("deepseek_v32", {"attention_sinks": True}, r"attention_sinks=True"),
-        ("deepseek_v3", {"mla_output_gate": True}, r"mla_output_gate=True"),
+        ("deepseek_v3", {"mla_gate_proj": True}, r"mla_gate_proj=True"),
         ("glm_moe_dsa", {"hyper_connections": "ihc", "hc_mult": 2}, r"hyper_connections='ihc'"),
         ("deepseek_v32", {"moe_swiglu_limit": 1.0}, r"moe_swiglu_limit=1.0"),
         ("hy_v4", {"hyper_connections": "mhc"}, r"hyper_connections='mhc'"),

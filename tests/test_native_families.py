@@ -33,7 +33,7 @@ from hf_hybrid.mixers.dsa import dsa_layers, index_ties
 
 ATOL = 1e-5
 T = 12
-DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "hy_v4")
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "hy_v4", "axk2")
 
 # model_type -> context manager factory to run that family's *native* model on CPU (e.g. hide fla-core).
 NATIVE_CONTEXT: dict[str, contextlib.AbstractContextManager] = {}
@@ -273,7 +273,7 @@ def test_exported_dir_loads_without_hf_hybrid(tmp_path):
     assert_close_on_real(logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask, "subprocess")
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "minimax_m2", "hy_v4"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "minimax_m2", "hy_v4", "axk2"])
 def test_cli_import_export_and_inspect(family, tmp_path, capsys):
     from hf_hybrid.cli import main
     from hf_hybrid.cost import estimate_cost

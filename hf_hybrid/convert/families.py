@@ -15,6 +15,7 @@ FAMILY_MODULES: dict[str, str] = {
     "deepseek_v32": "deepseek",
     "glm_moe_dsa": "deepseek",
     "hy_v4": "hy_v4",
+    "axk2": "axk2",
     # dense attention families (import_dense is `hf-hybrid import`'s route for them; these specs add export)
     "llama": "dense",
     "mistral": "dense",

@@ -111,6 +111,11 @@ class AttentionWeights:
         their per-token 1/rms is dropped). Needs ``dn + dr == dv`` (one head dim)."""
         H, dn, dr, dv = mla.num_heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
         r, R = mla.kv_lora_rank, mla.rope_heads
+        if getattr(mla, "output_gate", False):
+            raise ValueError(
+                f"MLA layer {mla.layer_idx}: mla_output_gate=True (a sigmoid gate on each head's output) has "
+                "no counterpart in these per-head maps; allowed: mla_output_gate=False"
+            )
 
         def weight(m: nn.Module) -> torch.Tensor:
             return m.weight.detach().float()

@@ -27,13 +27,20 @@ anchors, the last ``dsa_local_window`` tokens, and evenly strided representative
 attends over the top-k the previous ``"full"`` DSA layer selected in the same forward
 (``MixerContext.dsa_topk``); it adds no indexer loss and caches no indexer keys.
 
+``index_pool_size`` > 1 (GLM-5-Next's ``index_kpool``, ``hf_hybrid.ops.dsa.pooling``): the indexer scores
+pools of that many consecutive tokens of a document (a learned per-channel weighted average of their keys,
+``indexer.pool_gate`` / ``indexer.pool_ape``), keeps the best ``index_topk // index_pool_size`` complete
+pools a query sees and always the tokens of the query's own incomplete pool; the cache holds each token's
+indexer key and gate logits. Its sparse-stage KL runs over the selected pools (each token carries its pool's
+score), not the tail; the dense warm-up is not defined for pools (refused).
+
 Set ``module.collect_metrics = True`` to have each forward record ``dsa_recall`` (recall@k against the top-k
 of the true head-mean attention) and ``dsa_mass`` (attention mass inside the selected set) as layer stats.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -48,6 +55,7 @@ from ..ops.dsa import (
     indexer_recall_at_k,
     indexer_scores_naive,
     indexer_topk,
+    pooling,
     sparse_attention,
     ties_at_topk_cut,
 )
@@ -72,11 +80,24 @@ class LightningIndexer(nn.Module):
         self.k_norm = nn.LayerNorm(self.head_dim, eps=config.index_norm_eps)
         self.weights_proj = nn.Linear(config.hidden_size, self.n_heads, bias=False)
         self.weight_scale = self.n_heads**-0.5 * self.head_dim**-0.5
+        self.pool = config.index_pool_size
+        if self.pool > 1:
+            # GLM-5-Next's k-pool compression: per-channel gate logits x W_gate plus a learned row per slot of
+            # the pool decide how each channel of the pool key averages its tokens' keys.
+            self.pool_gate = nn.Linear(config.hidden_size, self.head_dim, bias=False)
+            self.pool_ape = nn.Parameter(torch.zeros(self.pool, self.head_dim))
+
+    def init_hybrid_weights(self, init, config: HybridConfig) -> None:
+        if self.pool > 1:
+            # zero gate and slot logits: a fresh pool key is the plain mean of its tokens' keys
+            init.zeros_(self.pool_gate.weight)
+            init.zeros_(self.pool_ape)
 
     def forward(
         self, hidden_states: torch.Tensor, query_source: torch.Tensor, ctx: MixerContext
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> q_I [B, T, H_I, d_I], k_I [B, T, d_I] (this forward's keys), w [B, T, H_I] fp32."""
+        """-> q_I [B, T, H_I, d_I], k_I [B, T, d_I] (this forward's keys; with pooling [B, T, 2·d_I]: the
+        keys, then the pool gate logits), w [B, T, H_I] fp32."""
         b, t, _ = hidden_states.shape
         q = self.wq(query_source).view(b, t, self.n_heads, self.head_dim)
         k = self.k_norm(self.wk(hidden_states))
@@ -85,7 +106,29 @@ class LightningIndexer(nn.Module):
             q = apply_rope(q, cos, sin)
             k = apply_rope(k.unsqueeze(2), cos, sin).squeeze(2)
         w = self.weights_proj(hidden_states).float() * self.weight_scale
+        if self.pool > 1:
+            k = torch.cat([k, self.pool_gate(hidden_states).to(k.dtype)], dim=-1)
         return q, k, w
+
+    def pooled(self, k_cached: torch.Tensor, ctx: MixerContext) -> PooledKeys:
+        """The pools over every cached key ([B, S, 2·d_I]: keys, gate logits)."""
+        b, s = k_cached.shape[:2]
+        if ctx.cu_seqlens is not None and ctx.past_length:
+            raise ValueError("DSA index_pool_size > 1: packed documents (cu_seqlens) after a cache prefix")
+        key_doc = key_start_positions(ctx, s, k_cached.device)
+        ends = pooling.pool_ends(key_doc, s, self.pool, batch=b, device=k_cached.device)
+        keys, gates = k_cached.split(self.head_dim, dim=-1)
+        pooled = pooling.pooled_keys(keys, gates, self.pool_ape, ends, self.pool)
+        return PooledKeys(pooled, ends, pooling.pooled_token_keys(pooled, ends, s, self.pool))
+
+
+class PooledKeys(NamedTuple):
+    """The indexer keys of a pooled layer: pooled [B, NP, d_I], ends [B, NP] (last token of each pool, -1 =
+    none), per_token [B, S, d_I] (each token's pool key, 0 outside complete pools)."""
+
+    pooled: torch.Tensor
+    ends: torch.Tensor
+    per_token: torch.Tensor
 
 
 def key_start_positions(ctx: MixerContext, t: int, device: torch.device) -> torch.Tensor | None:
@@ -215,6 +258,14 @@ class _DSAMixin:
         q_i, k_i, w = self.indexer(hidden, query_source, ctx)
         if ctx.cache is not None:
             k_i = ctx.cache.update_indexer(k_i, self.layer_idx)
+        if self.indexer.pool > 1:
+            if self.mode == "dense_warmup":
+                raise ValueError(
+                    f"DSA layer {self.layer_idx}: dsa_mode='dense_warmup' with index_pool_size="
+                    f"{self.config.index_pool_size}: the dense indexer KL is defined per token, not per "
+                    "pool; allowed: 'sparse' or 'dense', or index_pool_size=1"
+                )
+            k_i = self.indexer.pooled(k_i, ctx)
         return q_i, k_i, w
 
     def _shared_selection(self, ctx: MixerContext) -> torch.Tensor:
@@ -246,6 +297,20 @@ class _DSAMixin:
                 anchors=cfg.dsa_global_tokens,
                 device=q_i.device,
             )
+        if isinstance(k_i, PooledKeys):
+            idx = pooling.pooled_topk(
+                q_i,
+                k_i.pooled,
+                w,
+                k_i.ends,
+                pool=self.indexer.pool,
+                topk=self.topk,
+                q_offset=ctx.past_length,
+                key_start=key_start,
+                query_chunk=cfg.dsa_query_chunk,
+            )
+            ctx.dsa_topk[self.layer_idx] = idx
+            return idx
         idx = indexer_topk(
             q_i,
             k_i,
@@ -273,6 +338,13 @@ class _DSAMixin:
     ) -> None:
         """q [B, T, H, D], k [B, S, Hkv, D]: the main attention's queries/keys (what its softmax sees)."""
         cfg = self.config
+        k_kl, idx_kl = k_i, idx
+        if isinstance(k_i, PooledKeys):
+            # The KL runs over the selected pools: every token of a pool carries the pool's score, so the
+            # softmax over their tokens is the softmax over the pools; the tail has no pool score.
+            k_kl = k_i.per_token
+            if idx is not None:
+                idx_kl = idx[..., : (self.topk // self.indexer.pool) * self.indexer.pool]
         if self.training and self.mode == "dense_warmup":
             ctx.add_aux(
                 "indexer_loss",
@@ -291,7 +363,7 @@ class _DSAMixin:
         elif self.training and self.mode == "sparse" and idx is not None and cfg.dsa_selector == "indexer":
             ctx.add_aux(
                 "indexer_loss",
-                indexer_kl_sparse(q, k, q_i, k_i, w, idx, scale=scale, query_chunk=cfg.dsa_query_chunk),
+                indexer_kl_sparse(q, k, q_i, k_kl, w, idx_kl, scale=scale, query_chunk=cfg.dsa_query_chunk),
             )
         if self.collect_metrics:
             if idx is None:
@@ -341,7 +413,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
         if (self.mode == "dense" and not self.collect_metrics) or (
             self.indexer is None and self.mode != "sparse"
         ):
-            return self._dense(p, ctx, b, t, hidden_states)
+            return self._dense(p, ctx, b, t)
         if self.indexer is not None:
             q_i, k_i, w = self._indexer(
                 hidden_states, p.q_latent if p.q_latent is not None else hidden_states, ctx
@@ -364,7 +436,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             key_start = key_start_positions(ctx, t, hidden_states.device)
             selection = self._shared_selection(ctx)
             o_lat = self._attend_selected(q_lat, k_lat, p.c_kv[:, :, None], selection, key_start, ctx)
-            return self.output(self.latent_to_value(o_lat, w_uv), hidden_states)
+            return self.output(self.latent_to_value(o_lat, w_uv), p.gate)
         if self.mode == "sparse":
             idx = self._select(q_i, k_i, w, key_start, ctx)
             if self.training or t * idx.shape[-1] >= p.c_kv.shape[1] or self.topk >= p.c_kv.shape[1]:
@@ -383,10 +455,10 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
                 k_lat = torch.cat([p.c_kv, p.k_pe], dim=-1)[:, :, None]
             self._losses_and_metrics(q_lat, k_lat, q_i, k_i, w, idx, key_start, ctx, scale=self.scaling)
         if out is None:
-            return self._dense(p, ctx, b, t, hidden_states)
-        return self.output(out, hidden_states)
+            return self._dense(p, ctx, b, t)
+        return self.output(out, p.gate)
 
-    def _dense(self, p, ctx: MixerContext, b: int, t: int, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _dense(self, p, ctx: MixerContext, b: int, t: int) -> torch.Tensor:
         if self.sinks is not None:
             raise ValueError(
                 f"DSA layer {self.layer_idx} runs dense (mode {self.mode!r}); with attention_sinks=True DSA "
@@ -400,7 +472,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
                 out = self.attend_absorbed(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx, weights)
         if out is None:
             out = self.attend_dense(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx)
-        return self.output(out, hidden_states)
+        return self.output(out, p.gate)
 
 
 class DSAOnAttention(_DSAMixin, HybridAttention):
@@ -450,6 +522,26 @@ def _validate_dsa(config: HybridConfig) -> None:
             "over the latent and one shared rope key; allowed: 1"
         )
     require_positive(config, "index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk")
+    # ---- indexer pooling ----
+    require_positive(config, "index_pool_size")
+    pool = config.index_pool_size
+    if pool > 1:
+        if config.dsa_selector != "indexer":
+            raise ValueError(
+                f"HybridConfig.index_pool_size={pool} pools the learned indexer's keys; dsa_selector="
+                f"{config.dsa_selector!r} has no indexer; allowed: dsa_selector='indexer' or "
+                "index_pool_size=1"
+            )
+        if config.index_topk % pool:
+            raise ValueError(
+                f"HybridConfig.index_topk={config.index_topk} must be a multiple of index_pool_size={pool} "
+                "(the selection keeps index_topk // index_pool_size whole pools)"
+            )
+        if config.dsa_mode == "dense_warmup":
+            raise ValueError(
+                f"HybridConfig.dsa_mode='dense_warmup' with index_pool_size={pool}: the dense indexer KL is "
+                "defined per token, not per pool; allowed: 'sparse' or 'dense', or index_pool_size=1"
+            )
 
 
 def _mask_for_mode(mode: str) -> str | None:
@@ -465,9 +557,11 @@ def _dsa_mask(config: HybridConfig) -> str | None:
 def index_ties(model: nn.Module, **inputs) -> list[tuple[int, int, int]]:
     """Run ``model(**inputs)`` (no cache) and return ``(layer, row, query)`` for every query whose indexer
     scores are tied at its top-k cut (:func:`hf_hybrid.ops.dsa.ties_at_topk_cut`), with the visibility the
-    selection used (causal, left padding, packed documents). Our selection breaks such ties toward the most
-    recent key; ``torch.topk`` (transformers' DeepSeek-V3.2 / GLM-MoE-DSA) in an unspecified order, so their
-    logits can differ from ours exactly there. An empty list: this input selects the same keys either way."""
+    selection used (causal, left padding, packed documents); with ``index_pool_size`` > 1 the ties are
+    between pools at the cut of ``index_topk // index_pool_size`` pools. Our selection breaks such ties
+    toward the most recent key (pool); ``torch.topk`` (transformers' DeepSeek-V3.2 / GLM-MoE-DSA /
+    GLM-5-Next) in an unspecified order, so their logits can differ from ours exactly there. An empty list:
+    this input selects the same keys either way."""
     found: list[tuple[int, int, int]] = []
     layers = [m for m in dsa_layers(model) if getattr(m, "indexer", None) is not None]
 
@@ -475,7 +569,13 @@ def index_ties(model: nn.Module, **inputs) -> list[tuple[int, int, int]]:
         select = layer._select
 
         def _select(q_i, k_i, w, key_start, ctx):
-            if layer.config.dsa_selector == "indexer":
+            if layer.config.dsa_selector == "indexer" and isinstance(k_i, PooledKeys):
+                scores = pooling.pooled_scores(
+                    q_i, k_i.pooled, w, k_i.ends, q_offset=ctx.past_length, key_start=key_start
+                )
+                tied = ties_at_topk_cut(scores, layer.topk // layer.indexer.pool)
+                found.extend((layer.layer_idx, int(b), int(t)) for b, t in tied.nonzero().tolist())
+            elif layer.config.dsa_selector == "indexer":
                 scores = indexer_scores_naive(q_i, k_i, w, q_offset=ctx.past_length, key_start=key_start)
                 tied = ties_at_topk_cut(scores, layer.topk)
                 found.extend((layer.layer_idx, int(b), int(t)) for b, t in tied.nonzero().tolist())
@@ -543,7 +643,8 @@ def _describe_dsa(config: HybridConfig) -> list[tuple[str, str]]:
         (
             "DSA",
             f"base {config.dsa_base}, selector {config.dsa_selector}, indexer {config.index_n_heads} "
-            f"heads × {config.index_head_dim}, top-k {config.index_topk}, mode {config.dsa_mode}",
+            f"heads × {config.index_head_dim}, top-k {config.index_topk}, mode {config.dsa_mode}"
+            + (f", pools of {config.index_pool_size}" if config.index_pool_size > 1 else ""),
         ),
     ]
 
@@ -569,6 +670,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         heads, qk, v = config.num_attention_heads, config.head_dim, config.head_dim
         q_in = config.hidden_size
     h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
+    pool = config.index_pool_size if config.dsa_selector == "indexer" else 1
     if config.dsa_selector == "indexer" and not config.dsa_layer_has_indexer(layer_idx):
         # a "shared" layer (dsa_indexer_types): no indexer of its own, the previous full layer's top-k
         hi = di = 0
@@ -579,6 +681,12 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         idx_matmul = q_in * hi * di + h * di + h * hi
         params, matmul, cache = params + idx_matmul + 2 * di, matmul + idx_matmul, cache + di
         kept = config.index_topk
+        if pool > 1:
+            # pool_gate (hidden -> d_I) and pool_ape (pool × d_I); the cache holds each token's gate logits
+            # too; the selection adds the query's own incomplete pool (up to pool - 1 tokens).
+            # (pool_ape is 2-D: the inspector counts it with the matmul weights, as it counts every 2-D one)
+            params, matmul, cache = params + h * di + pool * di, matmul + h * di + pool * di, cache + di
+            kept = (config.index_topk // pool) * pool + pool - 1
     else:  # structured selector: recent window + first tokens, nothing learned
         hi = di = 0
         kept = config.dsa_local_window + config.dsa_global_tokens
@@ -586,7 +694,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     if config.dsa_mode == "dense" and hi:
         # mode "dense" runs the base mixer alone (mixers/dsa.py): no indexer scores over the context, no
         # indexer keys cached (the indexer's weights are still counted, as they are in the model).
-        cache, hi = cache - di, 0
+        cache, hi = cache - di * (2 if pool > 1 else 1), 0
     attend = attention_flops(heads, qk, v, None)
     if config.dsa_base == "mla" and not dense:
         # Sparse DSA on MLA runs latent MQA (mixers/dsa.py, as V3.2 does): each head scores the selected
@@ -598,8 +706,9 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
 
     def flops(context: int) -> float:
         selected = context if dense else min(context, kept)
-        # indexer: q_I·k_I for every head and past token, then the weighted sum over heads.
-        return attend(selected) + 2.0 * context * hi * (di + 1)
+        # indexer: q_I·k_I for every head and past token (pool), then the weighted sum over heads.
+        scored = context // pool if pool > 1 else context
+        return attend(selected) + 2.0 * scored * hi * (di + 1)
 
     return MixerCost(params, matmul, cache_per_token=cache, flops=flops)
 

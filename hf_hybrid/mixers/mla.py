@@ -33,6 +33,10 @@ the native exports refuse them):
   table of size ``head_dim`` (the source's frequencies) instead of the table of size dr.
 - ``qk_nope_head_dim = 0``: every query/key channel is rotary (``kv_b_proj`` carries values only).
 
+``mla_output_gate=True`` (AXK2's attention): ``q_b_proj`` reads ``[q_a_layernorm(c_q), c_q]`` (2·rq wide)
+and emits per head ``[q (dn + dr), g (dv)]``; each head's output ``o_h`` becomes ``o_h · sigmoid(g_h)`` (fp32
+gate) before ``o_proj``. The latent caches are unchanged.
+
 ``mla_use_rope=False`` (Kimi Linear's MLA, NoPE): the ``q_pe`` / ``k_pe`` channels are used as they are,
 unrotated (still one ``k_pe`` shared by all heads and cached), so attention sees no positions at all.
 
@@ -174,6 +178,7 @@ class MLAProjection(NamedTuple):
     q_latent: torch.Tensor | None  # (B, T, rq) after q_a_layernorm; None without q-LoRA (DSA's indexer input)
     c_kv: torch.Tensor  # (B, S, r) after kv_a_layernorm, cache + new tokens
     k_pe: torch.Tensor  # (B, S, R·dr) rotated, cache + new tokens (R = mla_rope_heads, usually 1)
+    gate: torch.Tensor | None = None  # (B, T, H, dv) output gate logits (mla_output_gate), else None
 
 
 def validate_mla(config: HybridConfig) -> None:
@@ -188,6 +193,13 @@ def validate_mla(config: HybridConfig) -> None:
         raise ValueError(
             f"HybridConfig.mla_rope_heads={config.mla_rope_heads} must divide "
             f"num_attention_heads={config.num_attention_heads} (each rope key serves a group of heads)"
+        )
+    if not isinstance(config.mla_output_gate, bool):
+        raise ValueError(f"HybridConfig.mla_output_gate={config.mla_output_gate!r} must be True or False")
+    if config.mla_output_gate and config.q_lora_rank is None:
+        raise ValueError(
+            "HybridConfig.mla_output_gate=True needs a q latent (q_lora_rank), got q_lora_rank=None: the "
+            "gate is projected from it"
         )
     if not isinstance(config.mla_latent_norm, bool):
         raise ValueError(f"HybridConfig.mla_latent_norm={config.mla_latent_norm!r} must be True or False")
@@ -220,7 +232,8 @@ def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
             f"{f', {config.mla_rope_heads} rope keys' if config.mla_rope_heads != 1 else ''}"
             f"{', source RoPE pairs' if config.mla_rope_pairs is not None else ''}), "
             f"v dim {config.v_head_dim}"
-            f"{'' if config.mla_latent_norm else ', no latent norms'}",
+            f"{'' if config.mla_latent_norm else ', no latent norms'}"
+            f"{', sigmoid output gate' if config.mla_output_gate else ''}",
         )
     ]
 
@@ -235,7 +248,11 @@ def mla_parts(config: HybridConfig) -> tuple[int, int]:
     r_kv = config.kv_lora_rank
     rope_keys = config.mla_rope_heads * config.qk_rope_head_dim  # 1 shared rope key (DeepSeek) or R
     norms = config.mla_latent_norm  # q_a_layernorm / kv_a_layernorm
-    if config.q_lora_rank:
+    if config.q_lora_rank and config.mla_output_gate:
+        # q_b_proj reads [normed, raw] latent and emits the query and a v_head_dim gate per head
+        q_matmul = h * config.q_lora_rank + 2 * config.q_lora_rank * nh * (qk + config.v_head_dim)
+        q_norm = config.q_lora_rank if norms else 0
+    elif config.q_lora_rank:
         q_matmul = h * config.q_lora_rank + config.q_lora_rank * nh * qk
         q_norm = config.q_lora_rank if norms else 0
     else:
@@ -245,7 +262,7 @@ def mla_parts(config: HybridConfig) -> tuple[int, int]:
         + h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
         + r_kv * nh * (config.qk_nope_head_dim + config.v_head_dim)  # kv_b_proj
         + nh * config.v_head_dim * h  # o_proj
-        + (h * nh * config.v_head_dim if getattr(config, "mla_output_gate", False) else 0)  # gate_proj
+        + (h * nh * config.v_head_dim if getattr(config, "mla_gate_proj", False) else 0)  # gate_proj
     )
     # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
     bias = ((config.q_lora_rank or 0) + r_kv + rope_keys + h) if config.attention_bias else 0
@@ -311,7 +328,11 @@ class HybridMLA(nn.Module):
             self.q_a_layernorm = (
                 RMSNorm(self.q_lora_rank, eps=latent_eps) if config.mla_latent_norm else nn.Identity()
             )
-            self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
+            self.output_gate = config.mla_output_gate
+            if self.output_gate:
+                self.q_b_proj = nn.Linear(2 * self.q_lora_rank, H * (dqk + self.v_head_dim), bias=False)
+            else:
+                self.q_b_proj = nn.Linear(self.q_lora_rank, H * dqk, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
             config.hidden_size, self.kv_lora_rank + self.rope_heads * self.qk_rope_head_dim, bias=bias
         )
@@ -322,10 +343,10 @@ class HybridMLA(nn.Module):
             self.kv_lora_rank, H * (self.qk_nope_head_dim + self.v_head_dim), bias=False
         )
         self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=bias)
-        # mla_output_gate (HY-V4): per-head sigmoid gate on the attention output, from x
+        # mla_gate_proj (HY-V4): per-head sigmoid gate on the attention output, from x
         self.gate_proj = (
             nn.Linear(config.hidden_size, H * self.v_head_dim, bias=False)
-            if getattr(config, "mla_output_gate", False)
+            if getattr(config, "mla_gate_proj", False)
             else None
         )
         self._warned_fallback = False
@@ -333,19 +354,26 @@ class HybridMLA(nn.Module):
     # ---- projections ---------------------------------------------------------------------------------------
     def project_q(
         self, hidden_states: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """x [B, T, hidden] -> q_nope [B, T, H, dn], q_pe [B, T, H, dr] (not rotated), q_latent [B, T, rq] |
-        None."""
+        None, gate [B, T, H, dv] | None (``mla_output_gate``)."""
         b, t, _ = hidden_states.shape
+        gate = None
         if self.q_lora_rank is None:
             q_latent = None
             q = self.q_proj(hidden_states)
+        elif self.output_gate:
+            raw = self.q_a_proj(hidden_states)
+            q_latent = self.q_a_layernorm(raw)
+            qg = self.q_b_proj(torch.cat([q_latent, raw], dim=-1))
+            qg = qg.view(b, t, self.num_heads, self.qk_head_dim + self.v_head_dim)
+            q, gate = qg.split([self.qk_head_dim, self.v_head_dim], dim=-1)
         else:
             q_latent = self.q_a_layernorm(self.q_a_proj(hidden_states))
             q = self.q_b_proj(q_latent)
-        q = q.view(b, t, self.num_heads, self.qk_head_dim)
+        q = q.reshape(b, t, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        return q_nope, q_pe, q_latent
+        return q_nope, q_pe, q_latent, gate
 
     def project_kv(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, hidden] -> c_kv [B, T, r] (after kv_a_layernorm), k_pe [B, T, R·dr] (not rotated)."""
@@ -379,7 +407,9 @@ class HybridMLA(nn.Module):
         """Projections, RoPE on the rope parts, and the cache: append this forward's ``(c_kv, k_pe)`` to the
         layer's ``DynamicLayer`` and return the whole latent history."""
         b, t, _ = hidden_states.shape
-        q_nope, q_pe, q_latent = self.project_q(hidden_states)
+        q_nope, q_pe, q_latent, gate = self.project_q(hidden_states)
+        if self.gate_proj is not None:  # mla_gate_proj (HY-V4): the gate from x, not from q_b_proj
+            gate = self.gate_proj(hidden_states).view(b, t, self.num_heads, self.v_head_dim)
         c_kv, k_pe = self.project_kv(hidden_states)
         # False = NoPE (Kimi Linear): the "rope" channels are ordinary shared channels
         if self.config.mla_use_rope:
@@ -392,7 +422,7 @@ class HybridMLA(nn.Module):
             # k_pe.
             c_all, k_pe_all = ctx.cache.update(c_kv.unsqueeze(1), k_pe.unsqueeze(1), self.layer_idx)
             c_kv, k_pe = c_all.squeeze(1), k_pe_all.squeeze(1)  # (B, S, r), (B, S, dr)
-        return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe)
+        return MLAProjection(q_nope, q_pe, q_latent, c_kv, k_pe, gate)
 
     # ---- dense (naive) path --------------------------------------------------------------------------------
     def expand_kv(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -522,14 +552,14 @@ class HybridMLA(nn.Module):
         k = torch.cat([c_kv, k_pe], dim=-1).unsqueeze(2)
         return q, k, c_kv.unsqueeze(2)
 
-    def output(self, out: torch.Tensor, hidden_states: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-head outputs [B, T, H, dv] -> [B, T, hidden] through ``o_proj`` (gated by
-        ``sigmoid(gate_proj(hidden_states))`` per head and channel with ``mla_output_gate``)."""
+    def output(self, out: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-head outputs [B, T, H, dv] (or [B, T, H·dv]) -> [B, T, hidden] through ``o_proj``, after the
+        output gate ``out · sigmoid(gate)`` (gate [B, T, H, dv], fp32 sigmoid) when there is one."""
         b, t = out.shape[:2]
-        if self.gate_proj is not None:
-            gate = self.gate_proj(hidden_states).view(b, t, self.num_heads, self.v_head_dim)
-            out = out * torch.sigmoid(gate)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.v_head_dim))
+        out = out.reshape(b, t, self.num_heads * self.v_head_dim)
+        if gate is not None:
+            out = (out * torch.sigmoid(gate.reshape(b, t, -1).float())).to(out.dtype)
+        return self.o_proj(out)
 
     def uses_absorbed(self, q_len: int, kv_len: int, past_len: int) -> bool:
         """Absorbed attention is chosen by ``config.mla_decode`` for decode steps — there are cached tokens
@@ -563,7 +593,7 @@ class HybridMLA(nn.Module):
                 )
         if out is None:
             out = self.attend_dense(p.q_nope, p.q_pe, p.c_kv, p.k_pe, mask, ctx)
-        return self.output(out, hidden_states)
+        return self.output(out, p.gate)
 
 
 __all__ = [

@@ -60,7 +60,6 @@ NEEDS_MISSING_LAYER: dict[str, str] = {
     "lfm3": "LFM3's gated short convolution",
     "kolibri1_1": "Kolibri-1.1's pooled indexed attention",
     # built from layers we have plus one feature we lack (read from their transformers modeling files)
-    "axk2": "AXK2's low-rank gated RMSNorm (AXK2GatedRMSNorm: y · sigmoid(mlp(y))) and gated MLA output",
     "mistral_large4": "Mistral-Large-4's cross-layer KV sharing (kv_sharing_modes)",
     "glm5_next": "GLM-5-Next's hyper-connection residual streams and k-pool indexer compression",
     "ergo": "Ergo's per-expert output RMSNorm and normed shared expert",

@@ -228,6 +228,7 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
             "v_head_dim",
             "attention_bias",
             "mla_output_gate",
+            "mla_gate_proj",
             "attention_sinks",  # DSA on MLA has them too
         ),
     ),

@@ -4,7 +4,7 @@ streams (iHC).
 
 Layer map (native → ours):
 - ``self_attn.*`` → ``mixer.*`` (``dsa``, ``dsa_base="mla"``): MLA with rotate-half RoPE (no de-interleaving,
-  unlike DeepSeek's checkpoints), ``gate_proj`` (``mla_output_gate``), ``sinks`` (``attention_sinks``).
+  unlike DeepSeek's checkpoints), ``gate_proj`` (``mla_gate_proj``), ``sinks`` (``attention_sinks``).
 - ``self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`` → ``mixer.indexer.{wq, wk, k_norm, weights_proj}``.
   HY-V4 rotates the *last* ``qk_rope_head_dim`` channels of each indexer head, ours the first: the rows of
   ``wq_b`` (per head), ``wk`` and ``k_norm`` are rotated so the rope block comes first (the indexer score is a
@@ -152,7 +152,7 @@ HY_V4 = NativeFamily(
             dsa_mode="sparse",
             dsa_selector="indexer",
             attention_sinks=True,
-            mla_output_gate=True,
+            mla_gate_proj=True,
             hyper_connections="ihc",
             hc_sinkhorn_iters=20,  # not used by iHC; fixed so the export's round trip has one spelling
         ),

@@ -303,3 +303,53 @@ def indexer_recall_at_k_naive(
     chosen = selection_mask(idx, k.shape[1])
     hits = torch.where(true_idx >= 0, chosen.gather(-1, true_idx.clamp(min=0)), False).sum(-1)
     return hits.float() / (true_idx >= 0).sum(-1).clamp(min=1).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. indexer pooling (GLM-5-Next's index_kpool), one query at a time
+
+
+def pooled_topk_naive(
+    q_I: torch.Tensor,
+    k_I: torch.Tensor,
+    g_I: torch.Tensor,
+    ape: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    pool: int,
+    topk: int,
+    q_offset: int | None = None,
+    key_start: torch.Tensor | None = None,
+) -> list[list[list[int]]]:
+    """The pooled selection of every query as a sorted list of key positions ([B][T] lists).
+
+    Query t sits at p = P + t; its document starts at d = key_start[b, t] (0 without). Its document's
+    tokens d, d+1, ... form pools of ``pool`` tokens from d on; pool j (tokens d + j·pool ... d + j·pool +
+    pool - 1) is complete for the query when its last token is <= p. Pool key, per channel c:
+    Σ_i softmax_i(g_I[m_i, c] + ape[i, c]) · k_I[m_i, c]; pool score Σ_h w[t, h] · ReLU(q_I[t, h] · key).
+    The ``topk // pool`` best pools are kept (ties: the later pool wins), and the tokens of the query's own
+    incomplete pool (from its start to p) are always added.
+    """
+    B, T = q_I.shape[:2]
+    S = k_I.shape[1]
+    P = resolve_q_offset(T, S, q_offset)
+    out: list[list[list[int]]] = []
+    for b in range(B):
+        rows = []
+        for t in range(T):
+            p = P + t
+            d = 0 if key_start is None else int(key_start[b, t])
+            n_complete = (p - d + 1) // pool
+            scores = []
+            for j in range(n_complete):
+                m = torch.arange(d + j * pool, d + (j + 1) * pool)
+                a = torch.softmax(g_I[b, m].float() + ape.float(), dim=0).to(k_I.dtype)  # (pool, DI)
+                key = (a * k_I[b, m]).sum(0).float()
+                scores.append(float((F.relu(q_I[b, t].float() @ key) * w[b, t].float()).sum()))
+            # best first; among equal scores the later pool first
+            best = sorted(range(n_complete), key=lambda j: (scores[j], j), reverse=True)[: topk // pool]
+            chosen = [d + j * pool + i for j in best for i in range(pool)]
+            chosen += list(range(d + n_complete * pool, p + 1))  # the tail
+            rows.append(sorted(chosen))
+        out.append(rows)
+    return out
