@@ -226,3 +226,32 @@ def test_old_checkpoint_loads_and_off_is_todays_model(tmp_path):
     again = HybridForCausalLM.from_pretrained(tmp_path).eval()
     ids = torch.randint(0, 64, (2, 7))
     torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_checkpointing_gives_the_same_gradients(kind):
+    """The layers pass the streams [B, T, N, H] through transformers' checkpointing unchanged: the same loss
+    and gradients with and without it (non-reentrant and reentrant)."""
+    torch.manual_seed(0)
+    config = tiny_config(
+        mixer_types=["attention", "mla"], mlp_types=["moe", "dense"], hyper_connections=kind, hc_mult=2
+    )
+    model = HybridForCausalLM(config).train()
+    _randomise(model)
+    ids = torch.randint(0, 64, (2, 8))
+
+    def grads():
+        model.zero_grad()
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, want = grads()
+    for reentrant in (False, True):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+        got_loss, got = grads()
+        model.activation_checkpointing_disable()
+        torch.testing.assert_close(got_loss, loss, atol=0, rtol=0)
+        assert set(got) == set(want)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
