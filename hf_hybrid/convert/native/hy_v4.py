@@ -3,11 +3,16 @@ attention sinks, MoE with a clamped SwiGLU in the routed experts, independent hy
 streams (iHC).
 
 Layer map (native → ours):
-- ``self_attn.*`` → ``mixer.*`` (``dsa``, ``dsa_base="mla"``): MLA with rotate-half RoPE (no de-interleaving,
-  unlike DeepSeek's checkpoints), ``gate_proj`` (``mla_gate_proj``), ``sinks`` (``attention_sinks``).
+- ``self_attn.*`` → ``mixer.*`` (``dsa``, ``dsa_base="mla"``), ``gate_proj`` (``mla_gate_proj``), ``sinks``
+  (``attention_sinks``). RoPE layout: transformers 5.24 rotates halves (ours: rows kept), 5.25 interleaved
+  pairs as DeepSeek does (the rope rows of ``q_b_proj`` per head and ``kv_a_proj_with_mqa`` de-interleaved, as
+  in ``deepseek.py``). The same checkpoint computes a different function under the two releases; the
+  converter follows the installed transformers (:func:`rope_interleaved`), so an export is exact for the
+  release that wrote it.
 - ``self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`` → ``mixer.indexer.{wq, wk, k_norm, weights_proj}``.
   HY-V4 rotates the *last* ``qk_rope_head_dim`` channels of each indexer head, ours the first: the rows of
-  ``wq_b`` (per head), ``wk`` and ``k_norm`` are rotated so the rope block comes first (the indexer score is a
+  ``wq_b`` (per head), ``wk`` and ``k_norm`` are rotated so the rope block comes first (and de-interleaved on
+  5.25) (the indexer score is a
   sum over channels and LayerNorm is permutation-equivariant: exact without an option). The indexer's
   LayerNorm eps is ``rms_norm_eps`` (``index_norm_eps``). ``indexer_types`` "shared" layers reuse the previous
   full layer's top-k: ``dsa_indexer_types``.
@@ -26,14 +31,36 @@ import math
 
 import torch
 
+from ...mixers.mla import rope_deinterleave_index
 from .base import Custom, NativeFamily, RuleContext, W, fail, ours_fixed, permute_rows, same
-from .deepseek import _COMMON, _DSA_SIZES, DENSE_RULES, MOE_RULES, _glm_indexer_types, _v32_layers
+from .deepseek import (
+    _COMMON,
+    _DSA_SIZES,
+    DENSE_RULES,
+    MOE_RULES,
+    _glm_indexer_types,
+    _per_head_rope_rows,
+    _v32_layers,
+)
 from .moe_attention import MODEL_RULES, NORM_RULES
 
 
+def rope_interleaved() -> bool:
+    """Whether the installed transformers' HY-V4 rotates interleaved pairs (5.25 and later:
+    ``apply_rotary_pos_emb_interleave``, DeepSeek's layout) or halves (5.24 and earlier). The same checkpoint
+    computes a different function under each; the converter follows the installed one."""
+    from transformers.models.hy_v4 import modeling_hy_v4
+
+    return hasattr(modeling_hy_v4, "apply_rotary_pos_emb_interleave")
+
+
 def _index_rows(n_heads: int, head_dim: int, rope: int) -> torch.Tensor:
-    """Per head: the last ``rope`` rows first, then the others (HY-V4's rope block → ours)."""
-    block = torch.cat([torch.arange(head_dim - rope, head_dim), torch.arange(head_dim - rope)])
+    """Per head: the last ``rope`` rows first (de-interleaved where transformers rotates interleaved pairs),
+    then the others (HY-V4's rope block → ours)."""
+    tail = torch.arange(head_dim - rope, head_dim)
+    if rope_interleaved():
+        tail = tail[rope_deinterleave_index(rope)]
+    block = torch.cat([tail, torch.arange(head_dim - rope)])
     return (torch.arange(n_heads)[:, None] * head_dim + block[None, :]).reshape(-1)
 
 
@@ -81,9 +108,37 @@ _INDEXER_RULES = (
     ),
     W("self_attn.indexer.weights_proj.weight", "mixer.indexer.weights_proj.weight", when=_has_indexer),
 )
-# everything else of the attention keeps its name: q_a_proj, q_a_layernorm, q_b_proj, kv_a_proj_with_mqa,
-# kv_a_layernorm, kv_b_proj, o_proj, gate_proj, sinks
-_DSA_RULES = (*_INDEXER_RULES, W("self_attn.", "mixer."))
+
+
+def _q_rows(ctx: RuleContext) -> torch.Tensor:
+    c = ctx.ours
+    dqk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    if not rope_interleaved():
+        return torch.arange(c.num_attention_heads * dqk)
+    return _per_head_rope_rows(c.num_attention_heads, dqk, c.qk_nope_head_dim, c.qk_rope_head_dim)
+
+
+def _kv_a_rows(ctx: RuleContext) -> torch.Tensor:
+    c = ctx.ours
+    width = c.kv_lora_rank + c.qk_rope_head_dim
+    if not rope_interleaved():
+        return torch.arange(width)
+    return _per_head_rope_rows(1, width, c.kv_lora_rank, c.qk_rope_head_dim)
+
+
+_MLA_RULES = (
+    W("self_attn.q_b_proj.weight", "mixer.q_b_proj.weight", *permute_rows(_q_rows)),
+    W("self_attn.kv_a_proj_with_mqa.weight", "mixer.kv_a_proj_with_mqa.weight", *permute_rows(_kv_a_rows)),
+    W(
+        "self_attn.kv_a_proj_with_mqa.bias",
+        "mixer.kv_a_proj_with_mqa.bias",
+        *permute_rows(_kv_a_rows),
+        when=lambda ctx: ctx.ours.attention_bias,
+    ),
+)
+# everything else of the attention keeps its name: q_a_proj, q_a_layernorm, kv_a_layernorm, kv_b_proj, o_proj,
+# gate_proj, sinks
+_DSA_RULES = (*_INDEXER_RULES, *_MLA_RULES, W("self_attn.", "mixer."))
 
 _HC_MODEL_RULES = (
     W("model.hc_head.hc_fn", "model.hc_head.fn"),
