@@ -255,3 +255,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(kind):
         assert set(got) == set(want)
         for name in want:
             torch.testing.assert_close(got[name], want[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_model_card_names_the_streams():
+    from hf_hybrid.card import render_model_card
+
+    assert "3 hyper-connection streams, manifold-constrained" in render_model_card(_tiny("mhc"))
+    assert "hyper-connection" not in render_model_card(tiny_config())
