@@ -126,6 +126,11 @@ def _settings(config: HybridConfig) -> list[tuple[str, str]]:
     if scaled:
         where = "the input norm's output" if config.residual_from_norm else "the layer input"
         rows.append(("residuals", f"α·residual + β·branch, residual = {where}"))
+    if config.hyper_connections != "none":  # hyper-connection residual streams
+        form = {"ihc": "independent (iHC)", "mhc": "manifold-constrained (mHC, Sinkhorn-mixed)"}
+        rows.append(
+            ("residuals", f"{config.hc_mult} hyper-connection streams, {form[config.hyper_connections]}")
+        )
     multipliers = [
         (n, getattr(config, n)) for n in ("embedding_multiplier", "logits_scaling") if getattr(config, n) != 1
     ]

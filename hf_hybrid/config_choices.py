@@ -24,6 +24,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "dsa_backend": ("auto", "torch", "naive", "triton"),
     "router_scoring_func": ("softmax", "sigmoid"),
     "moe_routing": ("topk", "hash"),
+    "hyper_connections": ("none", "ihc", "mhc"),
 }
 
 # The allowed values of each enumerated field, for tools and converters that offer the same choices

@@ -136,6 +136,18 @@ class HybridConfig(PreTrainedConfig):
     gated_norms: list[str] | None = None
     gated_norm_rank: int | None = None
 
+    # ---- hyper-connection residual streams (one block: hyper_connections + hc_*) -------------------------
+    # "none": one residual stream (x + f(norm(x))). "ihc" (HY-V4's independent hyper-connections) / "mhc"
+    # (GLM-5-Next's manifold-constrained ones): hc_mult residual streams, copied from the embeddings; before
+    # each mixer / MLP, weights computed from the streams collapse them into the branch input, and its output
+    # is spread back over them (mHC also mixes the streams through a Sinkhorn-projected, doubly stochastic
+    # matrix); a head collapses them before the final norm (iHC: learned weights, mHC: the mean).
+    hyper_connections: str = "none"
+    hc_mult: int = 4  # number of streams
+    hc_eps: float = 1e-6  # added to the sigmoid gates (and, mHC, to the softmax and each Sinkhorn division)
+    hc_magnitude: float = 2.0  # the output-spreading gate is hc_magnitude · sigmoid(.) (mHC: 2 fixed)
+    hc_sinkhorn_iters: int = 20  # mHC: Sinkhorn-Knopp iterations making the stream mixing doubly stochastic
+
     # ---- softmax attention (attention, sliding_attention; GQA base of DSA) -----------------------
     attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
     attention_dropout: float | int = 0.0
@@ -242,6 +254,10 @@ class HybridConfig(PreTrainedConfig):
     # and emits per head the query and a gate g [v_head_dim]; each head's output is multiplied by sigmoid(g)
     # before o_proj. Needs q_lora_rank.
     mla_output_gate: bool = False
+    # ---- gated MLA output from its own projection (HY-V4's attention) ----
+    # True: o = o_proj(attn · sigmoid(gate_proj(x))), gate_proj [hidden -> heads · v_head_dim], a sigmoid gate
+    # per head and value channel on MLA and DSA-on-MLA layers. Exclusive with mla_output_gate.
+    mla_gate_proj: bool = False
 
     # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
     index_n_heads: int = 8
@@ -313,6 +329,9 @@ class HybridConfig(PreTrainedConfig):
     router_jitter_noise: float = 0.0
     moe_routing: str = "topk"
     moe_capacity_factor: float | None = None  # None = dropless
+    # HY-V4's clamped SwiGLU in the routed experts (not the shared ones):
+    # silu(min(gate, L)) · clamp(up, -L, L); None: no clamp
+    moe_swiglu_limit: float | None = None
     output_router_logits: bool = False
 
     # ---- provenance, for model cards -------------------------------------------------------------
@@ -602,7 +621,25 @@ class HybridConfig(PreTrainedConfig):
         if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_base == "attention":
             raise ValueError(
                 "HybridConfig.attention_sinks=True with DSA on GQA (dsa_base='attention'): the sparse "
-                "attention has no sinks yet; sinks are supported by attention and sliding_attention layers"
+                "attention has no sinks yet; sinks are supported by attention, sliding_attention and DSA on "
+                "MLA (sparse mode) layers"
+            )
+        if self.attention_sinks and "mla" in self.mixer_types:
+            raise ValueError(
+                "HybridConfig.attention_sinks=True with 'mla' layers: dense MLA has no sinks yet; sinks are "
+                "supported by attention, sliding_attention and DSA on MLA (sparse mode) layers"
+            )
+        if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_mode != "sparse":
+            raise ValueError(
+                f"HybridConfig.attention_sinks=True with dsa_mode={self.dsa_mode!r}: DSA on MLA has sinks in "
+                "sparse mode only; set dsa_mode='sparse'"
+            )
+        if not isinstance(self.mla_gate_proj, bool):
+            raise ValueError(f"HybridConfig.mla_gate_proj={self.mla_gate_proj!r} must be True or False")
+        if self.mla_gate_proj and self.mla_output_gate:
+            raise ValueError(
+                "HybridConfig.mla_gate_proj=True with mla_output_gate=True: an MLA layer has one output "
+                "gate, from its own gate_proj (HY-V4) or from q_b_proj (AXK2); choose one"
             )
         if self.nope_layers is not None and len(set(self.nope_layers)) != len(self.nope_layers):
             raise ValueError(f"HybridConfig.nope_layers={self.nope_layers!r} repeats a layer")
@@ -874,6 +911,51 @@ class HybridConfig(PreTrainedConfig):
                     "HybridConfig.residual_gates=True replaces the residual sum by a learned gate; it cannot "
                     "be combined with residual_from_norm or residual / output scales (allowed: their "
                     "defaults)"
+                )
+
+    def validate_hyper_connections(self):
+        """The hyper-connection block (hyper_connections, hc_*)."""
+        if self.hyper_connections not in _CHOICES["hyper_connections"]:
+            raise ValueError(
+                f"HybridConfig.hyper_connections={self.hyper_connections!r} is not allowed; choose one of: "
+                + ", ".join(_CHOICES["hyper_connections"])
+            )
+        if self.hyper_connections == "none":
+            return
+        n = self.hc_mult
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"HybridConfig.hc_mult={n!r} must be a positive integer (the number of streams)")
+        for name in ("hc_eps", "hc_magnitude"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"HybridConfig.{name}={value!r} must be a positive number")
+        iters = self.hc_sinkhorn_iters
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"HybridConfig.hc_sinkhorn_iters={iters!r} must be a positive integer")
+        if self.hyper_connections == "mhc" and self.hc_magnitude != 2.0:
+            raise ValueError(
+                f"HybridConfig.hc_magnitude={self.hc_magnitude!r} with hyper_connections='mhc': mHC spreads "
+                "the branch output with 2·sigmoid(.), fixed; hc_magnitude applies to 'ihc' only"
+            )
+        # The streams replace the single residual: the scaled / normed residual forms have no stream version.
+        what = self.hyper_connections
+        if self.residual_from_norm:
+            raise ValueError(
+                f"HybridConfig.residual_from_norm=True with hyper_connections={what!r}: the streams are "
+                "the residual; set residual_from_norm=False"
+            )
+        for name in ("mixer_residual_scales", "mixer_output_scales"):
+            values = getattr(self, name)
+            if values is not None and any(v != 1.0 for v in values):
+                raise ValueError(
+                    f"HybridConfig.{name}={values!r} with hyper_connections={what!r}: the streams' own "
+                    "weights scale the residual and the output; leave it None"
+                )
+        for name in ("mlp_residual_scale", "mlp_output_scale"):
+            if getattr(self, name) != 1.0:
+                raise ValueError(
+                    f"HybridConfig.{name}={getattr(self, name)!r} with hyper_connections={what!r}: the "
+                    "streams' own weights scale the residual and the output; leave it 1.0"
                 )
 
     def validate_hybrid(self):

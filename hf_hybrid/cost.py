@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from .configuration_hybrid import HybridConfig
+from .hyper_connections import hyper_connection_params, hyper_head_params
 from .registry import mixer_spec, mlp_spec
 from .specs import MixerCost, MLPCost, _zero_flops
 
@@ -331,7 +332,11 @@ def estimate_cost(
             gated in ("mlp", "both") and mlp_kind.cls is not None
         )
         norms += gate_matmul
-        params = norms + mixer_params + mlp_params
+        # hyper-connection residual streams: each branch's stream weights (fn is a matmul per token)
+        hc_params, hc_matmul = hyper_connection_params(
+            config, i, mixer_kind.cls is not None, mlp_kind.cls is not None
+        )
+        params = norms + mixer_params + mlp_params + hc_params
         layers.append(
             LayerCost(
                 index=i,
@@ -339,7 +344,7 @@ def estimate_cost(
                 mlp=mlp,
                 params=params,
                 active_params=params - pc.inactive_params,
-                matmul_params=mixer_matmul + mlp_matmul + gate_matmul - pc.inactive_params,
+                matmul_params=mixer_matmul + mlp_matmul + gate_matmul + hc_matmul - pc.inactive_params,
                 cache_per_token=mc.cache_per_token,
                 cache_window=mc.cache_window,
                 state_elements=mc.state_elements,
@@ -354,7 +359,14 @@ def estimate_cost(
     rope_scale = (
         next(iter(config.rope_dims())) // 2 if config.rope_learned_scale else 0
     )  # model.rope_log_scale
-    total = embedding + lm_head + h + rope_scale + sum(layer.params for layer in layers)
+    total = (
+        embedding
+        + lm_head
+        + h
+        + rope_scale
+        + hyper_head_params(config)
+        + sum(layer.params for layer in layers)
+    )
     active = total - sum(layer.params - layer.active_params for layer in layers)
     return CostReport(
         contexts=contexts,
@@ -381,7 +393,12 @@ def dsa_notes(config: HybridConfig, contexts: Sequence[int]) -> list[str]:
     data = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # derived from mixer_types
     sparse = HybridConfig.from_dict({**data, "dsa_mode": "sparse"})
     dense = HybridConfig.from_dict(
-        {**data, "mixer_types": [config.dsa_base if t == "dsa" else t for t in config.mixer_types]}
+        {
+            **data,
+            "mixer_types": [config.dsa_base if t == "dsa" else t for t in config.mixer_types],
+            # dense MLA has no sinks; they cost no FLOPs worth counting here
+            "attention_sinks": data.get("attention_sinks", False) and config.dsa_base != "mla",
+        }
     )
     with_dsa = estimate_cost(sparse, contexts, measure=False, notes=False)
     without = estimate_cost(dense, contexts, measure=False, notes=False)

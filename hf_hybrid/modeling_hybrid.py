@@ -36,6 +36,7 @@ from .aux_loss import attach_aux_loss
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
 from .files import honour_umask
+from .hyper_connections import FP32_MODULE_NAMES, HyperConnection, HyperHead
 from .layers import LowRankGatedRMSNorm, ResidualGate, RMSNorm, rope_inv_freq
 from .mixers.base import MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
@@ -53,6 +54,8 @@ class HybridModelOutput(ModelOutput):
     last_hidden_state: torch.FloatTensor | None = None
     # named as the installed transformers names it (compat.CACHE_NAME); the other name reads too
     cache: Any = None
+    # output_hidden_states=True: each layer's input, then the final normed output; with hyper-connections a
+    # layer's input is the residual streams [B, T, hc_mult, H]
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     # output_attentions=True: per layer, the attention probabilities [B, h, T, S] (eager), None for a layer
     # without any (recurrent mixers, sparse DSA)
@@ -160,6 +163,10 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
             ResidualGate(config.hidden_size) if gates and self.mixer is not None else None
         )
         self.mlp_residual_gate = ResidualGate(config.hidden_size) if gates and self.mlp is not None else None
+        # Hyper-connection residual streams (hf_hybrid.hyper_connections): one per branch the layer has.
+        streams = config.hyper_connections != "none"
+        self.mixer_hc = HyperConnection(config) if streams and self.mixer is not None else None
+        self.mlp_hc = HyperConnection(config) if streams and self.mlp is not None else None
 
     def mask_name(self, config: HybridConfig) -> str | None:
         """The transformers mask this layer's mixer reads now: the module's own answer when it depends on
@@ -193,26 +200,37 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         return bool(fn()) if callable(fn) else False
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
+        """``hidden_states`` [B, T, H], or the residual streams [B, T, N, H] with hyper-connections."""
         before = ctx.aux_count()
         if self.mixer is not None:
+            streams = hidden_states
+            if self.mixer_hc is not None:
+                post, comb, hidden_states = self.mixer_hc(streams)
             normed = hidden_states if self.post_norm else self.input_layernorm(hidden_states)
             mixed = self.mixer(normed, ctx)
             if self.layer_idx in ctx.mixer_io_layers:
                 ctx.mixer_io[self.layer_idx] = (normed, mixed)
             if getattr(self, "post_mixer_layernorm", None) is not None:
                 mixed = self.post_mixer_layernorm(mixed)
-            if self.mixer_residual_gate is not None:
+            if self.mixer_hc is not None:
+                hidden_states = self.mixer_hc.expand(streams, mixed, post, comb)
+            elif self.mixer_residual_gate is not None:
                 hidden_states = self.mixer_residual_gate(mixed, hidden_states)
             else:
                 hidden_states = self._residual(
                     normed if self.residual_from_norm else hidden_states, mixed, *self.mixer_scales
                 )
         if self.mlp is not None:
+            streams = hidden_states
+            if self.mlp_hc is not None:
+                post, comb, hidden_states = self.mlp_hc(streams)
             normed = hidden_states if self.post_norm else self.post_attention_layernorm(hidden_states)
             out = self.mlp(normed, ctx)
             if getattr(self, "post_mlp_layernorm", None) is not None:
                 out = self.post_mlp_layernorm(out)
-            if self.mlp_residual_gate is not None:
+            if self.mlp_hc is not None:
+                hidden_states = self.mlp_hc.expand(streams, out, post, comb)
+            elif self.mlp_residual_gate is not None:
                 hidden_states = self.mlp_residual_gate(out, hidden_states)
             else:
                 hidden_states = self._residual(
@@ -252,6 +270,8 @@ class HybridPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = False
+    # hyper-connection weights load in fp32 whatever the dtype asked for (hf_hybrid.hyper_connections)
+    _keep_in_fp32_modules_strict = list(FP32_MODULE_NAMES)
 
     # Attention and experts live in other files than this one, so transformers' heuristic (it searches the
     # source text of the module defining the model class for ``ALL_ATTENTION_FUNCTIONS.get_interface(`` and
@@ -467,6 +487,8 @@ class HybridModel(HybridPreTrainedModel):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList([HybridDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        # hyper-connections: collapses the residual streams before the final norm
+        self.hc_head = HyperHead(config) if config.hyper_connections != "none" else None
         self.gradient_checkpointing = False
         self._inv_freq: dict[tuple[int, str], tuple[torch.Tensor, float]] = {}
         # rope_learned_scale (Mistral-Large-4's LeRoPE): inv_freq · exp(rope_log_scale) for the one rotary
@@ -648,11 +670,15 @@ class HybridModel(HybridPreTrainedModel):
         )
 
         hidden_states = inputs_embeds
+        if self.hc_head is not None:  # hyper-connections: hc_mult copies of the residual stream
+            hidden_states = inputs_embeds.unsqueeze(2).expand(-1, -1, config.hc_mult, -1).contiguous()
         all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
             hidden_states = layer(hidden_states, ctx)
+        if self.hc_head is not None:
+            hidden_states = self.hc_head(hidden_states)
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)

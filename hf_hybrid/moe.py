@@ -261,6 +261,7 @@ class HybridExperts(nn.Module):
         )
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.swiglu_limit = getattr(config, "moe_swiglu_limit", None)
         nn.init.normal_(self.gate_up_proj, std=config.initializer_range)
         nn.init.normal_(self.down_proj, std=config.initializer_range)
 
@@ -273,12 +274,21 @@ class HybridExperts(nn.Module):
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         def expert(in_E, down_E, e, x_cH):
-            gate_cI, up_cI = F.linear(x_cH, in_E[e]).chunk(2, dim=-1)
-            return F.linear(self.act_fn(gate_cI) * up_cI, down_E[e])
+            return F.linear(self._apply_gate(F.linear(x_cH, in_E[e])), down_E[e])
 
         return _grouped_forward(
             self.gate_up_proj, self.down_proj, expert, hidden_states, top_k_index, top_k_weights
         )
+
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``act(gate) * up`` from the fused [S, 2I] projection; with ``moe_swiglu_limit`` (HY-V4) the gate is
+        clamped above at the limit and up to [-limit, limit] first. transformers' ``batched_mm`` /
+        ``grouped_mm`` kernels call this too."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        if self.swiglu_limit is not None:
+            gate = gate.clamp(max=self.swiglu_limit)
+            up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return self.act_fn(gate) * up
 
 
 def _grouped_forward(in_proj, down_proj, expert, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
@@ -404,6 +414,9 @@ def experts_forward_loop(
             continue
         if hasattr(experts, "gate_up_proj"):
             gate, up = F.linear(hidden_states[token_idx], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            limit = getattr(experts, "swiglu_limit", None)
+            if limit is not None:  # moe_swiglu_limit, written out
+                gate, up = torch.clamp(gate, max=limit), torch.clamp(up, min=-limit, max=limit)
             y = F.linear(experts.act_fn(gate) * up, experts.down_proj[e])
         else:  # ungated experts
             y = F.linear(
@@ -587,6 +600,15 @@ def _validate(config: HybridConfig) -> None:
         )
     if config.moe_capacity_factor is not None and config.moe_capacity_factor <= 0:
         raise ValueError(f"HybridConfig.moe_capacity_factor={config.moe_capacity_factor} must be > 0 or None")
+    limit = config.moe_swiglu_limit
+    if limit is not None:
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+            raise ValueError(f"HybridConfig.moe_swiglu_limit={limit!r} must be a positive number or None")
+        if not config.mlp_gated:
+            raise ValueError(
+                f"HybridConfig.moe_swiglu_limit={limit!r} clamps the gate and up halves of gated experts; "
+                "with mlp_gated=False the experts have no gate (set it to None)"
+            )
 
 
 # The balancing losses and load statistics exclude padded tokens: MoE reads the padding mask.

@@ -22,6 +22,10 @@ OUR_DEFAULTS = {  # what a model built with hf_hybrid has unless it asks otherwi
     "rope_parameters": None,  # -> {"rope_type": "default", "rope_theta": 10000.0}: every head dim rotated
     "rms_norm_eps": HybridConfig.__dataclass_fields__["rms_norm_eps"].default,
 }
+# Fields a family ties to another one (one native option sets both): the model gets the value it follows.
+# HY-V4's indexer LayerNorm uses rms_norm_eps (our index_norm_eps defaults to 1e-5 on its own; an export of
+# a model where they differ is refused by name: test_new_layer_options_are_refused_by_families_without_them).
+TIED = {"hy_v4": {"index_norm_eps": "rms_norm_eps"}}
 
 
 def context(model_type: str):
@@ -37,6 +41,9 @@ def our_model(model_type: str, **overrides) -> HybridForCausalLM:
     for key in ("layer_types", "hf_hybrid_lineage", "transformers_version", "model_type", "architectures"):
         cfg.pop(key, None)
     cfg.update(OUR_DEFAULTS, **overrides)
+    cfg.update(
+        {field: cfg[source] for field, source in TIED.get(model_type, {}).items() if field not in overrides}
+    )
     torch.manual_seed(0)
     model = HybridForCausalLM(HybridConfig.from_dict(cfg)).eval()
     with torch.no_grad():
@@ -132,8 +139,36 @@ def test_new_layer_options_are_refused_by_families_without_them(tmp_path):
         ("qwen3_moe", {"nope_layers": [1]}, r"nope_layers=\[1\]"),
         ("mixtral", {"norm_placement": ["post", "pre"]}, r"norm_placement=\['post', 'pre'\]"),
         ("qwen3_next", {"gdn_allow_neg_eigval": True}, r"gdn_allow_neg_eigval=True"),
+        # HY-V4's options, on families without them (and hy_v4 without the mHC form)
+        ("deepseek_v32", {"attention_sinks": True}, r"attention_sinks=True"),
+        ("deepseek_v3", {"mla_gate_proj": True}, r"mla_gate_proj=True"),
+        ("glm_moe_dsa", {"hyper_connections": "ihc", "hc_mult": 2}, r"hyper_connections='ihc'"),
+        ("deepseek_v32", {"moe_swiglu_limit": 1.0}, r"moe_swiglu_limit=1.0"),
+        ("hy_v4", {"hyper_connections": "mhc"}, r"hyper_connections='mhc'"),
+        ("hy_v4", {"index_norm_eps": 1e-3}, r"index_norm_eps=0.001"),
+        ("hy_v4", {"hc_mult": 3}, None),  # exports: hc_mult is an option of the family
     ]
     for model_type, overrides, message in cases:
+        if message is None:
+            export_native(our_model(model_type, **overrides), to=model_type)
+            continue
         with pytest.raises(NativeConversionError, match=message):
             export_native(our_model(model_type, **overrides), tmp_path / "out", to=model_type)
         assert not (tmp_path / "out").exists()
+
+
+def test_hy_v4_without_the_clamp_exports_as_an_infinite_limit(tmp_path):
+    """HY-V4's experts always clamp: a model without the clamp (moe_swiglu_limit=None) is written with
+    swiglu_limit=inf (clamp(x, max=inf) is x), and reloads with the same logits."""
+    ours = our_model("hy_v4", moe_swiglu_limit=None)
+    export_native(ours, tmp_path / "out", to="hy_v4")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert reloaded.config.swiglu_limit == float("inf")
+    ids, mask = left_padded(ours.config.vocab_size)
+    seed = next(s for s in range(1, 20) if not index_ties(ours, **_inputs(ours, s)))
+    ids, mask = left_padded(ours.config.vocab_size, seed=seed)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        got = reloaded(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        want = ours(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    assert (got - want)[mask.bool()].abs().max().item() <= ATOL

@@ -14,6 +14,7 @@ FAMILY_MODULES: dict[str, str] = {
     "deepseek_v3": "deepseek",
     "deepseek_v32": "deepseek",
     "glm_moe_dsa": "deepseek",
+    "hy_v4": "hy_v4",
     "axk2": "axk2",
     # dense attention families (import_dense is `hf-hybrid import`'s route for them; these specs add export)
     "llama": "dense",

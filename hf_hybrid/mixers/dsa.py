@@ -399,11 +399,29 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             if config.dsa_layer_has_indexer(layer_idx)
             else None
         )
+        # attention_sinks (HY-V4): a learned logit per head joins each query's softmax over its selection as
+        # a key with no value; sparse mode only (the selected attention's log-sum-exp rescales the output)
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if config.attention_sinks else None
         self._init_runtime_state()
+
+    def _sparse_attention(self, q, k, v, idx) -> torch.Tensor:
+        """``sparse_attention``, with sinks: ``o · exp(lse) / (exp(lse) + exp(sink_h))`` = ``o ·
+        sigmoid(lse - sink_h)``, the softmax that includes the sink (an empty selection stays 0)."""
+        if self.sinks is None:
+            return sparse_attention(q, k, v, idx, scale=self.scaling, backend=self.config.dsa_backend)
+        o, lse = sparse_attention(
+            q, k, v, idx, scale=self.scaling, backend=self.config.dsa_backend, return_lse=True
+        )
+        keep = torch.sigmoid(lse - self.sinks.float())  # [B, T, H] fp32
+        return (o.float() * keep.unsqueeze(-1)).to(o.dtype)
+
+    def _attend_selected(self, q, k, v, idx, key_start, ctx: MixerContext) -> torch.Tensor:
+        if self.sinks is None:
+            return super()._attend_selected(q, k, v, idx, key_start, ctx)
+        return self._sparse_attention(q, k, v, idx)
 
     def forward(self, hidden_states: torch.Tensor, ctx: MixerContext) -> torch.Tensor:
         b, t, _ = hidden_states.shape
-        cfg = self.config
         p = self.project(hidden_states, ctx)
         if (self.mode == "dense" and not self.collect_metrics) or (
             self.indexer is None and self.mode != "sparse"
@@ -441,9 +459,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
                 # Decode: T·k selected rows are far fewer than the S cached ones, so gather only those instead
                 # of concatenating the whole latent history into [c_kv, k_pe] every step.
                 k_sel, v_sel, idx_sel = gather_selected_latent(p.c_kv, p.k_pe, idx)
-                o_lat = sparse_attention(
-                    q_lat, k_sel, v_sel, idx_sel, scale=self.scaling, backend=cfg.dsa_backend
-                )
+                o_lat = self._sparse_attention(q_lat, k_sel, v_sel, idx_sel)
             out = self.latent_to_value(o_lat, w_uv)
         else:
             out = None
@@ -456,6 +472,11 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
         return self.output(out, p.gate)
 
     def _dense(self, p, ctx: MixerContext, b: int, t: int) -> torch.Tensor:
+        if self.sinks is not None:
+            raise ValueError(
+                f"DSA layer {self.layer_idx} runs dense (mode {self.mode!r}); with attention_sinks=True DSA "
+                "on MLA runs in sparse mode only (dsa_mode='sparse', model.dsa_mode('sparse'))"
+            )
         mask = ctx.masks.get("full_attention")
         out = None
         if self.uses_absorbed(t, p.c_kv.shape[1], ctx.past_length):
@@ -650,6 +671,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         params, matmul = mla_parts(config, layer_idx)
         rope_key = config.mla_head_dims(layer_idx)[1]  # 0 in a NoPE layer (nope_layers)
         cache = config.kv_lora_rank + rope_key
+        params += config.num_attention_heads if config.attention_sinks else 0  # one sink logit per head
         heads, qk, v = (
             config.num_attention_heads,
             config.qk_nope_head_dim + config.qk_rope_head_dim,

@@ -270,6 +270,7 @@ def mla_parts(config: HybridConfig, layer_idx: int | None = None) -> tuple[int, 
         + kv * h * (r_kv + rope_keys)  # kv_a_proj_with_mqa
         + r_kv * nh * (dn + config.v_head_dim)  # kv_b_proj
         + nh * config.v_head_dim * h  # o_proj
+        + (h * nh * config.v_head_dim if getattr(config, "mla_gate_proj", False) else 0)  # gate_proj
     )
     # attention_bias: biases on q_a_proj (with a q latent), kv_a_proj_with_mqa and o_proj (DeepSeek's layout).
     bias = ((config.q_lora_rank or 0) + kv * (r_kv + rope_keys) + h) if config.attention_bias else 0
@@ -362,6 +363,12 @@ class HybridMLA(nn.Module):
         )
         self.o_proj = nn.Linear(H * self.v_head_dim, config.hidden_size, bias=bias)
         self.softmax_scaling = LogPositionQueryScale(H) if config.query_log_scaling else None
+        # mla_gate_proj (HY-V4): per-head sigmoid gate on the attention output, from x
+        self.gate_proj = (
+            nn.Linear(config.hidden_size, H * self.v_head_dim, bias=False)
+            if getattr(config, "mla_gate_proj", False)
+            else None
+        )
         self._warned_fallback = False
 
     # ---- projections ---------------------------------------------------------------------------------------
@@ -421,6 +428,8 @@ class HybridMLA(nn.Module):
         layer's ``DynamicLayer`` and return the whole latent history."""
         b, t, _ = hidden_states.shape
         q_nope, q_pe, q_latent, gate = self.project_q(hidden_states)
+        if self.gate_proj is not None:  # mla_gate_proj (HY-V4): the gate from x, not from q_b_proj
+            gate = self.gate_proj(hidden_states).view(b, t, self.num_heads, self.v_head_dim)
         # False = NoPE (Kimi Linear): the "rope" channels are ordinary shared channels
         cos, sin = self.rope_table(ctx) if self.use_rope else (None, None)
         if self.use_rope:

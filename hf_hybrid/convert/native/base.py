@@ -227,8 +227,13 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
             "qk_rope_head_dim",
             "v_head_dim",
             "attention_bias",
+            "mla_output_gate",
+            "mla_gate_proj",
+            "attention_sinks",  # DSA on MLA has them too
         ),
     ),
+    # hyper-connection sizes matter only with streams
+    "hc": (lambda c: c.hyper_connections != "none", None),
     "dsa": (lambda c: "dsa" in c.mixer_types, None),  # every index_* / dsa_* field
     "gdn": (lambda c: "gated_deltanet" in c.mixer_types, None),
     "mamba": (lambda c: "mamba2" in c.mixer_types, None),
@@ -238,6 +243,7 @@ _FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
 }
 _PREFIX_GROUPS = {
     "dsa": ("index_", "dsa_"),
+    "hc": ("hc_",),
     "gdn": ("gdn_",),
     "mamba": ("mamba_",),
     "linear": ("linear_",),
@@ -257,6 +263,7 @@ _MOE_FIELDS = (
     "moe_capacity_factor",
     "shared_expert_intermediate_size",
     "shared_expert_gate",
+    "moe_swiglu_limit",
 )
 
 
@@ -637,7 +644,7 @@ class NativeFamily:
         return out
 
 
-_STRUCTURAL = ("mixer_types", "mlp_types")
+_STRUCTURAL = ("mixer_types", "mlp_types", "hyper_connections")
 
 
 def _explicit_native_kwargs(kwargs: dict[str, Any], config_class) -> dict[str, Any]:

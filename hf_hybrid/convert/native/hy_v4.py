@@ -1,0 +1,263 @@
+"""``hy_v4`` (HY-V4): DSA on MLA with full and shared indexers, a per-head sigmoid output gate, learned
+attention sinks, MoE with a clamped SwiGLU in the routed experts, independent hyper-connection residual
+streams (iHC).
+
+Layer map (native → ours):
+- ``self_attn.*`` → ``mixer.*`` (``dsa``, ``dsa_base="mla"``), ``gate_proj`` (``mla_gate_proj``), ``sinks``
+  (``attention_sinks``). RoPE layout: transformers 5.24 rotates halves (ours: rows kept), 5.25 interleaved
+  pairs as DeepSeek does (the rope rows of ``q_b_proj`` per head and ``kv_a_proj_with_mqa`` de-interleaved, as
+  in ``deepseek.py``). The same checkpoint computes a different function under the two releases; the
+  converter follows the installed transformers (:func:`rope_interleaved`), so an export is exact for the
+  release that wrote it.
+- ``self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`` → ``mixer.indexer.{wq, wk, k_norm, weights_proj}``.
+  HY-V4 rotates the *last* ``qk_rope_head_dim`` channels of each indexer head, ours the first: the rows of
+  ``wq_b`` (per head), ``wk`` and ``k_norm`` are rotated so the rope block comes first (and de-interleaved on
+  5.25) (the indexer score is a
+  sum over channels and LayerNorm is permutation-equivariant: exact without an option). The indexer's
+  LayerNorm eps is ``rms_norm_eps`` (``index_norm_eps``). ``indexer_types`` "shared" layers reuse the previous
+  full layer's top-k: ``dsa_indexer_types``.
+- ``attn_hc.*`` / ``ffn_hc.*`` → ``mixer_hc.*`` / ``mlp_hc.*``; ``model.hc_head.hc_{fn,base,scale}`` →
+  ``model.hc_head.{fn,base,scale}`` (``hyper_connections="ihc"``, ``hc_mult``, ``hc_eps``, ``hc_magnitude``).
+- ``mlp.*`` as DeepSeek's (``mlp_layer_types`` "dense" / "sparse"); ``swiglu_limit`` → ``moe_swiglu_limit``
+  (HY-V4 always clamps: an export of a model without the clamp writes ``swiglu_limit=inf``, a no-op clamp).
+
+Not carried: transformers keeps ``lm_head`` in fp32 and computes the logits in fp32; ours in the model dtype
+(identical in fp32). DSA ties at the top-k cut as for ``deepseek_v32`` (see ``deepseek.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ...mixers.mla import rope_deinterleave_index
+from .base import Custom, NativeFamily, RuleContext, W, fail, ours_fixed, permute_rows, same
+from .deepseek import (
+    _COMMON,
+    _DSA_SIZES,
+    DENSE_RULES,
+    MOE_RULES,
+    _glm_indexer_types,
+    _per_head_rope_rows,
+    _v32_layers,
+)
+from .moe_attention import MODEL_RULES, NORM_RULES
+
+
+def rope_interleaved() -> bool:
+    """Whether the installed transformers' HY-V4 rotates interleaved pairs (5.25 and later:
+    ``apply_rotary_pos_emb_interleave``, DeepSeek's layout) or halves (5.24 and earlier). The same checkpoint
+    computes a different function under each; the converter follows the installed one."""
+    from transformers.models.hy_v4 import modeling_hy_v4
+
+    return hasattr(modeling_hy_v4, "apply_rotary_pos_emb_interleave")
+
+
+def _index_rows(n_heads: int, head_dim: int, rope: int) -> torch.Tensor:
+    """Per head: the last ``rope`` rows first (de-interleaved where transformers rotates interleaved pairs),
+    then the others (HY-V4's rope block → ours)."""
+    tail = torch.arange(head_dim - rope, head_dim)
+    if rope_interleaved():
+        tail = tail[rope_deinterleave_index(rope)]
+    block = torch.cat([tail, torch.arange(head_dim - rope)])
+    return (torch.arange(n_heads)[:, None] * head_dim + block[None, :]).reshape(-1)
+
+
+def _rope(ctx: RuleContext) -> int:
+    c = ctx.ours
+    return min(c.qk_rope_head_dim, c.index_head_dim)
+
+
+def _index_q_rows(ctx: RuleContext) -> torch.Tensor:
+    return _index_rows(ctx.ours.index_n_heads, ctx.ours.index_head_dim, _rope(ctx))
+
+
+def _index_k_rows(ctx: RuleContext) -> torch.Tensor:
+    return _index_rows(1, ctx.ours.index_head_dim, _rope(ctx))
+
+
+def _has_indexer(ctx: RuleContext) -> bool:
+    return ctx.ours.dsa_layer_has_indexer(ctx.layer)
+
+
+_INDEXER_RULES = (
+    W(
+        "self_attn.indexer.wq_b.weight",
+        "mixer.indexer.wq.weight",
+        *permute_rows(_index_q_rows),
+        when=_has_indexer,
+    ),
+    W(
+        "self_attn.indexer.wk.weight",
+        "mixer.indexer.wk.weight",
+        *permute_rows(_index_k_rows),
+        when=_has_indexer,
+    ),
+    W(
+        "self_attn.indexer.k_norm.weight",
+        "mixer.indexer.k_norm.weight",
+        *permute_rows(_index_k_rows),
+        when=_has_indexer,
+    ),
+    W(
+        "self_attn.indexer.k_norm.bias",
+        "mixer.indexer.k_norm.bias",
+        *permute_rows(_index_k_rows),
+        when=_has_indexer,
+    ),
+    W("self_attn.indexer.weights_proj.weight", "mixer.indexer.weights_proj.weight", when=_has_indexer),
+)
+
+
+def _q_rows(ctx: RuleContext) -> torch.Tensor:
+    c = ctx.ours
+    dqk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    if not rope_interleaved():
+        return torch.arange(c.num_attention_heads * dqk)
+    return _per_head_rope_rows(c.num_attention_heads, dqk, c.qk_nope_head_dim, c.qk_rope_head_dim)
+
+
+def _kv_a_rows(ctx: RuleContext) -> torch.Tensor:
+    c = ctx.ours
+    width = c.kv_lora_rank + c.qk_rope_head_dim
+    if not rope_interleaved():
+        return torch.arange(width)
+    return _per_head_rope_rows(1, width, c.kv_lora_rank, c.qk_rope_head_dim)
+
+
+_MLA_RULES = (
+    W("self_attn.q_b_proj.weight", "mixer.q_b_proj.weight", *permute_rows(_q_rows)),
+    W("self_attn.kv_a_proj_with_mqa.weight", "mixer.kv_a_proj_with_mqa.weight", *permute_rows(_kv_a_rows)),
+    W(
+        "self_attn.kv_a_proj_with_mqa.bias",
+        "mixer.kv_a_proj_with_mqa.bias",
+        *permute_rows(_kv_a_rows),
+        when=lambda ctx: ctx.ours.attention_bias,
+    ),
+)
+# everything else of the attention keeps its name: q_a_proj, q_a_layernorm, kv_a_layernorm, kv_b_proj, o_proj,
+# gate_proj, sinks
+_DSA_RULES = (*_INDEXER_RULES, *_MLA_RULES, W("self_attn.", "mixer."))
+
+_HC_MODEL_RULES = (
+    W("model.hc_head.hc_fn", "model.hc_head.fn"),
+    W("model.hc_head.hc_base", "model.hc_head.base"),
+    W("model.hc_head.hc_scale", "model.hc_head.scale"),
+)
+_HC_LAYER_RULES = (W("attn_hc.", "mixer_hc."), W("ffn_hc.", "mlp_hc."))
+
+
+def _mlp_types(n) -> dict:
+    return {"mlp_types": ["dense" if t == "dense" else "moe" for t in n.mlp_layer_types]}
+
+
+def _mlp_layer_types(o) -> dict:
+    return {"mlp_layer_types": ["dense" if t == "dense" else "sparse" for t in o.mlp_types]}
+
+
+def _indexer_types_native(o) -> dict:
+    n = o.num_hidden_layers
+    return {"indexer_types": list(o.dsa_indexer_types) if o.dsa_indexer_types is not None else ["full"] * n}
+
+
+def _swiglu_to_ours(n) -> dict:
+    limit = n.swiglu_limit
+    if not limit > 0:
+        # HYV4Experts clamps with the value as given (its docstring says <= 0 disables the clamp; the code
+        # clamps the gate to <= limit): no function to carry over faithfully.
+        fail(
+            f"hy_v4: HYV4Config.swiglu_limit={limit!r}: transformers' HYV4Experts clamps the gate at this "
+            "value (its docs say values <= 0 disable the clamp, its code does not); only a positive limit "
+            "(or inf) has one meaning"
+        )
+    return {"moe_swiglu_limit": None if math.isinf(limit) else float(limit)}
+
+
+def _swiglu_to_native(o) -> dict:
+    return {"swiglu_limit": math.inf if o.moe_swiglu_limit is None else float(o.moe_swiglu_limit)}
+
+
+def _check_export(o) -> str | None:
+    for i, t in enumerate(o.mlp_types):
+        if t not in ("dense", "moe"):
+            return f"HybridConfig.mlp_types[{i}]={t!r} (layer {i}): every layer of hy_v4 has an MLP"
+    for i, t in enumerate(o.mixer_types):
+        if t != "dsa":
+            return f"HybridConfig.mixer_types[{i}]={t!r} (layer {i}): every layer of hy_v4 is DSA on MLA"
+    if o.q_lora_rank is None:
+        return "HybridConfig.q_lora_rank=None: hy_v4's attention and indexer read the q-LoRA latent"
+    if o.dsa_base != "mla":
+        return f"HybridConfig.dsa_base={o.dsa_base!r}: hy_v4 runs DSA on MLA"
+    if o.index_head_dim < o.qk_rope_head_dim:
+        return (
+            f"HybridConfig.index_head_dim={o.index_head_dim} < qk_rope_head_dim={o.qk_rope_head_dim}: "
+            "hy_v4's indexer rotates qk_rope_head_dim channels of each head"
+        )
+    return None
+
+
+HY_V4 = NativeFamily(
+    model_type="hy_v4",
+    config_rules=[
+        *_COMMON,
+        *_DSA_SIZES,
+        *ours_fixed(
+            dsa_base="mla",
+            dsa_mode="sparse",
+            dsa_selector="indexer",
+            attention_sinks=True,
+            mla_gate_proj=True,
+            hyper_connections="ihc",
+            hc_sinkhorn_iters=20,  # not used by iHC; fixed so the export's round trip has one spelling
+        ),
+        Custom((), lambda n: {"index_norm_eps": n.rms_norm_eps}, lambda o: {}),
+        *same("hc_mult", "hc_eps", "hc_magnitude"),
+        Custom(("swiglu_limit",), _swiglu_to_ours, _swiglu_to_native),
+        Custom(("mlp_layer_types",), _mlp_types, _mlp_layer_types),
+        Custom(("layer_types",), _v32_layers, lambda o: {}),
+        Custom(("indexer_types",), _glm_indexer_types, _indexer_types_native),
+    ],
+    # head_dim is overwritten with qk_rope_head_dim by the config itself; learnable_sink_init is the sinks'
+    # initial value only
+    ignored_options=("head_dim", "learnable_sink_init"),
+    model_rules=(*MODEL_RULES, *_HC_MODEL_RULES),
+    layer_rules=(*NORM_RULES, *_HC_LAYER_RULES),
+    mixer_rules={"dsa": _DSA_RULES},
+    mlp_rules={"moe": MOE_RULES, "dense": DENSE_RULES},
+    check_ours=_check_export,
+    tiny_config=dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_shared_experts=1,
+        n_routed_experts=8,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        kv_lora_rank=16,
+        q_lora_rank=24,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=12,
+        routed_scaling_factor=1.5,
+        max_position_embeddings=128,
+        index_n_heads=8,  # few exact-zero (ReLU) ties at the top-k cut on the tests' inputs
+        index_head_dim=16,
+        index_topk=5,
+        indexer_types=["full", "shared", "full", "shared"],
+        hc_mult=2,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        swiglu_limit=0.3,  # small enough that the tiny model's random activations reach it
+    ),
+    exactness="exact (fp32 ≤ 1e-5); at index_topk < T on inputs without tied indexer scores at the cut",
+)
+
+FAMILIES = {"hy_v4": HY_V4}
