@@ -957,6 +957,11 @@ class HybridConfig(PreTrainedConfig):
                     f"HybridConfig.{name}={getattr(self, name)!r} with hyper_connections={what!r}: the "
                     "streams' own weights scale the residual and the output; leave it 1.0"
                 )
+        if self.residual_gates:
+            raise ValueError(
+                f"HybridConfig.residual_gates=True with hyper_connections={what!r}: the streams' own weights "
+                "mix branch and residual; choose one of the two"
+            )
 
     def validate_hybrid(self):
         require_positive(

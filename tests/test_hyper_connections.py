@@ -46,6 +46,7 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
         ("hc_sinkhorn_iters", 0, "hc_sinkhorn_iters=0 must be a positive integer"),
         ("residual_from_norm", True, "residual_from_norm=True with hyper_connections='ihc'"),
         ("mlp_output_scale", 0.5, "mlp_output_scale=0.5 with hyper_connections='ihc'"),
+        ("residual_gates", True, "residual_gates=True with hyper_connections='ihc'"),
     ],
 )
 def test_config_refuses(field, value, match):
