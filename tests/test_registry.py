@@ -506,7 +506,7 @@ def test_the_cli_commands_that_load_a_checkpoint_take_trust_remote_code(outside_
         assert code == 2 and not imported, name
         assert "mixer_types[0]='ema' is a layer kind defined outside hf_hybrid" in err, name
         assert "--trust-remote-code" in err, name
-    for name, (code, err, imported) in runs["trusted"].items():
+    for name, (_code, err, imported) in runs["trusted"].items():
         assert imported and "trust" not in err, (name, err)
     assert runs["trusted"]["upcycle"][0] == 0 and (tmp_path / "trusted/up/config.json").is_file()
     assert runs["trusted"]["hybridize"][0] == 0 and (tmp_path / "trusted/hy/config.json").is_file()
