@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from ..config_choices import FIELD_CHOICES
 from ..layers import apply_rope
 from ..ops.dsa import (
     attention_mass_in_selection,
@@ -51,13 +50,73 @@ from ..ops.dsa import (
     sparse_attention,
     ties_at_topk_cut,
 )
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, MixerCost, nonnegative, positive_or_none, register_mixer, require_positive
 from .attention import HybridAttention, attention_flops, attention_parts, describe_attention, validate_gqa
 from .base import MixerContext
 from .mla import HybridMLA, describe_mla, mla_parts, validate_mla
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+
+DSA_MODES = ("sparse", "dense_warmup", "dense")
+
+
+def _check_indexer_types(config: HybridConfig, name: str) -> None:
+    """``dsa_indexer_types``: per layer "full" (own indexer) or "shared" (the top-k of the previous full DSA
+    layer); entries of non-DSA layers are ignored."""
+    if config.dsa_indexer_types is None:
+        return
+    kinds = list(config.dsa_indexer_types)
+    if len(kinds) != config.num_hidden_layers:
+        raise ValueError(
+            f"HybridConfig.dsa_indexer_types has {len(kinds)} entries but num_hidden_layers="
+            f"{config.num_hidden_layers}; give one per layer"
+        )
+    seen_full = False
+    for i, (kind, mixer) in enumerate(zip(kinds, config.mixer_types)):
+        if kind not in ("full", "shared"):
+            raise ValueError(
+                f"HybridConfig.dsa_indexer_types[{i}]={kind!r} is not allowed; choose one of: full, shared"
+            )
+        if mixer != "dsa":
+            continue
+        if kind == "shared" and not seen_full:
+            raise ValueError(
+                f"HybridConfig.dsa_indexer_types[{i}]='shared' reuses the top-k "
+                "of an earlier 'full' DSA layer, and there is none before it"
+            )
+        if kind == "shared" and config.dsa_selector != "indexer":
+            raise ValueError(
+                f"HybridConfig.dsa_indexer_types[{i}]='shared' needs dsa_selector='indexer' "
+                f"(got {config.dsa_selector!r})"
+            )
+        seen_full = seen_full or kind == "full"
+
+
+# The config fields of DSA layers (DeepSeek-V3.2 names); the base mixer's fields are MLA's or attention's.
+CONFIG_FIELDS = (
+    ConfigField("index_n_heads", 8, "int"),
+    ConfigField("index_head_dim", 64, "int"),
+    ConfigField("index_topk", 256, "int"),
+    ConfigField("dsa_base", "mla", "str", choices=("mla", "attention")),
+    ConfigField("dsa_mode", "sparse", "str", choices=DSA_MODES),
+    ConfigField("dsa_selector", "indexer", "str", choices=("indexer", "structured")),
+    ConfigField("dsa_backend", "auto", "str", choices=("auto", "torch", "naive", "triton")),
+    ConfigField("dsa_query_chunk", 256, "int"),
+    ConfigField("index_loss_coef", 1.0, "float", check=nonnegative),
+    ConfigField("dsa_local_window", 64, "int", doc="structured selector: recent tokens kept"),
+    ConfigField("dsa_global_tokens", 4, "int", doc="structured selector: first tokens kept as anchors"),
+    ConfigField(
+        "index_norm_eps",
+        1e-5,
+        "float",
+        check=positive_or_none,
+        doc="eps of the indexer's key LayerNorm (DeepSeek-V3.2 / GLM: 1e-6)",
+    ),
+    # Per layer "full" (own indexer) or "shared" (no indexer: reuse the top-k of the previous "full" DSA
+    # layer, as GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full".
+    ConfigField("dsa_indexer_types", None, "list[str] | None", check=_check_indexer_types),
+)
 
 
 class LightningIndexer(nn.Module):
@@ -431,6 +490,11 @@ def _validate_dsa(config: HybridConfig) -> None:
             "over the latent and one shared rope key; allowed: 1"
         )
     require_positive(config, "index_n_heads", "index_head_dim", "index_topk", "dsa_query_chunk")
+    if config.attention_sinks and config.dsa_base == "attention":
+        raise ValueError(
+            "HybridConfig.attention_sinks=True with DSA on GQA (dsa_base='attention'): the sparse "
+            "attention has no sinks yet; sinks are supported by attention and sliding_attention layers"
+        )
 
 
 def _mask_for_mode(mode: str) -> str | None:
@@ -492,7 +556,7 @@ class DSARuntimeMode:
     """
 
     def __init__(self, model: nn.Module, mode: str | None = None, *, index_topk: int | None = None):
-        allowed = FIELD_CHOICES["dsa_mode"]
+        allowed = DSA_MODES
         mode = {"warmup": "dense_warmup"}.get(mode, mode)
         if mode is not None and mode not in allowed:
             raise ValueError(f"dsa_mode={mode!r} is not allowed; choose one of: {', '.join(allowed)}")
@@ -592,6 +656,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=dsa_cost,
     validate=_validate_dsa,
     describe=_describe_dsa,
+    config_fields=CONFIG_FIELDS,
 )
 def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
     """DSA over the dense mixer named by ``config.dsa_base``."""

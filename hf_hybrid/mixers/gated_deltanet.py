@@ -16,7 +16,7 @@ from torch import nn
 
 from ..layers import GatedRMSNorm
 from ..ops.gated_delta import gated_delta_rule, recurrent_gated_delta_rule_step
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .recurrent import (
     init_decay_and_dt,
@@ -30,6 +30,43 @@ from .recurrent import (
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+
+# The config fields of Gated DeltaNet layers (flat ``HybridConfig`` attributes; GVA 2:1 like Qwen3-Next).
+CONFIG_FIELDS = (
+    ConfigField(
+        "gdn_num_key_heads",
+        None,
+        "int | None",
+        derive=lambda c: max(1, c.num_attention_heads // 2),
+        doc="defaults: num_attention_heads // 2",
+    ),
+    ConfigField(
+        "gdn_num_value_heads",
+        None,
+        "int | None",
+        derive=lambda c: c.num_attention_heads,
+        doc="defaults: num_attention_heads",
+    ),
+    ConfigField(
+        "gdn_key_head_dim", None, "int | None", derive=lambda c: c.head_dim, doc="defaults: head_dim"
+    ),
+    ConfigField(
+        "gdn_value_head_dim", None, "int | None", derive=lambda c: c.head_dim, doc="defaults: head_dim"
+    ),
+    ConfigField("gdn_conv_kernel_size", 4, "int"),
+    ConfigField(
+        "gdn_allow_neg_eigval",
+        False,
+        "bool",
+        doc="β = 2·sigmoid(b) ∈ (0, 2): negative eigenvalues (OLMo Hybrid)",
+    ),
+    ConfigField(
+        "gdn_norm_eps",
+        None,
+        "float | None",
+        doc="eps of the gated output norm; None: rms_norm_eps (OLMo Hybrid: 1e-5)",
+    ),
+)
 
 
 def _validate(config: HybridConfig) -> None:
@@ -87,6 +124,7 @@ def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=gated_deltanet_cost,
     validate=_validate,
     describe=_describe,
+    config_fields=CONFIG_FIELDS,
 )
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..layers import GatedRMSNorm
 from ..ops.kda import kda, recurrent_kda_step
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .recurrent import (
     init_decay_and_dt,
@@ -44,6 +44,32 @@ from .recurrent import (
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+
+# The config fields of Kimi Delta Attention layers (Kimi Linear's linear layers).
+CONFIG_FIELDS = (
+    ConfigField(
+        "kda_num_heads",
+        None,
+        "int | None",
+        derive=lambda c: c.num_attention_heads,
+        doc="defaults: num_attention_heads",
+    ),
+    ConfigField(
+        "kda_head_dim",
+        None,
+        "int | None",
+        derive=lambda c: c.head_dim,
+        doc="defaults: head_dim (q, k and v heads alike, as in Kimi Linear)",
+    ),
+    ConfigField(
+        "kda_gate_rank",
+        None,
+        "int | None",
+        derive=lambda c: c.kda_head_dim,
+        doc="width of the low-rank forget / output gates; defaults: kda_head_dim",
+    ),
+    ConfigField("kda_conv_kernel_size", 4, "int"),
+)
 
 
 class KDAForgetGate(nn.Module):
@@ -121,6 +147,7 @@ def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=kda_cost,
     validate=_validate,
     describe=_describe,
+    config_fields=CONFIG_FIELDS,
 )
 class KimiDeltaAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

@@ -24,12 +24,64 @@ from torch import nn
 
 from ..layers import RMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .recurrent import read_state, run_recurrence, short_conv, states_to_keep, write_state, zero_padding
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+
+# The config fields of plain linear attention layers. linear_backend / linear_chunk_size are read by every
+# recurrent mixer (Gated DeltaNet, KDA, Mamba-2 too).
+CONFIG_FIELDS = (
+    ConfigField(
+        "linear_num_heads",
+        None,
+        "int | None",
+        derive=lambda c: c.num_attention_heads,
+        doc="defaults: num_attention_heads",
+    ),
+    ConfigField("linear_head_dim", None, "int | None", derive=lambda c: c.head_dim, doc="defaults: head_dim"),
+    ConfigField(
+        "linear_feature_map", "identity", "str", choices=("identity", "elu", "relu", "random_features")
+    ),
+    ConfigField("linear_decay", "none", "str", choices=("none", "scalar", "per_channel", "fixed_slope")),
+    ConfigField("linear_conv_kernel_size", 0, "int", doc="0 = no short convolution"),
+    ConfigField("linear_random_features", 64, "int"),
+    # MiniMax-01's lightning attention: SiLU on q, k, v; a fixed per-head decay (linear_decay="fixed_slope":
+    # ALiBi slopes 2^(-8(h+1)/H) scaled by 1 - layer/(L-1) + 1e-5); no q·k scale; RMSNorm over all heads; a
+    # sigmoid output gate.
+    ConfigField("linear_qkv_activation", "none", "str", choices=("none", "silu")),
+    ConfigField(
+        "linear_scale",
+        None,
+        "float | None",
+        doc="None: head_dim^-0.5 with the identity map (output norm), 1 with positive maps",
+    ),
+    ConfigField(
+        "linear_norm_scope",
+        "head",
+        "str",
+        choices=("head", "full"),
+        doc="output RMSNorm (identity map) over each head, or 'full': over all heads at once",
+    ),
+    ConfigField("linear_output_gate", False, "bool", doc="o = norm(o) · sigmoid(x W_gate) before o_proj"),
+    ConfigField(
+        "linear_norm_eps",
+        None,
+        "float | None",
+        doc="eps of that output norm; None: rms_norm_eps (MiniMax's is fixed at 1e-6)",
+    ),
+    ConfigField(
+        "linear_backend",
+        "auto",
+        "str",
+        choices=("auto", "torch", "naive", "fla"),
+        doc="every recurrent mixer: auto = fla-core on CUDA when usable, else our chunked torch path",
+    ),
+    ConfigField("linear_chunk_size", 64, "int", doc="every recurrent mixer's chunk length"),
+)
+
 
 _NORMALISER_EPS = 1e-6
 # A learned decay gate starts close to no decay: sigmoid(bias)^(1/16) ~ 1 - small, as in GLA's gate
@@ -109,6 +161,7 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=linear_attention_cost,
     validate=_validate,
     describe=_describe,
+    config_fields=CONFIG_FIELDS,
 )
 class LinearAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

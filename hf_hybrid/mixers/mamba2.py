@@ -17,7 +17,7 @@ from torch import nn
 
 from ..layers import GatedRMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .recurrent import (
     init_decay_and_dt,
@@ -31,6 +31,37 @@ from .recurrent import (
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+
+# The config fields of Mamba-2 layers. mamba_dt_min / mamba_dt_max / mamba_dt_init_floor initialise dt of
+# every selective-state mixer (Mamba-2, Gated DeltaNet, KDA): log-uniform in [min, max].
+CONFIG_FIELDS = (
+    ConfigField(
+        "mamba_num_heads",
+        None,
+        "int | None",
+        derive=lambda c: (
+            max(1, c.mamba_expand * c.hidden_size // c.mamba_head_dim) if c.mamba_head_dim else None
+        ),
+        doc="defaults: expand * hidden_size // mamba_head_dim",
+    ),
+    ConfigField("mamba_head_dim", 64, "int"),
+    ConfigField("mamba_expand", 2, "int"),
+    ConfigField("mamba_state_size", 128, "int"),
+    ConfigField("mamba_n_groups", 1, "int"),
+    ConfigField("mamba_conv_kernel_size", 4, "int"),
+    ConfigField("mamba_dt_min", 0.001, "float"),
+    ConfigField("mamba_dt_max", 0.1, "float"),
+    ConfigField("mamba_dt_init_floor", 1e-4, "float"),
+    ConfigField(
+        "mamba_dt_limit", None, "list[float] | None", doc="[min, max] clamp of softplus(dt); None = no clamp"
+    ),
+    ConfigField(
+        "mamba_conv_bias",
+        True,
+        "bool",
+        doc="bias on the short conv over [x, B, C] (Mamba-2, Bamba; some checkpoints drop it)",
+    ),
+)
 
 
 def _validate(config: HybridConfig) -> None:
@@ -90,6 +121,7 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=mamba2_cost,
     validate=_validate,
     describe=_describe,
+    config_fields=CONFIG_FIELDS,
 )
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

@@ -63,12 +63,50 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from ..layers import RMSNorm, apply_rope
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, MixerCost, positive_or_none, register_mixer, require_positive
 from .attention import attention_flops, eager_attention_forward
 from .base import MixerContext
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+
+# The config fields of MLA layers (DeepSeek-V2/V3 names; DSA on MLA reads them too).
+CONFIG_FIELDS = (
+    ConfigField("q_lora_rank", None, "int | None"),
+    ConfigField("kv_lora_rank", 128, "int"),
+    ConfigField("qk_nope_head_dim", 32, "int"),
+    ConfigField("qk_rope_head_dim", 16, "int"),
+    ConfigField("v_head_dim", 32, "int"),
+    ConfigField("mla_decode", "absorbed", "str", choices=("absorbed", "naive")),
+    ConfigField(
+        "mla_norm_eps",
+        None,
+        "float | None",
+        check=positive_or_none,
+        doc="eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)",
+    ),
+    ConfigField(
+        "mla_use_rope",
+        True,
+        "bool",
+        doc="False = NoPE (Kimi Linear): the qk_rope_head_dim parts stay unrotated",
+    ),
+    # Decoupled RoPE keys: 1 shared by all heads (DeepSeek); more (dividing num_attention_heads) give each
+    # group of heads its own rope key, as a GQA source has one per kv head (hf_hybrid.convert.mla).
+    ConfigField("mla_rope_heads", 1, "int"),
+    ConfigField(
+        "mla_latent_norm",
+        True,
+        "bool",
+        doc="False: no q_a_layernorm / kv_a_layernorm (the latents stay linear in x: exact dense -> MLA "
+        "conversion)",
+    ),
+    # Which frequencies the qk_rope_head_dim rope channels use: None = the RoPE table of size
+    # qk_rope_head_dim (DeepSeek); else qk_rope_head_dim/2 pair indices into the table of size head_dim
+    # (partial RoPE kept from a dense source, which keeps its frequencies).
+    ConfigField("mla_rope_pairs", None, "list[int] | None"),
+)
+
 
 logger = logging.get_logger(__name__)
 
@@ -270,6 +308,7 @@ def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=mla_cost,
     validate=validate_mla,
     describe=describe_mla,
+    config_fields=CONFIG_FIELDS,
 )
 class HybridMLA(nn.Module):
     """DeepSeek-V2/V3 MLA. Public pieces for mixers built on it (DSA): :meth:`project_q`, :meth:`project_kv`,

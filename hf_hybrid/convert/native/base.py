@@ -85,6 +85,11 @@ def _our_value(ours, name: str):
     fields = getattr(type(ours), "__dataclass_fields__", {})
     if name in fields:
         return fields[name].default
+    from ...registry import config_field_defaults
+
+    defaults = config_field_defaults()
+    if name in defaults:
+        return defaults[name]
     raise AttributeError(f"{type(ours).__name__} has no field {name!r}")
 
 
@@ -269,7 +274,10 @@ def functional_fields(cfg) -> dict[str, Any]:
     from ...configuration_hybrid import HybridConfig
 
     base = {f.name for f in dataclasses.fields(PreTrainedConfig)}
-    names = {f.name for f in dataclasses.fields(HybridConfig)} - NON_FUNCTIONAL_FIELDS - base
+    from ...registry import config_field_defaults
+
+    names = {f.name for f in dataclasses.fields(HybridConfig)} | set(config_field_defaults())
+    names = {n for n in names if hasattr(cfg, n)} - NON_FUNCTIONAL_FIELDS - base
     drop: set[str] = set()
     keep: set[str] = set()
     for group, (used, fields_) in _FIELD_GROUPS.items():
