@@ -37,6 +37,7 @@ from .specs import (  # noqa: F401  (the tables are re-exported for tests and to
     MIXER_REGISTRY,
     MLP_REGISTRY,
     ConfigField,
+    HybridizeInit,
     MixerCost,
     MixerSpec,
     MLPCost,
@@ -150,6 +151,7 @@ def mlp_spec(name: str) -> MLPSpec:
 
 __all__ = [
     "ConfigField",
+    "HybridizeInit",
     "LAYER_TYPES",
     "MASKS",
     "MIXER_REGISTRY",

@@ -79,6 +79,25 @@ def positive_or_none(config: Any, name: str) -> None:
 
 
 @dataclass(frozen=True)
+class HybridizeInit:
+    """A mixer spec's ``hybridize_init`` hook: how an attention layer becomes this kind
+    (``hf_hybrid.convert.hybridize``; helpers in ``hf_hybrid.mixers.from_attention``).
+
+    - ``geometry(config)``: the config fields that give the mixer one head per query head of the attention's
+      head dim (set on the student config; an existing layer of that type must already have them);
+    - ``apply(mixer, weights, config)``: writes the inherited tensors (``weights``: the converter's
+      ``AttentionWeights``) into a freshly built mixer (the rest keeps the mixer's own init); returns notes
+      about this layer (e.g. biases dropped);
+    - ``statement(config)``: what is inherited, what is new (and its init), what is dropped — printed and
+      saved.
+    """
+
+    geometry: Callable[[Any], dict[str, Any]]
+    apply: Callable[[Any, Any, Any], list[str]]
+    statement: Callable[[Any], dict[str, list[str]]]
+
+
+@dataclass(frozen=True)
 class MixerSpec:
     """Everything the package needs to know about one token-mixer kind.
 
@@ -100,6 +119,11 @@ class MixerSpec:
       run whenever a config uses this kind.
     - ``describe``: ``fn(config) -> [(label, text), ...]``, the model card's settings rows for this kind (rows
       that several kinds share, e.g. the attention heads, appear once).
+    - optional hooks for the converters and clients: ``hybridize_init`` (:class:`HybridizeInit`, how
+      ``hybridize`` turns attention into this kind), ``functional_fields`` (``fn(config) -> field names``:
+      the config fields that decide the function of this kind's layers, compared by a native export's round
+      trip; default: the fields it declares), ``lora_targets`` (the module names inside this kind that PEFT's
+      default LoRA targets).
     - ``module``: the module that defines the kind (set at registration). A config that uses a kind defined
       outside hf_hybrid records it, so a fresh process can import it again on load (with
       ``trust_remote_code=True``, see :func:`trust_remote_code`).
@@ -117,6 +141,9 @@ class MixerSpec:
     describe: Callable[[Any], list[tuple[str, str]]] | None = None
     module: str = ""
     config_fields: tuple[ConfigField, ...] = ()
+    functional_fields: Callable[[Any], Sequence[str]] | None = None
+    lora_targets: tuple[str, ...] = ()
+    hybridize_init: HybridizeInit | None = None
 
     @property
     def builtin(self) -> bool:
@@ -142,8 +169,9 @@ def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
 class MLPSpec:
     """One MLP kind: ``cls`` (None for no MLP at all), whether it reads the padding mask (MoE balancing), its
     cost function (``fn(config, layer_idx) -> MLPCost``), its config fields, a validator, its
-    model-card rows (``describe``, as for mixers), the Hub tag a model using it gets (``tag``) and the module
-    that defines it (``module``, as for mixers)."""
+    model-card rows (``describe``, as for mixers), the Hub tag a model using it gets (``tag``), the module
+    that defines it (``module``, as for mixers) and the hooks ``functional_fields`` / ``lora_targets`` (as
+    for mixers)."""
 
     name: str
     cls: type | None
@@ -155,6 +183,8 @@ class MLPSpec:
     tag: str | None = None
     module: str = ""
     config_fields: tuple[ConfigField, ...] = ()
+    functional_fields: Callable[[Any], Sequence[str]] | None = None
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def builtin(self) -> bool:
@@ -260,6 +290,9 @@ def register_mixer(
     validate: Callable[[Any], None] | None = None,
     describe: Callable[[Any], list[tuple[str, str]]] | None = None,
     config_fields: Sequence[ConfigField] | None = None,
+    functional_fields: Callable[[Any], Sequence[str]] | None = None,
+    lora_targets: Sequence[str] = (),
+    hybridize_init: HybridizeInit | None = None,
 ) -> Callable[[type], type]:
     """Class decorator declaring a token mixer (see :class:`MixerSpec`). ``needs_padding_mask`` defaults to
     ``recurrent``. Registering a different class under a taken name is an error. ``register_mixer("none",
@@ -289,6 +322,9 @@ def register_mixer(
             describe=describe,
             module=module,
             config_fields=fields,
+            functional_fields=functional_fields,
+            lora_targets=tuple(lora_targets),
+            hybridize_init=hybridize_init,
         )
         MIXER_REGISTRY[name] = cls
         return cls
@@ -306,6 +342,8 @@ def register_mlp(
     describe: Callable[[Any], list[tuple[str, str]]] | None = None,
     tag: str | None = None,
     config_fields: Sequence[ConfigField] | None = None,
+    functional_fields: Callable[[Any], Sequence[str]] | None = None,
+    lora_targets: Sequence[str] = (),
 ) -> Callable[[type | None], type | None]:
     """Class decorator declaring an MLP kind (see :class:`MLPSpec`); ``register_mlp("none")(None)`` declares a
     layer without MLP."""
@@ -326,6 +364,8 @@ def register_mlp(
             tag=tag,
             module=module,
             config_fields=fields,
+            functional_fields=functional_fields,
+            lora_targets=tuple(lora_targets),
         )
         MLP_REGISTRY[name] = cls
         return cls
@@ -345,6 +385,7 @@ def require_positive(config: Any, *names: str, allow_none: bool = False) -> None
 
 __all__ = [
     "ConfigField",
+    "HybridizeInit",
     "LAYER_TYPES",
     "MASKS",
     "MIXER_REGISTRY",

@@ -16,7 +16,7 @@ constant log decay ``-slope_h`` per head, see :func:`fixed_slopes`). MiniMax als
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,14 @@ from torch import nn
 
 from ..layers import RMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
-from ..specs import ConfigField, MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, HybridizeInit, MixerCost, register_mixer, require_positive
 from .base import MixerContext
+from .from_attention import common_dropped, gqa_note, identity_conv_
 from .recurrent import read_state, run_recurrence, short_conv, states_to_keep, write_state, zero_padding
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+    from ..convert.hybridize import AttentionWeights
 
 # The config fields of plain linear attention layers. linear_backend / linear_chunk_size are read by every
 # recurrent mixer (Gated DeltaNet, KDA, Mamba-2 too).
@@ -154,6 +156,56 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     )
 
 
+# ---- from attention (hf_hybrid.convert.hybridize: what this kind inherits from an attention layer) ---------
+
+
+def _hybridize_geometry(config: HybridConfig) -> dict[str, Any]:
+    return {"linear_num_heads": config.num_attention_heads, "linear_head_dim": config.head_dim}
+
+
+def _hybridize_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
+    with torch.no_grad():
+        mixer.q_proj.weight.copy_(w.query())
+        mixer.k_proj.weight.copy_(w.key())
+        mixer.v_proj.weight.copy_(w.value())
+        mixer.o_proj.weight.copy_(w.o)
+        if mixer.conv1d is not None:
+            identity_conv_(mixer.conv1d)
+    return ["q/k/v biases dropped"] if w.q_bias is not None else []
+
+
+def _hybridize_statement(config: HybridConfig) -> dict[str, list[str]]:
+    gqa = gqa_note(config)
+    new = [
+        f"feature map {config.linear_feature_map!r} ("
+        + (
+            "output RMSNorm, weight 1, in place of the normaliser"
+            if config.linear_feature_map == "identity"
+            else "normalised by φ(q)·Σφ(k)"
+        )
+        + ")"
+    ]
+    if config.linear_decay != "none":
+        new.append(
+            f"decay {config.linear_decay!r}: g_proj weight 0, bias 4 (slow decay, LinearAttention's init)"
+        )
+    if config.linear_conv_kernel_size:
+        new.append("conv1d: identity (last tap 1, others 0)")
+    if config.linear_feature_map == "random_features":
+        new.append(f"random features: {config.linear_random_features} Gaussian (Performer)")
+    return {
+        "inherited": [
+            "q_proj ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
+            "k_proj ← W_k" + (f", {gqa}" if gqa else ""),
+            "v_proj ← W_v" + (f", {gqa}" if gqa else ""),
+            "o_proj ← W_o",
+        ],
+        "new": new,
+        "dropped": common_dropped(config)
+        + (["the output gate (linear attention has none)"] if config.attention_output_gate else []),
+    }
+
+
 @register_mixer(
     "linear_attention",
     layer_type="linear_attention",
@@ -162,6 +214,7 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     validate=_validate,
     describe=_describe,
     config_fields=CONFIG_FIELDS,
+    hybridize_init=HybridizeInit(_hybridize_geometry, _hybridize_apply, _hybridize_statement),
 )
 class LinearAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):
