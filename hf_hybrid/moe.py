@@ -95,6 +95,14 @@ CONFIG_FIELDS = (
     # Mixtral's balance loss), so a model without one does not carry the switch.
     ConfigField("output_router_logits", False, "bool", only_when_used=True),
 )
+# Those that decide an MoE layer's function (a native export compares them): all but the training ones.
+FUNCTIONAL_FIELDS = tuple(
+    f.name
+    for f in CONFIG_FIELDS
+    if not f.name.startswith(
+        ("router_aux", "router_z", "router_seq", "router_bias", "router_jitter", "output_")
+    )
+)
 
 # ------------------------------------------------------------------------------------------------------------
 # routing helpers
@@ -610,6 +618,8 @@ def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     describe=_describe,
     tag="moe",
     config_fields=CONFIG_FIELDS,
+    lora_targets=("gate_proj", "up_proj", "down_proj"),  # the shared experts,
+    functional_fields=lambda config: FUNCTIONAL_FIELDS,
 )
 class HybridMoE(nn.Module):
     """Routed experts (+ always-on shared experts, DeepSeek style): ``[B, T, H] -> [B, T, H]``.

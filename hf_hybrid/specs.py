@@ -198,6 +198,21 @@ MIXER_REGISTRY: dict[str, type] = {}
 MLP_REGISTRY: dict[str, type | None] = {}
 
 
+#: called (no arguments) after every registration: tables kept elsewhere in step with the specs (PEFT's
+#: default LoRA targets). A listener reads the tables above, never the registry's loader.
+_LISTENERS: list[Callable[[], None]] = []
+
+
+def on_register(listener: Callable[[], None]) -> None:
+    _LISTENERS.append(listener)
+    listener()
+
+
+def _notify() -> None:
+    for listener in _LISTENERS:
+        listener()
+
+
 def _zero_flops(context: int) -> float:
     return 0.0
 
@@ -327,6 +342,7 @@ def register_mixer(
             hybridize_init=hybridize_init,
         )
         MIXER_REGISTRY[name] = cls
+        _notify()
         return cls
 
     return wrap
@@ -368,6 +384,7 @@ def register_mlp(
             lora_targets=tuple(lora_targets),
         )
         MLP_REGISTRY[name] = cls
+        _notify()
         return cls
 
     return wrap

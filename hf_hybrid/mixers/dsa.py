@@ -51,9 +51,17 @@ from ..ops.dsa import (
     ties_at_topk_cut,
 )
 from ..specs import ConfigField, MixerCost, nonnegative, positive_or_none, register_mixer, require_positive
-from .attention import HybridAttention, attention_flops, attention_parts, describe_attention, validate_gqa
+from .attention import (
+    ATTENTION_LORA_TARGETS,
+    GQA_FIELDS,
+    HybridAttention,
+    attention_flops,
+    attention_parts,
+    describe_attention,
+    validate_gqa,
+)
 from .base import MixerContext
-from .mla import HybridMLA, describe_mla, mla_parts, validate_mla
+from .mla import MLA_FIELDS, MLA_LORA_TARGETS, HybridMLA, describe_mla, mla_parts, validate_mla
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
@@ -503,6 +511,12 @@ def _mask_for_mode(mode: str) -> str | None:
     return None if mode == "sparse" else "full_attention"
 
 
+def _dsa_functional_fields(config: HybridConfig) -> tuple[str, ...]:
+    """Its own fields and those of its base mixer."""
+    base = MLA_FIELDS if config.dsa_base == "mla" else GQA_FIELDS
+    return (*(f.name for f in CONFIG_FIELDS), *base)
+
+
 def _dsa_mask(config: HybridConfig) -> str | None:
     return _mask_for_mode(config.dsa_mode)
 
@@ -657,6 +671,10 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     validate=_validate_dsa,
     describe=_describe_dsa,
     config_fields=CONFIG_FIELDS,
+    lora_targets=tuple(
+        dict.fromkeys(ATTENTION_LORA_TARGETS + MLA_LORA_TARGETS)
+    ),  # the base's; not the indexer's,
+    functional_fields=_dsa_functional_fields,
 )
 def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
     """DSA over the dense mixer named by ``config.dsa_base``."""

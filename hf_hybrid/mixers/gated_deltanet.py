@@ -187,6 +187,7 @@ def _hybridize_statement(config: HybridConfig) -> dict[str, list[str]]:
     describe=_describe,
     config_fields=CONFIG_FIELDS,
     hybridize_init=HybridizeInit(_hybridize_geometry, _hybridize_apply, _hybridize_statement),
+    lora_targets=("in_proj_qkvz", "in_proj_ba", "out_proj"),
 )
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

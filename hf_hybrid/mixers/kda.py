@@ -198,6 +198,7 @@ def _hybridize_statement(config: HybridConfig) -> dict[str, list[str]]:
     describe=_describe,
     config_fields=CONFIG_FIELDS,
     hybridize_init=HybridizeInit(_hybridize_geometry, _hybridize_apply, _hybridize_statement),
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
 )
 class KimiDeltaAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

@@ -70,6 +70,19 @@ from .base import MixerContext
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
 
+# The projections PEFT's default LoRA config adapts (q_proj when q_lora_rank is None).
+MLA_LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+# The config fields that decide an MLA layer's function (a native export compares them; the mla_* options
+# are compared on every config).
+MLA_FIELDS = (
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "attention_bias",
+)
+
 # The config fields of MLA layers (DeepSeek-V2/V3 names; DSA on MLA reads them too).
 CONFIG_FIELDS = (
     ConfigField("q_lora_rank", None, "int | None"),
@@ -309,6 +322,8 @@ def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     validate=validate_mla,
     describe=describe_mla,
     config_fields=CONFIG_FIELDS,
+    lora_targets=MLA_LORA_TARGETS,
+    functional_fields=lambda config: MLA_FIELDS,
 )
 class HybridMLA(nn.Module):
     """DeepSeek-V2/V3 MLA. Public pieces for mixers built on it (DSA): :meth:`project_q`, :meth:`project_kv`,
