@@ -11,9 +11,16 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
 
-from hf_hybrid import HybridConfig
+from hf_hybrid import HybridConfig, HybridForCausalLM, peft_support, registry
+from hf_hybrid.config_choices import FIELD_CHOICES
+from hf_hybrid.convert.hybridize import INIT_TABLE, available_mixers, hybridize_model
+from hf_hybrid.convert.native.base import functional_fields
 from hf_hybrid.presets import preset_config
+from hf_hybrid.registry import ConfigField, HybridizeInit, register_mixer
 
 BEFORE = json.loads((Path(__file__).parent / "data" / "configs_before_kind_fields.json").read_text())
 CASES = [(name, rec, lambda name=name: preset_config(name)) for name, rec in BEFORE["presets"].items()] + [
@@ -68,3 +75,94 @@ def test_per_kind_fields_keep_their_checks_and_derived_defaults():
     assert (config.gdn_num_key_heads, config.kda_gate_rank, config.moe_intermediate_size) == (2, 8, 32)
     assert not hasattr(config, "output_router_logits")  # no MoE layer: no switch (TRL reads hasattr)
     assert HybridConfig(**kw, mlp_pattern="moe").output_router_logits is False
+
+
+# ---- an outside kind declares its fields and the converters' hooks in its own spec -------------------------
+
+
+def _shift_cost(config, layer_idx):
+    from hf_hybrid.registry import MixerCost
+
+    h = config.hidden_size
+    return MixerCost(params=2 * h * h, matmul_params=2 * h * h)
+
+
+class _Shift(nn.Module):
+    """out = W_o · W_v · (x shifted by ``shift_width`` tokens): attention-free, reads no cache."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.width = config.shift_width
+        self.shift_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, ctx):
+        shifted = torch.nn.functional.pad(hidden_states, (0, 0, self.width, 0))[:, : hidden_states.shape[1]]
+        return self.o_proj(self.shift_proj(shifted))
+
+
+def _shift_apply(mixer, w, config):
+    with torch.no_grad():
+        mixer.shift_proj.weight.copy_(w.value()[: config.hidden_size])  # the value heads (no GQA here)
+        mixer.o_proj.weight.copy_(w.o)
+    return ["a toy note"]
+
+
+SHIFT_INIT = HybridizeInit(
+    geometry=lambda config: {"shift_width": 1},
+    apply=_shift_apply,
+    statement=lambda config: {"inherited": ["shift_proj ← W_v", "o_proj ← W_o"], "new": [], "dropped": []},
+)
+
+
+@pytest.fixture
+def shift_kind():
+    register_mixer(
+        "toy_shift",
+        layer_type="moe",
+        cost=_shift_cost,
+        config_fields=[ConfigField("shift_width", 2, "int", choices=(1, 2))],
+        hybridize_init=SHIFT_INIT,
+        lora_targets=("shift_proj",),
+        functional_fields=lambda config: ("shift_width",),
+    )(_Shift)
+    yield
+    for table in (registry._MIXERS, registry.MIXER_REGISTRY):
+        table.pop("toy_shift", None)
+    peft_support._refresh()
+
+
+def test_an_outside_kinds_field_is_set_checked_and_only_on_configs_that_use_it(shift_kind):
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = HybridConfig(**kw, mixer_pattern="toy_shift,attention")
+    assert config.shift_width == 2 and config.to_dict()["shift_width"] == 2
+    assert not hasattr(HybridConfig(**kw), "shift_width")
+    with pytest.raises(Exception, match=r"HybridConfig.shift_width=3 is not allowed; choose one of: 1, 2"):
+        HybridConfig(**kw, mixer_pattern="toy_shift,attention", shift_width=3)
+    assert FIELD_CHOICES["shift_width"] == (1, 2)
+    assert "shift_width" in functional_fields(config) and "shift_width" not in functional_fields(
+        HybridConfig(**kw)
+    )
+
+
+def test_hybridize_and_lora_pick_up_an_outside_kinds_hooks(shift_kind):
+    from peft import LoraConfig, get_peft_model
+
+    assert "toy_shift" in available_mixers() and INIT_TABLE["toy_shift"] is SHIFT_INIT
+    kw = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    teacher = HybridForCausalLM(HybridConfig(**kw)).eval()
+    student = hybridize_model(teacher, attention_layers=[1], mixer="toy_shift")
+    assert student.config.mixer_types == ["toy_shift", "attention"] and student.config.shift_width == 1
+    mixer, attn = student.model.layers[0].mixer, teacher.model.layers[0].mixer
+    assert torch.equal(mixer.o_proj.weight, attn.o_proj.weight)
+    assert torch.equal(mixer.shift_proj.weight, attn.v_proj.weight)
+    assert student.config.hf_hybrid_lineage["init"]["toy_shift"]["inherited"] == [
+        "shift_proj ← W_v",
+        "o_proj ← W_o",
+    ]
+
+    assert "shift_proj" in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING["hf_hybrid"]
+    peft_model = get_peft_model(student, LoraConfig(task_type="CAUSAL_LM", r=2))
+    adapted = {n for n, _ in peft_model.named_parameters() if "lora_A" in n}
+    assert any("layers.0.mixer.shift_proj.lora_A" in n for n in adapted), sorted(adapted)

@@ -331,8 +331,8 @@ def plan_hybridize(
         geometry = INIT_TABLE[name].geometry(config)
         already = [i for i, t in enumerate(types) if t == name]
         for key, value in geometry.items():
-            have = getattr(config, key)
-            if already and have != value:
+            have = getattr(config, key) if already else value  # an unused outside kind's field is absent
+            if have != value:
                 raise ValueError(
                     f"hybridize: head dims cannot map — layers {already} are already {name!r} "
                     f"with {key}={have}, but inheriting the attention's heads needs "
@@ -347,7 +347,8 @@ def plan_hybridize(
                 f"{key}={value!r}, but inheriting the attention's heads needs "
                 f"{key}={overrides[key]} (one head per query head, head_dim={config.head_dim})"
             )
-        if not hasattr(config, key):
+        declared = {f.name for m in set(targets.values()) for f in mixer_specs()[m].config_fields}
+        if not hasattr(config, key) and key not in declared:
             raise ValueError(f"hybridize: mixer_config names {key!r}, which is not a HybridConfig field")
         overrides[key] = value
     mixer_types = [targets.get(i, t) for i, t in enumerate(types)]
