@@ -15,8 +15,8 @@ cyclically over the layers, so on 6 layers ``"2:1 ..."`` keeps layers 2 and 5 an
 attention layer, the KL to the source (or the LM-loss increase) when that layer alone is replaced by its
 initialised mixer; the layers that hurt most stay attention (``--select kl --num-attention K``).
 
-Initialisation (one entry per mixer in ``INIT_TABLE``, each stating what it inherits; the statement is printed
-and recorded in ``config.hf_hybrid_lineage["init"]``): the attention's query / key / value / output
+Initialisation (each mixer's ``hybridize_init`` hook in its own file, read through ``INIT_TABLE``, stating what
+it inherits; the statement is printed and recorded in ``config.hf_hybrid_lineage["init"]``): the attention's query / key / value / output
 projections become the mixer's (Mamba-in-Llama's Q→C, K→B, V→x for Mamba-2), the mixer gets one head per query
 head of the same head dim, and GQA key / value heads are repeated for the query heads that share them
 (``kv_repeat``). Qwen3's per-head q/k RMSNorm weights are folded into the projection rows (exact under Gated
@@ -27,9 +27,9 @@ biases where the mixer has none. Nothing here is function-preserving: the studen
 stage 1 (attention transfer) closes the gap.
 
 Every layer that is not replaced keeps its weights bit for bit (tests check it); MLPs, norms and embeddings
-too. A mixer added later becomes convertible with one ``register_init`` entry (``kda`` has one: q/k/v/o
-inherited as for linear attention, its per-channel decay and low-rank gates at a stated init); the CLI offers
-a mixer only when it is both registered (``MIXER_REGISTRY``) and has an entry here.
+too. A mixer becomes convertible by declaring ``hybridize_init=HybridizeInit(geometry, apply, statement)``
+in its spec (``kda`` does: q/k/v/o inherited as for linear attention, its per-channel decay and low-rank gates
+at a stated init); the CLI offers a mixer only when it is registered with one.
 """
 
 from __future__ import annotations
