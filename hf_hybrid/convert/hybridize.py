@@ -15,16 +15,16 @@ cyclically over the layers, so on 6 layers ``"2:1 ..."`` keeps layers 2 and 5 an
 attention layer, the KL to the source (or the LM-loss increase) when that layer alone is replaced by its
 initialised mixer; the layers that hurt most stay attention (``--select kl --num-attention K``).
 
-Initialisation (each mixer's ``hybridize_init`` hook in its own file, read through ``INIT_TABLE``, stating what
-it inherits; the statement is printed and recorded in ``config.hf_hybrid_lineage["init"]``): the attention's query / key / value / output
-projections become the mixer's (Mamba-in-Llama's Q→C, K→B, V→x for Mamba-2), the mixer gets one head per query
-head of the same head dim, and GQA key / value heads are repeated for the query heads that share them
-(``kv_repeat``). Qwen3's per-head q/k RMSNorm weights are folded into the projection rows (exact under Gated
-DeltaNet's L2 norm, up to the SiLU of the short conv); the short convs start as the identity (last tap 1).
-Gates and decays start at a stated value (the mixer's own init: log-uniform decay rates, Mamba-2's dt range).
-What cannot be inherited is listed as dropped: RoPE (the linear mixers have no positions), the softmax, q/k/v
-biases where the mixer has none. Nothing here is function-preserving: the student starts near the teacher and
-stage 1 (attention transfer) closes the gap.
+Initialisation (each mixer's ``hybridize_init`` hook in its own file, read through ``INIT_TABLE``, stating
+what it inherits; the statement is printed and recorded in ``config.hf_hybrid_lineage["init"]``): the
+attention's query / key / value / output projections become the mixer's (Mamba-in-Llama's Q→C, K→B, V→x for
+Mamba-2), the mixer gets one head per query head of the same head dim, and GQA key / value heads are repeated
+for the query heads that share them (``kv_repeat``). Qwen3's per-head q/k RMSNorm weights are folded into the
+projection rows (exact under Gated DeltaNet's L2 norm, up to the SiLU of the short conv); the short convs
+start as the identity (last tap 1). Gates and decays start at a stated value (the mixer's own init:
+log-uniform decay rates, Mamba-2's dt range). What cannot be inherited is listed as dropped: RoPE (the linear
+mixers have no positions), the softmax, q/k/v biases where the mixer has none. Nothing here is
+function-preserving: the student starts near the teacher and stage 1 (attention transfer) closes the gap.
 
 Every layer that is not replaced keeps its weights bit for bit (tests check it); MLPs, norms and embeddings
 too. A mixer becomes convertible by declaring ``hybridize_init=HybridizeInit(geometry, apply, statement)``
