@@ -166,3 +166,76 @@ def test_hybridize_and_lora_pick_up_an_outside_kinds_hooks(shift_kind):
     peft_model = get_peft_model(student, LoraConfig(task_type="CAUSAL_LM", r=2))
     adapted = {n for n, _ in peft_model.named_parameters() if "lora_A" in n}
     assert any("layers.0.mixer.shift_proj.lora_A" in n for n in adapted), sorted(adapted)
+
+
+# ---- no file outside a kind's own spells its name ----------------------------------------------------------
+
+# The package's central files: they loop over specs. Converters that produce a kind, the presets and the CLI
+# (which offers choices) may name kinds.
+CENTRAL_FILES = (
+    "modeling_hybrid.py",
+    "configuration_hybrid.py",
+    "config_choices.py",
+    "cost.py",
+    "cache.py",
+    "card.py",
+    "testing.py",
+    "registry.py",
+    "specs.py",
+    "aux_loss.py",
+    "layers.py",
+    "peft_support.py",
+    "compat.py",
+    "training.py",
+    "trainer_patch.py",
+    "mixers/base.py",
+    "mixers/recurrent.py",
+    "mixers/from_attention.py",
+    "convert/native/base.py",
+)
+# (file, string) -> (how many times, why): what remains, each with its reason.
+ALLOWED = {
+    ("configuration_hybrid.py", "attention"): (
+        2,
+        "the default mixer of a layer; nope_layers names softmax kinds",
+    ),
+    ("configuration_hybrid.py", "sliding_attention"): (
+        1,
+        "nope_layers applies to the softmax attention kinds",
+    ),
+    ("configuration_hybrid.py", "dense"): (2, "the default MLP of a layer, and first_k_dense's"),
+    ("configuration_hybrid.py", "none"): (2, "a gated_norms value, not the kind"),
+    ("modeling_hybrid.py", "none"): (1, "a gated_norms value, not the kind"),
+    ("modeling_hybrid.py", "sliding_attention"): (1, "transformers' mask name, not the kind"),
+    ("specs.py", "sliding_attention"): (2, "transformers' layer type and mask names, not the kind"),
+    ("specs.py", "linear_attention"): (1, "transformers' layer type name, not the kind"),
+    ("specs.py", "moe"): (1, "transformers' layer type name, not the kind"),
+    ("cost.py", "none"): (1, "a gated_norms value, not the kind"),
+    ("cost.py", "dsa"): (
+        2,
+        "dsa_notes: DSA's cost warning compares the config with its dense base (to move)",
+    ),
+    ("testing.py", "attention"): (1, "the kit's companion layer around the kind under test"),
+    ("testing.py", "dense"): (1, "the kit's companion MLP around the kind under test"),
+    ("training.py", "none"): (1, "TrainingArguments(report_to='none'), not the kind"),
+    ("convert/native/base.py", "dsa"): (
+        1,
+        "the effective value of dsa_indexer_types (to move to DSA's hook)",
+    ),
+}
+
+
+def test_no_central_file_spells_a_builtin_kinds_name():
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "hf_hybrid"
+    kinds = {s.name for s in (*registry.mixer_specs().values(), *registry.mlp_specs().values()) if s.builtin}
+    found: dict[tuple[str, str], list[int]] = {}
+    for name in CENTRAL_FILES:
+        for node in ast.walk(ast.parse((package / name).read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in kinds:
+                found.setdefault((name, node.value), []).append(node.lineno)
+    new = {key: lines for key, lines in found.items() if key not in ALLOWED or len(lines) > ALLOWED[key][0]}
+    assert not new, f"built-in kind names in central files (loop over the specs instead): {new}"
+    gone = {key for key in ALLOWED if key not in found}
+    assert not gone, f"allowed occurrences that no longer exist (remove them from ALLOWED): {gone}"
