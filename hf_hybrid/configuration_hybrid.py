@@ -1,10 +1,11 @@
-"""HybridConfig: the one home of every default of the hf_hybrid decoder family.
+"""HybridConfig: the configuration of the hf_hybrid decoder family.
 
 Each layer is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``mixer_types[i]`` and ``mlp_types[i]`` choose
-them. Per-mixer settings are flat, prefixed fields (``gdn_*``, ``kda_*``, ``mamba_*``, ``linear_*``,
-DeepSeek's MLA names, ``index_*`` for DSA, transformers' MoE names). transformers' own ``layer_types`` is
-derived from ``mixer_types`` (it only knows its own names, and ``save_pretrained`` rejects others) and checked
-for consistency on reload.
+them. Per-kind settings are flat, prefixed attributes (``gdn_*``, ``kda_*``, ``mamba_*``, ``linear_*``,
+DeepSeek's MLA names, ``index_*`` for DSA, transformers' MoE names) that each kind declares in its own file
+(its spec's ``config_fields``: default, choices, checks); this class holds the decoder's own fields and sets
+the kinds' at construction. transformers' own ``layer_types`` is derived from ``mixer_types`` (it only knows
+its own names, and ``save_pretrained`` rejects others) and checked for consistency on reload.
 """
 
 from __future__ import annotations
@@ -37,9 +38,8 @@ from .registry import trust_remote_code as _trusting
 # Bump when the meaning of saved weights or fields changes; add a rule to `_migrate` at the same time.
 FORMAT_VERSION = 1
 
-# The mixer and MLP kinds, their transformers layer type, masks, cost and per-kind validation are declared
-# next to each class (hf_hybrid/registry.py); this file reads them and holds every default of the built-in
-# kinds.
+# The mixer and MLP kinds, their transformers layer type, masks, cost, config fields and per-kind validation
+# are declared next to each class (hf_hybrid/registry.py); this file reads them.
 
 
 def _expand_pattern(pattern: str, n: int, field: str, allowed: tuple[str, ...]) -> list[str]:
