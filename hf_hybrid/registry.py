@@ -32,6 +32,7 @@ from types import MappingProxyType
 from .specs import (  # noqa: F401  (the tables are re-exported for tests and tools)
     _MIXERS,
     _MLPS,
+    _notify,
     LAYER_TYPES,
     MASKS,
     MIXER_REGISTRY,
@@ -83,6 +84,7 @@ def _load_builtins() -> None:
         for live, old in zip((_MIXERS, _MLPS, MIXER_REGISTRY, MLP_REGISTRY), saved):
             live.clear()
             live.update(old)
+        _notify()  # tables kept in step with the specs forget the partial registration
         for name in set(sys.modules) - before:  # so that the next try imports them afresh
             if is_builtin_module(name):
                 del sys.modules[name]
