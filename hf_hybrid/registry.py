@@ -32,7 +32,6 @@ from types import MappingProxyType
 from .specs import (  # noqa: F401  (the tables are re-exported for tests and tools)
     _MIXERS,
     _MLPS,
-    _notify,
     LAYER_TYPES,
     MASKS,
     MIXER_REGISTRY,
@@ -43,6 +42,7 @@ from .specs import (  # noqa: F401  (the tables are re-exported for tests and to
     MixerSpec,
     MLPCost,
     MLPSpec,
+    _notify,
     check_field,
     is_builtin_module,
     mixer_mask,
