@@ -34,6 +34,8 @@ class ConfigField:
     - ``check``: ``fn(config, name)`` raising ``ValueError`` (field, value, what is allowed) for a bad value;
     - ``derive``: ``fn(config) -> value`` run when the value is None: a default that depends on other fields
       (``gdn_num_key_heads``: half the attention heads), resolved at construction and then saved;
+    - ``effective``: ``fn(config) -> value`` as the layers read it, where spellings differ but mean the same
+      (``gdn_norm_eps=None`` is ``rms_norm_eps``): what a native export's round trip compares;
     - ``only_when_used``: the field exists only on configs whose layers use the kind
       (``output_router_logits``: a client takes a config that has it for an MoE).
 
@@ -51,6 +53,7 @@ class ConfigField:
     derive: Callable[[Any], Any] | None = None
     only_when_used: bool = False
     doc: str = ""
+    effective: Callable[[Any], Any] | None = None
 
 
 def check_field(config: Any, spec_field: ConfigField) -> None:

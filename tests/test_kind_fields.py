@@ -218,10 +218,6 @@ ALLOWED = {
     ("testing.py", "attention"): (1, "the kit's companion layer around the kind under test"),
     ("testing.py", "dense"): (1, "the kit's companion MLP around the kind under test"),
     ("training.py", "none"): (1, "TrainingArguments(report_to='none'), not the kind"),
-    ("convert/native/base.py", "dsa"): (
-        1,
-        "the effective value of dsa_indexer_types (to move to DSA's hook)",
-    ),
 }
 
 

@@ -101,6 +101,15 @@ def _check_indexer_types(config: HybridConfig, name: str) -> None:
         seen_full = seen_full or kind == "full"
 
 
+def _effective_indexer_types(config: HybridConfig) -> list[str | None] | None:
+    """``dsa_indexer_types`` as the layers read it: the entries of DSA layers, None when all are "full"."""
+    kinds = config.dsa_indexer_types
+    if kinds is None:
+        return None
+    kinds = [k if m == "dsa" else None for k, m in zip(kinds, config.mixer_types)]
+    return None if all(k in ("full", None) for k in kinds) else kinds
+
+
 # The config fields of DSA layers (DeepSeek-V3.2 names); the base mixer's fields are MLA's or attention's.
 CONFIG_FIELDS = (
     ConfigField("index_n_heads", 8, "int"),
@@ -123,7 +132,13 @@ CONFIG_FIELDS = (
     ),
     # Per layer "full" (own indexer) or "shared" (no indexer: reuse the top-k of the previous "full" DSA
     # layer, as GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full".
-    ConfigField("dsa_indexer_types", None, "list[str] | None", check=_check_indexer_types),
+    ConfigField(
+        "dsa_indexer_types",
+        None,
+        "list[str] | None",
+        check=_check_indexer_types,
+        effective=_effective_indexer_types,
+    ),
 )
 
 

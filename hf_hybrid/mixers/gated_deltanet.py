@@ -67,6 +67,7 @@ CONFIG_FIELDS = (
         None,
         "float | None",
         doc="eps of the gated output norm; None: rms_norm_eps (OLMo Hybrid: 1e-5)",
+        effective=lambda c: c.gdn_norm_eps if c.gdn_norm_eps is not None else c.rms_norm_eps,
     ),
 )
 

@@ -97,6 +97,7 @@ CONFIG_FIELDS = (
         "float | None",
         check=positive_or_none,
         doc="eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)",
+        effective=lambda c: c.mla_norm_eps if c.mla_norm_eps is not None else c.rms_norm_eps,
     ),
     ConfigField(
         "mla_use_rope",

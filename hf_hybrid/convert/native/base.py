@@ -232,23 +232,16 @@ def functional_fields(cfg) -> dict[str, Any]:
         for name, spec in specs.items():
             (keep if name in used else drop).update(kind_functional_fields(spec, cfg))
     names = (names - drop) | (keep & names)
-    return {n: _EFFECTIVE[n](cfg) if n in _EFFECTIVE else getattr(cfg, n) for n in sorted(names)}
+    effective = dict(_EFFECTIVE)
+    for spec in (*mixer_specs().values(), *mlp_specs().values()):
+        effective.update({f.name: f.effective for f in spec.config_fields if f.effective is not None})
+    return {n: effective[n](cfg) if n in effective else getattr(cfg, n) for n in sorted(names)}
 
 
-def _effective_indexer_types(cfg):
-    kinds = cfg.dsa_indexer_types
-    if kinds is None:
-        return None
-    kinds = [k if m == "dsa" else None for k, m in zip(kinds, cfg.mixer_types)]
-    return None if all(k in ("full", None) for k in kinds) else kinds
-
-
-# Fields whose different spellings mean the same function (None = "the default of another field").
+# Fields whose different spellings mean the same function (None = "the default of another field"); a kind's
+# fields say so themselves (ConfigField.effective).
 _EFFECTIVE: dict[str, Callable[[Any], Any]] = {
-    "mla_norm_eps": lambda c: c.mla_norm_eps if c.mla_norm_eps is not None else c.rms_norm_eps,
-    "dsa_indexer_types": _effective_indexer_types,
     "rope_parameters": lambda c: _effective_rope(c),
-    "gdn_norm_eps": lambda c: c.gdn_norm_eps if c.gdn_norm_eps is not None else c.rms_norm_eps,
 }
 
 
