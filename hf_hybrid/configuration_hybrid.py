@@ -1,14 +1,16 @@
-"""HybridConfig: the one home of every default of the hf_hybrid decoder family.
+"""HybridConfig: the configuration of the hf_hybrid decoder family.
 
 Each layer is ``x + mixer(norm(x))`` then ``x + mlp(norm(x))``; ``mixer_types[i]`` and ``mlp_types[i]`` choose
-them. Per-mixer settings are flat, prefixed fields (``gdn_*``, ``kda_*``, ``mamba_*``, ``linear_*``,
-DeepSeek's MLA names, ``index_*`` for DSA, transformers' MoE names). transformers' own ``layer_types`` is
-derived from ``mixer_types`` (it only knows its own names, and ``save_pretrained`` rejects others) and checked
-for consistency on reload.
+them. Per-kind settings are flat, prefixed attributes (``gdn_*``, ``kda_*``, ``mamba_*``, ``linear_*``,
+DeepSeek's MLA names, ``index_*`` for DSA, transformers' MoE names) that each kind declares in its own file
+(its spec's ``config_fields``: default, choices, checks); this class holds the decoder's own fields and sets
+the kinds' at construction. transformers' own ``layer_types`` is derived from ``mixer_types`` (it only knows
+its own names, and ``save_pretrained`` rejects others) and checked for consistency on reload.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import functools
@@ -22,6 +24,8 @@ from transformers.modeling_rope_utils import RopeParameters
 
 from .config_choices import _CHOICES, FIELD_CHOICES  # noqa: F401  (FIELD_CHOICES re-exported)
 from .registry import (
+    ConfigField,
+    check_field,
     mixer_spec,
     mixer_specs,
     mlp_spec,
@@ -34,9 +38,8 @@ from .registry import trust_remote_code as _trusting
 # Bump when the meaning of saved weights or fields changes; add a rule to `_migrate` at the same time.
 FORMAT_VERSION = 1
 
-# The mixer and MLP kinds, their transformers layer type, masks, cost and per-kind validation are declared
-# next to each class (hf_hybrid/registry.py); this file reads them and holds every default of the built-in
-# kinds.
+# The mixer and MLP kinds, their transformers layer type, masks, cost, config fields and per-kind validation
+# are declared next to each class (hf_hybrid/registry.py); this file reads them.
 
 
 def _expand_pattern(pattern: str, n: int, field: str, allowed: tuple[str, ...]) -> list[str]:
@@ -176,111 +179,10 @@ class HybridConfig(PreTrainedConfig):
     # relu²)
     mlp_gated: bool = True
 
-    # ---- Gated DeltaNet --------------------------------------------------------------------------
-    gdn_num_key_heads: int | None = None  # defaults: num_attention_heads // 2
-    gdn_num_value_heads: int | None = None  # defaults: num_attention_heads (GVA 2:1 like Qwen3-Next)
-    gdn_key_head_dim: int | None = None  # defaults: head_dim
-    gdn_value_head_dim: int | None = None  # defaults: head_dim
-    gdn_conv_kernel_size: int = 4
-    gdn_allow_neg_eigval: bool = False  # β = 2·sigmoid(b) ∈ (0, 2): negative eigenvalues (OLMo Hybrid)
-    gdn_norm_eps: float | None = None  # eps of the gated output norm; None: rms_norm_eps (OLMo Hybrid: 1e-5)
-
-    # ---- Kimi Delta Attention (Kimi Linear's linear layers) --------------------------------------
-    kda_num_heads: int | None = None  # defaults: num_attention_heads
-    kda_head_dim: int | None = None  # defaults: head_dim (q, k and v heads alike, as in Kimi Linear)
-    kda_gate_rank: int | None = None  # width of the low-rank forget / output gates; defaults: kda_head_dim
-    kda_conv_kernel_size: int = 4
-
-    # ---- Mamba-2 ---------------------------------------------------------------------------------
-    mamba_num_heads: int | None = None  # defaults: expand * hidden_size // mamba_head_dim
-    mamba_head_dim: int = 64
-    mamba_expand: int = 2
-    mamba_state_size: int = 128
-    mamba_n_groups: int = 1
-    mamba_conv_kernel_size: int = 4
-    # dt initialisation of every selective-state mixer (Mamba-2, Gated DeltaNet, KDA): log-uniform in [min,
-    # max]
-    mamba_dt_min: float = 0.001
-    mamba_dt_max: float = 0.1
-    mamba_dt_init_floor: float = 1e-4
-    mamba_dt_limit: list[float] | None = None  # [min, max] clamp of softplus(dt); None = no clamp
-    # bias on the short conv over [x, B, C] (Mamba-2, Bamba; some checkpoints drop it)
-    mamba_conv_bias: bool = True
-
-    # ---- plain linear attention ------------------------------------------------------------------
-    linear_num_heads: int | None = None  # defaults: num_attention_heads
-    linear_head_dim: int | None = None  # defaults: head_dim
-    linear_feature_map: str = "identity"
-    linear_decay: str = "none"
-    linear_conv_kernel_size: int = 0  # 0 = no short convolution
-    linear_random_features: int = 64
-    # MiniMax-01's lightning attention: SiLU on q, k, v; a fixed per-head decay (linear_decay="fixed_slope":
-    # ALiBi slopes 2^(-8(h+1)/H) scaled by 1 - layer/(L-1) + 1e-5); no q·k scale; RMSNorm over all heads; a
-    # sigmoid output gate.
-    linear_qkv_activation: str = "none"
-    # None: head_dim^-0.5 with the identity map (output norm), 1 with positive maps
-    linear_scale: float | None = None
-    # output RMSNorm (identity map) over each head, or "full": over all heads at once
-    linear_norm_scope: str = "head"
-    linear_output_gate: bool = False  # o = norm(o) · sigmoid(x W_gate) before o_proj
-    # eps of that output norm; None: rms_norm_eps (MiniMax's is fixed at 1e-6)
-    linear_norm_eps: float | None = None
-
-    # ---- shared by the recurrent mixers ----------------------------------------------------------
-    linear_backend: str = "auto"  # auto = fla-core on CUDA when usable, else our chunked torch path
-    linear_chunk_size: int = 64
-
-    # ---- MLA (DeepSeek-V2/V3 names) --------------------------------------------------------------
-    q_lora_rank: int | None = None
-    kv_lora_rank: int = 128
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    mla_decode: str = "absorbed"
-    # eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)
-    mla_norm_eps: float | None = None
-    mla_use_rope: bool = True  # False = NoPE (Kimi Linear): the qk_rope_head_dim parts stay unrotated
-    # Decoupled RoPE keys: 1 shared by all heads (DeepSeek); more (dividing num_attention_heads) give each
-    # group of heads its own rope key, as a GQA source has one per kv head (hf_hybrid.convert.mla).
-    mla_rope_heads: int = 1
-    # False: no q_a_layernorm / kv_a_layernorm (the latents stay linear in x: exact dense -> MLA conversion)
-    mla_latent_norm: bool = True
-    # Which frequencies the qk_rope_head_dim rope channels use: None = the RoPE table of size
-    # qk_rope_head_dim (DeepSeek); else qk_rope_head_dim/2 pair indices into the table of size head_dim
-    # (partial RoPE kept from a dense source, which keeps its frequencies).
-    mla_rope_pairs: list[int] | None = None
-    # ---- gated MLA output (AXK2's attention) ----
-    # True: q_b_proj reads [q_a_layernorm(c_q), c_q] (the normed and the raw q latent, 2·q_lora_rank wide)
-    # and emits per head the query and a gate g [v_head_dim]; each head's output is multiplied by sigmoid(g)
-    # before o_proj. Needs q_lora_rank.
-    mla_output_gate: bool = False
-    # ---- gated MLA output from its own projection (HY-V4's attention) ----
-    # True: o = o_proj(attn · sigmoid(gate_proj(x))), gate_proj [hidden -> heads · v_head_dim], a sigmoid gate
-    # per head and value channel on MLA and DSA-on-MLA layers. Exclusive with mla_output_gate.
-    mla_gate_proj: bool = False
-
-    # ---- DSA (DeepSeek-V3.2 names) ---------------------------------------------------------------
-    index_n_heads: int = 8
-    index_head_dim: int = 64
-    index_topk: int = 256
-    dsa_base: str = "mla"
-    dsa_mode: str = "sparse"
-    dsa_selector: str = "indexer"
-    dsa_backend: str = "auto"
-    dsa_query_chunk: int = 256
-    index_loss_coef: float = 1.0
-    dsa_local_window: int = 64  # structured selector: recent tokens kept
-    dsa_global_tokens: int = 4  # structured selector: first tokens kept as anchors
-    index_norm_eps: float = 1e-5  # eps of the indexer's key LayerNorm (DeepSeek-V3.2 / GLM: 1e-6)
-    # Per layer "full" (own indexer) or "shared" (no indexer: reuse the top-k of the previous "full" DSA
-    # layer, as GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full". Entries of non-DSA layers
-    # are ignored.
-    dsa_indexer_types: list[str] | None = None
-    # ---- DSA indexer pooling (GLM-5-Next's index_kpool) ----
-    # > 1: the indexer scores pools of this many consecutive tokens of a document (learned per-channel
-    # weighted average of their keys), keeps the best index_topk // index_pool_size pools and always the
-    # query's own incomplete pool; 1: every token scored on its own (DeepSeek-V3.2).
-    index_pool_size: int = 1
+    # ---- the fields of each layer kind -----------------------------------------------------------
+    # Declared in the kind's own file (its spec's config_fields: Gated DeltaNet's gdn_*, KDA's kda_*,
+    # Mamba-2's mamba_*, linear attention's linear_*, MLA's and DSA's DeepSeek names, MoE's transformers
+    # names), set on every config by __post_init__ as flat attributes and saved like these fields.
 
     # ---- cross-layer KV sharing (Mistral-Large-4's kv_source_layers) ------------------------------
     # Per layer the index of the layer whose keys/values (MLA: latent c_kv and rope key) it attends to: its
@@ -295,44 +197,10 @@ class HybridConfig(PreTrainedConfig):
     # per head h, queries (attention, MLA, DSA and its indexer) times s_h · log(1 + position) + b_h, learned
     # s and b (``softmax_scaling.scale`` / ``.bias``, initialised to 0 and 1: no scaling)
     query_log_scaling: bool = False
-    # LayerNorm (eps index_norm_eps) on the DSA indexer's query input when that is the hidden state (no
-    # q-LoRA latent): Mistral-Large-4's q_input_norm
-    index_q_norm: bool = False
     # a learned log-scale per RoPE frequency, inv_freq · exp(rope_log_scale) (Mistral-Large-4's "LeRoPE"
     # alpha, initialised to 0): model.rope_log_scale [rotary dim / 2]; every rotating layer must use the
     # same rotary dimension
     rope_learned_scale: bool = False
-
-    # ---- MLPs / MoE (transformers' names) --------------------------------------------------------
-    num_experts: int = 8
-    num_experts_per_tok: int = 2
-    moe_intermediate_size: int | None = None  # defaults: intermediate_size // num_experts_per_tok
-    num_shared_experts: int = 0
-    shared_expert_intermediate_size: int | None = None  # defaults: num_shared_experts * moe_intermediate_size
-    # shared output scaled by sigmoid(x·w_gate), w_gate [1, H] (Qwen2-MoE/Qwen3-Next)
-    shared_expert_gate: bool = False
-    # ---- Ergo's normed experts ----
-    # moe_expert_norm: each routed expert's output passes an RMSNorm with that expert's own weight [H] before
-    # the routing weight scales it (ErgoExpertNorm); shared_expert_norm: an RMSNorm on the shared experts'
-    # output (ErgoSharedExpert).
-    moe_expert_norm: bool = False
-    shared_expert_norm: bool = False
-    router_scoring_func: str = "softmax"
-    norm_topk_prob: bool = True
-    routed_scaling_factor: float = 1.0
-    n_group: int = 1
-    topk_group: int = 1
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    router_seq_aux_loss_coef: float = 0.0
-    router_bias_update_rate: float = 0.0  # > 0 turns on aux-loss-free bias balancing
-    router_jitter_noise: float = 0.0
-    moe_routing: str = "topk"
-    moe_capacity_factor: float | None = None  # None = dropless
-    # HY-V4's clamped SwiGLU in the routed experts (not the shared ones):
-    # silu(min(gate, L)) · clamp(up, -L, L); None: no clamp
-    moe_swiglu_limit: float | None = None
-    output_router_logits: bool = False
 
     # ---- provenance, for model cards -------------------------------------------------------------
     hf_hybrid_lineage: dict | None = None
@@ -383,11 +251,15 @@ class HybridConfig(PreTrainedConfig):
             self._import_recorded_kinds()
         self._check_kinds()
         self.hf_hybrid_kind_modules = self.outside_kind_modules()
-        # Fields declared by kinds defined outside the package (their defaults live in their spec).
-        for spec in self.layer_specs():
-            for key, default in spec.config_defaults.items():
-                if key not in kwargs and not hasattr(self, key):
-                    kwargs[key] = default
+        # The kinds' own fields (declared in their files): the value given, else the kind's default. A field
+        # that exists only when its kind is used is dropped from a config without such a layer; another
+        # absent field (of an unused outside kind) given anyway is kept as any extra keyword is.
+        for f, present in self._kind_fields(every=True):
+            if present:
+                setattr(self, f.name, kwargs.pop(f.name) if f.name in kwargs else copy.deepcopy(f.default))
+            elif f.only_when_used:
+                kwargs.pop(f.name, None)
+                self.__dict__.pop(f.name, None)
 
         derived = self.derived_layer_types()
         if self.layer_types is not None and list(self.layer_types) != derived:
@@ -399,28 +271,9 @@ class HybridConfig(PreTrainedConfig):
 
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": kwargs.pop("rope_theta", 10000.0)}
-        if self.gdn_num_key_heads is None:
-            self.gdn_num_key_heads = max(1, self.num_attention_heads // 2)
-        if self.gdn_num_value_heads is None:
-            self.gdn_num_value_heads = self.num_attention_heads
-        if self.gdn_key_head_dim is None:
-            self.gdn_key_head_dim = self.head_dim
-        if self.gdn_value_head_dim is None:
-            self.gdn_value_head_dim = self.head_dim
-        if self.kda_num_heads is None:
-            self.kda_num_heads = self.num_attention_heads
-        if self.kda_head_dim is None:
-            self.kda_head_dim = self.head_dim
-        if self.kda_gate_rank is None:
-            self.kda_gate_rank = self.kda_head_dim
-        if self.mamba_num_heads is None and self.mamba_head_dim:
-            self.mamba_num_heads = max(1, self.mamba_expand * self.hidden_size // self.mamba_head_dim)
-        if self.linear_num_heads is None:
-            self.linear_num_heads = self.num_attention_heads
-        if self.linear_head_dim is None:
-            self.linear_head_dim = self.head_dim
-        if self.moe_intermediate_size is None:
-            self.moe_intermediate_size = max(1, self.intermediate_size // max(1, self.num_experts_per_tok))
+        for f, _ in self._kind_fields():  # defaults that depend on other fields, in declaration order
+            if f.derive is not None and getattr(self, f.name) is None:
+                setattr(self, f.name, f.derive(self))
         for name in ("mixer_residual_scales", "mixer_output_scales"):  # all ones is the default: one spelling
             values = getattr(self, name)
             if isinstance(values, (list, tuple)) and all(v == 1 for v in values):
@@ -433,14 +286,6 @@ class HybridConfig(PreTrainedConfig):
             self.nope_layers = sorted(self.nope_layers) or None
         if isinstance(self.kv_source_layers, (list, tuple)) and list(self.kv_source_layers) == list(range(n)):
             self.kv_source_layers = None  # no sharing has one spelling (what older checkpoints saved)
-        if self.shared_expert_intermediate_size is None and self.num_shared_experts > 0:
-            self.shared_expert_intermediate_size = self.num_shared_experts * self.moe_intermediate_size
-        if "moe" not in self.mlp_types:
-            # No MoE layer, no router logits. Clients decide "is this an MoE?" by hasattr(config,
-            # "output_router_logits") (TRL's SFT / DPO trainers then ask the backbone for router logits and
-            # add Mixtral's balance loss), so a model without one does not carry the switch (the class has no
-            # default).
-            self.__dict__.pop("output_router_logits", None)
 
         self._check_misspelled(kwargs)
         super().__post_init__(**kwargs)
@@ -448,10 +293,11 @@ class HybridConfig(PreTrainedConfig):
     def _check_misspelled(self, kwargs: dict[str, Any]) -> None:
         """A keyword that is no field but a close match to one (``num_expert=8``, ``n_shared_experts=1``) is a
         typo: stored as a stray attribute and never read, it would silently build a different model."""
-        fields = {f.name for f in dataclasses.fields(self)}
-        declared = {key for spec in self.layer_specs() for key in spec.config_defaults}
+        fields = {f.name for f in dataclasses.fields(self)} | {
+            f.name for f, _ in self._kind_fields(every=True)
+        }
         for key in kwargs:
-            if key in fields or key in declared or key.startswith("_"):
+            if key in fields or key.startswith("_"):
                 continue
             close = difflib.get_close_matches(key, sorted(fields), n=1, cutoff=0.85)
             if close:
@@ -573,6 +419,21 @@ class HybridConfig(PreTrainedConfig):
                         f"{field[:-6]} type; choose one of: {', '.join(specs)}"
                     )
 
+    def _kind_fields(self, *, every: bool = False) -> list[tuple[ConfigField, bool]]:
+        """``(field, present)`` for the config fields the layer kinds declare: a built-in kind's field is on
+        every config (as when it was a field of this class), unless it exists only when its kind is used; a
+        field of a kind defined outside hf_hybrid is on the configs whose layers use the kind. ``every``: the
+        absent fields too."""
+        out = []
+        for field, specs in (("mixer_types", mixer_specs()), ("mlp_types", mlp_specs())):
+            used = set(getattr(self, field) or ())
+            for spec in specs.values():
+                for f in spec.config_fields:
+                    present = spec.name in used or (spec.builtin and not f.only_when_used)
+                    if present or every:
+                        out.append((f, present))
+        return out
+
     def layer_specs(self) -> list:
         """The registry specs of the mixer and MLP kinds this config uses (each once, mixers first)."""
         return [mixer_spec(m) for m in dict.fromkeys(self.mixer_types)] + [
@@ -618,12 +479,6 @@ class HybridConfig(PreTrainedConfig):
                     f"{self.mixer_types[i]!r} is neither softmax attention ({', '.join(softmax)}) nor MLA "
                     "(mla, or dsa with dsa_base='mla')"
                 )
-        if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_base == "attention":
-            raise ValueError(
-                "HybridConfig.attention_sinks=True with DSA on GQA (dsa_base='attention'): the sparse "
-                "attention has no sinks yet; sinks are supported by attention, sliding_attention and DSA on "
-                "MLA (sparse mode) layers"
-            )
         if self.attention_sinks and "mla" in self.mixer_types:
             raise ValueError(
                 "HybridConfig.attention_sinks=True with 'mla' layers: dense MLA has no sinks yet; sinks are "
@@ -645,37 +500,6 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError(f"HybridConfig.nope_layers={self.nope_layers!r} repeats a layer")
         if self.clip_qkv is not None and not self.clip_qkv > 0:
             raise ValueError(f"HybridConfig.clip_qkv={self.clip_qkv!r} must be > 0 or None")
-        for name in ("mla_norm_eps", "index_norm_eps"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError(f"HybridConfig.{name}={value!r} must be > 0")
-        if self.dsa_indexer_types is not None:
-            kinds = list(self.dsa_indexer_types)
-            if len(kinds) != self.num_hidden_layers:
-                raise ValueError(
-                    f"HybridConfig.dsa_indexer_types has {len(kinds)} entries but num_hidden_layers="
-                    f"{self.num_hidden_layers}; give one per layer"
-                )
-            seen_full = False
-            for i, (kind, mixer) in enumerate(zip(kinds, self.mixer_types)):
-                if kind not in ("full", "shared"):
-                    raise ValueError(
-                        f"HybridConfig.dsa_indexer_types[{i}]={kind!r} "
-                        "is not allowed; choose one of: full, shared"
-                    )
-                if mixer != "dsa":
-                    continue
-                if kind == "shared" and not seen_full:
-                    raise ValueError(
-                        f"HybridConfig.dsa_indexer_types[{i}]='shared' reuses the top-k "
-                        "of an earlier 'full' DSA layer, and there is none before it"
-                    )
-                if kind == "shared" and self.dsa_selector != "indexer":
-                    raise ValueError(
-                        f"HybridConfig.dsa_indexer_types[{i}]='shared' needs dsa_selector='indexer' "
-                        f"(got {self.dsa_selector!r})"
-                    )
-                seen_full = seen_full or kind == "full"
 
     def is_mla_layer(self, layer_idx: int) -> bool:
         mixer = self.mixer_types[layer_idx]
@@ -978,6 +802,8 @@ class HybridConfig(PreTrainedConfig):
                 raise ValueError(
                     f"HybridConfig.{name}={value!r} is not allowed; choose one of: {', '.join(choices)}"
                 )
+        for f, _ in self._kind_fields():  # the kinds' fields: their choices and checks
+            check_field(self, f)
         if self.head_dim is None:
             raise ValueError(
                 f"HybridConfig.head_dim is required: hidden_size={self.hidden_size} is not divisible by "
@@ -1001,16 +827,6 @@ class HybridConfig(PreTrainedConfig):
         self._validate_native_options()
         self._validate_kv_sharing()
         self._validate_mistral_options()
-        for name in (
-            "router_aux_loss_coef",
-            "router_z_loss_coef",
-            "router_seq_aux_loss_coef",
-            "router_bias_update_rate",
-            "router_jitter_noise",
-            "index_loss_coef",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"HybridConfig.{name}={getattr(self, name)} must be >= 0")
 
 
 def install_auto_config_trust() -> None:
@@ -1033,9 +849,5 @@ def install_auto_config_trust() -> None:
     from_pretrained._hf_hybrid_trust = True
     AutoConfig.from_pretrained = classmethod(from_pretrained)
 
-
-# The field's default lives in the generated __init__ only, so that hasattr(config, "output_router_logits") is
-# False for a config without MoE layers (see __post_init__).
-del HybridConfig.output_router_logits
 
 __all__ = ["HybridConfig", "FORMAT_VERSION"]

@@ -76,7 +76,14 @@ def _describe_dense(config: HybridConfig) -> list[tuple[str, str]]:
     return [("dense MLP", f"{kind} ({config.hidden_act}), intermediate {config.intermediate_size}")]
 
 
-@register_mlp("dense", cost=dense_mlp_cost, validate=_validate_dense, describe=_describe_dense)
+@register_mlp(
+    "dense",
+    cost=dense_mlp_cost,
+    validate=_validate_dense,
+    describe=_describe_dense,
+    lora_targets=("gate_proj", "up_proj", "down_proj"),
+    functional_fields=lambda config: ("intermediate_size", "mlp_bias"),
+)
 class DenseMLP(SwiGLU):
     def __init__(self, config: HybridConfig, layer_idx: int):
         super().__init__(

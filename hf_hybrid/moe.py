@@ -43,10 +43,75 @@ from transformers.integrations.moe import use_experts_implementation
 from .layers import RMSNorm
 from .mixers.base import MixerContext, in_backward_recompute
 from .mlp import SwiGLU, swiglu_params
-from .specs import MLPCost, register_mlp, require_positive
+from .specs import ConfigField, MLPCost, nonnegative, register_mlp, require_positive
 
 if TYPE_CHECKING:
     from .configuration_hybrid import HybridConfig
+
+# The config fields of MoE layers (transformers' names, which clients such as TRL read).
+CONFIG_FIELDS = (
+    ConfigField("num_experts", 8, "int"),
+    ConfigField("num_experts_per_tok", 2, "int"),
+    ConfigField(
+        "moe_intermediate_size",
+        None,
+        "int | None",
+        derive=lambda c: max(1, c.intermediate_size // max(1, c.num_experts_per_tok)),
+        doc="defaults: intermediate_size // num_experts_per_tok",
+    ),
+    ConfigField("num_shared_experts", 0, "int"),
+    ConfigField(
+        "shared_expert_intermediate_size",
+        None,
+        "int | None",
+        derive=lambda c: c.num_shared_experts * c.moe_intermediate_size if c.num_shared_experts > 0 else None,
+        doc="defaults: num_shared_experts * moe_intermediate_size",
+    ),
+    ConfigField(
+        "shared_expert_gate",
+        False,
+        "bool",
+        doc="shared output scaled by sigmoid(x·w_gate), w_gate [1, H] (Qwen2-MoE/Qwen3-Next)",
+    ),
+    ConfigField("router_scoring_func", "softmax", "str", choices=("softmax", "sigmoid")),
+    ConfigField("norm_topk_prob", True, "bool"),
+    ConfigField("routed_scaling_factor", 1.0, "float"),
+    ConfigField("n_group", 1, "int"),
+    ConfigField("topk_group", 1, "int"),
+    ConfigField("router_aux_loss_coef", 0.01, "float", check=nonnegative),
+    ConfigField("router_z_loss_coef", 0.001, "float", check=nonnegative),
+    ConfigField("router_seq_aux_loss_coef", 0.0, "float", check=nonnegative),
+    ConfigField(
+        "router_bias_update_rate",
+        0.0,
+        "float",
+        check=nonnegative,
+        doc="> 0 turns on aux-loss-free bias balancing",
+    ),
+    ConfigField("router_jitter_noise", 0.0, "float", check=nonnegative),
+    ConfigField("moe_routing", "topk", "str", choices=("topk", "hash")),
+    ConfigField("moe_capacity_factor", None, "float | None", doc="None = dropless"),
+    # Ergo's normed experts: each routed expert's output passes an RMSNorm with that expert's own weight [H]
+    # before the routing weight scales it (moe_expert_norm); an RMSNorm on the shared experts' output
+    # (shared_expert_norm).
+    ConfigField("moe_expert_norm", False, "bool"),
+    ConfigField("shared_expert_norm", False, "bool"),
+    # HY-V4's clamped SwiGLU in the routed experts (not the shared ones): silu(min(gate, L)) · clamp(up, -L,
+    # L); None: no clamp.
+    ConfigField("moe_swiglu_limit", None, "float | None"),
+    # Only on configs with MoE layers: clients decide "is this an MoE?" by hasattr(config,
+    # "output_router_logits") (TRL's SFT / DPO trainers then ask the backbone for router logits and add
+    # Mixtral's balance loss), so a model without one does not carry the switch.
+    ConfigField("output_router_logits", False, "bool", only_when_used=True),
+)
+# Those that decide an MoE layer's function (a native export compares them): all but the training ones.
+FUNCTIONAL_FIELDS = tuple(
+    f.name
+    for f in CONFIG_FIELDS
+    if not f.name.startswith(
+        ("router_aux", "router_z", "router_seq", "router_bias", "router_jitter", "output_")
+    )
+)
 
 # ------------------------------------------------------------------------------------------------------------
 # routing helpers
@@ -645,7 +710,15 @@ def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
 
 
 @register_mlp(
-    "moe", needs_padding_mask=True, cost=moe_mlp_cost, validate=_validate, describe=_describe, tag="moe"
+    "moe",
+    needs_padding_mask=True,
+    cost=moe_mlp_cost,
+    validate=_validate,
+    describe=_describe,
+    tag="moe",
+    config_fields=CONFIG_FIELDS,
+    lora_targets=("gate_proj", "up_proj", "down_proj"),  # the shared experts,
+    functional_fields=lambda config: FUNCTIONAL_FIELDS,
 )
 class HybridMoE(nn.Module):
     """Routed experts (+ always-on shared experts, DeepSeek style): ``[B, T, H] -> [B, T, H]``.

@@ -2,8 +2,9 @@
 
 PEFT picks ``target_modules`` from a per-model-type table (``peft.utils.constants.
 TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING``, read by ``LoraModel._prepare_adapter_config``) when a
-``LoraConfig`` names none; with our entry there, ``LoraConfig(task_type="CAUSAL_LM")`` adapts every projection
-of attention, MLA, the linear mixers and the dense / shared-expert MLPs. PEFT matches names by suffix and only
+``LoraConfig`` names none; with our entry there, ``LoraConfig(task_type="CAUSAL_LM")`` adapts the projections
+each layer kind names in its spec (``lora_targets``: attention, MLA, the linear mixers, the dense /
+shared-expert MLPs, and any kind registered later). PEFT matches names by suffix and only
 the names present in a given model (a pure-attention model has no ``in_proj``). Fused MoE experts are
 parameters, not modules: adapt them with ``LoraConfig(target_parameters=["experts.gate_up_proj",
 "experts.down_proj"])``.
@@ -11,28 +12,24 @@ parameters, not modules: adapt them with ``LoraConfig(target_parameters=["expert
 
 from __future__ import annotations
 
-LORA_TARGET_MODULES: tuple[str, ...] = (
-    # softmax attention (and the projections linear attention shares with it)
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    # MLA (q_proj above when q_lora_rank is None)
-    "q_a_proj",
-    "q_b_proj",
-    "kv_a_proj_with_mqa",
-    "kv_b_proj",
-    # linear mixers: Gated DeltaNet, Mamba-2
-    "in_proj",
-    "in_proj_qkvz",
-    "in_proj_ba",
-    "out_proj",
-    "output_gate",  # lightning attention's sigmoid output gate (MiniMax)
-    # dense MLPs and shared experts
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-)
+from . import specs
+from .registry import mixer_specs
+
+
+def lora_targets() -> list[str]:
+    """The default LoRA targets: every registered kind's ``lora_targets`` (its spec's hook), each once."""
+    kinds = (*specs._MIXERS.values(), *specs._MLPS.values())
+    return list(dict.fromkeys(t for spec in kinds for t in spec.lora_targets))
+
+
+# The list PEFT's tables hold for our model type: refreshed in place whenever a kind registers, so an outside
+# kind's targets join the default.
+_TARGETS: list[str] = []
+
+
+def _refresh() -> None:
+    _TARGETS[:] = lora_targets()
+
 
 # The mapping tables PEFT keeps per method; those that start as copies of LoRA's get the same default.
 _MAPPINGS = (
@@ -47,7 +44,7 @@ def register_peft_defaults(model_type: str = "hf_hybrid") -> bool:
         from peft.utils import constants
     except ImportError:
         return False
-    targets = list(LORA_TARGET_MODULES)
+    targets = _TARGETS
     for name in _MAPPINGS:
         mapping = getattr(constants, name, None)
         if isinstance(mapping, dict):
@@ -63,6 +60,10 @@ def register_peft_defaults(model_type: str = "hf_hybrid") -> bool:
     return True
 
 
+mixer_specs()  # the built-in kinds, registered now (their targets are the default)
+specs.on_register(_refresh)
 register_peft_defaults()
+# The built-in kinds' targets (the default of a model without outside kinds).
+LORA_TARGET_MODULES: tuple[str, ...] = tuple(_TARGETS)
 
-__all__ = ["LORA_TARGET_MODULES", "register_peft_defaults"]
+__all__ = ["LORA_TARGET_MODULES", "lora_targets", "register_peft_defaults"]

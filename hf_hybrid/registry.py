@@ -36,12 +36,18 @@ from .specs import (  # noqa: F401  (the tables are re-exported for tests and to
     MASKS,
     MIXER_REGISTRY,
     MLP_REGISTRY,
+    ConfigField,
+    HybridizeInit,
     MixerCost,
     MixerSpec,
     MLPCost,
     MLPSpec,
+    _notify,
+    check_field,
     is_builtin_module,
     mixer_mask,
+    nonnegative,
+    positive_or_none,
     register_mixer,
     register_mlp,
     require_positive,
@@ -78,6 +84,7 @@ def _load_builtins() -> None:
         for live, old in zip((_MIXERS, _MLPS, MIXER_REGISTRY, MLP_REGISTRY), saved):
             live.clear()
             live.update(old)
+        _notify()  # tables kept in step with the specs forget the partial registration
         for name in set(sys.modules) - before:  # so that the next try imports them afresh
             if is_builtin_module(name):
                 del sys.modules[name]
@@ -124,6 +131,12 @@ def mlp_specs() -> Mapping[str, MLPSpec]:
     return MappingProxyType(_MLPS)
 
 
+def config_field_defaults() -> Mapping[str, object]:
+    """``{field: default}`` of every config field a registered kind declares (``ConfigField``)."""
+    specs = (*mixer_specs().values(), *mlp_specs().values())
+    return {f.name: f.default for spec in specs for f in spec.config_fields}
+
+
 def mixer_spec(name: str) -> MixerSpec:
     specs = mixer_specs()
     if name not in specs:
@@ -139,6 +152,8 @@ def mlp_spec(name: str) -> MLPSpec:
 
 
 __all__ = [
+    "ConfigField",
+    "HybridizeInit",
     "LAYER_TYPES",
     "MASKS",
     "MIXER_REGISTRY",
@@ -147,12 +162,16 @@ __all__ = [
     "MLPSpec",
     "MixerCost",
     "MixerSpec",
+    "check_field",
+    "config_field_defaults",
     "is_builtin_module",
     "mixer_mask",
     "mixer_spec",
     "mixer_specs",
     "mlp_spec",
     "mlp_specs",
+    "nonnegative",
+    "positive_or_none",
     "register_mixer",
     "register_mlp",
     "remote_code_trusted",

@@ -10,7 +10,7 @@ here); see CONTRIBUTING.md for the contract a kind fulfils.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
@@ -21,6 +21,83 @@ from typing import Any
 # holds nothing).
 LAYER_TYPES = ("full_attention", "sliding_attention", "linear_attention", "indexed_attention", "moe")
 MASKS = ("full_attention", "sliding_attention")
+
+
+@dataclass(frozen=True)
+class ConfigField:
+    """One config field a kind adds to ``HybridConfig``: a flat attribute (``config.gdn_num_key_heads``),
+    saved in ``config.json`` like the config's own fields, declared next to the kind that reads it.
+
+    - ``default``: its value when neither the caller nor the checkpoint gives one;
+    - ``type``: its annotation (as the config's own fields carry one);
+    - ``choices``: the allowed values (``HybridConfig.<name>=<value> is not allowed; choose one of: ...``);
+    - ``check``: ``fn(config, name)`` raising ``ValueError`` (field, value, what is allowed) for a bad value;
+    - ``derive``: ``fn(config) -> value`` run when the value is None: a default that depends on other fields
+      (``gdn_num_key_heads``: half the attention heads), resolved at construction and then saved;
+    - ``effective``: ``fn(config) -> value`` as the layers read it, where spellings differ but mean the same
+      (``gdn_norm_eps=None`` is ``rms_norm_eps``): what a native export's round trip compares;
+    - ``only_when_used``: the field exists only on configs whose layers use the kind
+      (``output_router_logits``: a client takes a config that has it for an MoE).
+
+    The fields of hf_hybrid's own kinds are on every config, as they were when they were typed fields of
+    ``HybridConfig`` (every saved config.json carries them), and their choices and checks run on every
+    config; a kind defined outside the package adds its fields (and checks) only to configs whose layers use
+    it. The flat name space is shared: a name may be declared by one kind only.
+    """
+
+    name: str
+    default: Any = None
+    type: str = "Any"
+    choices: tuple[Any, ...] | None = None
+    check: Callable[[Any, str], None] | None = None
+    derive: Callable[[Any], Any] | None = None
+    only_when_used: bool = False
+    doc: str = ""
+    effective: Callable[[Any], Any] | None = None
+
+
+def check_field(config: Any, spec_field: ConfigField) -> None:
+    """Run ``spec_field``'s choices and check on ``config``."""
+    value = getattr(config, spec_field.name)
+    if spec_field.choices is not None and value not in spec_field.choices:
+        raise ValueError(
+            f"HybridConfig.{spec_field.name}={value!r} is not allowed; choose one of: "
+            f"{', '.join(map(str, spec_field.choices))}"
+        )
+    if spec_field.check is not None:
+        spec_field.check(config, spec_field.name)
+
+
+def nonnegative(config: Any, name: str) -> None:
+    """A ``ConfigField.check``: the value is >= 0 (a loss coefficient, a rate)."""
+    if getattr(config, name) < 0:
+        raise ValueError(f"HybridConfig.{name}={getattr(config, name)} must be >= 0")
+
+
+def positive_or_none(config: Any, name: str) -> None:
+    """A ``ConfigField.check``: None or > 0 (an eps whose None means another field's value)."""
+    value = getattr(config, name)
+    if value is not None and not value > 0:
+        raise ValueError(f"HybridConfig.{name}={value!r} must be > 0")
+
+
+@dataclass(frozen=True)
+class HybridizeInit:
+    """A mixer spec's ``hybridize_init`` hook: how an attention layer becomes this kind
+    (``hf_hybrid.convert.hybridize``; helpers in ``hf_hybrid.mixers.from_attention``).
+
+    - ``geometry(config)``: the config fields that give the mixer one head per query head of the attention's
+      head dim (set on the student config; an existing layer of that type must already have them);
+    - ``apply(mixer, weights, config)``: writes the inherited tensors (``weights``: the converter's
+      ``AttentionWeights``) into a freshly built mixer (the rest keeps the mixer's own init); returns notes
+      about this layer (e.g. biases dropped);
+    - ``statement(config)``: what is inherited, what is new (and its init), what is dropped — printed and
+      saved.
+    """
+
+    geometry: Callable[[Any], dict[str, Any]]
+    apply: Callable[[Any, Any, Any], list[str]]
+    statement: Callable[[Any], dict[str, list[str]]]
 
 
 @dataclass(frozen=True)
@@ -39,13 +116,17 @@ class MixerSpec:
       cropped).
     - ``needs_padding_mask``: reads ``ctx.padding_mask`` (recurrent mixers, DSA's indexer).
     - ``cost``: ``fn(config, layer_idx) -> MixerCost`` for the inspector and the card.
-    - ``config_defaults``: config fields this kind adds and their defaults (for kinds defined outside the
-      package; the built-in kinds' fields are typed fields of ``HybridConfig``, the one home of their
-      defaults).
+    - ``config_fields``: the config fields this kind adds (:class:`ConfigField`), the one home of their
+      defaults and checks; ``config_defaults`` is the ``{name: default}`` view of them.
     - ``validate``: ``fn(config)`` raising ``ValueError`` (field, value, what is allowed) for a bad setting;
       run whenever a config uses this kind.
     - ``describe``: ``fn(config) -> [(label, text), ...]``, the model card's settings rows for this kind (rows
       that several kinds share, e.g. the attention heads, appear once).
+    - optional hooks for the converters and clients: ``hybridize_init`` (:class:`HybridizeInit`, how
+      ``hybridize`` turns attention into this kind), ``functional_fields`` (``fn(config) -> field names``:
+      the config fields that decide the function of this kind's layers, compared by a native export's round
+      trip; default: the fields it declares), ``lora_targets`` (the module names inside this kind that PEFT's
+      default LoRA targets).
     - ``module``: the module that defines the kind (set at registration). A config that uses a kind defined
       outside hf_hybrid records it, so a fresh process can import it again on load (with
       ``trust_remote_code=True``, see :func:`trust_remote_code`).
@@ -62,6 +143,10 @@ class MixerSpec:
     validate: Callable[[Any], None] | None = None
     describe: Callable[[Any], list[tuple[str, str]]] | None = None
     module: str = ""
+    config_fields: tuple[ConfigField, ...] = ()
+    functional_fields: Callable[[Any], Sequence[str]] | None = None
+    lora_targets: tuple[str, ...] = ()
+    hybridize_init: HybridizeInit | None = None
 
     @property
     def builtin(self) -> bool:
@@ -86,9 +171,10 @@ def mixer_mask(spec: MixerSpec, config: Any) -> str | None:
 @dataclass(frozen=True)
 class MLPSpec:
     """One MLP kind: ``cls`` (None for no MLP at all), whether it reads the padding mask (MoE balancing), its
-    cost function (``fn(config, layer_idx) -> MLPCost``), extra config fields, a validator, its
-    model-card rows (``describe``, as for mixers), the Hub tag a model using it gets (``tag``) and the module
-    that defines it (``module``, as for mixers)."""
+    cost function (``fn(config, layer_idx) -> MLPCost``), its config fields, a validator, its
+    model-card rows (``describe``, as for mixers), the Hub tag a model using it gets (``tag``), the module
+    that defines it (``module``, as for mixers) and the hooks ``functional_fields`` / ``lora_targets`` (as
+    for mixers)."""
 
     name: str
     cls: type | None
@@ -99,6 +185,9 @@ class MLPSpec:
     describe: Callable[[Any], list[tuple[str, str]]] | None = None
     tag: str | None = None
     module: str = ""
+    config_fields: tuple[ConfigField, ...] = ()
+    functional_fields: Callable[[Any], Sequence[str]] | None = None
+    lora_targets: tuple[str, ...] = ()
 
     @property
     def builtin(self) -> bool:
@@ -110,6 +199,21 @@ _MLPS: dict[str, MLPSpec] = {}
 #: name -> class views of the registries (what builds a layer), kept in step with the specs.
 MIXER_REGISTRY: dict[str, type] = {}
 MLP_REGISTRY: dict[str, type | None] = {}
+
+
+#: called (no arguments) after every registration: tables kept elsewhere in step with the specs (PEFT's
+#: default LoRA targets). A listener reads the tables above, never the registry's loader.
+_LISTENERS: list[Callable[[], None]] = []
+
+
+def on_register(listener: Callable[[], None]) -> None:
+    _LISTENERS.append(listener)
+    listener()
+
+
+def _notify() -> None:
+    for listener in _LISTENERS:
+        listener()
 
 
 def _zero_flops(context: int) -> float:
@@ -168,14 +272,28 @@ def _check_taken(kind: str, old: MixerSpec | MLPSpec | None, cls: type | None, m
         )
 
 
-def _check_defaults(name: str, defaults: Mapping[str, Any]) -> None:
+def _config_fields(
+    name: str, config_fields: Sequence[ConfigField] | None, config_defaults: Mapping[str, Any] | None
+) -> tuple[ConfigField, ...]:
+    """A kind's fields: ``config_fields`` and the plain ``{name: default}`` of ``config_defaults``, each name
+    once and taken by no other kind."""
+    fields = tuple(config_fields or ()) + tuple(
+        ConfigField(key, default) for key, default in (config_defaults or {}).items()
+    )
     taken = {}
     for spec in (*_MIXERS.values(), *_MLPS.values()):
         if spec.name != name:
             taken.update(dict.fromkeys(spec.config_defaults, spec.name))
-    for key in defaults:
-        if key in taken:
-            raise ValueError(f"config field {key!r} of {name!r} is already declared by {taken[key]!r}")
+    seen = set()
+    for f in fields:
+        if not isinstance(f, ConfigField) or not f.name.isidentifier():
+            raise ValueError(f"{name!r}: config field {f!r} must be a ConfigField with an identifier as name")
+        if f.name in taken:
+            raise ValueError(f"config field {f.name!r} of {name!r} is already declared by {taken[f.name]!r}")
+        if f.name in seen:
+            raise ValueError(f"config field {f.name!r} of {name!r} is declared twice")
+        seen.add(f.name)
+    return fields
 
 
 def register_mixer(
@@ -189,6 +307,10 @@ def register_mixer(
     config_defaults: Mapping[str, Any] | None = None,
     validate: Callable[[Any], None] | None = None,
     describe: Callable[[Any], list[tuple[str, str]]] | None = None,
+    config_fields: Sequence[ConfigField] | None = None,
+    functional_fields: Callable[[Any], Sequence[str]] | None = None,
+    lora_targets: Sequence[str] = (),
+    hybridize_init: HybridizeInit | None = None,
 ) -> Callable[[type], type]:
     """Class decorator declaring a token mixer (see :class:`MixerSpec`). ``needs_padding_mask`` defaults to
     ``recurrent``. Registering a different class under a taken name is an error. ``register_mixer("none",
@@ -200,12 +322,11 @@ def register_mixer(
         )
     if mask is not None and not callable(mask) and mask not in MASKS:
         raise ValueError(f"register_mixer({name!r}): mask={mask!r}; choose None or one of {', '.join(MASKS)}")
-    defaults = dict(config_defaults or {})
 
     def wrap(cls: type | None) -> type | None:
         module = _defining_module(cls)
         _check_taken("mixer", _MIXERS.get(name), cls, module)
-        _check_defaults(name, defaults)
+        fields = _config_fields(name, config_fields, config_defaults)
         _MIXERS[name] = MixerSpec(
             name=name,
             cls=cls,
@@ -214,12 +335,17 @@ def register_mixer(
             recurrent=recurrent,
             needs_padding_mask=recurrent if needs_padding_mask is None else needs_padding_mask,
             cost=cost,
-            config_defaults=MappingProxyType(defaults),
+            config_defaults=MappingProxyType({f.name: f.default for f in fields}),
             validate=validate,
             describe=describe,
             module=module,
+            config_fields=fields,
+            functional_fields=functional_fields,
+            lora_targets=tuple(lora_targets),
+            hybridize_init=hybridize_init,
         )
         MIXER_REGISTRY[name] = cls
+        _notify()
         return cls
 
     return wrap
@@ -234,28 +360,34 @@ def register_mlp(
     validate: Callable[[Any], None] | None = None,
     describe: Callable[[Any], list[tuple[str, str]]] | None = None,
     tag: str | None = None,
+    config_fields: Sequence[ConfigField] | None = None,
+    functional_fields: Callable[[Any], Sequence[str]] | None = None,
+    lora_targets: Sequence[str] = (),
 ) -> Callable[[type | None], type | None]:
     """Class decorator declaring an MLP kind (see :class:`MLPSpec`); ``register_mlp("none")(None)`` declares a
     layer without MLP."""
     _check_name("MLP", name)
-    defaults = dict(config_defaults or {})
 
     def wrap(cls: type | None) -> type | None:
         module = _defining_module(cls)
         _check_taken("MLP", _MLPS.get(name), cls, module)
-        _check_defaults(name, defaults)
+        fields = _config_fields(name, config_fields, config_defaults)
         _MLPS[name] = MLPSpec(
             name=name,
             cls=cls,
             needs_padding_mask=needs_padding_mask,
             cost=cost,
-            config_defaults=MappingProxyType(defaults),
+            config_defaults=MappingProxyType({f.name: f.default for f in fields}),
             validate=validate,
             describe=describe,
             tag=tag,
             module=module,
+            config_fields=fields,
+            functional_fields=functional_fields,
+            lora_targets=tuple(lora_targets),
         )
         MLP_REGISTRY[name] = cls
+        _notify()
         return cls
 
     return wrap
@@ -272,6 +404,8 @@ def require_positive(config: Any, *names: str, allow_none: bool = False) -> None
 
 
 __all__ = [
+    "ConfigField",
+    "HybridizeInit",
     "LAYER_TYPES",
     "MASKS",
     "MIXER_REGISTRY",
@@ -280,8 +414,11 @@ __all__ = [
     "MLPSpec",
     "MixerCost",
     "MixerSpec",
+    "check_field",
     "is_builtin_module",
     "mixer_mask",
+    "nonnegative",
+    "positive_or_none",
     "register_mixer",
     "register_mlp",
     "require_positive",

@@ -423,12 +423,21 @@ def _python(code: str, *args: str, path: Path) -> str:
     return run.stdout
 
 
-def test_an_outside_kind_survives_save_and_loads_in_a_fresh_process_on_the_opt_in(tmp_path):
+@pytest.fixture(scope="module")
+def outside_checkpoint(tmp_path_factory):
+    """A checkpoint saved in a fresh process whose layers use the kinds of ``my_outside_kinds`` (the module
+    sits in the returned directory, under ``ckpt``)."""
+    tmp_path = tmp_path_factory.mktemp("outside")
+    (tmp_path / "my_outside_kinds.py").write_text(OUTSIDE_KINDS)
+    _python(SAVE, str(tmp_path / "ckpt"), path=tmp_path)
+    return tmp_path
+
+
+def test_an_outside_kind_survives_save_and_loads_in_a_fresh_process_on_the_opt_in(outside_checkpoint):
     import ast as _ast
 
-    (tmp_path / "my_outside_kinds.py").write_text(OUTSIDE_KINDS)
+    tmp_path = outside_checkpoint
     ckpt = tmp_path / "ckpt"
-    _python(SAVE, str(ckpt), path=tmp_path)
     saved = (ckpt / "config.json").read_text()
     assert '"ema": "my_outside_kinds"' in saved and '"relu2": "my_outside_kinds"' in saved
 
@@ -449,6 +458,60 @@ def test_an_outside_kind_survives_save_and_loads_in_a_fresh_process_on_the_opt_i
         "`ema` (my_outside_kinds)" in card
         and 'from_pretrained("path/or/repo-id", trust_remote_code=True)' in card
     )
+
+
+# Every CLI command that loads an hf_hybrid checkpoint, run on the one above without and with the opt-in.
+CLI_RUNS = """
+import contextlib, io, sys
+from hf_hybrid.cli import main
+src, out, trusted = sys.argv[1], sys.argv[2], sys.argv[3] == "trusted"
+commands = {
+    "upcycle": ["upcycle", src, out + "/up", "--num-experts", "2", "--top-k", "1", "--layers", "1"],
+    "hybridize": ["hybridize", src, out + "/hy", "--attention-layers", "", "--mixer", "gated_deltanet"],
+    "export": ["export", src, out + "/ex", "--to", "qwen3_next"],
+}
+
+
+def forget():  # as in a fresh process: each command imports the module itself
+    from hf_hybrid import registry
+    for table in (registry._MIXERS, registry.MIXER_REGISTRY, registry._MLPS, registry.MLP_REGISTRY):
+        table.pop("ema", None), table.pop("relu2", None)
+    sys.modules.pop("my_outside_kinds", None)
+
+
+result = {}
+for name, argv in commands.items():
+    forget()
+    err, out_ = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out_):
+        code = main(argv + (["--trust-remote-code"] if trusted else []))
+    result[name] = (code, err.getvalue(), "my_outside_kinds" in sys.modules)
+print(repr(result))
+"""
+
+
+def test_the_cli_commands_that_load_a_checkpoint_take_trust_remote_code(outside_checkpoint, tmp_path):
+    """``upcycle``, ``hybridize`` and ``export`` refuse an outside kind's checkpoint naming the flag, and with
+    ``--trust-remote-code`` import the recorded module: upcycle and hybridize write their checkpoint, export
+    gets as far as the family's own refusal of the kind."""
+    import ast as _ast
+
+    src = str(outside_checkpoint / "ckpt")
+    runs = {}
+    for mode in ("plain", "trusted"):
+        (tmp_path / mode).mkdir()
+        out = _python(CLI_RUNS, src, str(tmp_path / mode), mode, path=outside_checkpoint)
+        runs[mode] = _ast.literal_eval(out.strip().splitlines()[-1])
+    for name, (code, err, imported) in runs["plain"].items():
+        assert code == 2 and not imported, name
+        assert "mixer_types[0]='ema' is a layer kind defined outside hf_hybrid" in err, name
+        assert "--trust-remote-code" in err, name
+    for name, (_code, err, imported) in runs["trusted"].items():
+        assert imported and "trust" not in err, (name, err)
+    assert runs["trusted"]["upcycle"][0] == 0 and (tmp_path / "trusted/up/config.json").is_file()
+    assert runs["trusted"]["hybridize"][0] == 0 and (tmp_path / "trusted/hy/config.json").is_file()
+    code, err, _ = runs["trusted"]["export"]
+    assert code == 2 and "mixer_types[0]='ema' (layer 0) has no counterpart" in err
 
 
 def test_a_recorded_kind_is_checked_and_builtin_kinds_record_nothing():

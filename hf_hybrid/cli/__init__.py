@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     refused, why, what to do; each at most ``MAX_LINE`` characters; the rest with ``--verbose``), status 2."""
     try:
         try:
-            code = args.func(args)
+            code = _call(args)
         except Exception as err:
             user_error = unreadable_weights_error(args, err)  # a truncated or corrupted safetensors file
             if user_error is None:
@@ -82,6 +82,17 @@ def run(args: argparse.Namespace) -> int:
         print("\n".join(error_lines(args.command, err, verbose=args.verbose)), file=sys.stderr)
         return 2
     return int(code or 0)
+
+
+def _call(args: argparse.Namespace) -> int | None:
+    """The handler, inside the ``--trust-remote-code`` opt-in when the subcommand has the flag and it was
+    given (every library call that loads a checkpoint then may import a kind's recorded module)."""
+    if not getattr(args, "trust_remote_code", False):
+        return args.func(args)
+    from ..registry import trust_remote_code
+
+    with trust_remote_code(True):
+        return args.func(args)
 
 
 MAX_LINE = 160

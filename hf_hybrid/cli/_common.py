@@ -105,6 +105,17 @@ def build_config(kwargs: dict[str, Any], *, source: str):
         ) from None
 
 
+def add_trust_flag(parser: argparse.ArgumentParser) -> None:
+    """``--trust-remote-code`` for a subcommand that loads a checkpoint directory; :func:`hf_hybrid.cli.run`
+    enters :func:`hf_hybrid.registry.trust_remote_code` around the handler when it is given."""
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="let a checkpoint whose layers use a kind defined outside hf_hybrid import the module it "
+        "recorded for that kind (this runs that module's code)",
+    )
+
+
 def resolve_config(spec: str, *, trust_remote_code: bool = False):
     """A ``HybridConfig`` from a directory, config.json, YAML file or preset name (see ``hf_hybrid.cli``).
     ``trust_remote_code``: a checkpoint whose layers use a kind defined outside hf_hybrid may import the

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._common import layers_arg
+from ._common import add_trust_flag, layers_arg
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
@@ -334,6 +334,7 @@ def add_parsers(sub) -> None:
     p.add_argument(
         "--dtype", default=None, help="cast weights (float32, bfloat16, float16); default: as saved"
     )
+    add_trust_flag(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -397,6 +398,7 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    add_trust_flag(p)
     p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser(
@@ -437,6 +439,7 @@ def add_parsers(sub) -> None:
         help="eps of the indexer key LayerNorm (default: the config's; 1e-6 to export to deepseek_v32)",
     )
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    add_trust_flag(p)
     p.set_defaults(func=cmd_convert_dsa)
 
     p = sub.add_parser(
@@ -482,6 +485,7 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the new tensors' initialisation")
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    add_trust_flag(p)
     p.set_defaults(func=cmd_hybridize)
 
     p = sub.add_parser(
@@ -542,4 +546,5 @@ def add_parsers(sub) -> None:
     )
     p.add_argument("--calibration-context", type=int, default=256, help="tokens per calibration block")
     p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    add_trust_flag(p)
     p.set_defaults(func=cmd_mla)

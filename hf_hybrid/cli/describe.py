@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import CLIError, parse_contexts, resolve_config
+from ._common import CLIError, add_trust_flag, parse_contexts, resolve_config
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -41,15 +41,6 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_trust_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="let a checkpoint whose layers use a kind defined outside hf_hybrid import the module it "
-        "recorded for that kind (this runs that module's code)",
-    )
-
-
 def add_parsers(sub) -> None:
     """Add ``inspect`` and ``card`` to an ``argparse`` subparsers object."""
     p = sub.add_parser(
@@ -70,7 +61,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--dtype-bytes", type=int, default=2, help="bytes per cached element (default 2: bf16)")
     p.add_argument("--plot", metavar="PNG", help="write cache memory vs context per layer type to this PNG")
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    _add_trust_flag(p)
+    add_trust_flag(p)
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("card", help="write README.md (model card) for a checkpoint directory")
@@ -80,5 +71,5 @@ def add_parsers(sub) -> None:
         "--metrics", default=None, help="JSON object of metrics to show, e.g. '{\"eval_ppl\": 12.3}'"
     )
     p.add_argument("--model-id", default=None, help="name used in the loading example (Hub repo id)")
-    _add_trust_flag(p)
+    add_trust_flag(p)
     p.set_defaults(func=cmd_card)

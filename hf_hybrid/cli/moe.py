@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import CLIError
+from ._common import CLIError, add_trust_flag
 
 
 def cmd_expert_load(args: argparse.Namespace) -> int:
@@ -73,4 +73,5 @@ def add_parsers(sub) -> None:
     p.add_argument("--save-json", default=None, help="with --model: also write the measured loads here")
     p.add_argument("--title", default=None)
     p.add_argument("-o", "--output", default="expert_load.png", help="PNG path (default expert_load.png)")
+    add_trust_flag(p)
     p.set_defaults(func=cmd_expert_load)

@@ -15,28 +15,28 @@ cyclically over the layers, so on 6 layers ``"2:1 ..."`` keeps layers 2 and 5 an
 attention layer, the KL to the source (or the LM-loss increase) when that layer alone is replaced by its
 initialised mixer; the layers that hurt most stay attention (``--select kl --num-attention K``).
 
-Initialisation (one entry per mixer in ``INIT_TABLE``, each stating what it inherits; the statement is printed
-and recorded in ``config.hf_hybrid_lineage["init"]``): the attention's query / key / value / output
-projections become the mixer's (Mamba-in-Llama's Q→C, K→B, V→x for Mamba-2), the mixer gets one head per query
-head of the same head dim, and GQA key / value heads are repeated for the query heads that share them
-(``kv_repeat``). Qwen3's per-head q/k RMSNorm weights are folded into the projection rows (exact under Gated
-DeltaNet's L2 norm, up to the SiLU of the short conv); the short convs start as the identity (last tap 1).
-Gates and decays start at a stated value (the mixer's own init: log-uniform decay rates, Mamba-2's dt range).
-What cannot be inherited is listed as dropped: RoPE (the linear mixers have no positions), the softmax, q/k/v
-biases where the mixer has none. Nothing here is function-preserving: the student starts near the teacher and
-stage 1 (attention transfer) closes the gap.
+Initialisation (each mixer's ``hybridize_init`` hook in its own file, read through ``INIT_TABLE``, stating
+what it inherits; the statement is printed and recorded in ``config.hf_hybrid_lineage["init"]``): the
+attention's query / key / value / output projections become the mixer's (Mamba-in-Llama's Q→C, K→B, V→x for
+Mamba-2), the mixer gets one head per query head of the same head dim, and GQA key / value heads are repeated
+for the query heads that share them (``kv_repeat``). Qwen3's per-head q/k RMSNorm weights are folded into the
+projection rows (exact under Gated DeltaNet's L2 norm, up to the SiLU of the short conv); the short convs
+start as the identity (last tap 1). Gates and decays start at a stated value (the mixer's own init:
+log-uniform decay rates, Mamba-2's dt range). What cannot be inherited is listed as dropped: RoPE (the linear
+mixers have no positions), the softmax, q/k/v biases where the mixer has none. Nothing here is
+function-preserving: the student starts near the teacher and stage 1 (attention transfer) closes the gap.
 
 Every layer that is not replaced keeps its weights bit for bit (tests check it); MLPs, norms and embeddings
-too. A mixer added later becomes convertible with one ``register_init`` entry (``kda`` has one: q/k/v/o
-inherited as for linear attention, its per-channel decay and low-rank gates at a stated init); the CLI offers
-a mixer only when it is both registered (``MIXER_REGISTRY``) and has an entry here.
+too. A mixer becomes convertible by declaring ``hybridize_init=HybridizeInit(geometry, apply, statement)``
+in its spec (``kda`` does: q/k/v/o inherited as for linear attention, its per-channel decay and low-rank gates
+at a stated init); the CLI offers a mixer only when it is registered with one.
 """
 
 from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,8 @@ from torch import nn
 
 from ..card import source_name as card_source_name
 from ..configuration_hybrid import HybridConfig, _expand_pattern
+from ..mixers.from_attention import identity_conv_  # noqa: F401  (re-exported)
+from ..registry import HybridizeInit, mixer_specs
 from .checkpoint import as_dtype, check_dst, check_layer_indices, write_checkpoint
 from .source import derived_lineage, load_source, source_config
 
@@ -184,297 +186,38 @@ class AttentionWeights:
         )
 
 
-def identity_conv_(conv: nn.Conv1d, bias: torch.Tensor | None = None) -> None:
-    """A depthwise causal conv [C, 1, K] that passes the current token through (last tap 1, the others 0; ours
-    and fla's convs read the current token with the last tap), with ``bias`` (or zero) where the conv has a
-    bias."""
-    with torch.no_grad():
-        conv.weight.zero_()
-        conv.weight[:, 0, -1] = 1.0
-        if conv.bias is not None:
-            conv.bias.copy_(bias if bias is not None else torch.zeros_like(conv.bias))
-
-
 # ------------------------------------------------------------------------------------------------------------
 # the per-mixer table
 
 
-@dataclass(frozen=True)
-class MixerInit:
-    """How attention becomes one mixer type.
-
-    - ``geometry(config)``: the config fields that give the mixer one head per query head of the attention's
-      head dim (set on the student config; an existing layer of that type must already have them);
-    - ``apply(mixer, weights, config)``: writes the inherited tensors into a freshly built mixer (the rest
-      keeps the mixer's own init); returns notes about this layer (e.g. biases dropped);
-    - ``statement(config)``: what is inherited, what is new (and its init), what is dropped — printed and
-      saved.
-    """
-
-    geometry: Callable[[HybridConfig], dict[str, Any]]
-    apply: Callable[[nn.Module, AttentionWeights, HybridConfig], list[str]]
-    statement: Callable[[HybridConfig], dict[str, list[str]]]
+# How attention becomes a mixer kind is the kind's own knowledge: its spec's ``hybridize_init`` hook (a
+# HybridizeInit with ``geometry``, ``apply`` and ``statement``, declared in the kind's file).
+MixerInit = HybridizeInit
 
 
-INIT_TABLE: dict[str, MixerInit] = {}
+class _InitTable(Mapping):
+    """``{mixer: HybridizeInit}`` of every registered mixer whose spec declares a ``hybridize_init`` hook
+    (read-only, read from the registry on access)."""
+
+    def _table(self) -> dict[str, HybridizeInit]:
+        return {n: s.hybridize_init for n, s in mixer_specs().items() if s.hybridize_init is not None}
+
+    def __getitem__(self, name: str) -> HybridizeInit:
+        return self._table()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
 
 
-def register_init(name: str, entry: MixerInit) -> None:
-    """Make mixer ``name`` a hybridize target (``name`` must also be a registered mixer to be used)."""
-    INIT_TABLE[name] = entry
+INIT_TABLE: Mapping[str, HybridizeInit] = _InitTable()
 
 
 def available_mixers() -> list[str]:
-    """Mixers hybridize can convert attention into in this process: registered and with an init entry."""
-    from ..mixers import MIXER_REGISTRY
-
-    return [m for m in INIT_TABLE if m in MIXER_REGISTRY]
-
-
-def _gqa_note(config: HybridConfig) -> str:
-    rep = config.num_attention_heads // config.num_key_value_heads
-    return (
-        f"KV heads repeated ×{rep} (GQA {config.num_attention_heads}/{config.num_key_value_heads})"
-        if rep > 1
-        else ""
-    )
-
-
-def _common_dropped(config: HybridConfig, *, bias_kept: bool = False) -> list[str]:
-    out = ["RoPE (the mixer has no positions)", "softmax (replaced by the mixer's recurrence)"]
-    if config.attention_bias and not bias_kept:
-        out.append("q/k/v biases (the mixer's projections have none)")
-    if config.use_qk_norm:
-        out.append("the per-token 1/rms of the q/k RMSNorm (its weight is folded into the projection rows)")
-    return out
-
-
-# ---- Gated DeltaNet ----------------------------------------------------------------------------------------
-
-
-def _gdn_geometry(config: HybridConfig) -> dict[str, Any]:
-    h, d = config.num_attention_heads, config.head_dim
-    return {"gdn_num_key_heads": h, "gdn_num_value_heads": h, "gdn_key_head_dim": d, "gdn_value_head_dim": d}
-
-
-def _gdn_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
-    notes = []
-    with torch.no_grad():
-        qkvz = mixer.in_proj_qkvz.weight  # rows: q (h·d), k (h·d), v (h·d), z (h·d)
-        n = w.heads * w.q.shape[1]
-        qkvz[:n] = w.query()
-        qkvz[n : 2 * n] = w.key()
-        qkvz[2 * n : 3 * n] = w.value()
-        if w.gate is not None:
-            qkvz[3 * n :] = w.gate.reshape(n, -1)
-        mixer.in_proj_ba.weight.zero_()  # β = sigmoid(0) = ½, a = 0: decay = -exp(A_log)·softplus(dt_bias)
-        identity_conv_(mixer.conv1d)
-        mixer.out_proj.weight.copy_(w.o)
-    if w.q_bias is not None:
-        notes.append("q/k/v biases dropped")
-    return notes
-
-
-def _gdn_statement(config: HybridConfig) -> dict[str, list[str]]:
-    gqa = _gqa_note(config)
-    z = (
-        "z (output gate) ← the attention's sigmoid output-gate rows (used as silu(z))"
-        if config.attention_output_gate
-        else f"z (output gate): N(0, {config.initializer_range}²) (the model's init)"
-    )
-    return {
-        "inherited": [
-            "q ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
-            "k ← W_k"
-            + (" (k_norm weight folded in)" if config.use_qk_norm else "")
-            + (f", {gqa}" if gqa else ""),
-            "v ← W_v" + (f", {gqa}" if gqa else ""),
-            "out_proj ← W_o",
-        ]
-        + ([z] if config.attention_output_gate else []),
-        "new": ([] if config.attention_output_gate else [z])
-        + [
-            "in_proj_ba = 0: β = ½ and a = 0 for every token at the start",
-            "A_log = log U[1, 16], dt_bias = softplus⁻¹(dt), dt log-uniform in [1e-3, 1e-1]: "
-            "per-head log decay g = −exp(A_log)·softplus(dt_bias) (GatedDeltaNet.init_hybrid_weights)",
-            "conv1d: identity (last tap 1, others 0)",
-            "norm weight = 1",
-        ],
-        "dropped": _common_dropped(config)
-        + [
-            "the output is RMSNorm(o)·silu(z): q, k L2-normalised and SiLU "
-            "after the conv, so the start is not the attention's function"
-        ],
-    }
-
-
-# ---- Mamba-2 -----------------------------------------------------------------------------------------------
-
-
-def _mamba_geometry(config: HybridConfig) -> dict[str, Any]:
-    h, d = config.num_attention_heads, config.head_dim
-    return {"mamba_num_heads": h, "mamba_head_dim": d, "mamba_state_size": d, "mamba_n_groups": h}
-
-
-def _mamba_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
-    d = w.q.shape[1]
-    n = w.heads * d  # d_inner = G·N = h·d
-    with torch.no_grad():
-        proj = mixer.in_proj.weight  # rows: z (d_inner), x (d_inner), B (G·N), C (G·N), dt (H)
-        proj[n : 2 * n] = w.value()  # x ← V
-        proj[2 * n : 3 * n] = w.key()  # B ← K
-        proj[3 * n : 4 * n] = w.query(scale=d**-0.5)  # C ← Q · d^-½ (the softmax scale; Mamba's scan uses 1)
-        if w.gate is not None:
-            proj[:n] = w.gate.reshape(n, -1)
-        proj[4 * n :] = 0.0  # dt: Δ = softplus(dt_bias) per head at the start
-        b = w.biases()
-        conv_bias = None if b is None else torch.cat([b[2], b[1], b[0] * d**-0.5])  # conv runs over [x, B, C]
-        identity_conv_(mixer.conv1d, conv_bias)
-        mixer.D.zero_()
-        mixer.out_proj.weight.copy_(w.o)
-    return []
-
-
-def _mamba_statement(config: HybridConfig) -> dict[str, list[str]]:
-    gqa = _gqa_note(config)
-    h, d = config.num_attention_heads, config.head_dim
-    inherited = [
-        f"x ← W_v{f', {gqa}' if gqa else ''} (one Mamba head per query head: {h} heads of {d})",
-        f"B ← W_k{' (k_norm folded in)' if config.use_qk_norm else ''}{f', {gqa}' if gqa else ''} "
-        f"(n_groups = {h}, state size {d})",
-        f"C ← W_q · {d}^-½{' (q_norm folded in)' if config.use_qk_norm else ''}",
-        "out_proj ← W_o",
-    ]
-    if config.attention_bias:
-        inherited.append("q/k/v biases → the conv bias (exact before the SiLU)")
-    z = (
-        "z (gate) ← the attention's output-gate rows"
-        if config.attention_output_gate
-        else f"z (gate): N(0, {config.initializer_range}²) (the model's init)"
-    )
-    if config.attention_output_gate:
-        inherited.append(z)
-    return {
-        "inherited": inherited,
-        "new": ([] if config.attention_output_gate else [z])
-        + [
-            "dt rows = 0: Δ = softplus(dt_bias) per head, dt log-uniform in "
-            f"[{config.mamba_dt_min}, {config.mamba_dt_max}] (Mamba-2's init)",
-            "A_log = log U[1, 16] (Mamba-2's init)",
-            "D = 0 (no skip at the start: the output is the decayed linearised attention alone)",
-            "conv1d: identity (last tap 1), bias "
-            + ("= the attention biases" if config.attention_bias else "0"),
-            "norm weight = 1",
-        ],
-        "dropped": _common_dropped(config, bias_kept=True)
-        + [
-            "the output is RMSNorm(y·silu(z)) per head and the "
-            "conv applies SiLU: not the attention's function"
-        ],
-    }
-
-
-# ---- plain linear attention --------------------------------------------------------------------------------
-
-
-def _linear_geometry(config: HybridConfig) -> dict[str, Any]:
-    return {"linear_num_heads": config.num_attention_heads, "linear_head_dim": config.head_dim}
-
-
-def _linear_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
-    with torch.no_grad():
-        mixer.q_proj.weight.copy_(w.query())
-        mixer.k_proj.weight.copy_(w.key())
-        mixer.v_proj.weight.copy_(w.value())
-        mixer.o_proj.weight.copy_(w.o)
-        if mixer.conv1d is not None:
-            identity_conv_(mixer.conv1d)
-    return ["q/k/v biases dropped"] if w.q_bias is not None else []
-
-
-def _linear_statement(config: HybridConfig) -> dict[str, list[str]]:
-    gqa = _gqa_note(config)
-    new = [
-        f"feature map {config.linear_feature_map!r} ("
-        + (
-            "output RMSNorm, weight 1, in place of the normaliser"
-            if config.linear_feature_map == "identity"
-            else "normalised by φ(q)·Σφ(k)"
-        )
-        + ")"
-    ]
-    if config.linear_decay != "none":
-        new.append(
-            f"decay {config.linear_decay!r}: g_proj weight 0, bias 4 (slow decay, LinearAttention's init)"
-        )
-    if config.linear_conv_kernel_size:
-        new.append("conv1d: identity (last tap 1, others 0)")
-    if config.linear_feature_map == "random_features":
-        new.append(f"random features: {config.linear_random_features} Gaussian (Performer)")
-    return {
-        "inherited": [
-            "q_proj ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
-            "k_proj ← W_k" + (f", {gqa}" if gqa else ""),
-            "v_proj ← W_v" + (f", {gqa}" if gqa else ""),
-            "o_proj ← W_o",
-        ],
-        "new": new,
-        "dropped": _common_dropped(config)
-        + (["the output gate (linear attention has none)"] if config.attention_output_gate else []),
-    }
-
-
-# ---- Kimi Delta Attention ----------------------------------------------------------------------------------
-
-
-def _kda_geometry(config: HybridConfig) -> dict[str, Any]:
-    return {"kda_num_heads": config.num_attention_heads, "kda_head_dim": config.head_dim}
-
-
-def _kda_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
-    with torch.no_grad():
-        mixer.q_proj.weight.copy_(w.query())
-        mixer.k_proj.weight.copy_(w.key())
-        mixer.v_proj.weight.copy_(w.value())
-        mixer.o_proj.weight.copy_(w.o)
-        identity_conv_(mixer.conv1d)
-        mixer.b_proj.weight.zero_()  # β = ½
-        mixer.forget_gate.f_b_proj.weight.zero_()  # g = -exp(A_log)·softplus(dt_bias), per channel
-    notes = ["q/k/v biases dropped"] if w.q_bias is not None else []
-    if w.gate is not None:
-        notes.append("attention output gate not inherited (KDA's gate is low rank)")
-    return notes
-
-
-def _kda_statement(config: HybridConfig) -> dict[str, list[str]]:
-    gqa = _gqa_note(config)
-    return {
-        "inherited": [
-            "q_proj ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
-            "k_proj ← W_k"
-            + (" (k_norm weight folded in)" if config.use_qk_norm else "")
-            + (f", {gqa}" if gqa else ""),
-            "v_proj ← W_v" + (f", {gqa}" if gqa else ""),
-            "o_proj ← W_o",
-        ],
-        "new": [
-            "b_proj = 0: β = ½ for every token at the start",
-            "forget gate: f_b_proj = 0, so g = −exp(A_log)·softplus(dt_bias) per channel (A_log = log "
-            "U[1, 16], dt log-uniform in [1e-3, 1e-1], KDAForgetGate's init); f_a_proj: the model's init",
-            f"output gate g_a_proj, g_b_proj (rank {config.kda_gate_rank}): the model's init, "
-            "sigmoid(≈0) ≈ ½",
-            "conv1d: identity (last tap 1, others 0)",
-            "o_norm weight = 1",
-        ],
-        "dropped": _common_dropped(config)
-        + (["the attention's output gate (KDA's is low rank)"] if config.attention_output_gate else []),
-    }
-
-
-register_init("gated_deltanet", MixerInit(_gdn_geometry, _gdn_apply, _gdn_statement))
-register_init("kda", MixerInit(_kda_geometry, _kda_apply, _kda_statement))
-register_init("mamba2", MixerInit(_mamba_geometry, _mamba_apply, _mamba_statement))
-register_init("linear_attention", MixerInit(_linear_geometry, _linear_apply, _linear_statement))
+    """Mixers hybridize can convert attention into in this process: registered with a ``hybridize_init``."""
+    return list(INIT_TABLE)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -593,8 +336,8 @@ def plan_hybridize(
         geometry = INIT_TABLE[name].geometry(config)
         already = [i for i, t in enumerate(types) if t == name]
         for key, value in geometry.items():
-            have = getattr(config, key)
-            if already and have != value:
+            have = getattr(config, key) if already else value  # an unused outside kind's field is absent
+            if have != value:
                 raise ValueError(
                     f"hybridize: head dims cannot map — layers {already} are already {name!r} "
                     f"with {key}={have}, but inheriting the attention's heads needs "
@@ -609,7 +352,8 @@ def plan_hybridize(
                 f"{key}={value!r}, but inheriting the attention's heads needs "
                 f"{key}={overrides[key]} (one head per query head, head_dim={config.head_dim})"
             )
-        if not hasattr(config, key):
+        declared = {f.name for m in set(targets.values()) for f in mixer_specs()[m].config_fields}
+        if not hasattr(config, key) and key not in declared:
             raise ValueError(f"hybridize: mixer_config names {key!r}, which is not a HybridConfig field")
         overrides[key] = value
     mixer_types = [targets.get(i, t) for i, t in enumerate(types)]
@@ -870,6 +614,5 @@ __all__ = [
     "init_statements",
     "plan_hybridize",
     "rank_layers",
-    "register_init",
     "student_config",
 ]

@@ -19,6 +19,20 @@ from .base import MixerContext
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
 
+# The projections PEFT's default LoRA config adapts (by name suffix).
+ATTENTION_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The config fields that decide a softmax attention layer's function (a native export compares them).
+GQA_FIELDS = (
+    "num_key_value_heads",
+    "head_dim",
+    "use_qk_norm",
+    "attention_output_gate",
+    "attention_bias",
+    "attention_rope",
+    "attention_scaling",
+    "attention_sinks",
+)
+
 
 def eager_attention_forward(
     module: nn.Module,
@@ -157,6 +171,8 @@ def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=sliding_attention_cost,
     validate=_validate_sliding,
     describe=_describe_sliding,
+    lora_targets=ATTENTION_LORA_TARGETS,
+    functional_fields=lambda config: (*GQA_FIELDS, "sliding_window"),
 )
 @register_mixer(
     "attention",
@@ -165,6 +181,8 @@ def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=attention_cost,
     validate=validate_gqa,
     describe=describe_attention,
+    lora_targets=ATTENTION_LORA_TARGETS,
+    functional_fields=lambda config: GQA_FIELDS,
 )
 class HybridAttention(nn.Module):
     def returns_attention_weights(self) -> bool:

@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 from torch import nn
 
-from ..config_choices import FIELD_CHOICES
 from ..layers import LogPositionQueryScale, apply_rope
 from ..ops.dsa import (
     attention_mass_in_selection,
@@ -59,13 +58,103 @@ from ..ops.dsa import (
     sparse_attention,
     ties_at_topk_cut,
 )
-from ..specs import MixerCost, register_mixer, require_positive
-from .attention import HybridAttention, attention_flops, attention_parts, describe_attention, validate_gqa
+from ..specs import ConfigField, MixerCost, nonnegative, positive_or_none, register_mixer, require_positive
+from .attention import (
+    ATTENTION_LORA_TARGETS,
+    GQA_FIELDS,
+    HybridAttention,
+    attention_flops,
+    attention_parts,
+    describe_attention,
+    validate_gqa,
+)
 from .base import MixerContext
-from .mla import HybridMLA, describe_mla, mla_parts, validate_mla
+from .mla import MLA_FIELDS, MLA_LORA_TARGETS, HybridMLA, describe_mla, mla_parts, validate_mla
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+
+DSA_MODES = ("sparse", "dense_warmup", "dense")
+
+
+def _check_indexer_types(config: HybridConfig, name: str) -> None:
+    """``dsa_indexer_types``: per layer "full" (own indexer) or "shared" (the top-k of the previous full DSA
+    layer); entries of non-DSA layers are ignored."""
+    if config.dsa_indexer_types is None:
+        return
+    kinds = list(config.dsa_indexer_types)
+    if len(kinds) != config.num_hidden_layers:
+        raise ValueError(
+            f"HybridConfig.dsa_indexer_types has {len(kinds)} entries but num_hidden_layers="
+            f"{config.num_hidden_layers}; give one per layer"
+        )
+    seen_full = False
+    for i, (kind, mixer) in enumerate(zip(kinds, config.mixer_types)):
+        if kind not in ("full", "shared"):
+            raise ValueError(
+                f"HybridConfig.dsa_indexer_types[{i}]={kind!r} is not allowed; choose one of: full, shared"
+            )
+        if mixer != "dsa":
+            continue
+        if kind == "shared" and not seen_full:
+            raise ValueError(
+                f"HybridConfig.dsa_indexer_types[{i}]='shared' reuses the top-k "
+                "of an earlier 'full' DSA layer, and there is none before it"
+            )
+        if kind == "shared" and config.dsa_selector != "indexer":
+            raise ValueError(
+                f"HybridConfig.dsa_indexer_types[{i}]='shared' needs dsa_selector='indexer' "
+                f"(got {config.dsa_selector!r})"
+            )
+        seen_full = seen_full or kind == "full"
+
+
+def _effective_indexer_types(config: HybridConfig) -> list[str | None] | None:
+    """``dsa_indexer_types`` as the layers read it: the entries of DSA layers, None when all are "full"."""
+    kinds = config.dsa_indexer_types
+    if kinds is None:
+        return None
+    kinds = [k if m == "dsa" else None for k, m in zip(kinds, config.mixer_types)]
+    return None if all(k in ("full", None) for k in kinds) else kinds
+
+
+# The config fields of DSA layers (DeepSeek-V3.2 names); the base mixer's fields are MLA's or attention's.
+CONFIG_FIELDS = (
+    ConfigField("index_n_heads", 8, "int"),
+    ConfigField("index_head_dim", 64, "int"),
+    ConfigField("index_topk", 256, "int"),
+    ConfigField("dsa_base", "mla", "str", choices=("mla", "attention")),
+    ConfigField("dsa_mode", "sparse", "str", choices=DSA_MODES),
+    ConfigField("dsa_selector", "indexer", "str", choices=("indexer", "structured")),
+    ConfigField("dsa_backend", "auto", "str", choices=("auto", "torch", "naive", "triton")),
+    ConfigField("dsa_query_chunk", 256, "int"),
+    ConfigField("index_loss_coef", 1.0, "float", check=nonnegative),
+    ConfigField("dsa_local_window", 64, "int", doc="structured selector: recent tokens kept"),
+    ConfigField("dsa_global_tokens", 4, "int", doc="structured selector: first tokens kept as anchors"),
+    ConfigField(
+        "index_norm_eps",
+        1e-5,
+        "float",
+        check=positive_or_none,
+        doc="eps of the indexer's key LayerNorm (DeepSeek-V3.2 / GLM: 1e-6)",
+    ),
+    # Per layer "full" (own indexer) or "shared" (no indexer: reuse the top-k of the previous "full" DSA
+    # layer, as GLM-MoE-DSA's index-reuse layers do); None = every DSA layer "full".
+    ConfigField(
+        "dsa_indexer_types",
+        None,
+        "list[str] | None",
+        check=_check_indexer_types,
+        effective=_effective_indexer_types,
+    ),
+    # DSA indexer pooling (GLM-5-Next's index_kpool): > 1 scores pools of this many consecutive tokens of a
+    # document (a learned per-channel weighted average of their keys), keeps the best
+    # index_topk // index_pool_size pools and always the query's own incomplete pool; 1: each token alone.
+    ConfigField("index_pool_size", 1, "int"),
+    # LayerNorm (eps index_norm_eps) on the indexer's query input when that is the hidden state (no q-LoRA
+    # latent): Mistral-Large-4's q_input_norm.
+    ConfigField("index_q_norm", False, "bool"),
+)
 
 
 class LightningIndexer(nn.Module):
@@ -555,12 +644,23 @@ def _validate_dsa(config: HybridConfig) -> None:
                 f"HybridConfig.dsa_mode='dense_warmup' with index_pool_size={pool}: the dense indexer KL is "
                 "defined per token, not per pool; allowed: 'sparse' or 'dense', or index_pool_size=1"
             )
+    if config.attention_sinks and config.dsa_base == "attention":
+        raise ValueError(
+            "HybridConfig.attention_sinks=True with DSA on GQA (dsa_base='attention'): the sparse "
+            "attention has no sinks yet; sinks are supported by attention and sliding_attention layers"
+        )
 
 
 def _mask_for_mode(mode: str) -> str | None:
     # Sparse mode attends over each query's selection only (key starts come from the 2D mask): no dense mask.
     # The dense warm-up and dense modes run the base mixer over every token and read the causal mask.
     return None if mode == "sparse" else "full_attention"
+
+
+def _dsa_functional_fields(config: HybridConfig) -> tuple[str, ...]:
+    """Its own fields and those of its base mixer."""
+    base = MLA_FIELDS if config.dsa_base == "mla" else GQA_FIELDS
+    return (*(f.name for f in CONFIG_FIELDS), *base)
 
 
 def _dsa_mask(config: HybridConfig) -> str | None:
@@ -624,7 +724,7 @@ class DSARuntimeMode:
     """
 
     def __init__(self, model: nn.Module, mode: str | None = None, *, index_topk: int | None = None):
-        allowed = FIELD_CHOICES["dsa_mode"]
+        allowed = DSA_MODES
         mode = {"warmup": "dense_warmup"}.get(mode, mode)
         if mode is not None and mode not in allowed:
             raise ValueError(f"dsa_mode={mode!r} is not allowed; choose one of: {', '.join(allowed)}")
@@ -736,6 +836,11 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=dsa_cost,
     validate=_validate_dsa,
     describe=_describe_dsa,
+    config_fields=CONFIG_FIELDS,
+    lora_targets=tuple(
+        dict.fromkeys(ATTENTION_LORA_TARGETS + MLA_LORA_TARGETS)
+    ),  # the base's; not the indexer's,
+    functional_fields=_dsa_functional_fields,
 )
 def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
     """DSA over the dense mixer named by ``config.dsa_base``."""

@@ -8,7 +8,7 @@ out_proj. GVA: ``gdn_num_value_heads`` may be a multiple of ``gdn_num_key_heads`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,9 @@ from torch import nn
 
 from ..layers import GatedRMSNorm
 from ..ops.gated_delta import gated_delta_rule, recurrent_gated_delta_rule_step
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, HybridizeInit, MixerCost, register_mixer, require_positive
 from .base import MixerContext
+from .from_attention import common_dropped, gqa_note, identity_conv_
 from .recurrent import (
     init_decay_and_dt,
     read_state,
@@ -30,6 +31,45 @@ from .recurrent import (
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+    from ..convert.hybridize import AttentionWeights
+
+# The config fields of Gated DeltaNet layers (flat ``HybridConfig`` attributes; GVA 2:1 like Qwen3-Next).
+CONFIG_FIELDS = (
+    ConfigField(
+        "gdn_num_key_heads",
+        None,
+        "int | None",
+        derive=lambda c: max(1, c.num_attention_heads // 2),
+        doc="defaults: num_attention_heads // 2",
+    ),
+    ConfigField(
+        "gdn_num_value_heads",
+        None,
+        "int | None",
+        derive=lambda c: c.num_attention_heads,
+        doc="defaults: num_attention_heads",
+    ),
+    ConfigField(
+        "gdn_key_head_dim", None, "int | None", derive=lambda c: c.head_dim, doc="defaults: head_dim"
+    ),
+    ConfigField(
+        "gdn_value_head_dim", None, "int | None", derive=lambda c: c.head_dim, doc="defaults: head_dim"
+    ),
+    ConfigField("gdn_conv_kernel_size", 4, "int"),
+    ConfigField(
+        "gdn_allow_neg_eigval",
+        False,
+        "bool",
+        doc="β = 2·sigmoid(b) ∈ (0, 2): negative eigenvalues (OLMo Hybrid)",
+    ),
+    ConfigField(
+        "gdn_norm_eps",
+        None,
+        "float | None",
+        doc="eps of the gated output norm; None: rms_norm_eps (OLMo Hybrid: 1e-5)",
+        effective=lambda c: c.gdn_norm_eps if c.gdn_norm_eps is not None else c.rms_norm_eps,
+    ),
+)
 
 
 def _validate(config: HybridConfig) -> None:
@@ -80,6 +120,65 @@ def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     )
 
 
+# ---- from attention (hf_hybrid.convert.hybridize: what this kind inherits from an attention layer) ---------
+
+
+def _hybridize_geometry(config: HybridConfig) -> dict[str, Any]:
+    h, d = config.num_attention_heads, config.head_dim
+    return {"gdn_num_key_heads": h, "gdn_num_value_heads": h, "gdn_key_head_dim": d, "gdn_value_head_dim": d}
+
+
+def _hybridize_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
+    notes = []
+    with torch.no_grad():
+        qkvz = mixer.in_proj_qkvz.weight  # rows: q (h·d), k (h·d), v (h·d), z (h·d)
+        n = w.heads * w.q.shape[1]
+        qkvz[:n] = w.query()
+        qkvz[n : 2 * n] = w.key()
+        qkvz[2 * n : 3 * n] = w.value()
+        if w.gate is not None:
+            qkvz[3 * n :] = w.gate.reshape(n, -1)
+        mixer.in_proj_ba.weight.zero_()  # β = sigmoid(0) = ½, a = 0: decay = -exp(A_log)·softplus(dt_bias)
+        identity_conv_(mixer.conv1d)
+        mixer.out_proj.weight.copy_(w.o)
+    if w.q_bias is not None:
+        notes.append("q/k/v biases dropped")
+    return notes
+
+
+def _hybridize_statement(config: HybridConfig) -> dict[str, list[str]]:
+    gqa = gqa_note(config)
+    z = (
+        "z (output gate) ← the attention's sigmoid output-gate rows (used as silu(z))"
+        if config.attention_output_gate
+        else f"z (output gate): N(0, {config.initializer_range}²) (the model's init)"
+    )
+    return {
+        "inherited": [
+            "q ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
+            "k ← W_k"
+            + (" (k_norm weight folded in)" if config.use_qk_norm else "")
+            + (f", {gqa}" if gqa else ""),
+            "v ← W_v" + (f", {gqa}" if gqa else ""),
+            "out_proj ← W_o",
+        ]
+        + ([z] if config.attention_output_gate else []),
+        "new": ([] if config.attention_output_gate else [z])
+        + [
+            "in_proj_ba = 0: β = ½ and a = 0 for every token at the start",
+            "A_log = log U[1, 16], dt_bias = softplus⁻¹(dt), dt log-uniform in [1e-3, 1e-1]: "
+            "per-head log decay g = −exp(A_log)·softplus(dt_bias) (GatedDeltaNet.init_hybrid_weights)",
+            "conv1d: identity (last tap 1, others 0)",
+            "norm weight = 1",
+        ],
+        "dropped": common_dropped(config)
+        + [
+            "the output is RMSNorm(o)·silu(z): q, k L2-normalised and SiLU "
+            "after the conv, so the start is not the attention's function"
+        ],
+    }
+
+
 @register_mixer(
     "gated_deltanet",
     layer_type="linear_attention",
@@ -87,6 +186,9 @@ def gated_deltanet_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=gated_deltanet_cost,
     validate=_validate,
     describe=_describe,
+    config_fields=CONFIG_FIELDS,
+    hybridize_init=HybridizeInit(_hybridize_geometry, _hybridize_apply, _hybridize_statement),
+    lora_targets=("in_proj_qkvz", "in_proj_ba", "out_proj"),
 )
 class GatedDeltaNet(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

@@ -22,7 +22,7 @@ reshape.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,9 @@ from torch import nn
 
 from ..layers import GatedRMSNorm
 from ..ops.kda import kda, recurrent_kda_step
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, HybridizeInit, MixerCost, register_mixer, require_positive
 from .base import MixerContext
+from .from_attention import common_dropped, gqa_note, identity_conv_
 from .recurrent import (
     init_decay_and_dt,
     read_state,
@@ -44,6 +45,33 @@ from .recurrent import (
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+    from ..convert.hybridize import AttentionWeights
+
+# The config fields of Kimi Delta Attention layers (Kimi Linear's linear layers).
+CONFIG_FIELDS = (
+    ConfigField(
+        "kda_num_heads",
+        None,
+        "int | None",
+        derive=lambda c: c.num_attention_heads,
+        doc="defaults: num_attention_heads",
+    ),
+    ConfigField(
+        "kda_head_dim",
+        None,
+        "int | None",
+        derive=lambda c: c.head_dim,
+        doc="defaults: head_dim (q, k and v heads alike, as in Kimi Linear)",
+    ),
+    ConfigField(
+        "kda_gate_rank",
+        None,
+        "int | None",
+        derive=lambda c: c.kda_head_dim,
+        doc="width of the low-rank forget / output gates; defaults: kda_head_dim",
+    ),
+    ConfigField("kda_conv_kernel_size", 4, "int"),
+)
 
 
 class KDAForgetGate(nn.Module):
@@ -114,6 +142,53 @@ def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     )
 
 
+# ---- from attention (hf_hybrid.convert.hybridize: what this kind inherits from an attention layer) ---------
+
+
+def _hybridize_geometry(config: HybridConfig) -> dict[str, Any]:
+    return {"kda_num_heads": config.num_attention_heads, "kda_head_dim": config.head_dim}
+
+
+def _hybridize_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
+    with torch.no_grad():
+        mixer.q_proj.weight.copy_(w.query())
+        mixer.k_proj.weight.copy_(w.key())
+        mixer.v_proj.weight.copy_(w.value())
+        mixer.o_proj.weight.copy_(w.o)
+        identity_conv_(mixer.conv1d)
+        mixer.b_proj.weight.zero_()  # β = ½
+        mixer.forget_gate.f_b_proj.weight.zero_()  # g = -exp(A_log)·softplus(dt_bias), per channel
+    notes = ["q/k/v biases dropped"] if w.q_bias is not None else []
+    if w.gate is not None:
+        notes.append("attention output gate not inherited (KDA's gate is low rank)")
+    return notes
+
+
+def _hybridize_statement(config: HybridConfig) -> dict[str, list[str]]:
+    gqa = gqa_note(config)
+    return {
+        "inherited": [
+            "q_proj ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
+            "k_proj ← W_k"
+            + (" (k_norm weight folded in)" if config.use_qk_norm else "")
+            + (f", {gqa}" if gqa else ""),
+            "v_proj ← W_v" + (f", {gqa}" if gqa else ""),
+            "o_proj ← W_o",
+        ],
+        "new": [
+            "b_proj = 0: β = ½ for every token at the start",
+            "forget gate: f_b_proj = 0, so g = −exp(A_log)·softplus(dt_bias) per channel (A_log = log "
+            "U[1, 16], dt log-uniform in [1e-3, 1e-1], KDAForgetGate's init); f_a_proj: the model's init",
+            f"output gate g_a_proj, g_b_proj (rank {config.kda_gate_rank}): the model's init, "
+            "sigmoid(≈0) ≈ ½",
+            "conv1d: identity (last tap 1, others 0)",
+            "o_norm weight = 1",
+        ],
+        "dropped": common_dropped(config)
+        + (["the attention's output gate (KDA's is low rank)"] if config.attention_output_gate else []),
+    }
+
+
 @register_mixer(
     "kda",
     layer_type="linear_attention",
@@ -121,6 +196,9 @@ def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=kda_cost,
     validate=_validate,
     describe=_describe,
+    config_fields=CONFIG_FIELDS,
+    hybridize_init=HybridizeInit(_hybridize_geometry, _hybridize_apply, _hybridize_statement),
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
 )
 class KimiDeltaAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

@@ -16,7 +16,7 @@ constant log decay ``-slope_h`` per head, see :func:`fixed_slopes`). MiniMax als
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -24,12 +24,66 @@ from torch import nn
 
 from ..layers import RMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, HybridizeInit, MixerCost, register_mixer, require_positive
 from .base import MixerContext
+from .from_attention import common_dropped, gqa_note, identity_conv_
 from .recurrent import read_state, run_recurrence, short_conv, states_to_keep, write_state, zero_padding
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+    from ..convert.hybridize import AttentionWeights
+
+# The config fields of plain linear attention layers. linear_backend / linear_chunk_size are read by every
+# recurrent mixer (Gated DeltaNet, KDA, Mamba-2 too).
+CONFIG_FIELDS = (
+    ConfigField(
+        "linear_num_heads",
+        None,
+        "int | None",
+        derive=lambda c: c.num_attention_heads,
+        doc="defaults: num_attention_heads",
+    ),
+    ConfigField("linear_head_dim", None, "int | None", derive=lambda c: c.head_dim, doc="defaults: head_dim"),
+    ConfigField(
+        "linear_feature_map", "identity", "str", choices=("identity", "elu", "relu", "random_features")
+    ),
+    ConfigField("linear_decay", "none", "str", choices=("none", "scalar", "per_channel", "fixed_slope")),
+    ConfigField("linear_conv_kernel_size", 0, "int", doc="0 = no short convolution"),
+    ConfigField("linear_random_features", 64, "int"),
+    # MiniMax-01's lightning attention: SiLU on q, k, v; a fixed per-head decay (linear_decay="fixed_slope":
+    # ALiBi slopes 2^(-8(h+1)/H) scaled by 1 - layer/(L-1) + 1e-5); no q·k scale; RMSNorm over all heads; a
+    # sigmoid output gate.
+    ConfigField("linear_qkv_activation", "none", "str", choices=("none", "silu")),
+    ConfigField(
+        "linear_scale",
+        None,
+        "float | None",
+        doc="None: head_dim^-0.5 with the identity map (output norm), 1 with positive maps",
+    ),
+    ConfigField(
+        "linear_norm_scope",
+        "head",
+        "str",
+        choices=("head", "full"),
+        doc="output RMSNorm (identity map) over each head, or 'full': over all heads at once",
+    ),
+    ConfigField("linear_output_gate", False, "bool", doc="o = norm(o) · sigmoid(x W_gate) before o_proj"),
+    ConfigField(
+        "linear_norm_eps",
+        None,
+        "float | None",
+        doc="eps of that output norm; None: rms_norm_eps (MiniMax's is fixed at 1e-6)",
+    ),
+    ConfigField(
+        "linear_backend",
+        "auto",
+        "str",
+        choices=("auto", "torch", "naive", "fla"),
+        doc="every recurrent mixer: auto = fla-core on CUDA when usable, else our chunked torch path",
+    ),
+    ConfigField("linear_chunk_size", 64, "int", doc="every recurrent mixer's chunk length"),
+)
+
 
 _NORMALISER_EPS = 1e-6
 # A learned decay gate starts close to no decay: sigmoid(bias)^(1/16) ~ 1 - small, as in GLA's gate
@@ -102,6 +156,56 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     )
 
 
+# ---- from attention (hf_hybrid.convert.hybridize: what this kind inherits from an attention layer) ---------
+
+
+def _hybridize_geometry(config: HybridConfig) -> dict[str, Any]:
+    return {"linear_num_heads": config.num_attention_heads, "linear_head_dim": config.head_dim}
+
+
+def _hybridize_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
+    with torch.no_grad():
+        mixer.q_proj.weight.copy_(w.query())
+        mixer.k_proj.weight.copy_(w.key())
+        mixer.v_proj.weight.copy_(w.value())
+        mixer.o_proj.weight.copy_(w.o)
+        if mixer.conv1d is not None:
+            identity_conv_(mixer.conv1d)
+    return ["q/k/v biases dropped"] if w.q_bias is not None else []
+
+
+def _hybridize_statement(config: HybridConfig) -> dict[str, list[str]]:
+    gqa = gqa_note(config)
+    new = [
+        f"feature map {config.linear_feature_map!r} ("
+        + (
+            "output RMSNorm, weight 1, in place of the normaliser"
+            if config.linear_feature_map == "identity"
+            else "normalised by φ(q)·Σφ(k)"
+        )
+        + ")"
+    ]
+    if config.linear_decay != "none":
+        new.append(
+            f"decay {config.linear_decay!r}: g_proj weight 0, bias 4 (slow decay, LinearAttention's init)"
+        )
+    if config.linear_conv_kernel_size:
+        new.append("conv1d: identity (last tap 1, others 0)")
+    if config.linear_feature_map == "random_features":
+        new.append(f"random features: {config.linear_random_features} Gaussian (Performer)")
+    return {
+        "inherited": [
+            "q_proj ← W_q" + (" (q_norm weight folded in)" if config.use_qk_norm else ""),
+            "k_proj ← W_k" + (f", {gqa}" if gqa else ""),
+            "v_proj ← W_v" + (f", {gqa}" if gqa else ""),
+            "o_proj ← W_o",
+        ],
+        "new": new,
+        "dropped": common_dropped(config)
+        + (["the output gate (linear attention has none)"] if config.attention_output_gate else []),
+    }
+
+
 @register_mixer(
     "linear_attention",
     layer_type="linear_attention",
@@ -109,6 +213,9 @@ def linear_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=linear_attention_cost,
     validate=_validate,
     describe=_describe,
+    config_fields=CONFIG_FIELDS,
+    hybridize_init=HybridizeInit(_hybridize_geometry, _hybridize_apply, _hybridize_statement),
+    lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "output_gate"),
 )
 class LinearAttention(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

@@ -9,7 +9,7 @@ norm_before_gate=False), then out_proj. The scan is simple GLA with q = C, k = B
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -17,8 +17,9 @@ from torch import nn
 
 from ..layers import GatedRMSNorm
 from ..ops.simple_gla import recurrent_simple_gla_step, simple_gla
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, HybridizeInit, MixerCost, register_mixer, require_positive
 from .base import MixerContext
+from .from_attention import common_dropped, gqa_note, identity_conv_
 from .recurrent import (
     init_decay_and_dt,
     read_state,
@@ -31,6 +32,38 @@ from .recurrent import (
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+    from ..convert.hybridize import AttentionWeights
+
+# The config fields of Mamba-2 layers. mamba_dt_min / mamba_dt_max / mamba_dt_init_floor initialise dt of
+# every selective-state mixer (Mamba-2, Gated DeltaNet, KDA): log-uniform in [min, max].
+CONFIG_FIELDS = (
+    ConfigField(
+        "mamba_num_heads",
+        None,
+        "int | None",
+        derive=lambda c: (
+            max(1, c.mamba_expand * c.hidden_size // c.mamba_head_dim) if c.mamba_head_dim else None
+        ),
+        doc="defaults: expand * hidden_size // mamba_head_dim",
+    ),
+    ConfigField("mamba_head_dim", 64, "int"),
+    ConfigField("mamba_expand", 2, "int"),
+    ConfigField("mamba_state_size", 128, "int"),
+    ConfigField("mamba_n_groups", 1, "int"),
+    ConfigField("mamba_conv_kernel_size", 4, "int"),
+    ConfigField("mamba_dt_min", 0.001, "float"),
+    ConfigField("mamba_dt_max", 0.1, "float"),
+    ConfigField("mamba_dt_init_floor", 1e-4, "float"),
+    ConfigField(
+        "mamba_dt_limit", None, "list[float] | None", doc="[min, max] clamp of softplus(dt); None = no clamp"
+    ),
+    ConfigField(
+        "mamba_conv_bias",
+        True,
+        "bool",
+        doc="bias on the short conv over [x, B, C] (Mamba-2, Bamba; some checkpoints drop it)",
+    ),
+)
 
 
 def _validate(config: HybridConfig) -> None:
@@ -83,6 +116,72 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     )
 
 
+# ---- from attention (hf_hybrid.convert.hybridize: what this kind inherits from an attention layer) ---------
+
+
+def _hybridize_geometry(config: HybridConfig) -> dict[str, Any]:
+    h, d = config.num_attention_heads, config.head_dim
+    return {"mamba_num_heads": h, "mamba_head_dim": d, "mamba_state_size": d, "mamba_n_groups": h}
+
+
+def _hybridize_apply(mixer: nn.Module, w: AttentionWeights, config: HybridConfig) -> list[str]:
+    d = w.q.shape[1]
+    n = w.heads * d  # d_inner = G·N = h·d
+    with torch.no_grad():
+        proj = mixer.in_proj.weight  # rows: z (d_inner), x (d_inner), B (G·N), C (G·N), dt (H)
+        proj[n : 2 * n] = w.value()  # x ← V
+        proj[2 * n : 3 * n] = w.key()  # B ← K
+        proj[3 * n : 4 * n] = w.query(scale=d**-0.5)  # C ← Q · d^-½ (the softmax scale; Mamba's scan uses 1)
+        if w.gate is not None:
+            proj[:n] = w.gate.reshape(n, -1)
+        proj[4 * n :] = 0.0  # dt: Δ = softplus(dt_bias) per head at the start
+        b = w.biases()
+        conv_bias = None if b is None else torch.cat([b[2], b[1], b[0] * d**-0.5])  # conv runs over [x, B, C]
+        identity_conv_(mixer.conv1d, conv_bias)
+        mixer.D.zero_()
+        mixer.out_proj.weight.copy_(w.o)
+    return []
+
+
+def _hybridize_statement(config: HybridConfig) -> dict[str, list[str]]:
+    gqa = gqa_note(config)
+    h, d = config.num_attention_heads, config.head_dim
+    inherited = [
+        f"x ← W_v{f', {gqa}' if gqa else ''} (one Mamba head per query head: {h} heads of {d})",
+        f"B ← W_k{' (k_norm folded in)' if config.use_qk_norm else ''}{f', {gqa}' if gqa else ''} "
+        f"(n_groups = {h}, state size {d})",
+        f"C ← W_q · {d}^-½{' (q_norm folded in)' if config.use_qk_norm else ''}",
+        "out_proj ← W_o",
+    ]
+    if config.attention_bias:
+        inherited.append("q/k/v biases → the conv bias (exact before the SiLU)")
+    z = (
+        "z (gate) ← the attention's output-gate rows"
+        if config.attention_output_gate
+        else f"z (gate): N(0, {config.initializer_range}²) (the model's init)"
+    )
+    if config.attention_output_gate:
+        inherited.append(z)
+    return {
+        "inherited": inherited,
+        "new": ([] if config.attention_output_gate else [z])
+        + [
+            "dt rows = 0: Δ = softplus(dt_bias) per head, dt log-uniform in "
+            f"[{config.mamba_dt_min}, {config.mamba_dt_max}] (Mamba-2's init)",
+            "A_log = log U[1, 16] (Mamba-2's init)",
+            "D = 0 (no skip at the start: the output is the decayed linearised attention alone)",
+            "conv1d: identity (last tap 1), bias "
+            + ("= the attention biases" if config.attention_bias else "0"),
+            "norm weight = 1",
+        ],
+        "dropped": common_dropped(config, bias_kept=True)
+        + [
+            "the output is RMSNorm(y·silu(z)) per head and the "
+            "conv applies SiLU: not the attention's function"
+        ],
+    }
+
+
 @register_mixer(
     "mamba2",
     layer_type="linear_attention",
@@ -90,6 +189,9 @@ def mamba2_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=mamba2_cost,
     validate=_validate,
     describe=_describe,
+    config_fields=CONFIG_FIELDS,
+    hybridize_init=HybridizeInit(_hybridize_geometry, _hybridize_apply, _hybridize_statement),
+    lora_targets=("in_proj", "out_proj"),
 )
 class Mamba2Mixer(nn.Module):
     def __init__(self, config: HybridConfig, layer_idx: int):

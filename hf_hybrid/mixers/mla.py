@@ -67,12 +67,71 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from ..layers import LogPositionQueryScale, RMSNorm, apply_rope
-from ..specs import MixerCost, register_mixer, require_positive
+from ..specs import ConfigField, MixerCost, positive_or_none, register_mixer, require_positive
 from .attention import attention_flops, eager_attention_forward
 from .base import MixerContext
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
+
+# The projections PEFT's default LoRA config adapts (q_proj when q_lora_rank is None).
+MLA_LORA_TARGETS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+# The config fields that decide an MLA layer's function (a native export compares them; the mla_* options
+# are compared on every config).
+MLA_FIELDS = (
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "attention_bias",
+)
+
+# The config fields of MLA layers (DeepSeek-V2/V3 names; DSA on MLA reads them too).
+CONFIG_FIELDS = (
+    ConfigField("q_lora_rank", None, "int | None"),
+    ConfigField("kv_lora_rank", 128, "int"),
+    ConfigField("qk_nope_head_dim", 32, "int"),
+    ConfigField("qk_rope_head_dim", 16, "int"),
+    ConfigField("v_head_dim", 32, "int"),
+    ConfigField("mla_decode", "absorbed", "str", choices=("absorbed", "naive")),
+    ConfigField(
+        "mla_norm_eps",
+        None,
+        "float | None",
+        check=positive_or_none,
+        doc="eps of q_a_layernorm / kv_a_layernorm; None = rms_norm_eps (DeepSeek: 1e-6)",
+        effective=lambda c: c.mla_norm_eps if c.mla_norm_eps is not None else c.rms_norm_eps,
+    ),
+    ConfigField(
+        "mla_use_rope",
+        True,
+        "bool",
+        doc="False = NoPE (Kimi Linear): the qk_rope_head_dim parts stay unrotated",
+    ),
+    # Decoupled RoPE keys: 1 shared by all heads (DeepSeek); more (dividing num_attention_heads) give each
+    # group of heads its own rope key, as a GQA source has one per kv head (hf_hybrid.convert.mla).
+    ConfigField("mla_rope_heads", 1, "int"),
+    ConfigField(
+        "mla_latent_norm",
+        True,
+        "bool",
+        doc="False: no q_a_layernorm / kv_a_layernorm (the latents stay linear in x: exact dense -> MLA "
+        "conversion)",
+    ),
+    # Which frequencies the qk_rope_head_dim rope channels use: None = the RoPE table of size
+    # qk_rope_head_dim (DeepSeek); else qk_rope_head_dim/2 pair indices into the table of size head_dim
+    # (partial RoPE kept from a dense source, which keeps its frequencies).
+    ConfigField("mla_rope_pairs", None, "list[int] | None"),
+    # Gated MLA output (AXK2's attention): q_b_proj reads [q_a_layernorm(c_q), c_q] (the normed and the raw
+    # q latent, 2·q_lora_rank wide) and emits per head the query and a gate g [v_head_dim]; each head's
+    # output is multiplied by sigmoid(g) before o_proj. Needs q_lora_rank.
+    ConfigField("mla_output_gate", False, "bool"),
+    # Gated MLA output from its own projection (HY-V4's attention): o = o_proj(attn · sigmoid(gate_proj(x))),
+    # gate_proj [hidden -> heads · v_head_dim], on MLA and DSA-on-MLA layers. Exclusive with mla_output_gate.
+    ConfigField("mla_gate_proj", False, "bool"),
+)
+
 
 logger = logging.get_logger(__name__)
 
@@ -300,6 +359,9 @@ def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     cost=mla_cost,
     validate=validate_mla,
     describe=describe_mla,
+    config_fields=CONFIG_FIELDS,
+    lora_targets=MLA_LORA_TARGETS,
+    functional_fields=lambda config: MLA_FIELDS,
 )
 class HybridMLA(nn.Module):
     """DeepSeek-V2/V3 MLA. Public pieces for mixers built on it (DSA): :meth:`project_q`, :meth:`project_kv`,

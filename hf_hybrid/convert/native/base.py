@@ -85,6 +85,11 @@ def _our_value(ours, name: str):
     fields = getattr(type(ours), "__dataclass_fields__", {})
     if name in fields:
         return fields[name].default
+    from ...registry import config_field_defaults
+
+    defaults = config_field_defaults()
+    if name in defaults:
+        return defaults[name]
     raise AttributeError(f"{type(ours).__name__} has no field {name!r}")
 
 
@@ -199,111 +204,44 @@ NON_FUNCTIONAL_FIELDS = frozenset(
     }
 )
 
-# Field groups that only matter when a layer of that kind exists.
-_FIELD_GROUPS: dict[str, tuple[Callable[[Any], bool], tuple[str, ...]]] = {
-    "gqa": (
-        lambda c: (
-            bool({"attention", "sliding_attention"} & set(c.mixer_types))
-            or ("dsa" in c.mixer_types and c.dsa_base == "attention")
-        ),
-        (
-            "num_key_value_heads",
-            "head_dim",
-            "use_qk_norm",
-            "attention_output_gate",
-            "attention_bias",
-            "attention_rope",
-            "attention_scaling",
-            "attention_sinks",
-        ),
-    ),
-    "sliding": (lambda c: "sliding_attention" in c.mixer_types, ("sliding_window",)),
-    "mla": (
-        lambda c: "mla" in c.mixer_types or ("dsa" in c.mixer_types and c.dsa_base == "mla"),
-        (
-            "q_lora_rank",
-            "kv_lora_rank",
-            "qk_nope_head_dim",
-            "qk_rope_head_dim",
-            "v_head_dim",
-            "attention_bias",
-            "mla_output_gate",
-            "mla_gate_proj",
-            "attention_sinks",  # DSA on MLA has them too
-        ),
-    ),
-    # hyper-connection sizes matter only with streams
-    "hc": (lambda c: c.hyper_connections != "none", None),
-    "dsa": (lambda c: "dsa" in c.mixer_types, None),  # every index_* / dsa_* field
-    "gdn": (lambda c: "gated_deltanet" in c.mixer_types, None),
-    "mamba": (lambda c: "mamba2" in c.mixer_types, None),
-    "linear": (lambda c: "linear_attention" in c.mixer_types, None),
-    "kda": (lambda c: "kda" in c.mixer_types, None),
-    "dense": (lambda c: "dense" in c.mlp_types, ("intermediate_size", "mlp_bias")),
-}
-_PREFIX_GROUPS = {
-    "dsa": ("index_", "dsa_"),
-    "hc": ("hc_",),
-    "gdn": ("gdn_",),
-    "mamba": ("mamba_",),
-    "linear": ("linear_",),
-    "kda": ("kda_",),
-}
-_MOE_FIELDS = (
-    "num_experts",
-    "num_experts_per_tok",
-    "moe_intermediate_size",
-    "num_shared_experts",
-    "router_scoring_func",
-    "norm_topk_prob",
-    "routed_scaling_factor",
-    "n_group",
-    "topk_group",
-    "moe_routing",
-    "moe_capacity_factor",
-    "shared_expert_intermediate_size",
-    "shared_expert_gate",
-    "moe_swiglu_limit",
-)
+
+def kind_functional_fields(spec, cfg) -> set[str]:
+    """The config fields that decide the function of a layer of kind ``spec`` under ``cfg``: its spec's
+    ``functional_fields`` hook, else the fields the kind declares."""
+    if spec.functional_fields is not None:
+        return set(spec.functional_fields(cfg))
+    return {f.name for f in spec.config_fields}
 
 
 def functional_fields(cfg) -> dict[str, Any]:
     """The HybridConfig fields that decide the function of ``cfg``'s layers, with their values: fields of
-    layer kinds ``cfg`` does not use and :data:`NON_FUNCTIONAL_FIELDS` are left out. Fields that new options
-    add are included by default (a new option is functional unless listed here)."""
+    layer kinds ``cfg`` does not use (each kind names its own: :func:`kind_functional_fields`) and
+    :data:`NON_FUNCTIONAL_FIELDS` are left out. Fields that new options add are included by default (a new
+    option is functional unless listed here)."""
     from transformers import PreTrainedConfig
 
     from ...configuration_hybrid import HybridConfig
+    from ...registry import config_field_defaults, mixer_specs, mlp_specs
 
     base = {f.name for f in dataclasses.fields(PreTrainedConfig)}
-    names = {f.name for f in dataclasses.fields(HybridConfig)} - NON_FUNCTIONAL_FIELDS - base
+    names = {f.name for f in dataclasses.fields(HybridConfig)} | set(config_field_defaults())
+    names = {n for n in names if hasattr(cfg, n)} - NON_FUNCTIONAL_FIELDS - base
     drop: set[str] = set()
     keep: set[str] = set()
-    for group, (used, fields_) in _FIELD_GROUPS.items():
-        members = set(fields_ or ())
-        for prefix in _PREFIX_GROUPS.get(group, ()):
-            members |= {n for n in names if n.startswith(prefix)}
-        (keep if used(cfg) else drop).update(members)
-    if "moe" not in cfg.mlp_types:
-        drop |= set(_MOE_FIELDS)
+    for specs, used in ((mixer_specs(), cfg.mixer_types), (mlp_specs(), cfg.mlp_types)):
+        for name, spec in specs.items():
+            (keep if name in used else drop).update(kind_functional_fields(spec, cfg))
     names = (names - drop) | (keep & names)
-    return {n: _EFFECTIVE[n](cfg) if n in _EFFECTIVE else getattr(cfg, n) for n in sorted(names)}
+    effective = dict(_EFFECTIVE)
+    for spec in (*mixer_specs().values(), *mlp_specs().values()):
+        effective.update({f.name: f.effective for f in spec.config_fields if f.effective is not None})
+    return {n: effective[n](cfg) if n in effective else getattr(cfg, n) for n in sorted(names)}
 
 
-def _effective_indexer_types(cfg):
-    kinds = cfg.dsa_indexer_types
-    if kinds is None:
-        return None
-    kinds = [k if m == "dsa" else None for k, m in zip(kinds, cfg.mixer_types)]
-    return None if all(k in ("full", None) for k in kinds) else kinds
-
-
-# Fields whose different spellings mean the same function (None = "the default of another field").
+# Fields whose different spellings mean the same function (None = "the default of another field"); a kind's
+# fields say so themselves (ConfigField.effective).
 _EFFECTIVE: dict[str, Callable[[Any], Any]] = {
-    "mla_norm_eps": lambda c: c.mla_norm_eps if c.mla_norm_eps is not None else c.rms_norm_eps,
-    "dsa_indexer_types": _effective_indexer_types,
     "rope_parameters": lambda c: _effective_rope(c),
-    "gdn_norm_eps": lambda c: c.gdn_norm_eps if c.gdn_norm_eps is not None else c.rms_norm_eps,
 }
 
 
