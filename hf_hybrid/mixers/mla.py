@@ -85,6 +85,7 @@ MLA_FIELDS = (
     "qk_rope_head_dim",
     "v_head_dim",
     "attention_bias",
+    "attention_sinks",  # DSA on MLA has them too (HY-V4)
 )
 
 # The config fields of MLA layers (DeepSeek-V2/V3 names; DSA on MLA reads them too).
