@@ -845,7 +845,7 @@ def fla_dispatch(run: Run) -> dict:
 
 
 def _fla_direct(op_name: str, leaves, D):
-    from hf_hybrid.ops.gated_delta.fla import fla_chunk_gated_delta_rule
+    from hf_hybrid.ops.delta_rule import fla_chunk_gated_delta_rule
     from hf_hybrid.ops.simple_gla.fla import fla_chunk_simple_gla
 
     if op_name == "gated_delta_rule":
