@@ -273,20 +273,21 @@ class HybridPreTrainedModel(PreTrainedModel):
             module.init_hybrid_weights(init, self.config)
 
     # ---- run-time modes (never written to the config: what is saved is what the user chose) ----------------
-    def dsa_mode(self, mode: str | None, *, index_topk: int | None = None):
+    def dsa_mode(self, mode: str | None, *, index_topk: int | None = None, save: bool = False):
         """Run every DSA layer in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``; None: the
         config's) with ``index_topk`` (None: the config's) from now on, for training stages and evaluation
-        sweeps. The config, and so ``save_pretrained``, keeps the values the model was built or loaded with;
-        set ``model.config.dsa_mode`` / ``index_topk`` to change what is saved. As a context manager the
-        previous state returns on exit::
+        sweeps; ``save=True`` records them in the config (what ``save_pretrained`` writes) instead. As a
+        context manager the previous state returns on exit::
 
             model.dsa_mode("dense_warmup")
             with model.dsa_mode("sparse", index_topk=64):
                 evaluate(model)
-        """
-        from .mixers.dsa import DSARuntimeMode
 
-        return DSARuntimeMode(self, mode, index_topk=index_topk)
+        The mode lives in ``hf_hybrid/mixers/dsa.py``: this is :func:`hf_hybrid.mixers.dsa.set_dsa_mode`.
+        """
+        from .mixers.dsa import set_dsa_mode
+
+        return set_dsa_mode(self, mode, index_topk=index_topk, save=save)
 
     # The weight of one micro-batch's auxiliary terms in the step's objective (hf_hybrid/aux_loss.py):
     # run-time state, set per training step by Trainer (hf_hybrid/trainer_patch.py) or once by a custom loop.
