@@ -33,7 +33,7 @@ from .aux_loss import attach_aux_loss
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
 from .layers import LowRankGatedRMSNorm, RMSNorm, rope_inv_freq
-from .mixers.base import MixerContext
+from .mixers.base import BatchInfo, MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
 from .registry import mixer_mask, mixer_spec, mlp_spec
 from .saving import HybridSaving
@@ -399,7 +399,7 @@ class HybridModel(HybridPreTrainedModel):
         io_layers = self._check_mixer_io(output_mixer_io)
 
         masks, padding_mask = self._masks(inputs_embeds, attention_mask, past_key_values, position_ids)
-        ctx = MixerContext(
+        batch_info = BatchInfo(
             padding_mask=padding_mask,
             attention_mask_2d=attention_mask
             if attention_mask is not None and attention_mask.ndim == 2
@@ -418,6 +418,7 @@ class HybridModel(HybridPreTrainedModel):
             input_ids=input_ids,
             mixer_io_layers=io_layers,
         )
+        ctx = MixerContext(batch=batch_info)  # the layers record their outputs in ctx.outputs
 
         hidden_states, all_hidden = self._run_layers(inputs_embeds, ctx, output_hidden_states)
         if isinstance(past_key_values, HybridCache):
@@ -528,17 +529,20 @@ class HybridModel(HybridPreTrainedModel):
         output_attentions: bool,
         io_layers: frozenset[int],
     ) -> HybridModelOutput:
-        """The output from what the layers recorded in ``ctx``: auxiliary terms averaged over layers (values
-        only when attached), router logits, statistics, attention weights by layer, mixer inputs/outputs."""
-        aux_terms = {name: torch.stack(values).mean() for name, values in ctx.aux.items() if values}
-        router_logits = tuple(ctx.router_logits) if ctx.output_router_logits and ctx.router_logits else None
-        if ctx.aux_weights:  # attached: values only, so a client adding them again counts nothing twice
+        """The output from what the layers recorded in ``ctx.outputs``: auxiliary terms averaged over layers
+        (values only when attached), router logits, statistics, attention weights by layer, mixer
+        inputs/outputs."""
+        out = ctx.outputs
+        aux_terms = {name: torch.stack(values).mean() for name, values in out.aux.items() if values}
+        want_router_logits = ctx.batch.output_router_logits
+        router_logits = tuple(out.router_logits) if want_router_logits and out.router_logits else None
+        if ctx.batch.aux_weights:  # attached: values only, so a client adding them again counts nothing twice
             aux_terms = {name: value.detach() for name, value in aux_terms.items()}
             if router_logits is not None:
                 router_logits = tuple(r.detach() for r in router_logits)
         attentions = None
         if output_attentions:
-            by_layer = dict(ctx.attentions)
+            by_layer = dict(out.attentions)
             attentions = tuple(by_layer.get(i) for i in range(len(self.layers)))
         return HybridModelOutput(
             last_hidden_state=hidden_states,
@@ -546,9 +550,9 @@ class HybridModel(HybridPreTrainedModel):
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=attentions,
             aux_terms=aux_terms,
-            layer_stats=dict(ctx.stats),
+            layer_stats=dict(out.stats),
             router_logits=router_logits,
-            mixer_io={i: (x, ctx, y) for i, (x, y) in sorted(ctx.mixer_io.items())} if io_layers else None,
+            mixer_io={i: (x, ctx, y) for i, (x, y) in sorted(out.mixer_io.items())} if io_layers else None,
         )
 
     def _check_mixer_io(self, layers: list[int] | tuple[int, ...] | None) -> frozenset[int]:
