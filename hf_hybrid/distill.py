@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from .mixers.base import MixerContext
+from .mixers.base import LayerOutputs, MixerContext
 
 # What a model forward takes from a batch besides the ids: the padding mask and the packing metadata of
 # padding-free collators (DataCollatorWithFlattening, TRL's padding_free).
@@ -165,16 +165,13 @@ def student_context(ctx: MixerContext, attention_mask: torch.Tensor | None, leng
     if padding is None and attention_mask is not None and attention_mask.ndim == 2:
         mask = attention_mask[:, -length:].bool()
         padding = None if bool(mask.all()) else mask
-    return dataclasses.replace(
-        ctx,
-        padding_mask=padding,
-        cache=None,
-        past_length=0,
-        aux={},
-        stats={},
-        mixer_io_layers=frozenset(),
-        mixer_io={},
+    batch = dataclasses.replace(
+        ctx.batch, padding_mask=padding, cache=None, past_length=0, mixer_io_layers=frozenset()
     )
+    # its own auxiliary terms, statistics and mixer_io; the other collected outputs shared with the teacher's
+    out = ctx.outputs
+    outputs = LayerOutputs(router_logits=out.router_logits, attentions=out.attentions, dsa_topk=out.dsa_topk)
+    return MixerContext(batch=batch, outputs=outputs)
 
 
 class TransferTrainer(Trainer):

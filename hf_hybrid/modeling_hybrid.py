@@ -4,19 +4,16 @@ config.
 Mixers live in ``hf_hybrid/mixers`` (one file per type), MLPs in ``mlp.py`` / ``moe.py``; each kind's spec
 (class, transformers layer type, mask, cost) is in ``hf_hybrid.registry``. This file only wires them: masks,
 packing, positions, RoPE, cache and the loss rule (``hf_hybrid.aux_loss``: ``loss`` = LM loss +
-Σ coefficient × auxiliary term in training mode only; each term has its own field).
+Σ coefficient × auxiliary term in training mode only; each term has its own field). Saving and loading
+(strict, atomic, with a model card) live in ``hf_hybrid.saving``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import functools
 import inspect
 import math
-import os
-import shutil
-import tempfile
 from typing import Any
 
 import torch
@@ -35,18 +32,14 @@ from . import compat
 from .aux_loss import attach_aux_loss
 from .cache import HybridCache
 from .configuration_hybrid import HybridConfig
-from .files import honour_umask
 from .hyper_connections import FP32_MODULE_NAMES, HyperConnection, HyperHead
 from .layers import LowRankGatedRMSNorm, ResidualGate, RMSNorm, rope_inv_freq
-from .mixers.base import MixerContext
+from .mixers.base import BatchInfo, MixerContext
 from .ops.varlen import cu_seqlens_from_position_ids
 from .registry import mixer_mask, mixer_spec, mlp_spec
-from .registry import trust_remote_code as _trusting
+from .saving import HybridSaving
 
 logger = logging.get_logger(__name__)
-
-# Config fields that are run-time switches rather than architecture: saved as set at construction / loading.
-_RUNTIME_CONFIG_FIELDS = ("output_router_logits",)
 
 
 @compat.output_dataclass
@@ -258,7 +251,7 @@ class HybridDecoderLayer(GradientCheckpointingLayer):
         return residual + out
 
 
-class HybridPreTrainedModel(PreTrainedModel):
+class HybridPreTrainedModel(HybridSaving, PreTrainedModel):
     config: HybridConfig
     config_class = HybridConfig
     base_model_prefix = "model"
@@ -314,20 +307,21 @@ class HybridPreTrainedModel(PreTrainedModel):
             module.init_hybrid_weights(init, self.config)
 
     # ---- run-time modes (never written to the config: what is saved is what the user chose) ----------------
-    def dsa_mode(self, mode: str | None, *, index_topk: int | None = None):
+    def dsa_mode(self, mode: str | None, *, index_topk: int | None = None, save: bool = False):
         """Run every DSA layer in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``; None: the
         config's) with ``index_topk`` (None: the config's) from now on, for training stages and evaluation
-        sweeps. The config, and so ``save_pretrained``, keeps the values the model was built or loaded with;
-        set ``model.config.dsa_mode`` / ``index_topk`` to change what is saved. As a context manager the
-        previous state returns on exit::
+        sweeps; ``save=True`` records them in the config (what ``save_pretrained`` writes) instead. As a
+        context manager the previous state returns on exit::
 
             model.dsa_mode("dense_warmup")
             with model.dsa_mode("sparse", index_topk=64):
                 evaluate(model)
-        """
-        from .mixers.dsa import DSARuntimeMode
 
-        return DSARuntimeMode(self, mode, index_topk=index_topk)
+        The mode lives in ``hf_hybrid/mixers/dsa.py``: this is :func:`hf_hybrid.mixers.dsa.set_dsa_mode`.
+        """
+        from .mixers.dsa import set_dsa_mode
+
+        return set_dsa_mode(self, mode, index_topk=index_topk, save=save)
 
     # The weight of one micro-batch's auxiliary terms in the step's objective (hf_hybrid/aux_loss.py):
     # run-time state, set per training step by Trainer (hf_hybrid/trainer_patch.py) or once by a custom loop.
@@ -356,128 +350,6 @@ class HybridPreTrainedModel(PreTrainedModel):
             if isinstance(module, HybridPreTrainedModel):
                 module._aux_loss_scales = scales
         return previous
-
-    # ---- strict loading and atomic saving ------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``, but missing, unexpected or mismatched weights raise
-        (transformers would warn and initialise them randomly: a silently wrong model). Pass ``strict=False``
-        to opt out. ``trust_remote_code=True`` lets a checkpoint whose layers use a kind defined outside
-        hf_hybrid import the module its config recorded for that kind."""
-        strict = kwargs.pop("strict", True)
-        want_info = kwargs.pop("output_loading_info", False)
-        with _trusting(kwargs.get("trust_remote_code")):
-            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
-        if strict:
-            allowed = _head_swap_allowance(cls, model)
-            problems = []
-            for key in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
-                values = sorted(str(v) for v in (info.get(key) or []) if str(v) not in allowed.get(key, ()))
-                if values:
-                    shown = ", ".join(values[:8]) + (" ..." if len(values) > 8 else "")
-                    problems.append(f"{key} ({len(values)}): {shown}")
-            if problems:
-                source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
-                raise ValueError(
-                    f"{cls.__name__}.from_pretrained({source!r}): the checkpoint does not match the model — "
-                    + "; ".join(problems)
-                    + ". Refusing to initialise weights randomly (pass strict=False to load anyway)."
-                )
-        return (model, info) if want_info else model
-
-    def post_init(self) -> None:
-        super().post_init()
-        # Runtime switches that clients flip on the shared config (TRL's SFT / DPO trainers set
-        # output_router_logits=True on every MoE model they train): saved as the model was built or loaded.
-        self._runtime_config_fields = {
-            k: self.config.__dict__[k] for k in _RUNTIME_CONFIG_FIELDS if k in self.config.__dict__
-        }
-
-    @contextlib.contextmanager
-    def _config_as_set(self):
-        saved = getattr(self, "_runtime_config_fields", {})
-        current = {k: self.config.__dict__[k] for k in _RUNTIME_CONFIG_FIELDS if k in self.config.__dict__}
-        try:
-            for k in current:
-                if k in saved:
-                    self.config.__dict__[k] = saved[k]
-                else:
-                    del self.config.__dict__[k]  # set by a client on a config that had none (no MoE layer)
-            yield
-        finally:
-            self.config.__dict__.update(current)
-
-    # Weights of a task head that a causal-LM checkpoint cannot have (e.g. ``score.weight``): the one mismatch
-    # that strict loading accepts when such a head is put on a causal checkpoint (standard fine-tuning start).
-    _task_head_keys: tuple[str, ...] = ()
-
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """Write to a temporary sibling directory first, then move files into place, so an interrupted save
-        never leaves a half-written checkpoint. Also writes a model card when the directory has none yet."""
-        save_directory = os.fspath(save_directory)
-        if kwargs.pop("push_to_hub", False):
-            # transformers' own path would overwrite README.md (ours or the user's) with the Hub's or a
-            # generic card: save here as usual, then push through push_to_hub below.
-            hub = {
-                k: kwargs.pop(k) for k in ("repo_id", "commit_message", "create_pr", "private") if k in kwargs
-            }
-            repo_id = hub.pop("repo_id", os.path.basename(os.path.abspath(save_directory)))
-            self.save_pretrained(save_directory, *args, **kwargs)
-            self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
-            return None
-        parent = os.path.dirname(os.path.abspath(save_directory)) or "."
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".tmp-hf-hybrid-", dir=parent)
-        try:
-            with self._config_as_set():
-                super().save_pretrained(tmp, *args, **kwargs)
-            self._write_card_if_missing(tmp, save_directory)
-            honour_umask(tmp)  # tempfile made it private; the files keep these modes when moved into place
-            if not os.path.exists(save_directory):
-                os.replace(tmp, save_directory)
-                return
-            new_names = set(os.listdir(tmp))
-            # Weight files of an earlier save under other shard names would be loaded alongside the new ones.
-            for name in os.listdir(save_directory):
-                if name.startswith("model") and name.endswith((".safetensors", ".safetensors.index.json")):
-                    if name not in new_names:
-                        os.remove(os.path.join(save_directory, name))
-            for name in new_names:
-                dst = os.path.join(save_directory, name)
-                if os.path.isdir(dst) and not os.path.islink(dst):
-                    shutil.rmtree(dst)
-                os.replace(os.path.join(tmp, name), dst)
-        finally:
-            if os.path.isdir(tmp):
-                shutil.rmtree(tmp, ignore_errors=True)
-
-    def push_to_hub(self, repo_id: str, **kwargs):
-        """``PreTrainedModel.push_to_hub``, except that the uploaded README.md is our model card when the Hub
-        repo has none yet (transformers would upload a generic one); a card already on the Hub is kept."""
-        from .card import push_to_hub_with_card
-
-        return push_to_hub_with_card(self, repo_id, **kwargs)
-
-    def _write_card_if_missing(self, tmp_dir: str, final_dir: str) -> None:
-        if os.path.exists(os.path.join(final_dir, "README.md")):
-            return  # never clobber a user's card
-        try:
-            from .card import write_model_card
-        except ImportError:
-            return
-        write_model_card(self.config, tmp_dir)
-
-
-def _head_swap_allowance(cls: type, model: nn.Module) -> dict[str, set[str]]:
-    """What strict loading tolerates when ``cls`` is not the class the checkpoint was saved from but a causal
-    LM's checkpoint is loaded into a task head (``AutoModelForSequenceClassification``) or the bare backbone
-    (``AutoModel``): exactly the head swap — the new head's weights missing (initialised fresh by
-    transformers, to be fine-tuned) and the LM head unexpected. Everything else (a missing backbone weight, a
-    wrong shape) stays an error."""
-    saved_as = set(getattr(model.config, "architectures", None) or [])
-    if cls.__name__ in saved_as or "HybridForCausalLM" not in saved_as:
-        return {}
-    return {"missing_keys": set(cls._task_head_keys), "unexpected_keys": {"lm_head.weight"}}
 
 
 class HybridModel(HybridPreTrainedModel):
@@ -557,14 +429,77 @@ class HybridModel(HybridPreTrainedModel):
         _check_extra_kwargs(kwargs)
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = config.output_attentions
+        if output_router_logits is None:
+            output_router_logits = getattr(config, "output_router_logits", False)  # hidden without MoE layers
         past_key_values = compat.resolve_cache(cache, past_key_values, where="HybridModel.forward")
+        inputs_embeds = self._embed(input_ids, inputs_embeds)
+        batch, seq_len = inputs_embeds.shape[:2]
+        past_key_values, position_ids, cu_seqlens, max_seqlen = self._cache_and_packing(
+            past_key_values, use_cache, position_ids, attention_mask, inputs_embeds, kwargs
+        )
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        device = inputs_embeds.device
+        position_ids = _positions(position_ids, attention_mask, batch, seq_len, past_length, device)
+
+        if output_attentions:
+            self._check_output_attentions()
+        if self.training and self.gradient_checkpointing and torch.is_grad_enabled():
+            self._check_checkpointing()
+        io_layers = self._check_mixer_io(output_mixer_io)
+
+        masks, padding_mask = self._masks(inputs_embeds, attention_mask, past_key_values, position_ids)
+        batch_info = BatchInfo(
+            padding_mask=padding_mask,
+            attention_mask_2d=attention_mask
+            if attention_mask is not None and attention_mask.ndim == 2
+            else None,
+            masks=masks,
+            position_ids=position_ids,
+            cu_seqlens=cu_seqlens,
+            max_seqlen=max_seqlen,
+            rope=self._rope_fn(position_ids, inputs_embeds.dtype),
+            cache=past_key_values,
+            past_length=past_length,
+            attn_kwargs={k: v for k, v in kwargs.items() if k in _FLASH_KWARGS},
+            output_router_logits=bool(output_router_logits),
+            aux_weights=self._attached_weights() if self.training and attach_aux_loss else {},
+            output_attentions=bool(output_attentions),
+            input_ids=input_ids,
+            mixer_io_layers=io_layers,
+        )
+        ctx = MixerContext(batch=batch_info)  # the layers record their outputs in ctx.outputs
+
+        hidden_states, all_hidden = self._run_layers(inputs_embeds, ctx, output_hidden_states)
+        if isinstance(past_key_values, HybridCache):
+            past_key_values.advance(seq_len)
+        return self._output(hidden_states, all_hidden, past_key_values, ctx, output_attentions, io_layers)
+
+    # ---- the steps of forward ---------------------------------------------------------------------------
+    def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The input embeddings [B, T, H] (``embedding_multiplier`` applied)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("HybridModel.forward: pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if config.embedding_multiplier != 1.0:
-            inputs_embeds = inputs_embeds * config.embedding_multiplier
-        batch, seq_len = inputs_embeds.shape[:2]
+        if self.config.embedding_multiplier != 1.0:
+            inputs_embeds = inputs_embeds * self.config.embedding_multiplier
+        return inputs_embeds
+
+    def _cache_and_packing(
+        self,
+        past_key_values: Any,
+        use_cache: bool | None,
+        position_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor,
+        kwargs: dict[str, Any],
+    ) -> tuple[Any, torch.Tensor | None, torch.Tensor | None, int | None]:
+        """The cache this forward uses (None without one) and the packed-document boundaries: returns
+        ``(cache, position_ids, cu_seqlens [N + 1] or None, max_seqlen)``. A packed row starts fresh and
+        cannot be cached; a model with recurrent layers needs a ``HybridCache``."""
+        config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
         if self.gradient_checkpointing and self.training:
             use_cache = False
@@ -574,7 +509,8 @@ class HybridModel(HybridPreTrainedModel):
         if cu_seqlens is not None and position_ids is None:
             # Boundaries given only as cu_seq_lens_q (flash-style): positions restart in each document, which
             # also gives transformers' mask helpers the packed (block-diagonal) causal mask.
-            position_ids = _positions_from_cu_seqlens(cu_seqlens, seq_len, inputs_embeds.device)
+            length, device = inputs_embeds.shape[1], inputs_embeds.device
+            position_ids = _positions_from_cu_seqlens(cu_seqlens, length, device)
         if cu_seqlens is not None:
             # Several documents in one row: each starts fresh, and a packed row cannot be continued by
             # decoding.
@@ -593,48 +529,19 @@ class HybridModel(HybridPreTrainedModel):
                 "hf_hybrid.cache.HybridCache(config=model.config) or None (the model, and generate(), then "
                 "build one)"
             )
-        if not use_cache:
-            past_key_values = None
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        return (past_key_values if use_cache else None), position_ids, cu_seqlens, max_seqlen
 
-        if isinstance(attention_mask, dict):
-            raise ValueError(
-                "HybridModel.forward takes a 2D attention_mask [batch, past + new tokens] (or a 4D mask); "
-                "it builds the per-layer masks itself"
-            )
-        if attention_mask is not None and attention_mask.ndim == 2:
-            if attention_mask.shape != (batch, past_length + seq_len):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
-                    f"(batch, past + new tokens) = ({batch}, {past_length + seq_len})"
-                )
-        if position_ids is None:
-            if attention_mask is not None and attention_mask.ndim == 2:
-                # Left padding: positions count real tokens only, so a padded prompt matches the prompt alone.
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
-            else:
-                position_ids = torch.arange(past_length, past_length + seq_len, device=inputs_embeds.device)
-                position_ids = position_ids.unsqueeze(0).expand(batch, -1)
-
-        attn_kwargs = {
-            k: kwargs[k]
-            for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-            if k in kwargs
-        }
-
-        if output_attentions is None:
-            output_attentions = config.output_attentions
-        if output_attentions:
-            self._check_output_attentions()
-        if output_router_logits is None:
-            output_router_logits = getattr(config, "output_router_logits", False)  # hidden without MoE layers
-        if self.training and self.gradient_checkpointing and torch.is_grad_enabled():
-            self._check_checkpointing()
-        io_layers = self._check_mixer_io(output_mixer_io)
-
+    def _masks(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Any,
+        position_ids: torch.Tensor,
+    ) -> tuple[dict[str, Any], torch.Tensor | None]:
+        """transformers' attention masks by layer type, and the padding mask [B, T] (True for real tokens)."""
+        config = self.config
         # Only the masks some layer declares it reads (registry specs) are built: e.g. sparse DSA layers
         # attend over their selection only and need no dense [B, 1, T, S] mask (4 GiB a row at 32K in fp32).
-        specs = config.layer_specs()
         wanted = {layer.mask_name(config) for layer in self.layers} - {None}
         masks: dict[str, Any] = {}
         mask_kwargs = dict(
@@ -644,34 +551,18 @@ class HybridModel(HybridPreTrainedModel):
             if name in wanted:
                 masks[name] = compat.build_mask(builder, position_ids=position_ids, **mask_kwargs)
         padding_mask = None
-        if any(spec.needs_padding_mask for spec in specs):
+        if any(spec.needs_padding_mask for spec in config.layer_specs()):
             padding_mask = compat.build_mask(create_recurrent_attention_mask, **mask_kwargs)
             if padding_mask is not None:
                 padding_mask = padding_mask.bool()
+        return masks, padding_mask
 
-        ctx = MixerContext(
-            padding_mask=padding_mask,
-            attention_mask_2d=attention_mask
-            if attention_mask is not None and attention_mask.ndim == 2
-            else None,
-            masks=masks,
-            position_ids=position_ids,
-            cu_seqlens=cu_seqlens,
-            max_seqlen=max_seqlen,
-            rope=self._rope_fn(position_ids, inputs_embeds.dtype),
-            cache=past_key_values,
-            past_length=past_length,
-            attn_kwargs=attn_kwargs,
-            output_router_logits=bool(output_router_logits),
-            aux_weights=self._attached_weights() if self.training and attach_aux_loss else {},
-            output_attentions=bool(output_attentions),
-            input_ids=input_ids,
-            mixer_io_layers=io_layers,
-        )
-
-        hidden_states = inputs_embeds
+    def _run_layers(
+        self, hidden_states: torch.Tensor, ctx: MixerContext, output_hidden_states: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Every layer, then the final norm; also the hidden states entering each layer and the final one."""
         if self.hc_head is not None:  # hyper-connections: hc_mult copies of the residual stream
-            hidden_states = inputs_embeds.unsqueeze(2).expand(-1, -1, config.hc_mult, -1).contiguous()
+            hidden_states = hidden_states.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
         all_hidden = [] if output_hidden_states else None
         for layer in self.layers:
             if all_hidden is not None:
@@ -682,19 +573,31 @@ class HybridModel(HybridPreTrainedModel):
         hidden_states = self.norm(hidden_states)
         if all_hidden is not None:
             all_hidden.append(hidden_states)
-        if isinstance(past_key_values, HybridCache):
-            past_key_values.advance(seq_len)
+        return hidden_states, all_hidden
 
-        aux_terms = {name: torch.stack(values).mean() for name, values in ctx.aux.items() if values}
-        router_logits = tuple(ctx.router_logits) if output_router_logits and ctx.router_logits else None
-        if ctx.aux_weights:  # attached: values only, so a client adding them again counts nothing twice
+    def _output(
+        self,
+        hidden_states: torch.Tensor,
+        all_hidden: list[torch.Tensor] | None,
+        past_key_values: Any,
+        ctx: MixerContext,
+        output_attentions: bool,
+        io_layers: frozenset[int],
+    ) -> HybridModelOutput:
+        """The output from what the layers recorded in ``ctx.outputs``: auxiliary terms averaged over layers
+        (values only when attached), router logits, statistics, attention weights by layer, mixer
+        inputs/outputs."""
+        out = ctx.outputs
+        aux_terms = {name: torch.stack(values).mean() for name, values in out.aux.items() if values}
+        want_router_logits = ctx.batch.output_router_logits
+        router_logits = tuple(out.router_logits) if want_router_logits and out.router_logits else None
+        if ctx.batch.aux_weights:  # attached: values only, so a client adding them again counts nothing twice
             aux_terms = {name: value.detach() for name, value in aux_terms.items()}
             if router_logits is not None:
                 router_logits = tuple(r.detach() for r in router_logits)
-        stats = dict(ctx.stats)
         attentions = None
         if output_attentions:
-            by_layer = dict(ctx.attentions)
+            by_layer = dict(out.attentions)
             attentions = tuple(by_layer.get(i) for i in range(len(self.layers)))
         return HybridModelOutput(
             last_hidden_state=hidden_states,
@@ -702,9 +605,9 @@ class HybridModel(HybridPreTrainedModel):
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=attentions,
             aux_terms=aux_terms,
-            layer_stats=stats,
+            layer_stats=dict(out.stats),
             router_logits=router_logits,
-            mixer_io={i: (x, ctx, y) for i, (x, y) in sorted(ctx.mixer_io.items())} if io_layers else None,
+            mixer_io={i: (x, ctx, y) for i, (x, y) in sorted(out.mixer_io.items())} if io_layers else None,
         )
 
     def _check_mixer_io(self, layers: list[int] | tuple[int, ...] | None) -> frozenset[int]:
@@ -843,6 +746,35 @@ def _forward_parameters() -> list[str]:
         names.update(p for p in inspect.signature(fn).parameters if p not in ("self", "kwargs"))
     names.update(("num_items_in_batch", "ignore_index"))  # the causal-LM head's loss keywords
     return sorted(names)
+
+
+def _positions(
+    position_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | dict | None,
+    batch: int,
+    seq_len: int,
+    past_length: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """Check the 2D attention mask [B, past + T] and return the position ids [B, T]: as given, else counting
+    real tokens only under left padding (a padded prompt matches the prompt alone), else past + 0..T-1."""
+    if isinstance(attention_mask, dict):
+        raise ValueError(
+            "HybridModel.forward takes a 2D attention_mask [batch, past + new tokens] (or a 4D mask); "
+            "it builds the per-layer masks itself"
+        )
+    if attention_mask is not None and attention_mask.ndim == 2:
+        if attention_mask.shape != (batch, past_length + seq_len):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}; expected "
+                f"(batch, past + new tokens) = ({batch}, {past_length + seq_len})"
+            )
+    if position_ids is not None:
+        return position_ids
+    if attention_mask is not None and attention_mask.ndim == 2:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -seq_len:]
+    position_ids = torch.arange(past_length, past_length + seq_len, device=device)
+    return position_ids.unsqueeze(0).expand(batch, -1)
 
 
 def _positions_from_cu_seqlens(cu: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:

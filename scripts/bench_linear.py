@@ -29,10 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from hf_hybrid import compat
-from hf_hybrid.ops.gated_delta import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
-from hf_hybrid.ops.gated_delta.fla import fla_chunk_gated_delta_rule
-from hf_hybrid.ops.kda import chunk_kda, naive_recurrent_kda
-from hf_hybrid.ops.kda.fla import fla_chunk_kda
+from hf_hybrid.ops.delta_rule import (
+    chunk_gated_delta_rule,
+    chunk_kda,
+    fla_chunk_gated_delta_rule,
+    fla_chunk_kda,
+    naive_recurrent_gated_delta_rule,
+    naive_recurrent_kda,
+)
 from hf_hybrid.ops.simple_gla import chunk_simple_gla, naive_recurrent_simple_gla
 from hf_hybrid.ops.simple_gla.fla import fla_chunk_simple_gla
 

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.cli import main as cli_main
 from hf_hybrid.convert.dsa import (
+    DSAOptions,
     convert_model_to_dsa,
     convert_to_dsa,
     dsa_mixers,
@@ -315,6 +316,39 @@ def test_metrics_are_recorded_and_perfect_when_k_covers_the_context():
     with torch.no_grad():
         stats = model.eval()(data.blocks).layer_stats
     assert set(stats["dsa_recall"]) == {0, 1, 2} and set(stats["dsa_mass"]) == {0, 1, 2}
+
+
+def test_options_are_one_dataclass_and_keywords_build_the_same():
+    opts = DSAOptions(index_topk=8, layers=[2, 0], seed=1)
+    assert opts.layers == (2, 0) and opts.as_dict()["layers"] == [2, 0]
+    a = convert_model_to_dsa(source(), opts)
+    b = convert_model_to_dsa(source(), index_topk=8, layers=[2, 0], seed=1)
+    assert a.config.to_dict() == b.config.to_dict()
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    with pytest.raises(TypeError, match="DSAOptions or keyword options, not both"):
+        convert_model_to_dsa(source(), opts, seed=2)
+    with pytest.raises(ValueError, match="convert-dsa: mode='warm' is not known"):
+        DSAOptions(index_topk=8, mode="warm").validate()
+
+
+def test_set_dsa_mode_is_one_function_and_save_records_the_mode():
+    from hf_hybrid.mixers import dsa as dsa_module
+
+    assert set_dsa_mode is dsa_module.set_dsa_mode  # the convert module re-exports the one setter
+    model = convert_model_to_dsa(source(), index_topk=4)
+    with model.dsa_mode("sparse", index_topk=2):
+        assert {(m.mode, m.topk) for m in dsa_mixers(model)} == {("sparse", 2)}
+        assert (model.config.dsa_mode, model.config.index_topk) == ("dense", 4)  # run-time only
+    assert {(m.mode, m.topk) for m in dsa_mixers(model)} == {("dense", 4)}
+    model.dsa_mode("dense_warmup")
+    model.dsa_mode("sparse", index_topk=3, save=True)  # what the checkpoint says; overrides cleared
+    assert (model.config.dsa_mode, model.config.index_topk) == ("sparse", 3)
+    assert {(m.mode_override, m.topk_override, m.mode, m.topk) for m in dsa_mixers(model)} == {
+        (None, None, "sparse", 3)
+    }
+    with pytest.raises(ValueError, match="save=True needs a mode"):
+        model.dsa_mode(None, save=True)
 
 
 def test_freeze_refuses_a_model_without_indexers():

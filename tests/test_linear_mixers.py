@@ -323,7 +323,7 @@ def test_post_norm_layer_and_negative_eigenvalue_gdn_equal_their_written_out_def
     """The naive references, written out from the modules' parts: a "post" layer is h = x + norm₁(f(x)),
     out = h + norm₂(mlp(h)); a GDN with gdn_allow_neg_eigval equals the same GDN fed 2·sigmoid(b), i.e. the
     step-by-step recurrence with β doubled; gdn_norm_eps reaches the output norm."""
-    from hf_hybrid.ops.gated_delta.naive import naive_recurrent_gated_delta_rule
+    from hf_hybrid.ops.delta_rule import naive_recurrent_gated_delta_rule
 
     model = build("post_norm_mix")
     torch.manual_seed(1)

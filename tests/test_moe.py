@@ -10,6 +10,7 @@ arithmetic is identical.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -313,7 +314,7 @@ def test_padding_excluded_from_losses_and_load():
     torch.testing.assert_close(ctx.stats["expert_load"][0], counts / counts.sum())
     # without ctx.padding_mask the model's 2-D attention mask is used
     ctx2 = make_ctx(2, 6)
-    ctx2.attention_mask_2d = mask.long()
+    ctx2 = MixerContext(batch=dataclasses.replace(ctx2.batch, attention_mask_2d=mask.long()))
     moe(x_pad, ctx2)
     torch.testing.assert_close(ctx2.aux["router_aux_loss"][0], ctx.aux["router_aux_loss"][0])
 

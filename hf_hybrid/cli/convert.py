@@ -131,25 +131,23 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
 def cmd_convert_dsa(args: argparse.Namespace) -> int:
     """``hf-hybrid convert-dsa``: see ``hf_hybrid.convert.dsa``."""
     from ..configuration_hybrid import HybridConfig
-    from ..convert.dsa import convert_to_dsa
+    from ..convert.dsa import DSAOptions, convert_to_dsa
     from ..convert.source import source_config
 
+    opts = DSAOptions(
+        index_topk=args.index_topk,
+        index_heads=args.index_heads,
+        index_head_dim=args.index_head_dim,
+        layers=args.layers,
+        selector=args.selector,
+        mode=args.mode,
+        seed=args.seed,
+        index_norm_eps=args.index_norm_eps,
+    )
     before, _ = source_config(args.src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        dst = convert_to_dsa(
-            args.src,
-            args.dst,
-            index_topk=args.index_topk,
-            index_heads=args.index_heads,
-            index_head_dim=args.index_head_dim,
-            layers=args.layers,
-            selector=args.selector,
-            mode=args.mode,
-            seed=args.seed,
-            dtype=args.dtype,
-            index_norm_eps=args.index_norm_eps,
-        )
+        dst = convert_to_dsa(args.src, args.dst, opts, dtype=args.dtype)
     after = HybridConfig.from_pretrained(str(dst))
     options: dict[str, Any] = (after.hf_hybrid_lineage or {}).get("options", {})
     print(

@@ -20,23 +20,27 @@ leaves the choice to the training recipe, which sets the mode per stage (``recip
 sparse training; the recipe saves the final model in ``"sparse"`` mode). With ``index_topk`` ≥ the context,
 ``"sparse"`` also equals the source (tests check fp32 logits within 1e-5 for both bases).
 
-:func:`set_dsa_mode` (the same as ``model.dsa_mode(mode, index_topk=...)``) and :func:`set_collect_metrics`
-switch a loaded model between stages and turn on the recall / attention-mass statistics of the DSA mixers:
-run-time state of the layers, so the config, and what is saved, keeps the mode and top-k chosen here until the
-user sets other ones; :func:`freeze_all_but_indexers` is the warm-up's freezing rule.
+The options are one :class:`DSAOptions` (the CLI and ``recipes/dsa`` build it; the functions also take its
+fields as keyword arguments). :func:`set_dsa_mode` (``hf_hybrid.mixers.dsa.set_dsa_mode``, where the mode
+lives; the same as ``model.dsa_mode(mode, index_topk=...)``) and :func:`set_collect_metrics` switch a loaded
+model between stages and turn on the recall / attention-mass statistics of the DSA mixers: run-time state of
+the layers, so the config, and what is saved, keeps the mode and top-k chosen here until the user sets other
+ones (``save=True``); :func:`freeze_all_but_indexers` is the warm-up's freezing rule.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..card import source_name as card_source_name
 from ..configuration_hybrid import FIELD_CHOICES, HybridConfig
-from ..mixers.dsa import DSARuntimeMode, dsa_layers
+from ..mixers.dsa import dsa_layers, set_dsa_mode
 from .checkpoint import as_dtype, check_dst, check_layer_indices, write_checkpoint
 from .source import derived_lineage, load_source, source_config
 
@@ -45,33 +49,72 @@ SELECTORS = FIELD_CHOICES["dsa_selector"]
 MODES = FIELD_CHOICES["dsa_mode"]
 
 
+@dataclass(frozen=True)
+class DSAOptions:
+    """What a DSA conversion does; :meth:`validate` raises ``ValueError`` for anything that cannot work.
+    ``layers`` may be given as a list (kept as a tuple)."""
+
+    index_topk: int  # k: keys each query attends to in sparse mode
+    index_heads: int | None = None  # None: the config's index_n_heads
+    index_head_dim: int | None = None  # None: the config's index_head_dim
+    layers: tuple[int, ...] | None = None  # None: every full attention / MLA layer
+    selector: str = "indexer"
+    mode: str = "dense"  # the dsa_mode saved in the config (see the module docstring)
+    seed: int = 0  # seed of the indexers' initialisation
+    index_norm_eps: float | None = (
+        None  # None: the config's; DeepSeek-V3.2 uses 1e-6 (set it to export there)
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+
+    def validate(self) -> None:
+        for name, value, allow_none in (
+            ("index_topk", self.index_topk, False),
+            ("index_heads", self.index_heads, True),
+            ("index_head_dim", self.index_head_dim, True),
+        ):
+            if value is None and allow_none:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"convert-dsa: {name}={value!r} must be a positive integer")
+        if self.selector not in SELECTORS:
+            raise ValueError(
+                f"convert-dsa: selector={self.selector!r} is not known; choose one of: {', '.join(SELECTORS)}"
+            )
+        if self.mode not in MODES:
+            raise ValueError(
+                f"convert-dsa: mode={self.mode!r} is not known; choose one of: {', '.join(MODES)}"
+            )
+        if self.layers is not None and not self.layers:
+            raise ValueError(
+                "convert-dsa: layers is empty; give layer indices or None for every attention/MLA layer"
+            )
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = list(self.layers) if self.layers is not None else None
+        return d
+
+
+def _options(opts: DSAOptions | None, kwargs: dict[str, Any], who: str) -> DSAOptions:
+    """``opts``, or a ``DSAOptions`` built from keyword options (not both)."""
+    if opts is None:
+        return DSAOptions(**kwargs)
+    if kwargs:
+        raise TypeError(f"{who}: pass a DSAOptions or keyword options, not both")
+    return opts
+
+
 def check_convert(
-    config: HybridConfig,
-    *,
-    index_topk: int,
-    index_heads: int | None = None,
-    index_head_dim: int | None = None,
-    layers: list[int] | tuple[int, ...] | None = None,
-    selector: str = "indexer",
-    mode: str = "dense",
+    config: HybridConfig, opts: DSAOptions | None = None, **kwargs: Any
 ) -> tuple[list[int], str]:
-    """Validate a conversion of ``config``; return ``(layers, dsa_base)``. Raises ``ValueError``; writes
-    nothing."""
-    for name, value, allow_none in (
-        ("index_topk", index_topk, False),
-        ("index_heads", index_heads, True),
-        ("index_head_dim", index_head_dim, True),
-    ):
-        if value is None and allow_none:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ValueError(f"convert-dsa: {name}={value!r} must be a positive integer")
-    if selector not in SELECTORS:
-        raise ValueError(
-            f"convert-dsa: selector={selector!r} is not known; choose one of: {', '.join(SELECTORS)}"
-        )
-    if mode not in MODES:
-        raise ValueError(f"convert-dsa: mode={mode!r} is not known; choose one of: {', '.join(MODES)}")
+    """Validate a conversion of ``config`` (options: a ``DSAOptions`` or its fields as keyword arguments);
+    return ``(layers, dsa_base)``. Raises ``ValueError``; writes nothing."""
+    opts = _options(opts, kwargs, "check_convert")
+    opts.validate()
+    layers = opts.layers
     types = config.mixer_types
     n = len(types)
     if "dsa" in types:
@@ -95,10 +138,6 @@ def check_convert(
             )
         layers = convertible
     else:
-        if not layers:
-            raise ValueError(
-                "convert-dsa: layers is empty; give layer indices or None for every attention/MLA layer"
-            )
         layers = check_layer_indices(layers, n, what="convert-dsa: layers")
         wrong = [(i, types[i]) for i in layers if types[i] not in DSA_BASES]
         if wrong:
@@ -123,77 +162,42 @@ def check_convert(
     return layers, DSA_BASES[bases[0]]
 
 
-def converted_config(
-    config: HybridConfig,
-    layers: list[int],
-    base: str,
-    *,
-    index_topk: int,
-    index_heads: int | None = None,
-    index_head_dim: int | None = None,
-    selector: str = "indexer",
-    mode: str = "dense",
-    index_norm_eps: float | None = None,
-) -> HybridConfig:
-    """``config`` with ``layers`` turned into DSA layers (a new object); unset index sizes keep the config
-    defaults. ``index_norm_eps``: the indexer key LayerNorm's eps (DeepSeek-V3.2 uses 1e-6; set it to export
-    there)."""
+def converted_config(config: HybridConfig, layers: list[int], base: str, opts: DSAOptions) -> HybridConfig:
+    """``config`` with ``layers`` turned into DSA layers (a new object); unset index sizes and eps keep the
+    config defaults."""
     d = config.to_dict()
     d.pop("layer_types", None)  # derived from mixer_types
     d.update(
         mixer_types=["dsa" if i in layers else t for i, t in enumerate(config.mixer_types)],
         dsa_base=base,
-        index_topk=index_topk,
-        dsa_selector=selector,
-        dsa_mode=mode,
+        index_topk=opts.index_topk,
+        dsa_selector=opts.selector,
+        dsa_mode=opts.mode,
     )
-    if index_heads is not None:
-        d["index_n_heads"] = index_heads
-    if index_head_dim is not None:
-        d["index_head_dim"] = index_head_dim
-    if index_norm_eps is not None:
-        d["index_norm_eps"] = index_norm_eps
+    if opts.index_heads is not None:
+        d["index_n_heads"] = opts.index_heads
+    if opts.index_head_dim is not None:
+        d["index_head_dim"] = opts.index_head_dim
+    if opts.index_norm_eps is not None:
+        d["index_norm_eps"] = opts.index_norm_eps
     new = HybridConfig.from_dict(d)
     new._attn_implementation = config._attn_implementation
     return new
 
 
-def convert_model_to_dsa(
-    model,
-    *,
-    index_topk: int,
-    index_heads: int | None = None,
-    index_head_dim: int | None = None,
-    layers: list[int] | tuple[int, ...] | None = None,
-    selector: str = "indexer",
-    mode: str = "dense",
-    seed: int = 0,
-    index_norm_eps: float | None = None,
-):
+def convert_model_to_dsa(model, opts: DSAOptions | None = None, **kwargs: Any):
     """Convert an in-memory ``HybridForCausalLM`` (left untouched): a new model with copies of every weight
-    and fresh indexers from the model's ``_init_weights`` (``torch.manual_seed(seed)`` around the build; the
-    global RNG state is restored afterwards). ``index_norm_eps``: see :func:`converted_config`."""
+    and fresh indexers from the model's ``_init_weights`` (``torch.manual_seed(opts.seed)`` around the build;
+    the global RNG state is restored afterwards). Options: a ``DSAOptions`` or its fields as keyword
+    arguments."""
     from ..modeling_hybrid import HybridForCausalLM
 
-    options = dict(
-        index_topk=index_topk,
-        index_heads=index_heads,
-        index_head_dim=index_head_dim,
-        layers=layers,
-        selector=selector,
-        mode=mode,
-    )
-    chosen, base = check_convert(model.config, **options)
-    new_config = converted_config(
-        model.config,
-        chosen,
-        base,
-        index_norm_eps=index_norm_eps,
-        **{k: v for k, v in options.items() if k != "layers"},
-    )
+    opts = _options(opts, kwargs, "convert_model_to_dsa")
+    chosen, base = check_convert(model.config, opts)
+    new_config = converted_config(model.config, chosen, base, opts)
     param = next(model.parameters())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(opts.seed)
         new = HybridForCausalLM(new_config)  # every weight initialised by _init_weights; indexers keep theirs
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = new.load_state_dict(state, strict=False)
@@ -212,12 +216,12 @@ def convert_model_to_dsa(
         {
             "layers": chosen,
             "dsa_base": base,
-            "index_topk": index_topk,
+            "index_topk": opts.index_topk,
             "index_n_heads": new_config.index_n_heads,
             "index_head_dim": new_config.index_head_dim,
-            "selector": selector,
-            "mode": mode,
-            "seed": seed,
+            "selector": opts.selector,
+            "mode": opts.mode,
+            "seed": opts.seed,
         },
     )
     return new
@@ -226,45 +230,22 @@ def convert_model_to_dsa(
 def convert_to_dsa(
     src: str | os.PathLike,
     dst: str | os.PathLike,
+    opts: DSAOptions | None = None,
     *,
-    index_topk: int,
-    index_heads: int | None = None,
-    index_head_dim: int | None = None,
-    layers: list[int] | tuple[int, ...] | None = None,
-    selector: str = "indexer",
-    mode: str = "dense",
-    seed: int = 0,
     dtype: torch.dtype | str | None = None,
-    index_norm_eps: float | None = None,
+    **kwargs: Any,
 ) -> Path:
     """Convert the checkpoint ``src`` (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) to
-    DSA and save it to ``dst`` (see the module docstring). Every check runs before anything is written.
-    ``index_norm_eps``: see :func:`converted_config` (1e-6 for a later ``deepseek_v32`` export). Returns
-    ``dst``."""
+    DSA and save it to ``dst`` in ``dtype`` (default: the source's; see the module docstring). Options: a
+    ``DSAOptions`` or its fields as keyword arguments (``index_norm_eps=1e-6`` for a later ``deepseek_v32``
+    export). Every check runs before anything is written. Returns ``dst``."""
+    opts = _options(opts, kwargs, "convert_to_dsa")
     check_dst(dst)
     config, _ = source_config(src)
-    check_convert(
-        config,
-        index_topk=index_topk,
-        index_heads=index_heads,
-        index_head_dim=index_head_dim,
-        layers=layers,
-        selector=selector,
-        mode=mode,
-    )
+    check_convert(config, opts)
     out_dtype = as_dtype(dtype) if dtype is not None else None
     model, source_dtype = load_source(src, dtype=torch.float32)
-    new = convert_model_to_dsa(
-        model,
-        index_topk=index_topk,
-        index_heads=index_heads,
-        index_head_dim=index_head_dim,
-        layers=layers,
-        selector=selector,
-        mode=mode,
-        seed=seed,
-        index_norm_eps=index_norm_eps,
-    )
+    new = convert_model_to_dsa(model, opts)
     lineage = new.config.hf_hybrid_lineage
     lineage.setdefault("base_model", card_source_name(src))
     lineage["source"] = os.fspath(src)
@@ -276,14 +257,7 @@ def convert_to_dsa(
 
 
 dsa_mixers = dsa_layers  # every DSA mixer in a model (this module's name for it since the conversion landed)
-
-
-def set_dsa_mode(model: nn.Module, mode: str, *, index_topk: int | None = None) -> DSARuntimeMode:
-    """Run every DSA layer of ``model`` in ``mode`` (``dense`` | ``dense_warmup`` | ``sparse``), optionally at
-    another ``index_topk``, from now on: run-time state, the config (what ``save_pretrained`` writes) is
-    untouched. The same as ``model.dsa_mode(mode, index_topk=...)``, for any module holding DSA layers; usable
-    as a context manager."""
-    return DSARuntimeMode(model, mode, index_topk=index_topk)
+# set_dsa_mode (imported from hf_hybrid.mixers.dsa, where the mode lives) switches a model between stages
 
 
 def set_collect_metrics(model: nn.Module, on: bool = True) -> None:
@@ -313,6 +287,7 @@ def unfreeze_all(model: nn.Module) -> None:
 
 
 __all__ = [
+    "DSAOptions",
     "convert_to_dsa",
     "convert_model_to_dsa",
     "check_convert",

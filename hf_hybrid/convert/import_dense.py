@@ -1,7 +1,8 @@
 """Import a dense checkpoint saved by transformers (Llama, Qwen2, Qwen3, Mistral) as an hf_hybrid checkpoint.
 
 The result is function-preserving (same logits; tests check fp32 max abs ≤ 1e-5): every layer becomes an
-``attention`` (or ``sliding_attention``) mixer with a ``dense`` SwiGLU MLP, and weights are renamed
+``attention`` (or ``sliding_attention``) mixer with a ``dense`` SwiGLU MLP, and weights are renamed by the
+native dense family's tables (``hf_hybrid.convert.native.dense``, the same ones its export uses):
 ``model.layers.{i}.self_attn.*`` → ``model.layers.{i}.mixer.*`` (MLP and norm names are the same in both).
 
 Safety: weights are read with safetensors only; pickle-based ``.bin`` / ``.pt`` checkpoints are refused
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,14 +28,8 @@ from .checkpoint import UnsupportedCheckpointError, as_dtype, carried_files, wri
 from .checkpoint import fail as _fail
 from .checkpoint import source_license as _source_license
 from .checkpoint import weight_files as _weight_files
+from .native.dense import SUPPORTED, dense_config_kwargs
 
-# model_type -> (class transformers saves it as, q/k/v bias, per-head q/k RMSNorm)
-SUPPORTED = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
 # Sparse MoE sources: import their dense sibling and upcycle instead.
 _MOE_TYPES = {
     "mixtral",
@@ -57,13 +51,6 @@ _MOE_TYPES = {
     "glm4_moe",
     "dots1",
 }
-# RoPE variants that change their frequencies with the sequence length at run time: hf_hybrid computes RoPE
-# frequencies once per rotary size, so these would silently diverge past the original context.
-_DYNAMIC_ROPE = {"dynamic", "longrope"}
-_LAYER_KEY = re.compile(
-    r"^model\.layers\.(\d+)\.(self_attn|mlp|input_layernorm|post_attention_layernorm)(\..+)$"
-)
-_IGNORED_KEY = re.compile(r"(^|\.)rotary_emb\.(inv_freq|original_inv_freq)$")
 
 
 @dataclass
@@ -103,91 +90,19 @@ def _source_config(src: Path, raw: dict[str, Any]):
     return CONFIG_MAPPING[model_type].from_pretrained(str(src))
 
 
-def _mixer_types(model_type: str, cfg) -> tuple[list[str], int | None]:
-    """Per-layer attention kind, following each transformers model's own rule for sliding windows."""
-    n = cfg.num_hidden_layers
-    window = getattr(cfg, "sliding_window", None)
-    if model_type == "mistral":
-        # MistralAttention applies config.sliding_window to every layer when it is set (layer_types is
-        # ignored).
-        kinds = ["sliding_attention" if window else "attention"] * n
-    elif model_type in ("qwen2", "qwen3"):
-        # Qwen2/3 resolve use_sliding_window / max_window_layers into layer_types; a layer slides only when
-        # its type says so *and* a window is set (sliding_window is None when use_sliding_window is false).
-        layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * n)
-        kinds = [
-            "sliding_attention" if t == "sliding_attention" and window else "attention" for t in layer_types
-        ]
-    else:
-        kinds = ["attention"] * n
-    return kinds, (window if "sliding_attention" in kinds else None)
+def _key_map(src: Path, model_type: str, names: list[str], ours, native) -> dict[str, str]:
+    """Source tensor name -> hf_hybrid name, by the native dense family's weight tables
+    (``hf_hybrid.convert.native.dense``: ``self_attn.*`` -> ``mixer.*``, everything else keeps its name;
+    rotary buffers dropped)."""
+    from .native import get_family
+    from .native.base import NativeConversionError
 
-
-def _config_kwargs(src: Path, model_type: str, cfg, raw: dict[str, Any]) -> dict[str, Any]:
-    if getattr(cfg, "pretraining_tp", 1) not in (None, 1):
-        _fail(
-            f"{src}: pretraining_tp={cfg.pretraining_tp} is not "
-            "supported (transformers' legacy tensor-parallel path)"
-        )
-    if model_type in ("llama", "qwen3") and getattr(cfg, "attention_bias", False):
-        _fail(
-            f"{src}: attention_bias=True puts a bias on o_proj as well as q/k/v in "
-            f"{SUPPORTED[model_type]}; hf_hybrid's attention has biases on q/k/v only (Qwen2 style)"
-        )
-    act = cfg.hidden_act
-    if act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
-        _fail(
-            f"{src}: hidden_act={act!r} is not supported; hf_hybrid "
-            "MLPs take silu, gelu, gelu_pytorch_tanh, relu"
-        )
-    rope = dict(cfg.rope_parameters or {})
-    if rope.get("rope_type", "default") in _DYNAMIC_ROPE:
-        _fail(
-            f"{src}: rope_type={rope['rope_type']!r} changes RoPE frequencies with the "
-            "sequence length at run time, which hf_hybrid does not do (it would silently "
-            "diverge on long inputs); supported: default, linear, yarn, llama3, proportional"
-        )
-    mixer_types, window = _mixer_types(model_type, cfg)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kwargs = dict(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
-        head_dim=head_dim,
-        hidden_act=act,
-        max_position_embeddings=cfg.max_position_embeddings,
-        initializer_range=cfg.initializer_range,
-        rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=bool(cfg.tie_word_embeddings),
-        rope_parameters=rope or None,
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id,
-        attention_dropout=getattr(cfg, "attention_dropout", 0.0),
-        attention_bias=model_type == "qwen2",  # Qwen2: q/k/v biases, none on o_proj
-        use_qk_norm=model_type == "qwen3",
-        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
-        sliding_window=window,
-        mixer_types=mixer_types,
-        mlp_types=["dense"] * cfg.num_hidden_layers,
-        use_cache=bool(getattr(cfg, "use_cache", True)),
-    )
-    return kwargs
-
-
-def _map_key(name: str) -> str | None:
-    """Source tensor name -> hf_hybrid name (None: a buffer to skip)."""
-    if _IGNORED_KEY.search(name):
-        return None
-    match = _LAYER_KEY.match(name)
-    if match:
-        i, block, rest = match.groups()
-        block = "mixer" if block == "self_attn" else block
-        return f"model.layers.{i}.{block}{rest}"
-    return name  # model.embed_tokens.weight, model.norm.weight, lm_head.weight keep their names
+    if ours.tie_word_embeddings:
+        names = [n for n in names if n != "lm_head.weight"]  # tied: transformers ignores a saved copy too
+    try:
+        return get_family(model_type).name_map(names, ours, native)
+    except NativeConversionError as err:
+        _fail(f"{src}: the weights do not match a {SUPPORTED[model_type]} of this config — {err}")
 
 
 def _read_shapes(files: list[Path]) -> dict[str, tuple[tuple[int, ...], str, Path]]:
@@ -229,21 +144,14 @@ def plan_import(src_dir: str | os.PathLike, *, dtype: torch.dtype | str | None =
         _fail(f"{src} is already an hf_hybrid checkpoint")
     cfg = _source_config(src, raw)
     weight_files = _weight_files(src)
-    kwargs = _config_kwargs(src, model_type, cfg, raw)
+    kwargs = dense_config_kwargs(src, model_type, cfg, raw)
     try:
-        HybridConfig(**kwargs)
+        ours = HybridConfig(**kwargs)
     except ValueError as err:
         _fail(f"{src}: its config does not map onto HybridConfig: {err}")
 
     shapes = _read_shapes(weight_files)
-    key_map: dict[str, str] = {}
-    for name in shapes:
-        mapped = _map_key(name)
-        if mapped is None:
-            continue
-        if mapped == "lm_head.weight" and kwargs["tie_word_embeddings"]:
-            continue  # tied: transformers ignores a saved copy too
-        key_map[name] = mapped
+    key_map = _key_map(src, model_type, list(shapes), ours, cfg)
 
     with torch.device("meta"):
         expected = HybridForCausalLM(HybridConfig(**kwargs)).state_dict()
@@ -303,7 +211,7 @@ def dense_to_hybrid_config(src_dir: str | os.PathLike):
     if not config_path.is_file():
         raise FileNotFoundError(f"{src} has no config.json: not a transformers checkpoint")
     raw = json.loads(config_path.read_text())
-    return HybridConfig(**_config_kwargs(src, raw.get("model_type"), _source_config(src, raw), raw))
+    return HybridConfig(**dense_config_kwargs(src, raw.get("model_type"), _source_config(src, raw), raw))
 
 
 def import_dense(

@@ -5,7 +5,7 @@ CONTRIBUTING.md)."""
 
 import importlib
 
-from .base import MIXER_REGISTRY, MixerContext, register_mixer
+from .base import MIXER_REGISTRY, BatchInfo, LayerOutputs, MixerContext, register_mixer
 from .recurrent import RecurrentState, read_state, short_conv, write_state, zero_padding
 
 # Each entry is one file; a mixer under construction that fails to import must not break the others.
@@ -19,6 +19,8 @@ for _name in _MIXER_MODULES:
 
 __all__ = [
     "MIXER_REGISTRY",
+    "BatchInfo",
+    "LayerOutputs",
     "MixerContext",
     "RecurrentState",
     "read_state",

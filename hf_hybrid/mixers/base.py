@@ -1,4 +1,5 @@
-"""What every token mixer receives (``MixerContext``); the registry of mixer kinds is ``hf_hybrid.registry``.
+"""What every token mixer receives (``MixerContext``: a read-only ``BatchInfo`` and a ``LayerOutputs``
+collector); the registry of mixer kinds is ``hf_hybrid.registry``.
 
 A mixer is an ``nn.Module`` built as ``Mixer(config, layer_idx)`` whose forward is
 ``forward(hidden_states [B, T, H], ctx: MixerContext) -> [B, T, H]``. Everything a mixer needs about the
@@ -18,7 +19,7 @@ Optional methods the model looks for on a mixer (or MLP) module, all defaulting 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -33,9 +34,9 @@ def in_backward_recompute() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-@dataclass
-class MixerContext:
-    """Per-forward information shared by all layers.
+@dataclass(frozen=True)
+class BatchInfo:
+    """What one forward's layers read about the batch; read-only (no layer changes what the next one sees).
 
     Shapes: B batch, T new tokens in this forward, P tokens already in the cache.
 
@@ -49,7 +50,8 @@ class MixerContext:
       (then B == 1), else None. ``max_seqlen`` is the longest document.
     - ``rope``: callable ``rope(dim) -> (cos, sin)`` each [B, T, dim] for a rotary dimension ``dim``
       (cached per forward, so MLA/DSA can ask for their own rope sizes).
-    - ``cache``: the ``HybridCache`` or None. ``past_length`` is P.
+    - ``cache``: the ``HybridCache`` or None (the object is shared and updated by the layers; the reference
+      is fixed). ``past_length`` is P.
     - ``attn_kwargs``: extra keyword arguments for transformers' attention interface (flash varlen info).
     - ``output_router_logits``: MoE layers append their fp32 router logits [B·T, E] to ``router_logits``.
     - ``aux_weights``: auxiliary term name -> the weight its gradient is attached with in one layer
@@ -73,15 +75,23 @@ class MixerContext:
     cache: Any
     past_length: int
     attn_kwargs: dict[str, Any] = field(default_factory=dict)
-    aux: dict[str, list[torch.Tensor]] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)
     output_router_logits: bool = False
-    router_logits: list[torch.Tensor] = field(default_factory=list)
     aux_weights: dict[str, float] = field(default_factory=dict)
     output_attentions: bool = False
-    attentions: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     input_ids: torch.Tensor | None = None
     mixer_io_layers: frozenset[int] = frozenset()
+
+
+@dataclass
+class LayerOutputs:
+    """What the layers of one forward record for the model's output (and for later layers of the same
+    forward): auxiliary terms, statistics, router logits, attention probabilities, mixer inputs/outputs and
+    DSA selections."""
+
+    aux: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    router_logits: list[torch.Tensor] = field(default_factory=list)
+    attentions: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     mixer_io: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     # DSA top-k selections [B, T, k] of this forward by layer index, reused by "shared" DSA layers
     # (dsa_indexer_types). Keyed by layer so a recomputation (gradient checkpointing) reads the right one.
@@ -112,3 +122,51 @@ class MixerContext:
     def add_stat(self, name: str, layer_idx: int, value: Any) -> None:
         """Record a detached per-layer statistic (e.g. expert load) for logging; never part of the loss."""
         self.stats.setdefault(name, {})[layer_idx] = value
+
+
+class MixerContext:
+    """Per-forward information shared by all layers: ``batch``, the read-only :class:`BatchInfo`, and
+    ``outputs``, the :class:`LayerOutputs` collector.
+
+    Layers read and record through the names of both, on the context itself (``ctx.padding_mask``,
+    ``ctx.cache``, ``ctx.add_aux(...)``, ``ctx.router_logits.append(...)``); the batch's fields cannot be
+    assigned. Built from the :class:`BatchInfo` fields as keyword arguments, or from ``batch=`` (and
+    optionally ``outputs=``).
+    """
+
+    __slots__ = ("batch", "outputs")
+
+    def __init__(
+        self, *, batch: BatchInfo | None = None, outputs: LayerOutputs | None = None, **batch_fields: Any
+    ):
+        if batch is not None and batch_fields:
+            raise TypeError("MixerContext: pass batch= or the BatchInfo fields, not both")
+        self.batch = batch if batch is not None else BatchInfo(**batch_fields)
+        self.outputs = outputs if outputs is not None else LayerOutputs()
+
+    def add_aux(self, name: str, value: torch.Tensor) -> None:
+        """Record an auxiliary loss term (already averaged for this layer); the model sums them per name."""
+        self.outputs.add_aux(name, value)
+
+    def aux_count(self) -> dict[str, int]:
+        """How many terms of each name are recorded so far (a layer attaches the ones it adds)."""
+        return self.outputs.aux_count()
+
+    def add_stat(self, name: str, layer_idx: int, value: Any) -> None:
+        """Record a detached per-layer statistic (e.g. expert load) for logging; never part of the loss."""
+        self.outputs.add_stat(name, layer_idx, value)
+
+    def __repr__(self) -> str:
+        return f"MixerContext(batch={self.batch!r}, outputs={self.outputs!r})"
+
+
+def _forward_to(part: str, name: str) -> property:
+    return property(lambda self: getattr(getattr(self, part), name), doc=f"``ctx.{part}.{name}``")
+
+
+# The attribute names layers read (``ctx.padding_mask``) and collect into (``ctx.aux``), read-only properties
+# forwarding to the two parts.
+for _part, _cls in (("batch", BatchInfo), ("outputs", LayerOutputs)):
+    for _field in fields(_cls):
+        setattr(MixerContext, _field.name, _forward_to(_part, _field.name))
+del _part, _cls, _field

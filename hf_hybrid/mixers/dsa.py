@@ -712,18 +712,36 @@ def dsa_layers(model: nn.Module) -> list[_DSAMixin]:
     return [m for m in model.modules() if isinstance(m, _DSAMixin)]
 
 
-class DSARuntimeMode:
-    """Runs every DSA layer of a model in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``) with
-    ``index_topk`` (None: the layer's config value) from the moment it is made, without touching the config: a
-    saved checkpoint keeps the mode and top-k the user chose. As a context manager it restores each layer's
-    previous state on exit (``"warmup"`` is read as ``"dense_warmup"``)::
+def set_dsa_mode(
+    model: nn.Module, mode: str | None, *, index_topk: int | None = None, save: bool = False
+) -> DSARuntimeMode:
+    """The one way to set the DSA mode: run every DSA layer of ``model`` (any module holding them, PEFT- or
+    DDP-wrapped too) in ``mode`` (``"dense"`` | ``"dense_warmup"`` | ``"sparse"``; ``"warmup"`` is read as
+    ``"dense_warmup"``; None: the config's) with ``index_topk`` (None: the config's) from now on.
 
-        model.dsa_mode("dense_warmup")            # from now on
-        with model.dsa_mode("sparse", index_topk=64):
-            evaluate(model)                        # back to dense_warmup afterwards
+    Run-time state of the layers: the config, and so ``save_pretrained``, keeps the mode and top-k the model
+    was built or loaded with. As a context manager the previous state returns on exit::
+
+        set_dsa_mode(model, "dense_warmup")            # from now on (the same as model.dsa_mode(...))
+        with set_dsa_mode(model, "sparse", index_topk=64):
+            evaluate(model)                             # back to dense_warmup afterwards
+
+    ``save=True`` instead records ``mode`` (and ``index_topk`` if given) in the config, so that is what a
+    checkpoint says, and clears the run-time state: every layer then runs in the saved mode (for the end of a
+    training recipe; not a context manager). ``model.dsa_mode(...)``
+    (:meth:`hf_hybrid.modeling_hybrid.HybridPreTrainedModel.dsa_mode`) and
+    ``hf_hybrid.convert.dsa.set_dsa_mode`` are this function.
     """
+    return DSARuntimeMode(model, mode, index_topk=index_topk, save=save)
 
-    def __init__(self, model: nn.Module, mode: str | None = None, *, index_topk: int | None = None):
+
+class DSARuntimeMode:
+    """The run-time mode of a model's DSA layers, made by :func:`set_dsa_mode` (see there); as a context
+    manager it restores each layer's previous state on exit."""
+
+    def __init__(
+        self, model: nn.Module, mode: str | None = None, *, index_topk: int | None = None, save: bool = False
+    ):
         allowed = DSA_MODES
         mode = {"warmup": "dense_warmup"}.get(mode, mode)
         if mode is not None and mode not in allowed:
@@ -736,6 +754,14 @@ class DSARuntimeMode:
         if not self.layers:
             raise ValueError(f"dsa_mode: {type(model).__name__} has no DSA layers")
         self.previous = [(m.mode_override, m.topk_override) for m in self.layers]
+        if save:
+            if mode is None:
+                raise ValueError("dsa_mode: save=True needs a mode to record in the config")
+            for config in {id(m.config): m.config for m in self.layers}.values():
+                config.dsa_mode = mode
+                if index_topk is not None:
+                    config.index_topk = index_topk
+            mode = index_topk = None  # the layers follow the config again
         for m in self.layers:
             m.mode_override, m.topk_override = mode, index_topk
 
@@ -851,6 +877,7 @@ __all__ = [
     "DSAOnAttention",
     "DSAOnMLA",
     "DSARuntimeMode",
+    "set_dsa_mode",
     "dsa_layers",
     "LightningIndexer",
     "build_dsa",

@@ -2,7 +2,7 @@
 
 q, k, v from one projection, a short causal conv (SiLU) on each, q and k L2-normalised, per value head
 ``g = -exp(A_log) · softplus(a + dt_bias)`` (log decay) and ``β = sigmoid(b)``; the gated delta rule
-(``hf_hybrid.ops.gated_delta``) mixes tokens; output ``RMSNorm(o) · silu(z)`` (norm **then** gate), then
+(``hf_hybrid.ops.delta_rule``) mixes tokens; output ``RMSNorm(o) · silu(z)`` (norm **then** gate), then
 out_proj. GVA: ``gdn_num_value_heads`` may be a multiple of ``gdn_num_key_heads``.
 """
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import GatedRMSNorm
-from ..ops.gated_delta import gated_delta_rule, recurrent_gated_delta_rule_step
+from ..ops.delta_rule import gated_delta_rule, recurrent_gated_delta_rule_step
 from ..specs import ConfigField, HybridizeInit, MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .from_attention import common_dropped, gqa_note, identity_conv_

@@ -7,7 +7,8 @@ Per layer, with H = ``kda_num_heads`` heads of D = ``kda_head_dim`` (q, k and v 
    [q, k, v] (``conv1d``, no bias), then q and k L2-normalised per head (``x / sqrt(Σx² + 1e-6)``).
 2. forget gate, low rank and **per channel**: ``g = -exp(A_log[h]) · softplus(f_b_proj(f_a_proj(x)) +
    dt_bias)`` [B, T, H, D] (log decay; ``dt_bias`` one per channel, ``A_log`` one per head), kept in fp32.
-3. ``beta = sigmoid(b_proj(x))`` one per head; Kimi Delta Attention (``hf_hybrid.ops.kda``) mixes tokens.
+3. ``beta = sigmoid(b_proj(x))`` one per head; Kimi Delta Attention (``hf_hybrid.ops.delta_rule``) mixes
+   tokens.
 4. output: ``o_norm(o, g_b_proj(g_a_proj(x)))`` = RMSNorm per head **then** a **sigmoid** gate (Gated
    DeltaNet's gate is SiLU), then ``o_proj``.
 
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import GatedRMSNorm
-from ..ops.kda import kda, recurrent_kda_step
+from ..ops.delta_rule import kda, recurrent_kda_step
 from ..specs import ConfigField, HybridizeInit, MixerCost, register_mixer, require_positive
 from .base import MixerContext
 from .from_attention import common_dropped, gqa_note, identity_conv_
@@ -129,7 +130,8 @@ def kda_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     w = nh * d
     matmul = 4 * h * w + 3 * w * k + 2 * (h * r + r * w) + h * nh
     params = matmul + nh + w + d  # A_log, dt_bias, o_norm
-    # The conv tail is cached in the model dtype; the recurrent state S [nh, d, d] is kept in fp32 (ops.kda).
+    # The conv tail is cached in the model dtype; the recurrent state S [nh, d, d] is kept in fp32
+    # (ops.delta_rule).
     # Per token and head: decay S (d·d), Sᵀk (2·d·d), S += k uᵀ (2·d·d), Sᵀq (2·d·d).
     step = 7.0 * nh * d * d
     recurrent = nh * d * d

@@ -1,6 +1,6 @@
 """When to hand a linear-mixer op to fla-core's Triton kernels, and when to keep our torch path.
 
-Backends of every op in ``hf_hybrid.ops.{gated_delta,simple_gla,kda}``:
+Backends of every op in ``hf_hybrid.ops.{delta_rule,simple_gla}``:
 
 - ``"torch"``: our chunked torch form (any device, autograd, torch.compile).
 - ``"naive"``: the per-token recurrence (the spec; slow).

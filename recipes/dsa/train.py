@@ -48,6 +48,7 @@ import yaml
 from transformers import AutoTokenizer, Trainer, default_data_collator
 
 from hf_hybrid.convert.dsa import (
+    DSAOptions,
     convert_model_to_dsa,
     freeze_all_but_indexers,
     set_collect_metrics,
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     torch.manual_seed(int(conv_cfg.get("seed", 0)))
-    model = convert_model_to_dsa(dense, index_topk=topks[0], **conv_cfg)
+    model = convert_model_to_dsa(dense, DSAOptions(index_topk=topks[0], **conv_cfg))
     cost_dense = estimate_cost(dense.config, contexts=(context, 131072))
     cost_dsa = estimate_cost(model.config, contexts=(context, 131072))
     log(
@@ -335,10 +336,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
 
     for k, (model_k, r, steps) in finals.items():
-        # What the checkpoint is: sparse at k (the config says what is saved; the run-time mode already is
-        # that).
-        model_k.config.dsa_mode, model_k.config.index_topk = "sparse", k
-        model_k.dsa_mode(None)
+        # What the checkpoint is: sparse at k (recorded in the config; the run-time mode already is that).
+        model_k.dsa_mode("sparse", index_topk=k, save=True)
         lineage = model_k.config.hf_hybrid_lineage
         lineage.setdefault("base_model", str(source))
         lineage["source"] = str(source)

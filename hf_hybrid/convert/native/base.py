@@ -538,6 +538,17 @@ class NativeFamily:
                 bound.append((r, ctx, self.native_layer_prefix.format(i=i), f"model.layers.{i}."))
         return [b for b in bound if b[0].when is None or b[0].when(b[1])]
 
+    def name_map(self, names: list[str], ours, native) -> dict[str, str]:
+        """native tensor name -> our name for the tensors ``names`` of a native checkpoint, by the same rules
+        as :meth:`convert_state` (ignored native keys are left out), without reading a tensor: for families
+        whose rules only rename (the dense attention families; ``import_dense`` reads their safetensors
+        through it)."""
+        transforming = [r for r, *_ in self._bound_rules(ours, native) if r.to_ours is not None]
+        if transforming:
+            raise RuntimeError(f"internal error: {self.model_type} transforms weights ({transforming[0]})")
+        ours_to_native = self.convert_state({n: n for n in names}, ours, native, to="ours")
+        return {native_name: ours_name for ours_name, native_name in ours_to_native.items()}
+
     def convert_state(
         self, state: dict[str, torch.Tensor], ours, native, *, to: str
     ) -> dict[str, torch.Tensor]:
