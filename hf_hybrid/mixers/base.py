@@ -156,6 +156,11 @@ class MixerContext:
         """Record a detached per-layer statistic (e.g. expert load) for logging; never part of the loss."""
         self.outputs.add_stat(name, layer_idx, value)
 
+    def kv_from_source(self, layer_idx: int, source: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys/values layer ``source`` computed in this forward, for layer ``layer_idx`` that shares
+        them (``HybridConfig.kv_source_layers``)."""
+        return self.outputs.kv_from_source(layer_idx, source)
+
     def __repr__(self) -> str:
         return f"MixerContext(batch={self.batch!r}, outputs={self.outputs!r})"
 
