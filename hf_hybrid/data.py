@@ -438,6 +438,31 @@ def build_document_dataset(
     )
 
 
+def build_train_dataset(
+    tokenizer,
+    block_size: int,
+    splits: TextSplits,
+    *,
+    mode: str = "documents",
+    unit: str = "paragraph",
+    max_chars: int | None = None,
+):
+    """The conversion recipes' training data and its collator: ``mode="documents"`` (document-aligned
+    :class:`PackedDocuments` rows of ``unit`` documents, :func:`collate_packed`) or ``"blocks"`` (contiguous
+    :class:`PackedBlocks` of the joined stream, ``default_data_collator``), from the first ``max_chars``
+    characters of the training split. Returns ``(dataset, collator)``."""
+    from transformers import default_data_collator
+
+    if mode not in DATA_MODES:
+        raise ValueError(f"data mode {mode!r} is not known; choose one of: {', '.join(DATA_MODES)}")
+    if mode == "blocks":
+        ids = tokenize_documents(tokenizer, list(_capped(splits.train, max_chars)))
+        return PackedBlocks(ids, block_size), default_data_collator
+    return build_document_dataset(tokenizer, block_size, splits.train, unit=unit, max_chars=max_chars), (
+        collate_packed
+    )
+
+
 def build_lm_datasets(
     tokenizer,
     block_size: int,
@@ -479,4 +504,5 @@ __all__ = [
     "PackedDocuments",
     "collate_packed",
     "build_document_dataset",
+    "build_train_dataset",
 ]
