@@ -278,6 +278,191 @@ class PackedBlocks(Dataset):
         return self.blocks.numel()
 
 
+DOCUMENT_UNITS = ("paragraph", "line", "file")
+DATA_MODES = ("documents", "blocks")
+
+
+def split_documents(texts: Iterable[str], unit: str = "paragraph") -> list[str]:
+    """Documents cut from ``texts``: ``"paragraph"`` (blank-line-separated chunks: a speech of a play, a
+    paragraph of prose), ``"line"`` (every non-empty line) or ``"file"`` (each text as is). Surrounding
+    newlines / trailing spaces are dropped; empty documents are skipped."""
+    if unit not in DOCUMENT_UNITS:
+        raise ValueError(f"document unit {unit!r} is not known; choose one of: {', '.join(DOCUMENT_UNITS)}")
+    docs: list[str] = []
+    for text in texts:
+        text = text.replace("\r\n", "\n")
+        if unit == "file":
+            pieces = [text]
+        elif unit == "line":
+            pieces = text.split("\n")
+        else:
+            pieces, current = [], []
+            for line in text.split("\n"):
+                if line.strip():
+                    current.append(line.rstrip())
+                elif current:
+                    pieces.append("\n".join(current))
+                    current = []
+            if current:
+                pieces.append("\n".join(current))
+        docs.extend(d.rstrip() for d in pieces if d.strip())
+    return docs
+
+
+def document_start_id(tokenizer) -> int:
+    """The token a document starts after (the bos token, else the eos token: documents are joined by it in the
+    training stream). Refused when the tokenizer has neither: the first token of a document could not be
+    scored."""
+    for name in ("bos_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(
+        "tokenizer has neither bos_token_id nor eos_token_id: a document's first token needs one to be "
+        "predicted from; set tokenizer.bos_token"
+    )
+
+
+class PackedDocuments(Dataset):
+    """Document-aligned training rows: documents (each ``[start] + its tokens``, ``start`` =
+    ``document_start_id``) packed greedily, in order, into rows of ``block_size`` tokens. Every document
+    starts a segment at position 0 (``position_ids`` restart there) whose first token (the start token)
+    carries the label -100, so with :func:`collate_packed` (one packed row per batch) no token attends to or
+    predicts across a boundary. A document longer than a row is cut into row-sized pieces (the later pieces
+    start a segment without the start token); a document that does not fit a row's remaining space starts
+    the next row, and the row's tail is padding (label -100, a segment of its own). Items: ``{"input_ids",
+    "labels", "position_ids"}``, each ``[block_size]``; ``blocks`` holds the rows ``[N, block_size]``."""
+
+    def __init__(
+        self,
+        documents: Sequence[Sequence[int]],
+        block_size: int,
+        *,
+        start_id: int,
+        pad_id: int,
+        max_rows: int | None = None,
+    ):
+        if block_size < 2:
+            raise ValueError(f"block_size={block_size} must be >= 2")
+        rows_ids: list[list[int]] = []
+        rows_pos: list[list[int]] = []
+        rows_lab: list[list[int]] = []
+        ids: list[int] = []
+        pos: list[int] = []
+        lab: list[int] = []
+        self.num_documents = 0
+
+        def close_row():
+            nonlocal ids, pos, lab
+            pad = block_size - len(ids)
+            if pad:
+                ids += [pad_id] * pad
+                pos += list(range(pad))
+                lab += [-100] * pad
+            rows_ids.append(ids)
+            rows_pos.append(pos)
+            rows_lab.append(lab)
+            ids, pos, lab = [], [], []
+
+        for doc in documents:
+            if max_rows is not None and len(rows_ids) >= max_rows:
+                break
+            tokens = [start_id, *doc]
+            if len(tokens) < 2:
+                continue
+            self.num_documents += 1
+            pieces = [tokens[i : i + block_size] for i in range(0, len(tokens), block_size)]
+            for piece in pieces:
+                if len(ids) + len(piece) > block_size:
+                    close_row()
+                ids += piece
+                pos += list(range(len(piece)))
+                lab += [-100, *piece[1:]]
+                if len(ids) == block_size:
+                    close_row()
+        if ids and (max_rows is None or len(rows_ids) < max_rows):
+            close_row()
+        if max_rows is not None:
+            del rows_ids[max_rows:], rows_pos[max_rows:], rows_lab[max_rows:]
+        if not rows_ids:
+            raise ValueError("no documents with tokens to pack; use more text")
+        self.blocks = torch.tensor(rows_ids, dtype=torch.long)
+        self.position_ids = torch.tensor(rows_pos, dtype=torch.long)
+        self.labels = torch.tensor(rows_lab, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.blocks.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.blocks[i], "labels": self.labels[i], "position_ids": self.position_ids[i]}
+
+    @property
+    def num_tokens(self) -> int:
+        return self.blocks.numel()
+
+    @property
+    def num_predicted(self) -> int:
+        """Tokens that carry a label (document tokens, not padding or segment starts)."""
+        return int((self.labels != -100).sum())
+
+
+def collate_packed(features: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """A batch of :class:`PackedDocuments` rows as one packed row ``[1, B * block_size]`` (the padding-free
+    layout of ``transformers.DataCollatorWithFlattening``): ``position_ids`` restart at every segment, which
+    hf_hybrid models (and transformers' own with flash / sdpa packing support) turn into document boundaries.
+    Rows of :class:`PackedBlocks` (no ``position_ids``) are refused: use ``default_data_collator`` there."""
+    if not features or "position_ids" not in features[0]:
+        raise ValueError("collate_packed takes PackedDocuments rows (input_ids, labels, position_ids)")
+    return {
+        key: torch.cat([torch.as_tensor(f[key]) for f in features])[None]
+        for key in ("input_ids", "labels", "position_ids")
+    }
+
+
+def build_document_dataset(
+    tokenizer,
+    block_size: int,
+    texts: Sequence[str],
+    *,
+    unit: str = "paragraph",
+    max_rows: int | None = None,
+    max_chars: int | None = None,
+) -> PackedDocuments:
+    """:class:`PackedDocuments` from ``texts`` (the first ``max_chars`` characters) cut into documents of
+    ``unit`` (:func:`split_documents`)."""
+    docs = split_documents(_capped(texts, max_chars), unit)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else document_start_id(tokenizer)
+    encoded = tokenizer(docs, add_special_tokens=False)["input_ids"] if docs else []
+    return PackedDocuments(
+        encoded, block_size, start_id=document_start_id(tokenizer), pad_id=int(pad), max_rows=max_rows
+    )
+
+
+def build_train_dataset(
+    tokenizer,
+    block_size: int,
+    splits: TextSplits,
+    *,
+    mode: str = "documents",
+    unit: str = "paragraph",
+    max_chars: int | None = None,
+):
+    """The conversion recipes' training data and its collator: ``mode="documents"`` (document-aligned
+    :class:`PackedDocuments` rows of ``unit`` documents, :func:`collate_packed`) or ``"blocks"`` (contiguous
+    :class:`PackedBlocks` of the joined stream, ``default_data_collator``), from the first ``max_chars``
+    characters of the training split. Returns ``(dataset, collator)``."""
+    from transformers import default_data_collator
+
+    if mode not in DATA_MODES:
+        raise ValueError(f"data mode {mode!r} is not known; choose one of: {', '.join(DATA_MODES)}")
+    if mode == "blocks":
+        ids = tokenize_documents(tokenizer, list(_capped(splits.train, max_chars)))
+        return PackedBlocks(ids, block_size), default_data_collator
+    return build_document_dataset(tokenizer, block_size, splits.train, unit=unit, max_chars=max_chars), (
+        collate_packed
+    )
+
+
 def build_lm_datasets(
     tokenizer,
     block_size: int,
@@ -312,4 +497,12 @@ __all__ = [
     "byte_tokenizer",
     "tokenize_documents",
     "build_lm_datasets",
+    "DOCUMENT_UNITS",
+    "DATA_MODES",
+    "split_documents",
+    "document_start_id",
+    "PackedDocuments",
+    "collate_packed",
+    "build_document_dataset",
+    "build_train_dataset",
 ]

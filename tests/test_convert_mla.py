@@ -495,6 +495,7 @@ def test_recipe_converts_heals_and_reports(tmp_path):
     config["data"] = {"source": "pydoc", "context": 32, "max_train_chars": 20000, "eval_blocks": 4}
     config["levels"] = {"lossless": {"lossless": True}, "r8": {"kv_lora_rank": 8, "rope_dims": 8}}
     config["heal"].update(per_device_train_batch_size=4, max_steps=6, learning_rate=3e-3, disable_tqdm=True)
+    config["eval"] = {"prompts": 4, "prompt_lines": 2, "max_new_tokens": 6, "lines": 16}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config))
     summary = recipe.main(
         [
@@ -511,6 +512,12 @@ def test_recipe_converts_heals_and_reports(tmp_path):
     assert r8["kv_bytes_per_token"] == 2 * (8 + 2 * 8) * 2 and r8["cache_bytes_32k"] == 32768 * 96
     assert lossless["healed"][0]["steps"] == 0 and lossless["init"]["kl_to_source"] < 1e-9
     assert r8["healed"][0]["steps"] == 6 and r8["healed"][0]["kl_to_source"] < r8["init"]["kl_to_source"]
+    # the exact start generates what the source does; healing ran on document-aligned packed rows
+    assert lossless["init"]["agreement_fraction"] == 1.0 and lossless["init"]["next_line_match"] == 1.0
+    assert lossless["init"]["doc_bits_per_byte"] == pytest.approx(
+        summary["source_metrics"]["doc_bits_per_byte"], rel=1e-5
+    )
+    assert summary["samples"] == "documents (paragraph), packed with boundaries"
     assert (
         json.loads((tmp_path / "run" / "metrics.json").read_text())["levels"]["r8"]["options"]["rope_dims"]
         == 8

@@ -497,6 +497,7 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tmp_path):
     recipe["upcycle"].update(num_experts=4, top_k=2)
     recipe["data"].update(block_size=32, max_train_chars=20_000, eval_blocks=4)
     recipe["training"].update(max_steps=3, per_device_train_batch_size=2, logging_steps=1)
+    recipe["eval"] = {"prompts": 4, "prompt_lines": 2, "max_new_tokens": 6, "lines": 16}
     config = tmp_path / "recipe.yaml"
     config.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "out"
@@ -505,6 +506,9 @@ def test_recipe_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert result["exact_start"] and abs(m["upcycled_start_eval_loss"] - m["source_eval_loss"]) < 1e-4
     assert m["train_steps"] == 3 and "dense_continued_eval_loss" in m
     assert m["active_params"] < m["total_params"]
+    # the exact start generates what the source does and scores each held-out line as it does
+    assert m["upcycled_start_agreement"] == 1.0
+    assert m["upcycled_start_doc_bits_per_byte"] == pytest.approx(m["source_doc_bits_per_byte"], abs=1e-4)
     loads = [json.loads(line) for line in (out / "expert_load.jsonl").read_text().splitlines()]
     assert loads and len(loads[-1]["load"]) == 2  # the load logging callback ran, both MoE layers
     model = AutoModelForCausalLM.from_pretrained(out / "model")

@@ -56,7 +56,8 @@ from hf_hybrid.convert.dsa import (
 )
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import estimate_cost, format_count
-from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits, recipe_source
+from hf_hybrid.data import PackedBlocks, TextSplits, build_lm_datasets, load_text_splits, recipe_source
+from hf_hybrid.evaluation import ConversionEval
 from hf_hybrid.training import training_arguments
 
 
@@ -105,7 +106,7 @@ class ComponentLossTrainer(Trainer):
         super().log(logs, start_time)
 
 
-def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, PackedBlocks, str]:
+def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, PackedBlocks, TextSplits]:
     splits = load_text_splits(data_cfg.get("source", "auto"))
     context = int(data_cfg.get("context", 1024))
     train, held = build_lm_datasets(
@@ -119,7 +120,7 @@ def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, 
         f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {context}), "
         f"{held.num_tokens:,} held-out tokens ({len(held)} blocks)"
     )
-    return train, held, splits.name
+    return train, held, splits
 
 
 @torch.no_grad()
@@ -257,13 +258,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     dense, source_dtype = load_source(source, dtype=torch.float32)
     log(f"source: {source} ({source_dtype} weights, trained here in float32)")
-    train_ds, eval_ds, data_name = build_data(tokenizer, data_cfg, log)
+    train_ds, eval_ds, splits = build_data(tokenizer, data_cfg, log)
+    data_name = splits.name
     context = train_ds.blocks.shape[1]
     dense_eval = measure(dense, eval_ds, topk=None, batch_size=eval_bs)
+    # judged against the dense source (hf_hybrid.evaluation); prompts longer than k exercise the selection
+    ev = dict(recipe.get("eval") or {})
+    judge = ConversionEval(
+        dense,
+        tokenizer,
+        splits.eval,
+        eval_ds.blocks,
+        num_prompts=int(ev.get("prompts", 32)),
+        prompt_lines=int(ev.get("prompt_lines", 48)),
+        max_new_tokens=int(ev.get("max_new_tokens", 32)),
+        max_lines=ev.get("lines", 512),
+        batch_size=int(ev.get("batch_size", 8)),
+        kl_batch_size=eval_bs,
+    )
+    dense_eval.update(judge.source_metrics())
     log(
         f"dense source: held-out loss {dense_eval['eval_loss']:.4f}, "
-        f"ppl {dense_eval['eval_perplexity']:.2f} at context {context}"
+        f"ppl {dense_eval['eval_perplexity']:.2f} at context {context}; per-line bits/byte "
+        f"{dense_eval['doc_bits_per_byte']:.4f} ({judge.describe()})"
     )
+    judged: dict[str, dict[str, float]] = {}
+
+    def judge_sparse(stage: str, k: int, m) -> None:
+        with m.dsa_mode("sparse", index_topk=k):
+            judged[f"{stage}, k={k}"] = r = judge.measure(m)
+        log(
+            f"  k={k:4d} {stage:16s} vs source: KL {r['kl_to_source']:.4f}, greedy agreement "
+            f"{r['agreement_fraction']:.3f} ({r['agreement_tokens']:.1f} tokens), next line "
+            f"{r['next_line_match']:.3f}; per-line bits/byte {r['doc_bits_per_byte']:.4f}"
+        )
 
     torch.manual_seed(int(conv_cfg.get("seed", 0)))
     model = convert_model_to_dsa(dense, DSAOptions(index_topk=topks[0], **conv_cfg))
@@ -291,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log("before warm-up:")
     for k in topks:
         record("before warm-up", k, model)
+        judge_sparse("before warm-up", k, model)
 
     # ---- stage 1: dense warm-up (shared by every k) --------------------------------------------------------
     trainer, seconds, (trainable, frozen) = warmup_stage(model, warm_cfg, train_ds, output_dir)
@@ -312,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer, seconds = sparse_stage(model_k, sparse_cfg, train_ds, output_dir, k)
         log(f"sparse training k={k}: {trainer.state.global_step} steps in {seconds:.0f} s")
         r = record("after sparse", k, model_k)
+        judge_sparse("after sparse", k, model_k)
         trainer.log({f"dsa_k{k}/{name}": round(v, 5) for name, v in r.items() if isinstance(v, float)})
         stage_logs[f"sparse_k{k}"] = trainer.state.log_history
         finals[k] = (model_k, r, trainer.state.global_step)
@@ -333,6 +363,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['attention_mass']:.3f} | {r.get('attention_mass_past_k', 1):.3f} | "
             f"{r['eval_perplexity']:.2f} | {r['dense_attention_eval_perplexity']:.2f} | "
             f"{dense_eval['eval_perplexity']:.2f} |"
+        )
+
+    log("")
+    log(
+        "| model | KL to source | greedy agreement | next line = source's | per-line bits/byte "
+        f"(source {dense_eval['doc_bits_per_byte']:.4f}) |"
+    )
+    log("|---|---:|---:|---:|---:|")
+    for name, j in judged.items():
+        log(
+            f"| {name} | {j['kl_to_source']:.4f} | {j['agreement_fraction']:.3f} | "
+            f"{j['next_line_match']:.3f} | {j['doc_bits_per_byte']:.4f} |"
         )
 
     for k, (model_k, r, steps) in finals.items():
@@ -361,6 +403,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "attention_mass": round(r["attention_mass"], 4),
             "recall_at_k_after_warmup": round(warm["recall_at_k"], 4),
             "recall_at_k_before_warmup": round(before["recall_at_k"], 4),
+            **{
+                f"{key}": round(judged[f"after sparse, k={k}"][key], 4)
+                for key in ("kl_to_source", "agreement_fraction", "next_line_match", "doc_bits_per_byte")
+            },
         }
         model_dir = output_dir / f"k{k}"
         model_k.save_pretrained(model_dir)
@@ -372,6 +418,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "context": context,
         "dense_source": dense_eval,
         "rows": rows,
+        "judged": judged,
         "trainer_logs": stage_logs,
         "wall_seconds": round(time.time() - start, 1),
     }

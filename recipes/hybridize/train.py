@@ -6,8 +6,12 @@
 
 Steps:
 0. load the source (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) in fp32 with its
-   tokenizer; cut the local text into blocks of ``data.context`` tokens; measure the source's held-out
-   perplexity;
+   tokenizer; training samples: ``data.mode: documents`` (default; ``data.document_unit`` documents
+   packed into rows of ``data.context`` tokens with boundaries, each from its start:
+   ``hf_hybrid.data.PackedDocuments``) or ``blocks`` (contiguous blocks of the joined text); held-out:
+   blocks of ``data.context`` tokens (perplexity, KL) and the held-out text itself
+   (``hf_hybrid.evaluation.ConversionEval``: greedy agreement with the source, next-line match, per-line
+   bits/byte); measure the source;
 1. choose the layers that stay attention (``hybridize.pattern`` / ``attention_layers``, or
    ``select.num_attention``: each attention layer replaced alone, ranked by the KL to the source — the ranking
    is printed) and hybridize (``hf_hybrid.convert.hybridize``: q/k/v/o inherited; the per-mixer statement is
@@ -20,7 +24,8 @@ Steps:
    saving);
 4. **from scratch**: the student's architecture from random init, trained on the LM loss with the same number
    of tokens as stages 1 + 2 together (``scratch.enabled``);
-5. held-out perplexity and KL to the source after every stage; cache bytes per token at 32K before / after
+5. after every stage: held-out perplexity, KL to the source, greedy agreement / next-line match with the
+   source and per-line bits/byte (``hf_hybrid.evaluation``); cache bytes per token at 32K before / after
    (``hf-hybrid inspect``); the student is saved to ``--output`` with its tokenizer, the per-stage metrics in
    the card's lineage, and ``metrics.json``.
 """
@@ -38,11 +43,10 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import AutoTokenizer, Trainer, default_data_collator
+from transformers import AutoTokenizer, Trainer
 
 from hf_hybrid.convert.checkpoint import parse_layers
 from hf_hybrid.convert.hybridize import (
-    distillation_gap,
     format_ranking,
     format_statements,
     hybridize_model,
@@ -50,7 +54,14 @@ from hf_hybrid.convert.hybridize import (
 )
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import estimate_cost, format_bytes
-from hf_hybrid.data import build_lm_datasets, load_text_splits, recipe_source
+from hf_hybrid.data import (
+    DATA_MODES,
+    DOCUMENT_UNITS,
+    build_lm_datasets,
+    build_train_dataset,
+    load_text_splits,
+    recipe_source,
+)
 from hf_hybrid.distill import (
     AttentionTransfer,
     DistillationTrainer,
@@ -59,10 +70,14 @@ from hf_hybrid.distill import (
     freeze_all_but,
     transfer_error,
 )
+from hf_hybrid.evaluation import ConversionEval
 from hf_hybrid.modeling_hybrid import HybridForCausalLM
 from hf_hybrid.training import evaluate_perplexity, training_arguments
 
 LONG_CONTEXT = 32768
+# The packed rows carry position_ids (the document boundaries), which the Trainer would drop for a model whose
+# forward names them only through **kwargs (AttentionTransfer); the datasets hold only model inputs.
+KEEP_COLUMNS = {"remove_unused_columns": False}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -84,6 +99,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=None)
     p.add_argument("--eval-blocks", type=int, default=None)
     p.add_argument("--max-train-chars", type=int, default=None)
+    p.add_argument(
+        "--data-mode",
+        choices=DATA_MODES,
+        default=None,
+        help="training samples: documents (packed with boundaries, each document from its start; default) "
+        "or blocks (contiguous blocks of the joined text)",
+    )
+    p.add_argument(
+        "--document-unit", choices=DOCUMENT_UNITS, default=None, help="override data.document_unit"
+    )
     p.add_argument("--no-scratch", action="store_true", help="skip the from-scratch baseline")
     p.add_argument(
         "--no-inherit",
@@ -103,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     r = copy.deepcopy(recipe)
-    for section in ("hybridize", "select", "data", "stage1", "stage2", "scratch"):
+    for section in ("hybridize", "select", "data", "stage1", "stage2", "scratch", "eval"):
         r[section] = dict(r.get(section) or {})
     h = r["hybridize"]
     if args.pattern is not None:
@@ -119,6 +144,8 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
         ("context", args.context),
         ("eval_blocks", args.eval_blocks),
         ("max_train_chars", args.max_train_chars),
+        ("mode", args.data_mode),
+        ("document_unit", args.document_unit),
     ):
         if value is not None:
             r["data"][key] = value
@@ -138,12 +165,39 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
     return r
 
 
-def measure(model, teacher, eval_ds, batch_size: int) -> dict[str, float]:
+def measure(model, teacher, eval_ds, batch_size: int, judge: ConversionEval) -> dict[str, float]:
+    """Held-out block perplexity, and against the source (``hf_hybrid.evaluation``): KL on the same blocks,
+    greedy agreement, next-line match, per-document bits/byte."""
     ppl = evaluate_perplexity(model, eval_ds, batch_size=batch_size)
     out = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"]}
-    if teacher is not None:
-        out["kl_to_source"] = distillation_gap(model, teacher, eval_ds.blocks, batch_size=batch_size)["kl"]
-    return out
+    if teacher is None:
+        return {**out, **judge.source_metrics()}
+    return {**out, **judge.measure(model)}
+
+
+def row_summary(row: dict[str, float]) -> str:
+    text = f"ppl {row['eval_perplexity']:.2f}"
+    if "kl_to_source" in row:
+        text += (
+            f", KL {row['kl_to_source']:.4f}, agreement {row['agreement_fraction']:.3f} "
+            f"({row['agreement_tokens']:.1f} tokens), next line {row['next_line_match']:.3f}"
+        )
+    return text + f", doc bits/byte {row['doc_bits_per_byte']:.4f}"
+
+
+def make_judge(teacher, tokenizer, splits, eval_ds, cfg: dict[str, Any], batch_size: int) -> ConversionEval:
+    return ConversionEval(
+        teacher,
+        tokenizer,
+        splits.eval,
+        eval_ds.blocks,
+        num_prompts=int(cfg.get("prompts", 64)),
+        prompt_lines=int(cfg.get("prompt_lines", 4)),
+        max_new_tokens=int(cfg.get("max_new_tokens", 32)),
+        max_lines=cfg.get("lines", 512),
+        batch_size=int(cfg.get("batch_size", 16)),
+        kl_batch_size=batch_size,
+    )
 
 
 def cache_per_token(config, context: int = LONG_CONTEXT) -> float:
@@ -178,20 +232,33 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher, source_dtype = load_source(source, dtype=torch.float32)
     splits = load_text_splits(data_cfg.get("source", "auto"))
     context = int(data_cfg.get("context", 256))
-    train_ds, eval_ds = build_lm_datasets(
+    # contiguous blocks: the held-out perplexity blocks, and the training blocks the layer ranking uses
+    block_ds, eval_ds = build_lm_datasets(
         tokenizer,
         context,
         source=splits,
         max_train_chars=data_cfg.get("max_train_chars"),
         max_eval_blocks=data_cfg.get("eval_blocks"),
     )
+    data_mode, unit = data_cfg.get("mode", "documents"), data_cfg.get("document_unit", "paragraph")
+    train_ds, collator = build_train_dataset(
+        tokenizer, context, splits, mode=data_mode, unit=unit, max_chars=data_cfg.get("max_train_chars")
+    )
+    trained_on = (
+        f"{len(train_ds)} rows of {context} packed from {train_ds.num_documents:,} {unit} documents "
+        f"({train_ds.num_predicted:,} predicted tokens)"
+        if data_mode == "documents"
+        else f"{len(train_ds)} contiguous blocks of {context}"
+    )
     log(
-        f"source: {source} ({source_dtype}); data {splits.name}: {train_ds.num_tokens:,} training tokens, "
+        f"source: {source} ({source_dtype}); data {splits.name}: training on {trained_on}; "
         f"{eval_ds.num_tokens:,} held-out ({len(eval_ds)} blocks of {context})"
     )
+    judge = make_judge(teacher, tokenizer, splits, eval_ds, recipe["eval"], eval_bs)
+    log(f"judged against the source on: {judge.describe()}")
     rows: dict[str, dict[str, float]] = {}
-    rows["source"] = measure(teacher, None, eval_ds, eval_bs)
-    log(f"source: held-out ppl {rows['source']['eval_perplexity']:.2f}")
+    rows["source"] = measure(teacher, None, eval_ds, eval_bs, judge)
+    log(f"source: held-out {row_summary(rows['source'])}")
 
     # ---- 1. layers and hybridize ---------------------------------------------------------------------------
     ranking = None
@@ -201,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ranking = rank_layers(
             teacher,
             # ranked on training blocks: the held-out blocks are what the table then reports on
-            train_ds.blocks[: int(sel_cfg.get("blocks", 4))],
+            block_ds.blocks[: int(sel_cfg.get("blocks", 4))],
             mixer=mixer,
             criterion=sel_cfg.get("criterion", "kl"),
             mixer_config=h_cfg.get("mixer_config"),
@@ -240,10 +307,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{lineage['options']['attention_layers']}"
     )
     log(format_statements(lineage["init"]))
-    rows["init"] = measure(student, teacher, eval_ds, eval_bs)
+    rows["init"] = measure(student, teacher, eval_ds, eval_bs, judge)
     nmse_init = transfer_error(teacher, student, replaced, eval_ds.blocks, batch_size=eval_bs)
     log(
-        f"student at init: ppl {rows['init']['eval_perplexity']:.2f}, KL {rows['init']['kl_to_source']:.4f}, "
+        f"student at init: {row_summary(rows['init'])}, "
         f"nMSE { ({i: round(v, 4) for i, v in nmse_init.items()}) }"
     )
 
@@ -253,9 +320,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     trainer = TransferTrainer(
         model=transfer,
-        args=training_arguments(str(output_dir / "trainer-stage1"), **s1_cfg),
+        args=training_arguments(str(output_dir / "trainer-stage1"), **{**KEEP_COLUMNS, **s1_cfg}),
         train_dataset=train_ds,
-        data_collator=default_data_collator,
+        data_collator=collator,
     )
     trainer.train()
     s1_seconds, s1_steps = time.time() - t0, trainer.state.global_step
@@ -263,10 +330,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for p in student.parameters():
         p.requires_grad_(True)
     nmse_s1 = transfer_error(teacher, student, replaced, eval_ds.blocks, batch_size=eval_bs)
-    rows["stage1"] = measure(student, teacher, eval_ds, eval_bs)
+    rows["stage1"] = measure(student, teacher, eval_ds, eval_bs, judge)
     log(
         f"stage 1: {s1_steps} steps in {s1_seconds:.0f} s ({trainable:,} params trained, {frozen:,} frozen); "
-        f"ppl {rows['stage1']['eval_perplexity']:.2f}, KL {rows['stage1']['kl_to_source']:.4f}, "
+        f"{row_summary(rows['stage1'])}, "
         f"nMSE { ({i: round(v, 4) for i, v in nmse_s1.items()}) }"
     )
 
@@ -283,9 +350,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     trainer = DistillationTrainer(
         model=model2,
         teacher=teacher,
-        args=training_arguments(str(output_dir / "trainer-stage2"), **s2_args),
+        args=training_arguments(str(output_dir / "trainer-stage2"), **{**KEEP_COLUMNS, **s2_args}),
         train_dataset=train_ds,
-        data_collator=default_data_collator,
+        data_collator=collator,
         temperature=float(s2_cfg.get("temperature", 1.0)),
         lm_weight=float(s2_cfg.get("lm_weight", 0.0)),
     )
@@ -294,11 +361,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s2_logs = trainer.state.log_history
     if mode == "lora":
         student = model2.merge_and_unload()
-    rows["stage2"] = measure(student, teacher, eval_ds, eval_bs)
-    log(
-        f"stage 2 ({mode}): {s2_steps} steps in {s2_seconds:.0f} s; ppl "
-        f"{rows['stage2']['eval_perplexity']:.2f}, KL {rows['stage2']['kl_to_source']:.4f}"
-    )
+    rows["stage2"] = measure(student, teacher, eval_ds, eval_bs, judge)
+    log(f"stage 2 ({mode}): {s2_steps} steps in {s2_seconds:.0f} s; {row_summary(rows['stage2'])}")
 
     # ---- 4. from scratch, same tokens ----------------------------------------------------------------------
     s1_tokens = s1_steps * int(s1_cfg.get("per_device_train_batch_size", 16)) * context
@@ -315,17 +379,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer = Trainer(
             model=scratch,
             args=training_arguments(
-                str(output_dir / "trainer-scratch"), **{**scratch_cfg, "max_steps": steps}
+                str(output_dir / "trainer-scratch"), **{**KEEP_COLUMNS, **scratch_cfg, "max_steps": steps}
             ),
             train_dataset=train_ds,
-            data_collator=default_data_collator,
+            data_collator=collator,
         )
         trainer.train()
         scratch_logs = trainer.state.log_history
-        rows["scratch"] = measure(scratch, teacher, eval_ds, eval_bs)
+        rows["scratch"] = measure(scratch, teacher, eval_ds, eval_bs, judge)
         log(
             f"from scratch: {steps} steps ({steps * bs * context:,} tokens) in {time.time() - t0:.0f} s; "
-            f"ppl {rows['scratch']['eval_perplexity']:.2f}"
+            f"{row_summary(rows['scratch'])}"
         )
 
     # ---- 5. table, card, files -----------------------------------------------------------------------------
@@ -345,6 +409,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{rows['scratch']['eval_perplexity'] if 'scratch' in rows else float('nan'):.2f} | "
         f"{format_bytes(before)} → {format_bytes(after)} |"
     )
+    log("")
+    log("| | source | init | stage 1 | stage 2 |")
+    log("|---|---:|---:|---:|---:|")
+    for key, name, digits in (
+        ("kl_to_source", "KL to the source", 4),
+        ("agreement_fraction", "greedy agreement (fraction)", 3),
+        ("agreement_tokens", f"greedy agreement (tokens of {judge.max_new_tokens})", 2),
+        ("next_line_match", "next line = source's", 3),
+        ("next_line_reference", "next line = held-out text", 3),
+        ("doc_bits_per_byte", "per-line bits/byte", 4),
+        ("doc_bits_per_byte_first16", "  of which first 16 tokens", 4),
+    ):
+        cells = [rows[r].get(key) for r in ("source", "init", "stage1", "stage2")]
+        log(f"| {name} | " + " | ".join("–" if c is None else f"{c:.{digits}f}" for c in cells) + " |")
 
     lineage.setdefault("base_model", str(source))
     lineage["source"] = str(source)
@@ -355,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "config": Path(args.config).name,
         "data": splits.name,
         "context": context,
+        "samples": data_mode if data_mode == "blocks" else f"documents ({unit}), packed with boundaries",
         "stage1": {
             "objective": "attention transfer (normalised MSE, teacher inputs, new mixers only)",
             "steps": s1_steps,
@@ -382,6 +461,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "stage2_kl": round(rows["stage2"]["kl_to_source"], 4),
         "stage1_nmse_before": {str(i): round(v, 4) for i, v in nmse_init.items()},
         "stage1_nmse_after": {str(i): round(v, 4) for i, v in nmse_s1.items()},
+        **{
+            f"{stage}_{key}": round(rows[stage][key], 4)
+            for stage in ("source", "init", "stage1", "stage2")
+            for key in (
+                "agreement_fraction",
+                "next_line_match",
+                "doc_bits_per_byte",
+            )
+            if key in rows[stage]
+        },
         "cache_bytes_per_token_32k_source": round(before, 1),
         "cache_bytes_per_token_32k": round(after, 1),
     }

@@ -5,10 +5,14 @@
 
 Steps:
 0. load the source (hf_hybrid, or Llama / Qwen2 / Qwen3 / Mistral imported on the way) in fp32 with its
-   tokenizer; cut the local text into blocks of ``data.context`` tokens; held-out perplexity of the source;
+   tokenizer; healing samples: ``data.mode: documents`` (default; ``data.document_unit`` documents packed
+   into rows of ``data.context`` tokens with boundaries, each from its start) or ``blocks`` (contiguous
+   blocks of the joined text); held-out blocks of ``data.context`` tokens (perplexity, KL) and the held-out
+   text itself (``hf_hybrid.evaluation.ConversionEval``: greedy agreement with the source, next-line match,
+   per-line bits/byte); the source measured;
 1. for each level (``levels:``, ``MLAOptions`` fields): convert every attention layer
    (``hf_hybrid.convert.mla.mla_model``; calibration activations from ``calibration_blocks`` training blocks
-   when the level asks for them); held-out perplexity and KL to the source at init;
+   when the level asks for them); held-out perplexity, KL and the generation metrics at init;
 2. for each seed: heal with ``hf_hybrid.distill.DistillationTrainer`` (KL to the source's logits, + optional
    LM loss; the whole student or a LoRA adapter, merged after) — the project's one training stack; held-out
    perplexity and KL after;
@@ -32,14 +36,21 @@ from typing import Any
 
 import torch
 import yaml
-from transformers import AutoTokenizer, default_data_collator
+from transformers import AutoTokenizer
 
-from hf_hybrid.convert.hybridize import distillation_gap
 from hf_hybrid.convert.mla import MLAOptions, cache_bytes_at, kv_bytes_per_token, mla_model
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import format_bytes
-from hf_hybrid.data import build_lm_datasets, find_shared_dir, load_text_splits
+from hf_hybrid.data import (
+    DATA_MODES,
+    DOCUMENT_UNITS,
+    build_lm_datasets,
+    build_train_dataset,
+    find_shared_dir,
+    load_text_splits,
+)
 from hf_hybrid.distill import DistillationTrainer, add_lora
+from hf_hybrid.evaluation import ConversionEval
 from hf_hybrid.training import evaluate_perplexity, training_arguments
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,6 +68,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=None)
     p.add_argument("--eval-blocks", type=int, default=None)
     p.add_argument("--max-train-chars", type=int, default=None)
+    p.add_argument(
+        "--data-mode",
+        choices=DATA_MODES,
+        default=None,
+        help="training samples: documents (packed with boundaries, each document from its start; default) "
+        "or blocks (contiguous blocks of the joined text)",
+    )
+    p.add_argument(
+        "--document-unit", choices=DOCUMENT_UNITS, default=None, help="override data.document_unit"
+    )
     p.add_argument("--save", action="store_true", help="save each healed model")
     p.add_argument("--no-heal", action="store_true", help="conversion and init metrics only (ablations)")
     p.add_argument("--output-dir", default=None, help="override output_dir (trainer files, metrics.json)")
@@ -96,6 +117,8 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
         ("context", args.context),
         ("eval_blocks", args.eval_blocks),
         ("max_train_chars", args.max_train_chars),
+        ("mode", args.data_mode),
+        ("document_unit", args.document_unit),
     ):
         if value is not None:
             r["data"][key] = value
@@ -110,15 +133,17 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
     return r
 
 
-def measure(model, teacher, eval_ds, batch_size: int) -> dict[str, float]:
+def measure(model, teacher, eval_ds, batch_size: int, judge: ConversionEval) -> dict[str, float]:
+    """Held-out block perplexity, and against the source (``hf_hybrid.evaluation``): KL on the same blocks,
+    greedy agreement, next-line match, per-document bits/byte."""
     ppl = evaluate_perplexity(model, eval_ds, batch_size=batch_size)
     out = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"]}
-    if teacher is not None:
-        out["kl_to_source"] = distillation_gap(model, teacher, eval_ds.blocks, batch_size=batch_size)["kl"]
-    return out
+    if teacher is None:
+        return {**out, **judge.source_metrics()}
+    return {**out, **judge.measure(model)}
 
 
-def heal(student, teacher, train_ds, cfg: dict[str, Any], seed: int, output_dir: Path):
+def heal(student, teacher, train_ds, collator, cfg: dict[str, Any], seed: int, output_dir: Path):
     """Stage-2 distillation (KL to the source) with the project's DistillationTrainer; returns the healed
     model (LoRA merged), steps and the Trainer log."""
     args = {k: v for k, v in cfg.items() if k not in ("train", "temperature", "lm_weight", "lora")}
@@ -132,9 +157,10 @@ def heal(student, teacher, train_ds, cfg: dict[str, Any], seed: int, output_dir:
     trainer = DistillationTrainer(
         model=model,
         teacher=teacher,
-        args=training_arguments(str(output_dir), **{**args, "seed": seed}),
+        # the packed rows' position_ids (document boundaries) must reach the model
+        args=training_arguments(str(output_dir), **{"remove_unused_columns": False, **args, "seed": seed}),
         train_dataset=train_ds,
-        data_collator=default_data_collator,
+        data_collator=collator,
         temperature=float(cfg.get("temperature", 1.0)),
         lm_weight=float(cfg.get("lm_weight", 0.0)),
     )
@@ -176,19 +202,43 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     teacher, source_dtype = load_source(source, dtype=torch.float32)
     splits = load_text_splits(data_cfg.get("source", "auto"))
     context = int(data_cfg.get("context", 256))
-    train_ds, eval_ds = build_lm_datasets(
+    # contiguous blocks: the held-out perplexity blocks, and the calibration blocks of the SVDs
+    block_ds, eval_ds = build_lm_datasets(
         tokenizer,
         context,
         source=splits,
         max_train_chars=data_cfg.get("max_train_chars"),
         max_eval_blocks=data_cfg.get("eval_blocks"),
     )
-    calibration = train_ds.blocks[: int(recipe.get("calibration_blocks", 8))]
+    calibration = block_ds.blocks[: int(recipe.get("calibration_blocks", 8))]
+    data_mode, unit = data_cfg.get("mode", "documents"), data_cfg.get("document_unit", "paragraph")
+    train_ds, collator = build_train_dataset(
+        tokenizer, context, splits, mode=data_mode, unit=unit, max_chars=data_cfg.get("max_train_chars")
+    )
+    trained_on = (
+        f"{len(train_ds)} rows of {context} packed from {train_ds.num_documents:,} {unit} documents"
+        if data_mode == "documents"
+        else f"{len(train_ds)} contiguous blocks of {context}"
+    )
     log(
-        f"source: {source} ({source_dtype}); data {splits.name}: {train_ds.num_tokens:,} training tokens, "
+        f"source: {source} ({source_dtype}); data {splits.name}: healing on {trained_on}; "
         f"{eval_ds.num_tokens:,} held-out ({len(eval_ds)} blocks of {context})"
     )
-    src_row = measure(teacher, None, eval_ds, eval_bs)
+    ev = dict(recipe.get("eval") or {})
+    judge = ConversionEval(
+        teacher,
+        tokenizer,
+        splits.eval,
+        eval_ds.blocks,
+        num_prompts=int(ev.get("prompts", 64)),
+        prompt_lines=int(ev.get("prompt_lines", 4)),
+        max_new_tokens=int(ev.get("max_new_tokens", 32)),
+        max_lines=ev.get("lines", 512),
+        batch_size=int(ev.get("batch_size", 16)),
+        kl_batch_size=eval_bs,
+    )
+    log(f"judged against the source on: {judge.describe()}")
+    src_row = measure(teacher, None, eval_ds, eval_bs, judge)
     src_kv, src_cache = kv_bytes_per_token(teacher.config), cache_bytes_at(teacher.config, LONG_CONTEXT)
     log(
         f"source: held-out ppl {src_row['eval_perplexity']:.2f}; KV {src_kv} B/token, "
@@ -200,12 +250,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, opts in options.items():
         t0 = time.time()
         converted = mla_model(teacher, opts, calibration=calibration if opts.needs_calibration else None)
-        init = measure(converted, teacher, eval_ds, eval_bs)
+        init = measure(converted, teacher, eval_ds, eval_bs, judge)
         kv, cache = kv_bytes_per_token(converted.config), cache_bytes_at(converted.config, LONG_CONTEXT)
         log(
             f"[{name}] converted in {time.time() - t0:.1f} s: KV {kv} B/token ({100 * kv / src_kv:.1f} %), "
             f"{format_bytes(cache)} @32K; init ppl {init['eval_perplexity']:.2f}, "
-            f"KL {init['kl_to_source']:.4f}"
+            f"KL {init['kl_to_source']:.4f}, agreement {init['agreement_fraction']:.3f}, next line "
+            f"{init['next_line_match']:.3f}, doc bits/byte {init['doc_bits_per_byte']:.4f}"
         )
         runs = []
         if converted.config.hf_hybrid_lineage["options"]["exact_start"]:
@@ -217,14 +268,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             student = copy.deepcopy(converted)
             t0 = time.time()
             healed, steps, logs = heal(
-                student, teacher, train_ds, heal_cfg, seed, output_dir / "trainer" / f"{name}-seed{seed}"
+                student,
+                teacher,
+                train_ds,
+                collator,
+                heal_cfg,
+                seed,
+                output_dir / "trainer" / f"{name}-seed{seed}",
             )
-            after = measure(healed, teacher, eval_ds, eval_bs)
+            after = measure(healed, teacher, eval_ds, eval_bs, judge)
             tokens = steps * int(heal_cfg.get("per_device_train_batch_size", 8)) * context
             log(
                 f"[{name}] seed {seed}: healed {steps} steps ({tokens:,} tokens) in "
                 f"{time.time() - t0:.0f} s; "
-                f"ppl {after['eval_perplexity']:.2f}, KL {after['kl_to_source']:.4f}"
+                f"ppl {after['eval_perplexity']:.2f}, KL {after['kl_to_source']:.4f}, agreement "
+                f"{after['agreement_fraction']:.3f}, next line {after['next_line_match']:.3f}, doc bits/byte "
+                f"{after['doc_bits_per_byte']:.4f}"
             )
             runs.append({"seed": seed, "steps": steps, "tokens": tokens, **after, "trainer_log": logs})
             if recipe.get("save"):
@@ -268,9 +327,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"{r['init']['kl_to_source']:.4f} | {mean_spread(kl, 4)} | "
             f"{r['healed'][0]['tokens'] if r['healed'] else 0:,} × {len(r['healed'])} |"
         )
+    log("")
+    log(
+        "| level | agreement init | agreement healed | next line init | next line healed | "
+        "bits/byte init | bits/byte healed |"
+    )
+    log("|---|---:|---:|---:|---:|---:|---:|")
+    log(f"| source | – | – | – | – | {src_row['doc_bits_per_byte']:.4f} | – |")
+    for name, r in results.items():
+        cells = []
+        for key, digits in (
+            ("agreement_fraction", 3),
+            ("next_line_match", 3),
+            ("doc_bits_per_byte", 4),
+        ):
+            healed = [x[key] for x in r["healed"]] or [float("nan")]
+            cells += [f"{r['init'][key]:.{digits}f}", mean_spread(healed, digits)]
+        log(f"| {name} | " + " | ".join(cells) + " |")
     summary = {
         "source": str(source),
         "context": context,
+        "samples": data_mode if data_mode == "blocks" else f"documents ({unit}), packed with boundaries",
+        "source_metrics": src_row,
         "seeds": seeds,
         "source_perplexity": src_row["eval_perplexity"],
         "source_kv_bytes_per_token": src_kv,

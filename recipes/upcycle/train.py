@@ -36,7 +36,8 @@ import hf_hybrid
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.convert.upcycle import UpcycleOptions, upcycle_model
 from hf_hybrid.cost import estimate_cost, format_count
-from hf_hybrid.data import PackedBlocks, build_lm_datasets, load_text_splits, recipe_source
+from hf_hybrid.data import PackedBlocks, TextSplits, build_lm_datasets, load_text_splits, recipe_source
+from hf_hybrid.evaluation import ConversionEval
 from hf_hybrid.moe_training import collect_expert_load, install_moe_callbacks, load_metrics
 from hf_hybrid.training import evaluate_perplexity, logged_losses, training_arguments
 
@@ -66,7 +67,7 @@ def prepare_output(output_dir: Path, overwrite: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
 
 
-def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, PackedBlocks, str]:
+def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, PackedBlocks, TextSplits]:
     """Training and held-out blocks of the local text, tokenised with the checkpoint's own tokenizer."""
     splits = load_text_splits(data_cfg.get("source", "auto"))
     block = int(data_cfg.get("block_size", 256))
@@ -81,7 +82,14 @@ def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, 
         f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {block}), "
         f"{held.num_tokens:,} held-out tokens"
     )
-    return train, held, splits.name
+    return train, held, splits
+
+
+def judged_line(m: dict[str, float]) -> str:
+    return (
+        f"vs source: KL {m['kl_to_source']:.4f}, greedy agreement {m['agreement_fraction']:.3f}, next line "
+        f"{m['next_line_match']:.3f}; per-line bits/byte {m['doc_bits_per_byte']:.4f}"
+    )
 
 
 def train(model, targs, train_ds, *, moe: bool, jsonl: Path | None):
@@ -132,10 +140,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     dense, source_dtype = load_source(source, dtype=torch.float32)
     log(f"source: {source} ({source_dtype} weights, trained here in float32)")
-    train_ds, eval_ds, data_name = build_data(tokenizer, data_cfg, log)
+    train_ds, eval_ds, splits = build_data(tokenizer, data_cfg, log)
+    data_name = splits.name
     eval_bs = int(recipe.get("eval_batch_size", 8))
     base = evaluate_perplexity(dense, eval_ds, batch_size=eval_bs)
-    log(f"source held-out LM loss {base['loss']:.4f} (ppl {base['perplexity']:.2f})")
+    # judged against the source (hf_hybrid.evaluation): greedy agreement, next line, KL, per-line bits/byte
+    ev = dict(recipe.get("eval") or {})
+    judge = ConversionEval(
+        copy.deepcopy(dense),  # the source as it was, whatever the MoE built from it shares and trains
+        tokenizer,
+        splits.eval,
+        eval_ds.blocks,
+        num_prompts=int(ev.get("prompts", 64)),
+        prompt_lines=int(ev.get("prompt_lines", 4)),
+        max_new_tokens=int(ev.get("max_new_tokens", 32)),
+        max_lines=ev.get("lines", 512),
+        batch_size=int(ev.get("batch_size", 16)),
+        kl_batch_size=eval_bs,
+    )
+    source_judged = judge.source_metrics()
+    log(
+        f"source held-out LM loss {base['loss']:.4f} (ppl {base['perplexity']:.2f}); per-line bits/byte "
+        f"{source_judged['doc_bits_per_byte']:.4f} ({judge.describe()})"
+    )
 
     # ---- upcycle -------------------------------------------------------------------------------------------
     opts = UpcycleOptions(**{**up_cfg, "layers": tuple(up_cfg["layers"]) if up_cfg.get("layers") else None})
@@ -147,10 +174,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         moe = upcycle_model(dense, opts)
     exact = opts.exact_start(dense.config)
     start_eval = evaluate_perplexity(moe, eval_ds, batch_size=eval_bs)
+    start_judged = judge.measure(moe)
     gap = abs(start_eval["loss"] - base["loss"])
     log(
         f"upcycled: {moe.config.num_experts} experts, top-{moe.config.num_experts_per_tok}, exact "
-        f"start: {exact}; held-out LM loss at start {start_eval['loss']:.4f} (|Δ| vs source {gap:.2e})"
+        f"start: {exact}; held-out LM loss at start {start_eval['loss']:.4f} (|Δ| vs source {gap:.2e}); "
+        f"{judged_line(start_judged)}"
     )
     if exact and gap > 1e-4:
         raise SystemExit(f"internal error: an exact upcycle changed the held-out loss by {gap:.2e}")
@@ -170,12 +199,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["dense"] = {
             "eval_loss": after["loss"],
             "eval_perplexity": after["perplexity"],
+            **judge.measure(dense_run),
             "train_seconds": seconds,
             "logged_losses": logged_losses(trainer),
         }
         log(
             f"dense continued: held-out LM loss {after['loss']:.4f} "
-            f"(ppl {after['perplexity']:.2f}), {seconds:.0f} s"
+            f"(ppl {after['perplexity']:.2f}), {seconds:.0f} s; {judged_line(results['dense'])}"
         )
         del dense_run, trainer
     jsonl = output_dir / "expert_load.jsonl"
@@ -186,13 +216,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results["moe"] = {
         "eval_loss": after["loss"],
         "eval_perplexity": after["perplexity"],
+        **judge.measure(moe),
         "train_seconds": seconds,
         "logged_losses": logged_losses(trainer),
         "eval_expert_load": load,
     }
     log(
         "MoE continued:   held-out LM loss "
-        f"{after['loss']:.4f} (ppl {after['perplexity']:.2f}), {seconds:.0f} s"
+        f"{after['loss']:.4f} (ppl {after['perplexity']:.2f}), {seconds:.0f} s; {judged_line(results['moe'])}"
     )
 
     steps = trainer.state.global_step
@@ -220,6 +251,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     metrics = {
         "source_eval_loss": round(base["loss"], 4),
+        "source_doc_bits_per_byte": round(source_judged["doc_bits_per_byte"], 4),
+        "upcycled_start_doc_bits_per_byte": round(start_judged["doc_bits_per_byte"], 4),
+        "upcycled_start_agreement": round(start_judged["agreement_fraction"], 4),
+        "moe_doc_bits_per_byte": round(results["moe"]["doc_bits_per_byte"], 4),
+        "moe_agreement": round(results["moe"]["agreement_fraction"], 4),
+        "moe_next_line_match": round(results["moe"]["next_line_match"], 4),
+        "moe_kl_to_source": round(results["moe"]["kl_to_source"], 4),
         "upcycled_start_eval_loss": round(start_eval["loss"], 4),
         "moe_eval_loss": round(results["moe"]["eval_loss"], 4),
         "moe_eval_perplexity": round(results["moe"]["eval_perplexity"], 2),
@@ -230,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if "dense" in results:
         metrics["dense_continued_eval_loss"] = round(results["dense"]["eval_loss"], 4)
+        metrics["dense_continued_doc_bits_per_byte"] = round(results["dense"]["doc_bits_per_byte"], 4)
+        metrics["dense_continued_agreement"] = round(results["dense"]["agreement_fraction"], 4)
     if is_main:
         lineage = moe.config.hf_hybrid_lineage
         lineage.setdefault("base_model", str(source))
@@ -251,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "metrics": metrics,
             "results": results,
             "exact_start": exact,
+            "start": {**start_eval, **start_judged},
+            "source_judged": source_judged,
             "options": opts.as_dict(),
             "wall_seconds": round(time.time() - start, 1),
         }
