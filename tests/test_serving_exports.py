@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_native_export_ours import context, left_padded, our_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.cli import main as cli_main
@@ -80,6 +80,7 @@ OLD_RELEASES_DIFFER: dict[str, tuple[tuple[str, ...], dict, str]] = {
     "granitemoehybrid": (_BEFORE_5_23, {"overrides": {"mamba_n_groups": 1}}, _GROUPED_NORM),
     "deepseek_v32": (("5.16.1",), {"load": {"attn_implementation": "eager"}}, _BOOL_MASK),
     "glm_moe_dsa": (("5.16.1",), {"load": {"attn_implementation": "eager"}}, _BOOL_MASK),
+    "axk2": (("5.16.1",), {"load": {"attn_implementation": "eager"}}, _BOOL_MASK),
 }
 
 
@@ -260,12 +261,15 @@ LOAD_SCRIPT = """
 import json, sys
 sys.modules["fla"] = None
 import torch, transformers
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 print(json.dumps({"version": transformers.__version__}), flush=True)
 for path in sys.argv[1:]:
     ref = torch.load(path + "/reference.pt")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **ref["load"]).eval()
+        # a vision-language wrapper (mistral_large4_text's export) loads through its own Auto class
+        wrapped = "text_config" in json.load(open(path + "/config.json"))
+        auto = AutoModelForImageTextToText if wrapped else AutoModelForCausalLM
+        model = auto.from_pretrained(path, **ref["load"]).eval()
         with torch.no_grad():
             got = model(input_ids=ref["ids"], attention_mask=ref["mask"], position_ids=ref["positions"],
                         use_cache=False).logits
@@ -289,7 +293,9 @@ def export_with_reference(model_type: str, dst: Path, *, overrides=None, load=No
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with context(model_type):
         export_native(ours, dst, to=model_type)
-        native = AutoModelForCausalLM.from_pretrained(dst).eval()
+        wrapped = "text_config" in json.loads((dst / "config.json").read_text())
+        auto = AutoModelForImageTextToText if wrapped else AutoModelForCausalLM  # mistral_large4_text
+        native = auto.from_pretrained(dst).eval()
         with torch.no_grad():
             out = native(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
     reference = {"ids": ids, "mask": mask, "positions": positions, "logits": out.logits, "load": load or {}}

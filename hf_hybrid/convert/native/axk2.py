@@ -181,6 +181,8 @@ FAMILIES = {
             ),
         ],
         ignored_options=("head_dim",),  # overwritten with qk_rope_head_dim by the config itself
+        # all "indexed_attention" (derived by the class; 5.16 spells it "deepseek_sparse_attention")
+        derived_native_fields=("layer_types",),
         model_rules=MODEL_RULES,
         layer_rules=_gated("input_layernorm", "input_layernorm"),
         mixer_rules={"dsa": (*INDEXER_RULES, *MLA_RULES)},
