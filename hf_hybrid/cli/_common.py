@@ -154,7 +154,7 @@ def resolve_config(spec: str, *, trust_remote_code: bool = False):
             return native_to_hybrid_config(path.parent if path.name == "config.json" else path)
         raise CLIError(
             f"{path}: model_type={model_type!r} is neither hf_hybrid nor importable "
-            f"({', '.join([*SUPPORTED, *FAMILY_MODULES])})"
+            f"({', '.join(dict.fromkeys([*SUPPORTED, *FAMILY_MODULES]))})"
         )
     if spec in PRESETS:
         from ..presets import preset_config
