@@ -88,8 +88,12 @@ def toy_command(command: str, state: dict[str, str]) -> str | None:
             state["n"] = str(int(state.get("n", "0")) + 1)
             state["dst"] = f"dst-{state['n']}"
         command = re.sub(r"\bDST\b", state["dst"], command)
-    if words[:2] == ["hf-hybrid", "hybridize"] and Path(state["clone"], words[3]).exists():
-        command = command.replace(f" {words[3]} ", f" {words[3]}-2 ", 1)  # the README reuses my-hybrid
+    if (
+        words[:2] in (["hf-hybrid", "hybridize"], ["hf-hybrid", "mla"])
+        and Path(state["clone"], words[3]).exists()
+    ):
+        # the README shows alternatives writing the same directory (my-hybrid, my-mla)
+        command = command.replace(f" {words[3]}", f" {words[3]}-2", 1)
     for script, flags in TOY.items():
         command = command.replace(script, f"{script} {flags}")
     return command
