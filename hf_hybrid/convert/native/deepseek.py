@@ -25,6 +25,8 @@ assumed).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ...mixers.mla import rope_deinterleave_index
@@ -110,33 +112,36 @@ def _has_indexer(ctx: RuleContext) -> bool:
     return ctx.ours.dsa_layer_has_indexer(ctx.layer)
 
 
-INDEXER_RULES = (
-    W(
-        "self_attn.indexer.wq_b.weight",
-        "mixer.indexer.wq.weight",
-        *permute_rows(_index_q_rows),
-        when=_has_indexer,
-    ),
-    W(
-        "self_attn.indexer.wk.weight",
-        "mixer.indexer.wk.weight",
-        *permute_rows(_index_k_rows),
-        when=_has_indexer,
-    ),
-    W(
-        "self_attn.indexer.k_norm.weight",
-        "mixer.indexer.k_norm.weight",
-        *permute_rows(_index_k_rows),
-        when=_has_indexer,
-    ),
-    W(
-        "self_attn.indexer.k_norm.bias",
-        "mixer.indexer.k_norm.bias",
-        *permute_rows(_index_k_rows),
-        when=_has_indexer,
-    ),
-    W("self_attn.indexer.weights_proj.weight", "mixer.indexer.weights_proj.weight", when=_has_indexer),
-)
+def indexer_rules(
+    q_rows: Callable[[RuleContext], torch.Tensor], k_rows: Callable[[RuleContext], torch.Tensor]
+):
+    """The lightning indexer's weight rules (layers with an indexer of their own), with ``q_rows`` /
+    ``k_rows`` the row orders of its query and key projections (where the family rotates which channels)."""
+    return (
+        W(
+            "self_attn.indexer.wq_b.weight",
+            "mixer.indexer.wq.weight",
+            *permute_rows(q_rows),
+            when=_has_indexer,
+        ),
+        W("self_attn.indexer.wk.weight", "mixer.indexer.wk.weight", *permute_rows(k_rows), when=_has_indexer),
+        W(
+            "self_attn.indexer.k_norm.weight",
+            "mixer.indexer.k_norm.weight",
+            *permute_rows(k_rows),
+            when=_has_indexer,
+        ),
+        W(
+            "self_attn.indexer.k_norm.bias",
+            "mixer.indexer.k_norm.bias",
+            *permute_rows(k_rows),
+            when=_has_indexer,
+        ),
+        W("self_attn.indexer.weights_proj.weight", "mixer.indexer.weights_proj.weight", when=_has_indexer),
+    )
+
+
+INDEXER_RULES = indexer_rules(_index_q_rows, _index_k_rows)
 DSA_RULES = (*INDEXER_RULES, *MLA_RULES)
 
 

@@ -41,6 +41,7 @@ from .deepseek import (
     _glm_indexer_types,
     _per_head_rope_rows,
     _v32_layers,
+    indexer_rules,
 )
 from .moe_attention import MODEL_RULES, NORM_RULES
 
@@ -77,37 +78,7 @@ def _index_k_rows(ctx: RuleContext) -> torch.Tensor:
     return _index_rows(1, ctx.ours.index_head_dim, _rope(ctx))
 
 
-def _has_indexer(ctx: RuleContext) -> bool:
-    return ctx.ours.dsa_layer_has_indexer(ctx.layer)
-
-
-_INDEXER_RULES = (
-    W(
-        "self_attn.indexer.wq_b.weight",
-        "mixer.indexer.wq.weight",
-        *permute_rows(_index_q_rows),
-        when=_has_indexer,
-    ),
-    W(
-        "self_attn.indexer.wk.weight",
-        "mixer.indexer.wk.weight",
-        *permute_rows(_index_k_rows),
-        when=_has_indexer,
-    ),
-    W(
-        "self_attn.indexer.k_norm.weight",
-        "mixer.indexer.k_norm.weight",
-        *permute_rows(_index_k_rows),
-        when=_has_indexer,
-    ),
-    W(
-        "self_attn.indexer.k_norm.bias",
-        "mixer.indexer.k_norm.bias",
-        *permute_rows(_index_k_rows),
-        when=_has_indexer,
-    ),
-    W("self_attn.indexer.weights_proj.weight", "mixer.indexer.weights_proj.weight", when=_has_indexer),
-)
+_INDEXER_RULES = indexer_rules(_index_q_rows, _index_k_rows)
 
 
 def _q_rows(ctx: RuleContext) -> torch.Tensor:
