@@ -438,6 +438,21 @@ def build_document_dataset(
     )
 
 
+def add_data_mode_arguments(parser) -> None:
+    """``--data-mode`` and ``--document-unit`` for a recipe's argparse parser (both default to None: the
+    recipe's ``data.mode`` / ``data.document_unit`` then apply); :func:`build_train_dataset` takes them."""
+    parser.add_argument(
+        "--data-mode",
+        choices=DATA_MODES,
+        default=None,
+        help="training samples: documents (packed with boundaries, each document from its start; default) "
+        "or blocks (contiguous blocks of the joined text)",
+    )
+    parser.add_argument(
+        "--document-unit", choices=DOCUMENT_UNITS, default=None, help="override data.document_unit"
+    )
+
+
 def build_train_dataset(
     tokenizer,
     block_size: int,
@@ -499,6 +514,7 @@ __all__ = [
     "build_lm_datasets",
     "DOCUMENT_UNITS",
     "DATA_MODES",
+    "add_data_mode_arguments",
     "split_documents",
     "document_start_id",
     "PackedDocuments",

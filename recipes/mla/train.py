@@ -42,8 +42,7 @@ from hf_hybrid.convert.mla import MLAOptions, cache_bytes_at, kv_bytes_per_token
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import format_bytes
 from hf_hybrid.data import (
-    DATA_MODES,
-    DOCUMENT_UNITS,
+    add_data_mode_arguments,
     build_lm_datasets,
     build_train_dataset,
     find_shared_dir,
@@ -68,16 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=None)
     p.add_argument("--eval-blocks", type=int, default=None)
     p.add_argument("--max-train-chars", type=int, default=None)
-    p.add_argument(
-        "--data-mode",
-        choices=DATA_MODES,
-        default=None,
-        help="training samples: documents (packed with boundaries, each document from its start; default) "
-        "or blocks (contiguous blocks of the joined text)",
-    )
-    p.add_argument(
-        "--document-unit", choices=DOCUMENT_UNITS, default=None, help="override data.document_unit"
-    )
+    add_data_mode_arguments(p)
     p.add_argument("--save", action="store_true", help="save each healed model")
     p.add_argument("--no-heal", action="store_true", help="conversion and init metrics only (ablations)")
     p.add_argument("--output-dir", default=None, help="override output_dir (trainer files, metrics.json)")
