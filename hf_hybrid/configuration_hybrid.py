@@ -178,6 +178,9 @@ class HybridConfig(PreTrainedConfig):
     # False: every MLP (dense, shared and routed experts) is down(act(up(x))) without a gate (Nemotron-H's
     # relu²)
     mlp_gated: bool = True
+    # SwiGLU clamp of the dense MLPs and the shared experts (GLM-5-Next): act(min(gate, limit)) ·
+    # clamp(up, -limit, limit); None: no clamp. The routed experts have their own, moe_swiglu_limit.
+    mlp_swiglu_limit: float | None = None
 
     # ---- the fields of each layer kind -----------------------------------------------------------
     # Declared in the kind's own file (its spec's config_fields: Gated DeltaNet's gdn_*, KDA's kda_*,
@@ -500,6 +503,15 @@ class HybridConfig(PreTrainedConfig):
             raise ValueError(f"HybridConfig.nope_layers={self.nope_layers!r} repeats a layer")
         if self.clip_qkv is not None and not self.clip_qkv > 0:
             raise ValueError(f"HybridConfig.clip_qkv={self.clip_qkv!r} must be > 0 or None")
+        limit = self.mlp_swiglu_limit
+        if limit is not None:
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or not limit > 0:
+                raise ValueError(f"HybridConfig.mlp_swiglu_limit={limit!r} must be a positive number or None")
+            if not self.mlp_gated:
+                raise ValueError(
+                    f"HybridConfig.mlp_swiglu_limit={limit!r} clamps the gate and up projections of gated "
+                    "MLPs; with mlp_gated=False the MLPs have no gate (set it to None)"
+                )
 
     def is_mla_layer(self, layer_idx: int) -> bool:
         mixer = self.mixer_types[layer_idx]

@@ -45,7 +45,8 @@ register_mlp("none", cost=no_mlp_cost)(None)  # no MLP: the layer is x + mixer(n
 
 class SwiGLU(nn.Module):
     """``down(act(gate(x)) * up(x))``; the unit that dense layers, shared experts and upcycling all reuse.
-    ``gated=False``: ``down(act(up(x)))`` with no ``gate_proj`` (Nemotron-H's relu² MLPs)."""
+    ``gated=False``: ``down(act(up(x)))`` with no ``gate_proj`` (Nemotron-H's relu² MLPs). ``limit``
+    (``mlp_swiglu_limit``, GLM-5-Next): ``down(act(min(gate(x), limit)) * clamp(up(x), -limit, limit))``."""
 
     def __init__(
         self,
@@ -54,8 +55,10 @@ class SwiGLU(nn.Module):
         act: str = "silu",
         bias: bool = False,
         gated: bool = True,
+        limit: float | None = None,
     ):
         super().__init__()
+        self.limit = limit
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias) if gated else None
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
@@ -64,7 +67,11 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_proj is None:
             return self.down_proj(self.act_fn(self.up_proj(x)))
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.limit is not None:
+            gate = gate.clamp(max=self.limit)
+            up = up.clamp(min=-self.limit, max=self.limit)
+        return self.down_proj(self.act_fn(gate) * up)
 
 
 def _validate_dense(config: HybridConfig) -> None:
@@ -73,7 +80,8 @@ def _validate_dense(config: HybridConfig) -> None:
 
 def _describe_dense(config: HybridConfig) -> list[tuple[str, str]]:
     kind = "SwiGLU" if config.mlp_gated else "ungated MLP"
-    return [("dense MLP", f"{kind} ({config.hidden_act}), intermediate {config.intermediate_size}")]
+    clamp = f", clamped at {config.mlp_swiglu_limit}" if config.mlp_swiglu_limit is not None else ""
+    return [("dense MLP", f"{kind} ({config.hidden_act}){clamp}, intermediate {config.intermediate_size}")]
 
 
 @register_mlp(
@@ -92,6 +100,7 @@ class DenseMLP(SwiGLU):
             config.hidden_act,
             config.mlp_bias,
             gated=config.mlp_gated,
+            limit=config.mlp_swiglu_limit,
         )
         self.layer_idx = layer_idx
 

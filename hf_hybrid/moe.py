@@ -744,7 +744,13 @@ class HybridMoE(nn.Module):
         else:
             self.experts = HybridExperts(config) if config.mlp_gated else HybridUngatedExperts(config)
         self.shared_experts = (
-            SwiGLU(config.hidden_size, config.shared_expert_size, config.hidden_act, gated=config.mlp_gated)
+            SwiGLU(
+                config.hidden_size,
+                config.shared_expert_size,
+                config.hidden_act,
+                gated=config.mlp_gated,
+                limit=config.mlp_swiglu_limit,
+            )
             if config.num_shared_experts > 0
             else None
         )

@@ -49,6 +49,8 @@ ADDED_SINCE = {
     "moe_expert_norm": False,
     "shared_expert_norm": False,
     "moe_swiglu_limit": None,
+    "mlp_swiglu_limit": None,
+    "kda_gate_lower_bound": None,
 }
 
 

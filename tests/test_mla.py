@@ -596,6 +596,7 @@ EXTENDED = {
     "rope_heads_4_no_norm": dict(mla_rope_heads=4, mla_latent_norm=False, q_lora_rank=None),
     "rope_pairs": dict(mla_rope_pairs=[0, 3, 5, 7], head_dim=16),
     "all_rotary": dict(qk_nope_head_dim=0, qk_rope_head_dim=16, mla_rope_heads=2, mla_latent_norm=False),
+    "no_rope_channels": dict(qk_nope_head_dim=16, qk_rope_head_dim=0),  # GLM-5-Next: NoPE, cache c_kv only
 }
 
 
@@ -663,6 +664,8 @@ def test_uniform_rope_pairs_equal_the_table_of_size_dr():
         (dict(mla_rope_pairs=[3, 2, 1, 0]), "mla_rope_pairs"),
         (dict(mla_rope_pairs=[0, 1, 2, 99]), "mla_rope_pairs"),
         (dict(qk_nope_head_dim=-1), "qk_nope_head_dim=-1"),
+        (dict(qk_rope_head_dim=-2), "qk_rope_head_dim=-2"),
+        (dict(qk_nope_head_dim=0, qk_rope_head_dim=0), "qk_nope_head_dim=0 and qk_rope_head_dim=0"),
     ],
 )
 def test_extended_options_are_validated(overrides, field):
@@ -677,3 +680,15 @@ def test_no_latent_norm_has_no_norm_parameters():
     from hf_hybrid.cost import estimate_cost
 
     assert estimate_cost(model.config).total_params == sum(p.numel() for p in model.parameters())
+
+
+def test_no_rope_channels_is_position_free():
+    """qk_rope_head_dim=0: nothing is rotated, so in one layer the last token's output does not depend on the
+    order of the tokens before it; with rope channels it does."""
+    ids = torch.randint(0, 64, (1, 6))
+    swapped = ids[:, [3, 1, 4, 0, 2, 5]]
+    for rope, same in ((0, True), (8, False)):
+        model = build(tiny(qk_nope_head_dim=16, qk_rope_head_dim=rope, num_hidden_layers=1, mixer_types=["mla"]))
+        with torch.no_grad():
+            a, b = model(ids).logits[:, -1], model(swapped).logits[:, -1]
+        assert torch.allclose(a, b, atol=ATOL) is same

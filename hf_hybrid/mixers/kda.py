@@ -7,6 +7,9 @@ Per layer, with H = ``kda_num_heads`` heads of D = ``kda_head_dim`` (q, k and v 
    [q, k, v] (``conv1d``, no bias), then q and k L2-normalised per head (``x / sqrt(Σx² + 1e-6)``).
 2. forget gate, low rank and **per channel**: ``g = -exp(A_log[h]) · softplus(f_b_proj(f_a_proj(x)) +
    dt_bias)`` [B, T, H, D] (log decay; ``dt_bias`` one per channel, ``A_log`` one per head), kept in fp32.
+   With ``kda_gate_lower_bound`` = lb < 0 (GLM-5-Next's ``linear_lower_bound``, fla's "safe gate") the log
+   decay is bounded instead: ``g = lb · sigmoid(exp(A_log[h]) · (f_b_proj(f_a_proj(x)) + dt_bias))`` in
+   (lb, 0), and ``A_log`` starts at 0.
 3. ``beta = sigmoid(b_proj(x))`` one per head; Kimi Delta Attention (``hf_hybrid.ops.delta_rule``) mixes
    tokens.
 4. output: ``o_norm(o, g_b_proj(g_a_proj(x)))`` = RMSNorm per head **then** a **sigmoid** gate (Gated
@@ -23,6 +26,7 @@ reshape.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,12 +76,19 @@ CONFIG_FIELDS = (
         doc="width of the low-rank forget / output gates; defaults: kda_head_dim",
     ),
     ConfigField("kda_conv_kernel_size", 4, "int"),
+    ConfigField(
+        "kda_gate_lower_bound",
+        None,
+        "float | None",
+        doc="None: g = -exp(A_log)·softplus(a); lb < 0: g = lb·sigmoid(exp(A_log)·a), bounded (GLM-5-Next)",
+    ),
 )
 
 
 class KDAForgetGate(nn.Module):
-    """``g = -exp(A_log) · softplus(f_b_proj(f_a_proj(x)) + dt_bias)``: x [B, T, hidden] -> fp32 [B, T, H,
-    D]."""
+    """``g = -exp(A_log) · softplus(a)``, or ``lower_bound · sigmoid(exp(A_log) · a)`` with
+    ``kda_gate_lower_bound``, where ``a = f_b_proj(f_a_proj(x)) + dt_bias``: x [B, T, hidden] -> fp32 [B, T,
+    H, D]."""
 
     def __init__(self, config: HybridConfig):
         super().__init__()
@@ -87,28 +98,48 @@ class KDAForgetGate(nn.Module):
         self.f_b_proj = nn.Linear(config.kda_gate_rank, width, bias=False)
         self.A_log = nn.Parameter(torch.zeros(self.num_heads))  # transformers keeps it [1, 1, H, 1]
         self.dt_bias = nn.Parameter(torch.zeros(width))
+        self.lower_bound = config.kda_gate_lower_bound
 
     def init_hybrid_weights(self, init, config: HybridConfig) -> None:
         init_decay_and_dt(init, self.A_log, self.dt_bias, config)  # A per head, dt per channel (fla's KDA)
+        if self.lower_bound is not None:  # the bounded gate starts at A = exp(0) = 1 (fla, GLM-5-Next)
+            init.zeros_(self.A_log)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         a = self.f_b_proj(self.f_a_proj(x)).float() + self.dt_bias.float()
-        return -self.A_log.float().exp()[:, None] * F.softplus(a.view(b, t, self.num_heads, self.head_dim))
+        a = a.view(b, t, self.num_heads, self.head_dim)
+        rate = self.A_log.float().exp()[:, None]
+        if self.lower_bound is not None:
+            return self.lower_bound * torch.sigmoid(rate * a)
+        return -rate * F.softplus(a)
 
 
 def _validate(config: HybridConfig) -> None:
     require_positive(
         config, "kda_num_heads", "kda_head_dim", "kda_gate_rank", "kda_conv_kernel_size", "linear_chunk_size"
     )
+    bound = config.kda_gate_lower_bound
+    if bound is not None and (
+        isinstance(bound, bool) or not isinstance(bound, (int, float)) or not -math.inf < bound < 0
+    ):
+        raise ValueError(
+            f"HybridConfig.kda_gate_lower_bound={bound!r} must be a finite negative number (the least log "
+            "decay per step, e.g. -5.0) or None (the unbounded softplus gate)"
+        )
 
 
 def _describe(config: HybridConfig) -> list[tuple[str, str]]:
     return [
         (
             "Kimi Delta Attention",
-            f"{config.kda_num_heads} heads × {config.kda_head_dim}, per-channel decay, "
-            f"gate rank {config.kda_gate_rank}, conv {config.kda_conv_kernel_size}",
+            f"{config.kda_num_heads} heads × {config.kda_head_dim}, per-channel decay"
+            + (
+                f" bounded below by {config.kda_gate_lower_bound}"
+                if config.kda_gate_lower_bound is not None
+                else ""
+            )
+            + f", gate rank {config.kda_gate_rank}, conv {config.kda_conv_kernel_size}",
         )
     ]
 
@@ -179,8 +210,14 @@ def _hybridize_statement(config: HybridConfig) -> dict[str, list[str]]:
         ],
         "new": [
             "b_proj = 0: β = ½ for every token at the start",
-            "forget gate: f_b_proj = 0, so g = −exp(A_log)·softplus(dt_bias) per channel (A_log = log "
-            "U[1, 16], dt log-uniform in [1e-3, 1e-1], KDAForgetGate's init); f_a_proj: the model's init",
+            (
+                "forget gate: f_b_proj = 0, so g = −exp(A_log)·softplus(dt_bias) per channel (A_log = log "
+                "U[1, 16], dt log-uniform in [1e-3, 1e-1], KDAForgetGate's init); f_a_proj: the model's init"
+                if config.kda_gate_lower_bound is None
+                else f"forget gate: f_b_proj = 0, so g = {config.kda_gate_lower_bound}·sigmoid(dt_bias) per "
+                "channel (A_log = 0, dt log-uniform in [1e-3, 1e-1], KDAForgetGate's init); f_a_proj: the "
+                "model's init"
+            ),
             f"output gate g_a_proj, g_b_proj (rank {config.kda_gate_rank}): the model's init, "
             "sigmoid(≈0) ≈ ½",
             "conv1d: identity (last tap 1, others 0)",

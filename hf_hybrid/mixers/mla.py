@@ -32,6 +32,8 @@ the native exports refuse them):
 - ``mla_rope_pairs``: the rope channels rotate at the frequencies of pairs ``mla_rope_pairs`` of the RoPE
   table of size ``head_dim`` (the source's frequencies) instead of the table of size dr.
 - ``qk_nope_head_dim = 0``: every query/key channel is rotary (``kv_b_proj`` carries values only).
+- ``qk_rope_head_dim = 0`` (GLM-5-Next's MLA): no rope channels and no rope key at all — every query/key
+  channel comes per head from ``kv_b_proj``, nothing is rotated (NoPE), and the cache holds ``c_kv`` only.
 
 ``mla_output_gate=True`` (AXK2's attention): ``q_b_proj`` reads ``[q_a_layernorm(c_q), c_q]`` (2·rq wide)
 and emits per head ``[q (dn + dr), g (dv)]``; each head's output ``o_h`` becomes ``o_h · sigmoid(g_h)`` (fp32
@@ -243,10 +245,16 @@ class MLAProjection(NamedTuple):
 
 def validate_mla(config: HybridConfig) -> None:
     require_positive(config, "q_lora_rank", allow_none=True)
-    require_positive(config, "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "mla_rope_heads")
-    dn = config.qk_nope_head_dim
-    if not isinstance(dn, int) or isinstance(dn, bool) or dn < 0:
-        raise ValueError(f"HybridConfig.qk_nope_head_dim={dn!r} must be an integer >= 0")
+    require_positive(config, "kv_lora_rank", "v_head_dim", "mla_rope_heads")
+    for name in ("qk_nope_head_dim", "qk_rope_head_dim"):  # either may be 0 (GLM-5-Next: no rope channels)
+        dim = getattr(config, name)
+        if not isinstance(dim, int) or isinstance(dim, bool) or dim < 0:
+            raise ValueError(f"HybridConfig.{name}={dim!r} must be an integer >= 0")
+    if config.qk_nope_head_dim + config.qk_rope_head_dim == 0:
+        raise ValueError(
+            "HybridConfig.qk_nope_head_dim=0 and qk_rope_head_dim=0: MLA needs query/key channels; set "
+            "either > 0"
+        )
     if config.qk_rope_head_dim % 2:
         raise ValueError(f"HybridConfig.qk_rope_head_dim={config.qk_rope_head_dim} must be even (RoPE pairs)")
     if config.num_attention_heads % config.mla_rope_heads:
