@@ -688,7 +688,9 @@ def test_no_rope_channels_is_position_free():
     ids = torch.randint(0, 64, (1, 6))
     swapped = ids[:, [3, 1, 4, 0, 2, 5]]
     for rope, same in ((0, True), (8, False)):
-        model = build(tiny(qk_nope_head_dim=16, qk_rope_head_dim=rope, num_hidden_layers=1, mixer_types=["mla"]))
+        model = build(
+            tiny(qk_nope_head_dim=16, qk_rope_head_dim=rope, num_hidden_layers=1, mixer_types=["mla"])
+        )
         with torch.no_grad():
             a, b = model(ids).logits[:, -1], model(swapped).logits[:, -1]
         assert torch.allclose(a, b, atol=ATOL) is same
