@@ -81,7 +81,8 @@ def test_export_of_our_model_reloads_in_transformers_with_its_logits(model_type,
     with context(model_type):
         export_native(ours, tmp_path / "out", to=model_type)
         # a decoder without a causal-LM class of its own is written as its vision-language wrapper
-        auto = AutoModelForCausalLM if model_type != "mistral_large4_text" else AutoModelForImageTextToText
+        wrapped = model_type in ("mistral_large4_text", "glm5_next_text")
+        auto = AutoModelForImageTextToText if wrapped else AutoModelForCausalLM
         reloaded = auto.from_pretrained(tmp_path / "out").eval()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         with torch.no_grad():

@@ -103,7 +103,8 @@ def assert_no_index_ties(hybrid, ids, mask) -> None:
 # Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py
 # runs the same checks on them under that patch. Every other registered family is tested here.
 # mistral_large4_text (tests/test_native_mistral_large4.py): its decoder lives in a vision-language class and
-# its query scaling reads absolute positions, which the native model must be given.
+# its query scaling reads absolute positions, which the native model must be given. glm5_next_text likewise
+# lives in a vision-language class (tests/test_native_glm5_next.py).
 TESTED_ELSEWHERE = (
     "qwen3_next",
     "qwen3_5_text",
@@ -111,6 +112,7 @@ TESTED_ELSEWHERE = (
     "bamba",
     "olmo_hybrid",
     "mistral_large4_text",
+    "glm5_next_text",  # tests/test_native_glm5_next.py: a vision-language class as well
 )
 
 

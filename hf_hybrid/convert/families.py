@@ -33,6 +33,7 @@ FAMILY_MODULES: dict[str, str] = {
     "minicpm5_moe": "minicpm5_moe",  # transformers >= 5.25
     "ergo": "ergo",  # transformers >= 5.25
     "mistral_large4_text": "mistral_large4",  # the text decoder of mistral_large4 (vision-language)
+    "glm5_next_text": "glm5_next",  # the text decoder of glm5_next (vision-language)
 }
 
 
@@ -44,6 +45,7 @@ TEXT_DECODER_OF: dict[str, str] = {
     "qwen3_5": "qwen3_5_text",
     "qwen3_5_moe": "qwen3_5_moe_text",
     "mistral_large4": "mistral_large4_text",
+    "glm5_next": "glm5_next_text",
 }
 
 __all__ = ["FAMILY_MODULES", "TEXT_DECODER_OF"]

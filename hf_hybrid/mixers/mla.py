@@ -111,6 +111,8 @@ CONFIG_FIELDS = (
         True,
         "bool",
         doc="False = NoPE (Kimi Linear): the qk_rope_head_dim parts stay unrotated",
+        # with no rope channels (qk_rope_head_dim=0) there is nothing to rotate: both values are one function
+        effective=lambda c: c.mla_use_rope or c.qk_rope_head_dim == 0,
     ),
     # Decoupled RoPE keys: 1 shared by all heads (DeepSeek); more (dividing num_attention_heads) give each
     # group of heads its own rope key, as a GQA source has one per kv head (hf_hybrid.convert.mla).

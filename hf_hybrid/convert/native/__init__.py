@@ -60,11 +60,6 @@ NEEDS_MISSING_LAYER: dict[str, str] = {
     "lfm2_moe": "LFM2's gated short convolution",
     "lfm3": "LFM3's gated short convolution",
     "kolibri1_1": "Kolibri-1.1's pooled indexed attention",
-    # built from layers we have plus one feature we lack (read from their transformers modeling files)
-    "glm5_next": (
-        "GLM-5-Next's SwiGLU clamp in dense MLPs and shared experts, KDA's bounded forget gate "
-        "(linear_lower_bound) and MLA without rope channels (qk_rope_head_dim=0)"
-    ),
 }
 
 

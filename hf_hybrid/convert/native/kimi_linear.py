@@ -49,10 +49,11 @@ _LATENT_EPS = 1e-6  # KimiLinearRMSNorm's default eps, used for q_a_layernorm / 
 
 
 @contextlib.contextmanager
-def native_torch_kernels() -> Iterator[None]:
-    """Run transformers' kimi_linear model on its torch reference functions (not fla-core's kernels) inside
-    the block; restored on exit."""
-    module = importlib.import_module(_MODULE)
+def native_torch_kernels(module_name: str = _MODULE) -> Iterator[None]:
+    """Run transformers' kimi_linear model (or another module with the same KDA / conv functions:
+    ``module_name``, GLM-5-Next's) on its torch reference functions (not fla-core's kernels) inside the
+    block; restored on exit."""
+    module = importlib.import_module(module_name)
     saved = [(name, getattr(module, name)) for name in _KERNEL_FUNCTIONS]
     try:
         for name, fn in saved:
