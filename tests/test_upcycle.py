@@ -162,6 +162,16 @@ def test_granular_upcycling_is_exact_with_virtual_groups(dense, ids, kwargs):
     assert torch.equal(router, router[:, :1].expand_as(router))  # one row per copy, shared by its shards
 
 
+def test_clamped_dense_mlps_upcycle_into_clamped_experts(ids):
+    """mlp_swiglu_limit (GLM-5-Next's clamp) carries over to the routed experts: still exact, granular too."""
+    dense = dense_model(mlp_swiglu_limit=0.5)
+    for kwargs in (dict(), dict(granularity=2, shared_expert=True)):
+        moe = quiet_upcycle(dense, num_experts=4, top_k=2, **kwargs)
+        assert moe.config.moe_swiglu_limit == 0.5 and moe.config.mlp_swiglu_limit == 0.5
+        assert max_diff(moe, dense, ids) < ATOL
+    assert max_diff(dense, dense_model(), ids) > 1e-3  # the clamp is reached on this input
+
+
 def test_granular_selection_takes_whole_copies(dense, ids):
     """The guarantee behind granular exactness: every token's top-(k·G) is made of whole copies (G contiguous
     experts) — by tie order without group limiting, structurally with it."""

@@ -365,6 +365,8 @@ def upcycled_config(config: HybridConfig, opts: UpcycleOptions, layers: list[int
         moe_capacity_factor=None,  # dropless: exactness needs every assignment computed
         router_jitter_noise=0.0,
         router_bias_update_rate=0.0,
+        # the experts are copies (or shards) of clamped dense MLPs: the same elementwise clamp
+        moe_swiglu_limit=config.mlp_swiglu_limit,
     )
     if opts.router_aux_loss_coef is not None:
         d["router_aux_loss_coef"] = float(opts.router_aux_loss_coef)
