@@ -230,6 +230,56 @@ PRESETS["deepseek-v3.2-like"] = {
     "index_norm_eps": 1e-6,
 }
 
+# GLM-5-Next (transformers' Glm5NextTextConfig defaults, "zai-org/GLM-5.3-Flash"): 45 layers, three KDA layers
+# (64 heads × 128, forget gate bounded below by -5) then one DSA-on-MLA layer (NoPE: qk_rope_head_dim 0; 64
+# heads, q-LoRA 1536, kv-LoRA 512; indexer 32 heads × 128, top-2048 over pools of 16); three dense layers,
+# then 288 sigmoid-routed experts top-8 + 1 shared; every SwiGLU clamped at 10; 4 mHC residual streams.
+PRESETS["glm5-next-like"] = dict(
+    vocab_size=154880,
+    hidden_size=4096,
+    intermediate_size=12288,
+    num_hidden_layers=45,
+    num_attention_heads=64,
+    num_key_value_heads=64,
+    max_position_embeddings=1048576,
+    rms_norm_eps=1e-5,
+    pad_token_id=154820,
+    mixer_types=["dsa" if i % 4 == 3 else "kda" for i in range(45)],
+    dsa_base="mla",
+    q_lora_rank=1536,
+    kv_lora_rank=512,
+    qk_nope_head_dim=256,
+    qk_rope_head_dim=0,
+    v_head_dim=256,
+    mla_use_rope=False,
+    index_n_heads=32,
+    index_head_dim=128,
+    index_topk=2048,
+    index_pool_size=16,
+    index_norm_eps=1e-6,
+    kda_num_heads=64,
+    kda_head_dim=128,
+    kda_gate_rank=128,
+    kda_conv_kernel_size=4,
+    kda_gate_lower_bound=-5.0,
+    mlp_pattern="moe",
+    first_k_dense=3,
+    num_experts=288,
+    num_experts_per_tok=8,
+    moe_intermediate_size=2048,
+    num_shared_experts=1,
+    router_scoring_func="sigmoid",
+    norm_topk_prob=True,
+    routed_scaling_factor=2.5,
+    mlp_swiglu_limit=10.0,
+    moe_swiglu_limit=10.0,
+    hyper_connections="mhc",
+    hc_mult=4,
+    hc_magnitude=2.0,
+    hc_eps=1e-6,
+    hc_sinkhorn_iters=20,
+)
+
 
 def preset_kwargs(name: str) -> dict[str, Any]:
     """A fresh copy of the preset's ``HybridConfig`` keyword arguments."""

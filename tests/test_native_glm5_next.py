@@ -257,3 +257,27 @@ def test_export_refusals_name_the_field(overrides, message, tmp_path):
     with pytest.raises(NativeConversionError, match=message):
         export_native(model, tmp_path / "out", to=FAMILY)
     assert not (tmp_path / "out").exists()
+
+
+def test_glm5_next_like_preset_is_transformers_default_config():
+    """The preset is what importing transformers' default Glm5NextTextConfig gives (same function: every
+    functional field), and it exports back to that config's sizes."""
+    from hf_hybrid.convert.native.base import functional_fields
+    from hf_hybrid.presets import preset_config
+
+    family = get_family(FAMILY)
+    imported = family.hybrid_config(family.config_class())
+    preset = preset_config("glm5-next-like")
+    assert functional_fields(preset) == functional_fields(imported)
+    native = family.native_config(preset)
+    default = family.config_class()
+    for name in (
+        "hidden_size",
+        "num_hidden_layers",
+        "index_kpool",
+        "swiglu_limit",
+        "linear_lower_bound",
+        "hc_mult",
+    ):
+        assert getattr(native, name) == getattr(default, name), name
+    assert native.layer_types == default.layer_types and native.mlp_layer_types == default.mlp_layer_types
