@@ -130,7 +130,17 @@ def test_export_reloads_in_transformers_alone_identical(tmp_path, capsys):
     text = [k for k in src if not k.startswith("model.visual.")]
     assert all(torch.equal(src[k], back[k]) for k in text)  # import ∘ export = identity on the decoder
     assert all(not back[k].any() for k in back if k.startswith("model.visual."))  # the placeholder
-    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "glm5_next"
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "glm5_next"
+    # DSA layers spelled "full_attention", which every release's config class respells as its own (5.16:
+    # "deepseek_sparse_attention", later "indexed_attention"): the export loads under the serving pins
+    assert written["text_config"]["layer_types"] == [
+        "linear_attention",
+        "full_attention",
+        "full_attention",
+        "linear_attention",
+    ]
+    assert reloaded.config.text_config.layer_types[1] == "indexed_attention"
     # the exported directory imports again (the vision tower dropped with a note)
     again = import_native(tmp_path / "out")
     assert "dropping model.visual" in capsys.readouterr().out

@@ -28,6 +28,7 @@ Adding a family (one file + one registry line):
 
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import json
@@ -343,6 +344,7 @@ def export_native(
         def write(tmp: Path) -> None:
             native_model.save_pretrained(tmp)
             _leave_out_derived(tmp / "config.json", family)
+            _portable_spellings(tmp / "config.json", family)
             copy_carried_files(src_dir, tmp, overwrite=True)
             (tmp / "README.md").write_text(_export_card(hybrid_cfg, family, src), encoding="utf-8")
 
@@ -363,6 +365,22 @@ def _leave_out_derived(config_json: Path, family: NativeFamily) -> None:
                 raw, dropped = without, True
     if dropped:  # transformers' own layout of config.json
         config_json.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _portable_spellings(config_json: Path, family: NativeFamily) -> None:
+    """Rewrite the written config with ``family.portable_config``: values spelled the way every release reads
+    them (read back by the config class, it must equal the config written)."""
+    text = config_json.read_text()
+    raw = json.loads(text)
+    portable = family.portable_config(copy.deepcopy(raw))
+    if portable == raw:
+        return
+    config_class = type(family.model_config(family.config_class()))
+    before = config_class.from_pretrained(config_json.parent).to_dict()
+    config_json.write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    if config_class.from_pretrained(config_json.parent).to_dict() != before:
+        config_json.write_text(text, encoding="utf-8")
+        raise RuntimeError(f"internal error: {family.model_type}'s portable config reads differently")
 
 
 def _keep_fp32(native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -397,6 +397,12 @@ class NativeFamily:
         """The export's state dict plus whatever ``model_class`` holds beyond the decoder (nothing here)."""
         return state
 
+    def portable_config(self, raw: dict[str, Any]) -> dict[str, Any]:
+        """The written config.json (a dict) with values respelled so that every transformers release that has
+        the family reads them (a value the config class normalises, spelled differently across releases:
+        GLM-5-Next's DSA ``layer_types``); as written here."""
+        return raw
+
     # ---- classes ----
     @property
     def available(self) -> bool:

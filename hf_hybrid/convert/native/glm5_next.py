@@ -53,8 +53,15 @@ _MODULE = "transformers.models.glm5_next.modeling_glm5_next"
 _INDEX_EPS = 1e-6  # the indexer's nn.LayerNorm (k_norm)
 _LM = "model.language_model."
 
-_NATIVE_MIXER = {"linear_attention": "kda", "indexed_attention": "dsa"}
-_OUR_LAYER = {v: k for k, v in _NATIVE_MIXER.items()}
+# DSA layers: "indexed_attention" since transformers 5.17, "deepseek_sparse_attention" before; both
+# releases' config classes turn "full_attention" into their own spelling, so the export writes that.
+_NATIVE_MIXER = {
+    "linear_attention": "kda",
+    "indexed_attention": "dsa",
+    "deepseek_sparse_attention": "dsa",
+    "full_attention": "dsa",
+}
+_OUR_LAYER = {"kda": "linear_attention", "dsa": "indexed_attention"}
 _NATIVE_MLP = {"dense": "dense", "sparse": "moe"}
 _OUR_MLP = {v: k for k, v in _NATIVE_MLP.items()}
 
@@ -336,6 +343,15 @@ class Glm5NextFamily(NativeFamily):
             vision_config=vision,
             tie_word_embeddings=text_config.tie_word_embeddings,
         )
+
+    def portable_config(self, raw: dict) -> dict:
+        """DSA layers written "full_attention", which each release's config class respells as its own
+        ("deepseek_sparse_attention" in 5.16, "indexed_attention" since): the export loads under both."""
+        text = raw.get("text_config", {})
+        if text.get("layer_types"):
+            dsa = ("indexed_attention", "deepseek_sparse_attention")
+            text["layer_types"] = ["full_attention" if t in dsa else t for t in text["layer_types"]]
+        return raw
 
     def complete_native_state(self, native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The placeholder vision tower: zeros of the shapes the wrapper has."""
