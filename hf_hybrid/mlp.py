@@ -90,7 +90,7 @@ def _describe_dense(config: HybridConfig) -> list[tuple[str, str]]:
     validate=_validate_dense,
     describe=_describe_dense,
     lora_targets=("gate_proj", "up_proj", "down_proj"),
-    functional_fields=lambda config: ("intermediate_size", "mlp_bias"),
+    functional_fields=lambda config: ("intermediate_size", "mlp_bias", "mlp_swiglu_limit"),
 )
 class DenseMLP(SwiGLU):
     def __init__(self, config: HybridConfig, layer_idx: int):

@@ -718,7 +718,10 @@ def moe_mlp_cost(config: HybridConfig, layer_idx: int) -> MLPCost:
     tag="moe",
     config_fields=CONFIG_FIELDS,
     lora_targets=("gate_proj", "up_proj", "down_proj"),  # the shared experts,
-    functional_fields=lambda config: FUNCTIONAL_FIELDS,
+    # the shared experts are SwiGLUs clamped by mlp_swiglu_limit too
+    functional_fields=lambda config: (
+        FUNCTIONAL_FIELDS + (("mlp_swiglu_limit",) if config.num_shared_experts else ())
+    ),
 )
 class HybridMoE(nn.Module):
     """Routed experts (+ always-on shared experts, DeepSeek style): ``[B, T, H] -> [B, T, H]``.

@@ -242,14 +242,7 @@ def functional_fields(cfg) -> dict[str, Any]:
 # fields say so themselves (ConfigField.effective).
 _EFFECTIVE: dict[str, Callable[[Any], Any]] = {
     "rope_parameters": lambda c: _effective_rope(c),
-    # clamps dense MLPs and shared experts: moot in a model that has neither
-    "mlp_swiglu_limit": lambda c: c.mlp_swiglu_limit if _has_swiglu_mlp(c) else None,
 }
-
-
-def _has_swiglu_mlp(cfg) -> bool:
-    """Whether ``cfg`` has a dense MLP or shared experts (what ``mlp_swiglu_limit`` clamps)."""
-    return "dense" in cfg.mlp_types or ("moe" in cfg.mlp_types and cfg.num_shared_experts > 0)
 
 
 # ---- weight rules ------------------------------------------------------------------------------------------

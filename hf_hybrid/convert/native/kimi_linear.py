@@ -33,6 +33,7 @@ import contextlib
 import importlib
 import inspect
 from collections.abc import Iterator
+from types import ModuleType
 
 from .base import Custom, NativeFamily, RuleContext, W, fail, native_fixed, ours_fixed, rename, same
 from .deepseek import DENSE_RULES, MOE_RULES, _check_kv_heads
@@ -49,11 +50,11 @@ _LATENT_EPS = 1e-6  # KimiLinearRMSNorm's default eps, used for q_a_layernorm / 
 
 
 @contextlib.contextmanager
-def native_torch_kernels(module_name: str = _MODULE) -> Iterator[None]:
-    """Run transformers' kimi_linear model (or another module with the same KDA / conv functions:
-    ``module_name``, GLM-5-Next's) on its torch reference functions (not fla-core's kernels) inside the
-    block; restored on exit."""
-    module = importlib.import_module(module_name)
+def native_torch_kernels(module: ModuleType | None = None) -> Iterator[None]:
+    """Run transformers' kimi_linear model (or another modeling ``module`` with the same KDA / conv functions:
+    GLM-5-Next's) on its torch reference functions (not fla-core's kernels) inside the block; restored on
+    exit."""
+    module = module if module is not None else importlib.import_module(_MODULE)
     saved = [(name, getattr(module, name)) for name in _KERNEL_FUNCTIONS]
     try:
         for name, fn in saved:
