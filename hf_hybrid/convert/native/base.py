@@ -634,6 +634,32 @@ def _describe_difference(name: str, want: Any, got: Any) -> str:
     return f"HybridConfig.{name}={want!r} has no counterpart (it would become {got!r})"
 
 
+@dataclass
+class VisionWrapperFamily(NativeFamily):
+    """A family whose text decoder has no causal-LM class of its own in transformers: its model class is the
+    vision-language wrapper ``wrapper_class`` (a name in ``transformers``). Import loads the wrapper and
+    keeps the decoder; export builds the wrapper (``model_config``: the wrapper config around the text config,
+    with the smallest vision tower the wrapper accepts) and fills the tensors matching
+    ``placeholder_weights`` (a regex) with zeros: a placeholder tower, the text function exact."""
+
+    wrapper_class: str = ""
+    placeholder_weights: str = ""
+
+    @property
+    def model_class(self):
+        import transformers
+
+        return getattr(transformers, self.wrapper_class)
+
+    def complete_native_state(self, native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The placeholder vision tower: zeros of the shapes the wrapper has."""
+        out = dict(state)
+        for name, t in native_model.state_dict().items():
+            if name not in out and re.match(self.placeholder_weights, name):
+                out[name] = torch.zeros(t.shape, dtype=torch.float32)
+        return out
+
+
 def build_empty(model_class, config):
     """``model_class(config)`` with parameters on the meta device (no memory, no random init) and buffers real
     (the non-persistent RoPE tables are computed in ``__init__`` and are not in any state dict)."""

@@ -42,13 +42,20 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 
-import torch
-
-from .base import Custom, NativeFamily, RuleContext, W, fail, native_fixed, ours_fixed, rename, same
+from .base import (
+    Custom,
+    RuleContext,
+    VisionWrapperFamily,
+    W,
+    fail,
+    native_fixed,
+    ours_fixed,
+    rename,
+    same,
+)
 from .deepseek import DENSE_RULES, MOE_RULES, _check_kv_heads
-from .kimi_linear import native_torch_kernels
+from .kimi_linear import native_torch_kernels, per_layer
 
 _MODULE = "transformers.models.glm5_next.modeling_glm5_next"
 _INDEX_EPS = 1e-6  # the indexer's nn.LayerNorm (k_norm)
@@ -70,22 +77,6 @@ _OUR_MLP = {v: k for k, v in _NATIVE_MLP.items()}
 # ---- config ------------------------------------------------------------------------------------------------
 
 
-def _per_layer(native, field: str, table: dict[str, str]) -> list[str]:
-    values = list(getattr(native, field))
-    if len(values) != native.num_hidden_layers:
-        fail(
-            f"glm5_next_text: {field} has {len(values)} entries for num_hidden_layers="
-            f"{native.num_hidden_layers}"
-        )
-    for i, v in enumerate(values):
-        if v not in table:
-            fail(
-                f"glm5_next_text: Glm5NextTextConfig.{field}[{i}]={v!r} has no counterpart; supported: "
-                f"{', '.join(table)}"
-            )
-    return [table[v] for v in values]
-
-
 def _shared_layout_error(mixers: list[str], kinds: list[str], field: str) -> str | None:
     """transformers' GLM-5-Next passes a full DSA layer's top-k to the next layer only: a shared DSA layer
     must directly follow a full DSA layer."""
@@ -103,7 +94,7 @@ def _shared_layout_error(mixers: list[str], kinds: list[str], field: str) -> str
 
 
 def _layers_to_ours(native) -> dict:
-    mixers = _per_layer(native, "layer_types", _NATIVE_MIXER)
+    mixers = per_layer(native, "layer_types", _NATIVE_MIXER)
     kinds = list(native.indexer_types)
     if len(kinds) != native.num_hidden_layers or any(k not in ("full", "shared") for k in kinds):
         fail(f"glm5_next_text: Glm5NextTextConfig.indexer_types={kinds!r}: one of 'full', 'shared' per layer")
@@ -113,7 +104,7 @@ def _layers_to_ours(native) -> dict:
     dsa_kinds = [k if m == "dsa" else "full" for m, k in zip(mixers, kinds)]
     return {
         "mixer_types": mixers,
-        "mlp_types": _per_layer(native, "mlp_layer_types", _NATIVE_MLP),
+        "mlp_types": per_layer(native, "mlp_layer_types", _NATIVE_MLP),
         "dsa_indexer_types": None if all(k == "full" for k in dsa_kinds) else dsa_kinds,
     }
 
@@ -317,15 +308,8 @@ _LAYER_RULES = (
 )
 
 
-class Glm5NextFamily(NativeFamily):
-    """The text decoder lives in a vision-language model class: import loads it, export builds it around a
-    placeholder vision tower."""
-
-    @property
-    def model_class(self):
-        from transformers import Glm5NextForConditionalGeneration
-
-        return Glm5NextForConditionalGeneration
+class Glm5NextFamily(VisionWrapperFamily):
+    """The text decoder lives in ``Glm5NextForConditionalGeneration``."""
 
     def model_config(self, text_config):
         """The wrapper config around ``text_config``, with the smallest vision tower (placeholder)."""
@@ -354,14 +338,6 @@ class Glm5NextFamily(NativeFamily):
             text["layer_types"] = ["full_attention" if t in dsa else t for t in text["layer_types"]]
         return raw
 
-    def complete_native_state(self, native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The placeholder vision tower: zeros of the shapes the wrapper has."""
-        out = dict(state)
-        for name, t in native_model.state_dict().items():
-            if name not in out and re.match(r"model\.visual\.", name):
-                out[name] = torch.zeros(t.shape, dtype=torch.float32)
-        return out
-
 
 def native_context():
     return native_torch_kernels(importlib.import_module(_MODULE))
@@ -369,6 +345,8 @@ def native_context():
 
 GLM5_NEXT_TEXT = Glm5NextFamily(
     model_type="glm5_next_text",
+    wrapper_class="Glm5NextForConditionalGeneration",
+    placeholder_weights=r"model\.visual\.",
     config_rules=_CONFIG_RULES,
     # head_dim and qk_head_dim are derived by the config itself from qk_rope_head_dim / qk_nope_head_dim
     ignored_options=("head_dim",),

@@ -73,16 +73,19 @@ _NATIVE_MLP = {"dense": "dense", "sparse": "moe"}
 _OUR_MLP = {v: k for k, v in _NATIVE_MLP.items()}
 
 
-def _per_layer(native, field: str, table: dict[str, str]) -> list[str]:
+def per_layer(native, field: str, table: dict[str, str]) -> list[str]:
+    """The native per-layer list ``field`` (one entry a layer) mapped through ``table``; refuses a wrong
+    length or an entry ``table`` lacks, naming the config, the field, the layer and the value."""
     values = list(getattr(native, field))
     if len(values) != native.num_hidden_layers:
         fail(
-            f"kimi_linear: {field} has {len(values)} entries for num_hidden_layers={native.num_hidden_layers}"
+            f"{native.model_type}: {field} has {len(values)} entries for num_hidden_layers="
+            f"{native.num_hidden_layers}"
         )
     for i, v in enumerate(values):
         if v not in table:
             fail(
-                f"kimi_linear: KimiLinearConfig.{field}[{i}]={v!r} "
+                f"{native.model_type}: {type(native).__name__}.{field}[{i}]={v!r} "
                 f"has no counterpart; supported: {', '.join(table)}"
             )
     return [table[v] for v in values]
@@ -90,8 +93,8 @@ def _per_layer(native, field: str, table: dict[str, str]) -> list[str]:
 
 def _layers_to_ours(native) -> dict:
     return {
-        "mixer_types": _per_layer(native, "layer_types", _NATIVE_MIXER),
-        "mlp_types": _per_layer(native, "mlp_layer_types", _NATIVE_MLP),
+        "mixer_types": per_layer(native, "layer_types", _NATIVE_MIXER),
+        "mlp_types": per_layer(native, "mlp_layer_types", _NATIVE_MLP),
     }
 
 

@@ -32,14 +32,12 @@ Position-dependent parts (the query scaling): the native model must be given the
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from .base import (
     Custom,
-    NativeFamily,
     RuleContext,
+    VisionWrapperFamily,
     W,
     fail,
     ours_fixed,
@@ -248,15 +246,8 @@ class _NativeView:
         self.kv_sharing_modes = modes
 
 
-class MistralLarge4Family(NativeFamily):
-    """The text decoder lives in a vision-language model class: import loads it, export builds it around a
-    placeholder vision tower."""
-
-    @property
-    def model_class(self):
-        from transformers import MistralLarge4ForConditionalGeneration
-
-        return MistralLarge4ForConditionalGeneration
+class MistralLarge4Family(VisionWrapperFamily):
+    """The text decoder lives in ``MistralLarge4ForConditionalGeneration``."""
 
     def model_config(self, text_config):
         """The wrapper config around ``text_config``, with the smallest Pixtral vision tower (placeholder)."""
@@ -275,17 +266,11 @@ class MistralLarge4Family(NativeFamily):
         )
         return MistralLarge4Config(text_config=text_config.to_dict(), vision_config=vision)
 
-    def complete_native_state(self, native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The placeholder vision tower and projector: zeros of the shapes the wrapper has."""
-        out = dict(state)
-        for name, t in native_model.state_dict().items():
-            if name not in out and re.match(r"model\.(vision_tower|multi_modal_projector)\.", name):
-                out[name] = torch.zeros(t.shape, dtype=torch.float32)
-        return out
-
 
 MISTRAL_LARGE4_TEXT = MistralLarge4Family(
     model_type="mistral_large4_text",
+    wrapper_class="MistralLarge4ForConditionalGeneration",
+    placeholder_weights=r"model\.(vision_tower|multi_modal_projector)\.",
     config_rules=[
         *same(
             "vocab_size",
