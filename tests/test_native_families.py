@@ -100,6 +100,20 @@ def assert_no_index_ties(hybrid, ids, mask) -> None:
     assert ties == [], f"tied indexer scores at the top-k cut (layer, row, query): {ties[:5]}"
 
 
+def tie_free_batch(hybrid, length: int = 12):
+    """A left-padded batch (2 rows, the second padded by 4) without tied indexer scores at any DSA layer's
+    top-k cut (the first of the seeds 1..29 that has none)."""
+    for seed in range(1, 30):
+        ids = torch.randint(
+            3, hybrid.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(seed)
+        )
+        mask = torch.ones_like(ids)
+        mask[1, :4] = 0  # left padding
+        if not index_ties(hybrid, input_ids=ids, attention_mask=mask):
+            return ids, mask
+    raise AssertionError("no tie-free input found")
+
+
 # Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py
 # runs the same checks on them under that patch. Every other registered family is tested here.
 # mistral_large4_text (tests/test_native_mistral_large4.py): its decoder lives in a vision-language class and

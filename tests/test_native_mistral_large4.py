@@ -20,11 +20,10 @@ from transformers import MistralLarge4ForConditionalGeneration
 
 from hf_hybrid import HybridCache
 from hf_hybrid.convert.native import NativeConversionError, export_native, get_family, import_native
-from hf_hybrid.mixers.dsa import index_ties
 from hf_hybrid.testing import check_layer_kind
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_native_families import randomise  # noqa: E402  (the shared randomisation of the family tests)
+from test_native_families import randomise, tie_free_batch  # noqa: E402  (shared with the family tests)
 
 ATOL = 1e-5
 FAMILY = "mistral_large4_text"
@@ -40,18 +39,6 @@ def build_native(seed: int = 0, **overrides) -> MistralLarge4ForConditionalGener
     with torch.no_grad():
         alpha.copy_(0.1 * torch.randn(alpha.shape, generator=torch.Generator().manual_seed(seed)))
     return model.eval()
-
-
-def tie_free_batch(hybrid, length: int = 12):
-    for seed in range(1, 30):
-        ids = torch.randint(
-            3, hybrid.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(seed)
-        )
-        mask = torch.ones_like(ids)
-        mask[1, :4] = 0  # left padding
-        if not index_ties(hybrid, input_ids=ids, attention_mask=mask):
-            return ids, mask
-    raise AssertionError("no tie-free input found")
 
 
 def native_logits(native, ids, mask):
