@@ -256,7 +256,9 @@ class HybridPreTrainedModel(HybridSaving, PreTrainedModel):
     config_class = HybridConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["HybridDecoderLayer"]
+    # the hyper-connection modules keep fp32 weights inside a bf16 layer: units of their own, so that FSDP
+    # (its transformer wrap policy reads this list; FSDP2 needs one dtype per unit) shards each in one dtype
+    _no_split_modules = ["HybridDecoderLayer", "HyperConnection", "HyperHead"]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
