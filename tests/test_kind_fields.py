@@ -49,6 +49,7 @@ ADDED_SINCE = {
     "moe_expert_norm": False,
     "shared_expert_norm": False,
     "moe_swiglu_limit": None,
+    "attention_logit_multipliers": None,
 }
 
 
