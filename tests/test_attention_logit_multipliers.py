@@ -184,3 +184,25 @@ def test_validation_default_and_old_checkpoints(tmp_path):
 
     rows = dict(mixer_spec("attention").describe(tiny_config(**kw, attention_logit_multipliers=[1.0, 2.0])))
     assert "logit multipliers [1.0, 2.0]" in rows["attention"]
+
+
+@pytest.mark.slow  # flex_attention compiles its kernel: ~13 s on a shared CPU (and has no CPU backward)
+def test_flex_attention_honours_the_multipliers():
+    """flex_attention's outputs equal eager's (checked against the naive attention above) with multipliers."""
+    config = tiny_config(
+        mixer_types=["sliding_attention", "attention"],
+        sliding_window=3,
+        attention_rope=False,
+        attention_logit_multipliers=MULTIPLIERS,
+    )
+    torch.manual_seed(0)
+    model = HybridForCausalLM(config).eval()
+    ids = torch.randint(1, config.vocab_size, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).logits
+        model.set_attn_implementation("flex_attention")
+        flex = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(flex[real], eager[real], atol=ATOL, rtol=0)
