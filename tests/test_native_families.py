@@ -179,6 +179,8 @@ def test_export_reloads_with_transformers_and_matches(model_type, tmp_path):
     export_native(hybrid, tmp_path / "exported", to=model_type)
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["model_type"] == model_type
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "AutoModelForCausalLM.from_pretrained" in card and "placeholder" not in card  # a text-only class
     with native_context(model_type):
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     assert type(reloaded) is get_family(model_type).model_class
