@@ -206,3 +206,21 @@ def test_flex_attention_honours_the_multipliers():
         flex = model(ids, attention_mask=mask).logits
     real = mask.bool()
     torch.testing.assert_close(flex[real], eager[real], atol=ATOL, rtol=0)
+
+
+def test_recipes_on_a_model_with_multipliers():
+    """hybridize: a layer that leaves softmax attention leaves its multiplier (it has no logits), the kept
+    attention layers keep theirs; DSA conversion (DSA layers take no multiplier) is refused naming it."""
+    from hf_hybrid.convert.dsa import convert_model_to_dsa
+    from hf_hybrid.convert.hybridize import hybridize_model
+
+    torch.manual_seed(0)
+    model = HybridForCausalLM(tiny_config(attention_logit_multipliers=[2.0, 3.0])).eval()
+    student = hybridize_model(model, attention_layers=[1], mixer="gated_deltanet")
+    assert student.config.mixer_types == ["gated_deltanet", "attention"]
+    assert student.config.attention_logit_multipliers == [1.0, 3.0]
+    assert student.model.layers[1].mixer.scaling == model.model.layers[1].mixer.scaling
+    with pytest.raises(
+        Exception, match=r"attention_logit_multipliers\[0\]=2.0: layer 0 is mixer_types\[0\]='dsa'"
+    ):
+        convert_model_to_dsa(model, index_topk=4)
