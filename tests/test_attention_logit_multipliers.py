@@ -224,3 +224,14 @@ def test_recipes_on_a_model_with_multipliers():
         Exception, match=r"attention_logit_multipliers\[0\]=2.0: layer 0 is mixer_types\[0\]='dsa'"
     ):
         convert_model_to_dsa(model, index_topk=4)
+
+
+def test_an_export_without_the_option_refuses_it_by_name(tmp_path):
+    from hf_hybrid.convert.native import NativeConversionError, export_native
+
+    model = HybridForCausalLM(tiny_config(attention_logit_multipliers=[2.0, 1.0]))
+    with pytest.raises(
+        NativeConversionError, match=r"attention_logit_multipliers=\[2.0, 1.0\] has no counterpart"
+    ):
+        export_native(model, tmp_path / "out", to="llama")
+    assert not (tmp_path / "out").exists()
