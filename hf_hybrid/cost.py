@@ -93,6 +93,8 @@ class CostReport:
     exact: bool
     state_dtype_bytes: int | None = None
     lm_head_params: int = 0  # 0 when tied to the embedding
+    # weights each token multiplies once outside the layers: the iHC stream-collapsing head (hc_head.fn)
+    head_matmul_params: int = 0
     notes: list[str] = field(default_factory=list)  # warnings about the design (e.g. a DSA that costs more)
 
     @property
@@ -126,7 +128,11 @@ class CostReport:
         return total
 
     def flops_per_token(self, context: int) -> float:
-        matmul = sum(layer.matmul_params for layer in self.layers) + self.lm_head_matmul_params
+        matmul = (
+            sum(layer.matmul_params for layer in self.layers)
+            + self.lm_head_matmul_params
+            + self.head_matmul_params
+        )
         return 2.0 * matmul + sum(layer.flops(context) for layer in self.layers)
 
     def by_mixer(self) -> dict[str, dict[str, Any]]:
@@ -359,14 +365,8 @@ def estimate_cost(
     rope_scale = (
         next(iter(config.rope_dims())) // 2 if config.rope_learned_scale else 0
     )  # model.rope_log_scale
-    total = (
-        embedding
-        + lm_head
-        + h
-        + rope_scale
-        + hyper_head_params(config)
-        + sum(layer.params for layer in layers)
-    )
+    head_params, head_matmul = hyper_head_params(config)
+    total = embedding + lm_head + h + rope_scale + head_params + sum(layer.params for layer in layers)
     active = total - sum(layer.params - layer.active_params for layer in layers)
     return CostReport(
         contexts=contexts,
@@ -379,6 +379,7 @@ def estimate_cost(
         exact=all_exact,
         state_dtype_bytes=state_dtype_bytes,
         lm_head_params=lm_head,
+        head_matmul_params=head_matmul,
         notes=dsa_notes(config, contexts) if notes else [],
     )
 

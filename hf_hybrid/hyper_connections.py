@@ -64,12 +64,13 @@ def hyper_connection_params(config, layer_idx: int, has_mixer: bool, has_mlp: bo
     return branches * (rows * n * h + rows + scales), branches * rows * n * h
 
 
-def hyper_head_params(config) -> int:
-    """Parameters of the model's stream-collapsing head (iHC: learned; mHC: the mean, none)."""
+def hyper_head_params(config) -> tuple[int, int]:
+    """(params, matmul params) of the model's stream-collapsing head (iHC: learned, ``fn`` [N, N·H] is a
+    matmul per token; mHC: the mean, none)."""
     if getattr(config, "hyper_connections", "none") != "ihc":
-        return 0
+        return 0, 0
     n = config.hc_mult
-    return n * n * config.hidden_size + n + 1
+    return n * n * config.hidden_size + n + 1, n * n * config.hidden_size
 
 
 class HyperConnection(_Fp32Params):

@@ -29,7 +29,8 @@ softmax attention) and raises ``AssertionError`` naming the kind, the check and 
   search reorders it continues exactly as the reordered inputs do;
 - ``save_load``: ``save_pretrained`` → ``from_pretrained`` gives the same logits, bit for bit;
 - ``cost``: each kind's cost formula and the inspector's per-layer parameter counts equal the built modules',
-  and the inspector's cache + state bytes equal the bytes the cache really holds after a forward;
+  its matmul weights outside the layers (besides embedding and LM head) equal the model's, and the
+  inspector's cache + state bytes equal the bytes the cache really holds after a forward;
 - ``gradients``: one backward of the LM loss reaches every trainable parameter with a finite, non-zero
   gradient;
 - ``aux_terms``: the auxiliary terms the kind declares (``aux_terms()``) enter the training loss with their
@@ -280,6 +281,15 @@ def check_cost(model: HybridForCausalLM, atol: float = ATOL) -> None:
                 f"layer {i}: the {what} {spec.name!r} cost formula says (params, matmul params) = "
                 f"{(formula.params, formula.matmul_params)}, the built module has {measured}"
             )
+    # the weights outside the layers that each token multiplies once (the embedding is a lookup, the LM head
+    # is counted on its own): the FLOPs the inspector adds for them
+    ends = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    layer_params = {id(p) for p in model.model.layers.parameters()}
+    outside = sum(p.numel() for p in model.parameters() if p.ndim >= 2 and id(p) not in ends | layer_params)
+    assert report.head_matmul_params == outside, (
+        f"the inspector counts {report.head_matmul_params} matmul weights outside the layers and the LM "
+        f"head, the model has {outside}"
+    )
     for layer, cost in zip(model.model.layers, report.layers):
         counted = sum(p.numel() for p in layer.parameters())
         assert cost.params == counted, (

@@ -96,6 +96,23 @@ def test_lossless_equals_the_source(tmp_path, kv_heads, attn):
     assert kv_bytes_per_token(c) == kv_bytes_per_token(source_cfg)
 
 
+def test_lossless_carries_attention_logit_multipliers():
+    """A layer's logit multiplier (attention_logit_multipliers) moves into its MLA query weights: the lossless
+    conversion of one layer of two still equals the source, the other keeps its multiplier."""
+    from hf_hybrid.testing import tiny_config
+
+    torch.manual_seed(0)
+    src = HybridForCausalLM(tiny_config(vocab_size=96, attention_logit_multipliers=[2.5, 0.5])).eval()
+    model = mla_model(src, lossless=True, layers=(0,)).eval()
+    assert model.config.mixer_types == ["mla", "attention"]
+    assert model.config.attention_logit_multipliers == [1.0, 0.5]
+    ids, mask = left_padded()
+    with torch.no_grad():
+        want, got = src(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(got[real], want[real], atol=ATOL, rtol=0)
+
+
 def test_lossless_rejects_lossy_options():
     with pytest.raises(ValueError, match="lossless=True.*kv_lora_rank=8"):
         MLAOptions(lossless=True, kv_lora_rank=8).validate()

@@ -190,6 +190,13 @@ def test_cost_counts_the_stream_weights(kind):
     hc = sum(p.numel() for n, p in model.named_parameters() if "_hc." in n or "hc_head." in n)
     assert hc > 0 and report.total_params - base.total_params == hc
     assert report.total_params == sum(p.numel() for p in model.parameters())
+    # FLOPs: every stream weight with >= 2 dims (the branches' fn and iHC's head fn) is a matmul each token
+    # runs once, on top of the layers' and the LM head's (no stream op adds context-dependent FLOPs)
+    hc_matmul = sum(
+        p.numel() for n, p in model.named_parameters() if ("_hc." in n or "hc_head." in n) and p.ndim >= 2
+    )
+    for context in (1, 64):
+        assert report.flops_per_token(context) - base.flops_per_token(context) == 2 * hc_matmul
 
 
 @pytest.mark.parametrize("kind", KINDS)

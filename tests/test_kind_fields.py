@@ -51,6 +51,7 @@ ADDED_SINCE = {
     "moe_swiglu_limit": None,
     "mlp_swiglu_limit": None,
     "kda_gate_lower_bound": None,
+    "attention_logit_multipliers": None,
 }
 
 

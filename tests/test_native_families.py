@@ -195,6 +195,8 @@ def test_export_reloads_with_transformers_and_matches(model_type, tmp_path):
     export_native(hybrid, tmp_path / "exported", to=model_type)
     config = json.loads((tmp_path / "exported" / "config.json").read_text())
     assert config["model_type"] == model_type
+    card = (tmp_path / "exported" / "README.md").read_text()
+    assert "AutoModelForCausalLM.from_pretrained" in card and "placeholder" not in card  # a text-only class
     with native_context(model_type):
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     assert type(reloaded) is get_family(model_type).model_class
@@ -766,9 +768,10 @@ def test_a_native_config_validation_error_is_a_readable_reason(tmp_path, capsys)
 
 def test_ergo_variants_cli_and_refusals(tmp_path):
     """Ergo (transformers >= 5.25): global layers with RoPE (the same parameters as the sliding ones), an
-    all-sparse and a dense-heavy layout import and export exactly; CLI round trip with the family from the
-    lineage; a global q/k scale (native) and plain pre-norm layers (ours) are refused by name, nothing
-    written."""
+    all-sparse and a dense-heavy layout, no global_attention_scale (the tiny config has one: the generic tests
+    run it) import and export exactly; CLI round trip with the family from the lineage; a non-positive global
+    scale (native), plain pre-norm layers and logit multipliers ergo cannot express (ours) are refused by
+    name, nothing written."""
     family = get_family("ergo")
     if not family.available:
         pytest.skip("ergo needs transformers >= 5.25, not installed here")
@@ -782,11 +785,18 @@ def test_ergo_variants_cli_and_refusals(tmp_path):
         {"rope_parameters": {"sliding_attention": rope, "full_attention": dict(rope)}},
         {"mlp_layer_types": ["sparse"] * 4},
         {"mlp_layer_types": ["dense", "dense", "dense", "sparse"], "global_attention_every_n_layers": 4},
+        {"global_attention_scale": None},
     ):
         native = build_native("ergo", **overrides)
         hybrid = import_native(native)
         if "rope_parameters" in overrides:
             assert hybrid.config.nope_layers is None
+        scale = native.config.global_attention_scale
+        assert hybrid.config.attention_logit_multipliers == (
+            None
+            if scale is None
+            else [scale if t == "full_attention" else 1.0 for t in native.config.layer_types]
+        )
         ref = logits(native, ids, mask)
         assert_close_on_real(ref, logits(hybrid, ids, mask), mask, str(overrides))
         assert torch.equal(ref, logits(export_native(hybrid, to="ergo"), ids, mask))
@@ -798,15 +808,28 @@ def test_ergo_variants_cli_and_refusals(tmp_path):
     assert torch.equal(
         logits(AutoModelForCausalLM.from_pretrained(src).eval(), ids, mask), logits(back, ids, mask)
     )
-    with pytest.raises(NativeConversionError, match=r"global_attention_scale=2\.0"):
-        native_to_hybrid_config(family.config_class(**{**family.tiny_config, "global_attention_scale": 2.0}))
+    with pytest.raises(NativeConversionError, match=r"global_attention_scale=-2\.0 .*None or a number > 0"):
+        native_to_hybrid_config(family.config_class(**{**family.tiny_config, "global_attention_scale": -2.0}))
     cfg = import_native(build_native("ergo")).config.to_dict()
     for key in ("layer_types", "hf_hybrid_lineage", "transformers_version", "model_type", "architectures"):
         cfg.pop(key, None)
-    plain = HybridForCausalLM(HybridConfig(**{**cfg, "norm_placement": None}))
-    with pytest.raises(NativeConversionError, match=r"norm_placement=None"):
-        export_native(plain, tmp_path / "out", to="ergo")
-    assert not (tmp_path / "out").exists()
+    assert cfg["mixer_types"] == ["sliding_attention", "attention"] * 2
+    for overrides, message in (
+        ({"norm_placement": None}, r"norm_placement=None"),
+        (
+            {"attention_logit_multipliers": [1.5, 2.0, 1.0, 2.0]},
+            r"attention_logit_multipliers\[0\]=1\.5 \(sliding",
+        ),
+        (
+            {"attention_logit_multipliers": [1.0, 2.0, 1.0, 3.0]},
+            r"global layers \[1, 3\] have \[2\.0, 3\.0\]",
+        ),
+    ):
+        with pytest.raises(NativeConversionError, match=message):
+            export_native(
+                HybridForCausalLM(HybridConfig(**{**cfg, **overrides})), tmp_path / "out", to="ergo"
+            )
+        assert not (tmp_path / "out").exists()
 
 
 def test_axk2_grouped_routing_and_all_sparse_layouts():

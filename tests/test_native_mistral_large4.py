@@ -117,6 +117,12 @@ def test_export_reloads_in_transformers_alone_identical(tmp_path, capsys):
     assert all(torch.equal(src[k], back[k]) for k in text)  # import ∘ export = identity on the decoder
     assert all(not back[k].any() for k in back if k.startswith("model.vision_tower."))  # the placeholder
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "mistral_large4"
+    # the card says so too: the placeholder, its modules, and the class that loads it
+    card = " ".join((tmp_path / "out" / "README.md").read_text().split())
+    assert "## Vision tower: a placeholder" in card
+    assert "every weight of `model.multi_modal_projector.*`, `model.vision_tower.*` is zero" in card
+    assert "`MistralLarge4ForConditionalGeneration.from_pretrained`" in card
+    assert "AutoModelForCausalLM" not in card  # which has no mistral_large4 class
     # the exported directory imports again (the vision tower dropped with a note)
     again = import_native(tmp_path / "out")
     assert "dropping model.vision_tower" in capsys.readouterr().out

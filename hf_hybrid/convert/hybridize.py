@@ -45,6 +45,7 @@ from torch import nn
 
 from ..card import source_name as card_source_name
 from ..configuration_hybrid import HybridConfig, _expand_pattern
+from ..mixers.attention import SOFTMAX_KINDS
 from ..mixers.from_attention import identity_conv_  # noqa: F401  (re-exported)
 from ..registry import HybridizeInit, mixer_specs
 from .checkpoint import as_dtype, check_dst, check_layer_indices, write_checkpoint
@@ -364,6 +365,11 @@ def student_config(config: HybridConfig, plan: HybridizePlan) -> HybridConfig:
     d = config.to_dict()
     d.pop("layer_types", None)
     d.update(plan.overrides, mixer_types=plan.mixer_types)
+    if config.attention_logit_multipliers is not None:  # a layer that leaves softmax attention has no logits
+        d["attention_logit_multipliers"] = [
+            m if t in SOFTMAX_KINDS else 1.0
+            for m, t in zip(config.attention_logit_multipliers, plan.mixer_types)
+        ]
     new = HybridConfig.from_dict(d)
     new._attn_implementation = config._attn_implementation
     return new

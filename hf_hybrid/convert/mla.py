@@ -466,6 +466,9 @@ def mla_config(config: HybridConfig, plan: MLAPlan, opts: MLAOptions) -> HybridC
     rope, pairs = rope_layout(config, plan, mixer_types)
     if rope is not None:
         d["rope_parameters"] = rope
+    multipliers = config.attention_logit_multipliers
+    if multipliers is not None:  # the converted layers carry theirs in their query weights (alpha)
+        d["attention_logit_multipliers"] = [1.0 if i in plan.layers else m for i, m in enumerate(multipliers)]
     d.update(
         mixer_types=mixer_types,
         q_lora_rank=plan.q_lora_rank,
@@ -567,6 +570,7 @@ def mla_model(model, opts: MLAOptions | None = None, *, calibration: torch.Tenso
         plan = _with_pairs(plan, norm_rope_pairs(weights, covs, plan))
     new_config = mla_config(config, plan, opts)
     scale_src = config.attention_scaling if config.attention_scaling is not None else plan.head_dim**-0.5
+    from ..mixers.attention import logit_multiplier
     from ..mixers.mla import mla_softmax_scale
 
     alpha = scale_src / mla_softmax_scale(new_config)
@@ -575,7 +579,8 @@ def mla_model(model, opts: MLAOptions | None = None, *, calibration: torch.Tenso
         p = f"model.layers.{i}.mixer."
         for name in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight"):
             state.pop(p + name)
-        tensors, stats[i] = convert_layer(weights[i], plan, opts, sigma=covs[i], alpha=alpha)
+        layer_alpha = alpha * logit_multiplier(config, i)  # attention_logit_multipliers: into q
+        tensors, stats[i] = convert_layer(weights[i], plan, opts, sigma=covs[i], alpha=layer_alpha)
         for name, t in tensors.items():
             state[p + name] = t.to(dtype)
     new = rebuild_model(model, new_config, state)

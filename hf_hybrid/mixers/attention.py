@@ -1,7 +1,9 @@
 """Softmax attention: MHA / GQA / MQA, optional sliding window, partial RoPE, q/k RMSNorm per head (Qwen3) or
 over the whole projection (OLMoE, ``qk_norm_scope="full"``), q/k/v clipping (OLMoE's ``clip_qkv``), q/k/v bias
-(Qwen2) and a sigmoid output gate (Qwen3-Next). The kernel comes from transformers' attention interface
-(``eager``, ``sdpa``, ``flash_attention_2``, ``flex_attention``) chosen by ``config._attn_implementation``."""
+(Qwen2), a sigmoid output gate (Qwen3-Next) and a per-layer multiplier of the attention logits
+(``attention_logit_multipliers``, Ergo's ``global_attention_scale``). The kernel comes from transformers'
+attention interface (``eager``, ``sdpa``, ``flash_attention_2``, ``flex_attention``) chosen by
+``config._attn_implementation``."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..layers import LogPositionQueryScale, RMSNorm, apply_rope, repeat_kv
-from ..specs import MixerCost, register_mixer
+from ..specs import ConfigField, MixerCost, register_mixer
 from .base import MixerContext
 
 if TYPE_CHECKING:
@@ -31,7 +33,9 @@ GQA_FIELDS = (
     "attention_rope",
     "attention_scaling",
     "attention_sinks",
+    "attention_logit_multipliers",
 )
+SOFTMAX_KINDS = ("attention", "sliding_attention")
 
 
 def eager_attention_forward(
@@ -66,6 +70,49 @@ def eager_attention_forward(
     return out, probs
 
 
+def logit_multiplier(config: HybridConfig, layer_idx: int) -> float:
+    """The factor on layer ``layer_idx``'s attention logits (``attention_logit_multipliers``; 1.0 if None)."""
+    values = getattr(config, "attention_logit_multipliers", None)
+    return 1.0 if values is None else float(values[layer_idx])
+
+
+def _effective_multipliers(config: HybridConfig) -> list[float] | None:
+    """All ones and None mean the same function (what a native export's round trip compares)."""
+    values = config.attention_logit_multipliers
+    return None if values is None or all(v == 1 for v in values) else [float(v) for v in values]
+
+
+def _check_multipliers(config: HybridConfig, name: str) -> None:
+    values, n = getattr(config, name), config.num_hidden_layers
+    if values is None:
+        return
+    if (
+        not isinstance(values, (list, tuple))
+        or len(values) != n
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in values)
+    ):
+        raise ValueError(
+            f"HybridConfig.{name}={values!r} must be None or {n} positive numbers, one per layer"
+        )
+    for i, (mixer, v) in enumerate(zip(config.mixer_types, values)):
+        if v != 1 and mixer not in SOFTMAX_KINDS:
+            raise ValueError(
+                f"HybridConfig.{name}[{i}]={v!r}: layer {i} is mixer_types[{i}]={mixer!r}; a multiplier "
+                f"other than 1 applies to softmax attention layers ({', '.join(SOFTMAX_KINDS)}) only"
+            )
+
+
+LOGIT_MULTIPLIERS = ConfigField(
+    "attention_logit_multipliers",
+    None,
+    type="list[float] | None",
+    check=_check_multipliers,
+    effective=_effective_multipliers,
+    doc="per layer, a factor on the q·k logits of a softmax attention layer (on top of the softmax scale: "
+    "Ergo's global_attention_scale); 1 elsewhere; None: all 1",
+)
+
+
 def validate_gqa(config: HybridConfig) -> None:
     if config.num_attention_heads % config.num_key_value_heads != 0:
         raise ValueError(
@@ -94,6 +141,10 @@ def describe_attention(config: HybridConfig) -> list[tuple[str, str]]:
             (f"no RoPE in layers {config.nope_layers}", config.attention_rope and bool(config.nope_layers)),
             (f"scale {config.attention_scaling}", config.attention_scaling is not None),
             ("attention sinks", config.attention_sinks),
+            (
+                f"logit multipliers {_effective_multipliers(config)}",
+                _effective_multipliers(config) is not None,
+            ),
         )
         if on
     ]
@@ -180,6 +231,7 @@ def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     mask="full_attention",
     cost=attention_cost,
     validate=validate_gqa,
+    config_fields=(LOGIT_MULTIPLIERS,),
     describe=describe_attention,
     lora_targets=ATTENTION_LORA_TARGETS,
     functional_fields=lambda config: GQA_FIELDS,
@@ -197,7 +249,10 @@ class HybridAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_key_value_heads = config.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_key_value_heads
-        self.scaling = self.head_dim**-0.5 if config.attention_scaling is None else config.attention_scaling
+        scale = self.head_dim**-0.5 if config.attention_scaling is None else config.attention_scaling
+        # attention_logit_multipliers: a factor on this layer's logits, folded into the scale that every
+        # kernel of transformers' interface (eager, sdpa, flash, flex) applies to q·k
+        self.scaling = scale * logit_multiplier(config, layer_idx)
         self.use_rope = config.attention_rope and layer_idx not in (config.nope_layers or ())
         self.is_causal = True
         self.is_sliding = config.mixer_types[layer_idx] == "sliding_attention"

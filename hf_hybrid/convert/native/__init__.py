@@ -34,6 +34,7 @@ import importlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -322,7 +323,7 @@ def export_native(
         native_state = _owning(native_state, state)
     native_cfg.dtype = model_dtype
     model_cfg = family.model_config(native_cfg)  # a vision-language wrapper's config around the decoder's
-    if model_cfg is not native_cfg:
+    if model_cfg is not native_cfg:  # the decoder inside a vision-language class
         print(
             f"note: {family.model_type} has no text-only model class; writing {family.model_class.__name__} "
             "with a placeholder vision tower (zero weights): the text decoder is exact, images are not "
@@ -331,7 +332,10 @@ def export_native(
     model_cfg.dtype = model_dtype
     model_cfg.architectures = [family.model_class.__name__]
     native_model = build_empty(family.model_class, model_cfg)
+    converted = set(native_state)
     native_state = family.complete_native_state(native_model, native_state)
+    # what the family filled in (a placeholder vision tower), by module: the card names it
+    filled = sorted({".".join(k.split(".")[:2]) for k in set(native_state) - converted})
     if dtype is not None:
         native_state = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in native_state.items()}
     native_state = _keep_fp32(native_model, native_state)
@@ -346,7 +350,8 @@ def export_native(
             _leave_out_derived(tmp / "config.json", family)
             _portable_spellings(tmp / "config.json", family)
             copy_carried_files(src_dir, tmp, overwrite=True)
-            (tmp / "README.md").write_text(_export_card(hybrid_cfg, family, src), encoding="utf-8")
+            card = _export_card(hybrid_cfg, family, src, filled=filled)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
 
         write_atomically(dst_path, write)
     return native_model
@@ -399,7 +404,9 @@ def _keep_fp32(native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
+def _export_card(hybrid_cfg, family: NativeFamily, src, *, filled: Sequence[str] = ()) -> str:
+    """The exported directory's README.md; ``filled``: the modules (``model.vision_tower``, ...) the export
+    filled with zeros around the decoder (a vision-language class's placeholder vision tower)."""
     lineage = dict(hybrid_cfg.hf_hybrid_lineage or {})
     from ...card import _hub_id, base_model_text
 
@@ -412,12 +419,26 @@ def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
     lines += ["tags:", f"- {family.model_type}", "- hf-hybrid-export", "---", ""]
     lines.append(f"# {Path(str(src)).name if not hasattr(src, 'state_dict') else family.model_type}")
     lines.append("")
+    cls = family.model_class.__name__
+    loader = f"`{cls}.from_pretrained`" if filled else "`AutoModelForCausalLM.from_pretrained`"
     lines.append(
-        f"A `{family.model_type}` checkpoint (`{family.model_class.__name__}`), loadable with plain "
-        "transformers (`AutoModelForCausalLM.from_pretrained`) and servable by any engine that "
-        "serves this family. Exported by hf-hybrid from an hf_hybrid model with the same function."
+        f"A `{family.model_type}` checkpoint (`{cls}`), loadable with plain transformers ({loader}) and "
+        "servable by any engine that serves this family. Exported by hf-hybrid from an hf_hybrid model with "
+        "the same function."
     )
     lines.append("")
+    if filled:
+        modules = ", ".join(f"`{m}.*`" for m in filled)
+        lines += [
+            "## Vision tower: a placeholder",
+            "",
+            f"`{family.model_type}` is the text decoder of a vision-language checkpoint and transformers "
+            f"has no text-only class for it, so this checkpoint is a `{cls}` whose vision tower is a "
+            f"placeholder: every weight of {modules} is zero, from no trained model. The text decoder is "
+            "exact; images are not understood. Use it for text only, or put a trained vision tower and "
+            "projector in their place.",
+            "",
+        ]
     lines.append("## Lineage")
     lines.append("")
     if lineage:

@@ -4,9 +4,11 @@ Every layer: GQA softmax attention with a fused ``qkv_proj``, per-head q/k RMSNo
 RoPE and global layers without (``layer_types``; ``rope_parameters["full_attention"] = None``: our
 ``nope_layers``), sandwich norms (``input_layernorm`` / ``post_attention_layernorm`` around the attention,
 ``pre_feedforward_layernorm`` / ``post_feedforward_layernorm`` around the MLP: ``norm_placement="sandwich"``)
-and a learned residual gate per branch (``residual_gates``). MLPs: a leading dense relu² block
-(``first_dense_intermediate_size``, ungated), then MoE: sigmoid router (fp32 logits, correction bias,
-renormalised, ``moe_routed_scaling_factor``), relu² experts each followed by its own RMSNorm
+and a learned residual gate per branch (``residual_gates``). ``global_attention_scale`` (s, set by
+checkpoints whose context was extended) multiplies q and k of the global layers by sqrt(s), i.e. their logits
+by s: our ``attention_logit_multipliers`` (s on the global layers, 1 on the sliding ones). MLPs: a leading
+dense relu² block (``first_dense_intermediate_size``, ungated), then MoE: sigmoid router (fp32 logits,
+correction bias, renormalised, ``moe_routed_scaling_factor``), relu² experts each followed by its own RMSNorm
 (``moe_expert_norm``), and one relu² shared expert followed by an RMSNorm (``shared_expert_norm``).
 
 Weights: Ergo rotates *interleaved* pairs (``rotate_half`` on ``x[..., ::2]`` / ``x[..., 1::2]``); ours
@@ -20,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ...mixers.mla import rope_deinterleave_index
-from .base import Custom, NativeFamily, RuleContext, W, fail, native_fixed, ours_fixed, permute_rows, same
+from .base import Custom, NativeFamily, RuleContext, W, fail, ours_fixed, permute_rows, same
 from .moe_attention import MODEL_RULES
 
 _NATIVE_MIXER = {"sliding_attention": "sliding_attention", "full_attention": "attention"}
@@ -155,6 +157,27 @@ def _mlp_to_native(o) -> dict:
     return {"mlp_layer_types": types, "num_dense_blocks": k}
 
 
+def _scale_to_ours(n) -> dict:
+    s = n.global_attention_scale
+    if s is None:
+        return {"attention_logit_multipliers": None}
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
+        fail(
+            f"ergo: ErgoConfig.global_attention_scale={s!r} has no counterpart; supported: None or a "
+            "number > 0"
+        )
+    return {
+        "attention_logit_multipliers": [float(s) if t == "full_attention" else 1.0 for t in n.layer_types]
+    }
+
+
+def _scale_to_native(o) -> dict:
+    values = o.attention_logit_multipliers or [1.0] * o.num_hidden_layers
+    scales = {float(v) for v, m in zip(values, o.mixer_types) if m == "attention"}
+    s = scales.pop() if len(scales) == 1 else 1.0  # _check_ours refuses two values
+    return {"global_attention_scale": None if s == 1.0 else s}
+
+
 def _check_ours(o) -> str | None:
     n = o.num_hidden_layers
     for i, (m, mlp) in enumerate(zip(o.mixer_types, o.mlp_types)):
@@ -166,6 +189,19 @@ def _check_ours(o) -> str | None:
         if m == "sliding_attention" and i in (o.nope_layers or ()):
             return f"nope_layers={o.nope_layers!r} names sliding layer {i}: ergo's sliding layers rotate"
     full = [i for i, m in enumerate(o.mixer_types) if m == "attention"]
+    multipliers = o.attention_logit_multipliers or [1.0] * n
+    for i, (m, v) in enumerate(zip(o.mixer_types, multipliers)):
+        if m == "sliding_attention" and v != 1:
+            return (
+                f"attention_logit_multipliers[{i}]={v!r} (sliding layer {i}): ergo scales the global layers' "
+                "logits only (global_attention_scale); the sliding layers' multiplier is 1"
+            )
+    if len({float(multipliers[i]) for i in full}) > 1:
+        values = [multipliers[i] for i in full]
+        return (
+            f"attention_logit_multipliers={o.attention_logit_multipliers!r}: ergo has one scale for every "
+            f"global layer (global_attention_scale); the global layers {full} have {values}"
+        )
     if o.nope_layers is not None and sorted(o.nope_layers) != full:
         return f"nope_layers={o.nope_layers!r}: ergo's global layers are all NoPE ({full}) or all RoPE (None)"
     placement = list(o.norm_placement or ["pre"] * n)
@@ -220,11 +256,7 @@ FAMILIES = {
                 _layers_to_native,
             ),
             Custom(("mlp_layer_types", "num_dense_blocks"), _mlp_to_ours, _mlp_to_native),
-            native_fixed(
-                "global_attention_scale",
-                None,
-                why="a q/k scale on the global layers that hf_hybrid's attention has not",
-            ),
+            Custom(("global_attention_scale",), _scale_to_ours, _scale_to_native),
             *ours_fixed(
                 num_shared_experts=1,
                 shared_expert_gate=False,
@@ -273,6 +305,7 @@ FAMILIES = {
             moe_routed_scaling_factor=1.5,
             sliding_window=4,
             global_attention_every_n_layers=2,
+            global_attention_scale=2.0,  # a context-extended checkpoint's global logit scale (None: none)
             max_position_embeddings=128,
         ),
     ),
