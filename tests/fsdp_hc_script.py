@@ -1,9 +1,9 @@
-"""Run by tests/test_hyper_connections.py in a subprocess (one gloo rank on CPU): a model with hyper-connection
-streams (in bf16: fp32 weights inside bf16 layers) sharded with FSDP2 the way accelerate's transformer wrap
-policy does it — ``fully_shard`` on every module whose class ``model._no_split_modules`` names, children first,
-then the root — runs forward and backward next to the unsharded model. Prints one JSON line: the parameter
-dtypes, the number of units, both losses and the gradients' relative differences (largest per tensor, and
-over all)."""
+"""Run by tests/test_hyper_connections.py in a subprocess (one gloo rank on CPU): a model with
+hyper-connection streams (in bf16: fp32 weights inside bf16 layers) sharded with FSDP2 the way accelerate's
+transformer wrap policy does it — ``fully_shard`` on every module whose class ``model._no_split_modules``
+names, children first, then the root — runs forward and backward next to the unsharded model. Prints one JSON
+line: the parameter dtypes, the number of units, both losses and the gradients' relative differences (largest
+per tensor, and over all)."""
 
 from __future__ import annotations
 

@@ -128,6 +128,9 @@ def test_export_reloads_in_transformers_alone_identical(tmp_path, capsys):
         "linear_attention",
     ]
     assert reloaded.config.text_config.layer_types[1] == "indexed_attention"
+    card = " ".join((tmp_path / "out" / "README.md").read_text().split())  # the card names the placeholder
+    assert "## Vision tower: a placeholder" in card and "every weight of `model.visual.*` is zero" in card
+    assert "`Glm5NextForConditionalGeneration.from_pretrained`" in card and "AutoModelForCausalLM" not in card
     # the exported directory imports again (the vision tower dropped with a note)
     again = import_native(tmp_path / "out")
     assert "dropping model.visual" in capsys.readouterr().out
