@@ -103,7 +103,8 @@ def assert_no_index_ties(hybrid, ids, mask) -> None:
 # Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py
 # runs the same checks on them under that patch. Every other registered family is tested here.
 # mistral_large4_text (tests/test_native_mistral_large4.py): its decoder lives in a vision-language class and
-# its query scaling reads absolute positions, which the native model must be given.
+# its query scaling reads absolute positions, which the native model must be given. hy_v4_vl_text
+# (tests/test_native_hy_v4_vl.py): its decoder lives in a vision-language class.
 TESTED_ELSEWHERE = (
     "qwen3_next",
     "qwen3_5_text",
@@ -111,6 +112,7 @@ TESTED_ELSEWHERE = (
     "bamba",
     "olmo_hybrid",
     "mistral_large4_text",
+    "hy_v4_vl_text",
 )
 
 
