@@ -134,6 +134,7 @@ HY_V4_VL_TEXT = HYV4VLFamily(
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
     ),
     exactness=HY_V4.exactness,
+    min_transformers="5.24",
     wrapper_note="model.vision_tower.* (the vision tower)",
 )
 
