@@ -18,13 +18,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-from hf_hybrid import HybridCache
 from hf_hybrid.convert.native import NativeConversionError, export_native, get_family, import_native
 from hf_hybrid.convert.native.hy_v4_vl import mrope_section
-from hf_hybrid.mixers.dsa import index_ties
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_native_families import randomise  # noqa: E402  (the shared randomisation of the family tests)
+from test_native_mistral_large4 import (  # noqa: E402  (DSA inputs without tied scores; the decode check)
+    assert_cached_decode_equals_full_forward,
+    max_err,
+    tie_free_batch,
+)
 
 ATOL = 1e-5
 FAMILY = "hy_v4_vl_text"
@@ -43,18 +46,6 @@ def build_native(seed: int = 0, wrapper: dict | None = None, **overrides) -> HYV
     return model.eval()
 
 
-def tie_free_batch(hybrid, length: int = 12):
-    for seed in range(1, 30):
-        ids = torch.randint(
-            3, hybrid.config.vocab_size, (2, length), generator=torch.Generator().manual_seed(seed)
-        )
-        mask = torch.ones_like(ids)
-        mask[1, :4] = 0  # left padding
-        if not index_ties(hybrid, input_ids=ids, attention_mask=mask):
-            return ids, mask
-    raise AssertionError("no tie-free input found")
-
-
 def logits(model, ids, mask):
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits
@@ -68,10 +59,6 @@ def realigned(model):
         for p in model.parameters():
             p.data = p.data.clone()
     return model
-
-
-def max_err(a, b, mask) -> float:
-    return (a - b)[mask.bool()].abs().max().item()
 
 
 def test_import_is_exact_with_left_padding():
@@ -115,21 +102,15 @@ def test_cached_decode_and_generate_match_transformers():
     native = build_native()
     hybrid = import_native(native)
     ids, mask = tie_free_batch(hybrid, length=8)
-    with torch.no_grad():
-        full = hybrid(input_ids=ids, attention_mask=mask).logits
-        cache = HybridCache(config=hybrid.config)
-        step = [hybrid(input_ids=ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache).logits]
-        for t in range(5, 8):
-            step.append(
-                hybrid(
-                    input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache
-                ).logits
-            )
-    assert max_err(torch.cat(step, 1), full, mask) <= ATOL
+    assert_cached_decode_equals_full_forward(hybrid, ids, mask)
+    # greedy generation with each side's cache: the same tokens, and the same logits at every step
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    kw.update(return_dict_in_generate=True, output_logits=True)
     got = hybrid.generate(input_ids=ids, attention_mask=mask, **kw)
     want = native.generate(input_ids=ids, attention_mask=mask, **kw)
-    assert got.tolist() == want.tolist()
+    assert got.sequences.tolist() == want.sequences.tolist()
+    for a, b in zip(got.logits, want.logits, strict=True):
+        assert (a - b).abs().max().item() <= ATOL
 
 
 def test_export_reloads_in_transformers_alone_identical(tmp_path, capsys):

@@ -628,6 +628,17 @@ def _describe_difference(name: str, want: Any, got: Any) -> str:
     return f"HybridConfig.{name}={want!r} has no counterpart (it would become {got!r})"
 
 
+def zero_placeholder(native_model, state: dict[str, torch.Tensor], pattern: str) -> dict[str, torch.Tensor]:
+    """``state`` plus zeros (fp32) for every tensor of ``native_model`` whose name matches ``pattern`` and
+    that ``state`` lacks: the placeholder vision tower an export of a text decoder writes into its
+    vision-language wrapper (the text function exact, images not understood)."""
+    out = dict(state)
+    for name, t in native_model.state_dict().items():
+        if name not in out and re.match(pattern, name):
+            out[name] = torch.zeros(t.shape, dtype=torch.float32)
+    return out
+
+
 def build_empty(model_class, config):
     """``model_class(config)`` with parameters on the meta device (no memory, no random init) and buffers real
     (the non-persistent RoPE tables are computed in ``__init__`` and are not in any state dict)."""

@@ -34,11 +34,10 @@ tokens here; RoPE depends only on position differences, so the logits agree eith
 from __future__ import annotations
 
 import dataclasses
-import re
 
 import torch
 
-from .base import Custom, NativeFamily, W, ours_fixed
+from .base import Custom, NativeFamily, W, ours_fixed, zero_placeholder
 from .hy_v4 import HY_V4, dsa_rules
 
 _LM = "model.language_model."
@@ -104,11 +103,7 @@ class HYV4VLFamily(NativeFamily):
 
     def complete_native_state(self, native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The placeholder vision tower: zeros of the shapes the wrapper has."""
-        out = dict(state)
-        for name, t in native_model.state_dict().items():
-            if name not in out and re.match(r"model\.vision_tower\.", name):
-                out[name] = torch.zeros(t.shape, dtype=torch.float32)
-        return out
+        return zero_placeholder(native_model, state, r"model\.vision_tower\.")
 
 
 HY_V4_VL_TEXT = HYV4VLFamily(

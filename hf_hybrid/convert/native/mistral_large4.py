@@ -32,8 +32,6 @@ Position-dependent parts (the query scaling): the native model must be given the
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from .base import (
@@ -47,6 +45,7 @@ from .base import (
     rename,
     same,
     zero_filled,
+    zero_placeholder,
 )
 from .deepseek import (
     _check_kv_heads,
@@ -277,11 +276,7 @@ class MistralLarge4Family(NativeFamily):
 
     def complete_native_state(self, native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The placeholder vision tower and projector: zeros of the shapes the wrapper has."""
-        out = dict(state)
-        for name, t in native_model.state_dict().items():
-            if name not in out and re.match(r"model\.(vision_tower|multi_modal_projector)\.", name):
-                out[name] = torch.zeros(t.shape, dtype=torch.float32)
-        return out
+        return zero_placeholder(native_model, state, r"model\.(vision_tower|multi_modal_projector)\.")
 
 
 MISTRAL_LARGE4_TEXT = MistralLarge4Family(
