@@ -110,11 +110,12 @@ def _read_native_config(src: str | os.PathLike | Any):
             raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint")
         raw = json.loads(config_path.read_text())
         family = get_family(TEXT_DECODER_OF.get(raw.get("model_type"), raw.get("model_type")))
+        config_class = family.config_class  # refuses a family the installed transformers lacks, by name
         if raw.get("model_type") in TEXT_DECODER_OF:
             from transformers import AutoConfig  # the wrapper: its text config, with the wrapper's tying
 
             return _text_decoder_config(AutoConfig.from_pretrained(str(path)))
-        return family.config_class.from_pretrained(str(path))
+        return config_class.from_pretrained(str(path))
     if path.is_file():  # some other JSON file holding a config dict
         raw = json.loads(path.read_text())
         family = get_family(raw.get("model_type"))
