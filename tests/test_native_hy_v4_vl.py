@@ -121,6 +121,8 @@ def test_export_reloads_in_transformers_alone_identical(tmp_path, capsys):
     raw = json.loads((tmp_path / "out" / "config.json").read_text())
     assert raw["model_type"] == "hy_v4_vl" and raw["architectures"] == ["HYV4VLForConditionalGeneration"]
     assert raw["text_config"]["rope_parameters"]["mrope_section"] == [2, 1, 1]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "placeholder (zero weights)" in card and "AutoModelForImageTextToText" in card
     reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "out").eval()
     assert type(reloaded) is HYV4VLForConditionalGeneration
     src, back = native.state_dict(), reloaded.state_dict()

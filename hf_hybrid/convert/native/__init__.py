@@ -356,7 +356,8 @@ def export_native(
             native_model.save_pretrained(tmp)
             _leave_out_derived(tmp / "config.json", family)
             copy_carried_files(src_dir, tmp, overwrite=True)
-            (tmp / "README.md").write_text(_export_card(hybrid_cfg, family, src), encoding="utf-8")
+            card = _export_card(hybrid_cfg, family, src, wrapped=model_cfg is not native_cfg)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
 
         write_atomically(dst_path, write)
     return native_model
@@ -393,7 +394,7 @@ def _keep_fp32(native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     return out
 
 
-def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
+def _export_card(hybrid_cfg, family: NativeFamily, src, *, wrapped: bool = False) -> str:
     lineage = dict(hybrid_cfg.hf_hybrid_lineage or {})
     from ...card import _hub_id, base_model_text
 
@@ -406,11 +407,18 @@ def _export_card(hybrid_cfg, family: NativeFamily, src) -> str:
     lines += ["tags:", f"- {family.model_type}", "- hf-hybrid-export", "---", ""]
     lines.append(f"# {Path(str(src)).name if not hasattr(src, 'state_dict') else family.model_type}")
     lines.append("")
+    auto = "AutoModelForImageTextToText" if wrapped else "AutoModelForCausalLM"
     lines.append(
         f"A `{family.model_type}` checkpoint (`{family.model_class.__name__}`), loadable with plain "
-        "transformers (`AutoModelForCausalLM.from_pretrained`) and servable by any engine that "
+        f"transformers (`{auto}.from_pretrained`) and servable by any engine that "
         "serves this family. Exported by hf-hybrid from an hf_hybrid model with the same function."
     )
+    if wrapped:  # a text decoder without a class of its own, written into its vision-language wrapper
+        lines += [
+            "",
+            "The vision tower is a placeholder (zero weights): the text decoder is exact, images are not "
+            "understood.",
+        ]
     lines.append("")
     lines.append("## Lineage")
     lines.append("")
