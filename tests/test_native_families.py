@@ -117,8 +117,9 @@ def tie_free_batch(hybrid, length: int = 12):
 # Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py
 # runs the same checks on them under that patch. Every other registered family is tested here.
 # mistral_large4_text (tests/test_native_mistral_large4.py): its decoder lives in a vision-language class and
-# its query scaling reads absolute positions, which the native model must be given. glm5_next_text likewise
-# lives in a vision-language class (tests/test_native_glm5_next.py).
+# its query scaling reads absolute positions, which the native model must be given. glm5_next_text
+# (tests/test_native_glm5_next.py) and hy_v4_vl_text (tests/test_native_hy_v4_vl.py): their decoders live in
+# vision-language classes too.
 TESTED_ELSEWHERE = (
     "qwen3_next",
     "qwen3_5_text",
@@ -126,7 +127,8 @@ TESTED_ELSEWHERE = (
     "bamba",
     "olmo_hybrid",
     "mistral_large4_text",
-    "glm5_next_text",  # tests/test_native_glm5_next.py: a vision-language class as well
+    "glm5_next_text",
+    "hy_v4_vl_text",
 )
 
 

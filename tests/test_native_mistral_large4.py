@@ -51,6 +51,21 @@ def max_err(a, b, mask) -> float:
     return (a - b)[mask.bool()].abs().max().item()
 
 
+def assert_cached_decode_equals_full_forward(hybrid, ids, mask, prefill: int = 5) -> HybridCache:
+    """Prefill ``prefill`` tokens, then one token a step through one cache: the full forward's logits
+    (≤ ATOL on real tokens). Returns the cache."""
+    with torch.no_grad():
+        full = hybrid(input_ids=ids, attention_mask=mask).logits
+        cache = HybridCache(config=hybrid.config)
+        step = [hybrid(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache)]
+        for t in range(prefill, ids.shape[1]):
+            step.append(
+                hybrid(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+            )
+    assert max_err(torch.cat([out.logits for out in step], 1), full, mask) <= ATOL
+    return cache
+
+
 def test_import_is_exact_with_left_padding_and_every_feature_used():
     native = build_native()
     hybrid = import_native(native)
@@ -85,17 +100,7 @@ def test_cached_decode_and_generate_match_transformers():
     hybrid = import_native(native)
     ids, mask = tie_free_batch(hybrid, length=8)
     # our cached decode equals our full forward (the shared latent is cached once, by layers 0 and 2)
-    with torch.no_grad():
-        full = hybrid(input_ids=ids, attention_mask=mask).logits
-        cache = HybridCache(config=hybrid.config)
-        step = [hybrid(input_ids=ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache).logits]
-        for t in range(5, 8):
-            step.append(
-                hybrid(
-                    input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache
-                ).logits
-            )
-    assert max_err(torch.cat(step, 1), full, mask) <= ATOL
+    cache = assert_cached_decode_equals_full_forward(hybrid, ids, mask)
     assert type(cache.layers[1]).__name__ == "DummyLayer" and cache.layers[0].keys.shape[-2] == 8
     # greedy generation with the cache: the same tokens as transformers' own model
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)

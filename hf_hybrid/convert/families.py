@@ -34,18 +34,20 @@ FAMILY_MODULES: dict[str, str] = {
     "ergo": "ergo",  # transformers >= 5.25
     "mistral_large4_text": "mistral_large4",  # the text decoder of mistral_large4 (vision-language)
     "glm5_next_text": "glm5_next",  # the text decoder of glm5_next (vision-language)
+    "hy_v4_vl_text": "hy_v4_vl",  # the text decoder of hy_v4_vl (vision-language)
 }
 
 
 # Vision-language wrappers whose text decoder is a family here: wrapper model_type -> the decoder's
 # model_type. The import reads the wrapper's text_config and its decoder weights (transformers' key mapping
-# strips ``model.language_model.``); the vision tower (``model.visual.*``) and the MTP head (``mtp.*``) are
-# dropped.
+# strips ``model.language_model.``); the vision tower (``model.visual.*`` / ``model.vision_tower.*``) and the
+# MTP head (``mtp.*``) are dropped.
 TEXT_DECODER_OF: dict[str, str] = {
     "qwen3_5": "qwen3_5_text",
     "qwen3_5_moe": "qwen3_5_moe_text",
     "mistral_large4": "mistral_large4_text",
     "glm5_next": "glm5_next_text",
+    "hy_v4_vl": "hy_v4_vl_text",
 }
 
 __all__ = ["FAMILY_MODULES", "TEXT_DECODER_OF"]

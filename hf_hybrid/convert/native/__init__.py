@@ -106,13 +106,12 @@ def _read_native_config(src: str | os.PathLike | Any):
             raise FileNotFoundError(f"{path} has no config.json: not a transformers checkpoint")
         raw = json.loads(config_path.read_text())
         family = get_family(TEXT_DECODER_OF.get(raw.get("model_type"), raw.get("model_type")))
-        if raw.get("model_type") in TEXT_DECODER_OF and not getattr(
-            family.config_class, "base_config_key", ""
-        ):
-            from transformers import AutoConfig  # a wrapper whose text config class cannot read it alone
+        config_class = family.config_class  # refuses a family the installed transformers lacks, by name
+        if raw.get("model_type") in TEXT_DECODER_OF:
+            from transformers import AutoConfig  # the wrapper: its text config, with the wrapper's tying
 
             return _text_decoder_config(AutoConfig.from_pretrained(str(path)))
-        return family.config_class.from_pretrained(str(path))  # a wrapper's text_config (base_config_key)
+        return config_class.from_pretrained(str(path))
     if path.is_file():  # some other JSON file holding a config dict
         raw = json.loads(path.read_text())
         family = get_family(raw.get("model_type"))
@@ -121,10 +120,17 @@ def _read_native_config(src: str | os.PathLike | Any):
 
 
 def _text_decoder_config(config):
-    """A vision-language wrapper's text config (the decoder hf_hybrid converts); any other config as is."""
-    if getattr(config, "model_type", None) in TEXT_DECODER_OF:
-        return config.get_text_config()
-    return config
+    """A vision-language wrapper's text config (the decoder hf_hybrid converts); any other config as is.
+    transformers ties ``lm_head`` to the embeddings by the wrapper's ``tie_word_embeddings``, not the text
+    config's: the text config returned carries the wrapper's."""
+    if getattr(config, "model_type", None) not in TEXT_DECODER_OF:
+        return config
+    text = config.get_text_config()
+    tie = bool(getattr(config, "tie_word_embeddings", False))
+    if bool(getattr(text, "tie_word_embeddings", False)) != tie:
+        text = copy.deepcopy(text)  # never edit the caller's model's config
+        text.tie_word_embeddings = tie
+    return text
 
 
 def native_to_hybrid_config(src: str | os.PathLike | Any):

@@ -28,6 +28,7 @@ Not carried: transformers keeps ``lm_head`` in fp32 and computes the logits in f
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -55,11 +56,11 @@ def rope_interleaved() -> bool:
     return hasattr(modeling_hy_v4, "apply_rotary_pos_emb_interleave")
 
 
-def _index_rows(n_heads: int, head_dim: int, rope: int) -> torch.Tensor:
-    """Per head: the last ``rope`` rows first (de-interleaved where transformers rotates interleaved pairs),
-    then the others (HY-V4's rope block → ours)."""
+def _index_rows(n_heads: int, head_dim: int, rope: int, interleaved: bool) -> torch.Tensor:
+    """Per head: the last ``rope`` rows first (de-interleaved where the native model rotates interleaved
+    pairs), then the others (HY-V4's rope block → ours)."""
     tail = torch.arange(head_dim - rope, head_dim)
-    if rope_interleaved():
+    if interleaved:
         tail = tail[rope_deinterleave_index(rope)]
     block = torch.cat([tail, torch.arange(head_dim - rope)])
     return (torch.arange(n_heads)[:, None] * head_dim + block[None, :]).reshape(-1)
@@ -70,46 +71,47 @@ def _rope(ctx: RuleContext) -> int:
     return min(c.qk_rope_head_dim, c.index_head_dim)
 
 
-def _index_q_rows(ctx: RuleContext) -> torch.Tensor:
-    return _index_rows(ctx.ours.index_n_heads, ctx.ours.index_head_dim, _rope(ctx))
+def dsa_rules(interleaved: Callable[[], bool]) -> tuple[W, ...]:
+    """The attention's weight rules (indexer, MLA projections, the rest by name), for a native model that
+    rotates interleaved pairs when ``interleaved()`` (asked when a rule runs) and halves otherwise: HY-V4
+    follows the installed release (:func:`rope_interleaved`), HY-V4-VL's text decoder always pairs."""
+
+    def index_q_rows(ctx: RuleContext) -> torch.Tensor:
+        return _index_rows(ctx.ours.index_n_heads, ctx.ours.index_head_dim, _rope(ctx), interleaved())
+
+    def index_k_rows(ctx: RuleContext) -> torch.Tensor:
+        return _index_rows(1, ctx.ours.index_head_dim, _rope(ctx), interleaved())
+
+    def q_rows(ctx: RuleContext) -> torch.Tensor:
+        c = ctx.ours
+        dqk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if not interleaved():
+            return torch.arange(c.num_attention_heads * dqk)
+        return _per_head_rope_rows(c.num_attention_heads, dqk, c.qk_nope_head_dim, c.qk_rope_head_dim)
+
+    def kv_a_rows(ctx: RuleContext) -> torch.Tensor:
+        c = ctx.ours
+        width = c.kv_lora_rank + c.qk_rope_head_dim
+        if not interleaved():
+            return torch.arange(width)
+        return _per_head_rope_rows(1, width, c.kv_lora_rank, c.qk_rope_head_dim)
+
+    mla = (
+        W("self_attn.q_b_proj.weight", "mixer.q_b_proj.weight", *permute_rows(q_rows)),
+        W("self_attn.kv_a_proj_with_mqa.weight", "mixer.kv_a_proj_with_mqa.weight", *permute_rows(kv_a_rows)),
+        W(
+            "self_attn.kv_a_proj_with_mqa.bias",
+            "mixer.kv_a_proj_with_mqa.bias",
+            *permute_rows(kv_a_rows),
+            when=lambda ctx: ctx.ours.attention_bias,
+        ),
+    )
+    # everything else of the attention keeps its name: q_a_proj, q_a_layernorm, kv_a_layernorm, kv_b_proj,
+    # o_proj, gate_proj, sinks
+    return (*indexer_rules(index_q_rows, index_k_rows), *mla, W("self_attn.", "mixer."))
 
 
-def _index_k_rows(ctx: RuleContext) -> torch.Tensor:
-    return _index_rows(1, ctx.ours.index_head_dim, _rope(ctx))
-
-
-_INDEXER_RULES = indexer_rules(_index_q_rows, _index_k_rows)
-
-
-def _q_rows(ctx: RuleContext) -> torch.Tensor:
-    c = ctx.ours
-    dqk = c.qk_nope_head_dim + c.qk_rope_head_dim
-    if not rope_interleaved():
-        return torch.arange(c.num_attention_heads * dqk)
-    return _per_head_rope_rows(c.num_attention_heads, dqk, c.qk_nope_head_dim, c.qk_rope_head_dim)
-
-
-def _kv_a_rows(ctx: RuleContext) -> torch.Tensor:
-    c = ctx.ours
-    width = c.kv_lora_rank + c.qk_rope_head_dim
-    if not rope_interleaved():
-        return torch.arange(width)
-    return _per_head_rope_rows(1, width, c.kv_lora_rank, c.qk_rope_head_dim)
-
-
-_MLA_RULES = (
-    W("self_attn.q_b_proj.weight", "mixer.q_b_proj.weight", *permute_rows(_q_rows)),
-    W("self_attn.kv_a_proj_with_mqa.weight", "mixer.kv_a_proj_with_mqa.weight", *permute_rows(_kv_a_rows)),
-    W(
-        "self_attn.kv_a_proj_with_mqa.bias",
-        "mixer.kv_a_proj_with_mqa.bias",
-        *permute_rows(_kv_a_rows),
-        when=lambda ctx: ctx.ours.attention_bias,
-    ),
-)
-# everything else of the attention keeps its name: q_a_proj, q_a_layernorm, kv_a_layernorm, kv_b_proj, o_proj,
-# gate_proj, sinks
-_DSA_RULES = (*_INDEXER_RULES, *_MLA_RULES, W("self_attn.", "mixer."))
+_DSA_RULES = dsa_rules(rope_interleaved)
 
 _HC_MODEL_RULES = (
     W("model.hc_head.hc_fn", "model.hc_head.fn"),
@@ -138,9 +140,9 @@ def _swiglu_to_ours(n) -> dict:
         # HYV4Experts clamps with the value as given (its docstring says <= 0 disables the clamp; the code
         # clamps the gate to <= limit): no function to carry over faithfully.
         fail(
-            f"hy_v4: HYV4Config.swiglu_limit={limit!r}: transformers' HYV4Experts clamps the gate at this "
-            "value (its docs say values <= 0 disable the clamp, its code does not); only a positive limit "
-            "(or inf) has one meaning"
+            f"{n.model_type}: {type(n).__name__}.swiglu_limit={limit!r}: transformers' HYV4Experts clamps "
+            "the gate at this value (its docs say values <= 0 disable the clamp, its code does not); only a "
+            "positive limit (or inf) has one meaning"
         )
     return {"moe_swiglu_limit": None if math.isinf(limit) else float(limit)}
 
@@ -150,20 +152,21 @@ def _swiglu_to_native(o) -> dict:
 
 
 def _check_export(o) -> str | None:
+    """Refusals of ``--to hy_v4`` (and of HY-V4-VL's text decoder, the same layers)."""
     for i, t in enumerate(o.mlp_types):
         if t not in ("dense", "moe"):
-            return f"HybridConfig.mlp_types[{i}]={t!r} (layer {i}): every layer of hy_v4 has an MLP"
+            return f"HybridConfig.mlp_types[{i}]={t!r} (layer {i}): every layer of HY-V4 has an MLP"
     for i, t in enumerate(o.mixer_types):
         if t != "dsa":
-            return f"HybridConfig.mixer_types[{i}]={t!r} (layer {i}): every layer of hy_v4 is DSA on MLA"
+            return f"HybridConfig.mixer_types[{i}]={t!r} (layer {i}): every layer of HY-V4 is DSA on MLA"
     if o.q_lora_rank is None:
-        return "HybridConfig.q_lora_rank=None: hy_v4's attention and indexer read the q-LoRA latent"
+        return "HybridConfig.q_lora_rank=None: HY-V4's attention and indexer read the q-LoRA latent"
     if o.dsa_base != "mla":
-        return f"HybridConfig.dsa_base={o.dsa_base!r}: hy_v4 runs DSA on MLA"
+        return f"HybridConfig.dsa_base={o.dsa_base!r}: HY-V4 runs DSA on MLA"
     if o.index_head_dim < o.qk_rope_head_dim:
         return (
             f"HybridConfig.index_head_dim={o.index_head_dim} < qk_rope_head_dim={o.qk_rope_head_dim}: "
-            "hy_v4's indexer rotates qk_rope_head_dim channels of each head"
+            "HY-V4's indexer rotates qk_rope_head_dim channels of each head"
         )
     return None
 

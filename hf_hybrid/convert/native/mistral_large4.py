@@ -264,7 +264,11 @@ class MistralLarge4Family(VisionWrapperFamily):
             image_size=28,
             hidden_act="silu",
         )
-        return MistralLarge4Config(text_config=text_config.to_dict(), vision_config=vision)
+        return MistralLarge4Config(
+            text_config=text_config.to_dict(),
+            vision_config=vision,
+            tie_word_embeddings=text_config.tie_word_embeddings,  # the wrapper's flag is the one read
+        )
 
 
 MISTRAL_LARGE4_TEXT = MistralLarge4Family(
