@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.convert.native import FAMILY_MODULES, NativeConversionError, export_native, get_family
+from hf_hybrid.convert.native.base import VisionWrapperFamily
 from hf_hybrid.mixers.dsa import index_ties
 
 ATOL = 1e-5
@@ -68,12 +69,19 @@ def _inputs(model, seed: int) -> dict:
     return {"input_ids": ids, "attention_mask": mask}
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILY_MODULES))
-def test_export_of_our_model_reloads_in_transformers_with_its_logits(model_type, tmp_path):
+# Families written as their vision-language wrapper: the wrapper's tie_word_embeddings is the flag
+# transformers reads, so a tied decoder must come back tied (an export that set only the text config's flag
+# lost lm_head).
+WRAPPED = sorted(t for t in FAMILY_MODULES if isinstance(get_family(t), VisionWrapperFamily))
+CASES = [(t, {}) for t in sorted(FAMILY_MODULES)] + [(t, {"tie_word_embeddings": True}) for t in WRAPPED]
+
+
+@pytest.mark.parametrize("model_type, overrides", CASES, ids=[t + ("-tied" if o else "") for t, o in CASES])
+def test_export_of_our_model_reloads_in_transformers_with_its_logits(model_type, overrides, tmp_path):
     family = get_family(model_type)
     if not family.available:
         pytest.skip(f"{model_type} needs transformers >= {family.min_transformers}, not installed here")
-    ours = our_model(model_type)
+    ours = our_model(model_type, **overrides)
     assert ours.config.rope_parameters.get("partial_rotary_factor", 1.0) == 1.0
     ids, mask = left_padded(ours.config.vocab_size)
     if "dsa" in ours.config.mixer_types:
@@ -92,6 +100,8 @@ def test_export_of_our_model_reloads_in_transformers_with_its_logits(model_type,
             got = reloaded(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False).logits
             want = ours(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert type(reloaded) is get_family(model_type).model_class
+    if overrides:
+        assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
     err = (got - want)[mask.bool()].abs().max().item()
     assert err <= ATOL, f"{model_type}: reloaded export differs from the model it came from by {err:.3g}"
 
