@@ -226,41 +226,17 @@ CENTRAL_FILES = (
 )
 # (file, string) -> (how many times, why): what remains, each with its reason.
 ALLOWED = {
-    ("configuration_hybrid.py", "attention"): (
-        5,
-        "the default mixer of a layer; nope_layers names softmax kinds; KV sharing and rope_dims tell the "
-        "softmax kinds' K/V and rotary dims apart (cross-layer options: to move into spec hooks)",
-    ),
-    ("configuration_hybrid.py", "sliding_attention"): (
-        3,
-        "nope_layers applies to the softmax attention kinds; KV sharing pairs sliding layers with sliding "
-        "ones (to move into spec hooks)",
-    ),
-    ("configuration_hybrid.py", "mla"): (
-        6,
-        "is_mla_layer / KV sharing / attention sinks / NoPE MLA layers: cross-layer options that read which "
-        "layers hold an MLA latent (to move into spec hooks)",
-    ),
-    ("configuration_hybrid.py", "dsa"): (
-        9,
-        "is_mla_layer (DSA on MLA) / KV sharing / attention sinks / rope_dims / dsa_layer_has_indexer: "
-        "cross-layer options that read DSA's base and indexers (to move into spec hooks)",
-    ),
+    ("configuration_hybrid.py", "attention"): (1, "the default mixer of a layer"),
     ("configuration_hybrid.py", "dense"): (2, "the default MLP of a layer, and first_k_dense's"),
     ("configuration_hybrid.py", "none"): (4, "a gated_norms / hyper_connections value, not the kind"),
     ("modeling_hybrid.py", "none"): (3, "a gated_norms / hyper_connections value, not the kind"),
     ("config_choices.py", "none"): (1, "a hyper_connections value, not the kind"),
     ("card.py", "none"): (1, "a hyper_connections value, not the kind"),
-    ("cost.py", "mla"): (1, "dsa_notes: attention sinks of DSA's dense base (to move, with dsa_notes)"),
     ("modeling_hybrid.py", "sliding_attention"): (1, "transformers' mask name, not the kind"),
     ("specs.py", "sliding_attention"): (2, "transformers' layer type and mask names, not the kind"),
     ("specs.py", "linear_attention"): (1, "transformers' layer type name, not the kind"),
     ("specs.py", "moe"): (1, "transformers' layer type name, not the kind"),
     ("cost.py", "none"): (1, "a gated_norms value, not the kind"),
-    ("cost.py", "dsa"): (
-        2,
-        "dsa_notes: DSA's cost warning compares the config with its dense base (to move)",
-    ),
     ("testing.py", "attention"): (1, "the kit's companion layer around the kind under test"),
     ("testing.py", "dense"): (1, "the kit's companion MLP around the kind under test"),
     ("training.py", "none"): (1, "TrainingArguments(report_to='none'), not the kind"),

@@ -36,6 +36,7 @@ import re
 
 import torch
 
+from ...mixers.mla import mla_nope_layer
 from .base import (
     Custom,
     NativeFamily,
@@ -63,7 +64,7 @@ _LM = "model.language_model."
 
 
 def _rope_layer(ctx: RuleContext) -> bool:
-    return not ctx.ours.mla_nope_layer(ctx.layer)
+    return not mla_nope_layer(ctx.ours, ctx.layer)
 
 
 def _q_rows(ctx: RuleContext) -> torch.Tensor:
