@@ -608,11 +608,6 @@ class HybridConfig(PreTrainedConfig):
                     f"latent), with the same RoPE use; allowed for layer {i}: {allowed(i)}"
                 )
 
-    def dsa_layer_has_indexer(self, layer_idx: int) -> bool:
-        """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's
-        top-k)."""
-        return self.dsa_indexer_types is None or self.dsa_indexer_types[layer_idx] == "full"
-
     def validate_residual(self):
         n = self.num_hidden_layers
         for i, (mixer, mlp) in enumerate(zip(self.mixer_types, self.mlp_types)):

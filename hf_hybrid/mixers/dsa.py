@@ -132,6 +132,12 @@ def _check_indexer_types(config: HybridConfig, name: str) -> None:
         seen_full = seen_full or kind == "full"
 
 
+def dsa_layer_has_indexer(config: HybridConfig, layer_idx: int) -> bool:
+    """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's
+    top-k)."""
+    return config.dsa_indexer_types is None or config.dsa_indexer_types[layer_idx] == "full"
+
+
 def _effective_indexer_types(config: HybridConfig) -> list[str | None] | None:
     """``dsa_indexer_types`` as the layers read it: the entries of DSA layers, None when all are "full"."""
     kinds = config.dsa_indexer_types
@@ -396,7 +402,7 @@ class _DSAMixin:
         one."""
         cfg = self.config
         source = max(
-            j for j in range(self.layer_idx) if cfg.mixer_types[j] == "dsa" and cfg.dsa_layer_has_indexer(j)
+            j for j in range(self.layer_idx) if cfg.mixer_types[j] == "dsa" and dsa_layer_has_indexer(cfg, j)
         )  # exists: the config validates that a "shared" layer follows a "full" one
         idx = ctx.dsa_topk.get(source)
         if idx is None:
@@ -508,7 +514,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             LightningIndexer(
                 config, query_dim=query_dim, rope_dim=self.qk_rope_head_dim if self.use_rope else 0
             )
-            if config.dsa_layer_has_indexer(layer_idx)
+            if dsa_layer_has_indexer(config, layer_idx)
             else None
         )
         # attention_sinks (HY-V4): a learned logit per head joins each query's softmax over its selection as
@@ -607,7 +613,7 @@ class DSAOnAttention(_DSAMixin, HybridAttention):
         HybridAttention.__init__(self, config, layer_idx)
         self.indexer = (
             LightningIndexer(config, query_dim=config.hidden_size, rope_dim=self.rotary_dim)
-            if config.dsa_layer_has_indexer(layer_idx)
+            if dsa_layer_has_indexer(config, layer_idx)
             else None
         )
         self._init_runtime_state()
@@ -848,7 +854,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         cache = 0  # kv_source_layers: the K/V (latent) is cached once, by the source layer
     h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
     pool = config.index_pool_size if config.dsa_selector == "indexer" else 1
-    if config.dsa_selector == "indexer" and not config.dsa_layer_has_indexer(layer_idx):
+    if config.dsa_selector == "indexer" and not dsa_layer_has_indexer(config, layer_idx):
         # a "shared" layer (dsa_indexer_types): no indexer of its own, the previous full layer's top-k
         hi = di = 0
         kept = config.index_topk
@@ -928,7 +934,7 @@ def _dsa_kv_kind(config: HybridConfig, layer_idx: int) -> KVKind:
         kind = mla_kv_kind(config, layer_idx)
     else:
         kind = KVKind("kv", attention_rotates(config, layer_idx))
-    if config.dsa_selector == "indexer" and config.dsa_layer_has_indexer(layer_idx):
+    if config.dsa_selector == "indexer" and dsa_layer_has_indexer(config, layer_idx):
         return replace(kind, reuse="reuse_but_indexer")
     return kind
 
@@ -939,7 +945,7 @@ def _dsa_rope_dims(config: HybridConfig, layer_idx: int) -> set[int]:
         dims, rope = mla_rope_dims(config, layer_idx), mla_head_dims(config, layer_idx)[1]
     else:
         dims, rope = attention_rope_dims(config, layer_idx), attention_rotary_dim(config)
-    if config.dsa_layer_has_indexer(layer_idx):
+    if dsa_layer_has_indexer(config, layer_idx):
         index_rope = min(rope, config.index_head_dim)
         index_rope -= index_rope % 2
         if index_rope:
@@ -981,6 +987,7 @@ __all__ = [
     "DSARuntimeMode",
     "set_dsa_mode",
     "dsa_layers",
+    "dsa_layer_has_indexer",
     "LightningIndexer",
     "build_dsa",
     "gather_selected_latent",

@@ -36,6 +36,7 @@ import re
 
 import torch
 
+from ...mixers.dsa import dsa_layer_has_indexer
 from ...mixers.mla import mla_nope_layer
 from .base import (
     Custom,
@@ -104,7 +105,7 @@ def _owns_kv(ctx: RuleContext) -> bool:
 
 
 def _has_indexer(ctx: RuleContext) -> bool:
-    return ctx.ours.dsa_layer_has_indexer(ctx.layer)
+    return dsa_layer_has_indexer(ctx.ours, ctx.layer)
 
 
 _ATTENTION_RULES = (
@@ -238,7 +239,7 @@ class _NativeView:
         n = ours.num_hidden_layers
         self.kv_source_layers = [ours.kv_source(i) for i in range(n)]
         self.no_rope_layers = _no_rope_layers(ours)["no_rope_layers"]
-        indexer = ["full" if ours.dsa_layer_has_indexer(i) else "shared" for i in range(n)]
+        indexer = ["full" if dsa_layer_has_indexer(ours, i) else "shared" for i in range(n)]
         modes = [None if s == i else "reuse" for i, s in enumerate(self.kv_source_layers)]
         for i in range(n):
             if modes[i] == "reuse" and indexer[i] != "shared":
