@@ -593,7 +593,7 @@ class HybridConfig(PreTrainedConfig):
             mine, theirs = self.kv_kind(i), self.kv_kind(j)
             if mine is None or mine != theirs:
 
-                def what(k: int, kind: tuple[str, bool] | None) -> str:
+                def what(k: int, kind: KVKind | None) -> str:
                     label = (
                         "nothing to share"
                         if kind is None
