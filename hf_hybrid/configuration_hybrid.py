@@ -25,6 +25,7 @@ from transformers.modeling_rope_utils import RopeParameters
 from .config_choices import _CHOICES, FIELD_CHOICES  # noqa: F401  (FIELD_CHOICES re-exported)
 from .registry import (
     ConfigField,
+    KVKind,
     check_field,
     mixer_spec,
     mixer_specs,
@@ -468,30 +469,21 @@ class HybridConfig(PreTrainedConfig):
 
     def _validate_native_options(self) -> None:
         """Options added for transformers' native families (olmoe, deepseek_v3, glm_moe_dsa, ...)."""
-        softmax = ("attention", "sliding_attention")
         for i in self.nope_layers or ():
             if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.num_hidden_layers:
                 raise ValueError(
                     f"HybridConfig.nope_layers={self.nope_layers!r}: {i!r} is not a layer index in "
                     f"[0, {self.num_hidden_layers})"
                 )
-            # MLA / DSA-on-MLA layers too (Mistral-Large-4): see HybridConfig.mla_nope_layer
-            if self.mixer_types[i] not in softmax and not self.is_mla_layer(i):
+            # the kinds that take NoPE say so (their spec's accepts_nope): the softmax attention kinds, and
+            # MLA layers (Mistral-Large-4), which then have no decoupled rope key
+            accepts = mixer_spec(self.mixer_types[i]).accepts_nope
+            if accepts is None or not accepts(self, i):
                 raise ValueError(
                     f"HybridConfig.nope_layers names layer {i}, whose mixer_types[{i}]="
-                    f"{self.mixer_types[i]!r} is neither softmax attention ({', '.join(softmax)}) nor MLA "
-                    "(mla, or dsa with dsa_base='mla')"
+                    f"{self.mixer_types[i]!r} is neither softmax attention (attention, sliding_attention) "
+                    "nor MLA (mla, or dsa with dsa_base='mla')"
                 )
-        if self.attention_sinks and "mla" in self.mixer_types:
-            raise ValueError(
-                "HybridConfig.attention_sinks=True with 'mla' layers: dense MLA has no sinks yet; sinks are "
-                "supported by attention, sliding_attention and DSA on MLA (sparse mode) layers"
-            )
-        if self.attention_sinks and "dsa" in self.mixer_types and self.dsa_mode != "sparse":
-            raise ValueError(
-                f"HybridConfig.attention_sinks=True with dsa_mode={self.dsa_mode!r}: DSA on MLA has sinks in "
-                "sparse mode only; set dsa_mode='sparse'"
-            )
         if not isinstance(self.mla_gate_proj, bool):
             raise ValueError(f"HybridConfig.mla_gate_proj={self.mla_gate_proj!r} must be True or False")
         if self.mla_gate_proj and self.mla_output_gate:
@@ -513,23 +505,6 @@ class HybridConfig(PreTrainedConfig):
                     "MLPs; with mlp_gated=False the MLPs have no gate (set it to None)"
                 )
 
-    def is_mla_layer(self, layer_idx: int) -> bool:
-        mixer = self.mixer_types[layer_idx]
-        return mixer == "mla" or (mixer == "dsa" and self.dsa_base == "mla")
-
-    def mla_nope_layer(self, layer_idx: int) -> bool:
-        """An MLA layer named in ``nope_layers`` has no decoupled rope key (Mistral-Large-4's NoPE layers):
-        its ``qk_rope_head_dim`` query/key channels come per head from ``kv_b_proj`` like the others
-        (``qk_nope_head_dim + qk_rope_head_dim`` of them, none rotated) and it caches ``c_kv`` only. (Kimi
-        Linear's NoPE MLA, ``mla_use_rope=False``, keeps the shared key unrotated instead.)"""
-        return self.is_mla_layer(layer_idx) and layer_idx in (self.nope_layers or ())
-
-    def mla_head_dims(self, layer_idx: int) -> tuple[int, int]:
-        """(nope, rope) query/key head dims of MLA layer ``layer_idx``."""
-        if self.mla_nope_layer(layer_idx):
-            return self.qk_nope_head_dim + self.qk_rope_head_dim, 0
-        return self.qk_nope_head_dim, self.qk_rope_head_dim
-
     def _validate_mistral_options(self) -> None:
         c = self.final_logit_softcapping
         if c is not None and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
@@ -537,12 +512,6 @@ class HybridConfig(PreTrainedConfig):
         for name in ("query_log_scaling", "index_q_norm", "rope_learned_scale"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HybridConfig.{name}={getattr(self, name)!r} must be True or False")
-        if self.index_q_norm and "dsa" in self.mixer_types and self.dsa_base == "mla" and self.q_lora_rank:
-            raise ValueError(
-                f"HybridConfig.index_q_norm=True with q_lora_rank={self.q_lora_rank}: the indexer reads the "
-                "(already normed) q-LoRA latent; index_q_norm applies when it reads the hidden state "
-                "(q_lora_rank=None or dsa_base='attention')"
-            )
         if self.rope_learned_scale:
             dims = self.rope_dims()
             if len(dims) != 1:
@@ -553,45 +522,23 @@ class HybridConfig(PreTrainedConfig):
                 )
 
     def rope_dims(self) -> set[int]:
-        """The rotary dimensions the layers ask RoPE tables for."""
+        """The rotary dimensions the layers ask RoPE tables for (their kinds' ``rope_dims`` hooks)."""
         dims: set[int] = set()
-        prf = (self.rope_parameters or {}).get("partial_rotary_factor", 1.0)
-        attention_dim = int(self.head_dim * prf) if self.head_dim else 0
         for i, mixer in enumerate(self.mixer_types):
-            if self.is_mla_layer(i):
-                if self.mla_use_rope and not self.mla_nope_layer(i):
-                    dims.add(self.qk_rope_head_dim if self.mla_rope_pairs is None else self.head_dim)
-                rope = self.mla_head_dims(i)[1]
-            elif mixer in ("attention", "sliding_attention", "dsa"):
-                if self.attention_rope and i not in (self.nope_layers or ()):
-                    dims.add(attention_dim)
-                rope = attention_dim
-            else:
-                continue
-            if mixer == "dsa" and self.dsa_layer_has_indexer(i):
-                index_rope = min(rope, self.index_head_dim)
-                index_rope -= index_rope % 2
-                if index_rope:
-                    dims.add(index_rope)
+            hook = mixer_spec(mixer).rope_dims
+            if hook is not None:
+                dims |= set(hook(self, i))
         return dims
 
     # ---- cross-layer KV sharing ------------------------------------------------------------------------
-    def kv_kind(self, layer_idx: int) -> tuple[str, bool] | None:
-        """What layer ``layer_idx`` caches as its keys/values, as far as another layer may read them: (kind,
-        rotated keys?) with kind ``"kv"`` (per-head keys and values), ``"sliding_kv"`` (the same within
-        ``sliding_window``) or ``"mla_latent"`` (MLA's ``(c_kv, k_pe)``); None for a layer with nothing to
-        share (recurrent, no mixer, a kind defined outside hf_hybrid)."""
-        mixer = self.mixer_types[layer_idx]
-        attention_rope = self.attention_rope and layer_idx not in (self.nope_layers or ())
-        if mixer == "attention" or (mixer == "dsa" and self.dsa_base == "attention"):
-            return "kv", attention_rope
-        if mixer == "sliding_attention":
-            return "sliding_kv", attention_rope
-        if mixer in ("mla", "dsa") and self.mla_nope_layer(layer_idx):
-            return "mla_latent_without_rope_key", False
-        if mixer in ("mla", "dsa"):
-            return "mla_latent", self.mla_use_rope
-        return None
+    def kv_kind(self, layer_idx: int) -> KVKind | None:
+        """What layer ``layer_idx`` caches as its keys/values, as far as another layer may read them (its
+        kind's ``kv_kind`` hook, a :class:`~hf_hybrid.specs.KVKind`: kind and whether the keys are rotated;
+        the built-ins: ``"kv"``, per-head keys and values; ``"sliding_kv"``, the same within
+        ``sliding_window``; ``"mla_latent"``, MLA's ``(c_kv, k_pe)``); None for a layer with nothing to share
+        (recurrent, no mixer, a kind that declares no ``kv_kind``)."""
+        hook = mixer_spec(self.mixer_types[layer_idx]).kv_kind
+        return None if hook is None else hook(self, layer_idx)
 
     def kv_source(self, layer_idx: int) -> int:
         """The layer whose keys/values layer ``layer_idx`` attends to (itself unless it shares)."""
@@ -619,14 +566,8 @@ class HybridConfig(PreTrainedConfig):
         for i in range(self.num_hidden_layers):
             if not self.shares_kv(i):
                 modes.append("store" if self.is_kv_source(i) else None)
-            elif (
-                self.mixer_types[i] == "dsa"
-                and self.dsa_selector == "indexer"
-                and self.dsa_layer_has_indexer(i)
-            ):
-                modes.append("reuse_but_indexer")
-            else:
-                modes.append("reuse")
+            else:  # "reuse", or what the kind keeps of its cache layer while it reads another's K/V
+                modes.append(self.kv_kind(i).reuse)
         return modes
 
     def _validate_kv_sharing(self) -> None:
@@ -664,9 +605,11 @@ class HybridConfig(PreTrainedConfig):
             mine, theirs = self.kv_kind(i), self.kv_kind(j)
             if mine is None or mine != theirs:
 
-                def what(k: int, kind: tuple[str, bool] | None) -> str:
+                def what(k: int, kind: KVKind | None) -> str:
                     label = (
-                        "nothing to share" if kind is None else f"{kind[0]}, {'RoPE' if kind[1] else 'NoPE'}"
+                        "nothing to share"
+                        if kind is None
+                        else f"{kind.kind}, {'RoPE' if kind.rotated else 'NoPE'}"
                     )
                     return f"layer {k} (mixer_types[{k}]={self.mixer_types[k]!r}: {label})"
 
@@ -676,11 +619,6 @@ class HybridConfig(PreTrainedConfig):
                     "attention: per-head K/V; sliding_attention: windowed K/V; mla and DSA on MLA: the "
                     f"latent), with the same RoPE use; allowed for layer {i}: {allowed(i)}"
                 )
-
-    def dsa_layer_has_indexer(self, layer_idx: int) -> bool:
-        """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's
-        top-k)."""
-        return self.dsa_indexer_types is None or self.dsa_indexer_types[layer_idx] == "full"
 
     def validate_residual(self):
         n = self.num_hidden_layers

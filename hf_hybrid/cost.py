@@ -38,7 +38,7 @@ import torch
 from .configuration_hybrid import HybridConfig
 from .hyper_connections import hyper_connection_params, hyper_head_params
 from .registry import mixer_spec, mlp_spec
-from .specs import MixerCost, MLPCost, _zero_flops
+from .specs import MixerCost, MLPCost, _zero_flops, format_tokens
 
 DEFAULT_CONTEXTS = (4096, 32768, 131072)
 
@@ -293,7 +293,7 @@ def estimate_cost(
     """Parameters, cache and FLOPs of ``config`` (a ``HybridConfig`` or its keyword arguments).
 
     ``measure=False`` uses the formulas only (no module is built, even on meta). ``notes``: warn (in
-    ``report.notes``) about what the numbers show against the design's intent (``dsa_notes``)."""
+    ``report.notes``) about what the numbers show against the design's intent (``cost_notes``)."""
     if isinstance(config, dict):
         config = HybridConfig(**config)
     contexts = tuple(int(c) for c in contexts)
@@ -380,38 +380,24 @@ def estimate_cost(
         state_dtype_bytes=state_dtype_bytes,
         lm_head_params=lm_head,
         head_matmul_params=head_matmul,
-        notes=dsa_notes(config, contexts) if notes else [],
+        notes=cost_notes(config, contexts) if notes else [],
     )
 
 
-def dsa_notes(config: HybridConfig, contexts: Sequence[int]) -> list[str]:
-    """A warning when the model in sparse DSA mode needs more FLOPs per token than the same model with dense
-    base attention (no indexers) at some of ``contexts``: the lightning indexer scores every past token with
-    ``index_n_heads × index_head_dim``, which only pays off once top-k is small next to the context and the
-    attention it replaces is wider than the indexer. Empty when there is nothing to warn about."""
-    if "dsa" not in config.mixer_types or config.dsa_selector != "indexer":
-        return []
-    data = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # derived from mixer_types
-    sparse = HybridConfig.from_dict({**data, "dsa_mode": "sparse"})
-    dense = HybridConfig.from_dict(
-        {
-            **data,
-            "mixer_types": [config.dsa_base if t == "dsa" else t for t in config.mixer_types],
-            # dense MLA has no sinks; they cost no FLOPs worth counting here
-            "attention_sinks": data.get("attention_sinks", False) and config.dsa_base != "mla",
-        }
-    )
-    with_dsa = estimate_cost(sparse, contexts, measure=False, notes=False)
-    without = estimate_cost(dense, contexts, measure=False, notes=False)
-    worse = [c for c in contexts if with_dsa.flops_per_token(c) > without.flops_per_token(c)]
-    if not worse:
-        return []
-    where = "every given context" if len(worse) == len(contexts) else ", ".join(map(format_tokens, worse))
-    return [
-        f"sparse DSA costs more FLOPs/token than dense {config.dsa_base} at {where}: the "
-        f"{config.index_n_heads}×{config.index_head_dim} indexer costs more than top-{config.index_topk} "
-        "saves; use fewer or narrower indexer heads"
-    ]
+def cost_notes(config: HybridConfig, contexts: Sequence[int]) -> list[str]:
+    """Warnings about what the numbers show against the design's intent at ``contexts``, from the
+    ``cost_notes`` hooks of the mixer kinds the config uses (e.g. a sparse DSA that needs more FLOPs per
+    token than its dense base). Empty when there is nothing to warn about."""
+
+    def estimate(other: HybridConfig, at: Sequence[int]) -> CostReport:
+        return estimate_cost(other, at, measure=False, notes=False)
+
+    notes: list[str] = []
+    for name in dict.fromkeys(config.mixer_types):
+        spec = mixer_spec(name)
+        if spec.cost_notes is not None:
+            notes.extend(spec.cost_notes(config, contexts, estimate))
+    return notes
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -446,12 +432,6 @@ def format_bytes(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.2f} {unit}"
     return f"{n:.0f} B"
-
-
-def format_tokens(n: int) -> str:
-    if n >= 1024 and n % 1024 == 0:
-        return f"{n // 1024}K"
-    return str(n)
 
 
 __all__ = [

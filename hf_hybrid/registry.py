@@ -38,6 +38,7 @@ from .specs import (  # noqa: F401  (the tables are re-exported for tests and to
     MLP_REGISTRY,
     ConfigField,
     HybridizeInit,
+    KVKind,
     MixerCost,
     MixerSpec,
     MLPCost,
@@ -154,6 +155,7 @@ def mlp_spec(name: str) -> MLPSpec:
 __all__ = [
     "ConfigField",
     "HybridizeInit",
+    "KVKind",
     "LAYER_TYPES",
     "MASKS",
     "MIXER_REGISTRY",

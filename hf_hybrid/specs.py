@@ -101,6 +101,25 @@ class HybridizeInit:
 
 
 @dataclass(frozen=True)
+class KVKind:
+    """A mixer spec's ``kv_kind`` answer: what a layer caches as keys/values, as far as another layer may
+    read them (``HybridConfig.kv_source_layers``). Two layers share only when ``kind`` and ``rotated`` are
+    equal.
+
+    - ``kind``: a label for what is cached (the built-ins: ``"kv"``, per-head keys and values;
+      ``"sliding_kv"``, the same within ``sliding_window``; ``"mla_latent"``, MLA's ``(c_kv, k_pe)``);
+    - ``rotated``: whether the cached keys carry RoPE;
+    - ``reuse``: transformers' ``kv_sharing_modes`` entry of this layer when it reads another's keys/values:
+      ``"reuse"`` (a ``DummyLayer``, nothing cached) or ``"reuse_but_indexer"`` (DSA's cache layer keeps the
+      indexer keys); not compared.
+    """
+
+    kind: str
+    rotated: bool
+    reuse: str = field(default="reuse", compare=False)
+
+
+@dataclass(frozen=True)
 class MixerSpec:
     """Everything the package needs to know about one token-mixer kind.
 
@@ -127,6 +146,15 @@ class MixerSpec:
       the config fields that decide the function of this kind's layers, compared by a native export's round
       trip; default: the fields it declares), ``lora_targets`` (the module names inside this kind that PEFT's
       default LoRA targets).
+    - optional hooks for the options that relate layers to one another or to the model; a kind that does not
+      declare one does not take part: ``kv_kind`` (``fn(config, layer_idx) -> KVKind | None``: what the layer
+      caches that a layer of the same :class:`KVKind` may share through ``kv_source_layers``; default None,
+      no sharing), ``rope_dims`` (``fn(config, layer_idx) -> set of ints``: the rotary dimensions the layer
+      asks RoPE tables for, what ``rope_learned_scale`` checks; default none), ``accepts_nope``
+      (``fn(config, layer_idx) -> bool``: whether ``nope_layers`` may name the layer; default False),
+      ``cost_notes`` (``fn(config, contexts, estimate) -> [str]``: warnings about what the cost numbers show
+      against the kind's intent, ``estimate(config, contexts)`` giving the formulas' cost report of another
+      config; default none).
     - ``module``: the module that defines the kind (set at registration). A config that uses a kind defined
       outside hf_hybrid records it, so a fresh process can import it again on load (with
       ``trust_remote_code=True``, see :func:`trust_remote_code`).
@@ -147,6 +175,10 @@ class MixerSpec:
     functional_fields: Callable[[Any], Sequence[str]] | None = None
     lora_targets: tuple[str, ...] = ()
     hybridize_init: HybridizeInit | None = None
+    kv_kind: Callable[[Any, int], KVKind | None] | None = None
+    rope_dims: Callable[[Any, int], set[int]] | None = None
+    accepts_nope: Callable[[Any, int], bool] | None = None
+    cost_notes: Callable[[Any, Sequence[int], Callable[..., Any]], list[str]] | None = None
 
     @property
     def builtin(self) -> bool:
@@ -243,6 +275,13 @@ class MLPCost:
     inactive_params: int = 0  # routed experts that one token does not use (MoE)
 
 
+def format_tokens(n: int) -> str:
+    """A context length as the cost report prints it (``4096`` -> ``"4K"``)."""
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n // 1024}K"
+    return str(n)
+
+
 def _check_name(kind: str, name: str) -> None:
     if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
         raise ValueError(f"{kind} name {name!r} must be a lower-case identifier such as 'my_mixer'")
@@ -311,6 +350,10 @@ def register_mixer(
     functional_fields: Callable[[Any], Sequence[str]] | None = None,
     lora_targets: Sequence[str] = (),
     hybridize_init: HybridizeInit | None = None,
+    kv_kind: Callable[[Any, int], KVKind | None] | None = None,
+    rope_dims: Callable[[Any, int], set[int]] | None = None,
+    accepts_nope: Callable[[Any, int], bool] | None = None,
+    cost_notes: Callable[[Any, Sequence[int], Callable[..., Any]], list[str]] | None = None,
 ) -> Callable[[type], type]:
     """Class decorator declaring a token mixer (see :class:`MixerSpec`). ``needs_padding_mask`` defaults to
     ``recurrent``. Registering a different class under a taken name is an error. ``register_mixer("none",
@@ -343,6 +386,10 @@ def register_mixer(
             functional_fields=functional_fields,
             lora_targets=tuple(lora_targets),
             hybridize_init=hybridize_init,
+            kv_kind=kv_kind,
+            rope_dims=rope_dims,
+            accepts_nope=accepts_nope,
+            cost_notes=cost_notes,
         )
         MIXER_REGISTRY[name] = cls
         _notify()
@@ -406,6 +453,7 @@ def require_positive(config: Any, *names: str, allow_none: bool = False) -> None
 __all__ = [
     "ConfigField",
     "HybridizeInit",
+    "KVKind",
     "LAYER_TYPES",
     "MASKS",
     "MIXER_REGISTRY",
@@ -415,6 +463,7 @@ __all__ = [
     "MixerCost",
     "MixerSpec",
     "check_field",
+    "format_tokens",
     "is_builtin_module",
     "mixer_mask",
     "nonnegative",

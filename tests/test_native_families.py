@@ -583,8 +583,10 @@ def test_new_config_options_validate_with_clear_errors():
         with pytest.raises((ValueError, StrictDataclassClassValidationError), match=message):
             HybridConfig(**{**base, **overrides})
     ok = HybridConfig(**base, dsa_indexer_types=["full", "shared", "shared"])
-    assert [ok.dsa_layer_has_indexer(i) for i in range(3)] == [True, False, False]
-    assert HybridConfig(**base).dsa_layer_has_indexer(2)  # default: every DSA layer has its indexer
+    from hf_hybrid.mixers.dsa import dsa_layer_has_indexer
+
+    assert [dsa_layer_has_indexer(ok, i) for i in range(3)] == [True, False, False]
+    assert dsa_layer_has_indexer(HybridConfig(**base), 2)  # default: every DSA layer has its indexer
 
 
 def test_mixtral_import_keeps_training_settings():

@@ -160,9 +160,9 @@ def cmd_convert_dsa(args: argparse.Namespace) -> int:
     if after.dsa_mode != "sparse":
         sparse = HybridConfig.from_dict({**after.to_dict(), "dsa_mode": "sparse"})
         print(f"  sparse: {cost_line(sparse)} (once the indexers are trained)")
-    from ..cost import dsa_notes
+    from ..cost import cost_notes
 
-    for note in dsa_notes(after, COST_CONTEXTS):
+    for note in cost_notes(after, COST_CONTEXTS):
         print(f"  warning: {note}")
     if after.dsa_mode != "sparse":
         print("  next: train the indexers (recipes/dsa: dense warm-up, then sparse training)")

@@ -15,7 +15,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from ..layers import LogPositionQueryScale, RMSNorm, apply_rope, repeat_kv
-from ..specs import ConfigField, MixerCost, register_mixer
+from ..specs import ConfigField, KVKind, MixerCost, register_mixer
 from .base import MixerContext
 
 if TYPE_CHECKING:
@@ -215,6 +215,28 @@ def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     )
 
 
+# ---- cross-layer options (kv_source_layers, nope_layers, rope_learned_scale) -------------------------------
+
+
+def attention_rotary_dim(config: HybridConfig) -> int:
+    """The rotary channels per head of a softmax attention layer (``partial_rotary_factor`` of head_dim)."""
+    prf = (config.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+    return int(config.head_dim * prf) if config.head_dim else 0
+
+
+def attention_rotates(config: HybridConfig, layer_idx: int) -> bool:
+    """Whether attention layer ``layer_idx`` applies RoPE (``attention_rope``, less ``nope_layers``)."""
+    return config.attention_rope and layer_idx not in (config.nope_layers or ())
+
+
+def attention_rope_dims(config: HybridConfig, layer_idx: int) -> set[int]:
+    return {attention_rotary_dim(config)} if attention_rotates(config, layer_idx) else set()
+
+
+def _accepts_nope(config: HybridConfig, layer_idx: int) -> bool:
+    return True
+
+
 @register_mixer(
     "sliding_attention",
     layer_type="sliding_attention",
@@ -224,6 +246,9 @@ def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     describe=_describe_sliding,
     lora_targets=ATTENTION_LORA_TARGETS,
     functional_fields=lambda config: (*GQA_FIELDS, "sliding_window"),
+    kv_kind=lambda config, layer_idx: KVKind("sliding_kv", attention_rotates(config, layer_idx)),
+    rope_dims=attention_rope_dims,
+    accepts_nope=_accepts_nope,
 )
 @register_mixer(
     "attention",
@@ -235,6 +260,9 @@ def sliding_attention_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     describe=describe_attention,
     lora_targets=ATTENTION_LORA_TARGETS,
     functional_fields=lambda config: GQA_FIELDS,
+    kv_kind=lambda config, layer_idx: KVKind("kv", attention_rotates(config, layer_idx)),
+    rope_dims=attention_rope_dims,
+    accepts_nope=_accepts_nope,
 )
 class HybridAttention(nn.Module):
     def returns_attention_weights(self) -> bool:

@@ -40,6 +40,7 @@ of the true head-mean attention) and ``dsa_mass`` (attention mass inside the sel
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, NamedTuple
 
 import torch
@@ -58,18 +59,40 @@ from ..ops.dsa import (
     sparse_attention,
     ties_at_topk_cut,
 )
-from ..specs import ConfigField, MixerCost, nonnegative, positive_or_none, register_mixer, require_positive
+from ..specs import (
+    ConfigField,
+    KVKind,
+    MixerCost,
+    format_tokens,
+    nonnegative,
+    positive_or_none,
+    register_mixer,
+    require_positive,
+)
 from .attention import (
     ATTENTION_LORA_TARGETS,
     GQA_FIELDS,
     HybridAttention,
     attention_flops,
     attention_parts,
+    attention_rope_dims,
+    attention_rotary_dim,
+    attention_rotates,
     describe_attention,
     validate_gqa,
 )
 from .base import MixerContext
-from .mla import MLA_FIELDS, MLA_LORA_TARGETS, HybridMLA, describe_mla, mla_parts, validate_mla
+from .mla import (
+    MLA_FIELDS,
+    MLA_LORA_TARGETS,
+    HybridMLA,
+    describe_mla,
+    mla_head_dims,
+    mla_kv_kind,
+    mla_parts,
+    mla_rope_dims,
+    validate_mla,
+)
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
@@ -107,6 +130,12 @@ def _check_indexer_types(config: HybridConfig, name: str) -> None:
                 f"(got {config.dsa_selector!r})"
             )
         seen_full = seen_full or kind == "full"
+
+
+def dsa_layer_has_indexer(config: HybridConfig, layer_idx: int) -> bool:
+    """False for a DSA layer marked "shared" in ``dsa_indexer_types`` (it reuses an earlier layer's
+    top-k)."""
+    return config.dsa_indexer_types is None or config.dsa_indexer_types[layer_idx] == "full"
 
 
 def _effective_indexer_types(config: HybridConfig) -> list[str | None] | None:
@@ -373,7 +402,7 @@ class _DSAMixin:
         one."""
         cfg = self.config
         source = max(
-            j for j in range(self.layer_idx) if cfg.mixer_types[j] == "dsa" and cfg.dsa_layer_has_indexer(j)
+            j for j in range(self.layer_idx) if cfg.mixer_types[j] == "dsa" and dsa_layer_has_indexer(cfg, j)
         )  # exists: the config validates that a "shared" layer follows a "full" one
         idx = ctx.dsa_topk.get(source)
         if idx is None:
@@ -485,7 +514,7 @@ class DSAOnMLA(_DSAMixin, HybridMLA):
             LightningIndexer(
                 config, query_dim=query_dim, rope_dim=self.qk_rope_head_dim if self.use_rope else 0
             )
-            if config.dsa_layer_has_indexer(layer_idx)
+            if dsa_layer_has_indexer(config, layer_idx)
             else None
         )
         # attention_sinks (HY-V4): a learned logit per head joins each query's softmax over its selection as
@@ -584,7 +613,7 @@ class DSAOnAttention(_DSAMixin, HybridAttention):
         HybridAttention.__init__(self, config, layer_idx)
         self.indexer = (
             LightningIndexer(config, query_dim=config.hidden_size, rope_dim=self.rotary_dim)
-            if config.dsa_layer_has_indexer(layer_idx)
+            if dsa_layer_has_indexer(config, layer_idx)
             else None
         )
         self._init_runtime_state()
@@ -648,6 +677,18 @@ def _validate_dsa(config: HybridConfig) -> None:
         raise ValueError(
             "HybridConfig.attention_sinks=True with DSA on GQA (dsa_base='attention'): the sparse "
             "attention has no sinks yet; sinks are supported by attention and sliding_attention layers"
+        )
+    if config.attention_sinks and config.dsa_mode != "sparse":
+        raise ValueError(
+            f"HybridConfig.attention_sinks=True with dsa_mode={config.dsa_mode!r}: DSA on MLA has sinks in "
+            "sparse mode only; set dsa_mode='sparse'"
+        )
+    # (a non-bool index_q_norm is refused by the config's own check, with its own message)
+    if config.index_q_norm is True and config.dsa_base == "mla" and config.q_lora_rank:
+        raise ValueError(
+            f"HybridConfig.index_q_norm=True with q_lora_rank={config.q_lora_rank}: the indexer reads the "
+            "(already normed) q-LoRA latent; index_q_norm applies when it reads the hidden state "
+            "(q_lora_rank=None or dsa_base='attention')"
         )
 
 
@@ -795,7 +836,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     """MLA (or GQA attention) over the top-k selected tokens, plus the lightning indexer over all of them."""
     if config.dsa_base == "mla":
         params, matmul = mla_parts(config, layer_idx)
-        rope_key = config.mla_head_dims(layer_idx)[1]  # 0 in a NoPE layer (nope_layers)
+        rope_key = mla_head_dims(config, layer_idx)[1]  # 0 in a NoPE layer (nope_layers)
         cache = config.kv_lora_rank + rope_key
         params += config.num_attention_heads if config.attention_sinks else 0  # one sink logit per head
         heads, qk, v = (
@@ -813,7 +854,7 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         cache = 0  # kv_source_layers: the K/V (latent) is cached once, by the source layer
     h, hi, di = config.hidden_size, config.index_n_heads, config.index_head_dim
     pool = config.index_pool_size if config.dsa_selector == "indexer" else 1
-    if config.dsa_selector == "indexer" and not config.dsa_layer_has_indexer(layer_idx):
+    if config.dsa_selector == "indexer" and not dsa_layer_has_indexer(config, layer_idx):
         # a "shared" layer (dsa_indexer_types): no indexer of its own, the previous full layer's top-k
         hi = di = 0
         kept = config.index_topk
@@ -854,6 +895,69 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     return MixerCost(params, matmul, cache_per_token=cache, flops=flops)
 
 
+def dsa_cost_notes(config: HybridConfig, contexts, estimate) -> list[str]:
+    """A warning when the model in sparse DSA mode needs more FLOPs per token than the same model with dense
+    base attention (no indexers) at some of ``contexts``: the lightning indexer scores every past token with
+    ``index_n_heads × index_head_dim``, which only pays off once top-k is small next to the context and the
+    attention it replaces is wider than the indexer. Empty when there is nothing to warn about."""
+    if config.dsa_selector != "indexer":
+        return []
+    data = {k: v for k, v in config.to_dict().items() if k != "layer_types"}  # derived from mixer_types
+    sparse = type(config).from_dict({**data, "dsa_mode": "sparse"})
+    dense = type(config).from_dict(
+        {
+            **data,
+            "mixer_types": [config.dsa_base if t == "dsa" else t for t in config.mixer_types],
+            # dense MLA has no sinks; they cost no FLOPs worth counting here
+            "attention_sinks": data.get("attention_sinks", False) and config.dsa_base != "mla",
+        }
+    )
+    with_dsa, without = estimate(sparse, contexts), estimate(dense, contexts)
+    worse = [c for c in contexts if with_dsa.flops_per_token(c) > without.flops_per_token(c)]
+    if not worse:
+        return []
+    where = "every given context" if len(worse) == len(contexts) else ", ".join(map(format_tokens, worse))
+    return [
+        f"sparse DSA costs more FLOPs/token than dense {config.dsa_base} at {where}: the "
+        f"{config.index_n_heads}×{config.index_head_dim} indexer costs more than top-{config.index_topk} "
+        "saves; use fewer or narrower indexer heads"
+    ]
+
+
+# ---- cross-layer options (kv_source_layers, nope_layers, rope_learned_scale): those of the base ------------
+
+
+def _dsa_kv_kind(config: HybridConfig, layer_idx: int) -> KVKind:
+    """The base's keys/values; a layer with its own indexer keeps its cache layer for the indexer keys while
+    it reads another layer's keys/values."""
+    if config.dsa_base == "mla":
+        kind = mla_kv_kind(config, layer_idx)
+    else:
+        kind = KVKind("kv", attention_rotates(config, layer_idx))
+    if config.dsa_selector == "indexer" and dsa_layer_has_indexer(config, layer_idx):
+        return replace(kind, reuse="reuse_but_indexer")
+    return kind
+
+
+def _dsa_rope_dims(config: HybridConfig, layer_idx: int) -> set[int]:
+    """The base's rotary dims and the indexer's (its rope part: the base's, at most index_head_dim, even)."""
+    if config.dsa_base == "mla":
+        dims, rope = mla_rope_dims(config, layer_idx), mla_head_dims(config, layer_idx)[1]
+    else:
+        dims, rope = attention_rope_dims(config, layer_idx), attention_rotary_dim(config)
+    if dsa_layer_has_indexer(config, layer_idx):
+        index_rope = min(rope, config.index_head_dim)
+        index_rope -= index_rope % 2
+        if index_rope:
+            dims.add(index_rope)
+    return dims
+
+
+def _dsa_accepts_nope(config: HybridConfig, layer_idx: int) -> bool:
+    """NoPE layers of DSA on MLA (Mistral-Large-4); DSA on GQA takes none."""
+    return config.dsa_base == "mla"
+
+
 @register_mixer(
     "dsa",
     layer_type="indexed_attention",
@@ -867,6 +971,10 @@ def dsa_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         dict.fromkeys(ATTENTION_LORA_TARGETS + MLA_LORA_TARGETS)
     ),  # the base's; not the indexer's,
     functional_fields=_dsa_functional_fields,
+    kv_kind=_dsa_kv_kind,
+    rope_dims=_dsa_rope_dims,
+    accepts_nope=_dsa_accepts_nope,
+    cost_notes=dsa_cost_notes,
 )
 def build_dsa(config: HybridConfig, layer_idx: int) -> nn.Module:
     """DSA over the dense mixer named by ``config.dsa_base``."""
@@ -879,6 +987,7 @@ __all__ = [
     "DSARuntimeMode",
     "set_dsa_mode",
     "dsa_layers",
+    "dsa_layer_has_indexer",
     "LightningIndexer",
     "build_dsa",
     "gather_selected_latent",

@@ -69,7 +69,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
 from ..layers import LogPositionQueryScale, RMSNorm, apply_rope
-from ..specs import ConfigField, MixerCost, positive_or_none, register_mixer, require_positive
+from ..specs import ConfigField, KVKind, MixerCost, positive_or_none, register_mixer, require_positive
 from .attention import attention_flops, eager_attention_forward
 from .base import MixerContext
 
@@ -292,6 +292,52 @@ def validate_mla(config: HybridConfig) -> None:
             )
 
 
+def _validate_mla_kind(config: HybridConfig) -> None:
+    """The ``mla`` kind's checks: :func:`validate_mla` (which DSA on MLA runs too) and no sinks."""
+    validate_mla(config)
+    if config.attention_sinks:
+        raise ValueError(
+            "HybridConfig.attention_sinks=True with 'mla' layers: dense MLA has no sinks yet; sinks are "
+            "supported by attention, sliding_attention and DSA on MLA (sparse mode) layers"
+        )
+
+
+# ---- cross-layer options (kv_source_layers, nope_layers, rope_learned_scale); DSA on MLA reads them too ----
+
+
+def mla_nope_layer(config: HybridConfig, layer_idx: int) -> bool:
+    """An MLA layer named in ``nope_layers`` has no decoupled rope key (Mistral-Large-4's NoPE layers):
+    its ``qk_rope_head_dim`` query/key channels come per head from ``kv_b_proj`` like the others
+    (``qk_nope_head_dim + qk_rope_head_dim`` of them, none rotated) and it caches ``c_kv`` only. (Kimi
+    Linear's NoPE MLA, ``mla_use_rope=False``, keeps the shared key unrotated instead.) ``layer_idx``: an MLA
+    layer (``mla``, or DSA on MLA)."""
+    return layer_idx in (config.nope_layers or ())
+
+
+def mla_head_dims(config: HybridConfig, layer_idx: int) -> tuple[int, int]:
+    """(nope, rope) query/key head dims of MLA layer ``layer_idx``."""
+    if mla_nope_layer(config, layer_idx):
+        return config.qk_nope_head_dim + config.qk_rope_head_dim, 0
+    return config.qk_nope_head_dim, config.qk_rope_head_dim
+
+
+def mla_kv_kind(config: HybridConfig, layer_idx: int) -> KVKind:
+    """An MLA layer shares its latent ``(c_kv, k_pe)`` with MLA layers of the same RoPE use."""
+    if mla_nope_layer(config, layer_idx):
+        return KVKind("mla_latent_without_rope_key", False)
+    return KVKind("mla_latent", config.mla_use_rope)
+
+
+def mla_rope_dims(config: HybridConfig, layer_idx: int) -> set[int]:
+    if config.mla_use_rope and not mla_nope_layer(config, layer_idx):
+        return {config.qk_rope_head_dim if config.mla_rope_pairs is None else config.head_dim}
+    return set()
+
+
+def _accepts_nope(config: HybridConfig, layer_idx: int) -> bool:
+    return True
+
+
 def describe_mla(config: HybridConfig) -> list[tuple[str, str]]:
     return [
         (
@@ -321,7 +367,7 @@ def mla_parts(config: HybridConfig, layer_idx: int | None = None) -> tuple[int, 
     dn, dr = (
         (config.qk_nope_head_dim, config.qk_rope_head_dim)
         if layer_idx is None
-        else config.mla_head_dims(layer_idx)
+        else mla_head_dims(config, layer_idx)
     )
     r_kv = config.kv_lora_rank
     rope_keys = config.mla_rope_heads * dr  # 1 shared rope key (DeepSeek) or R
@@ -358,7 +404,7 @@ def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
         params,
         matmul,
         cache_per_token=own
-        * (config.kv_lora_rank + config.mla_rope_heads * config.mla_head_dims(layer_idx)[1]),
+        * (config.kv_lora_rank + config.mla_rope_heads * mla_head_dims(config, layer_idx)[1]),
         flops=attention_flops(config.num_attention_heads, qk, config.v_head_dim, None),
     )
 
@@ -368,11 +414,14 @@ def mla_cost(config: HybridConfig, layer_idx: int) -> MixerCost:
     layer_type="full_attention",
     mask="full_attention",
     cost=mla_cost,
-    validate=validate_mla,
+    validate=_validate_mla_kind,
     describe=describe_mla,
     config_fields=CONFIG_FIELDS,
     lora_targets=MLA_LORA_TARGETS,
     functional_fields=lambda config: MLA_FIELDS,
+    kv_kind=mla_kv_kind,
+    rope_dims=mla_rope_dims,
+    accepts_nope=_accepts_nope,
 )
 class HybridMLA(nn.Module):
     """DeepSeek-V2/V3 MLA. Public pieces for mixers built on it (DSA): :meth:`project_q`, :meth:`project_kv`,
@@ -392,8 +441,8 @@ class HybridMLA(nn.Module):
         self.q_lora_rank = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
         # nope_layers (Mistral-Large-4): no decoupled rope key, the rope channels join the per-head nope ones
-        self.qk_nope_head_dim, self.qk_rope_head_dim = config.mla_head_dims(layer_idx)
-        self.use_rope = config.mla_use_rope and not config.mla_nope_layer(layer_idx)
+        self.qk_nope_head_dim, self.qk_rope_head_dim = mla_head_dims(config, layer_idx)
+        self.use_rope = config.mla_use_rope and not mla_nope_layer(config, layer_idx)
         self.v_head_dim = config.v_head_dim
         self.qk_head_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
         self.rope_heads = config.mla_rope_heads  # R decoupled rope keys (1: DeepSeek's shared one)

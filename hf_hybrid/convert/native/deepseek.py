@@ -29,6 +29,7 @@ from collections.abc import Callable
 
 import torch
 
+from ...mixers.dsa import dsa_layer_has_indexer
 from ...mixers.mla import rope_deinterleave_index
 from .base import Custom, NativeFamily, RuleContext, W, native_fixed, ours_fixed, permute_rows, rename, same
 from .moe_attention import MODEL_RULES, NORM_RULES
@@ -109,7 +110,7 @@ MLA_RULES = (
 
 
 def _has_indexer(ctx: RuleContext) -> bool:
-    return ctx.ours.dsa_layer_has_indexer(ctx.layer)
+    return dsa_layer_has_indexer(ctx.ours, ctx.layer)
 
 
 def indexer_rules(

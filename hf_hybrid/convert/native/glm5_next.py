@@ -45,7 +45,6 @@ import math
 
 from .base import (
     Custom,
-    RuleContext,
     VisionWrapperFamily,
     W,
     fail,
@@ -54,7 +53,7 @@ from .base import (
     rename,
     same,
 )
-from .deepseek import DENSE_RULES, MOE_RULES, _check_kv_heads
+from .deepseek import DENSE_RULES, MOE_RULES, _check_kv_heads, _has_indexer
 from .kimi_linear import native_torch_kernels, per_layer
 
 _MODULE = "transformers.models.glm5_next.modeling_glm5_next"
@@ -277,10 +276,6 @@ _CONFIG_RULES = [
 
 
 # ---- weights -----------------------------------------------------------------------------------------------
-
-
-def _has_indexer(ctx: RuleContext) -> bool:
-    return ctx.ours.dsa_layer_has_indexer(ctx.layer)
 
 
 _DSA_RULES = (

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import torch
 
+from ...mixers.dsa import dsa_layer_has_indexer
+from ...mixers.mla import mla_nope_layer
 from .base import (
     Custom,
     RuleContext,
@@ -61,7 +63,7 @@ _LM = "model.language_model."
 
 
 def _rope_layer(ctx: RuleContext) -> bool:
-    return not ctx.ours.mla_nope_layer(ctx.layer)
+    return not mla_nope_layer(ctx.ours, ctx.layer)
 
 
 def _q_rows(ctx: RuleContext) -> torch.Tensor:
@@ -101,7 +103,7 @@ def _owns_kv(ctx: RuleContext) -> bool:
 
 
 def _has_indexer(ctx: RuleContext) -> bool:
-    return ctx.ours.dsa_layer_has_indexer(ctx.layer)
+    return dsa_layer_has_indexer(ctx.ours, ctx.layer)
 
 
 _ATTENTION_RULES = (
@@ -235,7 +237,7 @@ class _NativeView:
         n = ours.num_hidden_layers
         self.kv_source_layers = [ours.kv_source(i) for i in range(n)]
         self.no_rope_layers = _no_rope_layers(ours)["no_rope_layers"]
-        indexer = ["full" if ours.dsa_layer_has_indexer(i) else "shared" for i in range(n)]
+        indexer = ["full" if dsa_layer_has_indexer(ours, i) else "shared" for i in range(n)]
         modes = [None if s == i else "reuse" for i, s in enumerate(self.kv_source_layers)]
         for i in range(n):
             if modes[i] == "reuse" and indexer[i] != "shared":
