@@ -20,6 +20,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from hf_hybrid import HybridCache
 from hf_hybrid.convert.native import (
     FAMILY_MODULES,
     NEEDS_MISSING_LAYER,
@@ -112,6 +113,25 @@ def tie_free_batch(hybrid, length: int = 12):
         if not index_ties(hybrid, input_ids=ids, attention_mask=mask):
             return ids, mask
     raise AssertionError("no tie-free input found")
+
+
+def max_err(a, b, mask) -> float:
+    return (a - b)[mask.bool()].abs().max().item()
+
+
+def assert_cached_decode_equals_full_forward(hybrid, ids, mask, prefill: int = 5) -> HybridCache:
+    """Prefill ``prefill`` tokens, then one token a step through one cache: the full forward's logits
+    (≤ ATOL on real tokens). Returns the cache."""
+    with torch.no_grad():
+        full = hybrid(input_ids=ids, attention_mask=mask).logits
+        cache = HybridCache(config=hybrid.config)
+        step = [hybrid(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache)]
+        for t in range(prefill, ids.shape[1]):
+            step.append(
+                hybrid(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
+            )
+    assert max_err(torch.cat([out.logits for out in step], 1), full, mask) <= ATOL
+    return cache
 
 
 # Families whose native modeling needs fla-core's kernels patched out on CPU: tests/test_native_recurrent.py

@@ -17,11 +17,16 @@ import pytest
 import torch
 from transformers import Glm5NextForConditionalGeneration
 
-from hf_hybrid import HybridCache, HybridConfig, HybridForCausalLM
+from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.convert.native import NativeConversionError, export_native, get_family, import_native
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_native_families import randomise, tie_free_batch  # noqa: E402  (shared with the family tests)
+from test_native_families import (  # noqa: E402  (shared with the family tests)
+    assert_cached_decode_equals_full_forward,
+    max_err,
+    randomise,
+    tie_free_batch,
+)
 
 ATOL = 1e-5
 FAMILY = "glm5_next_text"
@@ -39,10 +44,6 @@ def build_native(seed: int = 0, **overrides) -> Glm5NextForConditionalGeneration
 def native_logits(native, ids, mask):
     with torch.no_grad(), get_family(FAMILY).native_context():
         return native(input_ids=ids, attention_mask=mask).logits
-
-
-def max_err(a, b, mask) -> float:
-    return (a - b)[mask.bool()].abs().max().item()
 
 
 def test_import_is_exact_with_left_padding_and_every_feature_used():
@@ -86,17 +87,7 @@ def test_cached_decode_and_generate_match_transformers():
     native = build_native()
     hybrid = import_native(native)
     ids, mask = tie_free_batch(hybrid, length=8)
-    with torch.no_grad():  # our cached decode equals our full forward
-        full = hybrid(input_ids=ids, attention_mask=mask).logits
-        cache = HybridCache(config=hybrid.config)
-        step = [hybrid(input_ids=ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache).logits]
-        for t in range(5, 8):
-            step.append(
-                hybrid(
-                    input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache
-                ).logits
-            )
-    assert max_err(torch.cat(step, 1), full, mask) <= ATOL
+    assert_cached_decode_equals_full_forward(hybrid, ids, mask)
     # greedy generation with the cache: the same tokens as transformers' own model
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     got = hybrid.generate(input_ids=ids, attention_mask=mask, **kw)

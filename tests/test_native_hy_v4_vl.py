@@ -22,10 +22,10 @@ from hf_hybrid.convert.native import NativeConversionError, export_native, get_f
 from hf_hybrid.convert.native.hy_v4_vl import mrope_section
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_native_families import randomise  # noqa: E402  (the shared randomisation of the family tests)
-from test_native_mistral_large4 import (  # noqa: E402  (DSA inputs without tied scores; the decode check)
+from test_native_families import (  # noqa: E402  (shared with the family tests)
     assert_cached_decode_equals_full_forward,
     max_err,
+    randomise,
     tie_free_batch,
 )
 

@@ -18,12 +18,16 @@ import pytest
 import torch
 from transformers import MistralLarge4ForConditionalGeneration
 
-from hf_hybrid import HybridCache
 from hf_hybrid.convert.native import NativeConversionError, export_native, get_family, import_native
 from hf_hybrid.testing import check_layer_kind
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_native_families import randomise, tie_free_batch  # noqa: E402  (shared with the family tests)
+from test_native_families import (  # noqa: E402  (shared with the family tests)
+    assert_cached_decode_equals_full_forward,
+    max_err,
+    randomise,
+    tie_free_batch,
+)
 
 ATOL = 1e-5
 FAMILY = "mistral_large4_text"
@@ -45,25 +49,6 @@ def native_logits(native, ids, mask):
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         return native(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-
-
-def max_err(a, b, mask) -> float:
-    return (a - b)[mask.bool()].abs().max().item()
-
-
-def assert_cached_decode_equals_full_forward(hybrid, ids, mask, prefill: int = 5) -> HybridCache:
-    """Prefill ``prefill`` tokens, then one token a step through one cache: the full forward's logits
-    (≤ ATOL on real tokens). Returns the cache."""
-    with torch.no_grad():
-        full = hybrid(input_ids=ids, attention_mask=mask).logits
-        cache = HybridCache(config=hybrid.config)
-        step = [hybrid(input_ids=ids[:, :prefill], attention_mask=mask[:, :prefill], past_key_values=cache)]
-        for t in range(prefill, ids.shape[1]):
-            step.append(
-                hybrid(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache)
-            )
-    assert max_err(torch.cat([out.logits for out in step], 1), full, mask) <= ATOL
-    return cache
 
 
 def test_import_is_exact_with_left_padding_and_every_feature_used():
