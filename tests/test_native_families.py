@@ -64,9 +64,14 @@ def randomise(model: torch.nn.Module, seed: int = 0) -> None:
                 p.copy_(0.15 * noise)
 
 
-def build_native(model_type: str, seed: int = 0, **overrides):
+def build_native(model_type: str, seed: int = 0, wrapper: dict | None = None, **overrides):
+    """A tiny random native model of ``model_type`` (its tiny config with ``overrides``), in the class
+    transformers has for it: a vision-language wrapper's class around a text decoder without one of its own
+    (``wrapper``: attributes set on the wrapper's config)."""
     family = get_family(model_type)
-    config = family.config_class(**{**family.tiny_config, **overrides})
+    config = family.model_config(family.config_class(**{**family.tiny_config, **overrides}))
+    for key, value in (wrapper or {}).items():
+        setattr(config, key, value)
     with native_context(model_type):
         model = family.model_class(config)
     randomise(model, seed)

@@ -24,21 +24,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_native_families import (  # noqa: E402  (shared with the family tests)
     assert_cached_decode_equals_full_forward,
     max_err,
-    randomise,
     tie_free_batch,
 )
+from test_native_families import build_native as build_family_native  # noqa: E402
 
 ATOL = 1e-5
 FAMILY = "glm5_next_text"
 
 
 def build_native(seed: int = 0, **overrides) -> Glm5NextForConditionalGeneration:
-    family = get_family(FAMILY)
-    config = family.model_config(family.config_class(**{**family.tiny_config, **overrides}))
-    with family.native_context():
-        model = Glm5NextForConditionalGeneration(config)
-    randomise(model, seed)
-    return model.eval()
+    return build_family_native(FAMILY, seed, **overrides)
 
 
 def native_logits(native, ids, mask):

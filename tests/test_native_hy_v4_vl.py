@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_native_families import (  # noqa: E402  (shared with the family tests)
     assert_cached_decode_equals_full_forward,
     max_err,
-    randomise,
     tie_free_batch,
 )
+from test_native_families import build_native as build_family_native  # noqa: E402
 
 ATOL = 1e-5
 FAMILY = "hy_v4_vl_text"
@@ -37,13 +37,7 @@ from transformers import HYV4VLForConditionalGeneration  # noqa: E402  (where th
 
 
 def build_native(seed: int = 0, wrapper: dict | None = None, **overrides) -> HYV4VLForConditionalGeneration:
-    family = get_family(FAMILY)
-    config = family.model_config(family.config_class(**{**family.tiny_config, **overrides}))
-    for key, value in (wrapper or {}).items():
-        setattr(config, key, value)
-    model = HYV4VLForConditionalGeneration(config)
-    randomise(model, seed)
-    return model.eval()
+    return build_family_native(FAMILY, seed, wrapper=wrapper, **overrides)
 
 
 def logits(model, ids, mask):

@@ -18,26 +18,23 @@ import pytest
 import torch
 from transformers import MistralLarge4ForConditionalGeneration
 
-from hf_hybrid.convert.native import NativeConversionError, export_native, get_family, import_native
+from hf_hybrid.convert.native import NativeConversionError, export_native, import_native
 from hf_hybrid.testing import check_layer_kind
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_native_families import (  # noqa: E402  (shared with the family tests)
     assert_cached_decode_equals_full_forward,
     max_err,
-    randomise,
     tie_free_batch,
 )
+from test_native_families import build_native as build_family_native  # noqa: E402
 
 ATOL = 1e-5
 FAMILY = "mistral_large4_text"
 
 
 def build_native(seed: int = 0, **overrides) -> MistralLarge4ForConditionalGeneration:
-    family = get_family(FAMILY)
-    config = family.model_config(family.config_class(**{**family.tiny_config, **overrides}))
-    model = MistralLarge4ForConditionalGeneration(config)
-    randomise(model, seed)
+    model = build_family_native(FAMILY, seed, **overrides)
     # LeRoPE's alpha: a parameter on 5.24+, a persistent buffer on 5.23 (which randomise leaves alone)
     alpha = model.model.language_model.rotary_emb.alpha
     with torch.no_grad():
