@@ -148,18 +148,19 @@ def _swiglu_to_ours(native) -> dict:
 
 
 def _swiglu_to_native(ours) -> dict:
-    limit = _one_limit(ours)
+    limits = _swiglu_limits(ours)  # one value (the export refuses two); none: no SwiGLU, no clamp to write
+    limit = next(iter(limits)) if len(limits) == 1 else None
     return {"swiglu_limit": math.inf if limit is None else float(limit)}
 
 
-def _one_limit(ours) -> float | None:
-    """The one SwiGLU clamp of the model (dense MLPs and shared experts: ``mlp_swiglu_limit``; routed
-    experts: ``moe_swiglu_limit``), from the fields that apply."""
+def _swiglu_limits(ours) -> set[float | None]:
+    """The clamps of the SwiGLUs the model has (dense MLPs and shared experts: ``mlp_swiglu_limit``; routed
+    experts: ``moe_swiglu_limit``)."""
     has_swiglu = "dense" in ours.mlp_types or ("moe" in ours.mlp_types and ours.num_shared_experts > 0)
     limits = {ours.mlp_swiglu_limit} if has_swiglu else set()
     if "moe" in ours.mlp_types:
         limits.add(ours.moe_swiglu_limit)
-    return next(iter(limits)) if len(limits) == 1 else None
+    return limits
 
 
 def _check_export(ours) -> str | None:
@@ -192,8 +193,7 @@ def _check_export(ours) -> str | None:
             f"kda_gate_rank={ours.kda_gate_rank} differs from kda_head_dim={ours.kda_head_dim}: glm5_next's "
             "forget and output gates have rank linear_head_dim"
         )
-    has_swiglu = "dense" in ours.mlp_types or ("moe" in ours.mlp_types and ours.num_shared_experts > 0)
-    if has_swiglu and "moe" in ours.mlp_types and ours.mlp_swiglu_limit != ours.moe_swiglu_limit:
+    if len(_swiglu_limits(ours)) > 1:
         return (
             f"HybridConfig.mlp_swiglu_limit={ours.mlp_swiglu_limit!r} differs from moe_swiglu_limit="
             f"{ours.moe_swiglu_limit!r}: glm5_next clamps every SwiGLU at one swiglu_limit"
