@@ -53,7 +53,7 @@ from .base import (
     rename,
     same,
 )
-from .deepseek import DENSE_RULES, MOE_RULES, _check_kv_heads, _has_indexer
+from .deepseek import DENSE_RULES, MLA_MOE_SAME, MOE_RULES, _check_kv_heads, _has_indexer
 from .kimi_linear import native_torch_kernels, per_layer
 
 _MODULE = "transformers.models.glm5_next.modeling_glm5_next"
@@ -208,29 +208,12 @@ def _check_export(ours) -> str | None:
 
 _CONFIG_RULES = [
     *same(
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "moe_intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "routed_scaling_factor",
-        "kv_lora_rank",
+        *MLA_MOE_SAME,
         "q_lora_rank",
-        "qk_rope_head_dim",
-        "v_head_dim",
-        "qk_nope_head_dim",
         "n_group",
         "topk_group",
-        "num_experts_per_tok",
         "norm_topk_prob",
-        "max_position_embeddings",
-        "rms_norm_eps",
         "tie_word_embeddings",
-        "pad_token_id",
-        "bos_token_id",
-        "eos_token_id",
-        "attention_bias",
         "index_n_heads",
         "index_head_dim",
         "index_topk",

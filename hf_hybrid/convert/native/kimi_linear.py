@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from types import ModuleType
 
 from .base import Custom, NativeFamily, RuleContext, W, fail, native_fixed, ours_fixed, rename, same
-from .deepseek import DENSE_RULES, MOE_RULES, _check_kv_heads
+from .deepseek import DENSE_RULES, MLA_MOE_SAME, MOE_RULES, _check_kv_heads
 from .moe_attention import MODEL_RULES, NORM_RULES
 
 _MODULE = "transformers.models.kimi_linear.modeling_kimi_linear"
@@ -132,31 +132,7 @@ def _check_ours(ours) -> str | None:
 
 
 CONFIG_RULES = [
-    *same(
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "moe_intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "routed_scaling_factor",
-        "kv_lora_rank",
-        "q_lora_rank",
-        "qk_rope_head_dim",
-        "v_head_dim",
-        "qk_nope_head_dim",
-        "n_group",
-        "topk_group",
-        "num_experts_per_tok",
-        "norm_topk_prob",
-        "max_position_embeddings",
-        "rms_norm_eps",
-        "pad_token_id",
-        "bos_token_id",
-        "eos_token_id",
-        "attention_bias",
-        "output_router_logits",
-    ),
+    *same(*MLA_MOE_SAME, "q_lora_rank", "n_group", "topk_group", "norm_topk_prob", "output_router_logits"),
     rename("num_local_experts", "num_experts"),
     rename("n_shared_experts", "num_shared_experts"),
     rename("linear_num_heads", "kda_num_heads"),
