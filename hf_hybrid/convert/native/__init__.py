@@ -353,8 +353,7 @@ def export_native(
 
         def write(tmp: Path) -> None:
             native_model.save_pretrained(tmp)
-            _leave_out_derived(tmp / "config.json", family)
-            _portable_spellings(tmp / "config.json", family)
+            _write_portable_config(tmp / "config.json", family)
             copy_carried_files(src_dir, tmp, overwrite=True)
             card = _export_card(hybrid_cfg, family, src, filled=filled)
             (tmp / "README.md").write_text(card, encoding="utf-8")
@@ -363,24 +362,10 @@ def export_native(
     return native_model
 
 
-def _leave_out_derived(config_json: Path, family: NativeFamily) -> None:
-    """Drop from the written config the ``family.derived_native_fields`` whose value is what the config class
-    derives without them (read back without the field: the same value), so that an older release serving
-    engines pin derives its own spelling instead of refusing ours."""
-    raw = json.loads(config_json.read_text())
-    dropped = False
-    for key in family.derived_native_fields:
-        if key in raw:
-            without = {k: v for k, v in raw.items() if k != key}
-            if getattr(family.config_class.from_dict(without), key, None) == raw[key]:
-                raw, dropped = without, True
-    if dropped:  # transformers' own layout of config.json
-        config_json.write_text(json.dumps(raw, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _portable_spellings(config_json: Path, family: NativeFamily) -> None:
-    """Rewrite the written config with ``family.portable_config``: values spelled the way every release reads
-    them (read back by the config class, it must equal the config written)."""
+def _write_portable_config(config_json: Path, family: NativeFamily) -> None:
+    """Rewrite the written config with ``family.portable_config`` (derived fields left out, values spelled the
+    way every release reads them) in transformers' own layout of config.json; read back by the config class,
+    it must equal the config written."""
     text = config_json.read_text()
     raw = json.loads(text)
     portable = family.portable_config(copy.deepcopy(raw))

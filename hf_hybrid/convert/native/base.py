@@ -391,9 +391,15 @@ class NativeFamily:
         return state
 
     def portable_config(self, raw: dict[str, Any]) -> dict[str, Any]:
-        """The written config.json (a dict) with values respelled so that every transformers release that has
-        the family reads them (a value the config class normalises, spelled differently across releases:
-        GLM-5-Next's DSA ``layer_types``); as written here."""
+        """The written config.json (a dict) as every transformers release that has the family reads it: the
+        ``derived_native_fields`` left out where the config class derives the same value without them; a
+        subclass also respells values the config class normalises differently across releases (GLM-5-Next's
+        DSA ``layer_types``). The export checks that the result reads back as the config written."""
+        for key in self.derived_native_fields:
+            if key in raw:
+                without = {k: v for k, v in raw.items() if k != key}
+                if getattr(self.config_class.from_dict(without), key, None) == raw[key]:
+                    raw = without
         return raw
 
     # ---- classes ----

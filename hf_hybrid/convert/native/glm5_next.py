@@ -310,6 +310,7 @@ class Glm5NextFamily(VisionWrapperFamily):
     def portable_config(self, raw: dict) -> dict:
         """DSA layers written "full_attention", which each release's config class respells as its own
         ("deepseek_sparse_attention" in 5.16, "indexed_attention" since): the export loads under both."""
+        raw = super().portable_config(raw)
         text = raw.get("text_config", {})
         if text.get("layer_types"):
             dsa = ("indexed_attention", "deepseek_sparse_attention")
