@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
 import torch
 from torch import nn
 
 from hf_hybrid import HybridForCausalLM, compat
-from hf_hybrid.convert.native.qwen3_next import _KERNEL_FUNCTIONS, _KERNEL_MODULES, native_torch_kernels
+from hf_hybrid.convert.native import get_family
+from hf_hybrid.convert.native.kimi_linear import _KERNEL_FUNCTIONS as _KDA_FUNCTIONS
+from hf_hybrid.convert.native.qwen3_next import _KERNEL_FUNCTIONS
 from hf_hybrid.presets import preset_config
 
 # Hub kernels transformers may attach to the activations we take from it: the same function, computed faster.
@@ -73,14 +76,25 @@ def test_torch_reference_reaches_transformers_torch_functions():
     assert compat.torch_reference(None) is None
 
 
-def test_native_torch_kernels_swaps_in_the_torch_functions():
-    """The qwen3_next / qwen3_5 CPU workaround must not be a silent no-op: inside it, every kernel-dispatching
-    function those modules call is the plain torch function of the same name."""
-    module = importlib.import_module(_KERNEL_MODULES[0])
-    before = {name: getattr(module, name) for name in _KERNEL_FUNCTIONS}
-    with native_torch_kernels():
-        for name in _KERNEL_FUNCTIONS:
+@pytest.mark.parametrize("family", ["qwen3_next", "olmo_hybrid", "kimi_linear", "glm5_next_text"])
+def test_native_torch_kernels_swaps_in_the_torch_functions(family):
+    """The families' CPU workaround (``native_context``) must not be a silent no-op: inside it, every
+    kernel-dispatching function the family's modeling module calls is the plain torch function of the same
+    name (5.25 binds ``nn.Module`` dispatchers there, which ``inspect.unwrap`` alone does not see through)."""
+    fam = get_family(family)
+    if not fam.available:
+        pytest.skip(f"{family} needs transformers >= {fam.min_transformers}, not installed here")
+    module = importlib.import_module(fam.model_class.__module__)
+    names = [
+        n
+        for n in dict.fromkeys((*_KERNEL_FUNCTIONS, *_KDA_FUNCTIONS))
+        if getattr(module, n, None) is not None
+    ]
+    assert len(names) == 4, names  # two recurrence functions and the two convolutions
+    before = {name: getattr(module, name) for name in names}
+    with fam.native_context():
+        for name in names:
             inside = getattr(module, name)
             assert not isinstance(inside, nn.Module) and inside.__name__ == name
             assert not hasattr(inside, "__wrapped__")
-    assert {name: getattr(module, name) for name in _KERNEL_FUNCTIONS} == before
+    assert {name: getattr(module, name) for name in names} == before

@@ -24,15 +24,18 @@ by ``conversion_mapping.py``; fp32 routers) are handled by transformers itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import importlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from ... import compat
 from ..checkpoint import UnsupportedCheckpointError
 
 
@@ -91,6 +94,29 @@ def _our_value(ours, name: str):
     if name in defaults:
         return defaults[name]
     raise AttributeError(f"{type(ours).__name__} has no field {name!r}")
+
+
+@contextlib.contextmanager
+def torch_reference_functions(modules: Iterable[str], functions: Iterable[str]) -> Iterator[None]:
+    """Inside the block, transformers' modeling ``modules`` (dotted names) call the torch function behind
+    each of their kernel-dispatching ``functions`` (``compat.torch_reference``) instead of the fla-core /
+    causal-conv1d kernels bound at import time whenever those are installed, which fail on CPU tensors (a
+    family's ``native_context``). A function a module lacks is left alone; all restored on exit."""
+    functions = tuple(functions)
+    saved = []
+    try:
+        for name in modules:
+            module = importlib.import_module(name)
+            for fn in functions:
+                current = getattr(module, fn, None)
+                wrapped = compat.torch_reference(current)
+                if wrapped is not None and wrapped is not current:
+                    saved.append((module, fn, current))
+                    setattr(module, fn, wrapped)
+        yield
+    finally:
+        for module, fn, current in reversed(saved):
+            setattr(module, fn, current)
 
 
 def same(*names: str) -> list[ConfigRule]:

@@ -29,13 +29,18 @@ fla-core is installed, and they fail on CPU tensors: :func:`native_torch_kernels
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import inspect
-from collections.abc import Iterator
-from types import ModuleType
-
-from .base import Custom, NativeFamily, RuleContext, W, fail, native_fixed, ours_fixed, rename, same
+from .base import (
+    Custom,
+    NativeFamily,
+    RuleContext,
+    W,
+    fail,
+    native_fixed,
+    ours_fixed,
+    rename,
+    same,
+    torch_reference_functions,
+)
 from .deepseek import DENSE_RULES, MLA_MOE_SAME, MOE_RULES, _check_kv_heads
 from .moe_attention import MODEL_RULES, NORM_RULES
 
@@ -49,20 +54,11 @@ _KERNEL_FUNCTIONS = (
 _LATENT_EPS = 1e-6  # KimiLinearRMSNorm's default eps, used for q_a_layernorm / kv_a_layernorm
 
 
-@contextlib.contextmanager
-def native_torch_kernels(module: ModuleType | None = None) -> Iterator[None]:
+def native_torch_kernels(module: str = _MODULE):
     """Run transformers' kimi_linear model (or another modeling ``module`` with the same KDA / conv functions:
     GLM-5-Next's) on its torch reference functions (not fla-core's kernels) inside the block; restored on
     exit."""
-    module = module if module is not None else importlib.import_module(_MODULE)
-    saved = [(name, getattr(module, name)) for name in _KERNEL_FUNCTIONS]
-    try:
-        for name, fn in saved:
-            setattr(module, name, inspect.unwrap(fn))
-        yield
-    finally:
-        for name, fn in saved:
-            setattr(module, name, fn)
+    return torch_reference_functions((module,), _KERNEL_FUNCTIONS)
 
 
 # ---- config ------------------------------------------------------------------------------------------------

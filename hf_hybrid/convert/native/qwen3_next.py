@@ -18,13 +18,8 @@ What the mapping handles:
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-from collections.abc import Iterator
-
 import torch
 
-from ... import compat
 from .base import (
     Custom,
     NativeFamily,
@@ -37,6 +32,7 @@ from .base import (
     permute_rows,
     rename,
     same,
+    torch_reference_functions,
     zero_filled,
 )
 
@@ -59,24 +55,10 @@ _KERNEL_FUNCTIONS = (
 )
 
 
-@contextlib.contextmanager
-def native_torch_kernels() -> Iterator[None]:
+def native_torch_kernels():
     """Run transformers' qwen3_next / qwen3_5 / qwen3_5_moe / olmo_hybrid models on their torch reference
     functions (not fla-core's kernels) inside the block; restored on exit."""
-    saved = []
-    try:
-        for name in _KERNEL_MODULES:
-            module = importlib.import_module(name)
-            for fn in _KERNEL_FUNCTIONS:
-                current = getattr(module, fn, None)
-                wrapped = compat.torch_reference(current)
-                if wrapped is not None and wrapped is not current:
-                    saved.append((module, fn, current))
-                    setattr(module, fn, wrapped)
-        yield
-    finally:
-        for module, fn, current in reversed(saved):
-            setattr(module, fn, current)
+    return torch_reference_functions(_KERNEL_MODULES, _KERNEL_FUNCTIONS)
 
 
 # ---- config ------------------------------------------------------------------------------------------------
