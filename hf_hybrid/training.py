@@ -48,18 +48,6 @@ def training_arguments(output_dir: str, **overrides: Any) -> TrainingArguments:
     return TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
 
 
-def leave_process_group() -> None:
-    """End of a script launched by ``torchrun`` / ``accelerate launch``: wait for every rank, then destroy the
-    default process group (a no-op in a single process). A gloo group still alive when the interpreter exits
-    tears its threads down in an unspecified order and can abort a rank after its work is done, which fails
-    the launch."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
 def logged_losses(trainer) -> list[float]:
     """Training losses logged by a ``Trainer``, in order."""
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

@@ -16,7 +16,7 @@ from transformers import Trainer, default_data_collator
 from hf_hybrid import HybridForCausalLM
 from hf_hybrid.data import build_lm_datasets, load_text_splits, train_tokenizer
 from hf_hybrid.presets import preset_config
-from hf_hybrid.training import leave_process_group, logged_losses, training_arguments
+from hf_hybrid.training import logged_losses, training_arguments
 
 
 def main(out_dir: str, max_steps: int) -> None:
@@ -45,7 +45,6 @@ def main(out_dir: str, max_steps: int) -> None:
     checksum = float(sum(p.detach().double().sum() for p in model.parameters()))
     record = {"world_size": args.world_size, "losses": logged_losses(trainer), "checksum": checksum}
     Path(out_dir, f"rank{args.process_index}.json").write_text(json.dumps(record))
-    leave_process_group()  # a gloo group alive at exit can abort a rank after training finished
 
 
 if __name__ == "__main__":

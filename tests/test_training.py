@@ -25,13 +25,7 @@ from hf_hybrid.data import (
     load_text_splits,
     train_tokenizer,
 )
-from hf_hybrid.training import (
-    evaluate_perplexity,
-    generate_sample,
-    leave_process_group,
-    logged_losses,
-    training_arguments,
-)
+from hf_hybrid.training import evaluate_perplexity, generate_sample, logged_losses, training_arguments
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -118,23 +112,12 @@ def test_ddp_two_processes_gloo(tmp_path):
         str(REPO / "tests" / "ddp_train_script.py"), str(tmp_path), "8",
     ]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
-    written = sorted(p.name for p in tmp_path.glob("rank*.json"))  # did training finish before a failure?
-    assert proc.returncode == 0, (written, proc.stderr[-3000:])
+    assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
     assert all(r["world_size"] == 2 for r in ranks)
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # gradients were all-reduced: identical replicas
     losses = ranks[0]["losses"]
     assert len(losses) == 8 and losses[-1] < losses[0] - 0.1, losses
-
-
-def test_leave_process_group_destroys_the_group_and_is_a_no_op_without_one(tmp_path):
-    import torch.distributed as dist
-
-    leave_process_group()  # no group: nothing to do, no error
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    assert dist.is_initialized()
-    leave_process_group()
-    assert not dist.is_initialized()
 
 
 def _load_recipe():

@@ -58,7 +58,7 @@ from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import estimate_cost, format_count
 from hf_hybrid.data import PackedBlocks, TextSplits, build_lm_datasets, load_text_splits, recipe_source
 from hf_hybrid.evaluation import ConversionEval
-from hf_hybrid.training import leave_process_group, training_arguments
+from hf_hybrid.training import training_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -429,4 +429,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    leave_process_group()

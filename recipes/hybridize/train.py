@@ -71,7 +71,7 @@ from hf_hybrid.distill import (
 )
 from hf_hybrid.evaluation import ConversionEval
 from hf_hybrid.modeling_hybrid import HybridForCausalLM
-from hf_hybrid.training import evaluate_perplexity, leave_process_group, training_arguments
+from hf_hybrid.training import evaluate_perplexity, training_arguments
 
 LONG_CONTEXT = 32768
 # The packed rows carry position_ids (the document boundaries), which the Trainer would drop for a model whose
@@ -490,4 +490,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    leave_process_group()

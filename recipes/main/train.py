@@ -31,13 +31,7 @@ from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.cli import config_kwargs_from_mapping
 from hf_hybrid.cost import estimate_cost
 from hf_hybrid.data import SOURCES, build_lm_datasets, load_text_splits, train_tokenizer
-from hf_hybrid.training import (
-    evaluate_perplexity,
-    generate_sample,
-    leave_process_group,
-    logged_losses,
-    training_arguments,
-)
+from hf_hybrid.training import evaluate_perplexity, generate_sample, logged_losses, training_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -175,4 +169,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    leave_process_group()

@@ -50,7 +50,7 @@ from hf_hybrid.data import (
 )
 from hf_hybrid.distill import DistillationTrainer, add_lora
 from hf_hybrid.evaluation import ConversionEval
-from hf_hybrid.training import evaluate_perplexity, leave_process_group, training_arguments
+from hf_hybrid.training import evaluate_perplexity, training_arguments
 
 REPO = Path(__file__).resolve().parents[2]
 LONG_CONTEXT = 32768
@@ -353,4 +353,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    leave_process_group()

@@ -39,7 +39,7 @@ from hf_hybrid.cost import estimate_cost, format_count
 from hf_hybrid.data import PackedBlocks, TextSplits, build_lm_datasets, load_text_splits, recipe_source
 from hf_hybrid.evaluation import ConversionEval
 from hf_hybrid.moe_training import collect_expert_load, install_moe_callbacks, load_metrics
-from hf_hybrid.training import evaluate_perplexity, leave_process_group, logged_losses, training_arguments
+from hf_hybrid.training import evaluate_perplexity, logged_losses, training_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -311,4 +311,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    leave_process_group()
