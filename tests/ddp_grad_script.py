@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import test_gradient_invariance as matrix  # noqa: E402
+from gloo_exit import exit_now  # noqa: E402
 
 from hf_hybrid.data import byte_tokenizer  # noqa: E402
 
@@ -38,3 +39,4 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_now()  # torch's gloo teardown races (see gloo_exit.py)

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import torch
+from gloo_exit import exit_now
 from transformers import Trainer, default_data_collator
 
 from hf_hybrid import HybridForCausalLM
@@ -49,3 +50,4 @@ def main(out_dir: str, max_steps: int) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8)
+    exit_now()  # torch's gloo teardown races (see gloo_exit.py)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from gloo_exit import exit_now
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
@@ -106,8 +107,8 @@ def main(out_dir: str, steps: int) -> None:
         "shard_files": sorted(p.name for p in ckpt.iterdir()),
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 6)
+    exit_now()  # torch's gloo teardown races (see gloo_exit.py)
