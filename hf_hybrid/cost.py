@@ -18,7 +18,8 @@ Conventions (all per layer, in elements, times ``dtype_bytes`` for bytes):
   ``state_fp32_elements`` of them (the recurrent state) are stored in fp32 whatever the model dtype, as the
   mixers keep them, the rest (the conv tail) in the model dtype.
 - FLOPs are forward FLOPs for one token at context ``c``: ``2 · (active matmul weights + lm_head)`` plus each
-  mixer's ``flops(c)`` (attention scores and values, recurrent state updates). Training is about 3× that.
+  mixer's ``flops(c)`` (attention scores and values, recurrent state updates) and, with hyper-connection
+  streams, their per-token contractions (collapse, output, mHC's mixing). Training is about 3× that.
 
 Parameter counts are exact: when a layer's mixer / MLP class is registered, it is built on the meta device
 and its parameters are counted (no memory); the kinds' formulas are the fallback for types not implemented
@@ -65,6 +66,11 @@ def measure_module(cls: Callable | None, config: HybridConfig, layer_idx: int) -
 # the report
 
 
+def _plus_per_token(flops: Callable[[int], float], per_token: float) -> Callable[[int], float]:
+    """A layer's FLOPs at a context plus a context-independent per-token amount."""
+    return lambda context: flops(context) + per_token
+
+
 @dataclass
 class LayerCost:
     index: int
@@ -95,6 +101,7 @@ class CostReport:
     lm_head_params: int = 0  # 0 when tied to the embedding
     # weights each token multiplies once outside the layers: the iHC stream-collapsing head (hc_head.fn)
     head_matmul_params: int = 0
+    head_flops: int = 0  # per token, besides its matmul: collapsing the hyper-connection streams
     notes: list[str] = field(default_factory=list)  # warnings about the design (e.g. a DSA that costs more)
 
     @property
@@ -133,7 +140,7 @@ class CostReport:
             + self.lm_head_matmul_params
             + self.head_matmul_params
         )
-        return 2.0 * matmul + sum(layer.flops(context) for layer in self.layers)
+        return 2.0 * matmul + self.head_flops + sum(layer.flops(context) for layer in self.layers)
 
     def by_mixer(self) -> dict[str, dict[str, Any]]:
         rows: dict[str, dict[str, Any]] = {}
@@ -339,7 +346,7 @@ def estimate_cost(
         )
         norms += gate_matmul
         # hyper-connection residual streams: each branch's stream weights (fn is a matmul per token)
-        hc_params, hc_matmul = hyper_connection_params(
+        hc_params, hc_matmul, hc_flops = hyper_connection_params(
             config, i, mixer_kind.cls is not None, mlp_kind.cls is not None
         )
         params = norms + mixer_params + mlp_params + hc_params
@@ -356,7 +363,7 @@ def estimate_cost(
                 state_elements=mc.state_elements,
                 state_fp32_elements=mc.state_fp32_elements,
                 exact=exact,
-                flops=mc.flops,
+                flops=mc.flops if not hc_flops else _plus_per_token(mc.flops, hc_flops),
             )
         )
         all_exact &= exact
@@ -365,7 +372,7 @@ def estimate_cost(
     rope_scale = (
         next(iter(config.rope_dims())) // 2 if config.rope_learned_scale else 0
     )  # model.rope_log_scale
-    head_params, head_matmul = hyper_head_params(config)
+    head_params, head_matmul, head_flops = hyper_head_params(config)
     total = embedding + lm_head + h + rope_scale + head_params + sum(layer.params for layer in layers)
     active = total - sum(layer.params - layer.active_params for layer in layers)
     return CostReport(
@@ -380,6 +387,7 @@ def estimate_cost(
         state_dtype_bytes=state_dtype_bytes,
         lm_head_params=lm_head,
         head_matmul_params=head_matmul,
+        head_flops=head_flops,
         notes=cost_notes(config, contexts) if notes else [],
     )
 

@@ -53,24 +53,32 @@ def hc_widths(kind: str, n: int) -> tuple[int, int]:
     return (2 * n, 2) if kind == "ihc" else ((2 + n) * n, 3)
 
 
-def hyper_connection_params(config, layer_idx: int, has_mixer: bool, has_mlp: bool) -> tuple[int, int]:
-    """(params, matmul params) the hyper-connections add to a layer (one module per branch it has)."""
+def hyper_connection_params(config, layer_idx: int, has_mixer: bool, has_mlp: bool) -> tuple[int, int, int]:
+    """(params, matmul params, stream FLOPs per token) the hyper-connections add to a layer (one module per
+    branch it has). The stream FLOPs are the per-token contractions with the streams besides ``fn``:
+    collapsing them with ``pre`` (N·H multiply-adds), adding the output with ``post`` (N·H) and, for mHC,
+    mixing them with ``comb`` (N²·H), 2 FLOPs each."""
     kind = getattr(config, "hyper_connections", "none")
     if kind == "none":
-        return 0, 0
+        return 0, 0, 0
     n, h = config.hc_mult, config.hidden_size
     rows, scales = hc_widths(kind, n)
     branches = int(has_mixer) + int(has_mlp)
-    return branches * (rows * n * h + rows + scales), branches * rows * n * h
+    stream_macs = 2 * n * h + (n * n * h if kind == "mhc" else 0)
+    return branches * (rows * n * h + rows + scales), branches * rows * n * h, branches * 2 * stream_macs
 
 
-def hyper_head_params(config) -> tuple[int, int]:
-    """(params, matmul params) of the model's stream-collapsing head (iHC: learned, ``fn`` [N, N·H] is a
-    matmul per token; mHC: the mean, none)."""
-    if getattr(config, "hyper_connections", "none") != "ihc":
-        return 0, 0
-    n = config.hc_mult
-    return n * n * config.hidden_size + n + 1, n * n * config.hidden_size
+def hyper_head_params(config) -> tuple[int, int, int]:
+    """(params, matmul params, stream FLOPs per token) of the model's stream-collapsing head (iHC: learned,
+    ``fn`` [N, N·H] is a matmul per token; mHC: the mean, none); collapsing the N streams is N·H
+    multiply-adds either way."""
+    kind = getattr(config, "hyper_connections", "none")
+    if kind == "none":
+        return 0, 0, 0
+    n, h = config.hc_mult, config.hidden_size
+    if kind != "ihc":
+        return 0, 0, 2 * n * h
+    return n * n * h + n + 1, n * n * h, 2 * n * h
 
 
 class HyperConnection(_Fp32Params):

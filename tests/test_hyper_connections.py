@@ -191,12 +191,18 @@ def test_cost_counts_the_stream_weights(kind):
     assert hc > 0 and report.total_params - base.total_params == hc
     assert report.total_params == sum(p.numel() for p in model.parameters())
     # FLOPs: every stream weight with >= 2 dims (the branches' fn and iHC's head fn) is a matmul each token
-    # runs once, on top of the layers' and the LM head's (no stream op adds context-dependent FLOPs)
+    # runs once, on top of the layers' and the LM head's; and each token contracts its N streams: every
+    # branch collapses them (N·H multiply-adds) and adds its output to each (N·H), mHC mixes them (N²·H), the
+    # head collapses them once (N·H). Nothing here depends on the context.
     hc_matmul = sum(
         p.numel() for n, p in model.named_parameters() if ("_hc." in n or "hc_head." in n) and p.ndim >= 2
     )
+    n, h = config.hc_mult, config.hidden_size
+    branches = sum(isinstance(m, HyperConnection) for m in model.modules())
+    per_branch = 2 * n * h + (n * n * h if kind == "mhc" else 0)
+    streams = 2 * (branches * per_branch + n * h)
     for context in (1, 64):
-        assert report.flops_per_token(context) - base.flops_per_token(context) == 2 * hc_matmul
+        assert report.flops_per_token(context) - base.flops_per_token(context) == 2 * hc_matmul + streams
 
 
 @pytest.mark.parametrize("kind", KINDS)
