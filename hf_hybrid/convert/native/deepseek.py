@@ -203,6 +203,29 @@ MLA_MOE_SAME = (
     "attention_bias",
 )
 
+# A tiny DeepSeek-lineage MLA + MoE model (a dense layer, then MoE) that the families' tiny test configs start
+# from
+TINY_MLA_MOE = dict(
+    vocab_size=96,
+    hidden_size=32,
+    intermediate_size=64,
+    moe_intermediate_size=16,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    topk_group=1,
+    num_experts_per_tok=2,
+    mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+    kv_lora_rank=16,
+    qk_rope_head_dim=8,
+    qk_nope_head_dim=8,
+    v_head_dim=12,
+    routed_scaling_factor=1.5,
+    max_position_embeddings=128,
+)
+
 _COMMON = [
     *same(
         *MLA_MOE_SAME,

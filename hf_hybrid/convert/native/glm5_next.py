@@ -52,7 +52,7 @@ from .base import (
     rename,
     same,
 )
-from .deepseek import DENSE_RULES, MLA_MOE_SAME, MOE_RULES, _check_kv_heads, _has_indexer
+from .deepseek import DENSE_RULES, MLA_MOE_SAME, MOE_RULES, TINY_MLA_MOE, _check_kv_heads, _has_indexer
 from .kimi_linear import native_torch_kernels, per_layer
 
 _MODULE = "transformers.models.glm5_next.modeling_glm5_next"
@@ -337,28 +337,12 @@ GLM5_NEXT_TEXT = Glm5NextFamily(
     check_ours=_check_export,
     native_context=native_context,
     tiny_config=dict(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        moe_intermediate_size=16,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        n_shared_experts=1,
-        n_routed_experts=8,
+        TINY_MLA_MOE,
         n_group=2,
-        topk_group=1,
-        num_experts_per_tok=2,
-        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
         layer_types=["linear_attention", "indexed_attention", "indexed_attention", "linear_attention"],
         indexer_types=["full", "full", "shared", "full"],
-        kv_lora_rank=16,
         q_lora_rank=24,
         qk_rope_head_dim=0,
-        qk_nope_head_dim=8,
-        v_head_dim=12,
-        routed_scaling_factor=1.5,
-        max_position_embeddings=128,
         index_n_heads=8,
         index_head_dim=16,
         index_topk=4,
