@@ -27,10 +27,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import importlib
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -97,16 +97,15 @@ def _our_value(ours, name: str):
 
 
 @contextlib.contextmanager
-def torch_reference_functions(modules: Iterable[str], functions: Iterable[str]) -> Iterator[None]:
-    """Inside the block, transformers' modeling ``modules`` (dotted names) call the torch function behind
+def torch_reference_functions(modules: Iterable[ModuleType], functions: Iterable[str]) -> Iterator[None]:
+    """Inside the block, transformers' modeling ``modules`` call the torch function behind
     each of their kernel-dispatching ``functions`` (``compat.torch_reference``) instead of the fla-core /
     causal-conv1d kernels bound at import time whenever those are installed, which fail on CPU tensors (a
     family's ``native_context``). A function a module lacks is left alone; all restored on exit."""
     functions = tuple(functions)
     saved = []
     try:
-        for name in modules:
-            module = importlib.import_module(name)
+        for module in modules:
             for fn in functions:
                 current = getattr(module, fn, None)
                 wrapped = compat.torch_reference(current)

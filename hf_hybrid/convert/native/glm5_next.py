@@ -40,6 +40,7 @@ functions (as for ``kimi_linear``). DSA ties at the top-k cut (here between pool
 
 from __future__ import annotations
 
+import importlib
 import math
 
 from .base import (
@@ -318,7 +319,7 @@ class Glm5NextFamily(VisionWrapperFamily):
 
 
 def native_context():
-    return native_torch_kernels(_MODULE)
+    return native_torch_kernels(importlib.import_module(_MODULE))
 
 
 GLM5_NEXT_TEXT = Glm5NextFamily(

@@ -29,6 +29,9 @@ fla-core is installed, and they fail on CPU tensors: :func:`native_torch_kernels
 
 from __future__ import annotations
 
+import importlib
+from types import ModuleType
+
 from .base import (
     Custom,
     NativeFamily,
@@ -54,11 +57,11 @@ _KERNEL_FUNCTIONS = (
 _LATENT_EPS = 1e-6  # KimiLinearRMSNorm's default eps, used for q_a_layernorm / kv_a_layernorm
 
 
-def native_torch_kernels(module: str = _MODULE):
+def native_torch_kernels(module: ModuleType | None = None):
     """Run transformers' kimi_linear model (or another modeling ``module`` with the same KDA / conv functions:
     GLM-5-Next's) on its torch reference functions (not fla-core's kernels) inside the block; restored on
     exit."""
-    return torch_reference_functions((module,), _KERNEL_FUNCTIONS)
+    return torch_reference_functions([module or importlib.import_module(_MODULE)], _KERNEL_FUNCTIONS)
 
 
 # ---- config ------------------------------------------------------------------------------------------------

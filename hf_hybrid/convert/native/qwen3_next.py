@@ -18,6 +18,8 @@ What the mapping handles:
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from .base import (
@@ -58,7 +60,10 @@ _KERNEL_FUNCTIONS = (
 def native_torch_kernels():
     """Run transformers' qwen3_next / qwen3_5 / qwen3_5_moe / olmo_hybrid models on their torch reference
     functions (not fla-core's kernels) inside the block; restored on exit."""
-    return torch_reference_functions(_KERNEL_MODULES, _KERNEL_FUNCTIONS)
+    modules = []
+    for name in _KERNEL_MODULES:
+        modules.append(importlib.import_module(name))
+    return torch_reference_functions(modules, _KERNEL_FUNCTIONS)
 
 
 # ---- config ------------------------------------------------------------------------------------------------
