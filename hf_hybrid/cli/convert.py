@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._common import add_trust_flag, layers_arg
+from ._common import add_trust_flag, layers_arg, options_kwargs
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
@@ -95,20 +95,11 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     from ..convert.source import source_config
     from ..convert.upcycle import UpcycleOptions, upcycle
 
-    opts = dict(
-        num_experts=args.num_experts,
-        top_k=args.top_k,
-        shared_expert=args.shared_expert,
-        granularity=args.granularity,
-        drop_upcycling=args.drop_upcycling,
-        noise=args.noise,
-        layers=args.layers,
-        router=args.router,
+    opts = options_kwargs(
+        UpcycleOptions,
+        args,
         renormalize=not args.no_renormalize,
-        routed_scaling=args.routed_scaling,
-        router_init_std=args.router_init_std,
-        group_limited=args.group_limited,
-        seed=args.seed,
+        omit=("router_aux_loss_coef", "router_z_loss_coef"),  # the config's values
     )
     before, _ = source_config(args.src)
     for note in UpcycleOptions(**opts).notes(before):
@@ -134,16 +125,7 @@ def cmd_convert_dsa(args: argparse.Namespace) -> int:
     from ..convert.dsa import DSAOptions, convert_to_dsa
     from ..convert.source import source_config
 
-    opts = DSAOptions(
-        index_topk=args.index_topk,
-        index_heads=args.index_heads,
-        index_head_dim=args.index_head_dim,
-        layers=args.layers,
-        selector=args.selector,
-        mode=args.mode,
-        seed=args.seed,
-        index_norm_eps=args.index_norm_eps,
-    )
+    opts = DSAOptions(**options_kwargs(DSAOptions, args))
     before, _ = source_config(args.src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -251,18 +233,7 @@ def cmd_mla(args: argparse.Namespace) -> int:
     from ..convert.source import source_config
     from ..cost import format_bytes
 
-    opts = MLAOptions(
-        kv_lora_rank=args.kv_lora_rank,
-        rope_dims=args.rope_dims,
-        rope_select=args.rope_select,
-        rope_keys=args.rope_keys,
-        factorization=args.factorization,
-        activation_aware=args.activation_aware,
-        q_lora_rank=args.q_lora_rank,
-        latent_norm=args.latent_norm,
-        layers=args.layers,
-        lossless=args.lossless,
-    )
+    opts = MLAOptions(**options_kwargs(MLAOptions, args))
     before, _ = source_config(args.src)
     check_dst(args.dst)
     check_mla(before, opts)  # every refusal before the calibration text is read
