@@ -453,6 +453,19 @@ def add_data_mode_arguments(parser) -> None:
     )
 
 
+# The argparse dest of a ``data.*`` key whose option is not ``--KEY`` (see :func:`add_data_mode_arguments`).
+_DATA_ARGUMENT_DEST = {"mode": "data_mode"}
+
+
+def apply_data_arguments(data_cfg: dict, args, keys: Sequence[str]) -> None:
+    """Write into a recipe's ``data`` section (in place) each of ``keys`` that the command line gave (not
+    None in ``args``): ``--context`` sets ``data.context``, ``--data-mode`` sets ``data.mode``, and so on."""
+    for key in keys:
+        value = getattr(args, _DATA_ARGUMENT_DEST.get(key, key))
+        if value is not None:
+            data_cfg[key] = value
+
+
 def build_train_dataset(
     tokenizer,
     block_size: int,
@@ -501,6 +514,37 @@ def build_lm_datasets(
     return train, held
 
 
+def recipe_blocks(
+    tokenizer,
+    data_cfg: dict,
+    block_size: int,
+    *,
+    splits: TextSplits | None = None,
+    log=None,
+    progress: bool = False,
+) -> tuple[PackedBlocks, PackedBlocks, TextSplits]:
+    """A recipe's text (``splits`` when already loaded, else ``data.source``, default ``"auto"``) cut with
+    ``tokenizer`` into training and held-out blocks of ``block_size`` tokens (``data.max_train_chars``,
+    ``data.eval_blocks``). ``log``: given, it prints one line of what was built. Returns ``(train, held,
+    splits)``."""
+    if splits is None:
+        splits = load_text_splits(data_cfg.get("source", "auto"))
+    train, held = build_lm_datasets(
+        tokenizer,
+        block_size,
+        source=splits,
+        max_train_chars=data_cfg.get("max_train_chars"),
+        max_eval_blocks=data_cfg.get("eval_blocks"),
+        progress=progress,
+    )
+    if log is not None:
+        log(
+            f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of "
+            f"{block_size}), {held.num_tokens:,} held-out tokens ({len(held)} blocks)"
+        )
+    return train, held, splits
+
+
 __all__ = [
     "SOURCES",
     "TextSplits",
@@ -515,6 +559,8 @@ __all__ = [
     "DOCUMENT_UNITS",
     "DATA_MODES",
     "add_data_mode_arguments",
+    "apply_data_arguments",
+    "recipe_blocks",
     "split_documents",
     "document_start_id",
     "PackedDocuments",

@@ -316,6 +316,52 @@ def add_lora(
     return get_peft_model(model, config)
 
 
+# The keys of a recipe's distillation section that are not TrainingArguments fields.
+DISTILL_KEYS = ("train", "temperature", "lm_weight", "lora")
+
+
+def distill_stage(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_dataset,
+    data_collator,
+    cfg: dict[str, Any],
+    *,
+    output_dir: str,
+    section: str,
+    **overrides: Any,
+) -> tuple[nn.Module, DistillationTrainer]:
+    """A conversion recipe's distillation stage, from its YAML section ``cfg`` (named ``section`` in errors):
+    ``train`` (``full``: the whole student; ``lora``: a LoRA adapter of ``lora.r`` / ``lora.alpha``, merged
+    after), ``temperature``, ``lm_weight``; every other key is a ``TrainingArguments`` field, with
+    ``overrides`` (``TrainingArguments`` fields too) over them. Returns the trained student (LoRA merged) and
+    the trainer."""
+    from .training import training_arguments
+
+    args = {k: v for k, v in cfg.items() if k not in DISTILL_KEYS}
+    mode = cfg.get("train", "full")
+    model = student
+    if mode == "lora":
+        lora = dict(cfg.get("lora") or {})
+        model = add_lora(student, r=int(lora.get("r", 16)), alpha=int(lora.get("alpha", 32)))
+    elif mode != "full":
+        raise SystemExit(f"{section}.train={mode!r} is not known; choose full or lora")
+    trainer = DistillationTrainer(
+        model=model,
+        teacher=teacher,
+        # packed rows' position_ids (the document boundaries) must reach the model
+        args=training_arguments(output_dir, **{"remove_unused_columns": False, **args, **overrides}),
+        train_dataset=train_dataset,
+        data_collator=data_collator,
+        temperature=float(cfg.get("temperature", 1.0)),
+        lm_weight=float(cfg.get("lm_weight", 0.0)),
+    )
+    trainer.train()
+    if mode == "lora":
+        model = model.merge_and_unload()
+    return model, trainer
+
+
 __all__ = [
     "model_inputs",
     "AttentionTransfer",
@@ -326,4 +372,6 @@ __all__ = [
     "transfer_error",
     "student_context",
     "add_lora",
+    "DISTILL_KEYS",
+    "distill_stage",
 ]

@@ -248,6 +248,16 @@ def next_line_reference(continuations: torch.Tensor, tokenizer, next_lines: Sequ
 # everything, once for the source
 
 
+# A recipe's ``eval:`` keys and the ConversionEval field each sets.
+RECIPE_EVAL_KEYS = {
+    "prompts": "num_prompts",
+    "prompt_lines": "prompt_lines",
+    "max_new_tokens": "max_new_tokens",
+    "lines": "max_lines",
+    "batch_size": "batch_size",
+}
+
+
 @dataclass
 class ConversionEval:
     """The source's side computed once; :meth:`measure` scores a converted model against it.
@@ -266,6 +276,25 @@ class ConversionEval:
     batch_size: int = 16
     kl_batch_size: int = 4
     _ref: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_recipe(
+        cls,
+        source,
+        tokenizer,
+        heldout: Sequence[str],
+        blocks,
+        cfg: dict[str, Any] | None,
+        *,
+        kl_batch_size: int,
+    ) -> ConversionEval:
+        """From a recipe's ``eval:`` section (:data:`RECIPE_EVAL_KEYS`: ``prompts``, ``prompt_lines``,
+        ``max_new_tokens``, ``lines``, ``batch_size``); a key the section leaves out keeps the field's default
+        above."""
+        cfg = cfg or {}
+        kwargs = {name: cfg[key] for key, name in RECIPE_EVAL_KEYS.items() if key in cfg}
+        kwargs = {name: value if name == "max_lines" else int(value) for name, value in kwargs.items()}
+        return cls(source, tokenizer, heldout, blocks, kl_batch_size=kl_batch_size, **kwargs)
 
     def __post_init__(self):
         pairs = heldout_prompts(self.heldout, self.num_prompts, prompt_lines=self.prompt_lines)
@@ -318,6 +347,16 @@ class ConversionEval:
             out["kl_to_source"] = kl_to_source(self.source, model, self.blocks, batch_size=self.kl_batch_size)
         return out
 
+    def measure_all(self, model, eval_ds, *, batch_size: int, is_source: bool = False) -> dict[str, float]:
+        """Held-out block perplexity of ``model`` on ``eval_ds`` (``hf_hybrid.training.evaluate_perplexity``)
+        with :meth:`measure` against the source, or with :meth:`source_metrics` for the source itself
+        (``is_source``)."""
+        from .training import evaluate_perplexity
+
+        ppl = evaluate_perplexity(model, eval_ds, batch_size=batch_size)
+        out = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"]}
+        return {**out, **(self.source_metrics() if is_source else self.measure(model))}
+
     def describe(self) -> str:
         """One line: what is measured on how much text."""
         return (
@@ -348,6 +387,7 @@ class _eval_mode:
 
 
 __all__ = [
+    "RECIPE_EVAL_KEYS",
     "ConversionEval",
     "heldout_lines",
     "heldout_prompts",

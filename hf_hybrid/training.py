@@ -3,7 +3,10 @@ a text sample. The recipes in ``recipes/`` compose these; nothing here is needed
 
 from __future__ import annotations
 
+import json
 import math
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,8 +129,18 @@ def generate_sample(
     return tokenizer.decode(out[0], skip_special_tokens=True)
 
 
+def write_summary(output_dir: Path, summary: dict[str, Any], *, start: float, log=print) -> dict[str, Any]:
+    """A recipe's last step: ``summary`` with ``wall_seconds`` (since ``start``, a ``time.time()``) written to
+    ``output_dir/metrics.json``, and one line saying where. Returns ``summary``."""
+    summary["wall_seconds"] = round(time.time() - start, 1)
+    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
+    log(f"metrics in {output_dir / 'metrics.json'}; wall {summary['wall_seconds']:.0f} s")
+    return summary
+
+
 __all__ = [
     "TRAINING_DEFAULTS",
+    "write_summary",
     "training_arguments",
     "logged_losses",
     "evaluate_perplexity",

@@ -297,3 +297,29 @@ def test_a_wrongly_typed_yaml_field_is_named_not_a_type_error(tmp_path, capsys):
     assert cli.main(["inspect", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "hidden_size='sixty' must be a number" in err and err.count("\n") == 1, err
+
+
+def test_options_are_built_from_the_parsed_arguments_and_a_missing_one_is_refused():
+    """``options_kwargs`` takes each options field from the argument of its name; a field the parser lacks
+    (and that is neither given nor omitted) is refused, not dropped."""
+    from hf_hybrid.cli._common import options_kwargs
+    from hf_hybrid.convert.dsa import DSAOptions
+    from hf_hybrid.convert.upcycle import UpcycleOptions
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["convert-dsa", "SRC", "DST", "--index-topk", "64", "--layers", "1,3"])
+    assert DSAOptions(**options_kwargs(DSAOptions, args)) == DSAOptions(index_topk=64, layers=(1, 3))
+    args = parser.parse_args(
+        ["upcycle", "SRC", "DST", "--num-experts", "4", "--top-k", "2", "--no-renormalize"]
+    )
+    kwargs = options_kwargs(
+        UpcycleOptions,
+        args,
+        renormalize=not args.no_renormalize,
+        omit=("router_aux_loss_coef", "router_z_loss_coef"),
+    )
+    assert kwargs["renormalize"] is False and "router_z_loss_coef" not in kwargs
+    with pytest.raises(TypeError, match=r"UpcycleOptions.router_aux_loss_coef is not an argument"):
+        options_kwargs(UpcycleOptions, args, renormalize=True)
+    with pytest.raises(TypeError, match="has no field renormalise"):
+        options_kwargs(UpcycleOptions, args, renormalise=True)

@@ -193,6 +193,28 @@ def test_greedy_continuations_use_the_cache_and_left_padding(hybrid, tokenizer):
 # ---- document-aligned training rows ------------------------------------------------------------------------
 
 
+def test_from_recipe_reads_the_eval_section_and_measure_all_adds_perplexity(llama, tokenizer):
+    """``ConversionEval.from_recipe``: the recipe's YAML names over the class's defaults; ``measure_all``: the
+    held-out perplexity beside the judged metrics (the source's own, or against the source)."""
+    from hf_hybrid.data import PackedBlocks
+    from hf_hybrid.evaluation import RECIPE_EVAL_KEYS
+    from hf_hybrid.training import evaluate_perplexity
+
+    blocks = PackedBlocks(tokenizer("".join(TEXT), add_special_tokens=False)["input_ids"], 32)
+    cfg = {"prompts": "3", "lines": None, "batch_size": 2, "unrelated": 1}
+    ev = ConversionEval.from_recipe(llama, tokenizer, TEXT, blocks.blocks, cfg, kl_batch_size=3)
+    default = ConversionEval(llama, tokenizer, TEXT)
+    assert (ev.num_prompts, ev.max_lines, ev.batch_size, ev.kl_batch_size) == (3, None, 2, 3)
+    assert (ev.prompt_lines, ev.max_new_tokens) == (default.prompt_lines, default.max_new_tokens)
+    assert set(RECIPE_EVAL_KEYS.values()) <= set(ConversionEval.__dataclass_fields__)
+    ppl = evaluate_perplexity(llama, blocks, batch_size=2)
+    source = ev.measure_all(llama, blocks, batch_size=2, is_source=True)
+    assert source == {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"], **ev.source_metrics()}
+    other = perturbed(llama)
+    judged = ev.measure_all(other, blocks, batch_size=2)
+    assert judged["kl_to_source"] > 0 and judged["eval_loss"] != ppl["loss"]
+
+
 def test_packed_documents_rows_by_hand():
     ds = PackedDocuments([[1, 2, 3], [4, 5], [6, 7, 8, 9, 10, 11, 12]], 6, start_id=0, pad_id=99)
     assert ds.blocks.tolist() == [

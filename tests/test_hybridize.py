@@ -333,6 +333,25 @@ def test_stage2_lowers_the_kl_full_and_lora(src, tmp_path):
     assert _kl(merged, src, held) < kl0
 
 
+def test_distill_stage_reads_its_section_and_returns_the_merged_student(src, tmp_path):
+    """The recipes' distillation stage: the loss options and the LoRA adapter from the section, the rest
+    TrainingArguments (overrides on top, packed rows' columns kept); an unknown ``train`` is refused by its
+    section's name before anything runs."""
+    from hf_hybrid.distill import distill_stage
+
+    with pytest.raises(SystemExit, match=r"heal.train='qlora' is not known; choose full or lora"):
+        distill_stage(None, None, None, None, {"train": "qlora"}, output_dir=str(tmp_path), section="heal")
+    student = hybridize_model(src, attention_layers=[3], mixer="gated_deltanet")
+    cfg = {"train": "lora", "lora": {"r": 4, "alpha": 8}, "temperature": 2.0, "lm_weight": 0.5}
+    cfg.update(max_steps=2, per_device_train_batch_size=4, disable_tqdm=True, seed=1)
+    merged, trainer = distill_stage(
+        student, src, blocks_dataset(), None, cfg, output_dir=str(tmp_path / "s2"), section="heal", seed=7
+    )
+    assert type(merged) is type(student) and not any("lora_" in k for k in merged.state_dict())
+    assert (trainer.temperature, trainer.lm_weight, trainer.state.global_step) == (2.0, 0.5, 2)
+    assert (trainer.args.seed, trainer.args.remove_unused_columns) == (7, False)
+
+
 def test_stage2_gradient_accumulation_matches_one_batch(src, tmp_path):
     data = blocks_dataset(8)
     results = []

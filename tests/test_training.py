@@ -75,6 +75,30 @@ def test_packed_blocks():
         PackedBlocks([1, 2], 5)
 
 
+def test_recipe_data_overrides_and_blocks(capsys):
+    """A recipe's command line writes only the data.* values it was given (``--data-mode`` is ``data.mode``);
+    ``recipe_blocks`` builds the blocks ``build_lm_datasets`` builds from the section's limits."""
+    from argparse import Namespace
+
+    from hf_hybrid.data import apply_data_arguments, recipe_blocks
+
+    cfg = {"context": 64, "mode": "documents", "eval_blocks": 3}
+    args = Namespace(context=None, eval_blocks=2, data_mode="blocks", source="SRC/checkpoint")
+    apply_data_arguments(cfg, args, ("context", "eval_blocks", "mode"))
+    assert cfg == {"context": 64, "mode": "blocks", "eval_blocks": 2}  # source: not asked for, untouched
+    with pytest.raises(AttributeError):
+        apply_data_arguments(cfg, args, ("max_train_chars",))
+    tokenizer = byte_tokenizer()
+    cfg = {"source": "pydoc", "max_train_chars": 20_000, "eval_blocks": 2}
+    train, held, splits = recipe_blocks(tokenizer, cfg, 32, log=print)
+    ref_train, ref_held = build_lm_datasets(
+        tokenizer, 32, source="pydoc", max_train_chars=20_000, max_eval_blocks=2
+    )
+    assert splits.name == "pydoc" and torch.equal(train.blocks, ref_train.blocks)
+    assert torch.equal(held.blocks, ref_held.blocks) and len(held) == 2
+    assert capsys.readouterr().out.strip().endswith("held-out tokens (2 blocks)")
+
+
 def test_trainer_loss_falls_on_real_text(pydoc_data, tiny_config, tmp_path):
     tokenizer, train, held = pydoc_data
     torch.manual_seed(0)

@@ -8,7 +8,9 @@ argparse's own error (usage line, status 2).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,32 @@ def _expand_k(value: str) -> int:
         if value.endswith(suffix):
             return int(value[:-1]) * scale
     return int(value)
+
+
+def options_kwargs(
+    options_cls: type, args: argparse.Namespace, *, omit: Iterable[str] = (), **values: Any
+) -> dict[str, Any]:
+    """Keyword arguments for an options dataclass (``DSAOptions``, ...) from a subcommand's parsed ``args``:
+    each field from the argument of the same name, or from ``values`` where the command line spells it
+    otherwise (``renormalize=not args.no_renormalize``); ``omit``: fields the subcommand does not offer (they
+    keep their defaults). A field with none of these is refused, so that a new option is never dropped
+    silently."""
+    fields = [f.name for f in dataclasses.fields(options_cls) if f.init]
+    unknown = sorted((set(values) | set(omit)) - set(fields))
+    if unknown:
+        raise TypeError(f"{options_cls.__name__} has no field {', '.join(unknown)}; its fields: {fields}")
+    kwargs: dict[str, Any] = {}
+    for name in fields:
+        if name in values:
+            kwargs[name] = values[name]
+        elif hasattr(args, name):
+            kwargs[name] = getattr(args, name)
+        elif name not in omit:
+            raise TypeError(
+                f"{options_cls.__name__}.{name} is not an argument of this subcommand; add it to the parser "
+                "or name it in omit"
+            )
+    return kwargs
 
 
 def layers_arg(text: str) -> tuple[int, ...] | None:

@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._common import add_trust_flag, layers_arg
+from ._common import add_trust_flag, layers_arg, options_kwargs
 
 if TYPE_CHECKING:
     from ..configuration_hybrid import HybridConfig
@@ -95,20 +95,11 @@ def cmd_upcycle(args: argparse.Namespace) -> int:
     from ..convert.source import source_config
     from ..convert.upcycle import UpcycleOptions, upcycle
 
-    opts = dict(
-        num_experts=args.num_experts,
-        top_k=args.top_k,
-        shared_expert=args.shared_expert,
-        granularity=args.granularity,
-        drop_upcycling=args.drop_upcycling,
-        noise=args.noise,
-        layers=args.layers,
-        router=args.router,
+    opts = options_kwargs(
+        UpcycleOptions,
+        args,
         renormalize=not args.no_renormalize,
-        routed_scaling=args.routed_scaling,
-        router_init_std=args.router_init_std,
-        group_limited=args.group_limited,
-        seed=args.seed,
+        omit=("router_aux_loss_coef", "router_z_loss_coef"),  # the config's values
     )
     before, _ = source_config(args.src)
     for note in UpcycleOptions(**opts).notes(before):
@@ -134,16 +125,7 @@ def cmd_convert_dsa(args: argparse.Namespace) -> int:
     from ..convert.dsa import DSAOptions, convert_to_dsa
     from ..convert.source import source_config
 
-    opts = DSAOptions(
-        index_topk=args.index_topk,
-        index_heads=args.index_heads,
-        index_head_dim=args.index_head_dim,
-        layers=args.layers,
-        selector=args.selector,
-        mode=args.mode,
-        seed=args.seed,
-        index_norm_eps=args.index_norm_eps,
-    )
+    opts = DSAOptions(**options_kwargs(DSAOptions, args))
     before, _ = source_config(args.src)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -251,18 +233,7 @@ def cmd_mla(args: argparse.Namespace) -> int:
     from ..convert.source import source_config
     from ..cost import format_bytes
 
-    opts = MLAOptions(
-        kv_lora_rank=args.kv_lora_rank,
-        rope_dims=args.rope_dims,
-        rope_select=args.rope_select,
-        rope_keys=args.rope_keys,
-        factorization=args.factorization,
-        activation_aware=args.activation_aware,
-        q_lora_rank=args.q_lora_rank,
-        latent_norm=args.latent_norm,
-        layers=args.layers,
-        lossless=args.lossless,
-    )
+    opts = MLAOptions(**options_kwargs(MLAOptions, args))
     before, _ = source_config(args.src)
     check_dst(args.dst)
     check_mla(before, opts)  # every refusal before the calibration text is read
@@ -298,17 +269,34 @@ def cmd_mla(args: argparse.Namespace) -> int:
 # ---- parsers -----------------------------------------------------------------------------------------------
 
 
+DST_HELP = "new output directory (must not exist or be empty)"
+
+
+def _conversion_parser(sub, name: str, *, help: str, description: str) -> argparse.ArgumentParser:
+    """A subcommand that writes a new checkpoint DST from SRC: its parser with those two arguments."""
+    p = sub.add_parser(name, help=help, description=description)
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST", help=DST_HELP)
+    return p
+
+
+def _finish_conversion_parser(p: argparse.ArgumentParser, handler) -> None:
+    """The arguments every converter ends with (the saved dtype, ``--trust-remote-code``) and its handler."""
+    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
+    add_trust_flag(p)
+    p.set_defaults(func=handler)
+
+
 def add_parsers(sub) -> None:
     """Add ``import``, ``export``, ``upcycle``, ``convert-dsa``, ``hybridize`` and ``mla`` to an ``argparse``
     subparsers object."""
-    p = sub.add_parser(
+    p = _conversion_parser(
+        sub,
         "import",
         help="import a Llama/Qwen2/Qwen3/Mistral or native-family (qwen3_moe, deepseek_v3, ...) checkpoint",
         description="Import a checkpoint saved by transformers (safetensors only) as an "
         "hf_hybrid checkpoint with identical logits.",
     )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
     p.add_argument(
         "--dtype",
         default=None,
@@ -325,7 +313,7 @@ def add_parsers(sub) -> None:
         "Refuses, writing nothing, when a layer or option has no counterpart in the family.",
     )
     p.add_argument("src", metavar="SRC", help="hf_hybrid checkpoint directory")
-    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
+    p.add_argument("dst", metavar="DST", help=DST_HELP)
     p.add_argument(
         "--to", default=None, metavar="FAMILY", help="target model_type (default: the family that fits)"
     )
@@ -335,15 +323,14 @@ def add_parsers(sub) -> None:
     add_trust_flag(p)
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser(
+    p = _conversion_parser(
+        sub,
         "upcycle",
         help="turn a dense checkpoint into an MoE one (experts start as copies of the dense MLP)",
         description="Upcycle the dense MLPs of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral imported "
         "on the way) into MoE layers. Without --noise/--drop-upcycling (and with a zero "
         "router when --no-renormalize) the result computes the same function as SRC.",
     )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
     p.add_argument("--num-experts", type=int, required=True, help="E: copies of the dense MLP")
     p.add_argument("--top-k", type=int, required=True, help="k: copies each token is routed to")
     p.add_argument(
@@ -395,11 +382,10 @@ def add_parsers(sub) -> None:
         help="router init std (default: initializer_range when renormalising, else 0 for an exact start)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
-    add_trust_flag(p)
-    p.set_defaults(func=cmd_upcycle)
+    _finish_conversion_parser(p, cmd_upcycle)
 
-    p = sub.add_parser(
+    p = _conversion_parser(
+        sub,
         "convert-dsa",
         help="turn attention or MLA layers into DeepSeek Sparse Attention layers (fresh indexers)",
         description="Convert the attention (or MLA) layers of SRC (hf_hybrid, or "
@@ -407,8 +393,6 @@ def add_parsers(sub) -> None:
         "lightning indexers. Saved in dsa_mode 'dense' (the source's function) by "
         "default: train the indexers with recipes/dsa before switching to 'sparse'.",
     )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
     p.add_argument("--index-topk", type=int, required=True, help="k: keys each query attends to")
     p.add_argument(
         "--index-heads", type=int, default=None, help="indexer heads (default: the config's index_n_heads)"
@@ -436,11 +420,10 @@ def add_parsers(sub) -> None:
         default=None,
         help="eps of the indexer key LayerNorm (default: the config's; 1e-6 to export to deepseek_v32)",
     )
-    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
-    add_trust_flag(p)
-    p.set_defaults(func=cmd_convert_dsa)
+    _finish_conversion_parser(p, cmd_convert_dsa)
 
-    p = sub.add_parser(
+    p = _conversion_parser(
+        sub,
         "hybridize",
         help="replace attention layers by linear-time mixers initialised from the attention weights",
         description="Replace attention layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral "
@@ -448,8 +431,6 @@ def add_parsers(sub) -> None:
         "the attention's q/k/v/o (what is inherited is printed and recorded in "
         "the card). Recover quality with recipes/hybridize/train.py.",
     )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
     p.add_argument(
         "--pattern",
         default=None,
@@ -482,11 +463,10 @@ def add_parsers(sub) -> None:
         "--select-context", type=int, default=256, help="tokens per block for --select (default 256)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the new tensors' initialisation")
-    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
-    add_trust_flag(p)
-    p.set_defaults(func=cmd_hybridize)
+    _finish_conversion_parser(p, cmd_hybridize)
 
-    p = sub.add_parser(
+    p = _conversion_parser(
+        sub,
         "mla",
         help="turn attention layers into multi-head latent attention (MLA) layers by weight surgery",
         description="Convert the full attention layers of SRC (hf_hybrid, or Llama/Qwen2/Qwen3/Mistral "
@@ -494,8 +474,6 @@ def add_parsers(sub) -> None:
         "optional q latent. --lossless gives the source's function exactly; every other "
         "setting is an approximation of it, healed by recipes/mla/train.py.",
     )
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST", help="new output directory (must not exist or be empty)")
     p.add_argument(
         "--lossless",
         action="store_true",
@@ -543,6 +521,4 @@ def add_parsers(sub) -> None:
         help="held-out text blocks for calibration (default: 8 when --rope-select norm / --activation-aware)",
     )
     p.add_argument("--calibration-context", type=int, default=256, help="tokens per calibration block")
-    p.add_argument("--dtype", default=None, help="save in this dtype (default: the source's)")
-    add_trust_flag(p)
-    p.set_defaults(func=cmd_mla)
+    _finish_conversion_parser(p, cmd_mla)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import shutil
 import sys
@@ -56,9 +55,9 @@ from hf_hybrid.convert.dsa import (
 )
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import estimate_cost, format_count
-from hf_hybrid.data import PackedBlocks, TextSplits, build_lm_datasets, load_text_splits, recipe_source
+from hf_hybrid.data import PackedBlocks, apply_data_arguments, recipe_blocks, recipe_source
 from hf_hybrid.evaluation import ConversionEval
-from hf_hybrid.training import training_arguments
+from hf_hybrid.training import training_arguments, write_summary
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,23 +103,6 @@ class ComponentLossTrainer(Trainer):
             logs.update({name: round(sum(v) / len(v), 5) for name, v in self._components.items()})
             self._components = {}
         super().log(logs, start_time)
-
-
-def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, PackedBlocks, TextSplits]:
-    splits = load_text_splits(data_cfg.get("source", "auto"))
-    context = int(data_cfg.get("context", 1024))
-    train, held = build_lm_datasets(
-        tokenizer,
-        context,
-        source=splits,
-        max_train_chars=data_cfg.get("max_train_chars"),
-        max_eval_blocks=data_cfg.get("eval_blocks"),
-    )
-    log(
-        f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {context}), "
-        f"{held.num_tokens:,} held-out tokens ({len(held)} blocks)"
-    )
-    return train, held, splits
 
 
 @torch.no_grad()
@@ -231,13 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     except FileNotFoundError as err:
         raise SystemExit(f"error: {err}") from None
     output_dir = Path(args.output_dir or recipe.get("output_dir", "outputs/dsa"))
-    for key, value in (
-        ("eval_blocks", args.eval_blocks),
-        ("context", args.context),
-        ("max_train_chars", args.max_train_chars),
-    ):
-        if value is not None:
-            data_cfg[key] = value
+    apply_data_arguments(data_cfg, args, ("eval_blocks", "context", "max_train_chars"))
     if args.warmup_steps is not None:
         warm_cfg["max_steps"] = args.warmup_steps
     if args.sparse_steps is not None:
@@ -258,23 +234,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     dense, source_dtype = load_source(source, dtype=torch.float32)
     log(f"source: {source} ({source_dtype} weights, trained here in float32)")
-    train_ds, eval_ds, splits = build_data(tokenizer, data_cfg, log)
+    train_ds, eval_ds, splits = recipe_blocks(
+        tokenizer, data_cfg, int(data_cfg.get("context", 1024)), log=log
+    )
     data_name = splits.name
     context = train_ds.blocks.shape[1]
     dense_eval = measure(dense, eval_ds, topk=None, batch_size=eval_bs)
     # judged against the dense source (hf_hybrid.evaluation); prompts longer than k exercise the selection
-    ev = dict(recipe.get("eval") or {})
-    judge = ConversionEval(
-        dense,
-        tokenizer,
-        splits.eval,
-        eval_ds.blocks,
-        num_prompts=int(ev.get("prompts", 32)),
-        prompt_lines=int(ev.get("prompt_lines", 48)),
-        max_new_tokens=int(ev.get("max_new_tokens", 32)),
-        max_lines=ev.get("lines", 512),
-        batch_size=int(ev.get("batch_size", 8)),
-        kl_batch_size=eval_bs,
+    ev = {"prompts": 32, "prompt_lines": 48, "batch_size": 8, **(recipe.get("eval") or {})}
+    judge = ConversionEval.from_recipe(
+        dense, tokenizer, splits.eval, eval_ds.blocks, ev, kl_batch_size=eval_bs
     )
     dense_eval.update(judge.source_metrics())
     log(
@@ -420,11 +389,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "judged": judged,
         "trainer_logs": stage_logs,
-        "wall_seconds": round(time.time() - start, 1),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
-    log(f"metrics in {output_dir / 'metrics.json'}; wall {summary['wall_seconds']:.0f} s")
-    return summary
+    return write_summary(output_dir, summary, start=start, log=log)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shutil
 import sys
 import time
@@ -56,22 +55,21 @@ from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import estimate_cost, format_bytes
 from hf_hybrid.data import (
     add_data_mode_arguments,
-    build_lm_datasets,
+    apply_data_arguments,
     build_train_dataset,
-    load_text_splits,
+    recipe_blocks,
     recipe_source,
 )
 from hf_hybrid.distill import (
     AttentionTransfer,
-    DistillationTrainer,
     TransferTrainer,
-    add_lora,
+    distill_stage,
     freeze_all_but,
     transfer_error,
 )
 from hf_hybrid.evaluation import ConversionEval
 from hf_hybrid.modeling_hybrid import HybridForCausalLM
-from hf_hybrid.training import evaluate_perplexity, training_arguments
+from hf_hybrid.training import training_arguments, write_summary
 
 LONG_CONTEXT = 32768
 # The packed rows carry position_ids (the document boundaries), which the Trainer would drop for a model whose
@@ -130,15 +128,9 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
     if args.num_attention is not None:
         r["select"]["num_attention"] = args.num_attention
         h.update(pattern=None, attention_layers=None)
-    for key, value in (
-        ("context", args.context),
-        ("eval_blocks", args.eval_blocks),
-        ("max_train_chars", args.max_train_chars),
-        ("mode", args.data_mode),
-        ("document_unit", args.document_unit),
-    ):
-        if value is not None:
-            r["data"][key] = value
+    apply_data_arguments(
+        r["data"], args, ("context", "eval_blocks", "max_train_chars", "mode", "document_unit")
+    )
     if args.stage1_steps is not None:
         r["stage1"]["max_steps"] = args.stage1_steps
     if args.stage2_steps is not None:
@@ -155,16 +147,6 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
     return r
 
 
-def measure(model, teacher, eval_ds, batch_size: int, judge: ConversionEval) -> dict[str, float]:
-    """Held-out block perplexity, and against the source (``hf_hybrid.evaluation``): KL on the same blocks,
-    greedy agreement, next-line match, per-document bits/byte."""
-    ppl = evaluate_perplexity(model, eval_ds, batch_size=batch_size)
-    out = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"]}
-    if teacher is None:
-        return {**out, **judge.source_metrics()}
-    return {**out, **judge.measure(model)}
-
-
 def row_summary(row: dict[str, float]) -> str:
     text = f"ppl {row['eval_perplexity']:.2f}"
     if "kl_to_source" in row:
@@ -173,21 +155,6 @@ def row_summary(row: dict[str, float]) -> str:
             f"({row['agreement_tokens']:.1f} tokens), next line {row['next_line_match']:.3f}"
         )
     return text + f", doc bits/byte {row['doc_bits_per_byte']:.4f}"
-
-
-def make_judge(teacher, tokenizer, splits, eval_ds, cfg: dict[str, Any], batch_size: int) -> ConversionEval:
-    return ConversionEval(
-        teacher,
-        tokenizer,
-        splits.eval,
-        eval_ds.blocks,
-        num_prompts=int(cfg.get("prompts", 64)),
-        prompt_lines=int(cfg.get("prompt_lines", 4)),
-        max_new_tokens=int(cfg.get("max_new_tokens", 32)),
-        max_lines=cfg.get("lines", 512),
-        batch_size=int(cfg.get("batch_size", 16)),
-        kl_batch_size=batch_size,
-    )
 
 
 def cache_per_token(config, context: int = LONG_CONTEXT) -> float:
@@ -220,16 +187,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # ---- 0. source and data --------------------------------------------------------------------------------
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     teacher, source_dtype = load_source(source, dtype=torch.float32)
-    splits = load_text_splits(data_cfg.get("source", "auto"))
     context = int(data_cfg.get("context", 256))
     # contiguous blocks: the held-out perplexity blocks, and the training blocks the layer ranking uses
-    block_ds, eval_ds = build_lm_datasets(
-        tokenizer,
-        context,
-        source=splits,
-        max_train_chars=data_cfg.get("max_train_chars"),
-        max_eval_blocks=data_cfg.get("eval_blocks"),
-    )
+    block_ds, eval_ds, splits = recipe_blocks(tokenizer, data_cfg, context)
     data_mode, unit = data_cfg.get("mode", "documents"), data_cfg.get("document_unit", "paragraph")
     train_ds, collator = build_train_dataset(
         tokenizer, context, splits, mode=data_mode, unit=unit, max_chars=data_cfg.get("max_train_chars")
@@ -244,10 +204,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"source: {source} ({source_dtype}); data {splits.name}: training on {trained_on}; "
         f"{eval_ds.num_tokens:,} held-out ({len(eval_ds)} blocks of {context})"
     )
-    judge = make_judge(teacher, tokenizer, splits, eval_ds, recipe["eval"], eval_bs)
+    judge = ConversionEval.from_recipe(
+        teacher, tokenizer, splits.eval, eval_ds.blocks, recipe["eval"], kl_batch_size=eval_bs
+    )
     log(f"judged against the source on: {judge.describe()}")
     rows: dict[str, dict[str, float]] = {}
-    rows["source"] = measure(teacher, None, eval_ds, eval_bs, judge)
+    rows["source"] = judge.measure_all(teacher, eval_ds, batch_size=eval_bs, is_source=True)
     log(f"source: held-out {row_summary(rows['source'])}")
 
     # ---- 1. layers and hybridize ---------------------------------------------------------------------------
@@ -297,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"{lineage['options']['attention_layers']}"
     )
     log(format_statements(lineage["init"]))
-    rows["init"] = measure(student, teacher, eval_ds, eval_bs, judge)
+    rows["init"] = judge.measure_all(student, eval_ds, batch_size=eval_bs)
     nmse_init = transfer_error(teacher, student, replaced, eval_ds.blocks, batch_size=eval_bs)
     log(
         f"student at init: {row_summary(rows['init'])}, "
@@ -320,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for p in student.parameters():
         p.requires_grad_(True)
     nmse_s1 = transfer_error(teacher, student, replaced, eval_ds.blocks, batch_size=eval_bs)
-    rows["stage1"] = measure(student, teacher, eval_ds, eval_bs, judge)
+    rows["stage1"] = judge.measure_all(student, eval_ds, batch_size=eval_bs)
     log(
         f"stage 1: {s1_steps} steps in {s1_seconds:.0f} s ({trainable:,} params trained, {frozen:,} frozen); "
         f"{row_summary(rows['stage1'])}, "
@@ -328,35 +290,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # ---- 3. stage 2: distillation --------------------------------------------------------------------------
-    s2_args = {k: v for k, v in s2_cfg.items() if k not in ("train", "temperature", "lm_weight", "lora")}
     mode = s2_cfg.get("train", "full")
-    model2 = student
-    if mode == "lora":
-        lora = dict(s2_cfg.get("lora") or {})
-        model2 = add_lora(student, r=int(lora.get("r", 16)), alpha=int(lora.get("alpha", 32)))
-    elif mode != "full":
-        raise SystemExit(f"stage2.train={mode!r} is not known; choose full or lora")
     t0 = time.time()
-    trainer = DistillationTrainer(
-        model=model2,
-        teacher=teacher,
-        args=training_arguments(str(output_dir / "trainer-stage2"), **{**KEEP_COLUMNS, **s2_args}),
-        train_dataset=train_ds,
-        data_collator=collator,
-        temperature=float(s2_cfg.get("temperature", 1.0)),
-        lm_weight=float(s2_cfg.get("lm_weight", 0.0)),
+    student, trainer = distill_stage(
+        student,
+        teacher,
+        train_ds,
+        collator,
+        s2_cfg,
+        output_dir=str(output_dir / "trainer-stage2"),
+        section="stage2",
     )
-    trainer.train()
     s2_seconds, s2_steps = time.time() - t0, trainer.state.global_step
     s2_logs = trainer.state.log_history
-    if mode == "lora":
-        student = model2.merge_and_unload()
-    rows["stage2"] = measure(student, teacher, eval_ds, eval_bs, judge)
+    rows["stage2"] = judge.measure_all(student, eval_ds, batch_size=eval_bs)
     log(f"stage 2 ({mode}): {s2_steps} steps in {s2_seconds:.0f} s; {row_summary(rows['stage2'])}")
 
     # ---- 4. from scratch, same tokens ----------------------------------------------------------------------
     s1_tokens = s1_steps * int(s1_cfg.get("per_device_train_batch_size", 16)) * context
-    s2_tokens = s2_steps * int(s2_args.get("per_device_train_batch_size", 16)) * context
+    s2_tokens = s2_steps * int(s2_cfg.get("per_device_train_batch_size", 16)) * context
     scratch_logs = None
     if scratch_cfg.pop("enabled", True):
         bs = int(scratch_cfg.get("per_device_train_batch_size", 16))
@@ -376,7 +328,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         trainer.train()
         scratch_logs = trainer.state.log_history
-        rows["scratch"] = measure(scratch, teacher, eval_ds, eval_bs, judge)
+        rows["scratch"] = judge.measure_all(scratch, eval_ds, batch_size=eval_bs)
         log(
             f"from scratch: {steps} steps ({steps * bs * context:,} tokens) in {time.time() - t0:.0f} s; "
             f"{row_summary(rows['scratch'])}"
@@ -481,11 +433,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rows": rows,
         "metrics": metrics,
         "trainer_logs": {"stage1": s1_logs, "stage2": s2_logs, "scratch": scratch_logs},
-        "wall_seconds": round(time.time() - start, 1),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
-    log(f"metrics in {output_dir / 'metrics.json'}; wall {summary['wall_seconds']:.0f} s")
-    return summary
+    return write_summary(output_dir, summary, start=start, log=log)
 
 
 if __name__ == "__main__":

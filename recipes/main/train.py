@@ -30,7 +30,7 @@ import hf_hybrid
 from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.cli import config_kwargs_from_mapping
 from hf_hybrid.cost import estimate_cost
-from hf_hybrid.data import SOURCES, build_lm_datasets, load_text_splits, train_tokenizer
+from hf_hybrid.data import SOURCES, apply_data_arguments, load_text_splits, recipe_blocks, train_tokenizer
 from hf_hybrid.training import evaluate_perplexity, generate_sample, logged_losses, training_arguments
 
 
@@ -54,10 +54,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir or recipe.get("output_dir", "outputs/main"))
     if args.max_steps is not None:
         train_cfg["max_steps"] = args.max_steps
-    for key in ("eval_blocks", "max_train_chars", "source"):
-        value = getattr(args, key)
-        if value is not None:
-            data_cfg[key] = value
+    apply_data_arguments(data_cfg, args, ("eval_blocks", "max_train_chars", "source"))
 
     # Trainer writes nothing of its own here (save_strategy "no"); the model is saved below.
     targs = training_arguments(str(output_dir), **train_cfg)
@@ -71,14 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"data: {splits.summary}")
     tokenizer = train_tokenizer(splits.train, data_cfg.get("vocab_size", 2048), progress=is_main)
     block = int(data_cfg.get("block_size", 128))
-    train_ds, eval_ds = build_lm_datasets(
-        tokenizer,
-        block,
-        source=splits,
-        max_eval_blocks=data_cfg.get("eval_blocks"),
-        max_train_chars=data_cfg.get("max_train_chars"),
-        progress=is_main,
-    )
+    train_ds, eval_ds, _ = recipe_blocks(tokenizer, data_cfg, block, splits=splits, progress=is_main)
     log(
         f"tokens: {train_ds.num_tokens:,} for training in {len(train_ds)} blocks of {block}, "
         f"{eval_ds.num_tokens:,} held out; BPE vocab {len(tokenizer)} trained on the training split"

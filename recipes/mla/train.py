@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shutil
 import statistics
 import sys
@@ -43,14 +42,14 @@ from hf_hybrid.convert.source import load_source
 from hf_hybrid.cost import format_bytes
 from hf_hybrid.data import (
     add_data_mode_arguments,
-    build_lm_datasets,
+    apply_data_arguments,
     build_train_dataset,
     find_shared_dir,
-    load_text_splits,
+    recipe_blocks,
 )
-from hf_hybrid.distill import DistillationTrainer, add_lora
+from hf_hybrid.distill import distill_stage
 from hf_hybrid.evaluation import ConversionEval
-from hf_hybrid.training import evaluate_perplexity, training_arguments
+from hf_hybrid.training import write_summary
 
 REPO = Path(__file__).resolve().parents[2]
 LONG_CONTEXT = 32768
@@ -103,15 +102,9 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
     r["levels"] = levels
     if args.seeds is not None:
         r["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
-    for key, value in (
-        ("context", args.context),
-        ("eval_blocks", args.eval_blocks),
-        ("max_train_chars", args.max_train_chars),
-        ("mode", args.data_mode),
-        ("document_unit", args.document_unit),
-    ):
-        if value is not None:
-            r["data"][key] = value
+    apply_data_arguments(
+        r["data"], args, ("context", "eval_blocks", "max_train_chars", "mode", "document_unit")
+    )
     if args.steps is not None:
         r["heal"]["max_steps"] = args.steps
     if args.heal_train is not None:
@@ -123,40 +116,12 @@ def apply_overrides(recipe: dict[str, Any], args: argparse.Namespace) -> dict[st
     return r
 
 
-def measure(model, teacher, eval_ds, batch_size: int, judge: ConversionEval) -> dict[str, float]:
-    """Held-out block perplexity, and against the source (``hf_hybrid.evaluation``): KL on the same blocks,
-    greedy agreement, next-line match, per-document bits/byte."""
-    ppl = evaluate_perplexity(model, eval_ds, batch_size=batch_size)
-    out = {"eval_loss": ppl["loss"], "eval_perplexity": ppl["perplexity"]}
-    if teacher is None:
-        return {**out, **judge.source_metrics()}
-    return {**out, **judge.measure(model)}
-
-
 def heal(student, teacher, train_ds, collator, cfg: dict[str, Any], seed: int, output_dir: Path):
     """Stage-2 distillation (KL to the source) with the project's DistillationTrainer; returns the healed
     model (LoRA merged), steps and the Trainer log."""
-    args = {k: v for k, v in cfg.items() if k not in ("train", "temperature", "lm_weight", "lora")}
-    mode = cfg.get("train", "full")
-    model = student
-    if mode == "lora":
-        lora = dict(cfg.get("lora") or {})
-        model = add_lora(student, r=int(lora.get("r", 16)), alpha=int(lora.get("alpha", 32)))
-    elif mode != "full":
-        raise SystemExit(f"heal.train={mode!r} is not known; choose full or lora")
-    trainer = DistillationTrainer(
-        model=model,
-        teacher=teacher,
-        # the packed rows' position_ids (document boundaries) must reach the model
-        args=training_arguments(str(output_dir), **{"remove_unused_columns": False, **args, "seed": seed}),
-        train_dataset=train_ds,
-        data_collator=collator,
-        temperature=float(cfg.get("temperature", 1.0)),
-        lm_weight=float(cfg.get("lm_weight", 0.0)),
+    model, trainer = distill_stage(
+        student, teacher, train_ds, collator, cfg, output_dir=str(output_dir), section="heal", seed=seed
     )
-    trainer.train()
-    if mode == "lora":
-        model = model.merge_and_unload()
     return model, trainer.state.global_step, trainer.state.log_history
 
 
@@ -190,16 +155,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"{source} has no tokenizer; the recipe tokenises with the checkpoint's own")
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     teacher, source_dtype = load_source(source, dtype=torch.float32)
-    splits = load_text_splits(data_cfg.get("source", "auto"))
     context = int(data_cfg.get("context", 256))
     # contiguous blocks: the held-out perplexity blocks, and the calibration blocks of the SVDs
-    block_ds, eval_ds = build_lm_datasets(
-        tokenizer,
-        context,
-        source=splits,
-        max_train_chars=data_cfg.get("max_train_chars"),
-        max_eval_blocks=data_cfg.get("eval_blocks"),
-    )
+    block_ds, eval_ds, splits = recipe_blocks(tokenizer, data_cfg, context)
     calibration = block_ds.blocks[: int(recipe.get("calibration_blocks", 8))]
     data_mode, unit = data_cfg.get("mode", "documents"), data_cfg.get("document_unit", "paragraph")
     train_ds, collator = build_train_dataset(
@@ -214,21 +172,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"source: {source} ({source_dtype}); data {splits.name}: healing on {trained_on}; "
         f"{eval_ds.num_tokens:,} held-out ({len(eval_ds)} blocks of {context})"
     )
-    ev = dict(recipe.get("eval") or {})
-    judge = ConversionEval(
-        teacher,
-        tokenizer,
-        splits.eval,
-        eval_ds.blocks,
-        num_prompts=int(ev.get("prompts", 64)),
-        prompt_lines=int(ev.get("prompt_lines", 4)),
-        max_new_tokens=int(ev.get("max_new_tokens", 32)),
-        max_lines=ev.get("lines", 512),
-        batch_size=int(ev.get("batch_size", 16)),
-        kl_batch_size=eval_bs,
+    judge = ConversionEval.from_recipe(
+        teacher, tokenizer, splits.eval, eval_ds.blocks, recipe.get("eval"), kl_batch_size=eval_bs
     )
     log(f"judged against the source on: {judge.describe()}")
-    src_row = measure(teacher, None, eval_ds, eval_bs, judge)
+    src_row = judge.measure_all(teacher, eval_ds, batch_size=eval_bs, is_source=True)
     src_kv, src_cache = kv_bytes_per_token(teacher.config), cache_bytes_at(teacher.config, LONG_CONTEXT)
     log(
         f"source: held-out ppl {src_row['eval_perplexity']:.2f}; KV {src_kv} B/token, "
@@ -240,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, opts in options.items():
         t0 = time.time()
         converted = mla_model(teacher, opts, calibration=calibration if opts.needs_calibration else None)
-        init = measure(converted, teacher, eval_ds, eval_bs, judge)
+        init = judge.measure_all(converted, eval_ds, batch_size=eval_bs)
         kv, cache = kv_bytes_per_token(converted.config), cache_bytes_at(converted.config, LONG_CONTEXT)
         log(
             f"[{name}] converted in {time.time() - t0:.1f} s: KV {kv} B/token ({100 * kv / src_kv:.1f} %), "
@@ -266,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 seed,
                 output_dir / "trainer" / f"{name}-seed{seed}",
             )
-            after = measure(healed, teacher, eval_ds, eval_bs, judge)
+            after = judge.measure_all(healed, eval_ds, batch_size=eval_bs)
             tokens = steps * int(heal_cfg.get("per_device_train_batch_size", 8)) * context
             log(
                 f"[{name}] seed {seed}: healed {steps} steps ({tokens:,} tokens) in "
@@ -344,11 +292,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "source_kv_bytes_per_token": src_kv,
         "source_cache_bytes_32k": src_cache,
         "levels": results,
-        "wall_seconds": round(time.time() - start, 1),
     }
-    (output_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=str))
-    log(f"metrics in {output_dir / 'metrics.json'}; wall {summary['wall_seconds']:.0f} s")
-    return summary
+    return write_summary(output_dir, summary, start=start, log=log)
 
 
 if __name__ == "__main__":

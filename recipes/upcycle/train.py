@@ -36,7 +36,7 @@ import hf_hybrid
 from hf_hybrid.convert.source import load_source
 from hf_hybrid.convert.upcycle import UpcycleOptions, upcycle_model
 from hf_hybrid.cost import estimate_cost, format_count
-from hf_hybrid.data import PackedBlocks, TextSplits, build_lm_datasets, load_text_splits, recipe_source
+from hf_hybrid.data import apply_data_arguments, recipe_blocks, recipe_source
 from hf_hybrid.evaluation import ConversionEval
 from hf_hybrid.moe_training import collect_expert_load, install_moe_callbacks, load_metrics
 from hf_hybrid.training import evaluate_perplexity, logged_losses, training_arguments
@@ -65,24 +65,6 @@ def prepare_output(output_dir: Path, overwrite: bool) -> None:
             raise SystemExit(f"{output_dir} exists and is not empty; pass --overwrite or choose --output-dir")
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-
-
-def build_data(tokenizer, data_cfg: dict[str, Any], log) -> tuple[PackedBlocks, PackedBlocks, TextSplits]:
-    """Training and held-out blocks of the local text, tokenised with the checkpoint's own tokenizer."""
-    splits = load_text_splits(data_cfg.get("source", "auto"))
-    block = int(data_cfg.get("block_size", 256))
-    train, held = build_lm_datasets(
-        tokenizer,
-        block,
-        source=splits,
-        max_train_chars=data_cfg.get("max_train_chars"),
-        max_eval_blocks=data_cfg.get("eval_blocks"),
-    )
-    log(
-        f"data: {splits.name}, {train.num_tokens:,} training tokens ({len(train)} blocks of {block}), "
-        f"{held.num_tokens:,} held-out tokens"
-    )
-    return train, held, splits
 
 
 def judged_line(m: dict[str, float]) -> str:
@@ -123,10 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     output_dir = Path(args.output_dir or recipe.get("output_dir", "outputs/upcycle"))
     if args.max_steps is not None:
         train_cfg["max_steps"] = args.max_steps
-    if args.eval_blocks is not None:
-        data_cfg["eval_blocks"] = args.eval_blocks
-    if args.max_train_chars is not None:
-        data_cfg["max_train_chars"] = args.max_train_chars
+    apply_data_arguments(data_cfg, args, ("eval_blocks", "max_train_chars"))
     compare_dense = bool(recipe.get("compare_dense", True)) and not args.no_dense
 
     targs = training_arguments(str(output_dir / "trainer"), **train_cfg)
@@ -140,22 +119,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(str(source))
     dense, source_dtype = load_source(source, dtype=torch.float32)
     log(f"source: {source} ({source_dtype} weights, trained here in float32)")
-    train_ds, eval_ds, splits = build_data(tokenizer, data_cfg, log)
+    train_ds, eval_ds, splits = recipe_blocks(
+        tokenizer, data_cfg, int(data_cfg.get("block_size", 256)), log=log
+    )
     data_name = splits.name
     eval_bs = int(recipe.get("eval_batch_size", 8))
     base = evaluate_perplexity(dense, eval_ds, batch_size=eval_bs)
     # judged against the source (hf_hybrid.evaluation): greedy agreement, next line, KL, per-line bits/byte
-    ev = dict(recipe.get("eval") or {})
-    judge = ConversionEval(
+    judge = ConversionEval.from_recipe(
         copy.deepcopy(dense),  # the source as it was, whatever the MoE built from it shares and trains
         tokenizer,
         splits.eval,
         eval_ds.blocks,
-        num_prompts=int(ev.get("prompts", 64)),
-        prompt_lines=int(ev.get("prompt_lines", 4)),
-        max_new_tokens=int(ev.get("max_new_tokens", 32)),
-        max_lines=ev.get("lines", 512),
-        batch_size=int(ev.get("batch_size", 16)),
+        recipe.get("eval"),
         kl_batch_size=eval_bs,
     )
     source_judged = judge.source_metrics()
