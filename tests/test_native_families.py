@@ -327,6 +327,25 @@ def test_exported_dir_loads_without_hf_hybrid(tmp_path):
     assert_close_on_real(logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask, "subprocess")
 
 
+def test_hy_v4_keeps_the_checkpoints_interleaved_rope_under_every_release():
+    """vLLM, SGLang and transformers 5.25 rotate HY-V4's RoPE on interleaved pairs, 5.23 / 5.24 by halves:
+    the conversion keeps the checkpoint's function whatever release is installed. The import equals
+    transformers' model made to pair (the family's native_context), and on 5.23 / 5.24 the model as that
+    release runs it is another function (so the context is not a no-op there)."""
+    from hf_hybrid.convert.native.hy_v4 import native_rope_in_halves
+
+    native = build_native("hy_v4")
+    hybrid = import_native(native)
+    ids, mask = tie_free_batch(hybrid)
+    paired = logits(native, ids, mask, "hy_v4")
+    assert max_err(logits(hybrid, ids, mask), paired, mask) <= ATOL
+    as_installed = logits(native, ids, mask)
+    if native_rope_in_halves():
+        assert max_err(as_installed, paired, mask) > 1e-3
+    else:
+        assert torch.equal(as_installed, paired)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "minimax_m2", "hy_v4", "axk2"])
 def test_cli_import_export_and_inspect(family, tmp_path, capsys):
     from hf_hybrid.cli import main

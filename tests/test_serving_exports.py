@@ -74,6 +74,11 @@ _BOOL_MASK = (
     "with a float (5.17 checks attention_mask.dtype == torch.bool): with padding anywhere in the batch the "
     "sparse selection is masked wrongly under SDPA; eager attention (a float mask) agrees"
 )
+_HALVES = (
+    "transformers < 5.25 rotates HY-V4's RoPE (attention and indexer) by halves; the checkpoint's layout, "
+    "which vLLM, SGLang, transformers 5.25 and hf_hybrid rotate, is interleaved pairs: equal only where the "
+    "rope block is one pair (qk_rope_head_dim = 2)"
+)
 _BEFORE_5_23 = ("5.16.1", "5.19.0", "5.22.2")
 OLD_RELEASES_DIFFER: dict[str, tuple[tuple[str, ...], dict, str]] = {
     "bamba": (_BEFORE_5_23, {"overrides": {"mamba_n_groups": 1}}, _GROUPED_NORM),
@@ -81,6 +86,7 @@ OLD_RELEASES_DIFFER: dict[str, tuple[tuple[str, ...], dict, str]] = {
     "deepseek_v32": (("5.16.1",), {"load": {"attn_implementation": "eager"}}, _BOOL_MASK),
     "glm_moe_dsa": (("5.16.1",), {"load": {"attn_implementation": "eager"}}, _BOOL_MASK),
     "axk2": (("5.16.1",), {"load": {"attn_implementation": "eager"}}, _BOOL_MASK),
+    "hy_v4": (("5.19.0", "5.22.2"), {"overrides": {"qk_rope_head_dim": 2}}, _HALVES),
 }
 
 

@@ -4,18 +4,18 @@ streams (iHC).
 
 Layer map (native → ours):
 - ``self_attn.*`` → ``mixer.*`` (``dsa``, ``dsa_base="mla"``), ``gate_proj`` (``mla_gate_proj``), ``sinks``
-  (``attention_sinks``). RoPE layout: transformers 5.24 rotates halves (ours: rows kept), 5.25 interleaved
-  pairs as DeepSeek does (the rope rows of ``q_b_proj`` per head and ``kv_a_proj_with_mqa`` de-interleaved, as
-  in ``deepseek.py``). The same checkpoint computes a different function under the two releases; the
-  converter follows the installed transformers (:func:`rope_interleaved`), so an export is exact for the
-  release that wrote it.
+  (``attention_sinks``). RoPE layout: the checkpoint rotates interleaved pairs as DeepSeek does (vLLM and
+  SGLang rotate HY-V4 that way, and transformers since 5.25): the rope rows of ``q_b_proj`` per head and
+  ``kv_a_proj_with_mqa`` are de-interleaved, as in ``deepseek.py``. transformers 5.23 / 5.24 rotate halves
+  instead, a different function of the same checkpoint; the conversion keeps the checkpoint's, so an import
+  or export is the same model under every release (:func:`native_context` makes those two releases pair, for
+  comparing against them).
 - ``self_attn.indexer.{wq_b, wk, k_norm, weights_proj}`` → ``mixer.indexer.{wq, wk, k_norm, weights_proj}``.
   HY-V4 rotates the *last* ``qk_rope_head_dim`` channels of each indexer head, ours the first: the rows of
-  ``wq_b`` (per head), ``wk`` and ``k_norm`` are rotated so the rope block comes first (and de-interleaved on
-  5.25) (the indexer score is a
-  sum over channels and LayerNorm is permutation-equivariant: exact without an option). The indexer's
-  LayerNorm eps is ``rms_norm_eps`` (``index_norm_eps``). ``indexer_types`` "shared" layers reuse the previous
-  full layer's top-k: ``dsa_indexer_types``.
+  ``wq_b`` (per head), ``wk`` and ``k_norm`` are rotated so the rope block comes first, de-interleaved (the
+  indexer score is a sum over channels and LayerNorm is permutation-equivariant: exact without an option).
+  The indexer's LayerNorm eps is ``rms_norm_eps`` (``index_norm_eps``). ``indexer_types`` "shared" layers
+  reuse the previous full layer's top-k: ``dsa_indexer_types``.
 - ``attn_hc.*`` / ``ffn_hc.*`` → ``mixer_hc.*`` / ``mlp_hc.*``; ``model.hc_head.hc_{fn,base,scale}`` →
   ``model.hc_head.{fn,base,scale}`` (``hyper_connections="ihc"``, ``hc_mult``, ``hc_eps``, ``hc_magnitude``).
 - ``mlp.*`` as DeepSeek's (``mlp_layer_types`` "dense" / "sparse"); ``swiglu_limit`` → ``moe_swiglu_limit``
@@ -27,8 +27,9 @@ Not carried: transformers keeps ``lm_head`` in fp32 and computes the logits in f
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import torch
 
@@ -48,21 +49,41 @@ from .deepseek import (
 from .moe_attention import MODEL_RULES, NORM_RULES
 
 
-def rope_interleaved() -> bool:
-    """Whether the installed transformers' HY-V4 rotates interleaved pairs (5.25 and later:
-    ``apply_rotary_pos_emb_interleave``, DeepSeek's layout) or halves (5.24 and earlier). The same checkpoint
-    computes a different function under each; the converter follows the installed one."""
+def native_rope_in_halves() -> bool:
+    """Whether the installed transformers' HY-V4 rotates halves (5.23 / 5.24) rather than the checkpoint's
+    interleaved pairs (5.25 and later: ``apply_rotary_pos_emb_interleave``)."""
     from transformers.models.hy_v4 import modeling_hy_v4
 
-    return hasattr(modeling_hy_v4, "apply_rotary_pos_emb_interleave")
+    return not hasattr(modeling_hy_v4, "apply_rotary_pos_emb_interleave")
 
 
-def _index_rows(n_heads: int, head_dim: int, rope: int, interleaved: bool) -> torch.Tensor:
-    """Per head: the last ``rope`` rows first (de-interleaved where the native model rotates interleaved
-    pairs), then the others (HY-V4's rope block → ours)."""
-    tail = torch.arange(head_dim - rope, head_dim)
-    if interleaved:
-        tail = tail[rope_deinterleave_index(rope)]
+@contextlib.contextmanager
+def native_context() -> Iterator[None]:
+    """Inside the block, transformers' HY-V4 rotates the checkpoint's interleaved pairs on every release: on
+    5.23 / 5.24 its ``apply_rotary_pos_emb`` (attention and indexer) is DeepSeek-V3's interleaved rotation
+    (what 5.25 computes), restored on exit; nothing to do on 5.25. For comparing a conversion against
+    transformers' model."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+    from transformers.models.hy_v4 import modeling_hy_v4
+
+    if not native_rope_in_halves():
+        yield
+        return
+
+    def interleaved(q, k, cos, sin, unsqueeze_dim=1):
+        return apply_rotary_pos_emb_interleave(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    saved = modeling_hy_v4.apply_rotary_pos_emb
+    modeling_hy_v4.apply_rotary_pos_emb = interleaved
+    try:
+        yield
+    finally:
+        modeling_hy_v4.apply_rotary_pos_emb = saved
+
+
+def _index_rows(n_heads: int, head_dim: int, rope: int) -> torch.Tensor:
+    """Per head: the last ``rope`` rows first, de-interleaved, then the others (HY-V4's rope block → ours)."""
+    tail = torch.arange(head_dim - rope, head_dim)[rope_deinterleave_index(rope)]
     block = torch.cat([tail, torch.arange(head_dim - rope)])
     return (torch.arange(n_heads)[:, None] * head_dim + block[None, :]).reshape(-1)
 
@@ -72,47 +93,40 @@ def _rope(ctx: RuleContext) -> int:
     return min(c.qk_rope_head_dim, c.index_head_dim)
 
 
-def dsa_rules(interleaved: Callable[[], bool]) -> tuple[W, ...]:
-    """The attention's weight rules (indexer, MLA projections, the rest by name), for a native model that
-    rotates interleaved pairs when ``interleaved()`` (asked when a rule runs) and halves otherwise: HY-V4
-    follows the installed release (:func:`rope_interleaved`), HY-V4-VL's text decoder always pairs."""
-
-    def index_q_rows(ctx: RuleContext) -> torch.Tensor:
-        return _index_rows(ctx.ours.index_n_heads, ctx.ours.index_head_dim, _rope(ctx), interleaved())
-
-    def index_k_rows(ctx: RuleContext) -> torch.Tensor:
-        return _index_rows(1, ctx.ours.index_head_dim, _rope(ctx), interleaved())
-
-    def q_rows(ctx: RuleContext) -> torch.Tensor:
-        c = ctx.ours
-        dqk = c.qk_nope_head_dim + c.qk_rope_head_dim
-        if not interleaved():
-            return torch.arange(c.num_attention_heads * dqk)
-        return _per_head_rope_rows(c.num_attention_heads, dqk, c.qk_nope_head_dim, c.qk_rope_head_dim)
-
-    def kv_a_rows(ctx: RuleContext) -> torch.Tensor:
-        c = ctx.ours
-        width = c.kv_lora_rank + c.qk_rope_head_dim
-        if not interleaved():
-            return torch.arange(width)
-        return _per_head_rope_rows(1, width, c.kv_lora_rank, c.qk_rope_head_dim)
-
-    mla = (
-        W("self_attn.q_b_proj.weight", "mixer.q_b_proj.weight", *permute_rows(q_rows)),
-        W("self_attn.kv_a_proj_with_mqa.weight", "mixer.kv_a_proj_with_mqa.weight", *permute_rows(kv_a_rows)),
-        W(
-            "self_attn.kv_a_proj_with_mqa.bias",
-            "mixer.kv_a_proj_with_mqa.bias",
-            *permute_rows(kv_a_rows),
-            when=lambda ctx: ctx.ours.attention_bias,
-        ),
-    )
-    # everything else of the attention keeps its name: q_a_proj, q_a_layernorm, kv_a_layernorm, kv_b_proj,
-    # o_proj, gate_proj, sinks
-    return (*indexer_rules(index_q_rows, index_k_rows), *mla, W("self_attn.", "mixer."))
+def _index_q_rows(ctx: RuleContext) -> torch.Tensor:
+    return _index_rows(ctx.ours.index_n_heads, ctx.ours.index_head_dim, _rope(ctx))
 
 
-_DSA_RULES = dsa_rules(rope_interleaved)
+def _index_k_rows(ctx: RuleContext) -> torch.Tensor:
+    return _index_rows(1, ctx.ours.index_head_dim, _rope(ctx))
+
+
+def _q_rows(ctx: RuleContext) -> torch.Tensor:
+    c = ctx.ours
+    dqk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    return _per_head_rope_rows(c.num_attention_heads, dqk, c.qk_nope_head_dim, c.qk_rope_head_dim)
+
+
+def _kv_a_rows(ctx: RuleContext) -> torch.Tensor:
+    c = ctx.ours
+    return _per_head_rope_rows(1, c.kv_lora_rank + c.qk_rope_head_dim, c.kv_lora_rank, c.qk_rope_head_dim)
+
+
+# The attention's weight rules (HY-V4 and HY-V4-VL's text decoder): the indexer, the MLA projections with
+# their rope rows de-interleaved, everything else of the attention by name (q_a_proj, q_a_layernorm,
+# kv_a_layernorm, kv_b_proj, o_proj, gate_proj, sinks).
+DSA_RULES = (
+    *indexer_rules(_index_q_rows, _index_k_rows),
+    W("self_attn.q_b_proj.weight", "mixer.q_b_proj.weight", *permute_rows(_q_rows)),
+    W("self_attn.kv_a_proj_with_mqa.weight", "mixer.kv_a_proj_with_mqa.weight", *permute_rows(_kv_a_rows)),
+    W(
+        "self_attn.kv_a_proj_with_mqa.bias",
+        "mixer.kv_a_proj_with_mqa.bias",
+        *permute_rows(_kv_a_rows),
+        when=lambda ctx: ctx.ours.attention_bias,
+    ),
+    W("self_attn.", "mixer."),
+)
 
 _HC_MODEL_RULES = (
     W("model.hc_head.hc_fn", "model.hc_head.fn"),
@@ -198,9 +212,10 @@ HY_V4 = NativeFamily(
     ignored_options=("head_dim", "learnable_sink_init"),
     model_rules=(*MODEL_RULES, *_HC_MODEL_RULES),
     layer_rules=(*NORM_RULES, *_HC_LAYER_RULES),
-    mixer_rules={"dsa": _DSA_RULES},
+    mixer_rules={"dsa": DSA_RULES},
     mlp_rules={"moe": MOE_RULES, "dense": DENSE_RULES},
     check_ours=_check_export,
+    native_context=native_context,
     tiny_config=dict(
         TINY_MLA_MOE,
         n_group=1,

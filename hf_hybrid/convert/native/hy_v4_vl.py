@@ -12,8 +12,8 @@ differently (read from transformers' ``modular_hy_v4_vl.py``, 5.24 and 5.25):
   qk_rope_head_dim / 2`` (transformers' default ``[12, 10, 10]`` at 64 rope dims), which only image and video
   positions would read.
 - **RoPE on interleaved pairs in both releases** (5.24: GLM-style ``rotate_half`` on pairs; 5.25:
-  ``apply_rotary_pos_emb_interleave``), where HY-V4 itself rotates halves on 5.24: the rope rows of
-  ``q_b_proj``, ``kv_a_proj_with_mqa`` and the indexer are always de-interleaved (``hy_v4.dsa_rules``). One
+  ``apply_rotary_pos_emb_interleave``), the checkpoint's layout as for ``hy_v4``: the rope rows of
+  ``q_b_proj``, ``kv_a_proj_with_mqa`` and the indexer are de-interleaved (``hy_v4.DSA_RULES``). One
   checkpoint, one function, whichever release is installed.
 - the latent norms (``q_a_layernorm``, ``kv_a_layernorm``) use ``rms_norm_eps`` (HY-V4: a fixed 1e-6) →
   ``mla_norm_eps=None``. So ``--to hy_v4`` of an import is exact only where ``rms_norm_eps`` is 1e-6 (it
@@ -36,7 +36,7 @@ from __future__ import annotations
 import dataclasses
 
 from .base import Custom, VisionWrapperFamily, W, ours_fixed
-from .hy_v4 import HY_V4, dsa_rules
+from .hy_v4 import DSA_RULES, HY_V4
 
 _LM = "model.language_model."
 
@@ -107,7 +107,7 @@ HY_V4_VL_TEXT = HYV4VLFamily(
     ignored_options=HY_V4.ignored_options,
     model_rules=_under_language_model(HY_V4.model_rules),
     layer_rules=HY_V4.layer_rules,
-    mixer_rules={"dsa": dsa_rules(lambda: True)},
+    mixer_rules={"dsa": DSA_RULES},
     mlp_rules=HY_V4.mlp_rules,
     ignored_native_keys=(r"^model\.vision_tower\.", r"(^|\.)rotary_emb\."),
     native_layer_prefix=_LM + "layers.{i}.",
