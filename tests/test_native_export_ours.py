@@ -11,7 +11,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from hf_hybrid import HybridConfig, HybridForCausalLM
 from hf_hybrid.convert.native import FAMILY_MODULES, NativeConversionError, export_native, get_family
@@ -187,3 +187,36 @@ def test_hy_v4_without_the_clamp_exports_as_an_infinite_limit(tmp_path):
     with torch.no_grad():
         want = ours(input_ids=ids, attention_mask=mask, use_cache=False).logits
     assert (got - want)[mask.bool()].abs().max().item() <= ATOL
+
+
+# ---- what the serving engines read from config.json -------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["glm_moe_dsa", "glm5_next_text"])
+def test_glm_exports_say_their_indexer_rotates_interleaved_pairs(model_type, tmp_path):
+    """vLLM and SGLang rotate a DSA indexer on interleaved pairs only where ``indexer_rope_interleave`` is
+    true (halves otherwise; vLLM's GLM-5-Next code reads it without a default); transformers always pairs for
+    GLM: the export writes the flag, the import refuses a checkpoint saying False (computed two ways)."""
+    family = get_family(model_type)
+    if not family.available:
+        pytest.skip(f"{model_type} needs transformers >= {family.min_transformers}, not installed here")
+    with context(model_type):
+        export_native(our_model(model_type), tmp_path / "out", to=model_type)
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert raw.get("text_config", raw)["indexer_rope_interleave"] is True
+    native = family.config_class(**{**family.tiny_config, "indexer_rope_interleave": False})
+    with pytest.raises(NativeConversionError, match=r"indexer_rope_interleave=False"):
+        family.hybrid_config(native)
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.5])
+def test_minimax_m2_exports_write_the_rotary_dim_the_engines_read(factor, tmp_path):
+    """vLLM reads ``config.rotary_dim`` (it fails to load without it), SGLang rotates the whole head without
+    it: the export writes the rotated width, and transformers reads the same partial rotary factor back."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": factor}
+    ours = our_model("minimax_m2", rope_parameters=rope)
+    export_native(ours, tmp_path / "out", to="minimax_m2")
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert raw["rotary_dim"] == int(factor * ours.config.head_dim) == next(iter(ours.config.rope_dims()))
+    reread = AutoConfig.from_pretrained(tmp_path / "out")
+    assert reread.rope_parameters["partial_rotary_factor"] == factor

@@ -327,6 +327,27 @@ def test_exported_dir_loads_without_hf_hybrid(tmp_path):
     assert_close_on_real(logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask, "subprocess")
 
 
+def test_deepseek_v32_indexer_follows_indexer_rope_interleave_as_the_engines_do(monkeypatch):
+    """A DeepSeek-V3.2 config saying ``indexer_rope_interleave=True`` (GLM-5-shaped checkpoints are published
+    so): vLLM and SGLang rotate its indexer on interleaved pairs, transformers' DeepSeek-V3.2 ignores the flag
+    and rotates halves. The import keeps the served function: equal to transformers' model with its indexer
+    rotation made to pair, not to the model as transformers runs it."""
+    from transformers.models.deepseek_v32 import modeling_deepseek_v32 as modeling
+
+    native = build_native("deepseek_v32", indexer_rope_interleave=True)
+    hybrid = import_native(native)
+    ids, mask = tie_free_batch(hybrid)
+    as_transformers_runs_it = logits(native, ids, mask)
+
+    def paired(q, k, cos, sin, unsqueeze_dim=1):  # the indexer's rotation (the attention's already pairs)
+        return modeling.apply_rotary_pos_emb_interleave(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", paired)
+    served = logits(native, ids, mask)
+    assert max_err(logits(hybrid, ids, mask), served, mask) <= ATOL
+    assert max_err(as_transformers_runs_it, served, mask) > 1e-3
+
+
 def test_hy_v4_keeps_the_checkpoints_interleaved_rope_under_every_release():
     """vLLM, SGLang and transformers 5.25 rotate HY-V4's RoPE on interleaved pairs, 5.23 / 5.24 by halves:
     the conversion keeps the checkpoint's function whatever release is installed. The import equals

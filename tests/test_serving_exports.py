@@ -54,6 +54,15 @@ ALLOWED_EXTRAS: dict[tuple[str, str], str] = {
     "every release",
     ("qwen3_moe", "head_dim"): "as for qwen2: undeclared in every release, read by modeling_qwen3_moe's "
     "getattr(config, 'head_dim', hidden_size // num_attention_heads)",
+    ("minimax_m2", "rotary_dim"): "released MiniMax-M2 configs carry it, and vLLM (config.rotary_dim, "
+    "required) and SGLang (default: the whole head) read it for the rotated width; transformers keeps it as "
+    "an attribute (5.24 / 5.25 derive partial_rotary_factor from it, equal to the one written)",
+    **{
+        (family, "indexer_rope_interleave"): "GLM's checkpoints carry it: vLLM and SGLang rotate the DSA "
+        "indexer on interleaved pairs only where it is true (halves otherwise), as transformers always does "
+        f"for {family}; kept as an inert attribute by every release"
+        for family in ("glm_moe_dsa", "glm5_next_text")
+    },
     **{
         (family, "output_router_logits"): _UNREAD_IN_5_16.format(family)
         for family in ("axk2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "nemotron_h")

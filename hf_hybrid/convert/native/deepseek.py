@@ -66,7 +66,12 @@ def _kv_a_rows(ctx: RuleContext) -> torch.Tensor:
 
 
 def _index_rope_interleaved(ctx: RuleContext) -> bool:
-    return ctx.native.model_type == "glm_moe_dsa"
+    """Whether the checkpoint's indexer rotates interleaved pairs: GLM-MoE-DSA always (transformers, and the
+    ``indexer_rope_interleave=True`` its export writes for vLLM / SGLang); a DeepSeek-V3.2 config where
+    ``indexer_rope_interleave`` says so (transformers' DeepSeek-V3.2 ignores the flag and rotates halves, vLLM
+    and SGLang follow it: the import keeps the served function)."""
+    flag = bool(getattr(ctx.native, "indexer_rope_interleave", False))
+    return ctx.native.model_type == "glm_moe_dsa" or flag
 
 
 def _index_q_rows(ctx: RuleContext) -> torch.Tensor:
@@ -402,6 +407,14 @@ _DSA_TINY = dict(
     index_topk=5,
 )
 
+# vLLM and SGLang rotate a DSA indexer on interleaved pairs only where the config says
+# indexer_rope_interleave=True (halves otherwise); GLM's checkpoints say so, and transformers pairs there.
+GLM_INDEXER_ROPE_WHY = (
+    "transformers rotates the indexer's RoPE on interleaved pairs whatever this flag says, vLLM and SGLang "
+    "by it: a checkpoint saying False is computed two ways"
+)
+
+
 DEEPSEEK_V32 = NativeFamily(
     model_type="deepseek_v32",
     config_rules=[
@@ -434,6 +447,7 @@ GLM_MOE_DSA = NativeFamily(
         Custom(("layer_types",), _v32_layers, lambda o: {}),
         Custom(("indexer_types",), _glm_indexer_types, _glm_indexer_types_native),
         native_fixed("mlp_bias", False, why="GLM-MoE-DSA's MLPs have no bias"),
+        native_fixed("indexer_rope_interleave", True, why=GLM_INDEXER_ROPE_WHY),
     ],
     ignored_options=("head_dim",),
     model_rules=MODEL_RULES,

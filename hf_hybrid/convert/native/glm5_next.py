@@ -53,7 +53,15 @@ from .base import (
     rename,
     same,
 )
-from .deepseek import DENSE_RULES, MLA_MOE_SAME, MOE_RULES, TINY_MLA_MOE, _check_kv_heads, _has_indexer
+from .deepseek import (
+    DENSE_RULES,
+    GLM_INDEXER_ROPE_WHY,
+    MLA_MOE_SAME,
+    MOE_RULES,
+    TINY_MLA_MOE,
+    _check_kv_heads,
+    _has_indexer,
+)
 from .kimi_linear import native_torch_kernels, per_layer
 
 _MODULE = "transformers.models.glm5_next.modeling_glm5_next"
@@ -233,6 +241,8 @@ _CONFIG_RULES = [
     Custom(("layer_types", "mlp_layer_types", "indexer_types"), _layers_to_ours, _layers_to_native),
     Custom(("swiglu_limit",), _swiglu_to_ours, _swiglu_to_native),
     native_fixed("hidden_act", "silu", why="the KDA short conv and the MLPs use SiLU here"),
+    # no rotary channels here (qk_rope_head_dim=0), but vLLM reads the flag to build the indexer's RoPE
+    native_fixed("indexer_rope_interleave", True, why=GLM_INDEXER_ROPE_WHY),
     native_fixed(
         "index_kpool_always_select_tail",
         True,

@@ -249,6 +249,14 @@ OLMOE = NativeFamily(
 # scaling).
 
 
+def _minimax_m2_rotary_dim(ours) -> dict:
+    """``rotary_dim``, the rotated channels of each head, which released MiniMax-M2 configs carry and vLLM
+    (``config.rotary_dim``, required) and SGLang (default: the whole head) read; transformers turns it into
+    ``partial_rotary_factor``."""
+    (rotated,) = ours.rope_dims()
+    return {"rotary_dim": rotated}
+
+
 def _minimax_m2_to_ours(n) -> dict:
     return {
         "mixer_types": ["attention"] * n.num_hidden_layers,
@@ -276,6 +284,8 @@ MINIMAX_M2 = NativeFamily(
             _minimax_m2_to_ours,
             lambda o: {"intermediate_size": o.moe_intermediate_size, "num_local_experts": o.num_experts},
         ),
+        # read into partial_rotary_factor by the config class (rope_parameters carries it for us)
+        Custom(("rotary_dim",), lambda n: {}, _minimax_m2_rotary_dim),
         *ours_fixed(
             use_qk_norm=True,
             qk_norm_scope="full",
