@@ -106,17 +106,22 @@ def test_export_of_our_model_reloads_in_transformers_with_its_logits(model_type,
     assert err <= ATOL, f"{model_type}: reloaded export differs from the model it came from by {err:.3g}"
 
 
-@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text"])
-def test_full_rope_is_written_explicitly(model_type, tmp_path):
-    """The exported config.json names partial_rotary_factor=1.0 (these classes default to 0.25) and the
-    source model's config is left as it was."""
-    ours = our_model(model_type)
+@pytest.mark.parametrize("factor", [1.0, 0.25])
+@pytest.mark.parametrize("model_type", ["qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"])
+def test_partial_rotary_factor_is_written_explicitly_in_both_spellings(model_type, factor, tmp_path):
+    """The exported config.json names partial_rotary_factor (these classes default to 0.25) in rope_parameters
+    and, as released configs do, at the top of the config: SGLang's config classes read it only there (default
+    0.25). transformers reads it back; the source model's config is left as it was."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": factor}
+    ours = our_model(model_type, rope_parameters=rope)
     before = json.dumps(ours.config.rope_parameters, sort_keys=True)
     with context(model_type):
         export_native(ours, tmp_path / "out", to=model_type)
     raw = json.loads((tmp_path / "out" / "config.json").read_text())
-    rope = raw.get("rope_parameters") or raw["text_config"]["rope_parameters"]
-    assert rope["partial_rotary_factor"] == 1.0
+    text = raw.get("text_config", raw)
+    assert text["rope_parameters"]["partial_rotary_factor"] == text["partial_rotary_factor"] == factor
+    reread = AutoConfig.from_pretrained(tmp_path / "out")
+    assert getattr(reread, "text_config", reread).rope_parameters["partial_rotary_factor"] == factor
     assert json.dumps(ours.config.rope_parameters, sort_keys=True) == before
 
 

@@ -58,6 +58,12 @@ ALLOWED_EXTRAS: dict[tuple[str, str], str] = {
     "required) and SGLang (default: the whole head) read it for the rotated width; transformers keeps it as "
     "an attribute (5.24 / 5.25 derive partial_rotary_factor from it, equal to the one written)",
     **{
+        (family, "partial_rotary_factor"): "released Qwen3-Next / Qwen3.5 configs carry it at the top as "
+        "well as in rope_parameters: SGLang's config classes read it only there (default 0.25); transformers "
+        "folds the equal value into rope_parameters in every release"
+        for family in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+    },
+    **{
         (family, "indexer_rope_interleave"): "GLM's checkpoints carry it: vLLM and SGLang rotate the DSA "
         "indexer on interleaved pairs only where it is true (halves otherwise), as transformers always does "
         f"for {family}; kept as an inert attribute by every release"

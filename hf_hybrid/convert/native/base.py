@@ -403,6 +403,9 @@ class NativeFamily:
     # derivation, so each release derives its own (DeepSeek-V3.2's layer_types: "deepseek_sparse_attention"
     # in transformers 5.16, which rejects the "indexed_attention" of later releases).
     derived_native_fields: tuple[str, ...] = ()
+    # Rewrites the written config.json (a dict, in place or returned) with keys serving engines read from it
+    # besides transformers' own fields (Qwen3-Next's top-level partial_rotary_factor for SGLang).
+    engine_keys: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     # Vision-language wrappers: what the import drops (named in its note).
     wrapper_note: str = "model.visual.* and mtp.*"
 
@@ -419,13 +422,14 @@ class NativeFamily:
         """The written config.json (a dict) as every transformers release that has the family reads it: the
         ``derived_native_fields`` left out where the config class derives the same value without them; a
         subclass also respells values the config class normalises differently across releases (GLM-5-Next's
-        DSA ``layer_types``). The export checks that the result reads back as the config written."""
+        DSA ``layer_types``); then ``engine_keys``. The export checks that the result reads back as the config
+        written."""
         for key in self.derived_native_fields:
             if key in raw:
                 without = {k: v for k, v in raw.items() if k != key}
                 if getattr(self.config_class.from_dict(without), key, None) == raw[key]:
                     raw = without
-        return raw
+        return raw if self.engine_keys is None else self.engine_keys(raw)
 
     # ---- classes ----
     @property

@@ -38,6 +38,7 @@ from .qwen3_next import (
     ZERO_CENTRED_NATIVE,
     check_mixers,
     native_torch_kernels,
+    top_level_partial_rotary_factor,
 )
 
 
@@ -102,6 +103,7 @@ _WRAPPER_KEYS = (r"(^|\.)rotary_emb\.", r"^mtp\.", r"^model\.visual\.", r"^visua
 
 FAMILIES = {
     "qwen3_5_text": NativeFamily(
+        engine_keys=top_level_partial_rotary_factor,
         model_type="qwen3_5_text",
         config_rules=[
             *same(*COMMON_SAME, "intermediate_size"),
@@ -122,6 +124,7 @@ FAMILIES = {
         native_context=native_torch_kernels,
     ),
     "qwen3_5_moe_text": NativeFamily(
+        engine_keys=top_level_partial_rotary_factor,
         model_type="qwen3_5_moe_text",
         config_rules=[
             *same(*COMMON_SAME, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),

@@ -72,6 +72,17 @@ _NATIVE_MIXER = {"linear_attention": "gated_deltanet", "full_attention": "attent
 _OUR_LAYER = {v: k for k, v in _NATIVE_MIXER.items()}
 
 
+def top_level_partial_rotary_factor(raw: dict) -> dict:
+    """The written config.json with ``partial_rotary_factor`` also at the top of the (text) config, as
+    released Qwen3-Next / Qwen3.5 configs spell it: SGLang's config classes read it only there (default 0.25,
+    so a full-RoPE export would be served rotating a quarter of each head); transformers reads either."""
+    for cfg in (raw, raw.get("text_config")):
+        rope = (cfg or {}).get("rope_parameters") or {}
+        if "partial_rotary_factor" in rope:
+            cfg["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    return raw
+
+
 def mixers_to_ours(native) -> dict:
     layer_types = list(native.layer_types)
     if len(layer_types) != native.num_hidden_layers:
@@ -292,6 +303,7 @@ TINY = dict(
 
 FAMILIES = {
     "qwen3_next": NativeFamily(
+        engine_keys=top_level_partial_rotary_factor,
         model_type="qwen3_next",
         config_rules=[
             *same(
