@@ -327,6 +327,17 @@ def test_exported_dir_loads_without_hf_hybrid(tmp_path):
     assert_close_on_real(logits(native, ids, mask), torch.load(tmp_path / "logits.pt"), mask, "subprocess")
 
 
+@pytest.mark.parametrize("model_type", ["deepseek_v3", "deepseek_v32", "glm_moe_dsa", "axk2"])
+def test_rope_interleave_false_imports_as_transformers_reads_it(model_type):
+    """DeepSeek-V3's ``rope_interleave=False`` rotates halves; DeepSeek-V3.2, GLM-MoE-DSA and AXK2 rotate
+    interleaved pairs whatever the flag says (transformers never reads it there, nor does vLLM): a config
+    carrying it imports as the model transformers runs."""
+    native = build_native(model_type, rope_interleave=False)
+    hybrid = import_native(native)
+    ids, mask = tie_free_batch(hybrid)
+    assert max_err(logits(hybrid, ids, mask), logits(native, ids, mask, model_type), mask) <= ATOL
+
+
 def test_deepseek_v32_indexer_follows_indexer_rope_interleave_as_the_engines_do(monkeypatch):
     """A DeepSeek-V3.2 config saying ``indexer_rope_interleave=True`` (GLM-5-shaped checkpoints are published
     so): vLLM and SGLang rotate its indexer on interleaved pairs, transformers' DeepSeek-V3.2 ignores the flag

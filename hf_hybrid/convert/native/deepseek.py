@@ -47,6 +47,10 @@ def _per_head_rope_rows(n_heads: int, head_dim: int, rope_start: int, rope_dim: 
 
 
 def _interleaved(ctx: RuleContext) -> bool:
+    """Whether the attention's RoPE rotates interleaved pairs: DeepSeek-V3 unless ``rope_interleave=False``;
+    DeepSeek-V3.2, GLM-MoE-DSA and AXK2 always (their transformers code never reads the flag)."""
+    if ctx.native.model_type != "deepseek_v3":
+        return True
     return bool(getattr(ctx.native, "rope_interleave", True))
 
 
