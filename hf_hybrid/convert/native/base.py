@@ -98,10 +98,10 @@ def _our_value(ours, name: str):
 
 @contextlib.contextmanager
 def torch_reference_functions(modules: Iterable[ModuleType], functions: Iterable[str]) -> Iterator[None]:
-    """Inside the block, transformers' modeling ``modules`` call the torch function behind
-    each of their kernel-dispatching ``functions`` (``compat.torch_reference``) instead of the fla-core /
-    causal-conv1d kernels bound at import time whenever those are installed, which fail on CPU tensors (a
-    family's ``native_context``). A function a module lacks is left alone; all restored on exit."""
+    """Inside the block, transformers' modeling ``modules`` call the torch function behind each of their
+    kernel-dispatching ``functions`` (``compat.torch_reference``) instead of the fla-core / causal-conv1d
+    kernels bound at import time whenever those are installed, which fail on CPU tensors (a family's
+    ``native_context``). A function a module lacks is left alone; all restored on exit."""
     functions = tuple(functions)
     saved = []
     try:
