@@ -55,7 +55,6 @@ from .base import (
 )
 from .deepseek import (
     DENSE_RULES,
-    GLM_INDEXER_ROPE_WHY,
     MLA_MOE_SAME,
     MOE_RULES,
     TINY_MLA_MOE,
@@ -241,8 +240,9 @@ _CONFIG_RULES = [
     Custom(("layer_types", "mlp_layer_types", "indexer_types"), _layers_to_ours, _layers_to_native),
     Custom(("swiglu_limit",), _swiglu_to_ours, _swiglu_to_native),
     native_fixed("hidden_act", "silu", why="the KDA short conv and the MLPs use SiLU here"),
-    # no rotary channels here (qk_rope_head_dim=0), but vLLM reads the flag to build the indexer's RoPE
-    native_fixed("indexer_rope_interleave", True, why=GLM_INDEXER_ROPE_WHY),
+    # vLLM reads the flag (without a default) to build the indexer's RoPE: the export writes GLM's True; with
+    # no rotary channels here (qk_rope_head_dim=0) either value is the same model
+    native_fixed("indexer_rope_interleave", True, False),
     native_fixed(
         "index_kpool_always_select_tail",
         True,
