@@ -232,3 +232,37 @@ def test_minimax_m2_exports_write_the_rotary_dim_the_engines_read(factor, tmp_pa
     assert raw["rotary_dim"] == int(factor * ours.config.head_dim) == next(iter(ours.config.rope_dims()))
     reread = AutoConfig.from_pretrained(tmp_path / "out")
     assert reread.rope_parameters["partial_rotary_factor"] == factor
+
+
+_ROUTER_KEYS = {"scoring_func": "sigmoid", "topk_method": "noaux_tc", "moe_layer_freq": 1}
+
+
+@pytest.mark.parametrize(
+    "model_type, keys",
+    [
+        ("deepseek_v3", _ROUTER_KEYS),
+        ("deepseek_v32", _ROUTER_KEYS),
+        ("glm_moe_dsa", {**_ROUTER_KEYS, "index_topk_pattern": "FSFS"}),  # indexer_types full/shared twice
+        ("minimax_m2", {"scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True}),
+        ("qwen3_next", {"rope_theta": 10000.0, "full_attention_interval": 4}),
+        ("qwen3_5_text", {"rope_theta": 10000.0, "full_attention_interval": 4}),
+    ],
+)
+def test_exports_write_the_keys_the_serving_engines_read(model_type, keys, tmp_path):
+    """Keys released checkpoints carry that transformers does not declare and vLLM / SGLang read (without
+    them: a load failure or a default that computes another function); transformers reads the export back
+    as the model it was (the export checks that, and the reload test above compares logits)."""
+    with context(model_type):
+        export_native(our_model(model_type), tmp_path / "out", to=model_type)
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert {k: raw.get(k) for k in keys} == keys
+
+
+def test_full_attention_interval_only_where_the_layers_have_that_period(tmp_path):
+    """SGLang builds Qwen3-Next's layer list from full_attention_interval alone: written only where
+    layer_types is exactly a full-attention layer every k-th."""
+    mixers = ["attention", "gated_deltanet", "gated_deltanet", "attention"]
+    with context("qwen3_next"):
+        export_native(our_model("qwen3_next", mixer_types=mixers), tmp_path / "out", to="qwen3_next")
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert raw["layer_types"][0] == "full_attention" and "full_attention_interval" not in raw

@@ -48,6 +48,32 @@ _UNREAD_IN_5_16 = (
     "written False; transformers 5.16.1's config class does not declare it (5.19 does) and its modeling code "
     "never reads it (no output_router_logits in modeling_{}.py): an inert attribute there"
 )
+# Keys released checkpoints carry that transformers does not declare and vLLM / SGLang read (the families'
+# engine_keys write them).
+_DEEPSEEK_LIKE = ("deepseek_v3", "deepseek_v32", "glm_moe_dsa")
+_DEEPSEEK_ROUTER_KEYS = ("scoring_func", "topk_method", "moe_layer_freq")
+_DEEPSEEK_ROUTER = (
+    "released DeepSeek-V3 / GLM configs carry it and vLLM's and SGLang's DeepSeek code reads it (SGLang "
+    "without a default; vLLM scores by softmax and makes no correction bias without it); transformers keeps "
+    "it as an inert attribute"
+)
+_INDEX_PATTERN = (
+    "vLLM and SGLang lay out the shared indexers by it (F / S a layer), not by indexer_types; transformers "
+    "reads the same layout from either"
+)
+_MINIMAX_M2_KEYS = ("scoring_func", "use_routing_bias", "use_qk_norm", "qk_norm_type")
+_MINIMAX_M2 = (
+    "released MiniMax-M2 configs carry it: vLLM and SGLang read scoring_func without a default, make the "
+    "correction bias only with use_routing_bias, and SGLang applies the q/k norms only with use_qk_norm; "
+    "transformers keeps it as an inert attribute"
+)
+_QWEN_NEXT_LIKE = ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text")
+_QWEN_TOP = (
+    "released Qwen3-Next / Qwen3.5 configs carry it at the top: SGLang's config classes read rope_theta only "
+    "there (default 10000) and build the layer list from full_attention_interval alone; transformers reads "
+    "the same values from rope_parameters / layer_types"
+)
+
 ALLOWED_EXTRAS: dict[tuple[str, str], str] = {
     ("qwen2", "head_dim"): "no Qwen2Config release declares head_dim (5.16-5.25 alike): it is kept as an "
     "attribute and modeling_qwen2 reads getattr(config, 'head_dim', hidden_size // num_attention_heads) in "
@@ -57,6 +83,14 @@ ALLOWED_EXTRAS: dict[tuple[str, str], str] = {
     ("minimax_m2", "rotary_dim"): "released MiniMax-M2 configs carry it, and vLLM (config.rotary_dim, "
     "required) and SGLang (default: the whole head) read it for the rotated width; transformers keeps it as "
     "an attribute (5.24 / 5.25 derive partial_rotary_factor from it, equal to the one written)",
+    **{(family, key): _DEEPSEEK_ROUTER for family in _DEEPSEEK_LIKE for key in _DEEPSEEK_ROUTER_KEYS},
+    ("glm_moe_dsa", "index_topk_pattern"): _INDEX_PATTERN,
+    **{("minimax_m2", key): _MINIMAX_M2 for key in _MINIMAX_M2_KEYS},
+    **{
+        (family, key): _QWEN_TOP
+        for family in _QWEN_NEXT_LIKE
+        for key in ("rope_theta", "full_attention_interval")
+    },
     **{
         (family, "partial_rotary_factor"): "released Qwen3-Next / Qwen3.5 configs carry it at the top as "
         "well as in rope_parameters: SGLang's config classes read it only there (default 0.25); transformers "

@@ -374,9 +374,22 @@ def _write_portable_config(config_json: Path, family: NativeFamily) -> None:
     config_class = type(family.model_config(family.config_class()))
     before = config_class.from_pretrained(config_json.parent).to_dict()
     config_json.write_text(json.dumps(portable, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    if config_class.from_pretrained(config_json.parent).to_dict() != before:
+    after = config_class.from_pretrained(config_json.parent).to_dict()
+    # the keys only serving engines read (family.engine_keys) stay attributes the config class ignores
+    for level_raw, level_portable, level_before, level_after in _levels(raw, portable, before, after):
+        for key in set(level_portable) - set(level_raw):
+            level_before.pop(key, None)
+            level_after.pop(key, None)
+    if after != before:
         config_json.write_text(text, encoding="utf-8")
         raise RuntimeError(f"internal error: {family.model_type}'s portable config reads differently")
+
+
+def _levels(*configs: dict):
+    """The top level of each config dict and, where all have one, their ``text_config``."""
+    yield configs
+    if all(isinstance(c.get("text_config"), dict) for c in configs):
+        yield tuple(c["text_config"] for c in configs)
 
 
 def _keep_fp32(native_model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -316,7 +316,27 @@ def _check_dsa_export(o) -> str | None:
     return _check_mla_export(o)
 
 
+def deepseek_engine_keys(raw: dict) -> dict:
+    """The written config.json with the router keys released DeepSeek-V3 configs carry and transformers does
+    not declare: vLLM's and SGLang's DeepSeek model code reads them (SGLang without a default; vLLM makes no
+    correction-bias parameter and scores by softmax without them), and every export here routes by sigmoid
+    scores with a correction bias in every MoE layer after the leading dense ones."""
+    raw.update(scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1)
+    return raw
+
+
+def glm_engine_keys(raw: dict) -> dict:
+    """:func:`deepseek_engine_keys`, and the indexer layout as the engines read it: ``index_topk_pattern``
+    (one letter a layer, F: own indexer, S: reuses the previous top-k), which they take instead of
+    ``indexer_types``."""
+    raw = deepseek_engine_keys(raw)
+    if raw.get("indexer_types"):
+        raw["index_topk_pattern"] = "".join("S" if t == "shared" else "F" for t in raw["indexer_types"])
+    return raw
+
+
 DEEPSEEK_V3 = NativeFamily(
+    engine_keys=deepseek_engine_keys,
     model_type="deepseek_v3",
     config_rules=[
         *_COMMON,
@@ -420,6 +440,7 @@ GLM_INDEXER_ROPE_WHY = (
 
 
 DEEPSEEK_V32 = NativeFamily(
+    engine_keys=deepseek_engine_keys,
     model_type="deepseek_v32",
     config_rules=[
         *_COMMON,
@@ -442,6 +463,7 @@ DEEPSEEK_V32 = NativeFamily(
 )
 
 GLM_MOE_DSA = NativeFamily(
+    engine_keys=glm_engine_keys,
     model_type="glm_moe_dsa",
     config_rules=[
         *_COMMON,

@@ -273,7 +273,17 @@ MINIMAX_M2_MOE_RULES = (
     W("mlp.experts.", "mlp.experts."),
 )
 
+
+def minimax_m2_engine_keys(raw: dict) -> dict:
+    """The written config.json with what released MiniMax-M2 configs carry and transformers does not declare:
+    vLLM and SGLang read ``scoring_func`` without a default, create the correction bias only with
+    ``use_routing_bias``, and SGLang applies the full-width q/k norms only with ``use_qk_norm``."""
+    raw.update(scoring_func="sigmoid", use_routing_bias=True, use_qk_norm=True, qk_norm_type="per_layer")
+    return raw
+
+
 MINIMAX_M2 = NativeFamily(
+    engine_keys=minimax_m2_engine_keys,
     model_type="minimax_m2",
     config_rules=[
         *_DECODER,

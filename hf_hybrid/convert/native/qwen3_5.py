@@ -38,7 +38,7 @@ from .qwen3_next import (
     ZERO_CENTRED_NATIVE,
     check_mixers,
     native_torch_kernels,
-    top_level_partial_rotary_factor,
+    qwen_engine_keys,
 )
 
 
@@ -103,7 +103,7 @@ _WRAPPER_KEYS = (r"(^|\.)rotary_emb\.", r"^mtp\.", r"^model\.visual\.", r"^visua
 
 FAMILIES = {
     "qwen3_5_text": NativeFamily(
-        engine_keys=top_level_partial_rotary_factor,
+        engine_keys=qwen_engine_keys,
         model_type="qwen3_5_text",
         config_rules=[
             *same(*COMMON_SAME, "intermediate_size"),
@@ -124,7 +124,7 @@ FAMILIES = {
         native_context=native_torch_kernels,
     ),
     "qwen3_5_moe_text": NativeFamily(
-        engine_keys=top_level_partial_rotary_factor,
+        engine_keys=qwen_engine_keys,
         model_type="qwen3_5_moe_text",
         config_rules=[
             *same(*COMMON_SAME, "num_experts", "num_experts_per_tok", "moe_intermediate_size"),

@@ -72,14 +72,24 @@ _NATIVE_MIXER = {"linear_attention": "gated_deltanet", "full_attention": "attent
 _OUR_LAYER = {v: k for k, v in _NATIVE_MIXER.items()}
 
 
-def top_level_partial_rotary_factor(raw: dict) -> dict:
-    """The written config.json with ``partial_rotary_factor`` also at the top of the (text) config, as
-    released Qwen3-Next / Qwen3.5 configs spell it: SGLang's config classes read it only there (default 0.25,
-    so a full-RoPE export would be served rotating a quarter of each head); transformers reads either."""
+def qwen_engine_keys(raw: dict) -> dict:
+    """The written config.json with keys released Qwen3-Next / Qwen3.5 configs carry at the top of the (text)
+    config, where SGLang's config classes read them: ``partial_rotary_factor`` (default 0.25 there, so a
+    full-RoPE export would be served rotating a quarter of each head), ``rope_theta`` (default 10000 there)
+    and ``full_attention_interval`` (SGLang builds its layer list from it alone; written where ``layer_types``
+    is that period, a full-attention layer every k-th). transformers reads the same values either way."""
     for cfg in (raw, raw.get("text_config")):
-        rope = (cfg or {}).get("rope_parameters") or {}
-        if "partial_rotary_factor" in rope:
-            cfg["partial_rotary_factor"] = rope["partial_rotary_factor"]
+        if not isinstance(cfg, dict):
+            continue
+        rope = cfg.get("rope_parameters") or {}
+        for key in ("partial_rotary_factor", "rope_theta"):
+            if key in rope:
+                cfg[key] = rope[key]
+        full = [t == "full_attention" for t in cfg.get("layer_types") or ()]
+        if any(full):
+            k = full.index(True) + 1
+            if full == [(i + 1) % k == 0 for i in range(len(full))]:
+                cfg["full_attention_interval"] = k
     return raw
 
 
@@ -303,7 +313,7 @@ TINY = dict(
 
 FAMILIES = {
     "qwen3_next": NativeFamily(
-        engine_keys=top_level_partial_rotary_factor,
+        engine_keys=qwen_engine_keys,
         model_type="qwen3_next",
         config_rules=[
             *same(
