@@ -61,6 +61,25 @@ _INDEX_PATTERN = (
     "vLLM and SGLang lay out the shared indexers by it (F / S a layer), not by indexer_types; transformers "
     "reads the same layout from either"
 )
+_KIMI = (
+    "released Kimi-Linear configs carry it: vLLM's and SGLang's own config classes build the KDA layers from "
+    "linear_attn_config and the dense MLPs from first_k_dense_replace, and vLLM asserts mla_use_nope; "
+    "transformers reads the same layers from layer_types / mlp_layer_types"
+)
+_GLM5_NEXT_KEYS = (
+    "mhc",
+    "mla_use_nope",
+    "scoring_func",
+    "topk_method",
+    "moe_layer_freq",
+    "first_k_dense_replace",
+    "index_topk_pattern",
+)
+_GLM5_NEXT = (
+    "vLLM's GLM-5-Next code reads topk_method, scoring_func, mhc and mla_use_nope without a default; "
+    "SGLang's own class defaults mhc to False and first_k_dense_replace to 3, and both lay out shared "
+    "indexers by index_topk_pattern; transformers keeps them as inert attributes"
+)
 _MINIMAX_M2_KEYS = ("scoring_func", "use_routing_bias", "use_qk_norm", "qk_norm_type")
 _MINIMAX_M2 = (
     "released MiniMax-M2 configs carry it: vLLM and SGLang read scoring_func without a default, make the "
@@ -85,7 +104,11 @@ ALLOWED_EXTRAS: dict[tuple[str, str], str] = {
     "an attribute (5.24 / 5.25 derive partial_rotary_factor from it, equal to the one written)",
     **{(family, key): _DEEPSEEK_ROUTER for family in _DEEPSEEK_LIKE for key in _DEEPSEEK_ROUTER_KEYS},
     ("glm_moe_dsa", "index_topk_pattern"): _INDEX_PATTERN,
+    **{
+        ("kimi_linear", key): _KIMI for key in ("linear_attn_config", "first_k_dense_replace", "mla_use_nope")
+    },
     **{("minimax_m2", key): _MINIMAX_M2 for key in _MINIMAX_M2_KEYS},
+    **{("glm5_next_text", key): _GLM5_NEXT for key in _GLM5_NEXT_KEYS},
     **{
         (family, key): _QWEN_TOP
         for family in _QWEN_NEXT_LIKE

@@ -332,7 +332,28 @@ def native_context():
     return native_torch_kernels(importlib.import_module(_MODULE))
 
 
+def glm5_next_engine_keys(raw: dict) -> dict:
+    """The written config.json (the wrapper's) with what vLLM's and SGLang's GLM-5-Next code reads from the
+    text config and transformers does not declare: vLLM reads ``topk_method``, ``scoring_func``, ``mhc`` and
+    ``mla_use_nope`` without a default; SGLang's own class defaults ``mhc`` to False and
+    ``first_k_dense_replace`` to 3. Every export here has mHC streams, NoPE MLA, sigmoid routing with a
+    correction bias; the dense MLPs lead where ``first_k_dense_replace`` is written; ``index_topk_pattern``
+    lays out the shared indexers (F / S a layer) as the engines read them."""
+    text = raw.get("text_config")
+    if not isinstance(text, dict):
+        return raw
+    text.update(mhc=True, mla_use_nope=True, scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1)
+    mlp = text.get("mlp_layer_types") or []
+    dense = next((i for i, t in enumerate(mlp) if t != "dense"), len(mlp))
+    if all(t == "sparse" for t in mlp[dense:]):
+        text["first_k_dense_replace"] = dense
+    if text.get("indexer_types"):
+        text["index_topk_pattern"] = "".join("S" if t == "shared" else "F" for t in text["indexer_types"])
+    return raw
+
+
 GLM5_NEXT_TEXT = Glm5NextFamily(
+    engine_keys=glm5_next_engine_keys,
     model_type="glm5_next_text",
     wrapper_class="Glm5NextForConditionalGeneration",
     placeholder_weights=r"model\.visual\.",

@@ -182,7 +182,30 @@ KDA_RULES = (
 MLA_RULES = (W("self_attn.", "mixer."),)  # NoPE: no rope rows to de-interleave
 
 
+def kimi_engine_keys(raw: dict) -> dict:
+    """The written config.json with what released Kimi-Linear configs carry and transformers reads only as a
+    fallback: vLLM's and SGLang's own config classes build the KDA / full-attention layers from
+    ``linear_attn_config`` (1-based layer lists, with the KDA head size, head count and conv size), the dense
+    MLPs from ``first_k_dense_replace`` (written where the dense layers lead), and vLLM asserts
+    ``mla_use_nope`` (Kimi's MLA has no RoPE). transformers reads the same layers from ``layer_types``."""
+    types = raw.get("layer_types") or []
+    raw["linear_attn_config"] = {
+        "full_attn_layers": [i + 1 for i, t in enumerate(types) if t == "full_attention"],
+        "kda_layers": [i + 1 for i, t in enumerate(types) if t == "linear_attention"],
+        "head_dim": raw["linear_head_dim"],
+        "num_heads": raw["linear_num_heads"],
+        "short_conv_kernel_size": raw["linear_conv_kernel_dim"],
+    }
+    mlp = raw.get("mlp_layer_types") or []
+    dense = next((i for i, t in enumerate(mlp) if t != "dense"), len(mlp))
+    if all(t == "sparse" for t in mlp[dense:]):
+        raw["first_k_dense_replace"] = dense
+    raw["mla_use_nope"] = True
+    return raw
+
+
 KIMI_LINEAR = NativeFamily(
+    engine_keys=kimi_engine_keys,
     model_type="kimi_linear",
     config_rules=CONFIG_RULES,
     # pretraining_tp: read by no kimi_linear module
