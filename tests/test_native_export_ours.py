@@ -57,6 +57,18 @@ def our_model(model_type: str, **overrides) -> HybridForCausalLM:
     return model
 
 
+def exported_config(model_type: str, out, **overrides) -> dict:
+    """The decoder's config.json (a vision-language wrapper's ``text_config``) of our tiny ``model_type``
+    model with ``overrides`` exported to ``out``; skips where the installed transformers lacks the family."""
+    family = get_family(model_type)
+    if not family.available:
+        pytest.skip(f"{model_type} needs transformers >= {family.min_transformers}, not installed here")
+    with context(model_type):
+        export_native(our_model(model_type, **overrides), out, to=model_type)
+    raw = json.loads((out / "config.json").read_text())
+    return raw.get("text_config", raw)
+
+
 def left_padded(vocab: int, length: int = 11, seed: int = 1):
     ids = torch.randint(1, vocab, (2, length), generator=torch.Generator().manual_seed(seed))
     mask = torch.ones_like(ids)
@@ -204,12 +216,7 @@ def test_glm_exports_say_their_indexer_rotates_interleaved_pairs(model_type, tmp
     GLM: the export writes the flag, the import refuses a checkpoint saying False (computed two ways) except
     GLM-5-Next's, which rotates nothing."""
     family = get_family(model_type)
-    if not family.available:
-        pytest.skip(f"{model_type} needs transformers >= {family.min_transformers}, not installed here")
-    with context(model_type):
-        export_native(our_model(model_type), tmp_path / "out", to=model_type)
-    raw = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert raw.get("text_config", raw)["indexer_rope_interleave"] is True
+    assert exported_config(model_type, tmp_path / "out")["indexer_rope_interleave"] is True
     native = family.config_class(**{**family.tiny_config, "indexer_rope_interleave": False})
     if model_type == "glm5_next_text":  # no rotary channels (qk_rope_head_dim=0): the flag changes nothing
         assert (
@@ -276,13 +283,7 @@ def test_exports_write_the_keys_the_serving_engines_read(model_type, keys, tmp_p
     """Keys released checkpoints carry that transformers does not declare and vLLM / SGLang read (without
     them: a load failure or a default that computes another function); transformers reads the export back
     as the model it was (the export checks that, and the reload test above compares logits)."""
-    family = get_family(model_type)
-    if not family.available:
-        pytest.skip(f"{model_type} needs transformers >= {family.min_transformers}, not installed here")
-    with context(model_type):
-        export_native(our_model(model_type), tmp_path / "out", to=model_type)
-    raw = json.loads((tmp_path / "out" / "config.json").read_text())
-    raw = raw.get("text_config", raw)  # a vision-language wrapper: the decoder's config
+    raw = exported_config(model_type, tmp_path / "out")
     assert {k: raw.get(k) for k in keys} == keys
 
 
@@ -290,7 +291,5 @@ def test_full_attention_interval_only_where_the_layers_have_that_period(tmp_path
     """SGLang builds Qwen3-Next's layer list from full_attention_interval alone: written only where
     layer_types is exactly a full-attention layer every k-th."""
     mixers = ["attention", "gated_deltanet", "gated_deltanet", "attention"]
-    with context("qwen3_next"):
-        export_native(our_model("qwen3_next", mixer_types=mixers), tmp_path / "out", to="qwen3_next")
-    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    raw = exported_config("qwen3_next", tmp_path / "out", mixer_types=mixers)
     assert raw["layer_types"][0] == "full_attention" and "full_attention_interval" not in raw

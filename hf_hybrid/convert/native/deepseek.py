@@ -325,13 +325,26 @@ def deepseek_engine_keys(raw: dict) -> dict:
     return raw
 
 
+def leading_dense(mlp_layer_types) -> int | None:
+    """How many dense MLP layers lead, where every later one is sparse (what ``first_k_dense_replace`` says);
+    None for another layout."""
+    types = list(mlp_layer_types or ())
+    dense = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+    return dense if all(t == "sparse" for t in types[dense:]) else None
+
+
+def add_index_topk_pattern(config: dict) -> None:
+    """``index_topk_pattern`` beside ``indexer_types`` in a written config dict: one letter a layer (F: own
+    indexer, S: reuses the previous top-k), the layout vLLM and SGLang take instead of ``indexer_types``."""
+    if config.get("indexer_types"):
+        config["index_topk_pattern"] = "".join("S" if t == "shared" else "F" for t in config["indexer_types"])
+
+
 def glm_engine_keys(raw: dict) -> dict:
-    """:func:`deepseek_engine_keys`, and the indexer layout as the engines read it: ``index_topk_pattern``
-    (one letter a layer, F: own indexer, S: reuses the previous top-k), which they take instead of
-    ``indexer_types``."""
+    """:func:`deepseek_engine_keys` and the indexer layout as the engines read it
+    (:func:`add_index_topk_pattern`)."""
     raw = deepseek_engine_keys(raw)
-    if raw.get("indexer_types"):
-        raw["index_topk_pattern"] = "".join("S" if t == "shared" else "F" for t in raw["indexer_types"])
+    add_index_topk_pattern(raw)
     return raw
 
 

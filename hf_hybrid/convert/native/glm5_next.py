@@ -60,6 +60,9 @@ from .deepseek import (
     TINY_MLA_MOE,
     _check_kv_heads,
     _has_indexer,
+    add_index_topk_pattern,
+    deepseek_engine_keys,
+    leading_dense,
 )
 from .kimi_linear import native_torch_kernels, per_layer
 
@@ -342,13 +345,12 @@ def glm5_next_engine_keys(raw: dict) -> dict:
     text = raw.get("text_config")
     if not isinstance(text, dict):
         return raw
-    text.update(mhc=True, mla_use_nope=True, scoring_func="sigmoid", topk_method="noaux_tc", moe_layer_freq=1)
-    mlp = text.get("mlp_layer_types") or []
-    dense = next((i for i, t in enumerate(mlp) if t != "dense"), len(mlp))
-    if all(t == "sparse" for t in mlp[dense:]):
+    deepseek_engine_keys(text)  # the router keys
+    text.update(mhc=True, mla_use_nope=True)
+    dense = leading_dense(text.get("mlp_layer_types"))
+    if dense is not None:
         text["first_k_dense_replace"] = dense
-    if text.get("indexer_types"):
-        text["index_topk_pattern"] = "".join("S" if t == "shared" else "F" for t in text["indexer_types"])
+    add_index_topk_pattern(text)
     return raw
 
 

@@ -44,7 +44,7 @@ from .base import (
     same,
     torch_reference_functions,
 )
-from .deepseek import DENSE_RULES, MLA_MOE_SAME, MOE_RULES, _check_kv_heads
+from .deepseek import DENSE_RULES, MLA_MOE_SAME, MOE_RULES, _check_kv_heads, leading_dense
 from .moe_attention import MODEL_RULES, NORM_RULES
 
 _MODULE = "transformers.models.kimi_linear.modeling_kimi_linear"
@@ -196,9 +196,8 @@ def kimi_engine_keys(raw: dict) -> dict:
         "num_heads": raw["linear_num_heads"],
         "short_conv_kernel_size": raw["linear_conv_kernel_dim"],
     }
-    mlp = raw.get("mlp_layer_types") or []
-    dense = next((i for i, t in enumerate(mlp) if t != "dense"), len(mlp))
-    if all(t == "sparse" for t in mlp[dense:]):
+    dense = leading_dense(raw.get("mlp_layer_types"))
+    if dense is not None:
         raw["first_k_dense_replace"] = dense
     raw["mla_use_nope"] = True
     return raw
